@@ -1,0 +1,576 @@
+"""Grid signals: carbon intensity (gCO2e/kWh) and price, now and forecast, per region.
+
+One interface, `SignalProvider`, with `current(now_s)` and `forecast(now_s, horizon_s)`; the clock is
+always passed in so the same provider serves the live node and the simulator. Providers:
+
+- `TraceSignal`: a recorded series (the lets-wait-awhile ENTSO-E-derived CSVs and the EIA-930 CSVs in
+  shared data), resampled to a uniform step, replayable at any calendar time, with an optional
+  seeded forecast error that grows with lead time.
+- `ConstantSignal`: a fixed intensity (and price).
+- HTTP clients (httpx): `ElectricityMapsSignal` (v3 API), `WattTimeSignal` (v3 API, marginal MOER,
+  converted from lbs/MWh) and `GBCarbonIntensitySignal` (api.carbonintensity.org.uk, national or a
+  DNO region).
+
+`signal_from_config` builds any of them from a node's TOML `[energy] signal = {kind = ...}` table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+
+from gridswarm.energy.series import UniformSeries, from_pandas
+
+G_PER_KWH_PER_LB_PER_MWH = 0.45359237  # 1 lb/MWh = 453.59237 g / 1000 kWh
+
+
+class SignalError(RuntimeError):
+    """A signal source failed or answered something we cannot use."""
+
+
+@dataclass(frozen=True)
+class SignalPoint:
+    """The signal in force from `t_s` (unix seconds) on."""
+
+    t_s: float
+    intensity_g_per_kwh: float
+    price_per_kwh: float | None = None
+
+
+class SignalProvider(ABC):
+    """Carbon intensity (and price where known) for one region, now and ahead."""
+
+    region: str
+    kind: str = "abstract"
+
+    @abstractmethod
+    def current(self, now_s: float) -> SignalPoint:
+        """The signal in force at `now_s`."""
+
+    @abstractmethod
+    def forecast(self, now_s: float, horizon_s: float) -> list[SignalPoint]:
+        """Points covering [now_s, now_s + horizon_s), the first at `now_s`."""
+
+    def intensity_forecast(self, now_s: float, horizon_s: float) -> list[tuple[float, float]]:
+        """(unix_s, g/kWh) pairs, the shape `policy.NodeEnergyState.intensity_forecast` takes."""
+        return [(p.t_s, p.intensity_g_per_kwh) for p in self.forecast(now_s, horizon_s)]
+
+    def describe(self) -> str:
+        return f"{self.kind} signal for {self.region}"
+
+
+def parse_time_s(text: str) -> float:
+    """ISO-8601 time (with Z or an offset; naive means UTC) to unix seconds."""
+    try:
+        dt = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise SignalError(f"cannot parse time {text!r}") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def _iso_minutes(t_s: float) -> str:
+    return datetime.fromtimestamp(t_s, UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def points_window(points: list[SignalPoint], now_s: float, horizon_s: float) -> list[SignalPoint]:
+    """Clip a sorted point list to [now_s, now_s + horizon_s), re-anchoring the first at now_s."""
+    if not points:
+        return []
+    ahead = [p for p in points if now_s < p.t_s < now_s + horizon_s]
+    before = [p for p in points if p.t_s <= now_s]
+    head = before[-1] if before else points[0]
+    return [replace(head, t_s=now_s), *ahead]
+
+
+# --------------------------------------------------------------------------------------------------
+# recorded traces
+
+
+def read_trace_csv(path: str | Path) -> tuple[pd.Series, str]:
+    """Read a carbon-intensity CSV in one of the shipped formats.
+
+    Returns (series of g/kWh indexed by UTC time, region guessed from the file name).
+    Formats: lets-wait-awhile (`Time`, `Carbon Intensity`; naive UTC) and EIA-930 via dc-rl
+    (`timestamp` with offset, fuel columns, `avg_CI`).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"trace file not found: {path}")
+    df = pd.read_csv(path)
+    if {"Time", "Carbon Intensity"} <= set(df.columns):
+        index = pd.to_datetime(df["Time"], utc=True)
+        values = df["Carbon Intensity"]
+    elif {"timestamp", "avg_CI"} <= set(df.columns):
+        index = pd.to_datetime(df["timestamp"], utc=True)
+        values = df["avg_CI"]
+    else:
+        raise ValueError(
+            f"{path}: unknown trace format, columns {list(df.columns)[:6]}; expected "
+            "('Time', 'Carbon Intensity') or ('timestamp', 'avg_CI')"
+        )
+    series = pd.Series(pd.to_numeric(values, errors="coerce").to_numpy(), index=index)
+    stem = path.name.split(".")[0]
+    region = stem.split("_")[1].upper() if stem.startswith("lwa_") else stem.split("_")[-1].upper()
+    return series, region
+
+
+class TraceSignal(SignalProvider):
+    """A recorded intensity series; forecasts are the recorded future, optionally perturbed.
+
+    `forecast_error` is the relative standard deviation of the forecast error at 24 h lead time;
+    it grows with the square root of lead time and is seeded by (seed, issue step), so a run replays
+    exactly. The current value is the recorded one (it is a measurement, not a forecast).
+    """
+
+    kind = "trace"
+
+    def __init__(
+        self,
+        series: UniformSeries,
+        region: str,
+        *,
+        price_per_kwh: float | None = None,
+        forecast_error: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if forecast_error < 0:
+            raise ValueError(f"forecast_error must be >= 0, got {forecast_error}")
+        self.series = series
+        self.region = region
+        self.price_per_kwh = price_per_kwh
+        self.forecast_error = forecast_error
+        self.seed = seed
+
+    @classmethod
+    def from_csv(
+        cls,
+        path: str | Path,
+        *,
+        region: str | None = None,
+        step_s: float = 900.0,
+        replay_at_s: float | None = None,
+        trace_from_s: float | None = None,
+        **kwargs: Any,
+    ) -> TraceSignal:
+        """Load a shipped CSV, resample to `step_s`; with `replay_at_s`, trace time `trace_from_s`
+        (default: the trace start) is replayed at simulated time `replay_at_s`."""
+        raw, guessed = read_trace_csv(path)
+        series = from_pandas(raw, step_s, name=Path(path).name)
+        if replay_at_s is not None:
+            series = series.replayed_at(replay_at_s, trace_from_s)
+        return cls(series, region or guessed, **kwargs)
+
+    def current(self, now_s: float) -> SignalPoint:
+        return SignalPoint(now_s, self.series.at(now_s), self.price_per_kwh)
+
+    def forecast(self, now_s: float, horizon_s: float) -> list[SignalPoint]:
+        pts = self.series.window(now_s, now_s + horizon_s)
+        if not pts:
+            return []
+        times = np.array([t for t, _ in pts])
+        values = np.array([v for _, v in pts])
+        if self.forecast_error > 0:
+            lead_days = (times - now_s) / 86400.0
+            issue = int(math.floor(now_s / self.series.step_s))
+            rng = np.random.default_rng([self.seed, issue & 0x7FFFFFFF])
+            noise = rng.standard_normal(len(values)) * self.forecast_error * np.sqrt(lead_days)
+            values = np.maximum(values * (1.0 + noise), 0.0)
+        return [
+            SignalPoint(float(t), float(v), self.price_per_kwh)
+            for t, v in zip(times, values, strict=True)
+        ]
+
+    def describe(self) -> str:
+        err = f", forecast error {self.forecast_error:.0%} at 24 h" if self.forecast_error else ""
+        return f"trace {self.series.name} for {self.region}, step {self.series.step_s:.0f} s{err}"
+
+
+class ConstantSignal(SignalProvider):
+    """The same intensity (and price) at all times."""
+
+    kind = "constant"
+
+    def __init__(
+        self, region: str, intensity_g_per_kwh: float, price_per_kwh: float | None = None
+    ) -> None:
+        if not intensity_g_per_kwh >= 0:
+            raise ValueError(f"intensity_g_per_kwh must be >= 0, got {intensity_g_per_kwh}")
+        self.region = region
+        self.intensity_g_per_kwh = float(intensity_g_per_kwh)
+        self.price_per_kwh = price_per_kwh
+
+    def current(self, now_s: float) -> SignalPoint:
+        return SignalPoint(now_s, self.intensity_g_per_kwh, self.price_per_kwh)
+
+    def forecast(self, now_s: float, horizon_s: float) -> list[SignalPoint]:
+        return [self.current(now_s)]
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP clients
+
+
+class _HttpSignal(SignalProvider):
+    """Shared HTTP plumbing: one httpx client, clear errors, a small forecast cache keyed on the
+    caller's clock (no wall-clock reads here)."""
+
+    def __init__(self, base_url: str, client: httpx.Client | None, cache_s: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.client = client or httpx.Client(timeout=10.0)
+        self.cache_s = cache_s
+        self._cache: tuple[float, float, list[SignalPoint]] | None = None  # (fetched, horizon, pts)
+
+    def _get(self, path: str, **kwargs: Any) -> Any:
+        url = f"{self.base_url}{path}"
+        try:
+            resp = self.client.get(url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise SignalError(f"{self.kind}: GET {url} failed: {exc}") from exc
+        if resp.status_code != 200:
+            raise SignalError(f"{self.kind}: GET {url} -> HTTP {resp.status_code}: {resp.text[:200]}")
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise SignalError(f"{self.kind}: GET {url} returned non-JSON") from exc
+
+    @abstractmethod
+    def _fetch_forecast(self, now_s: float, horizon_s: float) -> list[SignalPoint]: ...
+
+    def forecast(self, now_s: float, horizon_s: float) -> list[SignalPoint]:
+        c = self._cache
+        if c is None or now_s - c[0] >= self.cache_s or now_s < c[0] or horizon_s > c[1]:
+            pts = sorted(self._fetch_forecast(now_s, horizon_s), key=lambda p: p.t_s)
+            if not pts:
+                raise SignalError(f"{self.kind}: empty forecast for {self.region}")
+            self._cache = c = (now_s, horizon_s, pts)
+        return points_window(c[2], now_s, horizon_s)
+
+
+class ElectricityMapsSignal(_HttpSignal):
+    """Electricity Maps v3: `carbon-intensity/latest`, `carbon-intensity/forecast` and, when
+    `with_price`, `price-day-ahead/latest` (currency/MWh, returned per kWh). Header `auth-token`."""
+
+    kind = "electricitymaps"
+
+    def __init__(
+        self,
+        zone: str,
+        token: str,
+        *,
+        base_url: str = "https://api.electricitymaps.com",
+        client: httpx.Client | None = None,
+        horizon_hours: int = 24,
+        with_price: bool = False,
+        cache_s: float = 900.0,
+    ) -> None:
+        super().__init__(base_url, client, cache_s)
+        if not token:
+            raise ValueError("electricitymaps: token is empty")
+        self.region = zone
+        self.headers = {"auth-token": token}
+        self.horizon_hours = horizon_hours
+        self.with_price = with_price
+
+    def _price_per_kwh(self) -> float | None:
+        if not self.with_price:
+            return None
+        body = self._get(
+            "/v3/price-day-ahead/latest", params={"zone": self.region}, headers=self.headers
+        )
+        try:
+            return float(body["value"]) / 1000.0
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SignalError(f"electricitymaps: price answer has no numeric 'value': {body}") from exc
+
+    def current(self, now_s: float) -> SignalPoint:
+        body = self._get(
+            "/v3/carbon-intensity/latest", params={"zone": self.region}, headers=self.headers
+        )
+        try:
+            value = float(body["carbonIntensity"])
+            t_s = parse_time_s(body["datetime"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SignalError(f"electricitymaps: unexpected latest answer: {body}") from exc
+        return SignalPoint(t_s, value, self._price_per_kwh())
+
+    def _fetch_forecast(self, now_s: float, horizon_s: float) -> list[SignalPoint]:
+        hours = max(self.horizon_hours, math.ceil(horizon_s / 3600))
+        body = self._get(
+            "/v3/carbon-intensity/forecast",
+            params={"zone": self.region, "horizonHours": hours},
+            headers=self.headers,
+        )
+        try:
+            return [
+                SignalPoint(parse_time_s(p["datetime"]), float(p["carbonIntensity"]))
+                for p in body["forecast"]
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SignalError(f"electricitymaps: unexpected forecast answer: {body}") from exc
+
+
+class WattTimeSignal(_HttpSignal):
+    """WattTime v3 (marginal MOER): `/login` (HTTP basic) gives a bearer token; `/v3/forecast`
+    gives 5-min points in lbs CO2/MWh, converted to g/kWh. Note: marginal, not average, intensity."""
+
+    kind = "watttime"
+
+    def __init__(
+        self,
+        region: str,
+        username: str,
+        password: str,
+        *,
+        base_url: str = "https://api.watttime.org",
+        client: httpx.Client | None = None,
+        signal_type: str = "co2_moer",
+        horizon_hours: int = 24,
+        cache_s: float = 300.0,
+    ) -> None:
+        super().__init__(base_url, client, cache_s)
+        if not username or not password:
+            raise ValueError("watttime: username and password are required")
+        self.region = region
+        self.auth = (username, password)
+        self.signal_type = signal_type
+        self.horizon_hours = horizon_hours
+        self._token: str | None = None
+
+    def _login(self) -> str:
+        body = self._get("/login", auth=self.auth)
+        token = body.get("token") if isinstance(body, dict) else None
+        if not token:
+            raise SignalError(f"watttime: login answer has no token: {body}")
+        return token
+
+    def _authorized_get(self, path: str, params: dict[str, Any]) -> Any:
+        for attempt in range(2):
+            if self._token is None:
+                self._token = self._login()
+            try:
+                return self._get(
+                    path, params=params, headers={"Authorization": f"Bearer {self._token}"}
+                )
+            except SignalError as exc:
+                if "HTTP 401" not in str(exc) or attempt == 1:
+                    raise
+                self._token = None  # expired (tokens last 30 min): log in again once
+        raise AssertionError("unreachable")
+
+    def _fetch_forecast(self, now_s: float, horizon_s: float) -> list[SignalPoint]:
+        hours = max(self.horizon_hours, math.ceil(horizon_s / 3600))
+        body = self._authorized_get(
+            "/v3/forecast",
+            {"region": self.region, "signal_type": self.signal_type, "horizon_hours": hours},
+        )
+        try:
+            units = body["meta"]["units"]
+            factor = {"lbs_co2_per_mwh": G_PER_KWH_PER_LB_PER_MWH, "g_co2_per_kwh": 1.0}[units]
+            return [
+                SignalPoint(parse_time_s(p["point_time"]), float(p["value"]) * factor)
+                for p in body["data"]
+            ]
+        except KeyError as exc:
+            raise SignalError(f"watttime: unexpected forecast answer (missing {exc})") from exc
+        except (TypeError, ValueError) as exc:
+            raise SignalError(f"watttime: unexpected forecast answer: {exc}") from exc
+
+    def current(self, now_s: float) -> SignalPoint:
+        return self.forecast(now_s, 300.0)[0]
+
+
+class GBCarbonIntensitySignal(_HttpSignal):
+    """National Grid ESO carbon-intensity API (GB, no key). National (`/intensity`,
+    `/intensity/{from}/fw48h`) or one DNO region (`/regional/regionid/{id}`,
+    `/regional/intensity/{from}/fw48h/regionid/{id}`). Half-hourly, g/kWh."""
+
+    kind = "gb"
+
+    def __init__(
+        self,
+        *,
+        regionid: int | None = None,
+        base_url: str = "https://api.carbonintensity.org.uk",
+        client: httpx.Client | None = None,
+        cache_s: float = 1800.0,
+    ) -> None:
+        super().__init__(base_url, client, cache_s)
+        self.regionid = regionid
+        self.region = "GB" if regionid is None else f"GB-{regionid}"
+
+    @staticmethod
+    def _point(entry: Mapping[str, Any]) -> SignalPoint:
+        intensity = entry["intensity"]
+        value = intensity.get("actual")
+        if value is None:
+            value = intensity["forecast"]
+        return SignalPoint(parse_time_s(entry["from"]), float(value))
+
+    def current(self, now_s: float) -> SignalPoint:
+        try:
+            if self.regionid is None:
+                body = self._get("/intensity")
+                return self._point(body["data"][0])
+            body = self._get(f"/regional/regionid/{self.regionid}")
+            return self._point(body["data"][0]["data"][0])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise SignalError(f"gb: unexpected current answer ({exc!r})") from exc
+
+    def _fetch_forecast(self, now_s: float, horizon_s: float) -> list[SignalPoint]:
+        start = _iso_minutes(now_s)
+        try:
+            if self.regionid is None:
+                entries = self._get(f"/intensity/{start}/fw48h")["data"]
+            else:
+                body = self._get(f"/regional/intensity/{start}/fw48h/regionid/{self.regionid}")
+                entries = body["data"]["data"]
+            return [self._point(e) for e in entries]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise SignalError(f"gb: unexpected forecast answer ({exc!r})") from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# construction from a node's TOML
+
+
+_FIELDS: dict[str, set[str]] = {
+    "trace": {"path", "region", "step_s", "replay_at", "trace_from", "forecast_error", "seed",
+              "price_per_kwh"},
+    "constant": {"region", "intensity_g_per_kwh", "price_per_kwh"},
+    "electricitymaps": {"zone", "token", "token_env", "base_url", "horizon_hours", "with_price",
+                        "cache_s"},
+    "watttime": {"region", "username_env", "password_env", "base_url", "signal_type",
+                 "horizon_hours", "cache_s"},
+    "gb": {"regionid", "base_url", "cache_s"},
+}  # fmt: skip
+
+
+def _time_field(value: Any, field: str) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    if isinstance(value, str):
+        try:
+            return parse_time_s(value)
+        except SignalError as exc:
+            raise ValueError(f"energy.signal.{field}: {exc}") from exc
+    raise ValueError(f"energy.signal.{field}: expected unix seconds or an ISO time, got {value!r}")
+
+
+def _number(cfg: Mapping[str, Any], field: str, default: float | None = None) -> float | None:
+    value = cfg.get(field, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"energy.signal.{field}: expected a number, got {value!r}")
+    return float(value)
+
+
+def signal_from_config(
+    cfg: Mapping[str, Any],
+    *,
+    region: str | None = None,
+    base_dir: str | Path = ".",
+    env: Mapping[str, str] | None = None,
+    client: httpx.Client | None = None,
+) -> SignalProvider:
+    """Build a provider from a TOML table such as
+    `signal = {kind = "trace", path = "de.csv.gz", replay_at = "2026-06-01T00:00:00Z"}`.
+
+    `region` is the node's `[energy] region`, the default for the signal's own region/zone.
+    Secrets are never in the file: `token_env` / `username_env` / `password_env` name environment
+    variables (defaults ELECTRICITYMAPS_TOKEN, WATTTIME_USERNAME, WATTTIME_PASSWORD).
+    Raises ValueError naming the offending field.
+    """
+    env = os.environ if env is None else env
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"energy.signal: expected a table, got {type(cfg).__name__}")
+    kind = cfg.get("kind")
+    if kind not in _FIELDS:
+        raise ValueError(f"energy.signal.kind: must be one of {sorted(_FIELDS)}, got {kind!r}")
+    unknown = set(cfg) - _FIELDS[kind] - {"kind"}
+    if unknown:
+        raise ValueError(
+            f"energy.signal: unknown field(s) {sorted(unknown)} for kind {kind!r} "
+            f"(allowed: {sorted(_FIELDS[kind])})"
+        )
+    own_region = cfg.get("region", cfg.get("zone", region))
+
+    if kind == "trace":
+        if "path" not in cfg:
+            raise ValueError("energy.signal.path: required for kind 'trace'")
+        path = Path(cfg["path"])
+        if not path.is_absolute():
+            path = Path(base_dir) / path
+        return TraceSignal.from_csv(
+            path,
+            region=own_region,
+            step_s=_number(cfg, "step_s", 900.0) or 900.0,
+            replay_at_s=_time_field(cfg["replay_at"], "replay_at") if "replay_at" in cfg else None,
+            trace_from_s=(
+                _time_field(cfg["trace_from"], "trace_from") if "trace_from" in cfg else None
+            ),
+            price_per_kwh=_number(cfg, "price_per_kwh"),
+            forecast_error=_number(cfg, "forecast_error", 0.0) or 0.0,
+            seed=int(cfg.get("seed", 0)),
+        )
+    if kind == "constant":
+        if "intensity_g_per_kwh" not in cfg:
+            raise ValueError("energy.signal.intensity_g_per_kwh: required for kind 'constant'")
+        if own_region is None:
+            raise ValueError("energy.signal.region: required (or set [energy] region)")
+        return ConstantSignal(
+            own_region, _number(cfg, "intensity_g_per_kwh"), _number(cfg, "price_per_kwh")
+        )
+    if kind == "electricitymaps":
+        if own_region is None:
+            raise ValueError("energy.signal.zone: required (or set [energy] region)")
+        token = cfg.get("token") or env.get(cfg.get("token_env", "ELECTRICITYMAPS_TOKEN"), "")
+        if not token:
+            raise ValueError(
+                f"energy.signal.token_env: environment variable "
+                f"{cfg.get('token_env', 'ELECTRICITYMAPS_TOKEN')!r} is not set"
+            )
+        kwargs: dict[str, Any] = {k: cfg[k] for k in ("base_url", "with_price") if k in cfg}
+        if "horizon_hours" in cfg:
+            kwargs["horizon_hours"] = int(cfg["horizon_hours"])
+        if "cache_s" in cfg:
+            kwargs["cache_s"] = _number(cfg, "cache_s")
+        return ElectricityMapsSignal(own_region, token, client=client, **kwargs)
+    if kind == "watttime":
+        if own_region is None:
+            raise ValueError("energy.signal.region: required (a WattTime region, e.g. CAISO_NORTH)")
+        creds = []
+        for field, default in (("username_env", "WATTTIME_USERNAME"),
+                               ("password_env", "WATTTIME_PASSWORD")):  # fmt: skip
+            name = cfg.get(field, default)
+            if not env.get(name):
+                raise ValueError(f"energy.signal.{field}: environment variable {name!r} is not set")
+            creds.append(env[name])
+        kwargs = {k: cfg[k] for k in ("base_url", "signal_type") if k in cfg}
+        if "horizon_hours" in cfg:
+            kwargs["horizon_hours"] = int(cfg["horizon_hours"])
+        if "cache_s" in cfg:
+            kwargs["cache_s"] = _number(cfg, "cache_s")
+        return WattTimeSignal(own_region, creds[0], creds[1], client=client, **kwargs)
+    # kind == "gb"
+    kwargs = {k: cfg[k] for k in ("base_url",) if k in cfg}
+    if "cache_s" in cfg:
+        kwargs["cache_s"] = _number(cfg, "cache_s")
+    regionid = cfg.get("regionid")
+    if regionid is not None and (isinstance(regionid, bool) or not isinstance(regionid, int)):
+        raise ValueError(f"energy.signal.regionid: expected an integer 1-17, got {regionid!r}")
+    return GBCarbonIntensitySignal(regionid=regionid, client=client, **kwargs)

@@ -1,0 +1,182 @@
+"""The hub's HTTP API (FastAPI). Thin: it checks size and signatures, then calls `HubService`.
+
+Every mutating request is signed by its sender (see `gridswarm.identity`); the body is read with a
+hard size limit before anything else happens, and every refusal is a 4xx with a `detail` saying why.
+A background thread ticks the round state machine so deadlines fire without any request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from gridswarm.blobs import BlobError, check_digest
+from gridswarm.hub.service import HubError, HubService
+from gridswarm.identity import HEADER_SIGNATURE, AuthError, VerifiedRequest
+from gridswarm.protocol import (
+    API,
+    MAX_JSON_BYTES,
+    AssignmentResponse,
+    ContributionAck,
+    HeartbeatRequest,
+    RegisterRequest,
+    RegisterResponse,
+    RunCreateRequest,
+    RunCreateResponse,
+)
+
+TICK_S = 0.25
+MAX_WAIT_S = 20.0
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over `limit` bytes before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise HubError(413, f"request body of {declared} bytes exceeds the {limit} limit")
+        except ValueError as exc:
+            raise HubError(400, "malformed content-length header") from exc
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HubError(413, f"request body exceeds the {limit} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -> FastAPI:
+    stop = threading.Event()
+
+    def ticker() -> None:
+        while not stop.wait(TICK_S):
+            try:
+                service.tick()
+            except Exception:
+                import logging
+
+                logging.getLogger("gridswarm.hub").exception("round tick failed")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        thread = threading.Thread(target=ticker, name="round-ticker", daemon=True)
+        thread.start()
+        yield
+        stop.set()
+        thread.join(timeout=5)
+
+    app = FastAPI(title="gridswarm hub", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(HubError)
+    async def _hub_error(_: Request, exc: HubError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(AuthError)
+    async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": f"malformed request: {exc.errors()[:3]}"}, status_code=422)
+
+    async def signed(request: Request, limit: int) -> tuple[VerifiedRequest, bytes]:
+        body = await read_body(request, limit)
+        verified = await run_in_threadpool(
+            service.authenticate, dict(request.headers), request.method, request.url.path, body
+        )
+        return verified, body
+
+    def parse(model: type[M], body: bytes) -> M:
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            detail = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+            )
+            raise HubError(422, f"malformed request: {detail}") from exc
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"ok": True}
+
+    @app.post(f"{API}/nodes/register")
+    async def register(request: Request) -> RegisterResponse:
+        verified, body = await signed(request, MAX_JSON_BYTES)
+        req = parse(RegisterRequest, body)
+        node_id = await run_in_threadpool(service.register, verified.public_key, req)
+        return RegisterResponse(node_id=node_id)
+
+    @app.post(f"{API}/nodes/heartbeat")
+    async def heartbeat(request: Request) -> dict:
+        verified, body = await signed(request, MAX_JSON_BYTES)
+        req = parse(HeartbeatRequest, body or b"{}")
+        await run_in_threadpool(service.heartbeat, verified.node_id, req.status)
+        return {"ok": True}
+
+    @app.post(f"{API}/nodes/leave")
+    async def leave(request: Request) -> dict:
+        verified, _ = await signed(request, MAX_JSON_BYTES)
+        released = await run_in_threadpool(service.leave, verified.node_id)
+        return {"released_assignments": released}
+
+    @app.post(f"{API}/runs")
+    async def create_run(request: Request) -> RunCreateResponse:
+        verified, body = await signed(request, MAX_JSON_BYTES)
+        req = parse(RunCreateRequest, body)
+        return await run_in_threadpool(service.create_run, verified.public_key, req.config)
+
+    @app.get(f"{API}/runs")
+    async def list_runs() -> list[dict]:
+        return await run_in_threadpool(service.list_runs)
+
+    @app.get(f"{API}/runs/{{run_id}}")
+    async def run_status(run_id: str) -> dict:
+        return await run_in_threadpool(service.run_status, run_id)
+
+    @app.get(f"{API}/runs/{{run_id}}/versions/latest")
+    async def latest_version(run_id: str) -> dict:
+        return await run_in_threadpool(service.latest_version, run_id)
+
+    @app.post(f"{API}/runs/{{run_id}}/assignment")
+    async def assignment(run_id: str, request: Request, wait_s: float = 10.0) -> AssignmentResponse:
+        """Long-poll: answers as soon as there is work (or the run ends), else after `wait_s`."""
+        verified, _ = await signed(request, MAX_JSON_BYTES)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + min(max(wait_s, 0.0), MAX_WAIT_S)
+        while True:
+            answer = await run_in_threadpool(service.request_assignment, run_id, verified.node_id)
+            if answer.status != "wait" or loop.time() >= give_up:
+                return answer
+            await asyncio.sleep(min(answer.retry_after_s, 0.5, max(give_up - loop.time(), 0)))
+
+    @app.post(f"{API}/runs/{{run_id}}/contributions")
+    async def contribute(run_id: str, request: Request) -> ContributionAck:
+        verified, body = await signed(request, max_upload_bytes)
+        return await run_in_threadpool(service.submit, run_id, verified.node_id, body)
+
+    @app.get(f"{API}/blobs/{{digest}}")
+    async def blob(digest: str, request: Request) -> Response:
+        try:
+            check_digest(digest)
+        except BlobError as exc:
+            raise HubError(400, str(exc)) from exc
+        node_id = None
+        if request.headers.get(HEADER_SIGNATURE):  # signed downloads are counted per node
+            verified, _ = await signed(request, 0)
+            node_id = verified.node_id
+        data = await run_in_threadpool(service.read_blob, digest, node_id)
+        return Response(content=data, media_type="application/octet-stream")
+
+    return app

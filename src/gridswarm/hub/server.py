@@ -1,0 +1,60 @@
+"""Starting a hub: open (and migrate) the database, open the blob store, and serve."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+
+from gridswarm.blobs import LocalBlobStore
+from gridswarm.hub.app import create_app
+from gridswarm.hub.service import HubService, HubSettings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout and full fsync on commit."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(conn, _record) -> None:
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the database to the newest schema (Alembic `upgrade head`)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def build_service(db_url: str, blobs_dir: Path, settings: HubSettings | None = None) -> HubService:
+    engine = make_engine(db_url)
+    migrate(engine)
+    return HubService(engine, LocalBlobStore(blobs_dir), settings)
+
+
+def serve(db_url: str, blobs_dir: Path, host: str, port: int, liveness_s: float = 20.0) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    service = build_service(db_url, blobs_dir, HubSettings(liveness_s=liveness_s))
+    uvicorn.run(create_app(service), host=host, port=port, log_level="warning")

@@ -1,0 +1,698 @@
+"""The hub's operations over its database and blob store.
+
+Each public method is one transaction: it reads state, asks the pure logic (`rounds`, `scheduler`,
+the aggregator, the outer optimizer) what to do, writes blobs first and the database last, and only
+then returns. A crash at any point leaves either the old state or the new one, never half of each;
+after a restart `tick` simply continues from what the database says.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pydantic import ValidationError
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gridswarm.blobs import BlobError, LocalBlobStore
+from gridswarm.config import ConfigError, RunConfig, parse_run_config
+from gridswarm.hub import models as m
+from gridswarm.hub.rounds import (
+    AssignmentState,
+    Decision,
+    RoundRules,
+    RoundState,
+    decide,
+    lost_assignments,
+    may_assign,
+)
+from gridswarm.hub.scheduler import plan_inner_steps, speed_from_probe, update_speed
+from gridswarm.identity import VerifiedRequest, verify_request
+from gridswarm.protocol import (
+    Assignment,
+    AssignmentResponse,
+    ContributionAck,
+    ContributionMeta,
+    RegisterRequest,
+    RunCreateResponse,
+)
+from gridswarm.train.aggregate import make_aggregator
+from gridswarm.train.codecs import ErrorFeedback, make_codec
+from gridswarm.train.outer import nesterov_step
+from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
+from gridswarm.train.workload import Workload
+
+MAX_SKEW_S = 120.0
+
+
+class HubError(Exception):
+    """A request the hub refuses; `status` is the HTTP code, `detail` says why."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    liveness_s: float = 20.0
+    max_skew_s: float = MAX_SKEW_S
+
+
+def ring_allreduce_bytes(numel: int, world: int) -> float:
+    """Bytes one worker sends in a ring all-reduce of `numel` fp32 values among `world` workers."""
+    return 0.0 if world < 2 else 2 * (world - 1) / world * 4 * numel
+
+
+class HubService:
+    def __init__(
+        self,
+        engine: Engine,
+        blobs: LocalBlobStore,
+        settings: HubSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self.blobs = blobs
+        self.settings = settings or HubSettings()
+        self.clock = clock
+        self.lock = threading.RLock()
+        self._workloads: dict[str, Workload] = {}
+
+    # ---------------------------------------------------------------- authentication
+
+    def authenticate(
+        self, headers: dict[str, str], method: str, path: str, body: bytes
+    ) -> VerifiedRequest:
+        """Verify a signed request and consume its nonce (a second use is a replay)."""
+        from gridswarm.identity import AuthError
+
+        now = self.clock()
+        verified = verify_request(headers, method, path, body, now, self.settings.max_skew_s)
+        with self.sessions() as s:
+            s.add(m.Nonce(nonce=verified.nonce, public_key=verified.public_key.hex(), seen_at=now))
+            try:
+                s.commit()
+            except IntegrityError as exc:
+                raise AuthError(409, "replayed request: nonce already used") from exc
+            if int(now) % 60 == 0:  # nonces older than the skew window can never be accepted again
+                s.execute(
+                    delete(m.Nonce).where(m.Nonce.seen_at < now - 2 * self.settings.max_skew_s)
+                )
+                s.commit()
+        return verified
+
+    def _node(self, s: Session, node_id: str) -> m.Node:
+        node = s.get(m.Node, node_id)
+        if node is None:
+            raise HubError(403, f"node {node_id} is not registered")
+        node.last_seen_at = self.clock()
+        return node
+
+    # ---------------------------------------------------------------- nodes
+
+    def register(self, public_key: bytes, req: RegisterRequest) -> str:
+        """Register (or re-register: same key, same node) a node."""
+        from gridswarm.identity import node_id_from_public_key
+
+        node_id = node_id_from_public_key(public_key)
+        now = self.clock()
+        with self.sessions() as s:
+            node = s.get(m.Node, node_id)
+            if node is None:
+                node = m.Node(id=node_id, public_key=public_key.hex(), registered_at=now)
+                s.add(node)
+            node.name = req.name
+            node.hardware_json = req.hardware.model_dump_json()
+            node.region = req.region
+            node.probe_rate = req.probe_tokens_per_s * req.probe_numel
+            node.max_threads = req.max_threads
+            node.last_seen_at = now
+            node.status = "idle"
+            s.commit()
+        return node_id
+
+    def heartbeat(self, node_id: str, status: str) -> None:
+        with self.sessions() as s:
+            self._node(s, node_id).status = status
+            s.commit()
+
+    def leave(self, node_id: str) -> int:
+        """A node leaves: its outstanding assignments are released so rounds need not wait."""
+        with self.lock, self.sessions() as s:
+            self._node(s, node_id).status = "left"
+            released = s.execute(
+                update(m.Assignment)
+                .where(m.Assignment.node_id == node_id, m.Assignment.status == "assigned")
+                .values(status="released")
+            ).rowcount
+            s.commit()
+        return released
+
+    # ---------------------------------------------------------------- runs
+
+    def workload(self, run_id: str, config_json: str) -> Workload:
+        if run_id not in self._workloads:
+            cfg = RunConfig.model_validate_json(config_json)
+            self._workloads[run_id] = Workload.from_config(cfg)
+        return self._workloads[run_id]
+
+    def create_run(self, sponsor_key: bytes, config: dict) -> RunCreateResponse:
+        try:
+            cfg = parse_run_config(config)
+            make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)
+        except (ConfigError, ValueError, TypeError) as exc:
+            raise HubError(422, str(exc)) from exc
+        run_id = uuid.uuid4().hex[:12]
+        try:
+            workload = Workload.from_config(cfg)
+        except (FileNotFoundError, ValueError) as exc:
+            raise HubError(422, f"data.dataset: {exc}") from exc
+        theta = workload.initial_theta()
+        val_loss = workload.evaluate(theta)
+        weights = self.blobs.put(pack_vector(theta, {"run_id": run_id, "version": 0}))
+        now = self.clock()
+        with self.lock, self.sessions() as s:
+            s.add(
+                m.Run(
+                    id=run_id,
+                    name=cfg.name,
+                    config_json=cfg.model_dump_json(),
+                    sponsor_key=sponsor_key.hex(),
+                    status="active",
+                    numel=workload.numel,
+                    version=0,
+                    round=0,
+                    tokens_total=0,
+                    created_at=now,
+                )
+            )
+            s.flush()
+            s.add(
+                m.Version(
+                    run_id=run_id,
+                    number=0,
+                    weights_blob=weights,
+                    val_loss=val_loss,
+                    tokens_total=0,
+                    created_at=now,
+                )
+            )
+            s.add(m.Round(run_id=run_id, number=0, base_version=0, attempt=0, status="pending"))
+            s.commit()
+        self._workloads[run_id] = workload
+        return RunCreateResponse(run_id=run_id, version_blob=weights, numel=workload.numel)
+
+    def _run(self, s: Session, run_id: str) -> m.Run:
+        run = s.get(m.Run, run_id)
+        if run is None:
+            raise HubError(404, f"run {run_id} not found")
+        return run
+
+    def _round_state(self, s: Session, run: m.Run) -> tuple[m.Round, RoundState, RoundRules]:
+        rnd = s.get(m.Round, (run.id, run.round))
+        rows = s.execute(
+            select(m.Assignment.node_id, m.Assignment.status, m.Node.last_seen_at)
+            .join(m.Node, m.Node.id == m.Assignment.node_id)
+            .where(m.Assignment.run_id == run.id, m.Assignment.round == run.round)
+        ).all()
+        cfg = RunConfig.model_validate_json(run.config_json).round
+        rules = RoundRules(
+            cfg.quorum, cfg.min_nodes, cfg.max_nodes, cfg.deadline_s, self.settings.liveness_s
+        )
+        state = RoundState(
+            status=rnd.status,
+            deadline_at=rnd.deadline_at,
+            assignments=tuple(AssignmentState(n, st, seen) for n, st, seen in rows),
+        )
+        return rnd, state, rules
+
+    def _speed(self, s: Session, run: m.Run, node: m.Node) -> float:
+        """Tokens/s of `node` on this run's model: probe first, then achieved speed."""
+        rows = s.execute(
+            select(m.Contribution.tokens, m.Contribution.train_time_s)
+            .where(m.Contribution.run_id == run.id, m.Contribution.node_id == node.id)
+            .order_by(m.Contribution.round.desc())
+            .limit(5)
+        ).all()
+        speed: float | None = None
+        for tokens, train_time_s in reversed(rows):
+            speed = update_speed(speed, tokens, train_time_s)
+        return speed if speed is not None else speed_from_probe(node.probe_rate, run.numel)
+
+    # ---------------------------------------------------------------- assignments
+
+    def request_assignment(self, run_id: str, node_id: str) -> AssignmentResponse:
+        now = self.clock()
+        with self.lock, self.sessions() as s:
+            node = self._node(s, node_id)
+            node.status = "idle"
+            run = self._run(s, run_id)
+            if run.status != "active":
+                s.commit()
+                return AssignmentResponse(status="finished")
+            cfg = RunConfig.model_validate_json(run.config_json)
+            rnd, state, rules = self._round_state(s, run)
+            live = [
+                n
+                for n in s.scalars(select(m.Node).where(m.Node.status != "left"))
+                if now - n.last_seen_at <= self.settings.liveness_s
+            ]
+            reason = may_assign(state, rules, node_id, len(live), now)
+            if reason is not None:
+                s.commit()
+                return AssignmentResponse(status="wait", retry_after_s=1.0)
+            deadline_at = rnd.deadline_at if rnd.status == "open" else now + cfg.round.deadline_s
+            speeds = {n.id: self._speed(s, run, n) for n in live}
+            speed = speeds.get(node_id) or self._speed(s, run, node)
+            plan = plan_inner_steps(
+                tokens_per_s=speed,
+                fastest_tokens_per_s=max(speeds.values(), default=speed),
+                tokens_per_step=cfg.tokens_per_step,
+                inner_steps=cfg.train.inner_steps,
+                min_inner_steps=cfg.train.min_inner_steps,
+                time_left_s=deadline_at - now,
+                reserve_s=0.1 * cfg.round.deadline_s + 1.0,
+            )
+            if plan is None:
+                s.commit()
+                return AssignmentResponse(status="wait", retry_after_s=2.0)
+            if rnd.status == "pending":
+                rnd.status, rnd.opened_at, rnd.deadline_at = "open", now, deadline_at
+            row = m.Assignment(
+                id=uuid.uuid4().hex,
+                run_id=run.id,
+                round=run.round,
+                attempt=rnd.attempt,
+                node_id=node_id,
+                base_version=rnd.base_version,
+                inner_steps=plan.inner_steps,
+                created_at=now,
+                deadline_at=deadline_at,
+                status="assigned",
+            )
+            s.add(row)
+            node.status = "training"
+            version = s.get(m.Version, (run.id, rnd.base_version))
+            previous = s.get(m.Version, (run.id, rnd.base_version - 1))
+            s.commit()
+        return AssignmentResponse(
+            status="assigned",
+            assignment=Assignment(
+                id=row.id,
+                run_id=run_id,
+                round=row.round,
+                attempt=row.attempt,
+                base_version=row.base_version,
+                weights_blob=version.weights_blob,
+                previous_version_blob=previous.weights_blob if previous else None,
+                delta_blob=version.delta_blob,
+                inner_steps=row.inner_steps,
+                deadline_at=row.deadline_at,
+                config=json.loads(run.config_json),
+            ),
+        )
+
+    # ---------------------------------------------------------------- contributions
+
+    def submit(self, run_id: str, node_id: str, body: bytes) -> ContributionAck:
+        """Validate and durably store a contribution; acknowledged only once committed."""
+        try:
+            tensors, raw_meta = unpack(body)
+            meta = ContributionMeta.model_validate(raw_meta)
+        except BlobFormatError as exc:
+            raise HubError(400, f"malformed contribution: {exc}") from exc
+        except ValidationError as exc:
+            raise HubError(422, f"malformed contribution metadata: {exc.errors()[:3]}") from exc
+        with self.lock, self.sessions() as s:
+            self._node(s, node_id)
+            run = self._run(s, run_id)
+            assignment = s.get(m.Assignment, meta.assignment_id)
+            if assignment is None or assignment.run_id != run_id:
+                raise HubError(404, f"assignment {meta.assignment_id} not found in run {run_id}")
+            if assignment.node_id != node_id:
+                raise HubError(403, "assignment belongs to another node")
+            if assignment.status == "submitted":
+                raise HubError(409, "duplicate: this assignment already has a contribution")
+            if assignment.status != "assigned" or assignment.round != run.round:
+                if assignment.status == "assigned":
+                    assignment.status = "late"
+                    s.commit()
+                raise HubError(
+                    409,
+                    f"stale: assignment for round {assignment.round} is {assignment.status}; "
+                    f"the run is at round {run.round} (late contributions are rejected)",
+                )
+            cfg = RunConfig.model_validate_json(run.config_json)
+            self._check_claims(meta, assignment, cfg, tensors, run.numel)
+            digest = self.blobs.put(body)
+            s.add(
+                m.Contribution(
+                    id=digest,
+                    run_id=run_id,
+                    round=assignment.round,
+                    node_id=node_id,
+                    assignment_id=assignment.id,
+                    base_version=assignment.base_version,
+                    codec=meta.codec,
+                    bytes_up=len(body),
+                    steps=meta.steps,
+                    tokens=meta.tokens,
+                    loss_first=meta.loss_first,
+                    loss_last=meta.loss_last,
+                    train_time_s=meta.train_time_s,
+                    threads=meta.threads,
+                    energy_wh=meta.energy_wh,
+                    power_w=meta.power_w,
+                    energy_method=meta.energy_method,
+                    region=meta.region,
+                    status="accepted",
+                    created_at=self.clock(),
+                )
+            )
+            assignment.status = "submitted"
+            try:
+                s.commit()
+            except IntegrityError as exc:
+                raise HubError(409, "duplicate contribution") from exc
+        return ContributionAck(contribution_id=digest, accepted=True, bytes_up=len(body))
+
+    @staticmethod
+    def _check_claims(
+        meta: ContributionMeta,
+        assignment: m.Assignment,
+        cfg: RunConfig,
+        tensors: dict[str, torch.Tensor],
+        numel: int,
+    ) -> None:
+        if meta.codec != cfg.comm.codec:
+            raise HubError(400, f"codec {meta.codec!r} does not match the run's {cfg.comm.codec!r}")
+        if meta.steps != assignment.inner_steps:
+            raise HubError(
+                400, f"steps {meta.steps} differ from the assigned {assignment.inner_steps}"
+            )
+        if meta.tokens != meta.steps * cfg.tokens_per_step:
+            raise HubError(
+                400,
+                f"tokens {meta.tokens} != steps x tokens_per_step "
+                f"({meta.steps * cfg.tokens_per_step})",
+            )
+        try:
+            vec = make_codec(cfg.comm.codec, cfg.comm.block_size).decode(tensors, numel)
+        except BlobFormatError as exc:
+            raise HubError(400, f"malformed contribution payload: {exc}") from exc
+        if not torch.isfinite(vec).all():
+            raise HubError(400, "contribution has non-finite values")
+
+    # ---------------------------------------------------------------- rounds
+
+    def tick(self) -> list[tuple[str, Decision]]:
+        """Advance every active run's round as the clock and submissions dictate."""
+        done = []
+        with self.sessions() as s:
+            run_ids = s.scalars(select(m.Run.id).where(m.Run.status == "active")).all()
+        for run_id in run_ids:
+            with self.lock:
+                decision = self._advance(run_id)
+            if decision is not Decision.WAIT:
+                done.append((run_id, decision))
+        return done
+
+    def _advance(self, run_id: str) -> Decision:
+        now = self.clock()
+        with self.sessions() as s:
+            run = self._run(s, run_id)
+            rnd, state, rules = self._round_state(s, run)
+            lost = lost_assignments(state, rules, now)
+            if lost:
+                s.execute(
+                    update(m.Assignment)
+                    .where(
+                        m.Assignment.run_id == run_id,
+                        m.Assignment.round == run.round,
+                        m.Assignment.status == "assigned",
+                        m.Assignment.node_id.in_(lost),
+                    )
+                    .values(status="missed")
+                )
+                s.commit()
+                rnd, state, rules = self._round_state(s, run)
+            decision = decide(state, rules, now)
+            if decision is Decision.REPLAN:
+                self._replan(s, run, rnd, now)
+            elif decision is Decision.CLOSE:
+                self._close(s, run, rnd, now)
+        return decision
+
+    def _replan(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> None:
+        """Deadline passed without quorum: drop outstanding work, keep what arrived, try again."""
+        s.execute(
+            update(m.Assignment)
+            .where(
+                m.Assignment.run_id == run.id,
+                m.Assignment.round == rnd.number,
+                m.Assignment.status == "assigned",
+            )
+            .values(status="missed")
+        )
+        kept = s.scalar(
+            select(func.count()).where(
+                m.Contribution.run_id == run.id, m.Contribution.round == rnd.number
+            )
+        )
+        rnd.attempt += 1
+        if kept:
+            cfg = RunConfig.model_validate_json(run.config_json)
+            rnd.deadline_at = now + cfg.round.deadline_s
+        else:
+            rnd.status, rnd.opened_at, rnd.deadline_at = "pending", None, None
+        s.commit()
+
+    def _close(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> None:
+        """Aggregate the round's contributions, step the outer optimizer, publish a new version."""
+        cfg = RunConfig.model_validate_json(run.config_json)
+        workload = self.workload(run.id, run.config_json)
+        base = s.get(m.Version, (run.id, rnd.base_version))
+        contributions = s.scalars(
+            select(m.Contribution)
+            .where(
+                m.Contribution.run_id == run.id,
+                m.Contribution.round == rnd.number,
+                m.Contribution.status == "accepted",
+            )
+            .order_by(m.Contribution.node_id)
+        ).all()
+        codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
+        updates = torch.stack(
+            [codec.decode(unpack(self.blobs.get(c.id))[0], run.numel) for c in contributions]
+        )
+        weights = torch.tensor([float(c.tokens) for c in contributions])
+        pseudo_gradient = make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)(
+            updates, weights
+        )
+        theta = unpack_vector(self.blobs.get(base.weights_blob))
+        momentum = unpack_vector(self.blobs.get(base.momentum_blob)) if base.momentum_blob else None
+        step = nesterov_step(
+            pseudo_gradient, momentum, cfg.train.outer_lr, cfg.train.outer_momentum
+        )
+        feedback = ErrorFeedback(
+            make_codec(cfg.comm.codec_down, cfg.comm.block_size),
+            unpack_vector(self.blobs.get(base.error_feedback_blob))
+            if base.error_feedback_blob
+            else None,
+        )
+        encoded = feedback.encode(step.update)
+        theta_new = theta - feedback.codec.decode(encoded, run.numel)
+        number = rnd.base_version + 1
+        tokens = sum(c.tokens for c in contributions)
+        version = m.Version(
+            run_id=run.id,
+            number=number,
+            weights_blob=self.blobs.put(
+                pack_vector(theta_new, {"run_id": run.id, "version": number})
+            ),
+            delta_blob=self.blobs.put(
+                pack(encoded, {"codec": cfg.comm.codec_down, "numel": run.numel, "to": number})
+            ),
+            momentum_blob=self.blobs.put(pack_vector(step.momentum)),
+            error_feedback_blob=self.blobs.put(pack_vector(feedback.residual)),
+            val_loss=workload.evaluate(theta_new),
+            tokens_total=run.tokens_total + tokens,
+            created_at=now,
+        )
+        s.add(version)
+        s.execute(
+            update(m.Assignment)
+            .where(
+                m.Assignment.run_id == run.id,
+                m.Assignment.round == rnd.number,
+                m.Assignment.status == "assigned",
+            )
+            .values(status="missed")
+        )
+        rnd.status, rnd.closed_at = "closed", now
+        rnd.close_reason = "all-in" if now < (rnd.deadline_at or now) else "deadline"
+        run.version, run.tokens_total = number, run.tokens_total + tokens
+        budget = cfg.budget
+        if (budget.rounds is not None and number >= budget.rounds) or (
+            budget.tokens is not None and run.tokens_total >= budget.tokens
+        ):
+            run.status, run.finished_at = "finished", now
+        else:
+            run.round = rnd.number + 1
+            s.add(
+                m.Round(
+                    run_id=run.id,
+                    number=run.round,
+                    base_version=number,
+                    attempt=0,
+                    status="pending",
+                )
+            )
+        s.commit()
+
+    # ---------------------------------------------------------------- reads
+
+    def read_blob(self, digest: str, node_id: str | None) -> bytes:
+        """A published model version or delta (contributions are never served)."""
+        with self.sessions() as s:
+            version = s.scalars(
+                select(m.Version)
+                .where((m.Version.weights_blob == digest) | (m.Version.delta_blob == digest))
+                .limit(1)
+            ).first()
+            if version is None:
+                raise HubError(404, f"blob {digest} is not a published model version or delta")
+            try:
+                data = self.blobs.get(digest)
+            except BlobError as exc:
+                raise HubError(500, str(exc)) from exc
+            if node_id is not None:
+                s.add(
+                    m.Download(
+                        run_id=version.run_id,
+                        node_id=node_id,
+                        blob=digest,
+                        bytes_down=len(data),
+                        created_at=self.clock(),
+                    )
+                )
+                s.commit()
+        return data
+
+    def latest_version(self, run_id: str) -> dict:
+        with self.sessions() as s:
+            run = self._run(s, run_id)
+            v = s.get(m.Version, (run_id, run.version))
+            return {"number": v.number, "weights_blob": v.weights_blob, "val_loss": v.val_loss}
+
+    def list_runs(self) -> list[dict]:
+        with self.sessions() as s:
+            return [
+                {
+                    "id": r.id,
+                    "name": r.name,
+                    "status": r.status,
+                    "round": r.round,
+                    "version": r.version,
+                    "tokens_total": r.tokens_total,
+                }
+                for r in s.scalars(select(m.Run).order_by(m.Run.created_at))
+            ]
+
+    def run_status(self, run_id: str) -> dict:
+        """Everything a dashboard or summary shows about one run."""
+        with self.sessions() as s:
+            run = self._run(s, run_id)
+            versions = s.scalars(
+                select(m.Version).where(m.Version.run_id == run_id).order_by(m.Version.number)
+            ).all()
+            contributions = s.scalars(
+                select(m.Contribution).where(m.Contribution.run_id == run_id)
+            ).all()
+            rounds = s.scalars(
+                select(m.Round).where(m.Round.run_id == run_id).order_by(m.Round.number)
+            ).all()
+            assignments = s.execute(
+                select(m.Assignment.round, m.Assignment.status, func.count())
+                .where(m.Assignment.run_id == run_id)
+                .group_by(m.Assignment.round, m.Assignment.status)
+            ).all()
+            downloads = s.execute(
+                select(m.Download.node_id, func.sum(m.Download.bytes_down))
+                .where(m.Download.run_id == run_id)
+                .group_by(m.Download.node_id)
+            ).all()
+            node_rows = {n.id: n for n in s.scalars(select(m.Node))}
+        per_round_world: dict[int, int] = {}
+        for c in contributions:
+            per_round_world[c.round] = per_round_world.get(c.round, 0) + 1
+        sync_dp = sum(
+            c.steps * ring_allreduce_bytes(run.numel, per_round_world[c.round])
+            for c in contributions
+        )
+        nodes: dict[str, dict] = {}
+        for c in contributions:
+            entry = nodes.setdefault(
+                c.node_id,
+                {
+                    "id": c.node_id,
+                    "name": node_rows[c.node_id].name,
+                    "tokens": 0,
+                    "bytes_up": 0,
+                    "bytes_down": 0,
+                    "contributions": 0,
+                    "energy_wh": 0.0,
+                },
+            )
+            entry["tokens"] += c.tokens
+            entry["bytes_up"] += c.bytes_up
+            entry["contributions"] += 1
+            entry["energy_wh"] += c.energy_wh or 0.0
+        for node_id, total in downloads:
+            if node_id in nodes:
+                nodes[node_id]["bytes_down"] = int(total or 0)
+        outcome: dict[int, dict[str, int]] = {}
+        for rnd_number, status, count in assignments:
+            outcome.setdefault(rnd_number, {})[status] = count
+        now = self.clock()
+        return {
+            "id": run.id,
+            "name": run.name,
+            "status": run.status,
+            "round": run.round,
+            "version": run.version,
+            "numel": run.numel,
+            "tokens_total": run.tokens_total,
+            "config": json.loads(run.config_json),
+            "val_loss": [v.val_loss for v in versions],
+            "rounds": [
+                {
+                    "number": r.number,
+                    "status": r.status,
+                    "attempts": r.attempt + 1,
+                    "close_reason": r.close_reason,
+                    "assignments": outcome.get(r.number, {}),
+                    "opened_at": r.opened_at,
+                    "closed_at": r.closed_at,
+                }
+                for r in rounds
+            ],
+            "bytes_up_total": sum(c.bytes_up for c in contributions),
+            "bytes_down_total": int(sum(total or 0 for _, total in downloads)),
+            "bytes_sync_dp_equivalent": int(sync_dp),
+            "nodes": sorted(nodes.values(), key=lambda n: n["id"]),
+            "live_nodes": [
+                {"id": n.id, "name": n.name, "status": n.status}
+                for n in node_rows.values()
+                if n.status != "left" and now - n.last_seen_at <= self.settings.liveness_s
+            ],
+        }

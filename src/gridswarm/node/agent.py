@@ -1,0 +1,248 @@
+"""The node's main loop: register, pull an assignment, train, upload, repeat.
+
+A node keeps its identity key and a cache of model versions (by hash) in its home folder. When it
+holds the previous version it downloads only the encoded update and rebuilds the new weights
+exactly, checking the result against the version's hash. SIGINT/SIGTERM stop it between steps; it
+tells the hub it is leaving, so its unfinished assignment is released rather than awaited.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gridswarm.blobs import BlobError, LocalBlobStore, sha256_hex
+from gridswarm.config import RunConfig
+from gridswarm.identity import Identity
+from gridswarm.node.client import HubClient, HubRequestError
+from gridswarm.node.probe import hardware, probe_speed
+from gridswarm.protocol import Assignment, ContributionMeta, RegisterRequest
+from gridswarm.train.codecs import ErrorFeedback, make_codec
+from gridswarm.train.data import read_text
+from gridswarm.train.params import pack, pack_vector, unpack, unpack_vector
+from gridswarm.train.workload import Workload
+
+log = logging.getLogger("gridswarm.node")
+HEARTBEAT_S = 3.0
+
+
+class Stopped(Exception):
+    """The node was asked to stop in the middle of an assignment."""
+
+
+@dataclass
+class NodeOptions:
+    hub_url: str
+    home: Path
+    run_id: str | None = None
+    data: Path | None = None  # local text for federated runs
+    max_threads: int = 1
+    region: str | None = None
+    name: str | None = None
+    throttle: float = 0.0  # fraction of time to idle (emulates a slower machine)
+    max_rounds: int | None = None
+    wait_s: float = 10.0
+
+
+@dataclass
+class NodeStats:
+    contributions: int = 0
+    tokens: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected: list[str] = field(default_factory=list)
+
+
+class NodeAgent:
+    def __init__(self, options: NodeOptions) -> None:
+        self.options = options
+        self.identity = Identity.load_or_create(options.home / "node.key")
+        self.cache = LocalBlobStore(options.home / "blobs")
+        self.client = HubClient(options.hub_url, self.identity)
+        self.stop_event = threading.Event()
+        self.status = "idle"
+        self.stats = NodeStats()
+        self._workloads: dict[str, Workload] = {}
+        self._feedback: dict[str, ErrorFeedback] = {}
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: object) -> None:
+            log.info("signal %s: leaving after the current step", signum)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def register(self) -> str:
+        torch.set_num_threads(self.options.max_threads)
+        tokens_per_s, numel = probe_speed()
+        tokens_per_s *= 1.0 - self.options.throttle
+        return self.client.register(
+            RegisterRequest(
+                hardware=hardware(),
+                region=self.options.region,
+                probe_tokens_per_s=tokens_per_s,
+                probe_numel=numel,
+                max_threads=self.options.max_threads,
+                name=self.options.name,
+            )
+        )
+
+    def pick_run(self) -> str | None:
+        if self.options.run_id:
+            return self.options.run_id
+        active = [r for r in self.client.runs() if r["status"] == "active"]
+        return active[-1]["id"] if active else None
+
+    def run(self) -> NodeStats:
+        """Work until stopped, the run finishes, or `max_rounds` contributions are made."""
+        self.register()
+        heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        heartbeat.start()
+        try:
+            while not self.stop_event.is_set():
+                if self.options.max_rounds and self.stats.contributions >= self.options.max_rounds:
+                    break
+                run_id = self.pick_run()
+                if run_id is None:
+                    self.stop_event.wait(1.0)
+                    continue
+                answer = self.client.assignment(run_id, wait_s=self.options.wait_s)
+                if answer.status == "finished":
+                    log.info("run %s finished", run_id)
+                    if self.options.run_id:
+                        break
+                    self.stop_event.wait(1.0)
+                elif answer.status == "wait":
+                    self.stop_event.wait(min(answer.retry_after_s, 1.0))
+                else:
+                    try:
+                        self.work(answer.assignment)
+                    except Stopped:
+                        break
+        finally:
+            self.stop_event.set()
+            self._leave()
+            self.client.close()
+        return self.stats
+
+    def _leave(self) -> None:
+        try:
+            self.client.retry_for_s = 5.0
+            self.client.leave()
+        except Exception as exc:
+            log.info("could not tell the hub we are leaving: %s", exc)
+
+    def _heartbeat(self) -> None:
+        while not self.stop_event.wait(HEARTBEAT_S):
+            try:
+                self.client.heartbeat(self.status)
+            except Exception as exc:
+                log.debug("heartbeat failed: %s", exc)
+
+    # ------------------------------------------------------------------ one assignment
+
+    def workload(self, run_id: str, config: dict) -> Workload:
+        if run_id not in self._workloads:
+            cfg = RunConfig.model_validate(config)
+            text = None
+            if cfg.data.data == "local":
+                if self.options.data is None:
+                    raise ValueError(f"run {run_id} is federated: start the node with --data PATH")
+                text = read_text(str(self.options.data))
+            self._workloads[run_id] = Workload.from_config(cfg, text=text)
+        return self._workloads[run_id]
+
+    def fetch_version(self, a: Assignment, numel: int) -> torch.Tensor:
+        """The assignment's model version: from cache, by applying the delta, or downloaded."""
+        if self.cache.has(a.weights_blob):
+            return unpack_vector(self.cache.get(a.weights_blob))
+        if a.delta_blob and a.previous_version_blob and self.cache.has(a.previous_version_blob):
+            delta_bytes = self.client.blob(a.delta_blob)
+            self.stats.bytes_down += len(delta_bytes)
+            tensors, meta = unpack(delta_bytes)
+            codec = make_codec(
+                str(meta["codec"]), RunConfig.model_validate(a.config).comm.block_size
+            )
+            previous = unpack_vector(self.cache.get(a.previous_version_blob))
+            theta = previous - codec.decode(tensors, numel)
+            data = pack_vector(theta, {"run_id": a.run_id, "version": a.base_version})
+            if sha256_hex(data) == a.weights_blob:
+                self.cache.put(data)
+                return theta
+            log.warning("delta did not rebuild version %s exactly; downloading it", a.base_version)
+        data = self.client.blob(a.weights_blob)
+        self.stats.bytes_down += len(data)
+        self.cache.put(data, expected_digest=a.weights_blob)
+        return unpack_vector(data)
+
+    def work(self, a: Assignment) -> None:
+        workload = self.workload(a.run_id, a.config)
+        cfg = workload.cfg
+        theta = self.fetch_version(a, workload.numel)
+        self.status = "training"
+
+        def on_step(_step: int, _loss: float, started=[time.perf_counter()]) -> None:  # noqa: B006
+            if self.stop_event.is_set():
+                raise Stopped
+            if self.options.throttle > 0:
+                busy = time.perf_counter() - started[0]
+                time.sleep(busy * self.options.throttle / (1 - self.options.throttle))
+            started[0] = time.perf_counter()
+
+        result = workload.train(theta, a.round, self.node_id, a.inner_steps, a.attempt, on_step)
+        codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
+        if cfg.comm.error_feedback:
+            feedback = self._feedback.setdefault(a.run_id, ErrorFeedback(codec))
+            tensors = feedback.encode(result.pseudo_gradient)
+        else:
+            tensors = codec.encode(result.pseudo_gradient)
+        meta = ContributionMeta(
+            assignment_id=a.id,
+            codec=codec.name,
+            steps=result.steps,
+            tokens=result.tokens,
+            loss_first=result.loss_first,
+            loss_last=result.loss_last,
+            loss_mean=result.loss_mean,
+            train_time_s=result.train_time_s,
+            threads=torch.get_num_threads(),
+            region=self.options.region,
+        )
+        body = pack(tensors, meta.model_dump())
+        self.status = "uploading"
+        try:
+            ack = self.client.contribute(a.run_id, body)
+            self.stats.contributions += 1
+            self.stats.tokens += result.tokens
+            self.stats.bytes_up += ack.bytes_up
+            log.info(
+                "round %s: %d steps, loss %.3f -> %.3f, %d bytes up",
+                a.round,
+                result.steps,
+                result.loss_first,
+                result.loss_last,
+                ack.bytes_up,
+            )
+        except HubRequestError as exc:
+            if exc.status == 409 and exc.detail.startswith("duplicate"):
+                self.stats.contributions += 1  # an earlier try was stored before the ack was lost
+            else:
+                self.stats.rejected.append(exc.detail)
+                log.warning("contribution rejected: %s", exc.detail)
+        except BlobError as exc:
+            self.stats.rejected.append(str(exc))
+        finally:
+            self.status = "idle"

@@ -1,0 +1,121 @@
+"""A signed HTTP client of the hub, used by nodes and by the sponsor CLI.
+
+Requests are retried with backoff while the hub is unreachable (it may be restarting), each retry
+freshly signed. A 4xx answer is final and raised as `HubRequestError` with the hub's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+from pydantic import BaseModel
+
+from gridswarm.blobs import BlobError, sha256_hex
+from gridswarm.identity import Identity, sign_request
+from gridswarm.protocol import (
+    API,
+    AssignmentResponse,
+    ContributionAck,
+    HeartbeatRequest,
+    RegisterRequest,
+    RunCreateResponse,
+)
+
+
+class HubRequestError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"hub answered {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class HubClient:
+    def __init__(
+        self, base_url: str, identity: Identity, timeout_s: float = 60.0, retry_for_s: float = 120.0
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.identity = identity
+        self.retry_for_s = retry_for_s
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        params: dict | None = None,
+        signed: bool = True,
+    ) -> httpx.Response:
+        give_up = time.monotonic() + self.retry_for_s
+        delay = 0.2
+        while True:
+            headers = {"content-type": "application/octet-stream"}
+            if signed:
+                headers |= sign_request(self.identity, method, path, body)
+            try:
+                response = self.http.request(
+                    method, path, content=body, params=params, headers=headers
+                )
+            except httpx.TransportError:
+                if time.monotonic() >= give_up:
+                    raise
+            else:
+                if response.status_code < 500 or time.monotonic() >= give_up:
+                    break
+            time.sleep(delay)
+            delay = min(delay * 2, 3.0)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise HubRequestError(response.status_code, str(detail))
+        return response
+
+    def post_json(self, path: str, payload: object) -> dict:
+        if isinstance(payload, BaseModel):
+            body = payload.model_dump_json().encode()
+        else:
+            body = json.dumps(payload).encode()
+        return self.request("POST", path, body).json()
+
+    # node calls
+    def register(self, req: RegisterRequest) -> str:
+        return self.post_json(f"{API}/nodes/register", req)["node_id"]
+
+    def heartbeat(self, status: str, run_id: str | None = None) -> None:
+        self.post_json(f"{API}/nodes/heartbeat", HeartbeatRequest(status=status, run_id=run_id))
+
+    def leave(self) -> None:
+        self.request("POST", f"{API}/nodes/leave")
+
+    def assignment(self, run_id: str, wait_s: float = 10.0) -> AssignmentResponse:
+        response = self.request(
+            "POST", f"{API}/runs/{run_id}/assignment", params={"wait_s": wait_s}
+        )
+        return AssignmentResponse.model_validate_json(response.content)
+
+    def contribute(self, run_id: str, body: bytes) -> ContributionAck:
+        response = self.request("POST", f"{API}/runs/{run_id}/contributions", body)
+        return ContributionAck.model_validate_json(response.content)
+
+    def blob(self, digest: str) -> bytes:
+        data = self.request("GET", f"{API}/blobs/{digest}").content
+        if sha256_hex(data) != digest:
+            raise BlobError(f"downloaded blob does not match its hash {digest}")
+        return data
+
+    # sponsor and reader calls
+    def create_run(self, config: dict) -> RunCreateResponse:
+        return RunCreateResponse.model_validate(self.post_json(f"{API}/runs", {"config": config}))
+
+    def runs(self) -> list[dict]:
+        return self.request("GET", f"{API}/runs", signed=False).json()
+
+    def run_status(self, run_id: str) -> dict:
+        return self.request("GET", f"{API}/runs/{run_id}", signed=False).json()

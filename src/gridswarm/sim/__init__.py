@@ -1,0 +1,1 @@
+"""gridswarm.sim"""

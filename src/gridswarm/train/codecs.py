@@ -1,0 +1,136 @@
+"""Codecs: how a flat fp32 vector (a pseudo-gradient, or a model update sent down) travels.
+
+Each codec turns a vector into a few named tensors (packed as safetensors) and back. Blockwise
+quantisation keeps one fp32 absmax scale per `block_size` values, so one outlier only costs the
+precision of its own block. `ErrorFeedback` keeps what quantisation lost and adds it to the next
+vector, so the error does not accumulate over rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from gridswarm.train.params import BlobFormatError
+
+
+class Codec(Protocol):
+    name: str
+
+    def encode(self, vec: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def decode(self, tensors: dict[str, torch.Tensor], numel: int) -> torch.Tensor: ...
+
+
+def _require(tensors: dict[str, torch.Tensor], names_dtypes: dict[str, torch.dtype]) -> None:
+    for name, dtype in names_dtypes.items():
+        if name not in tensors:
+            raise BlobFormatError(f"encoded vector lacks tensor {name!r}")
+        if tensors[name].dtype != dtype:
+            raise BlobFormatError(f"tensor {name!r} is {tensors[name].dtype}, expected {dtype}")
+
+
+class FP32:
+    name = "fp32"
+
+    def encode(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"values": vec.float().contiguous()}
+
+    def decode(self, tensors: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+        _require(tensors, {"values": torch.float32})
+        values = tensors["values"]
+        if values.numel() != numel:
+            raise BlobFormatError(f"expected {numel} values, got {values.numel()}")
+        return values
+
+
+class FP16:
+    name = "fp16"
+
+    def encode(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        limit = torch.finfo(torch.float16).max
+        return {"values": vec.float().clamp(-limit, limit).half()}
+
+    def decode(self, tensors: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+        _require(tensors, {"values": torch.float16})
+        values = tensors["values"]
+        if values.numel() != numel:
+            raise BlobFormatError(f"expected {numel} values, got {values.numel()}")
+        return values.float()
+
+
+@dataclass(frozen=True)
+class Blockwise:
+    """Symmetric absmax quantisation to `bits` (8 or 4) per block of `block_size` values."""
+
+    bits: int
+    block_size: int = 256
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def _blocks(self, vec: torch.Tensor) -> torch.Tensor:
+        pad = (-vec.numel()) % self.block_size
+        return torch.nn.functional.pad(vec.float(), (0, pad)).view(-1, self.block_size)
+
+    def encode(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        blocks = self._blocks(vec)
+        scale = blocks.abs().amax(dim=1, keepdim=True) / self.qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(blocks / scale).clamp_(-self.qmax, self.qmax).to(torch.int8).view(-1)
+        if self.bits == 4:  # two signed nibbles per byte, offset to 0..14
+            u = (q + 8).to(torch.uint8)
+            q = (u[0::2] | (u[1::2] << 4)).to(torch.uint8)
+        return {"q": q, "scale": scale.view(-1)}
+
+    def decode(self, tensors: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+        qdtype = torch.uint8 if self.bits == 4 else torch.int8
+        _require(tensors, {"q": qdtype, "scale": torch.float32})
+        n_blocks = -(-numel // self.block_size)
+        q, scale = tensors["q"], tensors["scale"]
+        expected_q = n_blocks * self.block_size // (2 if self.bits == 4 else 1)
+        if scale.numel() != n_blocks or q.numel() != expected_q:
+            raise BlobFormatError(
+                f"{self.name} payload does not match {numel} values in blocks of {self.block_size}"
+            )
+        if not torch.isfinite(scale).all():
+            raise BlobFormatError(f"{self.name} payload has non-finite scales")
+        if self.bits == 4:
+            low = (q & 0x0F).to(torch.int8) - 8
+            high = (q >> 4).to(torch.int8) - 8
+            q = torch.stack([low, high], dim=1).view(-1)
+        values = q.view(n_blocks, self.block_size).float() * scale.view(-1, 1)
+        return values.view(-1)[:numel]
+
+
+def make_codec(name: str, block_size: int = 256) -> Codec:
+    if name == "fp32":
+        return FP32()
+    if name == "fp16":
+        return FP16()
+    if name == "int8":
+        return Blockwise(8, block_size)
+    if name == "int4":
+        return Blockwise(4, block_size)
+    raise ValueError(f"unknown codec {name!r}: choose fp32, fp16, int8 or int4")
+
+
+@dataclass
+class ErrorFeedback:
+    """Carries the quantisation error of one vector over to the next (kept by the sender)."""
+
+    codec: Codec
+    residual: torch.Tensor | None = field(default=None)
+
+    def encode(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        target = vec if self.residual is None else vec + self.residual
+        tensors = self.codec.encode(target)
+        self.residual = target - self.codec.decode(tensors, target.numel())
+        return tensors

@@ -1,0 +1,138 @@
+"""The networks a run can train: a small built-in GPT, or any Hugging Face causal LM built from a
+config (random init, no downloads). Both map token ids (B, T) to logits (B, T, V).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from gridswarm.config import ModelConfig
+from gridswarm.train.tokenizer import VOCAB_SIZE
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """A pre-norm GPT-2 style decoder (nanoGPT's shape), weight-tied, no dropout so that local
+    training is deterministic and can be replayed."""
+
+    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int):
+        super().__init__()
+        self.block_size = block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        if self.block_size < T:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM behind the same (B, T) -> logits interface."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=idx).logits
+
+
+def hf_config(cfg: ModelConfig, seq_len: int):
+    """The transformers config for `cfg`: our vocabulary and context length, the user's fields."""
+    from transformers import AutoConfig
+
+    fields = {"vocab_size": VOCAB_SIZE, **cfg.hf_config}
+    fields.setdefault("max_position_embeddings", max(seq_len, 128))
+    if cfg.architecture == "gpt2":
+        fields.setdefault("n_positions", fields.pop("max_position_embeddings"))
+    try:
+        return AutoConfig.for_model(cfg.architecture, **fields)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"model.architecture {cfg.architecture!r}: {exc}") from exc
+
+
+def build_model(cfg: ModelConfig, seq_len: int, seed: int) -> nn.Module:
+    """A freshly initialised model; the same (cfg, seq_len, seed) always gives the same weights."""
+    torch.manual_seed(seed)
+    if cfg.kind == "gpt":
+        return GPT(VOCAB_SIZE, seq_len, cfg.n_layer, cfg.n_head, cfg.n_embd)
+    from transformers import AutoModelForCausalLM
+
+    return HFCausalLM(AutoModelForCausalLM.from_config(hf_config(cfg, seq_len)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, idx: torch.Tensor, max_new_tokens: int, block_size: int, temperature: float
+) -> torch.Tensor:
+    """Sample `max_new_tokens` continuations of `idx` (B, T) autoregressively."""
+    model.eval()
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -block_size:])[:, -1, :]
+        if temperature <= 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            probs = F.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, num_samples=1)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx

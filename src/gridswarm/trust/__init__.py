@@ -1,0 +1,1 @@
+"""Pure trust logic: reward split, audit rate, reputation (data in, decisions out; no I/O)."""
