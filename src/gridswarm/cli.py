@@ -183,7 +183,7 @@ def sample(
 @app.command()
 def demo(
     nodes: Annotated[int, typer.Option(help="node processes at the start")] = 4,
-    rounds: Annotated[int, typer.Option(help="outer rounds to train")] = 12,
+    rounds: Annotated[int, typer.Option(help="outer rounds to train")] = 20,
     summary: Annotated[Path | None, typer.Option(help="write the summary JSON here")] = None,
     workdir: Annotated[Path | None, typer.Option(help="keep hub db/blobs here")] = None,
     port: int = 0,

@@ -16,9 +16,9 @@ An entry is (seq, kind, payload, author, prev_hash, created_ms) plus the author'
   is refused.
 
 Entry 0 is the genesis entry: it names the hub key and the checkpoint interval N. Every (N+1)-th
-entry (seq N, 2N+1, ...) is a checkpoint whose payload carries the Merkle root (sha256, sorted pairs)
-over the entry hashes of the N entries since the previous checkpoint. `ChainVerifier` replays all of
-these rules over a stream of entries and stops at the first entry that breaks one.
+entry (seq N, 2N+1, ...) is a checkpoint whose payload carries the Merkle root (sha256, sorted
+pairs) over the entry hashes of the N entries since the previous checkpoint. `ChainVerifier`
+replays all of these rules over a stream of entries and stops at the first entry that breaks one.
 """
 
 from __future__ import annotations
@@ -80,9 +80,7 @@ def content_digest(kind: str, author: bytes, payload_json: str) -> bytes:
     ).digest()
 
 
-def entry_hash(
-    seq: int, prev_hash: bytes, digest: bytes, scope: int, created_ms: int
-) -> bytes:
+def entry_hash(seq: int, prev_hash: bytes, digest: bytes, scope: int, created_ms: int) -> bytes:
     """The hash that links the chain (and that a chain-scope signature covers)."""
     return hashlib.sha256(
         _ENTRY_DOMAIN
@@ -143,17 +141,19 @@ class SignedClaim:
     payload_json: str
     author: bytes
     signature: bytes
+    digest: bytes = field(init=False, repr=False, compare=False)
 
-    @property
-    def digest(self) -> bytes:
-        return content_digest(self.kind, self.author, self.payload_json)
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "digest", content_digest(self.kind, self.author, self.payload_json)
+        )
 
     @property
     def payload(self) -> dict[str, Any]:
         return json.loads(self.payload_json)
 
-    def check(self) -> None:
-        """Raise LedgerError unless the claim is well-formed and its signature is valid."""
+    def check(self, signature: bool = True) -> None:
+        """Raise LedgerError unless well-formed and (with `signature`) validly signed."""
         check_kind(self.kind)
         if self.kind in HUB_KINDS:
             raise LedgerError(f"kind {self.kind!r} may only be written by the hub")
@@ -167,7 +167,7 @@ class SignedClaim:
             raise LedgerError(f"claim payload is not JSON: {exc}") from exc
         if canonical_json(payload) != self.payload_json:
             raise LedgerError("claim payload is not in canonical JSON form")
-        if not verify_signature(self.author, self.digest, self.signature):
+        if signature and not verify_signature(self.author, self.digest, self.signature):
             raise LedgerError(f"bad signature on {self.kind!r} claim by {self.author.hex()[:16]}")
 
     def to_dict(self) -> dict[str, str]:
@@ -211,7 +211,9 @@ def seal_hub_entry(
     author = hub.public_key
     digest = content_digest(kind, author, payload_json)
     h = entry_hash(seq, prev_hash, digest, SCOPE_CHAIN, created_ms)
-    return Entry(seq, kind, payload_json, author, prev_hash, h, hub.sign(h), SCOPE_CHAIN, created_ms)
+    return Entry(
+        seq, kind, payload_json, author, prev_hash, h, hub.sign(h), SCOPE_CHAIN, created_ms
+    )
 
 
 def seal_claim(seq: int, prev_hash: bytes, claim: SignedClaim, created_ms: int) -> Entry:
@@ -288,10 +290,10 @@ class VerifyReport:
 class ChainVerifier:
     """Streams entries in seq order and stops at the first one that breaks a chain rule.
 
-    `hub_public_key`: when given, the genesis entry must name this key (the verifier's trust anchor);
-    otherwise the key in the genesis entry is used. `anchors`: checkpoint seq -> Merkle root posted
-    on chain; a checkpoint disagreeing with its anchor, or an anchor past the end of the log
-    (truncation), is an error.
+    `hub_public_key`: when given, the genesis entry must name this key (the verifier's trust
+    anchor); otherwise the key in the genesis entry is used. `anchors`: checkpoint seq -> Merkle
+    root posted on chain; a checkpoint disagreeing with its anchor, or an anchor past the end of
+    the log (truncation), is an error.
     """
 
     hub_public_key: bytes | None = None
@@ -384,7 +386,9 @@ class ChainVerifier:
         return True
 
     def _check_checkpoint(self, e: Entry) -> bool:
-        expected = checkpoint_payload(self._segment_start, self._segment, self._last_checkpoint_hash)
+        expected = checkpoint_payload(
+            self._segment_start, self._segment, self._last_checkpoint_hash
+        )
         if e.payload_json != expected:
             return self._fail(
                 e.seq, "checkpoint does not match the Merkle root of the entries it covers"
@@ -432,4 +436,3 @@ def verify_entries(
     verifier = ChainVerifier(hub_public_key=hub_public_key, anchors=dict(anchors or {}))
     verifier.feed_many(entries)
     return verifier.finish()
-

@@ -45,7 +45,9 @@ class MerkleTree:
         self.levels: list[list[bytes]] = [list(leaves)]
         while len(self.levels[-1]) > 1:
             level = self.levels[-1]
-            parents = [hash_pair(level[i], level[i + 1], hash_fn) for i in range(0, len(level) - 1, 2)]
+            parents = [
+                hash_pair(level[i], level[i + 1], hash_fn) for i in range(0, len(level) - 1, 2)
+            ]
             if len(level) % 2:
                 parents.append(level[-1])
             self.levels.append(parents)
@@ -96,8 +98,9 @@ def verify_proof(
 def reward_leaf(account: str, cumulative_units: int) -> bytes:
     """Leaf of an epoch reward tree: keccak256(keccak256(abi.encode(address, uint256))).
 
-    The double hash is OpenZeppelin's StandardMerkleTree convention: a 64-byte leaf preimage could
-    otherwise be confused with an inner node (second-preimage attack). RunEscrow.vy computes the same.
+    The double hash is OpenZeppelin's StandardMerkleTree convention: a 64-byte leaf preimage
+    could otherwise be confused with an inner node (second-preimage attack). RunEscrow.vy computes
+    the same.
     """
     if not 0 <= cumulative_units < 2**256:
         raise ValueError(f"cumulative_units {cumulative_units} out of uint256 range")
@@ -137,7 +140,7 @@ class RewardClaim:
 
 
 class RewardTree:
-    """Epoch tree of cumulative rewards per EVM account (sorted by address, so it is reproducible)."""
+    """Epoch tree of cumulative rewards per EVM account (sorted by address: reproducible)."""
 
     def __init__(self, epoch: int, cumulative_units: Mapping[str, int]) -> None:
         if epoch < 0:

@@ -312,7 +312,8 @@ def make_aggregator(name: str, **options: object) -> Aggregator:
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; choose one of {sorted(AGGREGATORS)}")
     cls = AGGREGATORS[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    params = inspect.signature(cls.__init__).parameters.values()
+    allowed = [p.name for p in params if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(

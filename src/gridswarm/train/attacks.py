@@ -46,9 +46,9 @@ def scaling(
 def random_noise(
     honest: torch.Tensor, n_attackers: int, rng_seed: int, sigma: float | None = None
 ) -> torch.Tensor:
-    """N(0, sigma^2) per coordinate; sigma defaults to 10x the honest updates' RMS value."""
+    """N(0, sigma^2) per coordinate; sigma defaults to 100x the honest updates' RMS value."""
     if sigma is None:
-        sigma = 10.0 * float(honest.pow(2).mean().sqrt())
+        sigma = 100.0 * float(honest.pow(2).mean().sqrt())
     shape = (n_attackers, honest.shape[1])
     return sigma * torch.randn(shape, generator=_generator(rng_seed), dtype=honest.dtype)
 

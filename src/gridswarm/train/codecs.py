@@ -81,6 +81,8 @@ class Blockwise:
         return torch.nn.functional.pad(vec.float(), (0, pad)).view(-1, self.block_size)
 
     def encode(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not torch.isfinite(vec).all():
+            raise ValueError("cannot quantise a vector with non-finite values")
         blocks = self._blocks(vec)
         scale = blocks.abs().amax(dim=1, keepdim=True) / self.qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -46,7 +46,7 @@ def train_local(
     cfg: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
 ) -> LocalResult:
-    """`steps` AdamW steps from `theta_start` on `stream`; `on_step(step, loss)` may raise to stop."""
+    """`steps` AdamW steps from `theta_start`; `on_step(step, loss)` may raise to stop early."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     assign_flat(model, theta_start)

@@ -14,8 +14,8 @@ replication, derived from the payoff rather than guessed.
 
 Which contributions: the hub commits to a secret seed (publishes sha256(seed)) before a round and
 reveals it only after all contributions are in; a contribution is audited when
-hash(seed, contribution_id) < p. A node cannot know in advance whether it will be checked, and anyone
-can re-derive the choice afterwards from the revealed seed.
+hash(seed, contribution_id) < p. A node cannot know in advance whether it will be checked, and
+anyone can re-derive the choice afterwards from the revealed seed.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def cheating_advantage(
     return cost_units - rate * (reward_units + forfeit_units)
 
 
-def forfeit_units(reward_units: float, stake_units: float, reputation: Reputation, policy: AuditPolicy) -> float:
+def forfeit_units(
+    reward_units: float, stake_units: float, reputation: Reputation, policy: AuditPolicy
+) -> float:
     """What a caught cheater loses besides this round's reward: stake + value of its reputation."""
     return stake_units + reputation.score * policy.reputation_value_rounds * reward_units
 

@@ -1,14 +1,14 @@
 """Split one round's reward pool by verified tokens × usefulness (× a low-carbon bonus), exactly.
 
-Weights are computed in exact rational arithmetic (floats enter as their exact binary value, so every
-machine gets the same split) and the pool, in the token's smallest units, is divided by the
+Weights are computed in exact rational arithmetic (floats enter as their exact binary value, so
+every machine gets the same split) and the pool, in the token's smallest units, is divided by the
 largest-remainder method: everyone gets floor(pool · w / Σw), and the few units left over go to the
 largest fractional remainders (ties: account id). The shares therefore add up to the pool exactly,
 and no account is ever more than one unit away from its exact proportional share.
 
-Nothing is paid for a rejected contribution (failed audit, detected cheat), for zero verified tokens,
-or for usefulness at or below the floor (work that did not lower the held-out loss). If nobody
-qualifies, the whole pool is carried (it stays in the run's escrow).
+Nothing is paid for a rejected contribution (failed audit, detected cheat), for zero verified
+tokens, or for usefulness at or below the floor (work that did not lower the held-out loss). If
+nobody qualifies, the whole pool is carried (it stays in the run's escrow).
 """
 
 from __future__ import annotations
@@ -99,8 +99,10 @@ def reward_weight(c: ContributionScore, policy: RewardPolicy) -> tuple[Fraction,
         return Fraction(0), "no verified tokens"
     if c.usefulness <= policy.usefulness_floor:
         return Fraction(0), f"usefulness {c.usefulness:.4g} <= floor {policy.usefulness_floor}"
-    weight = c.verified_tokens * Fraction(c.usefulness) * low_carbon_factor(
-        c.intensity_g_per_kwh, policy
+    weight = (
+        c.verified_tokens
+        * Fraction(c.usefulness)
+        * low_carbon_factor(c.intensity_g_per_kwh, policy)
     )
     return weight, ""
 

@@ -50,6 +50,7 @@ roots: public(HashMap[uint256, bytes32])
 claimed: public(HashMap[address, uint256])
 anchors: public(HashMap[uint256, bytes32])
 anchor_count: public(uint256)
+anchor_seq: public(HashMap[uint256, uint256])
 
 
 @deploy
@@ -131,6 +132,7 @@ def anchor(_seq: uint256, _root: bytes32):
     assert _root != empty(bytes32), "empty root"
     assert self.anchors[_seq] == empty(bytes32), "already anchored"
     self.anchors[_seq] = _root
+    self.anchor_seq[self.anchor_count] = _seq
     self.anchor_count += 1
     log Anchored(seq=_seq, root=_root)
 

@@ -1,0 +1,484 @@
+"""When may a node run, and which nodes should run how much? Pure decision logic.
+
+Node side: `NodePolicy` is a conjunction of rules (intensity below X, local surplus plus battery
+above a floor covers the draw, price below Y, inside time windows), parsed from the node's TOML
+`[energy.policy]` table by `parse_node_policy`. `NodePolicy.evaluate(NodeConditions)` says whether
+the node may run now, and why not.
+
+Hub side: `plan_round(policy_name, now_s, nodes, tokens_remaining, deadline_s, round_duration_s)`
+returns a `RoundEnergyPlan`: a work share in [0, 1] of the round per node, or a deferral.
+
+- `agnostic`: every available node runs the whole round (the baseline).
+- `greedy-green`: only the current round is considered; the nodes with the lowest emissions per token
+  now run, just enough to keep the pace the deadline needs (plus a margin).
+- `forecast`: all remaining rounds up to the deadline are planned at once from the forecasts. Each
+  (node, future round) pair is a block of tokens with a cost in gCO2e per token (power × grid share ×
+  intensity / throughput); the cheapest blocks are taken until the token target is met — the optimum
+  of this fractional knapsack. This round's blocks become the shares; when none is in this round,
+  the round is deferred to the first round that has one. Future capacity is discounted by a margin
+  so the deadline survives forecast error and churn; it is re-planned every round.
+
+No I/O and no clock reads: time comes in as `now_s`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import numpy as np
+
+LOCAL_PV_INTENSITY_G_PER_KWH = 41.0  # IPCC AR5 lifecycle median, rooftop PV (same basis as traces)
+
+# --------------------------------------------------------------------------------------------------
+# node side
+
+
+@dataclass(frozen=True)
+class NodeConditions:
+    """What a node knows about itself at `now_s` (all optional signals may be unknown: None)."""
+
+    now_s: float
+    draw_w: float  # power the training would draw
+    intensity_g_per_kwh: float | None = None
+    price_per_kwh: float | None = None
+    surplus_w: float | None = None  # PV − household load, before the compute draw
+    battery_soc_wh: float = 0.0
+    battery_capacity_wh: float = 0.0
+    battery_max_power_w: float = 0.0
+
+
+@dataclass(frozen=True)
+class NodeDecision:
+    allowed: bool
+    reasons: tuple[str, ...]  # one line per rule that refused (empty when allowed)
+
+
+class NodeRule(ABC):
+    field: str
+
+    @abstractmethod
+    def refuses(self, c: NodeConditions) -> str | None:
+        """None when the rule allows running, else why not."""
+
+
+@dataclass(frozen=True)
+class IntensityBelow(NodeRule):
+    max_g_per_kwh: float
+    field: str = "max_intensity_g_per_kwh"
+
+    def refuses(self, c: NodeConditions) -> str | None:
+        if c.intensity_g_per_kwh is None:
+            return "no carbon-intensity signal"
+        if c.intensity_g_per_kwh >= self.max_g_per_kwh:
+            return f"intensity {c.intensity_g_per_kwh:.0f} >= {self.max_g_per_kwh:.0f} g/kWh"
+        return None
+
+
+@dataclass(frozen=True)
+class PriceBelow(NodeRule):
+    max_price_per_kwh: float
+    field: str = "max_price_per_kwh"
+
+    def refuses(self, c: NodeConditions) -> str | None:
+        if c.price_per_kwh is None:
+            return "no price signal"
+        if c.price_per_kwh >= self.max_price_per_kwh:
+            return f"price {c.price_per_kwh:.3f} >= {self.max_price_per_kwh:.3f} per kWh"
+        return None
+
+
+@dataclass(frozen=True)
+class SurplusCovers(NodeRule):
+    """PV surplus plus what the battery can give above `battery_floor_frac` for `horizon_s`
+    covers at least `min_cover` of the draw."""
+
+    battery_floor_frac: float = 0.2
+    min_cover: float = 1.0
+    horizon_s: float = 900.0
+    field: str = "require_surplus"
+
+    def battery_w(self, c: NodeConditions) -> float:
+        usable_wh = max(c.battery_soc_wh - self.battery_floor_frac * c.battery_capacity_wh, 0.0)
+        return min(c.battery_max_power_w, usable_wh * 3600.0 / self.horizon_s)
+
+    def refuses(self, c: NodeConditions) -> str | None:
+        if c.surplus_w is None:
+            return "no local generation data"
+        local_w = max(c.surplus_w, 0.0) + self.battery_w(c)
+        if local_w < self.min_cover * c.draw_w:
+            return f"local supply {local_w:.0f} W < {self.min_cover:.0%} of draw {c.draw_w:.0f} W"
+        return None
+
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass(frozen=True)
+class Window:
+    """Daily window [start_min, end_min) in local minutes on the given weekdays (0 = Monday);
+    end < start wraps past midnight (the part after midnight belongs to the start day)."""
+
+    start_min: int
+    end_min: int
+    days: frozenset[int] = frozenset(range(7))
+
+    def contains(self, local: datetime) -> bool:
+        minute = local.hour * 60 + local.minute
+        day = local.weekday()
+        if self.start_min <= self.end_min:
+            return day in self.days and self.start_min <= minute < self.end_min
+        if minute >= self.start_min:
+            return day in self.days
+        return (day - 1) % 7 in self.days and minute < self.end_min
+
+
+@dataclass(frozen=True)
+class TimeWindows(NodeRule):
+    windows: tuple[Window, ...]
+    tz: tzinfo = UTC
+    field: str = "windows"
+
+    def refuses(self, c: NodeConditions) -> str | None:
+        local = datetime.fromtimestamp(c.now_s, self.tz)
+        if any(w.contains(local) for w in self.windows):
+            return None
+        return f"outside time windows ({local:%a %H:%M} {self.tz})"
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """All rules must allow. No rules: always allowed."""
+
+    rules: tuple[NodeRule, ...] = ()
+
+    def evaluate(self, c: NodeConditions) -> NodeDecision:
+        reasons = tuple(r for r in (rule.refuses(c) for rule in self.rules) if r is not None)
+        return NodeDecision(not reasons, reasons)
+
+    def allows(self, c: NodeConditions) -> bool:
+        return self.evaluate(c).allowed
+
+
+_NODE_FIELDS = {
+    "max_intensity_g_per_kwh",
+    "max_price_per_kwh",
+    "require_surplus",
+    "battery_floor_frac",
+    "min_surplus_cover",
+    "windows",
+    "timezone",
+}
+
+
+def _num(cfg: Mapping[str, Any], key: str, lo: float, hi: float = math.inf) -> float:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ValueError(f"energy.policy.{key}: expected a number in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def parse_window(text: str) -> Window:
+    """'22:00-06:00', 'mon-fri 09:00-17:00' or 'sat,sun 00:00-24:00'."""
+    m = re.fullmatch(r"\s*(?:([a-z,\-]+)\s+)?(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
+    if not m:
+        raise ValueError(
+            f"energy.policy.windows: cannot parse {text!r}; "
+            "expected 'HH:MM-HH:MM' with optional days, e.g. 'mon-fri 09:00-17:00'"
+        )
+    day_spec, h0, m0, h1, m1 = m.groups()
+    start, end = int(h0) * 60 + int(m0), int(h1) * 60 + int(m1)
+    if start > 24 * 60 or end > 24 * 60 or int(m0) > 59 or int(m1) > 59:
+        raise ValueError(f"energy.policy.windows: time out of range in {text!r}")
+    days: set[int] = set()
+    for part in (day_spec or "mon-sun").split(","):
+        ends = part.split("-")
+        if not all(e in DAYS for e in ends) or len(ends) > 2:
+            raise ValueError(f"energy.policy.windows: unknown day(s) {part!r} in {text!r}")
+        a, b = DAYS.index(ends[0]), DAYS.index(ends[-1])
+        days.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+    return Window(start, end, frozenset(days))
+
+
+def parse_node_policy(cfg: Mapping[str, Any] | None) -> NodePolicy:
+    """Build a NodePolicy from the `[energy.policy]` table, e.g.
+    `{max_intensity_g_per_kwh = 250, require_surplus = true, battery_floor_frac = 0.3,
+      max_price_per_kwh = 0.30, windows = ["22:00-07:00", "sat,sun 00:00-24:00"],
+      timezone = "Europe/Berlin"}`. Raises ValueError naming the offending field."""
+    if cfg is None:
+        return NodePolicy()
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"energy.policy: expected a table, got {type(cfg).__name__}")
+    unknown = set(cfg) - _NODE_FIELDS
+    if unknown:
+        raise ValueError(
+            f"energy.policy: unknown field(s) {sorted(unknown)} (allowed: {sorted(_NODE_FIELDS)})"
+        )
+    rules: list[NodeRule] = []
+    if "max_intensity_g_per_kwh" in cfg:
+        rules.append(IntensityBelow(_num(cfg, "max_intensity_g_per_kwh", 0.0)))
+    require = cfg.get("require_surplus", False)
+    if not isinstance(require, bool):
+        raise ValueError(f"energy.policy.require_surplus: expected true/false, got {require!r}")
+    for dependent in ("battery_floor_frac", "min_surplus_cover"):
+        if dependent in cfg and not require:
+            raise ValueError(f"energy.policy.{dependent}: only meaningful with require_surplus")
+    if require:
+        floor = _num(cfg, "battery_floor_frac", 0.0, 1.0) if "battery_floor_frac" in cfg else 0.2
+        cover = _num(cfg, "min_surplus_cover", 0.0, 1.0) if "min_surplus_cover" in cfg else 1.0
+        rules.append(SurplusCovers(battery_floor_frac=floor, min_cover=cover))
+    if "max_price_per_kwh" in cfg:
+        rules.append(PriceBelow(_num(cfg, "max_price_per_kwh", 0.0)))
+    tz: tzinfo = UTC
+    if "timezone" in cfg:
+        try:
+            tz = ZoneInfo(str(cfg["timezone"]))
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"energy.policy.timezone: unknown zone {cfg['timezone']!r}") from exc
+    if "windows" in cfg:
+        windows = cfg["windows"]
+        if isinstance(windows, str):
+            windows = [windows]
+        if not isinstance(windows, Sequence) or not windows:
+            raise ValueError("energy.policy.windows: expected a non-empty list of 'HH:MM-HH:MM'")
+        rules.append(TimeWindows(tuple(parse_window(str(w)) for w in windows), tz))
+    elif "timezone" in cfg:
+        raise ValueError("energy.policy.timezone: only meaningful with windows")
+    return NodePolicy(tuple(rules))
+
+
+# --------------------------------------------------------------------------------------------------
+# hub side
+
+
+@dataclass(frozen=True)
+class NodeEnergyState:
+    """What the hub knows about a node when it plans a round."""
+
+    node_id: str
+    region: str
+    tokens_per_s: float
+    power_w: float
+    available: bool = True
+    intensity_forecast: Sequence[tuple[float, float]] = ()  # (unix_s, g/kWh), step-wise
+    surplus_forecast_w: Sequence[tuple[float, float]] | None = None  # (unix_s, PV − household W)
+    availability_forecast: Sequence[tuple[float, bool]] | None = None  # None: available ahead
+    battery_available_wh: float = 0.0  # above the node's floor, usable this round
+    local_intensity_g_per_kwh: float = LOCAL_PV_INTENSITY_G_PER_KWH
+
+
+@dataclass(frozen=True)
+class RoundEnergyPlan:
+    """The hub's energy decision for one round."""
+
+    policy: str
+    shares: dict[str, float]  # node_id -> share of the round in [0, 1]; 0 = sits this one out
+    defer: bool = False
+    defer_until_s: float | None = None
+    expected_tokens: float = 0.0
+    expected_energy_wh: float = 0.0
+    expected_emissions_g: float = 0.0
+    deadline_at_risk: bool = False
+    reason: str = ""
+    planned_tokens_by_round: tuple[float, ...] = field(default=(), repr=False)
+
+
+HUB_POLICIES = ("agnostic", "greedy-green", "forecast")
+
+
+def step_values(points: Sequence[tuple[float, float]], times: np.ndarray) -> np.ndarray:
+    """Step-wise lookup of a forecast at `times`. Before the first point: the first value. Past
+    the last point: diurnal persistence (the value 24 h, 48 h, ... earlier inside the forecast),
+    or the last value when the forecast spans less than a day."""
+    if len(points) == 0:
+        raise ValueError("empty forecast")
+    t = np.array([p[0] for p in points], dtype=float)
+    v = np.array([p[1] for p in points], dtype=float)
+    order = np.argsort(t, kind="stable")
+    t, v = t[order], v[order]
+    times = np.asarray(times, dtype=float)
+    last = t[-1] + (t[-1] - t[-2] if len(t) > 1 else 0.0)  # end of the last step
+    if last - t[0] >= 86400.0:
+        beyond = times >= last
+        days_back = np.ceil((times[beyond] - last + 1e-9) / 86400.0)
+        times = times.copy()
+        times[beyond] -= days_back * 86400.0
+    idx = np.clip(np.searchsorted(t, times, side="right") - 1, 0, len(t) - 1)
+    return v[idx]
+
+
+def _slot_costs(
+    node: NodeEnergyState, starts: np.ndarray, round_s: float, samples: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """(energy_wh, emissions_g) if `node` ran the full round starting at each of `starts`."""
+    offsets = (np.arange(samples) + 0.5) / samples * round_s
+    times = starts[:, None] + offsets[None, :]
+    if node.intensity_forecast:
+        intensity = step_values(node.intensity_forecast, times.ravel()).reshape(times.shape)
+    else:
+        raise ValueError(f"node {node.node_id}: intensity_forecast is empty")
+    if node.surplus_forecast_w:
+        surplus = np.maximum(step_values(node.surplus_forecast_w, times.ravel()), 0.0)
+        local_w = np.minimum(surplus.reshape(times.shape), node.power_w)
+    else:
+        local_w = np.zeros_like(times)
+    # the battery is known only for the coming round
+    battery_w = min(node.battery_available_wh * 3600.0 / round_s, node.power_w)
+    local_w[0] = np.minimum(local_w[0] + battery_w, node.power_w)
+    grid_w = node.power_w - local_w
+    energy_wh = np.full(len(starts), node.power_w * round_s / 3600.0)
+    g_per_wh = (grid_w * intensity + local_w * node.local_intensity_g_per_kwh).mean(axis=1) / (
+        1000.0 * node.power_w
+    )
+    return energy_wh, energy_wh * g_per_wh
+
+
+def _available_mask(node: NodeEnergyState, starts: np.ndarray) -> np.ndarray:
+    mask = np.ones(len(starts), dtype=bool)
+    if node.availability_forecast:
+        pts = [(t, 1.0 if a else 0.0) for t, a in node.availability_forecast]
+        mask = step_values(pts, starts) > 0.5
+    mask[0] = node.available
+    return mask
+
+
+def _validate(
+    policy_name: str,
+    nodes: Sequence[NodeEnergyState],
+    tokens_remaining: float,
+    round_duration_s: float,
+) -> None:
+    if policy_name not in HUB_POLICIES:
+        raise ValueError(f"unknown hub energy policy {policy_name!r}; choose from {HUB_POLICIES}")
+    if round_duration_s <= 0:
+        raise ValueError(f"round_duration_s must be > 0, got {round_duration_s}")
+    if tokens_remaining < 0 or math.isnan(tokens_remaining):
+        raise ValueError(f"tokens_remaining must be >= 0, got {tokens_remaining}")
+    seen = set()
+    for n in nodes:
+        if n.node_id in seen:
+            raise ValueError(f"duplicate node_id {n.node_id!r}")
+        seen.add(n.node_id)
+        if n.tokens_per_s <= 0 or n.power_w <= 0:
+            raise ValueError(f"node {n.node_id}: tokens_per_s and power_w must be > 0")
+
+
+def plan_round(
+    policy_name: str,
+    now_s: float,
+    nodes: Sequence[NodeEnergyState],
+    tokens_remaining: float,
+    deadline_s: float,
+    round_duration_s: float,
+    *,
+    margin: float = 0.1,
+) -> RoundEnergyPlan:
+    """Decide this round's work shares (see the module docstring for the three policies).
+
+    `margin` (0.1) is the spare pace greedy-green keeps and the discount forecast applies to
+    future capacity. Inner steps per node = share × tokens_per_s × round_duration_s / tokens_per_step.
+    """
+    _validate(policy_name, nodes, tokens_remaining, round_duration_s)
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    zero = {n.node_id: 0.0 for n in nodes}
+    if tokens_remaining <= 0:
+        return RoundEnergyPlan(policy_name, zero, reason="token target reached")
+    available = [n for n in nodes if n.available]
+    if not available:
+        return RoundEnergyPlan(
+            policy_name,
+            zero,
+            defer=True,
+            defer_until_s=now_s + round_duration_s,
+            deadline_at_risk=now_s + round_duration_s > deadline_s,
+            reason="no node available",
+        )
+    rounds_left = max(int((deadline_s - now_s) // round_duration_s), 1)
+    round_cap = {n.node_id: n.tokens_per_s * round_duration_s for n in nodes}
+    cost_now = {}
+    for n in available:
+        e_wh, g = _slot_costs(n, np.array([now_s]), round_duration_s)
+        cost_now[n.node_id] = (e_wh[0], g[0])
+
+    def finish(shares: dict[str, float], reason: str, at_risk: bool = False, planned=()):
+        tokens = sum(s * round_cap[i] for i, s in shares.items())
+        energy = sum(s * cost_now[i][0] for i, s in shares.items() if s > 0)
+        emissions = sum(s * cost_now[i][1] for i, s in shares.items() if s > 0)
+        return RoundEnergyPlan(
+            policy_name,
+            {**zero, **shares},
+            expected_tokens=tokens,
+            expected_energy_wh=energy,
+            expected_emissions_g=emissions,
+            deadline_at_risk=at_risk,
+            reason=reason,
+            planned_tokens_by_round=tuple(planned),
+        )
+
+    capacity_now = sum(round_cap[n.node_id] for n in available)
+    if policy_name == "agnostic":
+        at_risk = capacity_now * rounds_left < tokens_remaining
+        return finish({n.node_id: 1.0 for n in available}, "all available nodes, full round", at_risk)
+
+    if policy_name == "greedy-green":
+        need = min(tokens_remaining, tokens_remaining / rounds_left * (1 + margin))
+        if capacity_now * rounds_left < tokens_remaining:
+            return finish({n.node_id: 1.0 for n in available}, "behind pace: all nodes", True)
+        order = sorted(
+            available, key=lambda n: (cost_now[n.node_id][1] / round_cap[n.node_id], n.node_id)
+        )
+        shares: dict[str, float] = {}
+        for n in order:
+            if need <= 0:
+                break
+            take = min(1.0, need / round_cap[n.node_id])
+            shares[n.node_id] = take
+            need -= take * round_cap[n.node_id]
+        return finish(shares, f"cleanest nodes now for pace over {rounds_left} round(s)")
+
+    # forecast: plan every (node, round) block up to the deadline, cheapest first
+    starts = now_s + np.arange(rounds_left) * round_duration_s
+    costs, caps, node_ix, round_ix = [], [], [], []
+    for i, n in enumerate(nodes):
+        mask = _available_mask(n, starts)
+        if not mask.any():
+            continue
+        _, g = _slot_costs(n, starts, round_duration_s)
+        cap = np.where(mask, round_cap[n.node_id], 0.0)
+        cap[1:] *= 1.0 - margin
+        keep = np.nonzero(cap > 0)[0]
+        costs.append(g[keep] / round_cap[n.node_id])
+        caps.append(cap[keep])
+        node_ix.append(np.full(len(keep), i))
+        round_ix.append(keep)
+    cost_a, cap_a = np.concatenate(costs), np.concatenate(caps)
+    node_a, round_a = np.concatenate(node_ix), np.concatenate(round_ix)
+    if cap_a.sum() < tokens_remaining:
+        return finish(
+            {n.node_id: 1.0 for n in available}, "forecast capacity short of target: all", True
+        )
+    # cheapest first; ties go to the earlier round (less deadline risk), then node order
+    order = np.lexsort((node_a, round_a, cost_a))
+    cap_sorted = cap_a[order]
+    before = np.cumsum(cap_sorted) - cap_sorted  # tokens planned ahead of each block
+    take = np.clip(tokens_remaining - before, 0.0, cap_sorted)
+    planned = np.bincount(round_a[order], weights=take, minlength=rounds_left)
+    shares = {}
+    for j, t in zip(order, take, strict=True):
+        if t > 0 and round_a[j] == 0:
+            nid = nodes[int(node_a[j])].node_id
+            shares[nid] = float(t) / round_cap[nid]
+    if not shares:
+        first = int(np.nonzero(planned > 0)[0][0])
+        plan = finish({}, f"cleaner energy in {first} round(s): defer", planned=planned)
+        return replace(plan, defer=True, defer_until_s=float(starts[first]))
+    return finish(
+        shares, f"cheapest blocks over {rounds_left} round(s) to the deadline", planned=planned
+    )

@@ -1,0 +1,134 @@
+"""Local swarms of real processes: one hub and any number of nodes, started and killed by pid.
+
+Used by the demo, the tests and the benchmarks, so all three exercise the same real processes
+talking real HTTP on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from gridswarm.identity import Identity
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"hub exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"hub at {url} did not become healthy in {timeout_s} s")
+
+
+class Swarm:
+    """The processes of a local swarm: one hub, any number of nodes (started and killed by pid)."""
+
+    def __init__(
+        self, workdir: Path, port: int, liveness_s: float = 8.0, db_url: str | None = None
+    ) -> None:
+        self.workdir = workdir
+        self.db_url = db_url or f"sqlite:///{workdir / 'hub.db'}"
+        self.url = f"http://127.0.0.1:{port}"
+        self.port = port
+        self.liveness_s = liveness_s
+        self.hub: subprocess.Popen | None = None
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.names: dict[str, str] = {}
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def start_hub(self) -> None:
+        log = open(self.workdir / "hub.log", "ab")  # noqa: SIM115 - owned by the child process
+        self.hub = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gridswarm.cli",
+                "hub",
+                "--db",
+                self.db_url,
+                "--blobs",
+                str(self.workdir / "blobs"),
+                "--port",
+                str(self.port),
+                "--liveness-s",
+                str(self.liveness_s),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        wait_healthy(self.url, self.hub)
+
+    def kill_hub(self) -> None:
+        """SIGKILL the hub: no shutdown code runs, as in a crash."""
+        self.hub.send_signal(signal.SIGKILL)
+        self.hub.wait(timeout=10)
+
+    def start_node(
+        self, name: str, run_id: str, throttle: float = 0.0, extra: list[str] | None = None
+    ) -> str:
+        home = self.workdir / name
+        node_id = Identity.load_or_create(home / "node.key").node_id
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        self.nodes[node_id] = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gridswarm.cli",
+                "node",
+                "--hub",
+                self.url,
+                "--home",
+                str(home),
+                "--run",
+                run_id,
+                "--name",
+                name,
+                "--throttle",
+                str(throttle),
+                "--max-threads",
+                "1",
+                *(extra or []),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        self.names[node_id] = name
+        return node_id
+
+    def kill_node(self, node_id: str) -> None:
+        self.nodes[node_id].send_signal(signal.SIGKILL)
+        self.nodes[node_id].wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM the nodes (they leave cleanly), then the hub; SIGKILL what lingers."""
+        for group in (list(self.nodes.values()), [self.hub] if self.hub else []):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in group:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)

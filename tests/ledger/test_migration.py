@@ -1,0 +1,41 @@
+"""Alembic revision 0002_ledger creates exactly the table the ORM model describes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect
+
+import gridswarm.hub
+from gridswarm.db import Base
+from gridswarm.identity import Identity
+from gridswarm.ledger.log import Ledger
+
+MIGRATIONS = Path(gridswarm.hub.__file__).parent / "migrations"
+
+
+def run_alembic(engine, action: str, target: str) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        getattr(command, action)(cfg, target)
+
+
+def test_upgrade_creates_ledger_table_matching_model(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'hub.db'}")
+    run_alembic(engine, "upgrade", "head")
+    assert "ledger_entries" in inspect(engine).get_table_names()
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    ledger_diffs = [d for d in diffs if "ledger_entries" in repr(d)]
+    assert ledger_diffs == []
+    ledger = Ledger(engine, Identity.from_seed(b"hub"), checkpoint_every=4)
+    ledger.append_many([("round", {"round": i}) for i in range(10)])
+    assert ledger.verify().ok
+    run_alembic(engine, "downgrade", "0001_core")
+    assert "ledger_entries" not in inspect(engine).get_table_names()
