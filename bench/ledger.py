@@ -43,7 +43,7 @@ console = Console(stderr=True)
 
 
 def bench_embedded(entries: int, batch: int, single: int, progress: Progress) -> dict:
-    """Throughput of the embedded ledger on an SQLite file (WAL, synchronous=NORMAL)."""
+    """Throughput of the embedded ledger on an SQLite file (WAL, synchronous=FULL)."""
     hub = Identity.from_seed(b"bench-hub")
     nodes = [Identity.from_seed(f"bench-node-{i}".encode()) for i in range(50)]
     out: dict = {"entries": entries, "batch": batch, "checkpoint_every": 1024}
@@ -239,8 +239,8 @@ def write_outputs(result: dict, out: Path, command: str) -> None:
         f"Command: `{command}`",
         "",
         f"Machine: {result['machine']}. Embedded ledger: {e['entries']:,} entries per kind, "
-        f"batches of {e['batch']}, SQLite WAL file. EVM: anvil, {v['nodes']} nodes, "
-        f"{v['epochs']} epochs.",
+        f"batches of {e['batch']}, SQLite WAL file, synchronous=FULL. "
+        f"EVM: anvil, {v['nodes']} nodes, {v['epochs']} epochs.",
         "",
         "| measure | value | ratio |",
         "|---|---|---|",

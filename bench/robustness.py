@@ -65,7 +65,7 @@ class Setting:
     eval_batches: int
 
 
-QUICK = Setting(10, 8, 8, 1, 32, 2, 32, 8, 1e-2, 8)
+QUICK = Setting(10, 8, 8, 1, 32, 2, 32, 16, 1e-2, 8)
 FULL = Setting(20, 20, 20, 2, 64, 4, 64, 16, 6e-3, 16)
 
 
@@ -97,13 +97,22 @@ class Swarm:
         corpus = Corpus.from_text(shakespeare(), 0.1, s.seq_len)
         self.train_tokens = corpus.train
         self.eval_set = eval_batches(corpus.val, s.seq_len, 16, s.eval_batches)
+        self.first_round: dict[tuple[int, bool], torch.Tensor] = {}
 
     def local(self, theta: torch.Tensor, rnd: int, node: int, garbage: bool) -> torch.Tensor:
+        # Round 0 starts from theta0 in every run: its updates are computed once per node.
+        if rnd == 0 and (node, garbage) in self.first_round:
+            return self.first_round[(node, garbage)]
         seed = slice_seed(self.seed, rnd, f"node-{node}")
         stream = batches(self.train_tokens, self.s.seq_len, self.s.batch_size, seed)
         if garbage:
             stream = garbage_batches(stream, VOCAB_SIZE, rng_seed=seed)
-        return train_local(self.model, theta, stream, self.s.inner_steps, self.cfg).pseudo_gradient
+        update = train_local(
+            self.model, theta, stream, self.s.inner_steps, self.cfg
+        ).pseudo_gradient
+        if rnd == 0:
+            self.first_round[(node, garbage)] = update
+        return update
 
     def run(self, aggregator: Aggregator, attack: str | None, n_attackers: int) -> dict:
         """Train for the setting's rounds; returns final eval loss and time split."""

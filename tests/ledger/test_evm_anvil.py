@@ -13,6 +13,7 @@ from gridswarm.ledger import evm
 from gridswarm.ledger.anvil import funded_account
 from gridswarm.ledger.evm import EvmSettlement, SettlementError, compile_contract
 from gridswarm.ledger.log import TABLE, Ledger
+from gridswarm.ledger.merkle import RewardTree
 from gridswarm.ledger.ops import (
     anchor_checkpoints,
     ledger_show,
@@ -129,3 +130,19 @@ def test_compile_cache_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             compile_contract("Nope")
     finally:
         compile_contract.cache_clear()
+
+
+@pytest.mark.anvil
+def test_pipelined_claims_pay_and_report_reverts(settled) -> None:
+    settlement, hub_account, sponsor_account, nodes = settled
+    settlement.fund(sponsor_account, 1_000)
+    accounts = list(nodes.values())
+    tree = RewardTree(0, {a.address: 100 * (i + 1) for i, a in enumerate(accounts)})
+    settlement.post_epoch_root(hub_account, tree)
+    results = settlement.claim_many([(a, tree.claim(a.address)) for a in accounts])
+    assert len({r.tx_hash for r in results}) == len(accounts)
+    assert all(40_000 < r.gas_used < 200_000 for r in results)
+    for i, a in enumerate(accounts):
+        assert settlement.token_balance(a.address) == 100 * (i + 1)
+    with pytest.raises(SettlementError, match="reverted"):
+        settlement.claim_many([(accounts[0], tree.claim(accounts[0].address))])

@@ -378,11 +378,13 @@ def plan_round(
     round_duration_s: float,
     *,
     margin: float = 0.1,
+    reserve_rounds: int = 1,
 ) -> RoundEnergyPlan:
     """Decide this round's work shares (see the module docstring for the three policies).
 
     `margin` (0.1) is the spare pace greedy-green keeps and the discount forecast applies to
-    future capacity. Inner steps per node = share × tokens_per_s × round_duration_s / tokens_per_step.
+    future capacity; both plan to finish `reserve_rounds` (1) before the deadline, so a node that
+    pauses or drops out leaves time to catch up. Inner steps per node = share × tokens_per_s × round_duration_s / tokens_per_step.
     """
     _validate(policy_name, nodes, tokens_remaining, round_duration_s)
     if not 0 <= margin < 1:
@@ -400,7 +402,10 @@ def plan_round(
             deadline_at_risk=now_s + round_duration_s > deadline_s,
             reason="no node available",
         )
-    rounds_left = max(int((deadline_s - now_s) // round_duration_s), 1)
+    if reserve_rounds < 0:
+        raise ValueError(f"reserve_rounds must be >= 0, got {reserve_rounds}")
+    rounds_to_deadline = int((deadline_s - now_s) // round_duration_s)
+    rounds_left = max(rounds_to_deadline - reserve_rounds, 1)
     round_cap = {n.node_id: n.tokens_per_s * round_duration_s for n in nodes}
     cost_now = {}
     for n in available:
@@ -424,7 +429,7 @@ def plan_round(
 
     capacity_now = sum(round_cap[n.node_id] for n in available)
     if policy_name == "agnostic":
-        at_risk = capacity_now * rounds_left < tokens_remaining
+        at_risk = capacity_now * max(rounds_to_deadline, 0) < tokens_remaining
         return finish({n.node_id: 1.0 for n in available}, "all available nodes, full round", at_risk)
 
     if policy_name == "greedy-green":

@@ -8,6 +8,7 @@ any simulated time by shifting it (`replayed_at`), and loops past its end when `
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -50,7 +51,10 @@ class UniformSeries:
 
     def at(self, t_s: float) -> float:
         """Value in force at unix time `t_s`."""
-        return float(self.values[self.index_at(t_s)])
+        k = math.floor((t_s - self.start_s) / self.step_s)
+        n = len(self.values)
+        k = k % n if self.loop else min(max(k, 0), n - 1)
+        return float(self.values[k])
 
     def sample(self, times_s: np.ndarray | list[float]) -> np.ndarray:
         """Values in force at each of `times_s` (vectorised `at`)."""

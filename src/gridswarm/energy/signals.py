@@ -175,22 +175,32 @@ class TraceSignal(SignalProvider):
     def current(self, now_s: float) -> SignalPoint:
         return SignalPoint(now_s, self.series.at(now_s), self.price_per_kwh)
 
-    def forecast(self, now_s: float, horizon_s: float) -> list[SignalPoint]:
-        pts = self.series.window(now_s, now_s + horizon_s)
-        if not pts:
-            return []
-        times = np.array([t for t, _ in pts])
-        values = np.array([v for _, v in pts])
+    def _forecast_arrays(self, now_s: float, horizon_s: float) -> tuple[np.ndarray, np.ndarray]:
+        if horizon_s <= 0:
+            return np.zeros(0), np.zeros(0)
+        step = self.series.step_s
+        first = self.series.start_s + math.floor((now_s - self.series.start_s) / step) * step
+        times = np.arange(first, now_s + horizon_s, step)
+        values = self.series.sample(times)
+        times[0] = now_s
         if self.forecast_error > 0:
             lead_days = (times - now_s) / 86400.0
             issue = int(math.floor(now_s / self.series.step_s))
             rng = np.random.default_rng([self.seed, issue & 0x7FFFFFFF])
             noise = rng.standard_normal(len(values)) * self.forecast_error * np.sqrt(lead_days)
             values = np.maximum(values * (1.0 + noise), 0.0)
+        return times, values
+
+    def forecast(self, now_s: float, horizon_s: float) -> list[SignalPoint]:
+        times, values = self._forecast_arrays(now_s, horizon_s)
         return [
-            SignalPoint(float(t), float(v), self.price_per_kwh)
-            for t, v in zip(times, values, strict=True)
+            SignalPoint(t, v, self.price_per_kwh)
+            for t, v in zip(times.tolist(), values.tolist(), strict=True)
         ]
+
+    def intensity_forecast(self, now_s: float, horizon_s: float) -> list[tuple[float, float]]:
+        times, values = self._forecast_arrays(now_s, horizon_s)
+        return list(zip(times.tolist(), values.tolist(), strict=True))
 
     def describe(self) -> str:
         err = f", forecast error {self.forecast_error:.0%} at 24 h" if self.forecast_error else ""

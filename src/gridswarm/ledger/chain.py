@@ -43,7 +43,17 @@ KIND_CHECKPOINT = "checkpoint"
 RESERVED_KINDS = frozenset({KIND_GENESIS, KIND_CHECKPOINT})
 # Kinds only the hub may write (chain scope, hub key); anything else may come from any identity.
 HUB_KINDS = frozenset(
-    {KIND_GENESIS, KIND_CHECKPOINT, "round", "reward", "slash", "payout", "epoch", "anchor"}
+    {
+        KIND_GENESIS,
+        KIND_CHECKPOINT,
+        "round",
+        "verdict",
+        "reward",
+        "slash",
+        "payout",
+        "epoch",
+        "anchor",
+    }
 )
 KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 DEFAULT_CHECKPOINT_EVERY = 1024
@@ -298,17 +308,17 @@ class ChainVerifier:
 
     hub_public_key: bytes | None = None
     anchors: Mapping[int, bytes] = field(default_factory=dict)
-    checked: int = 0
-    checkpoints: int = 0
-    anchors_checked: int = 0
-    first_bad_seq: int | None = None
-    reason: str | None = None
-    _prev_hash: bytes = GENESIS_PREV_HASH
-    _last_checkpoint_hash: bytes | None = None
-    _segment: list[bytes] = field(default_factory=list)
-    _segment_start: int = 0
-    _checkpoint_every: int = 0
-    _hub: bytes = b""
+    checked: int = field(default=0, init=False)
+    checkpoints: int = field(default=0, init=False)
+    anchors_checked: int = field(default=0, init=False)
+    first_bad_seq: int | None = field(default=None, init=False)
+    reason: str | None = field(default=None, init=False)
+    _prev_hash: bytes = field(default=GENESIS_PREV_HASH, init=False)
+    _last_checkpoint_hash: bytes | None = field(default=None, init=False)
+    _segment: list[bytes] = field(default_factory=list, init=False)
+    _segment_start: int = field(default=0, init=False)
+    _checkpoint_every: int = field(default=0, init=False)
+    _hub: bytes = field(default=b"", init=False)
 
     @property
     def ok(self) -> bool:

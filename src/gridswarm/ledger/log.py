@@ -179,15 +179,17 @@ def create_tables(engine: Engine) -> None:
     Base.metadata.create_all(engine, tables=[TABLE])
 
 
-def sqlite_engine(path: str, **kwargs: Any) -> Engine:
-    """An SQLite engine in WAL mode with synchronous=NORMAL (durable at checkpoint, fast)."""
+def sqlite_engine(path: str, synchronous: str = "FULL", **kwargs: Any) -> Engine:
+    """An SQLite engine in WAL mode; synchronous=FULL makes every commit durable (as the hub's)."""
+    if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+        raise ValueError(f"unknown SQLite synchronous mode {synchronous!r}")
     engine = create_engine(f"sqlite:///{path}", **kwargs)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cur.execute("PRAGMA busy_timeout=5000")
         cur.close()
 

@@ -46,6 +46,11 @@ class Home:
         load = self.household.at(t_s) if self.household else 0.0
         return pv - load
 
+    def surplus_series_w(self, times_s: np.ndarray) -> np.ndarray:
+        pv = self.pv.sample(times_s) if self.pv else np.zeros(len(times_s))
+        load = self.household.sample(times_s) if self.household else np.zeros(len(times_s))
+        return pv - load
+
     def run(self, until_s: float, compute_w: float) -> tuple[float, float]:
         """Advance to `until_s` with a constant compute draw; returns (compute Wh, local Wh)."""
         compute_wh = local_wh = 0.0
@@ -122,7 +127,7 @@ class SimResult:
 
     @property
     def deadline_met(self) -> bool:
-        return self.finished_s is not None and self.finished_s <= self.deadline_s + 1e-6
+        return self.finished_s is not None and bool(self.finished_s <= self.deadline_s + 1e-6)
 
     def report(self, agnostic_emissions_g: float | None = None) -> RunEnergyReport:
         return run_report(self.records, agnostic_emissions_g)
@@ -135,7 +140,7 @@ def _node_state(node: SimNode, now_s: float, cfg: SimConfig) -> NodeEnergyState:
     battery_wh = 0.0
     if node.home is not None:
         times = np.arange(now_s, now_s + horizon, cfg.step_s)
-        surplus = [(float(t), node.home.surplus_w(float(t))) for t in times]
+        surplus = list(zip(times.tolist(), node.home.surplus_series_w(times).tolist(), strict=True))
         battery_wh = node.home.battery_available_wh()
     if node.policy.rules:
         # the node tells the hub when its own policy will let it run (from its forecasts)
@@ -238,8 +243,11 @@ def simulate(policy_name: str, nodes: Sequence[SimNode], cfg: SimConfig) -> SimR
             )
         return node.tokens_per_s * worked
 
+    def done() -> bool:  # within a token of the target (float sums)
+        return state["tokens"] >= cfg.tokens_target - 1.0
+
     def hub():
-        while state["tokens"] < cfg.tokens_target and t0 + env.now < stop_s:
+        while not done() and t0 + env.now < stop_s:
             now = t0 + env.now
             states = [_node_state(n, now, cfg) for n in nodes]
             plan = plan_round(
@@ -265,8 +273,8 @@ def simulate(policy_name: str, nodes: Sequence[SimNode], cfg: SimConfig) -> SimR
             state["tokens"] += sum(results.values())
             state["rounds"] += 1
             yield env.timeout(cfg.round_overhead_s)
-            if state["tokens"] >= cfg.tokens_target:
-                state["finished"] = t0 + env.now
+            if done():
+                state["finished"] = float(t0 + env.now)
 
     env.process(hub())
     env.run(until=stop_s - t0 + cfg.round_duration_s * 2)
