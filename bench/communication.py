@@ -49,8 +49,13 @@ def run_config(preset: dict) -> dict:
         "name": "bench-communication",
         "seed": 2024,
         "model": {"kind": "gpt", **preset["model"]},
-        "train": {"seq_len": 64, "batch_size": 16, "inner_steps": preset["inner_steps"],
-                  "min_inner_steps": 5, "inner_lr": 3e-3},
+        "train": {
+            "seq_len": 64,
+            "batch_size": 16,
+            "inner_steps": preset["inner_steps"],
+            "min_inner_steps": 5,
+            "inner_lr": 3e-3,
+        },
         "comm": {"codec": "int8", "codec_down": "int8"},
         "round": {"deadline_s": 600, "quorum": NODES, "min_nodes": NODES},
         "budget": {"rounds": preset["rounds"], "tokens": tokens},
@@ -90,19 +95,22 @@ def run_gridswarm(config: dict, progress: Progress) -> dict:
         swarm.stop()
 
 
-def ddp_worker(rank: int, config: dict, steps: int, port: int, queue) -> None:  # noqa: ANN001
+def ddp_worker(rank: int, config: dict, steps: int, port: int, queue) -> None:
     """One rank of side (b): DDP over gloo, AdamW, the same init and per-rank data streams."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=NODES)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=NODES
+    )
     cfg = parse_run_config(config)
     workload = Workload.from_config(cfg)
     model = torch.nn.parallel.DistributedDataParallel(workload.model)
     t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.inner_lr,
-                                  weight_decay=t.inner_weight_decay, betas=(0.9, 0.95))
-    stream = batches(workload.corpus.train, t.seq_len, t.batch_size,
-                     slice_seed(cfg.seed, 0, f"ddp-{rank}"))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=t.inner_lr, weight_decay=t.inner_weight_decay, betas=(0.9, 0.95)
+    )
+    stream = batches(
+        workload.corpus.train, t.seq_len, t.batch_size, slice_seed(cfg.seed, 0, f"ddp-{rank}")
+    )
     eval_every = cfg.train.inner_steps
     for step in range(steps):
         inputs, targets = next(stream)
@@ -129,15 +137,17 @@ def run_ddp(config: dict, tokens: int, progress: Progress) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     started = time.monotonic()
-    procs = [ctx.Process(target=ddp_worker, args=(r, config, steps, free_port_shared(), queue))
-             for r in range(NODES)]
+    procs = [
+        ctx.Process(target=ddp_worker, args=(r, config, steps, free_port_shared(), queue))
+        for r in range(NODES)
+    ]
     for p in procs:
         p.start()
     curve = []
     while len(curve) == 0 or curve[-1]["tokens"] < steps * NODES * cfg.tokens_per_step:
         try:
             curve.append(queue.get(timeout=600))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise RuntimeError("a DDP worker stopped reporting") from exc
         progress.update(task, completed=curve[-1]["tokens"] // (NODES * cfg.tokens_per_step))
     for p in procs:
@@ -171,15 +181,24 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     a, b = result["gridswarm"], result["sync_dp"]
-    ax.plot([c["tokens"] / 1e6 for c in a["curve"]], [c["val_loss"] for c in a["curve"]], "o-",
-            label=f"gridswarm DiLoCo int8 ({a['bytes_communicated'] / 1e6:.1f} MB)")
-    ax.plot([0] + [c["tokens"] / 1e6 for c in b["curve"]],
-            [a["curve"][0]["val_loss"]] + [c["val_loss"] for c in b["curve"]], "s--",
-            label=f"sync data parallel ({b['bytes_communicated'] / 1e6:.0f} MB)")
+    ax.plot(
+        [c["tokens"] / 1e6 for c in a["curve"]],
+        [c["val_loss"] for c in a["curve"]],
+        "o-",
+        label=f"gridswarm DiLoCo int8 ({a['bytes_communicated'] / 1e6:.1f} MB)",
+    )
+    ax.plot(
+        [0] + [c["tokens"] / 1e6 for c in b["curve"]],
+        [a["curve"][0]["val_loss"]] + [c["val_loss"] for c in b["curve"]],
+        "s--",
+        label=f"sync data parallel ({b['bytes_communicated'] / 1e6:.0f} MB)",
+    )
     ax.set_xlabel("tokens trained (millions)")
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(f"Same tokens: {result['bytes_ratio']:.0f}× fewer bytes, "
-                 f"loss gap {100 * result['loss_gap']:+.1f} %")
+    ax.set_title(
+        f"Same tokens: {result['bytes_ratio']:.0f}× fewer bytes, "
+        f"loss gap {100 * result['loss_gap']:+.1f} %"
+    )
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -195,8 +214,12 @@ def main() -> None:
     preset_name = "quick" if args.quick else "full"
     config = run_config(PRESETS[preset_name])
     console = Console()
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-               "{task.total}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         a = run_gridswarm(config, progress)
         b = run_ddp(config, a["tokens"], progress)
@@ -217,13 +240,25 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
     table = Table("side", "tokens", "final eval loss", "bytes communicated", "wall s")
-    table.add_row("gridswarm DiLoCo, int8 (4 nodes)", f"{a['tokens']:,}",
-                  f"{a['final_eval_loss']:.4f}", f"{a['bytes_communicated']:,}", str(a["wall_s"]))
-    table.add_row("sync data parallel (4 × DDP)", f"{b['tokens']:,}",
-                  f"{b['final_eval_loss']:.4f}", f"{b['bytes_communicated']:,}", str(b["wall_s"]))
+    table.add_row(
+        "gridswarm DiLoCo, int8 (4 nodes)",
+        f"{a['tokens']:,}",
+        f"{a['final_eval_loss']:.4f}",
+        f"{a['bytes_communicated']:,}",
+        str(a["wall_s"]),
+    )
+    table.add_row(
+        "sync data parallel (4 × DDP)",
+        f"{b['tokens']:,}",
+        f"{b['final_eval_loss']:.4f}",
+        f"{b['bytes_communicated']:,}",
+        str(b["wall_s"]),
+    )
     console.print(table)
-    console.print(f"bytes_ratio {result['bytes_ratio']:.0f}× (upload only "
-                  f"{result['bytes_ratio_upload_only']:.0f}×), loss_gap {result['loss_gap']:+.4f}")
+    console.print(
+        f"bytes_ratio {result['bytes_ratio']:.0f}× (upload only "
+        f"{result['bytes_ratio_upload_only']:.0f}×), loss_gap {result['loss_gap']:+.4f}"
+    )
     args.out.with_suffix(".md").write_text(
         f"# Communication: gridswarm vs synchronous data parallel ({preset_name})\n\n"
         f"Command: `{result['command']}`\n\n"

@@ -89,11 +89,30 @@ def postgres_url() -> Iterator[str]:
     port = free_port()
     run = lambda *args: subprocess.run([*as_user, *args], check=True, capture_output=True)  # noqa: E731
     run(str(bindir / "initdb"), "-D", str(datadir / "db"), "-U", "postgres", "-A", "trust")
-    run(str(bindir / "pg_ctl"), "-D", str(datadir / "db"), "-l", str(datadir / "log"), "-w",
-        "-o", f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1", "start")
+    run(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(datadir / "db"),
+        "-l",
+        str(datadir / "log"),
+        "-w",
+        "-o",
+        f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1",
+        "start",
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(datadir / "db"), "-m",
-                        "immediate", "stop"], capture_output=True)
+        subprocess.run(
+            [
+                *as_user,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(datadir / "db"),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            capture_output=True,
+        )
         shutil.rmtree(datadir, ignore_errors=True)

@@ -13,9 +13,10 @@ def vec():
     return v
 
 
-@pytest.mark.parametrize(("name", "rel_err", "bytes_per_value"),
-                         [("fp32", 0, 4), ("fp16", 1e-3, 2), ("int8", 2e-2, 1.02),
-                          ("int4", 0.2, 0.52)])
+@pytest.mark.parametrize(
+    ("name", "rel_err", "bytes_per_value"),
+    [("fp32", 0, 4), ("fp16", 1e-3, 2), ("int8", 2e-2, 1.02), ("int4", 0.2, 0.52)],
+)
 def test_roundtrip_error_and_size(vec, name, rel_err, bytes_per_value):
     codec = make_codec(name)
     tensors = codec.encode(vec)

@@ -58,9 +58,17 @@ def contribution(assignment, numel: int, nan_scale: bool = False, **meta) -> byt
     tensors = make_codec("int8").encode(torch.zeros(numel))
     if nan_scale:
         tensors["scale"][0] = float("nan")
-    fields = {"assignment_id": assignment.id, "codec": "int8", "steps": assignment.inner_steps,
-              "tokens": assignment.inner_steps * 32 * 8, "loss_first": 5.0, "loss_last": 4.0,
-              "loss_mean": 4.5, "train_time_s": 1.0, "threads": 1} | meta
+    fields = {
+        "assignment_id": assignment.id,
+        "codec": "int8",
+        "steps": assignment.inner_steps,
+        "tokens": assignment.inner_steps * 32 * 8,
+        "loss_first": 5.0,
+        "loss_last": 4.0,
+        "loss_mean": 4.5,
+        "train_time_s": 1.0,
+        "threads": 1,
+    } | meta
     return pack(tensors, ContributionMeta(**fields).model_dump())
 
 
@@ -74,7 +82,9 @@ def test_unsigned_request_is_refused(hub):
 def test_stale_request_is_refused(hub):
     ident = Identity.generate()
     body = GOOD_REGISTRATION.encode()
-    r = post(hub[0].url, REGISTER, body, sign_request(ident, "POST", REGISTER, body, time.time() - 600))
+    r = post(
+        hub[0].url, REGISTER, body, sign_request(ident, "POST", REGISTER, body, time.time() - 600)
+    )
     assert r.status_code == 401 and "stale" in r.json()["detail"]
 
 
@@ -111,8 +121,14 @@ def test_oversized_request_is_refused_before_reading(hub):
     assert r.status_code == 413 and "exceeds" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("body", [b"{not json", b'{"probe_tokens_per_s": -1, "probe_numel": 5}',
-                                  b'{"probe_tokens_per_s": 1, "probe_numel": 5, "evil": 1}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"probe_tokens_per_s": -1, "probe_numel": 5}',
+        b'{"probe_tokens_per_s": 1, "probe_numel": 5, "evil": 1}',
+    ],
+)
 def test_malformed_request_names_the_problem(hub, body):
     ident = Identity.generate()
     r = post(hub[0].url, REGISTER, body, sign_request(ident, "POST", REGISTER, body))
@@ -143,8 +159,9 @@ def test_bad_contributions_are_refused_and_change_nothing(hub, node):
     }
     for name, (body, status, message) in bad.items():
         path = f"{API}/runs/{run_id}/contributions"
-        r = client.http.post(path, content=body, headers=sign_request(client.identity, "POST",
-                                                                      path, body))
+        r = client.http.post(
+            path, content=body, headers=sign_request(client.identity, "POST", path, body)
+        )
         assert r.status_code == status, name
         assert message in r.json()["detail"], name
     assert snapshot(hub) == before
@@ -169,8 +186,10 @@ def test_node_dying_mid_upload_stores_nothing(hub, node):
     headers = sign_request(ident, "POST", path, body)
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     with socket.create_connection(("127.0.0.1", swarm.port)) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n"
-                     f"{head}\r\n".encode() + body[: len(body) // 2])
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n{head}\r\n".encode()
+            + body[: len(body) // 2]
+        )
     time.sleep(0.5)
     status = httpx.get(f"{swarm.url}{API}/runs/{run_id}").json()
     assert all(n["id"] != ident.node_id for n in status["nodes"])
@@ -186,7 +205,7 @@ def test_blob_reads(hub):
 def test_invalid_run_settings_are_refused(hub):
     swarm, _ = hub
     sponsor = HubClient(swarm.url, Identity.generate(), retry_for_s=5)
-    with pytest.raises(Exception, match="train.inner_lr"):
+    with pytest.raises(Exception, match=r"train\.inner_lr"):
         sponsor.create_run(tiny_run(train={"inner_lr": -1}))
     with pytest.raises(Exception, match="aggregator"):
         sponsor.create_run(tiny_run(round={"aggregator": "nonsense"}))
@@ -195,8 +214,11 @@ def test_invalid_run_settings_are_refused(hub):
 def test_contribution_blobs_are_never_served(hub, node):
     swarm, run_id = hub
     blobs = list(Path(swarm.workdir, "blobs").rglob("*"))
-    served = [p for p in blobs if p.is_file()
-              and httpx.get(f"{swarm.url}{API}/blobs/{p.name}").status_code == 200]
+    served = [
+        p
+        for p in blobs
+        if p.is_file() and httpx.get(f"{swarm.url}{API}/blobs/{p.name}").status_code == 200
+    ]
     status = httpx.get(f"{swarm.url}{API}/runs/{run_id}").json()
     # weights of every version and the deltas between them; no contribution, momentum or residual
     assert len(served) == 1 + 2 * status["version"]

@@ -13,8 +13,9 @@ RULES = RoundRules(quorum=2, min_nodes=2, max_nodes=3, deadline_s=60, liveness_s
 
 
 def state(*statuses, deadline=100.0, status="open", seen=95.0):
-    return RoundState(status, deadline,
-                      tuple(AssignmentState(f"n{i}", s, seen) for i, s in enumerate(statuses)))
+    return RoundState(
+        status, deadline, tuple(AssignmentState(f"n{i}", s, seen) for i, s in enumerate(statuses))
+    )
 
 
 def test_closes_when_all_in_with_quorum():
@@ -36,8 +37,11 @@ def test_all_in_below_quorum_waits_for_more_nodes():
 
 
 def test_silent_nodes_are_lost():
-    s = RoundState("open", 100.0, (AssignmentState("a", "assigned", 10.0),
-                                   AssignmentState("b", "assigned", 45.0)))
+    s = RoundState(
+        "open",
+        100.0,
+        (AssignmentState("a", "assigned", 10.0), AssignmentState("b", "assigned", 45.0)),
+    )
     assert lost_assignments(s, RULES, 50.0) == ["a"]
 
 

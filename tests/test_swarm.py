@@ -57,8 +57,9 @@ def test_full_run_trains_and_replays_bit_for_bit(make_swarm):
     blobs = swarm.workdir / "blobs"
     stored, _ = unpack(next(blobs.rglob(contribution.id)).read_bytes())
     theta = unpack_vector(next(blobs.rglob(version.weights_blob)).read_bytes())
-    replay = Workload.from_config(cfg).train(theta, assignment.round, contribution.node_id,
-                                             assignment.inner_steps, assignment.attempt)
+    replay = Workload.from_config(cfg).train(
+        theta, assignment.round, contribution.node_id, assignment.inner_steps, assignment.attempt
+    )
     again = make_codec(cfg.comm.codec, cfg.comm.block_size).encode(replay.pseudo_gradient)
     assert stored.keys() == again.keys()
     assert all(torch.equal(stored[k], again[k]) for k in stored)
@@ -66,13 +67,24 @@ def test_full_run_trains_and_replays_bit_for_bit(make_swarm):
 
 def test_node_killed_mid_round_does_not_stall_the_run(make_swarm):
     swarm = make_swarm(liveness_s=3.0)
-    sponsor, run_id = start(swarm, tiny_run(
-        train={"seq_len": 32, "batch_size": 8, "inner_steps": 60, "min_inner_steps": 2},
-        round={"deadline_s": 60, "quorum": 1, "min_nodes": 1}, budget={"rounds": 3}))
+    sponsor, run_id = start(
+        swarm,
+        tiny_run(
+            train={"seq_len": 32, "batch_size": 8, "inner_steps": 60, "min_inner_steps": 2},
+            round={"deadline_s": 60, "quorum": 1, "min_nodes": 1},
+            budget={"rounds": 3},
+        ),
+    )
     steady = swarm.start_node("steady", run_id)
     victim = swarm.start_node("victim", run_id, throttle=0.9)
-    wait_for(lambda: {n["id"]: n["status"] for n in sponsor.run_status(run_id)["live_nodes"]}
-             .get(victim) == "training", 60, "the victim to be training")
+    wait_for(
+        lambda: (
+            {n["id"]: n["status"] for n in sponsor.run_status(run_id)["live_nodes"]}.get(victim)
+            == "training"
+        ),
+        60,
+        "the victim to be training",
+    )
     swarm.kill_node(victim)
     status = wait_for(lambda: finished(sponsor, run_id), 60, "the run to finish without the victim")
     killed_round = next(a for a in rows(swarm, m.Assignment) if a.node_id == victim)
@@ -85,8 +97,9 @@ def test_node_killed_mid_round_does_not_stall_the_run(make_swarm):
 
 def test_hub_killed_mid_round_loses_nothing_accepted(make_swarm):
     swarm = make_swarm()
-    sponsor, run_id = start(swarm, tiny_run(
-        round={"deadline_s": 60, "quorum": 2, "min_nodes": 2}, budget={"rounds": 4}))
+    sponsor, run_id = start(
+        swarm, tiny_run(round={"deadline_s": 60, "quorum": 2, "min_nodes": 2}, budget={"rounds": 4})
+    )
     swarm.start_node("fast", run_id)
     swarm.start_node("slow", run_id, throttle=0.85)
 

@@ -49,10 +49,21 @@ def test_outer_step_matches_torch_sgd_nesterov():
 def test_hf_llama_trains_and_exports_loadable_by_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = parse_run_config(tiny_run(model={
-        "kind": "hf", "architecture": "llama",
-        "hf_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                      "num_attention_heads": 2, "num_key_value_heads": 1}}))
+    cfg = parse_run_config(
+        tiny_run(
+            model={
+                "kind": "hf",
+                "architecture": "llama",
+                "hf_config": {
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "num_key_value_heads": 1,
+                },
+            }
+        )
+    )
     w = Workload.from_config(cfg)
     theta = w.initial_theta()
     result = w.train(theta, 0, "n", 10)

@@ -55,26 +55,31 @@ class Swarm:
         self.names: dict[str, str] = {}
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+        """`python -m gridswarm.cli ARGS` with output appended to `log_name` in the workdir."""
+        with open(self.workdir / log_name, "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "gridswarm.cli", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+
     def start_hub(self) -> None:
-        log = open(self.workdir / "hub.log", "ab")  # noqa: SIM115 - owned by the child process
-        self.hub = subprocess.Popen(
+        blobs = str(self.workdir / "blobs")
+        self.hub = self._spawn(
             [
-                sys.executable,
-                "-m",
-                "gridswarm.cli",
                 "hub",
                 "--db",
                 self.db_url,
                 "--blobs",
-                str(self.workdir / "blobs"),
+                blobs,
                 "--port",
                 str(self.port),
                 "--liveness-s",
                 str(self.liveness_s),
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
+            "hub.log",
         )
         wait_healthy(self.url, self.hub)
 
@@ -88,12 +93,8 @@ class Swarm:
     ) -> str:
         home = self.workdir / name
         node_id = Identity.load_or_create(home / "node.key").node_id
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        self.nodes[node_id] = subprocess.Popen(
+        self.nodes[node_id] = self._spawn(
             [
-                sys.executable,
-                "-m",
-                "gridswarm.cli",
                 "node",
                 "--hub",
                 self.url,
@@ -109,9 +110,7 @@ class Swarm:
                 "1",
                 *(extra or []),
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
+            f"{name}.log",
         )
         self.names[node_id] = name
         return node_id

@@ -674,8 +674,10 @@ class HubService:
             "tokens_total": run.tokens_total,
             "config": json.loads(run.config_json),
             "val_loss": [v.val_loss for v in versions],
-            "curve": [{"version": v.number, "tokens": v.tokens_total, "val_loss": v.val_loss}
-                      for v in versions],
+            "curve": [
+                {"version": v.number, "tokens": v.tokens_total, "val_loss": v.val_loss}
+                for v in versions
+            ],
             "rounds": [
                 {
                     "number": r.number,

@@ -194,13 +194,16 @@ class NodeAgent:
         theta = self.fetch_version(a, workload.numel)
         self.status = "training"
 
-        def on_step(_step: int, _loss: float, started=[time.perf_counter()]) -> None:  # noqa: B006
+        step_started = time.perf_counter()
+
+        def on_step(_step: int, _loss: float) -> None:
+            nonlocal step_started
             if self.stop_event.is_set():
                 raise Stopped
             if self.options.throttle > 0:
-                busy = time.perf_counter() - started[0]
+                busy = time.perf_counter() - step_started
                 time.sleep(busy * self.options.throttle / (1 - self.options.throttle))
-            started[0] = time.perf_counter()
+            step_started = time.perf_counter()
 
         result = workload.train(theta, a.round, self.node_id, a.inner_steps, a.attempt, on_step)
         codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
