@@ -23,14 +23,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import Progress  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
 
-from gridswarm.energy.policy import HUB_POLICIES  # noqa: E402
-from gridswarm.sim.scenario import ScenarioSpec, build_swarm, ts  # noqa: E402
-from gridswarm.sim.swarm import SimConfig, SimResult, simulate  # noqa: E402
+from gridswarm.energy.policy import HUB_POLICIES
+from gridswarm.sim.scenario import ScenarioSpec, build_swarm, ts
+from gridswarm.sim.swarm import SimConfig, SimResult, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "energy"
@@ -98,9 +98,13 @@ def plot(path: Path, results: dict[str, SimResult], nodes, title: str) -> None:
     axes[0].set_title("grid carbon intensity by region")
     axes[0].legend(ncol=5, fontsize=8)
     for name, res in results.items():
+        step_s = float(res.timeline_s[1] - res.timeline_s[0]) if len(res.timeline_s) > 1 else 3600
+        per = max(round(3600 / step_s), 1)  # bins per hour
+        n = len(res.tokens_per_bin) // per * per
+        hourly = res.tokens_per_bin[:n].reshape(-1, per).sum(axis=1)
+        d_hour = (res.timeline_s[:n:per] - t0) / 86400
+        axes[1].step(d_hour, hourly / 1e9, where="post", lw=1, label=name)
         d = (res.timeline_s - t0) / 86400
-        per_h = res.tokens_per_bin / (np.diff(res.timeline_s[:2])[0] / 3600 if len(d) > 1 else 1)
-        axes[1].plot(d, per_h / 1e9, lw=1, label=name)
         axes[2].plot(d, np.cumsum(res.emissions_g_per_bin) / 1e3, lw=1.5, label=name)
     axes[1].set_ylabel("scheduled work\n(G tokens / h)")
     axes[1].legend(fontsize=8)
@@ -142,7 +146,8 @@ def markdown(report: dict) -> str:
     h = report["headline"]
     lines += [
         "",
-        f"Headline ({h['start'][:10]}, load {h['load']:.0%}): best policy **{report['best_policy']}** "
+        f"Headline ({h['start'][:10]}, load {h['load']:.0%}): "
+        f"best policy **{report['best_policy']}** "
         f"cuts emissions by **{report['best_reduction']:.1%}** vs agnostic "
         f"(target {TARGET_REDUCTION:.0%}, deadline met: {report['best_deadline_met']}).",
     ]
@@ -166,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         plan = [(spec.start, 7.0, 0.35), (spec.start, 7.0, 0.6)]
     else:
-        starts = ["2022-01-10T00:00:00", "2022-04-04T00:00:00", "2022-06-06T00:00:00",
-                  "2022-10-03T00:00:00"]  # fmt: skip
+        starts = [
+            "2022-01-10T00:00:00",
+            "2022-04-04T00:00:00",
+            "2022-06-06T00:00:00",
+            "2022-10-03T00:00:00",
+        ]
         plan = [(s, 14.0, load) for s in starts for load in (0.2, 0.35, 0.6, 0.8)]
     cases, headline_results, headline_nodes = [], None, None
     with Progress(console=console) as progress:
@@ -185,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         default="agnostic",
     )
     report = {
-        "command": "python bench/carbon.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": "python bench/carbon.py "
+        + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "forecast_error": args.forecast_error,
         "seed": args.seed,

@@ -38,8 +38,8 @@ from gridswarm.train.workload import Workload
 
 NODES = 4
 PRESETS = {
-    "quick": {"model": {"n_layer": 2, "n_head": 4, "n_embd": 128}, "inner_steps": 50, "rounds": 8},
-    "full": {"model": {"n_layer": 4, "n_head": 4, "n_embd": 192}, "inner_steps": 100, "rounds": 24},
+    "quick": {"model": {"n_layer": 2, "n_head": 4, "n_embd": 128}, "inner_steps": 60, "rounds": 12},
+    "full": {"model": {"n_layer": 4, "n_head": 4, "n_embd": 192}, "inner_steps": 100, "rounds": 40},
 }
 
 
@@ -58,13 +58,13 @@ def run_config(preset: dict) -> dict:
         },
         "comm": {"codec": "int8", "codec_down": "int8"},
         "round": {"deadline_s": 600, "quorum": NODES, "min_nodes": NODES},
-        "budget": {"rounds": preset["rounds"], "tokens": tokens},
+        "budget": {"rounds": None, "tokens": tokens},  # the token budget alone ends the run
     }
 
 
 def run_gridswarm(config: dict, progress: Progress) -> dict:
     """Side (a): a real local swarm; returns the hub's accounting and loss curve."""
-    task = progress.add_task("gridswarm (4 nodes, int8)", total=config["budget"]["rounds"])
+    task = progress.add_task("gridswarm (4 nodes, int8), tokens", total=config["budget"]["tokens"])
     swarm = Swarm(Path(tempfile.mkdtemp(prefix="bench-comm-")), free_port(), liveness_s=60)
     try:
         swarm.start_hub()
@@ -75,7 +75,7 @@ def run_gridswarm(config: dict, progress: Progress) -> dict:
         started = time.monotonic()
         while True:
             status = sponsor.run_status(run_id)
-            progress.update(task, completed=status["version"])
+            progress.update(task, completed=status["tokens_total"])
             if status["status"] == "finished":
                 break
             if time.monotonic() - started > 1800:
@@ -113,6 +113,8 @@ def ddp_worker(rank: int, config: dict, steps: int, port: int, queue) -> None:
     )
     eval_every = cfg.train.inner_steps
     for step in range(steps):
+        for group in optimizer.param_groups:  # the same warm-up as a gridswarm round's start
+            group["lr"] = t.inner_lr * min(1.0, (step + 1) / max(t.inner_warmup_steps, 1))
         inputs, targets = next(stream)
         loss = loss_fn(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)

@@ -243,7 +243,10 @@ def write_markdown(path: Path, res: dict, command: str) -> None:
     ]
     names = list(next(iter(res["timing"].values())))
     for name in names:
-        row = [f"{res['timing'][k].get(name, float('nan')):.3f}" for k in res["timing"]]
+        row = [
+            f"{res['timing'][k][name]:.3f}" if name in res["timing"][k] else "not run"
+            for k in res["timing"]
+        ]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     lines += [
         "",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from gridswarm.config import RunConfig
+from gridswarm.export import export_run, sample_text
 from gridswarm.hub import models as m
 from gridswarm.hub.server import make_engine
 from gridswarm.identity import Identity
@@ -32,6 +35,11 @@ def finished(sponsor: HubClient, run_id: str):
     return status if status["status"] == "finished" else None
 
 
+def node_status(sponsor: HubClient, run_id: str, node_id: str) -> str | None:
+    live = sponsor.run_status(run_id)["live_nodes"]
+    return next((n["status"] for n in live if n["id"] == node_id), None)
+
+
 def rows(swarm: Swarm, table):
     engine = make_engine(swarm.db_url)
     with Session(engine) as s:
@@ -48,6 +56,9 @@ def test_full_run_trains_and_replays_bit_for_bit(make_swarm):
     assert status["val_loss"][-1] < status["val_loss"][0] - 0.8
     assert len(status["nodes"]) == 2 and all(n["contributions"] == 3 for n in status["nodes"])
     assert status["bytes_sync_dp_equivalent"] > 10 * status["bytes_up_total"]
+    model_dir = export_run(sponsor, status, swarm.workdir / "model")
+    text = sample_text(model_dir, "ROMEO:", 40, 0.8, seed=0)
+    assert text.startswith("ROMEO:") and len(text.encode()) >= 40
 
     # Replay one stored contribution from its version and slice: the same bits come out.
     cfg = RunConfig.model_validate(status["config"])
@@ -78,12 +89,7 @@ def test_node_killed_mid_round_does_not_stall_the_run(make_swarm):
     steady = swarm.start_node("steady", run_id)
     victim = swarm.start_node("victim", run_id, throttle=0.9)
     wait_for(
-        lambda: (
-            {n["id"]: n["status"] for n in sponsor.run_status(run_id)["live_nodes"]}.get(victim)
-            == "training"
-        ),
-        60,
-        "the victim to be training",
+        lambda: node_status(sponsor, run_id, victim) == "training", 60, "the victim to be training"
     )
     swarm.kill_node(victim)
     status = wait_for(lambda: finished(sponsor, run_id), 60, "the run to finish without the victim")
@@ -133,3 +139,25 @@ def test_full_run_on_postgresql(make_swarm, postgres_url):
     assert engine.dialect.name == "postgresql"
     with Session(engine) as s:
         assert len(s.scalars(select(m.Contribution)).all()) == 2
+
+
+def test_sigterm_leaves_cleanly_and_the_same_key_is_the_same_node(make_swarm):
+    swarm = make_swarm()
+    sponsor, run_id = start(
+        swarm,
+        tiny_run(
+            train={"seq_len": 32, "batch_size": 8, "inner_steps": 200, "min_inner_steps": 2},
+            round={"deadline_s": 120, "quorum": 1},
+            budget={"rounds": 2},
+        ),
+    )
+    node_id = swarm.start_node("polite", run_id, throttle=0.9)
+    wait_for(
+        lambda: node_status(sponsor, run_id, node_id) == "training", 60, "the node to be training"
+    )
+    swarm.nodes[node_id].send_signal(signal.SIGTERM)
+    assert swarm.nodes[node_id].wait(timeout=30) == 0
+    assert [a.status for a in rows(swarm, m.Assignment)] == ["released"]
+    assert swarm.start_node("polite", run_id) == node_id  # same home, same key, same node
+    wait_for(lambda: finished(sponsor, run_id), 60, "the restarted node to finish the run")
+    assert [n.id for n in rows(swarm, m.Node)] == [node_id]

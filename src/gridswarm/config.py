@@ -67,7 +67,8 @@ class TrainConfig(_Strict):
     min_inner_steps: PositiveInt = 5
     inner_lr: PositiveFloat = 3e-3
     inner_weight_decay: Annotated[float, Field(ge=0)] = 0.1
-    inner_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    # the inner AdamW starts fresh every round (replayable); warming it up avoids noisy first steps
+    inner_warmup_steps: Annotated[int, Field(ge=0)] = 10
     outer_lr: PositiveFloat = 0.7
     outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     grad_clip: Annotated[float, Field(ge=0)] = 1.0

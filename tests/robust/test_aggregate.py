@@ -200,3 +200,15 @@ def test_bad_updates_raise() -> None:
         mean(torch.full((2, 3), float("inf")))
     with pytest.raises(AggregationError, match="2f \\+ 3"):
         make_aggregator("krum", f=3)(torch.zeros(6, 3))
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_permutation_invariant_and_translation_equivariant(name: str) -> None:
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(11, 257, generator=g)
+    agg = make_aggregator(name)
+    out = agg(x)
+    perm = torch.randperm(11, generator=g)
+    assert torch.allclose(agg(x[perm]), out, atol=1e-5)
+    shift = torch.randn(257, generator=g)
+    assert torch.allclose(agg(x + shift), out + shift, atol=1e-4)

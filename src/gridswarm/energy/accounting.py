@@ -48,7 +48,9 @@ class ContributionEnergy:
 
     def __post_init__(self) -> None:
         if self.tokens < 0 or self.duration_s < 0:
-            raise ValueError(f"contribution {self.node_id}/{self.round_index}: negative tokens/time")
+            raise ValueError(
+                f"contribution {self.node_id}/{self.round_index}: negative tokens/time"
+            )
         object.__setattr__(
             self,
             "emissions_g",
@@ -120,7 +122,7 @@ class RunEnergyReport:
 def run_report(
     records: Sequence[ContributionEnergy], agnostic_emissions_g: float | None = None
 ) -> RunEnergyReport:
-    """Totals per node, per region and for the run; optionally against the agnostic counterfactual."""
+    """Totals per node, per region and for the run; optionally vs the agnostic counterfactual."""
     by_node: dict[str, list[ContributionEnergy]] = {}
     by_region: dict[str, list[ContributionEnergy]] = {}
     for r in records:

@@ -4,10 +4,10 @@ Three sources, each reading tagged with its method:
 
 - ``rapl``: Linux powercap counters (``/sys/class/powercap/intel-rapl:*``; AMD uses the same tree).
   Whole CPU packages (+ DRAM subzones), not just this process. Counters wrap at
-  ``max_energy_range_uj``; a wrap between two reads is undone, so poll at least once per wrap period.
+  ``max_energy_range_uj``; a wrap between two reads is undone, so poll once per wrap period.
 - ``nvml``: NVIDIA GPU total-energy counters (``nvmlDeviceGetTotalEnergyConsumption``, mJ, Volta+).
   Whole GPUs, not just this process.
-- ``model``: when no counter is readable (VMs, containers, non-root since Linux 5.10): the CPU time of
+- ``model``: when no counter is readable (VMs, containers, non-root since Linux 5.10): CPU time of
   this process (and its waited-for children) × watts per busy core from a table of common CPUs, plus
   resident memory × watts per GB. Only the marginal draw of the work: idle, board, fans and PSU
   losses are not counted. ``describe()`` prints every assumption.
@@ -99,7 +99,10 @@ def lookup_cpu_power(model_name: str) -> tuple[float, str]:
     for key, watts, source in CPU_POWER_TABLE:
         if key.lower() in lowered:
             return watts, f"{watts} W/core from table key {key!r} ({source})"
-    return DEFAULT_W_PER_CORE, f"{DEFAULT_W_PER_CORE} W/core default (CPU {model_name!r} not in table)"
+    return (
+        DEFAULT_W_PER_CORE,
+        f"{DEFAULT_W_PER_CORE} W/core default (CPU {model_name!r} not in table)",
+    )
 
 
 def read_cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:

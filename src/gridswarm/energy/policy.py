@@ -9,14 +9,14 @@ Hub side: `plan_round(policy_name, now_s, nodes, tokens_remaining, deadline_s, r
 returns a `RoundEnergyPlan`: a work share in [0, 1] of the round per node, or a deferral.
 
 - `agnostic`: every available node runs the whole round (the baseline).
-- `greedy-green`: only the current round is considered; the nodes with the lowest emissions per token
-  now run, just enough to keep the pace the deadline needs (plus a margin).
-- `forecast`: all remaining rounds up to the deadline are planned at once from the forecasts. Each
-  (node, future round) pair is a block of tokens with a cost in gCO2e per token (power × grid share ×
-  intensity / throughput); the cheapest blocks are taken until the token target is met — the optimum
-  of this fractional knapsack. This round's blocks become the shares; when none is in this round,
-  the round is deferred to the first round that has one. Future capacity is discounted by a margin
-  so the deadline survives forecast error and churn; it is re-planned every round.
+- `greedy-green`: only the current round is considered; the nodes with the lowest emissions per
+  token now run, just enough to keep the pace the deadline needs (plus a margin).
+- `forecast`: all remaining rounds up to the deadline are planned at once from the forecasts.
+  Each (node, future round) pair is a block of tokens with a cost in gCO2e per token (power × grid
+  share × intensity / throughput); the cheapest blocks are taken until the token target is met —
+  the optimum of this fractional knapsack. This round's blocks become the shares; when none is in
+  this round, the round is deferred to the first round that has one. Future capacity is discounted
+  by a margin so the deadline survives forecast error and churn; it is re-planned every round.
 
 No I/O and no clock reads: time comes in as `now_s`.
 """
@@ -286,10 +286,12 @@ class RoundEnergyPlan:
     expected_emissions_g: float = 0.0
     deadline_at_risk: bool = False
     reason: str = ""
-    planned_tokens_by_round: tuple[float, ...] = field(default=(), repr=False)
+    planned_tokens_by_round: tuple[float, ...] = field(default=(), repr=False)  # forecast only
+    planned_emissions_g: float | None = None  # forecast only: emissions of the whole plan
 
 
 HUB_POLICIES = ("agnostic", "greedy-green", "forecast")
+MIN_SHARE = 1e-12  # smaller shares are float dust, not work
 
 
 def step_values(points: Sequence[tuple[float, float]], times: np.ndarray) -> np.ndarray:
@@ -384,7 +386,8 @@ def plan_round(
 
     `margin` (0.1) is the spare pace greedy-green keeps and the discount forecast applies to
     future capacity; both plan to finish `reserve_rounds` (1) before the deadline, so a node that
-    pauses or drops out leaves time to catch up. Inner steps per node = share × tokens_per_s × round_duration_s / tokens_per_step.
+    pauses or drops out leaves time to catch up.
+    Inner steps per node = share × tokens_per_s × round_duration_s / tokens_per_step.
     """
     _validate(policy_name, nodes, tokens_remaining, round_duration_s)
     if not 0 <= margin < 1:
@@ -412,7 +415,10 @@ def plan_round(
         e_wh, g = _slot_costs(n, np.array([now_s]), round_duration_s)
         cost_now[n.node_id] = (e_wh[0], g[0])
 
-    def finish(shares: dict[str, float], reason: str, at_risk: bool = False, planned=()):
+    def finish(
+        shares: dict[str, float], reason: str, at_risk: bool = False, planned=(), plan_g=None
+    ):
+        shares = {i: s for i, s in shares.items() if s > MIN_SHARE}
         tokens = sum(s * round_cap[i] for i, s in shares.items())
         energy = sum(s * cost_now[i][0] for i, s in shares.items() if s > 0)
         emissions = sum(s * cost_now[i][1] for i, s in shares.items() if s > 0)
@@ -424,13 +430,16 @@ def plan_round(
             expected_emissions_g=emissions,
             deadline_at_risk=at_risk,
             reason=reason,
-            planned_tokens_by_round=tuple(planned),
+            planned_tokens_by_round=tuple(float(p) for p in planned),
+            planned_emissions_g=plan_g,
         )
 
     capacity_now = sum(round_cap[n.node_id] for n in available)
     if policy_name == "agnostic":
         at_risk = capacity_now * max(rounds_to_deadline, 0) < tokens_remaining
-        return finish({n.node_id: 1.0 for n in available}, "all available nodes, full round", at_risk)
+        return finish(
+            {n.node_id: 1.0 for n in available}, "all available nodes, full round", at_risk
+        )
 
     if policy_name == "greedy-green":
         need = min(tokens_remaining, tokens_remaining / rounds_left * (1 + margin))
@@ -475,15 +484,21 @@ def plan_round(
     before = np.cumsum(cap_sorted) - cap_sorted  # tokens planned ahead of each block
     take = np.clip(tokens_remaining - before, 0.0, cap_sorted)
     planned = np.bincount(round_a[order], weights=take, minlength=rounds_left)
+    plan_g = float(cost_a[order] @ take)
     shares = {}
     for j, t in zip(order, take, strict=True):
-        if t > 0 and round_a[j] == 0:
+        if t > MIN_SHARE * cap_a[j] and round_a[j] == 0:
             nid = nodes[int(node_a[j])].node_id
             shares[nid] = float(t) / round_cap[nid]
     if not shares:
         first = int(np.nonzero(planned > 0)[0][0])
-        plan = finish({}, f"cleaner energy in {first} round(s): defer", planned=planned)
+        plan = finish(
+            {}, f"cleaner energy in {first} round(s): defer", planned=planned, plan_g=plan_g
+        )
         return replace(plan, defer=True, defer_until_s=float(starts[first]))
     return finish(
-        shares, f"cheapest blocks over {rounds_left} round(s) to the deadline", planned=planned
+        shares,
+        f"cheapest blocks over {rounds_left} round(s) to the deadline",
+        planned=planned,
+        plan_g=plan_g,
     )

@@ -17,7 +17,7 @@ import pandas as pd
 
 @dataclass(frozen=True)
 class UniformSeries:
-    """Values sampled every `step_s` seconds starting at unix time `start_s` (step-wise constant)."""
+    """Values every `step_s` seconds from unix time `start_s` (step-wise constant)."""
 
     start_s: float
     step_s: float

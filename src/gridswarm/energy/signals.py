@@ -1,10 +1,10 @@
 """Grid signals: carbon intensity (gCO2e/kWh) and price, now and forecast, per region.
 
-One interface, `SignalProvider`, with `current(now_s)` and `forecast(now_s, horizon_s)`; the clock is
-always passed in so the same provider serves the live node and the simulator. Providers:
+One interface, `SignalProvider`, with `current(now_s)` and `forecast(now_s, horizon_s)`; the clock
+is always passed in so the same provider serves the live node and the simulator. Providers:
 
-- `TraceSignal`: a recorded series (the lets-wait-awhile ENTSO-E-derived CSVs and the EIA-930 CSVs in
-  shared data), resampled to a uniform step, replayable at any calendar time, with an optional
+- `TraceSignal`: a recorded series (the lets-wait-awhile ENTSO-E-derived CSVs and the EIA-930 CSVs
+  in shared data), resampled to a uniform step, replayable at any calendar time, with an optional
   seeded forecast error that grows with lead time.
 - `ConstantSignal`: a fixed intensity (and price).
 - HTTP clients (httpx): `ElectricityMapsSignal` (v3 API), `WattTimeSignal` (v3 API, marginal MOER,
@@ -185,7 +185,7 @@ class TraceSignal(SignalProvider):
         times[0] = now_s
         if self.forecast_error > 0:
             lead_days = (times - now_s) / 86400.0
-            issue = int(math.floor(now_s / self.series.step_s))
+            issue = math.floor(now_s / self.series.step_s)
             rng = np.random.default_rng([self.seed, issue & 0x7FFFFFFF])
             noise = rng.standard_normal(len(values)) * self.forecast_error * np.sqrt(lead_days)
             values = np.maximum(values * (1.0 + noise), 0.0)
@@ -249,7 +249,9 @@ class _HttpSignal(SignalProvider):
         except httpx.HTTPError as exc:
             raise SignalError(f"{self.kind}: GET {url} failed: {exc}") from exc
         if resp.status_code != 200:
-            raise SignalError(f"{self.kind}: GET {url} -> HTTP {resp.status_code}: {resp.text[:200]}")
+            raise SignalError(
+                f"{self.kind}: GET {url} -> HTTP {resp.status_code}: {resp.text[:200]}"
+            )
         try:
             return resp.json()
         except ValueError as exc:
@@ -302,7 +304,9 @@ class ElectricityMapsSignal(_HttpSignal):
         try:
             return float(body["value"]) / 1000.0
         except (KeyError, TypeError, ValueError) as exc:
-            raise SignalError(f"electricitymaps: price answer has no numeric 'value': {body}") from exc
+            raise SignalError(
+                f"electricitymaps: price answer has no numeric 'value': {body}"
+            ) from exc
 
     def current(self, now_s: float) -> SignalPoint:
         body = self._get(
@@ -333,7 +337,7 @@ class ElectricityMapsSignal(_HttpSignal):
 
 class WattTimeSignal(_HttpSignal):
     """WattTime v3 (marginal MOER): `/login` (HTTP basic) gives a bearer token; `/v3/forecast`
-    gives 5-min points in lbs CO2/MWh, converted to g/kWh. Note: marginal, not average, intensity."""
+    gives 5-min points in lbs CO2/MWh, converted to g/kWh. Marginal, not average, intensity."""
 
     kind = "watttime"
 
@@ -456,15 +460,37 @@ class GBCarbonIntensitySignal(_HttpSignal):
 
 
 _FIELDS: dict[str, set[str]] = {
-    "trace": {"path", "region", "step_s", "replay_at", "trace_from", "forecast_error", "seed",
-              "price_per_kwh"},
+    "trace": {
+        "path",
+        "region",
+        "step_s",
+        "replay_at",
+        "trace_from",
+        "forecast_error",
+        "seed",
+        "price_per_kwh",
+    },
     "constant": {"region", "intensity_g_per_kwh", "price_per_kwh"},
-    "electricitymaps": {"zone", "token", "token_env", "base_url", "horizon_hours", "with_price",
-                        "cache_s"},
-    "watttime": {"region", "username_env", "password_env", "base_url", "signal_type",
-                 "horizon_hours", "cache_s"},
+    "electricitymaps": {
+        "zone",
+        "token",
+        "token_env",
+        "base_url",
+        "horizon_hours",
+        "with_price",
+        "cache_s",
+    },
+    "watttime": {
+        "region",
+        "username_env",
+        "password_env",
+        "base_url",
+        "signal_type",
+        "horizon_hours",
+        "cache_s",
+    },
     "gb": {"regionid", "base_url", "cache_s"},
-}  # fmt: skip
+}
 
 
 def _time_field(value: Any, field: str) -> float:
@@ -564,8 +590,10 @@ def signal_from_config(
         if own_region is None:
             raise ValueError("energy.signal.region: required (a WattTime region, e.g. CAISO_NORTH)")
         creds = []
-        for field, default in (("username_env", "WATTTIME_USERNAME"),
-                               ("password_env", "WATTTIME_PASSWORD")):  # fmt: skip
+        for field, default in (
+            ("username_env", "WATTTIME_USERNAME"),
+            ("password_env", "WATTTIME_PASSWORD"),
+        ):
             name = cfg.get(field, default)
             if not env.get(name):
                 raise ValueError(f"energy.signal.{field}: environment variable {name!r} is not set")

@@ -81,11 +81,13 @@ class PVArray:
             weather["ghi"],
             weather["dhi"],
         )["poa_global"].fillna(0.0)
-        temp_air = weather["temp_air"] if "temp_air" in weather else 20.0
-        wind = weather["wind_speed"] if "wind_speed" in weather else 1.0
+        temp_air = weather.get("temp_air", 20.0)
+        wind = weather.get("wind_speed", 1.0)
         cell_c = pvlib.temperature.faiman(poa, temp_air, wind)
         pdc0_w = self.kwp * 1000.0
-        dc_w = pvlib.pvsystem.pvwatts_dc(poa, cell_c, pdc0_w, self.gamma_pdc) * (1 - self.losses_frac)
+        dc_w = pvlib.pvsystem.pvwatts_dc(poa, cell_c, pdc0_w, self.gamma_pdc) * (
+            1 - self.losses_frac
+        )
         ac_w = pvlib.inverter.pvwatts(dc_w, pdc0_w / self.dc_ac_ratio, self.inverter_eff)
         return pd.Series(np.asarray(ac_w, dtype=float), index=weather.index).clip(lower=0).fillna(0)
 
@@ -118,9 +120,9 @@ def transfer_weather(
         tmy_meta["latitude"], tmy_meta["longitude"], tz="UTC", altitude=tmy_meta["altitude"]
     )
     src_tz = timezone(timedelta(hours=float(tmy_meta["TZ"])))
-    src_times = pd.DatetimeIndex(
-        tmy.index.tz_localize(None) - pd.Timedelta("30min")
-    ).tz_localize(src_tz)  # hour-ending → mid-hour
+    src_times = pd.DatetimeIndex(tmy.index.tz_localize(None) - pd.Timedelta("30min")).tz_localize(
+        src_tz
+    )  # hour-ending → mid-hour
     cs_src = src.get_clearsky(src_times)
     with np.errstate(divide="ignore", invalid="ignore"):
         k = np.where(cs_src["ghi"].to_numpy() > 20, tmy["ghi"].to_numpy() / cs_src["ghi"], 0.0)
@@ -352,10 +354,13 @@ class Battery:
             raise ValueError(f"Battery: max_power_w must be > 0, got {self.max_power_w}")
         if not 0 < self.round_trip_efficiency <= 1:
             raise ValueError(
-                f"Battery: round_trip_efficiency must be in (0, 1], got {self.round_trip_efficiency}"
+                "Battery: round_trip_efficiency must be in (0, 1], "
+                f"got {self.round_trip_efficiency}"
             )
         if not 0 <= self.soc_floor_frac < 1:
-            raise ValueError(f"Battery: soc_floor_frac must be in [0, 1), got {self.soc_floor_frac}")
+            raise ValueError(
+                f"Battery: soc_floor_frac must be in [0, 1), got {self.soc_floor_frac}"
+            )
 
     @property
     def one_way_efficiency(self) -> float:
@@ -408,7 +413,7 @@ def step_site(
     dt_s: float,
 ) -> SiteStep:
     """Advance a home by `dt_s`: PV serves the household, then compute; the rest charges the
-    battery, then is exported. A deficit is met by the battery (down to its floor), then the grid."""
+    battery, then is exported. A deficit is met by the battery (down to its floor), then grid."""
     if dt_s <= 0:
         raise ValueError(f"dt_s must be > 0, got {dt_s}")
     if min(pv_w, household_w, compute_w) < 0:

@@ -43,9 +43,16 @@ def ts(text: str) -> float:
 class ScenarioSpec:
     start: str = "2022-06-06T00:00:00"  # a Monday
     grid_only: tuple[tuple[str, int], ...] = (
-        ("DE", 2), ("GB", 2), ("FR", 2), ("BPAT", 2), ("MISO", 2), ("PJM", 2), ("SOCO", 2),
-        ("CISO", 1), ("AZPS", 1),
-    )  # fmt: skip
+        ("DE", 2),
+        ("GB", 2),
+        ("FR", 2),
+        ("BPAT", 2),
+        ("MISO", 2),
+        ("PJM", 2),
+        ("SOCO", 2),
+        ("CISO", 1),
+        ("AZPS", 1),
+    )
     citylearn_homes: tuple[int, ...] = (1, 2, 3, 5, 6)  # CISO, own PV (4 kWp)
     pvdaq_homes: tuple[int, ...] = (7, 8, 9)  # AZPS, CityLearn load + PVDAQ PV at 5 kWp
     forecast_error: float = 0.1  # relative sd at 24 h lead
@@ -65,9 +72,11 @@ def build_swarm(data_dir: str | Path, spec: ScenarioSpec = ScenarioSpec()) -> li
         if key not in signals:
             if region in LWA:
                 base = TraceSignal.from_csv(
-                    ci / LWA[region], region=region, replay_at_s=start_s,
+                    ci / LWA[region],
+                    region=region,
+                    replay_at_s=start_s,
                     trace_from_s=weekday_aligned_2020,
-                )  # fmt: skip
+                )
             else:
                 base = TraceSignal.from_csv(ci / f"eia930_2022_{region}.csv.gz", region=region)
             signals[key] = base
@@ -100,8 +109,10 @@ def build_swarm(data_dir: str | Path, spec: ScenarioSpec = ScenarioSpec()) -> li
             policy = None
             if region == "DE" and j == 1:  # an office desktop: evenings, nights, weekends
                 policy = parse_node_policy(
-                    {"windows": ["mon-fri 18:00-08:00", "sat,sun 00:00-24:00"],
-                     "timezone": "Europe/Berlin"}  # fmt: skip
+                    {
+                        "windows": ["mon-fri 18:00-08:00", "sat,sun 00:00-24:00"],
+                        "timezone": "Europe/Berlin",
+                    }
                 )
             if region == "PJM" and j == 1:  # an operator who caps intensity
                 policy = parse_node_policy({"max_intensity_g_per_kwh": 380})

@@ -181,7 +181,8 @@ class MultiKrum(Aggregator):
     """Multi-Krum (Blanchard et al. 2017): score each update by the summed squared distance to its
     n - f - 2 nearest others, average the m best. Needs n >= 2f + 3. m = 1 is Krum.
 
-    f defaults to the most the rule tolerates, (n - 3) // 2; m defaults to n - f."""
+    f defaults to the most the rule tolerates, (n - 3) // 2; m defaults to n - f. With n <= 2
+    there is no majority to find and the rule returns the mean."""
 
     name = "krum"
 
@@ -234,7 +235,7 @@ def _weiszfeld(gram: torch.Tensor, nu: float, max_iter: int, tol: float) -> torc
         delta = new - coeffs
         step = float((delta @ gram @ delta).clamp_min(0.0).sqrt())
         coeffs = new
-        if step <= tol * (1.0 + float(dist.mean())):
+        if step <= tol * float(dist.mean()):
             break
     return coeffs
 
