@@ -39,6 +39,9 @@ class RecordedApi:
     routes: dict[str, Route]
     requests: list[dict] = field(default_factory=list)
 
+    def route(self, path: str, fixture: str, **kwargs) -> None:
+        self.routes[path] = Route(fixture, **kwargs)
+
 
 @pytest.fixture
 def recorded_api() -> Iterator[RecordedApi]:

@@ -7,7 +7,6 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Route
 from gridswarm.energy.series import UniformSeries
 from gridswarm.energy.signals import (
     G_PER_KWH_PER_LB_PER_MWH,
@@ -128,11 +127,13 @@ def test_constant_signal():
 
 def test_electricitymaps_client(recorded_api):
     hdr = {"auth-token": "tok"}
-    recorded_api.routes = {
-        "/v3/carbon-intensity/latest": Route("electricitymaps_latest.json", headers=hdr),
-        "/v3/carbon-intensity/forecast": Route("electricitymaps_forecast.json", headers=hdr),
-        "/v3/price-day-ahead/latest": Route("electricitymaps_price_latest.json", headers=hdr),
-    }
+    recorded_api.route("/v3/carbon-intensity/latest", "electricitymaps_latest.json", headers=hdr)
+    recorded_api.route(
+        "/v3/carbon-intensity/forecast", "electricitymaps_forecast.json", headers=hdr
+    )
+    recorded_api.route(
+        "/v3/price-day-ahead/latest", "electricitymaps_price_latest.json", headers=hdr
+    )
     with httpx.Client() as client:
         sig = ElectricityMapsSignal(
             "DE", "tok", base_url=recorded_api.base_url, client=client, with_price=True
@@ -154,12 +155,10 @@ def test_electricitymaps_client(recorded_api):
 
 def test_watttime_client_logs_in_and_converts_units(recorded_api):
     token = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.recorded-fixture-token.sig"
-    recorded_api.routes = {
-        "/login": Route("watttime_login.json", headers={"Authorization": "Basic dXNlcjpwdw=="}),
-        "/v3/forecast": Route(
-            "watttime_forecast.json", headers={"Authorization": f"Bearer {token}"}
-        ),
-    }
+    basic = {"Authorization": "Basic dXNlcjpwdw=="}  # user:pw
+    recorded_api.route("/login", "watttime_login.json", headers=basic)
+    bearer = {"Authorization": f"Bearer {token}"}
+    recorded_api.route("/v3/forecast", "watttime_forecast.json", headers=bearer)
     with httpx.Client() as client:
         sig = WattTimeSignal(
             "CAISO_NORTH", "user", "pw", base_url=recorded_api.base_url, client=client
@@ -179,12 +178,10 @@ def test_watttime_client_logs_in_and_converts_units(recorded_api):
 
 def test_gb_client_national_and_regional(recorded_api):
     start = "2024-05-21T10:00Z"
-    recorded_api.routes = {
-        "/intensity": Route("gb_intensity.json"),
-        f"/intensity/{start}/fw48h": Route("gb_fw48h.json"),
-        "/regional/regionid/13": Route("gb_regional_current.json"),
-        f"/regional/intensity/{start}/fw48h/regionid/13": Route("gb_regional_fw48h.json"),
-    }
+    recorded_api.route("/intensity", "gb_intensity.json")
+    recorded_api.route(f"/intensity/{start}/fw48h", "gb_fw48h.json")
+    recorded_api.route("/regional/regionid/13", "gb_regional_current.json")
+    recorded_api.route(f"/regional/intensity/{start}/fw48h/regionid/13", "gb_regional_fw48h.json")
     with httpx.Client() as client:
         national = GBCarbonIntensitySignal(base_url=recorded_api.base_url, client=client)
         assert national.current(T0).intensity_g_per_kwh == 118  # actual preferred
