@@ -60,6 +60,11 @@ def test_slow_nodes_get_fewer_steps_and_finish_together():
     assert abs(fast.expected_duration_s - slow.expected_duration_s) < 0.2 * fast.expected_duration_s
 
 
+def test_a_very_slow_node_still_gets_the_minimum_when_it_fits():
+    plan = plan_inner_steps(10, 1000, 100, 50, 5, time_left_s=600, reserve_s=5)
+    assert plan.inner_steps == 5
+
+
 def test_no_work_that_cannot_finish_before_the_deadline():
     plan = plan_inner_steps(100, 100, 100, 50, 5, time_left_s=20, reserve_s=5)
     assert plan.inner_steps == 15

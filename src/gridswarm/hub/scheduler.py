@@ -3,8 +3,8 @@
 Speeds are in tokens per second for the run's model. A node's first estimate comes from its probe
 (parameter-tokens per second on a reference model, divided by this model's size); afterwards an
 exponential moving average of what it actually achieved. The fastest live node does the run's
-`inner_steps`; slower nodes do proportionally fewer, so all finish near the same time (DyLU-style),
-and nobody is given more than fits before the round's deadline.
+`inner_steps`; slower nodes do proportionally fewer (but at least `min_inner_steps`), so all finish
+near the same time (DyLU-style), and nobody is given more than fits before the round's deadline.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def plan_inner_steps(
     if tokens_per_s <= 0 or work_share <= 0:
         return None
     relative = min(1.0, tokens_per_s / max(fastest_tokens_per_s, tokens_per_s))
-    steps = round(inner_steps * relative * min(work_share, 1.0))
+    # however slow, a node gets at least min_inner_steps if they fit: else it could never join
+    steps = max(round(inner_steps * relative * min(work_share, 1.0)), min_inner_steps)
     steps_in_time = int(tokens_per_s * max(time_left_s - reserve_s, 0.0) / tokens_per_step)
     steps = min(steps, steps_in_time)
     if steps < min_inner_steps:
