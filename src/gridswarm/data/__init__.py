@@ -1,1 +1,4 @@
-"""Data files shipped with gridswarm (tinyshakespeare.txt: public domain, from karpathy/char-rnn)."""
+"""Data shipped with gridswarm.
+
+tinyshakespeare.txt: karpathy/char-rnn data/tinyshakespeare/input.txt; the text is public domain.
+"""
