@@ -34,7 +34,12 @@ from gridswarm.hub.rounds import (
     may_assign,
 )
 from gridswarm.hub.scheduler import plan_inner_steps, speed_from_probe, update_speed
-from gridswarm.identity import VerifiedRequest, verify_request
+from gridswarm.identity import (
+    AuthError,
+    VerifiedRequest,
+    node_id_from_public_key,
+    verify_request,
+)
 from gridswarm.protocol import (
     Assignment,
     AssignmentResponse,
@@ -93,8 +98,6 @@ class HubService:
         self, headers: dict[str, str], method: str, path: str, body: bytes
     ) -> VerifiedRequest:
         """Verify a signed request and consume its nonce (a second use is a replay)."""
-        from gridswarm.identity import AuthError
-
         now = self.clock()
         verified = verify_request(headers, method, path, body, now, self.settings.max_skew_s)
         with self.sessions() as s:
@@ -121,8 +124,6 @@ class HubService:
 
     def register(self, public_key: bytes, req: RegisterRequest) -> str:
         """Register (or re-register: same key, same node) a node."""
-        from gridswarm.identity import node_id_from_public_key
-
         node_id = node_id_from_public_key(public_key)
         now = self.clock()
         with self.sessions() as s:
