@@ -172,6 +172,71 @@ def bench_evm(nodes: int, epochs: int, progress: Progress) -> dict:
     return out
 
 
+def bench_audit_cost(progress: Progress, repeats: int) -> dict:
+    """Hub CPU spent verifying one contribution (bit-exact replay + usefulness evaluation) next
+    to the node's own training, for the test-sized and the demo-sized run, and the audit rate a
+    newcomer and a trusted node get: what auditing costs a live round."""
+    import torch
+
+    from gridswarm.config import RunConfig
+    from gridswarm.demo import DEMO_RUN
+    from gridswarm.train.codecs import make_codec
+    from gridswarm.train.workload import Workload
+    from gridswarm.trust.policy import audit_probability
+    from gridswarm.trust.reputation import Reputation, RoundOutcome, update_reputation
+
+    torch.set_num_threads(1)
+    tiny = {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32},
+        "train": {"seq_len": 32, "batch_size": 8, "inner_steps": 20, "min_inner_steps": 2},
+    }
+    trusted = Reputation()
+    for _ in range(10):
+        ok = RoundOutcome(delivered=True, audit_passed=True, usefulness=1.0)
+        trusted = update_reputation(trusted, ok)
+    out: dict = {}
+    task = progress.add_task("audit cost", total=2 * repeats)
+    for name, settings in (("tiny", tiny), ("demo", DEMO_RUN)):
+        cfg = RunConfig.model_validate(settings)
+        node, hub = Workload.from_config(cfg), Workload.from_config(cfg)
+        theta = node.initial_theta()
+        node.train(theta, 0, "warm-up", 2)
+        hub.train(theta, 0, "warm-up", 2)
+        codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
+        train_s, replay_s, eval_s, exact = [], [], [], True
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            done = node.train(theta, i, "node", cfg.train.inner_steps)
+            t1 = time.perf_counter()
+            again = hub.train(theta, i, "node", cfg.train.inner_steps)
+            t2 = time.perf_counter()
+            hub.evaluate(theta - done.pseudo_gradient)
+            t3 = time.perf_counter()
+            a, b = codec.encode(done.pseudo_gradient), codec.encode(again.pseudo_gradient)
+            exact &= all(torch.equal(a[k], b[k]) for k in a)
+            train_s.append(t1 - t0)
+            replay_s.append(t2 - t1)
+            eval_s.append(t3 - t2)
+            progress.advance(task)
+        p_new = audit_probability(Reputation(), cfg.trust)
+        p_trusted = audit_probability(trusted, cfg.trust)
+        train, replay, ev = (statistics.median(x) for x in (train_s, replay_s, eval_s))
+        out[name] = {
+            "numel": node.numel,
+            "inner_steps": cfg.train.inner_steps,
+            "node_train_s": train,
+            "hub_replay_s": replay,
+            "hub_eval_s": ev,
+            "bit_exact": exact,
+            "audit_rate_newcomer": p_new,
+            "audit_rate_trusted": p_trusted,
+            # hub CPU per contribution / node CPU for it, at each audit rate
+            "hub_share_newcomer": (p_new * replay + ev) / train,
+            "hub_share_trusted": (p_trusted * replay + ev) / train,
+        }
+    return out
+
+
 def write_outputs(result: dict, out: Path, command: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -233,6 +298,21 @@ def write_outputs(result: dict, out: Path, command: str) -> None:
             f"{v['claims_per_s_pipelined'] / v['claims_per_s_sequential']:.2f}× sequential",
         ),
     ]
+    for name, a in result.get("audit", {}).items():
+        rows += [
+            (
+                f"audit, {name} run ({a['numel']:,} params, H={a['inner_steps']}): "
+                "node training / hub replay / hub usefulness eval, s",
+                f"{a['node_train_s']:.3f} / {a['hub_replay_s']:.3f} / {a['hub_eval_s']:.3f}",
+                f"replay bit-exact: {a['bit_exact']}",
+            ),
+            (
+                f"audit, {name} run: hub CPU per contribution, newcomer "
+                f"(p={a['audit_rate_newcomer']:.2f}) / trusted (p={a['audit_rate_trusted']:.3f})",
+                f"{a['hub_share_newcomer']:.2f} / {a['hub_share_trusted']:.3f}",
+                "× the node's own training",
+            ),
+        ]
     lines = [
         "# Ledger benchmark",
         "",
@@ -292,6 +372,7 @@ def main() -> None:
     with Progress(console=console, transient=True) as progress:
         embedded = bench_embedded(entries, args.batch, single, progress)
         evm = bench_evm(nodes, epochs, progress)
+        audit = bench_audit_cost(progress, 3 if args.quick else 10)
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, load average {load_at_start:.2f} "
         f"at start, Python {platform.python_version()}"
@@ -301,6 +382,7 @@ def main() -> None:
         "quick": args.quick,
         "embedded": embedded,
         "evm": evm,
+        "audit": audit,
     }
     command = "python bench/ledger.py " + " ".join(sys.argv[1:])
     write_outputs(result, args.out, command)

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gridswarm.config import ConfigError, load_run_config
+from gridswarm.ledger.cli import ledger_app, node_balance, node_claim, run_fund
 
 app = typer.Typer(
     help="Train language models on a swarm of machines, where energy is clean.",
@@ -21,6 +22,13 @@ app = typer.Typer(
 )
 run_app = typer.Typer(help="Create, inspect and export training runs.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
+app.add_typer(ledger_app, name="ledger")  # show, verify, post-epoch (gridswarm/ledger/cli.py)
+run_app.command("fund")(run_fund)
+# `gridswarm node [OPTIONS]` runs a node; `gridswarm node balance|claim` are its ledger commands
+node_app = typer.Typer()
+app.add_typer(node_app, name="node")
+node_app.command("balance")(node_balance)
+node_app.command("claim")(node_claim)
 console = Console()
 
 DEFAULT_HOME = Path(os.environ.get("GRIDSWARM_HOME", Path.home() / ".gridswarm"))
@@ -48,16 +56,49 @@ def hub(
     host: str = "127.0.0.1",
     port: int = 8470,
     liveness_s: Annotated[float, typer.Option(help="a node silent this long is lost")] = 20.0,
+    signals: Annotated[
+        Path | None, typer.Option(help="TOML: region -> carbon signal, for accounting/planning")
+    ] = None,
+    home: Annotated[
+        Path | None,
+        typer.Option(help="folder of the hub's ledger key hub.key (default: beside --blobs)"),
+    ] = None,
 ) -> None:
     """Run a hub (migrates the database to the newest schema first)."""
     from gridswarm.hub.server import serve
 
     console.print(f"gridswarm hub on http://{host}:{port}  db={db}  blobs={blobs}")
-    serve(db, blobs, host, port, liveness_s=liveness_s)
+    if signals is None:
+        serve(db, blobs, host, port, liveness_s=liveness_s, home=home)
+        return
+    # with its own signals (hub/energy.py); TODO(lead): let server.serve take HubSettings
+    import uvicorn
+
+    from gridswarm.hub.app import create_app
+    from gridswarm.hub.energy import load_hub_signals
+    from gridswarm.hub.server import build_service
+    from gridswarm.hub.service import HubSettings
+
+    try:
+        by_region = load_hub_signals(signals)
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(
+        f"carbon signals: {', '.join(f'{r}: {p.describe()}' for r, p in by_region.items())}"
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = HubSettings(liveness_s=liveness_s, signals=by_region)
+    uvicorn.run(
+        create_app(build_service(db, blobs, settings, home)),
+        host=host,
+        port=port,
+        log_level="warning",
+    )
 
 
-@app.command()
+@node_app.callback(invoke_without_command=True)
 def node(
+    ctx: typer.Context,
     hub_url: HubOpt = "http://127.0.0.1:8470",
     home: Annotated[Path, typer.Option(help="identity key and model cache")] = DEFAULT_HOME
     / "node",
@@ -70,9 +111,22 @@ def node(
     max_rounds: Annotated[
         int | None, typer.Option(help="stop after this many contributions")
     ] = None,
+    energy: Annotated[
+        Path | None, typer.Option(help="energy TOML: region, signal, PV/battery, policy")
+    ] = None,
 ) -> None:
     """Join a hub as a node and contribute training until stopped (Ctrl-C leaves cleanly)."""
+    if ctx.invoked_subcommand is not None:  # `gridswarm node balance|claim …`
+        return
     from gridswarm.node.agent import NodeAgent, NodeOptions
+
+    if energy is not None:
+        from gridswarm.node.energy import load_node_energy
+
+        try:
+            load_node_energy(energy, region)  # fail here, naming the field, not in the agent
+        except ValueError as exc:
+            _fail(str(exc))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s node %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -87,6 +141,7 @@ def node(
             name=name,
             throttle=throttle,
             max_rounds=max_rounds,
+            energy=energy,
         )
     )
     agent.install_signal_handlers()
@@ -164,6 +219,30 @@ def run_export(
     status = client.run_status(run_id)
     path = export_run(client, status, out)
     console.print(f"exported version {status['version']} of run {run_id} to {path}")
+
+
+@run_app.command("report")
+def run_report(
+    run_id: str,
+    hub_url: HubOpt = "http://127.0.0.1:8470",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    home: Path = DEFAULT_HOME,
+) -> None:
+    """Energy and carbon of a run: per node and in total tokens, kWh, kgCO2e, gCO2e per 1k
+    tokens, local-surplus share, and the carbon-agnostic counterfactual."""
+    from gridswarm.hub.energy import format_run_report
+    from gridswarm.node.client import HubRequestError
+
+    client = _client(hub_url, home)
+    try:
+        report = client.run_report(run_id)
+        privacy = client.run_status(run_id).get("privacy")
+    except HubRequestError as exc:
+        _fail(exc.detail)
+    if as_json:
+        print(json.dumps({**report, "privacy": privacy} if privacy else report, indent=2))
+        return
+    print(format_run_report(report, privacy if isinstance(privacy, dict) else None))
 
 
 @app.command()

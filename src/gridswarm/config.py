@@ -10,7 +10,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CodecName = Literal["fp32", "fp16", "int8", "int4"]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -52,7 +59,9 @@ class DataConfig(_Strict):
 
     dataset: str = "tinyshakespeare"
     # "shared": the hub names the slice each node trains on (replayable);
-    # "local": each node trains on its own files, which never leave it (federated mode).
+    # "local": each node trains on its own files (`gridswarm node --data PATH`), which never
+    # leave it (federated mode). The hub then never reads node data: `dataset` names the PUBLIC
+    # text whose held-out split (last val_fraction) the hub evaluates on.
     data: Literal["shared", "local"] = "shared"
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
     eval_batches: PositiveInt = 8
@@ -123,6 +132,149 @@ class BudgetConfig(_Strict):
         return self
 
 
+class SecAggSettings(_Strict):
+    """Secure aggregation (SecAgg+, docs/privacy.md): the hub learns only the sum of updates."""
+
+    neighbours: PositiveInt = 10  # k: even; k >= participants - 1 gives the complete graph
+    max_dropouts: Annotated[int, Field(ge=0)] = 1  # t: nodes that may vanish after sharing keys
+    # R: without DP each coordinate is clipped to [-R, R] before 32-bit quantisation
+    clip_range: PositiveFloat = 1.0
+    stage_timeout_s: PositiveFloat = 30.0  # a stage waits this long for slow participants
+
+    @model_validator(mode="after")
+    def _check(self) -> SecAggSettings:
+        if self.neighbours % 2:
+            raise ValueError(f"neighbours must be even (k/2 on each side), got {self.neighbours}")
+        if 2 * self.max_dropouts >= self.neighbours + 1:
+            raise ValueError(
+                f"max_dropouts ({self.max_dropouts}) must stay below (neighbours + 1) / 2 "
+                f"= {(self.neighbours + 1) / 2} so the share threshold is a strict majority"
+            )
+        return self
+
+
+class DPSettings(_Strict):
+    """Node-level differential privacy (DP-FedAvg): clip each update, add Gaussian noise."""
+
+    clip_norm: PositiveFloat = 1.0  # C: L2 bound on each node's pseudo-gradient
+    noise_multiplier: PositiveFloat = 1.0  # z: noise std on the sum is z * C
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    epsilon_budget: PositiveFloat = 10.0  # the run finishes before a round would pass it
+    # central: the hub adds the noise (trusted hub); distributed: each node adds its share
+    # before secure aggregation (requires privacy.secagg)
+    noise: Literal["central", "distributed"] = "central"
+    # q = nodes per round / population; keep 1 unless nodes are sampled at random
+    sample_rate: Annotated[float, Field(gt=0, le=1)] = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class PrivacyConfig(_Strict):
+    """Secure aggregation and differential privacy; both off by default. `secagg = true` /
+    `dp = true` turn one on with default settings, a [privacy.secagg] / [privacy.dp] table
+    sets them."""
+
+    secagg: SecAggSettings | None = None
+    dp: DPSettings | None = None
+
+    @field_validator("secagg", "dp", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
+
+
+def check_privacy(cfg: RunConfig) -> None:
+    """Refuse combinations that secure aggregation or DP cannot honour; names the field."""
+    p, rnd = cfg.privacy, cfg.round
+    if (p.secagg or p.dp) and rnd.aggregator != "mean":
+        what = "privacy.secagg (the hub sees only the sum)" if p.secagg else "privacy.dp"
+        raise ValueError(
+            f"round.aggregator = {rnd.aggregator!r} cannot run with {what}: robust rules need "
+            f"individual updates; use 'mean' (clipping bounds each node's influence instead)"
+        )
+    if p.dp and p.dp.noise == "distributed" and not p.secagg:
+        raise ValueError(
+            "privacy.dp.noise = 'distributed' needs privacy.secagg: without it the hub sees each "
+            "node's update with only its small share of the noise; use 'central'"
+        )
+    if p.secagg and cfg.comm.error_feedback:
+        raise ValueError(
+            "comm.error_feedback has no effect under privacy.secagg: uploads are masked 32-bit "
+            "words, not codec-compressed; set it to false"
+        )
+    if p.secagg:
+        if rnd.quorum < 2:
+            raise ValueError(
+                f"round.quorum must be >= 2 under privacy.secagg (a sum of one update is that "
+                f"update), got {rnd.quorum}"
+            )
+        degree = min(p.secagg.neighbours, rnd.quorum - 1)
+        if 2 * p.secagg.max_dropouts >= degree + 1:
+            raise ValueError(
+                f"privacy.secagg.max_dropouts = {p.secagg.max_dropouts} is too many for a round of "
+                f"round.quorum = {rnd.quorum} nodes ({degree} neighbours each): at most "
+                f"{degree // 2}; raise the quorum or lower max_dropouts"
+            )
+
+
+class EnergyConfig(_Strict):
+    """Hub-side energy scheduling (docs/energy.md): `agnostic` (today's behaviour: everyone
+    available runs as much as speed allows), `greedy-green` (the cleanest nodes now, at the pace
+    the deadline needs) or `forecast` (also shift work in time within the deadline). The two
+    green policies need `deadline_s` here and a token target (`budget.tokens`)."""
+
+    policy: Literal["agnostic", "greedy-green", "forecast"] = "agnostic"
+    deadline_s: PositiveFloat | None = None  # budget.tokens due this long after the run starts
+    round_overhead_s: Annotated[float, Field(ge=0)] = 2.0  # sync time per round, for planning
+    margin: Annotated[float, Field(ge=0, lt=1)] = 0.1  # spare pace / future-capacity discount
+    reserve_rounds: Annotated[int, Field(ge=0)] = 1  # plan to finish this many rounds early
+    default_intensity_g_per_kwh: Annotated[float, Field(ge=0)] = 475.0  # nodes with no signal
+    forecast_horizon_s: PositiveFloat = 172800.0  # how far ahead the hub reads its own signals
+
+    @model_validator(mode="after")
+    def _check(self) -> EnergyConfig:
+        if self.policy != "agnostic" and self.deadline_s is None:
+            raise ValueError(f"deadline_s is required with policy {self.policy!r}")
+        return self
+
+
+class TrustConfig(_Strict):
+    """Verification and rewards in live rounds (docs/ledger.md). The defaults audit every
+    newcomer's first contributions by replay (cheap for small models), score usefulness, and pay
+    only what the sponsor funded (`gridswarm run fund`): an unfunded run trains with a pool of 0.
+
+    Audit rate: p = clamp(safety_factor * cost_fraction / (1 + forfeit), audit_min_rate,
+    audit_max_rate) with the forfeit (in rounds of reward) from reputation; newcomers (fewer than
+    `newcomer_audits` clean audits) get audit_max_rate. `audit_max_rate = 0` turns audits off.
+    """
+
+    audit_min_rate: Annotated[float, Field(ge=0, le=1)] = 0.02
+    audit_max_rate: Annotated[float, Field(ge=0, le=1)] = 1.0
+    newcomer_audits: Annotated[int, Field(ge=0)] = 2
+    cost_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3  # c / R: cost of honest work
+    safety_factor: Annotated[float, Field(ge=1)] = 2.0
+    reputation_value_rounds: Annotated[float, Field(ge=0)] = 20.0  # K: reputation worth K rounds
+    usefulness: bool = True  # score each contribution by the held-out loss change it causes
+    harm_tolerance_nats: PositiveFloat = 1.0  # reject one that raises held-out loss by more
+    energy_min_fraction: Annotated[float, Field(ge=0, le=1)] = 0.02  # of the meter model's Wh
+    reward_per_round_units: PositiveInt | None = None  # None: escrow / rounds left
+    low_carbon_bonus: Annotated[float, Field(ge=0, le=10)] = 0.0
+    reference_intensity_g_per_kwh: PositiveFloat = 400.0
+    forfeit_on_strike: bool = True  # a caught node also loses its unclaimed rewards
+
+    @model_validator(mode="after")
+    def _check(self) -> TrustConfig:
+        if self.audit_min_rate > self.audit_max_rate:
+            raise ValueError(
+                f"audit_min_rate ({self.audit_min_rate}) exceeds audit_max_rate "
+                f"({self.audit_max_rate})"
+            )
+        return self
+
+
 class RunConfig(_Strict):
     """Everything a run needs; the hub stores it as JSON with the run."""
 
@@ -134,6 +286,14 @@ class RunConfig(_Strict):
     comm: CommConfig = CommConfig()
     round: RoundConfig = RoundConfig()
     budget: BudgetConfig = BudgetConfig()
+    energy: EnergyConfig = EnergyConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    trust: TrustConfig = TrustConfig()
+
+    @model_validator(mode="after")
+    def _check_privacy(self) -> RunConfig:
+        check_privacy(self)
+        return self
 
     @property
     def tokens_per_step(self) -> int:

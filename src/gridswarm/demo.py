@@ -39,6 +39,19 @@ DEMO_RUN = {
 }
 THROTTLES = [0.0, 0.3, 0.5, 0.65, 0.2, 0.4]
 TIMEOUT_S = 280.0
+# each node on a grid with a constant signal at that grid's mean intensity in the shared traces
+DEMO_GRIDS = [("FR", 56), ("DE", 313), ("CISO", 256), ("AZPS", 575), ("BPAT", 55), ("GB", 213)]
+
+
+def demo_energy(workdir: Path, i: int) -> list[str]:
+    """`--energy` for demo node i: a small TOML with its region and constant signal."""
+    region, g = DEMO_GRIDS[i % len(DEMO_GRIDS)]
+    path = workdir / f"energy-{i + 1}.toml"
+    path.write_text(
+        f'[energy]\nregion = "{region}"\n'
+        f'signal = {{ kind = "constant", intensity_g_per_kwh = {g} }}\n'
+    )
+    return ["--energy", str(path)]
 
 
 @dataclass
@@ -92,7 +105,8 @@ def run_demo(opts: DemoOptions, console: Console) -> dict:
         config = {**DEMO_RUN, "budget": {"rounds": opts.rounds}}
         run_id = client.create_run(config).run_id
         for i in range(opts.nodes):
-            swarm.start_node(f"node-{i + 1}", run_id, THROTTLES[i % len(THROTTLES)])
+            throttle = THROTTLES[i % len(THROTTLES)]
+            swarm.start_node(f"node-{i + 1}", run_id, throttle, demo_energy(workdir, i))
         victim = list(swarm.nodes)[min(1, opts.nodes - 1)]
         kill_round = max(1, opts.rounds // 3)
         join_round = max(kill_round + 1, 2 * opts.rounds // 3)
@@ -114,7 +128,8 @@ def run_demo(opts: DemoOptions, console: Console) -> dict:
                         "mid-round — the round closes without it"
                     )
                 if opts.chaos and joins == 0 and status["round"] >= join_round:
-                    swarm.start_node(f"node-{opts.nodes + 1}", run_id, 0.1)
+                    extra = demo_energy(workdir, opts.nodes)
+                    swarm.start_node(f"node-{opts.nodes + 1}", run_id, 0.1, extra)
                     joins += 1
                     events.append(
                         f"round {status['round']}: node-{opts.nodes + 1} joins "
@@ -126,6 +141,9 @@ def run_demo(opts: DemoOptions, console: Console) -> dict:
                 time.sleep(0.5)
         status = client.run_status(run_id)
         console.print(status_table(status))
+        from gridswarm.hub.energy import format_run_report
+
+        console.print(format_run_report(client.run_report(run_id)), markup=False, highlight=False)
         sample = ""
         if status["version"] > 0:
             from gridswarm.export import export_run, sample_text
@@ -161,6 +179,10 @@ def run_demo(opts: DemoOptions, console: Console) -> dict:
             }
             for n in status["nodes"]
         ],
+        "energy": {  # metered per contribution, accounted at the node's grid (docs/energy.md)
+            k: status.get("energy", {}).get(k)
+            for k in ("policy", "energy_wh", "emissions_g", "g_per_1k_tokens")
+        },
         "sample": sample,
         "workdir": str(workdir),
     }

@@ -85,6 +85,13 @@ class ContributionMeta(_Msg):
     power_w: float | None = Field(default=None, ge=0)
     energy_method: str | None = None
     region: str | None = None
+    # the node's own view (energy/accounting.py): grid intensity over the training interval and
+    # the share of the energy its own PV/battery covered; the hub prefers its own signal
+    intensity_g_per_kwh: float | None = Field(default=None, ge=0)
+    local_surplus_share: float | None = Field(default=None, ge=0, le=1)
+    # the node's signed ledger claim over all of the above (trust/claims.py); it goes on the
+    # hub's ledger as the node signed it. Optional: a node without one is recorded by the hub only
+    claim: dict[str, str] | None = None
 
 
 class ContributionAck(_Msg):
@@ -96,6 +103,35 @@ class ContributionAck(_Msg):
 class HeartbeatRequest(_Msg):
     status: Literal["idle", "training", "uploading", "paused"] = "idle"
     run_id: str | None = None
+
+
+MAX_FORECAST_POINTS = 600
+
+
+class EnergyReport(_Msg):
+    """A node's energy state and outlook (POST /v1/nodes/energy): may it run now and why not,
+    its draw, and its forecasts on one time grid (unix s), for the hub's energy policy."""
+
+    run_id: str | None = Field(default=None, max_length=64)  # the run it is working on
+    region: str | None = Field(default=None, max_length=64)
+    available: bool = True
+    reasons: list[str] = Field(default_factory=list, max_length=16)
+    at_s: float  # the node's clock when it decided
+    power_w: float = Field(gt=0)  # draw of its training (measured once it has trained)
+    intensity_g_per_kwh: float | None = Field(default=None, ge=0)
+    price_per_kwh: float | None = None
+    surplus_w: float | None = None  # PV - household now (W)
+    battery_available_wh: float = Field(default=0.0, ge=0)
+    intensity_forecast: list[tuple[float, float]] = Field(
+        default_factory=list, max_length=MAX_FORECAST_POINTS
+    )
+    surplus_forecast_w: list[tuple[float, float]] | None = Field(
+        default=None, max_length=MAX_FORECAST_POINTS
+    )
+    availability_forecast: list[tuple[float, bool]] | None = Field(
+        default=None, max_length=MAX_FORECAST_POINTS
+    )
+    signal: str = Field(default="", max_length=200)  # which provider the node reads
 
 
 class Problem(_Msg):

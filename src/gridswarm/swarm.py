@@ -54,6 +54,7 @@ class Swarm:
         self.nodes: dict[str, subprocess.Popen] = {}
         self.names: dict[str, str] = {}
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.hub_extra: list[str] = []  # more `gridswarm hub` options, e.g. ["--signals", PATH]
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         """`python -m gridswarm.cli ARGS` with output appended to `log_name` in the workdir."""
@@ -78,6 +79,7 @@ class Swarm:
                 str(self.port),
                 "--liveness-s",
                 str(self.liveness_s),
+                *self.hub_extra,
             ],
             "hub.log",
         )
@@ -89,7 +91,12 @@ class Swarm:
         self.hub.wait(timeout=10)
 
     def start_node(
-        self, name: str, run_id: str, throttle: float = 0.0, extra: list[str] | None = None
+        self,
+        name: str,
+        run_id: str | None,  # None: the node works on the newest active run, then the next
+        throttle: float = 0.0,
+        extra: list[str] | None = None,
+        hub_url: str | None = None,  # e.g. a recording proxy in front of the hub
     ) -> str:
         home = self.workdir / name
         node_id = Identity.load_or_create(home / "node.key").node_id
@@ -97,11 +104,10 @@ class Swarm:
             [
                 "node",
                 "--hub",
-                self.url,
+                hub_url or self.url,
                 "--home",
                 str(home),
-                "--run",
-                run_id,
+                *(["--run", run_id] if run_id else []),
                 "--name",
                 name,
                 "--throttle",

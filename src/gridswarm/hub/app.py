@@ -20,13 +20,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from gridswarm.blobs import BlobError, check_digest
+from gridswarm.hub.privacy import add_privacy_routes
 from gridswarm.hub.service import HubError, HubService
+from gridswarm.hub.trust import add_trust_routes
 from gridswarm.identity import HEADER_SIGNATURE, AuthError, VerifiedRequest
 from gridswarm.protocol import (
     API,
     MAX_JSON_BYTES,
     AssignmentResponse,
     ContributionAck,
+    EnergyReport,
     HeartbeatRequest,
     RegisterRequest,
     RegisterResponse,
@@ -125,6 +128,14 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         await run_in_threadpool(service.heartbeat, verified.node_id, req.status)
         return {"ok": True}
 
+    @app.post(f"{API}/nodes/energy")
+    async def energy(request: Request) -> dict:
+        """A node's energy state and forecast (hub/energy.py plans with it)."""
+        verified, body = await signed(request, MAX_JSON_BYTES)
+        report = parse(EnergyReport, body)
+        await run_in_threadpool(service.report_energy, verified.node_id, report)
+        return {"ok": True}
+
     @app.post(f"{API}/nodes/leave")
     async def leave(request: Request) -> dict:
         verified, _ = await signed(request, MAX_JSON_BYTES)
@@ -144,6 +155,11 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     @app.get(f"{API}/runs/{{run_id}}")
     async def run_status(run_id: str) -> dict:
         return await run_in_threadpool(service.run_status, run_id)
+
+    @app.get(f"{API}/runs/{{run_id}}/report")
+    async def run_report(run_id: str) -> dict:
+        """Energy and carbon per node and per run, with the agnostic counterfactual."""
+        return await run_in_threadpool(service.run_report, run_id)
 
     @app.get(f"{API}/runs/{{run_id}}/versions/latest")
     async def latest_version(run_id: str) -> dict:
@@ -165,6 +181,9 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     async def contribute(run_id: str, request: Request) -> ContributionAck:
         verified, body = await signed(request, max_upload_bytes)
         return await run_in_threadpool(service.submit, run_id, verified.node_id, body)
+
+    add_privacy_routes(app, service, signed, max_upload_bytes)  # /v1/runs/{id}/secagg/...
+    add_trust_routes(app, service, signed)  # /v1/ledger, /v1/runs/{id}/fund, balances
 
     @app.get(f"{API}/blobs/{{digest}}")
     async def blob(digest: str, request: Request) -> Response:

@@ -3,7 +3,17 @@ the hub acknowledges it, so the hub process itself holds no state worth losing."
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from gridswarm.db import Base
@@ -37,6 +47,8 @@ class Node(Base):
     registered_at: Mapped[float] = mapped_column(Float)
     last_seen_at: Mapped[float] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(16), default="idle")
+    # the node's last EnergyReport (protocol.py) + when the hub received it (hub/energy.py)
+    energy_json: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Version(Base):
@@ -107,7 +119,23 @@ class Contribution(Base):
     power_w: Mapped[float | None] = mapped_column(Float, nullable=True)
     energy_method: Mapped[str | None] = mapped_column(String(16), nullable=True)
     region: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # carbon accounting at submit (hub/energy.py): grid intensity at region and time, where it
+    # came from ("hub" signal or the "node"'s report), emissions, share met by local surplus
+    intensity_g_per_kwh: Mapped[float | None] = mapped_column(Float, nullable=True)
+    intensity_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    emissions_g: Mapped[float | None] = mapped_column(Float, nullable=True)
+    local_surplus_share: Mapped[float | None] = mapped_column(Float, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="accepted")
+    # trust (0004_trust): what verification concluded; NULL until the round is screened
+    update_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    claim_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # node's ledger claim
+    audit_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    audited: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    audit_passed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    loss_drop: Mapped[float | None] = mapped_column(Float, nullable=True)  # alone, held-out
+    usefulness: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward_units: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    verdict_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
 
 
@@ -130,3 +158,93 @@ class Nonce(Base):
     nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
     public_key: Mapped[str] = mapped_column(String(64))
     seen_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class PrivacyRound(Base):
+    """Differential-privacy accounting of one closed round: the noise it used and the epsilon
+    spent by the run after it (recomputed from these rows after a restart)."""
+
+    __tablename__ = "privacy_rounds"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    sample_rate: Mapped[float] = mapped_column(Float)
+    clip_norm: Mapped[float] = mapped_column(Float)
+    nodes: Mapped[int] = mapped_column(Integer)
+    clipped: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None under SecAgg
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class PrivacyRun(Base):
+    """Why a run was stopped by its privacy settings (epsilon budget)."""
+
+    __tablename__ = "privacy_runs"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    stop_reason: Mapped[str] = mapped_column(Text)
+    stopped_at: Mapped[float] = mapped_column(Float)
+
+
+class SecAggSession(Base):
+    """The secure-aggregation stages of one round (one row per round; a failed attempt is
+    retrained and reuses the row, keeping the last failure's reason)."""
+
+    __tablename__ = "secagg_sessions"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(16))  # share | mask | unmask | done | failed
+    config_json: Mapped[str] = mapped_column(Text)  # the SecAggConfig (encode_message)
+    stage_deadline_at: Mapped[float] = mapped_column(Float)
+    opened_at: Mapped[float] = mapped_column(Float)
+    closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    survivors: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    dropped: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sum_blob: Mapped[str | None] = mapped_column(String(64), nullable=True)  # unmasked sum
+    aggregate_blob: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class SecAggMessage(Base):
+    """One node's message of one SecAgg stage: keys, encrypted shares (opaque to the hub), the
+    blob digest of its masked input, or its unmasking shares."""
+
+    __tablename__ = "secagg_messages"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # advertise | share | masked | unmask
+    stage: Mapped[str] = mapped_column(String(16), primary_key=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class TrustRound(Base):
+    """The audit seed of one round: its sha256 is on the ledger when the round opens, the seed
+    itself only once submissions have closed (kept secret here until then)."""
+
+    __tablename__ = "trust_rounds"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    audit_seed: Mapped[str] = mapped_column(String(64))
+    commitment: Mapped[str] = mapped_column(String(64))
+    opened_at: Mapped[float] = mapped_column(Float)
+    revealed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class NodeReputation(Base):
+    """A node's track record across runs (trust/reputation.py); `score` feeds selection and the
+    audit rate. Every change is also on the ledger."""
+
+    __tablename__ = "node_reputation"
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
+    consecutive_valid: Mapped[int] = mapped_column(Integer, default=0)
+    audits_passed: Mapped[int] = mapped_column(Integer, default=0)
+    audits_failed: Mapped[int] = mapped_column(Integer, default=0)
+    strikes: Mapped[int] = mapped_column(Integer, default=0)
+    liveness: Mapped[float] = mapped_column(Float, default=1.0)
+    usefulness: Mapped[float] = mapped_column(Float, default=0.5)
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[float] = mapped_column(Float)

@@ -12,6 +12,7 @@ from sqlalchemy import Engine, create_engine, event
 from gridswarm.blobs import LocalBlobStore
 from gridswarm.hub.app import create_app
 from gridswarm.hub.service import HubService, HubSettings
+from gridswarm.identity import Identity
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -46,15 +47,32 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-def build_service(db_url: str, blobs_dir: Path, settings: HubSettings | None = None) -> HubService:
+def hub_key_path(blobs_dir: Path, home: Path | None = None) -> Path:
+    """Where the hub keeps its Ed25519 ledger key: `home`/hub.key, by default beside the blobs."""
+    return (Path(home) if home is not None else Path(blobs_dir).resolve().parent) / "hub.key"
+
+
+def build_service(
+    db_url: str, blobs_dir: Path, settings: HubSettings | None = None, home: Path | None = None
+) -> HubService:
     engine = make_engine(db_url)
     migrate(engine)
-    return HubService(engine, LocalBlobStore(blobs_dir), settings)
+    identity = Identity.load_or_create(hub_key_path(blobs_dir, home))  # created once, then kept
+    service = HubService(engine, LocalBlobStore(blobs_dir), settings, identity=identity)
+    service.trust.ensure_genesis()
+    return service
 
 
-def serve(db_url: str, blobs_dir: Path, host: str, port: int, liveness_s: float = 20.0) -> None:
+def serve(
+    db_url: str,
+    blobs_dir: Path,
+    host: str,
+    port: int,
+    liveness_s: float = 20.0,
+    home: Path | None = None,
+) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    service = build_service(db_url, blobs_dir, HubSettings(liveness_s=liveness_s))
+    service = build_service(db_url, blobs_dir, HubSettings(liveness_s=liveness_s), home)
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning")

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from pydantic import ValidationError
@@ -23,7 +23,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gridswarm.blobs import BlobError, LocalBlobStore
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
+from gridswarm.energy.signals import SignalProvider
+from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import models as m
+from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.rounds import (
     AssignmentState,
     Decision,
@@ -34,8 +37,10 @@ from gridswarm.hub.rounds import (
     may_assign,
 )
 from gridswarm.hub.scheduler import plan_inner_steps, speed_from_probe, update_speed
+from gridswarm.hub.trust import HubTrust
 from gridswarm.identity import (
     AuthError,
+    Identity,
     VerifiedRequest,
     node_id_from_public_key,
     verify_request,
@@ -45,6 +50,7 @@ from gridswarm.protocol import (
     AssignmentResponse,
     ContributionAck,
     ContributionMeta,
+    EnergyReport,
     RegisterRequest,
     RunCreateResponse,
 )
@@ -70,6 +76,8 @@ class HubError(Exception):
 class HubSettings:
     liveness_s: float = 20.0
     max_skew_s: float = MAX_SKEW_S
+    # region -> the hub's own carbon signal (`gridswarm hub --signals`, hub/energy.py)
+    signals: dict[str, SignalProvider] = field(default_factory=dict)
 
 
 def ring_allreduce_bytes(numel: int, world: int) -> float:
@@ -84,6 +92,7 @@ class HubService:
         blobs: LocalBlobStore,
         settings: HubSettings | None = None,
         clock: Callable[[], float] = time.time,
+        identity: Identity | None = None,
     ) -> None:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.blobs = blobs
@@ -91,6 +100,10 @@ class HubService:
         self.clock = clock
         self.lock = threading.RLock()
         self._workloads: dict[str, Workload] = {}
+        self.privacy = HubPrivacy(self)  # DP accounting and SecAgg stages (hub/privacy.py)
+        # ledger, audits, usefulness, reputation, rewards (hub/trust.py); `identity` is the hub's
+        # persistent signing key (server.py loads it), a throwaway one only for in-memory use
+        self.trust = HubTrust(engine, blobs, identity or Identity.generate(), self.lock, clock)
 
     # ---------------------------------------------------------------- authentication
 
@@ -146,6 +159,20 @@ class HubService:
             self._node(s, node_id).status = status
             s.commit()
 
+    def report_energy(self, node_id: str, report: EnergyReport) -> None:
+        """Store a node's energy report (hub/energy.py reads it when planning); a node whose own
+        policy refuses to run now is 'paused' until its next report says otherwise."""
+        with self.sessions() as s:
+            node = self._node(s, node_id)
+            received = {**report.model_dump(mode="json"), "received_at": self.clock()}
+            node.energy_json = json.dumps(received)
+            node.region = report.region or node.region
+            if not report.available:
+                node.status = "paused"
+            elif node.status == "paused":
+                node.status = "idle"
+            s.commit()
+
     def leave(self, node_id: str) -> int:
         """A node leaves: its outstanding assignments are released so rounds need not wait."""
         with self.lock, self.sessions() as s:
@@ -170,6 +197,8 @@ class HubService:
         try:
             cfg = parse_run_config(config)
             make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)
+            hub_energy.check_energy(cfg)  # green policies need a token target
+            check_new_run(cfg)  # a DP budget must pay for at least one round
         except (ConfigError, ValueError, TypeError) as exc:
             raise HubError(422, str(exc)) from exc
         run_id = uuid.uuid4().hex[:12]
@@ -262,32 +291,49 @@ class HubService:
                 return AssignmentResponse(status="finished")
             cfg = RunConfig.model_validate_json(run.config_json)
             rnd, state, rules = self._round_state(s, run)
+            if rnd.status == "secagg":  # the round's secure aggregation runs: no new work
+                s.commit()
+                return AssignmentResponse(status="wait", retry_after_s=1.0)
             live = [
                 n
                 for n in s.scalars(select(m.Node).where(m.Node.status != "left"))
                 if now - n.last_seen_at <= self.settings.liveness_s
             ]
             reason = may_assign(state, rules, node_id, len(live), now)
+            if reason is None:  # reputation: cheaters excluded (403), reputed nodes first
+                reason = self.trust.admission(
+                    s, node_id, [n.id for n in live], state, cfg.round.max_nodes
+                )
             if reason is not None:
                 s.commit()
                 return AssignmentResponse(status="wait", retry_after_s=1.0)
             deadline_at = rnd.deadline_at if rnd.status == "open" else now + cfg.round.deadline_s
             speeds = {n.id: self._speed(s, run, n) for n in live}
             speed = speeds.get(node_id) or self._speed(s, run, node)
+            work = self._energy_work(s, run, cfg, node, live, speeds, now)
+            if work.share <= 0:  # the run's energy policy: not this node, or not now
+                s.commit()
+                return AssignmentResponse(status="wait", retry_after_s=work.retry_after_s)
+            reserve_s = 0.1 * cfg.round.deadline_s + 1.0
+            time_left_s = deadline_at - now
+            if work.window_s is not None:  # the node's own energy window ends first
+                time_left_s = min(time_left_s, work.window_s + reserve_s)
             plan = plan_inner_steps(
                 tokens_per_s=speed,
                 fastest_tokens_per_s=max(speeds.values(), default=speed),
                 tokens_per_step=cfg.tokens_per_step,
                 inner_steps=cfg.train.inner_steps,
                 min_inner_steps=cfg.train.min_inner_steps,
-                time_left_s=deadline_at - now,
-                reserve_s=0.1 * cfg.round.deadline_s + 1.0,
+                time_left_s=time_left_s,
+                reserve_s=reserve_s,
+                work_share=work.share,
             )
             if plan is None:
                 s.commit()
                 return AssignmentResponse(status="wait", retry_after_s=2.0)
             if rnd.status == "pending":
                 rnd.status, rnd.opened_at, rnd.deadline_at = "open", now, deadline_at
+                self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
             row = m.Assignment(
                 id=uuid.uuid4().hex,
                 run_id=run.id,
@@ -322,6 +368,62 @@ class HubService:
             ),
         )
 
+    def _energy_work(
+        self,
+        s: Session,
+        run: m.Run,
+        cfg: RunConfig,
+        node: m.Node,
+        live: list[m.Node],
+        speeds: dict[str, float],
+        now: float,
+    ) -> hub_energy.WorkDecision:
+        """This node's work share under the run's energy policy (decided in hub/energy.py) over
+        the live nodes not busy with another run."""
+        green = cfg.energy.policy != "agnostic"
+        nodes = []
+        for n in {**{n.id: n for n in live}, node.id: node}.values():
+            report = hub_energy.parse_report(n.energy_json)
+            if n.id != node.id and report and report.get("run_id") not in (None, run.id):
+                continue
+            signal = self.settings.signals.get(n.region or "") if green else None
+            forecast = hub_energy.signal_forecast(signal, now, cfg.energy.forecast_horizon_s)
+            speed = speeds.get(n.id) or self._speed(s, run, n)
+            nodes.append(hub_energy.LiveNode(n.id, speed, n.region, report, forecast))
+        remaining, deadline = hub_energy.run_targets(cfg, run.created_at, run.tokens_total)
+        compute_s, wall_s = hub_energy.round_timing(cfg, max(n.tokens_per_s for n in nodes))
+        return hub_energy.decide_work(
+            cfg.energy,
+            node.id,
+            nodes,
+            now,
+            tokens_remaining=remaining,
+            deadline_at_s=deadline,
+            compute_s=compute_s,
+            wall_s=wall_s,
+            quorum=cfg.round.quorum,
+        )
+
+    def _carbon(self, run_id: str, node_id: str, meta: ContributionMeta) -> dict:
+        """Carbon columns of a contribution: the hub's own signal for the node's region over the
+        training interval when it has one, else the node's figure (hub/energy.py)."""
+        with self.sessions() as s:
+            run, node = s.get(m.Run, run_id), s.get(m.Node, node_id)
+            region = meta.region or (node.region if node else None)
+            cfg = RunConfig.model_validate_json(run.config_json) if run else RunConfig()
+        now = self.clock()
+        hub_g = hub_energy.signal_intensity(
+            self.settings.signals.get(region or ""), now - meta.train_time_s, now
+        )
+        carbon = hub_energy.account(
+            meta.energy_wh,
+            meta.intensity_g_per_kwh,
+            meta.local_surplus_share,
+            hub_g,
+            cfg.energy.default_intensity_g_per_kwh,
+        )
+        return carbon.columns()
+
     # ---------------------------------------------------------------- contributions
 
     def submit(self, run_id: str, node_id: str, body: bytes) -> ContributionAck:
@@ -333,6 +435,7 @@ class HubService:
             raise HubError(400, f"malformed contribution: {exc}") from exc
         except ValidationError as exc:
             raise HubError(422, f"malformed contribution metadata: {exc.errors()[:3]}") from exc
+        carbon = self._carbon(run_id, node_id, meta)
         with self.lock, self.sessions() as s:
             self._node(s, node_id)
             run = self._run(s, run_id)
@@ -353,7 +456,15 @@ class HubService:
                     f"the run is at round {run.round} (late contributions are rejected)",
                 )
             cfg = RunConfig.model_validate_json(run.config_json)
-            self._check_claims(meta, assignment, cfg, tensors, run.numel)
+            try:
+                self._check_claims(meta, assignment, cfg, tensors, run.numel)
+            except HubError as exc:  # a false work claim (tokens, steps) goes on the ledger
+                self.trust.record_false_claim(s, run, cfg, node_id, assignment, exc.detail)
+                raise
+            # the node's signed claim, its energy report, no replayed update (hub/trust.py)
+            screened = self.trust.screen_submission(
+                s, run, cfg, s.get(m.Node, node_id), assignment, meta.model_dump(), tensors
+            )
             digest = self.blobs.put(body)
             s.add(
                 m.Contribution(
@@ -375,12 +486,14 @@ class HubService:
                     power_w=meta.power_w,
                     energy_method=meta.energy_method,
                     region=meta.region,
+                    **carbon,
                     status="accepted",
                     created_at=self.clock(),
                 )
             )
             assignment.status = "submitted"
             try:
+                self.trust.record_submission(s, digest, screened)  # the claim, on the ledger
                 s.commit()
             except IntegrityError as exc:
                 raise HubError(409, "duplicate contribution") from exc
@@ -417,6 +530,7 @@ class HubService:
 
     def tick(self) -> list[tuple[str, Decision]]:
         """Advance every active run's round as the clock and submissions dictate."""
+        self.trust.prescreen(self.workload)  # audit uploads as they arrive, outside the lock
         done = []
         with self.sessions() as s:
             run_ids = s.scalars(select(m.Run.id).where(m.Run.status == "active")).all()
@@ -447,6 +561,8 @@ class HubService:
                 s.commit()
                 rnd, state, rules = self._round_state(s, run)
             decision = decide(state, rules, now)
+            if RunConfig.model_validate_json(run.config_json).privacy.secagg:
+                decision = self.privacy.advance_secagg(s, run, rnd, decision, now)
             if decision is Decision.REPLAN:
                 self._replan(s, run, rnd, now)
             elif decision is Decision.CLOSE:
@@ -466,7 +582,9 @@ class HubService:
         )
         kept = s.scalar(
             select(func.count()).where(
-                m.Contribution.run_id == run.id, m.Contribution.round == rnd.number
+                m.Contribution.run_id == run.id,
+                m.Contribution.round == rnd.number,
+                m.Contribution.status == "accepted",  # not those rejected by audits
             )
         )
         rnd.attempt += 1
@@ -482,6 +600,10 @@ class HubService:
         cfg = RunConfig.model_validate_json(run.config_json)
         workload = self.workload(run.id, run.config_json)
         base = s.get(m.Version, (run.id, rnd.base_version))
+        # replay audits + usefulness first: rejected contributions are not aggregated (trust.py)
+        if not self.trust.screen_round(s, run, rnd, cfg, workload, base):
+            self._replan(s, run, rnd, now)  # every contribution was rejected: the round goes on
+            return
         contributions = s.scalars(
             select(m.Contribution)
             .where(
@@ -491,13 +613,16 @@ class HubService:
             )
             .order_by(m.Contribution.node_id)
         ).all()
-        codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
-        updates = torch.stack(
-            [codec.decode(unpack(self.blobs.get(c.id))[0], run.numel) for c in contributions]
-        )
-        weights = torch.tensor([float(c.tokens) for c in contributions])
-        pseudo_gradient = make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)(
-            updates, weights
+        updates = weights = None  # under SecAgg only the recovered sum exists
+        if not cfg.privacy.secagg:
+            codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
+            updates = torch.stack(
+                [codec.decode(unpack(self.blobs.get(c.id))[0], run.numel) for c in contributions]
+            )
+            weights = torch.tensor([float(c.tokens) for c in contributions])
+        # plain aggregator, DP-FedAvg (clip + noise + accounting) or the SecAgg sum: hub/privacy.py
+        pseudo_gradient = self.privacy.aggregate(
+            s, run, rnd, cfg, contributions, updates, weights, now
         )
         theta = unpack_vector(self.blobs.get(base.weights_blob))
         momentum = unpack_vector(self.blobs.get(base.momentum_blob)) if base.momentum_blob else None
@@ -530,6 +655,7 @@ class HubService:
             created_at=now,
         )
         s.add(version)
+        self.trust.settle_round(s, run, rnd, cfg, version)  # verdicts, rewards, reputation
         s.execute(
             update(m.Assignment)
             .where(
@@ -543,8 +669,10 @@ class HubService:
         rnd.close_reason = "all-in" if now < (rnd.deadline_at or now) else "deadline"
         run.version, run.tokens_total = number, run.tokens_total + tokens
         budget = cfg.budget
-        if (budget.rounds is not None and number >= budget.rounds) or (
-            budget.tokens is not None and run.tokens_total >= budget.tokens
+        if (
+            (budget.rounds is not None and number >= budget.rounds)
+            or (budget.tokens is not None and run.tokens_total >= budget.tokens)
+            or self.privacy.stop_reason(s, run, cfg, now)  # epsilon budget would be passed
         ):
             run.status, run.finished_at = "finished", now
         else:
@@ -608,6 +736,65 @@ class HubService:
                 }
                 for r in s.scalars(select(m.Run).order_by(m.Run.created_at))
             ]
+
+    def _energy_status(
+        self, run: m.Run, contributions: list[m.Contribution], node_rows: dict[str, m.Node]
+    ) -> dict:
+        """run_status["energy"]: policy, deadline, totals, and the last report of each node that
+        works on this run (hub/energy.py)."""
+        contributors = {c.node_id for c in contributions}
+        reports = {}
+        for n in node_rows.values():
+            report = hub_energy.parse_report(n.energy_json)
+            if report and (n.id in contributors or report.get("run_id") == run.id):
+                reports[n.id] = report
+        return hub_energy.energy_status(
+            RunConfig.model_validate_json(run.config_json),
+            run.created_at,
+            run.finished_at,
+            [hub_energy.ContributionRow.of(c) for c in contributions],
+            reports,
+        )
+
+    def run_report(self, run_id: str) -> dict:
+        """Energy and carbon report of a run: per node and per run tokens, kWh, kgCO2e, g per
+        1k tokens, local-surplus share and the agnostic counterfactual (GET .../report)."""
+        with self.sessions() as s:
+            run = self._run(s, run_id)
+            contributions = s.scalars(
+                select(m.Contribution).where(m.Contribution.run_id == run_id)
+            ).all()
+            node_rows = s.scalars(select(m.Node)).all()
+        cfg = RunConfig.model_validate_json(run.config_json)
+        rows = [hub_energy.ContributionRow.of(c) for c in contributions]
+        contributors = {r.node_id for r in rows}
+        participants = []
+        for n in node_rows:
+            report = hub_energy.parse_report(n.energy_json) or {}
+            if n.id in contributors or report.get("run_id") == run_id:
+                participants.append(
+                    hub_energy.Participant(
+                        n.id,
+                        n.name,
+                        n.region or report.get("region"),
+                        speed_from_probe(n.probe_rate, run.numel),
+                        report.get("power_w"),
+                        report.get("intensity_g_per_kwh"),
+                    )
+                )
+
+        def hub_intensity_at(region: str, t_s: float) -> float | None:
+            return hub_energy.signal_intensity(self.settings.signals.get(region), t_s, t_s)
+
+        return hub_energy.run_report_json(
+            run_id,
+            cfg.energy.policy,
+            rows,
+            participants,
+            run.created_at,
+            hub_intensity_at,
+            cfg.energy.default_intensity_g_per_kwh,
+        )
 
     def run_status(self, run_id: str) -> dict:
         """Everything a dashboard or summary shows about one run."""
@@ -695,9 +882,12 @@ class HubService:
             "bytes_down_total": int(sum(total or 0 for _, total in downloads)),
             "bytes_sync_dp_equivalent": int(sync_dp),
             "nodes": sorted(nodes.values(), key=lambda n: n["id"]),
+            "energy": self._energy_status(run, contributions, node_rows),
+            "trust": self.trust.status(run_id),  # audits, rejections, escrow, reputation
             "live_nodes": [
                 {"id": n.id, "name": n.name, "status": n.status}
                 for n in node_rows.values()
                 if n.status != "left" and now - n.last_seen_at <= self.settings.liveness_s
             ],
+            **self.privacy.run_status(run_id),  # "privacy": epsilon, delta, budget, SecAgg rounds
         }

@@ -114,6 +114,44 @@ def fold_balances(entries: Iterable[Entry]) -> Balances:
     return balances
 
 
+@dataclass(frozen=True)
+class RunEscrow:
+    """One run's share of the ledger's money: what its sponsor put in, what rounds paid out, and
+    what slashes returned. Entries name their run in `payload["run_id"]`."""
+
+    run_id: str
+    funded_units: int = 0
+    rewarded_units: int = 0
+    forfeited_units: int = 0
+
+    @property
+    def available_units(self) -> int:
+        """What later rounds of this run may still pay."""
+        return self.funded_units - self.rewarded_units + self.forfeited_units
+
+
+def run_escrow(entries: Iterable[Entry], run_id: str) -> RunEscrow:
+    """Fold the money entries of one run (fund, reward, slash); other runs' entries are skipped.
+
+    Sums are checked by `fold_balances` over the whole log; this only attributes them to a run.
+    """
+    funded = rewarded = forfeited = 0
+    for e in entries:
+        if e.kind not in MONEY_KINDS:
+            continue
+        p = e.payload
+        if p.get("run_id") != run_id:
+            continue
+        if e.kind == "fund":
+            funded += _units(p, "amount_units", e.seq)
+        elif e.kind == "reward":
+            shares = p.get("shares") or {}
+            rewarded += sum(_units(shares, a, e.seq) for a in shares)
+        elif e.kind == "slash":
+            forfeited += _units(p, "amount_units", e.seq)
+    return RunEscrow(run_id, funded, rewarded, forfeited)
+
+
 def epoch_cumulative(
     balances: Balances, address_of: Mapping[str, str], previous: Mapping[str, int] | None = None
 ) -> dict[str, int]:

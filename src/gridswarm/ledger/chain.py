@@ -53,6 +53,7 @@ HUB_KINDS = frozenset(
         "payout",
         "epoch",
         "anchor",
+        "reputation",
     }
 )
 KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")

@@ -10,9 +10,16 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 
-from gridswarm.identity import Identity
+from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import epoch_cumulative
-from gridswarm.ledger.chain import Entry, LedgerError, SignedClaim, VerifyReport, sign_claim
+from gridswarm.ledger.chain import (
+    SCOPE_CLAIM,
+    Entry,
+    LedgerError,
+    SignedClaim,
+    VerifyReport,
+    sign_claim,
+)
 from gridswarm.ledger.evm import EvmSettlement, TxResult
 from gridswarm.ledger.log import Ledger
 from gridswarm.ledger.merkle import RewardClaim, RewardTree
@@ -60,13 +67,28 @@ def ledger_verify(
     return ledger.verify(hub_public_key=hub_public_key, anchors=anchors)
 
 
-def fund_claim(sponsor: Identity, amount_units: int, *, tx_hash: str | None = None) -> SignedClaim:
-    """The sponsor's signed "fund" entry (sent to the hub; `tx_hash` of the escrow deposit)."""
-    if not isinstance(amount_units, int) or amount_units <= 0:
+def fund_claim(
+    sponsor: Identity,
+    amount_units: int,
+    *,
+    tx_hash: str | None = None,
+    run_id: str | None = None,
+    nonce: str | None = None,
+) -> SignedClaim:
+    """The sponsor's signed "fund" entry (sent to the hub; `tx_hash` of the escrow deposit).
+
+    `run_id` names the run whose escrow it fills; `nonce` makes two equal deposits two distinct
+    claims (the ledger refuses a claim it already holds, so a captured one cannot be replayed).
+    """
+    if not isinstance(amount_units, int) or isinstance(amount_units, bool) or amount_units <= 0:
         raise ValueError(f"amount_units must be a positive integer, got {amount_units!r}")
     payload: dict[str, Any] = {"amount_units": amount_units}
     if tx_hash is not None:
         payload["tx"] = tx_hash
+    if run_id is not None:
+        payload["run_id"] = run_id
+    if nonce is not None:
+        payload["nonce"] = nonce
     return sign_claim(sponsor, "fund", payload)
 
 
@@ -110,6 +132,24 @@ def node_balance(
         claimed_onchain_units=claimed,
         token_balance_units=token,
     )
+
+
+def payout_address_claim(node: Identity, address: str, *, nonce: str | None = None) -> SignedClaim:
+    """A node's signed statement of the EVM address its rewards go to (`nonce`: lets it name an
+    address it used before again without repeating an old claim)."""
+    payload: dict[str, Any] = {"address": address}
+    if nonce is not None:
+        payload["nonce"] = nonce
+    return sign_claim(node, "payout_address", payload)
+
+
+def payout_addresses(ledger: Ledger) -> dict[str, str]:
+    """Node id -> payout address, from the nodes' own signed claims (the latest one wins)."""
+    out: dict[str, str] = {}
+    for entry in ledger.entries(kind="payout_address"):
+        if entry.scope == SCOPE_CLAIM:
+            out[node_id_from_public_key(entry.author)] = entry.payload["address"]
+    return out
 
 
 def latest_epoch(ledger: Ledger) -> Entry | None:

@@ -21,12 +21,15 @@ from gridswarm.blobs import BlobError, LocalBlobStore, sha256_hex
 from gridswarm.config import RunConfig
 from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient, HubRequestError
+from gridswarm.node.energy import NodeEnergy, load_node_energy
 from gridswarm.node.probe import hardware, probe_speed
+from gridswarm.node.secagg import SecAggContributor, secagg_timeout_s
 from gridswarm.protocol import Assignment, ContributionMeta, RegisterRequest
 from gridswarm.train.codecs import ErrorFeedback, make_codec
 from gridswarm.train.data import read_text
 from gridswarm.train.params import pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
+from gridswarm.trust.claims import sign_contribution
 
 log = logging.getLogger("gridswarm.node")
 HEARTBEAT_S = 3.0
@@ -48,6 +51,7 @@ class NodeOptions:
     throttle: float = 0.0  # fraction of time to idle (emulates a slower machine)
     max_rounds: int | None = None
     wait_s: float = 10.0
+    energy: Path | None = None  # node energy TOML: region, signal, PV/battery, policy
 
 
 @dataclass
@@ -68,6 +72,8 @@ class NodeAgent:
         self.stop_event = threading.Event()
         self.status = "idle"
         self.stats = NodeStats()
+        settings = load_node_energy(options.energy, options.region) if options.energy else None
+        self.energy = NodeEnergy(settings, region=options.region, threads=options.max_threads)
         self._workloads: dict[str, Workload] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
 
@@ -92,7 +98,7 @@ class NodeAgent:
         return self.client.register(
             RegisterRequest(
                 hardware=hardware(),
-                region=self.options.region,
+                region=self.energy.region,
                 probe_tokens_per_s=tokens_per_s,
                 probe_numel=numel,
                 max_threads=self.options.max_threads,
@@ -109,6 +115,7 @@ class NodeAgent:
     def run(self) -> NodeStats:
         """Work until stopped, the run finishes, or `max_rounds` contributions are made."""
         self.register()
+        log.info("energy assumptions:\n%s", self.energy.describe())
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         heartbeat.start()
         try:
@@ -119,7 +126,13 @@ class NodeAgent:
                 if run_id is None:
                     self.stop_event.wait(1.0)
                     continue
-                answer = self.client.assignment(run_id, wait_s=self.options.wait_s)
+                if not self.energy.gate(run_id, self.client.energy).allowed:
+                    self.status = "paused"  # our own energy policy says not now
+                    self.stop_event.wait(self.energy.pause_s)
+                    continue
+                self.status = "idle"
+                wait_s = self.energy.poll_wait_s(self.options.wait_s)
+                answer = self.client.assignment(run_id, wait_s=wait_s)
                 if answer.status == "finished":
                     log.info("run %s finished", run_id)
                     if self.options.run_id:
@@ -165,6 +178,24 @@ class NodeAgent:
             self._workloads[run_id] = Workload.from_config(cfg, text=text)
         return self._workloads[run_id]
 
+    def _contribute_securely(
+        self, a: Assignment, numel: int, update: torch.Tensor, meta: ContributionMeta
+    ) -> None:
+        """Secure aggregation (gridswarm.node.secagg): advertise, share, mask, unmask."""
+        self.status = "uploading"
+        contributor = SecAggContributor(self.client, a, self.node_id, update, meta, numel)
+        timeout_s = secagg_timeout_s(contributor.cfg, a.deadline_at, time.time())
+        outcome = contributor.run(self.stop_event, timeout_s)
+        self.status = "idle"
+        self.stats.bytes_up += outcome.bytes_up
+        if outcome.status == "done":
+            self.stats.contributions += 1
+            self.stats.tokens += meta.tokens
+            log.info("round %s: SecAgg contribution in the sum (%s)", a.round, outcome.stages)
+        else:
+            self.stats.rejected.append(outcome.reason or "SecAgg aborted")
+            log.warning("round %s: SecAgg contribution aborted: %s", a.round, outcome.reason)
+
     def fetch_version(self, a: Assignment, numel: int) -> torch.Tensor:
         """The assignment's model version: from cache, by applying the delta, or downloaded."""
         if self.cache.has(a.weights_blob):
@@ -205,7 +236,8 @@ class NodeAgent:
                 time.sleep(busy * self.options.throttle / (1 - self.options.throttle))
             step_started = time.perf_counter()
 
-        result = workload.train(theta, a.round, self.node_id, a.inner_steps, a.attempt, on_step)
+        with self.energy.measure() as metered:
+            result = workload.train(theta, a.round, self.node_id, a.inner_steps, a.attempt, on_step)
         codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
         if cfg.comm.error_feedback:
             feedback = self._feedback.setdefault(a.run_id, ErrorFeedback(codec))
@@ -222,8 +254,13 @@ class NodeAgent:
             loss_mean=result.loss_mean,
             train_time_s=result.train_time_s,
             threads=torch.get_num_threads(),
-            region=self.options.region,
+            **metered.use.meta(),  # energy_wh, power_w, method, region, intensity, local share
         )
+        if cfg.privacy.secagg:  # only a masked share of the sum leaves the node
+            self._contribute_securely(a, workload.numel, result.pseudo_gradient, meta)
+            return
+        claim = sign_contribution(self.identity, a.run_id, a.round, tensors, meta.model_dump())
+        meta = meta.model_copy(update={"claim": claim})  # our signed word, for the hub's ledger
         body = pack(tensors, meta.model_dump())
         self.status = "uploading"
         try:

@@ -18,6 +18,7 @@ from gridswarm.protocol import (
     API,
     AssignmentResponse,
     ContributionAck,
+    EnergyReport,
     HeartbeatRequest,
     RegisterRequest,
     RunCreateResponse,
@@ -91,6 +92,9 @@ class HubClient:
     def heartbeat(self, status: str, run_id: str | None = None) -> None:
         self.post_json(f"{API}/nodes/heartbeat", HeartbeatRequest(status=status, run_id=run_id))
 
+    def energy(self, report: EnergyReport) -> None:
+        self.post_json(f"{API}/nodes/energy", report)
+
     def leave(self) -> None:
         self.request("POST", f"{API}/nodes/leave")
 
@@ -119,3 +123,6 @@ class HubClient:
 
     def run_status(self, run_id: str) -> dict:
         return self.request("GET", f"{API}/runs/{run_id}", signed=False).json()
+
+    def run_report(self, run_id: str) -> dict:
+        return self.request("GET", f"{API}/runs/{run_id}/report", signed=False).json()

@@ -372,19 +372,38 @@ def _expect(actual: Stage, expected: Stage, what: str) -> None:
         raise SecAggError(f"{what} called at stage {actual.name}, expected {expected.name}")
 
 
+def generate_keys(random_bytes: RandomBytes = os.urandom) -> tuple[bytes, bytes]:
+    """A fresh (cipher, mask) pair of X25519 private keys, for one round only."""
+    return random_bytes(KEY_BYTES), random_bytes(KEY_BYTES)
+
+
+def public_keys(private_keys: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """The (cipher, mask) public keys of `generate_keys`'s private pair."""
+    return tuple(  # type: ignore[return-value]
+        X25519PrivateKey.from_private_bytes(k).public_key().public_bytes_raw() for k in private_keys
+    )
+
+
 class SecAggClient:
     """One node's side of one round. Call the four methods in order, once each."""
 
     def __init__(
-        self, config: SecAggConfig, node_id: str, random_bytes: RandomBytes = os.urandom
+        self,
+        config: SecAggConfig,
+        node_id: str,
+        random_bytes: RandomBytes = os.urandom,
+        private_keys: tuple[bytes, bytes] | None = None,
     ) -> None:
+        """`private_keys` = (cipher, mask) X25519 private keys made before the config existed
+        (a live node advertises its keys when it finishes training; see `generate_keys`)."""
         config.index(node_id)
         self.config = config
         self.node_id = node_id
         self.stage = Stage.ADVERTISE
         self._random = random_bytes
-        self._cipher_key = X25519PrivateKey.from_private_bytes(random_bytes(KEY_BYTES))
-        self._mask_key = X25519PrivateKey.from_private_bytes(random_bytes(KEY_BYTES))
+        cipher, mask = private_keys or generate_keys(random_bytes)
+        self._cipher_key = X25519PrivateKey.from_private_bytes(cipher)
+        self._mask_key = X25519PrivateKey.from_private_bytes(mask)
         self._neighbours = set(config.neighbours(node_id))
         self._peer_keys: dict[str, tuple[bytes, bytes]] = {}
         self._held: dict[str, tuple[bytes, bytes]] = {}  # owner -> (seed share, key share)

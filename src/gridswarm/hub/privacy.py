@@ -1,0 +1,881 @@
+"""The hub's side of privacy in live rounds: DP-FedAvg aggregation and accounting, and the
+stages of secure aggregation (SecAgg+) over the pull-based HTTP API.
+
+Aggregation (`HubPrivacy.aggregate`, called from `HubService._close`):
+- no privacy settings: the run's aggregator, as before;
+- DP, central noise, no SecAgg: clip each decoded pseudo-gradient to C, add N(0, (zC)^2) to the
+  sum, divide by the number of contributions (`dp_fedavg`);
+- SecAgg: only the sum of the survivors' masked vectors exists; it is divided by their total
+  token weight (no DP) or by the round's participant count (DP; plus central noise if asked).
+After a DP round the Opacus accountant's epsilon is stored per round; the run finishes before a
+round that would take epsilon past its budget (`stop_reason`).
+
+SecAgg stages of one round (the hub never dials a node; nodes poll `task`):
+
+    training   node trains, then POST secagg/advertise {meta, public keys}  (= its contribution)
+    [round decides CLOSE: quorum in]  hub fixes the participants and the SecAggConfig
+    share      node polls task -> KeyBroadcast; POST secagg/{round}/{attempt}/share  ShareKeys
+    mask       node polls task -> ShareDelivery; POST .../masked  uint32 words (a blob)
+    unmask     node polls task -> UnmaskRequest; POST .../unmask  UnmaskShares
+    done       hub rebuilds the masks, stores the sum, and the round closes as usual
+
+A stage advances when every expected node answered, or when the missing ones are lost (no
+heartbeat) or its timeout passed and at most t nodes are missing in all; with more than t it
+fails: the round's contributions are discarded and the round is retrained (new attempt, fresh
+keys), with the reason kept in the session row. `decide_stage` is the pure decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from gridswarm.config import RunConfig
+from gridswarm.hub import models as m
+from gridswarm.hub.rounds import Decision
+from gridswarm.privacy.dp import (
+    can_run_round,
+    clip_updates,
+    dp_fedavg,
+    epsilon_spent,
+    gaussian_noise,
+)
+from gridswarm.privacy.live import (
+    SECAGG_CODEC,
+    clip_range,
+    session_name,
+    sum_denominator,
+)
+from gridswarm.privacy.secagg import (
+    KEY_BYTES,
+    SHARE_BYTES,
+    AdvertiseKeys,
+    KeyBroadcast,
+    MaskedInput,
+    SecAggConfig,
+    SecAggError,
+    SecAggServer,
+    ShareDelivery,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskShares,
+    decode_message,
+    encode_message,
+    make_config,
+)
+from gridswarm.protocol import API, MAX_JSON_BYTES, ContributionMeta
+from gridswarm.train.aggregate import make_aggregator
+from gridswarm.train.params import pack_vector, unpack_vector
+
+if TYPE_CHECKING:
+    from gridswarm.hub.service import HubService
+    from gridswarm.identity import VerifiedRequest
+
+# Session stage -> the message stage nodes post during it.
+ANSWERS = {"share": "share", "mask": "masked", "unmask": "unmask"}
+NEXT_STAGE = {"share": "mask", "mask": "unmask", "unmask": "done"}
+# ShareKeys ciphertext: a seed share and a key share, plus the AEAD tag.
+SHARE_CIPHERTEXT_BYTES = 2 * SHARE_BYTES + 16
+MAX_TASK_WAIT_S = 20.0
+
+
+# --------------------------------------------------------------------------- pure stage logic
+
+
+class StageAction(StrEnum):
+    WAIT = "wait"
+    ADVANCE = "advance"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    """Where one SecAgg stage stands: who should answer, who did, who is gone."""
+
+    stage: str  # share | mask | unmask
+    n_nodes: int  # participants in the round's SecAggConfig
+    max_dropouts: int  # t
+    expected: frozenset[str]  # nodes that may still answer this stage
+    answered: frozenset[str]
+    lost: frozenset[str]  # expected nodes not heard from within the liveness window
+    deadline_at: float
+
+
+def decide_stage(p: StageProgress, now_s: float) -> tuple[StageAction, str | None]:
+    """WAIT, ADVANCE to the next stage, or FAIL (with the reason) when more than t of the
+    round's nodes are (or must end up) missing."""
+    missing = p.expected - p.answered
+    absent = p.n_nodes - len(p.answered)  # includes nodes that dropped at earlier stages
+    best_case = p.n_nodes - len(p.answered | (missing - p.lost))
+
+    def failure(count: int) -> tuple[StageAction, str]:
+        return StageAction.FAIL, (
+            f"secure aggregation failed at the {p.stage} stage: {count} of {p.n_nodes} nodes "
+            f"dropped out, the round tolerates privacy.secagg.max_dropouts = {p.max_dropouts}; "
+            f"the round is re-planned (retrained with fresh keys)"
+        )
+
+    if best_case > p.max_dropouts:
+        return failure(best_case)
+    if not missing or now_s >= p.deadline_at or missing <= p.lost:
+        return (StageAction.ADVANCE, None) if absent <= p.max_dropouts else failure(absent)
+    return StageAction.WAIT, None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class PrivacyRequestError(Exception):
+    """A SecAgg request the hub refuses (mapped to HubError by the caller)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _jsonable(message: Any) -> Any:
+    return json.loads(encode_message(message))
+
+
+def _message(doc: Any, expected: type) -> Any:
+    try:
+        msg = decode_message(json.dumps(doc).encode())
+    except SecAggError as exc:
+        raise PrivacyRequestError(422, str(exc)) from exc
+    if not isinstance(msg, expected):
+        raise PrivacyRequestError(422, f"expected a {expected.__name__} message")
+    return msg
+
+
+def _history(rows: Iterable[m.PrivacyRound]) -> list[tuple[float, float, int]]:
+    """Accounting history: consecutive rounds with the same (z, q) merged."""
+    out: list[tuple[float, float, int]] = []
+    for r in rows:
+        if out and out[-1][:2] == (r.noise_multiplier, r.sample_rate):
+            out[-1] = (r.noise_multiplier, r.sample_rate, out[-1][2] + 1)
+        else:
+            out.append((r.noise_multiplier, r.sample_rate, 1))
+    return out
+
+
+def check_new_run(cfg: RunConfig) -> None:
+    """Refuse a DP run whose budget cannot pay for even one round."""
+    dp = cfg.privacy.dp
+    if dp and not can_run_round(
+        [], dp.noise_multiplier, dp.sample_rate, dp.delta, dp.epsilon_budget, dp.accountant
+    ):
+        one = epsilon_spent([(dp.noise_multiplier, dp.sample_rate, 1)], dp.delta, dp.accountant)
+        raise ValueError(
+            f"privacy.dp.epsilon_budget = {dp.epsilon_budget} is below one round's epsilon "
+            f"({one:.3g} at noise_multiplier {dp.noise_multiplier}); raise the budget or the noise"
+        )
+
+
+# --------------------------------------------------------------------------- the hub side
+
+
+class HubPrivacy:
+    """DP aggregation/accounting and SecAgg stages over the service's database and blobs."""
+
+    def __init__(self, service: HubService) -> None:
+        self.svc = service
+        self._broadcasts: dict[tuple[str, int, int], dict[str, KeyBroadcast]] = {}
+        self._deliveries: dict[tuple[str, int, int], dict[str, ShareDelivery]] = {}
+
+    # ------------------------------------------------------------ aggregation and accounting
+
+    def aggregate(
+        self,
+        s: Session,
+        run: m.Run,
+        rnd: m.Round,
+        cfg: RunConfig,
+        contributions: list[m.Contribution],
+        updates: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        now: float,
+    ) -> torch.Tensor:
+        """The round's pseudo-gradient (replaces the plain aggregator call in `_close`)."""
+        dp = cfg.privacy.dp
+        if cfg.privacy.secagg:
+            return self._secagg_aggregate(s, run, rnd, cfg, contributions, now)
+        if dp is None:
+            return make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)(
+                updates, weights
+            )
+        _, norms = clip_updates(updates, dp.clip_norm)
+        result = dp_fedavg(updates, dp.clip_norm, dp.noise_multiplier, len(updates))
+        self._account(s, run, rnd, cfg, len(updates), int((norms > dp.clip_norm).sum()), now)
+        return result
+
+    def _account(
+        self,
+        s: Session,
+        run: m.Run,
+        rnd: m.Round,
+        cfg: RunConfig,
+        nodes: int,
+        clipped: int | None,
+        now: float,
+    ) -> None:
+        dp = cfg.privacy.dp
+        rows = self._dp_rounds(s, run.id)
+        history = [*_history(rows), (dp.noise_multiplier, dp.sample_rate, 1)]
+        s.add(
+            m.PrivacyRound(
+                run_id=run.id,
+                round=rnd.number,
+                noise_multiplier=dp.noise_multiplier,
+                sample_rate=dp.sample_rate,
+                clip_norm=dp.clip_norm,
+                nodes=nodes,
+                clipped=clipped,
+                epsilon=epsilon_spent(history, dp.delta, dp.accountant),
+                delta=dp.delta,
+                created_at=now,
+            )
+        )
+        s.flush()
+
+    @staticmethod
+    def _dp_rounds(s: Session, run_id: str) -> list[m.PrivacyRound]:
+        return list(
+            s.scalars(
+                select(m.PrivacyRound)
+                .where(m.PrivacyRound.run_id == run_id)
+                .order_by(m.PrivacyRound.round)
+            )
+        )
+
+    def stop_reason(self, s: Session, run: m.Run, cfg: RunConfig, now: float) -> str | None:
+        """Why the run must finish now (one more round would pass the epsilon budget), recorded
+        with the run; None to go on."""
+        dp = cfg.privacy.dp
+        if dp is None:
+            return None
+        history = _history(self._dp_rounds(s, run.id))
+        if can_run_round(
+            history, dp.noise_multiplier, dp.sample_rate, dp.delta, dp.epsilon_budget, dp.accountant
+        ):
+            return None
+        spent = epsilon_spent(history, dp.delta, dp.accountant)
+        after = epsilon_spent(
+            [*history, (dp.noise_multiplier, dp.sample_rate, 1)], dp.delta, dp.accountant
+        )
+        reason = (
+            f"epsilon budget: {spent:.3f} spent after {sum(h[2] for h in history)} rounds at "
+            f"delta {dp.delta:g}; one more round would reach {after:.3f} > "
+            f"privacy.dp.epsilon_budget {dp.epsilon_budget:g}"
+        )
+        s.merge(m.PrivacyRun(run_id=run.id, stop_reason=reason, stopped_at=now))
+        return reason
+
+    def run_status(self, run_id: str) -> dict:
+        """`{"privacy": {...}}` for `HubService.run_status`, or {} for a run without privacy."""
+        with self.svc.sessions() as s:
+            run = s.get(m.Run, run_id)
+            if run is None:
+                return {}
+            cfg = RunConfig.model_validate_json(run.config_json)
+            p = cfg.privacy
+            if p.dp is None and p.secagg is None and cfg.data.data != "local":
+                return {}
+            rounds = self._dp_rounds(s, run_id)
+            stop = s.get(m.PrivacyRun, run_id)
+            sessions = s.scalars(
+                select(m.SecAggSession)
+                .where(m.SecAggSession.run_id == run_id)
+                .order_by(m.SecAggSession.round)
+            ).all()
+        info: dict[str, Any] = {
+            "data": cfg.data.data,
+            "hub_eval_set": cfg.data.dataset,
+            "secagg": p.secagg is not None,
+            "dp": None if p.dp is None else p.dp.noise,
+            "epsilon": rounds[-1].epsilon if rounds else (0.0 if p.dp else None),
+            "delta": p.dp.delta if p.dp else None,
+            "epsilon_budget": p.dp.epsilon_budget if p.dp else None,
+            "accountant": p.dp.accountant if p.dp else None,
+            "epsilon_per_round": [
+                {"round": r.round, "epsilon": r.epsilon, "nodes": r.nodes, "clipped": r.clipped}
+                for r in rounds
+            ],
+            "stop_reason": stop.stop_reason if stop else None,
+            # Per-node audits/usefulness need individual updates: not available under SecAgg.
+            "per_node_audits": p.secagg is None,
+        }
+        if p.secagg is not None:
+            info["secagg_rounds"] = [
+                {
+                    "round": x.round,
+                    "attempt": x.attempt,
+                    "stage": x.stage,
+                    "survivors": x.survivors,
+                    "dropped": x.dropped,
+                    "failures": x.failures,
+                    "last_failure": x.last_failure,
+                    "duration_s": None if x.closed_at is None else x.closed_at - x.opened_at,
+                }
+                for x in sessions
+            ]
+        return {"privacy": info}
+
+    # ------------------------------------------------------------ SecAgg: round driver
+
+    def advance_secagg(
+        self, s: Session, run: m.Run, rnd: m.Round, decision: Decision, now: float
+    ) -> Decision:
+        """Drive a SecAgg run's round: open the session when training closes, move the stages
+        on, and answer CLOSE once the sum is recovered (the service then closes the round)."""
+        if rnd.status == "open":
+            if decision is not Decision.CLOSE:
+                return decision
+            self._open_session(s, run, rnd, now)
+            return Decision.WAIT
+        if rnd.status != "secagg":
+            return decision
+        cfg = RunConfig.model_validate_json(run.config_json)
+        sess = s.get(m.SecAggSession, (run.id, rnd.number))
+        config = decode_message(sess.config_json.encode())
+        action, reason = decide_stage(self._progress(s, run, sess, config, now), now)
+        if action is StageAction.WAIT:
+            return Decision.WAIT
+        if action is StageAction.ADVANCE and sess.stage == "unmask":
+            try:
+                result = self._unmask(s, run, config)
+            except SecAggError as exc:
+                action, reason = StageAction.FAIL, f"secure aggregation failed to unmask: {exc}"
+            else:
+                self._finish(s, run, rnd, sess, result, now)
+                return Decision.CLOSE
+        if action is StageAction.FAIL:
+            self._fail(s, run, rnd, sess, reason or "secure aggregation failed", now)
+            return Decision.WAIT
+        sess.stage = NEXT_STAGE[sess.stage]
+        sess.stage_deadline_at = now + cfg.privacy.secagg.stage_timeout_s
+        s.commit()
+        return Decision.WAIT
+
+    def _open_session(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> None:
+        cfg = RunConfig.model_validate_json(run.config_json)
+        sa = cfg.privacy.secagg
+        node_ids = sorted(
+            s.scalars(
+                select(m.Contribution.node_id).where(
+                    m.Contribution.run_id == run.id,
+                    m.Contribution.round == rnd.number,
+                    m.Contribution.status == "accepted",
+                )
+            )
+        )
+        config = make_config(
+            session=session_name(run.id, rnd.number, rnd.attempt),
+            node_ids=node_ids,
+            vector_length=run.numel,
+            n_neighbours=sa.neighbours,
+            max_dropouts=sa.max_dropouts,
+            clip_range=clip_range(cfg, len(node_ids)),
+        )
+        s.execute(  # the participant set is fixed: outstanding training is no longer awaited
+            update(m.Assignment)
+            .where(
+                m.Assignment.run_id == run.id,
+                m.Assignment.round == rnd.number,
+                m.Assignment.status == "assigned",
+            )
+            .values(status="missed")
+        )
+        sess = s.get(m.SecAggSession, (run.id, rnd.number))
+        if sess is None:
+            sess = m.SecAggSession(run_id=run.id, round=rnd.number, failures=0)
+            s.add(sess)
+        sess.attempt, sess.stage = rnd.attempt, "share"
+        sess.config_json = encode_message(config).decode()
+        sess.opened_at, sess.closed_at = now, None
+        sess.stage_deadline_at = now + sa.stage_timeout_s
+        sess.survivors = sess.dropped = None
+        sess.sum_blob = sess.aggregate_blob = None
+        rnd.status = "secagg"
+        s.commit()
+
+    def _messages(self, s: Session, run_id: str, round_number: int, stage: str) -> dict[str, str]:
+        rows = s.execute(
+            select(m.SecAggMessage.node_id, m.SecAggMessage.body).where(
+                m.SecAggMessage.run_id == run_id,
+                m.SecAggMessage.round == round_number,
+                m.SecAggMessage.stage == stage,
+            )
+        ).all()
+        return dict(rows)
+
+    def _expected(
+        self, s: Session, run: m.Run, round_number: int, stage: str, config: SecAggConfig
+    ) -> frozenset[str]:
+        """Nodes that may answer `stage`: everyone at share, then those that answered before."""
+        before = {"share": None, "mask": "share", "unmask": "masked"}[stage]
+        if before is None:
+            return frozenset(config.node_ids)
+        return frozenset(self._messages(s, run.id, round_number, before))
+
+    def _progress(
+        self, s: Session, run: m.Run, sess: m.SecAggSession, config: SecAggConfig, now: float
+    ) -> StageProgress:
+        expected = self._expected(s, run, sess.round, sess.stage, config)
+        answered = frozenset(self._messages(s, run.id, sess.round, ANSWERS[sess.stage]))
+        liveness = self.svc.settings.liveness_s
+        lost = frozenset(
+            n.id
+            for n in s.scalars(select(m.Node).where(m.Node.id.in_(expected - answered)))
+            if n.status == "left" or now - n.last_seen_at > liveness
+        )
+        return StageProgress(
+            stage=sess.stage,
+            n_nodes=len(config.node_ids),
+            max_dropouts=config.max_dropouts,
+            expected=expected,
+            answered=answered & expected,
+            lost=lost,
+            deadline_at=sess.stage_deadline_at,
+        )
+
+    def _server_through_shares(
+        self, s: Session, run_id: str, round_number: int, config: SecAggConfig
+    ) -> SecAggServer:
+        server = SecAggServer(config)
+        adv = self._messages(s, run_id, round_number, "advertise")
+        server.collect_keys(decode_message(adv[n].encode()) for n in config.node_ids if n in adv)
+        shares = self._messages(s, run_id, round_number, "share")
+        server.collect_shares(decode_message(b.encode()) for b in shares.values())
+        return server
+
+    def _unmask(self, s: Session, run: m.Run, config: SecAggConfig):
+        """Replay the stored messages through `SecAggServer` and remove every mask."""
+        server = self._server_through_shares(s, run.id, self._round_of(config), config)
+        masked = self._messages(s, run.id, self._round_of(config), "masked")
+        server.collect_masked(
+            MaskedInput(nid, self.svc.blobs.get(digest)) for nid, digest in masked.items()
+        )
+        unmask = self._messages(s, run.id, self._round_of(config), "unmask")
+        return server.collect_unmask(decode_message(b.encode()) for b in unmask.values())
+
+    @staticmethod
+    def _round_of(config: SecAggConfig) -> int:
+        return int(config.session.split("/")[1])
+
+    def _finish(
+        self, s: Session, run: m.Run, rnd: m.Round, sess: m.SecAggSession, result, now: float
+    ) -> None:
+        survivors = set(result.survivors)
+        for c in s.scalars(
+            select(m.Contribution).where(
+                m.Contribution.run_id == run.id,
+                m.Contribution.round == rnd.number,
+                m.Contribution.status == "accepted",
+            )
+        ):
+            if c.node_id not in survivors:
+                c.status = "dropped"  # never reached the sum: no tokens, no reward
+        sess.stage, sess.closed_at = "done", now
+        sess.survivors, sess.dropped = len(result.survivors), len(result.dropped)
+        sess.sum_blob = self.svc.blobs.put(pack_vector(result.total, {"secagg": "sum"}))
+        s.flush()
+
+    def _secagg_aggregate(
+        self,
+        s: Session,
+        run: m.Run,
+        rnd: m.Round,
+        cfg: RunConfig,
+        contributions: list[m.Contribution],
+        now: float,
+    ) -> torch.Tensor:
+        sess = s.get(m.SecAggSession, (run.id, rnd.number))
+        if sess is None or sess.sum_blob is None:
+            raise RuntimeError(f"round {rnd.number} of run {run.id} has no recovered SecAgg sum")
+        total = unpack_vector(self.svc.blobs.get(sess.sum_blob))
+        config = decode_message(sess.config_json.encode())
+        n_nodes = len(config.node_ids)
+        dp = cfg.privacy.dp
+        if dp is not None and dp.noise == "central":
+            total = total + gaussian_noise(total.shape[0], dp.noise_multiplier * dp.clip_norm)
+        result = total / sum_denominator(cfg, [c.tokens for c in contributions], n_nodes)
+        if dp is not None:
+            self._account(s, run, rnd, cfg, len(contributions), None, now)
+        sess.aggregate_blob = self.svc.blobs.put(pack_vector(result, {"secagg": "aggregate"}))
+        return result
+
+    def _fail(
+        self, s: Session, run: m.Run, rnd: m.Round, sess: m.SecAggSession, reason: str, now: float
+    ) -> None:
+        """Too many dropouts: discard the round's work and retrain it with fresh keys."""
+        s.execute(
+            update(m.Contribution)
+            .where(m.Contribution.run_id == run.id, m.Contribution.round == rnd.number)
+            .values(status="discarded")
+        )
+        s.execute(
+            update(m.Assignment)
+            .where(
+                m.Assignment.run_id == run.id,
+                m.Assignment.round == rnd.number,
+                m.Assignment.status.in_(("assigned", "submitted")),
+            )
+            .values(status="discarded")
+        )
+        s.execute(
+            delete(m.SecAggMessage).where(
+                m.SecAggMessage.run_id == run.id, m.SecAggMessage.round == rnd.number
+            )
+        )
+        sess.stage, sess.closed_at = "failed", now
+        sess.failures += 1
+        sess.last_failure = reason
+        rnd.attempt += 1
+        rnd.status, rnd.opened_at, rnd.deadline_at = "pending", None, None
+        s.commit()
+
+    # ------------------------------------------------------------ SecAgg: node requests
+
+    def _assignment(self, s: Session, run_id: str, node_id: str, assignment_id: str):
+        assignment = s.get(m.Assignment, assignment_id)
+        if assignment is None or assignment.run_id != run_id:
+            raise PrivacyRequestError(404, f"assignment {assignment_id} not found in run {run_id}")
+        if assignment.node_id != node_id:
+            raise PrivacyRequestError(403, "assignment belongs to another node")
+        return assignment
+
+    def advertise(self, run_id: str, node_id: str, body: bytes) -> dict:
+        """A node's contribution under SecAgg: its signed claims and its round public keys."""
+        try:
+            doc = json.loads(body)
+            meta = ContributionMeta.model_validate(doc["meta"])
+            keys = [base64.b64decode(doc[k], validate=True) for k in ("cipher_key", "mask_key")]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PrivacyRequestError(422, f"malformed SecAgg advertisement: {exc}") from exc
+        except ValidationError as exc:
+            raise PrivacyRequestError(422, f"malformed contribution metadata: {exc}") from exc
+        if any(len(k) != KEY_BYTES for k in keys) or keys[0] == keys[1]:
+            raise PrivacyRequestError(422, "public keys must be two distinct 32-byte X25519 keys")
+        svc = self.svc
+        carbon = svc._carbon(run_id, node_id, meta)  # energy accounting, as for any contribution
+        with svc.lock, svc.sessions() as s:
+            svc._node(s, node_id)
+            run = svc._run(s, run_id)
+            cfg = RunConfig.model_validate_json(run.config_json)
+            if cfg.privacy.secagg is None:
+                raise PrivacyRequestError(409, f"run {run_id} does not use secure aggregation")
+            a = self._assignment(s, run_id, node_id, meta.assignment_id)
+            if a.status == "submitted":
+                raise PrivacyRequestError(
+                    409, "duplicate: this assignment already has a contribution"
+                )
+            rnd = s.get(m.Round, (run_id, run.round))
+            if a.status != "assigned" or a.round != run.round or rnd.status != "open":
+                raise PrivacyRequestError(
+                    409,
+                    f"stale: assignment for round {a.round} is {a.status}; the run is at round "
+                    f"{run.round} ({rnd.status}); late contributions are rejected",
+                )
+            self._check_claims(meta, a, cfg)
+            seen = self._messages(s, run_id, a.round, "advertise")
+            known = {k for b in seen.values() for k in self._keys_of(b)}
+            if known & set(keys):
+                raise PrivacyRequestError(409, "public keys already used in this round")
+            now = svc.clock()
+            digest = hashlib.sha256(body).hexdigest()
+            columns = m.Contribution.__table__.columns.keys()
+            claims = {k: v for k, v in meta.model_dump().items() if k in columns} | carbon
+            s.add(
+                m.Contribution(
+                    **claims,
+                    id=digest,
+                    run_id=run_id,
+                    round=a.round,
+                    node_id=node_id,
+                    base_version=a.base_version,
+                    bytes_up=len(body),
+                    status="accepted",
+                    created_at=now,
+                )
+            )
+            s.add(
+                m.SecAggMessage(
+                    run_id=run_id,
+                    round=a.round,
+                    stage="advertise",
+                    node_id=node_id,
+                    body=encode_message(AdvertiseKeys(node_id, keys[0], keys[1])).decode(),
+                    created_at=now,
+                )
+            )
+            a.status = "submitted"
+            s.commit()
+        with svc.lock:  # the last contribution opens the SecAgg stages now
+            svc._advance(run_id)
+        return {"contribution_id": digest, "accepted": True, "bytes_up": len(body)}
+
+    @staticmethod
+    def _keys_of(body: str) -> tuple[bytes, bytes]:
+        msg = decode_message(body.encode())
+        return msg.cipher_public_key, msg.mask_public_key
+
+    @staticmethod
+    def _check_claims(meta: ContributionMeta, a: m.Assignment, cfg: RunConfig) -> None:
+        if meta.codec != SECAGG_CODEC:
+            raise PrivacyRequestError(
+                400, f"codec {meta.codec!r}: SecAgg contributions travel as {SECAGG_CODEC!r}"
+            )
+        if meta.steps != a.inner_steps:
+            raise PrivacyRequestError(
+                400, f"steps {meta.steps} differ from the assigned {a.inner_steps}"
+            )
+        if meta.tokens != meta.steps * cfg.tokens_per_step:
+            raise PrivacyRequestError(
+                400,
+                f"tokens {meta.tokens} != steps x tokens_per_step "
+                f"({meta.steps * cfg.tokens_per_step})",
+            )
+
+    def task(self, run_id: str, node_id: str, assignment_id: str) -> dict:
+        """What the node must do now for its SecAgg contribution (the node polls this)."""
+        svc = self.svc
+        with svc.lock, svc.sessions() as s:
+            svc._node(s, node_id)
+            run = svc._run(s, run_id)
+            a = self._assignment(s, run_id, node_id, assignment_id)
+            contribution = s.scalars(
+                select(m.Contribution).where(m.Contribution.assignment_id == a.id)
+            ).first()
+            sess = s.get(m.SecAggSession, (run_id, a.round))
+            rnd = s.get(m.Round, (run_id, a.round))
+            s.commit()
+            if contribution is None or contribution.status in ("discarded", "dropped"):
+                why = (sess.last_failure if sess and contribution is not None else None) or (
+                    "this node's contribution did not reach the sum (it missed a stage)"
+                    if contribution is not None
+                    else "no contribution advertised for this assignment"
+                )
+                return {"stage": "aborted", "reason": why}
+            if rnd.status == "closed":
+                return {"stage": "done", "version": rnd.base_version + 1}
+            if rnd.status != "secagg" or sess is None or sess.stage not in ANSWERS:
+                return {"stage": "wait"}
+            config = decode_message(sess.config_json.encode())
+            if node_id not in config.node_ids:
+                return {"stage": "aborted", "reason": "not a participant of this round's SecAgg"}
+            expected = self._expected(s, run, a.round, sess.stage, config)
+            if node_id not in expected:
+                return {"stage": "aborted", "reason": f"missed an earlier stage than {sess.stage}"}
+            if node_id in self._messages(s, run_id, a.round, ANSWERS[sess.stage]):
+                return {"stage": "wait"}
+            out: dict[str, Any] = {
+                "stage": sess.stage,
+                "round": a.round,
+                "attempt": sess.attempt,
+                "config": json.loads(sess.config_json),
+            }
+            key = (run_id, a.round, sess.attempt)
+            if sess.stage == "share":
+                if key not in self._broadcasts:
+                    server = SecAggServer(config)
+                    adv = self._messages(s, run_id, a.round, "advertise")
+                    self._broadcasts = {
+                        key: server.collect_keys(decode_message(adv[n].encode()) for n in adv)
+                    }
+                message: Any = self._broadcasts[key][node_id]
+            elif sess.stage == "mask":
+                if key not in self._deliveries:
+                    server = SecAggServer(config)
+                    adv = self._messages(s, run_id, a.round, "advertise")
+                    server.collect_keys(decode_message(adv[n].encode()) for n in adv)
+                    shares = self._messages(s, run_id, a.round, "share")
+                    self._deliveries = {
+                        key: server.collect_shares(
+                            decode_message(b.encode()) for b in shares.values()
+                        )
+                    }
+                message = self._deliveries[key][node_id]
+            else:
+                masked = set(self._messages(s, run_id, a.round, "masked"))
+                shared = set(self._messages(s, run_id, a.round, "share"))
+                message = UnmaskRequest(
+                    tuple(sorted(masked, key=config.index)),
+                    tuple(sorted(shared - masked, key=config.index)),
+                )
+            out["message"] = _jsonable(message)
+            return out
+
+    def receive(
+        self, run_id: str, node_id: str, round_number: int, attempt: int, stage: str, body: bytes
+    ) -> dict:
+        """Store one node's answer to the current stage after checking it fits the round."""
+        svc = self.svc
+        with svc.lock, svc.sessions() as s:
+            svc._node(s, node_id)
+            run = svc._run(s, run_id)
+            sess = s.get(m.SecAggSession, (run_id, round_number))
+            if (
+                sess is None
+                or sess.attempt != attempt
+                or run.round != round_number
+                or ANSWERS.get(sess.stage) != stage
+            ):
+                now_at = "none" if sess is None else f"attempt {sess.attempt}, stage {sess.stage}"
+                raise PrivacyRequestError(
+                    409,
+                    f"stale: SecAgg {stage} for round {round_number} attempt {attempt} is "
+                    f"not expected now (run round {run.round}, {now_at})",
+                )
+            config = decode_message(sess.config_json.encode())
+            if node_id not in self._expected(s, run, round_number, sess.stage, config):
+                raise PrivacyRequestError(
+                    403, f"node {node_id} is not expected at the {sess.stage} stage"
+                )
+            if node_id in self._messages(s, run_id, round_number, stage):
+                raise PrivacyRequestError(409, f"duplicate: {stage} already received")
+            stored = self._validate(s, run, sess, config, node_id, stage, body)
+            s.add(
+                m.SecAggMessage(
+                    run_id=run_id,
+                    round=round_number,
+                    stage=stage,
+                    node_id=node_id,
+                    body=stored,
+                    created_at=svc.clock(),
+                )
+            )
+            contribution = s.scalars(
+                select(m.Contribution).where(
+                    m.Contribution.run_id == run_id,
+                    m.Contribution.round == round_number,
+                    m.Contribution.node_id == node_id,
+                    m.Contribution.status == "accepted",
+                )
+            ).first()
+            if contribution is not None:
+                contribution.bytes_up += len(body)
+            s.commit()
+        with svc.lock:  # the last answer moves the stage on now, not at the next tick
+            svc._advance(run_id)
+        return {"ok": True, "stage": stage, "bytes": len(body)}
+
+    def _validate(
+        self,
+        s: Session,
+        run: m.Run,
+        sess: m.SecAggSession,
+        config: SecAggConfig,
+        node_id: str,
+        stage: str,
+        body: bytes,
+    ) -> str:
+        """Refuse a message that would break the round for everyone; returns what to store."""
+        if stage == "masked":
+            if len(body) != 4 * config.vector_length:
+                raise PrivacyRequestError(
+                    422, f"masked input has {len(body)} bytes, expected {4 * config.vector_length}"
+                )
+            return self.svc.blobs.put(body)
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            raise PrivacyRequestError(422, f"malformed SecAgg message: {exc}") from exc
+        if stage == "share":
+            msg = _message(doc, ShareKeys)
+            allowed = set(config.neighbours(node_id)) & set(
+                self._messages(s, run.id, sess.round, "advertise")
+            )
+            bad = set(msg.encrypted_shares) - allowed
+            if bad or len(msg.seed_commitment) != 32:
+                raise PrivacyRequestError(
+                    422, f"shares for non-neighbours {sorted(bad)} or a malformed commitment"
+                )
+            if any(len(c) != SHARE_CIPHERTEXT_BYTES for c in msg.encrypted_shares.values()):
+                raise PrivacyRequestError(422, "an encrypted share has the wrong length")
+        else:
+            msg = _message(doc, UnmaskShares)
+            masked = set(self._messages(s, run.id, sess.round, "masked"))
+            shared = set(self._messages(s, run.id, sess.round, "share"))
+            if not set(msg.seed_shares) <= masked or not set(msg.key_shares) <= shared - masked:
+                raise PrivacyRequestError(
+                    422, "unmask shares for nodes outside the request (or both secrets of one)"
+                )
+            shares = [*msg.seed_shares.values(), *msg.key_shares.values()]
+            if any(len(x) != SHARE_BYTES for x in shares):
+                raise PrivacyRequestError(422, "an unmask share has the wrong length")
+        if msg.node_id != node_id:
+            raise PrivacyRequestError(403, "message names another node than its signer")
+        return encode_message(msg).decode()
+
+
+def masked_words(data: bytes) -> np.ndarray:
+    """A stored masked input as uint32 words (for inspection and tests)."""
+    return np.frombuffer(data, dtype="<u4")
+
+
+# --------------------------------------------------------------------------- HTTP routes
+
+
+def add_privacy_routes(
+    app: FastAPI,
+    service: HubService,
+    signed: Callable[[Request, int], Awaitable[tuple[VerifiedRequest, bytes]]],
+    max_upload_bytes: int,
+    max_json_bytes: int = MAX_JSON_BYTES,
+) -> None:
+    """The signed SecAgg endpoints under /v1/runs/{run_id}/secagg/ (see the module docstring)."""
+    privacy = service.privacy
+    base = f"{API}/runs/{{run_id}}/secagg"
+
+    @app.exception_handler(PrivacyRequestError)
+    async def _privacy_error(_: Request, exc: PrivacyRequestError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.post(f"{base}/advertise")
+    async def secagg_advertise(run_id: str, request: Request) -> dict:
+        verified, body = await signed(request, max_json_bytes)
+        return await run_in_threadpool(privacy.advertise, run_id, verified.node_id, body)
+
+    @app.post(f"{base}/task")
+    async def secagg_task(run_id: str, request: Request, wait_s: float = 10.0) -> dict:
+        """Long-poll: answers as soon as the node has something to do, else after `wait_s`."""
+        verified, body = await signed(request, max_json_bytes)
+        try:
+            assignment_id = str(json.loads(body)["assignment_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PrivacyRequestError(422, 'body must be {"assignment_id": ...}') from exc
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + min(max(wait_s, 0.0), MAX_TASK_WAIT_S)
+        while True:
+            answer = await run_in_threadpool(privacy.task, run_id, verified.node_id, assignment_id)
+            if answer["stage"] != "wait" or loop.time() >= give_up:
+                return answer
+            await asyncio.sleep(min(0.2, max(give_up - loop.time(), 0)))
+
+    @app.post(f"{base}/{{round_number}}/{{attempt}}/{{stage}}")
+    async def secagg_answer(
+        run_id: str, round_number: int, attempt: int, stage: str, request: Request
+    ) -> dict:
+        if stage not in ANSWERS.values():
+            raise PrivacyRequestError(404, f"unknown SecAgg stage {stage!r}")
+        limit = max_upload_bytes if stage == "masked" else max_json_bytes
+        verified, body = await signed(request, limit)
+        return await run_in_threadpool(
+            privacy.receive, run_id, verified.node_id, round_number, attempt, stage, body
+        )

@@ -1,0 +1,918 @@
+"""Trust in live rounds: the hub's ledger, replay audits, usefulness, reputation and rewards.
+
+The I/O side of `gridswarm.trust` (pure rules) and `gridswarm.ledger` (the log), called by
+`HubService` inside its own transaction and lock, so a ledger entry commits together with the
+state change it records (or not at all):
+
+- `open_round`         a round opens: commit to a secret audit seed (sha256 on the ledger)
+- `admission`          before work is assigned: caught cheaters are excluded, reputation first
+- `screen_submission`  an upload arrives: the node's signed claim must be its own and say what the
+                       upload says; energy must not be under-reported; no replayed update.
+                       Refusals go on the ledger with their reason, and cost a strike
+- `record_false_claim` the core claim checks (tokens, steps) refused an upload: same
+- `record_submission`  the upload is stored: the node's claim goes on the ledger as it signed it
+- `screen_round`       before aggregation: replay the seed-chosen share p of contributions bit for
+                       bit, score usefulness on held-out data; mismatches are rejected, excluded
+                       from aggregation, recorded and slashed
+- `settle_round`       with the new version: reveal the seed, record verdicts, split the round's
+                       pool from the run's escrow, update reputations
+
+Under secure aggregation the hub never sees one node's update, so neither audits nor usefulness
+apply per node there: contributions are paid by tokens alone (said in each verdict).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
+from dataclasses import asdict, dataclass
+from itertools import chain
+from typing import Any
+
+import torch
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from gridswarm.blobs import LocalBlobStore
+from gridswarm.config import RunConfig
+from gridswarm.energy.meter import lookup_cpu_power
+from gridswarm.hub import models as m
+from gridswarm.hub.rounds import RoundState
+from gridswarm.identity import Identity, node_id_from_public_key
+from gridswarm.ledger.balances import RunEscrow, run_escrow
+from gridswarm.ledger.chain import Entry, LedgerError, SignedClaim
+from gridswarm.ledger.log import DuplicateClaimError, HubItem, Ledger
+from gridswarm.ledger.ops import ledger_show, node_balance, payout_addresses, reward_claim_for
+from gridswarm.protocol import API, MAX_JSON_BYTES
+from gridswarm.train.codecs import make_codec
+from gridswarm.train.params import unpack, unpack_vector
+from gridswarm.train.workload import Workload
+from gridswarm.trust.audit import audit_draw, is_audited, seed_commitment
+from gridswarm.trust.claims import (
+    ClaimError,
+    check_claim,
+    claim_payload,
+    is_zero_update,
+    update_sha256,
+)
+from gridswarm.trust.policy import (
+    EXCLUDED,
+    audit_probability,
+    audit_skip_reason,
+    check_energy,
+    check_harm,
+    energy_floor_time_s,
+    may_select,
+    round_pool_units,
+    secure_aggregation,
+)
+from gridswarm.trust.reputation import Reputation, RoundOutcome, update_reputation
+from gridswarm.trust.rewards import (
+    ContributionScore,
+    RewardPolicy,
+    split_round_pool,
+    usefulness_scores,
+)
+
+log = logging.getLogger("gridswarm.hub.trust")
+FALSE_CLAIM_PREFIXES = ("tokens", "steps")  # core checks whose failure is a false work claim
+MAX_REPLAY_THREADS = 64
+PAYOUT_KIND = "payout_address"
+
+
+class TrustRefusal(Exception):
+    """The hub refuses a request for a trust reason; `status` is the HTTP code."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Screened:
+    """What `screen_submission` learnt about an upload it let through."""
+
+    update_sha256: str
+    claim: SignedClaim | None
+
+
+@dataclass(frozen=True)
+class Examination:
+    """What auditing and scoring one contribution found (`reason`: why it is rejected)."""
+
+    audit_rate: float
+    audited: bool
+    audit_passed: bool | None
+    loss_drop: float | None
+    reason: str | None
+
+
+def _reputation(row: m.NodeReputation | None) -> Reputation:
+    if row is None:
+        return Reputation()
+    return Reputation(
+        consecutive_valid=row.consecutive_valid,
+        audits_passed=row.audits_passed,
+        audits_failed=row.audits_failed,
+        strikes=row.strikes,
+        liveness=row.liveness,
+        usefulness=row.usefulness,
+        score=row.score,
+    )
+
+
+def _rounded(rep: Reputation) -> dict[str, Any]:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(rep).items()}
+
+
+class HubTrust:
+    """The hub's trust machinery over its database, blob store and signing key."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        blobs: LocalBlobStore,
+        identity: Identity,
+        lock: threading.RLock | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self.ledger = Ledger(engine, identity)
+        self.blobs = blobs
+        self.lock = lock or threading.RLock()
+        self.clock = clock
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+
+    # ------------------------------------------------------------------ ledger plumbing
+
+    def append(self, s: Session, items: Iterable[HubItem | SignedClaim]) -> list[Entry]:
+        """Append in the caller's transaction (claims in `items` are already checked)."""
+        sealed = self.ledger.append_many(items, conn=s.connection(), signatures_checked=True)
+        return [e for e in sealed if e.kind not in ("genesis", "checkpoint")]
+
+    def ensure_genesis(self) -> None:
+        """Write the genesis entry (naming the hub key) if the ledger is empty."""
+        with self.lock, self.sessions() as s:
+            if self.ledger.head() is None:
+                self.append(s, [("hub", {"hub": self.identity.public_key.hex(), "event": "start"})])
+                s.commit()
+
+    # ------------------------------------------------------------------ reputation
+
+    def reputations(self, s: Session, node_ids: Sequence[str]) -> dict[str, Reputation]:
+        rows = {
+            r.node_id: r
+            for r in s.scalars(
+                select(m.NodeReputation).where(m.NodeReputation.node_id.in_(list(node_ids)))
+            )
+        }
+        return {n: _reputation(rows.get(n)) for n in node_ids}
+
+    def _update_reputation(
+        self, s: Session, node_id: str, outcome: RoundOutcome
+    ) -> tuple[Reputation, Reputation]:
+        row = s.get(m.NodeReputation, node_id)
+        before = _reputation(row)
+        after = update_reputation(before, outcome)
+        if row is None:
+            row = m.NodeReputation(node_id=node_id)
+            s.add(row)
+        for key, value in asdict(after).items():
+            setattr(row, key, value)
+        row.updated_at = self.clock()
+        return before, after
+
+    def _forfeit_items(
+        self, run_id: str, node_id: str, reason: str, cfg: RunConfig
+    ) -> list[HubItem]:
+        """A caught node loses what it earned and has not yet been paid (docs/ledger.md)."""
+        if not cfg.trust.forfeit_on_strike:
+            return []
+        available = self.ledger.balances().available(node_id)
+        if available <= 0:
+            return []
+        return [
+            (
+                "slash",
+                {"run_id": run_id, "account": node_id, "amount_units": available, "reason": reason},
+            )
+        ]
+
+    # ------------------------------------------------------------------ rounds open
+
+    def open_round(self, s: Session, run: m.Run, rnd: m.Round) -> None:
+        """A round opens: draw its secret audit seed once and put its sha256 on the ledger."""
+        row = s.get(m.TrustRound, (run.id, rnd.number))
+        if row is None:
+            seed = secrets.token_bytes(32)
+            row = m.TrustRound(
+                run_id=run.id,
+                round=rnd.number,
+                audit_seed=seed.hex(),
+                commitment=seed_commitment(seed),
+                opened_at=self.clock(),
+            )
+            s.add(row)
+        payload = {
+            "run_id": run.id,
+            "round": rnd.number,
+            "event": "open",
+            "attempt": rnd.attempt,
+            "base_version": rnd.base_version,
+            "audit_commitment": row.commitment,
+        }
+        self.append(s, [("round", payload)])
+
+    def admission(
+        self,
+        s: Session,
+        node_id: str,
+        live_ids: Sequence[str],
+        state: RoundState,
+        max_nodes: int,
+    ) -> str | None:
+        """None if `node_id` may take a place in this round, a reason to wait otherwise; raises
+        TrustRefusal(403) for a node excluded for cheating."""
+        active = {a.node_id for a in state.assignments if a.status in ("assigned", "submitted")}
+        # a pending round admits anyone not excluded, so a round always gets started
+        competitors = (
+            [n for n in live_ids if n != node_id and n not in active]
+            if state.status == "open"
+            else []
+        )
+        reps = self.reputations(s, [node_id, *competitors])
+        reason = may_select(reps[node_id], [reps[n] for n in competitors], max_nodes - len(active))
+        if reason == EXCLUDED:
+            raise TrustRefusal(403, f"node {node_id} is {EXCLUDED}")
+        return reason
+
+    # ------------------------------------------------------------------ submissions
+
+    def screen_submission(
+        self,
+        s: Session,
+        run: m.Run,
+        cfg: RunConfig,
+        node: m.Node,
+        assignment: m.Assignment,
+        meta: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+    ) -> Screened:
+        """Check an upload's claim, energy report and novelty; refuse (on the ledger) or pass."""
+        digest = update_sha256(tensors)
+        claim = None
+        if meta.get("claim") is not None:
+            expected = claim_payload(run.id, assignment.round, assignment.id, digest, meta)
+            try:
+                claim = check_claim(meta["claim"], bytes.fromhex(node.public_key), expected)
+            except ClaimError as exc:
+                status = 403 if "another node" in str(exc) or "signature" in str(exc) else 400
+                self.refuse(s, run, cfg, node.id, assignment, status, str(exc))
+        cpu = json.loads(node.hardware_json or "{}").get("cpu", "unknown")
+        w_per_core, _ = lookup_cpu_power(str(cpu))
+        others = s.execute(
+            select(m.Contribution.tokens, m.Contribution.train_time_s)
+            .where(m.Contribution.run_id == run.id, m.Contribution.node_id != node.id)
+            .order_by(m.Contribution.created_at.desc())
+            .limit(32)
+        ).all()
+        fastest = max((t / d for t, d in others if d > 0), default=None)
+        compute_s = energy_floor_time_s(float(meta["train_time_s"]), int(meta["tokens"]), fastest)
+        reason = check_energy(
+            meta.get("energy_wh"),
+            int(meta["threads"]),
+            w_per_core,
+            compute_s,
+            cfg.trust.energy_min_fraction,
+        )
+        if reason:
+            self.refuse(s, run, cfg, node.id, assignment, 400, reason)
+        if not is_zero_update(tensors):
+            prior = s.scalars(
+                select(m.Contribution)
+                .where(m.Contribution.run_id == run.id, m.Contribution.update_sha256 == digest)
+                .order_by(m.Contribution.round)
+                .limit(1)
+            ).first()
+            if prior is not None and (prior.round != assignment.round or prior.node_id == node.id):
+                self.refuse(
+                    s,
+                    run,
+                    cfg,
+                    node.id,
+                    assignment,
+                    409,
+                    f"replay: the same update as contribution {prior.id[:16]} of node "
+                    f"{prior.node_id} in round {prior.round}",
+                )
+        return Screened(digest, claim)
+
+    def refuse(
+        self,
+        s: Session,
+        run: m.Run,
+        cfg: RunConfig,
+        node_id: str,
+        assignment: m.Assignment,
+        status: int,
+        reason: str,
+    ) -> None:
+        """Record a refused upload on the ledger (verdict, strike, forfeit), commit, raise."""
+        _, after = self._update_reputation(s, node_id, RoundOutcome(delivered=True, rejected=True))
+        items: list[HubItem] = [
+            (
+                "verdict",
+                {
+                    "run_id": run.id,
+                    "round": assignment.round,
+                    "node": node_id,
+                    "assignment_id": assignment.id,
+                    "stage": "submit",
+                    "accepted": False,
+                    "reason": reason,
+                },
+            ),
+            (
+                "reputation",
+                {"run_id": run.id, "round": assignment.round, "nodes": {node_id: _rounded(after)}},
+            ),
+        ]
+        items += self._forfeit_items(run.id, node_id, reason, cfg)
+        self.append(s, items)
+        s.commit()
+        raise TrustRefusal(status, reason)
+
+    def record_false_claim(
+        self,
+        s: Session,
+        run: m.Run,
+        cfg: RunConfig,
+        node_id: str,
+        assignment: m.Assignment,
+        detail: str,
+    ) -> None:
+        """The core checks refused an upload; a false work claim is recorded like a refusal."""
+        if detail.startswith(FALSE_CLAIM_PREFIXES):
+            with suppress(TrustRefusal):  # the caller raises its own error, with its detail
+                self.refuse(s, run, cfg, node_id, assignment, 400, f"false claim: {detail}")
+
+    def record_submission(self, s: Session, contribution_id: str, screened: Screened) -> None:
+        """After the upload is stored: its update digest, and the node's claim on the ledger."""
+        c = s.get(m.Contribution, contribution_id)
+        c.update_sha256 = screened.update_sha256
+        if screened.claim is not None:
+            try:
+                (entry,) = self.append(s, [screened.claim])
+            except DuplicateClaimError as exc:
+                raise TrustRefusal(409, f"replay: {exc}") from exc
+            c.claim_seq = entry.seq
+
+    # ------------------------------------------------------------------ rounds close
+
+    def _round_seed(self, s: Session, run: m.Run, rnd: m.Round) -> m.TrustRound:
+        row = s.get(m.TrustRound, (run.id, rnd.number))
+        if row is None:  # a round opened before the trust tables existed
+            self.open_round(s, run, rnd)
+            row = s.get(m.TrustRound, (run.id, rnd.number))
+        return row
+
+    def _replay(
+        self,
+        workload: Workload,
+        cfg: RunConfig,
+        c: m.Contribution,
+        a: m.Assignment,
+        theta: torch.Tensor,
+    ) -> str | None:
+        """Redo the assignment from its version, slice and thread count; None if bit-exact."""
+        stored, _ = unpack(self.blobs.get(c.id))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(c.threads, MAX_REPLAY_THREADS)))
+        try:
+            result = workload.train(theta, a.round, c.node_id, a.inner_steps, a.attempt)
+        except FloatingPointError as exc:
+            return f"audit failed: the replay diverged ({exc}), the upload did not"
+        finally:
+            torch.set_num_threads(threads)
+        expected = make_codec(cfg.comm.codec, cfg.comm.block_size).encode(result.pseudo_gradient)
+        where = (
+            f"replay from version {a.base_version}, slice (round {a.round}, attempt {a.attempt}), "
+            f"{a.inner_steps} steps, {c.threads} thread(s)"
+        )
+        if stored.keys() != expected.keys():
+            return f"audit failed: {where} gives tensors {sorted(expected)}, not {sorted(stored)}"
+        differ = total = 0
+        for key, value in expected.items():
+            got = stored[key]
+            total += value.numel()
+            if got.shape != value.shape or got.dtype != value.dtype:
+                differ += value.numel()
+            else:
+                differ += int((got != value).sum())
+        if differ:
+            return (
+                f"audit failed: {where} does not reproduce the update bit for bit "
+                f"({differ} of {total} values differ)"
+            )
+        return None
+
+    def _examine(
+        self,
+        cfg: RunConfig,
+        numel: int,
+        workload: Workload,
+        base: m.Version,
+        theta: torch.Tensor,
+        c: m.Contribution,
+        a: m.Assignment,
+        rep: Reputation,
+        seed: bytes,
+        forced: bool,
+    ) -> Examination:
+        """Audit (if the seed picks it, or `forced`) and score one contribution; no writes."""
+        skip = audit_skip_reason(cfg)
+        rate = 1.0 if forced else audit_probability(rep, cfg.trust)
+        audited = skip is None and (forced or is_audited(seed, c.id, rate))
+        reason = passed = loss_drop = None
+        if audited:
+            reason = self._replay(workload, cfg, c, a, theta)
+            passed = reason is None
+            if reason and forced:
+                reason += "; the same update was uploaded by another node (a copy)"
+        if reason is None and cfg.trust.usefulness:
+            codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
+            update = codec.decode(unpack(self.blobs.get(c.id))[0], numel)
+            loss_drop = base.val_loss - workload.evaluate(theta - update)
+            reason = check_harm(loss_drop, cfg.trust.harm_tolerance_nats)
+        return Examination(0.0 if skip else rate, audited, passed, loss_drop, reason)
+
+    def _apply(
+        self,
+        s: Session,
+        run: m.Run,
+        cfg: RunConfig,
+        c: m.Contribution,
+        a: m.Assignment | None,
+        ex: Examination,
+    ) -> None:
+        c.audit_rate, c.audited, c.audit_passed = ex.audit_rate, ex.audited, ex.audit_passed
+        c.loss_drop = ex.loss_drop
+        if ex.reason is not None:
+            self._reject(s, run, cfg, c, a, ex.reason)
+
+    def prescreen(self, workload_for: Callable[[str, str], Workload], budget_s: float = 2.0) -> int:
+        """Audit and score contributions as they arrive (the hub's ticker calls this outside
+        the service lock), so a round's close rarely waits for replays. Returns how many."""
+        started = time.monotonic()
+        with self.sessions() as s:
+            pending = s.scalars(
+                select(m.Contribution)
+                .join(m.Run, m.Run.id == m.Contribution.run_id)
+                .where(
+                    m.Run.status == "active",
+                    m.Contribution.status == "accepted",
+                    m.Contribution.audited.is_(None),
+                )
+                .order_by(m.Contribution.created_at)
+                .limit(32)
+            ).all()
+        done = 0
+        for c in pending:
+            if time.monotonic() - started > budget_s:
+                break
+            try:
+                done += self._prescreen_one(c, workload_for)
+            except Exception:  # never stall the ticker: screen_round redoes it at close
+                log.exception("pre-screening contribution %s failed", c.id)
+        return done
+
+    def _prescreen_one(
+        self, c: m.Contribution, workload_for: Callable[[str, str], Workload]
+    ) -> int:
+        """Examine one contribution (compute outside the lock, write under it); 1 if done."""
+        with self.sessions() as s:
+            run = s.get(m.Run, c.run_id)
+            cfg = RunConfig.model_validate_json(run.config_json)
+            seed_row = s.get(m.TrustRound, (run.id, c.round))
+            base = s.get(m.Version, (run.id, c.base_version))
+            a = s.get(m.Assignment, c.assignment_id)
+            rep = self.reputations(s, [c.node_id])[c.node_id]
+        if secure_aggregation(cfg) or seed_row is None or base is None:
+            return 0  # left to screen_round at close
+        theta = unpack_vector(self.blobs.get(base.weights_blob))
+        workload = workload_for(run.id, run.config_json)
+        seed = bytes.fromhex(seed_row.audit_seed)
+        ex = self._examine(cfg, run.numel, workload, base, theta, c, a, rep, seed, False)
+        with self.lock, self.sessions() as s:
+            fresh = s.get(m.Contribution, c.id)
+            if fresh.status != "accepted" or fresh.audited is not None:
+                return 0  # the round closed meanwhile and screened it
+            self._apply(s, s.get(m.Run, c.run_id), cfg, fresh, s.get(m.Assignment, a.id), ex)
+            s.commit()
+        return 1
+
+    def screen_round(
+        self,
+        s: Session,
+        run: m.Run,
+        rnd: m.Round,
+        cfg: RunConfig,
+        workload: Workload,
+        base: m.Version,
+    ) -> bool:
+        """Before aggregation: audit and score what `prescreen` has not yet; reject the bad.
+        Identical updates from different nodes are all audited: the replay tells the author
+        from the copier.
+
+        Returns False when audits rejected every contribution the round had (nothing to
+        aggregate: the caller re-plans the round), True otherwise.
+        """
+        contributions = s.scalars(
+            select(m.Contribution)
+            .where(m.Contribution.run_id == run.id, m.Contribution.round == rnd.number)
+            .order_by(m.Contribution.node_id)
+        ).all()
+        if secure_aggregation(cfg):
+            for c in contributions:
+                if c.audited is None:
+                    c.audited, c.audit_rate = False, 0.0
+                    c.verdict_reason = f"not audited: {audit_skip_reason(cfg)}"
+            return True
+        copies = Counter(c.update_sha256 for c in contributions if c.update_sha256)
+        todo = [
+            c
+            for c in contributions
+            if c.status == "accepted"
+            and (c.audited is None or (copies[c.update_sha256] > 1 and not c.audited))
+        ]
+        if todo:
+            seed = bytes.fromhex(self._round_seed(s, run, rnd).audit_seed)
+            reps = self.reputations(s, [c.node_id for c in todo])
+            theta = unpack_vector(self.blobs.get(base.weights_blob))
+        for c in todo:
+            a = s.get(m.Assignment, c.assignment_id)
+            forced = copies[c.update_sha256] > 1
+            ex = self._examine(
+                cfg, run.numel, workload, base, theta, c, a, reps[c.node_id], seed, forced
+            )
+            self._apply(s, run, cfg, c, a, ex)
+        s.flush()
+        accepted = sum(c.status == "accepted" for c in contributions)
+        return accepted > 0 or not any(c.status == "rejected" for c in contributions)
+
+    def _reject(
+        self,
+        s: Session,
+        run: m.Run,
+        cfg: RunConfig,
+        c: m.Contribution,
+        a: m.Assignment | None,
+        reason: str,
+    ) -> None:
+        """Exclude a contribution from aggregation and pay: verdict, strike, forfeit."""
+        c.status, c.verdict_reason = "rejected", reason
+        if a is not None:
+            a.status = "rejected"
+        outcome = RoundOutcome(
+            delivered=True, audit_passed=False if c.audited else None, rejected=True
+        )
+        _, after = self._update_reputation(s, c.node_id, outcome)
+        items: list[HubItem] = [
+            ("verdict", self._verdict(run, c) | {"reason": reason, "stage": "audit"}),
+            (
+                "reputation",
+                {"run_id": run.id, "round": c.round, "nodes": {c.node_id: _rounded(after)}},
+            ),
+        ]
+        items += self._forfeit_items(run.id, c.node_id, reason, cfg)
+        self.append(s, items)
+
+    @staticmethod
+    def _verdict(run: m.Run, c: m.Contribution) -> dict[str, Any]:
+        return {
+            "run_id": run.id,
+            "round": c.round,
+            "node": c.node_id,
+            "contribution": c.id,
+            "claim_seq": c.claim_seq,
+            "stage": "close",
+            "accepted": c.status == "accepted",
+            "audited": bool(c.audited),
+            "audit_rate": c.audit_rate,
+            "audit_passed": c.audit_passed,
+            "loss_drop": None if c.loss_drop is None else round(c.loss_drop, 6),
+            "tokens": c.tokens,
+        }
+
+    def escrow(self, run_id: str) -> RunEscrow:
+        """The run's funding, payouts and returns, folded from the ledger."""
+        kinds = ("fund", "reward", "slash")
+        return run_escrow(chain(*(self.ledger.entries(kind=k) for k in kinds)), run_id)
+
+    def settle_round(
+        self,
+        s: Session,
+        run: m.Run,
+        rnd: m.Round,
+        cfg: RunConfig,
+        version: m.Version,
+    ) -> None:
+        """With the new version: verdicts, the reward split, reputations, the seed revealed."""
+        contributions = s.scalars(
+            select(m.Contribution)
+            .where(m.Contribution.run_id == run.id, m.Contribution.round == rnd.number)
+            .order_by(m.Contribution.node_id)
+        ).all()
+        accepted = [c for c in contributions if c.status == "accepted"]
+        scored = [c for c in accepted if c.loss_drop is not None and c.tokens > 0]
+        relative = usefulness_scores({c.id: c.loss_drop / c.tokens for c in scored})
+        for c in accepted:
+            c.usefulness = relative.get(c.id, 1.0)  # unscored (e.g. SecAgg): tokens alone
+
+        escrow = self.escrow(run.id)
+        rounds_left = (cfg.budget.rounds or rnd.base_version + 1) - rnd.base_version
+        pool = round_pool_units(
+            escrow.available_units, cfg.trust.reward_per_round_units, rounds_left
+        )
+        split = split_round_pool(
+            rnd.number,
+            pool,
+            [
+                ContributionScore(
+                    account=c.node_id,
+                    verified_tokens=c.tokens if c.status == "accepted" else 0,
+                    usefulness=c.usefulness or 0.0,
+                    intensity_g_per_kwh=getattr(c, "intensity_g_per_kwh", None),
+                    accepted=c.status == "accepted",
+                    reason=c.verdict_reason or "",
+                )
+                for c in contributions
+            ],
+            RewardPolicy(
+                low_carbon_bonus=cfg.trust.low_carbon_bonus,
+                reference_intensity_g_per_kwh=cfg.trust.reference_intensity_g_per_kwh,
+            ),
+        )
+        paid_to: set[str] = set()
+        for c in accepted:  # one share per node and round, on its (last) accepted contribution
+            c.reward_units = split.shares.get(c.node_id, 0) if c.node_id not in paid_to else 0
+            paid_to.add(c.node_id)
+
+        items: list[HubItem] = [
+            (
+                "verdict",
+                self._verdict(run, c)
+                | {
+                    "usefulness": round(c.usefulness or 0.0, 6),
+                    "reward_units": c.reward_units,
+                    "reason": c.verdict_reason
+                    or ("audited: bit-exact" if c.audited else "not drawn for audit"),
+                },
+            )
+            for c in accepted
+        ]
+        reward = split.ledger_payload() | {
+            "run_id": run.id,
+            "escrow_units": escrow.available_units,
+        }
+        if escrow.funded_units == 0:
+            reward["note"] = "run not funded: pool 0 (the sponsor funds with `gridswarm run fund`)"
+        items.append(("reward", reward))
+
+        delivered = {c.node_id for c in accepted}
+        assigned = set(
+            s.scalars(
+                select(m.Assignment.node_id).where(
+                    m.Assignment.run_id == run.id, m.Assignment.round == rnd.number
+                )
+            )
+        )
+        changed: dict[str, dict[str, Any]] = {}
+        for c in accepted:
+            outcome = RoundOutcome(
+                delivered=True,
+                audit_passed=c.audit_passed if c.audited else None,
+                usefulness=c.usefulness if c.loss_drop is not None else None,
+            )
+            changed[c.node_id] = _rounded(self._update_reputation(s, c.node_id, outcome)[1])
+        rejected = {c.node_id for c in contributions if c.status == "rejected"}
+        for node_id in sorted(assigned - delivered - rejected):
+            outcome = RoundOutcome(delivered=False)
+            changed[node_id] = _rounded(self._update_reputation(s, node_id, outcome)[1])
+        if changed:
+            items.append(("reputation", {"run_id": run.id, "round": rnd.number, "nodes": changed}))
+
+        seed_row = self._round_seed(s, run, rnd)
+        seed_row.revealed_at = self.clock()
+        audited = [c for c in contributions if c.audited]
+        items.append(
+            (
+                "round",
+                {
+                    "run_id": run.id,
+                    "round": rnd.number,
+                    "event": "close",
+                    "attempt": rnd.attempt,
+                    "base_version": rnd.base_version,
+                    "version": version.number,
+                    "val_loss": round(version.val_loss, 6),
+                    "audit_commitment": seed_row.commitment,
+                    "audit_seed": seed_row.audit_seed,
+                    "audited": {
+                        c.id: round(audit_draw(bytes.fromhex(seed_row.audit_seed), c.id), 6)
+                        for c in audited
+                    },
+                    "accepted": len(accepted),
+                    "rejected": len(contributions) - len(accepted),
+                },
+            )
+        )
+        self.append(s, items)
+
+    # ------------------------------------------------------------------ reads and requests
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        """The run's trust facts for `run_status` (key "trust")."""
+        with self.sessions() as s:
+            cfg = RunConfig.model_validate_json(self._run(s, run_id).config_json)
+            rows = s.scalars(select(m.Contribution).where(m.Contribution.run_id == run_id)).all()
+            node_ids = sorted({c.node_id for c in rows})
+            reps = self.reputations(s, node_ids)
+        escrow = self.escrow(run_id)
+        nodes: dict[str, dict[str, Any]] = {}
+        for node_id in node_ids:
+            mine = [c for c in rows if c.node_id == node_id]
+            nodes[node_id] = {
+                "earned_units": sum(c.reward_units or 0 for c in mine),
+                "accepted": sum(c.status == "accepted" for c in mine),
+                "rejected": sum(c.status == "rejected" for c in mine),
+                "audited": sum(bool(c.audited) for c in mine),
+                "reputation": round(reps[node_id].score, 4),
+                "strikes": reps[node_id].strikes,
+            }
+        return {
+            "audits": audit_skip_reason(cfg) or "replay, bit-exact on CPU",
+            "audited": sum(bool(c.audited) for c in rows),
+            "audits_failed": sum(c.audit_passed is False for c in rows),
+            "rejected": sum(c.status == "rejected" for c in rows),
+            "rejections": {c.id: c.verdict_reason for c in rows if c.status == "rejected"},
+            "funded_units": escrow.funded_units,
+            "rewarded_units": escrow.rewarded_units,
+            "forfeited_units": escrow.forfeited_units,
+            "escrow_units": escrow.available_units,
+            "nodes": nodes,
+        }
+
+    @staticmethod
+    def _run(s: Session, run_id: str) -> m.Run:
+        run = s.get(m.Run, run_id)
+        if run is None:
+            raise TrustRefusal(404, f"run {run_id} not found")
+        return run
+
+    @staticmethod
+    def _parse_claim(data: Any, kind: str, requester_key: bytes) -> SignedClaim:
+        if not isinstance(data, dict):
+            raise TrustRefusal(422, f"malformed {kind} claim: expected a JSON object")
+        try:
+            claim = SignedClaim.from_dict(data)
+            claim.check()
+        except LedgerError as exc:
+            raise TrustRefusal(400, f"{kind} claim refused: {exc}") from exc
+        if claim.kind != kind:
+            raise TrustRefusal(400, f"expected a {kind!r} claim, got {claim.kind!r}")
+        if claim.author != requester_key:
+            raise TrustRefusal(
+                403,
+                f"{kind} claim signed by {node_id_from_public_key(claim.author)}, "
+                f"not by the requester {node_id_from_public_key(requester_key)}",
+            )
+        return claim
+
+    def _append_claim(self, s: Session, claim: SignedClaim) -> Entry:
+        try:
+            (entry,) = self.append(s, [claim])
+        except DuplicateClaimError as exc:
+            raise TrustRefusal(409, f"replay: {exc}") from exc
+        s.commit()
+        return entry
+
+    def fund(self, run_id: str, requester_key: bytes, data: Any) -> dict[str, Any]:
+        """The run's sponsor puts its signed `fund` claim on the ledger (fills the escrow)."""
+        claim = self._parse_claim(data, "fund", requester_key)
+        payload = claim.payload
+        amount = payload.get("amount_units")
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+            raise TrustRefusal(422, f"amount_units must be a positive integer, got {amount!r}")
+        if payload.get("run_id") != run_id:
+            raise TrustRefusal(422, f"fund claim names run {payload.get('run_id')!r}, not {run_id}")
+        with self.lock, self.sessions() as s:
+            run = self._run(s, run_id)
+            if run.sponsor_key != requester_key.hex():
+                raise TrustRefusal(403, f"only the sponsor of run {run_id} may fund it")
+            entry = self._append_claim(s, claim)
+        return {"entry": entry.to_dict(), "escrow_units": self.escrow(run_id).available_units}
+
+    def set_payout_address(self, requester_key: bytes, data: Any) -> dict[str, Any]:
+        """A node names (signed) the EVM address its rewards are paid to."""
+        from eth_utils import is_address, to_checksum_address
+
+        claim = self._parse_claim(data, PAYOUT_KIND, requester_key)
+        address = claim.payload.get("address")
+        if not isinstance(address, str) or not is_address(address):
+            raise TrustRefusal(422, f"address {address!r} is not an EVM address")
+        if to_checksum_address(address) != address:
+            raise TrustRefusal(422, f"address must be checksummed: {to_checksum_address(address)}")
+        with self.lock, self.sessions() as s:
+            node_id = node_id_from_public_key(requester_key)
+            if s.get(m.Node, node_id) is None:
+                raise TrustRefusal(403, f"node {node_id} is not registered")
+            entry = self._append_claim(s, claim)
+        return {"entry": entry.to_dict()}
+
+    def balance(self, node_id: str) -> dict[str, Any]:
+        """A node's money on the ledger, its payout address and reputation."""
+        addresses = payout_addresses(self.ledger)
+        out = node_balance(self.ledger, node_id).to_dict()
+        out["address"] = addresses.get(node_id)
+        with self.sessions() as s:
+            out["reputation"] = asdict(self.reputations(s, [node_id])[node_id])
+        return out
+
+    def show(self, start_seq: int, limit: int, kind: str | None) -> list[dict[str, Any]]:
+        try:
+            return ledger_show(self.ledger, start_seq=start_seq, limit=limit, kind=kind)
+        except ValueError as exc:
+            raise TrustRefusal(422, str(exc)) from exc
+
+    def verify(self) -> dict[str, Any]:
+        report = self.ledger.verify(hub_public_key=self.identity.public_key)
+        return report.to_dict() | {"hub": self.identity.public_key.hex()}
+
+    def reward_claim(self, address: str) -> dict[str, Any]:
+        try:
+            claim = reward_claim_for(self.ledger, address)
+        except (LedgerError, ValueError) as exc:
+            raise TrustRefusal(422, str(exc)) from exc
+        if claim is None:
+            raise TrustRefusal(404, f"no posted epoch pays {address}")
+        return claim.to_dict()
+
+
+def add_trust_routes(app: Any, service: Any, signed: Callable[..., Any]) -> None:
+    """The ledger's HTTP API (reads are public; writes are signed by whoever they act for)."""
+    trust: HubTrust = service.trust
+
+    @app.exception_handler(TrustRefusal)
+    async def _refused(_: Request, exc: TrustRefusal) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    def body_json(body: bytes) -> Any:
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise TrustRefusal(422, f"malformed request: body is not JSON ({exc})") from exc
+
+    @app.get(f"{API}/ledger")
+    async def ledger_entries(start_seq: int = 0, limit: int = 50, kind: str | None = None) -> list:
+        """Entries in order from `start_seq` (at most `limit`, optionally one kind)."""
+        return await run_in_threadpool(trust.show, start_seq, min(limit, 5000), kind)
+
+    @app.get(f"{API}/ledger/verify")
+    async def ledger_verify() -> dict:
+        """Re-check the whole chain; `first_bad_seq` and `reason` name the first bad entry."""
+        return await run_in_threadpool(trust.verify)
+
+    @app.get(f"{API}/ledger/reward-claims/{{address}}")
+    async def reward_claim(address: str) -> dict:
+        """Amount and Merkle proof for `address` in the latest posted epoch (EVM settlement)."""
+        return await run_in_threadpool(trust.reward_claim, address)
+
+    @app.post(f"{API}/runs/{{run_id}}/fund")
+    async def fund(run_id: str, request: Request) -> dict:
+        """The sponsor's signed `fund` claim; body: the claim as JSON (ledger.ops.fund_claim)."""
+        verified, body = await signed(request, MAX_JSON_BYTES)
+        return await run_in_threadpool(trust.fund, run_id, verified.public_key, body_json(body))
+
+    @app.post(f"{API}/nodes/payout-address")
+    async def payout_address(request: Request) -> dict:
+        """A node's signed `payout_address` claim (ledger.ops.payout_address_claim)."""
+        verified, body = await signed(request, MAX_JSON_BYTES)
+        return await run_in_threadpool(
+            trust.set_payout_address, verified.public_key, body_json(body)
+        )
+
+    @app.get(f"{API}/nodes/{{node_id}}/balance")
+    async def balance(node_id: str) -> dict:
+        """Earned, slashed, paid and available units, payout address and reputation."""
+        return await run_in_threadpool(trust.balance, node_id)

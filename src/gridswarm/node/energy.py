@@ -1,0 +1,661 @@
+"""A node's energy side in a live run: its meter, its grid signal, its PV/battery site and policy.
+
+`gridswarm node --energy node-energy.toml` reads an `[energy]` table (examples/energy/):
+
+    [energy]
+    region = "DE"
+    signal = {kind = "constant", intensity_g_per_kwh = 120}   # any energy/signals.py kind
+    [energy.pv]         # optional: constant | pvlib (clear sky) | measured (PVDAQ) | citylearn
+    [energy.household]  # optional: constant | citylearn
+    [energy.battery]    # optional: capacity_wh, max_power_w, ...
+    [energy.policy]     # optional: energy/policy.py rules (intensity, surplus, price, windows)
+
+`NodeEnergy` is what the agent holds. Before asking for work it calls `gate`: the policy decides
+from (signal, site, clock) whether the node may run now; when that changes, or the last report is
+older than `report_every_s`, the node tells the hub (`EnergyReport`: available now or not and
+why, its draw, and its intensity / surplus / availability forecasts on one time grid). Each
+assignment's training is wrapped in `measure`, which yields the `EnergyUse` the contribution
+carries: energy_wh, power_w, method, region, the grid intensity over the interval and the share
+met by local surplus. The clock is injectable, so tests can move time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gridswarm.energy.meter import EnergyMeter, EnergyReading, ModelSource
+from gridswarm.energy.policy import (
+    NodeConditions,
+    NodeDecision,
+    NodePolicy,
+    SurplusCovers,
+    parse_node_policy,
+    step_values,
+)
+from gridswarm.energy.series import UniformSeries
+from gridswarm.energy.signals import (
+    SignalError,
+    SignalProvider,
+    parse_time_s,
+    signal_from_config,
+)
+from gridswarm.energy.solar import (
+    Battery,
+    PVArray,
+    citylearn_start_s,
+    measured_pv_series,
+    read_citylearn_building,
+    step_site,
+)
+from gridswarm.protocol import MAX_FORECAST_POINTS, EnergyReport
+
+log = logging.getLogger("gridswarm.node")
+
+REPORT_POINTS = MAX_FORECAST_POINTS // 2  # forecast points per report (well inside the limit)
+SITE_STEP_S = 300.0  # the battery is stepped at most this far at a time
+DRAW_EWMA = 0.5  # weight of the newest measured power in the draw estimate
+
+_ENERGY_FIELDS = {
+    "region",
+    "signal",
+    "policy",
+    "pv",
+    "household",
+    "battery",
+    "draw_w",
+    "w_per_core",
+    "forecast_horizon_s",
+    "forecast_step_s",
+    "report_every_s",
+    "check_every_s",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# local power series: PV and household load
+
+
+class PowerSeries:
+    """Power (W) at unix times; `kind` and `describe` say what it is."""
+
+    kind = "abstract"
+
+    def power_w(self, times_s: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def at(self, t_s: float) -> float:
+        return float(self.power_w(np.array([t_s], dtype=float))[0])
+
+    def describe(self) -> str:
+        return self.kind
+
+
+@dataclass(frozen=True)
+class ConstantPower(PowerSeries):
+    watts: float
+    kind: str = "constant"
+
+    def power_w(self, times_s: np.ndarray) -> np.ndarray:
+        return np.full(len(times_s), self.watts)
+
+    def describe(self) -> str:
+        return f"constant {self.watts:.0f} W"
+
+
+@dataclass(frozen=True)
+class SeriesPower(PowerSeries):
+    series: UniformSeries
+    kind: str = "series"
+
+    def power_w(self, times_s: np.ndarray) -> np.ndarray:
+        return self.series.sample(times_s)
+
+    def describe(self) -> str:
+        return f"series {self.series.name} (step {self.series.step_s:.0f} s)"
+
+
+@dataclass(frozen=True)
+class ClearSkyPV(PowerSeries):
+    array: PVArray
+    kind: str = "pvlib"
+
+    def power_w(self, times_s: np.ndarray) -> np.ndarray:
+        index = pd.DatetimeIndex(pd.to_datetime(np.asarray(times_s, dtype=float), unit="s"))
+        index = index.tz_localize("UTC")
+        return self.array.ac_power_w(self.array.clearsky_weather(index)).to_numpy()
+
+    def describe(self) -> str:
+        a = self.array
+        return (
+            f"pvlib clear-sky PV {a.kwp} kWp, tilt {a.tilt_deg}°, azimuth {a.azimuth_deg}° at "
+            f"({a.lat}, {a.lon}) — an upper bound: no clouds"
+        )
+
+
+def _need(cfg: Mapping[str, Any], where: str, key: str) -> Any:
+    if key not in cfg:
+        raise ValueError(f"{where}.{key}: required")
+    return cfg[key]
+
+
+def _number(cfg: Mapping[str, Any], where: str, key: str, default: float | None = None) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{where}.{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _time_s(value: Any, where: str) -> float:
+    """Unix seconds from a number, a TOML datetime or an ISO string."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    if isinstance(value, str):
+        try:
+            return parse_time_s(value)
+        except SignalError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+    raise ValueError(f"{where}: expected unix seconds or an ISO time, got {value!r}")
+
+
+def _replayed(series: UniformSeries, cfg: Mapping[str, Any], where: str) -> UniformSeries:
+    """`replay_at` (+ `trace_from`): play the recorded series from that time on."""
+    if "replay_at" not in cfg:
+        return series
+    at = _time_s(cfg["replay_at"], f"{where}.replay_at")
+    origin = _time_s(cfg["trace_from"], f"{where}.trace_from") if "trace_from" in cfg else None
+    return series.replayed_at(at, origin)
+
+
+def power_from_config(cfg: Mapping[str, Any], where: str, base_dir: Path) -> PowerSeries:
+    """A PV or household series from its TOML table (`where` names it in errors)."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{where}: expected a table with kind = ...")
+    kind = cfg.get("kind")
+    allowed = {
+        "constant": {"power_w"},
+        "pvlib": {"kwp", "tilt_deg", "azimuth_deg", "lat", "lon", "altitude_m"},
+        "measured": {"path", "kwp", "source_kwp", "year", "replay_at", "trace_from"},
+        "citylearn": {"path", "kwp", "anchor_year", "replay_at", "trace_from"},
+    }
+    if where.endswith("household"):
+        allowed = {k: v for k, v in allowed.items() if k in ("constant", "citylearn")}
+    if kind not in allowed:
+        raise ValueError(f"{where}.kind: must be one of {sorted(allowed)}, got {kind!r}")
+    unknown = set(cfg) - allowed[kind] - {"kind"}
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} for kind {kind!r}")
+    if kind == "constant":
+        watts = _number(cfg, where, "power_w") if "power_w" in cfg else _need(cfg, where, "power_w")
+        if watts < 0:
+            raise ValueError(f"{where}.power_w: must be >= 0, got {watts}")
+        return ConstantPower(watts)
+    if kind == "pvlib":
+        keys = ("kwp", "tilt_deg", "azimuth_deg", "lat", "lon")
+        args = {k: _number(cfg, where, k) if k in cfg else _need(cfg, where, k) for k in keys}
+        try:
+            return ClearSkyPV(PVArray(**args, altitude_m=_number(cfg, where, "altitude_m", 0.0)))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+    path = Path(_need(cfg, where, "path"))
+    path = path if path.is_absolute() else base_dir / path
+    if not path.exists():
+        raise ValueError(f"{where}.path: file not found: {path}")
+    if kind == "measured":
+        series = measured_pv_series(
+            path,
+            kwp=_number(cfg, where, "kwp") if "kwp" in cfg else _need(cfg, where, "kwp"),
+            source_kwp=_number(cfg, where, "source_kwp", 3.86),
+            year=int(cfg["year"]) if "year" in cfg else None,
+        )
+        return SeriesPower(_replayed(series, cfg, where))
+    anchor = int(cfg.get("anchor_year", 2021))
+    load, pv = read_citylearn_building(
+        path, start_s=citylearn_start_s(anchor), kwp=_number(cfg, where, "kwp", 0.0)
+    )
+    series = load if where.endswith("household") else pv
+    return SeriesPower(_replayed(series, cfg, where))
+
+
+def battery_from_config(cfg: Mapping[str, Any]) -> tuple[Battery, float]:
+    """(Battery, initial state of charge as a fraction) from `[energy.battery]`."""
+    where = "energy.battery"
+    allowed = {
+        "capacity_wh",
+        "max_power_w",
+        "round_trip_efficiency",
+        "soc_floor_frac",
+        "initial_soc_frac",
+    }
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{where}: expected a table")
+    unknown = set(cfg) - allowed
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown field(s) {sorted(unknown)} (allowed: {sorted(allowed)})"
+        )
+    initial = _number(cfg, where, "initial_soc_frac", 0.5)
+    if not 0 <= initial <= 1:
+        raise ValueError(f"{where}.initial_soc_frac: must be in [0, 1], got {initial}")
+    try:
+        battery = Battery(
+            capacity_wh=_number(cfg, where, "capacity_wh")
+            if "capacity_wh" in cfg
+            else _need(cfg, where, "capacity_wh"),
+            max_power_w=_number(cfg, where, "max_power_w")
+            if "max_power_w" in cfg
+            else _need(cfg, where, "max_power_w"),
+            round_trip_efficiency=_number(cfg, where, "round_trip_efficiency", 0.9),
+            soc_floor_frac=_number(cfg, where, "soc_floor_frac", 0.1),
+        )
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+    return battery, initial
+
+
+# --------------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass(frozen=True)
+class NodeEnergySettings:
+    """A node's `[energy]` table, parsed and validated."""
+
+    region: str | None
+    signal: SignalProvider | None = None
+    policy: NodePolicy = field(default_factory=NodePolicy)
+    pv: PowerSeries | None = None
+    household: PowerSeries | None = None
+    battery: Battery | None = None
+    battery_initial_soc_frac: float = 0.5
+    draw_w: float | None = None  # the training's draw before the first measurement
+    w_per_core: float | None = None  # meter model override (W per busy core)
+    forecast_horizon_s: float = 86400.0
+    forecast_step_s: float = 900.0
+    report_every_s: float = 60.0
+    check_every_s: float = 1.0  # how often a paused node looks again
+
+
+def parse_node_energy(
+    data: Mapping[str, Any], *, base_dir: str | Path = ".", region: str | None = None
+) -> NodeEnergySettings:
+    """Settings from a parsed TOML document with an `[energy]` table. `region` (from
+    `--region`) is the default when the table has none. Raises ValueError naming the field."""
+    cfg = data.get("energy")
+    if not isinstance(cfg, Mapping):
+        raise ValueError("energy: the file needs an [energy] table")
+    unknown = set(cfg) - _ENERGY_FIELDS
+    if unknown:
+        raise ValueError(
+            f"energy: unknown field(s) {sorted(unknown)} (allowed: {sorted(_ENERGY_FIELDS)})"
+        )
+    base = Path(base_dir)
+    own_region = cfg.get("region", region)
+    if own_region is not None and not isinstance(own_region, str):
+        raise ValueError(f"energy.region: expected a string, got {own_region!r}")
+    signal = None
+    if "signal" in cfg:
+        signal = signal_from_config(cfg["signal"], region=own_region, base_dir=base)
+    numbers = {}
+    for key, default, low in (
+        ("forecast_horizon_s", 86400.0, 1.0),
+        ("forecast_step_s", 900.0, 0.1),
+        ("report_every_s", 60.0, 0.1),
+        ("check_every_s", 1.0, 0.05),
+    ):
+        numbers[key] = _number(cfg, "energy", key, default)
+        if numbers[key] < low:
+            raise ValueError(f"energy.{key}: must be >= {low}, got {numbers[key]}")
+    for key in ("draw_w", "w_per_core"):
+        if key in cfg and _number(cfg, "energy", key) <= 0:
+            raise ValueError(f"energy.{key}: must be > 0, got {cfg[key]}")
+    battery, initial = (None, 0.5)
+    if "battery" in cfg:
+        battery, initial = battery_from_config(cfg["battery"])
+    return NodeEnergySettings(
+        region=own_region,
+        signal=signal,
+        policy=parse_node_policy(cfg.get("policy")),
+        pv=power_from_config(cfg["pv"], "energy.pv", base) if "pv" in cfg else None,
+        household=power_from_config(cfg["household"], "energy.household", base)
+        if "household" in cfg
+        else None,
+        battery=battery,
+        battery_initial_soc_frac=initial,
+        draw_w=float(cfg["draw_w"]) if "draw_w" in cfg else None,
+        w_per_core=float(cfg["w_per_core"]) if "w_per_core" in cfg else None,
+        **numbers,
+    )
+
+
+def load_node_energy(path: str | Path, region: str | None = None) -> NodeEnergySettings:
+    """Read `gridswarm node --energy PATH`; relative paths inside are read from its folder."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"energy file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"energy file {path}: not valid TOML: {exc}") from exc
+    try:
+        return parse_node_energy(data, base_dir=path.parent, region=region)
+    except ValueError as exc:
+        raise ValueError(f"energy file {path}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# the site: PV + household + battery, stepped as time passes
+
+
+class Site:
+    """A home's PV, household load and battery; `advance` steps it to a time with a compute draw
+    and returns (compute energy, part of it met locally) in Wh."""
+
+    def __init__(
+        self,
+        pv: PowerSeries | None,
+        household: PowerSeries | None,
+        battery: Battery | None,
+        soc_frac: float,
+        t_s: float,
+    ) -> None:
+        self.pv, self.household, self.battery = pv, household, battery
+        self.soc_wh = battery.capacity_wh * soc_frac if battery else 0.0
+        self.t_s = t_s
+
+    def surplus_w(self, times_s: np.ndarray) -> np.ndarray:
+        """PV − household load (before any compute) at each time."""
+        pv = self.pv.power_w(times_s) if self.pv else np.zeros(len(times_s))
+        load = self.household.power_w(times_s) if self.household else np.zeros(len(times_s))
+        return pv - load
+
+    def advance(self, t_s: float, compute_w: float) -> tuple[float, float]:
+        energy_wh = local_wh = 0.0
+        while self.t_s < t_s - 1e-9:
+            dt = min(SITE_STEP_S, t_s - self.t_s)
+            mid = np.array([self.t_s + dt / 2])
+            pv = float(self.pv.power_w(mid)[0]) if self.pv else 0.0
+            load = float(self.household.power_w(mid)[0]) if self.household else 0.0
+            step = step_site(self.battery, self.soc_wh, max(pv, 0), max(load, 0), compute_w, dt)
+            self.soc_wh = step.soc_wh
+            energy_wh += compute_w * dt / 3600.0
+            local_wh += step.compute_local_w * dt / 3600.0
+            self.t_s += dt
+        return energy_wh, local_wh
+
+    def describe(self) -> str:
+        parts = [
+            f"PV {self.pv.describe()}" if self.pv else "no PV",
+            f"household {self.household.describe()}" if self.household else "no household load",
+        ]
+        if self.battery:
+            b = self.battery
+            parts.append(
+                f"battery {b.capacity_wh:.0f} Wh / {b.max_power_w:.0f} W, "
+                f"η {b.round_trip_efficiency:.0%}, floor {b.soc_floor_frac:.0%}"
+            )
+        return "site: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# the runtime
+
+
+@dataclass(frozen=True)
+class EnergyUse:
+    """Energy of one assignment's training, as the contribution claims it."""
+
+    reading: EnergyReading
+    region: str | None
+    intensity_g_per_kwh: float | None  # the node's signal over the interval (mean of the ends)
+    local_surplus_share: float | None  # share met by its own PV/battery (None: no site)
+
+    def meta(self) -> dict[str, Any]:
+        """The ContributionMeta fields this fills."""
+        return {
+            "energy_wh": self.reading.energy_wh,
+            "power_w": self.reading.power_w,
+            "energy_method": self.reading.method,
+            "region": self.region,
+            "intensity_g_per_kwh": self.intensity_g_per_kwh,
+            "local_surplus_share": self.local_surplus_share,
+        }
+
+
+class MeasureBox:
+    """Filled with the EnergyUse when a `measure()` block ends."""
+
+    use: EnergyUse | None = None
+
+
+def nominal_draw_w(meter: EnergyMeter, threads: int) -> float:
+    """The training's draw before anything was measured: W/core × threads for the model meter;
+    a 100 W placeholder for counters (RAPL/NVML), replaced by the first measurement."""
+    model = next((s for s in meter.sources if isinstance(s, ModelSource)), None)
+    return model.w_per_core * max(threads, 1) if model else 100.0
+
+
+def forecast_grid(now_s: float, horizon_s: float, step_s: float) -> np.ndarray:
+    """The report's time grid: from now, every step_s, at most REPORT_POINTS points."""
+    step = max(step_s, horizon_s / REPORT_POINTS)
+    return now_s + np.arange(0.0, horizon_s, step)
+
+
+class NodeEnergy:
+    """The node's meter, signal, site and policy, with an injectable clock."""
+
+    def __init__(
+        self,
+        settings: NodeEnergySettings | None = None,
+        *,
+        region: str | None = None,
+        threads: int = 1,
+        meter: EnergyMeter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings or NodeEnergySettings(region=region)
+        self.region = self.settings.region or region
+        self.meter = meter or EnergyMeter.detect(w_per_core=self.settings.w_per_core)
+        self.clock = clock
+        self.draw_w = self.settings.draw_w or nominal_draw_w(self.meter, threads)
+        s = self.settings
+        self.site = (
+            Site(s.pv, s.household, s.battery, s.battery_initial_soc_frac, clock())
+            if s.pv or s.household or s.battery
+            else None
+        )
+        self.last_decision: NodeDecision | None = None
+        self._reported: tuple[bool, float, str | None] | None = None  # available, at, run
+
+    # ------------------------------------------------------------------ what the node knows
+
+    def describe(self) -> str:
+        """Every assumption, for the node's log at start."""
+        s = self.settings
+        lines = [f"energy meter ({self.meter.method}): {self.meter.describe()}"]
+        lines.append(f"region: {self.region or 'unknown'}")
+        lines.append(f"signal: {s.signal.describe() if s.signal else 'none'}")
+        rules = ", ".join(r.field for r in s.policy.rules) or "none (always runs)"
+        lines.append(f"policy rules: {rules}; draw estimate {self.draw_w:.1f} W")
+        if self.site:
+            lines.append(self.site.describe())
+        return "\n".join(lines)
+
+    def _signal_now(self, now_s: float) -> tuple[float | None, float | None]:
+        if self.settings.signal is None:
+            return None, None
+        try:
+            point = self.settings.signal.current(now_s)
+        except (SignalError, ValueError) as exc:
+            log.warning("energy signal failed: %s", exc)
+            return None, None
+        return point.intensity_g_per_kwh, point.price_per_kwh
+
+    def _battery_state(self) -> tuple[float, float, float]:
+        b = self.site.battery if self.site else None
+        if b is None:
+            return 0.0, 0.0, 0.0
+        return self.site.soc_wh, b.capacity_wh, b.max_power_w
+
+    def conditions(self, now_s: float) -> NodeConditions:
+        """What the policy sees at `now_s` (the site is stepped idle up to it)."""
+        intensity, price = self._signal_now(now_s)
+        surplus = None
+        if self.site:
+            self.site.advance(now_s, 0.0)
+            surplus = float(self.site.surplus_w(np.array([now_s]))[0])
+        soc, capacity, max_power = self._battery_state()
+        return NodeConditions(
+            now_s=now_s,
+            draw_w=self.draw_w,
+            intensity_g_per_kwh=intensity,
+            price_per_kwh=price,
+            surplus_w=surplus,
+            battery_soc_wh=soc,
+            battery_capacity_wh=capacity,
+            battery_max_power_w=max_power,
+        )
+
+    def decide(self, now_s: float | None = None) -> NodeDecision:
+        now_s = self.clock() if now_s is None else now_s
+        self.last_decision = self.settings.policy.evaluate(self.conditions(now_s))
+        return self.last_decision
+
+    def battery_available_wh(self) -> float:
+        """Energy the battery can give above the higher of its own and the policy's floor."""
+        if not self.site or not self.site.battery:
+            return 0.0
+        b = self.site.battery
+        floors = [b.soc_floor_frac] + [
+            r.battery_floor_frac for r in self.settings.policy.rules if isinstance(r, SurplusCovers)
+        ]
+        usable = max(self.site.soc_wh - max(floors) * b.capacity_wh, 0.0)
+        return usable * b.one_way_efficiency
+
+    def report(self, run_id: str | None, now_s: float | None = None) -> EnergyReport:
+        """The node's state and outlook for the hub: forecasts on one grid from now, the policy
+        applied at each grid time (its availability forecast)."""
+        now_s = self.clock() if now_s is None else now_s
+        c = self.conditions(now_s)
+        decision = self.settings.policy.evaluate(c)
+        s = self.settings
+        times = forecast_grid(now_s, s.forecast_horizon_s, s.forecast_step_s)
+        intensity = price = None
+        if s.signal is not None:
+            try:
+                points = s.signal.forecast(now_s, s.forecast_horizon_s)
+            except (SignalError, ValueError) as exc:
+                log.warning("energy forecast failed: %s", exc)
+                points = []
+            if points:
+                intensity = step_values([(p.t_s, p.intensity_g_per_kwh) for p in points], times)
+                if all(p.price_per_kwh is not None for p in points):
+                    price = step_values([(p.t_s, p.price_per_kwh) for p in points], times)
+        surplus = self.site.surplus_w(times) if self.site else None
+        availability = []
+        for i, t in enumerate(times.tolist()):
+            at = NodeConditions(
+                now_s=t,
+                draw_w=c.draw_w,
+                intensity_g_per_kwh=None if intensity is None else float(intensity[i]),
+                price_per_kwh=None if price is None else float(price[i]),
+                surplus_w=None if surplus is None else float(surplus[i]),
+                battery_soc_wh=c.battery_soc_wh,
+                battery_capacity_wh=c.battery_capacity_wh,
+                battery_max_power_w=c.battery_max_power_w,
+            )
+            availability.append((t, decision.allowed if i == 0 else s.policy.allows(at)))
+        return EnergyReport(
+            run_id=run_id,
+            region=self.region,
+            available=decision.allowed,
+            reasons=list(decision.reasons),
+            at_s=now_s,
+            power_w=self.draw_w,
+            intensity_g_per_kwh=c.intensity_g_per_kwh,
+            price_per_kwh=c.price_per_kwh,
+            surplus_w=c.surplus_w,
+            battery_available_wh=self.battery_available_wh(),
+            intensity_forecast=[]
+            if intensity is None
+            else list(zip(times.tolist(), intensity.tolist(), strict=True)),
+            surplus_forecast_w=None
+            if surplus is None
+            else list(zip(times.tolist(), surplus.tolist(), strict=True)),
+            availability_forecast=availability if s.policy.rules else None,
+            signal=(s.signal.describe() if s.signal else "")[:200],
+        )
+
+    # ------------------------------------------------------------------ the agent's calls
+
+    def gate(self, run_id: str | None, send: Callable[[EnergyReport], None]) -> NodeDecision:
+        """May the node ask for work now? Tells the hub (`send`) when the answer or the run
+        changed, or the last report is older than `report_every_s`; a failed send is retried
+        next time."""
+        now_s = self.clock()
+        decision = self.decide(now_s)
+        last = self._reported
+        if (
+            last is None
+            or last[0] != decision.allowed
+            or last[2] != run_id
+            or now_s - last[1] >= self.settings.report_every_s
+        ):
+            if last is not None and last[0] != decision.allowed:
+                why = "; ".join(decision.reasons)
+                log.info("energy policy: %s", "resume" if decision.allowed else f"pause ({why})")
+            try:
+                send(self.report(run_id, now_s))
+                self._reported = (decision.allowed, now_s, run_id)
+            except Exception as exc:  # the hub may be restarting: try again on the next gate
+                log.warning("could not send the energy report: %s", exc)
+        return decision
+
+    def poll_wait_s(self, wait_s: float) -> float:
+        """Long-poll at most this long: a node with policy rules looks again every 2 s so an
+        assignment is not taken after its policy turned."""
+        return min(wait_s, 2.0) if self.settings.policy.rules else wait_s
+
+    @property
+    def pause_s(self) -> float:
+        return self.settings.check_every_s
+
+    @contextmanager
+    def measure(self) -> Iterator[MeasureBox]:
+        """Meter the block; afterwards `box.use` has the energy, intensity and local share."""
+        box = MeasureBox()
+        t0 = self.clock()
+        if self.site:
+            self.site.advance(t0, 0.0)
+        g0, _ = self._signal_now(t0)
+        with self.meter.measure() as m:
+            yield box
+        reading = m.reading
+        t1 = self.clock()
+        g1, _ = self._signal_now(t1)
+        known = [g for g in (g0, g1) if g is not None]
+        local_share = None
+        if self.site:
+            energy_wh, local_wh = self.site.advance(t1, reading.power_w)
+            local_share = min(local_wh / energy_wh, 1.0) if energy_wh > 0 else 0.0
+        if reading.power_w > 0:
+            self.draw_w = DRAW_EWMA * reading.power_w + (1 - DRAW_EWMA) * self.draw_w
+        box.use = EnergyUse(
+            reading,
+            self.region,
+            sum(known) / len(known) if known else None,
+            local_share,
+        )

@@ -1,0 +1,114 @@
+"""A node's signed statement of its contribution, as it goes on the ledger (pure).
+
+The node signs (ledger claim scope) what it says it did: which assignment, the sha256 of the
+encoded update it uploads, and its metrics (steps, tokens, time, threads, energy ...). The hub
+checks that the claim is signed by the very node that sent the upload and says exactly what the
+upload says, then appends it to the ledger unchanged: the record of the work is the node's own,
+unforgeable word, and the hub's verdict on it is a separate, hub-signed entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from gridswarm.identity import Identity, node_id_from_public_key
+from gridswarm.ledger.chain import LedgerError, SignedClaim, sign_claim
+from gridswarm.train.params import pack
+
+CLAIM_KIND = "contribution"
+# Contribution metadata the claim repeats (those a node leaves unset, or an older node does not
+# know, are left out on both sides).
+CLAIM_FIELDS = (
+    "steps",
+    "tokens",
+    "train_time_s",
+    "threads",
+    "loss_first",
+    "loss_last",
+    "energy_wh",
+    "energy_method",
+    "intensity_g_per_kwh",
+    "local_surplus_share",
+)
+
+
+class ClaimError(ValueError):
+    """A contribution claim that is malformed, signed by the wrong key, or says something else."""
+
+
+def update_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Digest of an encoded update alone (not its metadata): equal updates, equal digests."""
+    return hashlib.sha256(pack(dict(tensors))).hexdigest()
+
+
+def is_zero_update(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """True when every value of the encoded update is zero (it carries no work at all)."""
+    return all(not bool(t.any()) for t in tensors.values())
+
+
+def claim_payload(
+    run_id: str, round_number: int, assignment_id: str, digest: str, meta: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The payload a node signs for one contribution (`meta`: the ContributionMeta fields)."""
+    payload: dict[str, Any] = {
+        "run_id": run_id,
+        "round": round_number,
+        "assignment_id": assignment_id,
+        "update_sha256": digest,
+    }
+    for name in CLAIM_FIELDS:
+        if meta.get(name) is not None:
+            payload[name] = meta[name]
+    return payload
+
+
+def sign_contribution(
+    identity: Identity,
+    run_id: str,
+    round_number: int,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+) -> dict[str, str]:
+    """The node's signed claim for an upload, as the JSON object ContributionMeta.claim holds."""
+    payload = claim_payload(
+        run_id, round_number, str(meta["assignment_id"]), update_sha256(tensors), meta
+    )
+    return sign_claim(identity, CLAIM_KIND, payload).to_dict()
+
+
+def check_claim(
+    claim: Mapping[str, Any], submitter_key: bytes, expected: Mapping[str, Any]
+) -> SignedClaim:
+    """The parsed claim if it is the submitter's valid signature over `expected`; else ClaimError.
+
+    Checked in this order, so the reason names the real problem: well-formed, the right kind,
+    the submitter's own key (not another node's), a valid signature, the same content.
+    """
+    try:
+        parsed = SignedClaim.from_dict(claim)
+        parsed.check(signature=False)
+    except LedgerError as exc:
+        raise ClaimError(f"malformed contribution claim: {exc}") from exc
+    if parsed.kind != CLAIM_KIND:
+        raise ClaimError(f"contribution claim has kind {parsed.kind!r}, expected {CLAIM_KIND!r}")
+    if parsed.author != submitter_key:
+        raise ClaimError(
+            f"claim signed as another node: key of node {node_id_from_public_key(parsed.author)},"
+            f" but the upload comes from node {node_id_from_public_key(submitter_key)}"
+        )
+    try:
+        parsed.check(signature=True)
+    except LedgerError as exc:
+        raise ClaimError(f"bad signature on the contribution claim: {exc}") from exc
+    said = parsed.payload
+    for key in sorted(set(said) | set(expected)):
+        if said.get(key) != expected.get(key):
+            raise ClaimError(
+                f"claim does not match the upload: {key} is {said.get(key)!r} in the claim, "
+                f"{expected.get(key)!r} in the upload"
+            )
+    return parsed
