@@ -65,35 +65,20 @@ def hub(
     ] = None,
 ) -> None:
     """Run a hub (migrates the database to the newest schema first)."""
-    from gridswarm.hub.server import serve
-
-    console.print(f"gridswarm hub on http://{host}:{port}  db={db}  blobs={blobs}")
-    if signals is None:
-        serve(db, blobs, host, port, liveness_s=liveness_s, home=home)
-        return
-    # with its own signals (hub/energy.py); TODO(lead): let server.serve take HubSettings
-    import uvicorn
-
-    from gridswarm.hub.app import create_app
     from gridswarm.hub.energy import load_hub_signals
-    from gridswarm.hub.server import build_service
+    from gridswarm.hub.server import serve
     from gridswarm.hub.service import HubSettings
 
-    try:
-        by_region = load_hub_signals(signals)
-    except ValueError as exc:
-        _fail(str(exc))
-    console.print(
-        f"carbon signals: {', '.join(f'{r}: {p.describe()}' for r, p in by_region.items())}"
-    )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = HubSettings(liveness_s=liveness_s, signals=by_region)
-    uvicorn.run(
-        create_app(build_service(db, blobs, settings, home)),
-        host=host,
-        port=port,
-        log_level="warning",
-    )
+    console.print(f"gridswarm hub on http://{host}:{port}  db={db}  blobs={blobs}")
+    by_region = {}
+    if signals is not None:
+        try:
+            by_region = load_hub_signals(signals)
+        except ValueError as exc:
+            _fail(str(exc))
+        described = ", ".join(f"{r}: {p.describe()}" for r, p in by_region.items())
+        console.print(f"carbon signals: {described}")
+    serve(db, blobs, host, port, HubSettings(liveness_s=liveness_s, signals=by_region), home)
 
 
 @node_app.callback(invoke_without_command=True)

@@ -68,11 +68,11 @@ def serve(
     blobs_dir: Path,
     host: str,
     port: int,
-    liveness_s: float = 20.0,
+    settings: HubSettings | None = None,
     home: Path | None = None,
 ) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    service = build_service(db_url, blobs_dir, HubSettings(liveness_s=liveness_s), home)
+    service = build_service(db_url, blobs_dir, settings, home)
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning")

@@ -132,7 +132,14 @@ class NodeAgent:
                     continue
                 self.status = "idle"
                 wait_s = self.energy.poll_wait_s(self.options.wait_s)
-                answer = self.client.assignment(run_id, wait_s=wait_s)
+                try:
+                    answer = self.client.assignment(run_id, wait_s=wait_s)
+                except HubRequestError as exc:
+                    if exc.status != 403:
+                        raise
+                    log.error("the hub refuses this node work: %s", exc.detail)
+                    self.stats.rejected.append(exc.detail)
+                    break
                 if answer.status == "finished":
                     log.info("run %s finished", run_id)
                     if self.options.run_id:
