@@ -493,8 +493,9 @@ _FIELDS: dict[str, set[str]] = {
 }
 
 
-def _time_field(value: Any, field: str) -> float:
-    if isinstance(value, int | float):
+def parse_time_value(value: Any, where: str) -> float:
+    """Unix seconds from a number, a TOML datetime or an ISO string; errors name `where`."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, datetime):
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
@@ -502,8 +503,12 @@ def _time_field(value: Any, field: str) -> float:
         try:
             return parse_time_s(value)
         except SignalError as exc:
-            raise ValueError(f"energy.signal.{field}: {exc}") from exc
-    raise ValueError(f"energy.signal.{field}: expected unix seconds or an ISO time, got {value!r}")
+            raise ValueError(f"{where}: {exc}") from exc
+    raise ValueError(f"{where}: expected unix seconds or an ISO time, got {value!r}")
+
+
+def _optional_time(cfg: Mapping[str, Any], key: str) -> float | None:
+    return parse_time_value(cfg[key], f"energy.signal.{key}") if key in cfg else None
 
 
 def _number(cfg: Mapping[str, Any], field: str, default: float | None = None) -> float | None:
@@ -555,10 +560,8 @@ def signal_from_config(
             path,
             region=own_region,
             step_s=_number(cfg, "step_s", 900.0) or 900.0,
-            replay_at_s=_time_field(cfg["replay_at"], "replay_at") if "replay_at" in cfg else None,
-            trace_from_s=(
-                _time_field(cfg["trace_from"], "trace_from") if "trace_from" in cfg else None
-            ),
+            replay_at_s=_optional_time(cfg, "replay_at"),
+            trace_from_s=_optional_time(cfg, "trace_from"),
             price_per_kwh=_number(cfg, "price_per_kwh"),
             forecast_error=_number(cfg, "forecast_error", 0.0) or 0.0,
             seed=int(cfg.get("seed", 0)),

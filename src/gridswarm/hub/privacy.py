@@ -81,6 +81,7 @@ from gridswarm.privacy.secagg import (
 from gridswarm.protocol import API, MAX_JSON_BYTES, ContributionMeta
 from gridswarm.train.aggregate import make_aggregator
 from gridswarm.train.params import pack_vector, unpack_vector
+from gridswarm.trust.claims import claimed_work_error
 
 if TYPE_CHECKING:
     from gridswarm.hub.service import HubService
@@ -641,16 +642,11 @@ class HubPrivacy:
             raise PrivacyRequestError(
                 400, f"codec {meta.codec!r}: SecAgg contributions travel as {SECAGG_CODEC!r}"
             )
-        if meta.steps != a.inner_steps:
-            raise PrivacyRequestError(
-                400, f"steps {meta.steps} differ from the assigned {a.inner_steps}"
-            )
-        if meta.tokens != meta.steps * cfg.tokens_per_step:
-            raise PrivacyRequestError(
-                400,
-                f"tokens {meta.tokens} != steps x tokens_per_step "
-                f"({meta.steps * cfg.tokens_per_step})",
-            )
+        claim_error = claimed_work_error(
+            meta.steps, meta.tokens, a.inner_steps, cfg.tokens_per_step
+        )
+        if claim_error:
+            raise PrivacyRequestError(400, claim_error)
 
     def task(self, run_id: str, node_id: str, assignment_id: str) -> dict:
         """What the node must do now for its SecAgg contribution (the node polls this)."""

@@ -59,6 +59,7 @@ from gridswarm.train.codecs import ErrorFeedback, make_codec
 from gridswarm.train.outer import nesterov_step
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
+from gridswarm.trust.claims import claimed_work_error
 
 MAX_SKEW_S = 120.0
 
@@ -509,16 +510,11 @@ class HubService:
     ) -> None:
         if meta.codec != cfg.comm.codec:
             raise HubError(400, f"codec {meta.codec!r} does not match the run's {cfg.comm.codec!r}")
-        if meta.steps != assignment.inner_steps:
-            raise HubError(
-                400, f"steps {meta.steps} differ from the assigned {assignment.inner_steps}"
-            )
-        if meta.tokens != meta.steps * cfg.tokens_per_step:
-            raise HubError(
-                400,
-                f"tokens {meta.tokens} != steps x tokens_per_step "
-                f"({meta.steps * cfg.tokens_per_step})",
-            )
+        claim_error = claimed_work_error(
+            meta.steps, meta.tokens, assignment.inner_steps, cfg.tokens_per_step
+        )
+        if claim_error:
+            raise HubError(400, claim_error)
         try:
             vec = make_codec(cfg.comm.codec, cfg.comm.block_size).decode(tensors, numel)
         except BlobFormatError as exc:

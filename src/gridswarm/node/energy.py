@@ -28,7 +28,6 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from gridswarm.energy.series import UniformSeries
 from gridswarm.energy.signals import (
     SignalError,
     SignalProvider,
-    parse_time_s,
+    parse_time_value,
     signal_from_config,
 )
 from gridswarm.energy.solar import (
@@ -157,26 +156,14 @@ def _number(cfg: Mapping[str, Any], where: str, key: str, default: float | None 
     return float(value)
 
 
-def _time_s(value: Any, where: str) -> float:
-    """Unix seconds from a number, a TOML datetime or an ISO string."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
-    if isinstance(value, str):
-        try:
-            return parse_time_s(value)
-        except SignalError as exc:
-            raise ValueError(f"{where}: {exc}") from exc
-    raise ValueError(f"{where}: expected unix seconds or an ISO time, got {value!r}")
-
-
 def _replayed(series: UniformSeries, cfg: Mapping[str, Any], where: str) -> UniformSeries:
     """`replay_at` (+ `trace_from`): play the recorded series from that time on."""
     if "replay_at" not in cfg:
         return series
-    at = _time_s(cfg["replay_at"], f"{where}.replay_at")
-    origin = _time_s(cfg["trace_from"], f"{where}.trace_from") if "trace_from" in cfg else None
+    at = parse_time_value(cfg["replay_at"], f"{where}.replay_at")
+    origin = (
+        parse_time_value(cfg["trace_from"], f"{where}.trace_from") if "trace_from" in cfg else None
+    )
     return series.replayed_at(at, origin)
 
 

@@ -112,3 +112,14 @@ def check_claim(
                 f"{expected.get(key)!r} in the upload"
             )
     return parsed
+
+
+def claimed_work_error(
+    steps: int, tokens: int, assigned_steps: int, tokens_per_step: int
+) -> str | None:
+    """Why a contribution's step and token counts cannot be true, or None if they add up."""
+    if steps != assigned_steps:
+        return f"steps {steps} differ from the assigned {assigned_steps}"
+    if tokens != steps * tokens_per_step:
+        return f"tokens {tokens} != steps x tokens_per_step ({steps * tokens_per_step})"
+    return None
