@@ -505,7 +505,10 @@ def format_run_report(report: Mapping[str, Any], privacy: Mapping[str, Any] | No
         vs = ""
         if reduction is not None:
             vs = f" (this run: {abs(reduction):.1%} {'less' if reduction >= 0 else 'more'})"
-        lines.append(f"agnostic counterfactual: {agnostic:.3g} kgCO2e{vs}")
+        model = " (every node flat out from the start)"
+        if report.get("policy") == "agnostic":
+            model += "; this run is itself agnostic, so the gap is joins, leaves and throttling"
+        lines.append(f"agnostic counterfactual: {agnostic:.3g} kgCO2e{vs}{model}")
     sources = ", ".join(f"{k} {v}" for k, v in report.get("intensity_sources", {}).items())
     lines.append(f"intensity source (contributions): {sources or 'none'}")
     if report.get("unmetered"):
