@@ -6,13 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-import gridswarm.hub
 from gridswarm.config import ConfigError, EnergyConfig, parse_run_config
 from gridswarm.db import Base
 from gridswarm.energy.policy import LOCAL_PV_INTENSITY_G_PER_KWH
@@ -33,6 +30,7 @@ from gridswarm.hub.energy import (
     signal_intensity,
     window_s,
 )
+from gridswarm.hub.server import alembic
 
 NOW = 1_780_000_000.0
 COMPUTE_S, WALL_S = 1.0, 2.0  # a round: 1 s of training at full speed, 2 s of wall time
@@ -242,15 +240,7 @@ def energy_columns(engine) -> set[str]:
 
 def test_migration_0003_adds_the_energy_columns(tmp_path: Path):
     engine = create_engine(f"sqlite:///{tmp_path / 'hub.db'}")
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(gridswarm.hub.__file__).parent / "migrations"))
-
-    def alembic(action: str, target: str) -> None:
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            getattr(command, action)(cfg, target)
-
-    alembic("upgrade", "head")
+    alembic(engine, "upgrade", "head")
     mine = {"energy_json", "intensity_g_per_kwh", "intensity_source", "emissions_g"}
     mine |= {"local_surplus_share"}
     columns = energy_columns(engine)
@@ -258,6 +248,6 @@ def test_migration_0003_adds_the_energy_columns(tmp_path: Path):
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert [d for d in diffs if any(name in repr(d) for name in mine)] == []
-    alembic("downgrade", "0002_ledger")
+    alembic(engine, "downgrade", "0002_ledger")
     columns = energy_columns(engine)
     assert not mine & columns

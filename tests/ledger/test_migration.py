@@ -4,31 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 import gridswarm.hub
 from gridswarm.db import Base
+from gridswarm.hub.server import alembic
 from gridswarm.identity import Identity
 from gridswarm.ledger.log import Ledger
 
 MIGRATIONS = Path(gridswarm.hub.__file__).parent / "migrations"
 
 
-def run_alembic(engine, action: str, target: str) -> None:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        getattr(command, action)(cfg, target)
-
-
 def test_upgrade_creates_ledger_table_matching_model(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'hub.db'}")
-    run_alembic(engine, "upgrade", "head")
+    alembic(engine, "upgrade", "head")
     assert "ledger_entries" in inspect(engine).get_table_names()
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
@@ -37,5 +28,5 @@ def test_upgrade_creates_ledger_table_matching_model(tmp_path: Path) -> None:
     ledger = Ledger(engine, Identity.from_seed(b"hub"), checkpoint_every=4)
     ledger.append_many([("round", {"round": i}) for i in range(10)])
     assert ledger.verify().ok
-    run_alembic(engine, "downgrade", "0001_core")
+    alembic(engine, "downgrade", "0001_core")
     assert "ledger_entries" not in inspect(engine).get_table_names()

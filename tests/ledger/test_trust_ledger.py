@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 import gridswarm.hub
 import gridswarm.hub.models
 from gridswarm.db import Base
+from gridswarm.hub.server import alembic
 from gridswarm.identity import Identity
 from gridswarm.ledger.balances import run_escrow
 from gridswarm.ledger.log import Ledger
@@ -22,14 +21,6 @@ MIGRATIONS = Path(gridswarm.hub.__file__).parent / "migrations"
 TRUST_TABLES = ("trust_rounds", "node_reputation")
 TRUST_COLUMNS = ("update_sha256", "claim_seq", "audit_rate", "audited", "audit_passed",
                  "loss_drop", "usefulness", "reward_units", "verdict_reason")  # fmt: skip
-
-
-def alembic(engine, action: str, target: str) -> None:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        getattr(command, action)(cfg, target)
 
 
 def test_0004_trust_creates_what_the_models_describe(tmp_path: Path) -> None:

@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-import gridswarm.hub
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.db import Base
 from gridswarm.hub.privacy import StageAction, StageProgress, _history, decide_stage
+from gridswarm.hub.server import alembic
 from gridswarm.privacy.live import (
     check_round_config,
     clip_range,
@@ -178,19 +176,11 @@ def test_accounting_history_merges_repeated_settings():
 
 def test_migration_0005_creates_the_privacy_tables_as_modelled(tmp_path: Path):
     engine = create_engine(f"sqlite:///{tmp_path / 'hub.db'}")
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(gridswarm.hub.__file__).parent / "migrations"))
-
-    def alembic(action: str, target: str) -> None:
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            getattr(command, action)(cfg, target)
-
-    alembic("upgrade", "head")
+    alembic(engine, "upgrade", "head")
     ours = {"privacy_rounds", "privacy_runs", "secagg_sessions", "secagg_messages"}
     assert ours <= set(inspect(engine).get_table_names())
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert [d for d in diffs if any(t in repr(d) for t in ours)] == []
-    alembic("downgrade", "0004_trust")
+    alembic(engine, "downgrade", "0004_trust")
     assert not ours & set(inspect(engine).get_table_names())

@@ -38,13 +38,18 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the database to the newest schema (Alembic `upgrade head`)."""
+def alembic(engine: Engine, action: str, target: str) -> None:
+    """Run an Alembic command (`upgrade`, `downgrade`, ...) to `target` on `engine`."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        getattr(command, action)(cfg, target)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the database to the newest schema (Alembic `upgrade head`)."""
+    alembic(engine, "upgrade", "head")
 
 
 def hub_key_path(blobs_dir: Path, home: Path | None = None) -> Path:
