@@ -3,6 +3,8 @@ the hub acknowledges it, so the hub process itself holds no state worth losing."
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -137,6 +139,35 @@ class Contribution(Base):
     reward_units: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     verdict_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
+
+    @classmethod
+    def accepted(
+        cls,
+        digest: str,
+        assignment: Assignment,
+        claims: dict[str, Any],
+        bytes_up: int,
+        created_at: float,
+        **columns: Any,
+    ) -> Contribution:
+        """The row of an accepted upload: the node's claims that are columns, then `columns`
+        (hub-side figures such as carbon, which win over the node's), then what the hub knows."""
+        names = cls.__table__.columns.keys()
+        fields = {k: v for k, v in claims.items() if k in names} | columns
+        return cls(
+            **fields
+            | {
+                "id": digest,
+                "run_id": assignment.run_id,
+                "round": assignment.round,
+                "node_id": assignment.node_id,
+                "assignment_id": assignment.id,
+                "base_version": assignment.base_version,
+                "bytes_up": bytes_up,
+                "status": "accepted",
+                "created_at": created_at,
+            }
+        )
 
 
 class Download(Base):

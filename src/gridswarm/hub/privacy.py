@@ -600,21 +600,7 @@ class HubPrivacy:
                 raise PrivacyRequestError(409, "public keys already used in this round")
             now = svc.clock()
             digest = hashlib.sha256(body).hexdigest()
-            columns = m.Contribution.__table__.columns.keys()
-            claims = {k: v for k, v in meta.model_dump().items() if k in columns} | carbon
-            s.add(
-                m.Contribution(
-                    **claims,
-                    id=digest,
-                    run_id=run_id,
-                    round=a.round,
-                    node_id=node_id,
-                    base_version=a.base_version,
-                    bytes_up=len(body),
-                    status="accepted",
-                    created_at=now,
-                )
-            )
+            s.add(m.Contribution.accepted(digest, a, meta.model_dump(), len(body), now, **carbon))
             s.add(
                 m.SecAggMessage(
                     run_id=run_id,

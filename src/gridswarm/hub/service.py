@@ -468,28 +468,8 @@ class HubService:
             )
             digest = self.blobs.put(body)
             s.add(
-                m.Contribution(
-                    id=digest,
-                    run_id=run_id,
-                    round=assignment.round,
-                    node_id=node_id,
-                    assignment_id=assignment.id,
-                    base_version=assignment.base_version,
-                    codec=meta.codec,
-                    bytes_up=len(body),
-                    steps=meta.steps,
-                    tokens=meta.tokens,
-                    loss_first=meta.loss_first,
-                    loss_last=meta.loss_last,
-                    train_time_s=meta.train_time_s,
-                    threads=meta.threads,
-                    energy_wh=meta.energy_wh,
-                    power_w=meta.power_w,
-                    energy_method=meta.energy_method,
-                    region=meta.region,
-                    **carbon,
-                    status="accepted",
-                    created_at=self.clock(),
+                m.Contribution.accepted(
+                    digest, assignment, meta.model_dump(), len(body), self.clock(), **carbon
                 )
             )
             assignment.status = "submitted"
