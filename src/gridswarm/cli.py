@@ -99,6 +99,9 @@ def node(
     energy: Annotated[
         Path | None, typer.Option(help="energy TOML: region, signal, PV/battery, policy")
     ] = None,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda[:i] | mps (bf16 autocast on CUDA)")
+    ] = "cpu",
 ) -> None:
     """Join a hub as a node and contribute training until stopped (Ctrl-C leaves cleanly)."""
     if ctx.invoked_subcommand is not None:  # `gridswarm node balance|claim …`
@@ -113,6 +116,12 @@ def node(
         except ValueError as exc:
             _fail(str(exc))
 
+    from gridswarm.node.probe import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        _fail(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s node %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     agent = NodeAgent(
@@ -127,6 +136,7 @@ def node(
             throttle=throttle,
             max_rounds=max_rounds,
             energy=energy,
+            device=device,
         )
     )
     agent.install_signal_handlers()

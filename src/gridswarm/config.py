@@ -81,9 +81,18 @@ class TrainConfig(_Strict):
     outer_lr: PositiveFloat = 0.7
     outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     grad_clip: Annotated[float, Field(ge=0)] = 1.0
+    # samples per forward/backward; gradients are accumulated up to batch_size (None: whole
+    # batch). A node may halve it to fit its memory: the result equals the full batch up to
+    # float rounding, and the node reports what it used so a replay uses the same
+    micro_batch_size: PositiveInt | None = None
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})"
+            )
         if self.min_inner_steps > self.inner_steps:
             raise ValueError(
                 f"min_inner_steps ({self.min_inner_steps}) exceeds inner_steps ({self.inner_steps})"

@@ -24,6 +24,8 @@ class Hardware(_Msg):
     memory_gb: float = Field(default=0, ge=0)
     gpu: str | None = None
     torch: str = ""
+    device: str = Field(default="cpu", max_length=128)  # what it trains on: cpu, cuda/<model>, mps
+    device_memory_gb: float = Field(default=0, ge=0, le=1e6)
 
 
 class RegisterRequest(_Msg):
@@ -81,6 +83,9 @@ class ContributionMeta(_Msg):
     loss_mean: float
     train_time_s: float = Field(ge=0)
     threads: int = Field(ge=1)
+    # the device class it trained on (replays compare like with like) and its micro-batch size
+    device: str = Field(default="cpu", max_length=128)
+    micro_batch_size: int | None = Field(default=None, ge=1)
     energy_wh: float | None = Field(default=None, ge=0)
     power_w: float | None = Field(default=None, ge=0)
     energy_method: str | None = None

@@ -495,6 +495,12 @@ class HubService:
         )
         if claim_error:
             raise HubError(400, claim_error)
+        if meta.micro_batch_size is not None and meta.micro_batch_size > cfg.train.batch_size:
+            raise HubError(
+                400,
+                f"micro_batch_size {meta.micro_batch_size} exceeds the run's batch_size "
+                f"{cfg.train.batch_size}",
+            )
         try:
             vec = make_codec(cfg.comm.codec, cfg.comm.block_size).decode(tensors, numel)
         except BlobFormatError as exc:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import torch
 
 from gridswarm.blobs import BlobError, LocalBlobStore, sha256_hex
@@ -22,7 +23,7 @@ from gridswarm.config import RunConfig
 from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient, HubRequestError
 from gridswarm.node.energy import NodeEnergy, load_node_energy
-from gridswarm.node.probe import hardware, probe_speed
+from gridswarm.node.probe import device_class, hardware, probe_speed, resolve_device
 from gridswarm.node.secagg import SecAggContributor, secagg_timeout_s
 from gridswarm.protocol import Assignment, ContributionMeta, RegisterRequest
 from gridswarm.train.codecs import ErrorFeedback, make_codec
@@ -52,6 +53,7 @@ class NodeOptions:
     max_rounds: int | None = None
     wait_s: float = 10.0
     energy: Path | None = None  # node energy TOML: region, signal, PV/battery, policy
+    device: str = "cpu"  # auto | cpu | cuda[:i] | mps
 
 
 @dataclass
@@ -69,6 +71,7 @@ class NodeAgent:
         self.identity = Identity.load_or_create(options.home / "node.key")
         self.cache = LocalBlobStore(options.home / "blobs")
         self.client = HubClient(options.hub_url, self.identity)
+        self.device = resolve_device(options.device)
         self.stop_event = threading.Event()
         self.status = "idle"
         self.stats = NodeStats()
@@ -92,12 +95,19 @@ class NodeAgent:
         signal.signal(signal.SIGTERM, handler)
 
     def register(self) -> str:
+        """Measure this node's speed (on the run's model when a run is active) and register."""
         torch.set_num_threads(self.options.max_threads)
-        tokens_per_s, numel = probe_speed()
+        run = self._active_run()
+        if run is not None:
+            workload = self.workload(run["id"], run["config"])
+            tokens_per_s, numel = probe_speed(workload.model, workload.cfg.train, self.device)
+        else:
+            tokens_per_s, numel = probe_speed(device=self.device)
         tokens_per_s *= 1.0 - self.options.throttle
+        log.info("probe on %s: %.0f tokens/s, %d parameters", self.device, tokens_per_s, numel)
         return self.client.register(
             RegisterRequest(
-                hardware=hardware(),
+                hardware=hardware(self.device),
                 region=self.energy.region,
                 probe_tokens_per_s=tokens_per_s,
                 probe_numel=numel,
@@ -105,6 +115,15 @@ class NodeAgent:
                 name=self.options.name,
             )
         )
+
+    def _active_run(self) -> dict | None:
+        """The run this node would work on now, with its settings; None if there is none."""
+        try:
+            run_id = self.pick_run()
+            return None if run_id is None else self.client.run_status(run_id)
+        except (HubRequestError, httpx.HTTPError, ValueError, OSError) as exc:
+            log.info("no run to probe on (%s): probing the reference model", exc)
+            return None
 
     def pick_run(self) -> str | None:
         if self.options.run_id:
@@ -182,7 +201,7 @@ class NodeAgent:
                 if self.options.data is None:
                     raise ValueError(f"run {run_id} is federated: start the node with --data PATH")
                 text = read_text(str(self.options.data))
-            self._workloads[run_id] = Workload.from_config(cfg, text=text)
+            self._workloads[run_id] = Workload.from_config(cfg, text=text).to(self.device)
         return self._workloads[run_id]
 
     def _contribute_securely(
@@ -244,7 +263,9 @@ class NodeAgent:
             step_started = time.perf_counter()
 
         with self.energy.measure() as metered:
-            result = workload.train(theta, a.round, self.node_id, a.inner_steps, a.attempt, on_step)
+            result = workload.train(
+                theta, a.round, self.node_id, a.inner_steps, a.attempt, on_step, fit_memory=True
+            )
         codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
         if cfg.comm.error_feedback:
             feedback = self._feedback.setdefault(a.run_id, ErrorFeedback(codec))
@@ -261,6 +282,8 @@ class NodeAgent:
             loss_mean=result.loss_mean,
             train_time_s=result.train_time_s,
             threads=torch.get_num_threads(),
+            device=device_class(self.device),
+            micro_batch_size=result.micro_batch_size,
             **metered.use.meta(),  # energy_wh, power_w, method, region, intensity, local share
         )
         if cfg.privacy.secagg:  # only a masked share of the sum leaves the node

@@ -1,4 +1,9 @@
-"""What a node reports about itself: hardware, and its speed on a fixed reference model."""
+"""What a node reports about itself: hardware, its training device, and its measured speed.
+
+The speed is measured on the run's own model when the node knows the run (training a few steps
+of it on random tokens on its device, with the run's micro-batches), so the hub plans inner steps
+across CPU and GPU nodes from what each achieves on that model; otherwise on a small reference GPT.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import torch
 from gridswarm.config import ModelConfig, TrainConfig
 from gridswarm.protocol import Hardware
 from gridswarm.train.local import train_local
-from gridswarm.train.model import build_model, count_parameters
+from gridswarm.train.model import build_model, count_parameters, vocab_size_of
 from gridswarm.train.params import flatten
 
 REFERENCE_MODEL = ModelConfig()  # the default small GPT
@@ -40,30 +45,88 @@ def memory_gb() -> float:
     return 0.0
 
 
-def hardware() -> Hardware:
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:i` or `mps`; ValueError naming
+    what is wrong when the device does not exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    kind, _, index = name.partition(":")
+    if kind == "cpu" and not index:
+        return torch.device("cpu")
+    if kind == "mps" and not index:
+        if not torch.backends.mps.is_available():
+            raise ValueError("device mps: this machine has no MPS backend")
+        return torch.device("mps")
+    if kind != "cuda":
+        raise ValueError(f"device {name!r}: want auto, cpu, cuda, cuda:INDEX or mps")
+    count = torch.cuda.device_count()
+    if index and not index.isdigit():
+        raise ValueError(f"device {name!r}: the CUDA index must be a number")
+    i = int(index or 0)
+    if i >= count:
+        raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s)")
+    return torch.device("cuda", i)
+
+
+def device_class(device: torch.device) -> str:
+    """What replays must match to be comparable: `cpu`, or the accelerator's model name."""
+    if device.type == "cuda":
+        return f"cuda/{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def hardware(device: torch.device | None = None) -> Hardware:
+    """This machine, and the device the node trains on with its memory in GB."""
+    device = device or torch.device("cpu")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    device_memory_gb = memory_gb()
+    if device.type == "cuda":
+        device_memory_gb = round(torch.cuda.get_device_properties(device).total_memory / 1024**3, 1)
     return Hardware(
         cpu=cpu_name(),
         cores=os.cpu_count() or 1,
         memory_gb=memory_gb(),
         gpu=gpu,
         torch=torch.__version__,
+        device=device_class(device),
+        device_memory_gb=device_memory_gb,
     )
 
 
-def probe_speed(steps: int = 4) -> tuple[float, int]:
-    """(tokens/s, parameters) of a few training steps of the reference GPT, after one warm-up."""
-    model = build_model(REFERENCE_MODEL, REFERENCE_TRAIN.seq_len, seed=0)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def probe_speed(
+    model: torch.nn.Module | None = None,
+    train: TrainConfig = REFERENCE_TRAIN,
+    device: torch.device | None = None,
+    steps: int = 3,
+) -> tuple[float, int]:
+    """(tokens/s, parameters) of `steps` training steps of `model` (default: the reference GPT)
+    on `device`, after one warm-up step; random tokens, so it needs no data."""
+    device = device or torch.device("cpu")
+    if model is None:
+        model = build_model(REFERENCE_MODEL, train.seq_len, seed=0)
+    model.to(device)
+    vocab = vocab_size_of(model)
     g = torch.Generator().manual_seed(0)
-    shape = (REFERENCE_TRAIN.batch_size, REFERENCE_TRAIN.seq_len)
+    shape = (train.batch_size, train.seq_len)
 
     def stream():
         while True:
-            x = torch.randint(0, 256, shape, generator=g)
+            x = torch.randint(0, vocab, shape, generator=g)
             yield x, x
 
-    theta = flatten(model)
-    train_local(model, theta, stream(), 1, REFERENCE_TRAIN)
+    theta = flatten(model).cpu()
+    train_local(model, theta, stream(), 1, train)
+    synchronize(device)
     started = time.perf_counter()
-    result = train_local(model, theta, stream(), steps, REFERENCE_TRAIN)
+    result = train_local(model, theta, stream(), steps, train)
+    synchronize(device)
     return result.tokens / (time.perf_counter() - started), count_parameters(model)

@@ -1,8 +1,12 @@
 """Local training on a node: H inner AdamW steps from a model version, giving a pseudo-gradient.
 
 The inner optimizer starts fresh every round (no state carried over), dropout is off and the data
-stream is seeded, so the same (version, slice seed, H, thread count) reproduces the same
-pseudo-gradient bit for bit on CPU: that is what makes a contribution auditable by replay.
+stream is seeded, so the same (version, slice seed, H, thread count, micro-batch size) reproduces
+the same pseudo-gradient bit for bit on CPU: that is what makes a contribution auditable by replay.
+
+On a GPU the same loop runs under bf16 autocast; each batch may be split into micro-batches whose
+gradients are accumulated (the mean over the whole batch, up to float rounding), so a node fits
+the batch to its memory, and activation checkpointing trades compute for memory further.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,25 +22,58 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gridswarm.config import TrainConfig
+from gridswarm.train.model import set_activation_checkpointing
 from gridswarm.train.params import assign_flat, flatten
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
 class LocalResult:
-    pseudo_gradient: torch.Tensor  # theta_start - theta_end, flat fp32
+    pseudo_gradient: torch.Tensor  # theta_start - theta_end, flat fp32 on the CPU
     steps: int
     tokens: int
     loss_first: float
     loss_last: float
     loss_mean: float
     train_time_s: float
+    micro_batch_size: int  # samples per forward/backward actually used
 
 
 def loss_fn(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = model(inputs)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights and optimizer state); nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def accumulate_gradients(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, micro_batch_size: int
+) -> float:
+    """Backward of the batch's mean loss, `micro_batch_size` rows at a time; returns the loss.
+
+    Each micro-batch's mean loss is weighted by its share of the rows, so the accumulated
+    gradient is the full batch's gradient up to float rounding (and bit-identical to it when
+    one micro-batch holds the whole batch)."""
+    rows = inputs.shape[0]
+    if micro_batch_size >= rows:
+        with autocast_for(inputs.device):
+            loss = loss_fn(model, inputs, targets)
+        loss.backward()
+        return loss.item()
+    total = torch.zeros((), device=inputs.device)
+    for x, y in zip(inputs.split(micro_batch_size), targets.split(micro_batch_size), strict=True):
+        with autocast_for(inputs.device):
+            loss = loss_fn(model, x, y) * (x.shape[0] / rows)
+        loss.backward()
+        total += loss.detach()
+    return total.item()
 
 
 def train_local(
@@ -45,10 +83,15 @@ def train_local(
     steps: int,
     cfg: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
+    micro_batch_size: int | None = None,
 ) -> LocalResult:
-    """`steps` AdamW steps from `theta_start`; `on_step(step, loss)` may raise to stop early."""
+    """`steps` AdamW steps from `theta_start` on the model's device; `on_step(step, loss)` may
+    raise to stop early. `micro_batch_size` overrides the run's (None: the run's, or the batch)."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    device = next(model.parameters()).device
+    micro = micro_batch_size or cfg.micro_batch_size or cfg.batch_size
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
     assign_flat(model, theta_start)
     model.train()
     optimizer = torch.optim.AdamW(
@@ -63,13 +106,11 @@ def train_local(
             for group in optimizer.param_groups:
                 group["lr"] = cfg.inner_lr * scale
         inputs, targets = next(stream)
-        loss = loss_fn(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value = accumulate_gradients(model, inputs.to(device), targets.to(device), micro)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"inner loss became {value} at step {step}")
         losses.append(value)
@@ -77,13 +118,14 @@ def train_local(
         if on_step is not None:
             on_step(step, value)
     return LocalResult(
-        pseudo_gradient=theta_start - flatten(model),
+        pseudo_gradient=theta_start - flatten(model).to(CPU),
         steps=steps,
         tokens=tokens,
         loss_first=losses[0],
         loss_last=losses[-1],
         loss_mean=sum(losses) / len(losses),
         train_time_s=time.perf_counter() - started,
+        micro_batch_size=min(micro, cfg.batch_size),
     )
 
 
@@ -92,5 +134,7 @@ def evaluate(model: nn.Module, theta: torch.Tensor, eval_set: list[Batch]) -> fl
     """Mean cross-entropy (nats per token) of `theta` on a fixed held-out set."""
     assign_flat(model, theta)
     model.eval()
-    total = sum(loss_fn(model, x, y).item() for x, y in eval_set)
+    device = next(model.parameters()).device
+    with autocast_for(device):
+        total = sum(loss_fn(model, x.to(device), y.to(device)).item() for x, y in eval_set)
     return total / len(eval_set)

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gridswarm.config import ModelConfig
 from gridswarm.train.tokenizer import VOCAB_SIZE
@@ -51,6 +52,7 @@ class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int):
         super().__init__()
         self.block_size = block_size
+        self.activation_checkpointing = False  # recompute each block in backward (less memory)
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
@@ -78,7 +80,10 @@ class GPT(nn.Module):
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         for block in self.blocks:
-            x = block(x)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.lm_head(self.ln_f(x))
 
 
@@ -88,9 +93,22 @@ class HFCausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module) -> None:
         super().__init__()
         self.hf = hf_model
+        self.activation_checkpointing = False
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=idx).logits
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing on or off (the GPT's blocks, or transformers' own)."""
+    if isinstance(model, GPT):
+        model.activation_checkpointing = enabled
+    elif isinstance(model, HFCausalLM) and model.activation_checkpointing != enabled:
+        if enabled:
+            model.hf.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.hf.gradient_checkpointing_disable()
+        model.activation_checkpointing = enabled
 
 
 def hf_config(cfg: ModelConfig, seq_len: int):
@@ -115,6 +133,13 @@ def build_model(cfg: ModelConfig, seq_len: int, seed: int) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     return HFCausalLM(AutoModelForCausalLM.from_config(hf_config(cfg, seq_len)))
+
+
+def vocab_size_of(model: nn.Module) -> int:
+    """Token ids the model accepts."""
+    if isinstance(model, HFCausalLM):
+        return int(model.hf.config.vocab_size)
+    return model.wte.num_embeddings
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -3,6 +3,7 @@ held-out set, built from the run's settings alone so hub, nodes and auditors agr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -14,6 +15,8 @@ from gridswarm.train.data import Corpus, batches, eval_batches, read_text, slice
 from gridswarm.train.local import LocalResult, evaluate, train_local
 from gridswarm.train.model import build_model, count_parameters
 from gridswarm.train.params import flatten
+
+log = logging.getLogger("gridswarm.train")
 
 
 @dataclass
@@ -50,6 +53,11 @@ class Workload:
     def evaluate(self, theta: torch.Tensor) -> float:
         return evaluate(self.model, theta, self.eval_set)
 
+    def to(self, device: torch.device) -> Workload:
+        """Train on `device` from now on (the model moves; vectors stay on the CPU)."""
+        self.model.to(device)
+        return self
+
     def train(
         self,
         theta: torch.Tensor,
@@ -58,9 +66,25 @@ class Workload:
         steps: int,
         attempt: int = 0,
         on_step=None,
+        micro_batch_size: int | None = None,
+        fit_memory: bool = False,
     ) -> LocalResult:
-        """The work of one assignment: `steps` inner steps on the node's deterministic slice."""
+        """The work of one assignment: `steps` inner steps on the node's deterministic slice.
+
+        `fit_memory`: on running out of device memory, halve the micro-batch and start the
+        assignment again (a node fitting the batch to its memory; the result records the size
+        used, so a replay can use the same)."""
         t = self.cfg.train
         seed = slice_seed(self.cfg.seed, round_number, node_id, attempt)
-        stream = batches(self.corpus.train, t.seq_len, t.batch_size, seed)
-        return train_local(self.model, theta, stream, steps, t, on_step=on_step)
+        micro = micro_batch_size or t.micro_batch_size or t.batch_size
+        while True:
+            stream = batches(self.corpus.train, t.seq_len, t.batch_size, seed)
+            try:
+                return train_local(self.model, theta, stream, steps, t, on_step, micro)
+            except torch.OutOfMemoryError:
+                if not fit_memory or micro == 1:
+                    raise
+                micro //= 2
+                log.warning("out of device memory: retrying with micro-batches of %d", micro)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()

@@ -27,6 +27,8 @@ CLAIM_FIELDS = (
     "tokens",
     "train_time_s",
     "threads",
+    "device",
+    "micro_batch_size",
     "loss_first",
     "loss_last",
     "energy_wh",
