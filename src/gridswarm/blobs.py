@@ -2,7 +2,8 @@
 
 A blob is durable once `put` returns (written to a temporary file, fsynced, renamed into place), so
 the hub can acknowledge a contribution only after its bytes are safe. Corrupt or truncated files
-are detected on read and reported, never served.
+are detected on read and reported, never served. Large blobs are also read in byte ranges (HTTP
+Range downloads, `byte_range`) and hashed in chunks, so no whole model needs to sit in memory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RANGE = re.compile(r"^bytes=(\d{1,19})-(\d{0,19})$")
+HASH_CHUNK_BYTES = 8 << 20
 
 
 class BlobError(Exception):
@@ -29,6 +32,47 @@ def check_digest(digest: str) -> str:
     if not _SHA256.match(digest):
         raise BlobError(f"not a sha256 hex digest: {digest[:80]!r}")
     return digest
+
+
+class RangeError(ValueError):
+    """A Range header that is malformed or outside the blob."""
+
+
+def byte_range(header: str, size: int, max_bytes: int) -> tuple[int, int]:
+    """(start, length) of one `bytes=START-[END]` range of a `size`-byte blob, at most
+    `max_bytes` long (a longer request is served in part: Content-Range says what came)."""
+    match = _RANGE.match(header.strip())
+    if match is None:
+        raise RangeError(f"unsupported range {header[:80]!r}: want one 'bytes=START-[END]'")
+    start = int(match[1])
+    end = int(match[2]) if match[2] else size - 1
+    if start >= size or end < start:
+        raise RangeError(f"range {header[:80]!r} is outside the blob's {size} bytes")
+    return start, min(end + 1 - start, size - start, max_bytes)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks (bounded memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_span(path: Path, start: int, length: int) -> bytes:
+    """`length` bytes of a file from `start`."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(length)
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class BlobStore(Protocol):
@@ -53,6 +97,31 @@ class LocalBlobStore:
     def has(self, digest: str) -> bool:
         return self._path(digest).exists()
 
+    def path(self, digest: str, verify: bool = True) -> Path:
+        """Where the blob lives; BlobError if it is missing or (`verify`) its bytes do not match
+        its name (hashed in chunks)."""
+        path = self._path(digest)
+        if not path.exists():
+            raise BlobError(f"blob {digest} not found")
+        if verify and file_sha256(path) != digest:
+            raise BlobError(f"blob {digest} is corrupt on disk (hash mismatch)")
+        return path
+
+    def put_file(self, source: Path, expected_digest: str) -> str:
+        """Move a downloaded file into the store after checking its hash (chunked); a file that
+        does not match is deleted and BlobError raised."""
+        digest = file_sha256(source)
+        if digest != expected_digest:
+            source.unlink(missing_ok=True)
+            raise BlobError(f"content hash {digest} does not match the declared {expected_digest}")
+        path = self._path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(source, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(source, path)
+        _fsync_dir(path.parent)
+        return digest
+
     def put(self, data: bytes, expected_digest: str | None = None) -> str:
         digest = sha256_hex(data)
         if expected_digest is not None and expected_digest != digest:
@@ -71,11 +140,7 @@ class LocalBlobStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
         return digest
 
     def get(self, digest: str) -> bytes:

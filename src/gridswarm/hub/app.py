@@ -16,10 +16,10 @@ from typing import TypeVar
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from gridswarm.blobs import BlobError, check_digest
+from gridswarm.blobs import BlobError, check_digest, read_span
 from gridswarm.hub.privacy import add_privacy_routes
 from gridswarm.hub.service import HubError, HubService
 from gridswarm.hub.trust import add_trust_routes
@@ -37,6 +37,7 @@ from gridswarm.protocol import (
     RunCreateResponse,
 )
 
+OCTET_STREAM = "application/octet-stream"
 TICK_S = 0.25
 MAX_WAIT_S = 20.0
 M = TypeVar("M", bound=BaseModel)
@@ -195,7 +196,14 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         if request.headers.get(HEADER_SIGNATURE):  # signed downloads are counted per node
             verified, _ = await signed(request, 0)
             node_id = verified.node_id
-        data = await run_in_threadpool(service.read_blob, digest, node_id)
-        return Response(content=data, media_type="application/octet-stream")
+        span = await run_in_threadpool(
+            service.blob_span, digest, node_id, request.headers.get("range")
+        )
+        headers = {"accept-ranges": "bytes"}
+        if not span.partial:
+            return FileResponse(span.path, media_type=OCTET_STREAM, headers=headers)
+        data = await run_in_threadpool(read_span, span.path, span.start, span.length)
+        headers["content-range"] = f"bytes {span.start}-{span.start + span.length - 1}/{span.size}"
+        return Response(content=data, status_code=206, media_type=OCTET_STREAM, headers=headers)
 
     return app

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from pydantic import ValidationError
@@ -21,7 +22,7 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gridswarm.blobs import BlobError, LocalBlobStore
+from gridswarm.blobs import BlobError, LocalBlobStore, RangeError, byte_range
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
@@ -64,6 +65,20 @@ from gridswarm.trust.claims import claimed_work_error
 MAX_SKEW_S = 120.0
 
 
+MAX_RANGE_BYTES = 64 << 20  # the most one ranged blob read serves
+
+
+@dataclass(frozen=True)
+class BlobSpan:
+    """The bytes of a blob one download gets: `length` bytes from `start` of `size`."""
+
+    path: Path
+    start: int
+    length: int
+    size: int
+    partial: bool
+
+
 class HubError(Exception):
     """A request the hub refuses; `status` is the HTTP code, `detail` says why."""
 
@@ -101,6 +116,7 @@ class HubService:
         self.clock = clock
         self.lock = threading.RLock()
         self._workloads: dict[str, Workload] = {}
+        self._verified_blobs: set[str] = set()  # blobs whose bytes were hashed since the start
         self.privacy = HubPrivacy(self)  # DP accounting and SecAgg stages (hub/privacy.py)
         # ledger, audits, usefulness, reputation, rewards (hub/trust.py); `identity` is the hub's
         # persistent signing key (server.py loads it), a throwaway one only for in-memory use
@@ -672,8 +688,10 @@ class HubService:
 
     # ---------------------------------------------------------------- reads
 
-    def read_blob(self, digest: str, node_id: str | None) -> bytes:
-        """A published model version or delta (contributions are never served)."""
+    def blob_span(self, digest: str, node_id: str | None, range_header: str | None) -> BlobSpan:
+        """Where to read a published model version or delta (contributions are never served):
+        the whole blob, or one `Range` of it (at most MAX_RANGE_BYTES). Each blob's hash is
+        checked on disk before its first byte is served; signed reads are counted per node."""
         with self.sessions() as s:
             version = s.scalars(
                 select(m.Version)
@@ -682,22 +700,31 @@ class HubService:
             ).first()
             if version is None:
                 raise HubError(404, f"blob {digest} is not a published model version or delta")
+        try:
+            path = self.blobs.path(digest, verify=digest not in self._verified_blobs)
+        except BlobError as exc:
+            raise HubError(500, str(exc)) from exc
+        self._verified_blobs.add(digest)
+        size = path.stat().st_size
+        start, length = 0, size
+        if range_header is not None:
             try:
-                data = self.blobs.get(digest)
-            except BlobError as exc:
-                raise HubError(500, str(exc)) from exc
-            if node_id is not None:
+                start, length = byte_range(range_header, size, MAX_RANGE_BYTES)
+            except RangeError as exc:
+                raise HubError(416, str(exc)) from exc
+        if node_id is not None:
+            with self.sessions() as s:
                 s.add(
                     m.Download(
                         run_id=version.run_id,
                         node_id=node_id,
                         blob=digest,
-                        bytes_down=len(data),
+                        bytes_down=length,
                         created_at=self.clock(),
                     )
                 )
                 s.commit()
-        return data
+        return BlobSpan(path, start, length, size, partial=range_header is not None)
 
     def latest_version(self, run_id: str) -> dict:
         with self.sessions() as s:

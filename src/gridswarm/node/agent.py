@@ -227,9 +227,7 @@ class NodeAgent:
         if self.cache.has(a.weights_blob):
             return unpack_vector(self.cache.get(a.weights_blob))
         if a.delta_blob and a.previous_version_blob and self.cache.has(a.previous_version_blob):
-            delta_bytes = self.client.blob(a.delta_blob)
-            self.stats.bytes_down += len(delta_bytes)
-            tensors, meta = unpack(delta_bytes)
+            tensors, meta = unpack(self.download(a.delta_blob))
             codec = make_codec(
                 str(meta["codec"]), RunConfig.model_validate(a.config).comm.block_size
             )
@@ -240,10 +238,15 @@ class NodeAgent:
                 self.cache.put(data)
                 return theta
             log.warning("delta did not rebuild version %s exactly; downloading it", a.base_version)
-        data = self.client.blob(a.weights_blob)
-        self.stats.bytes_down += len(data)
-        self.cache.put(data, expected_digest=a.weights_blob)
-        return unpack_vector(data)
+        return unpack_vector(self.download(a.weights_blob))
+
+    def download(self, digest: str) -> bytes:
+        """A model blob, from the cache or downloaded in resumable, hash-checked chunks."""
+        if not self.cache.has(digest):
+            part = self.options.home / "partial" / f"{digest}.part"
+            self.stats.bytes_down += self.client.fetch_blob(digest, part)
+            self.cache.put_file(part, digest)
+        return self.cache.get(digest)
 
     def work(self, a: Assignment) -> None:
         workload = self.workload(a.run_id, a.config)

@@ -2,17 +2,21 @@
 
 Requests are retried with backoff while the hub is unreachable (it may be restarting), each retry
 freshly signed. A 4xx answer is final and raised as `HubRequestError` with the hub's reason.
+Model blobs are downloaded in HTTP Range chunks into a `.part` file that a later call resumes
+(after a lost connection or a restart), and checked against their sha256 at the end.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
+from pathlib import Path
 
 import httpx
 from pydantic import BaseModel
 
-from gridswarm.blobs import BlobError, sha256_hex
+from gridswarm.blobs import BlobError, file_sha256, sha256_hex
 from gridswarm.identity import Identity, sign_request
 from gridswarm.protocol import (
     API,
@@ -23,6 +27,9 @@ from gridswarm.protocol import (
     RegisterRequest,
     RunCreateResponse,
 )
+
+CHUNK_BYTES = 8 << 20  # one ranged download request
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
 
 class HubRequestError(Exception):
@@ -51,11 +58,12 @@ class HubClient:
         body: bytes = b"",
         params: dict | None = None,
         signed: bool = True,
+        extra_headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         give_up = time.monotonic() + self.retry_for_s
         delay = 0.2
         while True:
-            headers = {"content-type": "application/octet-stream"}
+            headers = {"content-type": "application/octet-stream"} | (extra_headers or {})
             if signed:
                 headers |= sign_request(self.identity, method, path, body)
             try:
@@ -113,6 +121,40 @@ class HubClient:
         if sha256_hex(data) != digest:
             raise BlobError(f"downloaded blob does not match its hash {digest}")
         return data
+
+    def fetch_blob(self, digest: str, part: Path, chunk_bytes: int = CHUNK_BYTES) -> int:
+        """Download blob `digest` into the file `part` in Range chunks, resuming from what `part`
+        already holds; returns the bytes downloaded by this call. At the end the whole file must
+        hash to `digest`: if not it is deleted and BlobError raised (the next call starts over).
+        """
+        part.parent.mkdir(parents=True, exist_ok=True)
+        offset = part.stat().st_size if part.exists() else 0
+        downloaded, size = 0, None
+        with open(part, "ab") as f:
+            while size is None or offset < size:
+                try:
+                    response = self.request(
+                        "GET",
+                        f"{API}/blobs/{digest}",
+                        extra_headers={"range": f"bytes={offset}-{offset + chunk_bytes - 1}"},
+                    )
+                except HubRequestError as exc:
+                    if exc.status != 416 or offset == 0:
+                        raise
+                    break  # nothing left past `offset`: the file is complete (or too long)
+                match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+                if response.status_code != 206 or match is None or int(match[1]) != offset:
+                    raise BlobError(f"blob {digest}: the hub did not serve bytes from {offset}")
+                size = int(match[3])
+                f.write(response.content)
+                offset += len(response.content)
+                downloaded += len(response.content)
+                if not response.content:
+                    raise BlobError(f"blob {digest}: empty range at {offset} of {size}")
+        if file_sha256(part) != digest:
+            part.unlink(missing_ok=True)
+            raise BlobError(f"downloaded blob does not match its hash {digest}; discarded")
+        return downloaded
 
     # sponsor and reader calls
     def create_run(self, config: dict) -> RunCreateResponse:
