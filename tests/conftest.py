@@ -56,6 +56,36 @@ def make_swarm(tmp_path: Path) -> Iterator[Callable[..., Swarm]]:
         swarm.stop()
 
 
+@pytest.fixture
+def in_process_hub(tmp_path: Path) -> Iterator[Callable[[], tuple]]:
+    """A real hub service and app in this process, reached through Starlette's test transport
+    (no ticker thread: a test drives `service.tick()` / `service.trust.prescreen` itself).
+    Yields `make()` -> (service, connect), where `connect(identity)` gives a signed HubClient."""
+    from fastapi.testclient import TestClient
+
+    from gridswarm.hub.app import create_app
+    from gridswarm.hub.server import build_service
+    from gridswarm.node.client import HubClient
+
+    clients: list[TestClient] = []
+
+    def make() -> tuple:
+        service = build_service(f"sqlite:///{tmp_path}/hub.db", tmp_path / "blobs")
+        http = TestClient(create_app(service))
+        clients.append(http)
+
+        def connect(identity):
+            client = HubClient("http://testserver", identity, retry_for_s=2)
+            client.http = http
+            return client
+
+        return service, connect
+
+    yield make
+    for http in clients:
+        http.close()
+
+
 def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.2):
     """Poll `predicate` until it returns something truthy; fail the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s

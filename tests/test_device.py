@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gridswarm.config import parse_run_config
-from gridswarm.node.probe import resolve_device
+from gridswarm.train.device import resolve_device
 from gridswarm.train.workload import Workload
 from tests.conftest import tiny_run
 

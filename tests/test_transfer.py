@@ -1,16 +1,13 @@
 """Chunked, resumable, hash-checked model downloads over HTTP Range, against an in-process hub."""
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gridswarm.blobs import BlobError, RangeError, byte_range
 from gridswarm.hub import models as m
-from gridswarm.hub.app import create_app
-from gridswarm.hub.server import build_service
 from gridswarm.identity import Identity
-from gridswarm.node.client import HubClient, HubRequestError
+from gridswarm.node.client import HubRequestError
 from gridswarm.protocol import API, RegisterRequest
 from tests.conftest import tiny_run
 
@@ -25,21 +22,12 @@ def test_byte_range_parsing_is_bounded():
 
 
 @pytest.fixture
-def hub(tmp_path):
-    service = build_service(f"sqlite:///{tmp_path}/hub.db", tmp_path / "blobs")
-    http = TestClient(create_app(service))  # no lifespan: no ticker thread
-
-    def client(identity: Identity) -> HubClient:
-        c = HubClient("http://testserver", identity, retry_for_s=2)
-        c.http = http
-        return c
-
-    sponsor = client(Identity.generate())
-    created = sponsor.create_run(tiny_run())
-    node = client(Identity.generate())
+def hub(in_process_hub):
+    service, connect = in_process_hub()
+    created = connect(Identity.generate()).create_run(tiny_run())
+    node = connect(Identity.generate())
     node.register(RegisterRequest(probe_tokens_per_s=1e4, probe_numel=1000))
-    yield service, node, created.version_blob
-    http.close()
+    return service, node, created.version_blob
 
 
 def _bytes_counted(service, digest: str) -> int:

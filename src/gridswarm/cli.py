@@ -116,7 +116,7 @@ def node(
         except ValueError as exc:
             _fail(str(exc))
 
-    from gridswarm.node.probe import resolve_device
+    from gridswarm.train.device import resolve_device
 
     try:
         resolve_device(device)

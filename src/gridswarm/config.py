@@ -273,6 +273,11 @@ class TrustConfig(_Strict):
     low_carbon_bonus: Annotated[float, Field(ge=0, le=10)] = 0.0
     reference_intensity_g_per_kwh: PositiveFloat = 400.0
     forfeit_on_strike: bool = True  # a caught node also loses its unclaimed rewards
+    # replay comparison (trust/tolerance.py): "auto" is bit-exact for CPU work and within
+    # max(k × the largest distance between honest reruns, floor) for GPU work
+    replay_match: Literal["auto", "exact", "tolerance"] = "auto"
+    replay_tolerance_k: Annotated[float, Field(ge=1, le=1000)] = 4.0
+    replay_tolerance_floor: Annotated[float, Field(ge=0, le=0.1)] = 1e-6
 
     @model_validator(mode="after")
     def _check(self) -> TrustConfig:

@@ -54,6 +54,7 @@ from gridswarm.ledger.log import DuplicateClaimError, HubItem, Ledger
 from gridswarm.ledger.ops import ledger_show, node_balance, payout_addresses, reward_claim_for
 from gridswarm.protocol import API, MAX_JSON_BYTES
 from gridswarm.train.codecs import make_codec
+from gridswarm.train.device import device_class
 from gridswarm.train.params import unpack, unpack_vector
 from gridswarm.train.workload import Workload
 from gridswarm.trust.audit import audit_draw, is_audited, seed_commitment
@@ -82,11 +83,20 @@ from gridswarm.trust.rewards import (
     split_round_pool,
     usefulness_scores,
 )
+from gridswarm.trust.tolerance import (
+    Calibration,
+    ReplayMatch,
+    judge,
+    relative_l2,
+    replay_match,
+    tolerance,
+)
 
 log = logging.getLogger("gridswarm.hub.trust")
 FALSE_CLAIM_PREFIXES = ("tokens", "steps")  # core checks whose failure is a false work claim
 MAX_REPLAY_THREADS = 64
 PAYOUT_KIND = "payout_address"
+KIND_CALIBRATION = "audit_calibration"  # honest rerun distances per (run, device class)
 
 
 class TrustRefusal(Exception):
@@ -115,6 +125,8 @@ class Examination:
     audit_passed: bool | None
     loss_drop: float | None
     reason: str | None
+    note: str | None = None  # how it passed, or why it was not audited (for the verdict)
+    calibration: Calibration | None = None  # extended by this audit's honest rerun pair
 
 
 def _reputation(row: m.NodeReputation | None) -> Reputation:
@@ -152,6 +164,8 @@ class HubTrust:
         self.lock = lock or threading.RLock()
         self.clock = clock
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self._calibrations: dict[str, dict[str, Calibration]] = {}  # run -> device -> calibration
+        self._device_workloads: dict[tuple[str, str], Workload] = {}  # replays on accelerators
 
     # ------------------------------------------------------------------ ledger plumbing
 
@@ -386,6 +400,59 @@ class HubTrust:
             row = s.get(m.TrustRound, (run.id, rnd.number))
         return row
 
+    def _calibration(self, run_id: str, device: str) -> Calibration:
+        """The stored calibration of replays on `device` for this run (from the ledger once)."""
+        if run_id not in self._calibrations:
+            found: dict[str, Calibration] = {}
+            for e in self.ledger.entries(kind=KIND_CALIBRATION):
+                data = json.loads(e.payload_json)
+                if data.get("run_id") == run_id:
+                    found[data["device"]] = Calibration(
+                        data["device"], float(data["honest_max"]), int(data["pairs"])
+                    )
+            self._calibrations[run_id] = found
+        return self._calibrations[run_id].get(device, Calibration(device))
+
+    @staticmethod
+    def _replay_device(device: str) -> torch.device | None:
+        """Where this hub can replay work done on `device`: the same class, or nowhere."""
+        if device == "cpu":
+            return torch.device("cpu")
+        for i in range(torch.cuda.device_count()):
+            if device_class(torch.device("cuda", i)) == device:
+                return torch.device("cuda", i)
+        return None
+
+    def _workload_on(self, workload: Workload, run_id: str, device: torch.device) -> Workload:
+        if device.type == "cpu":
+            return workload
+        key = (run_id, str(device))
+        if key not in self._device_workloads:
+            self._device_workloads[key] = Workload.from_config(workload.cfg).to(device)
+        return self._device_workloads[key]
+
+    def _rerun(
+        self,
+        workload: Workload,
+        a: m.Assignment,
+        node_id: str,
+        theta: torch.Tensor,
+        threads: int,
+        micro_batch_size: int | None,
+    ) -> torch.Tensor:
+        """The assignment's pseudo-gradient as the run's codec delivers it, on `threads`."""
+        cfg = workload.cfg
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(threads, MAX_REPLAY_THREADS)))
+        try:
+            result = workload.train(
+                theta, a.round, node_id, a.inner_steps, a.attempt, None, micro_batch_size
+            )
+        finally:
+            torch.set_num_threads(before)
+        codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
+        return codec.decode(codec.encode(result.pseudo_gradient), result.pseudo_gradient.numel())
+
     def _replay(
         self,
         workload: Workload,
@@ -393,38 +460,52 @@ class HubTrust:
         c: m.Contribution,
         a: m.Assignment,
         theta: torch.Tensor,
-    ) -> str | None:
-        """Redo the assignment from its version, slice and thread count; None if bit-exact."""
-        stored, _ = unpack(self.blobs.get(c.id))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, min(c.threads, MAX_REPLAY_THREADS)))
-        try:
-            result = workload.train(theta, a.round, c.node_id, a.inner_steps, a.attempt)
-        except FloatingPointError as exc:
-            return f"audit failed: the replay diverged ({exc}), the upload did not"
-        finally:
-            torch.set_num_threads(threads)
-        expected = make_codec(cfg.comm.codec, cfg.comm.block_size).encode(result.pseudo_gradient)
+        stored: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+    ) -> tuple[str | None, str | None, Calibration | None]:
+        """Redo the assignment from its version, slice and micro-batch size on the node's device
+        class: bit for bit (CPU, with the node's thread count), or within the calibrated
+        tolerance (trust/tolerance.py). Returns (why it fails or None, a note on how it passed,
+        the calibration if this audit extended it)."""
+        device = str(meta.get("device", "cpu"))
+        micro = meta.get("micro_batch_size")
+        micro = micro if isinstance(micro, int) and 0 < micro <= cfg.train.batch_size else None
+        match = replay_match(cfg.trust.replay_match, device)
         where = (
             f"replay from version {a.base_version}, slice (round {a.round}, attempt {a.attempt}), "
-            f"{a.inner_steps} steps, {c.threads} thread(s)"
+            f"{a.inner_steps} steps on {device}"
         )
-        if stored.keys() != expected.keys():
-            return f"audit failed: {where} gives tensors {sorted(expected)}, not {sorted(stored)}"
-        differ = total = 0
-        for key, value in expected.items():
-            got = stored[key]
-            total += value.numel()
-            if got.shape != value.shape or got.dtype != value.dtype:
-                differ += value.numel()
-            else:
-                differ += int((got != value).sum())
-        if differ:
-            return (
-                f"audit failed: {where} does not reproduce the update bit for bit "
-                f"({differ} of {total} values differ)"
-            )
-        return None
+        on = self._workload_on(workload, c.run_id, self._replay_device(device))
+        codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
+        threads = c.threads if match is ReplayMatch.EXACT else torch.get_num_threads()
+        try:
+            replay = self._rerun(on, a, c.node_id, theta, threads, micro)
+        except FloatingPointError as exc:
+            return f"audit failed: the replay diverged ({exc}), the upload did not", None, None
+        upload = codec.decode(stored, replay.numel())
+        if match is ReplayMatch.EXACT:
+            differ = int((upload != replay).sum())
+            if differ:
+                return (
+                    f"audit failed: {where}, {c.threads} thread(s), does not reproduce the update "
+                    f"bit for bit ({differ} of {replay.numel()} values differ)",
+                    None,
+                    None,
+                )
+            return None, None, None
+        cal = self._calibration(c.run_id, device)
+        extended = None
+        if not cal.settled:  # an honest rerun pair on this device class: other threads on a CPU
+            other = 1 if threads > 1 else 2
+            again = self._rerun(on, a, c.node_id, theta, other, micro)
+            cal = extended = cal.with_pair(relative_l2(again, replay))
+        t = cfg.trust
+        distance = relative_l2(upload, replay)
+        reason = judge(distance, cal, t.replay_tolerance_k, t.replay_tolerance_floor)
+        if reason is not None:
+            return f"audit failed: {where}: {reason}", None, extended
+        limit = tolerance(cal, t.replay_tolerance_k, t.replay_tolerance_floor)
+        return None, f"audited: within tolerance ({distance:.3g} <= {limit:.3g})", extended
 
     def _examine(
         self,
@@ -441,20 +522,28 @@ class HubTrust:
     ) -> Examination:
         """Audit (if the seed picks it, or `forced`) and score one contribution; no writes."""
         skip = audit_skip_reason(cfg)
+        stored, meta = unpack(self.blobs.get(c.id))
+        device = str(meta.get("device", "cpu"))
+        if skip is None and self._replay_device(device) is None:
+            skip = f"no {device} device on the hub to replay on"
         rate = 1.0 if forced else audit_probability(rep, cfg.trust)
         audited = skip is None and (forced or is_audited(seed, c.id, rate))
-        reason = passed = loss_drop = None
+        reason = passed = loss_drop = note = calibration = None
         if audited:
-            reason = self._replay(workload, cfg, c, a, theta)
+            reason, note, calibration = self._replay(workload, cfg, c, a, theta, stored, meta)
             passed = reason is None
             if reason and forced:
                 reason += "; the same update was uploaded by another node (a copy)"
+        elif skip is not None and audit_skip_reason(cfg) is None:
+            note = f"not audited: {skip}"
         if reason is None and cfg.trust.usefulness:
             codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
-            update = codec.decode(unpack(self.blobs.get(c.id))[0], numel)
+            update = codec.decode(stored, numel)
             loss_drop = base.val_loss - workload.evaluate(theta - update)
             reason = check_harm(loss_drop, cfg.trust.harm_tolerance_nats)
-        return Examination(0.0 if skip else rate, audited, passed, loss_drop, reason)
+        return Examination(
+            0.0 if skip else rate, audited, passed, loss_drop, reason, note, calibration
+        )
 
     def _apply(
         self,
@@ -467,6 +556,13 @@ class HubTrust:
     ) -> None:
         c.audit_rate, c.audited, c.audit_passed = ex.audit_rate, ex.audited, ex.audit_passed
         c.loss_drop = ex.loss_drop
+        if ex.calibration is not None:
+            cal = ex.calibration
+            self._calibrations.setdefault(run.id, {})[cal.device] = cal
+            payload = {"run_id": run.id, "device": cal.device, "honest_max": cal.honest_max}
+            self.append(s, [(KIND_CALIBRATION, payload | {"pairs": cal.pairs})])
+        if ex.note is not None:
+            c.verdict_reason = ex.note
         if ex.reason is not None:
             self._reject(s, run, cfg, c, a, ex.reason)
 
@@ -761,7 +857,9 @@ class HubTrust:
                 "strikes": reps[node_id].strikes,
             }
         return {
-            "audits": audit_skip_reason(cfg) or "replay, bit-exact on CPU",
+            "audits": audit_skip_reason(cfg)
+            or f"replay ({cfg.trust.replay_match}: bit-exact on "
+            "CPU, within a calibrated tolerance on GPUs)",
             "audited": sum(bool(c.audited) for c in rows),
             "audits_failed": sum(c.audit_passed is False for c in rows),
             "rejected": sum(c.status == "rejected" for c in rows),

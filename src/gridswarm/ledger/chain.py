@@ -54,6 +54,7 @@ HUB_KINDS = frozenset(
         "epoch",
         "anchor",
         "reputation",
+        "audit_calibration",
     }
 )
 KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")

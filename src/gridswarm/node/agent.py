@@ -23,11 +23,12 @@ from gridswarm.config import RunConfig
 from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient, HubRequestError
 from gridswarm.node.energy import NodeEnergy, load_node_energy
-from gridswarm.node.probe import device_class, hardware, probe_speed, resolve_device
+from gridswarm.node.probe import hardware, probe_speed
 from gridswarm.node.secagg import SecAggContributor, secagg_timeout_s
 from gridswarm.protocol import Assignment, ContributionMeta, RegisterRequest
 from gridswarm.train.codecs import ErrorFeedback, make_codec
 from gridswarm.train.data import read_text
+from gridswarm.train.device import device_class, resolve_device
 from gridswarm.train.params import pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import sign_contribution
