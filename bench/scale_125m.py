@@ -65,7 +65,8 @@ def small_run(rounds: int, steps: int, nodes: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--nodes", type=int, default=1, choices=(1, 2, 3))
+    parser.add_argument("--gpu-nodes", type=int, default=0, help="of --nodes, on --device cuda")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="inner steps H per round")
     parser.add_argument("--timeout-s", type=float, default=1800)
@@ -83,7 +84,12 @@ def main() -> None:
             sponsor = HubClient(swarm.url, Identity.generate(), retry_for_s=60, timeout_s=600)
             created = sponsor.create_run(small_run(args.rounds, args.steps, args.nodes))
             console.print(f"run {created.run_id}: {created.numel:,} parameters")
-            names = {swarm.start_node(f"n{i}", created.run_id): f"n{i}" for i in range(args.nodes)}
+            names = {}
+            for i in range(args.nodes):
+                gpu = i < args.gpu_nodes
+                name = f"gpu{i}" if gpu else f"cpu{i}"
+                extra = ["--device", "cuda"] if gpu else []
+                names[swarm.start_node(name, created.run_id, extra=extra)] = name
             peaks = {"hub": 0} | {name: 0 for name in names.values()}
             procs = {"hub": swarm.hub} | {names[k]: p for k, p in swarm.nodes.items()}
             status = sponsor.run_status(created.run_id)
@@ -108,6 +114,9 @@ def main() -> None:
         "rounds_completed": status["version"],
         "inner_steps": args.steps,
         "nodes": args.nodes,
+        "gpu_nodes": args.gpu_nodes,
+        "contributions": {n["name"]: n["contributions"] for n in status["nodes"]},
+        "tokens": {n["name"]: n["tokens"] for n in status["nodes"]},
         "wall_s": round(time.monotonic() - started, 1),
         "val_loss": status["val_loss"],
         "bytes_up_total": status["bytes_up_total"],

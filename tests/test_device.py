@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gridswarm.config import parse_run_config
+from gridswarm.node.probe import hardware, probe_speed
 from gridswarm.train.device import resolve_device
 from gridswarm.train.workload import Workload
 from tests.conftest import tiny_run
@@ -96,3 +97,11 @@ def test_cuda_bf16_training_tracks_cpu_fp32():
     assert rel < 0.1, rel
     assert abs(a.loss_mean - b.loss_mean) < 0.05
     assert abs(gpu.evaluate(theta) - cpu.evaluate(theta)) < 0.05
+
+
+def test_probe_measures_the_runs_own_model_and_reports_the_device():
+    w = _workload(micro_batch_size=4)
+    tokens_per_s, numel = probe_speed(w.model, w.cfg.train, torch.device("cpu"), steps=1)
+    assert numel == w.numel and tokens_per_s > 0
+    hw = hardware(torch.device("cpu"))
+    assert hw.device == "cpu" and hw.device_memory_gb == hw.memory_gb > 0
