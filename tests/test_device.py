@@ -105,3 +105,31 @@ def test_probe_measures_the_runs_own_model_and_reports_the_device():
     assert numel == w.numel and tokens_per_s > 0
     hw = hardware(torch.device("cpu"))
     assert hw.device == "cpu" and hw.device_memory_gb == hw.memory_gb > 0
+
+
+def test_llama_micro_batches_and_checkpointing_match_the_plain_step():
+    llama = {
+        "kind": "hf",
+        "architecture": "llama",
+        "hf_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+    }
+    train = tiny_run()["train"]
+    plain = Workload.from_config(parse_run_config(tiny_run(model=llama)))
+    lean = Workload.from_config(
+        parse_run_config(
+            tiny_run(
+                model=llama,
+                train={**train, "micro_batch_size": 4, "activation_checkpointing": True},
+            )
+        )
+    )
+    theta = plain.initial_theta()
+    a, b = plain.train(theta, 0, "n", 3), lean.train(theta, 0, "n", 3)
+    assert torch.allclose(a.pseudo_gradient, b.pseudo_gradient, rtol=1e-4, atol=1e-6)
+    assert lean.model.hf.is_activation_checkpointing

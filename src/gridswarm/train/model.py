@@ -105,9 +105,9 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
         model.activation_checkpointing = enabled
     elif isinstance(model, HFCausalLM) and model.activation_checkpointing != enabled:
         if enabled:
-            model.hf.gradient_checkpointing_enable({"use_reentrant": False})
+            model.hf.activation_checkpointing_enable({"use_reentrant": False})
         else:
-            model.hf.gradient_checkpointing_disable()
+            model.hf.activation_checkpointing_disable()
         model.activation_checkpointing = enabled
 
 
