@@ -101,7 +101,9 @@ class NodeAgent:
         run = self._active_run()
         if run is not None:
             workload = self.workload(run["id"], run["config"])
-            tokens_per_s, numel = probe_speed(workload.model, workload.cfg.train, self.device)
+            t = workload.cfg.train  # one micro-batch per step: speed, not batch size, matters
+            probe = t.model_copy(update={"batch_size": t.micro_batch_size or t.batch_size})
+            tokens_per_s, numel = probe_speed(workload.model, probe, self.device, steps=2)
         else:
             tokens_per_s, numel = probe_speed(device=self.device)
         tokens_per_s *= 1.0 - self.options.throttle
