@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -74,39 +75,40 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="gridswarm-125m-") as tmp:
-        swarm = Swarm(Path(tmp), free_port())
+    tmp = tempfile.mkdtemp(prefix="gridswarm-125m-")  # kept (with the logs) if anything fails
+    swarm = Swarm(Path(tmp), free_port())
+    try:
         try:
-            try:
-                swarm.start_hub()
-            except TimeoutError:  # a loaded machine imports torch slowly: give it longer
-                wait_healthy(swarm.url, swarm.hub, timeout_s=600)
-            sponsor = HubClient(swarm.url, Identity.generate(), retry_for_s=60, timeout_s=600)
-            created = sponsor.create_run(small_run(args.rounds, args.steps, args.nodes))
-            console.print(f"run {created.run_id}: {created.numel:,} parameters")
-            names = {}
-            for i in range(args.nodes):
-                gpu = i < args.gpu_nodes
-                name = f"gpu{i}" if gpu else f"cpu{i}"
-                extra = ["--device", "cuda"] if gpu else []
-                names[swarm.start_node(name, created.run_id, extra=extra)] = name
-            peaks = {"hub": 0} | {name: 0 for name in names.values()}
-            procs = {"hub": swarm.hub} | {names[k]: p for k, p in swarm.nodes.items()}
-            status = sponsor.run_status(created.run_id)
-            while status["status"] != "finished":
-                if time.monotonic() - started > args.timeout_s:
-                    raise SystemExit(f"timed out after {args.timeout_s} s at {status['round']}")
-                dead = [n for n, p in procs.items() if p.poll() is not None]
-                if dead:
-                    raise SystemExit(f"{dead} exited early; see the logs in {tmp}")
-                for name, proc in procs.items():
-                    peaks[name] = max(peaks[name], peak_rss_bytes(proc.pid))
-                time.sleep(POLL_S)
-                status = sponsor.run_status(created.run_id)
-            for name, proc in procs.items():  # the peak so far, before anything exits
+            swarm.start_hub()
+        except TimeoutError:  # a loaded machine imports torch slowly: give it longer
+            wait_healthy(swarm.url, swarm.hub, timeout_s=600)
+        sponsor = HubClient(swarm.url, Identity.generate(), retry_for_s=60, timeout_s=600)
+        created = sponsor.create_run(small_run(args.rounds, args.steps, args.nodes))
+        console.print(f"run {created.run_id}: {created.numel:,} parameters")
+        names = {}
+        for i in range(args.nodes):
+            gpu = i < args.gpu_nodes
+            name = f"gpu{i}" if gpu else f"cpu{i}"
+            extra = ["--device", "cuda"] if gpu else []
+            names[swarm.start_node(name, created.run_id, extra=extra)] = name
+        peaks = {"hub": 0} | {name: 0 for name in names.values()}
+        procs = {"hub": swarm.hub} | {names[k]: p for k, p in swarm.nodes.items()}
+        status = sponsor.run_status(created.run_id)
+        while status["status"] != "finished":
+            if time.monotonic() - started > args.timeout_s:
+                raise SystemExit(f"timed out after {args.timeout_s} s at {status['round']}")
+            dead = [n for n, p in procs.items() if p.poll() is not None]
+            if dead:
+                raise SystemExit(f"{dead} exited early; see the logs in {tmp}")
+            for name, proc in procs.items():
                 peaks[name] = max(peaks[name], peak_rss_bytes(proc.pid))
-        finally:
-            swarm.stop()
+            time.sleep(POLL_S)
+            status = sponsor.run_status(created.run_id)
+        for name, proc in procs.items():  # the peak so far, before anything exits
+            peaks[name] = max(peaks[name], peak_rss_bytes(proc.pid))
+    finally:
+        swarm.stop()
+    shutil.rmtree(tmp)
     model_bytes = created.numel * 4
     result = {
         "parameters": created.numel,
