@@ -50,11 +50,11 @@ def plugin_installed(tmp_path, monkeypatch):
 
 
 def test_unknown_names_are_refused_with_the_known_ones():
-    with pytest.raises(UnknownPlugin, match="choose one of .*'mean'"):
+    with pytest.raises(UnknownPlugin, match=r"choose one of .*'mean'"):
         make_aggregator("norm-clipped-mean")
     with pytest.raises(ConfigError, match=r"comm\.codec.*unknown codec 'bf16'"):
         parse_run_config({"comm": {"codec": "bf16"}})
-    with pytest.raises(ValueError, match="energy.signal.kind"):
+    with pytest.raises(ValueError, match=r"energy\.signal\.kind"):
         signal_from_config({"kind": "day-night"}, region="DE")
 
 
