@@ -137,7 +137,9 @@ def hub(
     from gridswarm.hub.server import serve
     from gridswarm.hub.service import HubSettings
 
-    logging.basicConfig(level=_log_level(verbose, quiet), format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=_log_level(verbose, quiet), format="%(asctime)s %(name)s %(message)s", force=True
+    )
     console.print(f"gridswarm hub on http://{host}:{port}  db={db}  blobs={blobs}")
     by_region = {}
     if signals is not None:
@@ -198,7 +200,9 @@ def node(
         except ValueError as exc:
             _fail(str(exc))
 
-    logging.basicConfig(level=_log_level(verbose, quiet), format="%(asctime)s node %(message)s")
+    logging.basicConfig(
+        level=_log_level(verbose, quiet), format="%(asctime)s node %(message)s", force=True
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     agent = NodeAgent(
         NodeOptions(
@@ -222,6 +226,12 @@ def node(
         f"node {agent.node_id} left: {stats.contributions} contributions, "
         f"{stats.tokens} tokens, {stats.bytes_up} bytes up"
     )
+    # the node has left the hub; skip the interpreter's teardown of torch and thousands of
+    # modules, which takes seconds on a busy machine, so SIGTERM ends the process promptly
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @run_app.command("create")
