@@ -140,6 +140,7 @@ def hub(
     logging.basicConfig(
         level=_log_level(verbose, quiet), format="%(asctime)s %(name)s %(message)s", force=True
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations: only when they fail
     console.print(f"gridswarm hub on http://{host}:{port}  db={db}  blobs={blobs}")
     by_region = {}
     if signals is not None:
