@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gridswarm.home import HomeLock
+from gridswarm.home import lock_home
 from gridswarm.swarm import Swarm, free_port
 from tests.conftest import REPO_ROOT
 
@@ -97,7 +97,7 @@ def test_unknown_run_status_and_export(tmp_path: Path) -> None:
 
 def test_node_without_hub_says_which_and_a_shared_home_is_refused(tmp_path: Path) -> None:
     home = tmp_path / "node-home"
-    with HomeLock(home):  # as if another node process were running with this home
+    with lock_home(home):  # as if another node process were running with this home
         proc = cli(tmp_path, "node", "--home", str(home), "--connect-timeout", "1")
     assert "no --hub given: using http://127.0.0.1:8470" in proc.stderr
     line = one_error_line(proc)

@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gridswarm.home import HomeInUse, HomeLock
+from gridswarm.home import HomeInUse, lock_home
 from gridswarm.identity import AuthError, Identity, sign_request, verify_request
 
 
@@ -75,9 +75,10 @@ def test_nodes_starting_at_once_share_one_complete_key(tmp_path):
 
 def test_a_second_process_on_one_home_is_refused_by_name(tmp_path):
     with (
-        HomeLock(tmp_path / "home"),
+        lock_home(tmp_path / "home"),
         pytest.raises(HomeInUse, match=rf"pid {os.getpid()}\).*own --home"),
+        lock_home(tmp_path / "home"),
     ):
-        HomeLock(tmp_path / "home").__enter__()
-    with HomeLock(tmp_path / "home"):  # released with its holder
+        pass
+    with lock_home(tmp_path / "home"):  # released with its holder
         pass

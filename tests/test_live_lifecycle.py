@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,20 +11,9 @@ from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient
 from gridswarm.train.data import read_text
 from tests.conftest import tiny_run, wait_for
-from tests.test_cli_errors import cli_env
+from tests.test_cli_errors import cli
 
 pytestmark = pytest.mark.slow
-
-
-def gridswarm(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gridswarm.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        timeout=120,
-    )
 
 
 def test_run_without_data_on_any_node_stalls_and_stops_cleanly(make_swarm, tmp_path: Path):
@@ -46,11 +33,11 @@ def test_run_without_data_on_any_node_stalls_and_stops_cleanly(make_swarm, tmp_p
     (row,) = status["nodes"]
     assert row["id"] == node and row["failures"] >= 3 and row["contributions"] == 0
     assert "FileNotFoundError" in row["last_failure"] and row["state"] == "live"
-    shown = gridswarm(tmp_path, "run", "status", run_id, "--hub", swarm.url)
+    shown = cli(tmp_path, "run", "status", run_id, "--hub", swarm.url)
     assert shown.returncode == 0 and "stalled" in shown.stdout and "corpus.txt" in shown.stdout
     assert "0×" not in shown.stdout and "no contribution yet" in shown.stdout
 
-    stopped = gridswarm(tmp_path, "run", "stop", run_id, "--reason", "no data", "--hub", swarm.url)
+    stopped = cli(tmp_path, "run", "stop", run_id, "--reason", "no data", "--hub", swarm.url)
     assert stopped.returncode == 0, stopped.stderr
     assert f"run {run_id}: stalled → stopped" in stopped.stdout
     assert sponsor.run_status(run_id)["status"] == "stopped"
@@ -59,7 +46,7 @@ def test_run_without_data_on_any_node_stalls_and_stops_cleanly(make_swarm, tmp_p
     log = (swarm.workdir / "lonely.log").read_text()
     assert "cannot train" in log and "is stalled" in log and "Traceback" not in log
 
-    verified = gridswarm(tmp_path, "ledger", "verify", "--hub", swarm.url)
+    verified = cli(tmp_path, "ledger", "verify", "--hub", swarm.url)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     kinds = [
         e["payload"]["to"]

@@ -1,7 +1,7 @@
 """One process per home folder: a node's home holds its identity and model cache, and two node
 processes sharing one would be the same node to the hub, racing each other's assignments.
 
-`HomeLock` takes an exclusive `flock` on `HOME/lock` (released by the kernel when the process
+`lock_home` takes an exclusive `flock` on `HOME/lock` (released by the kernel when the process
 ends, however it ends) and writes the holder's pid into it so a refusal can name it. Several
 nodes on one machine each need their own `--home`.
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 
 LOCK_NAME = "lock"
 
@@ -28,33 +29,20 @@ class HomeInUse(RuntimeError):
         self.home = home
 
 
-class HomeLock:
-    """Exclusive use of a home folder for the life of the `with` block."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = Path(home)
-        self._fd: int | None = None
-
-    def __enter__(self) -> HomeLock:
-        self.home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.home / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+@contextmanager
+def lock_home(home: Path) -> Iterator[None]:
+    """Exclusive use of `home` for the life of the `with` block (HomeInUse if it is taken)."""
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip()
-            os.close(fd)
-            raise HomeInUse(self.home, holder) from None
+            raise HomeInUse(home, holder) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock

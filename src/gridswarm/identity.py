@@ -19,6 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from gridswarm.blobs import synced_temp_file
+
 HEADER_KEY = "x-gridswarm-key"
 HEADER_TIMESTAMP = "x-gridswarm-timestamp"
 HEADER_NONCE = "x-gridswarm-nonce"
@@ -77,13 +79,8 @@ class Identity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = synced_temp_file(path.parent, pem)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-                f.flush()
-                os.fsync(f.fileno())
             os.link(tmp, path)
         except FileExistsError:
             return cls._load(path), False

@@ -284,6 +284,19 @@ class HubService:
             raise HubError(404, f"run {run_id} not found")
         return run
 
+    def _own_assignment(
+        self, s: Session, run_id: str, node_id: str, assignment_id: str
+    ) -> tuple[m.Run, m.Assignment]:
+        """The run and one of `node_id`'s assignments in it (404 / 403 otherwise)."""
+        self._node(s, node_id)
+        run = self._run(s, run_id)
+        assignment = s.get(m.Assignment, assignment_id)
+        if assignment is None or assignment.run_id != run_id:
+            raise HubError(404, f"assignment {assignment_id} not found in run {run_id}")
+        if assignment.node_id != node_id:
+            raise HubError(403, "assignment belongs to another node")
+        return run, assignment
+
     def _round_state(self, s: Session, run: m.Run) -> tuple[m.Round, RoundState, RoundRules]:
         rnd = s.get(m.Round, (run.id, run.round))
         rows = s.execute(
@@ -376,13 +389,7 @@ class HubService:
         stalled once `STALL_AFTER_FAILURES` failures arrive with no progress in between."""
         now = self.clock()
         with self.lock, self.sessions() as s:
-            self._node(s, node_id)
-            run = self._run(s, run_id)
-            assignment = s.get(m.Assignment, report.assignment_id)
-            if assignment is None or assignment.run_id != run_id:
-                raise HubError(404, f"assignment {report.assignment_id} not found in run {run_id}")
-            if assignment.node_id != node_id:
-                raise HubError(403, "assignment belongs to another node")
+            run, assignment = self._own_assignment(s, run_id, node_id, report.assignment_id)
             if assignment.status == "assigned":
                 assignment.status = "failed"
             s.add(
@@ -592,13 +599,7 @@ class HubService:
             raise HubError(422, f"malformed contribution metadata: {exc.errors()[:3]}") from exc
         carbon = self._carbon(run_id, node_id, meta)
         with self.lock, self.sessions() as s:
-            self._node(s, node_id)
-            run = self._run(s, run_id)
-            assignment = s.get(m.Assignment, meta.assignment_id)
-            if assignment is None or assignment.run_id != run_id:
-                raise HubError(404, f"assignment {meta.assignment_id} not found in run {run_id}")
-            if assignment.node_id != node_id:
-                raise HubError(403, "assignment belongs to another node")
+            run, assignment = self._own_assignment(s, run_id, node_id, meta.assignment_id)
             if assignment.status == "submitted":
                 raise HubError(409, "duplicate: this assignment already has a contribution")
             if run.status != RunState.ACTIVE:

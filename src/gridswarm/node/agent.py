@@ -25,7 +25,7 @@ import torch
 
 from gridswarm.blobs import BlobError, LocalBlobStore, sha256_hex
 from gridswarm.config import RunConfig
-from gridswarm.home import HomeLock
+from gridswarm.home import lock_home
 from gridswarm.identity import Identity
 from gridswarm.node.client import ClientStopped, HubClient, HubRequestError
 from gridswarm.node.energy import NodeEnergy, load_node_energy
@@ -146,7 +146,7 @@ class NodeAgent:
         Raises `HomeInUse` if another process uses this home, and `HubUnreachable` if the hub
         did not answer within `connect_timeout_s`."""
         registered = False
-        with HomeLock(self.options.home):
+        with lock_home(self.options.home):
             try:
                 self.client.healthz()  # fail fast and say so before the speed probe
                 self.register()
