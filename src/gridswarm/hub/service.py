@@ -94,7 +94,7 @@ class HubSettings:
     signals: dict[str, SignalProvider] = field(default_factory=dict)
 
 
-def node_state(status: str, silent_s: float, liveness_s: float) -> str:
+def liveness_state(status: str, silent_s: float, liveness_s: float) -> str:
     """How a run's status shows a node: `gone` (it said it left), `live` (heard from within
     `liveness_s`) or `silent` (not heard from since; it may come back)."""
     if status == "left":
@@ -679,6 +679,8 @@ class HubService:
         now = self.clock()
         with self.sessions() as s:
             run = self._run(s, run_id)
+            if run.status != RunState.ACTIVE:  # paused or stopped since `tick` listed it
+                return Decision.WAIT
             rnd, state, rules = self._round_state(s, run)
             lost = lost_assignments(state, rules, now)
             if lost:
@@ -1002,7 +1004,7 @@ class HubService:
             entry["last_failure"] = f.reason
         for node_id, entry in nodes.items():
             row = node_rows[node_id]
-            entry["state"] = node_state(
+            entry["state"] = liveness_state(
                 row.status, now - row.last_seen_at, self.settings.liveness_s
             )
             entry["last_seen_s_ago"] = round(now - row.last_seen_at, 1)
