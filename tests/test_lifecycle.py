@@ -159,3 +159,16 @@ def test_failures_mark_the_run_stalled_with_the_reason(hub) -> None:
     with pytest.raises(HubError) as foreign:  # a node reports only its own assignments
         service.report_failure(run_id, other, report)
     assert foreign.value.status == 403
+
+
+def test_one_broken_node_does_not_stall_a_run_others_train(hub) -> None:
+    service, clock = hub
+    sponsor = Identity.from_seed(b"sponsor")
+    run_id = service.create_run(sponsor.public_key, tiny_run(round={"max_nodes": 2})).run_id
+    healthy, broken = register(service, "healthy"), register(service, "broken")
+    assert service.request_assignment(run_id, healthy).status == "assigned"
+    for _ in range(STALL_AFTER_FAILURES + 2):
+        a = service.request_assignment(run_id, broken).assignment
+        clock.now += 1
+        report = FailureReport(assignment_id=a.id, reason="MemoryError: model does not fit")
+        assert service.report_failure(run_id, broken, report)["run_status"] == "active"

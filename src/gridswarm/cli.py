@@ -131,8 +131,10 @@ def hub(
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = 0,
 ) -> None:
-    """Run a hub (migrates the database to the newest schema first). It logs each round's open
-    and close (contributors, loss) and each change of a run's state; -v/-q for more or less."""
+    """Run a hub (migrates the database to the newest schema first).
+
+    It logs each round's open and close (contributors, loss) and each change of a run's state;
+    -v/-q for more or less."""
     from gridswarm.hub.energy import load_hub_signals
     from gridswarm.hub.server import serve
     from gridswarm.hub.service import HubSettings
@@ -186,6 +188,7 @@ def node(
     quiet: QuietOpt = 0,
 ) -> None:
     """Join a hub as a node and contribute training until stopped (Ctrl-C leaves cleanly).
+
     It logs each assignment (round, H, tokens, seconds, bytes, loss) and each refusal."""
     if ctx.invoked_subcommand is not None:  # `gridswarm node balance|claim …`
         return

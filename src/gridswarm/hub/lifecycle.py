@@ -78,6 +78,10 @@ def transition(state: RunState, event: RunEvent) -> RunState | Refused:
     }[event]
 
 
-def should_stall(failures_since_progress: int, limit: int = STALL_AFTER_FAILURES) -> bool:
-    """True once `limit` node failures arrived with no round closed since (nor since resume)."""
-    return failures_since_progress >= limit
+def should_stall(
+    failures_since_progress: int, working_assignments: int, limit: int = STALL_AFTER_FAILURES
+) -> bool:
+    """True once `limit` node failures arrived with no round closed since (nor since resume)
+    while no other node is training or has delivered in the current round: one broken node
+    among working ones does not stall a run."""
+    return failures_since_progress >= limit and working_assignments == 0

@@ -419,7 +419,14 @@ class HubService:
                 assignment.round,
                 report.reason,
             )
-            if run.status == RunState.ACTIVE and should_stall(failures):
+            working = s.scalar(
+                select(func.count()).where(
+                    m.Assignment.run_id == run_id,
+                    m.Assignment.round == run.round,
+                    m.Assignment.status.in_(("assigned", "submitted")),
+                )
+            )
+            if run.status == RunState.ACTIVE and should_stall(failures, working):
                 reason = (
                     f"{failures} node failures and no round closed since; "
                     f"last: node {node_id}: {report.reason}"
