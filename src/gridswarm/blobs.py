@@ -17,6 +17,21 @@ from typing import Protocol
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def synced_temp_file(folder: Path, data: bytes) -> Path:
+    """`data` written and fsynced to a new file (mode 0600) in `folder`, under a temporary name:
+    renaming or linking it into place afterwards is atomic, so no reader sees half of it."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
 class BlobError(Exception):
     """A blob is missing, or its bytes do not match its name."""
 
@@ -61,15 +76,11 @@ class LocalBlobStore:
         if path.exists():
             return digest
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        tmp = synced_temp_file(path.parent, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
