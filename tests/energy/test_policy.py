@@ -260,3 +260,50 @@ def test_a_tiny_remainder_still_gets_work():
     # greedy-green keeps its pace: 50 tokens over 9 rounds (one in reserve) plus 10 %
     gg = plan_round("greedy-green", NOW, [node("a", 100)], 50.0, NOW + 10 * R, R)
     assert gg.shares["a"] * 100 * R == pytest.approx(50.0 / 9 * 1.1)
+
+
+def test_plans_match_the_reference_implementation():
+    """The array planner makes the plans the per-node reference implementation made (fixed-seed
+    cases, `plan_cases.py`): same nodes, same shares, same deferrals."""
+    import json
+
+    from tests.energy.plan_cases import FIXTURES, cases
+
+    golden = json.loads((FIXTURES / "plan_golden.json").read_text())
+    now = cases()
+    assert len(now) == len(golden)
+    for want, got in zip(golden, now, strict=True):
+        w, g = want["plan"], got["plan"]
+        label = (want["seed"], want["policy"])
+        for key in ("policy", "defer", "deadline_at_risk", "reason"):
+            assert g[key] == w[key], label
+        assert g["shares"].keys() == w["shares"].keys(), label
+        for nid, share in w["shares"].items():
+            assert g["shares"][nid] == pytest.approx(share, rel=1e-9, abs=1e-12), (label, nid)
+        for key in ("defer_until_s", "expected_tokens", "expected_energy_wh", "expected_emissions_g",
+                    "planned_emissions_g"):
+            assert g[key] == (w[key] if w[key] is None else pytest.approx(w[key], rel=1e-9)), (
+                label,
+                key,
+            )
+        assert g["planned_tokens_by_round"] == pytest.approx(w["planned_tokens_by_round"], rel=1e-9)
+
+
+def test_cheapest_first_band_equals_the_full_sort(monkeypatch):
+    """Above BAND_MIN_BLOCKS only blocks near the cut are sorted; the take is the full sort's
+    (ties included: costs are rounded so that many blocks cost the same)."""
+    from gridswarm.energy import policy
+
+    rng = np.random.default_rng(3)
+    n = 300_000
+    cost = np.round(rng.gamma(2.0, 100.0, n), 0)
+    cap = rng.choice([1e3, 2e3, 4.5e3], n)
+    round_ix, node_ix = rng.integers(0, 300, n), rng.integers(0, 1000, n)
+    for frac in (0.01, 0.4, 0.97):
+        tokens = frac * cap.sum()
+        banded = policy._cheapest_first(cost, cap, round_ix, node_ix, tokens)
+        monkeypatch.setattr(policy, "BAND_MIN_BLOCKS", 10**9)
+        full = policy._cheapest_first(cost, cap, round_ix, node_ix, tokens)
+        monkeypatch.undo()
+        assert banded.sum() == pytest.approx(tokens)
+        np.testing.assert_allclose(banded, full, rtol=1e-9, atol=1e-6)
