@@ -20,7 +20,8 @@ def random_nodes(rng: np.random.Generator, n: int, now_s: float) -> list[NodeEne
     for i in range(n):
         times = now_s + np.arange(0, 30 * HOUR, 900.0)
         times[0] = now_s
-        g = np.maximum(300 + 250 * np.sin(times / 86400 * 2 * np.pi + i) + rng.normal(0, 40, len(times)), 5)
+        wave = 300 + 250 * np.sin(times / 86400 * 2 * np.pi + i)
+        g = np.maximum(wave + rng.normal(0, 40, len(times)), 5)
         surplus = availability = None
         if i % 3 == 0:
             pv = np.maximum(np.sin((times - 6 * HOUR) / 86400 * 2 * np.pi), 0) * 3000 - 400

@@ -280,8 +280,13 @@ def test_plans_match_the_reference_implementation():
         assert g["shares"].keys() == w["shares"].keys(), label
         for nid, share in w["shares"].items():
             assert g["shares"][nid] == pytest.approx(share, rel=1e-9, abs=1e-12), (label, nid)
-        for key in ("defer_until_s", "expected_tokens", "expected_energy_wh", "expected_emissions_g",
-                    "planned_emissions_g"):
+        for key in (
+            "defer_until_s",
+            "expected_tokens",
+            "expected_energy_wh",
+            "expected_emissions_g",
+            "planned_emissions_g",
+        ):
             assert g[key] == (w[key] if w[key] is None else pytest.approx(w[key], rel=1e-9)), (
                 label,
                 key,
@@ -307,3 +312,52 @@ def test_cheapest_first_band_equals_the_full_sort(monkeypatch):
         monkeypatch.undo()
         assert banded.sum() == pytest.approx(tokens)
         np.testing.assert_allclose(banded, full, rtol=1e-9, atol=1e-6)
+
+
+def test_allows_many_agrees_with_allows():
+    """The array form of every rule says what the scalar form says, condition by condition."""
+    from gridswarm.energy.policy import NodeConditions, parse_node_policy
+
+    policy = parse_node_policy(
+        {
+            "max_intensity_g_per_kwh": 300,
+            "require_surplus": True,
+            "battery_floor_frac": 0.3,
+            "max_price_per_kwh": 0.25,
+            "windows": ["mon-fri 18:00-08:00", "sat,sun 00:00-24:00"],
+            "timezone": "Europe/Berlin",
+        }
+    )
+    rng = np.random.default_rng(0)
+    n = 400
+    c = NodeConditions(
+        now_s=1654473600.0 + rng.integers(0, 14 * 96, n) * 900.0,
+        draw_w=rng.choice([70.0, 300.0], n),
+        intensity_g_per_kwh=rng.uniform(0, 600, n),
+        price_per_kwh=rng.uniform(0.1, 0.4, n),
+        surplus_w=rng.uniform(-500, 800, n),
+        battery_soc_wh=rng.uniform(0, 6400, n),
+        battery_capacity_wh=6400.0,
+        battery_max_power_w=rng.choice([0.0, 200.0, 5000.0], n),
+    )
+    many = policy.allows_many(c)
+    one = [
+        policy.allows(
+            NodeConditions(
+                now_s=float(c.now_s[i]),
+                draw_w=float(c.draw_w[i]),
+                intensity_g_per_kwh=float(c.intensity_g_per_kwh[i]),
+                price_per_kwh=float(c.price_per_kwh[i]),
+                surplus_w=float(c.surplus_w[i]),
+                battery_soc_wh=float(c.battery_soc_wh[i]),
+                battery_capacity_wh=6400.0,
+                battery_max_power_w=float(c.battery_max_power_w[i]),
+            )
+        )
+        for i in range(n)
+    ]
+    assert many.tolist() == one
+    assert 0 < sum(one) < n  # both outcomes occur
+    for single in policy.rules:  # each rule alone too
+        alone = NodePolicy((single,))
+        assert 0 < alone.allows_many(c).sum() < n

@@ -67,6 +67,11 @@ class NodeRule(ABC):
     def refuses(self, c: NodeConditions) -> str | None:
         """None when the rule allows running, else why not."""
 
+    @abstractmethod
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        """The same rule over conditions whose fields are arrays (one entry per node or time):
+        True where `refuses` would return None. The simulator asks this for thousands at once."""
+
 
 @dataclass(frozen=True)
 class IntensityBelow(NodeRule):
@@ -79,6 +84,11 @@ class IntensityBelow(NodeRule):
         if c.intensity_g_per_kwh >= self.max_g_per_kwh:
             return f"intensity {c.intensity_g_per_kwh:.0f} >= {self.max_g_per_kwh:.0f} g/kWh"
         return None
+
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        if c.intensity_g_per_kwh is None:
+            return np.zeros(np.shape(c.now_s), dtype=bool)
+        return np.asarray(c.intensity_g_per_kwh) < self.max_g_per_kwh
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,13 @@ class PriceBelow(NodeRule):
             return f"price {c.price_per_kwh:.3f} >= {self.max_price_per_kwh:.3f} per kWh"
         return None
 
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        if c.price_per_kwh is None:
+            return np.zeros(np.shape(c.now_s), dtype=bool)
+        return np.broadcast_to(
+            np.asarray(c.price_per_kwh) < self.max_price_per_kwh, np.shape(c.now_s)
+        )
+
 
 @dataclass(frozen=True)
 class SurplusCovers(NodeRule):
@@ -105,8 +122,10 @@ class SurplusCovers(NodeRule):
     field: str = "require_surplus"
 
     def battery_w(self, c: NodeConditions) -> float:
-        usable_wh = max(c.battery_soc_wh - self.battery_floor_frac * c.battery_capacity_wh, 0.0)
-        return min(c.battery_max_power_w, usable_wh * 3600.0 / self.horizon_s)
+        usable_wh = np.maximum(
+            c.battery_soc_wh - self.battery_floor_frac * c.battery_capacity_wh, 0.0
+        )
+        return np.minimum(c.battery_max_power_w, usable_wh * 3600.0 / self.horizon_s)
 
     def refuses(self, c: NodeConditions) -> str | None:
         if c.surplus_w is None:
@@ -115,6 +134,12 @@ class SurplusCovers(NodeRule):
         if local_w < self.min_cover * c.draw_w:
             return f"local supply {local_w:.0f} W < {self.min_cover:.0%} of draw {c.draw_w:.0f} W"
         return None
+
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        if c.surplus_w is None:
+            return np.zeros(np.shape(c.now_s), dtype=bool)
+        local_w = np.maximum(c.surplus_w, 0.0) + self.battery_w(c)
+        return np.broadcast_to(local_w >= self.min_cover * np.asarray(c.draw_w), np.shape(c.now_s))
 
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -151,6 +176,17 @@ class TimeWindows(NodeRule):
             return None
         return f"outside time windows ({local:%a %H:%M} {self.tz})"
 
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        times, inverse = np.unique(np.asarray(c.now_s, dtype=float), return_inverse=True)
+        inside = np.array(
+            [
+                any(w.contains(local) for w in self.windows)
+                for local in (datetime.fromtimestamp(t, self.tz) for t in times.tolist())
+            ],
+            dtype=bool,
+        )
+        return inside[inverse].reshape(np.shape(c.now_s))
+
 
 @dataclass(frozen=True)
 class NodePolicy:
@@ -164,6 +200,13 @@ class NodePolicy:
 
     def allows(self, c: NodeConditions) -> bool:
         return self.evaluate(c).allowed
+
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        """`allows` over array conditions (see `NodeRule.allows_many`)."""
+        ok = np.ones(np.shape(c.now_s), dtype=bool)
+        for rule in self.rules:
+            ok &= rule.allows_many(c)
+        return ok
 
 
 _NODE_FIELDS = {
@@ -355,7 +398,7 @@ def slot_emissions_g(
 def _slot_costs(
     node: NodeEnergyState, starts: np.ndarray, round_s: float
 ) -> tuple[float, np.ndarray]:
-    """(energy_wh, emissions_g per slot) if `node` ran the full round starting at each of `starts`."""
+    """(energy_wh, emissions_g per slot) if `node` ran a full round from each of `starts`."""
     if not node.intensity_forecast:
         raise ValueError(f"node {node.node_id}: intensity_forecast is empty")
     times = slot_times(starts, round_s)
