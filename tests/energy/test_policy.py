@@ -296,22 +296,24 @@ def test_plans_match_the_reference_implementation():
 
 def test_cheapest_first_band_equals_the_full_sort(monkeypatch):
     """Above BAND_MIN_BLOCKS only blocks near the cut are sorted; the take is the full sort's
-    (ties included: costs are rounded so that many blocks cost the same)."""
+    (ties included: costs are rounded so that many blocks cost the same; some blocks absent)."""
     from gridswarm.energy import policy
 
     rng = np.random.default_rng(3)
-    n = 300_000
-    cost = np.round(rng.gamma(2.0, 100.0, n), 0)
-    cap = rng.choice([1e3, 2e3, 4.5e3], n)
-    round_ix, node_ix = rng.integers(0, 300, n), rng.integers(0, 1000, n)
+    shape = (1000, 300)
+    cost = np.round(rng.gamma(2.0, 100.0, shape), 0)
+    cap = rng.choice([0.0, 1e3, 2e3, 4.5e3], shape)
     for frac in (0.01, 0.4, 0.97):
         tokens = frac * cap.sum()
-        banded = policy._cheapest_first(cost, cap, round_ix, node_ix, tokens)
+        banded = policy._cheapest_first(cost, cap, tokens)
         monkeypatch.setattr(policy, "BAND_MIN_BLOCKS", 10**9)
-        full = policy._cheapest_first(cost, cap, round_ix, node_ix, tokens)
+        full = policy._cheapest_first(cost, cap, tokens)
         monkeypatch.undo()
         assert banded.sum() == pytest.approx(tokens)
         np.testing.assert_allclose(banded, full, rtol=1e-9, atol=1e-6)
+        # the full sort itself: everything cheaper than the dearest block taken is taken whole
+        cut = cost[full > 0].max()
+        assert np.all(full[(cost < cut) & (cap > 0)] == cap[(cost < cut) & (cap > 0)])
 
 
 def test_allows_many_agrees_with_allows():

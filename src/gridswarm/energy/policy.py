@@ -371,6 +371,24 @@ def slot_times(starts: np.ndarray, round_s: float) -> np.ndarray:
     return np.asarray(starts, dtype=float)[:, None] + offsets[None, :]
 
 
+def emission_rate_g_per_h(
+    power_w: np.ndarray,
+    intensity: np.ndarray,
+    local_w: np.ndarray,
+    local_intensity_g_per_kwh: np.ndarray,
+) -> np.ndarray:
+    """g/h of a node drawing `power_w`, `local_w` of it met locally, the rest from a grid at
+    `intensity` (arrays broadcast)."""
+    return ((power_w - local_w) * intensity + local_w * local_intensity_g_per_kwh) / 1000.0
+
+
+def local_supply_w(power_w: np.ndarray, surplus_w: np.ndarray | None) -> np.ndarray | float:
+    """Part of the draw PV surplus can meet (0 when unknown)."""
+    if surplus_w is None:
+        return 0.0
+    return np.minimum(np.maximum(surplus_w, 0.0), power_w)
+
+
 def slot_emissions_g(
     power_w: np.ndarray,
     round_s: float,
@@ -383,16 +401,12 @@ def slot_emissions_g(
     (N, slots, SLOT_SAMPLES) for the grid intensity and the PV surplus at the sample times
     (None: no surplus). The battery is known only for the coming round (slot 0)."""
     power = np.asarray(power_w, dtype=float)[:, None, None]
-    if surplus_w is not None:
-        local_w = np.minimum(np.maximum(surplus_w, 0.0), power)
-    else:
-        local_w = np.zeros_like(intensity)
+    local_w = np.broadcast_to(local_supply_w(power, surplus_w), intensity.shape).copy()
     battery_w = np.minimum(np.asarray(battery_available_wh) * 3600.0 / round_s, power[:, 0, 0])
     local_w[:, 0] = np.minimum(local_w[:, 0] + battery_w[:, None], power[:, 0])
-    grid_w = power - local_w
     local_g = np.asarray(local_intensity_g_per_kwh, dtype=float)[:, None, None]
-    g_per_wh = (grid_w * intensity + local_w * local_g).mean(axis=2) / (1000.0 * power[:, :, 0])
-    return (power[:, :, 0] * round_s / 3600.0) * g_per_wh
+    rate = emission_rate_g_per_h(power, intensity, local_w, local_g)
+    return rate.mean(axis=2) * (round_s / 3600.0)
 
 
 def _slot_costs(
@@ -533,33 +547,36 @@ def plan_round(
 BAND_MIN_BLOCKS = 200_000  # above this, sort only the blocks near the cut (same result, faster)
 
 
-def _cheapest_first(
-    cost: np.ndarray, cap: np.ndarray, round_ix: np.ndarray, node_ix: np.ndarray, tokens: float
-) -> np.ndarray:
-    """Tokens taken from each block when blocks are taken cheapest first (ties: earlier round,
-    then lower node index) until `tokens`: the optimum of the fractional knapsack.
+def _cheapest_first(cost: np.ndarray, cap: np.ndarray, tokens: float) -> np.ndarray:
+    """Tokens taken from each (node, round) block, arrays (N, rounds), when blocks are taken
+    cheapest first (ties: earlier round, then lower node index) until `tokens`: the optimum of
+    the fractional knapsack. Blocks with `cap` 0 do not exist.
 
     For many blocks only those whose cost is near the cut are sorted: every block cheaper than
     the band is taken whole and none dearer, which is exactly what the full sort would do."""
+    shape, rounds = cost.shape, cost.shape[1]
+    cost, cap = cost.ravel(), cap.ravel()
     take = np.zeros(len(cost))
-    band = np.ones(len(cost), dtype=bool)
+    band = cap > 0
     if len(cost) > BAND_MIN_BLOCKS:
-        sample = np.sort(cost[:: len(cost) // 50_000])
-        weight = cap.sum() / len(sample)
-        q = np.searchsorted(np.arange(1, len(sample) + 1) * weight, tokens)
-        lo = sample[max(q - 500, 0)] if q > 500 else -np.inf
-        hi = sample[q + 500] if q + 500 < len(sample) else np.inf
-        below = cost < lo
-        candidate = below | (cost <= hi)
+        stride = len(cost) // 50_000
+        sample = np.nonzero(band[::stride])[0] * stride
+        order = np.argsort(cost[sample])
+        reach = np.cumsum(cap[sample][order]) * stride  # tokens below each sampled cost
+        q = int(np.searchsorted(reach, tokens))
+        lo = cost[sample][order][q - 500] if q > 500 else -np.inf
+        hi = cost[sample][order][q + 500] if q + 500 < len(order) else np.inf
+        below = band & (cost < lo)
+        candidate = band & (cost <= hi)
         if cap[below].sum() <= tokens <= cap[candidate].sum():
             take[below] = cap[below]
             tokens -= float(cap[below].sum())
             band = candidate & ~below
-    ix = np.nonzero(band)[0]
-    order = ix[np.lexsort((node_ix[ix], round_ix[ix], cost[ix]))]
+    ix = np.nonzero(band)[0]  # flat index = node × rounds + round
+    order = ix[np.lexsort((ix // rounds, ix % rounds, cost[ix]))]
     before = np.cumsum(cap[order]) - cap[order]
     take[order] = np.clip(tokens - before, 0.0, cap[order])
-    return take
+    return take.reshape(shape)
 
 
 def plan_costs(
@@ -633,17 +650,15 @@ def plan_costs(
         raise ValueError(f"forecast needs {rounds_left} costed slots, got {slots}")
     block_cap = np.where(costs.slot_available[:, :rounds_left], cap[:, None], 0.0)
     block_cap[:, 1:] *= 1.0 - margin
-    node_a, round_a = np.nonzero(block_cap > 0)
-    cap_a = block_cap[node_a, round_a]
-    cost_a = costs.slot_emissions_g[node_a, round_a] / cap[node_a]
-    if cap_a.sum() < tokens_remaining:
+    if block_cap.sum() < tokens_remaining:
         return finish(everyone, "forecast capacity short of target: all", True)
-    take = _cheapest_first(cost_a, cap_a, round_a, node_a, tokens_remaining)
-    planned = np.bincount(round_a, weights=take, minlength=rounds_left)
-    plan_g = float(cost_a @ take)
-    now_blocks = (round_a == 0) & (take > MIN_SHARE * cap_a)
-    shares = np.zeros(len(ids))
-    shares[node_a[now_blocks]] = take[now_blocks] / cap[node_a[now_blocks]]
+    block_cost = costs.slot_emissions_g[:, :rounds_left] / cap[:, None]
+    take = _cheapest_first(block_cost, block_cap, tokens_remaining)
+    planned = take.sum(axis=0)
+    taken = take > 0
+    plan_g = float(block_cost[taken] @ take[taken])
+    now_blocks = take[:, 0] > MIN_SHARE * block_cap[:, 0]
+    shares = np.where(now_blocks, take[:, 0] / cap, 0.0)
     if not now_blocks.any():
         first = int(np.nonzero(planned > 0)[0][0])
         plan = finish(
