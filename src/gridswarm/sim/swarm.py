@@ -13,9 +13,10 @@ power by the duty cycle (training / wall time), exactly as the live hub does
 chunks cut at `step_s` bin edges; a node its own policy pauses sits out that chunk. A round ends
 when its last node is done, then the overhead passes.
 
-Forecasts: each node sees its region's recorded intensity with a seeded relative error that grows
-with the square root of lead time (`forecast_error` of its `TraceSignal`, sd at 24 h); local
-surplus and availability forecasts are the recorded series and the node's own rules over them.
+Forecasts: the hub sees each region's recorded intensity with a seeded relative error that grows
+with the square root of lead time (`forecast_error` of the node's `TraceSignal`, sd at 24 h), one
+draw per class of alike nodes (as nodes of a region share the hub's signal); local surplus and
+availability forecasts are the recorded series and the node's own rules over them.
 """
 
 from __future__ import annotations
@@ -152,6 +153,19 @@ class _Swarm:
         )
         prices = [n.signal.current(cfg.start_s).price_per_kwh for n in nodes]
         self.price = None if None in prices else np.array(prices, dtype=float)
+        classes: dict[tuple, int] = {}
+        keys = [
+            (
+                int(self.grid_row[i]),
+                n.power_w,
+                self.forecast_error[i],
+                id(n.home.pv) if n.home else 0,
+                id(n.home.household) if n.home else 0,
+            )
+            for i, n in enumerate(nodes)
+        ]
+        self.class_of = np.array([classes.setdefault(key, len(classes)) for key in keys])
+        self.class_rep = np.unique(self.class_of, return_index=True)[1]
         # homes: surplus and battery per node (no home: no surplus, no battery)
         self.has_home = np.array([n.home is not None for n in nodes])
         pv = np.zeros((self.n, self.n_bins))
@@ -257,7 +271,11 @@ class _Swarm:
 
     def costs(self, policy_name: str, now_s: float, deadline_s: float) -> SwarmCosts:
         """Every node costed the way `plan_round` costs a `NodeEnergyState` built by the live
-        hub's `node_state` (speed and power × duty over the round's wall time)."""
+        hub's `node_state` (speed and power × duty over the round's wall time).
+
+        Nodes alike (same grid, draw, home series, forecast error: a *class*) share one forecast,
+        as nodes of one region share the hub's signal, so rounds ahead are costed once per class;
+        the coming round adds each node's own battery."""
         cfg = self.cfg
         wall, duty = cfg.wall_s, cfg.duty
         slots = planning_slots(policy_name, now_s, deadline_s, wall, cfg.reserve_rounds)
@@ -268,50 +286,47 @@ class _Swarm:
         point_s[0] = now_s
         lead_days = (point_s - now_s) / 86400.0
         sample_ix = step_index(point_s, slot_times(starts, wall).ravel()).reshape(slots, -1)
-        cols = int(sample_ix.max()) + 1
-        if self.policies:
-            cols = k  # availability forecasts look at the whole horizon
+        cols = k if slots > 1 and self.policies else int(sample_ix.max()) + 1
         bins = np.minimum(b0 + np.arange(cols), self.n_bins - 1)
+        rep = self.class_rep  # one node per class
         rng = np.random.default_rng([cfg.forecast_seed, int(now_s // cfg.step_s)])
-        noise = rng.standard_normal((self.n, cols)) * np.sqrt(lead_days[:cols])
-        forecast_g = self.grid_g[self.grid_row[:, None], bins[None, :]]
-        forecast_g = np.maximum(forecast_g * (1.0 + noise * self.forecast_error[:, None]), 0.0)
-        available = self.allowed_now(now_s)
-        slot_ok = np.ones((self.n, slots), dtype=bool)
-        slot_ok[:, 0] = available
-        if slots > 1:
-            start_ix = step_index(point_s, starts)
-            for policy, ix in self.policies:
-                t = np.broadcast_to(point_s[:cols], (len(ix), cols))
-                c = self.conditions(
-                    ix[:, None],
-                    t,
-                    forecast_g[ix],
-                    self.surplus_w(bins[None, :], ix[:, None]),
-                )
-                ok = policy.allows_many(c)
-                slot_ok[ix, 1:] = ok[:, start_ix[1:]]
+        noise = rng.standard_normal((len(rep), cols)) * np.sqrt(lead_days[:cols])
+        forecast_g = self.grid_g[self.grid_row[rep][:, None], bins[None, :]]
+        forecast_g = np.maximum(forecast_g * (1.0 + noise * self.forecast_error[rep, None]), 0.0)
+        surplus = self.surplus_w(bins[None, :], rep[:, None])
+        power = self.power_w[rep] * duty
+        local_g = np.full(len(rep), LOCAL_PV_INTENSITY_G_PER_KWH)
         # g/h at each forecast point (PV surplus, no battery), averaged over each slot's samples
-        power = self.power_w * duty
-        surplus = self.surplus_w(bins)
-        local_g = np.full(self.n, LOCAL_PV_INTENSITY_G_PER_KWH)
         rate = emission_rate_g_per_h(
-            power[:, None], forecast_g, local_supply_w(power[:, None], surplus), local_g[0]
+            power[:, None], forecast_g, local_supply_w(power[:, None], surplus), local_g[:, None]
         )
         total = rate[:, sample_ix[:, 0]]
         for j in range(1, sample_ix.shape[1]):
             total += rate[:, sample_ix[:, j]]
-        emissions = total / sample_ix.shape[1] * (wall / 3600.0)
-        # this round also counts what the battery can give
+        emissions = (total / sample_ix.shape[1] * (wall / 3600.0))[self.class_of]
+        # the coming round also counts what each node's battery can give
         battery_wh = np.maximum(self.soc_wh - self.floor_wh, 0.0) * self.eta
         emissions[:, 0] = slot_emissions_g(
-            power,
+            self.power_w * duty,
             wall,
-            forecast_g[:, sample_ix[:1]],
-            surplus[:, sample_ix[:1]],
+            forecast_g[self.class_of][:, sample_ix[:1]],
+            surplus[self.class_of][:, sample_ix[:1]],
             battery_wh,
-            local_g,
+            local_g[self.class_of],
         )[:, 0]
+        available = self.allowed_now(now_s)
+        slot_ok = np.ones((self.n, slots), dtype=bool)
+        slot_ok[:, 0] = available
+        if slots > 1:  # the node tells the hub when its own rules will let it run
+            start_ix = step_index(point_s, starts)[1:]
+            for policy, ix in self.policies:
+                c = self.conditions(
+                    ix[:, None],
+                    np.broadcast_to(point_s[:cols], (len(ix), cols)),
+                    forecast_g[self.class_of[ix]],
+                    surplus[self.class_of[ix]],
+                )
+                slot_ok[ix, 1:] = policy.allows_many(c)[:, start_ix]
         return SwarmCosts(
             node_ids=self.ids,
             round_tokens=self.tokens_per_s * duty * wall,
