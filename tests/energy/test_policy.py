@@ -305,9 +305,9 @@ def test_cheapest_first_band_equals_the_full_sort(monkeypatch):
     cap = rng.choice([0.0, 1e3, 2e3, 4.5e3], shape)
     for frac in (0.01, 0.4, 0.97):
         tokens = frac * cap.sum()
-        banded = policy._cheapest_first(cost, cap, tokens)
+        banded = policy.cheapest_first(cost, cap, tokens)
         monkeypatch.setattr(policy, "BAND_MIN_BLOCKS", 10**9)
-        full = policy._cheapest_first(cost, cap, tokens)
+        full = policy.cheapest_first(cost, cap, tokens)
         monkeypatch.undo()
         assert banded.sum() == pytest.approx(tokens)
         np.testing.assert_allclose(banded, full, rtol=1e-9, atol=1e-6)

@@ -158,3 +158,26 @@ def test_bench_scenario_builds(energy_data: Path):
     assert sum(n.home is not None for n in nodes) >= len(nodes) // 3
     for n in nodes:  # every signal answers on the simulated calendar
         assert 0 < n.signal.current(1654473600.0).intensity_g_per_kwh < 1000
+
+
+def test_oracle_is_a_floor_and_exact_on_a_known_case():
+    """The perfect-foresight optimum: on one node whose grid is clean half the day it trains only
+    in clean hours; on a swarm without batteries no policy beats it."""
+    from gridswarm.sim.swarm import oracle
+
+    hours = np.arange(48)
+    sig = TraceSignal(UniformSeries(0.0, 3600.0, np.where(hours % 24 < 12, 800.0, 50.0)), "X")
+    node = SimNode("a", "X", 100.0, 200.0, sig)
+    cfg = SimConfig(start_s=0.0, deadline_s=DAY, tokens_target=100 * 4 * 3600.0)
+    best = oracle([node], cfg)
+    # 4 h of training at 200 W on the 50 g/kWh grid
+    assert best.emissions_g == pytest.approx(4 * 200 * 50 / 1000)
+    assert best.tokens == pytest.approx(cfg.tokens_target) and best.feasible
+    nodes = [n for n in small_swarm() if n.home is None]
+    cfg = SimConfig(
+        start_s=0.0, deadline_s=2 * DAY, tokens_target=0.3 * 350 * 2 * DAY, forecast_horizon_s=DAY
+    )
+    floor = oracle(nodes, cfg).emissions_g
+    for policy in ("agnostic", "greedy-green", "forecast"):
+        res = simulate(policy, nodes, cfg)
+        assert res.report().total.emissions_kg * 1e3 >= floor * (1 - 1e-9), policy

@@ -547,7 +547,7 @@ def plan_round(
 BAND_MIN_BLOCKS = 200_000  # above this, sort only the blocks near the cut (same result, faster)
 
 
-def _cheapest_first(cost: np.ndarray, cap: np.ndarray, tokens: float) -> np.ndarray:
+def cheapest_first(cost: np.ndarray, cap: np.ndarray, tokens: float) -> np.ndarray:
     """Tokens taken from each (node, round) block, arrays (N, rounds), when blocks are taken
     cheapest first (ties: earlier round, then lower node index) until `tokens`: the optimum of
     the fractional knapsack. Blocks with `cap` 0 do not exist.
@@ -653,7 +653,7 @@ def plan_costs(
     if block_cap.sum() < tokens_remaining:
         return finish(everyone, "forecast capacity short of target: all", True)
     block_cost = costs.slot_emissions_g[:, :rounds_left] / cap[:, None]
-    take = _cheapest_first(block_cost, block_cap, tokens_remaining)
+    take = cheapest_first(block_cost, block_cap, tokens_remaining)
     planned = take.sum(axis=0)
     taken = take > 0
     plan_g = float(block_cost[taken] @ take[taken])

@@ -58,10 +58,22 @@ class ScenarioSpec:
     forecast_error: float = 0.1  # relative sd at 24 h lead
     seed: int = 0
     copies: int = 1  # the swarm repeated this many times (each node its own forecast error)
+    hardware: str | None = None  # one HARDWARE kind on every node (a control); None: a mix
+
+
+# a swarm with no near-zero-carbon grid and no PV to shift into (the hard case): the cleanest
+# hour of its cleanest grid (GB, June 2020) is still > 100 gCO2e/kWh
+NO_CLEAN_GRID = ScenarioSpec(
+    grid_only=(("DE", 3), ("GB", 3), ("MISO", 3), ("PJM", 3), ("SOCO", 3), ("AZPS", 3)),
+    citylearn_homes=(),
+    pvdaq_homes=(),
+)
 
 
 def build_swarm(data_dir: str | Path, spec: ScenarioSpec = ScenarioSpec()) -> list[SimNode]:
     """The benchmark swarm (24 nodes over 9 regions with the default spec, times `spec.copies`)."""
+    if spec.hardware is not None and spec.hardware not in HARDWARE:
+        raise ValueError(f"unknown hardware {spec.hardware!r}; choose from {sorted(HARDWARE)}")
     data = Path(data_dir)
     ci = data / "carbon_intensity"
     start_s = ts(spec.start)
@@ -92,7 +104,7 @@ def build_swarm(data_dir: str | Path, spec: ScenarioSpec = ScenarioSpec()) -> li
 
     def add(region: str, home: Home | None = None, policy: NodePolicy | None = None) -> None:
         k = len(nodes)
-        tps, power = HARDWARE[hw_names[k % len(hw_names)]]
+        tps, power = HARDWARE[spec.hardware or hw_names[k % len(hw_names)]]
         nodes.append(
             SimNode(
                 node_id=f"n{k:05d}-{region.lower()}",

@@ -33,6 +33,7 @@ from gridswarm.energy.policy import (
     NodePolicy,
     RoundEnergyPlan,
     SwarmCosts,
+    cheapest_first,
     emission_rate_g_per_h,
     local_supply_w,
     plan_costs,
@@ -441,4 +442,42 @@ def simulate(
         emissions_g_per_bin=emis_bin[:used],
         energy_wh_per_bin=energy_bin[:used],
         plans=plans,
+    )
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """The perfect-foresight optimum for a run's tokens and deadline (see `oracle`)."""
+
+    emissions_g: float
+    energy_wh: float
+    tokens: float
+    feasible: bool  # the swarm can train the target at all before the deadline
+
+
+def oracle(nodes: Sequence[SimNode], cfg: SimConfig) -> Oracle:
+    """Least emissions any schedule could reach, knowing the future exactly: which node trains
+    in which `step_s` bin before the deadline (space and time), at the same duty cycle as the
+    rounds (so the sync overhead is paid alike). With recorded intensity and PV surplus known, a
+    (node, bin) block's cost per token is fixed, so the problem is a fractional knapsack (an LP
+    with one constraint) and taking the cheapest blocks first is its optimum. Not modelled: battery
+    carry-over (stored PV could lower it further) and node rules (which only remove blocks, so the
+    bound holds for them)."""
+    swarm = _Swarm(nodes, cfg)
+    n_bins = int((cfg.deadline_s - cfg.start_s) // cfg.step_s)
+    run_s = cfg.step_s * cfg.duty  # training seconds per bin at the rounds' duty cycle
+    power = swarm.power_w[:, None]
+    local_w = local_supply_w(power, swarm.surplus_w(np.arange(n_bins)))
+    grid = swarm.grid_g[swarm.grid_row][:, :n_bins]
+    rate = emission_rate_g_per_h(power, grid, local_w, LOCAL_PV_INTENSITY_G_PER_KWH)
+    cap = np.broadcast_to(swarm.tokens_per_s[:, None] * run_s, rate.shape)
+    block_g = rate * run_s / 3600.0
+    feasible = bool(cap.sum() >= cfg.tokens_target)
+    take = cheapest_first(block_g / cap, cap, min(cfg.tokens_target, float(cap.sum())))
+    share = take / cap
+    return Oracle(
+        emissions_g=float((share * block_g).sum()),
+        energy_wh=float((share * power * run_s / 3600.0).sum()),
+        tokens=float(take.sum()),
+        feasible=feasible,
     )
