@@ -55,6 +55,7 @@ HUB_KINDS = frozenset(
         "anchor",
         "reputation",
         "audit_calibration",
+        "lifecycle",
     }
 )
 KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
