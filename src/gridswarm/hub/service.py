@@ -472,6 +472,20 @@ class HubService:
             if rnd.status == "secagg":  # the round's secure aggregation runs: no new work
                 s.commit()
                 return AssignmentResponse(status="wait", retry_after_s=1.0)
+            outstanding = s.scalars(
+                select(m.Assignment).where(
+                    m.Assignment.run_id == run.id,
+                    m.Assignment.round == run.round,
+                    m.Assignment.attempt == rnd.attempt,
+                    m.Assignment.node_id == node_id,
+                    m.Assignment.status == "assigned",
+                )
+            ).first()
+            if outstanding is not None:  # its answer was lost (timeout, restart): send it again
+                node.status = "training"
+                response = self._assigned(s, run, outstanding)
+                s.commit()
+                return response
             live = [
                 n
                 for n in s.scalars(select(m.Node).where(m.Node.status != "left"))
@@ -533,14 +547,20 @@ class HubService:
             )
             s.add(row)
             node.status = "training"
-            version = s.get(m.Version, (run.id, rnd.base_version))
-            previous = s.get(m.Version, (run.id, rnd.base_version - 1))
+            response = self._assigned(s, run, row)
             s.commit()
+        return response
+
+    @staticmethod
+    def _assigned(s: Session, run: m.Run, row: m.Assignment) -> AssignmentResponse:
+        """The answer that hands `row` to its node."""
+        version = s.get(m.Version, (run.id, row.base_version))
+        previous = s.get(m.Version, (run.id, row.base_version - 1))
         return AssignmentResponse(
             status="assigned",
             assignment=Assignment(
                 id=row.id,
-                run_id=run_id,
+                run_id=run.id,
                 round=row.round,
                 attempt=row.attempt,
                 base_version=row.base_version,
