@@ -87,8 +87,9 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        """Built-ins in the order they were registered, then plugins."""
         self._load_entry_points()
-        return sorted(self._items)
+        return list(self._items)
 
     def __contains__(self, name: object) -> bool:
         self._load_entry_points()
