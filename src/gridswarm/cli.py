@@ -90,7 +90,7 @@ def explain(exc: BaseException) -> str | None:
     import httpx
 
     from gridswarm.home import HomeInUse
-    from gridswarm.node.client import HubRequestError, HubUnreachable, HubURLError
+    from gridswarm.node.client import HubRequestError, HubTLSError, HubUnreachable, HubURLError
 
     if isinstance(exc, HubUnreachable):
         return (
@@ -105,7 +105,7 @@ def explain(exc: BaseException) -> str | None:
             403: " (signed with the key under --home)",
         }.get(exc.status, "")
         return f"the hub refused ({exc.status}): {exc.detail}{hint}"
-    if isinstance(exc, HubURLError | HomeInUse | ConfigError):
+    if isinstance(exc, HubURLError | HubTLSError | HomeInUse | ConfigError):
         return str(exc)
     if isinstance(exc, FileNotFoundError):
         return f"{exc.strerror or 'not found'}: {exc.filename or exc}"
@@ -117,7 +117,13 @@ def hub(
     db: Annotated[str, typer.Option(help="SQLAlchemy URL: sqlite:///hub.db or postgresql://…")] = (
         "sqlite:///gridswarm-hub.db"
     ),
-    blobs: Annotated[Path, typer.Option(help="folder of the blob store")] = Path("gridswarm-blobs"),
+    blobs: Annotated[
+        str,
+        typer.Option(
+            help="blob store: a folder, or s3://bucket/prefix (endpoint and credentials from the "
+            "standard AWS_* environment variables)"
+        ),
+    ] = "gridswarm-blobs",
     host: str = "127.0.0.1",
     port: int = 8470,
     liveness_s: Annotated[float, typer.Option(help="a node silent this long is lost")] = 20.0,
@@ -127,6 +133,12 @@ def hub(
     home: Annotated[
         Path | None,
         typer.Option(help="folder of the hub's ledger key hub.key (default: beside --blobs)"),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="serve HTTPS with this certificate chain (PEM)")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="the certificate's private key (PEM)")
     ] = None,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = 0,
@@ -143,7 +155,13 @@ def hub(
         level=_log_level(verbose, quiet), format="%(asctime)s %(name)s %(message)s", force=True
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations: only when they fail
-    console.print(f"gridswarm hub on http://{host}:{port}  db={db}  blobs={blobs}")
+    if (tls_cert is None) != (tls_key is None):
+        _fail("--tls-cert and --tls-key go together")
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            _fail(f"{path}: no such file")
+    scheme = "https" if tls_cert else "http"
+    console.print(f"gridswarm hub on {scheme}://{host}:{port}  db={db}  blobs={blobs}")
     by_region = {}
     if signals is not None:
         try:
@@ -152,7 +170,8 @@ def hub(
             _fail(str(exc))
         described = ", ".join(f"{r}: {p.describe()}" for r, p in by_region.items())
         console.print(f"carbon signals: {described}")
-    serve(db, blobs, host, port, HubSettings(liveness_s=liveness_s, signals=by_region), home)
+    settings = HubSettings(liveness_s=liveness_s, signals=by_region)
+    serve(db, blobs, host, port, settings, home, (tls_cert, tls_key) if tls_cert else None)
 
 
 @node_app.callback(invoke_without_command=True)
@@ -401,8 +420,35 @@ def _options(
     debug: Annotated[
         bool, typer.Option("--debug", help="show the traceback of an error (anywhere on the line)")
     ] = False,
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            envvar="GRIDSWARM_CA",
+            help="trust this CA (PEM) for the hub's TLS certificate (anywhere on the line)",
+        ),
+    ] = None,
 ) -> None:
     """Train language models on a swarm of machines, where energy is clean."""
+
+
+def _take_ca(args: list[str]) -> list[str]:
+    """`--ca PATH` (or `--ca=PATH`) anywhere on the line: every hub client of this process trusts
+    that CA (it is passed on as GRIDSWARM_CA); the other arguments are returned."""
+    from gridswarm.node.client import CA_ENV
+
+    rest, i = [], 0
+    while i < len(args):
+        if args[i] == "--ca" and i + 1 < len(args):
+            os.environ[CA_ENV] = args[i + 1]
+            i += 2
+            continue
+        if args[i].startswith("--ca="):
+            os.environ[CA_ENV] = args[i].removeprefix("--ca=")
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -410,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("GRIDSWARM_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    args = _take_ca(args)
     try:
         app(args, prog_name="gridswarm")
     except KeyboardInterrupt:
