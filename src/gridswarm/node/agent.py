@@ -1,9 +1,10 @@
 """The node's main loop: register, pull an assignment, train, upload, repeat.
 
-A node keeps its identity key and a cache of model versions (by hash) in its home folder. When it
-holds the previous version it downloads only the encoded update and rebuilds the new weights
-exactly, checking the result against the version's hash. SIGINT/SIGTERM stop it between steps; it
-tells the hub it is leaving, so its unfinished assignment is released rather than awaited.
+A node keeps its identity key and a cache of model versions and dataset shards (by hash) in its
+home folder. When it holds the previous version it downloads only the encoded update and rebuilds
+the new weights exactly, checking the result against the version's hash. SIGINT/SIGTERM stop it
+between steps; it tells the hub it is leaving, so its unfinished assignment is released rather
+than awaited.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gridswarm.node.secagg import SecAggContributor, secagg_timeout_s
 from gridswarm.protocol import Assignment, ContributionMeta, RegisterRequest
 from gridswarm.train.codecs import ErrorFeedback, make_codec
 from gridswarm.train.data import read_text
+from gridswarm.train.dataset import BlobSource
 from gridswarm.train.params import pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import sign_contribution
@@ -182,7 +184,9 @@ class NodeAgent:
                 if self.options.data is None:
                     raise ValueError(f"run {run_id} is federated: start the node with --data PATH")
                 text = read_text(str(self.options.data))
-            self._workloads[run_id] = Workload.from_config(cfg, text=text)
+            # a prepared dataset's shards are fetched (only those a slice draws) into the cache
+            source = BlobSource(self.cache, self.client.blob)
+            self._workloads[run_id] = Workload.from_config(cfg, text=text, source=source)
         return self._workloads[run_id]
 
     def _contribute_securely(

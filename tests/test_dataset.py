@@ -1,0 +1,191 @@
+"""Prepared datasets (train/dataset.py) and the Hugging Face export: prepare real files with HF
+`datasets` + `tokenizers`, train on the shards, export, load with transformers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gridswarm.blobs import LocalBlobStore
+from gridswarm.cli import app
+from gridswarm.config import parse_run_config
+from gridswarm.export import export_theta, load_exported, sample_text
+from gridswarm.train.dataset import (
+    BlobSource,
+    DatasetError,
+    dataset_tokenizer,
+    import_dataset,
+    prepare,
+    verify_folder,
+)
+from gridswarm.train.outer import nesterov_step
+from gridswarm.train.tokenizer import byte_tokenizer, encode
+from gridswarm.train.workload import Workload
+from tests.conftest import tiny_run
+
+SHAKESPEARE = Path(__file__).resolve().parent.parent / "src/gridswarm/data/tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def shakespeare_bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ds") / "shakespeare"
+    prepare([SHAKESPEARE], "bpe:512", out, shard_tokens=65_536, show_progress=False)
+    return out
+
+
+def test_byte_tokenizer_is_the_builtin_byte_mapping():
+    text = "ROMEO: héllo wörld 🙂\n\n  x"
+    tok = byte_tokenizer()
+    assert tok.encode(text).ids == encode(text).tolist() == list(text.encode())
+    assert tok.decode(list(text.encode())) == text
+    assert tok.get_vocab_size() == 256
+
+
+def test_prepared_tinyshakespeare_bpe_trains_exports_and_generates(shakespeare_bpe, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = verify_folder(shakespeare_bpe)  # every shard and the tokenizer match the manifest
+    manifest = source.manifest
+    assert manifest.vocab_size == 512 and manifest.dtype == "uint16"
+    assert manifest.tokenizer.kind == "bpe" and manifest.tokenizer.eos_id == 0
+    assert len(manifest.train) > 2 and len(manifest.val) == 1
+    assert all(s.tokens == 65_536 for s in manifest.train[:-1])
+    ratio = SHAKESPEARE.stat().st_size / (manifest.tokens_train + manifest.tokens_val)
+    assert ratio > 1.8  # BPE merges: well under one token per byte
+
+    cfg = parse_run_config(tiny_run(data={"dataset": str(shakespeare_bpe)}))
+    w = Workload.from_config(cfg)
+    assert w.vocab_size == 512 and w.model.wte.num_embeddings == 512
+    theta, momentum = w.initial_theta(), None
+    start = w.evaluate(theta)
+    for r in range(3):  # a small DiLoCo run: two nodes, outer Nesterov
+        grads = [w.train(theta, r, f"n{i}", 15).pseudo_gradient for i in range(2)]
+        step = nesterov_step(torch.stack(grads).mean(0), momentum, 0.7, 0.9)
+        theta, momentum = theta - step.update, step.momentum
+    end = w.evaluate(theta)
+    assert end < start - 0.5
+
+    tokenizer = dataset_tokenizer(cfg.data.dataset, fetch=lambda d: b"")  # read from the folder
+    export_theta(cfg, theta, tmp_path, {"version": 3}, tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = hf_tok("ROMEO: my lord", return_tensors="pt").input_ids
+    assert ids[0].tolist() == tokenizer.encode("ROMEO: my lord").ids
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids).logits, w.model(ids), atol=1e-5)
+    out = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + 8
+    assert hf_tok.decode(out[0]).startswith("ROMEO: my lord")
+    assert sample_text(tmp_path, "ROMEO:", 10, 0.8, seed=0).startswith("ROMEO:")
+
+
+def test_slices_fetch_only_their_shards_and_replay_bit_for_bit(shakespeare_bpe, tmp_path):
+    hub_store = LocalBlobStore(tmp_path / "hub")
+    manifest, digest = import_dataset(shakespeare_bpe, hub_store)
+    fetched: list[str] = []
+
+    def fetch(d: str) -> bytes:
+        fetched.append(d)
+        return hub_store.get(d)
+
+    cfg = parse_run_config(tiny_run(data={"dataset": f"manifest:{digest}", "slice_shards": 1}))
+    node = Workload.from_config(cfg, source=BlobSource(LocalBlobStore(tmp_path / "n"), fetch))
+    hub = Workload.from_config(cfg, source=BlobSource(hub_store))
+    theta = hub.initial_theta()
+    first = node.train(theta, 2, "node-a", 5)
+    assert fetched[0] == digest and len(fetched) == 2  # the manifest, then one train shard
+    assert fetched[1] in {s.sha256 for s in manifest.train}
+    replay = hub.train(theta.clone(), 2, "node-a", 5)
+    assert torch.equal(first.pseudo_gradient, replay.pseudo_gradient)
+    again = node.train(theta.clone(), 2, "node-a", 5)  # cached now: nothing more fetched
+    assert torch.equal(first.pseudo_gradient, again.pseudo_gradient) and len(fetched) == 2
+
+    corrupt = tmp_path / "n" / fetched[1][:2] / fetched[1][2:4] / fetched[1]
+    corrupt.chmod(0o644)
+    data = bytearray(corrupt.read_bytes())
+    data[0] ^= 1
+    corrupt.write_bytes(bytes(data))
+    fresh = Workload.from_config(cfg, source=BlobSource(LocalBlobStore(tmp_path / "n"), fetch))
+    with pytest.raises(DatasetError, match="corrupt"):
+        fresh.train(theta, 2, "node-a", 5)
+
+
+def test_jsonl_gz_and_parquet_sources_with_bytes(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = ["first document " * 20, "zweites Dokument – ü " * 20, "third " * 30]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs[:1]))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"body": docs[1], "other": 1}) + "\n")
+    pq.write_table(pa.table({"body": docs[2:]}), tmp_path / "c.parquet")
+    out = tmp_path / "out"
+    manifest, _ = prepare(
+        [tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz", tmp_path / "c.parquet"],
+        "bytes",
+        out,
+        text_field="body",
+        shard_tokens=300,
+        show_progress=False,
+    )
+    flat = np.concatenate(
+        [np.fromfile(out / s.file, dtype=np.uint16) for s in manifest.train + manifest.val]
+    )
+    assert bytes(flat.astype(np.uint8)) == "".join(d + "\n\n" for d in docs).encode()
+    assert manifest.vocab_size == 256 and manifest.sources == ["a.jsonl", "b.jsonl.gz", "c.parquet"]
+
+    shard = out / manifest.train[0].file
+    shard.write_bytes(b"\x00" + shard.read_bytes()[1:])
+    with pytest.raises(DatasetError, match="does not match its sha256"):
+        verify_folder(out)
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda p: [str(p / "missing.txt")], "no such file"),
+        (lambda p: [str(p / "x.csv")], "unknown extension"),
+        (lambda p: [str(p / "empty.txt")], "empty corpus"),
+        (lambda p: [str(p / "a.txt"), "--tokenizer", "bpe:100"], "outside 257"),
+        (lambda p: [str(p / "a.txt"), "--tokenizer", "bpe:many"], "bpe:many"),
+        (lambda p: [str(p / "rows.jsonl")], "no string field 'text'"),
+        (lambda p: [str(p / "a.txt"), "--tokenizer", str(p / "x.csv")], "not a tokenizers"),
+    ],
+)
+def test_prepare_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, make_args, message):
+    (tmp_path / "x.csv").write_text("a,b\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "rows.jsonl").write_text('{"content": "no text field"}\n')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["data", "prepare", *make_args(tmp_path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())  # rich wraps at the test terminal's width
+    assert said.startswith("error:") and message in said and "Traceback" not in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out, no temporary folder
+
+
+def test_byte_level_gpt_exports_to_transformers_and_samples(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = parse_run_config(tiny_run())
+    w = Workload.from_config(cfg)
+    theta = w.initial_theta()
+    theta = theta - w.train(theta, 0, "n", 10).pseudo_gradient
+    export_theta(cfg, theta, tmp_path, {"version": 1}, dataset_tokenizer(cfg.data.dataset, bytes))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok("ROMEO: ü", return_tensors="pt").input_ids
+    assert ids[0].tolist() == list("ROMEO: ü".encode())
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids).logits, w.model(ids), atol=1e-5)
+    exported = load_exported(tmp_path)
+    assert exported.tokenizer.get_vocab_size() == 256
+    assert sample_text(tmp_path, "ROMEO:", 20, 0.8, seed=0).startswith("ROMEO:")
