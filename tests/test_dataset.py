@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,63 @@ def test_byte_level_gpt_exports_to_transformers_and_samples(tmp_path):
     exported = load_exported(tmp_path)
     assert exported.tokenizer.get_vocab_size() == 256
     assert sample_text(tmp_path, "ROMEO:", 20, 0.8, seed=0).startswith("ROMEO:")
+
+
+@pytest.mark.slow
+def test_live_run_on_a_prepared_dataset(make_swarm, shakespeare_bpe, tmp_path):
+    """The hub process imports the folder, nodes fetch only their shards over HTTP, each newcomer
+    contribution is replayed bit for bit by the hub's audit, and the export loads in
+    transformers with the run's tokenizer."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gridswarm.export import export_run
+    from gridswarm.hub import models as m
+    from gridswarm.hub.server import make_engine
+    from gridswarm.identity import Identity
+    from gridswarm.node.client import HubClient, HubRequestError
+    from tests.conftest import wait_for
+
+    swarm = make_swarm()
+    swarm.start_hub()
+    sponsor = HubClient(swarm.url, Identity.generate(), retry_for_s=30)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(shakespeare_bpe, tampered)
+    shard = tampered / "train-00001.bin"
+    shard.write_bytes(shard.read_bytes()[::-1])
+    with pytest.raises(HubRequestError, match="does not match its sha256"):
+        sponsor.create_run(tiny_run(data={"dataset": str(tampered)}))
+    assert not any(p.is_file() for p in (swarm.workdir / "blobs").rglob("*"))  # stored nothing
+
+    config = tiny_run(
+        data={"dataset": str(shakespeare_bpe), "slice_shards": 1},
+        round={"deadline_s": 30, "quorum": 2, "min_nodes": 2},
+        budget={"rounds": 2},
+    )
+    run_id = sponsor.create_run(config).run_id
+    for i in range(2):
+        swarm.start_node(f"n{i}", run_id)
+    status = wait_for(
+        lambda: (s := sponsor.run_status(run_id))["status"] == "finished" and s, 120, "the run"
+    )
+    source = verify_folder(shakespeare_bpe)
+    assert status["config"]["data"]["dataset"] == f"manifest:{source.manifest_digest}"
+    assert status["val_loss"][-1] < status["val_loss"][0] - 0.3
+    assert all(n["contributions"] == 2 for n in status["nodes"])
+    with Session(make_engine(swarm.db_url)) as s:
+        contributions = s.scalars(select(m.Contribution)).all()
+    audited = [c for c in contributions if c.audited]  # newcomers: every one is replayed
+    assert len(audited) == 4 and all(c.audit_passed for c in audited)
+
+    shards = {s.sha256 for s in source.manifest.shards()}
+    for i in range(2):  # each node holds the manifest and at most one shard per round
+        cached = {p.name for p in (swarm.workdir / f"n{i}" / "blobs").rglob("*") if p.is_file()}
+        assert source.manifest_digest in cached
+        assert 1 <= len(cached & shards) <= 2 < len(shards)
+
+    out = export_run(sponsor, status, tmp_path / "model")
+    hf, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    ids = tok("KING:", return_tensors="pt").input_ids
+    generated = hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert generated.shape[1] == ids.shape[1] + 5
