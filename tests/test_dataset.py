@@ -72,7 +72,7 @@ def test_prepared_tinyshakespeare_bpe_trains_exports_and_generates(shakespeare_b
     end = w.evaluate(theta)
     assert end < start - 0.5
 
-    tokenizer = dataset_tokenizer(cfg.data.dataset, fetch=lambda d: b"")  # read from the folder
+    tokenizer = dataset_tokenizer(cfg.data.dataset)  # read from the folder
     export_theta(cfg, theta, tmp_path, {"version": 3}, tokenizer)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path)
     hf_tok = AutoTokenizer.from_pretrained(tmp_path)
@@ -147,6 +147,26 @@ def test_jsonl_gz_and_parquet_sources_with_bytes(tmp_path):
         verify_folder(out)
 
 
+def test_a_given_large_tokenizer_writes_uint32_shards(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(70_000)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    words = [f"w{(i * 7919) % 70_000}" for i in range(500)]
+    (tmp_path / "a.txt").write_text(" ".join(words))
+    out = tmp_path / "out"
+    manifest, _ = prepare(
+        [tmp_path / "a.txt"], str(tmp_path / "tokenizer.json"), out, show_progress=False
+    )
+    assert manifest.dtype == "uint32" and manifest.tokenizer.kind == "file"
+    assert manifest.vocab_size == 70_000 and manifest.tokenizer.eos_id is None
+    ids = np.concatenate([np.fromfile(out / s.file, dtype=np.uint32) for s in manifest.shards()])
+    assert ids.tolist() == [vocab[w] for w in words]
+    assert verify_folder(out).manifest == manifest
+
+
 @pytest.mark.parametrize(
     ("make_args", "message"),
     [
@@ -180,7 +200,7 @@ def test_byte_level_gpt_exports_to_transformers_and_samples(tmp_path):
     w = Workload.from_config(cfg)
     theta = w.initial_theta()
     theta = theta - w.train(theta, 0, "n", 10).pseudo_gradient
-    export_theta(cfg, theta, tmp_path, {"version": 1}, dataset_tokenizer(cfg.data.dataset, bytes))
+    export_theta(cfg, theta, tmp_path, {"version": 1}, dataset_tokenizer(cfg.data.dataset))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     ids = tok("ROMEO: ü", return_tensors="pt").input_ids
@@ -197,6 +217,7 @@ def test_live_run_on_a_prepared_dataset(make_swarm, shakespeare_bpe, tmp_path):
     """The hub process imports the folder, nodes fetch only their shards over HTTP, each newcomer
     contribution is replayed bit for bit by the hub's audit, and the export loads in
     transformers with the run's tokenizer."""
+    import httpx
     from sqlalchemy import select
     from sqlalchemy.orm import Session
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -250,3 +271,12 @@ def test_live_run_on_a_prepared_dataset(make_swarm, shakespeare_bpe, tmp_path):
     ids = tok("KING:", return_tensors="pt").input_ids
     generated = hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert generated.shape[1] == ids.shape[1] + 5
+
+    swarm.kill_hub()  # a restarted hub still serves the run's dataset (rebuilt from its runs)
+    swarm.start_hub()
+    val_shard = source.manifest.val[0].sha256
+    assert (
+        httpx.get(f"{swarm.url}/v1/blobs/{val_shard}").content
+        == source.path(val_shard).read_bytes()
+    )
+    assert httpx.get(f"{swarm.url}/v1/blobs/{'0' * 64}").status_code == 404

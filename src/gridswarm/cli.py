@@ -202,10 +202,14 @@ def run_export(
     """Write the run's newest model and tokenizer in Hugging Face layout (AutoModelForCausalLM
     and AutoTokenizer load the folder)."""
     from gridswarm.export import export_run
+    from gridswarm.train.dataset import DatasetError
 
     client = _client(hub_url, home)
     status = client.run_status(run_id)
-    path = export_run(client, status, out)
+    try:
+        path = export_run(client, status, out)
+    except DatasetError as exc:  # the run's tokenizer could not be read or verified
+        _fail(str(exc))
     console.print(f"exported version {status['version']} of run {run_id} to {path}")
 
 

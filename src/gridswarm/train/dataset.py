@@ -131,7 +131,12 @@ def parse_manifest(data: bytes) -> Manifest:
 
 def is_prepared(dataset: str) -> bool:
     """True for `manifest:<sha256>` or a folder holding a manifest.json."""
-    return dataset.startswith(MANIFEST_PREFIX) or (Path(dataset).expanduser() / MANIFEST).is_file()
+    if dataset.startswith(MANIFEST_PREFIX):
+        return True
+    try:
+        return (Path(dataset).expanduser() / MANIFEST).is_file()
+    except (OSError, RuntimeError):  # a name too long, `~nosuchuser`: not a prepared folder
+        return False
 
 
 def manifest_ref(dataset: str) -> str | None:
@@ -490,15 +495,17 @@ class PreparedCorpus:
         return [next(stream) for _ in range(n_batches)]
 
 
-def dataset_tokenizer(dataset: str, fetch: Callable[[str], bytes]) -> Tokenizer:
-    """The tokenizer a run's model was trained with: a prepared dataset's (its blobs read with
-    `fetch(digest)`, which verifies them), else the byte tokenizer."""
+def dataset_tokenizer(dataset: str, fetch: Callable[[str], bytes] | None = None) -> Tokenizer:
+    """The tokenizer a run's model was trained with: a prepared folder's, a `manifest:<sha256>`
+    dataset's (its blobs read with `fetch(digest)`, which verifies them), else the byte one."""
     digest = manifest_ref(dataset)
     if digest is None and is_prepared(dataset):
         folder = DirSource(Path(dataset).expanduser())
         digest, fetch = folder.manifest_digest, lambda d: folder.path(d).read_bytes()
     if digest is None:
         return byte_tokenizer()
+    if fetch is None:
+        raise DatasetError(f"{dataset}: no way to fetch its blobs")
     data = fetch(parse_manifest(fetch(digest)).tokenizer.sha256)
     if len(data) > MAX_TOKENIZER_BYTES:
         raise DatasetError(f"tokenizer of {len(data)} bytes exceeds {MAX_TOKENIZER_BYTES}")
