@@ -225,6 +225,7 @@ def test_live_run_on_a_prepared_dataset(make_swarm, shakespeare_bpe, tmp_path):
     from gridswarm.export import export_run
     from gridswarm.hub import models as m
     from gridswarm.hub.server import make_engine
+    from gridswarm.hub.service import HubError, HubService
     from gridswarm.identity import Identity
     from gridswarm.node.client import HubClient, HubRequestError
     from tests.conftest import wait_for
@@ -239,6 +240,9 @@ def test_live_run_on_a_prepared_dataset(make_swarm, shakespeare_bpe, tmp_path):
     with pytest.raises(HubRequestError, match="does not match its sha256"):
         sponsor.create_run(tiny_run(data={"dataset": str(tampered)}))
     assert not any(p.is_file() for p in (swarm.workdir / "blobs").rglob("*"))  # stored nothing
+    for dataset, why in ((f"manifest:{'0' * 64}", "not in the blob store"), ("manifest:x", "sha")):
+        with pytest.raises(HubRequestError, match=why):
+            sponsor.create_run(tiny_run(data={"dataset": dataset}))
 
     config = tiny_run(
         data={"dataset": str(shakespeare_bpe), "slice_shards": 1},
@@ -272,11 +276,11 @@ def test_live_run_on_a_prepared_dataset(make_swarm, shakespeare_bpe, tmp_path):
     generated = hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert generated.shape[1] == ids.shape[1] + 5
 
-    swarm.kill_hub()  # a restarted hub still serves the run's dataset (rebuilt from its runs)
-    swarm.start_hub()
     val_shard = source.manifest.val[0].sha256
-    assert (
-        httpx.get(f"{swarm.url}/v1/blobs/{val_shard}").content
-        == source.path(val_shard).read_bytes()
-    )
-    assert httpx.get(f"{swarm.url}/v1/blobs/{'0' * 64}").status_code == 404
+    served = httpx.get(f"{swarm.url}/v1/blobs/{val_shard}").content
+    assert served == source.path(val_shard).read_bytes()
+    swarm.stop()  # a fresh hub (as after a restart) rebuilds what it serves from its runs
+    fresh = HubService(make_engine(swarm.db_url), LocalBlobStore(swarm.workdir / "blobs"))
+    assert fresh.read_blob(val_shard, None) == served
+    with pytest.raises(HubError, match="not a published"):
+        fresh.read_blob("0" * 64, None)
