@@ -26,6 +26,13 @@ from gridswarm.train.tokenizer import TOKENIZER_FILE, eos_id, save_for_transform
 RUN_FILE = "gridswarm.json"
 
 
+def _quiet_transformers() -> None:
+    """No tqdm bars from save_pretrained/from_pretrained in the CLI's and the demo's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def gpt_to_hf(model: GPT, cfg: RunConfig, eos: int | None) -> torch.nn.Module:
     """The built-in GPT as a transformers `GPT2LMHeadModel` computing the same logits."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -75,6 +82,7 @@ def export_theta(
     cfg: RunConfig, theta: torch.Tensor, out: Path, info: dict, tokenizer: Tokenizer
 ) -> Path:
     """Write weights `theta` of the run's model and its `tokenizer` into folder `out`."""
+    _quiet_transformers()
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = tokenizer.get_vocab_size()
     model = build_model(cfg.model, cfg.train.seq_len, cfg.seed, vocab_size)
@@ -113,6 +121,7 @@ def load_exported(folder: Path) -> Exported:
     """The model and tokenizer saved in `folder` by `export_theta`, ready for inference."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     info = json.loads((folder / RUN_FILE).read_text())
     hf = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
