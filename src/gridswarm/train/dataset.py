@@ -217,7 +217,12 @@ def _make_tokenizer(spec: str, sources: list[tuple[Path, str]], text_field: str)
         except ValueError as exc:
             raise DatasetError(f"--tokenizer {spec}: {exc}") from exc
         return train_bpe(
-            ("\n".join(b) for p, kind in sources for b in _text_batches(p, kind, text_field)),
+            # a .txt batch is lines with their line breaks; jsonl/parquet rows are documents
+            (
+                "".join(b) if kind == "text" else "\n".join(b)
+                for p, kind in sources
+                for b in _text_batches(p, kind, text_field)
+            ),
             vocab_size,
         )
     path = Path(spec).expanduser()
@@ -231,10 +236,12 @@ def _make_tokenizer(spec: str, sources: list[tuple[Path, str]], text_field: str)
 
 @dataclass
 class _TokenWriter:
-    """Appends token ids to one flat temporary file; counts them."""
+    """Appends token ids to one flat temporary file; counts them. An id outside the vocabulary
+    (a tokenizer whose ids exceed its own size) is refused rather than wrapped by the dtype."""
 
     path: Path
     dtype: np.dtype
+    vocab_size: int
     tokens: int = 0
     _file: object = field(init=False)
 
@@ -242,6 +249,8 @@ class _TokenWriter:
         self._file = self.path.open("wb")
 
     def write(self, ids: np.ndarray) -> None:
+        if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < self.vocab_size:
+            raise DatasetError(f"the tokenizer produced an id outside its {self.vocab_size} ids")
         self._file.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
         self.tokens += len(ids)
 
@@ -324,7 +333,7 @@ def prepare(
             vocab_size = tok.get_vocab_size()
             dtype = np.dtype(np.uint16 if vocab_size <= 65_535 else np.uint32)
             task = progress.add_task("tokenising", total=total_bytes)
-            writer = _TokenWriter(work / "all.tmp", dtype)
+            writer = _TokenWriter(work / "all.tmp", dtype, vocab_size)
             try:
                 _tokenise(
                     tok,
