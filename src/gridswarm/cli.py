@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 run_app = typer.Typer(help="Create, inspect and export training runs.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
+data_app = typer.Typer(help="Prepare and check tokenised datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 app.add_typer(ledger_app, name="ledger")  # show, verify, post-epoch (gridswarm/ledger/cli.py)
 run_app.command("fund")(run_fund)
 # `gridswarm node [OPTIONS]` runs a node; `gridswarm node balance|claim` are its ledger commands
@@ -311,12 +313,17 @@ def run_export(
     hub_url: HubOpt = None,
     home: Path = DEFAULT_HOME,
 ) -> None:
-    """Write the run's newest model as safetensors + config (Hugging Face layout for hf models)."""
+    """Write the run's newest model and tokenizer in Hugging Face layout (AutoModelForCausalLM
+    and AutoTokenizer load the folder)."""
     from gridswarm.export import export_run
+    from gridswarm.train.dataset import DatasetError
 
     client = _client(hub_url, home)
     status = client.run_status(run_id)
-    path = export_run(client, status, out)
+    try:
+        path = export_run(client, status, out)
+    except DatasetError as exc:  # the run's tokenizer could not be read or verified
+        _fail(str(exc))
     console.print(f"exported version {status['version']} of run {run_id} to {path}")
 
 
@@ -378,6 +385,53 @@ def run_report(
     print(format_run_report(report, privacy if isinstance(privacy, dict) else None))
 
 
+@data_app.command("prepare")
+def data_prepare(
+    sources: Annotated[list[Path], typer.Argument(help=".txt .jsonl .jsonl.gz .parquet, folders")],
+    out: Annotated[Path, typer.Option(help="new folder for shards, manifest and tokenizer")],
+    tokenizer: Annotated[
+        str, typer.Option(help="bytes, bpe:VOCAB (trained here) or PATH/tokenizer.json")
+    ] = "bytes",
+    text_field: Annotated[str, typer.Option(help="the text column of jsonl/parquet")] = "text",
+    val_fraction: Annotated[float, typer.Option(help="held-out share (the tail)")] = 0.1,
+    shard_tokens: Annotated[int, typer.Option(help="tokens per shard")] = 1 << 20,
+) -> None:
+    """Tokenise local files into memory-mapped shards + manifest.json (nothing is downloaded);
+    name the result in a run.toml as `data.dataset = "OUT"`."""
+    from gridswarm.train.dataset import DatasetError, prepare
+
+    try:
+        manifest, digest = prepare(
+            sources,
+            tokenizer,
+            out,
+            text_field=text_field,
+            val_fraction=val_fraction,
+            shard_tokens=shard_tokens,
+        )
+    except (DatasetError, OSError) as exc:
+        _fail(str(exc))
+    console.print(
+        f"{out}: {manifest.tokens_train:,} train + {manifest.tokens_val:,} held-out tokens in "
+        f"{len(manifest.train)} + {len(manifest.val)} {manifest.dtype} shards, vocabulary "
+        f"{manifest.vocab_size:,} ({manifest.tokenizer.kind})"
+    )
+    print(f"manifest:{digest}")
+
+
+@data_app.command("verify")
+def data_verify(folder: Annotated[Path, typer.Argument(help="a prepared dataset folder")]) -> None:
+    """Check every shard and the tokenizer of a prepared folder against its manifest."""
+    from gridswarm.train.dataset import DatasetError, verify_folder
+
+    try:
+        source = verify_folder(folder)
+    except DatasetError as exc:
+        _fail(str(exc))
+    console.print(f"{folder}: {len(source.manifest.shards())} shards match the manifest")
+    print(f"manifest:{source.manifest_digest}")
+
+
 @app.command()
 def sample(
     model_dir: Annotated[Path, typer.Argument(help="folder written by `run export`")],
@@ -386,7 +440,7 @@ def sample(
     temperature: float = 0.8,
     seed: int = 0,
 ) -> None:
-    """Generate text from an exported model."""
+    """Generate text from an exported model, with the run's tokenizer."""
     from gridswarm.export import RUN_FILE, sample_text
 
     if not (model_dir / RUN_FILE).is_file():
