@@ -76,7 +76,7 @@ def test_bad_ranges_and_unpublished_blobs_are_refused(hub):
 
 
 def test_a_lost_assignment_answer_is_sent_again(hub):
-    service, node, _ = hub
+    _, node, _ = hub
     run_id = node.runs()[0]["id"]
     first = node.assignment(run_id, wait_s=0)
     again = node.assignment(run_id, wait_s=0)  # as if the first answer never arrived

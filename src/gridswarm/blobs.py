@@ -113,10 +113,10 @@ class LocalBlobStore:
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
 
-    def path(self, digest: str, verify: bool = True) -> Path:
+    def checked_path(self, digest: str, verify: bool = True) -> Path:
         """Where the blob lives; BlobError if it is missing or (`verify`) its bytes do not match
         its name (hashed in chunks)."""
-        path = self._path(digest)
+        path = self.path(digest)
         if not path.exists():
             raise BlobError(f"blob {digest} not found")
         if verify and file_sha256(path) != digest:
@@ -130,7 +130,7 @@ class LocalBlobStore:
         if digest != expected_digest:
             source.unlink(missing_ok=True)
             raise BlobError(f"content hash {digest} does not match the declared {expected_digest}")
-        path = self._path(digest)
+        path = self.path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(source, "rb+") as f:
             os.fsync(f.fileno())

@@ -943,7 +943,7 @@ class HubService:
                     404, f"blob {digest} is not a published model version, delta or dataset blob"
                 )
         try:
-            path = self.blobs.path(digest, verify=digest not in self._verified_blobs)
+            path = self.blobs.checked_path(digest, verify=digest not in self._verified_blobs)
         except BlobError as exc:
             raise HubError(500, str(exc)) from exc
         self._verified_blobs.add(digest)
