@@ -280,6 +280,6 @@ def test_live_run_on_a_prepared_dataset(make_swarm, shakespeare_bpe, tmp_path):
     assert served == source.path(val_shard).read_bytes()
     swarm.stop()  # a fresh hub (as after a restart) rebuilds what it serves from its runs
     fresh = HubService(make_engine(swarm.db_url), LocalBlobStore(swarm.workdir / "blobs"))
-    assert fresh.read_blob(val_shard, None) == served
+    assert fresh.blob_span(val_shard, None, None).path.read_bytes() == served
     with pytest.raises(HubError, match="not a published"):
-        fresh.read_blob("0" * 64, None)
+        fresh.blob_span("0" * 64, None, None)
