@@ -98,3 +98,13 @@ class LocalBlobStore:
         if sha256_hex(data) != digest:
             raise BlobError(f"blob {digest} is corrupt on disk (hash mismatch)")
         return data
+
+
+def open_blob_store(where: str | Path) -> BlobStore:
+    """The store named by `--blobs`: `s3://bucket/prefix` (S3-compatible object storage, settings
+    from the standard AWS environment variables) or a local folder."""
+    if str(where).startswith("s3://"):
+        from gridswarm.s3blobs import S3BlobStore  # boto3 only when asked for
+
+        return S3BlobStore.from_url(str(where))
+    return LocalBlobStore(Path(where))
