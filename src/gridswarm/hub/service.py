@@ -363,7 +363,9 @@ class HubService:
         if after is RunState.ACTIVE and rnd is not None and rnd.status == "open":
             cfg = RunConfig.model_validate_json(run.config_json)
             rnd.deadline_at = now + cfg.round.deadline_s  # the hold did not eat the round's time
-        run.status, run.status_reason, run.status_changed_at = after, reason, now
+        # the reason stays on the ledger; the run shows one only while it is not active
+        shown_reason = None if after is RunState.ACTIVE else reason
+        run.status, run.status_reason, run.status_changed_at = after, shown_reason, now
         if after in FINAL:
             run.finished_at = now
         entry = {
