@@ -64,10 +64,12 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where the training text comes from. `dataset = "tinyshakespeare"` is bundled;
-    any other value is a path to a text file or a folder of .txt files."""
+    """Where the training text comes from. `dataset = "tinyshakespeare"` is bundled; a path to a
+    text file or a folder of .txt files trains byte-level; a folder written by `gridswarm data
+    prepare` (or `manifest:<sha256>` of one the hub holds) trains on its token shards with its
+    tokenizer (train/dataset.py)."""
 
-    dataset: str = "tinyshakespeare"
+    dataset: Annotated[str, Field(min_length=1, max_length=4096)] = "tinyshakespeare"
     # "shared": the hub names the slice each node trains on (replayable);
     # "local": each node trains on its own files (`gridswarm node --data PATH`), which never
     # leave it (federated mode). The hub then never reads node data: `dataset` names the PUBLIC
@@ -75,6 +77,8 @@ class DataConfig(_Strict):
     data: Literal["shared", "local"] = "shared"
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
     eval_batches: PositiveInt = 8
+    # prepared datasets: shards one node's slice draws its windows from (and needs to fetch)
+    slice_shards: Annotated[int, Field(gt=0, le=64)] = 2
 
 
 class TrainConfig(_Strict):
@@ -239,7 +243,7 @@ class EnergyConfig(_Strict):
     the deadline needs) or `forecast` (also shift work in time within the deadline). The two
     green policies need `deadline_s` here and a token target (`budget.tokens`)."""
 
-    policy: Literal["agnostic", "greedy-green", "forecast"] = "agnostic"
+    policy: Annotated[str, Field(max_length=64)] = "agnostic"  # or a registered plugin's name
     deadline_s: PositiveFloat | None = None  # budget.tokens due this long after the run starts
     round_overhead_s: Annotated[float, Field(ge=0)] = 2.0  # sync time per round, for planning
     margin: Annotated[float, Field(ge=0, lt=1)] = 0.1  # spare pace / future-capacity discount
@@ -249,7 +253,9 @@ class EnergyConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EnergyConfig:
-        if self.policy != "agnostic" and self.deadline_s is None:
+        from gridswarm.energy.policy import HUB_POLICIES  # built-ins and plugins
+
+        if HUB_POLICIES.get(self.policy).needs_token_target and self.deadline_s is None:
             raise ValueError(f"deadline_s is required with policy {self.policy!r}")
         return self
 
