@@ -1062,7 +1062,6 @@ class HubService:
             entry["state"] = liveness_state(
                 row.status, now - row.last_seen_at, self.settings.liveness_s
             )
-            entry["last_seen_s_ago"] = round(now - row.last_seen_at, 1)
         outcome: dict[int, dict[str, int]] = {}
         for rnd_number, status, count in assignments:
             outcome.setdefault(rnd_number, {})[status] = count
