@@ -7,7 +7,8 @@ The carbon benchmark's swarm (`sim.scenario`, 24 nodes over 9 recorded grids, a 
 homes with PV and a battery) repeated to the node count, token target 35 % of the swarm's
 capacity before the deadline. Reports wall and CPU time per policy (target: under 5 minutes for
 10,000 nodes × a week), rounds, whether the deadline was met and the host's load (this machine is
-shared: with a load above its core count, wall time reads slower than CPU time). Writes JSON and a markdown table (same stem, .md).
+shared: with a load above its core count, wall time reads slower than CPU time). Writes JSON
+and a markdown table (same stem, .md).
 """
 
 from __future__ import annotations
