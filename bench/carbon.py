@@ -183,7 +183,7 @@ def markdown(report: dict) -> str:
         f"best policy **{report['best_policy']}** "
         f"cuts emissions by **{report['best_reduction']:.1%}** vs agnostic "
         f"(target {TARGET_REDUCTION:.0%}, deadline met: {report['best_deadline_met']}); "
-        f"the perfect-foresight optimum cuts {h['oracle']['reduction_vs_agnostic']:.1%}.",
+        f"the perfect-foresight floor (oracle) cuts {h['oracle']['reduction_vs_agnostic']:.1%}.",
     ]
     for name in ("same-hw", "no-clean-grid"):
         case = next((c for c in report["cases"] if c["swarm"] == name), None)
