@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one simulated day instead of seven")
     ap.add_argument("--nodes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--days", type=float, default=None)
+    ap.add_argument("--policies", nargs="+", default=list(HUB_POLICIES), choices=HUB_POLICIES)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sim_scale.json")
     ap.add_argument("--data", type=Path, default=DATA)
     args = ap.parse_args(argv)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens_target=LOAD * capacity,
             forecast_seed=spec.seed,
         )
-        for policy in HUB_POLICIES:
+        for policy in args.policies:
             load_before = os.getloadavg()[0]
             t, cpu = time.perf_counter(), time.process_time()
             res = simulate(policy, nodes, cfg)
