@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -19,7 +20,16 @@ from pydantic import (
     model_validator,
 )
 
-CodecName = Literal["fp32", "fp16", "int8", "int4"]
+
+def _registered_codec(name: str) -> str:
+    """A codec name known to the codec registry (built in or a `gridswarm.codecs` plugin)."""
+    from gridswarm.train.codecs import CODECS  # imports torch: only when a run is validated
+
+    CODECS.get(name)  # UnknownPlugin (a ValueError) lists the known names
+    return name
+
+
+CodecName = Annotated[str, Field(max_length=64), AfterValidator(_registered_codec)]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
@@ -107,11 +117,14 @@ class RoundConfig(_Strict):
     quorum: PositiveInt = 1
     min_nodes: PositiveInt = 1
     max_nodes: PositiveInt = 64
-    aggregator: str = "mean"
+    aggregator: str = Field("mean", max_length=64)
     aggregator_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> RoundConfig:
+        from gridswarm.train.aggregate import make_aggregator  # the registry, plugins included
+
+        make_aggregator(self.aggregator, **self.aggregator_options)  # ValueError names the problem
         if self.quorum > self.max_nodes:
             raise ValueError(f"quorum ({self.quorum}) exceeds max_nodes ({self.max_nodes})")
         if self.min_nodes > self.max_nodes:
@@ -226,7 +239,7 @@ class EnergyConfig(_Strict):
     the deadline needs) or `forecast` (also shift work in time within the deadline). The two
     green policies need `deadline_s` here and a token target (`budget.tokens`)."""
 
-    policy: Literal["agnostic", "greedy-green", "forecast"] = "agnostic"
+    policy: Annotated[str, Field(max_length=64)] = "agnostic"  # or a registered plugin's name
     deadline_s: PositiveFloat | None = None  # budget.tokens due this long after the run starts
     round_overhead_s: Annotated[float, Field(ge=0)] = 2.0  # sync time per round, for planning
     margin: Annotated[float, Field(ge=0, lt=1)] = 0.1  # spare pace / future-capacity discount
@@ -236,7 +249,9 @@ class EnergyConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EnergyConfig:
-        if self.policy != "agnostic" and self.deadline_s is None:
+        from gridswarm.energy.policy import HUB_POLICIES  # built-ins and plugins
+
+        if HUB_POLICIES.get(self.policy).needs_token_target and self.deadline_s is None:
             raise ValueError(f"deadline_s is required with policy {self.policy!r}")
         return self
 
