@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -58,12 +60,16 @@ def hub_key_path(blobs_dir: Path, home: Path | None = None) -> Path:
 
 
 def build_service(
-    db_url: str, blobs_dir: Path, settings: HubSettings | None = None, home: Path | None = None
+    db_url: str,
+    blobs_dir: Path,
+    settings: HubSettings | None = None,
+    home: Path | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> HubService:
     engine = make_engine(db_url)
     migrate(engine)
     identity = Identity.load_or_create(hub_key_path(blobs_dir, home))  # created once, then kept
-    service = HubService(engine, LocalBlobStore(blobs_dir), settings, identity=identity)
+    service = HubService(engine, LocalBlobStore(blobs_dir), settings, clock, identity=identity)
     service.trust.ensure_genesis()
     return service
 

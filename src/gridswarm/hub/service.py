@@ -26,6 +26,7 @@ from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import models as m
+from gridswarm.hub.errors import HubError
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.rounds import (
     AssignmentState,
@@ -51,6 +52,7 @@ from gridswarm.protocol import (
     ContributionAck,
     ContributionMeta,
     EnergyReport,
+    Refusal,
     RegisterRequest,
     RunCreateResponse,
 )
@@ -62,15 +64,6 @@ from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import claimed_work_error
 
 MAX_SKEW_S = 120.0
-
-
-class HubError(Exception):
-    """A request the hub refuses; `status` is the HTTP code, `detail` says why."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -113,13 +106,19 @@ class HubService:
     ) -> VerifiedRequest:
         """Verify a signed request and consume its nonce (a second use is a replay)."""
         now = self.clock()
-        verified = verify_request(headers, method, path, body, now, self.settings.max_skew_s)
+        try:
+            verified = verify_request(headers, method, path, body, now, self.settings.max_skew_s)
+        except AuthError as exc:
+            reason = Refusal.MALFORMED if exc.status == 400 else Refusal.UNAUTHENTICATED
+            raise HubError(exc.status, exc.detail, reason) from exc
         with self.sessions() as s:
             s.add(m.Nonce(nonce=verified.nonce, public_key=verified.public_key.hex(), seen_at=now))
             try:
                 s.commit()
             except IntegrityError as exc:
-                raise AuthError(409, "replayed request: nonce already used") from exc
+                raise HubError(
+                    409, "replayed request: nonce already used", Refusal.REPLAYED_REQUEST
+                ) from exc
             if int(now) % 60 == 0:  # nonces older than the skew window can never be accepted again
                 s.execute(
                     delete(m.Nonce).where(m.Nonce.seen_at < now - 2 * self.settings.max_skew_s)
@@ -130,7 +129,7 @@ class HubService:
     def _node(self, s: Session, node_id: str) -> m.Node:
         node = s.get(m.Node, node_id)
         if node is None:
-            raise HubError(403, f"node {node_id} is not registered")
+            raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
         node.last_seen_at = self.clock()
         return node
 
@@ -201,12 +200,12 @@ class HubService:
             hub_energy.check_energy(cfg)  # green policies need a token target
             check_new_run(cfg)  # a DP budget must pay for at least one round
         except (ConfigError, ValueError, TypeError) as exc:
-            raise HubError(422, str(exc)) from exc
+            raise HubError(422, str(exc), Refusal.INVALID_CONFIG) from exc
         run_id = uuid.uuid4().hex[:12]
         try:
             workload = Workload.from_config(cfg)
-        except (FileNotFoundError, ValueError) as exc:
-            raise HubError(422, f"data.dataset: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise HubError(422, f"data.dataset: {exc}", Refusal.INVALID_CONFIG) from exc
         theta = workload.initial_theta()
         val_loss = workload.evaluate(theta)
         weights = self.blobs.put(pack_vector(theta, {"run_id": run_id, "version": 0}))
@@ -446,7 +445,9 @@ class HubService:
             if assignment.node_id != node_id:
                 raise HubError(403, "assignment belongs to another node")
             if assignment.status == "submitted":
-                raise HubError(409, "duplicate: this assignment already has a contribution")
+                raise HubError(
+                    409, "duplicate: this assignment already has a contribution", Refusal.DUPLICATE
+                )
             if assignment.status != "assigned" or assignment.round != run.round:
                 if assignment.status == "assigned":
                     assignment.status = "late"
@@ -455,12 +456,13 @@ class HubService:
                     409,
                     f"stale: assignment for round {assignment.round} is {assignment.status}; "
                     f"the run is at round {run.round} (late contributions are rejected)",
+                    Refusal.STALE,
                 )
             cfg = RunConfig.model_validate_json(run.config_json)
             try:
                 self._check_claims(meta, assignment, cfg, tensors, run.numel)
             except HubError as exc:  # a false work claim (tokens, steps) goes on the ledger
-                self.trust.record_false_claim(s, run, cfg, node_id, assignment, exc.detail)
+                self.trust.record_false_claim(s, run, cfg, node_id, assignment, exc)
                 raise
             # the node's signed claim, its energy report, no replayed update (hub/trust.py)
             screened = self.trust.screen_submission(
@@ -494,7 +496,7 @@ class HubService:
             meta.steps, meta.tokens, assignment.inner_steps, cfg.tokens_per_step
         )
         if claim_error:
-            raise HubError(400, claim_error)
+            raise HubError(400, claim_error, Refusal.FALSE_CLAIM)
         try:
             vec = make_codec(cfg.comm.codec, cfg.comm.block_size).decode(tensors, numel)
         except BlobFormatError as exc:
@@ -679,7 +681,7 @@ class HubService:
             try:
                 data = self.blobs.get(digest)
             except BlobError as exc:
-                raise HubError(500, str(exc)) from exc
+                raise HubError(500, str(exc), Refusal.UNAVAILABLE) from exc
             if node_id is not None:
                 s.add(
                     m.Download(

@@ -20,16 +20,21 @@ from gridswarm.protocol import (
     ContributionAck,
     EnergyReport,
     HeartbeatRequest,
+    Refusal,
     RegisterRequest,
     RunCreateResponse,
 )
 
 
 class HubRequestError(Exception):
-    def __init__(self, status: int, detail: str) -> None:
+    """The hub refused a request: HTTP `status`, its `detail` and its typed `reason` (None when
+    the answer carried none, e.g. a proxy's error page)."""
+
+    def __init__(self, status: int, detail: str, reason: Refusal | None = None) -> None:
         super().__init__(f"hub answered {status}: {detail}")
         self.status = status
         self.detail = detail
+        self.reason = reason
 
 
 class HubClient:
@@ -66,16 +71,24 @@ class HubClient:
                 if time.monotonic() >= give_up:
                     raise
             else:
-                if response.status_code < 500 or time.monotonic() >= give_up:
+                if time.monotonic() >= give_up:
+                    break
+                if response.status_code == 429 and "retry-after" in response.headers:
+                    time.sleep(min(float(response.headers["retry-after"]), 10.0))  # rate limit
+                    continue
+                if response.status_code < 500:
                     break
             time.sleep(delay)
             delay = min(delay * 2, 3.0)
         if response.status_code >= 400:
+            detail, reason = response.text, None
             try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise HubRequestError(response.status_code, str(detail))
+                problem = response.json()
+                detail = str(problem.get("detail", detail))
+                reason = Refusal(problem["reason"]) if "reason" in problem else None
+            except (ValueError, AttributeError):
+                pass
+            raise HubRequestError(response.status_code, detail, reason)
         return response
 
     def post_json(self, path: str, payload: object) -> dict:
