@@ -11,6 +11,8 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -77,6 +79,21 @@ class LocalBlobStore:
         finally:
             os.close(dir_fd)
         return digest
+
+    @contextmanager
+    def provisional(self, data: bytes) -> Iterator[str]:
+        """Put `data` for a transaction run inside the `with`: if it raises (a refused or failed
+        commit), the blob is removed again unless it was stored before, so a refusal leaves no
+        bytes on disk."""
+        digest = sha256_hex(data)
+        existed = self.has(digest)
+        self.put(data)
+        try:
+            yield digest
+        except BaseException:
+            if not existed:
+                self._path(digest).unlink(missing_ok=True)
+            raise
 
     def get(self, digest: str) -> bytes:
         path = self._path(digest)

@@ -90,6 +90,10 @@ class RegisterRequest(_Msg):
     name: Name | None = None
 
 
+class Empty(_Msg):
+    """The body of a signed request that carries nothing (leave, assignment): empty or {}."""
+
+
 class RegisterResponse(_Msg):
     node_id: str
 

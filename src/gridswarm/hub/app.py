@@ -22,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.openapi import (
@@ -41,6 +42,7 @@ from gridswarm.protocol import (
     MAX_JSON_BYTES,
     AssignmentResponse,
     ContributionAck,
+    Empty,
     EnergyReport,
     HeartbeatRequest,
     RegisterRequest,
@@ -100,6 +102,11 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         """The one error handler: every refusal is `{"detail": str, "reason": Refusal}`."""
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Routing errors (no such path, method not allowed) in the same shape."""
+        return await _hub_error(request, HubError(exc.status_code, str(exc.detail)))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         error = HubError(422, f"malformed request: {describe_errors(exc.errors())}")
@@ -144,7 +151,7 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         await run_in_threadpool(service.report_energy, verified.node_id, report)
         return {"ok": True}
 
-    @app.post(f"{API}/nodes/leave")
+    @app.post(f"{API}/nodes/leave", openapi_extra=openapi_body(Empty, required=False))
     async def leave(request: Request) -> dict:
         verified, _ = await signed(request, MAX_JSON_BYTES)
         released = await run_in_threadpool(service.leave, verified.node_id)
@@ -173,7 +180,9 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     async def latest_version(run_id: RunIdParam) -> dict:
         return await run_in_threadpool(service.latest_version, run_id)
 
-    @app.post(f"{API}/runs/{{run_id}}/assignment")
+    @app.post(
+        f"{API}/runs/{{run_id}}/assignment", openapi_extra=openapi_body(Empty, required=False)
+    )
     async def assignment(
         run_id: RunIdParam, request: Request, wait_s: WaitParam = 10.0
     ) -> AssignmentResponse:

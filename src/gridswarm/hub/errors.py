@@ -16,6 +16,7 @@ DEFAULT_REASONS = {
     401: Refusal.UNAUTHENTICATED,
     403: Refusal.FORBIDDEN,
     404: Refusal.NOT_FOUND,
+    405: Refusal.MALFORMED,
     409: Refusal.CONFLICT,
     413: Refusal.TOO_LARGE,
     422: Refusal.MALFORMED,

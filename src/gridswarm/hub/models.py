@@ -27,13 +27,15 @@ class Run(Base):
     name: Mapped[str] = mapped_column(String(128))
     config_json: Mapped[str] = mapped_column(Text)
     sponsor_key: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default="active")  # active | finished
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active|finished|failed
     numel: Mapped[int] = mapped_column(BigInteger)
     version: Mapped[int] = mapped_column(Integer, default=0)  # newest model version
     round: Mapped[int] = mapped_column(Integer, default=0)  # current (open) round
     tokens_total: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # why the hub stopped a failed run (its round could not advance; hub/service.py `tick`)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Node(Base):

@@ -40,7 +40,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 BODY_MODELS: list[type[BaseModel]] = []  # request-body schemas the OpenAPI document must carry
 
 
-def openapi_body(model: type[BaseModel] | None = None, binary: bool = False) -> dict[str, Any]:
+def openapi_body(
+    model: type[BaseModel] | None = None, binary: bool = False, required: bool = True
+) -> dict[str, Any]:
     """`openapi_extra` naming a route's request body: a JSON model, or raw bytes (`binary`);
     the routes read their bodies themselves (size limit and signature come first)."""
     if binary:
@@ -52,7 +54,7 @@ def openapi_body(model: type[BaseModel] | None = None, binary: bool = False) -> 
         content = {
             "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
         }
-    return {"requestBody": {"required": True, "content": content}}
+    return {"requestBody": {"required": required, "content": content}}
 
 
 def install_openapi(app: FastAPI) -> None:

@@ -32,6 +32,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
@@ -44,6 +45,7 @@ from pydantic import ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from gridswarm.blobs import sha256_hex
 from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
@@ -734,28 +736,33 @@ class HubPrivacy:
                 raise HubError(403, f"node {node_id} is not expected at the {sess.stage} stage")
             if node_id in self._messages(s, run_id, round_number, stage):
                 raise HubError(409, f"duplicate: {stage} already received", Refusal.DUPLICATE)
-            stored = self._validate(s, run, sess, config, node_id, stage, body)
-            s.add(
-                m.SecAggMessage(
-                    run_id=run_id,
-                    round=round_number,
-                    stage=stage,
-                    node_id=node_id,
-                    body=stored,
-                    created_at=svc.clock(),
+            try:
+                stored = self._validate(s, run, sess, config, node_id, stage, body)
+            except (TypeError, AttributeError, ValueError) as exc:  # fields of the wrong type
+                raise HubError(422, f"malformed SecAgg {stage} message: {exc!r}"[:500]) from exc
+            # a masked input is stored as a blob, removed again if the commit fails
+            with svc.blobs.provisional(body) if stage == "masked" else nullcontext():
+                s.add(
+                    m.SecAggMessage(
+                        run_id=run_id,
+                        round=round_number,
+                        stage=stage,
+                        node_id=node_id,
+                        body=stored,
+                        created_at=svc.clock(),
+                    )
                 )
-            )
-            contribution = s.scalars(
-                select(m.Contribution).where(
-                    m.Contribution.run_id == run_id,
-                    m.Contribution.round == round_number,
-                    m.Contribution.node_id == node_id,
-                    m.Contribution.status == "accepted",
-                )
-            ).first()
-            if contribution is not None:
-                contribution.bytes_up += len(body)
-            s.commit()
+                contribution = s.scalars(
+                    select(m.Contribution).where(
+                        m.Contribution.run_id == run_id,
+                        m.Contribution.round == round_number,
+                        m.Contribution.node_id == node_id,
+                        m.Contribution.status == "accepted",
+                    )
+                ).first()
+                if contribution is not None:
+                    contribution.bytes_up += len(body)
+                s.commit()
         with svc.lock:  # the last answer moves the stage on now, not at the next tick
             svc._advance(run_id)
         return {"ok": True, "stage": stage, "bytes": len(body)}
@@ -776,10 +783,10 @@ class HubPrivacy:
                 raise HubError(
                     422, f"masked input has {len(body)} bytes, expected {4 * config.vector_length}"
                 )
-            return self.svc.blobs.put(body)
+            return sha256_hex(body)  # the blob is written by `receive`, with the row
         try:
             doc = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise HubError(422, f"malformed SecAgg message: {exc}") from exc
         if stage == "share":
             msg = _message(doc, ShareKeys)

@@ -9,6 +9,7 @@ after a restart `tick` simply continues from what the database says.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
+from gridswarm.hub.limits import HOUR_S, RateLimiter, check_run_quota, check_sponsor
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.rounds import (
     AssignmentState,
@@ -58,12 +60,16 @@ from gridswarm.protocol import (
 )
 from gridswarm.train.aggregate import make_aggregator
 from gridswarm.train.codecs import ErrorFeedback, make_codec
+from gridswarm.train.memory import check_memory
 from gridswarm.train.outer import nesterov_step
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import claimed_work_error
 
 MAX_SKEW_S = 120.0
+RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stopped as failed
+log = logging.getLogger("gridswarm.hub")
+DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,16 @@ class HubSettings:
     max_skew_s: float = MAX_SKEW_S
     # region -> the hub's own carbon signal (`gridswarm hub --signals`, hub/energy.py)
     signals: dict[str, SignalProvider] = field(default_factory=dict)
+    # a run whose estimated memory (train/memory.py) exceeds this is refused before it is built
+    max_run_memory_mb: float = DEFAULT_MAX_RUN_MEMORY_MB
+    # who may create and fund runs (hub/limits.py): these public keys (hex) only, or anyone
+    # (None) within the quotas
+    sponsors: frozenset[str] | None = None
+    max_active_runs_per_identity: int = 8
+    max_runs_per_hour_per_identity: int = 20
+    # per-key token bucket over all signed requests: sustained rate and burst
+    requests_per_s: float = 50.0
+    request_burst: float = 200.0
 
 
 def ring_allreduce_bytes(numel: int, world: int) -> float:
@@ -93,11 +109,22 @@ class HubService:
         self.settings = settings or HubSettings()
         self.clock = clock
         self.lock = threading.RLock()
+        self.rate_limiter = RateLimiter(self.settings.requests_per_s, self.settings.request_burst)
         self._workloads: dict[str, Workload] = {}
+        self._failures: dict[str, int] = {}  # run id -> consecutive failed ticks
+        # silence is measured from here at the earliest: a hub outage is not the nodes' fault
+        self.started_at = clock()
         self.privacy = HubPrivacy(self)  # DP accounting and SecAgg stages (hub/privacy.py)
         # ledger, audits, usefulness, reputation, rewards (hub/trust.py); `identity` is the hub's
         # persistent signing key (server.py loads it), a throwaway one only for in-memory use
-        self.trust = HubTrust(engine, blobs, identity or Identity.generate(), self.lock, clock)
+        self.trust = HubTrust(
+            engine,
+            blobs,
+            identity or Identity.generate(),
+            self.lock,
+            clock,
+            sponsors=self.settings.sponsors,
+        )
 
     # ---------------------------------------------------------------- authentication
 
@@ -111,6 +138,7 @@ class HubService:
         except AuthError as exc:
             reason = Refusal.MALFORMED if exc.status == 400 else Refusal.UNAUTHENTICATED
             raise HubError(exc.status, exc.detail, reason) from exc
+        self.rate_limiter.check(verified.public_key.hex(), now)  # before anything is stored
         with self.sessions() as s:
             s.add(m.Nonce(nonce=verified.nonce, public_key=verified.public_key.hex(), seen_at=now))
             try:
@@ -136,14 +164,18 @@ class HubService:
     # ---------------------------------------------------------------- nodes
 
     def register(self, public_key: bytes, req: RegisterRequest) -> str:
-        """Register (or re-register: same key, same node) a node."""
+        """Register (or re-register: same key, same node) a node. A node registers when its
+        process starts, so work it was assigned before is gone: its outstanding assignments are
+        released at once and their rounds need not wait for the deadline."""
         node_id = node_id_from_public_key(public_key)
         now = self.clock()
-        with self.sessions() as s:
+        with self.lock, self.sessions() as s:
             node = s.get(m.Node, node_id)
             if node is None:
                 node = m.Node(id=node_id, public_key=public_key.hex(), registered_at=now)
                 s.add(node)
+            else:
+                self._release_assignments(s, node_id)
             node.name = req.name
             node.hardware_json = req.hardware.model_dump_json()
             node.region = req.region
@@ -177,13 +209,18 @@ class HubService:
         """A node leaves: its outstanding assignments are released so rounds need not wait."""
         with self.lock, self.sessions() as s:
             self._node(s, node_id).status = "left"
-            released = s.execute(
-                update(m.Assignment)
-                .where(m.Assignment.node_id == node_id, m.Assignment.status == "assigned")
-                .values(status="released")
-            ).rowcount
+            released = self._release_assignments(s, node_id)
             s.commit()
         return released
+
+    @staticmethod
+    def _release_assignments(s: Session, node_id: str) -> int:
+        """Mark the node's outstanding assignments released (in the caller's transaction)."""
+        return s.execute(
+            update(m.Assignment)
+            .where(m.Assignment.node_id == node_id, m.Assignment.status == "assigned")
+            .values(status="released")
+        ).rowcount
 
     # ---------------------------------------------------------------- runs
 
@@ -194,6 +231,8 @@ class HubService:
         return self._workloads[run_id]
 
     def create_run(self, sponsor_key: bytes, config: dict) -> RunCreateResponse:
+        check_sponsor(self.settings.sponsors, sponsor_key)
+        self._check_run_quota(sponsor_key)
         try:
             cfg = parse_run_config(config)
             make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)
@@ -201,6 +240,10 @@ class HubService:
             check_new_run(cfg)  # a DP budget must pay for at least one round
         except (ConfigError, ValueError, TypeError) as exc:
             raise HubError(422, str(exc), Refusal.INVALID_CONFIG) from exc
+        try:  # before anything is allocated: the model is built only below
+            check_memory(cfg, self.settings.max_run_memory_mb)
+        except ValueError as exc:
+            raise HubError(422, str(exc), Refusal.OVER_MEMORY) from exc
         run_id = uuid.uuid4().hex[:12]
         try:
             workload = Workload.from_config(cfg)
@@ -241,6 +284,28 @@ class HubService:
         self._workloads[run_id] = workload
         return RunCreateResponse(run_id=run_id, version_blob=weights, numel=workload.numel)
 
+    def _check_run_quota(self, sponsor_key: bytes) -> None:
+        """429 when this identity already has too many runs (hub/limits.py)."""
+        now = self.clock()
+        with self.sessions() as s:
+            active = s.scalar(
+                select(func.count()).where(
+                    m.Run.sponsor_key == sponsor_key.hex(), m.Run.status == "active"
+                )
+            )
+            recent = s.scalars(
+                select(m.Run.created_at).where(
+                    m.Run.sponsor_key == sponsor_key.hex(), m.Run.created_at > now - HOUR_S
+                )
+            ).all()
+        check_run_quota(
+            active or 0,
+            list(recent),
+            now,
+            self.settings.max_active_runs_per_identity,
+            self.settings.max_runs_per_hour_per_identity,
+        )
+
     def _run(self, s: Session, run_id: str) -> m.Run:
         run = s.get(m.Run, run_id)
         if run is None:
@@ -261,7 +326,10 @@ class HubService:
         state = RoundState(
             status=rnd.status,
             deadline_at=rnd.deadline_at,
-            assignments=tuple(AssignmentState(n, st, seen) for n, st, seen in rows),
+            # silence counts from the hub's start at the earliest (no one is lost for our outage)
+            assignments=tuple(
+                AssignmentState(n, st, max(seen, self.started_at)) for n, st, seen in rows
+            ),
         )
         return rnd, state, rules
 
@@ -468,18 +536,20 @@ class HubService:
             screened = self.trust.screen_submission(
                 s, run, cfg, s.get(m.Node, node_id), assignment, meta.model_dump(), tensors
             )
-            digest = self.blobs.put(body)
-            s.add(
-                m.Contribution.accepted(
-                    digest, assignment, meta.model_dump(), len(body), self.clock(), **carbon
+            # every check passed: the blob, then the rows; a failed commit removes the blob again
+            with self.blobs.provisional(body) as digest:
+                s.add(
+                    m.Contribution.accepted(
+                        digest, assignment, meta.model_dump(), len(body), self.clock(), **carbon
+                    )
                 )
-            )
-            assignment.status = "submitted"
-            try:
-                self.trust.record_submission(s, digest, screened)  # the claim, on the ledger
-                s.commit()
-            except IntegrityError as exc:
-                raise HubError(409, "duplicate contribution") from exc
+                assignment.status = "submitted"
+                try:
+                    self.trust.record_submission(s, digest, screened)  # the claim, on the ledger
+                    s.commit()
+                except IntegrityError as exc:
+                    s.rollback()
+                    raise HubError(409, "duplicate contribution", Refusal.DUPLICATE) from exc
         return ContributionAck(contribution_id=digest, accepted=True, bytes_up=len(body))
 
     @staticmethod
@@ -507,17 +577,47 @@ class HubService:
     # ---------------------------------------------------------------- rounds
 
     def tick(self) -> list[tuple[str, Decision]]:
-        """Advance every active run's round as the clock and submissions dictate."""
-        self.trust.prescreen(self.workload)  # audit uploads as they arrive, outside the lock
+        """Advance every active run's round as the clock and submissions dictate.
+
+        Runs are isolated: an exception in one run's advance is logged (once) and the others go
+        on; after `RUN_FAILURES_TO_STOP` failures in a row (a transient database error passes)
+        the run is stopped as `failed` with its error recorded (`run_status` shows it).
+        """
+        try:
+            self.trust.prescreen(self.workload)  # audit uploads as they arrive, outside the lock
+        except Exception:
+            log.exception("prescreening contributions failed; the rounds go on")
         done = []
         with self.sessions() as s:
             run_ids = s.scalars(select(m.Run.id).where(m.Run.status == "active")).all()
         for run_id in run_ids:
-            with self.lock:
-                decision = self._advance(run_id)
+            try:
+                with self.lock:
+                    decision = self._advance(run_id)
+            except Exception as exc:
+                self._run_failed(run_id, exc)
+                continue
+            self._failures.pop(run_id, None)
             if decision is not Decision.WAIT:
                 done.append((run_id, decision))
         return done
+
+    def _run_failed(self, run_id: str, exc: Exception) -> None:
+        """Count a failure of `run_id`'s advance; stop the run once it keeps failing."""
+        count = self._failures[run_id] = self._failures.get(run_id, 0) + 1
+        if count == 1:
+            log.exception("run %s: advancing its round failed", run_id)
+        if count < RUN_FAILURES_TO_STOP:
+            return
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        with self.lock, self.sessions() as s:
+            run = s.get(m.Run, run_id)
+            if run is not None and run.status == "active":
+                run.status, run.finished_at, run.error = "failed", self.clock(), error
+                s.commit()
+        self._failures.pop(run_id, None)
+        self._workloads.pop(run_id, None)
+        log.error("run %s stopped after %d failed ticks: %s", run_id, count, error)
 
     def _advance(self, run_id: str) -> Decision:
         now = self.clock()
@@ -711,6 +811,7 @@ class HubService:
                     "round": r.round,
                     "version": r.version,
                     "tokens_total": r.tokens_total,
+                    "error": r.error,
                 }
                 for r in s.scalars(select(m.Run).order_by(m.Run.created_at))
             ]
@@ -838,7 +939,7 @@ class HubService:
             "version": run.version,
             "numel": run.numel,
             "tokens_total": run.tokens_total,
-            "config": json.loads(run.config_json),
+            "config": json.loads(run.config_json or "null"),
             "val_loss": [v.val_loss for v in versions],
             "curve": [
                 {"version": v.number, "tokens": v.tokens_total, "val_loss": v.val_loss}
@@ -860,12 +961,25 @@ class HubService:
             "bytes_down_total": int(sum(total or 0 for _, total in downloads)),
             "bytes_sync_dp_equivalent": int(sync_dp),
             "nodes": sorted(nodes.values(), key=lambda n: n["id"]),
-            "energy": self._energy_status(run, contributions, node_rows),
-            "trust": self.trust.status(run_id),  # audits, rejections, escrow, reputation
+            "error": run.error,  # why a failed run was stopped
             "live_nodes": [
                 {"id": n.id, "name": n.name, "status": n.status}
                 for n in node_rows.values()
                 if n.status != "left" and now - n.last_seen_at <= self.settings.liveness_s
             ],
-            **self.privacy.run_status(run_id),  # "privacy": epsilon, delta, budget, SecAgg rounds
+            **self._policy_status(run, contributions, node_rows),
         }
+
+    def _policy_status(
+        self, run: m.Run, contributions: list[m.Contribution], node_rows: dict[str, m.Node]
+    ) -> dict:
+        """The energy, trust and privacy sections of `run_status`; a run whose stored settings
+        cannot be read back (a failed run) shows why instead of failing the request."""
+        try:
+            return {
+                "energy": self._energy_status(run, contributions, node_rows),
+                "trust": self.trust.status(run.id),  # audits, rejections, escrow, reputation
+                **self.privacy.run_status(run.id),  # "privacy": epsilon, budget, SecAgg rounds
+            }
+        except (ValidationError, ValueError, TypeError) as exc:
+            return {"error": run.error or f"stored run settings unreadable: {exc}"[:2000]}

@@ -47,6 +47,7 @@ from gridswarm.config import RunConfig
 from gridswarm.energy.meter import lookup_cpu_power
 from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
+from gridswarm.hub.limits import check_sponsor
 from gridswarm.hub.openapi import RunIdParam, openapi_body
 from gridswarm.hub.rounds import RoundState
 from gridswarm.identity import Identity, node_id_from_public_key
@@ -146,8 +147,10 @@ class HubTrust:
         identity: Identity,
         lock: threading.RLock | None = None,
         clock: Callable[[], float] = time.time,
+        sponsors: frozenset[str] | None = None,
     ) -> None:
         self.identity = identity
+        self.sponsors = sponsors  # who may fund runs (hub/limits.py); None: anyone
         self.ledger = Ledger(engine, identity)
         self.blobs = blobs
         self.lock = lock or threading.RLock()
@@ -821,6 +824,7 @@ class HubTrust:
 
     def fund(self, run_id: str, requester_key: bytes, data: Any) -> dict[str, Any]:
         """The run's sponsor puts its signed `fund` claim on the ledger (fills the escrow)."""
+        check_sponsor(self.sponsors, requester_key)
         claim = self._parse_claim(data, "fund", requester_key)
         payload = claim.payload
         amount = payload.get("amount_units")
