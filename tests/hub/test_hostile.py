@@ -275,15 +275,19 @@ def test_one_bad_run_never_stops_the_others(hub):
     hub.register(node)
     bad = hub.create_run(Identity.generate(), run_config())
     good = hub.create_run(Identity.generate(), run_config())
+    in_bad = hub.assignment(node, bad)
     with hub.service.sessions() as s:  # e.g. written by an older hub: cannot be read back
         s.execute(update(m.Run).where(m.Run.id == bad).values(config_json='{"train": null}'))
         s.commit()
     a = hub.assignment(node, good)
     body = contribution(a, hub.numel(good), TOKENS_PER_STEP)
     assert hub.post(node, f"{API}/runs/{good}/contributions", body).status_code == 200
-    for _ in range(3):
-        hub.service.tick()
+    hub.service.tick()
     assert hub.run_row(good).version == 1
+    late = contribution(in_bad, hub.numel(good), TOKENS_PER_STEP)
+    refused(hub.post(node, f"{API}/runs/{bad}/contributions", late), 409, Refusal.STALE)
+    r = hub.post(node, f"{API}/runs/{bad}/assignment", params={"wait_s": 0})
+    assert r.json()["status"] == "finished"
     status = hub.get(f"{API}/runs/{bad}")
     assert status.status_code == 200
     assert status.json()["status"] == "failed" and "ValidationError" in status.json()["error"]

@@ -478,7 +478,8 @@ class HubService:
         with self.sessions() as s:
             run, node = s.get(m.Run, run_id), s.get(m.Node, node_id)
             region = meta.region or (node.region if node else None)
-            cfg = RunConfig.model_validate_json(run.config_json) if run else RunConfig()
+            active = run is not None and run.status == "active"
+            cfg = RunConfig.model_validate_json(run.config_json) if active else RunConfig()
         now = self.clock()
         hub_g = hub_energy.signal_intensity(
             self.settings.signals.get(region or ""), now - meta.train_time_s, now
@@ -516,7 +517,11 @@ class HubService:
                 raise HubError(
                     409, "duplicate: this assignment already has a contribution", Refusal.DUPLICATE
                 )
-            if assignment.status != "assigned" or assignment.round != run.round:
+            if (
+                assignment.status != "assigned"
+                or assignment.round != run.round
+                or run.status != "active"
+            ):
                 if assignment.status == "assigned":
                     assignment.status = "late"
                     s.commit()
@@ -607,8 +612,9 @@ class HubService:
         count = self._failures[run_id] = self._failures.get(run_id, 0) + 1
         if count == 1:
             log.exception("run %s: advancing its round failed", run_id)
-        if count < RUN_FAILURES_TO_STOP:
-            return
+        if count < RUN_FAILURES_TO_STOP and not isinstance(exc, ValidationError):
+            return  # possibly transient (a locked database); stored settings that do not
+            # validate never will
         error = f"{type(exc).__name__}: {exc}"[:2000]
         with self.lock, self.sessions() as s:
             run = s.get(m.Run, run_id)
