@@ -110,12 +110,11 @@ class Hub:
             return s.scalars(select(m.Run).where(m.Run.id == run_id)).one()
 
 
-def contribution(
-    assignment: Assignment, numel: int, tokens_per_step: int, codec: str = "int8", **meta: Any
-) -> bytes:
-    """An honest-looking contribution blob for `assignment` (a small random update)."""
-    update = torch.randn(numel, generator=torch.Generator().manual_seed(1)) * 1e-3
-    fields = {
+def meta_fields(
+    assignment: Assignment, tokens_per_step: int, codec: str = "int8", **meta: Any
+) -> dict[str, Any]:
+    """Honest claims for `assignment` (ContributionMeta fields), with `meta` overriding."""
+    return {
         "assignment_id": assignment.id,
         "codec": codec,
         "steps": assignment.inner_steps,
@@ -126,4 +125,12 @@ def contribution(
         "train_time_s": 1.0,
         "threads": 1,
     } | meta
+
+
+def contribution(
+    assignment: Assignment, numel: int, tokens_per_step: int, codec: str = "int8", **meta: Any
+) -> bytes:
+    """An honest-looking contribution blob for `assignment` (a small random update)."""
+    update = torch.randn(numel, generator=torch.Generator().manual_seed(1)) * 1e-3
+    fields = meta_fields(assignment, tokens_per_step, codec, **meta)
     return pack(make_codec(codec).encode(update), ContributionMeta(**fields).model_dump())

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
@@ -18,8 +19,10 @@ from gridswarm.hub.service import HubSettings
 from gridswarm.identity import Identity
 from gridswarm.ledger.ops import fund_claim
 from gridswarm.protocol import API, Refusal
+from gridswarm.train.codecs import make_codec
+from gridswarm.train.params import pack
 from tests.conftest import tiny_run
-from tests.hub.harness import Hub, contribution
+from tests.hub.harness import Hub, contribution, meta_fields
 
 NO_AUDITS = {"audit_max_rate": 0, "audit_min_rate": 0}
 TOKENS_PER_STEP = 32 * 8  # tiny_run: seq_len x batch_size
@@ -206,23 +209,8 @@ def assigned(hub: Hub, **overrides):
     ],
 )
 def test_hostile_contribution_metadata_is_refused(hub, meta):
-    from gridswarm.train.codecs import make_codec
-    from gridswarm.train.params import pack
-
     node, run_id, a = assigned(hub)
-    fields = {
-        "assignment_id": a.id,
-        "codec": "int8",
-        "steps": a.inner_steps,
-        "tokens": a.inner_steps * TOKENS_PER_STEP,
-        "loss_first": 5.0,
-        "loss_last": 4.0,
-        "loss_mean": 4.5,
-        "train_time_s": 1.0,
-        "threads": 1,
-    } | meta
-    import torch
-
+    fields = meta_fields(a, TOKENS_PER_STEP, **meta)  # packed as is, not through pydantic
     body = pack(make_codec("int8").encode(torch.zeros(hub.numel(run_id))), fields)
     before, blob_bytes = hub.snapshot(), hub.blob_bytes()
     r = hub.post(node, f"{API}/runs/{run_id}/contributions", body)

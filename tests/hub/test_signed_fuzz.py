@@ -27,7 +27,7 @@ from gridswarm.protocol import API, Refusal
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack
 from tests.conftest import tiny_run
-from tests.hub.harness import Hub
+from tests.hub.harness import Hub, meta_fields
 
 EXAMPLES = int(os.environ.get("GRIDSWARM_FUZZ_EXAMPLES", "25"))  # per handler
 MAX_REQUEST_S = 5.0
@@ -112,22 +112,13 @@ class World:
             assert r.status_code == 200, r.text
         self.hub.service.tick()  # the round moves to its SecAgg share stage
 
-    def meta(self, a, codec: str) -> dict[str, Any]:
-        return {
-            "assignment_id": a.id,
-            "codec": codec,
-            "steps": a.inner_steps,
-            "tokens": a.inner_steps * 32 * 8,
-            "loss_first": 5.0,
-            "loss_last": 4.0,
-            "loss_mean": 4.5,
-            "train_time_s": 1.0,
-            "threads": 1,
-        }
-
     def advertisement(self, a) -> dict[str, Any]:
         keys = [base64.b64encode(os.urandom(32)).decode() for _ in range(2)]
-        return {"meta": self.meta(a, SECAGG_CODEC), "cipher_key": keys[0], "mask_key": keys[1]}
+        return {
+            "meta": meta_fields(a, 32 * 8, SECAGG_CODEC),
+            "cipher_key": keys[0],
+            "mask_key": keys[1],
+        }
 
     def share_keys(self) -> dict[str, Any]:
         me, other = (w.node_id for w in self.secagg_nodes)
@@ -296,7 +287,7 @@ def test_fuzz_json_handlers(world: World, data: st.DataObject) -> None:
 def test_fuzz_contribution_blobs(world: World, data: st.DataObject) -> None:
     w = world
     tensors = w.contribution_tensors()
-    meta = w.meta(w.assignment, "int8")
+    meta = meta_fields(w.assignment, 32 * 8)
     how = data.draw(st.sampled_from(["meta", "meta", "bytes", "tensors"]), label="mutate")
     if how == "meta":
         mutated = data.draw(mutated_doc(meta), label="meta")
