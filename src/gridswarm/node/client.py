@@ -37,6 +37,16 @@ class HubRequestError(Exception):
         self.reason = reason
 
 
+def _rate_limited(response: httpx.Response) -> bool:
+    """A 429 for the request rate (not a quota: waiting seconds would not help that)."""
+    if response.status_code != 429 or "retry-after" not in response.headers:
+        return False
+    try:
+        return response.json().get("reason") == Refusal.RATE_LIMITED
+    except ValueError:
+        return False
+
+
 class HubClient:
     def __init__(
         self, base_url: str, identity: Identity, timeout_s: float = 60.0, retry_for_s: float = 120.0
@@ -73,8 +83,8 @@ class HubClient:
             else:
                 if time.monotonic() >= give_up:
                     break
-                if response.status_code == 429 and "retry-after" in response.headers:
-                    time.sleep(min(float(response.headers["retry-after"]), 10.0))  # rate limit
+                if _rate_limited(response):  # wait as told, then try again (fresh signature)
+                    time.sleep(min(float(response.headers["retry-after"]), 10.0))
                     continue
                 if response.status_code < 500:
                     break
