@@ -19,6 +19,21 @@ from typing import Protocol
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def synced_temp_file(folder: Path, data: bytes) -> Path:
+    """`data` written and fsynced to a new file (mode 0600) in `folder`, under a temporary name:
+    renaming or linking it into place afterwards is atomic, so no reader sees half of it."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
 class BlobError(Exception):
     """A blob is missing, or its bytes do not match its name."""
 
@@ -39,6 +54,24 @@ class BlobStore(Protocol):
     def get(self, digest: str) -> bytes: ...
 
     def has(self, digest: str) -> bool: ...
+
+    def delete(self, digest: str) -> None: ...
+
+
+@contextmanager
+def provisional(store: BlobStore, data: bytes) -> Iterator[str]:
+    """Put `data` for a transaction run inside the `with`: if it raises (a refused or failed
+    commit), the blob is removed again unless it was stored before, so a refusal leaves no
+    bytes behind."""
+    digest = sha256_hex(data)
+    existed = store.has(digest)
+    store.put(data)
+    try:
+        yield digest
+    except BaseException:
+        if not existed:
+            store.delete(digest)
+        raise
 
 
 class LocalBlobStore:
@@ -63,15 +96,11 @@ class LocalBlobStore:
         if path.exists():
             return digest
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        tmp = synced_temp_file(path.parent, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -80,20 +109,8 @@ class LocalBlobStore:
             os.close(dir_fd)
         return digest
 
-    @contextmanager
-    def provisional(self, data: bytes) -> Iterator[str]:
-        """Put `data` for a transaction run inside the `with`: if it raises (a refused or failed
-        commit), the blob is removed again unless it was stored before, so a refusal leaves no
-        bytes on disk."""
-        digest = sha256_hex(data)
-        existed = self.has(digest)
-        self.put(data)
-        try:
-            yield digest
-        except BaseException:
-            if not existed:
-                self._path(digest).unlink(missing_ok=True)
-            raise
+    def delete(self, digest: str) -> None:
+        self._path(digest).unlink(missing_ok=True)
 
     def get(self, digest: str) -> bytes:
         path = self._path(digest)
@@ -104,3 +121,13 @@ class LocalBlobStore:
         if sha256_hex(data) != digest:
             raise BlobError(f"blob {digest} is corrupt on disk (hash mismatch)")
         return data
+
+
+def open_blob_store(where: str | Path) -> BlobStore:
+    """The store named by `--blobs`: `s3://bucket/prefix` (S3-compatible object storage, settings
+    from the standard AWS environment variables) or a local folder."""
+    if str(where).startswith("s3://"):
+        from gridswarm.s3blobs import S3BlobStore  # boto3 only when asked for
+
+        return S3BlobStore.from_url(str(where))
+    return LocalBlobStore(Path(where))

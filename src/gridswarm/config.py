@@ -25,7 +25,16 @@ from pydantic import (
 
 from gridswarm.protocol import MAX_FUND_UNITS, describe_errors, printable
 
-CodecName = Literal["fp32", "fp16", "int8", "int4"]
+
+def _registered_codec(name: str) -> str:
+    """A codec name known to the codec registry (built in or a `gridswarm.codecs` plugin)."""
+    from gridswarm.train.codecs import CODECS  # imports torch: only when a run is validated
+
+    CODECS.get(name)  # UnknownPlugin (a ValueError) lists the known names
+    return name
+
+
+CodecName = Annotated[str, Field(max_length=64), AfterValidator(_registered_codec)]
 MAX_COUNT = 10**9  # steps, rounds, nodes, ... : no real run comes near
 MAX_TOKENS = 10**15
 MAX_SECONDS = 1e9  # ~30 years
@@ -126,6 +135,9 @@ class RoundConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RoundConfig:
+        from gridswarm.train.aggregate import make_aggregator  # the registry, plugins included
+
+        make_aggregator(self.aggregator, **self.aggregator_options)  # ValueError names the problem
         if self.quorum > self.max_nodes:
             raise ValueError(f"quorum ({self.quorum}) exceeds max_nodes ({self.max_nodes})")
         if self.min_nodes > self.max_nodes:

@@ -274,10 +274,11 @@ def test_one_bad_run_never_stops_the_others(hub):
     late = contribution(in_bad, hub.numel(good), TOKENS_PER_STEP)
     refused(hub.post(node, f"{API}/runs/{bad}/contributions", late), 409, Refusal.STALE)
     r = hub.post(node, f"{API}/runs/{bad}/assignment", params={"wait_s": 0})
-    assert r.json()["status"] == "finished"
+    assert r.json()["status"] == "wait" and "stalled" in r.json()["reason"]
     status = hub.get(f"{API}/runs/{bad}")
     assert status.status_code == 200
-    assert status.json()["status"] == "failed" and "ValidationError" in status.json()["error"]
+    assert status.json()["status"] == "stalled"
+    assert "ValidationError" in status.json()["status_reason"]
     assert hub.get(f"{API}/runs").status_code == 200
 
 

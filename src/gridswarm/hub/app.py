@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gridswarm.hub.errors import HubError
+from gridswarm.hub.lifecycle import RunEvent
 from gridswarm.hub.openapi import (
     ERROR_RESPONSES,
     RunIdParam,
@@ -44,11 +45,13 @@ from gridswarm.protocol import (
     ContributionAck,
     Empty,
     EnergyReport,
+    FailureReport,
     HeartbeatRequest,
     RegisterRequest,
     RegisterResponse,
     RunCreateRequest,
     RunCreateResponse,
+    RunStateRequest,
     describe_errors,
 )
 
@@ -170,6 +173,22 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     @app.get(f"{API}/runs/{{run_id}}")
     async def run_status(run_id: RunIdParam) -> dict:
         return await run_in_threadpool(service.run_status, run_id)
+
+    @app.post(f"{API}/runs/{{run_id}}/state", openapi_extra=openapi_body(RunStateRequest))
+    async def run_state(run_id: RunIdParam, request: Request) -> dict:
+        """The sponsor pauses, resumes or stops its run (hub/lifecycle.py)."""
+        verified, body = await signed(request, MAX_JSON_BYTES)
+        req = parse(RunStateRequest, body)
+        return await run_in_threadpool(
+            service.change_run_state, run_id, verified.public_key, RunEvent(req.event), req.reason
+        )
+
+    @app.post(f"{API}/runs/{{run_id}}/failures", openapi_extra=openapi_body(FailureReport))
+    async def run_failure(run_id: RunIdParam, request: Request) -> dict:
+        """A node could not train its assignment; enough of these mark the run stalled."""
+        verified, body = await signed(request, MAX_JSON_BYTES)
+        report = parse(FailureReport, body)
+        return await run_in_threadpool(service.report_failure, run_id, verified.node_id, report)
 
     @app.get(f"{API}/runs/{{run_id}}/report")
     async def run_report(run_id: RunIdParam) -> dict:

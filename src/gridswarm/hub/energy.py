@@ -463,6 +463,7 @@ def run_report_json(
         "contributions": len(rows),
         "unmetered": sum(r.energy_wh is None for r in rows),
         "intensity_sources": dict(sorted(sources.items())),
+        "default_intensity_g_per_kwh": default_intensity_g_per_kwh,
         "total": _totals_json(report.total),
         "nodes": [
             {
@@ -509,13 +510,37 @@ def format_run_report(report: Mapping[str, Any], privacy: Mapping[str, Any] | No
         if report.get("policy") == "agnostic":
             model += "; this run is itself agnostic, so the gap is joins, leaves and throttling"
         lines.append(f"agnostic counterfactual: {agnostic:.3g} kgCO2e{vs}{model}")
-    sources = ", ".join(f"{k} {v}" for k, v in report.get("intensity_sources", {}).items())
-    lines.append(f"intensity source (contributions): {sources or 'none'}")
+    lines.append(
+        "intensity source: "
+        + describe_sources(
+            report.get("intensity_sources", {}), report.get("default_intensity_g_per_kwh")
+        )
+    )
     if report.get("unmetered"):
         lines.append(f"unmetered contributions (no energy reported): {report['unmetered']}")
     if privacy:
         lines.append("privacy: " + format_privacy(privacy))
     return "\n".join(lines)
+
+
+SOURCE_MEANING = {
+    HUB: "the hub's own signal for the node's region",
+    NODE: "the node's own signal",
+}
+
+
+def describe_sources(sources: Mapping[str, int], default_g: float | None) -> str:
+    """Where the grid intensity of the run's contributions came from, in words: e.g. "30
+    contributions at the default 475 g/kWh (neither hub nor node had a signal)"."""
+    parts = []
+    for source, count in sources.items():
+        what = f"{count} contribution{'s' if count != 1 else ''}"
+        if source == DEFAULT:
+            at = f"the default {default_g:g} g/kWh" if default_g is not None else "the default"
+            parts.append(f"{what} at {at} (neither hub nor node had a signal)")
+        else:
+            parts.append(f"{what} from {SOURCE_MEANING.get(source, source)}")
+    return "; ".join(parts) or "none (no metered contributions)"
 
 
 def format_privacy(privacy: Mapping[str, Any]) -> str:

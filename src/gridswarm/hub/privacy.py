@@ -45,7 +45,7 @@ from pydantic import ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from gridswarm.blobs import sha256_hex
+from gridswarm.blobs import provisional, sha256_hex
 from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
@@ -741,7 +741,7 @@ class HubPrivacy:
             except (TypeError, AttributeError, ValueError) as exc:  # fields of the wrong type
                 raise HubError(422, f"malformed SecAgg {stage} message: {exc!r}"[:500]) from exc
             # a masked input is stored as a blob, removed again if the commit fails
-            with svc.blobs.provisional(body) if stage == "masked" else nullcontext():
+            with provisional(svc.blobs, body) if stage == "masked" else nullcontext():
                 s.add(
                     m.SecAggMessage(
                         run_id=run_id,

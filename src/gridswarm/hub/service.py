@@ -22,12 +22,22 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gridswarm.blobs import BlobError, LocalBlobStore
+from gridswarm.blobs import BlobError, LocalBlobStore, provisional
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
+from gridswarm.hub.lifecycle import (
+    FINAL,
+    HOLDING,
+    SPONSOR_EVENTS,
+    Refused,
+    RunEvent,
+    RunState,
+    should_stall,
+    transition,
+)
 from gridswarm.hub.limits import HOUR_S, RateLimiter, check_run_quota, check_sponsor
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.rounds import (
@@ -54,9 +64,11 @@ from gridswarm.protocol import (
     ContributionAck,
     ContributionMeta,
     EnergyReport,
+    FailureReport,
     Refusal,
     RegisterRequest,
     RunCreateResponse,
+    describe_errors,
 )
 from gridswarm.train.aggregate import make_aggregator
 from gridswarm.train.codecs import ErrorFeedback, make_codec
@@ -67,7 +79,7 @@ from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import claimed_work_error
 
 MAX_SKEW_S = 120.0
-RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stopped as failed
+RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
 DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
 
@@ -88,6 +100,29 @@ class HubSettings:
     # per-key token bucket over all signed requests: sustained rate and burst
     requests_per_s: float = 50.0
     request_burst: float = 200.0
+
+
+def liveness_state(status: str, silent_s: float, liveness_s: float) -> str:
+    """How a run's status shows a node: `gone` (it said it left), `live` (heard from within
+    `liveness_s`) or `silent` (not heard from since; it may come back)."""
+    if status == "left":
+        return "gone"
+    return "live" if silent_s <= liveness_s else "silent"
+
+
+def _node_entry(node_id: str, name: str | None) -> dict:
+    """A node's totals in one run's status, before any are added."""
+    return {
+        "id": node_id,
+        "name": name,
+        "tokens": 0,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "contributions": 0,
+        "energy_wh": 0.0,
+        "failures": 0,
+        "last_failure": None,
+    }
 
 
 def ring_allreduce_bytes(numel: int, world: int) -> float:
@@ -312,6 +347,19 @@ class HubService:
             raise HubError(404, f"run {run_id} not found")
         return run
 
+    def _own_assignment(
+        self, s: Session, run_id: str, node_id: str, assignment_id: str
+    ) -> tuple[m.Run, m.Assignment]:
+        """The run and one of `node_id`'s assignments in it (404 / 403 otherwise)."""
+        self._node(s, node_id)
+        run = self._run(s, run_id)
+        assignment = s.get(m.Assignment, assignment_id)
+        if assignment is None or assignment.run_id != run_id:
+            raise HubError(404, f"assignment {assignment_id} not found in run {run_id}")
+        if assignment.node_id != node_id:
+            raise HubError(403, "assignment belongs to another node")
+        return run, assignment
+
     def _round_state(self, s: Session, run: m.Run) -> tuple[m.Round, RoundState, RoundRules]:
         rnd = s.get(m.Round, (run.id, run.round))
         rows = s.execute(
@@ -346,6 +394,115 @@ class HubService:
             speed = update_speed(speed, tokens, train_time_s)
         return speed if speed is not None else speed_from_probe(node.probe_rate, run.numel)
 
+    # ---------------------------------------------------------------- lifecycle
+
+    def change_run_state(
+        self, run_id: str, requester_key: bytes, event: RunEvent, reason: str = ""
+    ) -> dict:
+        """The sponsor pauses, resumes or stops its run (hub/lifecycle.py decides)."""
+        with self.lock, self.sessions() as s:
+            run = self._run(s, run_id)
+            if run.sponsor_key != requester_key.hex():
+                raise HubError(
+                    403, f"only the sponsor of run {run_id} may {event} it", Refusal.NOT_SPONSOR
+                )
+            if event not in SPONSOR_EVENTS:
+                raise HubError(422, f"{event} is not a sponsor's event")
+            changed = self._apply_event(s, run, event, reason or f"{event} by the sponsor")
+            s.commit()
+        return changed
+
+    def _apply_event(self, s: Session, run: m.Run, event: RunEvent, reason: str) -> dict:
+        """Move `run` by `event` in the caller's transaction: release outstanding work when it
+        stops handing any out, and record the change (and the escrow left) on the ledger."""
+        before = RunState(run.status)
+        after = transition(before, event)
+        if isinstance(after, Refused):
+            raise HubError(409, after.detail)
+        now = self.clock()
+        released = 0
+        if after is not RunState.ACTIVE:  # nobody works on a held or ended run
+            released = s.execute(
+                update(m.Assignment)
+                .where(m.Assignment.run_id == run.id, m.Assignment.status == "assigned")
+                .values(status="released")
+            ).rowcount
+        rnd = s.get(m.Round, (run.id, run.round))
+        if after is RunState.ACTIVE and rnd is not None and rnd.status == "open":
+            cfg = RunConfig.model_validate_json(run.config_json)
+            rnd.deadline_at = now + cfg.round.deadline_s  # the hold did not eat the round's time
+        run.status, run.status_reason, run.status_changed_at = after, reason, now
+        if after in FINAL:
+            run.finished_at = now
+        entry = {
+            "run_id": run.id,
+            "event": str(event),
+            "from": str(before),
+            "to": str(after),
+            "reason": reason,
+            "round": run.round,
+            "released_assignments": released,
+        }
+        if after is RunState.STOPPED:  # unspent escrow stays the sponsor's (ledger/balances.py)
+            entry["sponsor"] = run.sponsor_key
+            entry["unspent_escrow_units"] = self.trust.escrow(run.id).available_units
+        self.trust.append(s, [("lifecycle", entry)])
+        log.info(
+            "run %s %s -> %s: %s (%d assignments released)", run.id, before, after, reason, released
+        )
+        return entry
+
+    def report_failure(self, run_id: str, node_id: str, report: FailureReport) -> dict:
+        """A node could not train its assignment: release it, keep the reason, and mark the run
+        stalled once `STALL_AFTER_FAILURES` failures arrive with no progress in between."""
+        now = self.clock()
+        with self.lock, self.sessions() as s:
+            run, assignment = self._own_assignment(s, run_id, node_id, report.assignment_id)
+            if assignment.status == "assigned":
+                assignment.status = "failed"
+            s.add(
+                m.RunFailure(
+                    run_id=run_id,
+                    node_id=node_id,
+                    round=assignment.round,
+                    reason=report.reason,
+                    created_at=now,
+                )
+            )
+            s.flush()
+            progress_at = max(
+                s.scalar(select(func.max(m.Version.created_at)).where(m.Version.run_id == run_id))
+                or 0.0,
+                run.status_changed_at or 0.0,
+            )
+            failures = s.scalar(
+                select(func.count()).where(
+                    m.RunFailure.run_id == run_id, m.RunFailure.created_at >= progress_at
+                )
+            )
+            log.warning(
+                "run %s: node %s failed round %d: %s",
+                run_id,
+                node_id,
+                assignment.round,
+                report.reason,
+            )
+            working = s.scalar(
+                select(func.count()).where(
+                    m.Assignment.run_id == run_id,
+                    m.Assignment.round == run.round,
+                    m.Assignment.status.in_(("assigned", "submitted")),
+                )
+            )
+            if run.status == RunState.ACTIVE and should_stall(failures, working):
+                reason = (
+                    f"{failures} node failures and no round closed since; "
+                    f"last: node {node_id}: {report.reason}"
+                )
+                self._apply_event(s, run, RunEvent.STALL, reason)
+            s.commit()
+            return {"run_status": run.status, "failures": failures}
+
     # ---------------------------------------------------------------- assignments
 
     def request_assignment(self, run_id: str, node_id: str) -> AssignmentResponse:
@@ -354,9 +511,14 @@ class HubService:
             node = self._node(s, node_id)
             node.status = "idle"
             run = self._run(s, run_id)
-            if run.status != "active":
+            if run.status != RunState.ACTIVE:
                 s.commit()
-                return AssignmentResponse(status="finished")
+                reason = f"run {run_id} is {run.status}" + (
+                    f": {run.status_reason}" if run.status_reason else ""
+                )
+                if run.status in HOLDING:  # paused or stalled: it may resume
+                    return AssignmentResponse(status="wait", retry_after_s=5.0, reason=reason)
+                return AssignmentResponse(status="finished", reason=reason)
             cfg = RunConfig.model_validate_json(run.config_json)
             rnd, state, rules = self._round_state(s, run)
             if rnd.status == "secagg":  # the round's secure aggregation runs: no new work
@@ -402,6 +564,13 @@ class HubService:
             if rnd.status == "pending":
                 rnd.status, rnd.opened_at, rnd.deadline_at = "open", now, deadline_at
                 self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
+                log.info(
+                    "run %s round %d open (attempt %d, deadline %.0f s)",
+                    run.id,
+                    rnd.number,
+                    rnd.attempt,
+                    deadline_at - now,
+                )
             row = m.Assignment(
                 id=uuid.uuid4().hex,
                 run_id=run.id,
@@ -503,25 +672,20 @@ class HubService:
         except BlobFormatError as exc:
             raise HubError(400, f"malformed contribution: {exc}") from exc
         except ValidationError as exc:
-            raise HubError(422, f"malformed contribution metadata: {exc.errors()[:3]}") from exc
+            raise HubError(
+                422, f"malformed contribution metadata: {describe_errors(exc.errors())}"
+            ) from exc
         carbon = self._carbon(run_id, node_id, meta)
         with self.lock, self.sessions() as s:
-            self._node(s, node_id)
-            run = self._run(s, run_id)
-            assignment = s.get(m.Assignment, meta.assignment_id)
-            if assignment is None or assignment.run_id != run_id:
-                raise HubError(404, f"assignment {meta.assignment_id} not found in run {run_id}")
-            if assignment.node_id != node_id:
-                raise HubError(403, "assignment belongs to another node")
+            run, assignment = self._own_assignment(s, run_id, node_id, meta.assignment_id)
             if assignment.status == "submitted":
                 raise HubError(
                     409, "duplicate: this assignment already has a contribution", Refusal.DUPLICATE
                 )
-            if (
-                assignment.status != "assigned"
-                or assignment.round != run.round
-                or run.status != "active"
-            ):
+            if run.status != RunState.ACTIVE:
+                reason = f": {run.status_reason}" if run.status_reason else ""
+                raise HubError(409, f"stale: run {run_id} is {run.status}{reason}", Refusal.STALE)
+            if assignment.status != "assigned" or assignment.round != run.round:
                 if assignment.status == "assigned":
                     assignment.status = "late"
                     s.commit()
@@ -542,7 +706,7 @@ class HubService:
                 s, run, cfg, s.get(m.Node, node_id), assignment, meta.model_dump(), tensors
             )
             # every check passed: the blob, then the rows; a failed commit removes the blob again
-            with self.blobs.provisional(body) as digest:
+            with provisional(self.blobs, body) as digest:
                 s.add(
                     m.Contribution.accepted(
                         digest, assignment, meta.model_dump(), len(body), self.clock(), **carbon
@@ -586,7 +750,8 @@ class HubService:
 
         Runs are isolated: an exception in one run's advance is logged (once) and the others go
         on; after `RUN_FAILURES_TO_STOP` failures in a row (a transient database error passes)
-        the run is stopped as `failed` with its error recorded (`run_status` shows it).
+        the run is marked `stalled` with the error as its reason (`run_status` shows it; the
+        sponsor may resume it).
         """
         try:
             self.trust.prescreen(self.workload)  # audit uploads as they arrive, outside the lock
@@ -608,27 +773,28 @@ class HubService:
         return done
 
     def _run_failed(self, run_id: str, exc: Exception) -> None:
-        """Count a failure of `run_id`'s advance; stop the run once it keeps failing."""
+        """Count a failure of `run_id`'s advance; stall the run once it keeps failing."""
         count = self._failures[run_id] = self._failures.get(run_id, 0) + 1
         if count == 1:
             log.exception("run %s: advancing its round failed", run_id)
         if count < RUN_FAILURES_TO_STOP and not isinstance(exc, ValidationError):
             return  # possibly transient (a locked database); stored settings that do not
             # validate never will
-        error = f"{type(exc).__name__}: {exc}"[:2000]
+        error = f"the hub could not advance its round: {type(exc).__name__}: {exc}"[:2000]
         with self.lock, self.sessions() as s:
             run = s.get(m.Run, run_id)
-            if run is not None and run.status == "active":
-                run.status, run.finished_at, run.error = "failed", self.clock(), error
+            if run is not None and run.status == RunState.ACTIVE:
+                self._apply_event(s, run, RunEvent.STALL, error)
                 s.commit()
         self._failures.pop(run_id, None)
         self._workloads.pop(run_id, None)
-        log.error("run %s stopped after %d failed ticks: %s", run_id, count, error)
 
     def _advance(self, run_id: str) -> Decision:
         now = self.clock()
         with self.sessions() as s:
             run = self._run(s, run_id)
+            if run.status != RunState.ACTIVE:  # paused or stopped since `tick` listed it
+                return Decision.WAIT
             rnd, state, rules = self._round_state(s, run)
             lost = lost_assignments(state, rules, now)
             if lost:
@@ -751,6 +917,18 @@ class HubService:
         )
         rnd.status, rnd.closed_at = "closed", now
         rnd.close_reason = "all-in" if now < (rnd.deadline_at or now) else "deadline"
+        log.info(
+            "run %s round %d closed (%s): %d contributions from %s, %d tokens, "
+            "val loss %.4f -> %.4f",
+            run.id,
+            rnd.number,
+            rnd.close_reason,
+            len(contributions),
+            ", ".join(sorted({c.node_id for c in contributions})) or "-",
+            tokens,
+            base.val_loss,
+            version.val_loss,
+        )
         run.version, run.tokens_total = number, run.tokens_total + tokens
         budget = cfg.budget
         if (
@@ -758,7 +936,9 @@ class HubService:
             or (budget.tokens is not None and run.tokens_total >= budget.tokens)
             or self.privacy.stop_reason(s, run, cfg, now)  # epsilon budget would be passed
         ):
-            run.status, run.finished_at = "finished", now
+            run.status, run.finished_at = transition(RunState.ACTIVE, RunEvent.FINISH), now
+            run.status_changed_at = now
+            log.info("run %s finished at version %d", run.id, number)
         else:
             run.round = rnd.number + 1
             s.add(
@@ -817,7 +997,6 @@ class HubService:
                     "round": r.round,
                     "version": r.version,
                     "tokens_total": r.tokens_total,
-                    "error": r.error,
                 }
                 for r in s.scalars(select(m.Run).order_by(m.Run.created_at))
             ]
@@ -905,6 +1084,14 @@ class HubService:
                 .group_by(m.Download.node_id)
             ).all()
             node_rows = {n.id: n for n in s.scalars(select(m.Node))}
+            failures = s.scalars(
+                select(m.RunFailure)
+                .where(m.RunFailure.run_id == run_id)
+                .order_by(m.RunFailure.created_at)
+            ).all()
+            workers = s.scalars(
+                select(m.Assignment.node_id).where(m.Assignment.run_id == run_id).distinct()
+            ).all()
         per_round_world: dict[int, int] = {}
         for c in contributions:
             per_round_world[c.round] = per_round_world.get(c.round, 0) + 1
@@ -914,33 +1101,36 @@ class HubService:
         )
         nodes: dict[str, dict] = {}
         for c in contributions:
-            entry = nodes.setdefault(
-                c.node_id,
-                {
-                    "id": c.node_id,
-                    "name": node_rows[c.node_id].name,
-                    "tokens": 0,
-                    "bytes_up": 0,
-                    "bytes_down": 0,
-                    "contributions": 0,
-                    "energy_wh": 0.0,
-                },
-            )
+            entry = nodes.setdefault(c.node_id, _node_entry(c.node_id, node_rows[c.node_id].name))
             entry["tokens"] += c.tokens
             entry["bytes_up"] += c.bytes_up
             entry["contributions"] += 1
             entry["energy_wh"] += c.energy_wh or 0.0
+        for node_id in workers:  # nodes that were given work but never contributed
+            nodes.setdefault(node_id, _node_entry(node_id, node_rows[node_id].name))
         for node_id, total in downloads:
             if node_id in nodes:
                 nodes[node_id]["bytes_down"] = int(total or 0)
+        now = self.clock()
+        for f in failures:
+            entry = nodes.setdefault(f.node_id, _node_entry(f.node_id, node_rows[f.node_id].name))
+            entry["failures"] += 1
+            entry["last_failure"] = f.reason
+        for node_id, entry in nodes.items():
+            row = node_rows[node_id]
+            entry["state"] = liveness_state(
+                row.status, now - row.last_seen_at, self.settings.liveness_s
+            )
+            entry["last_seen_s_ago"] = round(now - row.last_seen_at, 1)
         outcome: dict[int, dict[str, int]] = {}
         for rnd_number, status, count in assignments:
             outcome.setdefault(rnd_number, {})[status] = count
-        now = self.clock()
         return {
             "id": run.id,
             "name": run.name,
             "status": run.status,
+            "status_reason": run.status_reason,
+            "liveness_s": self.settings.liveness_s,
             "round": run.round,
             "version": run.version,
             "numel": run.numel,
@@ -967,7 +1157,6 @@ class HubService:
             "bytes_down_total": int(sum(total or 0 for _, total in downloads)),
             "bytes_sync_dp_equivalent": int(sync_dp),
             "nodes": sorted(nodes.values(), key=lambda n: n["id"]),
-            "error": run.error,  # why a failed run was stopped
             "live_nodes": [
                 {"id": n.id, "name": n.name, "status": n.status}
                 for n in node_rows.values()
@@ -980,7 +1169,7 @@ class HubService:
         self, run: m.Run, contributions: list[m.Contribution], node_rows: dict[str, m.Node]
     ) -> dict:
         """The energy, trust and privacy sections of `run_status`; a run whose stored settings
-        cannot be read back (a failed run) shows why instead of failing the request."""
+        cannot be read back (a stalled run) shows why instead of failing the request."""
         try:
             return {
                 "energy": self._energy_status(run, contributions, node_rows),
@@ -988,4 +1177,4 @@ class HubService:
                 **self.privacy.run_status(run.id),  # "privacy": epsilon, budget, SecAgg rounds
             }
         except (ValidationError, ValueError, TypeError) as exc:
-            return {"error": run.error or f"stored run settings unreadable: {exc}"[:2000]}
+            return {"error": f"stored run settings unreadable: {exc}"[:2000]}
