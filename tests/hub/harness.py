@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +22,7 @@ from gridswarm.identity import Identity, sign_request
 from gridswarm.protocol import API, Assignment, ContributionMeta
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack
-
-
-@dataclass
-class FakeClock:
-    """Unix seconds that move only when the test says (starts at the real time, so that
-    signatures made with the real clock are within the hub's skew window)."""
-
-    now_s: float = field(default_factory=time.time)
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
+from tests.harness import FakeClock
 
 
 class Hub:
@@ -44,7 +30,7 @@ class Hub:
 
     def __init__(self, root: Path, settings: HubSettings | None = None, **app_options: Any):
         self.root = root
-        self.clock = FakeClock()
+        self.clock = FakeClock(time.time())  # signatures use the real clock
         self.service: HubService = build_service(
             f"sqlite:///{root / 'hub.db'}", root / "blobs", settings, clock=self.clock
         )

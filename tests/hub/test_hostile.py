@@ -106,6 +106,24 @@ def test_runs_over_the_memory_budget_are_refused_before_allocation(hub, override
     assert rss_mib() - rss_before < 100  # nothing was built
 
 
+@pytest.mark.parametrize(
+    "hf_config",
+    [
+        {"hidden_size": "x"},
+        {"num_hidden_layers": -1},
+        {"torch_dtype": "nonsense"},
+        {"num_attention_heads": 0},
+        {"layer_types": 7},
+        {"hidden_size": 64, "num_attention_heads": 3},
+    ],
+)
+def test_hostile_hugging_face_configs_are_refused(hub, hf_config):
+    model = {"kind": "hf", "architecture": "llama", "hf_config": hf_config}
+    r = hub.post(Identity.generate(), f"{API}/runs", {"config": run_config(model=model)})
+    assert r.status_code == 422, r.text
+    assert "hf_config" in r.json()["detail"]
+
+
 def test_memory_budget_is_the_hubs_choice(tmp_path):
     small = Hub(tmp_path, HubSettings(max_run_memory_mb=1))
     r = small.post(Identity.generate(), f"{API}/runs", {"config": run_config()})

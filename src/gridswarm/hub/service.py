@@ -72,7 +72,7 @@ from gridswarm.protocol import (
 )
 from gridswarm.train.aggregate import make_aggregator
 from gridswarm.train.codecs import ErrorFeedback, make_codec
-from gridswarm.train.memory import check_memory
+from gridswarm.train.memory import OverBudget, check_memory
 from gridswarm.train.outer import nesterov_step
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
@@ -277,8 +277,10 @@ class HubService:
             raise HubError(422, str(exc), Refusal.INVALID_CONFIG) from exc
         try:  # before anything is allocated: the model is built only below
             check_memory(cfg, self.settings.max_run_memory_mb)
-        except ValueError as exc:
+        except OverBudget as exc:
             raise HubError(422, str(exc), Refusal.OVER_MEMORY) from exc
+        except ValueError as exc:
+            raise HubError(422, str(exc), Refusal.INVALID_CONFIG) from exc
         run_id = uuid.uuid4().hex[:12]
         try:
             workload = Workload.from_config(cfg)

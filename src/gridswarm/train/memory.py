@@ -30,6 +30,10 @@ LOGIT_COPIES = 3  # logits, softmax, gradient
 MIB = 1024 * 1024
 
 
+class OverBudget(ValueError):
+    """A run's estimated memory exceeds the hub's budget (the message says both)."""
+
+
 @dataclass(frozen=True)
 class Shape:
     """The sizes that decide a transformer's memory."""
@@ -62,7 +66,10 @@ def model_shape(cfg: RunConfig) -> Shape:
         )
     from gridswarm.train.model import hf_config
 
-    hf = hf_config(model, seq_len)  # a config object only: no weights
+    try:  # a config object only, no weights; transformers validates the user's fields its way
+        hf = hf_config(model, seq_len)
+    except Exception as exc:
+        raise ValueError(f"model.hf_config: {type(exc).__name__}: {exc}"[:500]) from exc
 
     def size(*names: str, default: int | None = None) -> int:
         for name in names:
@@ -111,10 +118,11 @@ def estimate_memory(cfg: RunConfig) -> MemoryEstimate:
 
 
 def check_memory(cfg: RunConfig, budget_mib: float) -> MemoryEstimate:
-    """The estimate, or ValueError saying it and the budget when the run would not fit."""
+    """The estimate, or OverBudget saying it and the budget when the run would not fit
+    (ValueError when the model's shape cannot be told from its settings)."""
     estimate = estimate_memory(cfg)
     if estimate.hub_bytes > budget_mib * MIB:
-        raise ValueError(
+        raise OverBudget(
             f"the run needs an estimated {estimate.hub_mib:,.0f} MiB on the hub "
             f"({estimate.parameters:,} parameters, {cfg.round.max_nodes} contributions per "
             f"round, batch {cfg.train.batch_size} x {cfg.train.seq_len} tokens), over its budget "
