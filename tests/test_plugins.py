@@ -1,5 +1,6 @@
-"""Extension points: an aggregator, a codec and a carbon-signal kind added by an installed plugin
-(examples/plugin, found through its entry points), used by a real run without editing gridswarm."""
+"""Extension points: an aggregator, a codec, a carbon-signal kind and a hub energy policy added by
+an installed plugin
+(examples/plugin, found through its entry points), used without editing gridswarm."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from gridswarm.config import ConfigError, parse_run_config
+from gridswarm.energy.policy import HUB_POLICIES, NodeEnergyState, plan_round
 from gridswarm.energy.signals import SIGNALS, signal_from_config
 from gridswarm.plugins import Registry, UnknownPlugin
 from gridswarm.train.aggregate import AGGREGATORS, make_aggregator
@@ -18,7 +20,7 @@ from gridswarm.train.codecs import CODECS, make_codec
 from tests.harness import GOLDEN_RUN, run_golden
 
 PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "plugin"
-REGISTRIES = (AGGREGATORS, CODECS, SIGNALS)
+REGISTRIES = (AGGREGATORS, CODECS, SIGNALS, HUB_POLICIES)
 
 
 def install_metadata(site: Path, entry_points: dict[str, dict[str, str]], name: str) -> None:
@@ -56,6 +58,8 @@ def test_unknown_names_are_refused_with_the_known_ones():
         parse_run_config({"comm": {"codec": "bf16"}})
     with pytest.raises(ValueError, match=r"energy\.signal\.kind"):
         signal_from_config({"kind": "day-night"}, region="DE")
+    with pytest.raises(ConfigError, match="unknown hub energy policy"):
+        parse_run_config({"energy": {"policy": "energy-efficient", "deadline_s": 60}})
 
 
 def test_plugins_are_found_through_entry_points(plugin_installed):
@@ -105,3 +109,21 @@ def test_a_broken_plugin_is_left_out_and_the_rest_work(tmp_path, monkeypatch, ca
 def test_a_plugin_cannot_replace_a_builtin():
     with pytest.raises(ValueError, match="built in"):
         AGGREGATORS.register("mean", object)
+
+
+def test_a_plugin_energy_policy_plans_rounds(plugin_installed):
+    cfg = parse_run_config(
+        {
+            "energy": {"policy": "energy-efficient", "deadline_s": 3600},
+            "budget": {"rounds": None, "tokens": 10**6},
+        }
+    )
+    assert cfg.energy.policy == "energy-efficient"
+    nodes = [  # same speed, different draw: the frugal node alone keeps the pace
+        NodeEnergyState("hungry", "DE", 100.0, 300.0, intensity_forecast=[(0.0, 20.0)]),
+        NodeEnergyState("frugal", "DE", 100.0, 30.0, intensity_forecast=[(0.0, 500.0)]),
+    ]
+    plan = plan_round("energy-efficient", 0.0, nodes, 20_000, 3600.0, 60.0)
+    assert plan.shares["frugal"] > 0 and plan.shares["hungry"] == 0
+    green = plan_round("greedy-green", 0.0, nodes, 20_000, 3600.0, 60.0)
+    assert green.shares["hungry"] > 0 and green.shares["frugal"] == 0  # carbon, not energy

@@ -252,7 +252,7 @@ class EnergyConfig(_Strict):
     the deadline needs) or `forecast` (also shift work in time within the deadline). The two
     green policies need `deadline_s` here and a token target (`budget.tokens`)."""
 
-    policy: Literal["agnostic", "greedy-green", "forecast"] = "agnostic"
+    policy: ShortText = "agnostic"  # or a registered plugin's name
     deadline_s: Seconds | None = None  # budget.tokens due this long after the run starts
     round_overhead_s: Annotated[float, Field(ge=0, le=MAX_SECONDS)] = 2.0  # sync time per round
     margin: Annotated[float, Field(ge=0, lt=1)] = 0.1  # spare pace / future-capacity discount
@@ -262,7 +262,9 @@ class EnergyConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EnergyConfig:
-        if self.policy != "agnostic" and self.deadline_s is None:
+        from gridswarm.energy.policy import HUB_POLICIES  # built-ins and plugins
+
+        if HUB_POLICIES.get(self.policy).needs_token_target and self.deadline_s is None:
             raise ValueError(f"deadline_s is required with policy {self.policy!r}")
         return self
 

@@ -13,8 +13,10 @@ example of each):
 
 - `gridswarm.aggregators` — a `train.aggregate.Aggregator` subclass (robust aggregation rules)
 - `gridswarm.codecs` — a callable `(block_size) -> train.codecs.Codec` (update compression)
-- `gridswarm.signals` — a callable `(table, region, base_dir, env, client) -> SignalProvider`
-  (carbon-intensity sources for nodes and the hub)
+- `gridswarm.signals` — a callable `(SignalTable) -> SignalProvider` (carbon-intensity sources for
+  nodes and the hub)
+- `gridswarm.energy_policies` — an `energy.policy.HubEnergyPolicy` subclass (how the hub spreads a
+  run's tokens over nodes and time)
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        """Built-ins in the order they were registered, then plugins."""
         self._load_entry_points()
-        return sorted(self._items)
+        return list(self._items)
 
     def __contains__(self, name: object) -> bool:
         self._load_entry_points()
@@ -94,6 +97,9 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
 
     def reload(self) -> None:
         """Read the entry points again (after installing a plugin into a running process)."""

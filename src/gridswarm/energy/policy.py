@@ -29,10 +29,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
-from typing import Any
+from typing import Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
+
+from gridswarm.plugins import Registry
 
 LOCAL_PV_INTENSITY_G_PER_KWH = 41.0  # IPCC AR5 lifecycle median, rooftop PV (same basis as traces)
 
@@ -333,7 +335,6 @@ class RoundEnergyPlan:
     planned_emissions_g: float | None = None  # forecast only: emissions of the whole plan
 
 
-HUB_POLICIES = ("agnostic", "greedy-green", "forecast")
 MIN_SHARE = 1e-12  # smaller shares are float dust, not work
 
 
@@ -446,8 +447,7 @@ def _validate(
     tokens_remaining: float,
     round_duration_s: float,
 ) -> None:
-    if policy_name not in HUB_POLICIES:
-        raise ValueError(f"unknown hub energy policy {policy_name!r}; choose from {HUB_POLICIES}")
+    HUB_POLICIES.get(policy_name)  # UnknownPlugin (a ValueError) lists the known ones
     if round_duration_s <= 0:
         raise ValueError(f"round_duration_s must be > 0, got {round_duration_s}")
     if tokens_remaining < 0 or math.isnan(tokens_remaining):
@@ -466,7 +466,7 @@ def planning_slots(
 ) -> int:
     """How many rounds ahead `plan_costs` needs costed: every round to the deadline (less the
     reserve) for `forecast`, only this one for the others."""
-    if policy_name != "forecast":
+    if not HUB_POLICIES.get(policy_name).looks_ahead:
         return 1
     return max(int((deadline_s - now_s) // round_s) - reserve_rounds, 1)
 
@@ -609,65 +609,160 @@ def plan_costs(
         )
     rounds_to_deadline = int((deadline_s - now_s) // round_duration_s)
     rounds_left = max(rounds_to_deadline - reserve_rounds, 1)
-    cap = np.asarray(costs.round_tokens, dtype=float)
+    inputs = PlanInputs(
+        now_s=now_s,
+        costs=costs,
+        tokens_remaining=tokens_remaining,
+        round_duration_s=round_duration_s,
+        rounds_to_deadline=rounds_to_deadline,
+        rounds_left=rounds_left,
+        margin=margin,
+    )
+    decision = HUB_POLICIES.get(policy_name)().decide(inputs)
+    shares = np.where(decision.shares > MIN_SHARE, decision.shares, 0.0)
     g_now = costs.slot_emissions_g[:, 0]
+    return RoundEnergyPlan(
+        policy_name,
+        dict(zip(ids, shares.tolist(), strict=True)),
+        defer=decision.defer_until_s is not None,
+        defer_until_s=decision.defer_until_s,
+        expected_tokens=float(shares @ inputs.round_tokens),
+        expected_energy_wh=float(shares @ costs.round_energy_wh),
+        expected_emissions_g=float(shares[available] @ g_now[available]),
+        deadline_at_risk=decision.deadline_at_risk,
+        reason=decision.reason,
+        planned_tokens_by_round=tuple(float(x) for x in decision.planned_tokens_by_round),
+        planned_emissions_g=decision.plan_g,
+    )
 
-    def finish(shares: np.ndarray, reason: str, at_risk: bool = False, planned=(), plan_g=None):
-        shares = np.where(shares > MIN_SHARE, shares, 0.0)
-        return RoundEnergyPlan(
-            policy_name,
-            dict(zip(ids, shares.tolist(), strict=True)),
-            expected_tokens=float(shares @ cap),
-            expected_energy_wh=float(shares @ costs.round_energy_wh),
-            expected_emissions_g=float(shares[available] @ g_now[available]),
-            deadline_at_risk=at_risk,
-            reason=reason,
-            planned_tokens_by_round=tuple(float(p) for p in planned),
-            planned_emissions_g=plan_g,
-        )
 
-    everyone = available.astype(float)
-    capacity_now = float(cap[available].sum())
-    if policy_name == "agnostic":
-        at_risk = capacity_now * max(rounds_to_deadline, 0) < tokens_remaining
-        return finish(everyone, "all available nodes, full round", at_risk)
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a hub energy policy decides from: every node costed (`SwarmCosts`), the tokens still
+    to train and the rounds left before the deadline (less the reserve). At least one node is
+    available and tokens remain (`plan_costs` answers the other cases itself)."""
 
-    if policy_name == "greedy-green":
-        need = min(tokens_remaining, tokens_remaining / rounds_left * (1 + margin))
-        if capacity_now * rounds_left < tokens_remaining:
-            return finish(everyone, "behind pace: all nodes", True)
+    now_s: float
+    costs: SwarmCosts
+    tokens_remaining: float
+    round_duration_s: float
+    rounds_to_deadline: int
+    rounds_left: int
+    margin: float  # spare pace to keep, and the discount on future capacity
+
+    @property
+    def available(self) -> np.ndarray:
+        return np.asarray(self.costs.available, dtype=bool)
+
+    @property
+    def round_tokens(self) -> np.ndarray:
+        return np.asarray(self.costs.round_tokens, dtype=float)
+
+    @property
+    def everyone(self) -> np.ndarray:
+        """Shares with every available node running the whole round."""
+        return self.available.astype(float)
+
+
+@dataclass(frozen=True)
+class PolicyDecision:
+    """A policy's answer: a share of the round per node (aligned with `costs.node_ids`)."""
+
+    shares: np.ndarray
+    reason: str
+    deadline_at_risk: bool = False
+    planned_tokens_by_round: Sequence[float] = ()
+    plan_g: float | None = None  # emissions of the whole plan, when it plans ahead
+    defer_until_s: float | None = None  # no work now: the round waits until then
+
+
+class HubEnergyPolicy(ABC):
+    """How the hub spreads a run's tokens over nodes and time. Register one under
+    `gridswarm.energy_policies` (see gridswarm.plugins) to use it as `[energy] policy = "name"`."""
+
+    name: ClassVar[str]
+    looks_ahead: ClassVar[bool] = False  # costs every round to the deadline, not only this one
+    needs_token_target: ClassVar[bool] = True  # spreads `budget.tokens` over `deadline_s`
+
+    @abstractmethod
+    def decide(self, p: PlanInputs) -> PolicyDecision:
+        """This round's shares from the costed swarm."""
+
+
+class Agnostic(HubEnergyPolicy):
+    """Every available node runs the whole round: the baseline."""
+
+    name = "agnostic"
+    needs_token_target = False
+
+    def decide(self, p: PlanInputs) -> PolicyDecision:
+        capacity_now = float(p.round_tokens[p.available].sum())
+        at_risk = capacity_now * max(p.rounds_to_deadline, 0) < p.tokens_remaining
+        return PolicyDecision(p.everyone, "all available nodes, full round", at_risk)
+
+
+class GreedyGreen(HubEnergyPolicy):
+    """The nodes with the lowest emissions per token now, just enough to keep the pace."""
+
+    name = "greedy-green"
+
+    def decide(self, p: PlanInputs) -> PolicyDecision:
+        cap, available, ids = p.round_tokens, p.available, list(p.costs.node_ids)
+        need = min(p.tokens_remaining, p.tokens_remaining / p.rounds_left * (1 + p.margin))
+        if float(cap[available].sum()) * p.rounds_left < p.tokens_remaining:
+            return PolicyDecision(p.everyone, "behind pace: all nodes", True)
+        g_now = p.costs.slot_emissions_g[:, 0]
         ix = np.nonzero(available)[0]
         id_rank = np.argsort(np.argsort(np.array([ids[i] for i in ix]), kind="stable"))
         order = ix[np.lexsort((id_rank, g_now[ix] / cap[ix]))]
         before = np.cumsum(cap[order]) - cap[order]
         shares = np.zeros(len(ids))
         shares[order] = np.minimum(1.0, np.maximum(need - before, 0.0) / cap[order])
-        return finish(shares, f"cleanest nodes now for pace over {rounds_left} round(s)")
+        return PolicyDecision(shares, f"cleanest nodes now for pace over {p.rounds_left} round(s)")
 
-    # forecast: plan every (node, round) block up to the deadline, cheapest first
-    slots = costs.slot_emissions_g.shape[1]
-    if slots < rounds_left:
-        raise ValueError(f"forecast needs {rounds_left} costed slots, got {slots}")
-    block_cap = np.where(costs.slot_available[:, :rounds_left], cap[:, None], 0.0)
-    block_cap[:, 1:] *= 1.0 - margin
-    if block_cap.sum() < tokens_remaining:
-        return finish(everyone, "forecast capacity short of target: all", True)
-    block_cost = costs.slot_emissions_g[:, :rounds_left] / cap[:, None]
-    take = cheapest_first(block_cost, block_cap, tokens_remaining)
-    planned = take.sum(axis=0)
-    taken = take > 0
-    plan_g = float(block_cost[taken] @ take[taken])
-    now_blocks = take[:, 0] > MIN_SHARE * block_cap[:, 0]
-    shares = np.where(now_blocks, take[:, 0] / cap, 0.0)
-    if not now_blocks.any():
-        first = int(np.nonzero(planned > 0)[0][0])
-        plan = finish(
-            shares, f"cleaner energy in {first} round(s): defer", planned=planned, plan_g=plan_g
+
+class Forecast(HubEnergyPolicy):
+    """Every (node, round) block up to the deadline, cheapest first (a fractional knapsack)."""
+
+    name = "forecast"
+    looks_ahead = True
+
+    def decide(self, p: PlanInputs) -> PolicyDecision:
+        costs, cap, rounds_left = p.costs, p.round_tokens, p.rounds_left
+        slots = costs.slot_emissions_g.shape[1]
+        if slots < rounds_left:
+            raise ValueError(f"forecast needs {rounds_left} costed slots, got {slots}")
+        block_cap = np.where(costs.slot_available[:, :rounds_left], cap[:, None], 0.0)
+        block_cap[:, 1:] *= 1.0 - p.margin
+        if block_cap.sum() < p.tokens_remaining:
+            return PolicyDecision(p.everyone, "forecast capacity short of target: all", True)
+        block_cost = costs.slot_emissions_g[:, :rounds_left] / cap[:, None]
+        take = cheapest_first(block_cost, block_cap, p.tokens_remaining)
+        planned = take.sum(axis=0)
+        taken = take > 0
+        plan_g = float(block_cost[taken] @ take[taken])
+        now_blocks = take[:, 0] > MIN_SHARE * block_cap[:, 0]
+        shares = np.where(now_blocks, take[:, 0] / cap, 0.0)
+        if not now_blocks.any():
+            first = int(np.nonzero(planned > 0)[0][0])
+            return PolicyDecision(
+                shares,
+                f"cleaner energy in {first} round(s): defer",
+                planned_tokens_by_round=planned,
+                plan_g=plan_g,
+                defer_until_s=p.now_s + first * p.round_duration_s,
+            )
+        return PolicyDecision(
+            shares,
+            f"cheapest blocks over {rounds_left} round(s) to the deadline",
+            planned_tokens_by_round=planned,
+            plan_g=plan_g,
         )
-        return replace(plan, defer=True, defer_until_s=now_s + first * round_duration_s)
-    return finish(
-        shares,
-        f"cheapest blocks over {rounds_left} round(s) to the deadline",
-        planned=planned,
-        plan_g=plan_g,
-    )
+
+
+# name -> policy class; plugins add theirs through the `gridswarm.energy_policies` entry points
+HUB_POLICIES: Registry[type[HubEnergyPolicy]] = Registry(
+    "gridswarm.energy_policies", "hub energy policy"
+)
+for _policy in (Agnostic, GreedyGreen, Forecast):
+    HUB_POLICIES.register(_policy.name, _policy, builtin=True)

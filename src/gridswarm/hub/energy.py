@@ -40,6 +40,7 @@ from gridswarm.energy.accounting import (
     run_report,
 )
 from gridswarm.energy.policy import (
+    HUB_POLICIES,
     LOCAL_PV_INTENSITY_G_PER_KWH,
     NodeEnergyState,
     RoundEnergyPlan,
@@ -81,7 +82,7 @@ def parse_report(energy_json: str | None) -> dict | None:
 
 def check_energy(cfg: RunConfig) -> None:
     """Refuse energy settings a run cannot honour (raises ValueError naming the field)."""
-    if cfg.energy.policy != "agnostic" and cfg.budget.tokens is None:
+    if HUB_POLICIES.get(cfg.energy.policy).needs_token_target and cfg.budget.tokens is None:
         raise ValueError(
             f"energy.policy = {cfg.energy.policy!r} needs a token target: set budget.tokens "
             "(the policy spreads that many tokens over energy.deadline_s)"
@@ -193,8 +194,12 @@ def decide_work(
     if me is None:
         raise ValueError(f"node {node_id} is not among the live nodes")
     my_window = window_s((me.report or {}).get("availability_forecast"), now_s)
-    if energy.policy == "agnostic" or tokens_remaining is None or deadline_at_s is None:
-        return WorkDecision(1.0, my_window, 0.0, "agnostic: full share")
+    if (
+        not HUB_POLICIES.get(energy.policy).needs_token_target
+        or tokens_remaining is None
+        or deadline_at_s is None
+    ):
+        return WorkDecision(1.0, my_window, 0.0, f"{energy.policy}: full share")
     duty = compute_s / wall_s
     states = [
         node_state(

@@ -1,11 +1,13 @@
-"""An example gridswarm plugin: what a user writes to add an aggregator, a codec and a carbon-signal
-kind without editing gridswarm. Each object is named in this package's `pyproject.toml` under one
-of gridswarm's entry-point groups."""
+"""An example gridswarm plugin: what a user writes to add an aggregator, a codec, a carbon-signal
+kind and a hub energy policy without editing gridswarm. Each object is named in this package's
+`pyproject.toml` under one of gridswarm's entry-point groups."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from gridswarm.energy.policy import HubEnergyPolicy, PlanInputs, PolicyDecision
 from gridswarm.energy.signals import SignalPoint, SignalProvider, SignalTable
 from gridswarm.train.aggregate import Aggregator
 from gridswarm.train.params import BlobFormatError
@@ -88,3 +90,22 @@ def day_night_signal(table: SignalTable) -> DayNightSignal:
     if not (0 <= day < 1e5 and 0 <= night < 1e5):
         raise ValueError("energy.signal: day-night intensities must be in [0, 1e5) g/kWh")
     return DayNightSignal(table.own_region, day, night)
+
+
+class EnergyEfficient(HubEnergyPolicy):
+    """Fewest watt-hours per token: the most efficient machines now, just enough for the pace the
+    deadline needs (for a sponsor who pays for energy rather than for carbon)."""
+
+    name = "energy-efficient"
+
+    def decide(self, p: PlanInputs) -> PolicyDecision:
+        cap = p.round_tokens
+        need = p.tokens_remaining / p.rounds_left * (1 + p.margin)
+        if float(cap[p.available].sum()) * p.rounds_left < p.tokens_remaining:
+            return PolicyDecision(p.everyone, "behind pace: all nodes", deadline_at_risk=True)
+        ix = np.nonzero(p.available)[0]
+        order = ix[np.argsort(p.costs.round_energy_wh[ix] / cap[ix], kind="stable")]
+        before = np.cumsum(cap[order]) - cap[order]
+        shares = np.zeros(len(cap))
+        shares[order] = np.clip((need - before) / cap[order], 0.0, 1.0)
+        return PolicyDecision(shares, "fewest Wh per token for the pace")
