@@ -278,7 +278,8 @@ def test_false_claim_has_a_typed_reason_and_goes_on_the_ledger(hub):
 def test_one_bad_run_never_stops_the_others(hub):
     node = Identity.generate()
     hub.register(node)
-    bad = hub.create_run(Identity.generate(), run_config())
+    sponsor_of_bad = Identity.generate()
+    bad = hub.create_run(sponsor_of_bad, run_config())
     good = hub.create_run(Identity.generate(), run_config())
     in_bad = hub.assignment(node, bad)
     with hub.service.sessions() as s:  # e.g. written by an older hub: cannot be read back
@@ -297,6 +298,8 @@ def test_one_bad_run_never_stops_the_others(hub):
     assert status.status_code == 200
     assert status.json()["status"] == "stalled"
     assert "ValidationError" in status.json()["status_reason"]
+    r = hub.post(sponsor_of_bad, f"{API}/runs/{bad}/state", {"event": "resume"})
+    refused(r, 409, Refusal.CONFLICT)  # not a 500: it cannot resume until its settings can
     assert hub.get(f"{API}/runs").status_code == 200
 
 

@@ -431,7 +431,12 @@ class HubService:
             ).rowcount
         rnd = s.get(m.Round, (run.id, run.round))
         if after is RunState.ACTIVE and rnd is not None and rnd.status == "open":
-            cfg = RunConfig.model_validate_json(run.config_json)
+            try:
+                cfg = RunConfig.model_validate_json(run.config_json)
+            except ValidationError as exc:  # stalled because its settings cannot be read back
+                raise HubError(
+                    409, f"run {run.id} cannot resume: its stored settings do not validate"
+                ) from exc
             rnd.deadline_at = now + cfg.round.deadline_s  # the hold did not eat the round's time
         run.status, run.status_reason, run.status_changed_at = after, reason, now
         if after in FINAL:
