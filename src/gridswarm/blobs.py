@@ -81,18 +81,19 @@ class LocalBlobStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, digest: str) -> Path:
+    def path(self, digest: str) -> Path:
+        """Where blob `digest` lives (memory-mapped in place by prepared datasets)."""
         check_digest(digest)
         return self.root / digest[:2] / digest[2:4] / digest
 
     def has(self, digest: str) -> bool:
-        return self._path(digest).exists()
+        return self.path(digest).exists()
 
     def put(self, data: bytes, expected_digest: str | None = None) -> str:
         digest = sha256_hex(data)
         if expected_digest is not None and expected_digest != digest:
             raise BlobError(f"content hash {digest} does not match the declared {expected_digest}")
-        path = self._path(digest)
+        path = self.path(digest)
         if path.exists():
             return digest
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,7 @@ class LocalBlobStore:
         self._path(digest).unlink(missing_ok=True)
 
     def get(self, digest: str) -> bytes:
-        path = self._path(digest)
+        path = self.path(digest)
         try:
             data = path.read_bytes()
         except FileNotFoundError as exc:

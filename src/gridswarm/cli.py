@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 run_app = typer.Typer(help="Create, inspect and export training runs.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
+data_app = typer.Typer(help="Prepare and check tokenised datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 app.add_typer(ledger_app, name="ledger")  # show, verify, post-epoch (gridswarm/ledger/cli.py)
 run_app.command("fund")(run_fund)
 # `gridswarm node [OPTIONS]` runs a node; `gridswarm node balance|claim` are its ledger commands
@@ -91,7 +93,7 @@ def explain(exc: BaseException) -> str | None:
     import httpx
 
     from gridswarm.home import HomeInUse
-    from gridswarm.node.client import HubRequestError, HubUnreachable, HubURLError
+    from gridswarm.node.client import HubRequestError, HubTLSError, HubUnreachable, HubURLError
 
     if isinstance(exc, HubUnreachable):
         return (
@@ -106,7 +108,7 @@ def explain(exc: BaseException) -> str | None:
             403: " (signed with the key under --home)",
         }.get(exc.status, "")
         return f"the hub refused ({exc.status}): {exc.detail}{hint}"
-    if isinstance(exc, HubURLError | HomeInUse | ConfigError):
+    if isinstance(exc, HubURLError | HubTLSError | HomeInUse | ConfigError):
         return str(exc)
     if isinstance(exc, FileNotFoundError):
         return f"{exc.strerror or 'not found'}: {exc.filename or exc}"
@@ -118,7 +120,13 @@ def hub(
     db: Annotated[str, typer.Option(help="SQLAlchemy URL: sqlite:///hub.db or postgresql://…")] = (
         "sqlite:///gridswarm-hub.db"
     ),
-    blobs: Annotated[Path, typer.Option(help="folder of the blob store")] = Path("gridswarm-blobs"),
+    blobs: Annotated[
+        str,
+        typer.Option(
+            help="blob store: a folder, or s3://bucket/prefix (endpoint and credentials from the "
+            "standard AWS_* environment variables)"
+        ),
+    ] = "gridswarm-blobs",
     host: str = "127.0.0.1",
     port: int = 8470,
     liveness_s: Annotated[float, typer.Option(help="a node silent this long is lost")] = 20.0,
@@ -146,6 +154,12 @@ def hub(
     requests_per_s: Annotated[
         float, typer.Option(min=0.01, help="signed requests per second per key (burst: 4x)")
     ] = 50.0,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="serve HTTPS with this certificate chain (PEM)")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="the certificate's private key (PEM)")
+    ] = None,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = 0,
 ) -> None:
@@ -171,7 +185,13 @@ def hub(
             _fail(str(exc))
         console.print(f"sponsors: {len(allowed)} keys may create and fund runs")
 
-    console.print(f"gridswarm hub on http://{host}:{port}  db={db}  blobs={blobs}")
+    if (tls_cert is None) != (tls_key is None):
+        _fail("--tls-cert and --tls-key go together")
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            _fail(f"{path}: no such file")
+    scheme = "https" if tls_cert else "http"
+    console.print(f"gridswarm hub on {scheme}://{host}:{port}  db={db}  blobs={blobs}")
     by_region = {}
     if signals is not None:
         try:
@@ -191,7 +211,7 @@ def hub(
     )
     if max_run_memory_mb is not None:
         settings = dataclasses.replace(settings, max_run_memory_mb=max_run_memory_mb)
-    serve(db, blobs, host, port, settings, home)
+    serve(db, blobs, host, port, settings, home, (tls_cert, tls_key) if tls_cert else None)
 
 
 @node_app.callback(invoke_without_command=True)
@@ -331,12 +351,17 @@ def run_export(
     hub_url: HubOpt = None,
     home: Path = DEFAULT_HOME,
 ) -> None:
-    """Write the run's newest model as safetensors + config (Hugging Face layout for hf models)."""
+    """Write the run's newest model and tokenizer in Hugging Face layout (AutoModelForCausalLM
+    and AutoTokenizer load the folder)."""
     from gridswarm.export import export_run
+    from gridswarm.train.dataset import DatasetError
 
     client = _client(hub_url, home)
     status = client.run_status(run_id)
-    path = export_run(client, status, out)
+    try:
+        path = export_run(client, status, out)
+    except DatasetError as exc:  # the run's tokenizer could not be read or verified
+        _fail(str(exc))
     console.print(f"exported version {status['version']} of run {run_id} to {path}")
 
 
@@ -398,6 +423,53 @@ def run_report(
     print(format_run_report(report, privacy if isinstance(privacy, dict) else None))
 
 
+@data_app.command("prepare")
+def data_prepare(
+    sources: Annotated[list[Path], typer.Argument(help=".txt .jsonl .jsonl.gz .parquet, folders")],
+    out: Annotated[Path, typer.Option(help="new folder for shards, manifest and tokenizer")],
+    tokenizer: Annotated[
+        str, typer.Option(help="bytes, bpe:VOCAB (trained here) or PATH/tokenizer.json")
+    ] = "bytes",
+    text_field: Annotated[str, typer.Option(help="the text column of jsonl/parquet")] = "text",
+    val_fraction: Annotated[float, typer.Option(help="held-out share (the tail)")] = 0.1,
+    shard_tokens: Annotated[int, typer.Option(help="tokens per shard")] = 1 << 20,
+) -> None:
+    """Tokenise local files into memory-mapped shards + manifest.json (nothing is downloaded);
+    name the result in a run.toml as `data.dataset = "OUT"`."""
+    from gridswarm.train.dataset import DatasetError, prepare
+
+    try:
+        manifest, digest = prepare(
+            sources,
+            tokenizer,
+            out,
+            text_field=text_field,
+            val_fraction=val_fraction,
+            shard_tokens=shard_tokens,
+        )
+    except (DatasetError, OSError) as exc:
+        _fail(str(exc))
+    console.print(
+        f"{out}: {manifest.tokens_train:,} train + {manifest.tokens_val:,} held-out tokens in "
+        f"{len(manifest.train)} + {len(manifest.val)} {manifest.dtype} shards, vocabulary "
+        f"{manifest.vocab_size:,} ({manifest.tokenizer.kind})"
+    )
+    print(f"manifest:{digest}")
+
+
+@data_app.command("verify")
+def data_verify(folder: Annotated[Path, typer.Argument(help="a prepared dataset folder")]) -> None:
+    """Check every shard and the tokenizer of a prepared folder against its manifest."""
+    from gridswarm.train.dataset import DatasetError, verify_folder
+
+    try:
+        source = verify_folder(folder)
+    except DatasetError as exc:
+        _fail(str(exc))
+    console.print(f"{folder}: {len(source.manifest.shards())} shards match the manifest")
+    print(f"manifest:{source.manifest_digest}")
+
+
 @app.command()
 def sample(
     model_dir: Annotated[Path, typer.Argument(help="folder written by `run export`")],
@@ -406,7 +478,7 @@ def sample(
     temperature: float = 0.8,
     seed: int = 0,
 ) -> None:
-    """Generate text from an exported model."""
+    """Generate text from an exported model, with the run's tokenizer."""
     from gridswarm.export import RUN_FILE, sample_text
 
     if not (model_dir / RUN_FILE).is_file():
@@ -440,8 +512,35 @@ def _options(
     debug: Annotated[
         bool, typer.Option("--debug", help="show the traceback of an error (anywhere on the line)")
     ] = False,
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            envvar="GRIDSWARM_CA",
+            help="trust this CA (PEM) for the hub's TLS certificate (anywhere on the line)",
+        ),
+    ] = None,
 ) -> None:
     """Train language models on a swarm of machines, where energy is clean."""
+
+
+def _take_ca(args: list[str]) -> list[str]:
+    """`--ca PATH` (or `--ca=PATH`) anywhere on the line: every hub client of this process trusts
+    that CA (it is passed on as GRIDSWARM_CA); the other arguments are returned."""
+    from gridswarm.node.client import CA_ENV
+
+    rest, i = [], 0
+    while i < len(args):
+        if args[i] == "--ca" and i + 1 < len(args):
+            os.environ[CA_ENV] = args[i + 1]
+            i += 2
+            continue
+        if args[i].startswith("--ca="):
+            os.environ[CA_ENV] = args[i].removeprefix("--ca=")
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -449,6 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("GRIDSWARM_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    args = _take_ca(args)
     try:
         app(args, prog_name="gridswarm")
     except KeyboardInterrupt:

@@ -77,10 +77,14 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where the training text comes from. `dataset = "tinyshakespeare"` is bundled;
-    any other value is a path to a text file or a folder of .txt files."""
+    """Where the training text comes from. `dataset = "tinyshakespeare"` is bundled; a path to a
+    text file or a folder of .txt files trains byte-level; a folder written by `gridswarm data
+    prepare` (or `manifest:<sha256>` of one the hub holds) trains on its token shards with its
+    tokenizer (train/dataset.py)."""
 
-    dataset: Annotated[str, Field(max_length=1024), AfterValidator(printable)] = "tinyshakespeare"
+    dataset: Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(printable)] = (
+        "tinyshakespeare"
+    )
     # "shared": the hub names the slice each node trains on (replayable);
     # "local": each node trains on its own files (`gridswarm node --data PATH`), which never
     # leave it (federated mode). The hub then never reads node data: `dataset` names the PUBLIC
@@ -88,6 +92,8 @@ class DataConfig(_Strict):
     data: Literal["shared", "local"] = "shared"
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
     eval_batches: Annotated[int, Field(gt=0, le=1024)] = 8
+    # prepared datasets: shards one node's slice draws its windows from (and needs to fetch)
+    slice_shards: Annotated[int, Field(gt=0, le=64)] = 2
 
 
 class TrainConfig(_Strict):

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from pydantic import ValidationError
@@ -72,6 +73,15 @@ from gridswarm.protocol import (
 )
 from gridswarm.train.aggregate import make_aggregator
 from gridswarm.train.codecs import ErrorFeedback, make_codec
+from gridswarm.train.dataset import (
+    MANIFEST_PREFIX,
+    BlobSource,
+    PreparedCorpus,
+    import_dataset,
+    is_prepared,
+    manifest_ref,
+    parse_manifest,
+)
 from gridswarm.train.memory import OverBudget, check_memory
 from gridswarm.train.outer import nesterov_step
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
@@ -149,6 +159,8 @@ class HubService:
         self._failures: dict[str, int] = {}  # run id -> consecutive failed ticks
         # silence is measured from here at the earliest: a hub outage is not the nodes' fault
         self.started_at = clock()
+        self._dataset_blobs: set[str] = set()
+        self._dataset_blobs_loaded = False
         self.privacy = HubPrivacy(self)  # DP accounting and SecAgg stages (hub/privacy.py)
         # ledger, audits, usefulness, reputation, rewards (hub/trust.py); `identity` is the hub's
         # persistent signing key (server.py loads it), a throwaway one only for in-memory use
@@ -262,8 +274,33 @@ class HubService:
     def workload(self, run_id: str, config_json: str) -> Workload:
         if run_id not in self._workloads:
             cfg = RunConfig.model_validate_json(config_json)
-            self._workloads[run_id] = Workload.from_config(cfg)
+            self._workloads[run_id] = Workload.from_config(cfg, source=BlobSource(self.blobs))
         return self._workloads[run_id]
+
+    def _import_dataset(self, cfg: RunConfig) -> RunConfig:
+        """A prepared dataset named by a folder path (readable by the hub) is imported into the
+        blob store and the run is stored as `manifest:<sha256>`, which is all nodes ever see."""
+        if manifest_ref(cfg.data.dataset) is not None or not is_prepared(cfg.data.dataset):
+            return cfg
+        PreparedCorpus.open(cfg.data.dataset).check_fits(cfg.train.seq_len)  # before any write
+        manifest, digest = import_dataset(Path(cfg.data.dataset), self.blobs)
+        self._dataset_blobs |= {digest, *manifest.digests()}
+        data = cfg.data.model_copy(update={"dataset": f"{MANIFEST_PREFIX}{digest}"})
+        return cfg.model_copy(update={"data": data})
+
+    def _is_dataset_blob(self, s: Session, digest: str) -> bool:
+        """Manifest, tokenizer and shards of the datasets that runs train on are public; the set
+        is rebuilt from the runs once per process (after a restart), then kept up to date."""
+        if digest in self._dataset_blobs:
+            return True
+        if not self._dataset_blobs_loaded:
+            for config_json in s.scalars(select(m.Run.config_json)):
+                ref = manifest_ref(RunConfig.model_validate_json(config_json).data.dataset)
+                if ref is not None and self.blobs.has(ref):
+                    manifest = parse_manifest(self.blobs.get(ref))
+                    self._dataset_blobs |= {ref, *manifest.digests()}
+            self._dataset_blobs_loaded = True
+        return digest in self._dataset_blobs
 
     def create_run(self, sponsor_key: bytes, config: dict) -> RunCreateResponse:
         check_sponsor(self.settings.sponsors, sponsor_key)
@@ -283,7 +320,8 @@ class HubService:
             raise HubError(422, str(exc), Refusal.INVALID_CONFIG) from exc
         run_id = uuid.uuid4().hex[:12]
         try:
-            workload = Workload.from_config(cfg)
+            cfg = self._import_dataset(cfg)
+            workload = Workload.from_config(cfg, source=BlobSource(self.blobs))
         except (OSError, ValueError) as exc:
             raise HubError(422, f"data.dataset: {exc}", Refusal.INVALID_CONFIG) from exc
         theta = workload.initial_theta()
@@ -962,15 +1000,23 @@ class HubService:
     # ---------------------------------------------------------------- reads
 
     def read_blob(self, digest: str, node_id: str | None) -> bytes:
-        """A published model version or delta (contributions are never served)."""
+        """A published model version or delta, or a blob of a run's dataset (contributions are
+        never served). Dataset downloads are data, not synchronisation: not in `bytes_down`."""
         with self.sessions() as s:
             version = s.scalars(
                 select(m.Version)
                 .where((m.Version.weights_blob == digest) | (m.Version.delta_blob == digest))
                 .limit(1)
             ).first()
+            if version is None and self._is_dataset_blob(s, digest):
+                try:
+                    return self.blobs.get(digest)
+                except BlobError as exc:
+                    raise HubError(500, str(exc)) from exc
             if version is None:
-                raise HubError(404, f"blob {digest} is not a published model version or delta")
+                raise HubError(
+                    404, f"blob {digest} is not a published model version, delta or dataset blob"
+                )
             try:
                 data = self.blobs.get(digest)
             except BlobError as exc:

@@ -1,9 +1,10 @@
 """The node's main loop: register, pull an assignment, train, upload, repeat.
 
-A node keeps its identity key and a cache of model versions (by hash) in its home folder. When it
-holds the previous version it downloads only the encoded update and rebuilds the new weights
-exactly, checking the result against the version's hash. SIGINT/SIGTERM stop it between steps; it
-tells the hub it is leaving, so its unfinished assignment is released rather than awaited.
+A node keeps its identity key and a cache of model versions and dataset shards (by hash) in its
+home folder. When it holds the previous version it downloads only the encoded update and rebuilds
+the new weights exactly, checking the result against the version's hash. SIGINT/SIGTERM stop it
+between steps; it tells the hub it is leaving, so its unfinished assignment is released rather
+than awaited.
 
 A node first makes sure it can reach its hub: while it cannot, it says so and retries with backoff
 (a countdown in its log) until the hub answers, `connect_timeout_s` passes, or it is stopped. One
@@ -34,6 +35,7 @@ from gridswarm.node.secagg import SecAggContributor, secagg_timeout_s
 from gridswarm.protocol import Assignment, ContributionMeta, Refusal, RegisterRequest
 from gridswarm.train.codecs import ErrorFeedback, make_codec
 from gridswarm.train.data import read_text
+from gridswarm.train.dataset import BlobSource, DatasetError
 from gridswarm.train.params import pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import sign_contribution
@@ -238,8 +240,18 @@ class NodeAgent:
                 if self.options.data is None:
                     raise ValueError(f"run {run_id} is federated: start the node with --data PATH")
                 text = read_text(str(self.options.data))
-            self._workloads[run_id] = Workload.from_config(cfg, text=text)
+            # a prepared dataset's shards are fetched (only those a slice draws) into the cache
+            source = BlobSource(self.cache, self._fetch_dataset_blob)
+            self._workloads[run_id] = Workload.from_config(cfg, text=text, source=source)
         return self._workloads[run_id]
+
+    def _fetch_dataset_blob(self, digest: str) -> bytes:
+        """A dataset blob from the hub; a refusal or a hash mismatch is a training failure
+        (reported to the hub), not a crash."""
+        try:
+            return self.client.blob(digest)
+        except (HubRequestError, BlobError) as exc:
+            raise DatasetError(f"dataset blob {digest[:12]}…: {exc}") from exc
 
     def _contribute_securely(
         self, a: Assignment, numel: int, update: torch.Tensor, meta: ContributionMeta

@@ -9,10 +9,13 @@ as `HubRequestError` with the hub's reason; a hub that stays unreachable as `Hub
 from __future__ import annotations
 
 import json
+import os
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 from pydantic import BaseModel
@@ -68,10 +71,45 @@ class HubUnreachable(httpx.TransportError):
         self.cause = cause
 
 
+class HubTLSError(ConnectionError):
+    """The hub's TLS certificate is not trusted, or it speaks TLS to a plain http:// URL: retrying
+    cannot help, so the client says so at once."""
+
+
+def tls_verify(ca: str | Path | None = None) -> ssl.SSLContext:
+    """Certificates a client trusts: the CA bundle `ca` (or the file named by $GRIDSWARM_CA), for a
+    hub whose certificate a private CA signed; else the system's store."""
+    ca = ca or os.environ.get(CA_ENV) or None
+    if ca is not None and not Path(ca).is_file():
+        raise HubTLSError(f"CA file {ca} not found (--ca / {CA_ENV})")
+    return ssl.create_default_context(cafile=str(ca) if ca else None)
+
+
+def tls_failure(url: str, exc: httpx.TransportError) -> HubTLSError | None:
+    """The clear error for a TLS mismatch, or None for an ordinary (retryable) transport error."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return HubTLSError(
+                f"the hub at {url} has a TLS certificate this machine does not trust "
+                f"({cause.verify_message}): give its CA with --ca or {CA_ENV}"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return HubTLSError(f"TLS with the hub at {url} failed: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    if url.startswith("http://") and isinstance(exc, httpx.RemoteProtocolError):
+        return HubTLSError(
+            f"the hub at {url} closed the connection without an HTTP answer: "
+            "if it serves TLS (--tls-cert), use https://"
+        )
+    return None
+
+
 class ClientStopped(Exception):
     """The client's `stop` event was set while it waited to retry."""
 
 
+CA_ENV = "GRIDSWARM_CA"  # a CA bundle (PEM) to trust for the hub's TLS certificate
 URL_PATTERN = re.compile(r"^https?://[^/\s:]+")
 RetryCallback = Callable[[str, float, float | None], None]  # (cause, retry in s, give up in s)
 
@@ -103,13 +141,14 @@ class HubClient:
         retry_for_s: float | None = 120.0,
         stop: threading.Event | None = None,
         on_retry: RetryCallback | None = None,
+        ca: str | Path | None = None,
     ) -> None:
         self.base_url = check_hub_url(base_url)
         self.identity = identity
         self.retry_for_s = retry_for_s
         self.stop = stop or threading.Event()
         self.on_retry = on_retry
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, verify=tls_verify(ca))
 
     def close(self) -> None:
         self.http.close()
@@ -134,6 +173,9 @@ class HubClient:
                     method, path, content=body, params=params, headers=headers
                 )
             except httpx.TransportError as exc:
+                tls_error = tls_failure(self.base_url, exc)
+                if tls_error is not None:
+                    raise tls_error from exc
                 cause = transport_cause(exc)
                 if give_up is not None and time.monotonic() >= give_up:
                     raise HubUnreachable(self.base_url, cause, time.monotonic() - started) from exc
