@@ -111,7 +111,7 @@ class LocalBlobStore:
         return digest
 
     def delete(self, digest: str) -> None:
-        self._path(digest).unlink(missing_ok=True)
+        self.path(digest).unlink(missing_ok=True)
 
     def get(self, digest: str) -> bytes:
         path = self.path(digest)
