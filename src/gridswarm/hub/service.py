@@ -72,7 +72,7 @@ from gridswarm.protocol import (
     describe_errors,
 )
 from gridswarm.train.aggregate import make_aggregator
-from gridswarm.train.codecs import ErrorFeedback, make_codec
+from gridswarm.train.codecs import make_codec
 from gridswarm.train.dataset import (
     MANIFEST_PREFIX,
     BlobSource,
@@ -83,7 +83,7 @@ from gridswarm.train.dataset import (
     parse_manifest,
 )
 from gridswarm.train.memory import OverBudget, check_memory
-from gridswarm.train.outer import nesterov_step
+from gridswarm.train.outer import outer_update
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import claimed_work_error
@@ -476,7 +476,9 @@ class HubService:
                     409, f"run {run.id} cannot resume: its stored settings do not validate"
                 ) from exc
             rnd.deadline_at = now + cfg.round.deadline_s  # the hold did not eat the round's time
-        run.status, run.status_reason, run.status_changed_at = after, reason, now
+        # the reason stays on the ledger; the run shows one only while it is not active
+        shown_reason = None if after is RunState.ACTIVE else reason
+        run.status, run.status_reason, run.status_changed_at = after, shown_reason, now
         if after in FINAL:
             run.finished_at = now
         entry = {
@@ -921,17 +923,22 @@ class HubService:
         )
         theta = unpack_vector(self.blobs.get(base.weights_blob))
         momentum = unpack_vector(self.blobs.get(base.momentum_blob)) if base.momentum_blob else None
-        step = nesterov_step(
-            pseudo_gradient, momentum, cfg.train.outer_lr, cfg.train.outer_momentum
-        )
-        feedback = ErrorFeedback(
-            make_codec(cfg.comm.codec_down, cfg.comm.block_size),
+        residual = (
             unpack_vector(self.blobs.get(base.error_feedback_blob))
             if base.error_feedback_blob
-            else None,
+            else None
         )
-        encoded = feedback.encode(step.update)
-        theta_new = theta - feedback.codec.decode(encoded, run.numel)
+        out = outer_update(
+            theta,
+            pseudo_gradient,
+            momentum,
+            residual,
+            lr=cfg.train.outer_lr,
+            mu=cfg.train.outer_momentum,
+            codec_down=cfg.comm.codec_down,
+            block_size=cfg.comm.block_size,
+        )
+        theta_new, encoded = out.theta, out.delta
         number = rnd.base_version + 1
         tokens = sum(c.tokens for c in contributions)
         version = m.Version(
@@ -943,8 +950,8 @@ class HubService:
             delta_blob=self.blobs.put(
                 pack(encoded, {"codec": cfg.comm.codec_down, "numel": run.numel, "to": number})
             ),
-            momentum_blob=self.blobs.put(pack_vector(step.momentum)),
-            error_feedback_blob=self.blobs.put(pack_vector(feedback.residual)),
+            momentum_blob=self.blobs.put(pack_vector(out.momentum)),
+            error_feedback_blob=self.blobs.put(pack_vector(out.residual)),
             val_loss=workload.evaluate(theta_new),
             tokens_total=run.tokens_total + tokens,
             created_at=now,
@@ -1174,7 +1181,6 @@ class HubService:
             entry["state"] = liveness_state(
                 row.status, now - row.last_seen_at, self.settings.liveness_s
             )
-            entry["last_seen_s_ago"] = round(now - row.last_seen_at, 1)
         outcome: dict[int, dict[str, int]] = {}
         for rnd_number, status, count in assignments:
             outcome.setdefault(rnd_number, {})[status] = count
