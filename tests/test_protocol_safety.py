@@ -18,6 +18,7 @@ from gridswarm.swarm import Swarm, free_port
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack
 from tests.conftest import tiny_run
+from tests.hub.harness import meta_fields
 
 pytestmark = pytest.mark.slow
 REGISTER = f"{API}/nodes/register"
@@ -60,17 +61,7 @@ def contribution(assignment, numel: int, nan_scale: bool = False, **meta) -> byt
     tensors = make_codec("int8").encode(torch.zeros(numel))
     if nan_scale:
         tensors["scale"][0] = float("nan")
-    fields = {
-        "assignment_id": assignment.id,
-        "codec": "int8",
-        "steps": assignment.inner_steps,
-        "tokens": assignment.inner_steps * 32 * 8,
-        "loss_first": 5.0,
-        "loss_last": 4.0,
-        "loss_mean": 4.5,
-        "train_time_s": 1.0,
-        "threads": 1,
-    } | meta
+    fields = meta_fields(assignment, 32 * 8, **meta)
     return pack(tensors, ContributionMeta(**fields).model_dump())
 
 
@@ -200,7 +191,7 @@ def test_node_dying_mid_upload_stores_nothing(hub, node):
 
 def test_blob_reads(hub):
     swarm, _ = hub
-    assert httpx.get(f"{swarm.url}{API}/blobs/nothex").status_code == 400
+    assert httpx.get(f"{swarm.url}{API}/blobs/nothex").status_code == 422  # not a sha256
     assert httpx.get(f"{swarm.url}{API}/blobs/{'a' * 64}").status_code == 404
 
 
