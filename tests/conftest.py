@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gridswarm.swarm import Swarm, free_port
+from gridswarm.swarm import Swarm, free_port, local_postgres
 
 torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -67,52 +62,8 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def _pg_bindir() -> Path:
-    found = shutil.which("pg_ctl")
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    if candidates:
-        return Path(candidates[0])
-    if found:
-        return Path(found).resolve().parent
-    raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (see .ci/run)")
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A real PostgreSQL server in a temporary folder on a free loopback port."""
-    bindir = _pg_bindir()
-    datadir = Path(tempfile.mkdtemp(prefix="gridswarm-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        shutil.chown(datadir, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    run = lambda *args: subprocess.run([*as_user, *args], check=True, capture_output=True)  # noqa: E731
-    run(str(bindir / "initdb"), "-D", str(datadir / "db"), "-U", "postgres", "-A", "trust")
-    run(
-        str(bindir / "pg_ctl"),
-        "-D",
-        str(datadir / "db"),
-        "-l",
-        str(datadir / "log"),
-        "-w",
-        "-o",
-        f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1",
-        "start",
-    )
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            [
-                *as_user,
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(datadir / "db"),
-                "-m",
-                "immediate",
-                "stop",
-            ],
-            capture_output=True,
-        )
-        shutil.rmtree(datadir, ignore_errors=True)
+    with local_postgres() as url:
+        yield url

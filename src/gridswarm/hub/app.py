@@ -8,6 +8,8 @@ A background thread ticks the round state machine so deadlines fire without any 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -60,8 +62,34 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class RoundSignals:
+    """Wakes the long-polls of a run when its round changes (a close, a replan, a place freed).
+
+    `notify` may be called from any thread (the ticker, request threads); waiters take the
+    run's current event *before* asking the service, so a change between their question and
+    their wait is never missed. One event per run and generation: set, then replaced.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.events: dict[str, asyncio.Event] = {}
+
+    def current(self, run_id: str) -> asyncio.Event:
+        return self.events.setdefault(run_id, asyncio.Event())
+
+    def _wake(self, run_id: str) -> None:
+        event = self.events.pop(run_id, None)
+        if event is not None:
+            event.set()
+
+    def notify(self, run_id: str) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._wake, run_id)
+
+
 def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -> FastAPI:
     stop = threading.Event()
+    signals = RoundSignals()
 
     def ticker() -> None:
         while not stop.wait(TICK_S):
@@ -74,6 +102,8 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        signals.loop = asyncio.get_running_loop()
+        service.round_changed = signals.notify
         thread = threading.Thread(target=ticker, name="round-ticker", daemon=True)
         thread.start()
         yield
@@ -167,15 +197,23 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
 
     @app.post(f"{API}/runs/{{run_id}}/assignment")
     async def assignment(run_id: str, request: Request, wait_s: float = 10.0) -> AssignmentResponse:
-        """Long-poll: answers as soon as there is work (or the run ends), else after `wait_s`."""
+        """Long-poll: answers as soon as there is work (or the run ends), else after `wait_s`.
+        While waiting it holds no thread and no lock: it sleeps until the run's round changes
+        (or the service's recheck time passes), then asks once more."""
         verified, _ = await signed(request, MAX_JSON_BYTES)
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + min(max(wait_s, 0.0), MAX_WAIT_S)
+        wait_s = min(max(wait_s, 0.0), MAX_WAIT_S) if math.isfinite(wait_s) else 0.0
+        give_up = loop.time() + wait_s
         while True:
-            answer = await run_in_threadpool(service.request_assignment, run_id, verified.node_id)
-            if answer.status != "wait" or loop.time() >= give_up:
+            changed = signals.current(run_id)  # before asking: no change can slip between
+            answer, recheck_s = await run_in_threadpool(
+                service.assignment_or_wait, run_id, verified.node_id
+            )
+            left_s = give_up - loop.time()
+            if answer.status != "wait" or left_s <= 0:
                 return answer
-            await asyncio.sleep(min(answer.retry_after_s, 0.5, max(give_up - loop.time(), 0)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(recheck_s or left_s, left_s))
 
     @app.post(f"{API}/runs/{{run_id}}/contributions")
     async def contribute(run_id: str, request: Request) -> ContributionAck:
