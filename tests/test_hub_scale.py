@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event
+from sqlalchemy import event, select
 
 from gridswarm.hub.app import create_app
+from gridswarm.hub.models import Node
 from gridswarm.hub.server import build_service
 from gridswarm.hub.service import HubError, HubService
 from gridswarm.identity import Identity, sign_request
@@ -94,12 +95,18 @@ def test_fastest_node_sets_the_pace_and_a_faster_newcomer_raises_it(tmp_path: Pa
     assert service.request_assignment(run.run_id, slower).assignment.inner_steps == 10
 
 
-def test_heartbeat_is_one_update_and_refuses_strangers(tmp_path: Path) -> None:
+def test_heartbeats_cost_no_transaction_and_reach_the_database_in_one_batch(
+    tmp_path: Path,
+) -> None:
     clock = FakeClock()
     service = hub(tmp_path, clock)
-    node = register(service)
+    nodes = [register(service) for _ in range(20)]
     clock.t += 5
-    assert statements_of(service, lambda: service.heartbeat(node, "training")) == 1
+    assert statements_of(service, lambda: [service.heartbeat(n, "training") for n in nodes]) == 0
+    assert statements_of(service, service.tick) <= 4  # one UPDATE for all 20, no run to advance
+    with service.sessions() as s:
+        seen = {n.id: (n.status, n.last_seen_at) for n in s.scalars(select(Node))}
+    assert all(seen[n] == ("training", clock.t) for n in nodes)
     with pytest.raises(HubError) as refused:
         service.heartbeat("0" * 16, "idle")
     assert refused.value.status == 403

@@ -125,6 +125,8 @@ class HubService:
         self._forecasts: dict[tuple[str, float], tuple[float, list | None]] = {}
         self._prepared: dict[str, NewVersion] = {}  # run -> its next version, computed unlocked
         self.round_changed: Callable[[str], None] = lambda run_id: None  # set by the HTTP layer
+        self._heartbeats: dict[str, tuple[str, float]] = {}  # node -> status, seen at (unwritten)
+        self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
         self.privacy = HubPrivacy(self)  # DP accounting and SecAgg stages (hub/privacy.py)
         # ledger, audits, usefulness, reputation, rewards (hub/trust.py); `identity` is the hub's
         # persistent signing key (server.py loads it), a throwaway one only for in-memory use
@@ -177,6 +179,7 @@ class HubService:
             node.last_seen_at = now
             node.status = "idle"
             s.commit()
+        self._known_nodes.add(node_id)
         self._raise_fastest(None, None, node.probe_rate)
         self._wake_pending_runs(now)
         return node_id
@@ -201,16 +204,29 @@ class HubService:
                 self.round_changed(run_id)
 
     def heartbeat(self, node_id: str, status: str) -> None:
-        """One UPDATE, no lock: heartbeats must never queue behind round work."""
-        with self.sessions() as s:
-            updated = s.execute(
-                update(m.Node)
-                .where(m.Node.id == node_id)
-                .values(status=status, last_seen_at=self.clock())
-            ).rowcount
-            if not updated:
-                raise HubError(403, f"node {node_id} is not registered")
-            s.commit()
+        """Note that a node is alive; no lock, no transaction of its own. Liveness is soft state:
+        the notes are written in one UPDATE per batch (`flush_heartbeats`) by the ticker and at
+        the start of every transaction that reads liveness, so heartbeats never queue behind
+        round work and cost no commit (no fsync) each."""
+        if node_id not in self._known_nodes:
+            with self.sessions() as s:
+                if s.get(m.Node, node_id) is None:
+                    raise HubError(403, f"node {node_id} is not registered")
+            self._known_nodes.add(node_id)
+        self._heartbeats[node_id] = (status, self.clock())
+
+    def flush_heartbeats(self, s: Session) -> None:
+        """Write the pending heartbeats into the transaction `s` (one executemany UPDATE)."""
+        if not self._heartbeats:
+            return
+        pending, self._heartbeats = self._heartbeats, {}
+        s.execute(
+            update(m.Node),
+            [
+                {"id": node_id, "status": status, "last_seen_at": seen_at}
+                for node_id, (status, seen_at) in pending.items()
+            ],
+        )
 
     def report_energy(self, node_id: str, report: EnergyReport) -> None:
         """Store a node's energy report (hub/energy.py reads it when planning); a node whose own
@@ -229,6 +245,7 @@ class HubService:
     def leave(self, node_id: str) -> int:
         """A node leaves: its outstanding assignments are released so rounds need not wait."""
         with self.lock, self.sessions() as s:
+            self.flush_heartbeats(s)
             self._node(s, node_id).status = "left"
             runs = set(
                 s.scalars(
@@ -405,6 +422,7 @@ class HubService:
         if self.settings.signals:
             self._prefetch_forecasts(run_id, now)
         with self.lock, self.sessions() as s:
+            self.flush_heartbeats(s)  # liveness decides who may start a round
             node = self._node(s, node_id)
             node.status = "idle"
             run = self._run(s, run_id)
@@ -674,6 +692,8 @@ class HubService:
         self.trust.prescreen(self.workload)  # audit uploads as they arrive, outside the lock
         done = []
         with self.sessions() as s:
+            self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
+            s.commit()
             run_ids = s.scalars(select(m.Run.id).where(m.Run.status == "active")).all()
         for run_id in run_ids:
             self._prepare_close(run_id)  # the heavy part of a due close, outside the lock
