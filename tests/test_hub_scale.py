@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 
 from gridswarm.hub.app import create_app
-from gridswarm.hub.models import Node
+from gridswarm.hub.models import Node, Nonce
 from gridswarm.hub.server import build_service
 from gridswarm.hub.service import HubError, HubService
-from gridswarm.identity import Identity, sign_request
+from gridswarm.identity import AuthError, Identity, sign_request
 from gridswarm.protocol import API, RegisterRequest
 from tests.conftest import tiny_run
 
@@ -151,3 +151,35 @@ def test_long_poll_wakes_when_the_round_can_start_and_sleeps_otherwise(tmp_path:
         # a non-finite wait answers at once instead of hanging
         assert signed_post(client, a, path, params={"wait_s": "nan"}).json()["status"] == "wait"
     assert service.run_status(run.run_id)["rounds"][0]["status"] == "open"
+
+
+def test_nonces_are_stored_in_shared_commits_and_replays_refused_even_after_restart(
+    tmp_path: Path,
+) -> None:
+    service = hub(tmp_path)
+    identity = Identity.generate()
+    requests = [sign_request(identity, "POST", "/v1/x", b"{}") for _ in range(40)]
+    refused: list[Exception] = []
+
+    def consume(headers: dict[str, str]) -> None:
+        try:
+            service.authenticate(headers, "POST", "/v1/x", b"{}")
+        except AuthError as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(h,)) for h in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not refused
+    with service.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Nonce)) == 40
+    with pytest.raises(AuthError) as replay:
+        service.authenticate(requests[0], "POST", "/v1/x", b"{}")
+    assert replay.value.status == 409
+    restarted = hub(tmp_path)  # a new process: its memory is empty, the database is not
+    with pytest.raises(AuthError) as replay:
+        restarted.authenticate(requests[1], "POST", "/v1/x", b"{}")
+    assert replay.value.status == 409
+    restarted.authenticate(sign_request(identity, "POST", "/v1/x", b"{}"), "POST", "/v1/x", b"{}")
