@@ -125,7 +125,7 @@ class Swarm:
                 env=self.env,
             )
 
-    def start_hub(self) -> None:
+    def start_hub(self, timeout_s: float = 60.0) -> None:
         blobs = str(self.workdir / "blobs")
         self.hub = self._spawn(
             [
@@ -142,7 +142,7 @@ class Swarm:
             ],
             "hub.log",
         )
-        wait_healthy(self.url, self.hub)
+        wait_healthy(self.url, self.hub, timeout_s)
 
     def kill_hub(self) -> None:
         """SIGKILL the hub: no shutdown code runs, as in a crash."""

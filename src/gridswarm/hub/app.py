@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import math
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -41,7 +43,9 @@ from gridswarm.protocol import (
 
 TICK_S = 0.25
 MAX_WAIT_S = 20.0
+LOCKED_THREADS = 4  # threads for requests that take the service's lock (work, uploads, leave)
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -90,6 +94,12 @@ class RoundSignals:
 def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -> FastAPI:
     stop = threading.Event()
     signals = RoundSignals()
+    # calls that take the service's lock run on their own few threads, so that while they queue
+    # for it the shared pool stays free for heartbeats, nonces and reads
+    locked_limiter: list[anyio.CapacityLimiter] = []
+
+    async def under_lock(fn: Callable[..., T], *args: object) -> T:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=locked_limiter[0])
 
     def ticker() -> None:
         while not stop.wait(TICK_S):
@@ -103,6 +113,7 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         signals.loop = asyncio.get_running_loop()
+        locked_limiter[:] = [anyio.CapacityLimiter(LOCKED_THREADS)]
         service.round_changed = signals.notify
         thread = threading.Thread(target=ticker, name="round-ticker", daemon=True)
         thread.start()
@@ -169,7 +180,7 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     @app.post(f"{API}/nodes/leave")
     async def leave(request: Request) -> dict:
         verified, _ = await signed(request, MAX_JSON_BYTES)
-        released = await run_in_threadpool(service.leave, verified.node_id)
+        released = await under_lock(service.leave, verified.node_id)
         return {"released_assignments": released}
 
     @app.post(f"{API}/runs")
@@ -206,7 +217,7 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         give_up = loop.time() + wait_s
         while True:
             changed = signals.current(run_id)  # before asking: no change can slip between
-            answer, recheck_s = await run_in_threadpool(
+            answer, recheck_s = await under_lock(
                 service.assignment_or_wait, run_id, verified.node_id
             )
             left_s = give_up - loop.time()
@@ -218,7 +229,7 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     @app.post(f"{API}/runs/{{run_id}}/contributions")
     async def contribute(run_id: str, request: Request) -> ContributionAck:
         verified, body = await signed(request, max_upload_bytes)
-        return await run_in_threadpool(service.submit, run_id, verified.node_id, body)
+        return await under_lock(service.submit, run_id, verified.node_id, body)
 
     add_privacy_routes(app, service, signed, max_upload_bytes)  # /v1/runs/{id}/secagg/...
     add_trust_routes(app, service, signed)  # /v1/ledger, /v1/runs/{id}/fund, balances

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from pydantic import ValidationError
@@ -64,7 +64,7 @@ from gridswarm.trust.claims import claimed_work_error
 MAX_SKEW_S = 120.0
 LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this often (clock s)
 FORECAST_TTL_S = 60.0  # the hub's own carbon forecasts are fetched again after this
-LIVE_RECHECK_S = 5.0  # a long-poll waiting for min_nodes live nodes also asks again this often
+LIVE_RECHECK_S = 10.0  # a long-poll waiting for min_nodes live nodes also asks again this often
 
 
 class HubError(Exception):
@@ -100,6 +100,10 @@ class NewVersion:
     momentum_blob: str
     error_feedback_blob: str
     val_loss: float
+
+    def columns(self) -> dict[str, object]:
+        """The `versions` columns it fills."""
+        return {k: v for k, v in asdict(self).items() if k != "key"}
 
 
 class NonceBook:
@@ -942,15 +946,7 @@ class HubService:
         new = self._new_version(s, run, rnd, cfg, base, contributions, now)
         tokens = sum(c.tokens for c in contributions)
         version = m.Version(
-            run_id=run.id,
-            number=new.number,
-            weights_blob=new.weights_blob,
-            delta_blob=new.delta_blob,
-            momentum_blob=new.momentum_blob,
-            error_feedback_blob=new.error_feedback_blob,
-            val_loss=new.val_loss,
-            tokens_total=run.tokens_total + tokens,
-            created_at=now,
+            run_id=run.id, tokens_total=run.tokens_total + tokens, created_at=now, **new.columns()
         )
         number = new.number
         s.add(version)
