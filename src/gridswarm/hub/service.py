@@ -492,9 +492,14 @@ class HubService:
         if self.settings.signals:
             self._prefetch_forecasts(run_id, now)
         with self.lock, self.sessions() as s:
-            self.flush_heartbeats(s)  # liveness decides who may start a round
-            node = self._node(s, node_id)
-            node.status = "idle"
+            # reads first, writes at the end: on SQLite a write takes the database's one write
+            # lock until commit, and nonces and heartbeats of other requests wait for it
+            s.autoflush = False
+            node = s.get(m.Node, node_id)
+            if node is None:
+                raise HubError(403, f"node {node_id} is not registered")
+            was_live = node.status != "left" and node.last_seen_at >= self._live_cutoff(now)
+            node.last_seen_at, node.status = now, "idle"
             run = self._run(s, run_id)
             if run.status != "active":
                 s.commit()
@@ -516,7 +521,7 @@ class HubService:
                 select(func.count()).where(
                     m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != "left"
                 )
-            )
+            ) + (0 if was_live else 1)  # the asking node is live (its row is written last)
             reason = may_take_seat(rnd.status, bool(has_seat), active, rules, live)
             if reason is None:  # reputation: cheaters excluded (403), reputed nodes first
                 live_with_seat = s.scalar(
@@ -573,6 +578,7 @@ class HubService:
             if plan is None:
                 s.commit()
                 return AssignmentResponse(status="wait", retry_after_s=2.0), 2.0
+            s.autoflush = True  # the writes of an assignment
             if rnd.status == "pending":
                 rnd.status, rnd.opened_at, rnd.deadline_at = "open", now, deadline_at
                 self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
