@@ -48,6 +48,7 @@ from gridswarm.swarm import Swarm, free_port, local_postgres
 
 HEARTBEAT_S = 3.0  # what the real node does while training (node/agent.py)
 WAIT_S = 10.0  # long-poll length the node asks for
+KEEPALIVE_S = 4.0  # reuse a connection idle at most this long (uvicorn's keep-alive is 5 s)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -116,6 +117,7 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.busy = asyncio.Lock()  # one request at a time on a shared connection
+        self.used_at = 0.0
 
     def close(self) -> None:
         if self.writer is not None:
@@ -123,6 +125,8 @@ class Connection:
         self.reader = self.writer = None
 
     async def _exchange(self, head: bytes, body: bytes) -> Response:
+        if self.writer is not None and time.monotonic() - self.used_at > KEEPALIVE_S:
+            self.close()  # uvicorn closes a connection idle for 5 s: do not race it
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         self.writer.write(head + body)
@@ -134,7 +138,9 @@ class Connection:
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-length":
                 length = int(value)
-        return Response(int(status_line.split()[1]), await self.reader.readexactly(length))
+        response = Response(int(status_line.split()[1]), await self.reader.readexactly(length))
+        self.used_at = time.monotonic()
+        return response
 
     async def request(
         self, method: str, target: str, body: bytes, headers: dict[str, str], timeout_s: float

@@ -499,7 +499,7 @@ class HubService:
             if node is None:
                 raise HubError(403, f"node {node_id} is not registered")
             was_live = node.status != "left" and node.last_seen_at >= self._live_cutoff(now)
-            node.last_seen_at, node.status = now, "idle"
+            self._heartbeats[node_id] = ("idle", now)  # a wait answer writes nothing: no fsync
             run = self._run(s, run_id)
             if run.status != "active":
                 s.commit()
@@ -595,7 +595,8 @@ class HubService:
                 status="assigned",
             )
             s.add(row)
-            node.status = "training"
+            self._heartbeats.pop(node_id, None)
+            node.last_seen_at, node.status = now, "training"
             version = s.get(m.Version, (run.id, rnd.base_version))
             previous = s.get(m.Version, (run.id, rnd.base_version - 1))
             s.commit()
