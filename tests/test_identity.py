@@ -1,5 +1,10 @@
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
+from gridswarm.home import HomeInUse, lock_home
 from gridswarm.identity import AuthError, Identity, sign_request, verify_request
 
 
@@ -49,3 +54,31 @@ def test_missing_and_malformed_headers():
     with pytest.raises(AuthError, match="malformed") as exc:
         verify_request(headers, "POST", "/", b"", now_s=0)
     assert exc.value.status == 400
+
+
+def test_nodes_starting_at_once_share_one_complete_key(tmp_path):
+    """Creation is atomic: racing creators all end up with the key that won, none crashes."""
+    for attempt in range(20):
+        path = tmp_path / f"home{attempt}" / "node.key"
+        barrier = threading.Barrier(8)
+
+        def create(p=path, b=barrier):
+            b.wait()
+            return Identity.ensure(p)
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: create(), range(8)))
+        assert len({ident.node_id for ident, _ in results}) == 1
+        assert sum(created for _, created in results) == 1
+        assert [p.name for p in path.parent.iterdir()] == ["node.key"]  # no temporary left
+
+
+def test_a_second_process_on_one_home_is_refused_by_name(tmp_path):
+    with (
+        lock_home(tmp_path / "home"),
+        pytest.raises(HomeInUse, match=rf"pid {os.getpid()}\).*own --home"),
+        lock_home(tmp_path / "home"),
+    ):
+        pass
+    with lock_home(tmp_path / "home"):  # released with its holder
+        pass

@@ -98,7 +98,9 @@ def test_node_killed_mid_round_does_not_stall_the_run(make_swarm):
     first = status["rounds"][killed_round.round]
     assert first["close_reason"] == "all-in"  # closed once the victim was declared lost
     assert first["closed_at"] - first["opened_at"] < 30
-    assert {n["id"] for n in status["nodes"]} == {steady}
+    assert {n["id"] for n in status["nodes"] if n["contributions"]} == {steady}
+    states = {n["id"]: n["state"] for n in status["nodes"]}
+    assert states[victim] == "silent"  # killed: not heard from, never said it left
 
 
 def test_hub_killed_mid_round_loses_nothing_accepted(make_swarm):

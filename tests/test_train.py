@@ -5,6 +5,7 @@ import torch
 from gridswarm.config import parse_run_config
 from gridswarm.export import export_theta, load_exported
 from gridswarm.train.outer import nesterov_step
+from gridswarm.train.tokenizer import byte_tokenizer
 from gridswarm.train.workload import Workload
 from tests.conftest import tiny_run
 
@@ -69,8 +70,8 @@ def test_hf_llama_trains_and_exports_loadable_by_transformers(tmp_path):
     result = w.train(theta, 0, "n", 10)
     assert result.loss_last < result.loss_first
     theta = theta - result.pseudo_gradient
-    export_theta(cfg, theta, tmp_path, {"version": 1})
+    export_theta(cfg, theta, tmp_path, {"version": 1}, byte_tokenizer())
     hf = AutoModelForCausalLM.from_pretrained(tmp_path)
-    ours, _ = load_exported(tmp_path)
+    ours = load_exported(tmp_path).model
     x = torch.randint(0, 256, (1, 16))
     assert torch.allclose(hf(input_ids=x).logits, ours(x), atol=1e-5)

@@ -17,6 +17,21 @@ from typing import Protocol
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def synced_temp_file(folder: Path, data: bytes) -> Path:
+    """`data` written and fsynced to a new file (mode 0600) in `folder`, under a temporary name:
+    renaming or linking it into place afterwards is atomic, so no reader sees half of it."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
 class BlobError(Exception):
     """A blob is missing, or its bytes do not match its name."""
 
@@ -46,30 +61,27 @@ class LocalBlobStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, digest: str) -> Path:
+    def path(self, digest: str) -> Path:
+        """Where blob `digest` lives (memory-mapped in place by prepared datasets)."""
         check_digest(digest)
         return self.root / digest[:2] / digest[2:4] / digest
 
     def has(self, digest: str) -> bool:
-        return self._path(digest).exists()
+        return self.path(digest).exists()
 
     def put(self, data: bytes, expected_digest: str | None = None) -> str:
         digest = sha256_hex(data)
         if expected_digest is not None and expected_digest != digest:
             raise BlobError(f"content hash {digest} does not match the declared {expected_digest}")
-        path = self._path(digest)
+        path = self.path(digest)
         if path.exists():
             return digest
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        tmp = synced_temp_file(path.parent, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -79,7 +91,7 @@ class LocalBlobStore:
         return digest
 
     def get(self, digest: str) -> bytes:
-        path = self._path(digest)
+        path = self.path(digest)
         try:
             data = path.read_bytes()
         except FileNotFoundError as exc:
@@ -87,3 +99,13 @@ class LocalBlobStore:
         if sha256_hex(data) != digest:
             raise BlobError(f"blob {digest} is corrupt on disk (hash mismatch)")
         return data
+
+
+def open_blob_store(where: str | Path) -> BlobStore:
+    """The store named by `--blobs`: `s3://bucket/prefix` (S3-compatible object storage, settings
+    from the standard AWS environment variables) or a local folder."""
+    if str(where).startswith("s3://"):
+        from gridswarm.s3blobs import S3BlobStore  # boto3 only when asked for
+
+        return S3BlobStore.from_url(str(where))
+    return LocalBlobStore(Path(where))

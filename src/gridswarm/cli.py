@@ -1,16 +1,23 @@
-"""The `gridswarm` command line: hub, node, run, sample, demo."""
+"""The `gridswarm` command line: hub, node, run, sample, demo.
+
+An error a user can act on ends the command with one line on stderr saying what went wrong and
+what to do, and a non-zero exit (`explain`); `--debug` (anywhere on the line, or GRIDSWARM_DEBUG=1)
+shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from gridswarm.config import ConfigError, load_run_config
 from gridswarm.ledger.cli import ledger_app, node_balance, node_claim, run_fund
@@ -22,6 +29,8 @@ app = typer.Typer(
 )
 run_app = typer.Typer(help="Create, inspect and export training runs.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
+data_app = typer.Typer(help="Prepare and check tokenised datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 app.add_typer(ledger_app, name="ledger")  # show, verify, post-epoch (gridswarm/ledger/cli.py)
 run_app.command("fund")(run_fund)
 # `gridswarm node [OPTIONS]` runs a node; `gridswarm node balance|claim` are its ledger commands
@@ -30,21 +39,79 @@ app.add_typer(node_app, name="node")
 node_app.command("balance")(node_balance)
 node_app.command("claim")(node_claim)
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # one line each, whatever the width
 
 DEFAULT_HOME = Path(os.environ.get("GRIDSWARM_HOME", Path.home() / ".gridswarm"))
-HubOpt = Annotated[str, typer.Option("--hub", envvar="GRIDSWARM_HUB", help="hub URL")]
+DEFAULT_HUB = "http://127.0.0.1:8470"
+HubOpt = Annotated[
+    str | None,
+    typer.Option("--hub", envvar="GRIDSWARM_HUB", help=f"hub URL (default {DEFAULT_HUB})"),
+]
+VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="more detail")]
+QuietOpt = Annotated[int, typer.Option("--quiet", "-q", count=True, help="less detail")]
+CLI_RETRY_S = 5.0  # how long a sponsor command retries an unreachable hub
+
+
+def _error(message: str) -> None:
+    err_console.print(Text.assemble(("error: ", "red"), message))
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    _error(message)
     raise typer.Exit(2)
 
 
-def _client(hub: str, home: Path):
+def _hub_url(hub: str | None) -> str:
+    """The --hub URL; the default is said aloud, so nobody wonders where a node went."""
+    if hub is None:
+        err_console.print(f"no --hub given: using {DEFAULT_HUB} (set --hub or GRIDSWARM_HUB)")
+        return DEFAULT_HUB
+    return hub
+
+
+def _client(hub: str | None, home: Path):
     from gridswarm.identity import Identity
     from gridswarm.node.client import HubClient
 
-    return HubClient(hub, Identity.load_or_create(home / "sponsor.key"), retry_for_s=10.0)
+    key_path = home / "sponsor.key"
+    identity, created = Identity.ensure(key_path)
+    if created:
+        err_console.print(
+            f"created your sponsor key at {key_path} (keep it: it is how the hub knows your runs)"
+        )
+    return HubClient(_hub_url(hub), identity, retry_for_s=CLI_RETRY_S)
+
+
+def _log_level(verbose: int, quiet: int) -> int:
+    """INFO by default; each -v one level more detail, each -q one level less."""
+    return min(max(logging.INFO + 10 * (quiet - verbose), logging.DEBUG), logging.ERROR)
+
+
+def explain(exc: BaseException) -> str | None:
+    """The one line a user sees for `exc`, or None for an error that is a bug (traceback)."""
+    import httpx
+
+    from gridswarm.home import HomeInUse
+    from gridswarm.node.client import HubRequestError, HubTLSError, HubUnreachable, HubURLError
+
+    if isinstance(exc, HubUnreachable):
+        return (
+            f"cannot reach the hub at {exc.url} ({exc.cause}): is `gridswarm hub` running there? "
+            "(set --hub or GRIDSWARM_HUB)"
+        )
+    if isinstance(exc, httpx.TransportError):
+        return f"cannot reach the hub: {exc} (set --hub or GRIDSWARM_HUB)"
+    if isinstance(exc, HubRequestError):
+        hint = {
+            404: " (`gridswarm run status` lists the hub's runs)",
+            403: " (signed with the key under --home)",
+        }.get(exc.status, "")
+        return f"the hub refused ({exc.status}): {exc.detail}{hint}"
+    if isinstance(exc, HubURLError | HubTLSError | HomeInUse | ConfigError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.strerror or 'not found'}: {exc.filename or exc}"
+    return None
 
 
 @app.command()
@@ -52,7 +119,13 @@ def hub(
     db: Annotated[str, typer.Option(help="SQLAlchemy URL: sqlite:///hub.db or postgresql://…")] = (
         "sqlite:///gridswarm-hub.db"
     ),
-    blobs: Annotated[Path, typer.Option(help="folder of the blob store")] = Path("gridswarm-blobs"),
+    blobs: Annotated[
+        str,
+        typer.Option(
+            help="blob store: a folder, or s3://bucket/prefix (endpoint and credentials from the "
+            "standard AWS_* environment variables)"
+        ),
+    ] = "gridswarm-blobs",
     host: str = "127.0.0.1",
     port: int = 8470,
     liveness_s: Annotated[float, typer.Option(help="a node silent this long is lost")] = 20.0,
@@ -63,13 +136,34 @@ def hub(
         Path | None,
         typer.Option(help="folder of the hub's ledger key hub.key (default: beside --blobs)"),
     ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="serve HTTPS with this certificate chain (PEM)")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="the certificate's private key (PEM)")
+    ] = None,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = 0,
 ) -> None:
-    """Run a hub (migrates the database to the newest schema first)."""
+    """Run a hub (migrates the database to the newest schema first).
+
+    It logs each round's open and close (contributors, loss) and each change of a run's state;
+    -v/-q for more or less."""
     from gridswarm.hub.energy import load_hub_signals
     from gridswarm.hub.server import serve
     from gridswarm.hub.service import HubSettings
 
-    console.print(f"gridswarm hub on http://{host}:{port}  db={db}  blobs={blobs}")
+    logging.basicConfig(
+        level=_log_level(verbose, quiet), format="%(asctime)s %(name)s %(message)s", force=True
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations: only when they fail
+    if (tls_cert is None) != (tls_key is None):
+        _fail("--tls-cert and --tls-key go together")
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            _fail(f"{path}: no such file")
+    scheme = "https" if tls_cert else "http"
+    console.print(f"gridswarm hub on {scheme}://{host}:{port}  db={db}  blobs={blobs}")
     by_region = {}
     if signals is not None:
         try:
@@ -78,15 +172,21 @@ def hub(
             _fail(str(exc))
         described = ", ".join(f"{r}: {p.describe()}" for r, p in by_region.items())
         console.print(f"carbon signals: {described}")
-    serve(db, blobs, host, port, HubSettings(liveness_s=liveness_s, signals=by_region), home)
+    settings = HubSettings(liveness_s=liveness_s, signals=by_region)
+    serve(db, blobs, host, port, settings, home, (tls_cert, tls_key) if tls_cert else None)
 
 
 @node_app.callback(invoke_without_command=True)
 def node(
     ctx: typer.Context,
-    hub_url: HubOpt = "http://127.0.0.1:8470",
-    home: Annotated[Path, typer.Option(help="identity key and model cache")] = DEFAULT_HOME
-    / "node",
+    hub_url: HubOpt = None,
+    home: Annotated[
+        Path,
+        typer.Option(
+            help="identity key and model cache; one node process per home: give each node on "
+            "a machine its own"
+        ),
+    ] = DEFAULT_HOME / "node",
     run: Annotated[str | None, typer.Option(help="run id (default: newest active run)")] = None,
     data: Annotated[Path | None, typer.Option(help="local text for federated runs")] = None,
     max_threads: Annotated[int, typer.Option(help="torch threads to use")] = 1,
@@ -99,12 +199,24 @@ def node(
     energy: Annotated[
         Path | None, typer.Option(help="energy TOML: region, signal, PV/battery, policy")
     ] = None,
+    connect_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="give up when the hub is unreachable this long (s; default: never)"
+        ),
+    ] = None,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = 0,
 ) -> None:
-    """Join a hub as a node and contribute training until stopped (Ctrl-C leaves cleanly)."""
+    """Join a hub as a node and contribute training until stopped (Ctrl-C leaves cleanly).
+
+    It logs each assignment (round, H, tokens, seconds, bytes, loss) and each refusal."""
     if ctx.invoked_subcommand is not None:  # `gridswarm node balance|claim …`
         return
     from gridswarm.node.agent import NodeAgent, NodeOptions
+    from gridswarm.node.client import check_hub_url
 
+    hub_url = check_hub_url(_hub_url(hub_url))
     if energy is not None:
         from gridswarm.node.energy import load_node_energy
 
@@ -113,7 +225,9 @@ def node(
         except ValueError as exc:
             _fail(str(exc))
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s node %(message)s")
+    logging.basicConfig(
+        level=_log_level(verbose, quiet), format="%(asctime)s node %(message)s", force=True
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     agent = NodeAgent(
         NodeOptions(
@@ -127,6 +241,7 @@ def node(
             throttle=throttle,
             max_rounds=max_rounds,
             energy=energy,
+            connect_timeout_s=connect_timeout,
         )
     )
     agent.install_signal_handlers()
@@ -136,25 +251,26 @@ def node(
         f"node {agent.node_id} left: {stats.contributions} contributions, "
         f"{stats.tokens} tokens, {stats.bytes_up} bytes up"
     )
+    # the node has left the hub; skip the interpreter's teardown of torch and thousands of
+    # modules, which takes seconds on a busy machine, so SIGTERM ends the process promptly
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @run_app.command("create")
 def run_create(
     config: Annotated[Path, typer.Argument(help="run.toml")],
-    hub_url: HubOpt = "http://127.0.0.1:8470",
-    home: Path = DEFAULT_HOME,
+    hub_url: HubOpt = None,
+    home: Annotated[Path, typer.Option(help="folder of your sponsor key")] = DEFAULT_HOME,
 ) -> None:
     """Start a run from a run.toml (validated here first: errors name the field)."""
-    from gridswarm.node.client import HubRequestError
-
     try:
         cfg = load_run_config(config)
     except (ConfigError, OSError) as exc:
         _fail(str(exc))
-    try:
-        created = _client(hub_url, home).create_run(cfg.model_dump(mode="json"))
-    except HubRequestError as exc:
-        _fail(exc.detail)
+    created = _client(hub_url, home).create_run(cfg.model_dump(mode="json"))
     console.print(f"run [bold]{created.run_id}[/bold] created: {created.numel:,} parameters")
     print(created.run_id)
 
@@ -162,7 +278,7 @@ def run_create(
 @run_app.command("status")
 def run_status(
     run_id: Annotated[str | None, typer.Argument()] = None,
-    hub_url: HubOpt = "http://127.0.0.1:8470",
+    hub_url: HubOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     home: Path = DEFAULT_HOME,
 ) -> None:
@@ -194,40 +310,126 @@ def run_status(
 def run_export(
     run_id: str,
     out: Annotated[Path, typer.Argument(help="folder to write the model to")],
-    hub_url: HubOpt = "http://127.0.0.1:8470",
+    hub_url: HubOpt = None,
     home: Path = DEFAULT_HOME,
 ) -> None:
-    """Write the run's newest model as safetensors + config (Hugging Face layout for hf models)."""
+    """Write the run's newest model and tokenizer in Hugging Face layout (AutoModelForCausalLM
+    and AutoTokenizer load the folder)."""
     from gridswarm.export import export_run
+    from gridswarm.train.dataset import DatasetError
 
     client = _client(hub_url, home)
     status = client.run_status(run_id)
-    path = export_run(client, status, out)
+    try:
+        path = export_run(client, status, out)
+    except DatasetError as exc:  # the run's tokenizer could not be read or verified
+        _fail(str(exc))
     console.print(f"exported version {status['version']} of run {run_id} to {path}")
+
+
+def _change_state(run_id: str, event: str, reason: str, hub_url: str | None, home: Path) -> None:
+    entry = _client(hub_url, home).change_run_state(run_id, event, reason)
+    released = entry["released_assignments"]
+    line = f"run {run_id}: {entry['from']} → {entry['to']} ({released} assignments released)"
+    if "unspent_escrow_units" in entry:
+        line += f"; unspent escrow {entry['unspent_escrow_units']:,} units stays yours"
+    console.print(line)
+
+
+ReasonOpt = Annotated[str, typer.Option(help="why (goes on the ledger)")]
+SponsorHome = Annotated[Path, typer.Option(help="folder of your sponsor key")]
+
+
+@run_app.command("stop")
+def run_stop(
+    run_id: str, reason: ReasonOpt = "", hub_url: HubOpt = None, home: SponsorHome = DEFAULT_HOME
+) -> None:
+    """End a run for good (sponsor only): outstanding work is released, nodes are told, the
+    ledger records why, and the unspent escrow stays the sponsor's."""
+    _change_state(run_id, "stop", reason, hub_url, home)
+
+
+@run_app.command("pause")
+def run_pause(
+    run_id: str, reason: ReasonOpt = "", hub_url: HubOpt = None, home: SponsorHome = DEFAULT_HOME
+) -> None:
+    """Hold a run (sponsor only): no new work; every round, version and contribution is kept."""
+    _change_state(run_id, "pause", reason, hub_url, home)
+
+
+@run_app.command("resume")
+def run_resume(
+    run_id: str, reason: ReasonOpt = "", hub_url: HubOpt = None, home: SponsorHome = DEFAULT_HOME
+) -> None:
+    """Continue a paused or stalled run where it was (sponsor only)."""
+    _change_state(run_id, "resume", reason, hub_url, home)
 
 
 @run_app.command("report")
 def run_report(
     run_id: str,
-    hub_url: HubOpt = "http://127.0.0.1:8470",
+    hub_url: HubOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     home: Path = DEFAULT_HOME,
 ) -> None:
     """Energy and carbon of a run: per node and in total tokens, kWh, kgCO2e, gCO2e per 1k
     tokens, local-surplus share, and the carbon-agnostic counterfactual."""
     from gridswarm.hub.energy import format_run_report
-    from gridswarm.node.client import HubRequestError
 
     client = _client(hub_url, home)
-    try:
-        report = client.run_report(run_id)
-        privacy = client.run_status(run_id).get("privacy")
-    except HubRequestError as exc:
-        _fail(exc.detail)
+    report = client.run_report(run_id)
+    privacy = client.run_status(run_id).get("privacy")
     if as_json:
         print(json.dumps({**report, "privacy": privacy} if privacy else report, indent=2))
         return
     print(format_run_report(report, privacy if isinstance(privacy, dict) else None))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    sources: Annotated[list[Path], typer.Argument(help=".txt .jsonl .jsonl.gz .parquet, folders")],
+    out: Annotated[Path, typer.Option(help="new folder for shards, manifest and tokenizer")],
+    tokenizer: Annotated[
+        str, typer.Option(help="bytes, bpe:VOCAB (trained here) or PATH/tokenizer.json")
+    ] = "bytes",
+    text_field: Annotated[str, typer.Option(help="the text column of jsonl/parquet")] = "text",
+    val_fraction: Annotated[float, typer.Option(help="held-out share (the tail)")] = 0.1,
+    shard_tokens: Annotated[int, typer.Option(help="tokens per shard")] = 1 << 20,
+) -> None:
+    """Tokenise local files into memory-mapped shards + manifest.json (nothing is downloaded);
+    name the result in a run.toml as `data.dataset = "OUT"`."""
+    from gridswarm.train.dataset import DatasetError, prepare
+
+    try:
+        manifest, digest = prepare(
+            sources,
+            tokenizer,
+            out,
+            text_field=text_field,
+            val_fraction=val_fraction,
+            shard_tokens=shard_tokens,
+        )
+    except (DatasetError, OSError) as exc:
+        _fail(str(exc))
+    console.print(
+        f"{out}: {manifest.tokens_train:,} train + {manifest.tokens_val:,} held-out tokens in "
+        f"{len(manifest.train)} + {len(manifest.val)} {manifest.dtype} shards, vocabulary "
+        f"{manifest.vocab_size:,} ({manifest.tokenizer.kind})"
+    )
+    print(f"manifest:{digest}")
+
+
+@data_app.command("verify")
+def data_verify(folder: Annotated[Path, typer.Argument(help="a prepared dataset folder")]) -> None:
+    """Check every shard and the tokenizer of a prepared folder against its manifest."""
+    from gridswarm.train.dataset import DatasetError, verify_folder
+
+    try:
+        source = verify_folder(folder)
+    except DatasetError as exc:
+        _fail(str(exc))
+    console.print(f"{folder}: {len(source.manifest.shards())} shards match the manifest")
+    print(f"manifest:{source.manifest_digest}")
 
 
 @app.command()
@@ -238,9 +440,11 @@ def sample(
     temperature: float = 0.8,
     seed: int = 0,
 ) -> None:
-    """Generate text from an exported model."""
-    from gridswarm.export import sample_text
+    """Generate text from an exported model, with the run's tokenizer."""
+    from gridswarm.export import RUN_FILE, sample_text
 
+    if not (model_dir / RUN_FILE).is_file():
+        _fail(f"no exported model in {model_dir}: write one with `gridswarm run export RUN DIR`")
     print(sample_text(model_dir, prompt, tokens, temperature, seed))
 
 
@@ -265,8 +469,59 @@ def demo(
         console.print(f"summary written to {summary}")
 
 
-def main() -> None:
-    app()
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show the traceback of an error (anywhere on the line)")
+    ] = False,
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            envvar="GRIDSWARM_CA",
+            help="trust this CA (PEM) for the hub's TLS certificate (anywhere on the line)",
+        ),
+    ] = None,
+) -> None:
+    """Train language models on a swarm of machines, where energy is clean."""
+
+
+def _take_ca(args: list[str]) -> list[str]:
+    """`--ca PATH` (or `--ca=PATH`) anywhere on the line: every hub client of this process trusts
+    that CA (it is passed on as GRIDSWARM_CA); the other arguments are returned."""
+    from gridswarm.node.client import CA_ENV
+
+    rest, i = [], 0
+    while i < len(args):
+        if args[i] == "--ca" and i + 1 < len(args):
+            os.environ[CA_ENV] = args[i + 1]
+            i += 2
+            continue
+        if args[i].startswith("--ca="):
+            os.environ[CA_ENV] = args[i].removeprefix("--ca=")
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console entry point: run the command; errors end in one line (see `explain`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("GRIDSWARM_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    args = _take_ca(args)
+    try:
+        app(args, prog_name="gridswarm")
+    except KeyboardInterrupt:
+        err_console.print("stopped")
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        message = explain(exc) or f"{type(exc).__name__}: {exc} (--debug shows the traceback)"
+        _error(message)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -19,7 +20,16 @@ from pydantic import (
     model_validator,
 )
 
-CodecName = Literal["fp32", "fp16", "int8", "int4"]
+
+def _registered_codec(name: str) -> str:
+    """A codec name known to the codec registry (built in or a `gridswarm.codecs` plugin)."""
+    from gridswarm.train.codecs import CODECS  # imports torch: only when a run is validated
+
+    CODECS.get(name)  # UnknownPlugin (a ValueError) lists the known names
+    return name
+
+
+CodecName = Annotated[str, Field(max_length=64), AfterValidator(_registered_codec)]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
@@ -54,10 +64,12 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where the training text comes from. `dataset = "tinyshakespeare"` is bundled;
-    any other value is a path to a text file or a folder of .txt files."""
+    """Where the training text comes from. `dataset = "tinyshakespeare"` is bundled; a path to a
+    text file or a folder of .txt files trains byte-level; a folder written by `gridswarm data
+    prepare` (or `manifest:<sha256>` of one the hub holds) trains on its token shards with its
+    tokenizer (train/dataset.py)."""
 
-    dataset: str = "tinyshakespeare"
+    dataset: Annotated[str, Field(min_length=1, max_length=4096)] = "tinyshakespeare"
     # "shared": the hub names the slice each node trains on (replayable);
     # "local": each node trains on its own files (`gridswarm node --data PATH`), which never
     # leave it (federated mode). The hub then never reads node data: `dataset` names the PUBLIC
@@ -65,6 +77,8 @@ class DataConfig(_Strict):
     data: Literal["shared", "local"] = "shared"
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
     eval_batches: PositiveInt = 8
+    # prepared datasets: shards one node's slice draws its windows from (and needs to fetch)
+    slice_shards: Annotated[int, Field(gt=0, le=64)] = 2
 
 
 class TrainConfig(_Strict):
@@ -107,11 +121,14 @@ class RoundConfig(_Strict):
     quorum: PositiveInt = 1
     min_nodes: PositiveInt = 1
     max_nodes: PositiveInt = 64
-    aggregator: str = "mean"
+    aggregator: str = Field("mean", max_length=64)
     aggregator_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> RoundConfig:
+        from gridswarm.train.aggregate import make_aggregator  # the registry, plugins included
+
+        make_aggregator(self.aggregator, **self.aggregator_options)  # ValueError names the problem
         if self.quorum > self.max_nodes:
             raise ValueError(f"quorum ({self.quorum}) exceeds max_nodes ({self.max_nodes})")
         if self.min_nodes > self.max_nodes:
@@ -226,7 +243,7 @@ class EnergyConfig(_Strict):
     the deadline needs) or `forecast` (also shift work in time within the deadline). The two
     green policies need `deadline_s` here and a token target (`budget.tokens`)."""
 
-    policy: Literal["agnostic", "greedy-green", "forecast"] = "agnostic"
+    policy: Annotated[str, Field(max_length=64)] = "agnostic"  # or a registered plugin's name
     deadline_s: PositiveFloat | None = None  # budget.tokens due this long after the run starts
     round_overhead_s: Annotated[float, Field(ge=0)] = 2.0  # sync time per round, for planning
     margin: Annotated[float, Field(ge=0, lt=1)] = 0.1  # spare pace / future-capacity discount
@@ -236,7 +253,9 @@ class EnergyConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EnergyConfig:
-        if self.policy != "agnostic" and self.deadline_s is None:
+        from gridswarm.energy.policy import HUB_POLICIES  # built-ins and plugins
+
+        if HUB_POLICIES.get(self.policy).needs_token_target and self.deadline_s is None:
             raise ValueError(f"deadline_s is required with policy {self.policy!r}")
         return self
 

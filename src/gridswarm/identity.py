@@ -19,6 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from gridswarm.blobs import synced_temp_file
+
 HEADER_KEY = "x-gridswarm-key"
 HEADER_TIMESTAMP = "x-gridswarm-timestamp"
 HEADER_NONCE = "x-gridswarm-nonce"
@@ -57,12 +59,19 @@ class Identity:
     @classmethod
     def load_or_create(cls, path: Path) -> Identity:
         """Load the key at `path`, creating it (mode 0600) on first use."""
+        return cls.ensure(path)[0]
+
+    @classmethod
+    def ensure(cls, path: Path) -> tuple[Identity, bool]:
+        """The key at `path` and whether this call created it.
+
+        Creation is atomic: the key is written and fsynced under a temporary name, then linked
+        to `path`, which fails if another process got there first; then that process's key is
+        used. A reader never sees a half-written key, and two processes starting at once end up
+        with the same one."""
         path = Path(path)
         if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise ValueError(f"{path} does not hold an Ed25519 private key")
-            return cls(key)
+            return cls._load(path), False
         identity = cls.generate()
         path.parent.mkdir(parents=True, exist_ok=True)
         pem = identity.private_key.private_bytes(
@@ -70,10 +79,21 @@ class Identity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        return identity
+        tmp = synced_temp_file(path.parent, pem)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return cls._load(path), False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return identity, True
+
+    @classmethod
+    def _load(cls, path: Path) -> Identity:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} does not hold an Ed25519 private key")
+        return cls(key)
 
     @property
     def public_key(self) -> bytes:

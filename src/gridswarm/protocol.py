@@ -67,6 +67,25 @@ class AssignmentResponse(_Msg):
     status: Literal["assigned", "wait", "finished"]
     retry_after_s: float = 1.0
     assignment: Assignment | None = None
+    reason: str | None = None  # why there is no work: the run is paused, stalled, stopped, ...
+
+
+MAX_REASON_CHARS = 500
+
+
+class FailureReport(_Msg):
+    """A node could not train an assignment (POST /v1/runs/{id}/failures): the hub releases it
+    and counts it toward marking the run stalled (hub/lifecycle.py)."""
+
+    assignment_id: str = Field(min_length=1, max_length=64)
+    reason: str = Field(min_length=1, max_length=MAX_REASON_CHARS)
+
+
+class RunStateRequest(_Msg):
+    """The sponsor pauses, resumes or stops its run (POST /v1/runs/{id}/state)."""
+
+    event: Literal["pause", "resume", "stop"]
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
 
 
 class ContributionMeta(_Msg):

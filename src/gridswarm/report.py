@@ -1,8 +1,16 @@
-"""Human-readable views of a run's status (rich tables)."""
+"""Human-readable views of a run's status (rich): progress, loss per round, and its nodes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
+
+SPARKS = "▁▂▃▄▅▆▇█"
+STATE_STYLE = {"live": "green", "silent": "yellow", "gone": "dim"}
+RUN_STYLE = {"active": "green", "paused": "yellow", "stalled": "red", "stopped": "dim"}
 
 
 def human_bytes(n: float) -> str:
@@ -13,28 +21,73 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def status_table(status: dict) -> Table:
-    """Per-node totals of one run, titled with its progress."""
-    losses = status["val_loss"]
-    title = (
-        f"run {status['id']} ({status['status']}) — round {status['round']}, "
-        f"version {status['version']}, val loss {losses[0]:.3f} → {losses[-1]:.3f}"
+def sparkline(values: Sequence[float], width: int = 60) -> str:
+    """One block character per value (the last `width`), low to high."""
+    values = list(values)[-width:]
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(SPARKS[round((v - low) / span * (len(SPARKS) - 1))] for v in values)
+
+
+def loss_line(losses: Sequence[float]) -> str:
+    """Validation loss per version: start → now, and its sparkline."""
+    if not losses:
+        return "val loss: none yet"
+    if len(losses) == 1:
+        return f"val loss {losses[0]:.3f} (version 0: no round has closed yet)"
+    return (
+        f"val loss {losses[0]:.3f} → {losses[-1]:.3f} over {len(losses) - 1} rounds  "
+        f"{sparkline(losses)}"
     )
-    table = Table("node", "name", "contributions", "tokens", "bytes up", "bytes down", title=title)
+
+
+def bytes_line(status: dict) -> str:
+    """Bytes sent, and the data-parallel comparison only when there is something to compare."""
+    up, down = status["bytes_up_total"], status["bytes_down_total"]
+    dp = status["bytes_sync_dp_equivalent"]
+    line = f"bytes up {human_bytes(up)}, down {human_bytes(down)}"
+    if up and dp:
+        line += f"; synchronous data parallel would have sent {human_bytes(dp)} ({dp / up:.0f}×)"
+    elif not up:
+        line += " (no contribution yet)"
+    return line
+
+
+def status_table(status: dict) -> Group:
+    """One run: its state and why, the loss curve, bytes, and per-node totals and liveness."""
+    state = status["status"]
+    head = Text.assemble(
+        f"run {status['id']} ({status['name']}) ",
+        (state, RUN_STYLE.get(state, "")),
+        f" — round {status['round']}, version {status['version']}",
+    )
+    lines: list[Text | Table] = [head]
+    if status.get("status_reason"):
+        lines.append(Text(f"reason: {status['status_reason']}"))
+    lines += [Text(loss_line(status["val_loss"])), Text(bytes_line(status))]
+    table = Table("node", "name", "state", "contributions", "tokens", "bytes up", "failures")
     for n in status["nodes"]:
+        node_state = n.get("state", "")
+        failures = str(n.get("failures", 0))
+        if n.get("last_failure"):
+            failures += f" — {n['last_failure']}"
         table.add_row(
             n["id"],
             n.get("name") or "",
+            Text(node_state, STATE_STYLE.get(node_state, "")),
             str(n["contributions"]),
             f"{n['tokens']:,}",
             human_bytes(n["bytes_up"]),
-            human_bytes(n["bytes_down"]),
+            failures,
         )
-    up = status["bytes_up_total"]
-    dp = status["bytes_sync_dp_equivalent"]
-    table.caption = (
-        f"bytes up {human_bytes(up)} (down {human_bytes(status['bytes_down_total'])}); "
-        f"synchronous data parallel would have sent {human_bytes(dp)}"
-        + (f" — {dp / up:.0f}× more" if up else "")
-    )
-    return table
+    if status["nodes"]:
+        table.caption = (
+            f"live: heard from within {status.get('liveness_s', 20):g} s; silent: not since; "
+            "gone: left"
+        )
+        lines.append(table)
+    else:
+        lines.append(Text("no node has worked on this run yet"))
+    return Group(*lines)

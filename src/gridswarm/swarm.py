@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from gridswarm.identity import Identity
+from gridswarm.node.client import CA_ENV, tls_verify
 
 
 def free_port() -> int:
@@ -84,13 +86,16 @@ def local_postgres(max_connections: int = 100) -> Iterator[str]:
         shutil.rmtree(datadir, ignore_errors=True)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+def wait_healthy(
+    url: str, proc: subprocess.Popen, timeout_s: float = 60.0, verify: ssl.SSLContext | bool = True
+) -> None:
+    """Wait until the hub process answers /healthz (`verify`: the CA to trust for https)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"hub exited with code {proc.returncode}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+            if httpx.get(f"{url}/healthz", timeout=1.0, verify=verify).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -142,7 +147,7 @@ class Swarm:
             ],
             "hub.log",
         )
-        wait_healthy(self.url, self.hub, timeout_s)
+        wait_healthy(self.url, self.hub, timeout_s, verify=tls_verify(self.env.get(CA_ENV)))
 
     def kill_hub(self) -> None:
         """SIGKILL the hub: no shutdown code runs, as in a crash."""

@@ -221,6 +221,16 @@ def test_unmetered_contributions_are_counted_but_not_summed():
     assert report["intensity_sources"] == {"node": 1}
 
 
+def test_report_says_what_a_default_intensity_means():
+    rows = [row("a", 100, 0.5, 475.0, source="default") for _ in range(30)]
+    rows.append(row("b", 100, 0.5, 80.0, source="hub"))
+    report = run_report_json("r", "agnostic", rows, [], NOW, lambda r, t: None, 475.0)
+    text = format_run_report(report)
+    line = next(x for x in text.splitlines() if x.startswith("intensity source"))
+    assert "30 contributions at the default 475 g/kWh (neither hub nor node had a signal)" in line
+    assert "1 contribution from the hub's own signal for the node's region" in line
+
+
 def test_hub_signals_file_and_intensity(tmp_path: Path):
     good = tmp_path / "signals.toml"
     good.write_text('[FR]\nkind = "constant"\nintensity_g_per_kwh = 56\n')

@@ -260,3 +260,106 @@ def test_a_tiny_remainder_still_gets_work():
     # greedy-green keeps its pace: 50 tokens over 9 rounds (one in reserve) plus 10 %
     gg = plan_round("greedy-green", NOW, [node("a", 100)], 50.0, NOW + 10 * R, R)
     assert gg.shares["a"] * 100 * R == pytest.approx(50.0 / 9 * 1.1)
+
+
+def test_plans_match_the_reference_implementation():
+    """The array planner makes the plans the per-node reference implementation made (fixed-seed
+    cases, `plan_cases.py`): same nodes, same shares, same deferrals."""
+    import json
+
+    from tests.energy.plan_cases import FIXTURES, cases
+
+    golden = json.loads((FIXTURES / "plan_golden.json").read_text())
+    now = cases()
+    assert len(now) == len(golden)
+    for want, got in zip(golden, now, strict=True):
+        w, g = want["plan"], got["plan"]
+        label = (want["seed"], want["policy"])
+        for key in ("policy", "defer", "deadline_at_risk", "reason"):
+            assert g[key] == w[key], label
+        assert g["shares"].keys() == w["shares"].keys(), label
+        for nid, share in w["shares"].items():
+            assert g["shares"][nid] == pytest.approx(share, rel=1e-9, abs=1e-12), (label, nid)
+        for key in (
+            "defer_until_s",
+            "expected_tokens",
+            "expected_energy_wh",
+            "expected_emissions_g",
+            "planned_emissions_g",
+        ):
+            assert g[key] == (w[key] if w[key] is None else pytest.approx(w[key], rel=1e-9)), (
+                label,
+                key,
+            )
+        assert g["planned_tokens_by_round"] == pytest.approx(w["planned_tokens_by_round"], rel=1e-9)
+
+
+def test_cheapest_first_band_equals_the_full_sort(monkeypatch):
+    """Above BAND_MIN_BLOCKS only blocks near the cut are sorted; the take is the full sort's
+    (ties included: costs are rounded so that many blocks cost the same; some blocks absent)."""
+    from gridswarm.energy import policy
+
+    rng = np.random.default_rng(3)
+    shape = (1000, 300)
+    cost = np.round(rng.gamma(2.0, 100.0, shape), 0)
+    cap = rng.choice([0.0, 1e3, 2e3, 4.5e3], shape)
+    for frac in (0.01, 0.4, 0.97):
+        tokens = frac * cap.sum()
+        banded = policy.cheapest_first(cost, cap, tokens)
+        monkeypatch.setattr(policy, "BAND_MIN_BLOCKS", 10**9)
+        full = policy.cheapest_first(cost, cap, tokens)
+        monkeypatch.undo()
+        assert banded.sum() == pytest.approx(tokens)
+        np.testing.assert_allclose(banded, full, rtol=1e-9, atol=1e-6)
+        # the full sort itself: everything cheaper than the dearest block taken is taken whole
+        cut = cost[full > 0].max()
+        assert np.all(full[(cost < cut) & (cap > 0)] == cap[(cost < cut) & (cap > 0)])
+
+
+def test_allows_many_agrees_with_allows():
+    """The array form of every rule says what the scalar form says, condition by condition."""
+    from gridswarm.energy.policy import NodeConditions, parse_node_policy
+
+    policy = parse_node_policy(
+        {
+            "max_intensity_g_per_kwh": 300,
+            "require_surplus": True,
+            "battery_floor_frac": 0.3,
+            "max_price_per_kwh": 0.25,
+            "windows": ["mon-fri 18:00-08:00", "sat,sun 00:00-24:00"],
+            "timezone": "Europe/Berlin",
+        }
+    )
+    rng = np.random.default_rng(0)
+    n = 400
+    c = NodeConditions(
+        now_s=1654473600.0 + rng.integers(0, 14 * 96, n) * 900.0,
+        draw_w=rng.choice([70.0, 300.0], n),
+        intensity_g_per_kwh=rng.uniform(0, 600, n),
+        price_per_kwh=rng.uniform(0.1, 0.4, n),
+        surplus_w=rng.uniform(-500, 800, n),
+        battery_soc_wh=rng.uniform(0, 6400, n),
+        battery_capacity_wh=6400.0,
+        battery_max_power_w=rng.choice([0.0, 200.0, 5000.0], n),
+    )
+    many = policy.allows_many(c)
+    one = [
+        policy.allows(
+            NodeConditions(
+                now_s=float(c.now_s[i]),
+                draw_w=float(c.draw_w[i]),
+                intensity_g_per_kwh=float(c.intensity_g_per_kwh[i]),
+                price_per_kwh=float(c.price_per_kwh[i]),
+                surplus_w=float(c.surplus_w[i]),
+                battery_soc_wh=float(c.battery_soc_wh[i]),
+                battery_capacity_wh=6400.0,
+                battery_max_power_w=float(c.battery_max_power_w[i]),
+            )
+        )
+        for i in range(n)
+    ]
+    assert many.tolist() == one
+    assert 0 < sum(one) < n  # both outcomes occur
+    for single in policy.rules:  # each rule alone too
+        alone = NodePolicy((single,))
+        assert 0 < alone.allows_many(c).sum() < n

@@ -134,3 +134,32 @@ def test_pv_model_against_pvdaq_system50(validation):
     assert max(abs(e) for e in v.monthly_error_frac) < 0.35
     assert 2.5 < v.kwp_fitted < 5.0
     assert 4000 < v.measured_kwh < 5200  # README: 4,989 kWh in 2012 (gaps excluded here)
+
+
+def test_step_sites_agrees_with_step_site():
+    """The array form steps every home exactly as `step_site` steps each one."""
+    import numpy as np
+
+    from gridswarm.energy.solar import Battery, step_site, step_sites
+
+    rng = np.random.default_rng(1)
+    battery = Battery(capacity_wh=6400.0, max_power_w=3000.0, round_trip_efficiency=0.9)
+    for _ in range(200):
+        has = bool(rng.random() < 0.7)
+        soc = float(rng.uniform(0, 6400)) if has else 0.0
+        pv, load, compute = rng.uniform(0, 5000), rng.uniform(0, 2000), rng.choice([0.0, 300.0])
+        dt = float(rng.choice([60.0, 900.0, 3600.0]))
+        want = step_site(battery if has else None, soc, pv, load, compute, dt)
+        soc_after, local_w = step_sites(
+            np.array([battery.capacity_wh if has else 0.0]),
+            np.array([battery.max_power_w if has else 0.0]),
+            np.array([battery.one_way_efficiency if has else 1.0]),
+            np.array([battery.floor_wh if has else 0.0]),
+            np.array([soc]),
+            np.array([pv]),
+            np.array([load]),
+            np.array([compute]),
+            np.array([dt]),
+        )
+        assert soc_after[0] == pytest.approx(want.soc_wh, abs=1e-9)
+        assert local_w[0] == pytest.approx(want.compute_local_w, abs=1e-9)

@@ -29,10 +29,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
-from typing import Any
+from typing import Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
+
+from gridswarm.plugins import Registry
 
 LOCAL_PV_INTENSITY_G_PER_KWH = 41.0  # IPCC AR5 lifecycle median, rooftop PV (same basis as traces)
 
@@ -67,6 +69,11 @@ class NodeRule(ABC):
     def refuses(self, c: NodeConditions) -> str | None:
         """None when the rule allows running, else why not."""
 
+    @abstractmethod
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        """The same rule over conditions whose fields are arrays (one entry per node or time):
+        True where `refuses` would return None. The simulator asks this for thousands at once."""
+
 
 @dataclass(frozen=True)
 class IntensityBelow(NodeRule):
@@ -79,6 +86,11 @@ class IntensityBelow(NodeRule):
         if c.intensity_g_per_kwh >= self.max_g_per_kwh:
             return f"intensity {c.intensity_g_per_kwh:.0f} >= {self.max_g_per_kwh:.0f} g/kWh"
         return None
+
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        if c.intensity_g_per_kwh is None:
+            return np.zeros(np.shape(c.now_s), dtype=bool)
+        return np.asarray(c.intensity_g_per_kwh) < self.max_g_per_kwh
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,13 @@ class PriceBelow(NodeRule):
             return f"price {c.price_per_kwh:.3f} >= {self.max_price_per_kwh:.3f} per kWh"
         return None
 
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        if c.price_per_kwh is None:
+            return np.zeros(np.shape(c.now_s), dtype=bool)
+        return np.broadcast_to(
+            np.asarray(c.price_per_kwh) < self.max_price_per_kwh, np.shape(c.now_s)
+        )
+
 
 @dataclass(frozen=True)
 class SurplusCovers(NodeRule):
@@ -105,8 +124,10 @@ class SurplusCovers(NodeRule):
     field: str = "require_surplus"
 
     def battery_w(self, c: NodeConditions) -> float:
-        usable_wh = max(c.battery_soc_wh - self.battery_floor_frac * c.battery_capacity_wh, 0.0)
-        return min(c.battery_max_power_w, usable_wh * 3600.0 / self.horizon_s)
+        usable_wh = np.maximum(
+            c.battery_soc_wh - self.battery_floor_frac * c.battery_capacity_wh, 0.0
+        )
+        return np.minimum(c.battery_max_power_w, usable_wh * 3600.0 / self.horizon_s)
 
     def refuses(self, c: NodeConditions) -> str | None:
         if c.surplus_w is None:
@@ -115,6 +136,12 @@ class SurplusCovers(NodeRule):
         if local_w < self.min_cover * c.draw_w:
             return f"local supply {local_w:.0f} W < {self.min_cover:.0%} of draw {c.draw_w:.0f} W"
         return None
+
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        if c.surplus_w is None:
+            return np.zeros(np.shape(c.now_s), dtype=bool)
+        local_w = np.maximum(c.surplus_w, 0.0) + self.battery_w(c)
+        return np.broadcast_to(local_w >= self.min_cover * np.asarray(c.draw_w), np.shape(c.now_s))
 
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -151,6 +178,17 @@ class TimeWindows(NodeRule):
             return None
         return f"outside time windows ({local:%a %H:%M} {self.tz})"
 
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        times, inverse = np.unique(np.asarray(c.now_s, dtype=float), return_inverse=True)
+        inside = np.array(
+            [
+                any(w.contains(local) for w in self.windows)
+                for local in (datetime.fromtimestamp(t, self.tz) for t in times.tolist())
+            ],
+            dtype=bool,
+        )
+        return inside[inverse].reshape(np.shape(c.now_s))
+
 
 @dataclass(frozen=True)
 class NodePolicy:
@@ -164,6 +202,13 @@ class NodePolicy:
 
     def allows(self, c: NodeConditions) -> bool:
         return self.evaluate(c).allowed
+
+    def allows_many(self, c: NodeConditions) -> np.ndarray:
+        """`allows` over array conditions (see `NodeRule.allows_many`)."""
+        ok = np.ones(np.shape(c.now_s), dtype=bool)
+        for rule in self.rules:
+            ok &= rule.allows_many(c)
+        return ok
 
 
 _NODE_FIELDS = {
@@ -290,20 +335,14 @@ class RoundEnergyPlan:
     planned_emissions_g: float | None = None  # forecast only: emissions of the whole plan
 
 
-HUB_POLICIES = ("agnostic", "greedy-green", "forecast")
 MIN_SHARE = 1e-12  # smaller shares are float dust, not work
 
 
-def step_values(points: Sequence[tuple[float, float]], times: np.ndarray) -> np.ndarray:
-    """Step-wise lookup of a forecast at `times`. Before the first point: the first value. Past
-    the last point: diurnal persistence (the value 24 h, 48 h, ... earlier inside the forecast),
-    or the last value when the forecast spans less than a day."""
-    if len(points) == 0:
-        raise ValueError("empty forecast")
-    t = np.array([p[0] for p in points], dtype=float)
-    v = np.array([p[1] for p in points], dtype=float)
-    order = np.argsort(t, kind="stable")
-    t, v = t[order], v[order]
+def step_index(point_times_s: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Index of the step of a forecast (sorted `point_times_s`) in force at each of `times`.
+    Before the first point: the first step. Past the last point: diurnal persistence (the step
+    24 h, 48 h, ... earlier inside the forecast), or the last step when it spans less than a day."""
+    t = np.asarray(point_times_s, dtype=float)
     times = np.asarray(times, dtype=float)
     last = t[-1] + (t[-1] - t[-2] if len(t) > 1 else 0.0)  # end of the last step
     if last - t[0] >= 86400.0:
@@ -311,34 +350,86 @@ def step_values(points: Sequence[tuple[float, float]], times: np.ndarray) -> np.
         days_back = np.ceil((times[beyond] - last + 1e-9) / 86400.0)
         times = times.copy()
         times[beyond] -= days_back * 86400.0
-    idx = np.clip(np.searchsorted(t, times, side="right") - 1, 0, len(t) - 1)
-    return v[idx]
+    return np.clip(np.searchsorted(t, times, side="right") - 1, 0, len(t) - 1)
+
+
+def step_values(points: Sequence[tuple[float, float]], times: np.ndarray) -> np.ndarray:
+    """Step-wise lookup of a forecast at `times` (see `step_index`)."""
+    if len(points) == 0:
+        raise ValueError("empty forecast")
+    t = np.array([p[0] for p in points], dtype=float)
+    v = np.array([p[1] for p in points], dtype=float)
+    order = np.argsort(t, kind="stable")
+    return v[order][step_index(t[order], times)]
+
+
+SLOT_SAMPLES = 4  # forecast samples per round when costing it
+
+
+def slot_times(starts: np.ndarray, round_s: float) -> np.ndarray:
+    """(slots, SLOT_SAMPLES) sample times inside rounds starting at `starts`."""
+    offsets = (np.arange(SLOT_SAMPLES) + 0.5) / SLOT_SAMPLES * round_s
+    return np.asarray(starts, dtype=float)[:, None] + offsets[None, :]
+
+
+def emission_rate_g_per_h(
+    power_w: np.ndarray,
+    intensity: np.ndarray,
+    local_w: np.ndarray,
+    local_intensity_g_per_kwh: np.ndarray,
+) -> np.ndarray:
+    """g/h of a node drawing `power_w`, `local_w` of it met locally, the rest from a grid at
+    `intensity` (arrays broadcast)."""
+    return ((power_w - local_w) * intensity + local_w * local_intensity_g_per_kwh) / 1000.0
+
+
+def local_supply_w(power_w: np.ndarray, surplus_w: np.ndarray | None) -> np.ndarray | float:
+    """Part of the draw PV surplus can meet (0 when unknown)."""
+    if surplus_w is None:
+        return 0.0
+    return np.minimum(np.maximum(surplus_w, 0.0), power_w)
+
+
+def slot_emissions_g(
+    power_w: np.ndarray,
+    round_s: float,
+    intensity: np.ndarray,
+    surplus_w: np.ndarray | None,
+    battery_available_wh: np.ndarray,
+    local_intensity_g_per_kwh: np.ndarray,
+) -> np.ndarray:
+    """Emissions (g) of nodes running a full round in each slot: arrays are per node (N), and
+    (N, slots, SLOT_SAMPLES) for the grid intensity and the PV surplus at the sample times
+    (None: no surplus). The battery is known only for the coming round (slot 0)."""
+    power = np.asarray(power_w, dtype=float)[:, None, None]
+    local_w = np.broadcast_to(local_supply_w(power, surplus_w), intensity.shape).copy()
+    battery_w = np.minimum(np.asarray(battery_available_wh) * 3600.0 / round_s, power[:, 0, 0])
+    local_w[:, 0] = np.minimum(local_w[:, 0] + battery_w[:, None], power[:, 0])
+    local_g = np.asarray(local_intensity_g_per_kwh, dtype=float)[:, None, None]
+    rate = emission_rate_g_per_h(power, intensity, local_w, local_g)
+    return rate.mean(axis=2) * (round_s / 3600.0)
 
 
 def _slot_costs(
-    node: NodeEnergyState, starts: np.ndarray, round_s: float, samples: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
-    """(energy_wh, emissions_g) if `node` ran the full round starting at each of `starts`."""
-    offsets = (np.arange(samples) + 0.5) / samples * round_s
-    times = starts[:, None] + offsets[None, :]
-    if node.intensity_forecast:
-        intensity = step_values(node.intensity_forecast, times.ravel()).reshape(times.shape)
-    else:
+    node: NodeEnergyState, starts: np.ndarray, round_s: float
+) -> tuple[float, np.ndarray]:
+    """(energy_wh, emissions_g per slot) if `node` ran a full round from each of `starts`."""
+    if not node.intensity_forecast:
         raise ValueError(f"node {node.node_id}: intensity_forecast is empty")
+    times = slot_times(starts, round_s)
+    intensity = step_values(node.intensity_forecast, times.ravel()).reshape(times.shape)
+    surplus = None
     if node.surplus_forecast_w:
-        surplus = np.maximum(step_values(node.surplus_forecast_w, times.ravel()), 0.0)
-        local_w = np.minimum(surplus.reshape(times.shape), node.power_w)
-    else:
-        local_w = np.zeros_like(times)
-    # the battery is known only for the coming round
-    battery_w = min(node.battery_available_wh * 3600.0 / round_s, node.power_w)
-    local_w[0] = np.minimum(local_w[0] + battery_w, node.power_w)
-    grid_w = node.power_w - local_w
-    energy_wh = np.full(len(starts), node.power_w * round_s / 3600.0)
-    g_per_wh = (grid_w * intensity + local_w * node.local_intensity_g_per_kwh).mean(axis=1) / (
-        1000.0 * node.power_w
+        surplus = step_values(node.surplus_forecast_w, times.ravel()).reshape(times.shape)[None]
+    g = slot_emissions_g(
+        np.array([node.power_w]),
+        round_s,
+        intensity[None],
+        surplus,
+        np.array([node.battery_available_wh]),
+        np.array([node.local_intensity_g_per_kwh]),
     )
-    return energy_wh, energy_wh * g_per_wh
+    return node.power_w * round_s / 3600.0, g[0]
 
 
 def _available_mask(node: NodeEnergyState, starts: np.ndarray) -> np.ndarray:
@@ -356,8 +447,7 @@ def _validate(
     tokens_remaining: float,
     round_duration_s: float,
 ) -> None:
-    if policy_name not in HUB_POLICIES:
-        raise ValueError(f"unknown hub energy policy {policy_name!r}; choose from {HUB_POLICIES}")
+    HUB_POLICIES.get(policy_name)  # UnknownPlugin (a ValueError) lists the known ones
     if round_duration_s <= 0:
         raise ValueError(f"round_duration_s must be > 0, got {round_duration_s}")
     if tokens_remaining < 0 or math.isnan(tokens_remaining):
@@ -369,6 +459,51 @@ def _validate(
         seen.add(n.node_id)
         if n.tokens_per_s <= 0 or n.power_w <= 0:
             raise ValueError(f"node {n.node_id}: tokens_per_s and power_w must be > 0")
+
+
+def planning_slots(
+    policy_name: str, now_s: float, deadline_s: float, round_s: float, reserve_rounds: int = 1
+) -> int:
+    """How many rounds ahead `plan_costs` needs costed: every round to the deadline (less the
+    reserve) for `forecast`, only this one for the others."""
+    if not HUB_POLICIES.get(policy_name).looks_ahead:
+        return 1
+    return max(int((deadline_s - now_s) // round_s) - reserve_rounds, 1)
+
+
+@dataclass(frozen=True)
+class SwarmCosts:
+    """What `plan_costs` needs of every node, as arrays over nodes (N) and slots: round k starts
+    at now + k × round duration. Built from `NodeEnergyState`s by `swarm_costs`, or directly by
+    the simulator for thousands of nodes at once."""
+
+    node_ids: Sequence[str]
+    round_tokens: np.ndarray  # (N,) tokens in a full round
+    available: np.ndarray  # (N,) bool: may run now
+    round_energy_wh: np.ndarray  # (N,) energy of a full round
+    slot_emissions_g: np.ndarray  # (N, slots) emissions of a full round in slot k
+    slot_available: np.ndarray  # (N, slots) bool; slot 0 equals `available`
+
+
+def swarm_costs(
+    nodes: Sequence[NodeEnergyState], now_s: float, round_s: float, slots: int
+) -> SwarmCosts:
+    """Cost every node over `slots` rounds from its own forecasts."""
+    starts = now_s + np.arange(slots) * round_s
+    emissions = np.zeros((len(nodes), slots))
+    mask = np.zeros((len(nodes), slots), dtype=bool)
+    for i, n in enumerate(nodes):
+        mask[i] = _available_mask(n, starts)
+        if mask[i].any():
+            emissions[i] = _slot_costs(n, starts, round_s)[1]
+    return SwarmCosts(
+        node_ids=[n.node_id for n in nodes],
+        round_tokens=np.array([n.tokens_per_s * round_s for n in nodes], dtype=float),
+        available=np.array([n.available for n in nodes], dtype=bool),
+        round_energy_wh=np.array([n.power_w * round_s / 3600.0 for n in nodes], dtype=float),
+        slot_emissions_g=emissions,
+        slot_available=mask,
+    )
 
 
 def plan_round(
@@ -390,13 +525,80 @@ def plan_round(
     Inner steps per node = share × tokens_per_s × round_duration_s / tokens_per_step.
     """
     _validate(policy_name, nodes, tokens_remaining, round_duration_s)
+    if reserve_rounds < 0:
+        raise ValueError(f"reserve_rounds must be >= 0, got {reserve_rounds}")
+    slots = planning_slots(policy_name, now_s, deadline_s, round_duration_s, reserve_rounds)
+    live = tokens_remaining > 0 and any(n.available for n in nodes)
+    costs = swarm_costs(nodes if live else (), now_s, round_duration_s, slots)
+    if not live:
+        costs = replace(costs, node_ids=[n.node_id for n in nodes])
+    return plan_costs(
+        policy_name,
+        now_s,
+        costs,
+        tokens_remaining,
+        deadline_s,
+        round_duration_s,
+        margin=margin,
+        reserve_rounds=reserve_rounds,
+    )
+
+
+BAND_MIN_BLOCKS = 200_000  # above this, sort only the blocks near the cut (same result, faster)
+
+
+def cheapest_first(cost: np.ndarray, cap: np.ndarray, tokens: float) -> np.ndarray:
+    """Tokens taken from each (node, round) block, arrays (N, rounds), when blocks are taken
+    cheapest first (ties: earlier round, then lower node index) until `tokens`: the optimum of
+    the fractional knapsack. Blocks with `cap` 0 do not exist.
+
+    For many blocks only those whose cost is near the cut are sorted: every block cheaper than
+    the band is taken whole and none dearer, which is exactly what the full sort would do."""
+    shape, rounds = cost.shape, cost.shape[1]
+    cost, cap = cost.ravel(), cap.ravel()
+    take = np.zeros(len(cost))
+    band = cap > 0
+    if len(cost) > BAND_MIN_BLOCKS:
+        stride = len(cost) // 50_000
+        sample = np.nonzero(band[::stride])[0] * stride
+        order = np.argsort(cost[sample])
+        reach = np.cumsum(cap[sample][order]) * stride  # tokens below each sampled cost
+        q = int(np.searchsorted(reach, tokens))
+        lo = cost[sample][order][q - 500] if q > 500 else -np.inf
+        hi = cost[sample][order][q + 500] if q + 500 < len(order) else np.inf
+        below = band & (cost < lo)
+        candidate = band & (cost <= hi)
+        if cap[below].sum() <= tokens <= cap[candidate].sum():
+            take[below] = cap[below]
+            tokens -= float(cap[below].sum())
+            band = candidate & ~below
+    ix = np.nonzero(band)[0]  # flat index = node × rounds + round
+    order = ix[np.lexsort((ix // rounds, ix % rounds, cost[ix]))]
+    before = np.cumsum(cap[order]) - cap[order]
+    take[order] = np.clip(tokens - before, 0.0, cap[order])
+    return take.reshape(shape)
+
+
+def plan_costs(
+    policy_name: str,
+    now_s: float,
+    costs: SwarmCosts,
+    tokens_remaining: float,
+    deadline_s: float,
+    round_duration_s: float,
+    *,
+    margin: float = 0.1,
+    reserve_rounds: int = 1,
+) -> RoundEnergyPlan:
+    """`plan_round` over costed nodes (see `SwarmCosts`); the simulator calls it directly."""
     if not 0 <= margin < 1:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
-    zero = {n.node_id: 0.0 for n in nodes}
+    ids = list(costs.node_ids)
+    zero = dict.fromkeys(ids, 0.0)
     if tokens_remaining <= 0:
         return RoundEnergyPlan(policy_name, zero, reason="token target reached")
-    available = [n for n in nodes if n.available]
-    if not available:
+    available = np.asarray(costs.available, dtype=bool)
+    if not available.any():
         return RoundEnergyPlan(
             policy_name,
             zero,
@@ -405,100 +607,162 @@ def plan_round(
             deadline_at_risk=now_s + round_duration_s > deadline_s,
             reason="no node available",
         )
-    if reserve_rounds < 0:
-        raise ValueError(f"reserve_rounds must be >= 0, got {reserve_rounds}")
     rounds_to_deadline = int((deadline_s - now_s) // round_duration_s)
     rounds_left = max(rounds_to_deadline - reserve_rounds, 1)
-    round_cap = {n.node_id: n.tokens_per_s * round_duration_s for n in nodes}
-    cost_now = {}
-    for n in available:
-        e_wh, g = _slot_costs(n, np.array([now_s]), round_duration_s)
-        cost_now[n.node_id] = (e_wh[0], g[0])
-
-    def finish(
-        shares: dict[str, float], reason: str, at_risk: bool = False, planned=(), plan_g=None
-    ):
-        shares = {i: s for i, s in shares.items() if s > MIN_SHARE}
-        tokens = sum(s * round_cap[i] for i, s in shares.items())
-        energy = sum(s * cost_now[i][0] for i, s in shares.items() if s > 0)
-        emissions = sum(s * cost_now[i][1] for i, s in shares.items() if s > 0)
-        return RoundEnergyPlan(
-            policy_name,
-            {**zero, **shares},
-            expected_tokens=tokens,
-            expected_energy_wh=energy,
-            expected_emissions_g=emissions,
-            deadline_at_risk=at_risk,
-            reason=reason,
-            planned_tokens_by_round=tuple(float(p) for p in planned),
-            planned_emissions_g=plan_g,
-        )
-
-    capacity_now = sum(round_cap[n.node_id] for n in available)
-    if policy_name == "agnostic":
-        at_risk = capacity_now * max(rounds_to_deadline, 0) < tokens_remaining
-        return finish(
-            {n.node_id: 1.0 for n in available}, "all available nodes, full round", at_risk
-        )
-
-    if policy_name == "greedy-green":
-        need = min(tokens_remaining, tokens_remaining / rounds_left * (1 + margin))
-        if capacity_now * rounds_left < tokens_remaining:
-            return finish({n.node_id: 1.0 for n in available}, "behind pace: all nodes", True)
-        order = sorted(
-            available, key=lambda n: (cost_now[n.node_id][1] / round_cap[n.node_id], n.node_id)
-        )
-        shares: dict[str, float] = {}
-        for n in order:
-            if need <= 0:
-                break
-            take = min(1.0, need / round_cap[n.node_id])
-            shares[n.node_id] = take
-            need -= take * round_cap[n.node_id]
-        return finish(shares, f"cleanest nodes now for pace over {rounds_left} round(s)")
-
-    # forecast: plan every (node, round) block up to the deadline, cheapest first
-    starts = now_s + np.arange(rounds_left) * round_duration_s
-    costs, caps, node_ix, round_ix = [], [], [], []
-    for i, n in enumerate(nodes):
-        mask = _available_mask(n, starts)
-        if not mask.any():
-            continue
-        _, g = _slot_costs(n, starts, round_duration_s)
-        cap = np.where(mask, round_cap[n.node_id], 0.0)
-        cap[1:] *= 1.0 - margin
-        keep = np.nonzero(cap > 0)[0]
-        costs.append(g[keep] / round_cap[n.node_id])
-        caps.append(cap[keep])
-        node_ix.append(np.full(len(keep), i))
-        round_ix.append(keep)
-    cost_a, cap_a = np.concatenate(costs), np.concatenate(caps)
-    node_a, round_a = np.concatenate(node_ix), np.concatenate(round_ix)
-    if cap_a.sum() < tokens_remaining:
-        return finish(
-            {n.node_id: 1.0 for n in available}, "forecast capacity short of target: all", True
-        )
-    # cheapest first; ties go to the earlier round (less deadline risk), then node order
-    order = np.lexsort((node_a, round_a, cost_a))
-    cap_sorted = cap_a[order]
-    before = np.cumsum(cap_sorted) - cap_sorted  # tokens planned ahead of each block
-    take = np.clip(tokens_remaining - before, 0.0, cap_sorted)
-    planned = np.bincount(round_a[order], weights=take, minlength=rounds_left)
-    plan_g = float(cost_a[order] @ take)
-    shares = {}
-    for j, t in zip(order, take, strict=True):
-        if t > MIN_SHARE * cap_a[j] and round_a[j] == 0:
-            nid = nodes[int(node_a[j])].node_id
-            shares[nid] = float(t) / round_cap[nid]
-    if not shares:
-        first = int(np.nonzero(planned > 0)[0][0])
-        plan = finish(
-            {}, f"cleaner energy in {first} round(s): defer", planned=planned, plan_g=plan_g
-        )
-        return replace(plan, defer=True, defer_until_s=float(starts[first]))
-    return finish(
-        shares,
-        f"cheapest blocks over {rounds_left} round(s) to the deadline",
-        planned=planned,
-        plan_g=plan_g,
+    inputs = PlanInputs(
+        now_s=now_s,
+        costs=costs,
+        tokens_remaining=tokens_remaining,
+        round_duration_s=round_duration_s,
+        rounds_to_deadline=rounds_to_deadline,
+        rounds_left=rounds_left,
+        margin=margin,
     )
+    decision = HUB_POLICIES.get(policy_name)().decide(inputs)
+    shares = np.where(decision.shares > MIN_SHARE, decision.shares, 0.0)
+    g_now = costs.slot_emissions_g[:, 0]
+    return RoundEnergyPlan(
+        policy_name,
+        dict(zip(ids, shares.tolist(), strict=True)),
+        defer=decision.defer_until_s is not None,
+        defer_until_s=decision.defer_until_s,
+        expected_tokens=float(shares @ inputs.round_tokens),
+        expected_energy_wh=float(shares @ costs.round_energy_wh),
+        expected_emissions_g=float(shares[available] @ g_now[available]),
+        deadline_at_risk=decision.deadline_at_risk,
+        reason=decision.reason,
+        planned_tokens_by_round=tuple(float(x) for x in decision.planned_tokens_by_round),
+        planned_emissions_g=decision.plan_g,
+    )
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a hub energy policy decides from: every node costed (`SwarmCosts`), the tokens still
+    to train and the rounds left before the deadline (less the reserve). At least one node is
+    available and tokens remain (`plan_costs` answers the other cases itself)."""
+
+    now_s: float
+    costs: SwarmCosts
+    tokens_remaining: float
+    round_duration_s: float
+    rounds_to_deadline: int
+    rounds_left: int
+    margin: float  # spare pace to keep, and the discount on future capacity
+
+    @property
+    def available(self) -> np.ndarray:
+        return np.asarray(self.costs.available, dtype=bool)
+
+    @property
+    def round_tokens(self) -> np.ndarray:
+        return np.asarray(self.costs.round_tokens, dtype=float)
+
+    @property
+    def everyone(self) -> np.ndarray:
+        """Shares with every available node running the whole round."""
+        return self.available.astype(float)
+
+
+@dataclass(frozen=True)
+class PolicyDecision:
+    """A policy's answer: a share of the round per node (aligned with `costs.node_ids`)."""
+
+    shares: np.ndarray
+    reason: str
+    deadline_at_risk: bool = False
+    planned_tokens_by_round: Sequence[float] = ()
+    plan_g: float | None = None  # emissions of the whole plan, when it plans ahead
+    defer_until_s: float | None = None  # no work now: the round waits until then
+
+
+class HubEnergyPolicy(ABC):
+    """How the hub spreads a run's tokens over nodes and time. Register one under
+    `gridswarm.energy_policies` (see gridswarm.plugins) to use it as `[energy] policy = "name"`."""
+
+    name: ClassVar[str]
+    looks_ahead: ClassVar[bool] = False  # costs every round to the deadline, not only this one
+    needs_token_target: ClassVar[bool] = True  # spreads `budget.tokens` over `deadline_s`
+
+    @abstractmethod
+    def decide(self, p: PlanInputs) -> PolicyDecision:
+        """This round's shares from the costed swarm."""
+
+
+class Agnostic(HubEnergyPolicy):
+    """Every available node runs the whole round: the baseline."""
+
+    name = "agnostic"
+    needs_token_target = False
+
+    def decide(self, p: PlanInputs) -> PolicyDecision:
+        capacity_now = float(p.round_tokens[p.available].sum())
+        at_risk = capacity_now * max(p.rounds_to_deadline, 0) < p.tokens_remaining
+        return PolicyDecision(p.everyone, "all available nodes, full round", at_risk)
+
+
+class GreedyGreen(HubEnergyPolicy):
+    """The nodes with the lowest emissions per token now, just enough to keep the pace."""
+
+    name = "greedy-green"
+
+    def decide(self, p: PlanInputs) -> PolicyDecision:
+        cap, available, ids = p.round_tokens, p.available, list(p.costs.node_ids)
+        need = min(p.tokens_remaining, p.tokens_remaining / p.rounds_left * (1 + p.margin))
+        if float(cap[available].sum()) * p.rounds_left < p.tokens_remaining:
+            return PolicyDecision(p.everyone, "behind pace: all nodes", True)
+        g_now = p.costs.slot_emissions_g[:, 0]
+        ix = np.nonzero(available)[0]
+        id_rank = np.argsort(np.argsort(np.array([ids[i] for i in ix]), kind="stable"))
+        order = ix[np.lexsort((id_rank, g_now[ix] / cap[ix]))]
+        before = np.cumsum(cap[order]) - cap[order]
+        shares = np.zeros(len(ids))
+        shares[order] = np.minimum(1.0, np.maximum(need - before, 0.0) / cap[order])
+        return PolicyDecision(shares, f"cleanest nodes now for pace over {p.rounds_left} round(s)")
+
+
+class Forecast(HubEnergyPolicy):
+    """Every (node, round) block up to the deadline, cheapest first (a fractional knapsack)."""
+
+    name = "forecast"
+    looks_ahead = True
+
+    def decide(self, p: PlanInputs) -> PolicyDecision:
+        costs, cap, rounds_left = p.costs, p.round_tokens, p.rounds_left
+        slots = costs.slot_emissions_g.shape[1]
+        if slots < rounds_left:
+            raise ValueError(f"forecast needs {rounds_left} costed slots, got {slots}")
+        block_cap = np.where(costs.slot_available[:, :rounds_left], cap[:, None], 0.0)
+        block_cap[:, 1:] *= 1.0 - p.margin
+        if block_cap.sum() < p.tokens_remaining:
+            return PolicyDecision(p.everyone, "forecast capacity short of target: all", True)
+        block_cost = costs.slot_emissions_g[:, :rounds_left] / cap[:, None]
+        take = cheapest_first(block_cost, block_cap, p.tokens_remaining)
+        planned = take.sum(axis=0)
+        taken = take > 0
+        plan_g = float(block_cost[taken] @ take[taken])
+        now_blocks = take[:, 0] > MIN_SHARE * block_cap[:, 0]
+        shares = np.where(now_blocks, take[:, 0] / cap, 0.0)
+        if not now_blocks.any():
+            first = int(np.nonzero(planned > 0)[0][0])
+            return PolicyDecision(
+                shares,
+                f"cleaner energy in {first} round(s): defer",
+                planned_tokens_by_round=planned,
+                plan_g=plan_g,
+                defer_until_s=p.now_s + first * p.round_duration_s,
+            )
+        return PolicyDecision(
+            shares,
+            f"cheapest blocks over {rounds_left} round(s) to the deadline",
+            planned_tokens_by_round=planned,
+            plan_g=plan_g,
+        )
+
+
+# name -> policy class; plugins add theirs through the `gridswarm.energy_policies` entry points
+HUB_POLICIES: Registry[type[HubEnergyPolicy]] = Registry(
+    "gridswarm.energy_policies", "hub energy policy"
+)
+for _policy in (Agnostic, GreedyGreen, Forecast):
+    HUB_POLICIES.register(_policy.name, _policy, builtin=True)

@@ -11,7 +11,8 @@ is always passed in so the same provider serves the live node and the simulator.
   converted from lbs/MWh) and `GBCarbonIntensitySignal` (api.carbonintensity.org.uk, national or a
   DNO region).
 
-`signal_from_config` builds any of them from a node's TOML `[energy] signal = {kind = ...}` table.
+`signal_from_config` builds any of them from a node's TOML `[energy] signal = {kind = ...}` table;
+more kinds come from plugins (the `gridswarm.signals` entry points, see gridswarm.plugins).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from gridswarm.energy.series import UniformSeries, from_pandas
+from gridswarm.plugins import Registry
 
 G_PER_KWH_PER_LB_PER_MWH = 0.45359237  # 1 lb/MWh = 453.59237 g / 1000 kWh
 
@@ -520,6 +522,29 @@ def _number(cfg: Mapping[str, Any], field: str, default: float | None = None) ->
     return float(value)
 
 
+@dataclass(frozen=True)
+class SignalTable:
+    """What a signal builder gets: the TOML table, the region it defaults to, where relative paths
+    start, the environment (for secrets) and an optional HTTP client (tests inject one)."""
+
+    cfg: Mapping[str, Any]
+    region: str | None
+    base_dir: Path
+    env: Mapping[str, str]
+    client: httpx.Client | None = None
+
+    @property
+    def own_region(self) -> str | None:
+        return self.cfg.get("region", self.cfg.get("zone", self.region))
+
+
+# kind -> builder(SignalTable) -> SignalProvider; plugins add kinds through the
+# `gridswarm.signals` entry points
+SIGNALS: Registry[Callable[[SignalTable], SignalProvider]] = Registry(
+    "gridswarm.signals", "carbon-signal kind"
+)
+
+
 def signal_from_config(
     cfg: Mapping[str, Any],
     *,
@@ -536,82 +561,106 @@ def signal_from_config(
     variables (defaults ELECTRICITYMAPS_TOKEN, WATTTIME_USERNAME, WATTTIME_PASSWORD).
     Raises ValueError naming the offending field.
     """
-    env = os.environ if env is None else env
     if not isinstance(cfg, Mapping):
         raise ValueError(f"energy.signal: expected a table, got {type(cfg).__name__}")
     kind = cfg.get("kind")
-    if kind not in _FIELDS:
-        raise ValueError(f"energy.signal.kind: must be one of {sorted(_FIELDS)}, got {kind!r}")
-    unknown = set(cfg) - _FIELDS[kind] - {"kind"}
-    if unknown:
-        raise ValueError(
-            f"energy.signal: unknown field(s) {sorted(unknown)} for kind {kind!r} "
-            f"(allowed: {sorted(_FIELDS[kind])})"
-        )
-    own_region = cfg.get("region", cfg.get("zone", region))
-
-    if kind == "trace":
-        if "path" not in cfg:
-            raise ValueError("energy.signal.path: required for kind 'trace'")
-        path = Path(cfg["path"])
-        if not path.is_absolute():
-            path = Path(base_dir) / path
-        return TraceSignal.from_csv(
-            path,
-            region=own_region,
-            step_s=_number(cfg, "step_s", 900.0) or 900.0,
-            replay_at_s=_optional_time(cfg, "replay_at"),
-            trace_from_s=_optional_time(cfg, "trace_from"),
-            price_per_kwh=_number(cfg, "price_per_kwh"),
-            forecast_error=_number(cfg, "forecast_error", 0.0) or 0.0,
-            seed=int(cfg.get("seed", 0)),
-        )
-    if kind == "constant":
-        if "intensity_g_per_kwh" not in cfg:
-            raise ValueError("energy.signal.intensity_g_per_kwh: required for kind 'constant'")
-        if own_region is None:
-            raise ValueError("energy.signal.region: required (or set [energy] region)")
-        return ConstantSignal(
-            own_region, _number(cfg, "intensity_g_per_kwh"), _number(cfg, "price_per_kwh")
-        )
-    if kind == "electricitymaps":
-        if own_region is None:
-            raise ValueError("energy.signal.zone: required (or set [energy] region)")
-        token = cfg.get("token") or env.get(cfg.get("token_env", "ELECTRICITYMAPS_TOKEN"), "")
-        if not token:
+    if not isinstance(kind, str) or kind not in SIGNALS:
+        raise ValueError(f"energy.signal.kind: must be one of {SIGNALS.names()}, got {kind!r}")
+    if kind in _FIELDS:  # a plugin checks its own fields
+        unknown = set(cfg) - _FIELDS[kind] - {"kind"}
+        if unknown:
             raise ValueError(
-                f"energy.signal.token_env: environment variable "
-                f"{cfg.get('token_env', 'ELECTRICITYMAPS_TOKEN')!r} is not set"
+                f"energy.signal: unknown field(s) {sorted(unknown)} for kind {kind!r} "
+                f"(allowed: {sorted(_FIELDS[kind])})"
             )
-        kwargs: dict[str, Any] = {k: cfg[k] for k in ("base_url", "with_price") if k in cfg}
-        if "horizon_hours" in cfg:
-            kwargs["horizon_hours"] = int(cfg["horizon_hours"])
-        if "cache_s" in cfg:
-            kwargs["cache_s"] = _number(cfg, "cache_s")
-        return ElectricityMapsSignal(own_region, token, client=client, **kwargs)
-    if kind == "watttime":
-        if own_region is None:
-            raise ValueError("energy.signal.region: required (a WattTime region, e.g. CAISO_NORTH)")
-        creds = []
-        for field, default in (
-            ("username_env", "WATTTIME_USERNAME"),
-            ("password_env", "WATTTIME_PASSWORD"),
-        ):
-            name = cfg.get(field, default)
-            if not env.get(name):
-                raise ValueError(f"energy.signal.{field}: environment variable {name!r} is not set")
-            creds.append(env[name])
-        kwargs = {k: cfg[k] for k in ("base_url", "signal_type") if k in cfg}
-        if "horizon_hours" in cfg:
-            kwargs["horizon_hours"] = int(cfg["horizon_hours"])
-        if "cache_s" in cfg:
-            kwargs["cache_s"] = _number(cfg, "cache_s")
-        return WattTimeSignal(own_region, creds[0], creds[1], client=client, **kwargs)
-    # kind == "gb"
-    kwargs = {k: cfg[k] for k in ("base_url",) if k in cfg}
+    table = SignalTable(cfg, region, Path(base_dir), os.environ if env is None else env, client)
+    provider = SIGNALS.get(kind)(table)
+    if not isinstance(provider, SignalProvider):
+        raise ValueError(f"energy.signal.kind {kind!r}: the plugin built no SignalProvider")
+    return provider
+
+
+def _trace(t: SignalTable) -> SignalProvider:
+    cfg = t.cfg
+    if "path" not in cfg:
+        raise ValueError("energy.signal.path: required for kind 'trace'")
+    path = Path(cfg["path"])
+    if not path.is_absolute():
+        path = t.base_dir / path
+    return TraceSignal.from_csv(
+        path,
+        region=t.own_region,
+        step_s=_number(cfg, "step_s", 900.0) or 900.0,
+        replay_at_s=_optional_time(cfg, "replay_at"),
+        trace_from_s=_optional_time(cfg, "trace_from"),
+        price_per_kwh=_number(cfg, "price_per_kwh"),
+        forecast_error=_number(cfg, "forecast_error", 0.0) or 0.0,
+        seed=int(cfg.get("seed", 0)),
+    )
+
+
+def _constant(t: SignalTable) -> SignalProvider:
+    if "intensity_g_per_kwh" not in t.cfg:
+        raise ValueError("energy.signal.intensity_g_per_kwh: required for kind 'constant'")
+    if t.own_region is None:
+        raise ValueError("energy.signal.region: required (or set [energy] region)")
+    return ConstantSignal(
+        t.own_region, _number(t.cfg, "intensity_g_per_kwh"), _number(t.cfg, "price_per_kwh")
+    )
+
+
+def _http_options(cfg: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The optional client settings shared by the HTTP signal kinds."""
+    kwargs: dict[str, Any] = {k: cfg[k] for k in names if k in cfg}
+    if "horizon_hours" in cfg:
+        kwargs["horizon_hours"] = int(cfg["horizon_hours"])
     if "cache_s" in cfg:
         kwargs["cache_s"] = _number(cfg, "cache_s")
-    regionid = cfg.get("regionid")
+    return kwargs
+
+
+def _electricitymaps(t: SignalTable) -> SignalProvider:
+    cfg = t.cfg
+    if t.own_region is None:
+        raise ValueError("energy.signal.zone: required (or set [energy] region)")
+    token_env = cfg.get("token_env", "ELECTRICITYMAPS_TOKEN")
+    token = cfg.get("token") or t.env.get(token_env, "")
+    if not token:
+        raise ValueError(f"energy.signal.token_env: environment variable {token_env!r} is not set")
+    kwargs = _http_options(cfg, ("base_url", "with_price"))
+    return ElectricityMapsSignal(t.own_region, token, client=t.client, **kwargs)
+
+
+def _watttime(t: SignalTable) -> SignalProvider:
+    cfg = t.cfg
+    if t.own_region is None:
+        raise ValueError("energy.signal.region: required (a WattTime region, e.g. CAISO_NORTH)")
+    creds = []
+    for field, default in (
+        ("username_env", "WATTTIME_USERNAME"),
+        ("password_env", "WATTTIME_PASSWORD"),
+    ):
+        name = cfg.get(field, default)
+        if not t.env.get(name):
+            raise ValueError(f"energy.signal.{field}: environment variable {name!r} is not set")
+        creds.append(t.env[name])
+    kwargs = _http_options(cfg, ("base_url", "signal_type"))
+    return WattTimeSignal(t.own_region, creds[0], creds[1], client=t.client, **kwargs)
+
+
+def _gb(t: SignalTable) -> SignalProvider:
+    regionid = t.cfg.get("regionid")
     if regionid is not None and (isinstance(regionid, bool) or not isinstance(regionid, int)):
         raise ValueError(f"energy.signal.regionid: expected an integer 1-17, got {regionid!r}")
-    return GBCarbonIntensitySignal(regionid=regionid, client=client, **kwargs)
+    kwargs = _http_options(t.cfg, ("base_url",))
+    return GBCarbonIntensitySignal(regionid=regionid, client=t.client, **kwargs)
+
+
+for _kind, _builder in (
+    ("trace", _trace),
+    ("constant", _constant),
+    ("electricitymaps", _electricitymaps),
+    ("watttime", _watttime),
+    ("gb", _gb),
+):
+    SIGNALS.register(_kind, _builder, builtin=True)

@@ -446,3 +446,29 @@ def step_site(
         compute_local_w=compute_local_w,
         soc_wh=soc_wh,
     )
+
+
+def step_sites(
+    capacity_wh: np.ndarray,
+    max_power_w: np.ndarray,
+    one_way_efficiency: np.ndarray,
+    floor_wh: np.ndarray,
+    soc_wh: np.ndarray,
+    pv_w: np.ndarray,
+    household_w: np.ndarray,
+    compute_w: np.ndarray,
+    dt_s: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`step_site` for many homes at once (arrays; capacity 0 = no battery, dt 0 = no step):
+    returns (state of charge after, part of the compute draw met by PV or battery in W)."""
+    dt_h = np.maximum(dt_s, 1e-12) / 3600.0
+    net_w = pv_w - household_w - compute_w
+    room_w = np.maximum((capacity_wh - soc_wh) / (one_way_efficiency * dt_h), 0.0)
+    charge_w = np.where(net_w > 0, np.minimum(np.minimum(net_w, max_power_w), room_w), 0.0)
+    usable_wh = np.maximum(soc_wh - floor_wh, 0.0) * one_way_efficiency
+    available_w = np.minimum(max_power_w, usable_wh / dt_h)
+    discharge_w = np.where(net_w < 0, np.minimum(-net_w, available_w), 0.0)
+    soc = soc_wh + (one_way_efficiency * charge_w - discharge_w / one_way_efficiency) * dt_h
+    soc = np.where(dt_s > 0, np.clip(soc, 0.0, capacity_wh), soc_wh)
+    local_w = np.minimum(np.maximum(pv_w + discharge_w - household_w, 0.0), compute_w)
+    return soc, local_w

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from gridswarm.blobs import BlobError, check_digest
+from gridswarm.hub.lifecycle import RunEvent
 from gridswarm.hub.privacy import add_privacy_routes
 from gridswarm.hub.service import HubError, HubService
 from gridswarm.hub.trust import add_trust_routes
@@ -34,11 +35,13 @@ from gridswarm.protocol import (
     AssignmentResponse,
     ContributionAck,
     EnergyReport,
+    FailureReport,
     HeartbeatRequest,
     RegisterRequest,
     RegisterResponse,
     RunCreateRequest,
     RunCreateResponse,
+    RunStateRequest,
 )
 
 TICK_S = 0.25
@@ -196,6 +199,22 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     @app.get(f"{API}/runs/{{run_id}}")
     async def run_status(run_id: str) -> dict:
         return await run_in_threadpool(service.run_status, run_id)
+
+    @app.post(f"{API}/runs/{{run_id}}/state")
+    async def run_state(run_id: str, request: Request) -> dict:
+        """The sponsor pauses, resumes or stops its run (hub/lifecycle.py)."""
+        verified, body = await signed(request, MAX_JSON_BYTES)
+        req = parse(RunStateRequest, body)
+        return await run_in_threadpool(
+            service.change_run_state, run_id, verified.public_key, RunEvent(req.event), req.reason
+        )
+
+    @app.post(f"{API}/runs/{{run_id}}/failures")
+    async def run_failure(run_id: str, request: Request) -> dict:
+        """A node could not train its assignment; enough of these mark the run stalled."""
+        verified, body = await signed(request, MAX_JSON_BYTES)
+        report = parse(FailureReport, body)
+        return await run_in_threadpool(service.report_failure, run_id, verified.node_id, report)
 
     @app.get(f"{API}/runs/{{run_id}}/report")
     async def run_report(run_id: str) -> dict:

@@ -40,6 +40,7 @@ from gridswarm.energy.accounting import (
     run_report,
 )
 from gridswarm.energy.policy import (
+    HUB_POLICIES,
     LOCAL_PV_INTENSITY_G_PER_KWH,
     NodeEnergyState,
     RoundEnergyPlan,
@@ -81,7 +82,7 @@ def parse_report(energy_json: str | None) -> dict | None:
 
 def check_energy(cfg: RunConfig) -> None:
     """Refuse energy settings a run cannot honour (raises ValueError naming the field)."""
-    if cfg.energy.policy != "agnostic" and cfg.budget.tokens is None:
+    if HUB_POLICIES.get(cfg.energy.policy).needs_token_target and cfg.budget.tokens is None:
         raise ValueError(
             f"energy.policy = {cfg.energy.policy!r} needs a token target: set budget.tokens "
             "(the policy spreads that many tokens over energy.deadline_s)"
@@ -193,8 +194,12 @@ def decide_work(
     if me is None:
         raise ValueError(f"node {node_id} is not among the live nodes")
     my_window = window_s((me.report or {}).get("availability_forecast"), now_s)
-    if energy.policy == "agnostic" or tokens_remaining is None or deadline_at_s is None:
-        return WorkDecision(1.0, my_window, 0.0, "agnostic: full share")
+    if (
+        not HUB_POLICIES.get(energy.policy).needs_token_target
+        or tokens_remaining is None
+        or deadline_at_s is None
+    ):
+        return WorkDecision(1.0, my_window, 0.0, f"{energy.policy}: full share")
     duty = compute_s / wall_s
     states = [
         node_state(
@@ -463,6 +468,7 @@ def run_report_json(
         "contributions": len(rows),
         "unmetered": sum(r.energy_wh is None for r in rows),
         "intensity_sources": dict(sorted(sources.items())),
+        "default_intensity_g_per_kwh": default_intensity_g_per_kwh,
         "total": _totals_json(report.total),
         "nodes": [
             {
@@ -509,13 +515,37 @@ def format_run_report(report: Mapping[str, Any], privacy: Mapping[str, Any] | No
         if report.get("policy") == "agnostic":
             model += "; this run is itself agnostic, so the gap is joins, leaves and throttling"
         lines.append(f"agnostic counterfactual: {agnostic:.3g} kgCO2e{vs}{model}")
-    sources = ", ".join(f"{k} {v}" for k, v in report.get("intensity_sources", {}).items())
-    lines.append(f"intensity source (contributions): {sources or 'none'}")
+    lines.append(
+        "intensity source: "
+        + describe_sources(
+            report.get("intensity_sources", {}), report.get("default_intensity_g_per_kwh")
+        )
+    )
     if report.get("unmetered"):
         lines.append(f"unmetered contributions (no energy reported): {report['unmetered']}")
     if privacy:
         lines.append("privacy: " + format_privacy(privacy))
     return "\n".join(lines)
+
+
+SOURCE_MEANING = {
+    HUB: "the hub's own signal for the node's region",
+    NODE: "the node's own signal",
+}
+
+
+def describe_sources(sources: Mapping[str, int], default_g: float | None) -> str:
+    """Where the grid intensity of the run's contributions came from, in words: e.g. "30
+    contributions at the default 475 g/kWh (neither hub nor node had a signal)"."""
+    parts = []
+    for source, count in sources.items():
+        what = f"{count} contribution{'s' if count != 1 else ''}"
+        if source == DEFAULT:
+            at = f"the default {default_g:g} g/kWh" if default_g is not None else "the default"
+            parts.append(f"{what} at {at} (neither hub nor node had a signal)")
+        else:
+            parts.append(f"{what} from {SOURCE_MEANING.get(source, source)}")
+    return "; ".join(parts) or "none (no metered contributions)"
 
 
 def format_privacy(privacy: Mapping[str, Any]) -> str:

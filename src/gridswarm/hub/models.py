@@ -27,13 +27,17 @@ class Run(Base):
     name: Mapped[str] = mapped_column(String(128))
     config_json: Mapped[str] = mapped_column(Text)
     sponsor_key: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default="active")  # active | finished
+    # active | paused | stalled | stopped | finished (hub/lifecycle.py)
+    status: Mapped[str] = mapped_column(String(16), default="active")
     numel: Mapped[int] = mapped_column(BigInteger)
     version: Mapped[int] = mapped_column(Integer, default=0)  # newest model version
     round: Mapped[int] = mapped_column(Integer, default=0)  # current (open) round
     tokens_total: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # 0008_lifecycle: why the run is in its status (stop/stall reason) and since when
+    status_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status_changed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Node(Base):
@@ -285,3 +289,17 @@ class NodeReputation(Base):
     usefulness: Mapped[float] = mapped_column(Float, default=0.5)
     score: Mapped[float] = mapped_column(Float, default=0.0)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class RunFailure(Base):
+    """A node could not train its assignment (dataset missing, model does not fit, ...): what it
+    reported. Enough of them with no round closed in between mark the run stalled."""
+
+    __tablename__ = "run_failures"
+    __table_args__ = (Index("ix_run_failures_run", "run_id", "created_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"))
+    round: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -9,7 +9,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 
-from gridswarm.blobs import LocalBlobStore
+from gridswarm.blobs import open_blob_store
 from gridswarm.hub.app import create_app
 from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.identity import Identity
@@ -52,32 +52,51 @@ def migrate(engine: Engine) -> None:
     alembic(engine, "upgrade", "head")
 
 
-def hub_key_path(blobs_dir: Path, home: Path | None = None) -> Path:
-    """Where the hub keeps its Ed25519 ledger key: `home`/hub.key, by default beside the blobs."""
-    return (Path(home) if home is not None else Path(blobs_dir).resolve().parent) / "hub.key"
+def hub_key_path(blobs: str | Path, home: Path | None = None) -> Path:
+    """Where the hub keeps its Ed25519 ledger key: `home`/hub.key, by default beside a local blob
+    folder (object storage has no "beside": there `home` is required)."""
+    if home is not None:
+        return Path(home) / "hub.key"
+    if str(blobs).startswith("s3://"):
+        raise ValueError("--home is required with --blobs s3://… (where the hub keeps hub.key)")
+    return Path(blobs).resolve().parent / "hub.key"
 
 
 def build_service(
-    db_url: str, blobs_dir: Path, settings: HubSettings | None = None, home: Path | None = None
+    db_url: str,
+    blobs: str | Path,
+    settings: HubSettings | None = None,
+    home: Path | None = None,
 ) -> HubService:
+    """The hub's service over `db_url` and the blob store `blobs` (a folder or s3://bucket/prefix)."""
     engine = make_engine(db_url)
     migrate(engine)
-    identity = Identity.load_or_create(hub_key_path(blobs_dir, home))  # created once, then kept
-    service = HubService(engine, LocalBlobStore(blobs_dir), settings, identity=identity)
+    identity = Identity.load_or_create(hub_key_path(blobs, home))  # created once, then kept
+    service = HubService(engine, open_blob_store(blobs), settings, identity=identity)
     service.trust.ensure_genesis()
     return service
 
 
 def serve(
     db_url: str,
-    blobs_dir: Path,
+    blobs: str | Path,
     host: str,
     port: int,
     settings: HubSettings | None = None,
     home: Path | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> None:
+    """Serve the hub; with `tls` = (certificate chain PEM, private key PEM) over HTTPS only."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    service = build_service(db_url, blobs_dir, settings, home)
-    uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    service = build_service(db_url, blobs, settings, home)
+    certfile, keyfile = tls if tls is not None else (None, None)
+    uvicorn.run(
+        create_app(service),
+        host=host,
+        port=port,
+        log_level="warning",
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
+    )

@@ -9,11 +9,13 @@ after a restart `tick` simply continues from what the database says.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from pydantic import ValidationError
@@ -26,6 +28,16 @@ from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import models as m
+from gridswarm.hub.lifecycle import (
+    FINAL,
+    HOLDING,
+    SPONSOR_EVENTS,
+    Refused,
+    RunEvent,
+    RunState,
+    should_stall,
+    transition,
+)
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.rounds import (
     AssignmentState,
@@ -51,11 +63,21 @@ from gridswarm.protocol import (
     ContributionAck,
     ContributionMeta,
     EnergyReport,
+    FailureReport,
     RegisterRequest,
     RunCreateResponse,
 )
 from gridswarm.train.aggregate import make_aggregator
 from gridswarm.train.codecs import ErrorFeedback, make_codec
+from gridswarm.train.dataset import (
+    MANIFEST_PREFIX,
+    BlobSource,
+    PreparedCorpus,
+    import_dataset,
+    is_prepared,
+    manifest_ref,
+    parse_manifest,
+)
 from gridswarm.train.outer import nesterov_step
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
@@ -65,6 +87,7 @@ MAX_SKEW_S = 120.0
 LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this often (clock s)
 FORECAST_TTL_S = 60.0  # the hub's own carbon forecasts are fetched again after this
 LIVE_RECHECK_S = 10.0  # a long-poll waiting for min_nodes live nodes also asks again this often
+log = logging.getLogger("gridswarm.hub")
 
 
 class HubError(Exception):
@@ -82,6 +105,29 @@ class HubSettings:
     max_skew_s: float = MAX_SKEW_S
     # region -> the hub's own carbon signal (`gridswarm hub --signals`, hub/energy.py)
     signals: dict[str, SignalProvider] = field(default_factory=dict)
+
+
+def liveness_state(status: str, silent_s: float, liveness_s: float) -> str:
+    """How a run's status shows a node: `gone` (it said it left), `live` (heard from within
+    `liveness_s`) or `silent` (not heard from since; it may come back)."""
+    if status == "left":
+        return "gone"
+    return "live" if silent_s <= liveness_s else "silent"
+
+
+def _node_entry(node_id: str, name: str | None) -> dict:
+    """A node's totals in one run's status, before any are added."""
+    return {
+        "id": node_id,
+        "name": name,
+        "tokens": 0,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "contributions": 0,
+        "energy_wh": 0.0,
+        "failures": 0,
+        "last_failure": None,
+    }
 
 
 def ring_allreduce_bytes(numel: int, world: int) -> float:
@@ -206,6 +252,8 @@ class HubService:
         self.round_changed: Callable[[str], None] = lambda run_id: None  # set by the HTTP layer
         self._heartbeats: dict[str, tuple[str, float]] = {}  # node -> status, seen at (unwritten)
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
+        self._dataset_blobs: set[str] = set()
+        self._dataset_blobs_loaded = False
         self.privacy = HubPrivacy(self)  # DP accounting and SecAgg stages (hub/privacy.py)
         # ledger, audits, usefulness, reputation, rewards (hub/trust.py); `identity` is the hub's
         # persistent signing key (server.py loads it), a throwaway one only for in-memory use
@@ -339,8 +387,33 @@ class HubService:
     def workload(self, run_id: str, config_json: str) -> Workload:
         if run_id not in self._workloads:
             cfg = RunConfig.model_validate_json(config_json)
-            self._workloads[run_id] = Workload.from_config(cfg)
+            self._workloads[run_id] = Workload.from_config(cfg, source=BlobSource(self.blobs))
         return self._workloads[run_id]
+
+    def _import_dataset(self, cfg: RunConfig) -> RunConfig:
+        """A prepared dataset named by a folder path (readable by the hub) is imported into the
+        blob store and the run is stored as `manifest:<sha256>`, which is all nodes ever see."""
+        if manifest_ref(cfg.data.dataset) is not None or not is_prepared(cfg.data.dataset):
+            return cfg
+        PreparedCorpus.open(cfg.data.dataset).check_fits(cfg.train.seq_len)  # before any write
+        manifest, digest = import_dataset(Path(cfg.data.dataset), self.blobs)
+        self._dataset_blobs |= {digest, *manifest.digests()}
+        data = cfg.data.model_copy(update={"dataset": f"{MANIFEST_PREFIX}{digest}"})
+        return cfg.model_copy(update={"data": data})
+
+    def _is_dataset_blob(self, s: Session, digest: str) -> bool:
+        """Manifest, tokenizer and shards of the datasets that runs train on are public; the set
+        is rebuilt from the runs once per process (after a restart), then kept up to date."""
+        if digest in self._dataset_blobs:
+            return True
+        if not self._dataset_blobs_loaded:
+            for config_json in s.scalars(select(m.Run.config_json)):
+                ref = manifest_ref(RunConfig.model_validate_json(config_json).data.dataset)
+                if ref is not None and self.blobs.has(ref):
+                    manifest = parse_manifest(self.blobs.get(ref))
+                    self._dataset_blobs |= {ref, *manifest.digests()}
+            self._dataset_blobs_loaded = True
+        return digest in self._dataset_blobs
 
     def create_run(self, sponsor_key: bytes, config: dict) -> RunCreateResponse:
         try:
@@ -352,7 +425,8 @@ class HubService:
             raise HubError(422, str(exc)) from exc
         run_id = uuid.uuid4().hex[:12]
         try:
-            workload = Workload.from_config(cfg)
+            cfg = self._import_dataset(cfg)
+            workload = Workload.from_config(cfg, source=BlobSource(self.blobs))
         except (FileNotFoundError, ValueError) as exc:
             raise HubError(422, f"data.dataset: {exc}") from exc
         theta = workload.initial_theta()
@@ -395,6 +469,19 @@ class HubService:
         if run is None:
             raise HubError(404, f"run {run_id} not found")
         return run
+
+    def _own_assignment(
+        self, s: Session, run_id: str, node_id: str, assignment_id: str
+    ) -> tuple[m.Run, m.Assignment]:
+        """The run and one of `node_id`'s assignments in it (404 / 403 otherwise)."""
+        self._node(s, node_id)
+        run = self._run(s, run_id)
+        assignment = s.get(m.Assignment, assignment_id)
+        if assignment is None or assignment.run_id != run_id:
+            raise HubError(404, f"assignment {assignment_id} not found in run {run_id}")
+        if assignment.node_id != node_id:
+            raise HubError(403, "assignment belongs to another node")
+        return run, assignment
 
     def _round_state(self, s: Session, run: m.Run) -> tuple[m.Round, RoundState, RoundRules]:
         rnd = s.get(m.Round, (run.id, run.round))
@@ -475,6 +562,114 @@ class HubService:
                 if fastest is None or new > fastest:
                     self._live_view[run] = (at, new, numel)
 
+    # ---------------------------------------------------------------- lifecycle
+
+    def change_run_state(
+        self, run_id: str, requester_key: bytes, event: RunEvent, reason: str = ""
+    ) -> dict:
+        """The sponsor pauses, resumes or stops its run (hub/lifecycle.py decides)."""
+        with self.lock, self.sessions() as s:
+            run = self._run(s, run_id)
+            if run.sponsor_key != requester_key.hex():
+                raise HubError(403, f"only the sponsor of run {run_id} may {event} it")
+            if event not in SPONSOR_EVENTS:
+                raise HubError(422, f"{event} is not a sponsor's event")
+            changed = self._apply_event(s, run, event, reason or f"{event} by the sponsor")
+            s.commit()
+        self.round_changed(run_id)  # its long-polls learn the new state at once
+        return changed
+
+    def _apply_event(self, s: Session, run: m.Run, event: RunEvent, reason: str) -> dict:
+        """Move `run` by `event` in the caller's transaction: release outstanding work when it
+        stops handing any out, and record the change (and the escrow left) on the ledger."""
+        before = RunState(run.status)
+        after = transition(before, event)
+        if isinstance(after, Refused):
+            raise HubError(409, after.detail)
+        now = self.clock()
+        released = 0
+        if after is not RunState.ACTIVE:  # nobody works on a held or ended run
+            released = s.execute(
+                update(m.Assignment)
+                .where(m.Assignment.run_id == run.id, m.Assignment.status == "assigned")
+                .values(status="released")
+            ).rowcount
+        rnd = s.get(m.Round, (run.id, run.round))
+        if after is RunState.ACTIVE and rnd is not None and rnd.status == "open":
+            cfg = RunConfig.model_validate_json(run.config_json)
+            rnd.deadline_at = now + cfg.round.deadline_s  # the hold did not eat the round's time
+        run.status, run.status_reason, run.status_changed_at = after, reason, now
+        if after in FINAL:
+            run.finished_at = now
+        entry = {
+            "run_id": run.id,
+            "event": str(event),
+            "from": str(before),
+            "to": str(after),
+            "reason": reason,
+            "round": run.round,
+            "released_assignments": released,
+        }
+        if after is RunState.STOPPED:  # unspent escrow stays the sponsor's (ledger/balances.py)
+            entry["sponsor"] = run.sponsor_key
+            entry["unspent_escrow_units"] = self.trust.escrow(run.id).available_units
+        self.trust.append(s, [("lifecycle", entry)])
+        log.info(
+            "run %s %s -> %s: %s (%d assignments released)", run.id, before, after, reason, released
+        )
+        return entry
+
+    def report_failure(self, run_id: str, node_id: str, report: FailureReport) -> dict:
+        """A node could not train its assignment: release it, keep the reason, and mark the run
+        stalled once `STALL_AFTER_FAILURES` failures arrive with no progress in between."""
+        now = self.clock()
+        with self.lock, self.sessions() as s:
+            run, assignment = self._own_assignment(s, run_id, node_id, report.assignment_id)
+            if assignment.status == "assigned":
+                assignment.status = "failed"
+            s.add(
+                m.RunFailure(
+                    run_id=run_id,
+                    node_id=node_id,
+                    round=assignment.round,
+                    reason=report.reason,
+                    created_at=now,
+                )
+            )
+            s.flush()
+            progress_at = max(
+                s.scalar(select(func.max(m.Version.created_at)).where(m.Version.run_id == run_id))
+                or 0.0,
+                run.status_changed_at or 0.0,
+            )
+            failures = s.scalar(
+                select(func.count()).where(
+                    m.RunFailure.run_id == run_id, m.RunFailure.created_at >= progress_at
+                )
+            )
+            log.warning(
+                "run %s: node %s failed round %d: %s",
+                run_id,
+                node_id,
+                assignment.round,
+                report.reason,
+            )
+            working = s.scalar(
+                select(func.count()).where(
+                    m.Assignment.run_id == run_id,
+                    m.Assignment.round == run.round,
+                    m.Assignment.status.in_(("assigned", "submitted")),
+                )
+            )
+            if run.status == RunState.ACTIVE and should_stall(failures, working):
+                reason = (
+                    f"{failures} node failures and no round closed since; "
+                    f"last: node {node_id}: {report.reason}"
+                )
+                self._apply_event(s, run, RunEvent.STALL, reason)
+            s.commit()
+            return {"run_status": run.status, "failures": failures}
+
     # ---------------------------------------------------------------- assignments
 
     def request_assignment(self, run_id: str, node_id: str) -> AssignmentResponse:
@@ -501,9 +696,14 @@ class HubService:
             was_live = node.status != "left" and node.last_seen_at >= self._live_cutoff(now)
             self._heartbeats[node_id] = ("idle", now)  # a wait answer writes nothing: no fsync
             run = self._run(s, run_id)
-            if run.status != "active":
+            if run.status != RunState.ACTIVE:
                 s.commit()
-                return AssignmentResponse(status="finished"), None
+                reason = f"run {run_id} is {run.status}" + (
+                    f": {run.status_reason}" if run.status_reason else ""
+                )
+                if run.status in HOLDING:  # paused or stalled: it may resume
+                    return AssignmentResponse(status="wait", retry_after_s=5.0, reason=reason), 5.0
+                return AssignmentResponse(status="finished", reason=reason), None
             cfg = RunConfig.model_validate_json(run.config_json)
             rnd = s.get(m.Round, (run.id, run.round))
             if rnd.status == "secagg":  # the round's secure aggregation runs: no new work
@@ -582,6 +782,13 @@ class HubService:
             if rnd.status == "pending":
                 rnd.status, rnd.opened_at, rnd.deadline_at = "open", now, deadline_at
                 self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
+                log.info(
+                    "run %s round %d open (attempt %d, deadline %.0f s)",
+                    run.id,
+                    rnd.number,
+                    rnd.attempt,
+                    deadline_at - now,
+                )
             row = m.Assignment(
                 id=uuid.uuid4().hex,
                 run_id=run.id,
@@ -696,15 +903,12 @@ class HubService:
             raise HubError(422, f"malformed contribution metadata: {exc.errors()[:3]}") from exc
         carbon = self._carbon(run_id, node_id, meta)
         with self.lock, self.sessions() as s:
-            self._node(s, node_id)
-            run = self._run(s, run_id)
-            assignment = s.get(m.Assignment, meta.assignment_id)
-            if assignment is None or assignment.run_id != run_id:
-                raise HubError(404, f"assignment {meta.assignment_id} not found in run {run_id}")
-            if assignment.node_id != node_id:
-                raise HubError(403, "assignment belongs to another node")
+            run, assignment = self._own_assignment(s, run_id, node_id, meta.assignment_id)
             if assignment.status == "submitted":
                 raise HubError(409, "duplicate: this assignment already has a contribution")
+            if run.status != RunState.ACTIVE:
+                reason = f": {run.status_reason}" if run.status_reason else ""
+                raise HubError(409, f"stale: run {run_id} is {run.status}{reason}")
             if assignment.status != "assigned" or assignment.round != run.round:
                 if assignment.status == "assigned":
                     assignment.status = "late"
@@ -784,6 +988,8 @@ class HubService:
         now = self.clock()
         with self.sessions() as s:
             run = self._run(s, run_id)
+            if run.status != RunState.ACTIVE:  # paused or stopped since `tick` listed it
+                return Decision.WAIT
             rnd, state, rules = self._round_state(s, run)
             lost = lost_assignments(state, rules, now)
             if lost:
@@ -969,6 +1175,18 @@ class HubService:
         )
         rnd.status, rnd.closed_at = "closed", now
         rnd.close_reason = "all-in" if now < (rnd.deadline_at or now) else "deadline"
+        log.info(
+            "run %s round %d closed (%s): %d contributions from %s, %d tokens, "
+            "val loss %.4f -> %.4f",
+            run.id,
+            rnd.number,
+            rnd.close_reason,
+            len(contributions),
+            ", ".join(sorted({c.node_id for c in contributions})) or "-",
+            tokens,
+            base.val_loss,
+            version.val_loss,
+        )
         run.version, run.tokens_total = number, run.tokens_total + tokens
         budget = cfg.budget
         if (
@@ -976,7 +1194,9 @@ class HubService:
             or (budget.tokens is not None and run.tokens_total >= budget.tokens)
             or self.privacy.stop_reason(s, run, cfg, now)  # epsilon budget would be passed
         ):
-            run.status, run.finished_at = "finished", now
+            run.status, run.finished_at = transition(RunState.ACTIVE, RunEvent.FINISH), now
+            run.status_changed_at = now
+            log.info("run %s finished at version %d", run.id, number)
         else:
             run.round = rnd.number + 1
             s.add(
@@ -993,15 +1213,23 @@ class HubService:
     # ---------------------------------------------------------------- reads
 
     def read_blob(self, digest: str, node_id: str | None) -> bytes:
-        """A published model version or delta (contributions are never served)."""
+        """A published model version or delta, or a blob of a run's dataset (contributions are
+        never served). Dataset downloads are data, not synchronisation: not in `bytes_down`."""
         with self.sessions() as s:
             version = s.scalars(
                 select(m.Version)
                 .where((m.Version.weights_blob == digest) | (m.Version.delta_blob == digest))
                 .limit(1)
             ).first()
+            if version is None and self._is_dataset_blob(s, digest):
+                try:
+                    return self.blobs.get(digest)
+                except BlobError as exc:
+                    raise HubError(500, str(exc)) from exc
             if version is None:
-                raise HubError(404, f"blob {digest} is not a published model version or delta")
+                raise HubError(
+                    404, f"blob {digest} is not a published model version, delta or dataset blob"
+                )
             try:
                 data = self.blobs.get(digest)
             except BlobError as exc:
@@ -1122,6 +1350,14 @@ class HubService:
                 .group_by(m.Download.node_id)
             ).all()
             node_rows = {n.id: n for n in s.scalars(select(m.Node))}
+            failures = s.scalars(
+                select(m.RunFailure)
+                .where(m.RunFailure.run_id == run_id)
+                .order_by(m.RunFailure.created_at)
+            ).all()
+            workers = s.scalars(
+                select(m.Assignment.node_id).where(m.Assignment.run_id == run_id).distinct()
+            ).all()
         per_round_world: dict[int, int] = {}
         for c in contributions:
             per_round_world[c.round] = per_round_world.get(c.round, 0) + 1
@@ -1131,33 +1367,36 @@ class HubService:
         )
         nodes: dict[str, dict] = {}
         for c in contributions:
-            entry = nodes.setdefault(
-                c.node_id,
-                {
-                    "id": c.node_id,
-                    "name": node_rows[c.node_id].name,
-                    "tokens": 0,
-                    "bytes_up": 0,
-                    "bytes_down": 0,
-                    "contributions": 0,
-                    "energy_wh": 0.0,
-                },
-            )
+            entry = nodes.setdefault(c.node_id, _node_entry(c.node_id, node_rows[c.node_id].name))
             entry["tokens"] += c.tokens
             entry["bytes_up"] += c.bytes_up
             entry["contributions"] += 1
             entry["energy_wh"] += c.energy_wh or 0.0
+        for node_id in workers:  # nodes that were given work but never contributed
+            nodes.setdefault(node_id, _node_entry(node_id, node_rows[node_id].name))
         for node_id, total in downloads:
             if node_id in nodes:
                 nodes[node_id]["bytes_down"] = int(total or 0)
+        now = self.clock()
+        for f in failures:
+            entry = nodes.setdefault(f.node_id, _node_entry(f.node_id, node_rows[f.node_id].name))
+            entry["failures"] += 1
+            entry["last_failure"] = f.reason
+        for node_id, entry in nodes.items():
+            row = node_rows[node_id]
+            entry["state"] = liveness_state(
+                row.status, now - row.last_seen_at, self.settings.liveness_s
+            )
+            entry["last_seen_s_ago"] = round(now - row.last_seen_at, 1)
         outcome: dict[int, dict[str, int]] = {}
         for rnd_number, status, count in assignments:
             outcome.setdefault(rnd_number, {})[status] = count
-        now = self.clock()
         return {
             "id": run.id,
             "name": run.name,
             "status": run.status,
+            "status_reason": run.status_reason,
+            "liveness_s": self.settings.liveness_s,
             "round": run.round,
             "version": run.version,
             "numel": run.numel,

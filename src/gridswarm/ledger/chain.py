@@ -54,6 +54,7 @@ HUB_KINDS = frozenset(
         "epoch",
         "anchor",
         "reputation",
+        "lifecycle",
     }
 )
 KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")

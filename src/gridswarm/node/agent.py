@@ -1,9 +1,16 @@
 """The node's main loop: register, pull an assignment, train, upload, repeat.
 
-A node keeps its identity key and a cache of model versions (by hash) in its home folder. When it
-holds the previous version it downloads only the encoded update and rebuilds the new weights
-exactly, checking the result against the version's hash. SIGINT/SIGTERM stop it between steps; it
-tells the hub it is leaving, so its unfinished assignment is released rather than awaited.
+A node keeps its identity key and a cache of model versions and dataset shards (by hash) in its
+home folder. When it holds the previous version it downloads only the encoded update and rebuilds
+the new weights exactly, checking the result against the version's hash. SIGINT/SIGTERM stop it
+between steps; it tells the hub it is leaving, so its unfinished assignment is released rather
+than awaited.
+
+A node first makes sure it can reach its hub: while it cannot, it says so and retries with backoff
+(a countdown in its log) until the hub answers, `connect_timeout_s` passes, or it is stopped. One
+process at a time may use a home folder (`gridswarm.home`). An assignment it cannot train (its
+dataset is missing, the model does not fit) is reported to the hub with the reason, which marks the
+run stalled after a few such failures (hub/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -19,20 +26,25 @@ import torch
 
 from gridswarm.blobs import BlobError, LocalBlobStore, sha256_hex
 from gridswarm.config import RunConfig
+from gridswarm.home import lock_home
 from gridswarm.identity import Identity
-from gridswarm.node.client import HubClient, HubRequestError
+from gridswarm.node.client import ClientStopped, HubClient, HubRequestError
 from gridswarm.node.energy import NodeEnergy, load_node_energy
 from gridswarm.node.probe import hardware, probe_speed
 from gridswarm.node.secagg import SecAggContributor, secagg_timeout_s
 from gridswarm.protocol import Assignment, ContributionMeta, RegisterRequest
 from gridswarm.train.codecs import ErrorFeedback, make_codec
 from gridswarm.train.data import read_text
+from gridswarm.train.dataset import BlobSource, DatasetError
 from gridswarm.train.params import pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import sign_contribution
 
 log = logging.getLogger("gridswarm.node")
 HEARTBEAT_S = 3.0
+FAILURE_BACKOFF_S = 2.0  # after a failed assignment, before asking for the next one
+# what training an assignment may raise when this machine cannot do it (missing data, memory)
+TRAINING_FAILURES = (OSError, ValueError, RuntimeError, MemoryError)
 
 
 class Stopped(Exception):
@@ -52,6 +64,7 @@ class NodeOptions:
     max_rounds: int | None = None
     wait_s: float = 10.0
     energy: Path | None = None  # node energy TOML: region, signal, PV/battery, policy
+    connect_timeout_s: float | None = None  # give up when the hub is unreachable this long
 
 
 @dataclass
@@ -68,8 +81,15 @@ class NodeAgent:
         self.options = options
         self.identity = Identity.load_or_create(options.home / "node.key")
         self.cache = LocalBlobStore(options.home / "blobs")
-        self.client = HubClient(options.hub_url, self.identity)
         self.stop_event = threading.Event()
+        self.client = HubClient(
+            options.hub_url,
+            self.identity,
+            retry_for_s=options.connect_timeout_s,
+            stop=self.stop_event,
+            on_retry=self._announce_retry,
+        )
+        self._last_wait_reason: str | None = None
         self.status = "idle"
         self.stats = NodeStats()
         settings = load_node_energy(options.energy, options.region) if options.energy else None
@@ -90,6 +110,16 @@ class NodeAgent:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+    def _announce_retry(self, cause: str, retry_in_s: float, give_up_in_s: float | None) -> None:
+        left = "" if give_up_in_s is None else f"; giving up in {give_up_in_s:.0f} s"
+        log.warning(
+            "cannot reach the hub at %s (%s); retrying in %.1f s%s (Ctrl-C to stop)",
+            self.client.base_url,
+            cause,
+            retry_in_s,
+            left,
+        )
 
     def register(self) -> str:
         torch.set_num_threads(self.options.max_threads)
@@ -113,54 +143,82 @@ class NodeAgent:
         return active[-1]["id"] if active else None
 
     def run(self) -> NodeStats:
-        """Work until stopped, the run finishes, or `max_rounds` contributions are made."""
-        self.register()
-        log.info("energy assumptions:\n%s", self.energy.describe())
-        heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
-        heartbeat.start()
-        try:
-            while not self.stop_event.is_set():
-                if self.options.max_rounds and self.stats.contributions >= self.options.max_rounds:
-                    break
-                run_id = self.pick_run()
-                if run_id is None:
-                    self.stop_event.wait(1.0)
-                    continue
-                if not self.energy.gate(run_id, self.client.energy).allowed:
-                    self.status = "paused"  # our own energy policy says not now
-                    self.stop_event.wait(self.energy.pause_s)
-                    continue
-                self.status = "idle"
-                wait_s = self.energy.poll_wait_s(self.options.wait_s)
-                try:
-                    answer = self.client.assignment(run_id, wait_s=wait_s)
-                except HubRequestError as exc:
-                    if exc.status != 403:
-                        raise
-                    log.error("the hub refuses this node work: %s", exc.detail)
-                    self.stats.rejected.append(exc.detail)
-                    break
-                if answer.status == "finished":
-                    log.info("run %s finished", run_id)
-                    if self.options.run_id:
-                        break
-                    self.stop_event.wait(1.0)
-                elif answer.status == "wait":
-                    self.stop_event.wait(min(answer.retry_after_s, 1.0))
-                else:
-                    try:
-                        self.work(answer.assignment)
-                    except Stopped:
-                        break
-        finally:
-            self.stop_event.set()
-            self._leave()
-            self.client.close()
+        """Work until stopped, the run finishes, or `max_rounds` contributions are made.
+
+        Raises `HomeInUse` if another process uses this home, and `HubUnreachable` if the hub
+        did not answer within `connect_timeout_s`."""
+        registered = False
+        with lock_home(self.options.home):
+            try:
+                self.client.healthz()  # fail fast and say so before the speed probe
+                self.register()
+                registered = True
+                log.info("energy assumptions:\n%s", self.energy.describe())
+                heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+                heartbeat.start()
+                self._loop()
+            except (Stopped, ClientStopped):
+                log.info("stopped")
+            finally:
+                self.stop_event.set()
+                if registered:
+                    self._leave()
+                self.client.close()
         return self.stats
 
-    def _leave(self) -> None:
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            if self.options.max_rounds and self.stats.contributions >= self.options.max_rounds:
+                return
+            run_id = self.pick_run()
+            if run_id is None:
+                self.stop_event.wait(1.0)
+                continue
+            if not self.energy.gate(run_id, self.client.energy).allowed:
+                self.status = "paused"  # our own energy policy says not now
+                self.stop_event.wait(self.energy.pause_s)
+                continue
+            self.status = "idle"
+            wait_s = self.energy.poll_wait_s(self.options.wait_s)
+            try:
+                answer = self.client.assignment(run_id, wait_s=wait_s)
+            except HubRequestError as exc:
+                if exc.status != 403:
+                    raise
+                log.error("the hub refuses this node work: %s", exc.detail)
+                self.stats.rejected.append(exc.detail)
+                return
+            if answer.reason and answer.reason != self._last_wait_reason:
+                log.info("no work: %s", answer.reason)
+            self._last_wait_reason = answer.reason
+            if answer.status == "finished":
+                log.info("run %s ended", run_id)
+                if self.options.run_id:
+                    return
+                self.stop_event.wait(1.0)
+            elif answer.status == "wait":
+                self.stop_event.wait(min(answer.retry_after_s, 1.0))
+            else:
+                try:
+                    self.work(answer.assignment)
+                except TRAINING_FAILURES as exc:
+                    self._report_failure(answer.assignment, exc)
+
+    def _report_failure(self, a: Assignment, exc: Exception) -> None:
+        """This machine could not train `a`: tell the hub why, then back off."""
+        self.status = "idle"
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("round %s of run %s: cannot train: %s", a.round, a.run_id, reason)
+        self.stats.rejected.append(reason)
         try:
-            self.client.retry_for_s = 5.0
+            answer = self.client.report_failure(a.run_id, a.id, reason)
+            log.info("reported to the hub; the run is %s", answer.get("run_status"))
+        except HubRequestError as refused:
+            log.warning("the hub refused the failure report: %s", refused.detail)
+        self.stop_event.wait(FAILURE_BACKOFF_S)
+
+    def _leave(self) -> None:
+        try:  # one try: the stop event is set, so the client does not wait to retry
             self.client.leave()
         except Exception as exc:
             log.info("could not tell the hub we are leaving: %s", exc)
@@ -182,8 +240,18 @@ class NodeAgent:
                 if self.options.data is None:
                     raise ValueError(f"run {run_id} is federated: start the node with --data PATH")
                 text = read_text(str(self.options.data))
-            self._workloads[run_id] = Workload.from_config(cfg, text=text)
+            # a prepared dataset's shards are fetched (only those a slice draws) into the cache
+            source = BlobSource(self.cache, self._fetch_dataset_blob)
+            self._workloads[run_id] = Workload.from_config(cfg, text=text, source=source)
         return self._workloads[run_id]
+
+    def _fetch_dataset_blob(self, digest: str) -> bytes:
+        """A dataset blob from the hub; a refusal or a hash mismatch is a training failure
+        (reported to the hub), not a crash."""
+        try:
+            return self.client.blob(digest)
+        except (HubRequestError, BlobError) as exc:
+            raise DatasetError(f"dataset blob {digest[:12]}…: {exc}") from exc
 
     def _contribute_securely(
         self, a: Assignment, numel: int, update: torch.Tensor, meta: ContributionMeta
@@ -276,20 +344,24 @@ class NodeAgent:
             self.stats.tokens += result.tokens
             self.stats.bytes_up += ack.bytes_up
             log.info(
-                "round %s: %d steps, loss %.3f -> %.3f, %d bytes up",
+                "run %s round %s: H=%d, %d tokens, %.1f s, %d bytes up, loss %.3f -> %.3f",
+                a.run_id,
                 a.round,
                 result.steps,
+                result.tokens,
+                result.train_time_s,
+                ack.bytes_up,
                 result.loss_first,
                 result.loss_last,
-                ack.bytes_up,
             )
         except HubRequestError as exc:
             if exc.status == 409 and exc.detail.startswith("duplicate"):
                 self.stats.contributions += 1  # an earlier try was stored before the ack was lost
             else:
                 self.stats.rejected.append(exc.detail)
-                log.warning("contribution rejected: %s", exc.detail)
+                log.warning("round %s: contribution refused: %s", a.round, exc.detail)
         except BlobError as exc:
             self.stats.rejected.append(str(exc))
+            log.warning("round %s: contribution refused: %s", a.round, exc)
         finally:
             self.status = "idle"

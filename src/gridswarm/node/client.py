@@ -1,13 +1,21 @@
 """A signed HTTP client of the hub, used by nodes and by the sponsor CLI.
 
 Requests are retried with backoff while the hub is unreachable (it may be restarting), each retry
-freshly signed. A 4xx answer is final and raised as `HubRequestError` with the hub's reason.
+freshly signed, for `retry_for_s` (None: until stopped). Each wait is announced to `on_retry` (the
+node prints a countdown) and cut short by `stop` (SIGINT/SIGTERM). A 4xx answer is final and raised
+as `HubRequestError` with the hub's reason; a hub that stays unreachable as `HubUnreachable`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import ssl
+import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 from pydantic import BaseModel
@@ -16,12 +24,15 @@ from gridswarm.blobs import BlobError, sha256_hex
 from gridswarm.identity import Identity, sign_request
 from gridswarm.protocol import (
     API,
+    MAX_REASON_CHARS,
     AssignmentResponse,
     ContributionAck,
     EnergyReport,
+    FailureReport,
     HeartbeatRequest,
     RegisterRequest,
     RunCreateResponse,
+    RunStateRequest,
 )
 
 
@@ -32,14 +43,97 @@ class HubRequestError(Exception):
         self.detail = detail
 
 
+class HubURLError(ValueError):
+    """The hub URL cannot be used (no http:// or https:// scheme, no host)."""
+
+
+class HubUnreachable(httpx.TransportError):
+    """The hub did not answer for as long as the client was told to retry."""
+
+    def __init__(self, url: str, cause: str, waited_s: float) -> None:
+        super().__init__(f"cannot reach the hub at {url} ({cause}) after {waited_s:.0f} s")
+        self.url = url
+        self.cause = cause
+
+
+class HubTLSError(ConnectionError):
+    """The hub's TLS certificate is not trusted, or it speaks TLS to a plain http:// URL: retrying
+    cannot help, so the client says so at once."""
+
+
+def tls_verify(ca: str | Path | None = None) -> ssl.SSLContext:
+    """Certificates a client trusts: the CA bundle `ca` (or the file named by $GRIDSWARM_CA), for a
+    hub whose certificate a private CA signed; else the system's store."""
+    ca = ca or os.environ.get(CA_ENV) or None
+    if ca is not None and not Path(ca).is_file():
+        raise HubTLSError(f"CA file {ca} not found (--ca / {CA_ENV})")
+    return ssl.create_default_context(cafile=str(ca) if ca else None)
+
+
+def tls_failure(url: str, exc: httpx.TransportError) -> HubTLSError | None:
+    """The clear error for a TLS mismatch, or None for an ordinary (retryable) transport error."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return HubTLSError(
+                f"the hub at {url} has a TLS certificate this machine does not trust "
+                f"({cause.verify_message}): give its CA with --ca or {CA_ENV}"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return HubTLSError(f"TLS with the hub at {url} failed: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    if url.startswith("http://") and isinstance(exc, httpx.RemoteProtocolError):
+        return HubTLSError(
+            f"the hub at {url} closed the connection without an HTTP answer: "
+            "if it serves TLS (--tls-cert), use https://"
+        )
+    return None
+
+
+class ClientStopped(Exception):
+    """The client's `stop` event was set while it waited to retry."""
+
+
+CA_ENV = "GRIDSWARM_CA"  # a CA bundle (PEM) to trust for the hub's TLS certificate
+URL_PATTERN = re.compile(r"^https?://[^/\s:]+")
+RetryCallback = Callable[[str, float, float | None], None]  # (cause, retry in s, give up in s)
+
+
+def check_hub_url(url: str) -> str:
+    """`url` without a trailing slash, or HubURLError saying how to write it."""
+    if not URL_PATTERN.match(url):
+        hint = f" (did you mean http://{url}?)" if "://" not in url else ""
+        raise HubURLError(f"hub URL {url!r} needs an http:// or https:// scheme and a host{hint}")
+    return url.rstrip("/")
+
+
+def transport_cause(exc: httpx.TransportError) -> str:
+    """A short reason for a transport failure, e.g. 'connection refused'."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectError) and "refused" in text.lower():
+        return "connection refused"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    return text.split("] ")[-1][:120]
+
+
 class HubClient:
     def __init__(
-        self, base_url: str, identity: Identity, timeout_s: float = 60.0, retry_for_s: float = 120.0
+        self,
+        base_url: str,
+        identity: Identity,
+        timeout_s: float = 60.0,
+        retry_for_s: float | None = 120.0,
+        stop: threading.Event | None = None,
+        on_retry: RetryCallback | None = None,
+        ca: str | Path | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url = check_hub_url(base_url)
         self.identity = identity
         self.retry_for_s = retry_for_s
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        self.stop = stop or threading.Event()
+        self.on_retry = on_retry
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, verify=tls_verify(ca))
 
     def close(self) -> None:
         self.http.close()
@@ -52,7 +146,8 @@ class HubClient:
         params: dict | None = None,
         signed: bool = True,
     ) -> httpx.Response:
-        give_up = time.monotonic() + self.retry_for_s
+        started = time.monotonic()
+        give_up = None if self.retry_for_s is None else started + self.retry_for_s
         delay = 0.2
         while True:
             headers = {"content-type": "application/octet-stream"}
@@ -62,13 +157,24 @@ class HubClient:
                 response = self.http.request(
                     method, path, content=body, params=params, headers=headers
                 )
-            except httpx.TransportError:
-                if time.monotonic() >= give_up:
-                    raise
+            except httpx.TransportError as exc:
+                tls_error = tls_failure(self.base_url, exc)
+                if tls_error is not None:
+                    raise tls_error from exc
+                cause = transport_cause(exc)
+                if give_up is not None and time.monotonic() >= give_up:
+                    raise HubUnreachable(self.base_url, cause, time.monotonic() - started) from exc
             else:
-                if response.status_code < 500 or time.monotonic() >= give_up:
+                if response.status_code < 500 or (
+                    give_up is not None and time.monotonic() >= give_up
+                ):
                     break
-            time.sleep(delay)
+                cause = f"hub answered {response.status_code}"
+            left_s = None if give_up is None else max(give_up - time.monotonic(), 0.0)
+            if self.on_retry is not None:
+                self.on_retry(cause, delay, left_s)
+            if self.stop.wait(delay if left_s is None else min(delay, left_s)):
+                raise ClientStopped(f"stopped while retrying {method} {path}")
             delay = min(delay * 2, 3.0)
         if response.status_code >= 400:
             try:
@@ -84,6 +190,10 @@ class HubClient:
         else:
             body = json.dumps(payload).encode()
         return self.request("POST", path, body).json()
+
+    def healthz(self) -> None:
+        """Returns once the hub answers (retrying as configured)."""
+        self.request("GET", "/healthz", signed=False)
 
     # node calls
     def register(self, req: RegisterRequest) -> str:
@@ -108,6 +218,11 @@ class HubClient:
         response = self.request("POST", f"{API}/runs/{run_id}/contributions", body)
         return ContributionAck.model_validate_json(response.content)
 
+    def report_failure(self, run_id: str, assignment_id: str, reason: str) -> dict:
+        """Tell the hub this node could not train an assignment, and why."""
+        payload = FailureReport(assignment_id=assignment_id, reason=reason[:MAX_REASON_CHARS])
+        return self.post_json(f"{API}/runs/{run_id}/failures", payload)
+
     def blob(self, digest: str) -> bytes:
         data = self.request("GET", f"{API}/blobs/{digest}").content
         if sha256_hex(data) != digest:
@@ -117,6 +232,11 @@ class HubClient:
     # sponsor and reader calls
     def create_run(self, config: dict) -> RunCreateResponse:
         return RunCreateResponse.model_validate(self.post_json(f"{API}/runs", {"config": config}))
+
+    def change_run_state(self, run_id: str, event: str, reason: str = "") -> dict:
+        """Pause, resume or stop a run (the sponsor's key signs)."""
+        payload = RunStateRequest(event=event, reason=reason)  # type: ignore[arg-type]
+        return self.post_json(f"{API}/runs/{run_id}/state", payload)
 
     def runs(self) -> list[dict]:
         return self.request("GET", f"{API}/runs", signed=False).json()

@@ -57,10 +57,23 @@ class ScenarioSpec:
     pvdaq_homes: tuple[int, ...] = (7, 8, 9)  # AZPS, CityLearn load + PVDAQ PV at 5 kWp
     forecast_error: float = 0.1  # relative sd at 24 h lead
     seed: int = 0
+    copies: int = 1  # the swarm repeated this many times (each node its own forecast error)
+    hardware: str | None = None  # one HARDWARE kind on every node (a control); None: a mix
+
+
+# a swarm with no near-zero-carbon grid and no PV to shift into (the hard case): the cleanest
+# hour of its cleanest grid (GB, June 2020) is still > 100 gCO2e/kWh
+NO_CLEAN_GRID = ScenarioSpec(
+    grid_only=(("DE", 3), ("GB", 3), ("MISO", 3), ("PJM", 3), ("SOCO", 3), ("AZPS", 3)),
+    citylearn_homes=(),
+    pvdaq_homes=(),
+)
 
 
 def build_swarm(data_dir: str | Path, spec: ScenarioSpec = ScenarioSpec()) -> list[SimNode]:
-    """The benchmark swarm (24 nodes over 9 regions with the default spec)."""
+    """The benchmark swarm (24 nodes over 9 regions with the default spec, times `spec.copies`)."""
+    if spec.hardware is not None and spec.hardware not in HARDWARE:
+        raise ValueError(f"unknown hardware {spec.hardware!r}; choose from {sorted(HARDWARE)}")
     data = Path(data_dir)
     ci = data / "carbon_intensity"
     start_s = ts(spec.start)
@@ -91,10 +104,10 @@ def build_swarm(data_dir: str | Path, spec: ScenarioSpec = ScenarioSpec()) -> li
 
     def add(region: str, home: Home | None = None, policy: NodePolicy | None = None) -> None:
         k = len(nodes)
-        tps, power = HARDWARE[hw_names[k % len(hw_names)]]
+        tps, power = HARDWARE[spec.hardware or hw_names[k % len(hw_names)]]
         nodes.append(
             SimNode(
-                node_id=f"n{k:02d}-{region.lower()}",
+                node_id=f"n{k:05d}-{region.lower()}",
                 region=region,
                 tokens_per_s=tps,
                 power_w=power,
@@ -104,34 +117,40 @@ def build_swarm(data_dir: str | Path, spec: ScenarioSpec = ScenarioSpec()) -> li
             )
         )
 
-    for region, count in spec.grid_only:
-        for j in range(count):
-            policy = None
-            if region == "DE" and j == 1:  # an office desktop: evenings, nights, weekends
-                policy = parse_node_policy(
-                    {
-                        "windows": ["mon-fri 18:00-08:00", "sat,sun 00:00-24:00"],
-                        "timezone": "Europe/Berlin",
-                    }
-                )
-            if region == "PJM" and j == 1:  # an operator who caps intensity
-                policy = parse_node_policy({"max_intensity_g_per_kwh": 380})
-            add(region, policy=policy)
-
     mg = data / "microgrid" / "citylearn_2022"
     cl_start = citylearn_start_s(2021)
     battery = Battery(capacity_wh=6400.0, max_power_w=5000.0, round_trip_efficiency=0.9)
-    for b in spec.citylearn_homes:
-        load, pv = read_citylearn_building(mg / f"Building_{b}.csv.gz", start_s=cl_start, kwp=4.0)
-        add("CISO", Home(pv, load, battery))
+    citylearn = {
+        b: read_citylearn_building(mg / f"Building_{b}.csv.gz", start_s=cl_start, kwp=4.0)
+        for b in spec.citylearn_homes
+    }
     pvdaq = measured_pv_series(
         data / "solar" / "pvdaq_system50_golden_co_ac_power_15min.csv.gz",
         kwp=5.0,
         source_kwp=PVDAQ50_KWP,
         year=2012,
     ).replayed_at(start_s, ts("2012-06-04T00:00:00"))  # a Monday, same UTC (so local) time
-    for i, b in enumerate(spec.pvdaq_homes):
-        load, _ = read_citylearn_building(mg / f"Building_{b}.csv.gz", start_s=cl_start)
-        policy = parse_node_policy({"require_surplus": True}) if i == 2 else None
-        add("AZPS", Home(pvdaq, load, battery), policy)
+    pvdaq_load = {
+        b: read_citylearn_building(mg / f"Building_{b}.csv.gz", start_s=cl_start)[0]
+        for b in spec.pvdaq_homes
+    }
+    office = parse_node_policy(  # an office desktop: evenings, nights, weekends
+        {"windows": ["mon-fri 18:00-08:00", "sat,sun 00:00-24:00"], "timezone": "Europe/Berlin"}
+    )
+    capped = parse_node_policy({"max_intensity_g_per_kwh": 380})  # an operator who caps intensity
+    surplus_only = parse_node_policy({"require_surplus": True})
+    for _ in range(spec.copies):
+        for region, count in spec.grid_only:
+            for j in range(count):
+                policy = None
+                if region == "DE" and j == 1:
+                    policy = office
+                if region == "PJM" and j == 1:
+                    policy = capped
+                add(region, policy=policy)
+        for b in spec.citylearn_homes:
+            load, pv = citylearn[b]
+            add("CISO", Home(pv, load, battery))
+        for i, b in enumerate(spec.pvdaq_homes):
+            add("AZPS", Home(pvdaq, pvdaq_load[b], battery), surplus_only if i == 2 else None)
     return nodes

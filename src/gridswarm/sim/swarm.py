@@ -1,12 +1,22 @@
-"""Discrete-event simulation (SimPy) of a swarm running one training run under a hub energy policy.
+"""Simulation of a swarm running one training run under a hub energy policy, on a virtual clock.
 
-The virtual clock is `start_s + env.now` in unix seconds. The same pure code as the live system
-decides everything: `plan_round` (hub), `NodePolicy.evaluate` (node), `step_site` (PV, household,
-battery) and the accounting records. Each round the hub builds a `NodeEnergyState` per node from
-the node's signal forecast and local-generation series, plans, then either defers or hands each node
-its share; nodes work in chunks of at most `step_s`, re-checking their own policy before each chunk
-(pausing when it refuses), meter energy at their power, and settle each chunk with their home's PV
-and battery. A round closes when every assigned node is done, plus a fixed sync overhead.
+The hub's own pure code decides: each round it costs every node (`energy.policy.plan_costs`, the
+array form of the `plan_round` the live hub runs), nodes apply their own `NodePolicy` before each
+chunk of work (`allows_many`, the array form of `allows`), and homes step PV, household load and
+battery with `step_sites` (the array form of `step_site`). Everything is held as arrays over the
+nodes, so 10,000 nodes × a simulated week take minutes, not hours.
+
+Time: rounds of `round_duration_s` of training plus `round_overhead_s` of sync (download, upload,
+aggregation; no training). The hub plans on the round's wall time and scales each node's speed and
+power by the duty cycle (training / wall time), exactly as the live hub does
+(`hub.energy.node_state`), so a share of 1 is the work a node does in one round. Nodes work in
+chunks cut at `step_s` bin edges; a node its own policy pauses sits out that chunk. A round ends
+when its last node is done, then the overhead passes.
+
+Forecasts: the hub sees each region's recorded intensity with a seeded relative error that grows
+with the square root of lead time (`forecast_error` of the node's `TraceSignal`, sd at 24 h), one
+draw per class of alike nodes (as nodes of a region share the hub's signal); local surplus and
+availability forecasts are the recorded series and the node's own rules over them.
 """
 
 from __future__ import annotations
@@ -15,63 +25,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import simpy
 
 from gridswarm.energy.accounting import ContributionEnergy, RunEnergyReport, run_report
 from gridswarm.energy.policy import (
     LOCAL_PV_INTENSITY_G_PER_KWH,
     NodeConditions,
-    NodeEnergyState,
     NodePolicy,
-    plan_round,
+    RoundEnergyPlan,
+    SwarmCosts,
+    cheapest_first,
+    emission_rate_g_per_h,
+    local_supply_w,
+    plan_costs,
+    planning_slots,
+    slot_emissions_g,
+    slot_times,
+    step_index,
 )
 from gridswarm.energy.series import UniformSeries
 from gridswarm.energy.signals import SignalProvider
-from gridswarm.energy.solar import Battery, step_site
+from gridswarm.energy.solar import Battery, step_sites
 
 
-@dataclass
+@dataclass(frozen=True)
 class Home:
-    """A node's household: PV, load and battery, advanced lazily through time (W series)."""
+    """A node's household: PV and household load (W series) and an optional battery."""
 
     pv: UniformSeries | None
     household: UniformSeries | None
     battery: Battery | None = None
-    t_s: float = 0.0
-    soc_wh: float = 0.0
-    piece_s: float = 900.0
-
-    def surplus_w(self, t_s: float) -> float:
-        pv = self.pv.at(t_s) if self.pv else 0.0
-        load = self.household.at(t_s) if self.household else 0.0
-        return pv - load
-
-    def surplus_series_w(self, times_s: np.ndarray) -> np.ndarray:
-        pv = self.pv.sample(times_s) if self.pv else np.zeros(len(times_s))
-        load = self.household.sample(times_s) if self.household else np.zeros(len(times_s))
-        return pv - load
-
-    def run(self, until_s: float, compute_w: float) -> tuple[float, float]:
-        """Advance to `until_s` with a constant compute draw; returns (compute Wh, local Wh)."""
-        compute_wh = local_wh = 0.0
-        while self.t_s < until_s - 1e-9:
-            dt = min(self.piece_s, until_s - self.t_s)
-            pv = self.pv.at(self.t_s) if self.pv else 0.0
-            load = self.household.at(self.t_s) if self.household else 0.0
-            step = step_site(self.battery, self.soc_wh, pv, load, compute_w, dt)
-            self.soc_wh = step.soc_wh
-            compute_wh += compute_w * dt / 3600.0
-            local_wh += step.compute_local_w * dt / 3600.0
-            self.t_s += dt
-        return compute_wh, local_wh
-
-    def battery_available_wh(self, floor_frac: float | None = None) -> float:
-        if self.battery is None:
-            return 0.0
-        floor = self.battery.soc_floor_frac if floor_frac is None else floor_frac
-        return max(self.soc_wh - floor * self.battery.capacity_wh, 0.0) * (
-            self.battery.one_way_efficiency
-        )
 
 
 @dataclass
@@ -84,37 +66,35 @@ class SimNode:
     policy: NodePolicy = field(default_factory=NodePolicy)
     home: Home | None = None
 
-    def conditions(self, t_s: float) -> NodeConditions:
-        h = self.home
-        return NodeConditions(
-            now_s=t_s,
-            draw_w=self.power_w,
-            intensity_g_per_kwh=self.signal.current(t_s).intensity_g_per_kwh,
-            price_per_kwh=self.signal.current(t_s).price_per_kwh,
-            surplus_w=h.surplus_w(t_s) if h else None,
-            battery_soc_wh=h.soc_wh if h and h.battery else 0.0,
-            battery_capacity_wh=h.battery.capacity_wh if h and h.battery else 0.0,
-            battery_max_power_w=h.battery.max_power_w if h and h.battery else 0.0,
-        )
-
 
 @dataclass(frozen=True)
 class SimConfig:
     start_s: float
     deadline_s: float  # absolute unix seconds
     tokens_target: float
-    round_duration_s: float = 1800.0
+    round_duration_s: float = 1800.0  # training time of a full round
     round_overhead_s: float = 60.0  # download, upload, aggregate: no training work
-    step_s: float = 900.0  # node chunk length and timeline bin
+    step_s: float = 900.0  # node chunk length, forecast step and timeline bin
     forecast_horizon_s: float = 48 * 3600.0
     margin: float = 0.1
+    reserve_rounds: int = 1
     max_overrun_s: float = 7 * 86400.0  # stop this long after the deadline if still unfinished
+    forecast_seed: int = 0
+
+    @property
+    def wall_s(self) -> float:
+        return self.round_duration_s + self.round_overhead_s
+
+    @property
+    def duty(self) -> float:
+        return self.round_duration_s / self.wall_s
 
 
 @dataclass
 class SimResult:
     policy: str
-    records: list[ContributionEnergy]
+    records: list[ContributionEnergy]  # one per node that worked: its totals over the run
+    contributions: int  # (node, round) pairs with work
     tokens_done: float
     finished_s: float | None
     deadline_s: float
@@ -124,6 +104,7 @@ class SimResult:
     tokens_per_bin: np.ndarray
     emissions_g_per_bin: np.ndarray
     energy_wh_per_bin: np.ndarray
+    plans: list[RoundEnergyPlan] = field(default_factory=list, repr=False)  # when kept
 
     @property
     def deadline_met(self) -> bool:
@@ -133,162 +114,370 @@ class SimResult:
         return run_report(self.records, agnostic_emissions_g)
 
 
-def _node_state(node: SimNode, now_s: float, cfg: SimConfig) -> NodeEnergyState:
-    horizon = cfg.forecast_horizon_s
-    intensity = node.signal.intensity_forecast(now_s, horizon)
-    surplus = availability = None
-    battery_wh = 0.0
-    if node.home is not None:
-        times = np.arange(now_s, now_s + horizon, cfg.step_s)
-        surplus = list(zip(times.tolist(), node.home.surplus_series_w(times).tolist(), strict=True))
-        battery_wh = node.home.battery_available_wh()
-    if node.policy.rules:
-        # the node tells the hub when its own policy will let it run (from its forecasts)
-        surplus_at = dict(surplus) if surplus else {}
-        availability = []
-        for t, g in intensity:
-            c = node.conditions(t)
-            c = NodeConditions(
-                now_s=t,
-                draw_w=c.draw_w,
-                intensity_g_per_kwh=g,
-                price_per_kwh=c.price_per_kwh,
-                surplus_w=surplus_at.get(t, c.surplus_w),
-                battery_soc_wh=c.battery_soc_wh,
-                battery_capacity_wh=c.battery_capacity_wh,
-                battery_max_power_w=c.battery_max_power_w,
+def _sample(signal: SignalProvider, times: np.ndarray) -> np.ndarray:
+    series = getattr(signal, "series", None)
+    if isinstance(series, UniformSeries):
+        return series.sample(times)
+    return np.array([signal.current(t).intensity_g_per_kwh for t in times.tolist()])
+
+
+class _Swarm:
+    """The nodes as arrays, their recorded series on the bin grid, and the homes' state."""
+
+    def __init__(self, nodes: Sequence[SimNode], cfg: SimConfig) -> None:
+        if not nodes:
+            raise ValueError("simulate needs at least one node")
+        self.cfg = cfg
+        self.ids = [n.node_id for n in nodes]
+        self.regions = [n.region for n in nodes]
+        self.n = len(nodes)
+        self.tokens_per_s = np.array([n.tokens_per_s for n in nodes], dtype=float)
+        self.power_w = np.array([n.power_w for n in nodes], dtype=float)
+        if (self.tokens_per_s <= 0).any() or (self.power_w <= 0).any():
+            raise ValueError("every node needs tokens_per_s > 0 and power_w > 0")
+        end_s = cfg.deadline_s + cfg.max_overrun_s + cfg.forecast_horizon_s + 2 * cfg.wall_s
+        self.n_bins = int(np.ceil((end_s - cfg.start_s) / cfg.step_s)) + 1
+        bin_starts = cfg.start_s + np.arange(self.n_bins) * cfg.step_s
+        # recorded grid intensity per distinct signal series, node -> row
+        rows: dict[int, int] = {}
+        grids = []
+        self.grid_row = np.zeros(self.n, dtype=int)
+        for i, n in enumerate(nodes):
+            key = id(getattr(n.signal, "series", n.signal))
+            if key not in rows:
+                rows[key] = len(grids)
+                grids.append(_sample(n.signal, bin_starts))
+            self.grid_row[i] = rows[key]
+        self.grid_g = np.array(grids)
+        self.forecast_error = np.array(
+            [getattr(n.signal, "forecast_error", 0.0) for n in nodes], dtype=float
+        )
+        prices = [n.signal.current(cfg.start_s).price_per_kwh for n in nodes]
+        self.price = None if None in prices else np.array(prices, dtype=float)
+        classes: dict[tuple, int] = {}
+        keys = [
+            (
+                int(self.grid_row[i]),
+                n.power_w,
+                self.forecast_error[i],
+                id(n.home.pv) if n.home else 0,
+                id(n.home.household) if n.home else 0,
             )
-            availability.append((t, node.policy.allows(c)))
-    return NodeEnergyState(
-        node_id=node.node_id,
-        region=node.region,
-        tokens_per_s=node.tokens_per_s,
-        power_w=node.power_w,
-        available=node.policy.allows(node.conditions(now_s)),
-        intensity_forecast=intensity,
-        surplus_forecast_w=surplus,
-        availability_forecast=availability,
-        battery_available_wh=battery_wh,
-        local_intensity_g_per_kwh=LOCAL_PV_INTENSITY_G_PER_KWH,
-    )
+            for i, n in enumerate(nodes)
+        ]
+        self.class_of = np.array([classes.setdefault(key, len(classes)) for key in keys])
+        self.class_rep = np.unique(self.class_of, return_index=True)[1]
+        # homes: surplus and battery per node (no home: no surplus, no battery)
+        self.has_home = np.array([n.home is not None for n in nodes])
+        pv = np.zeros((self.n, self.n_bins))
+        load = np.zeros((self.n, self.n_bins))
+        cache: dict[int, np.ndarray] = {}
+        for i, n in enumerate(nodes):
+            for series, out in ((n.home and n.home.pv, pv), (n.home and n.home.household, load)):
+                if series:
+                    if id(series) not in cache:
+                        cache[id(series)] = np.maximum(series.sample(bin_starts), 0.0)
+                    out[i] = cache[id(series)]
+        self.pv_w, self.load_w = pv, load
+        batteries = [n.home.battery if n.home else None for n in nodes]
+        self.capacity_wh = np.array([b.capacity_wh if b else 0.0 for b in batteries])
+        self.battery_max_w = np.array([b.max_power_w if b else 0.0 for b in batteries])
+        self.eta = np.array([b.one_way_efficiency if b else 1.0 for b in batteries])
+        self.floor_wh = np.array([b.floor_wh if b else 0.0 for b in batteries])
+        self.soc_wh = self.capacity_wh * 0.5
+        # node policies, grouped so that each distinct policy is evaluated once over arrays
+        groups: dict[int, tuple[NodePolicy, list[int]]] = {}
+        for i, n in enumerate(nodes):
+            if n.policy.rules:
+                groups.setdefault(id(n.policy), (n.policy, []))[1].append(i)
+        self.policies = [(p, np.array(ix)) for p, ix in groups.values()]
+
+    def bin_of(self, t_s: float) -> int:
+        return min(int((t_s - self.cfg.start_s + 1e-6) // self.cfg.step_s), self.n_bins - 1)
+
+    def surplus_w(self, b: int | np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """PV − household load (0 for nodes without a home) in bins `b`."""
+        return self.pv_w[rows, b] - self.load_w[rows, b]
+
+    def conditions(
+        self, ix: np.ndarray, t_s: np.ndarray, intensity: np.ndarray, surplus: np.ndarray
+    ) -> NodeConditions:
+        """Conditions of nodes `ix` (arrays broadcast to `t_s`); no home: surplus NaN (unknown)."""
+        return NodeConditions(
+            now_s=t_s,
+            draw_w=self.power_w[ix],
+            intensity_g_per_kwh=intensity,
+            price_per_kwh=None if self.price is None else self.price[ix],
+            surplus_w=np.where(self.has_home[ix], surplus, np.nan),
+            battery_soc_wh=self.soc_wh[ix],
+            battery_capacity_wh=self.capacity_wh[ix],
+            battery_max_power_w=self.battery_max_w[ix],
+        )
+
+    def allowed_now(self, t_s: float) -> np.ndarray:
+        """Which nodes their own policy lets run at `t_s` (recorded conditions)."""
+        ok = np.ones(self.n, dtype=bool)
+        b = self.bin_of(t_s)
+        for policy, ix in self.policies:
+            c = self.conditions(
+                ix,
+                np.full(len(ix), t_s),
+                self.grid_g[self.grid_row[ix], b],
+                self.surplus_w(b, ix),
+            )
+            ok[ix] = policy.allows_many(c)
+        return ok
+
+    def work_chunk(self, worked_s: np.ndarray, chunk_s: float, b: int) -> np.ndarray:
+        """Step every home through a chunk of bin `b`: `worked_s` at its node's compute draw,
+        the rest of the chunk idle. Returns the compute energy met locally (Wh)."""
+        compute_w = np.where(worked_s > 0, self.power_w, 0.0)
+        local_w = self.advance_homes(worked_s, b, compute_w)
+        self.advance_homes(chunk_s - worked_s, b, np.zeros(self.n))
+        return local_w * worked_s / 3600.0
+
+    def advance_homes(self, dt_s: float | np.ndarray, b: int, compute_w: np.ndarray) -> np.ndarray:
+        """Step every home `dt_s` in bin `b` with its node's compute draw; returns local W."""
+        self.soc_wh, local_w = step_sites(
+            self.capacity_wh,
+            self.battery_max_w,
+            self.eta,
+            self.floor_wh,
+            self.soc_wh,
+            self.pv_w[:, b],
+            self.load_w[:, b],
+            compute_w,
+            np.broadcast_to(dt_s, (self.n,)),
+        )
+        return local_w
+
+    def idle(self, t0_s: float, t1_s: float) -> None:
+        """Advance the homes with no compute from `t0_s` to `t1_s` (bin by bin)."""
+        zero = np.zeros(self.n)
+        for a, b in self.pieces(t0_s, t1_s):
+            if self.has_home.any():
+                self.advance_homes(b - a, self.bin_of(a), zero)
+
+    def pieces(self, t0_s: float, t1_s: float) -> list[tuple[float, float]]:
+        """[t0, t1) cut at bin edges."""
+        out, a = [], t0_s
+        while a < t1_s - 1e-6:
+            edge = self.cfg.start_s + (self.bin_of(a) + 1) * self.cfg.step_s
+            out.append((a, min(edge, t1_s)))
+            a = out[-1][1]
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+    # what the hub sees when it plans
+
+    def costs(self, policy_name: str, now_s: float, deadline_s: float) -> SwarmCosts:
+        """Every node costed the way `plan_round` costs a `NodeEnergyState` built by the live
+        hub's `node_state` (speed and power × duty over the round's wall time).
+
+        Nodes alike (same grid, draw, home series, forecast error: a *class*) share one forecast,
+        as nodes of one region share the hub's signal, so rounds ahead are costed once per class;
+        the coming round adds each node's own battery."""
+        cfg = self.cfg
+        wall, duty = cfg.wall_s, cfg.duty
+        slots = planning_slots(policy_name, now_s, deadline_s, wall, cfg.reserve_rounds)
+        starts = now_s + np.arange(slots) * wall
+        b0 = self.bin_of(now_s)
+        k = max(round(cfg.forecast_horizon_s / cfg.step_s), 1)
+        point_s = cfg.start_s + (b0 + np.arange(k)) * cfg.step_s
+        point_s[0] = now_s
+        lead_days = (point_s - now_s) / 86400.0
+        sample_ix = step_index(point_s, slot_times(starts, wall).ravel()).reshape(slots, -1)
+        cols = k if slots > 1 and self.policies else int(sample_ix.max()) + 1
+        bins = np.minimum(b0 + np.arange(cols), self.n_bins - 1)
+        rep = self.class_rep  # one node per class
+        rng = np.random.default_rng([cfg.forecast_seed, int(now_s // cfg.step_s)])
+        noise = rng.standard_normal((len(rep), cols)) * np.sqrt(lead_days[:cols])
+        forecast_g = self.grid_g[self.grid_row[rep][:, None], bins[None, :]]
+        forecast_g = np.maximum(forecast_g * (1.0 + noise * self.forecast_error[rep, None]), 0.0)
+        surplus = self.surplus_w(bins[None, :], rep[:, None])
+        power = self.power_w[rep] * duty
+        local_g = np.full(len(rep), LOCAL_PV_INTENSITY_G_PER_KWH)
+        # g/h at each forecast point (PV surplus, no battery), averaged over each slot's samples
+        rate = emission_rate_g_per_h(
+            power[:, None], forecast_g, local_supply_w(power[:, None], surplus), local_g[:, None]
+        )
+        total = rate[:, sample_ix[:, 0]]
+        for j in range(1, sample_ix.shape[1]):
+            total += rate[:, sample_ix[:, j]]
+        emissions = (total / sample_ix.shape[1] * (wall / 3600.0))[self.class_of]
+        # the coming round also counts what each node's battery can give
+        battery_wh = np.maximum(self.soc_wh - self.floor_wh, 0.0) * self.eta
+        emissions[:, 0] = slot_emissions_g(
+            self.power_w * duty,
+            wall,
+            forecast_g[self.class_of][:, sample_ix[:1]],
+            surplus[self.class_of][:, sample_ix[:1]],
+            battery_wh,
+            local_g[self.class_of],
+        )[:, 0]
+        available = self.allowed_now(now_s)
+        slot_ok = np.ones((self.n, slots), dtype=bool)
+        slot_ok[:, 0] = available
+        if slots > 1:  # the node tells the hub when its own rules will let it run
+            start_ix = step_index(point_s, starts)[1:]
+            for policy, ix in self.policies:
+                c = self.conditions(
+                    ix[:, None],
+                    np.broadcast_to(point_s[:cols], (len(ix), cols)),
+                    forecast_g[self.class_of[ix]],
+                    surplus[self.class_of[ix]],
+                )
+                slot_ok[ix, 1:] = policy.allows_many(c)[:, start_ix]
+        return SwarmCosts(
+            node_ids=self.ids,
+            round_tokens=self.tokens_per_s * duty * wall,
+            available=available,
+            round_energy_wh=self.power_w * duty * wall / 3600.0,
+            slot_emissions_g=emissions,
+            slot_available=slot_ok,
+        )
 
 
-def simulate(policy_name: str, nodes: Sequence[SimNode], cfg: SimConfig) -> SimResult:
+def simulate(
+    policy_name: str, nodes: Sequence[SimNode], cfg: SimConfig, *, keep_plans: bool = False
+) -> SimResult:
     """Run one training run to its token target (or `max_overrun_s` past the deadline)."""
     if cfg.tokens_target <= 0 or cfg.deadline_s <= cfg.start_s:
         raise ValueError("tokens_target must be > 0 and deadline_s after start_s")
-    env = simpy.Environment()
-    t0 = cfg.start_s
-    for n in nodes:
-        if n.home is not None:
-            n.home.t_s = t0
-            if n.home.battery is not None:
-                n.home.soc_wh = n.home.battery.capacity_wh * 0.5
-    n_bins = int(np.ceil((cfg.deadline_s + cfg.max_overrun_s - t0) / cfg.step_s)) + 1
-    tokens_bin = np.zeros(n_bins)
-    emis_bin = np.zeros(n_bins)
-    energy_bin = np.zeros(n_bins)
-    records: list[ContributionEnergy] = []
-    state = {"tokens": 0.0, "finished": None, "rounds": 0, "deferrals": 0}
+    swarm = _Swarm(nodes, cfg)
+    n_bins = swarm.n_bins
+    tokens_bin, emis_bin, energy_bin = np.zeros(n_bins), np.zeros(n_bins), np.zeros(n_bins)
+    worked_s, energy_wh, local_wh = np.zeros(swarm.n), np.zeros(swarm.n), np.zeros(swarm.n)
+    grid_wh, grid_g = np.zeros(swarm.n), np.zeros(swarm.n)
+    first_s = np.full(swarm.n, np.nan)
+    rounds_worked = np.zeros(swarm.n, dtype=int)
+    plans: list[RoundEnergyPlan] = []
+    tokens = 0.0
+    rounds = deferrals = 0
+    finished: float | None = None
     stop_s = cfg.deadline_s + cfg.max_overrun_s
-
-    def node_round(node: SimNode, share: float, round_index: int):
-        start = t0 + env.now
-        round_end = start + cfg.round_duration_s
-        work_left = share * cfg.round_duration_s
-        worked = energy_wh = local_wh = grid_wh = grid_g = 0.0
-        while work_left > 1e-6 and t0 + env.now < round_end - 1e-6:
-            now = t0 + env.now
-            bin_end = t0 + (np.floor((now - t0) / cfg.step_s) + 1) * cfg.step_s
-            dt = min(work_left, bin_end - now, round_end - now)
-            if not node.policy.allows(node.conditions(now)):
-                yield env.timeout(dt)  # paused by its own policy
-                continue
-            if node.home is not None:
-                node.home.run(now, 0.0)  # idle until now
-                e_wh, l_wh = node.home.run(now + dt, node.power_w)
-            else:
-                e_wh, l_wh = node.power_w * dt / 3600.0, 0.0
-            g_per_kwh = node.signal.current(now).intensity_g_per_kwh
-            chunk_g = ((e_wh - l_wh) * g_per_kwh + l_wh * LOCAL_PV_INTENSITY_G_PER_KWH) / 1000.0
-            b = int((now - t0) // cfg.step_s)
-            tokens_bin[b] += node.tokens_per_s * dt
-            emis_bin[b] += chunk_g
-            energy_bin[b] += e_wh
-            worked += dt
-            work_left -= dt
+    now = cfg.start_s
+    while tokens < cfg.tokens_target - 1.0 and now < stop_s:
+        costs = swarm.costs(policy_name, now, cfg.deadline_s)
+        plan = plan_costs(
+            policy_name,
+            now,
+            costs,
+            cfg.tokens_target - tokens,
+            cfg.deadline_s,
+            cfg.wall_s,
+            margin=cfg.margin,
+            reserve_rounds=cfg.reserve_rounds,
+        )
+        if keep_plans:
+            plans.append(plan)
+        share = np.fromiter(plan.shares.values(), dtype=float, count=swarm.n)
+        if plan.defer or not (share > 0).any():
+            deferrals += 1
+            until = plan.defer_until_s if plan.defer_until_s else now + cfg.step_s
+            later = now + max(until - now, cfg.step_s / 4)
+            swarm.idle(now, later)
+            now = later
+            continue
+        left = share * cfg.round_duration_s  # training seconds each node owes this round
+        end = np.full(swarm.n, now)
+        for a, b in swarm.pieces(now, now + cfg.round_duration_s):
+            owing = left > 1e-6
+            if not owing.any():
+                break
+            k = swarm.bin_of(a)
+            working = owing & swarm.allowed_now(a)
+            w = np.where(working, np.minimum(left, b - a), 0.0)
+            local = swarm.work_chunk(w, b - a, k) if swarm.has_home.any() else np.zeros(swarm.n)
+            e_wh = swarm.power_w * w / 3600.0
+            g_kwh = swarm.grid_g[swarm.grid_row, k]
+            chunk_g = ((e_wh - local) * g_kwh + local * LOCAL_PV_INTENSITY_G_PER_KWH) / 1000.0
+            tokens_bin[k] += float(swarm.tokens_per_s @ w)
+            emis_bin[k] += float(chunk_g.sum())
+            energy_bin[k] += float(e_wh.sum())
+            first_s = np.where(np.isnan(first_s) & working, a, first_s)
+            worked_s += w
             energy_wh += e_wh
-            local_wh += l_wh
-            grid_wh += e_wh - l_wh
-            grid_g += (e_wh - l_wh) * g_per_kwh
-            yield env.timeout(dt)
-        if worked > 0:
-            records.append(
-                ContributionEnergy(
-                    node_id=node.node_id,
-                    region=node.region,
-                    round_index=round_index,
-                    start_s=start,
-                    duration_s=worked,
-                    tokens=node.tokens_per_s * worked,
-                    energy_wh=energy_wh,
-                    intensity_g_per_kwh=(
-                        grid_g / grid_wh
-                        if grid_wh > 0
-                        else node.signal.current(start).intensity_g_per_kwh
-                    ),
-                    local_energy_wh=min(local_wh, energy_wh),
-                    method="model",
-                )
-            )
-        return node.tokens_per_s * worked
-
-    def done() -> bool:  # within a token of the target (float sums)
-        return state["tokens"] >= cfg.tokens_target - 1.0
-
-    def hub():
-        while not done() and t0 + env.now < stop_s:
-            now = t0 + env.now
-            states = [_node_state(n, now, cfg) for n in nodes]
-            plan = plan_round(
-                policy_name,
-                now,
-                states,
-                cfg.tokens_target - state["tokens"],
-                cfg.deadline_s,
-                cfg.round_duration_s + cfg.round_overhead_s,
-                margin=cfg.margin,
-            )
-            if plan.defer or not any(s > 0 for s in plan.shares.values()):
-                state["deferrals"] += 1
-                until = plan.defer_until_s if plan.defer_until_s else now + cfg.step_s
-                yield env.timeout(max(until - now, cfg.step_s / 4))
-                continue
-            procs = [
-                env.process(node_round(n, plan.shares[n.node_id], state["rounds"]))
-                for n in nodes
-                if plan.shares.get(n.node_id, 0.0) > 0
-            ]
-            results = yield simpy.AllOf(env, procs)
-            state["tokens"] += sum(results.values())
-            state["rounds"] += 1
-            yield env.timeout(cfg.round_overhead_s)
-            if done():
-                state["finished"] = float(t0 + env.now)
-
-    env.process(hub())
-    env.run(until=stop_s - t0 + cfg.round_duration_s * 2)
+            local_wh += local
+            grid_wh += e_wh - local
+            grid_g += (e_wh - local) * g_kwh
+            left -= w
+            end = np.where(working, a + w, np.where(owing, b, end))
+        done_s = share * cfg.round_duration_s - np.maximum(left, 0.0)
+        rounds_worked += done_s > 0
+        tokens += float(swarm.tokens_per_s @ done_s)
+        rounds += 1
+        round_end = float(end.max()) + cfg.round_overhead_s
+        swarm.idle(float(end.max()), round_end)
+        now = round_end
+        if tokens >= cfg.tokens_target - 1.0:
+            finished = now
+    records = [
+        ContributionEnergy(
+            node_id=swarm.ids[i],
+            region=swarm.regions[i],
+            round_index=int(rounds_worked[i]),
+            start_s=float(first_s[i]),
+            duration_s=float(worked_s[i]),
+            tokens=float(swarm.tokens_per_s[i] * worked_s[i]),
+            energy_wh=float(energy_wh[i]),
+            intensity_g_per_kwh=float(grid_g[i] / grid_wh[i]) if grid_wh[i] > 0 else 0.0,
+            local_energy_wh=float(min(local_wh[i], energy_wh[i])),
+            method="model",
+        )
+        for i in np.nonzero(worked_s > 0)[0]
+    ]
     used = int(np.max(np.nonzero(energy_bin)[0]) + 1) if energy_bin.any() else 1
     return SimResult(
         policy=policy_name,
         records=records,
-        tokens_done=state["tokens"],
-        finished_s=state["finished"],
+        contributions=int(rounds_worked.sum()),
+        tokens_done=tokens,
+        finished_s=finished,
         deadline_s=cfg.deadline_s,
-        rounds=state["rounds"],
-        deferrals=state["deferrals"],
-        timeline_s=t0 + np.arange(used) * cfg.step_s,
+        rounds=rounds,
+        deferrals=deferrals,
+        timeline_s=cfg.start_s + np.arange(used) * cfg.step_s,
         tokens_per_bin=tokens_bin[:used],
         emissions_g_per_bin=emis_bin[:used],
         energy_wh_per_bin=energy_bin[:used],
+        plans=plans,
+    )
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """The perfect-foresight optimum for a run's tokens and deadline (see `oracle`)."""
+
+    emissions_g: float
+    energy_wh: float
+    tokens: float
+    feasible: bool  # the swarm can train the target at all before the deadline
+
+
+def oracle(nodes: Sequence[SimNode], cfg: SimConfig) -> Oracle:
+    """Least emissions any schedule could reach, knowing the future exactly: which node trains
+    in which `step_s` bin before the deadline (space and time), at the same duty cycle as the
+    rounds (so the sync overhead is paid alike). With recorded intensity and PV surplus known, a
+    (node, bin) block's cost per token is fixed, so the problem is a fractional knapsack (an LP
+    with one constraint) and taking the cheapest blocks first is its optimum. Not modelled: battery
+    carry-over (stored PV could lower it further) and node rules (which only remove blocks, so the
+    bound holds for them)."""
+    swarm = _Swarm(nodes, cfg)
+    n_bins = int((cfg.deadline_s - cfg.start_s) // cfg.step_s)
+    run_s = cfg.step_s * cfg.duty  # training seconds per bin at the rounds' duty cycle
+    power = swarm.power_w[:, None]
+    local_w = local_supply_w(power, swarm.surplus_w(np.arange(n_bins)))
+    grid = swarm.grid_g[swarm.grid_row][:, :n_bins]
+    rate = emission_rate_g_per_h(power, grid, local_w, LOCAL_PV_INTENSITY_G_PER_KWH)
+    cap = np.broadcast_to(swarm.tokens_per_s[:, None] * run_s, rate.shape)
+    block_g = rate * run_s / 3600.0
+    feasible = bool(cap.sum() >= cfg.tokens_target)
+    take = cheapest_first(block_g / cap, cap, min(cfg.tokens_target, float(cap.sum())))
+    share = take / cap
+    return Oracle(
+        emissions_g=float((share * block_g).sum()),
+        energy_wh=float((share * power * run_s / 3600.0).sum()),
+        tokens=float(take.sum()),
+        feasible=feasible,
     )

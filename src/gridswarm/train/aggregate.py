@@ -25,6 +25,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from gridswarm.plugins import Registry
+
 # Column block for the Gram product and the selection rules: bounds the extra memory to
 # n * BLOCK floats (a few tens of MB) whatever d is.
 BLOCK = 1 << 16
@@ -304,15 +306,24 @@ class CenteredClip(Aggregator):
 
 # --------------------------------------------------------------------------- registry
 
-_RULES = (WeightedMean, CoordinateMedian, TrimmedMean, MultiKrum, GeometricMedian, CenteredClip)
-AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in _RULES}
+# name -> Aggregator subclass; plugins add theirs through the `gridswarm.aggregators` entry points
+AGGREGATORS: Registry[type[Aggregator]] = Registry("gridswarm.aggregators", "aggregator")
+for _rule in (
+    WeightedMean,
+    CoordinateMedian,
+    TrimmedMean,
+    MultiKrum,
+    GeometricMedian,
+    CenteredClip,
+):
+    AGGREGATORS.register(_rule.name, _rule, builtin=True)
 
 
 def make_aggregator(name: str, **options: object) -> Aggregator:
     """Build the aggregator called `name` with its options; bad names/options raise ValueError."""
-    if name not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {name!r}; choose one of {sorted(AGGREGATORS)}")
-    cls = AGGREGATORS[name]
+    cls = AGGREGATORS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Aggregator)):
+        raise ValueError(f"aggregator plugin {name!r} is not an Aggregator subclass")
     params = inspect.signature(cls.__init__).parameters.values()
     allowed = [p.name for p in params if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD]
     unknown = sorted(set(options) - set(allowed))

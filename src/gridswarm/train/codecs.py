@@ -8,11 +8,13 @@ vector, so the error does not accumulate over rounds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from gridswarm.plugins import Registry
 from gridswarm.train.params import BlobFormatError
 
 
@@ -112,16 +114,21 @@ class Blockwise:
         return values.view(-1)[:numel]
 
 
+# name -> factory(block_size); plugins add theirs through the `gridswarm.codecs` entry points
+CODECS: Registry[Callable[[int], Codec]] = Registry("gridswarm.codecs", "codec")
+CODECS.register("fp32", lambda _block_size: FP32(), builtin=True)
+CODECS.register("fp16", lambda _block_size: FP16(), builtin=True)
+CODECS.register("int8", lambda block_size: Blockwise(8, block_size), builtin=True)
+CODECS.register("int4", lambda block_size: Blockwise(4, block_size), builtin=True)
+
+
 def make_codec(name: str, block_size: int = 256) -> Codec:
-    if name == "fp32":
-        return FP32()
-    if name == "fp16":
-        return FP16()
-    if name == "int8":
-        return Blockwise(8, block_size)
-    if name == "int4":
-        return Blockwise(4, block_size)
-    raise ValueError(f"unknown codec {name!r}: choose fp32, fp16, int8 or int4")
+    """The codec registered as `name` (built in or a plugin); its `name` must be the same, since
+    contributions are checked against the run's codec by name."""
+    codec = CODECS.get(name)(block_size)
+    if codec.name != name:
+        raise ValueError(f"codec plugin {name!r} built a codec that calls itself {codec.name!r}")
+    return codec
 
 
 @dataclass

@@ -93,11 +93,12 @@ class HFCausalLM(nn.Module):
         return self.hf(input_ids=idx).logits
 
 
-def hf_config(cfg: ModelConfig, seq_len: int):
-    """The transformers config for `cfg`: our vocabulary and context length, the user's fields."""
+def hf_config(cfg: ModelConfig, seq_len: int, vocab_size: int = VOCAB_SIZE):
+    """The transformers config for `cfg`: the run's vocabulary and context length, the user's
+    fields."""
     from transformers import AutoConfig
 
-    fields = {"vocab_size": VOCAB_SIZE, **cfg.hf_config}
+    fields = {**cfg.hf_config, "vocab_size": vocab_size}
     fields.setdefault("max_position_embeddings", max(seq_len, 128))
     if cfg.architecture == "gpt2":
         fields.setdefault("n_positions", fields.pop("max_position_embeddings"))
@@ -107,14 +108,17 @@ def hf_config(cfg: ModelConfig, seq_len: int):
         raise ValueError(f"model.architecture {cfg.architecture!r}: {exc}") from exc
 
 
-def build_model(cfg: ModelConfig, seq_len: int, seed: int) -> nn.Module:
-    """A freshly initialised model; the same (cfg, seq_len, seed) always gives the same weights."""
+def build_model(
+    cfg: ModelConfig, seq_len: int, seed: int, vocab_size: int = VOCAB_SIZE
+) -> nn.Module:
+    """A freshly initialised model; the same arguments always give the same weights.
+    `vocab_size` is the run's tokenizer's (bytes: 256; prepared datasets: their manifest's)."""
     torch.manual_seed(seed)
     if cfg.kind == "gpt":
-        return GPT(VOCAB_SIZE, seq_len, cfg.n_layer, cfg.n_head, cfg.n_embd)
+        return GPT(vocab_size, seq_len, cfg.n_layer, cfg.n_head, cfg.n_embd)
     from transformers import AutoModelForCausalLM
 
-    return HFCausalLM(AutoModelForCausalLM.from_config(hf_config(cfg, seq_len)))
+    return HFCausalLM(AutoModelForCausalLM.from_config(hf_config(cfg, seq_len, vocab_size)))
 
 
 def count_parameters(model: nn.Module) -> int:

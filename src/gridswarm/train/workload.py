@@ -1,8 +1,11 @@
 """Everything one process needs to train or evaluate a run: the model skeleton, the corpus and the
-held-out set, built from the run's settings alone so hub, nodes and auditors agree exactly."""
+held-out set, built from the run's settings alone so hub, nodes and auditors agree exactly.
+A prepared dataset (train/dataset.py) also sets the model's vocabulary; its shards are read
+through a `BlobSource` (the hub's store, or a node's cache that fetches what a slice needs)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -10,42 +13,62 @@ import torch
 import torch.nn as nn
 
 from gridswarm.config import RunConfig
-from gridswarm.train.data import Corpus, batches, eval_batches, read_text, slice_seed
+from gridswarm.train.data import Batch, Corpus, read_text, slice_seed
+from gridswarm.train.dataset import BlobSource, PreparedCorpus, is_prepared
 from gridswarm.train.local import LocalResult, evaluate, train_local
 from gridswarm.train.model import build_model, count_parameters
 from gridswarm.train.params import flatten
+from gridswarm.train.tokenizer import VOCAB_SIZE
 
 
 @dataclass
 class Workload:
     cfg: RunConfig
     model: nn.Module
-    corpus: Corpus
+    corpus: Corpus | PreparedCorpus
+    vocab_size: int = VOCAB_SIZE
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, text: str | None = None) -> Workload:
-        """Build the run's model and corpus; `text` replaces the run's dataset (federated mode)."""
-        corpus = Corpus.from_text(
-            read_text(cfg.data.dataset) if text is None else text,
-            cfg.data.val_fraction,
-            cfg.train.seq_len,
-        )
-        return cls(
-            cfg=cfg, model=build_model(cfg.model, cfg.train.seq_len, cfg.seed), corpus=corpus
-        )
+    def from_config(
+        cls, cfg: RunConfig, text: str | None = None, source: BlobSource | None = None
+    ) -> Workload:
+        """Build the run's model and corpus; `text` replaces the run's dataset (federated mode);
+        `source` holds or fetches the blobs of a `manifest:<sha256>` dataset."""
+        t = cfg.train
+        if text is None and is_prepared(cfg.data.dataset):
+            if cfg.data.data == "local":
+                raise ValueError("federated runs (data = 'local') train on byte-level text only")
+            corpus = PreparedCorpus.open(cfg.data.dataset, source)
+            corpus.check_fits(t.seq_len)
+            vocab_size = corpus.manifest.vocab_size
+        else:
+            text = read_text(cfg.data.dataset) if text is None else text
+            corpus = Corpus.from_text(text, cfg.data.val_fraction, t.seq_len)
+            vocab_size = VOCAB_SIZE
+        model = build_model(cfg.model, t.seq_len, cfg.seed, vocab_size)
+        return cls(cfg=cfg, model=model, corpus=corpus, vocab_size=vocab_size)
 
     @property
     def numel(self) -> int:
         return count_parameters(self.model)
 
     def initial_theta(self) -> torch.Tensor:
-        fresh = build_model(self.cfg.model, self.cfg.train.seq_len, self.cfg.seed)
-        return flatten(fresh)
+        t = self.cfg.train
+        return flatten(build_model(self.cfg.model, t.seq_len, self.cfg.seed, self.vocab_size))
 
     @cached_property
-    def eval_set(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_set(self) -> list[Batch]:
         t = self.cfg.train
-        return eval_batches(self.corpus.val, t.seq_len, t.batch_size, self.cfg.data.eval_batches)
+        return self.corpus.eval_batches(t.seq_len, t.batch_size, self.cfg.data.eval_batches)
+
+    def batches(self, seed: int) -> Iterator[Batch]:
+        """The deterministic stream of one slice (prepared datasets: of its drawn shards)."""
+        t = self.cfg.train
+        if isinstance(self.corpus, PreparedCorpus):
+            return self.corpus.train_batches(
+                t.seq_len, t.batch_size, seed, self.cfg.data.slice_shards
+            )
+        return self.corpus.train_batches(t.seq_len, t.batch_size, seed)
 
     def evaluate(self, theta: torch.Tensor) -> float:
         return evaluate(self.model, theta, self.eval_set)
@@ -60,7 +83,6 @@ class Workload:
         on_step=None,
     ) -> LocalResult:
         """The work of one assignment: `steps` inner steps on the node's deterministic slice."""
-        t = self.cfg.train
         seed = slice_seed(self.cfg.seed, round_number, node_id, attempt)
-        stream = batches(self.corpus.train, t.seq_len, t.batch_size, seed)
-        return train_local(self.model, theta, stream, steps, t, on_step=on_step)
+        stream = self.batches(seed)
+        return train_local(self.model, theta, stream, steps, self.cfg.train, on_step=on_step)

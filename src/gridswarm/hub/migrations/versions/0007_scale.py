@@ -2,13 +2,13 @@
 round, a node's recent speed, the newest contributions of a run)
 
 Revision ID: 0007_scale
-Revises: 0005_privacy
+Revises: 0008_lifecycle
 """
 
 from alembic import op
 
 revision = "0007_scale"
-down_revision = "0005_privacy"
+down_revision = "0008_lifecycle"  # re-chained after merging main (was 0005_privacy)
 branch_labels = None
 depends_on = None
 
