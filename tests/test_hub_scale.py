@@ -16,7 +16,7 @@ from sqlalchemy import event, func, select
 from gridswarm.hub.app import create_app
 from gridswarm.hub.models import Node, Nonce
 from gridswarm.hub.server import build_service
-from gridswarm.hub.service import HubError, HubService
+from gridswarm.hub.service import HubError, HubService, HubSettings
 from gridswarm.identity import AuthError, Identity, sign_request
 from gridswarm.protocol import API, RegisterRequest
 from tests.conftest import tiny_run
@@ -183,3 +183,25 @@ def test_nonces_are_stored_in_shared_commits_and_replays_refused_even_after_rest
         restarted.authenticate(requests[1], "POST", "/v1/x", b"{}")
     assert replay.value.status == 409
     restarted.authenticate(sign_request(identity, "POST", "/v1/x", b"{}"), "POST", "/v1/x", b"{}")
+
+
+def test_a_node_waiting_in_a_long_poll_stays_live(tmp_path: Path) -> None:
+    """It asks only when the round changes, yet a wait longer than liveness_s must not make it
+    lost (after a hub restart every node waits like this for the next round)."""
+    service = build_service(
+        f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs", HubSettings(liveness_s=1.0)
+    )
+    run = service.create_run(b"\x01" * 32, tiny_run(round={"min_nodes": 2, "deadline_s": 60}))
+    a = Identity.generate()
+    register_body = RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1000).model_dump_json()
+    with TestClient(create_app(service)) as client:
+        assert signed_post(client, a, f"{API}/nodes/register", register_body.encode()).is_success
+        path = f"{API}/runs/{run.run_id}/assignment"
+        poll = threading.Thread(target=lambda: signed_post(client, a, path, params={"wait_s": 4}))
+        poll.start()
+        time.sleep(2.5)  # mid-wait: asked once, 2.5 liveness periods ago
+        service.tick()  # writes the liveness notes
+        with service.sessions() as s:
+            seen = s.get(Node, a.node_id).last_seen_at
+        poll.join(timeout=10)
+    assert time.time() - seen < 2.0, "the waiting node went silent for longer than liveness_s"

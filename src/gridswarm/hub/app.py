@@ -242,8 +242,14 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
             left_s = give_up - loop.time()
             if answer.status != "wait" or left_s <= 0:
                 return answer
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(recheck_s or left_s, left_s))
+            ask_at = loop.time() + min(recheck_s or left_s, left_s)
+            while not changed.is_set() and loop.time() < ask_at:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        changed.wait(), min(ask_at - loop.time(), service.settings.liveness_s / 2)
+                    )
+                if not changed.is_set():  # still connected, so alive (a note, no lock)
+                    service.heartbeat(verified.node_id, "idle")
 
     @app.post(f"{API}/runs/{{run_id}}/contributions")
     async def contribute(run_id: str, request: Request) -> ContributionAck:
