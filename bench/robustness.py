@@ -4,9 +4,12 @@
 
 A small byte-level GPT (gridswarm.train.model) trains on tinyshakespeare with simulated nodes in
 one process: each round every honest node runs H inner AdamW steps (gridswarm.train.local) on its
-own deterministic data slice, attackers submit what the attack harness (gridswarm.train.attacks)
-builds from the honest updates (or train on garbage data), the aggregator under test combines
-the round's pseudo-gradients and the hub's Nesterov outer step (gridswarm.train.outer) applies it.
+own data (non-IID by default: node i draws only from the i-th contiguous shard of the text, other
+plays and speakers than its neighbours; --iid draws every node from the whole text), attackers
+submit what the attack harness (gridswarm.train.attacks) builds from the honest updates (or train
+on garbage data), every update goes through the up-codec as an upload does, and the hub's own
+close path applies it: the aggregator under test, then `outer_update` (Nesterov outer step,
+down-codec with error feedback), the function `hub.service._close` calls.
 Reported: held-out eval loss after the same number of rounds for 0/10/20/30 % attackers, per
 aggregator and attack, as a ratio to the clean plain mean; plus aggregation time per aggregator
 at 1M parameters (n=100 updates) and 10M parameters (n=20), and a naive pairwise-loop Krum as a
@@ -32,13 +35,14 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from gridswarm.config import ModelConfig, TrainConfig
+from gridswarm.config import CommConfig, ModelConfig, TrainConfig
 from gridswarm.train.aggregate import AGGREGATORS, Aggregator, make_aggregator
 from gridswarm.train.attacks import apply_attack, garbage_batches
+from gridswarm.train.codecs import make_codec
 from gridswarm.train.data import Corpus, batches, eval_batches, read_text, slice_seed
 from gridswarm.train.local import evaluate, train_local
 from gridswarm.train.model import build_model, count_parameters
-from gridswarm.train.outer import nesterov_step
+from gridswarm.train.outer import outer_update
 from gridswarm.train.params import flatten
 from gridswarm.train.tokenizer import VOCAB_SIZE
 
@@ -63,6 +67,7 @@ class Setting:
     batch_size: int
     inner_lr: float
     eval_batches: int
+    non_iid: bool = True
 
 
 QUICK = Setting(10, 8, 8, 1, 32, 2, 32, 16, 1e-2, 8)
@@ -96,6 +101,13 @@ class Swarm:
         )
         corpus = Corpus.from_text(shakespeare(), 0.1, s.seq_len)
         self.train_tokens = corpus.train
+        shard = len(corpus.train) // s.n_nodes
+        self.shards = [
+            corpus.train[i * shard : (i + 1) * shard] if s.non_iid else corpus.train
+            for i in range(s.n_nodes)
+        ]
+        self.comm = CommConfig()
+        self.up_codec = make_codec(self.comm.codec, self.comm.block_size)
         self.eval_set = eval_batches(corpus.val, s.seq_len, 16, s.eval_batches)
         self.first_round: dict[tuple[int, bool], torch.Tensor] = {}
 
@@ -104,19 +116,20 @@ class Swarm:
         if rnd == 0 and (node, garbage) in self.first_round:
             return self.first_round[(node, garbage)]
         seed = slice_seed(self.seed, rnd, f"node-{node}")
-        stream = batches(self.train_tokens, self.s.seq_len, self.s.batch_size, seed)
+        stream = batches(self.shards[node], self.s.seq_len, self.s.batch_size, seed)
         if garbage:
             stream = garbage_batches(stream, VOCAB_SIZE, rng_seed=seed)
         update = train_local(
             self.model, theta, stream, self.s.inner_steps, self.cfg
         ).pseudo_gradient
+        update = self.up_codec.decode(self.up_codec.encode(update), update.numel())  # an upload
         if rnd == 0:
             self.first_round[(node, garbage)] = update
         return update
 
     def run(self, aggregator: Aggregator, attack: str | None, n_attackers: int) -> dict:
         """Train for the setting's rounds; returns final eval loss and time split."""
-        theta, momentum = self.theta0.clone(), None
+        theta, momentum, residual = self.theta0.clone(), None, None
         n_honest = self.s.n_nodes - n_attackers
         agg_s = 0.0
         try:
@@ -134,8 +147,17 @@ class Swarm:
                 t0 = time.perf_counter()
                 pseudo_gradient = aggregator(updates, tokens)
                 agg_s += time.perf_counter() - t0
-                step = nesterov_step(pseudo_gradient, momentum, 0.7, 0.9)
-                theta, momentum = theta - step.update, step.momentum
+                out = outer_update(
+                    theta,
+                    pseudo_gradient,
+                    momentum,
+                    residual,
+                    lr=0.7,
+                    mu=0.9,
+                    codec_down=self.comm.codec_down,
+                    block_size=self.comm.block_size,
+                )
+                theta, momentum, residual = out.theta, out.momentum, out.residual
             loss = evaluate(self.model, theta, self.eval_set)
         except FloatingPointError:
             loss = math.inf
@@ -194,7 +216,9 @@ def write_markdown(path: Path, res: dict, command: str) -> None:
         f"Model: byte-level GPT, {res['model_parameters']:,} parameters "
         f"({s['n_layer']} layer, n_embd {s['n_embd']}), tinyshakespeare; {s['n_nodes']} nodes, "
         f"{s['rounds']} rounds x {s['inner_steps']} inner AdamW steps (lr {s['inner_lr']}, "
-        f"batch {s['batch_size']}x{s['seq_len']}), outer Nesterov lr 0.7 momentum 0.9; IID slices. "
+        f"batch {s['batch_size']}x{s['seq_len']}), outer Nesterov lr 0.7 momentum 0.9 "
+        f"(the hub's close: int8 up, int8 down with error feedback); "
+        f"{'non-IID (a contiguous shard per node)' if s.get('non_iid', True) else 'IID'} slices. "
         f"Aggregator options: {AGG_OPTIONS}. Run time {res['wall_s']:.0f} s on "
         f"{res['machine']}.",
         "",

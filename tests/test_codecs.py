@@ -60,3 +60,26 @@ def test_garbage_is_not_a_blob():
 def test_non_finite_vectors_are_refused(name):
     with pytest.raises(ValueError, match="non-finite"):
         make_codec(name).encode(torch.tensor([1.0, float("nan")]))
+
+
+def test_outer_update_moves_weights_by_what_nodes_decode():
+    """The hub's close (`outer_update`): the weights move by exactly the published delta, and
+    the residual carries the rounding to the next close (over rounds, the sum is unbiased)."""
+    from gridswarm.train.outer import nesterov_step, outer_update
+
+    torch.manual_seed(0)
+    theta = torch.randn(4096)
+    momentum = residual = None
+    moved = torch.zeros(4096)
+    exact = torch.zeros(4096)
+    for _ in range(5):
+        g = torch.randn(4096) * 1e-2
+        out = outer_update(
+            theta, g, momentum, residual, lr=0.7, mu=0.9, codec_down="int8", block_size=256
+        )
+        decoded = make_codec("int8", 256).decode(out.delta, 4096)
+        assert torch.equal(out.theta, theta - decoded)  # what a node applying the delta gets
+        exact += nesterov_step(g, momentum, 0.7, 0.9).update
+        moved += decoded
+        theta, momentum, residual = out.theta, out.momentum, out.residual
+    assert torch.allclose(moved + residual, exact, atol=1e-5)

@@ -151,6 +151,7 @@ def test_failures_mark_the_run_stalled_with_the_reason(hub) -> None:
         assert {a.status for a in s.query(m.Assignment)} == {"failed"}
     # resuming starts the count again: one more failure does not stall it at once
     service.change_run_state(run_id, sponsor.public_key, E.RESUME, "dataset copied")
+    assert service.run_status(run_id)["status_reason"] is None
     clock.now += 1
     a = service.request_assignment(run_id, node).assignment
     report = FailureReport(assignment_id=a.id, reason="still missing")

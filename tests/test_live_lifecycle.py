@@ -45,6 +45,8 @@ def test_run_without_data_on_any_node_stalls_and_stops_cleanly(make_swarm, tmp_p
     assert swarm.nodes[node].returncode == 0
     log = (swarm.workdir / "lonely.log").read_text()
     assert "cannot train" in log and "is stalled" in log and "Traceback" not in log
+    hub_log = (swarm.workdir / "hub.log").read_text()
+    assert f"run {run_id} round 0 open" in hub_log and "active -> stalled" in hub_log
 
     verified = cli(tmp_path, "ledger", "verify", "--hub", swarm.url)
     assert verified.returncode == 0, verified.stdout + verified.stderr

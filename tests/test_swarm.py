@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -163,3 +164,5 @@ def test_sigterm_leaves_cleanly_and_the_same_key_is_the_same_node(make_swarm):
     assert swarm.start_node("polite", run_id) == node_id  # same home, same key, same node
     wait_for(lambda: finished(sponsor, run_id), 60, "the restarted node to finish the run")
     assert [n.id for n in rows(swarm, m.Node)] == [node_id]
+    log = (swarm.workdir / "polite.log").read_text()  # each assignment: round, H, tokens, s, bytes
+    assert re.search(r"round \d+: H=\d+, \d+ tokens, [\d.]+ s, \d+ bytes up, loss [\d.]+", log)

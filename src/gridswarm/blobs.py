@@ -11,6 +11,8 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -53,6 +55,24 @@ class BlobStore(Protocol):
 
     def has(self, digest: str) -> bool: ...
 
+    def delete(self, digest: str) -> None: ...
+
+
+@contextmanager
+def provisional(store: BlobStore, data: bytes) -> Iterator[str]:
+    """Put `data` for a transaction run inside the `with`: if it raises (a refused or failed
+    commit), the blob is removed again unless it was stored before, so a refusal leaves no
+    bytes behind."""
+    digest = sha256_hex(data)
+    existed = store.has(digest)
+    store.put(data)
+    try:
+        yield digest
+    except BaseException:
+        if not existed:
+            store.delete(digest)
+        raise
+
 
 class LocalBlobStore:
     """Blobs as files under `root/ab/cd/<sha256>`."""
@@ -89,6 +109,9 @@ class LocalBlobStore:
         finally:
             os.close(dir_fd)
         return digest
+
+    def delete(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)
 
     def get(self, digest: str) -> bytes:
         path = self.path(digest)

@@ -7,6 +7,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -136,6 +137,23 @@ def hub(
         Path | None,
         typer.Option(help="folder of the hub's ledger key hub.key (default: beside --blobs)"),
     ] = None,
+    max_run_memory_mb: Annotated[
+        float | None,
+        typer.Option(min=1, help="refuse runs estimated to need more (MiB per run; 4096)"),
+    ] = None,
+    sponsors: Annotated[
+        Path | None,
+        typer.Option(help="file of sponsor public keys (hex, one a line); default: open hub"),
+    ] = None,
+    max_active_runs: Annotated[
+        int, typer.Option(min=1, help="open hub: active runs per identity")
+    ] = 8,
+    max_runs_per_hour: Annotated[
+        int, typer.Option(min=1, help="open hub: runs created per identity per hour")
+    ] = 20,
+    requests_per_s: Annotated[
+        float, typer.Option(min=0.01, help="signed requests per second per key (burst: 4x)")
+    ] = 50.0,
     tls_cert: Annotated[
         Path | None, typer.Option(help="serve HTTPS with this certificate chain (PEM)")
     ] = None,
@@ -150,6 +168,7 @@ def hub(
     It logs each round's open and close (contributors, loss) and each change of a run's state;
     -v/-q for more or less."""
     from gridswarm.hub.energy import load_hub_signals
+    from gridswarm.hub.limits import load_sponsors
     from gridswarm.hub.server import serve
     from gridswarm.hub.service import HubSettings
 
@@ -157,6 +176,15 @@ def hub(
         level=_log_level(verbose, quiet), format="%(asctime)s %(name)s %(message)s", force=True
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations: only when they fail
+
+    allowed = None
+    if sponsors is not None:
+        try:
+            allowed = load_sponsors(sponsors)
+        except (OSError, ValueError) as exc:
+            _fail(str(exc))
+        console.print(f"sponsors: {len(allowed)} keys may create and fund runs")
+
     if (tls_cert is None) != (tls_key is None):
         _fail("--tls-cert and --tls-key go together")
     for path in (tls_cert, tls_key):
@@ -172,7 +200,17 @@ def hub(
             _fail(str(exc))
         described = ", ".join(f"{r}: {p.describe()}" for r, p in by_region.items())
         console.print(f"carbon signals: {described}")
-    settings = HubSettings(liveness_s=liveness_s, signals=by_region)
+    settings = HubSettings(
+        liveness_s=liveness_s,
+        signals=by_region,
+        sponsors=allowed,
+        max_active_runs_per_identity=max_active_runs,
+        max_runs_per_hour_per_identity=max_runs_per_hour,
+        requests_per_s=requests_per_s,
+        request_burst=4 * requests_per_s,
+    )
+    if max_run_memory_mb is not None:
+        settings = dataclasses.replace(settings, max_run_memory_mb=max_run_memory_mb)
     serve(db, blobs, host, port, settings, home, (tls_cert, tls_key) if tls_cert else None)
 
 

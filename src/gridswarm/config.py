@@ -2,6 +2,9 @@
 
 Every field has a default that makes a small run work; an invalid value raises `ConfigError`
 with the dotted name of the field, so `gridswarm run create run.toml` can say exactly what to fix.
+Every number is finite and bounded (a run config comes from any identity that may create runs):
+the bounds are generous for real runs and keep arithmetic and columns from overflowing; how much
+memory a run may take is decided separately, from the whole config (`train/memory.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from gridswarm.protocol import MAX_FUND_UNITS, describe_errors, printable
+
 
 def _registered_codec(name: str) -> str:
     """A codec name known to the codec registry (built in or a `gridswarm.codecs` plugin)."""
@@ -30,8 +35,16 @@ def _registered_codec(name: str) -> str:
 
 
 CodecName = Annotated[str, Field(max_length=64), AfterValidator(_registered_codec)]
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+MAX_COUNT = 10**9  # steps, rounds, nodes, ... : no real run comes near
+MAX_TOKENS = 10**15
+MAX_SECONDS = 1e9  # ~30 years
+MAX_HF_CONFIG_KEYS = 64
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+PositiveFloat = Annotated[float, Field(gt=0, le=1e9)]
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+Rate = Annotated[float, Field(gt=0, le=1e3)]  # learning rates, multipliers
+ShortText = Annotated[str, Field(max_length=128), AfterValidator(printable)]
 
 
 class ConfigError(ValueError):
@@ -39,7 +52,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -47,12 +60,12 @@ class ModelConfig(_Strict):
     Hugging Face causal-LM architecture from a config (random init, nothing downloaded)."""
 
     kind: Literal["gpt", "hf"] = "gpt"
-    n_layer: PositiveInt = 2
-    n_head: PositiveInt = 4
-    n_embd: PositiveInt = 128
+    n_layer: Annotated[int, Field(gt=0, le=1024)] = 2
+    n_head: Annotated[int, Field(gt=0, le=1024)] = 4
+    n_embd: Annotated[int, Field(gt=0, le=1 << 16)] = 128
     # For kind="hf": the transformers model_type (e.g. "llama", "gpt2") and its config fields.
-    architecture: str | None = None
-    hf_config: dict[str, Any] = Field(default_factory=dict)
+    architecture: ShortText | None = None
+    hf_config: dict[ShortText, Any] = Field(default_factory=dict, max_length=MAX_HF_CONFIG_KEYS)
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -69,14 +82,16 @@ class DataConfig(_Strict):
     prepare` (or `manifest:<sha256>` of one the hub holds) trains on its token shards with its
     tokenizer (train/dataset.py)."""
 
-    dataset: Annotated[str, Field(min_length=1, max_length=4096)] = "tinyshakespeare"
+    dataset: Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(printable)] = (
+        "tinyshakespeare"
+    )
     # "shared": the hub names the slice each node trains on (replayable);
     # "local": each node trains on its own files (`gridswarm node --data PATH`), which never
     # leave it (federated mode). The hub then never reads node data: `dataset` names the PUBLIC
     # text whose held-out split (last val_fraction) the hub evaluates on.
     data: Literal["shared", "local"] = "shared"
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
-    eval_batches: PositiveInt = 8
+    eval_batches: Annotated[int, Field(gt=0, le=1024)] = 8
     # prepared datasets: shards one node's slice draws its windows from (and needs to fetch)
     slice_shards: Annotated[int, Field(gt=0, le=64)] = 2
 
@@ -84,17 +99,17 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     """DiLoCo settings: inner AdamW on each node, outer Nesterov SGD on the hub."""
 
-    seq_len: PositiveInt = 64
-    batch_size: PositiveInt = 16
-    inner_steps: PositiveInt = 50
-    min_inner_steps: PositiveInt = 5
-    inner_lr: PositiveFloat = 3e-3
-    inner_weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    seq_len: Annotated[int, Field(gt=0, le=1 << 20)] = 64
+    batch_size: Annotated[int, Field(gt=0, le=1 << 20)] = 16
+    inner_steps: Annotated[int, Field(gt=0, le=10**7)] = 50
+    min_inner_steps: Annotated[int, Field(gt=0, le=10**7)] = 5
+    inner_lr: Rate = 3e-3
+    inner_weight_decay: Annotated[float, Field(ge=0, le=1e3)] = 0.1
     # the inner AdamW starts fresh every round (replayable); warming it up avoids noisy first steps
-    inner_warmup_steps: Annotated[int, Field(ge=0)] = 10
-    outer_lr: PositiveFloat = 0.7
+    inner_warmup_steps: Annotated[int, Field(ge=0, le=10**7)] = 10
+    outer_lr: Rate = 0.7
     outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    grad_clip: Annotated[float, Field(ge=0)] = 1.0
+    grad_clip: Annotated[float, Field(ge=0, le=1e9)] = 1.0
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -111,18 +126,18 @@ class CommConfig(_Strict):
     codec: CodecName = "int8"
     codec_down: CodecName = "int8"
     error_feedback: bool = False
-    block_size: PositiveInt = 256
+    block_size: Annotated[int, Field(gt=0, le=1 << 24)] = 256
 
 
 class RoundConfig(_Strict):
     """When a round closes and who may join it."""
 
-    deadline_s: PositiveFloat = 60.0
-    quorum: PositiveInt = 1
-    min_nodes: PositiveInt = 1
-    max_nodes: PositiveInt = 64
-    aggregator: str = Field("mean", max_length=64)
-    aggregator_options: dict[str, Any] = Field(default_factory=dict)
+    deadline_s: Seconds = 60.0
+    quorum: Annotated[int, Field(gt=0, le=1 << 20)] = 1
+    min_nodes: Annotated[int, Field(gt=0, le=1 << 20)] = 1
+    max_nodes: Annotated[int, Field(gt=0, le=1 << 20)] = 64
+    aggregator: ShortText = "mean"
+    aggregator_options: dict[ShortText, Any] = Field(default_factory=dict, max_length=16)
 
     @model_validator(mode="after")
     def _check(self) -> RoundConfig:
@@ -140,7 +155,7 @@ class BudgetConfig(_Strict):
     """When the run ends: after `rounds` outer steps or `tokens` trained, whichever comes first."""
 
     rounds: PositiveInt | None = 20
-    tokens: PositiveInt | None = None
+    tokens: Annotated[int, Field(gt=0, le=MAX_TOKENS)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BudgetConfig:
@@ -152,11 +167,11 @@ class BudgetConfig(_Strict):
 class SecAggSettings(_Strict):
     """Secure aggregation (SecAgg+, docs/privacy.md): the hub learns only the sum of updates."""
 
-    neighbours: PositiveInt = 10  # k: even; k >= participants - 1 gives the complete graph
-    max_dropouts: Annotated[int, Field(ge=0)] = 1  # t: nodes that may vanish after sharing keys
+    neighbours: Annotated[int, Field(gt=0, le=1 << 20)] = 10  # k: even; k >= participants - 1
+    max_dropouts: Annotated[int, Field(ge=0, le=1 << 20)] = 1  # t: nodes that may vanish
     # R: without DP each coordinate is clipped to [-R, R] before 32-bit quantisation
     clip_range: PositiveFloat = 1.0
-    stage_timeout_s: PositiveFloat = 30.0  # a stage waits this long for slow participants
+    stage_timeout_s: Seconds = 30.0  # a stage waits this long for slow participants
 
     @model_validator(mode="after")
     def _check(self) -> SecAggSettings:
@@ -243,13 +258,13 @@ class EnergyConfig(_Strict):
     the deadline needs) or `forecast` (also shift work in time within the deadline). The two
     green policies need `deadline_s` here and a token target (`budget.tokens`)."""
 
-    policy: Annotated[str, Field(max_length=64)] = "agnostic"  # or a registered plugin's name
-    deadline_s: PositiveFloat | None = None  # budget.tokens due this long after the run starts
-    round_overhead_s: Annotated[float, Field(ge=0)] = 2.0  # sync time per round, for planning
+    policy: ShortText = "agnostic"  # or a registered plugin's name
+    deadline_s: Seconds | None = None  # budget.tokens due this long after the run starts
+    round_overhead_s: Annotated[float, Field(ge=0, le=MAX_SECONDS)] = 2.0  # sync time per round
     margin: Annotated[float, Field(ge=0, lt=1)] = 0.1  # spare pace / future-capacity discount
-    reserve_rounds: Annotated[int, Field(ge=0)] = 1  # plan to finish this many rounds early
-    default_intensity_g_per_kwh: Annotated[float, Field(ge=0)] = 475.0  # nodes with no signal
-    forecast_horizon_s: PositiveFloat = 172800.0  # how far ahead the hub reads its own signals
+    reserve_rounds: Count = 1  # plan to finish this many rounds early
+    default_intensity_g_per_kwh: Annotated[float, Field(ge=0, le=1e5)] = 475.0  # no signal
+    forecast_horizon_s: Annotated[float, Field(gt=0, le=3e7)] = 172800.0  # hub's own signals
 
     @model_validator(mode="after")
     def _check(self) -> EnergyConfig:
@@ -272,16 +287,16 @@ class TrustConfig(_Strict):
 
     audit_min_rate: Annotated[float, Field(ge=0, le=1)] = 0.02
     audit_max_rate: Annotated[float, Field(ge=0, le=1)] = 1.0
-    newcomer_audits: Annotated[int, Field(ge=0)] = 2
+    newcomer_audits: Count = 2
     cost_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3  # c / R: cost of honest work
-    safety_factor: Annotated[float, Field(ge=1)] = 2.0
-    reputation_value_rounds: Annotated[float, Field(ge=0)] = 20.0  # K: reputation worth K rounds
+    safety_factor: Annotated[float, Field(ge=1, le=1e6)] = 2.0
+    reputation_value_rounds: Annotated[float, Field(ge=0, le=1e9)] = 20.0  # K: worth K rounds
     usefulness: bool = True  # score each contribution by the held-out loss change it causes
     harm_tolerance_nats: PositiveFloat = 1.0  # reject one that raises held-out loss by more
     energy_min_fraction: Annotated[float, Field(ge=0, le=1)] = 0.02  # of the meter model's Wh
-    reward_per_round_units: PositiveInt | None = None  # None: escrow / rounds left
+    reward_per_round_units: Annotated[int, Field(gt=0, le=MAX_FUND_UNITS)] | None = None
     low_carbon_bonus: Annotated[float, Field(ge=0, le=10)] = 0.0
-    reference_intensity_g_per_kwh: PositiveFloat = 400.0
+    reference_intensity_g_per_kwh: Annotated[float, Field(gt=0, le=1e5)] = 400.0
     forfeit_on_strike: bool = True  # a caught node also loses its unclaimed rewards
 
     @model_validator(mode="after")
@@ -297,8 +312,8 @@ class TrustConfig(_Strict):
 class RunConfig(_Strict):
     """Everything a run needs; the hub stores it as JSON with the run."""
 
-    name: str = "run"
-    seed: int = 0
+    name: ShortText = "run"
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] = 0
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -319,20 +334,12 @@ class RunConfig(_Strict):
         return self.train.seq_len * self.train.batch_size
 
 
-def _format_errors(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{where}: {err['msg']}")
-    return "; ".join(lines)
-
-
 def parse_run_config(data: dict[str, Any]) -> RunConfig:
     """Validate a dict (from TOML or JSON) into a RunConfig, or raise ConfigError naming fields."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid run settings: {_format_errors(exc)}") from exc
+        raise ConfigError(f"invalid run settings: {describe_errors(exc.errors(), 10)}") from exc
 
 
 def load_run_config(path: Path) -> RunConfig:

@@ -177,7 +177,15 @@ def test_oracle_is_a_floor_and_exact_on_a_known_case():
     cfg = SimConfig(
         start_s=0.0, deadline_s=2 * DAY, tokens_target=0.3 * 350 * 2 * DAY, forecast_horizon_s=DAY
     )
-    floor = oracle(nodes, cfg).emissions_g
+    floor = oracle(nodes, cfg)
+    assert floor.method == "knapsack"
     for policy in ("agnostic", "greedy-green", "forecast"):
         res = simulate(policy, nodes, cfg)
-        assert res.report().total.emissions_kg * 1e3 >= floor * (1 - 1e-9), policy
+        assert res.report().total.emissions_kg * 1e3 >= floor.emissions_g * (1 - 1e-9), policy
+    # with a battery home the floor is an LP relaxation, still below every policy
+    nodes = small_swarm()
+    floor = oracle(nodes, cfg)
+    assert floor.method == "lp" and floor.emissions_g > 0
+    for policy in ("agnostic", "greedy-green", "forecast"):
+        res = simulate(policy, nodes, cfg)
+        assert res.report().total.emissions_kg * 1e3 >= floor.emissions_g, policy

@@ -1,39 +1,52 @@
 """The hub's HTTP API (FastAPI). Thin: it checks size and signatures, then calls `HubService`.
 
 Every mutating request is signed by its sender (see `gridswarm.identity`); the body is read with a
-hard size limit before anything else happens, and every refusal is a 4xx with a `detail` saying why.
-A background thread ticks the round state machine so deadlines fire without any request.
+hard size limit before anything else happens, path and query parameters are bounded, and every
+refusal is a `HubError` turned into `{"detail", "reason"}` (`protocol.Problem`) by one handler.
+The OpenAPI document names every request body and error response (`openapi_body`), so a client
+can be generated from it. A background thread ticks the round state machine so deadlines fire
+without any request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import anyio
 import anyio.to_thread
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gridswarm.blobs import BlobError, check_digest
+from gridswarm.hub.errors import HubError
 from gridswarm.hub.lifecycle import RunEvent
+from gridswarm.hub.openapi import (
+    ERROR_RESPONSES,
+    RunIdParam,
+    WaitParam,
+    install_openapi,
+    openapi_body,
+)
 from gridswarm.hub.privacy import add_privacy_routes
-from gridswarm.hub.service import HubError, HubService
+from gridswarm.hub.service import HubService
 from gridswarm.hub.trust import add_trust_routes
-from gridswarm.identity import HEADER_SIGNATURE, AuthError, VerifiedRequest
+from gridswarm.identity import HEADER_SIGNATURE, VerifiedRequest
 from gridswarm.protocol import (
     API,
+    DIGEST_PATTERN,
     MAX_JSON_BYTES,
     AssignmentResponse,
     ContributionAck,
+    Empty,
     EnergyReport,
     FailureReport,
     HeartbeatRequest,
@@ -42,24 +55,24 @@ from gridswarm.protocol import (
     RunCreateRequest,
     RunCreateResponse,
     RunStateRequest,
+    describe_errors,
 )
 
 TICK_S = 0.25
-MAX_WAIT_S = 20.0
 LOCKED_THREADS = 4  # threads for requests that take the service's lock (work, uploads, leave)
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
+log = logging.getLogger("gridswarm.hub")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) anything over `limit` bytes before reading it all."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise HubError(413, f"request body of {declared} bytes exceeds the {limit} limit")
-        except ValueError as exc:
-            raise HubError(400, "malformed content-length header") from exc
+        if not declared.isdigit() or len(declared) > 20:
+            raise HubError(400, "malformed content-length header")
+        if int(declared) > limit:
+            raise HubError(413, f"request body of {declared} bytes exceeds the {limit} limit")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -107,11 +120,9 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     def ticker() -> None:
         while not stop.wait(TICK_S):
             try:
-                service.tick()
+                service.tick()  # isolates each run's failure itself (HubService.tick)
             except Exception:
-                import logging
-
-                logging.getLogger("gridswarm.hub").exception("round tick failed")
+                log.exception("round tick failed")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -124,19 +135,25 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         stop.set()
         thread.join(timeout=5)
 
-    app = FastAPI(title="gridswarm hub", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="gridswarm hub", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES
+    )
+    install_openapi(app)
 
     @app.exception_handler(HubError)
     async def _hub_error(_: Request, exc: HubError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+        """The one error handler: every refusal is `{"detail": str, "reason": Refusal}`."""
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    @app.exception_handler(AuthError)
-    async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Routing errors (no such path, method not allowed) in the same shape."""
+        return await _hub_error(request, HubError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": f"malformed request: {exc.errors()[:3]}"}, status_code=422)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = HubError(422, f"malformed request: {describe_errors(exc.errors())}")
+        return await _hub_error(request, error)
 
     async def signed(request: Request, limit: int) -> tuple[VerifiedRequest, bytes]:
         body = await read_body(request, limit)
@@ -149,30 +166,27 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         try:
             return model.model_validate_json(body)
         except ValidationError as exc:
-            detail = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-            )
-            raise HubError(422, f"malformed request: {detail}") from exc
+            raise HubError(422, f"malformed request: {describe_errors(exc.errors())}") from exc
 
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"ok": True}
 
-    @app.post(f"{API}/nodes/register")
+    @app.post(f"{API}/nodes/register", openapi_extra=openapi_body(RegisterRequest))
     async def register(request: Request) -> RegisterResponse:
         verified, body = await signed(request, MAX_JSON_BYTES)
         req = parse(RegisterRequest, body)
         node_id = await run_in_threadpool(service.register, verified.public_key, req)
         return RegisterResponse(node_id=node_id)
 
-    @app.post(f"{API}/nodes/heartbeat")
+    @app.post(f"{API}/nodes/heartbeat", openapi_extra=openapi_body(HeartbeatRequest))
     async def heartbeat(request: Request) -> dict:
         verified, body = await signed(request, MAX_JSON_BYTES)
         req = parse(HeartbeatRequest, body or b"{}")
         await run_in_threadpool(service.heartbeat, verified.node_id, req.status)
         return {"ok": True}
 
-    @app.post(f"{API}/nodes/energy")
+    @app.post(f"{API}/nodes/energy", openapi_extra=openapi_body(EnergyReport))
     async def energy(request: Request) -> dict:
         """A node's energy state and forecast (hub/energy.py plans with it)."""
         verified, body = await signed(request, MAX_JSON_BYTES)
@@ -180,13 +194,13 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         await run_in_threadpool(service.report_energy, verified.node_id, report)
         return {"ok": True}
 
-    @app.post(f"{API}/nodes/leave")
+    @app.post(f"{API}/nodes/leave", openapi_extra=openapi_body(Empty, required=False))
     async def leave(request: Request) -> dict:
         verified, _ = await signed(request, MAX_JSON_BYTES)
         released = await under_lock(service.leave, verified.node_id)
         return {"released_assignments": released}
 
-    @app.post(f"{API}/runs")
+    @app.post(f"{API}/runs", openapi_extra=openapi_body(RunCreateRequest))
     async def create_run(request: Request) -> RunCreateResponse:
         verified, body = await signed(request, MAX_JSON_BYTES)
         req = parse(RunCreateRequest, body)
@@ -197,11 +211,11 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         return await run_in_threadpool(service.list_runs)
 
     @app.get(f"{API}/runs/{{run_id}}")
-    async def run_status(run_id: str) -> dict:
+    async def run_status(run_id: RunIdParam) -> dict:
         return await run_in_threadpool(service.run_status, run_id)
 
-    @app.post(f"{API}/runs/{{run_id}}/state")
-    async def run_state(run_id: str, request: Request) -> dict:
+    @app.post(f"{API}/runs/{{run_id}}/state", openapi_extra=openapi_body(RunStateRequest))
+    async def run_state(run_id: RunIdParam, request: Request) -> dict:
         """The sponsor pauses, resumes or stops its run (hub/lifecycle.py)."""
         verified, body = await signed(request, MAX_JSON_BYTES)
         req = parse(RunStateRequest, body)
@@ -209,30 +223,33 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
             service.change_run_state, run_id, verified.public_key, RunEvent(req.event), req.reason
         )
 
-    @app.post(f"{API}/runs/{{run_id}}/failures")
-    async def run_failure(run_id: str, request: Request) -> dict:
+    @app.post(f"{API}/runs/{{run_id}}/failures", openapi_extra=openapi_body(FailureReport))
+    async def run_failure(run_id: RunIdParam, request: Request) -> dict:
         """A node could not train its assignment; enough of these mark the run stalled."""
         verified, body = await signed(request, MAX_JSON_BYTES)
         report = parse(FailureReport, body)
         return await run_in_threadpool(service.report_failure, run_id, verified.node_id, report)
 
     @app.get(f"{API}/runs/{{run_id}}/report")
-    async def run_report(run_id: str) -> dict:
+    async def run_report(run_id: RunIdParam) -> dict:
         """Energy and carbon per node and per run, with the agnostic counterfactual."""
         return await run_in_threadpool(service.run_report, run_id)
 
     @app.get(f"{API}/runs/{{run_id}}/versions/latest")
-    async def latest_version(run_id: str) -> dict:
+    async def latest_version(run_id: RunIdParam) -> dict:
         return await run_in_threadpool(service.latest_version, run_id)
 
-    @app.post(f"{API}/runs/{{run_id}}/assignment")
-    async def assignment(run_id: str, request: Request, wait_s: float = 10.0) -> AssignmentResponse:
+    @app.post(
+        f"{API}/runs/{{run_id}}/assignment", openapi_extra=openapi_body(Empty, required=False)
+    )
+    async def assignment(
+        run_id: RunIdParam, request: Request, wait_s: WaitParam = 10.0
+    ) -> AssignmentResponse:
         """Long-poll: answers as soon as there is work (or the run ends), else after `wait_s`.
         While waiting it holds no thread and no lock: it sleeps until the run's round changes
         (or the service's recheck time passes), then asks once more."""
         verified, _ = await signed(request, MAX_JSON_BYTES)
         loop = asyncio.get_running_loop()
-        wait_s = min(max(wait_s, 0.0), MAX_WAIT_S) if math.isfinite(wait_s) else 0.0
         give_up = loop.time() + wait_s
         while True:
             changed = signals.current(run_id)  # before asking: no change can slip between
@@ -251,8 +268,9 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
                 if not changed.is_set():  # still connected, so alive (a note, no lock)
                     service.heartbeat(verified.node_id, "idle")
 
-    @app.post(f"{API}/runs/{{run_id}}/contributions")
-    async def contribute(run_id: str, request: Request) -> ContributionAck:
+    @app.post(f"{API}/runs/{{run_id}}/contributions", openapi_extra=openapi_body(binary=True))
+    async def contribute(run_id: RunIdParam, request: Request) -> ContributionAck:
+        """Body: one safetensors blob, the encoded update plus `ContributionMeta` as metadata."""
         verified, body = await signed(request, max_upload_bytes)
         return await under_lock(service.submit, run_id, verified.node_id, body)
 
@@ -260,11 +278,9 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     add_trust_routes(app, service, signed)  # /v1/ledger, /v1/runs/{id}/fund, balances
 
     @app.get(f"{API}/blobs/{{digest}}")
-    async def blob(digest: str, request: Request) -> Response:
-        try:
-            check_digest(digest)
-        except BlobError as exc:
-            raise HubError(400, str(exc)) from exc
+    async def blob(
+        digest: Annotated[str, Path(pattern=DIGEST_PATTERN)], request: Request
+    ) -> Response:
         node_id = None
         if request.headers.get(HEADER_SIGNATURE):  # signed downloads are counted per node
             verified, _ = await signed(request, 0)

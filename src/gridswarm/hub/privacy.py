@@ -32,21 +32,24 @@ import base64
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from gridswarm.blobs import provisional, sha256_hex
 from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
+from gridswarm.hub.errors import HubError
+from gridswarm.hub.openapi import RoundParam, RunIdParam, WaitParam, openapi_body
 from gridswarm.hub.rounds import Decision
 from gridswarm.privacy.dp import (
     can_run_round,
@@ -78,7 +81,16 @@ from gridswarm.privacy.secagg import (
     encode_message,
     make_config,
 )
-from gridswarm.protocol import API, MAX_JSON_BYTES, ContributionMeta
+from gridswarm.protocol import (
+    API,
+    MAX_JSON_BYTES,
+    ContributionMeta,
+    Refusal,
+    SecAggAdvertisement,
+    SecAggStageMessage,
+    SecAggTaskRequest,
+    describe_errors,
+)
 from gridswarm.train.aggregate import make_aggregator
 from gridswarm.train.params import pack_vector, unpack_vector
 from gridswarm.trust.claims import claimed_work_error
@@ -92,7 +104,6 @@ ANSWERS = {"share": "share", "mask": "masked", "unmask": "unmask"}
 NEXT_STAGE = {"share": "mask", "mask": "unmask", "unmask": "done"}
 # ShareKeys ciphertext: a seed share and a key share, plus the AEAD tag.
 SHARE_CIPHERTEXT_BYTES = 2 * SHARE_BYTES + 16
-MAX_TASK_WAIT_S = 20.0
 
 
 # --------------------------------------------------------------------------- pure stage logic
@@ -141,15 +152,6 @@ def decide_stage(p: StageProgress, now_s: float) -> tuple[StageAction, str | Non
 # --------------------------------------------------------------------------- helpers
 
 
-class PrivacyRequestError(Exception):
-    """A SecAgg request the hub refuses (mapped to HubError by the caller)."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
 def _jsonable(message: Any) -> Any:
     return json.loads(encode_message(message))
 
@@ -158,9 +160,9 @@ def _message(doc: Any, expected: type) -> Any:
     try:
         msg = decode_message(json.dumps(doc).encode())
     except SecAggError as exc:
-        raise PrivacyRequestError(422, str(exc)) from exc
+        raise HubError(422, str(exc)) from exc
     if not isinstance(msg, expected):
-        raise PrivacyRequestError(422, f"expected a {expected.__name__} message")
+        raise HubError(422, f"expected a {expected.__name__} message")
     return msg
 
 
@@ -556,23 +558,26 @@ class HubPrivacy:
     def _assignment(self, s: Session, run_id: str, node_id: str, assignment_id: str):
         assignment = s.get(m.Assignment, assignment_id)
         if assignment is None or assignment.run_id != run_id:
-            raise PrivacyRequestError(404, f"assignment {assignment_id} not found in run {run_id}")
+            raise HubError(404, f"assignment {assignment_id} not found in run {run_id}")
         if assignment.node_id != node_id:
-            raise PrivacyRequestError(403, "assignment belongs to another node")
+            raise HubError(403, "assignment belongs to another node")
         return assignment
 
     def advertise(self, run_id: str, node_id: str, body: bytes) -> dict:
         """A node's contribution under SecAgg: its signed claims and its round public keys."""
         try:
-            doc = json.loads(body)
-            meta = ContributionMeta.model_validate(doc["meta"])
-            keys = [base64.b64decode(doc[k], validate=True) for k in ("cipher_key", "mask_key")]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise PrivacyRequestError(422, f"malformed SecAgg advertisement: {exc}") from exc
+            doc = SecAggAdvertisement.model_validate_json(body)
         except ValidationError as exc:
-            raise PrivacyRequestError(422, f"malformed contribution metadata: {exc}") from exc
+            raise HubError(
+                422, f"malformed SecAgg advertisement: {describe_errors(exc.errors())}"
+            ) from exc
+        meta = doc.meta
+        try:
+            keys = [base64.b64decode(k, validate=True) for k in (doc.cipher_key, doc.mask_key)]
+        except ValueError as exc:
+            raise HubError(422, f"malformed SecAgg advertisement: {exc}") from exc
         if any(len(k) != KEY_BYTES for k in keys) or keys[0] == keys[1]:
-            raise PrivacyRequestError(422, "public keys must be two distinct 32-byte X25519 keys")
+            raise HubError(422, "public keys must be two distinct 32-byte X25519 keys")
         svc = self.svc
         carbon = svc._carbon(run_id, node_id, meta)  # energy accounting, as for any contribution
         with svc.lock, svc.sessions() as s:
@@ -580,24 +585,25 @@ class HubPrivacy:
             run = svc._run(s, run_id)
             cfg = RunConfig.model_validate_json(run.config_json)
             if cfg.privacy.secagg is None:
-                raise PrivacyRequestError(409, f"run {run_id} does not use secure aggregation")
+                raise HubError(409, f"run {run_id} does not use secure aggregation")
             a = self._assignment(s, run_id, node_id, meta.assignment_id)
             if a.status == "submitted":
-                raise PrivacyRequestError(
-                    409, "duplicate: this assignment already has a contribution"
+                raise HubError(
+                    409, "duplicate: this assignment already has a contribution", Refusal.DUPLICATE
                 )
             rnd = s.get(m.Round, (run_id, run.round))
             if a.status != "assigned" or a.round != run.round or rnd.status != "open":
-                raise PrivacyRequestError(
+                raise HubError(
                     409,
                     f"stale: assignment for round {a.round} is {a.status}; the run is at round "
                     f"{run.round} ({rnd.status}); late contributions are rejected",
+                    Refusal.STALE,
                 )
             self._check_claims(meta, a, cfg)
             seen = self._messages(s, run_id, a.round, "advertise")
             known = {k for b in seen.values() for k in self._keys_of(b)}
             if known & set(keys):
-                raise PrivacyRequestError(409, "public keys already used in this round")
+                raise HubError(409, "public keys already used in this round")
             now = svc.clock()
             digest = hashlib.sha256(body).hexdigest()
             s.add(m.Contribution.accepted(digest, a, meta.model_dump(), len(body), now, **carbon))
@@ -625,14 +631,14 @@ class HubPrivacy:
     @staticmethod
     def _check_claims(meta: ContributionMeta, a: m.Assignment, cfg: RunConfig) -> None:
         if meta.codec != SECAGG_CODEC:
-            raise PrivacyRequestError(
+            raise HubError(
                 400, f"codec {meta.codec!r}: SecAgg contributions travel as {SECAGG_CODEC!r}"
             )
         claim_error = claimed_work_error(
             meta.steps, meta.tokens, a.inner_steps, cfg.tokens_per_step
         )
         if claim_error:
-            raise PrivacyRequestError(400, claim_error)
+            raise HubError(400, claim_error, Refusal.FALSE_CLAIM)
 
     def task(self, run_id: str, node_id: str, assignment_id: str) -> dict:
         """What the node must do now for its SecAgg contribution (the node polls this)."""
@@ -719,40 +725,44 @@ class HubPrivacy:
                 or ANSWERS.get(sess.stage) != stage
             ):
                 now_at = "none" if sess is None else f"attempt {sess.attempt}, stage {sess.stage}"
-                raise PrivacyRequestError(
+                raise HubError(
                     409,
                     f"stale: SecAgg {stage} for round {round_number} attempt {attempt} is "
                     f"not expected now (run round {run.round}, {now_at})",
+                    Refusal.STALE,
                 )
             config = decode_message(sess.config_json.encode())
             if node_id not in self._expected(s, run, round_number, sess.stage, config):
-                raise PrivacyRequestError(
-                    403, f"node {node_id} is not expected at the {sess.stage} stage"
-                )
+                raise HubError(403, f"node {node_id} is not expected at the {sess.stage} stage")
             if node_id in self._messages(s, run_id, round_number, stage):
-                raise PrivacyRequestError(409, f"duplicate: {stage} already received")
-            stored = self._validate(s, run, sess, config, node_id, stage, body)
-            s.add(
-                m.SecAggMessage(
-                    run_id=run_id,
-                    round=round_number,
-                    stage=stage,
-                    node_id=node_id,
-                    body=stored,
-                    created_at=svc.clock(),
+                raise HubError(409, f"duplicate: {stage} already received", Refusal.DUPLICATE)
+            try:
+                stored = self._validate(s, run, sess, config, node_id, stage, body)
+            except (TypeError, AttributeError, ValueError) as exc:  # fields of the wrong type
+                raise HubError(422, f"malformed SecAgg {stage} message: {exc!r}"[:500]) from exc
+            # a masked input is stored as a blob, removed again if the commit fails
+            with provisional(svc.blobs, body) if stage == "masked" else nullcontext():
+                s.add(
+                    m.SecAggMessage(
+                        run_id=run_id,
+                        round=round_number,
+                        stage=stage,
+                        node_id=node_id,
+                        body=stored,
+                        created_at=svc.clock(),
+                    )
                 )
-            )
-            contribution = s.scalars(
-                select(m.Contribution).where(
-                    m.Contribution.run_id == run_id,
-                    m.Contribution.round == round_number,
-                    m.Contribution.node_id == node_id,
-                    m.Contribution.status == "accepted",
-                )
-            ).first()
-            if contribution is not None:
-                contribution.bytes_up += len(body)
-            s.commit()
+                contribution = s.scalars(
+                    select(m.Contribution).where(
+                        m.Contribution.run_id == run_id,
+                        m.Contribution.round == round_number,
+                        m.Contribution.node_id == node_id,
+                        m.Contribution.status == "accepted",
+                    )
+                ).first()
+                if contribution is not None:
+                    contribution.bytes_up += len(body)
+                s.commit()
         with svc.lock:  # the last answer moves the stage on now, not at the next tick
             svc._advance(run_id)
         return {"ok": True, "stage": stage, "bytes": len(body)}
@@ -770,14 +780,14 @@ class HubPrivacy:
         """Refuse a message that would break the round for everyone; returns what to store."""
         if stage == "masked":
             if len(body) != 4 * config.vector_length:
-                raise PrivacyRequestError(
+                raise HubError(
                     422, f"masked input has {len(body)} bytes, expected {4 * config.vector_length}"
                 )
-            return self.svc.blobs.put(body)
+            return sha256_hex(body)  # the blob is written by `receive`, with the row
         try:
             doc = json.loads(body)
-        except ValueError as exc:
-            raise PrivacyRequestError(422, f"malformed SecAgg message: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            raise HubError(422, f"malformed SecAgg message: {exc}") from exc
         if stage == "share":
             msg = _message(doc, ShareKeys)
             allowed = set(config.neighbours(node_id)) & set(
@@ -785,24 +795,24 @@ class HubPrivacy:
             )
             bad = set(msg.encrypted_shares) - allowed
             if bad or len(msg.seed_commitment) != 32:
-                raise PrivacyRequestError(
+                raise HubError(
                     422, f"shares for non-neighbours {sorted(bad)} or a malformed commitment"
                 )
             if any(len(c) != SHARE_CIPHERTEXT_BYTES for c in msg.encrypted_shares.values()):
-                raise PrivacyRequestError(422, "an encrypted share has the wrong length")
+                raise HubError(422, "an encrypted share has the wrong length")
         else:
             msg = _message(doc, UnmaskShares)
             masked = set(self._messages(s, run.id, sess.round, "masked"))
             shared = set(self._messages(s, run.id, sess.round, "share"))
             if not set(msg.seed_shares) <= masked or not set(msg.key_shares) <= shared - masked:
-                raise PrivacyRequestError(
+                raise HubError(
                     422, "unmask shares for nodes outside the request (or both secrets of one)"
                 )
             shares = [*msg.seed_shares.values(), *msg.key_shares.values()]
             if any(len(x) != SHARE_BYTES for x in shares):
-                raise PrivacyRequestError(422, "an unmask share has the wrong length")
+                raise HubError(422, "an unmask share has the wrong length")
         if msg.node_id != node_id:
-            raise PrivacyRequestError(403, "message names another node than its signer")
+            raise HubError(403, "message names another node than its signer")
         return encode_message(msg).decode()
 
 
@@ -825,37 +835,41 @@ def add_privacy_routes(
     privacy = service.privacy
     base = f"{API}/runs/{{run_id}}/secagg"
 
-    @app.exception_handler(PrivacyRequestError)
-    async def _privacy_error(_: Request, exc: PrivacyRequestError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
-
-    @app.post(f"{base}/advertise")
-    async def secagg_advertise(run_id: str, request: Request) -> dict:
+    @app.post(f"{base}/advertise", openapi_extra=openapi_body(SecAggAdvertisement))
+    async def secagg_advertise(run_id: RunIdParam, request: Request) -> dict:
         verified, body = await signed(request, max_json_bytes)
         return await run_in_threadpool(privacy.advertise, run_id, verified.node_id, body)
 
-    @app.post(f"{base}/task")
-    async def secagg_task(run_id: str, request: Request, wait_s: float = 10.0) -> dict:
+    @app.post(f"{base}/task", openapi_extra=openapi_body(SecAggTaskRequest))
+    async def secagg_task(run_id: RunIdParam, request: Request, wait_s: WaitParam = 10.0) -> dict:
         """Long-poll: answers as soon as the node has something to do, else after `wait_s`."""
         verified, body = await signed(request, max_json_bytes)
         try:
-            assignment_id = str(json.loads(body)["assignment_id"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise PrivacyRequestError(422, 'body must be {"assignment_id": ...}') from exc
+            assignment_id = SecAggTaskRequest.model_validate_json(body).assignment_id
+        except ValidationError as exc:
+            raise HubError(422, f"malformed request: {describe_errors(exc.errors())}") from exc
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + min(max(wait_s, 0.0), MAX_TASK_WAIT_S)
+        give_up = loop.time() + wait_s  # bounded by WaitParam
         while True:
             answer = await run_in_threadpool(privacy.task, run_id, verified.node_id, assignment_id)
             if answer["stage"] != "wait" or loop.time() >= give_up:
                 return answer
             await asyncio.sleep(min(0.2, max(give_up - loop.time(), 0)))
 
-    @app.post(f"{base}/{{round_number}}/{{attempt}}/{{stage}}")
+    stage_body = openapi_body(SecAggStageMessage)
+    stage_body["requestBody"]["content"] |= openapi_body(binary=True)["requestBody"]["content"]
+
+    @app.post(f"{base}/{{round_number}}/{{attempt}}/{{stage}}", openapi_extra=stage_body)
     async def secagg_answer(
-        run_id: str, round_number: int, attempt: int, stage: str, request: Request
+        run_id: RunIdParam,
+        round_number: RoundParam,
+        attempt: RoundParam,
+        stage: Annotated[str, Path(max_length=16)],
+        request: Request,
     ) -> dict:
+        """JSON `ShareKeys`/`UnmaskShares` for share/unmask; the masked input as raw bytes."""
         if stage not in ANSWERS.values():
-            raise PrivacyRequestError(404, f"unknown SecAgg stage {stage!r}")
+            raise HubError(404, f"unknown SecAgg stage {stage!r}")
         limit = max_upload_bytes if stage == "masked" else max_json_bytes
         verified, body = await signed(request, limit)
         return await run_in_threadpool(

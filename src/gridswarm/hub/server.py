@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -67,12 +69,13 @@ def build_service(
     blobs: str | Path,
     settings: HubSettings | None = None,
     home: Path | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> HubService:
     """The hub's service over `db_url` and the blob store `blobs` (a folder or s3://bucket/prefix)."""
     engine = make_engine(db_url)
     migrate(engine)
     identity = Identity.load_or_create(hub_key_path(blobs, home))  # created once, then kept
-    service = HubService(engine, open_blob_store(blobs), settings, identity=identity)
+    service = HubService(engine, open_blob_store(blobs), settings, clock, identity=identity)
     service.trust.ensure_genesis()
     return service
 

@@ -23,11 +23,12 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gridswarm.blobs import BlobError, LocalBlobStore
+from gridswarm.blobs import BlobError, LocalBlobStore, provisional
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import models as m
+from gridswarm.hub.errors import HubError
 from gridswarm.hub.lifecycle import (
     FINAL,
     HOLDING,
@@ -38,6 +39,7 @@ from gridswarm.hub.lifecycle import (
     should_stall,
     transition,
 )
+from gridswarm.hub.limits import HOUR_S, RateLimiter, check_run_quota, check_sponsor
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.rounds import (
     AssignmentState,
@@ -64,11 +66,13 @@ from gridswarm.protocol import (
     ContributionMeta,
     EnergyReport,
     FailureReport,
+    Refusal,
     RegisterRequest,
     RunCreateResponse,
+    describe_errors,
 )
 from gridswarm.train.aggregate import make_aggregator
-from gridswarm.train.codecs import ErrorFeedback, make_codec
+from gridswarm.train.codecs import make_codec
 from gridswarm.train.dataset import (
     MANIFEST_PREFIX,
     BlobSource,
@@ -78,7 +82,8 @@ from gridswarm.train.dataset import (
     manifest_ref,
     parse_manifest,
 )
-from gridswarm.train.outer import nesterov_step
+from gridswarm.train.memory import OverBudget, check_memory
+from gridswarm.train.outer import outer_update
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import claimed_work_error
@@ -87,16 +92,9 @@ MAX_SKEW_S = 120.0
 LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this often (clock s)
 FORECAST_TTL_S = 60.0  # the hub's own carbon forecasts are fetched again after this
 LIVE_RECHECK_S = 10.0  # a long-poll waiting for min_nodes live nodes also asks again this often
+RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
-
-
-class HubError(Exception):
-    """A request the hub refuses; `status` is the HTTP code, `detail` says why."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +103,16 @@ class HubSettings:
     max_skew_s: float = MAX_SKEW_S
     # region -> the hub's own carbon signal (`gridswarm hub --signals`, hub/energy.py)
     signals: dict[str, SignalProvider] = field(default_factory=dict)
+    # a run whose estimated memory (train/memory.py) exceeds this is refused before it is built
+    max_run_memory_mb: float = DEFAULT_MAX_RUN_MEMORY_MB
+    # who may create and fund runs (hub/limits.py): these public keys (hex) only, or anyone
+    # (None) within the quotas
+    sponsors: frozenset[str] | None = None
+    max_active_runs_per_identity: int = 8
+    max_runs_per_hour_per_identity: int = 20
+    # per-key token bucket over all signed requests: sustained rate and burst
+    requests_per_s: float = 50.0
+    request_burst: float = 200.0
 
 
 def liveness_state(status: str, silent_s: float, liveness_s: float) -> str:
@@ -241,7 +249,6 @@ class HubService:
         self.clock = clock
         self.lock = threading.RLock()
         self.nonces = NonceBook(self.sessions, self.settings.max_skew_s)
-        self._workloads: dict[str, Workload] = {}
         # caches that keep request handling independent of the swarm's size (rebuilt on restart)
         self._achieved: dict[tuple[str, str], float | None] = {}  # (run, node) -> tokens/s
         self._live_view: dict[
@@ -252,12 +259,24 @@ class HubService:
         self.round_changed: Callable[[str], None] = lambda run_id: None  # set by the HTTP layer
         self._heartbeats: dict[str, tuple[str, float]] = {}  # node -> status, seen at (unwritten)
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
+        self.rate_limiter = RateLimiter(self.settings.requests_per_s, self.settings.request_burst)
+        self._workloads: dict[str, Workload] = {}
+        self._failures: dict[str, int] = {}  # run id -> consecutive failed ticks
+        # silence is measured from here at the earliest: a hub outage is not the nodes' fault
+        self.started_at = clock()
         self._dataset_blobs: set[str] = set()
         self._dataset_blobs_loaded = False
         self.privacy = HubPrivacy(self)  # DP accounting and SecAgg stages (hub/privacy.py)
         # ledger, audits, usefulness, reputation, rewards (hub/trust.py); `identity` is the hub's
         # persistent signing key (server.py loads it), a throwaway one only for in-memory use
-        self.trust = HubTrust(engine, blobs, identity or Identity.generate(), self.lock, clock)
+        self.trust = HubTrust(
+            engine,
+            blobs,
+            identity or Identity.generate(),
+            self.lock,
+            clock,
+            sponsors=self.settings.sponsors,
+        )
 
     # ---------------------------------------------------------------- authentication
 
@@ -267,28 +286,40 @@ class HubService:
         """Verify a signed request and consume its nonce (a second use is a replay). The nonce
         is committed before the request goes on; concurrent requests share one commit."""
         now = self.clock()
-        verified = verify_request(headers, method, path, body, now, self.settings.max_skew_s)
-        self.nonces.consume(verified.nonce, verified.public_key.hex(), now)
+        try:
+            verified = verify_request(headers, method, path, body, now, self.settings.max_skew_s)
+        except AuthError as exc:
+            reason = Refusal.MALFORMED if exc.status == 400 else Refusal.UNAUTHENTICATED
+            raise HubError(exc.status, exc.detail, reason) from exc
+        self.rate_limiter.check(verified.public_key.hex(), now)  # before anything is stored
+        try:
+            self.nonces.consume(verified.nonce, verified.public_key.hex(), now)
+        except AuthError as exc:
+            raise HubError(exc.status, exc.detail, Refusal.REPLAYED_REQUEST) from exc
         return verified
 
     def _node(self, s: Session, node_id: str) -> m.Node:
         node = s.get(m.Node, node_id)
         if node is None:
-            raise HubError(403, f"node {node_id} is not registered")
+            raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
         node.last_seen_at = self.clock()
         return node
 
     # ---------------------------------------------------------------- nodes
 
     def register(self, public_key: bytes, req: RegisterRequest) -> str:
-        """Register (or re-register: same key, same node) a node."""
+        """Register (or re-register: same key, same node) a node. A node registers when its
+        process starts, so work it was assigned before is gone: its outstanding assignments are
+        released at once and their rounds need not wait for the deadline."""
         node_id = node_id_from_public_key(public_key)
         now = self.clock()
-        with self.sessions() as s:
+        with self.lock, self.sessions() as s:
             node = s.get(m.Node, node_id)
             if node is None:
                 node = m.Node(id=node_id, public_key=public_key.hex(), registered_at=now)
                 s.add(node)
+            else:
+                self._release_assignments(s, node_id)
             node.name = req.name
             node.hardware_json = req.hardware.model_dump_json()
             node.region = req.region
@@ -372,15 +403,20 @@ class HubService:
                     )
                 )
             )
-            released = s.execute(
-                update(m.Assignment)
-                .where(m.Assignment.node_id == node_id, m.Assignment.status == "assigned")
-                .values(status="released")
-            ).rowcount
+            released = self._release_assignments(s, node_id)
             s.commit()
         for run_id in runs:  # places freed: waiting long-polls ask again
             self.round_changed(run_id)
         return released
+
+    @staticmethod
+    def _release_assignments(s: Session, node_id: str) -> int:
+        """Mark the node's outstanding assignments released (in the caller's transaction)."""
+        return s.execute(
+            update(m.Assignment)
+            .where(m.Assignment.node_id == node_id, m.Assignment.status == "assigned")
+            .values(status="released")
+        ).rowcount
 
     # ---------------------------------------------------------------- runs
 
@@ -416,19 +452,27 @@ class HubService:
         return digest in self._dataset_blobs
 
     def create_run(self, sponsor_key: bytes, config: dict) -> RunCreateResponse:
+        check_sponsor(self.settings.sponsors, sponsor_key)
+        self._check_run_quota(sponsor_key)
         try:
             cfg = parse_run_config(config)
             make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)
             hub_energy.check_energy(cfg)  # green policies need a token target
             check_new_run(cfg)  # a DP budget must pay for at least one round
         except (ConfigError, ValueError, TypeError) as exc:
-            raise HubError(422, str(exc)) from exc
+            raise HubError(422, str(exc), Refusal.INVALID_CONFIG) from exc
+        try:  # before anything is allocated: the model is built only below
+            check_memory(cfg, self.settings.max_run_memory_mb)
+        except OverBudget as exc:
+            raise HubError(422, str(exc), Refusal.OVER_MEMORY) from exc
+        except ValueError as exc:
+            raise HubError(422, str(exc), Refusal.INVALID_CONFIG) from exc
         run_id = uuid.uuid4().hex[:12]
         try:
             cfg = self._import_dataset(cfg)
             workload = Workload.from_config(cfg, source=BlobSource(self.blobs))
-        except (FileNotFoundError, ValueError) as exc:
-            raise HubError(422, f"data.dataset: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise HubError(422, f"data.dataset: {exc}", Refusal.INVALID_CONFIG) from exc
         theta = workload.initial_theta()
         val_loss = workload.evaluate(theta)
         weights = self.blobs.put(pack_vector(theta, {"run_id": run_id, "version": 0}))
@@ -464,6 +508,28 @@ class HubService:
         self._workloads[run_id] = workload
         return RunCreateResponse(run_id=run_id, version_blob=weights, numel=workload.numel)
 
+    def _check_run_quota(self, sponsor_key: bytes) -> None:
+        """429 when this identity already has too many runs (hub/limits.py)."""
+        now = self.clock()
+        with self.sessions() as s:
+            active = s.scalar(
+                select(func.count()).where(
+                    m.Run.sponsor_key == sponsor_key.hex(), m.Run.status == "active"
+                )
+            )
+            recent = s.scalars(
+                select(m.Run.created_at).where(
+                    m.Run.sponsor_key == sponsor_key.hex(), m.Run.created_at > now - HOUR_S
+                )
+            ).all()
+        check_run_quota(
+            active or 0,
+            list(recent),
+            now,
+            self.settings.max_active_runs_per_identity,
+            self.settings.max_runs_per_hour_per_identity,
+        )
+
     def _run(self, s: Session, run_id: str) -> m.Run:
         run = s.get(m.Run, run_id)
         if run is None:
@@ -494,7 +560,10 @@ class HubService:
         state = RoundState(
             status=rnd.status,
             deadline_at=rnd.deadline_at,
-            assignments=tuple(AssignmentState(n, st, seen) for n, st, seen in rows),
+            # silence counts from the hub's start at the earliest (no one is lost for our outage)
+            assignments=tuple(
+                AssignmentState(n, st, max(seen, self.started_at)) for n, st, seen in rows
+            ),
         )
         return rnd, state, rules
 
@@ -571,7 +640,9 @@ class HubService:
         with self.lock, self.sessions() as s:
             run = self._run(s, run_id)
             if run.sponsor_key != requester_key.hex():
-                raise HubError(403, f"only the sponsor of run {run_id} may {event} it")
+                raise HubError(
+                    403, f"only the sponsor of run {run_id} may {event} it", Refusal.NOT_SPONSOR
+                )
             if event not in SPONSOR_EVENTS:
                 raise HubError(422, f"{event} is not a sponsor's event")
             changed = self._apply_event(s, run, event, reason or f"{event} by the sponsor")
@@ -596,9 +667,16 @@ class HubService:
             ).rowcount
         rnd = s.get(m.Round, (run.id, run.round))
         if after is RunState.ACTIVE and rnd is not None and rnd.status == "open":
-            cfg = RunConfig.model_validate_json(run.config_json)
+            try:
+                cfg = RunConfig.model_validate_json(run.config_json)
+            except ValidationError as exc:  # stalled because its settings cannot be read back
+                raise HubError(
+                    409, f"run {run.id} cannot resume: its stored settings do not validate"
+                ) from exc
             rnd.deadline_at = now + cfg.round.deadline_s  # the hold did not eat the round's time
-        run.status, run.status_reason, run.status_changed_at = after, reason, now
+        # the reason stays on the ledger; the run shows one only while it is not active
+        shown_reason = None if after is RunState.ACTIVE else reason
+        run.status, run.status_reason, run.status_changed_at = after, shown_reason, now
         if after in FINAL:
             run.finished_at = now
         entry = {
@@ -876,7 +954,8 @@ class HubService:
         with self.sessions() as s:
             run, node = s.get(m.Run, run_id), s.get(m.Node, node_id)
             region = meta.region or (node.region if node else None)
-            cfg = RunConfig.model_validate_json(run.config_json) if run else RunConfig()
+            active = run is not None and run.status == "active"
+            cfg = RunConfig.model_validate_json(run.config_json) if active else RunConfig()
         now = self.clock()
         hub_g = hub_energy.signal_intensity(
             self.settings.signals.get(region or ""), now - meta.train_time_s, now
@@ -900,15 +979,19 @@ class HubService:
         except BlobFormatError as exc:
             raise HubError(400, f"malformed contribution: {exc}") from exc
         except ValidationError as exc:
-            raise HubError(422, f"malformed contribution metadata: {exc.errors()[:3]}") from exc
+            raise HubError(
+                422, f"malformed contribution metadata: {describe_errors(exc.errors())}"
+            ) from exc
         carbon = self._carbon(run_id, node_id, meta)
         with self.lock, self.sessions() as s:
             run, assignment = self._own_assignment(s, run_id, node_id, meta.assignment_id)
             if assignment.status == "submitted":
-                raise HubError(409, "duplicate: this assignment already has a contribution")
+                raise HubError(
+                    409, "duplicate: this assignment already has a contribution", Refusal.DUPLICATE
+                )
             if run.status != RunState.ACTIVE:
                 reason = f": {run.status_reason}" if run.status_reason else ""
-                raise HubError(409, f"stale: run {run_id} is {run.status}{reason}")
+                raise HubError(409, f"stale: run {run_id} is {run.status}{reason}", Refusal.STALE)
             if assignment.status != "assigned" or assignment.round != run.round:
                 if assignment.status == "assigned":
                     assignment.status = "late"
@@ -917,31 +1000,34 @@ class HubService:
                     409,
                     f"stale: assignment for round {assignment.round} is {assignment.status}; "
                     f"the run is at round {run.round} (late contributions are rejected)",
+                    Refusal.STALE,
                 )
             cfg = RunConfig.model_validate_json(run.config_json)
             try:
                 self._check_claims(meta, assignment, cfg, tensors, run.numel)
             except HubError as exc:  # a false work claim (tokens, steps) goes on the ledger
-                self.trust.record_false_claim(s, run, cfg, node_id, assignment, exc.detail)
+                self.trust.record_false_claim(s, run, cfg, node_id, assignment, exc)
                 raise
             # the node's signed claim, its energy report, no replayed update (hub/trust.py)
             screened = self.trust.screen_submission(
                 s, run, cfg, s.get(m.Node, node_id), assignment, meta.model_dump(), tensors
             )
-            digest = self.blobs.put(body)
-            s.add(
-                m.Contribution.accepted(
-                    digest, assignment, meta.model_dump(), len(body), self.clock(), **carbon
+            # every check passed: the blob, then the rows; a failed commit removes the blob again
+            with provisional(self.blobs, body) as digest:
+                s.add(
+                    m.Contribution.accepted(
+                        digest, assignment, meta.model_dump(), len(body), self.clock(), **carbon
+                    )
                 )
-            )
-            assignment.status = "submitted"
-            try:
-                self.trust.record_submission(s, digest, screened)  # the claim, on the ledger
-                s.commit()
-            except IntegrityError as exc:
-                raise HubError(409, "duplicate contribution") from exc
-            self._achieved.pop((run_id, node_id), None)
-            self._raise_fastest(run_id, self._achieved_speed(s, run_id, node_id), 0.0)
+                assignment.status = "submitted"
+                try:
+                    self.trust.record_submission(s, digest, screened)  # the claim, on the ledger
+                    s.commit()
+                except IntegrityError as exc:
+                    s.rollback()
+                    raise HubError(409, "duplicate contribution", Refusal.DUPLICATE) from exc
+                self._achieved.pop((run_id, node_id), None)
+                self._raise_fastest(run_id, self._achieved_speed(s, run_id, node_id), 0.0)
         return ContributionAck(contribution_id=digest, accepted=True, bytes_up=len(body))
 
     @staticmethod
@@ -958,7 +1044,7 @@ class HubService:
             meta.steps, meta.tokens, assignment.inner_steps, cfg.tokens_per_step
         )
         if claim_error:
-            raise HubError(400, claim_error)
+            raise HubError(400, claim_error, Refusal.FALSE_CLAIM)
         try:
             vec = make_codec(cfg.comm.codec, cfg.comm.block_size).decode(tensors, numel)
         except BlobFormatError as exc:
@@ -969,20 +1055,51 @@ class HubService:
     # ---------------------------------------------------------------- rounds
 
     def tick(self) -> list[tuple[str, Decision]]:
-        """Advance every active run's round as the clock and submissions dictate."""
-        self.trust.prescreen(self.workload)  # audit uploads as they arrive, outside the lock
+        """Advance every active run's round as the clock and submissions dictate.
+
+        Runs are isolated: an exception in one run's advance is logged (once) and the others go
+        on; after `RUN_FAILURES_TO_STOP` failures in a row (a transient database error passes)
+        the run is marked `stalled` with the error as its reason (`run_status` shows it; the
+        sponsor may resume it).
+        """
+        try:
+            self.trust.prescreen(self.workload)  # audit uploads as they arrive, outside the lock
+        except Exception:
+            log.exception("prescreening contributions failed; the rounds go on")
         done = []
         with self.sessions() as s:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
             s.commit()
             run_ids = s.scalars(select(m.Run.id).where(m.Run.status == "active")).all()
         for run_id in run_ids:
-            self._prepare_close(run_id)  # the heavy part of a due close, outside the lock
-            with self.lock:
-                decision = self._advance(run_id)
+            try:
+                self._prepare_close(run_id)  # the heavy part of a due close, outside the lock
+                with self.lock:
+                    decision = self._advance(run_id)
+            except Exception as exc:
+                self._run_failed(run_id, exc)
+                continue
+            self._failures.pop(run_id, None)
             if decision is not Decision.WAIT:
                 done.append((run_id, decision))
         return done
+
+    def _run_failed(self, run_id: str, exc: Exception) -> None:
+        """Count a failure of `run_id`'s advance; stall the run once it keeps failing."""
+        count = self._failures[run_id] = self._failures.get(run_id, 0) + 1
+        if count == 1:
+            log.exception("run %s: advancing its round failed", run_id)
+        if count < RUN_FAILURES_TO_STOP and not isinstance(exc, ValidationError):
+            return  # possibly transient (a locked database); stored settings that do not
+            # validate never will
+        error = f"the hub could not advance its round: {type(exc).__name__}: {exc}"[:2000]
+        with self.lock, self.sessions() as s:
+            run = s.get(m.Run, run_id)
+            if run is not None and run.status == RunState.ACTIVE:
+                self._apply_event(s, run, RunEvent.STALL, error)
+                s.commit()
+        self._failures.pop(run_id, None)
+        self._workloads.pop(run_id, None)
 
     def _advance(self, run_id: str) -> Decision:
         now = self.clock()
@@ -1117,17 +1234,22 @@ class HubService:
         )
         theta = unpack_vector(self.blobs.get(base.weights_blob))
         momentum = unpack_vector(self.blobs.get(base.momentum_blob)) if base.momentum_blob else None
-        step = nesterov_step(
-            pseudo_gradient, momentum, cfg.train.outer_lr, cfg.train.outer_momentum
-        )
-        feedback = ErrorFeedback(
-            make_codec(cfg.comm.codec_down, cfg.comm.block_size),
+        residual = (
             unpack_vector(self.blobs.get(base.error_feedback_blob))
             if base.error_feedback_blob
-            else None,
+            else None
         )
-        encoded = feedback.encode(step.update)
-        theta_new = theta - feedback.codec.decode(encoded, run.numel)
+        out = outer_update(
+            theta,
+            pseudo_gradient,
+            momentum,
+            residual,
+            lr=cfg.train.outer_lr,
+            mu=cfg.train.outer_momentum,
+            codec_down=cfg.comm.codec_down,
+            block_size=cfg.comm.block_size,
+        )
+        theta_new, encoded = out.theta, out.delta
         number = rnd.base_version + 1
         new = NewVersion(
             key=key,
@@ -1138,8 +1260,8 @@ class HubService:
             delta_blob=self.blobs.put(
                 pack(encoded, {"codec": cfg.comm.codec_down, "numel": run.numel, "to": number})
             ),
-            momentum_blob=self.blobs.put(pack_vector(step.momentum)),
-            error_feedback_blob=self.blobs.put(pack_vector(feedback.residual)),
+            momentum_blob=self.blobs.put(pack_vector(out.momentum)),
+            error_feedback_blob=self.blobs.put(pack_vector(out.residual)),
             val_loss=self.workload(run.id, run.config_json).evaluate(theta_new),
         )
         if not (cfg.privacy.secagg or cfg.privacy.dp):
@@ -1233,7 +1355,7 @@ class HubService:
             try:
                 data = self.blobs.get(digest)
             except BlobError as exc:
-                raise HubError(500, str(exc)) from exc
+                raise HubError(500, str(exc), Refusal.UNAVAILABLE) from exc
             if node_id is not None:
                 s.add(
                     m.Download(
@@ -1387,7 +1509,6 @@ class HubService:
             entry["state"] = liveness_state(
                 row.status, now - row.last_seen_at, self.settings.liveness_s
             )
-            entry["last_seen_s_ago"] = round(now - row.last_seen_at, 1)
         outcome: dict[int, dict[str, int]] = {}
         for rnd_number, status, count in assignments:
             outcome.setdefault(rnd_number, {})[status] = count
@@ -1401,7 +1522,7 @@ class HubService:
             "version": run.version,
             "numel": run.numel,
             "tokens_total": run.tokens_total,
-            "config": json.loads(run.config_json),
+            "config": json.loads(run.config_json or "null"),
             "val_loss": [v.val_loss for v in versions],
             "curve": [
                 {"version": v.number, "tokens": v.tokens_total, "val_loss": v.val_loss}
@@ -1423,12 +1544,24 @@ class HubService:
             "bytes_down_total": int(sum(total or 0 for _, total in downloads)),
             "bytes_sync_dp_equivalent": int(sync_dp),
             "nodes": sorted(nodes.values(), key=lambda n: n["id"]),
-            "energy": self._energy_status(run, contributions, node_rows),
-            "trust": self.trust.status(run_id),  # audits, rejections, escrow, reputation
             "live_nodes": [
                 {"id": n.id, "name": n.name, "status": n.status}
                 for n in node_rows.values()
                 if n.status != "left" and now - n.last_seen_at <= self.settings.liveness_s
             ],
-            **self.privacy.run_status(run_id),  # "privacy": epsilon, delta, budget, SecAgg rounds
+            **self._policy_status(run, contributions, node_rows),
         }
+
+    def _policy_status(
+        self, run: m.Run, contributions: list[m.Contribution], node_rows: dict[str, m.Node]
+    ) -> dict:
+        """The energy, trust and privacy sections of `run_status`; a run whose stored settings
+        cannot be read back (a stalled run) shows why instead of failing the request."""
+        try:
+            return {
+                "energy": self._energy_status(run, contributions, node_rows),
+                "trust": self.trust.status(run.id),  # audits, rejections, escrow, reputation
+                **self.privacy.run_status(run.id),  # "privacy": epsilon, budget, SecAgg rounds
+            }
+        except (ValidationError, ValueError, TypeError) as exc:
+            return {"error": f"stored run settings unreadable: {exc}"[:2000]}

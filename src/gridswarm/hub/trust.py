@@ -33,12 +33,12 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from itertools import chain
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from fastapi import Request
+from fastapi import Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,12 +46,24 @@ from gridswarm.blobs import LocalBlobStore
 from gridswarm.config import RunConfig
 from gridswarm.energy.meter import lookup_cpu_power
 from gridswarm.hub import models as m
+from gridswarm.hub.errors import HubError
+from gridswarm.hub.limits import check_sponsor
+from gridswarm.hub.openapi import RunIdParam, openapi_body
 from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import RunEscrow, run_escrow
 from gridswarm.ledger.chain import Entry, LedgerError, SignedClaim
 from gridswarm.ledger.log import DuplicateClaimError, HubItem, Ledger
 from gridswarm.ledger.ops import ledger_show, node_balance, payout_addresses, reward_claim_for
-from gridswarm.protocol import API, MAX_JSON_BYTES
+from gridswarm.protocol import (
+    API,
+    MAX_ESCROW_UNITS,
+    MAX_FUND_UNITS,
+    MAX_JSON_BYTES,
+    NODE_ID_PATTERN,
+    Refusal,
+    SignedClaimBody,
+    describe_errors,
+)
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import unpack, unpack_vector
 from gridswarm.train.workload import Workload
@@ -83,18 +95,8 @@ from gridswarm.trust.rewards import (
 )
 
 log = logging.getLogger("gridswarm.hub.trust")
-FALSE_CLAIM_PREFIXES = ("tokens", "steps")  # core checks whose failure is a false work claim
 MAX_REPLAY_THREADS = 64
 PAYOUT_KIND = "payout_address"
-
-
-class TrustRefusal(Exception):
-    """The hub refuses a request for a trust reason; `status` is the HTTP code."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,10 @@ class HubTrust:
         identity: Identity,
         lock: threading.RLock | None = None,
         clock: Callable[[], float] = time.time,
+        sponsors: frozenset[str] | None = None,
     ) -> None:
         self.identity = identity
+        self.sponsors = sponsors  # who may fund runs (hub/limits.py); None: anyone
         self.ledger = Ledger(engine, identity)
         self.blobs = blobs
         self.lock = lock or threading.RLock()
@@ -253,7 +257,7 @@ class HubTrust:
         reps = self.reputations(s, [node_id, *competitors])
         reason = may_select(reps[node_id], [reps[n] for n in competitors], slots_left)
         if reason == EXCLUDED:
-            raise TrustRefusal(403, f"node {node_id} is {EXCLUDED}")
+            raise HubError(403, f"node {node_id} is {EXCLUDED}", Refusal.EXCLUDED)
         return reason
 
     # ------------------------------------------------------------------ submissions
@@ -276,8 +280,8 @@ class HubTrust:
             try:
                 claim = check_claim(meta["claim"], bytes.fromhex(node.public_key), expected)
             except ClaimError as exc:
-                status = 403 if "another node" in str(exc) or "signature" in str(exc) else 400
-                self.refuse(s, run, cfg, node.id, assignment, status, str(exc))
+                status = 403 if exc.forged else 400
+                self.refuse(s, run, cfg, node.id, assignment, status, str(exc), Refusal.BAD_CLAIM)
         cpu = json.loads(node.hardware_json or "{}").get("cpu", "unknown")
         w_per_core, _ = lookup_cpu_power(str(cpu))
         others = s.execute(
@@ -296,7 +300,7 @@ class HubTrust:
             cfg.trust.energy_min_fraction,
         )
         if reason:
-            self.refuse(s, run, cfg, node.id, assignment, 400, reason)
+            self.refuse(s, run, cfg, node.id, assignment, 400, reason, Refusal.ENERGY_FLOOR)
         if not is_zero_update(tensors):
             prior = s.scalars(
                 select(m.Contribution)
@@ -314,6 +318,7 @@ class HubTrust:
                     409,
                     f"replay: the same update as contribution {prior.id[:16]} of node "
                     f"{prior.node_id} in round {prior.round}",
+                    Refusal.REPLAYED_UPDATE,
                 )
         return Screened(digest, claim)
 
@@ -326,6 +331,7 @@ class HubTrust:
         assignment: m.Assignment,
         status: int,
         reason: str,
+        code: Refusal,
     ) -> None:
         """Record a refused upload on the ledger (verdict, strike, forfeit), commit, raise."""
         _, after = self._update_reputation(s, node_id, RoundOutcome(delivered=True, rejected=True))
@@ -350,7 +356,7 @@ class HubTrust:
         items += self._forfeit_items(run.id, node_id, reason, cfg)
         self.append(s, items)
         s.commit()
-        raise TrustRefusal(status, reason)
+        raise HubError(status, reason, code)
 
     def record_false_claim(
         self,
@@ -359,12 +365,21 @@ class HubTrust:
         cfg: RunConfig,
         node_id: str,
         assignment: m.Assignment,
-        detail: str,
+        error: HubError,
     ) -> None:
         """The core checks refused an upload; a false work claim is recorded like a refusal."""
-        if detail.startswith(FALSE_CLAIM_PREFIXES):
-            with suppress(TrustRefusal):  # the caller raises its own error, with its detail
-                self.refuse(s, run, cfg, node_id, assignment, 400, f"false claim: {detail}")
+        if error.reason is Refusal.FALSE_CLAIM:
+            with suppress(HubError):  # the caller raises its own error, with its detail
+                self.refuse(
+                    s,
+                    run,
+                    cfg,
+                    node_id,
+                    assignment,
+                    400,
+                    f"false claim: {error.detail}",
+                    error.reason,
+                )
 
     def record_submission(self, s: Session, contribution_id: str, screened: Screened) -> None:
         """After the upload is stored: its update digest, and the node's claim on the ledger."""
@@ -374,7 +389,7 @@ class HubTrust:
             try:
                 (entry,) = self.append(s, [screened.claim])
             except DuplicateClaimError as exc:
-                raise TrustRefusal(409, f"replay: {exc}") from exc
+                raise HubError(409, f"replay: {exc}", Refusal.REPLAYED_UPDATE) from exc
             c.claim_seq = entry.seq
 
     # ------------------------------------------------------------------ rounds close
@@ -777,22 +792,22 @@ class HubTrust:
     def _run(s: Session, run_id: str) -> m.Run:
         run = s.get(m.Run, run_id)
         if run is None:
-            raise TrustRefusal(404, f"run {run_id} not found")
+            raise HubError(404, f"run {run_id} not found")
         return run
 
     @staticmethod
     def _parse_claim(data: Any, kind: str, requester_key: bytes) -> SignedClaim:
         if not isinstance(data, dict):
-            raise TrustRefusal(422, f"malformed {kind} claim: expected a JSON object")
+            raise HubError(422, f"malformed {kind} claim: expected a JSON object")
         try:
             claim = SignedClaim.from_dict(data)
             claim.check()
         except LedgerError as exc:
-            raise TrustRefusal(400, f"{kind} claim refused: {exc}") from exc
+            raise HubError(400, f"{kind} claim refused: {exc}") from exc
         if claim.kind != kind:
-            raise TrustRefusal(400, f"expected a {kind!r} claim, got {claim.kind!r}")
+            raise HubError(400, f"expected a {kind!r} claim, got {claim.kind!r}")
         if claim.author != requester_key:
-            raise TrustRefusal(
+            raise HubError(
                 403,
                 f"{kind} claim signed by {node_id_from_public_key(claim.author)}, "
                 f"not by the requester {node_id_from_public_key(requester_key)}",
@@ -803,23 +818,37 @@ class HubTrust:
         try:
             (entry,) = self.append(s, [claim])
         except DuplicateClaimError as exc:
-            raise TrustRefusal(409, f"replay: {exc}") from exc
+            raise HubError(409, f"replay: {exc}", Refusal.REPLAYED_REQUEST) from exc
         s.commit()
         return entry
 
     def fund(self, run_id: str, requester_key: bytes, data: Any) -> dict[str, Any]:
         """The run's sponsor puts its signed `fund` claim on the ledger (fills the escrow)."""
+        check_sponsor(self.sponsors, requester_key)
         claim = self._parse_claim(data, "fund", requester_key)
         payload = claim.payload
         amount = payload.get("amount_units")
-        if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
-            raise TrustRefusal(422, f"amount_units must be a positive integer, got {amount!r}")
+        if (
+            not isinstance(amount, int)
+            or isinstance(amount, bool)
+            or not 0 < amount <= MAX_FUND_UNITS
+        ):
+            raise HubError(
+                422, f"amount_units must be an integer in [1, {MAX_FUND_UNITS}], got {amount!r}"
+            )
         if payload.get("run_id") != run_id:
-            raise TrustRefusal(422, f"fund claim names run {payload.get('run_id')!r}, not {run_id}")
+            raise HubError(422, f"fund claim names run {payload.get('run_id')!r}, not {run_id}")
         with self.lock, self.sessions() as s:
             run = self._run(s, run_id)
             if run.sponsor_key != requester_key.hex():
-                raise TrustRefusal(403, f"only the sponsor of run {run_id} may fund it")
+                raise HubError(
+                    403, f"only the sponsor of run {run_id} may fund it", Refusal.NOT_SPONSOR
+                )
+            funded = self.escrow(run_id).funded_units
+            if funded + amount > MAX_ESCROW_UNITS:  # sums of rewards must fit 64-bit columns
+                raise HubError(
+                    422, f"run {run_id} would hold {funded + amount} units, over {MAX_ESCROW_UNITS}"
+                )
             entry = self._append_claim(s, claim)
         return {"entry": entry.to_dict(), "escrow_units": self.escrow(run_id).available_units}
 
@@ -830,13 +859,13 @@ class HubTrust:
         claim = self._parse_claim(data, PAYOUT_KIND, requester_key)
         address = claim.payload.get("address")
         if not isinstance(address, str) or not is_address(address):
-            raise TrustRefusal(422, f"address {address!r} is not an EVM address")
+            raise HubError(422, f"address {address!r} is not an EVM address")
         if to_checksum_address(address) != address:
-            raise TrustRefusal(422, f"address must be checksummed: {to_checksum_address(address)}")
+            raise HubError(422, f"address must be checksummed: {to_checksum_address(address)}")
         with self.lock, self.sessions() as s:
             node_id = node_id_from_public_key(requester_key)
             if s.get(m.Node, node_id) is None:
-                raise TrustRefusal(403, f"node {node_id} is not registered")
+                raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
             entry = self._append_claim(s, claim)
         return {"entry": entry.to_dict()}
 
@@ -853,7 +882,7 @@ class HubTrust:
         try:
             return ledger_show(self.ledger, start_seq=start_seq, limit=limit, kind=kind)
         except ValueError as exc:
-            raise TrustRefusal(422, str(exc)) from exc
+            raise HubError(422, str(exc)) from exc
 
     def verify(self) -> dict[str, Any]:
         report = self.ledger.verify(hub_public_key=self.identity.public_key)
@@ -863,9 +892,9 @@ class HubTrust:
         try:
             claim = reward_claim_for(self.ledger, address)
         except (LedgerError, ValueError) as exc:
-            raise TrustRefusal(422, str(exc)) from exc
+            raise HubError(422, str(exc)) from exc
         if claim is None:
-            raise TrustRefusal(404, f"no posted epoch pays {address}")
+            raise HubError(404, f"no posted epoch pays {address}")
         return claim.to_dict()
 
 
@@ -873,20 +902,20 @@ def add_trust_routes(app: Any, service: Any, signed: Callable[..., Any]) -> None
     """The ledger's HTTP API (reads are public; writes are signed by whoever they act for)."""
     trust: HubTrust = service.trust
 
-    @app.exception_handler(TrustRefusal)
-    async def _refused(_: Request, exc: TrustRefusal) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
-
     def body_json(body: bytes) -> Any:
         try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise TrustRefusal(422, f"malformed request: body is not JSON ({exc})") from exc
+            return SignedClaimBody.model_validate_json(body).model_dump()
+        except ValidationError as exc:
+            raise HubError(422, f"malformed claim: {describe_errors(exc.errors())}") from exc
 
     @app.get(f"{API}/ledger")
-    async def ledger_entries(start_seq: int = 0, limit: int = 50, kind: str | None = None) -> list:
+    async def ledger_entries(
+        start_seq: Annotated[int, Query(ge=0, le=2**62)] = 0,
+        limit: Annotated[int, Query(ge=0, le=5000)] = 50,
+        kind: Annotated[str | None, Query(max_length=32)] = None,
+    ) -> list:
         """Entries in order from `start_seq` (at most `limit`, optionally one kind)."""
-        return await run_in_threadpool(trust.show, start_seq, min(limit, 5000), kind)
+        return await run_in_threadpool(trust.show, start_seq, limit, kind)
 
     @app.get(f"{API}/ledger/verify")
     async def ledger_verify() -> dict:
@@ -894,17 +923,17 @@ def add_trust_routes(app: Any, service: Any, signed: Callable[..., Any]) -> None
         return await run_in_threadpool(trust.verify)
 
     @app.get(f"{API}/ledger/reward-claims/{{address}}")
-    async def reward_claim(address: str) -> dict:
+    async def reward_claim(address: Annotated[str, Path(max_length=64)]) -> dict:
         """Amount and Merkle proof for `address` in the latest posted epoch (EVM settlement)."""
         return await run_in_threadpool(trust.reward_claim, address)
 
-    @app.post(f"{API}/runs/{{run_id}}/fund")
-    async def fund(run_id: str, request: Request) -> dict:
+    @app.post(f"{API}/runs/{{run_id}}/fund", openapi_extra=openapi_body(SignedClaimBody))
+    async def fund(run_id: RunIdParam, request: Request) -> dict:
         """The sponsor's signed `fund` claim; body: the claim as JSON (ledger.ops.fund_claim)."""
         verified, body = await signed(request, MAX_JSON_BYTES)
         return await run_in_threadpool(trust.fund, run_id, verified.public_key, body_json(body))
 
-    @app.post(f"{API}/nodes/payout-address")
+    @app.post(f"{API}/nodes/payout-address", openapi_extra=openapi_body(SignedClaimBody))
     async def payout_address(request: Request) -> dict:
         """A node's signed `payout_address` claim (ledger.ops.payout_address_claim)."""
         verified, body = await signed(request, MAX_JSON_BYTES)
@@ -913,6 +942,6 @@ def add_trust_routes(app: Any, service: Any, signed: Callable[..., Any]) -> None
         )
 
     @app.get(f"{API}/nodes/{{node_id}}/balance")
-    async def balance(node_id: str) -> dict:
+    async def balance(node_id: Annotated[str, Path(pattern=NODE_ID_PATTERN)]) -> dict:
         """Earned, slashed, paid and available units, payout address and reputation."""
         return await run_in_threadpool(trust.balance, node_id)

@@ -32,7 +32,7 @@ from gridswarm.node.client import ClientStopped, HubClient, HubRequestError
 from gridswarm.node.energy import NodeEnergy, load_node_energy
 from gridswarm.node.probe import hardware, probe_speed
 from gridswarm.node.secagg import SecAggContributor, secagg_timeout_s
-from gridswarm.protocol import Assignment, ContributionMeta, RegisterRequest
+from gridswarm.protocol import Assignment, ContributionMeta, Refusal, RegisterRequest
 from gridswarm.train.codecs import ErrorFeedback, make_codec
 from gridswarm.train.data import read_text
 from gridswarm.train.dataset import BlobSource, DatasetError
@@ -355,7 +355,7 @@ class NodeAgent:
                 result.loss_last,
             )
         except HubRequestError as exc:
-            if exc.status == 409 and exc.detail.startswith("duplicate"):
+            if exc.reason is Refusal.DUPLICATE:
                 self.stats.contributions += 1  # an earlier try was stored before the ack was lost
             else:
                 self.stats.rejected.append(exc.detail)

@@ -30,6 +30,7 @@ from gridswarm.protocol import (
     EnergyReport,
     FailureReport,
     HeartbeatRequest,
+    Refusal,
     RegisterRequest,
     RunCreateResponse,
     RunStateRequest,
@@ -37,10 +38,24 @@ from gridswarm.protocol import (
 
 
 class HubRequestError(Exception):
-    def __init__(self, status: int, detail: str) -> None:
+    """The hub refused a request: HTTP `status`, its `detail` and its typed `reason` (None when
+    the answer carried none, e.g. a proxy's error page)."""
+
+    def __init__(self, status: int, detail: str, reason: Refusal | None = None) -> None:
         super().__init__(f"hub answered {status}: {detail}")
         self.status = status
         self.detail = detail
+        self.reason = reason
+
+
+def _rate_limited(response: httpx.Response) -> bool:
+    """A 429 for the request rate (not a quota: waiting seconds would not help that)."""
+    if response.status_code != 429 or "retry-after" not in response.headers:
+        return False
+    try:
+        return response.json().get("reason") == Refusal.RATE_LIMITED
+    except ValueError:
+        return False
 
 
 class HubURLError(ValueError):
@@ -165,9 +180,13 @@ class HubClient:
                 if give_up is not None and time.monotonic() >= give_up:
                     raise HubUnreachable(self.base_url, cause, time.monotonic() - started) from exc
             else:
-                if response.status_code < 500 or (
-                    give_up is not None and time.monotonic() >= give_up
-                ):
+                if give_up is not None and time.monotonic() >= give_up:
+                    break
+                if _rate_limited(response):  # wait as told, then try again (fresh signature)
+                    if self.stop.wait(min(float(response.headers["retry-after"]), 10.0)):
+                        raise ClientStopped(f"stopped while retrying {method} {path}")
+                    continue
+                if response.status_code < 500:
                     break
                 cause = f"hub answered {response.status_code}"
             left_s = None if give_up is None else max(give_up - time.monotonic(), 0.0)
@@ -177,11 +196,14 @@ class HubClient:
                 raise ClientStopped(f"stopped while retrying {method} {path}")
             delay = min(delay * 2, 3.0)
         if response.status_code >= 400:
+            detail, reason = response.text, None
             try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise HubRequestError(response.status_code, str(detail))
+                problem = response.json()
+                detail = str(problem.get("detail", detail))
+                reason = Refusal(problem["reason"]) if "reason" in problem else None
+            except (ValueError, AttributeError):
+                pass
+            raise HubRequestError(response.status_code, detail, reason)
         return response
 
     def post_json(self, path: str, payload: object) -> dict:
@@ -220,7 +242,8 @@ class HubClient:
 
     def report_failure(self, run_id: str, assignment_id: str, reason: str) -> dict:
         """Tell the hub this node could not train an assignment, and why."""
-        payload = FailureReport(assignment_id=assignment_id, reason=reason[:MAX_REASON_CHARS])
+        printable = "".join(ch if ch.isprintable() else " " for ch in reason)  # one line
+        payload = FailureReport(assignment_id=assignment_id, reason=printable[:MAX_REASON_CHARS])
         return self.post_json(f"{API}/runs/{run_id}/failures", payload)
 
     def blob(self, digest: str) -> bytes:

@@ -38,7 +38,7 @@ from gridswarm.privacy.secagg import (
     generate_keys,
     public_keys,
 )
-from gridswarm.protocol import API, Assignment, ContributionMeta
+from gridswarm.protocol import API, Assignment, ContributionMeta, Refusal
 
 log = logging.getLogger("gridswarm.node.secagg")
 
@@ -160,7 +160,7 @@ class SecAggContributor:
                 if task["stage"] != "wait":
                     self.answer(task)
             except HubRequestError as exc:
-                if exc.status == 409 and exc.detail.startswith("duplicate"):
+                if exc.reason is Refusal.DUPLICATE:
                     continue  # an earlier try was stored before its answer was lost
                 log.warning("SecAgg request refused: %s", exc.detail)
                 if exc.status != 409:  # stale answers are normal when a stage moved on

@@ -447,37 +447,93 @@ def simulate(
 
 @dataclass(frozen=True)
 class Oracle:
-    """The perfect-foresight optimum for a run's tokens and deadline (see `oracle`)."""
+    """The perfect-foresight floor for a run's tokens and deadline (see `oracle`)."""
 
     emissions_g: float
     energy_wh: float
     tokens: float
     feasible: bool  # the swarm can train the target at all before the deadline
+    method: str  # "knapsack" (exact optimum) or "lp" (bound: batteries relaxed)
 
 
 def oracle(nodes: Sequence[SimNode], cfg: SimConfig) -> Oracle:
     """Least emissions any schedule could reach, knowing the future exactly: which node trains
     in which `step_s` bin before the deadline (space and time), at the same duty cycle as the
-    rounds (so the sync overhead is paid alike). With recorded intensity and PV surplus known, a
-    (node, bin) block's cost per token is fixed, so the problem is a fractional knapsack (an LP
-    with one constraint) and taking the cheapest blocks first is its optimum. Not modelled: battery
-    carry-over (stored PV could lower it further) and node rules (which only remove blocks, so the
-    bound holds for them)."""
+    rounds (so the sync overhead is paid alike), ignoring node rules (which only remove choices).
+
+    Without batteries a (node, bin) block's cost per token is fixed (recorded intensity, PV
+    surplus met directly), so the problem is a fractional knapsack (an LP with one constraint)
+    and taking the cheapest blocks first is its exact optimum. With batteries, an LP (HiGHS)
+    where each home may also spend, at any time and without power limit, a battery budget of its
+    starting charge plus all its PV surplus (after losses): a relaxation of what a battery can
+    do, so the answer is a floor no schedule can beat, not necessarily a reachable one."""
     swarm = _Swarm(nodes, cfg)
     n_bins = int((cfg.deadline_s - cfg.start_s) // cfg.step_s)
     run_s = cfg.step_s * cfg.duty  # training seconds per bin at the rounds' duty cycle
     power = swarm.power_w[:, None]
-    local_w = local_supply_w(power, swarm.surplus_w(np.arange(n_bins)))
+    surplus = swarm.surplus_w(np.arange(n_bins))
+    direct_w = local_supply_w(power, surplus)
     grid = swarm.grid_g[swarm.grid_row][:, :n_bins]
-    rate = emission_rate_g_per_h(power, grid, local_w, LOCAL_PV_INTENSITY_G_PER_KWH)
+    rate = emission_rate_g_per_h(power, grid, direct_w, LOCAL_PV_INTENSITY_G_PER_KWH)
     cap = np.broadcast_to(swarm.tokens_per_s[:, None] * run_s, rate.shape)
     block_g = rate * run_s / 3600.0
+    energy_wh = np.broadcast_to(power * run_s / 3600.0, rate.shape)
+    tokens = min(cfg.tokens_target, float(cap.sum()))
     feasible = bool(cap.sum() >= cfg.tokens_target)
-    take = cheapest_first(block_g / cap, cap, min(cfg.tokens_target, float(cap.sum())))
-    share = take / cap
-    return Oracle(
-        emissions_g=float((share * block_g).sum()),
-        energy_wh=float((share * power * run_s / 3600.0).sum()),
-        tokens=float(take.sum()),
-        feasible=feasible,
+    homes = np.nonzero(swarm.capacity_wh > 0)[0]
+    if len(homes) == 0:
+        share = cheapest_first(block_g / cap, cap, tokens) / cap
+        return Oracle(
+            float((share * block_g).sum()),
+            float((share * energy_wh).sum()),
+            tokens,
+            feasible,
+            "knapsack",
+        )
+    share, emissions = _battery_lp(swarm, homes, block_g, cap, energy_wh, direct_w, grid, tokens)
+    return Oracle(emissions, float((share * energy_wh).sum()), tokens, feasible, "lp")
+
+
+def _battery_lp(swarm, homes, block_g, cap, energy_wh, direct_w, grid, tokens):
+    """min Σ block_g·x + Σ (local − grid g/Wh)·y  s.t.  Σ cap·x = tokens, y ≤ grid part of the
+    block × x, Σ_b y ≤ battery budget per home; 0 ≤ x ≤ 1, y ≥ 0 (x: share of a (node, bin)
+    block; y: battery Wh spent there)."""
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_matrix, csr_matrix, hstack, vstack
+
+    n, b = block_g.shape
+    run_s = swarm.cfg.step_s * swarm.cfg.duty
+    nx, ny = n * b, len(homes) * b
+    grid_wh = energy_wh[homes] - direct_w[homes] * run_s / 3600.0  # per full block
+    cost_y = (LOCAL_PV_INTENSITY_G_PER_KWH - grid[homes]) / 1000.0  # g per battery Wh
+    budget = (np.maximum(swarm.soc_wh - swarm.floor_wh, 0.0) * swarm.eta)[homes] + swarm.eta[
+        homes
+    ] * np.maximum(swarm.surplus_w(np.arange(b), homes[:, None]), 0.0).sum(axis=1) * (
+        swarm.cfg.step_s / 3600.0
     )
+    y_ix = np.arange(ny)
+    x_of_y = (homes[:, None] * b + np.arange(b)[None, :]).ravel()
+    link = hstack(
+        [
+            coo_matrix((-grid_wh.ravel(), (y_ix, x_of_y)), shape=(ny, nx)),
+            coo_matrix((np.ones(ny), (y_ix, y_ix)), shape=(ny, ny)),
+        ]
+    )
+    per_home = hstack(
+        [
+            csr_matrix((len(homes), nx)),
+            coo_matrix((np.ones(ny), (y_ix // b, y_ix)), shape=(len(homes), ny)),
+        ]
+    )
+    res = linprog(
+        np.concatenate([block_g.ravel(), cost_y.ravel()]),
+        A_ub=vstack([link, per_home]).tocsr(),
+        b_ub=np.concatenate([np.zeros(ny), budget]),
+        A_eq=csr_matrix(np.concatenate([cap.ravel(), np.zeros(ny)])[None, :]),
+        b_eq=[tokens],
+        bounds=[(0.0, 1.0)] * nx + [(0.0, None)] * ny,
+        method="highs",
+    )
+    if res.status != 0:
+        raise RuntimeError(f"oracle LP failed: {res.message}")
+    return res.x[:nx].reshape(n, b), float(res.fun)

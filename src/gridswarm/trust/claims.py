@@ -37,7 +37,12 @@ CLAIM_FIELDS = (
 
 
 class ClaimError(ValueError):
-    """A contribution claim that is malformed, signed by the wrong key, or says something else."""
+    """A contribution claim that is malformed, signed by the wrong key, or says something else;
+    `forged` when it is signed as another node or its signature is bad."""
+
+    def __init__(self, message: str, forged: bool = False) -> None:
+        super().__init__(message)
+        self.forged = forged
 
 
 def update_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -98,12 +103,13 @@ def check_claim(
     if parsed.author != submitter_key:
         raise ClaimError(
             f"claim signed as another node: key of node {node_id_from_public_key(parsed.author)},"
-            f" but the upload comes from node {node_id_from_public_key(submitter_key)}"
+            f" but the upload comes from node {node_id_from_public_key(submitter_key)}",
+            forged=True,
         )
     try:
         parsed.check(signature=True)
     except LedgerError as exc:
-        raise ClaimError(f"bad signature on the contribution claim: {exc}") from exc
+        raise ClaimError(f"bad signature on the contribution claim: {exc}", forged=True) from exc
     said = parsed.payload
     for key in sorted(set(said) | set(expected)):
         if said.get(key) != expected.get(key):

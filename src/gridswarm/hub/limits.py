@@ -1,0 +1,140 @@
+"""Who may do how much on a hub open to strangers: the sponsor allow-list, per-identity run
+quotas and a per-key request rate limit.
+
+- `gridswarm hub --sponsors FILE`: only these public keys may create and fund runs (403
+  `not_sponsor` for anyone else). Without it anyone may, within the quotas.
+- Quotas (`HubSettings.max_active_runs_per_identity`, `max_runs_per_hour_per_identity`): a key
+  with too many active runs, or too many runs created in the last hour, gets 429 `quota`.
+- Rate: every signed request spends one token of its key's bucket (`requests_per_s` sustained,
+  `request_burst` at once); an empty bucket answers 429 `rate_limited` with Retry-After. The
+  bucket is checked after the signature (a forger cannot drain someone else's bucket) and
+  before the nonce is stored (a flood writes nothing).
+
+The decisions are pure functions of the counts and an injected clock.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from gridswarm.hub.errors import HubError
+from gridswarm.protocol import Refusal
+
+HOUR_S = 3600.0
+MAX_TRACKED_KEYS = 100_000  # rate-limiter memory bound: idle keys are forgotten first
+PUBLIC_KEY_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def load_sponsors(path: Path) -> frozenset[str]:
+    """The allow-list: one Ed25519 public key (64 hex) per line; blank lines and # comments."""
+    keys = set()
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        key = line.split("#", 1)[0].strip().lower()
+        if not key:
+            continue
+        if not PUBLIC_KEY_HEX.match(key):
+            raise ValueError(f"{path}:{number}: not a public key (64 hex characters): {key[:80]!r}")
+        keys.add(key)
+    if not keys:
+        raise ValueError(f"{path}: no sponsor keys (an empty list would lock out every sponsor)")
+    return frozenset(keys)
+
+
+def check_sponsor(sponsors: frozenset[str] | None, public_key: bytes) -> None:
+    """403 unless the hub is open (`sponsors` None) or the key is on its list."""
+    if sponsors is not None and public_key.hex() not in sponsors:
+        raise HubError(
+            403,
+            "this hub only accepts runs from its listed sponsors (--sponsors)",
+            Refusal.NOT_SPONSOR,
+        )
+
+
+def check_run_quota(
+    active_runs: int,
+    runs_last_hour: list[float],
+    now_s: float,
+    max_active: int,
+    max_per_hour: int,
+) -> None:
+    """429 `quota` when one identity has `max_active` active runs or created `max_per_hour` runs
+    in the last hour (`runs_last_hour`: their creation times); Retry-After says when one frees."""
+    if active_runs >= max_active:
+        raise HubError(
+            429,
+            f"quota: {active_runs} active runs of this identity (at most {max_active}); "
+            f"wait until one finishes",
+            Refusal.QUOTA,
+        )
+    recent = sorted(t for t in runs_last_hour if t > now_s - HOUR_S)
+    if len(recent) >= max_per_hour:
+        retry_s = max(1, math.ceil(recent[-max_per_hour] + HOUR_S - now_s))
+        raise HubError(
+            429,
+            f"quota: {len(recent)} runs created by this identity in the last hour "
+            f"(at most {max_per_hour})",
+            Refusal.QUOTA,
+            headers={"Retry-After": str(retry_s)},
+        )
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated_s: float
+
+
+class RateLimiter:
+    """A token bucket per key: `rate_per_s` sustained, `burst` at once (thread-safe)."""
+
+    def __init__(self, rate_per_s: float, burst: float, max_keys: int = MAX_TRACKED_KEYS) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def retry_after_s(self, key: str, now_s: float) -> float | None:
+        """Spend one token of `key`'s bucket: None if there was one, else seconds until one."""
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                if len(self._buckets) >= self.max_keys:
+                    self._forget_idle(now_s)
+                bucket = self._buckets[key] = _Bucket(self.burst, now_s)
+            elapsed = max(now_s - bucket.updated_s, 0.0)
+            bucket.tokens = min(self.burst, bucket.tokens + elapsed * self.rate_per_s)
+            bucket.updated_s = now_s
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                return None
+            return (1.0 - bucket.tokens) / self.rate_per_s
+
+    def check(self, key: str, now_s: float) -> None:
+        """429 `rate_limited` with Retry-After when `key` has no token left."""
+        wait_s = self.retry_after_s(key, now_s)
+        if wait_s is not None:
+            raise HubError(
+                429,
+                f"rate limited: more than {self.rate_per_s:g} requests/s from this key",
+                Refusal.RATE_LIMITED,
+                headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+            )
+
+    def _forget_idle(self, now_s: float) -> None:
+        """Drop buckets that have refilled (nothing to remember), else the oldest half."""
+        full = [
+            k
+            for k, b in self._buckets.items()
+            if b.tokens + (now_s - b.updated_s) * self.rate_per_s >= self.burst
+        ]
+        for k in full:
+            del self._buckets[k]
+        if len(self._buckets) >= self.max_keys:
+            by_age = sorted(self._buckets, key=lambda k: self._buckets[k].updated_s)
+            for k in by_age[: len(by_age) // 2]:
+                del self._buckets[k]
