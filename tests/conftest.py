@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gridswarm.swarm import Swarm, free_port
+from gridswarm.swarm import Swarm, free_port, local_postgres
 
 torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +57,7 @@ def make_swarm(tmp_path: Path) -> Iterator[Callable[..., Swarm]]:
 @pytest.fixture
 def in_process_hub(tmp_path: Path) -> Iterator[Callable[[], tuple]]:
     """A real hub service and app in this process, reached through Starlette's test transport
-    (no ticker thread: a test drives `service.tick()` / `service.trust.prescreen` itself).
+    (its lifespan runs: the ticker screens and closes rounds as a hub process does).
     Yields `make()` -> (service, connect), where `connect(identity)` gives a signed HubClient."""
     from fastapi.testclient import TestClient
 
@@ -73,6 +70,7 @@ def in_process_hub(tmp_path: Path) -> Iterator[Callable[[], tuple]]:
     def make() -> tuple:
         service = build_service(f"sqlite:///{tmp_path}/hub.db", tmp_path / "blobs")
         http = TestClient(create_app(service))
+        http.__enter__()  # lifespan: the app's thread limiter and ticker
         clients.append(http)
 
         def connect(identity):
@@ -84,7 +82,7 @@ def in_process_hub(tmp_path: Path) -> Iterator[Callable[[], tuple]]:
 
     yield make
     for http in clients:
-        http.close()
+        http.__exit__(None, None, None)
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.2):
@@ -98,55 +96,11 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def _pg_bindir() -> Path:
-    found = shutil.which("pg_ctl")
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    if candidates:
-        return Path(candidates[0])
-    if found:
-        return Path(found).resolve().parent
-    raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (see .ci/run)")
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A real PostgreSQL server in a temporary folder on a free loopback port."""
-    bindir = _pg_bindir()
-    datadir = Path(tempfile.mkdtemp(prefix="gridswarm-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        shutil.chown(datadir, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    run = lambda *args: subprocess.run([*as_user, *args], check=True, capture_output=True)  # noqa: E731
-    run(str(bindir / "initdb"), "-D", str(datadir / "db"), "-U", "postgres", "-A", "trust")
-    run(
-        str(bindir / "pg_ctl"),
-        "-D",
-        str(datadir / "db"),
-        "-l",
-        str(datadir / "log"),
-        "-w",
-        "-o",
-        f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1",
-        "start",
-    )
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            [
-                *as_user,
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(datadir / "db"),
-                "-m",
-                "immediate",
-                "stop",
-            ],
-            capture_output=True,
-        )
-        shutil.rmtree(datadir, ignore_errors=True)
+    with local_postgres() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -151,5 +151,5 @@ def test_plain_http_to_a_tls_hub_fails_clearly(tls_hub):
     swarm, ca, _ = tls_hub
     plain = swarm.url.replace("https://", "http://")
     client = HubClient(plain, Identity.generate(), retry_for_s=30, ca=ca)
-    with pytest.raises(HubTLSError, match="use https://"):
+    with pytest.raises(HubTLSError, match="serves TLS: use https://"):
         client.healthz()

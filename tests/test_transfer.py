@@ -73,12 +73,3 @@ def test_bad_ranges_and_unpublished_blobs_are_refused(hub):
     whole = node.request("GET", f"{API}/blobs/{digest}")
     assert whole.content == service.blobs.get(digest)
     assert whole.headers["accept-ranges"] == "bytes"
-
-
-def test_a_lost_assignment_answer_is_sent_again(hub):
-    _, node, _ = hub
-    run_id = node.runs()[0]["id"]
-    first = node.assignment(run_id, wait_s=0)
-    again = node.assignment(run_id, wait_s=0)  # as if the first answer never arrived
-    assert first.status == again.status == "assigned"
-    assert again.assignment == first.assignment

@@ -6,13 +6,18 @@ talking real HTTP on 127.0.0.1.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -25,6 +30,60 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _pg_bindir() -> Path:
+    """The newest Debian PostgreSQL binaries, else those on PATH."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    if candidates:
+        return Path(candidates[0])
+    if found := shutil.which("pg_ctl"):
+        return Path(found).resolve().parent
+    raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (see .ci/run)")
+
+
+@contextmanager
+def local_postgres(max_connections: int = 100) -> Iterator[str]:
+    """A real PostgreSQL server in a temporary folder on a free loopback port (tests, bench)."""
+    bindir = _pg_bindir()
+    datadir = Path(tempfile.mkdtemp(prefix="gridswarm-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(datadir, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def pg_ctl(*args: str) -> None:
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(datadir / "db"), *args],
+            check=True,
+            capture_output=True,
+        )
+
+    subprocess.run(
+        [
+            *as_user,
+            str(bindir / "initdb"),
+            "-D",
+            str(datadir / "db"),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    options = (
+        f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 -c max_connections={max_connections}"
+    )
+    pg_ctl("-l", str(datadir / "log"), "-w", "-o", options, "start")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        with suppress(subprocess.CalledProcessError):
+            pg_ctl("-m", "immediate", "stop")
+        shutil.rmtree(datadir, ignore_errors=True)
 
 
 def wait_healthy(
@@ -71,7 +130,7 @@ class Swarm:
                 env=self.env,
             )
 
-    def start_hub(self) -> None:
+    def start_hub(self, timeout_s: float = 60.0) -> None:
         blobs = str(self.workdir / "blobs")
         self.hub = self._spawn(
             [
@@ -88,7 +147,7 @@ class Swarm:
             ],
             "hub.log",
         )
-        wait_healthy(self.url, self.hub, verify=tls_verify(self.env.get(CA_ENV)))
+        wait_healthy(self.url, self.hub, timeout_s, verify=tls_verify(self.env.get(CA_ENV)))
 
     def kill_hub(self) -> None:
         """SIGKILL the hub: no shutdown code runs, as in a crash."""

@@ -10,7 +10,7 @@ import torch
 
 from gridswarm.identity import Identity
 from gridswarm.trust.tolerance import Calibration, judge, relative_l2, replay_match
-from tests.conftest import tiny_run
+from tests.conftest import tiny_run, wait_for
 from tests.trust.cheaters import REGISTRATION, InProcessNode, scaled
 
 
@@ -61,8 +61,12 @@ def test_other_threads_pass_and_a_larger_perturbation_is_caught(in_process_hub, 
     cheat.submit(run_id, cheat.build(b, tamper=scaled(1.01), threads=1))
 
     torch.set_num_threads(1)  # the hub replays on 1 thread; tolerance calibrates on 2
-    assert service.trust.prescreen(service.workload, budget_s=60) == 2
-    trust = sponsor.run_status(run_id)["trust"]
+
+    def screened():  # the hub's ticker audits uploads as they arrive
+        trust = sponsor.run_status(run_id)["trust"]
+        return trust if trust["audited"] == 2 else None
+
+    trust = wait_for(screened, 60, "both uploads audited")
     assert trust["audited"] == 2 and trust["audits_failed"] == 1
     (reason,) = trust["rejections"].values()
     assert trust["nodes"][cheat.node_id]["rejected"] == 1

@@ -11,12 +11,15 @@ without any request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -58,7 +61,9 @@ from gridswarm.protocol import (
 
 OCTET_STREAM = "application/octet-stream"
 TICK_S = 0.25
+LOCKED_THREADS = 4  # threads for requests that take the service's lock (work, uploads, leave)
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 log = logging.getLogger("gridswarm.hub")
 
 
@@ -79,8 +84,40 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class RoundSignals:
+    """Wakes the long-polls of a run when its round changes (a close, a replan, a place freed).
+
+    `notify` may be called from any thread (the ticker, request threads); waiters take the
+    run's current event *before* asking the service, so a change between their question and
+    their wait is never missed. One event per run and generation: set, then replaced.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.events: dict[str, asyncio.Event] = {}
+
+    def current(self, run_id: str) -> asyncio.Event:
+        return self.events.setdefault(run_id, asyncio.Event())
+
+    def _wake(self, run_id: str) -> None:
+        event = self.events.pop(run_id, None)
+        if event is not None:
+            event.set()
+
+    def notify(self, run_id: str) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._wake, run_id)
+
+
 def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -> FastAPI:
     stop = threading.Event()
+    signals = RoundSignals()
+    # calls that take the service's lock run on their own few threads, so that while they queue
+    # for it the shared pool stays free for heartbeats, nonces and reads
+    locked_limiter: list[anyio.CapacityLimiter] = []
+
+    async def under_lock(fn: Callable[..., T], *args: object) -> T:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=locked_limiter[0])
 
     def ticker() -> None:
         while not stop.wait(TICK_S):
@@ -91,6 +128,9 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        signals.loop = asyncio.get_running_loop()
+        locked_limiter[:] = [anyio.CapacityLimiter(LOCKED_THREADS)]
+        service.round_changed = signals.notify
         thread = threading.Thread(target=ticker, name="round-ticker", daemon=True)
         thread.start()
         yield
@@ -159,7 +199,7 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     @app.post(f"{API}/nodes/leave", openapi_extra=openapi_body(Empty, required=False))
     async def leave(request: Request) -> dict:
         verified, _ = await signed(request, MAX_JSON_BYTES)
-        released = await run_in_threadpool(service.leave, verified.node_id)
+        released = await under_lock(service.leave, verified.node_id)
         return {"released_assignments": released}
 
     @app.post(f"{API}/runs", openapi_extra=openapi_body(RunCreateRequest))
@@ -207,21 +247,34 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     async def assignment(
         run_id: RunIdParam, request: Request, wait_s: WaitParam = 10.0
     ) -> AssignmentResponse:
-        """Long-poll: answers as soon as there is work (or the run ends), else after `wait_s`."""
+        """Long-poll: answers as soon as there is work (or the run ends), else after `wait_s`.
+        While waiting it holds no thread and no lock: it sleeps until the run's round changes
+        (or the service's recheck time passes), then asks once more."""
         verified, _ = await signed(request, MAX_JSON_BYTES)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + wait_s
         while True:
-            answer = await run_in_threadpool(service.request_assignment, run_id, verified.node_id)
-            if answer.status != "wait" or loop.time() >= give_up:
+            changed = signals.current(run_id)  # before asking: no change can slip between
+            answer, recheck_s = await under_lock(
+                service.assignment_or_wait, run_id, verified.node_id
+            )
+            left_s = give_up - loop.time()
+            if answer.status != "wait" or left_s <= 0:
                 return answer
-            await asyncio.sleep(min(answer.retry_after_s, 0.5, max(give_up - loop.time(), 0)))
+            ask_at = loop.time() + min(recheck_s or left_s, left_s)
+            while not changed.is_set() and loop.time() < ask_at:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        changed.wait(), min(ask_at - loop.time(), service.settings.liveness_s / 2)
+                    )
+                if not changed.is_set():  # still connected, so alive (a note, no lock)
+                    service.heartbeat(verified.node_id, "idle")
 
     @app.post(f"{API}/runs/{{run_id}}/contributions", openapi_extra=openapi_body(binary=True))
     async def contribute(run_id: RunIdParam, request: Request) -> ContributionAck:
         """Body: one safetensors blob, the encoded update plus `ContributionMeta` as metadata."""
         verified, body = await signed(request, max_upload_bytes)
-        return await run_in_threadpool(service.submit, run_id, verified.node_id, body)
+        return await under_lock(service.submit, run_id, verified.node_id, body)
 
     add_privacy_routes(app, service, signed, max_upload_bytes)  # /v1/runs/{id}/secagg/...
     add_trust_routes(app, service, signed)  # /v1/ledger, /v1/runs/{id}/fund, balances

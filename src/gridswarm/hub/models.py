@@ -42,6 +42,7 @@ class Run(Base):
 
 class Node(Base):
     __tablename__ = "nodes"
+    __table_args__ = (Index("ix_nodes_last_seen", "last_seen_at"),)
     id: Mapped[str] = mapped_column(String(16), primary_key=True)
     public_key: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -87,7 +88,10 @@ class Round(Base):
 
 class Assignment(Base):
     __tablename__ = "assignments"
-    __table_args__ = (Index("ix_assignments_round", "run_id", "round", "status"),)
+    __table_args__ = (
+        Index("ix_assignments_round", "run_id", "round", "status"),
+        Index("ix_assignments_node", "run_id", "round", "node_id"),  # a node's place (0007)
+    )
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
     round: Mapped[int] = mapped_column(Integer)
@@ -106,6 +110,8 @@ class Contribution(Base):
     __table_args__ = (
         UniqueConstraint("assignment_id"),
         Index("ix_contributions_round", "run_id", "round"),
+        Index("ix_contributions_node", "run_id", "node_id", "round"),  # its speed (0007)
+        Index("ix_contributions_created", "run_id", "created_at"),  # the newest (0007)
     )
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the blob
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))

@@ -72,15 +72,25 @@ def may_assign(
     state: RoundState, rules: RoundRules, node_id: str, live_nodes: int, now_s: float
 ) -> str | None:
     """None if `node_id` may get an assignment in this round now, else the reason it may not."""
-    if state.status == "closed":
-        return "round closed"
-    if any(
+    mine = any(
         a.node_id == node_id and a.status in ("assigned", "submitted") for a in state.assignments
-    ):
-        return "already assigned this round"
+    )
     active = sum(a.status in ("assigned", "submitted") for a in state.assignments)
+    return may_take_seat(state.status, mine, active, rules, live_nodes)
+
+
+def may_take_seat(
+    status: str, has_seat: bool, active: int, rules: RoundRules, live_nodes: int
+) -> str | None:
+    """`may_assign` from counts: the round's status, whether the node already holds a place
+    (assigned or submitted), how many places are taken, how many nodes are live. The hub asks
+    this on every request for work, so it reads two counts instead of the round's rows."""
+    if status == "closed":
+        return "round closed"
+    if has_seat:
+        return "already assigned this round"
     if active >= rules.max_nodes:
         return "round is full"
-    if state.status == "pending" and live_nodes < rules.min_nodes:
+    if status == "pending" and live_nodes < rules.min_nodes:
         return f"waiting for {rules.min_nodes} live nodes ({live_nodes} now)"
     return None

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,7 +48,7 @@ from gridswarm.hub.rounds import (
     RoundState,
     decide,
     lost_assignments,
-    may_assign,
+    may_take_seat,
 )
 from gridswarm.hub.scheduler import plan_inner_steps, speed_from_probe, update_speed
 from gridswarm.hub.trust import HubTrust
@@ -89,6 +89,9 @@ from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import claimed_work_error
 
 MAX_SKEW_S = 120.0
+LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this often (clock s)
+FORECAST_TTL_S = 60.0  # the hub's own carbon forecasts are fetched again after this
+LIVE_RECHECK_S = 10.0  # a long-poll waiting for min_nodes live nodes also asks again this often
 RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
 DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
@@ -154,6 +157,97 @@ def ring_allreduce_bytes(numel: int, world: int) -> float:
     return 0.0 if world < 2 else 2 * (world - 1) / world * 4 * numel
 
 
+@dataclass(frozen=True)
+class NewVersion:
+    """What a close publishes (its blobs already stored), and what it was computed from."""
+
+    key: tuple
+    number: int
+    weights_blob: str
+    delta_blob: str
+    momentum_blob: str
+    error_feedback_blob: str
+    val_loss: float
+
+    def columns(self) -> dict[str, object]:
+        """The `versions` columns it fills."""
+        return {k: v for k, v in asdict(self).items() if k != "key"}
+
+
+class NonceBook:
+    """Nonces of accepted requests, stored in the database (a restart does not reopen the replay
+    window) by group commit: the first request to arrive writes every nonce waiting at that
+    moment in one transaction, the others wait for that commit. Under load this turns one fsync
+    per request into one per batch; a request is never let through before its nonce is stored.
+    A nonce seen before in this process is refused without touching the database."""
+
+    def __init__(self, sessions: sessionmaker, max_skew_s: float) -> None:
+        self.sessions = sessions
+        self.window_s = 2 * max_skew_s  # older nonces can never be accepted again
+        self.ready = threading.Condition()
+        self.pending: list[tuple[m.Nonce, list]] = []
+        self.writing = False
+        self.recent: dict[str, float] = {}
+        self.pruned_at = 0.0
+
+    def consume(self, nonce: str, public_key_hex: str, now: float) -> None:
+        outcome: list = []  # filled with True (stored), False (replay) or an exception
+        with self.ready:
+            if nonce in self.recent:
+                raise AuthError(409, "replayed request: nonce already used")
+            self.recent[nonce] = now
+            self.pending.append(
+                (m.Nonce(nonce=nonce, public_key=public_key_hex, seen_at=now), outcome)
+            )
+            while not outcome:
+                if self.writing:
+                    self.ready.wait()
+                    continue
+                self.writing, batch, self.pending = True, self.pending, []
+                self.ready.release()
+                try:
+                    results = self._write([row for row, _ in batch], now)
+                except Exception as exc:  # handed to every request of the batch
+                    results = [exc] * len(batch)
+                finally:
+                    self.ready.acquire()
+                    self.writing = False
+                for (_, waiting), result in zip(batch, results, strict=True):
+                    waiting.append(result)
+                self.ready.notify_all()
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        if not outcome[0]:
+            raise AuthError(409, "replayed request: nonce already used")
+
+    def _write(self, rows: list[m.Nonce], now: float) -> list[bool]:
+        """Store `rows` in one commit; if one was stored before (a replay across a restart),
+        row by row to tell which."""
+        with self.sessions() as s:
+            s.add_all(rows)
+            try:
+                s.commit()
+                stored = [True] * len(rows)
+            except IntegrityError:
+                s.rollback()
+                stored = []
+                for row in rows:
+                    s.add(m.Nonce(nonce=row.nonce, public_key=row.public_key, seen_at=row.seen_at))
+                    try:
+                        s.commit()
+                        stored.append(True)
+                    except IntegrityError:
+                        s.rollback()
+                        stored.append(False)
+            if now - self.pruned_at >= 60:
+                self.pruned_at = now
+                s.execute(delete(m.Nonce).where(m.Nonce.seen_at < now - self.window_s))
+                s.commit()
+                with self.ready:
+                    self.recent = {n: t for n, t in self.recent.items() if t >= now - self.window_s}
+        return stored
+
+
 class HubService:
     def __init__(
         self,
@@ -168,6 +262,17 @@ class HubService:
         self.settings = settings or HubSettings()
         self.clock = clock
         self.lock = threading.RLock()
+        self.nonces = NonceBook(self.sessions, self.settings.max_skew_s)
+        # caches that keep request handling independent of the swarm's size (rebuilt on restart)
+        self._achieved: dict[tuple[str, str], float | None] = {}  # (run, node) -> tokens/s
+        self._live_view: dict[
+            str, tuple[float, float | None, int]
+        ] = {}  # run -> at, fastest, numel
+        self._forecasts: dict[tuple[str, float], tuple[float, list | None]] = {}
+        self._prepared: dict[str, NewVersion] = {}  # run -> its next version, computed unlocked
+        self.round_changed: Callable[[str], None] = lambda run_id: None  # set by the HTTP layer
+        self._heartbeats: dict[str, tuple[str, float]] = {}  # node -> status, seen at (unwritten)
+        self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
         self.rate_limiter = RateLimiter(self.settings.requests_per_s, self.settings.request_burst)
         self._workloads: dict[str, Workload] = {}
         self._verified_blobs: set[str] = set()  # blobs whose bytes were hashed since the start
@@ -193,7 +298,8 @@ class HubService:
     def authenticate(
         self, headers: dict[str, str], method: str, path: str, body: bytes
     ) -> VerifiedRequest:
-        """Verify a signed request and consume its nonce (a second use is a replay)."""
+        """Verify a signed request and consume its nonce (a second use is a replay). The nonce
+        is committed before the request goes on; concurrent requests share one commit."""
         now = self.clock()
         try:
             verified = verify_request(headers, method, path, body, now, self.settings.max_skew_s)
@@ -201,19 +307,10 @@ class HubService:
             reason = Refusal.MALFORMED if exc.status == 400 else Refusal.UNAUTHENTICATED
             raise HubError(exc.status, exc.detail, reason) from exc
         self.rate_limiter.check(verified.public_key.hex(), now)  # before anything is stored
-        with self.sessions() as s:
-            s.add(m.Nonce(nonce=verified.nonce, public_key=verified.public_key.hex(), seen_at=now))
-            try:
-                s.commit()
-            except IntegrityError as exc:
-                raise HubError(
-                    409, "replayed request: nonce already used", Refusal.REPLAYED_REQUEST
-                ) from exc
-            if int(now) % 60 == 0:  # nonces older than the skew window can never be accepted again
-                s.execute(
-                    delete(m.Nonce).where(m.Nonce.seen_at < now - 2 * self.settings.max_skew_s)
-                )
-                s.commit()
+        try:
+            self.nonces.consume(verified.nonce, verified.public_key.hex(), now)
+        except AuthError as exc:
+            raise HubError(exc.status, exc.detail, Refusal.REPLAYED_REQUEST) from exc
         return verified
 
     def _node(self, s: Session, node_id: str) -> m.Node:
@@ -246,12 +343,54 @@ class HubService:
             node.last_seen_at = now
             node.status = "idle"
             s.commit()
+        self._known_nodes.add(node_id)
+        self._raise_fastest(None, None, node.probe_rate)
+        self._wake_pending_runs(now)
         return node_id
 
-    def heartbeat(self, node_id: str, status: str) -> None:
+    def _wake_pending_runs(self, now: float) -> None:
+        """Signal the runs whose pending round now has its `min_nodes` live nodes."""
         with self.sessions() as s:
-            self._node(s, node_id).status = status
-            s.commit()
+            pending = s.execute(
+                select(m.Run.id, m.Run.config_json)
+                .join(m.Round, (m.Round.run_id == m.Run.id) & (m.Round.number == m.Run.round))
+                .where(m.Run.status == "active", m.Round.status == "pending")
+            ).all()
+            if not pending:
+                return
+            live = s.scalar(
+                select(func.count()).where(
+                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != "left"
+                )
+            )
+        for run_id, config_json in pending:
+            if live >= RunConfig.model_validate_json(config_json).round.min_nodes:
+                self.round_changed(run_id)
+
+    def heartbeat(self, node_id: str, status: str) -> None:
+        """Note that a node is alive; no lock, no transaction of its own. Liveness is soft state:
+        the notes are written in one UPDATE per batch (`flush_heartbeats`) by the ticker and at
+        the start of every transaction that reads liveness, so heartbeats never queue behind
+        round work and cost no commit (no fsync) each."""
+        if node_id not in self._known_nodes:
+            with self.sessions() as s:
+                if s.get(m.Node, node_id) is None:
+                    raise HubError(403, f"node {node_id} is not registered")
+            self._known_nodes.add(node_id)
+        self._heartbeats[node_id] = (status, self.clock())
+
+    def flush_heartbeats(self, s: Session) -> None:
+        """Write the pending heartbeats into the transaction `s` (one executemany UPDATE)."""
+        if not self._heartbeats:
+            return
+        pending, self._heartbeats = self._heartbeats, {}
+        s.execute(
+            update(m.Node),
+            [
+                {"id": node_id, "status": status, "last_seen_at": seen_at}
+                for node_id, (status, seen_at) in pending.items()
+            ],
+        )
 
     def report_energy(self, node_id: str, report: EnergyReport) -> None:
         """Store a node's energy report (hub/energy.py reads it when planning); a node whose own
@@ -270,9 +409,19 @@ class HubService:
     def leave(self, node_id: str) -> int:
         """A node leaves: its outstanding assignments are released so rounds need not wait."""
         with self.lock, self.sessions() as s:
+            self.flush_heartbeats(s)
             self._node(s, node_id).status = "left"
+            runs = set(
+                s.scalars(
+                    select(m.Assignment.run_id).where(
+                        m.Assignment.node_id == node_id, m.Assignment.status == "assigned"
+                    )
+                )
+            )
             released = self._release_assignments(s, node_id)
             s.commit()
+        for run_id in runs:  # places freed: waiting long-polls ask again
+            self.round_changed(run_id)
         return released
 
     @staticmethod
@@ -422,10 +571,7 @@ class HubService:
             .join(m.Node, m.Node.id == m.Assignment.node_id)
             .where(m.Assignment.run_id == run.id, m.Assignment.round == run.round)
         ).all()
-        cfg = RunConfig.model_validate_json(run.config_json).round
-        rules = RoundRules(
-            cfg.quorum, cfg.min_nodes, cfg.max_nodes, cfg.deadline_s, self.settings.liveness_s
-        )
+        rules = self._rules(RunConfig.model_validate_json(run.config_json))
         state = RoundState(
             status=rnd.status,
             deadline_at=rnd.deadline_at,
@@ -436,18 +582,69 @@ class HubService:
         )
         return rnd, state, rules
 
-    def _speed(self, s: Session, run: m.Run, node: m.Node) -> float:
-        """Tokens/s of `node` on this run's model: probe first, then achieved speed."""
-        rows = s.execute(
-            select(m.Contribution.tokens, m.Contribution.train_time_s)
-            .where(m.Contribution.run_id == run.id, m.Contribution.node_id == node.id)
-            .order_by(m.Contribution.round.desc())
-            .limit(5)
+    def _rules(self, cfg: RunConfig) -> RoundRules:
+        r = cfg.round
+        return RoundRules(
+            r.quorum, r.min_nodes, r.max_nodes, r.deadline_s, self.settings.liveness_s
+        )
+
+    def _achieved_speed(self, s: Session, run_id: str, node_id: str) -> float | None:
+        """Moving average of the tokens/s `node_id` achieved in this run (its last 5
+        contributions), None before its first; cached, and refreshed when it contributes."""
+        key = (run_id, node_id)
+        if key not in self._achieved:
+            rows = s.execute(
+                select(m.Contribution.tokens, m.Contribution.train_time_s)
+                .where(m.Contribution.run_id == run_id, m.Contribution.node_id == node_id)
+                .order_by(m.Contribution.round.desc())
+                .limit(5)
+            ).all()
+            speed: float | None = None
+            for tokens, train_time_s in reversed(rows):
+                speed = update_speed(speed, tokens, train_time_s)
+            self._achieved[key] = speed
+        return self._achieved[key]
+
+    def _speed(self, s: Session, run: m.Run, node_id: str, probe_rate: float) -> float:
+        """Tokens/s of a node on this run's model: probe first, then achieved speed."""
+        achieved = self._achieved_speed(s, run.id, node_id)
+        return achieved if achieved is not None else speed_from_probe(probe_rate, run.numel)
+
+    def _live_cutoff(self, now: float) -> float:
+        return now - self.settings.liveness_s
+
+    def _live_nodes(self, s: Session, now: float):
+        """Nodes heard from within liveness_s that have not left (one indexed query)."""
+        return s.scalars(
+            select(m.Node).where(
+                m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != "left"
+            )
         ).all()
-        speed: float | None = None
-        for tokens, train_time_s in reversed(rows):
-            speed = update_speed(speed, tokens, train_time_s)
-        return speed if speed is not None else speed_from_probe(node.probe_rate, run.numel)
+
+    def _fastest_live(self, s: Session, run: m.Run, now: float) -> float | None:
+        """The fastest live node's tokens/s on this run: recomputed from one query of the live
+        nodes at most every LIVE_VIEW_S, raised at once when a node registers or contributes
+        faster (a stale maximum for up to LIVE_VIEW_S only shortens slow nodes' plans less)."""
+        view = self._live_view.get(run.id)
+        if view is None or now - view[0] > LIVE_VIEW_S or now < view[0]:
+            rows = s.execute(
+                select(m.Node.id, m.Node.probe_rate).where(
+                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != "left"
+                )
+            ).all()
+            speeds = [self._speed(s, run, node_id, probe) for node_id, probe in rows]
+            view = (now, max(speeds, default=None), run.numel)
+            self._live_view[run.id] = view
+        return view[1]
+
+    def _raise_fastest(self, run_id: str | None, speed: float | None, probe_rate: float) -> None:
+        """A node registered (`run_id` None: every run, speed from its probe) or contributed:
+        raise the cached fastest speed if it is now faster."""
+        for run, (at, fastest, numel) in list(self._live_view.items()):
+            if run_id is None or run == run_id:
+                new = speed if speed is not None else speed_from_probe(probe_rate, numel)
+                if fastest is None or new > fastest:
+                    self._live_view[run] = (at, new, numel)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -465,6 +662,7 @@ class HubService:
                 raise HubError(422, f"{event} is not a sponsor's event")
             changed = self._apply_event(s, run, event, reason or f"{event} by the sponsor")
             s.commit()
+        self.round_changed(run_id)  # its long-polls learn the new state at once
         return changed
 
     def _apply_event(self, s: Session, run: m.Run, event: RunEvent, reason: str) -> dict:
@@ -568,10 +766,28 @@ class HubService:
     # ---------------------------------------------------------------- assignments
 
     def request_assignment(self, run_id: str, node_id: str) -> AssignmentResponse:
+        return self.assignment_or_wait(run_id, node_id)[0]
+
+    def assignment_or_wait(
+        self, run_id: str, node_id: str
+    ) -> tuple[AssignmentResponse, float | None]:
+        """Work for `node_id`, or why not, and when asking again could answer differently: None
+        when only a change of the run's round can (a close, a replan, a node leaving, enough
+        nodes live: `round_changed` fires), else after that many seconds. A long-poll sleeps
+        until then instead of asking again and again. Reads counts, never all the round's rows
+        or all the live nodes, so its cost does not grow with the swarm (agnostic runs)."""
         now = self.clock()
+        if self.settings.signals:
+            self._prefetch_forecasts(run_id, now)
         with self.lock, self.sessions() as s:
-            node = self._node(s, node_id)
-            node.status = "idle"
+            # reads first, writes at the end: on SQLite a write takes the database's one write
+            # lock until commit, and nonces and heartbeats of other requests wait for it
+            s.autoflush = False
+            node = s.get(m.Node, node_id)
+            if node is None:
+                raise HubError(403, f"node {node_id} is not registered")
+            was_live = node.status != "left" and node.last_seen_at >= self._live_cutoff(now)
+            self._heartbeats[node_id] = ("idle", now)  # a wait answer writes nothing: no fsync
             run = self._run(s, run_id)
             if run.status != RunState.ACTIVE:
                 s.commit()
@@ -579,54 +795,72 @@ class HubService:
                     f": {run.status_reason}" if run.status_reason else ""
                 )
                 if run.status in HOLDING:  # paused or stalled: it may resume
-                    return AssignmentResponse(status="wait", retry_after_s=5.0, reason=reason)
-                return AssignmentResponse(status="finished", reason=reason)
+                    return AssignmentResponse(status="wait", retry_after_s=5.0, reason=reason), 5.0
+                return AssignmentResponse(status="finished", reason=reason), None
             cfg = RunConfig.model_validate_json(run.config_json)
-            rnd, state, rules = self._round_state(s, run)
+            rnd = s.get(m.Round, (run.id, run.round))
             if rnd.status == "secagg":  # the round's secure aggregation runs: no new work
                 s.commit()
-                return AssignmentResponse(status="wait", retry_after_s=1.0)
-            outstanding = s.scalars(
-                select(m.Assignment).where(
-                    m.Assignment.run_id == run.id,
-                    m.Assignment.round == run.round,
-                    m.Assignment.attempt == rnd.attempt,
-                    m.Assignment.node_id == node_id,
-                    m.Assignment.status == "assigned",
+                return AssignmentResponse(status="wait", retry_after_s=1.0), 1.0
+            rules = self._rules(cfg)
+            seats = (
+                m.Assignment.run_id == run.id,
+                m.Assignment.round == run.round,
+                m.Assignment.status.in_(("assigned", "submitted")),
+            )
+            has_seat = s.scalar(select(func.count()).where(*seats, m.Assignment.node_id == node_id))
+            active = s.scalar(select(func.count()).where(*seats))
+            live = s.scalar(
+                select(func.count()).where(
+                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != "left"
                 )
-            ).first()
-            if outstanding is not None:  # its answer was lost (timeout, restart): send it again
-                node.status = "training"
-                response = self._assigned(s, run, outstanding)
-                s.commit()
-                return response
-            live = [
-                n
-                for n in s.scalars(select(m.Node).where(m.Node.status != "left"))
-                if now - n.last_seen_at <= self.settings.liveness_s
-            ]
-            reason = may_assign(state, rules, node_id, len(live), now)
+            ) + (0 if was_live else 1)  # the asking node is live (its row is written last)
+            reason = may_take_seat(rnd.status, bool(has_seat), active, rules, live)
             if reason is None:  # reputation: cheaters excluded (403), reputed nodes first
+                live_with_seat = s.scalar(
+                    select(func.count())
+                    .select_from(m.Assignment)
+                    .join(m.Node, m.Node.id == m.Assignment.node_id)
+                    .where(
+                        *seats,
+                        m.Node.last_seen_at >= self._live_cutoff(now),
+                        m.Node.status != "left",
+                    )
+                )
+
+                def competitor_ids() -> list[str]:
+                    taken = set(s.scalars(select(m.Assignment.node_id).where(*seats)))
+                    return [n.id for n in self._live_nodes(s, now) if n.id not in taken]
+
                 reason = self.trust.admission(
-                    s, node_id, [n.id for n in live], state, cfg.round.max_nodes
+                    s,
+                    node_id,
+                    rnd.status == "open",
+                    cfg.round.max_nodes - active,
+                    live - live_with_seat - 1,  # the others without a place
+                    competitor_ids,
                 )
             if reason is not None:
                 s.commit()
-                return AssignmentResponse(status="wait", retry_after_s=1.0)
+                # a full round, a place already held, a closed round: only the round changes it;
+                # nodes becoming live again by heartbeat are not signalled, hence the timer
+                recheck_s = LIVE_RECHECK_S if "live nodes" in reason else None
+                return AssignmentResponse(status="wait", retry_after_s=1.0), recheck_s
             deadline_at = rnd.deadline_at if rnd.status == "open" else now + cfg.round.deadline_s
-            speeds = {n.id: self._speed(s, run, n) for n in live}
-            speed = speeds.get(node_id) or self._speed(s, run, node)
-            work = self._energy_work(s, run, cfg, node, live, speeds, now)
+            speed = self._speed(s, run, node.id, node.probe_rate)
+            fastest = self._fastest_live(s, run, now)
+            work = self._energy_work(s, run, cfg, node, speed, now)
             if work.share <= 0:  # the run's energy policy: not this node, or not now
                 s.commit()
-                return AssignmentResponse(status="wait", retry_after_s=work.retry_after_s)
+                wait = AssignmentResponse(status="wait", retry_after_s=work.retry_after_s)
+                return wait, work.retry_after_s
             reserve_s = 0.1 * cfg.round.deadline_s + 1.0
             time_left_s = deadline_at - now
             if work.window_s is not None:  # the node's own energy window ends first
                 time_left_s = min(time_left_s, work.window_s + reserve_s)
             plan = plan_inner_steps(
                 tokens_per_s=speed,
-                fastest_tokens_per_s=max(speeds.values(), default=speed),
+                fastest_tokens_per_s=max(fastest or speed, speed),
                 tokens_per_step=cfg.tokens_per_step,
                 inner_steps=cfg.train.inner_steps,
                 min_inner_steps=cfg.train.min_inner_steps,
@@ -636,7 +870,8 @@ class HubService:
             )
             if plan is None:
                 s.commit()
-                return AssignmentResponse(status="wait", retry_after_s=2.0)
+                return AssignmentResponse(status="wait", retry_after_s=2.0), 2.0
+            s.autoflush = True  # the writes of an assignment
             if rnd.status == "pending":
                 rnd.status, rnd.opened_at, rnd.deadline_at = "open", now, deadline_at
                 self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
@@ -660,17 +895,12 @@ class HubService:
                 status="assigned",
             )
             s.add(row)
-            node.status = "training"
-            response = self._assigned(s, run, row)
+            self._heartbeats.pop(node_id, None)
+            node.last_seen_at, node.status = now, "training"
+            version = s.get(m.Version, (run.id, rnd.base_version))
+            previous = s.get(m.Version, (run.id, rnd.base_version - 1))
             s.commit()
-        return response
-
-    @staticmethod
-    def _assigned(s: Session, run: m.Run, row: m.Assignment) -> AssignmentResponse:
-        """The answer that hands `row` to its node."""
-        version = s.get(m.Version, (run.id, row.base_version))
-        previous = s.get(m.Version, (run.id, row.base_version - 1))
-        return AssignmentResponse(
+        answer = AssignmentResponse(
             status="assigned",
             assignment=Assignment(
                 id=row.id,
@@ -686,29 +916,39 @@ class HubService:
                 config=json.loads(run.config_json),
             ),
         )
+        return answer, None
+
+    def _prefetch_forecasts(self, run_id: str, now: float) -> None:
+        """Fetch the hub's own intensity forecasts (`--signals`, possibly over HTTP) that a green
+        run plans with and that are older than FORECAST_TTL_S: before the lock, never under it."""
+        with self.sessions() as s:
+            run = s.get(m.Run, run_id)
+            cfg = RunConfig.model_validate_json(run.config_json) if run else None
+        if cfg is None or cfg.energy.policy == "agnostic":
+            return
+        horizon_s = cfg.energy.forecast_horizon_s
+        for region, provider in self.settings.signals.items():
+            fetched = self._forecasts.get((region, horizon_s))
+            if fetched is None or not 0 <= now - fetched[0] <= FORECAST_TTL_S:
+                forecast = hub_energy.signal_forecast(provider, now, horizon_s)
+                self._forecasts[(region, horizon_s)] = (now, forecast)
 
     def _energy_work(
-        self,
-        s: Session,
-        run: m.Run,
-        cfg: RunConfig,
-        node: m.Node,
-        live: list[m.Node],
-        speeds: dict[str, float],
-        now: float,
+        self, s: Session, run: m.Run, cfg: RunConfig, node: m.Node, speed: float, now: float
     ) -> hub_energy.WorkDecision:
         """This node's work share under the run's energy policy (decided in hub/energy.py) over
-        the live nodes not busy with another run."""
+        the live nodes not busy with another run. `agnostic` needs only the node itself."""
         green = cfg.energy.policy != "agnostic"
+        members = {n.id: n for n in (self._live_nodes(s, now) if green else [])} | {node.id: node}
         nodes = []
-        for n in {**{n.id: n for n in live}, node.id: node}.values():
+        for n in members.values():
             report = hub_energy.parse_report(n.energy_json)
             if n.id != node.id and report and report.get("run_id") not in (None, run.id):
                 continue
-            signal = self.settings.signals.get(n.region or "") if green else None
-            forecast = hub_energy.signal_forecast(signal, now, cfg.energy.forecast_horizon_s)
-            speed = speeds.get(n.id) or self._speed(s, run, n)
-            nodes.append(hub_energy.LiveNode(n.id, speed, n.region, report, forecast))
+            fetched = self._forecasts.get((n.region or "", cfg.energy.forecast_horizon_s))
+            forecast = fetched[1] if green and fetched else None  # fetched before the lock
+            n_speed = speed if n.id == node.id else self._speed(s, run, n.id, n.probe_rate)
+            nodes.append(hub_energy.LiveNode(n.id, n_speed, n.region, report, forecast))
         remaining, deadline = hub_energy.run_targets(cfg, run.created_at, run.tokens_total)
         compute_s, wall_s = hub_energy.round_timing(cfg, max(n.tokens_per_s for n in nodes))
         return hub_energy.decide_work(
@@ -801,6 +1041,8 @@ class HubService:
                 except IntegrityError as exc:
                     s.rollback()
                     raise HubError(409, "duplicate contribution", Refusal.DUPLICATE) from exc
+                self._achieved.pop((run_id, node_id), None)
+                self._raise_fastest(run_id, self._achieved_speed(s, run_id, node_id), 0.0)
         return ContributionAck(contribution_id=digest, accepted=True, bytes_up=len(body))
 
     @staticmethod
@@ -848,9 +1090,12 @@ class HubService:
             log.exception("prescreening contributions failed; the rounds go on")
         done = []
         with self.sessions() as s:
+            self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
+            s.commit()
             run_ids = s.scalars(select(m.Run.id).where(m.Run.status == "active")).all()
         for run_id in run_ids:
             try:
+                self._prepare_close(run_id)  # the heavy part of a due close, outside the lock
                 with self.lock:
                     decision = self._advance(run_id)
             except Exception as exc:
@@ -906,6 +1151,8 @@ class HubService:
                 self._replan(s, run, rnd, now)
             elif decision is Decision.CLOSE:
                 self._close(s, run, rnd, now)
+        if decision is not Decision.WAIT:
+            self.round_changed(run_id)  # long-polls waiting for this run ask again
         return decision
 
     def _replan(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> None:
@@ -934,24 +1181,68 @@ class HubService:
             rnd.status, rnd.opened_at, rnd.deadline_at = "pending", None, None
         s.commit()
 
-    def _close(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> None:
-        """Aggregate the round's contributions, step the outer optimizer, publish a new version."""
-        cfg = RunConfig.model_validate_json(run.config_json)
-        workload = self.workload(run.id, run.config_json)
-        base = s.get(m.Version, (run.id, rnd.base_version))
-        # replay audits + usefulness first: rejected contributions are not aggregated (trust.py)
-        if not self.trust.screen_round(s, run, rnd, cfg, workload, base):
-            self._replan(s, run, rnd, now)  # every contribution was rejected: the round goes on
-            return
-        contributions = s.scalars(
+    @staticmethod
+    def _accepted(s: Session, run_id: str, round_number: int) -> list[m.Contribution]:
+        return s.scalars(
             select(m.Contribution)
             .where(
-                m.Contribution.run_id == run.id,
-                m.Contribution.round == rnd.number,
+                m.Contribution.run_id == run_id,
+                m.Contribution.round == round_number,
                 m.Contribution.status == "accepted",
             )
             .order_by(m.Contribution.node_id)
         ).all()
+
+    def _prepare_close(self, run_id: str) -> None:
+        """Outside the lock: if the run's round is due to close, compute its new version now
+        (decode, aggregate, outer step, down-codec, blobs fsynced, held-out loss) so that `_close`,
+        under the lock, only checks that the round is still the one computed and writes rows.
+        Reads only; a round that changed meanwhile (a late upload, a rejection by screening) is
+        simply computed again under the lock. DP and SecAgg runs write their accounting while
+        aggregating, so they are closed under the lock as before."""
+        now = self.clock()
+        with self.sessions() as s:
+            run = s.get(m.Run, run_id)
+            if run is None or run.status != "active":
+                return
+            cfg = RunConfig.model_validate_json(run.config_json)
+            if cfg.privacy.secagg or cfg.privacy.dp:
+                return
+            rnd, state, rules = self._round_state(s, run)
+            lost = set(lost_assignments(state, rules, now))
+            state = replace(
+                state,
+                assignments=tuple(
+                    replace(a, status="missed") if a.node_id in lost else a
+                    for a in state.assignments
+                ),
+            )
+            if decide(state, rules, now) is not Decision.CLOSE:
+                return
+            contributions = self._accepted(s, run.id, rnd.number)
+            if contributions:
+                base = s.get(m.Version, (run.id, rnd.base_version))
+                self._new_version(s, run, rnd, cfg, base, contributions, now)
+            s.rollback()
+
+    def _new_version(
+        self,
+        s: Session,
+        run: m.Run,
+        rnd: m.Round,
+        cfg: RunConfig,
+        base: m.Version,
+        contributions: list[m.Contribution],
+        now: float,
+    ) -> NewVersion:
+        """The version a close publishes from `contributions` (blobs written before any row
+        names them); taken from `_prepare_close` when it computed the same round from the same
+        contributions, else computed here."""
+        key = (run.id, rnd.number, rnd.attempt, base.number, tuple(c.id for c in contributions))
+        prepared = self._prepared.pop(run.id, None)
+        if prepared is not None and prepared.key == key:
+            self._prepared[run.id] = prepared  # kept until the close commits (or is redone)
+            return prepared
         updates = weights = None  # under SecAgg only the recovered sum exists
         if not cfg.privacy.secagg:
             codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
@@ -982,9 +1273,8 @@ class HubService:
         )
         theta_new, encoded = out.theta, out.delta
         number = rnd.base_version + 1
-        tokens = sum(c.tokens for c in contributions)
-        version = m.Version(
-            run_id=run.id,
+        new = NewVersion(
+            key=key,
             number=number,
             weights_blob=self.blobs.put(
                 pack_vector(theta_new, {"run_id": run.id, "version": number})
@@ -994,10 +1284,28 @@ class HubService:
             ),
             momentum_blob=self.blobs.put(pack_vector(out.momentum)),
             error_feedback_blob=self.blobs.put(pack_vector(out.residual)),
-            val_loss=workload.evaluate(theta_new),
-            tokens_total=run.tokens_total + tokens,
-            created_at=now,
+            val_loss=self.workload(run.id, run.config_json).evaluate(theta_new),
         )
+        if not (cfg.privacy.secagg or cfg.privacy.dp):
+            self._prepared[run.id] = new
+        return new
+
+    def _close(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> None:
+        """Aggregate the round's contributions, step the outer optimizer, publish a new version."""
+        cfg = RunConfig.model_validate_json(run.config_json)
+        workload = self.workload(run.id, run.config_json)
+        base = s.get(m.Version, (run.id, rnd.base_version))
+        # replay audits + usefulness first: rejected contributions are not aggregated (trust.py)
+        if not self.trust.screen_round(s, run, rnd, cfg, workload, base):
+            self._replan(s, run, rnd, now)  # every contribution was rejected: the round goes on
+            return
+        contributions = self._accepted(s, run.id, rnd.number)
+        new = self._new_version(s, run, rnd, cfg, base, contributions, now)
+        tokens = sum(c.tokens for c in contributions)
+        version = m.Version(
+            run_id=run.id, tokens_total=run.tokens_total + tokens, created_at=now, **new.columns()
+        )
+        number = new.number
         s.add(version)
         self.trust.settle_round(s, run, rnd, cfg, version)  # verdicts, rewards, reputation
         s.execute(

@@ -49,7 +49,6 @@ from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import check_sponsor
 from gridswarm.hub.openapi import RunIdParam, openapi_body
-from gridswarm.hub.rounds import RoundState
 from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import RunEscrow, run_escrow
 from gridswarm.ledger.chain import Entry, LedgerError, SignedClaim
@@ -255,21 +254,22 @@ class HubTrust:
         self,
         s: Session,
         node_id: str,
-        live_ids: Sequence[str],
-        state: RoundState,
-        max_nodes: int,
+        round_open: bool,
+        slots_left: int,
+        n_competitors: int,
+        competitor_ids: Callable[[], Sequence[str]],
     ) -> str | None:
-        """None if `node_id` may take a place in this round, a reason to wait otherwise; raises
-        HubError(403) for a node excluded for cheating."""
-        active = {a.node_id for a in state.assignments if a.status in ("assigned", "submitted")}
-        # a pending round admits anyone not excluded, so a round always gets started
-        competitors = (
-            [n for n in live_ids if n != node_id and n not in active]
-            if state.status == "open"
-            else []
-        )
+        """None if `node_id` may take one of `slots_left` places in this round, a reason to wait
+        otherwise; raises TrustRefusal(403) for a node excluded for cheating.
+
+        Competitors are the other live nodes without a place yet (`n_competitors` of them); a
+        pending round admits anyone not excluded, so a round always gets started. While fewer
+        nodes compete than places are left nobody can outrank the node, so only its own record
+        is read (the common case: no per-request work that grows with the swarm)."""
+        ranked = round_open and n_competitors >= slots_left
+        competitors = [n for n in competitor_ids() if n != node_id] if ranked else []
         reps = self.reputations(s, [node_id, *competitors])
-        reason = may_select(reps[node_id], [reps[n] for n in competitors], max_nodes - len(active))
+        reason = may_select(reps[node_id], [reps[n] for n in competitors], slots_left)
         if reason == EXCLUDED:
             raise HubError(403, f"node {node_id} is {EXCLUDED}", Refusal.EXCLUDED)
         return reason

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import ssl
 import threading
 import time
@@ -91,7 +92,11 @@ def tls_verify(ca: str | Path | None = None) -> ssl.SSLContext:
 
 
 def tls_failure(url: str, exc: httpx.TransportError) -> HubTLSError | None:
-    """The clear error for a TLS mismatch, or None for an ordinary (retryable) transport error."""
+    """The clear error for a TLS mismatch, or None for an ordinary (retryable) transport error.
+
+    Only what retrying cannot mend is final: a certificate this machine does not trust, and plain
+    HTTP sent to a hub that speaks TLS. A hub that dies mid-request also closes the connection
+    without an answer, so that case is told apart by offering the hub a TLS handshake."""
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, ssl.SSLCertVerificationError):
@@ -99,15 +104,26 @@ def tls_failure(url: str, exc: httpx.TransportError) -> HubTLSError | None:
                 f"the hub at {url} has a TLS certificate this machine does not trust "
                 f"({cause.verify_message}): give its CA with --ca or {CA_ENV}"
             )
-        if isinstance(cause, ssl.SSLError):
-            return HubTLSError(f"TLS with the hub at {url} failed: {cause}")
         cause = cause.__cause__ or cause.__context__
-    if url.startswith("http://") and isinstance(exc, httpx.RemoteProtocolError):
-        return HubTLSError(
-            f"the hub at {url} closed the connection without an HTTP answer: "
-            "if it serves TLS (--tls-cert), use https://"
-        )
+    plain = url.startswith("http://") and isinstance(exc, httpx.RemoteProtocolError)
+    if plain and speaks_tls(httpx.URL(url)):
+        return HubTLSError(f"the hub at {url} serves TLS: use https:// instead of http://")
     return None
+
+
+def speaks_tls(url: httpx.URL, timeout_s: float = 2.0) -> bool:
+    """Whether the server at `url`'s host and port completes a TLS handshake (any certificate)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((url.host, url.port or 80), timeout=timeout_s) as sock,
+            context.wrap_socket(sock, server_hostname=url.host),
+        ):
+            return True
+    except OSError:  # refused, reset, timed out, or no TLS there (ssl.SSLError is an OSError)
+        return False
 
 
 class ClientStopped(Exception):

@@ -1,0 +1,207 @@
+"""The hub's hot paths under many nodes: asking for work costs the same whatever the swarm's
+size, long-polls sleep until the round changes instead of asking again, heartbeats are one
+UPDATE. In-process hub on a temporary SQLite with an injected clock (bench/hub_load.py measures
+the real process)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import event, func, select
+
+from gridswarm.hub.app import create_app
+from gridswarm.hub.models import Node, Nonce
+from gridswarm.hub.server import build_service
+from gridswarm.hub.service import HubError, HubService, HubSettings
+from gridswarm.identity import Identity, sign_request
+from gridswarm.protocol import API, RegisterRequest
+from tests.conftest import tiny_run
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def hub(tmp_path: Path, clock=time.time) -> HubService:
+    service = build_service(f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs")
+    service.clock = clock
+    service.trust.clock = clock
+    return service
+
+
+def register(service: HubService, probe_tokens_per_s: float = 1e6) -> str:
+    key = Identity.generate().public_key
+    return service.register(
+        key, RegisterRequest(probe_tokens_per_s=probe_tokens_per_s, probe_numel=1000)
+    )
+
+
+def statements_of(service: HubService, call) -> int:
+    """SQL statements `call()` sends to the database."""
+    engine = service.sessions.kw["bind"]
+    count = 0
+
+    def counted(*_args) -> None:
+        nonlocal count
+        count += 1
+
+    event.listen(engine, "before_cursor_execute", counted)
+    try:
+        call()
+    finally:
+        event.remove(engine, "before_cursor_execute", counted)
+    return count
+
+
+@pytest.mark.parametrize("swarm", [10, 300])
+def test_asking_for_work_does_not_grow_with_the_swarm(tmp_path: Path, swarm: int) -> None:
+    clock = FakeClock()
+    service = hub(tmp_path, clock)
+    nodes = [register(service) for _ in range(swarm)]
+    run = service.create_run(b"\x01" * 32, tiny_run(round={"max_nodes": 1000, "deadline_s": 60}))
+    assert service.request_assignment(run.run_id, nodes[0]).status == "assigned"  # warm caches
+    answer = []
+    cost = statements_of(
+        service, lambda: answer.append(service.request_assignment(run.run_id, nodes[1]))
+    )
+    assert answer[0].status == "assigned"
+    assert cost <= 25, f"{cost} statements to assign one node in a swarm of {swarm}"
+    # the one holding a place asks again: told to wait, at the same cost
+    again = statements_of(service, lambda: service.request_assignment(run.run_id, nodes[1]))
+    assert again <= cost
+
+
+def test_fastest_node_sets_the_pace_and_a_faster_newcomer_raises_it(tmp_path: Path) -> None:
+    clock = FakeClock()
+    service = hub(tmp_path, clock)
+    slow = register(service, probe_tokens_per_s=1e6)
+    run = service.create_run(
+        b"\x01" * 32,
+        tiny_run(round={"max_nodes": 10, "deadline_s": 600}, train={"inner_steps": 40}),
+    )
+    first = service.request_assignment(run.run_id, slow).assignment
+    assert first.inner_steps == 40  # alone, it is the fastest
+    fast = register(service, probe_tokens_per_s=4e6)  # 4x faster: the cached pace rises at once
+    assert service.request_assignment(run.run_id, fast).assignment.inner_steps == 40
+    slower = register(service, probe_tokens_per_s=1e6)
+    assert service.request_assignment(run.run_id, slower).assignment.inner_steps == 10
+
+
+def test_heartbeats_cost_no_transaction_and_reach_the_database_in_one_batch(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    service = hub(tmp_path, clock)
+    nodes = [register(service) for _ in range(20)]
+    clock.t += 5
+    assert statements_of(service, lambda: [service.heartbeat(n, "training") for n in nodes]) == 0
+    assert statements_of(service, service.tick) <= 4  # one UPDATE for all 20, no run to advance
+    with service.sessions() as s:
+        seen = {n.id: (n.status, n.last_seen_at) for n in s.scalars(select(Node))}
+    assert all(seen[n] == ("training", clock.t) for n in nodes)
+    with pytest.raises(HubError) as refused:
+        service.heartbeat("0" * 16, "idle")
+    assert refused.value.status == 403
+
+
+def signed_post(client: TestClient, identity: Identity, path: str, body: bytes = b"", **kw):
+    return client.post(path, content=body, headers=sign_request(identity, "POST", path, body), **kw)
+
+
+def test_long_poll_wakes_when_the_round_can_start_and_sleeps_otherwise(tmp_path: Path) -> None:
+    service = hub(tmp_path)
+    run = service.create_run(
+        b"\x01" * 32, tiny_run(round={"min_nodes": 2, "max_nodes": 10, "deadline_s": 60})
+    )
+    asked = []
+    ask = service.assignment_or_wait
+    service.assignment_or_wait = lambda *a: asked.append(time.monotonic()) or ask(*a)
+    a, b = Identity.generate(), Identity.generate()
+    register_body = RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1000).model_dump_json()
+    with TestClient(create_app(service)) as client:
+        assert signed_post(client, a, f"{API}/nodes/register", register_body.encode()).is_success
+        answers: list[dict] = []
+        path = f"{API}/runs/{run.run_id}/assignment"
+        poll = threading.Thread(
+            target=lambda: answers.append(
+                signed_post(client, a, path, params={"wait_s": 15}).json()
+            )
+        )
+        poll.start()
+        time.sleep(1.0)  # A waits: one node live, two needed
+        registered_at = time.monotonic()
+        assert signed_post(client, b, f"{API}/nodes/register", register_body.encode()).is_success
+        poll.join(timeout=20)
+        assert answers and answers[0]["status"] == "assigned"
+        assert asked[-1] - registered_at < 3.0, "the long-poll was not woken by the new node"
+        # A holds its place: a long-poll now sleeps until the round changes (asks at start, end)
+        asked.clear()
+        started = time.monotonic()
+        again = signed_post(client, a, path, params={"wait_s": 2}).json()
+        assert again["status"] == "wait" and time.monotonic() - started >= 1.9
+        assert len(asked) <= 2, f"asked {len(asked)} times in one long-poll"  # first and last
+        # a non-finite wait answers at once instead of hanging
+        assert signed_post(client, a, path, params={"wait_s": "nan"}).status_code in (200, 422)
+    assert service.run_status(run.run_id)["rounds"][0]["status"] == "open"
+
+
+def test_nonces_are_stored_in_shared_commits_and_replays_refused_even_after_restart(
+    tmp_path: Path,
+) -> None:
+    service = hub(tmp_path)
+    identity = Identity.generate()
+    requests = [sign_request(identity, "POST", "/v1/x", b"{}") for _ in range(40)]
+    refused: list[Exception] = []
+
+    def consume(headers: dict[str, str]) -> None:
+        try:
+            service.authenticate(headers, "POST", "/v1/x", b"{}")
+        except HubError as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(h,)) for h in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not refused
+    with service.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Nonce)) == 40
+    with pytest.raises(HubError) as replay:
+        service.authenticate(requests[0], "POST", "/v1/x", b"{}")
+    assert replay.value.status == 409
+    restarted = hub(tmp_path)  # a new process: its memory is empty, the database is not
+    with pytest.raises(HubError) as replay:
+        restarted.authenticate(requests[1], "POST", "/v1/x", b"{}")
+    assert replay.value.status == 409
+    restarted.authenticate(sign_request(identity, "POST", "/v1/x", b"{}"), "POST", "/v1/x", b"{}")
+
+
+def test_a_node_waiting_in_a_long_poll_stays_live(tmp_path: Path) -> None:
+    """It asks only when the round changes, yet a wait longer than liveness_s must not make it
+    lost (after a hub restart every node waits like this for the next round)."""
+    service = build_service(
+        f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs", HubSettings(liveness_s=1.0)
+    )
+    run = service.create_run(b"\x01" * 32, tiny_run(round={"min_nodes": 2, "deadline_s": 60}))
+    a = Identity.generate()
+    register_body = RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1000).model_dump_json()
+    with TestClient(create_app(service)) as client:
+        assert signed_post(client, a, f"{API}/nodes/register", register_body.encode()).is_success
+        path = f"{API}/runs/{run.run_id}/assignment"
+        poll = threading.Thread(target=lambda: signed_post(client, a, path, params={"wait_s": 4}))
+        poll.start()
+        time.sleep(2.5)  # mid-wait: asked once, 2.5 liveness periods ago
+        service.tick()  # writes the liveness notes
+        with service.sessions() as s:
+            seen = s.get(Node, a.node_id).last_seen_at
+        poll.join(timeout=10)
+    assert time.time() - seen < 2.0, "the waiting node went silent for longer than liveness_s"
