@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gridswarm.config import ConfigError, load_run_config
-from gridswarm.ledger.cli import ledger_app, node_balance, node_claim, run_fund
+from gridswarm.ledger.cli import ledger_app, node_balance, node_claim, run_fund, run_refund
 
 app = typer.Typer(
     help="Train language models on a swarm of machines, where energy is clean.",
@@ -34,6 +34,7 @@ data_app = typer.Typer(help="Prepare and check tokenised datasets.", no_args_is_
 app.add_typer(data_app, name="data")
 app.add_typer(ledger_app, name="ledger")  # show, verify, post-epoch (gridswarm/ledger/cli.py)
 run_app.command("fund")(run_fund)
+run_app.command("refund")(run_refund)
 # `gridswarm node [OPTIONS]` runs a node; `gridswarm node balance|claim` are its ledger commands
 node_app = typer.Typer()
 app.add_typer(node_app, name="node")

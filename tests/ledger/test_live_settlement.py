@@ -151,3 +151,34 @@ def test_operator_posts_epoch_and_nodes_claim_on_anvil(
     assert state.claimed_units == state.allocated_units <= state.funded_units == 3000
     # the anchored checkpoint roots agree with the ledger
     assert "ledger ok" in cli("ledger", "verify", "--db", swarm.db_url, *chain)
+
+
+@pytest.mark.anvil
+def test_sponsor_stops_a_run_and_takes_its_escrow_back_on_anvil(
+    make_swarm, tmp_path: Path, anvil: Anvil, w3: Web3
+):
+    swarm, home, _sponsor, run_id = start(make_swarm, tmp_path)
+    hub_eth, sponsor_eth = funded_account(w3), funded_account(w3)
+    settlement, _ = EvmSettlement.deploy(
+        w3, hub_eth, hub_address=hub_eth.address, sponsor_address=sponsor_eth.address
+    )
+    settlement.mint(hub_eth, sponsor_eth.address, 10**6)
+    key = tmp_path / "sponsor.eth"
+    key.write_text(sponsor_eth.key.hex())
+    chain = ["--rpc", anvil.url, "--token", settlement.token.address]
+    chain += ["--escrow", settlement.escrow.address]
+    cli("run", "fund", run_id, 2500, "--hub", swarm.url, "--home", home, *chain, "--eth-key", key)
+    refused = runner.invoke(app, ["run", "refund", run_id, "--hub", swarm.url, "--eth-key",
+                                  str(key), *chain])  # fmt: skip
+    assert refused.exit_code == 2 and "stop it first" in refused.output
+    before = settlement.token_balance(sponsor_eth.address)
+    cli("run", "stop", run_id, "--hub", swarm.url, "--home", home, "--reason", "changed my mind")
+    out = cli("run", "refund", run_id, "--hub", swarm.url, "--eth-key", key, *chain)
+    assert "refunded" in out
+    state = settlement.state()
+    assert state.closed and state.refunded_units == 2500 and state.allocated_units == 0
+    assert settlement.token_balance(sponsor_eth.address) == before + 2500
+    again = runner.invoke(app, ["run", "refund", run_id, "--hub", swarm.url, "--eth-key",
+                                str(key), *chain])  # fmt: skip
+    assert again.exit_code == 1 and "nothing to refund" in again.output
+    assert "ledger ok" in cli("ledger", "verify", "--hub", swarm.url)

@@ -261,6 +261,39 @@ def run_fund(
     )
 
 
+def run_refund(
+    run_id: Annotated[str, typer.Argument(help="the stopped or finished run")],
+    eth_key: EthKeyOpt = None,
+    hub: Annotated[str, typer.Option("--hub", envvar="GRIDSWARM_HUB")] = "http://127.0.0.1:8470",
+    rpc: RpcOpt = None,
+    token: TokenOpt = None,
+    escrow: EscrowOpt = None,
+) -> None:
+    """Sponsor: take back the escrow no epoch allocated, once the run is stopped or finished
+    (closes the run's escrow contract, then refunds the unallocated units to the sponsor)."""
+    from gridswarm.ledger.evm import SettlementError
+    from gridswarm.node.client import HubClient
+
+    if eth_key is None:
+        fail("a refund needs --eth-key (the sponsor's EVM account that funded the escrow)")
+    status = _call(HubClient(hub, None, retry_for_s=10.0), "GET", f"/v1/runs/{run_id}")  # type: ignore[arg-type]
+    if status["status"] not in ("stopped", "finished"):
+        fail(f"run {run_id} is {status['status']}: stop it first (`gridswarm run stop {run_id}`)")
+    settlement = _settlement(rpc, token, escrow)
+    sponsor = load_eth_account(eth_key)
+    try:
+        if not settlement.state().closed:
+            settlement.close(sponsor)
+        tx = settlement.refund(sponsor)
+    except SettlementError as exc:
+        fail(str(exc), 1)
+    state = settlement.state()
+    console.print(
+        f"refunded to {sponsor.address}: {state.refunded_units} units in all (funded "
+        f"{state.funded_units}, allocated to nodes {state.allocated_units}): tx {tx.tx_hash}"
+    )
+
+
 # ---------------------------------------------------------------------------------- node
 
 
