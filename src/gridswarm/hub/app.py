@@ -117,6 +117,8 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     locked_limiter: list[anyio.CapacityLimiter] = []
 
     async def under_lock(fn: Callable[..., T], *args: object) -> T:
+        if not locked_limiter:  # an app driven without its lifespan (in-process test clients)
+            locked_limiter.append(anyio.CapacityLimiter(LOCKED_THREADS))
         return await anyio.to_thread.run_sync(fn, *args, limiter=locked_limiter[0])
 
     def ticker() -> None:
