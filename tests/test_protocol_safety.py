@@ -63,7 +63,10 @@ def snapshot(hub) -> str:
 
 
 def contribution(assignment, numel: int, nan_scale: bool = False, **meta) -> bytes:
-    tensors = make_codec("int8").encode(torch.zeros(numel))
+    # a small update of its own per assignment: the same bytes twice would be a replayed update
+    seed = int(assignment.id[:8], 16)
+    update = torch.randn(numel, generator=torch.Generator().manual_seed(seed)) * 1e-3
+    tensors = make_codec("int8").encode(update)
     if nan_scale:
         tensors["scale"][0] = float("nan")
     fields = meta_fields(assignment, 32 * 8, **meta)
