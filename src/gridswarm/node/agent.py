@@ -129,8 +129,15 @@ class NodeAgent:
         """Measure this node's speed (on the run's model when a run is active) and register."""
         torch.set_num_threads(self.options.max_threads)
         run = self._active_run()
+        workload = None
         if run is not None:
-            workload = self.workload(run["id"], run["config"])
+            try:
+                workload = self.workload(run["id"], run["config"])
+            except TRAINING_FAILURES as exc:  # reported to the hub with the first assignment
+                log.warning(
+                    "cannot build run %s here (%s): probing the reference model", run["id"], exc
+                )
+        if workload is not None:
             t = workload.cfg.train  # one micro-batch per step: speed, not batch size, matters
             probe = t.model_copy(update={"batch_size": t.micro_batch_size or t.batch_size})
             tokens_per_s, numel = probe_speed(workload.model, probe, self.device, steps=2)
