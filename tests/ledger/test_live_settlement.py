@@ -17,6 +17,7 @@ from web3 import Web3
 from gridswarm.cli import app
 from gridswarm.identity import Identity
 from gridswarm.ledger.anvil import Anvil, funded_account
+from gridswarm.ledger.cli import load_eth_account
 from gridswarm.ledger.evm import EvmSettlement
 from gridswarm.node.client import HubClient
 from gridswarm.swarm import Swarm
@@ -48,6 +49,23 @@ def start(make_swarm, tmp_path: Path) -> tuple[Swarm, Path, HubClient, str]:
     sponsor = HubClient(swarm.url, Identity.load_or_create(home / "sponsor.key"))
     cfg = tiny_run(train=TRAIN, round={"deadline_s": 60, "quorum": 2}, budget={"rounds": 1})
     return swarm, home, sponsor, sponsor.create_run(cfg).run_id
+
+
+def deploy_escrow(tmp_path: Path, anvil: Anvil, w3: Web3):
+    """A token and a run escrow on anvil; the hub's and sponsor's EVM key files; the CLI's
+    chain options."""
+    hub_eth, sponsor_eth = funded_account(w3), funded_account(w3)
+    settlement, _ = EvmSettlement.deploy(
+        w3, hub_eth, hub_address=hub_eth.address, sponsor_address=sponsor_eth.address
+    )
+    settlement.mint(hub_eth, sponsor_eth.address, 10**6)
+    keys = {}
+    for name, account in {"hub": hub_eth, "sponsor": sponsor_eth}.items():
+        keys[name] = tmp_path / f"{name}.eth"
+        keys[name].write_text(account.key.hex())
+    chain = ["--rpc", anvil.url, "--token", settlement.token.address]
+    chain += ["--escrow", settlement.escrow.address]
+    return settlement, keys, chain
 
 
 def finished(sponsor: HubClient, run_id: str) -> dict:
@@ -106,17 +124,7 @@ def test_operator_posts_epoch_and_nodes_claim_on_anvil(
     make_swarm, tmp_path: Path, anvil: Anvil, w3: Web3
 ):
     swarm, home, sponsor, run_id = start(make_swarm, tmp_path)
-    hub_eth, sponsor_eth = funded_account(w3), funded_account(w3)
-    settlement, _ = EvmSettlement.deploy(
-        w3, hub_eth, hub_address=hub_eth.address, sponsor_address=sponsor_eth.address
-    )
-    settlement.mint(hub_eth, sponsor_eth.address, 10**6)
-    keys = {}
-    for name, account in {"hub": hub_eth, "sponsor": sponsor_eth}.items():
-        keys[name] = tmp_path / f"{name}.eth"
-        keys[name].write_text(account.key.hex())
-    chain = ["--rpc", anvil.url, "--token", settlement.token.address]
-    chain += ["--escrow", settlement.escrow.address]
+    settlement, keys, chain = deploy_escrow(tmp_path, anvil, w3)
     cli("run", "fund", run_id, 3000, "--hub", swarm.url, "--home", home, *chain,
         "--eth-key", keys["sponsor"])  # fmt: skip
     assert settlement.state().funded_units == 3000
@@ -158,26 +166,20 @@ def test_sponsor_stops_a_run_and_takes_its_escrow_back_on_anvil(
     make_swarm, tmp_path: Path, anvil: Anvil, w3: Web3
 ):
     swarm, home, _sponsor, run_id = start(make_swarm, tmp_path)
-    hub_eth, sponsor_eth = funded_account(w3), funded_account(w3)
-    settlement, _ = EvmSettlement.deploy(
-        w3, hub_eth, hub_address=hub_eth.address, sponsor_address=sponsor_eth.address
-    )
-    settlement.mint(hub_eth, sponsor_eth.address, 10**6)
-    key = tmp_path / "sponsor.eth"
-    key.write_text(sponsor_eth.key.hex())
-    chain = ["--rpc", anvil.url, "--token", settlement.token.address]
-    chain += ["--escrow", settlement.escrow.address]
+    settlement, keys, chain = deploy_escrow(tmp_path, anvil, w3)
+    key = keys["sponsor"]
+    sponsor_address = load_eth_account(key).address
     cli("run", "fund", run_id, 2500, "--hub", swarm.url, "--home", home, *chain, "--eth-key", key)
     refused = runner.invoke(app, ["run", "refund", run_id, "--hub", swarm.url, "--eth-key",
                                   str(key), *chain])  # fmt: skip
     assert refused.exit_code == 2 and "stop it first" in refused.output
-    before = settlement.token_balance(sponsor_eth.address)
+    before = settlement.token_balance(sponsor_address)
     cli("run", "stop", run_id, "--hub", swarm.url, "--home", home, "--reason", "changed my mind")
     out = cli("run", "refund", run_id, "--hub", swarm.url, "--eth-key", key, *chain)
     assert "refunded" in out
     state = settlement.state()
     assert state.closed and state.refunded_units == 2500 and state.allocated_units == 0
-    assert settlement.token_balance(sponsor_eth.address) == before + 2500
+    assert settlement.token_balance(sponsor_address) == before + 2500
     again = runner.invoke(app, ["run", "refund", run_id, "--hub", swarm.url, "--eth-key",
                                 str(key), *chain])  # fmt: skip
     assert again.exit_code == 1 and "nothing to refund" in again.output
