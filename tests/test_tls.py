@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from gridswarm.identity import Identity
 from gridswarm.node.client import CA_ENV, HubClient, HubTLSError
 from gridswarm.protocol import RegisterRequest
+from gridswarm.swarm import Swarm, free_port
 from tests.conftest import tiny_run, wait_for
 
 pytestmark = pytest.mark.slow
@@ -94,17 +95,21 @@ def make_server_cert(folder: Path, ca_key, ca_cert) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-@pytest.fixture
-def tls_hub(make_swarm, tmp_path):
-    ca, ca_key, ca_cert = make_ca(tmp_path, "test-ca")
-    other_ca, _, _ = make_ca(tmp_path, "other-ca")
-    cert, key = make_server_cert(tmp_path, ca_key, ca_cert)
-    swarm = make_swarm()
+@pytest.fixture(scope="module")
+def tls_hub(tmp_path_factory):
+    """One hub serving HTTPS for the module's tests (started once: it is the slow part)."""
+    folder = tmp_path_factory.mktemp("tls")
+    ca, ca_key, ca_cert = make_ca(folder, "test-ca")
+    other_ca, _, _ = make_ca(folder, "other-ca")
+    cert, key = make_server_cert(folder, ca_key, ca_cert)
+    swarm = Swarm(folder / "swarm", free_port())
+    swarm.workdir.mkdir()
     swarm.hub_extra = ["--tls-cert", str(cert), "--tls-key", str(key)]
     swarm.url = swarm.url.replace("http://", "https://")
-    swarm.env[CA_ENV] = str(ca)  # the nodes this swarm starts trust the test CA
+    swarm.env[CA_ENV] = str(ca)  # the hub's health check trusts the test CA
     swarm.start_hub()
-    return swarm, ca, other_ca
+    yield swarm, ca, other_ca
+    swarm.stop()
 
 
 def cli(*args: str, env_extra: dict | None = None, home: Path) -> subprocess.CompletedProcess:
