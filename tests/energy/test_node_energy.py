@@ -42,20 +42,32 @@ def settings(**energy):
 def test_settings_errors_name_the_field():
     with pytest.raises(ValueError, match=r"the file needs an \[energy\] table"):
         parse_node_energy({})
-    with pytest.raises(ValueError, match=r"energy: unknown field\(s\) \['regoin'\]"):
+    with pytest.raises(ValueError, match=r"energy\.regoin: Extra inputs are not permitted"):
         settings(regoin="DE")
-    with pytest.raises(ValueError, match=r"energy\.pv\.kind: must be one of"):
+    with pytest.raises(
+        ValueError, match=r"energy\.pv: kind must be one of constant, pvlib, measured"
+    ):
         settings(pv={"kind": "sunshine"})
-    with pytest.raises(ValueError, match=r"energy\.household\.kind"):
+    with pytest.raises(
+        ValueError, match=r"energy\.household: kind must be one of constant, citylearn"
+    ):
         settings(household={"kind": "pvlib", "kwp": 1})
-    with pytest.raises(ValueError, match=r"energy\.battery\.capacity_wh: required"):
+    with pytest.raises(ValueError, match=r"energy\.battery\.capacity_wh: Field required"):
         settings(battery={"max_power_w": 100})
     with pytest.raises(ValueError, match=r"energy\.policy: unknown field"):
         settings(policy={"max_intensity": 100})
     with pytest.raises(ValueError, match=r"energy\.signal\.intensity_g_per_kwh: required"):
         settings(region="FR", signal={"kind": "constant"})
-    with pytest.raises(ValueError, match=r"energy\.forecast_step_s: must be >= 0\.1"):
+    with pytest.raises(
+        ValueError, match=r"energy\.forecast_step_s: .* greater than or equal to 0\.1"
+    ):
         settings(forecast_step_s=0)
+    with pytest.raises(ValueError, match=r"energy\.draw_w: Input should be a finite number"):
+        settings(draw_w=float("inf"))
+    with pytest.raises(ValueError, match=r"energy\.pv\.constant\.power_w: Input should be a valid"):
+        settings(pv={"kind": "constant", "power_w": "5"})  # strict: no numbers from strings
+    with pytest.raises(ValueError, match=r"energy\.battery\.soc_floor_frac: .* less than 1"):
+        settings(battery={"capacity_wh": 5000, "max_power_w": 2500, "soc_floor_frac": 1.0})
 
 
 def test_gate_pauses_outside_the_window_and_tells_the_hub_on_each_change():

@@ -22,17 +22,18 @@ met by local surplus. The clock is injectable, so tests can move time.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from gridswarm.energy.meter import EnergyMeter, EnergyReading, ModelSource
 from gridswarm.energy.policy import (
@@ -58,29 +59,13 @@ from gridswarm.energy.solar import (
     read_citylearn_building,
     step_site,
 )
-from gridswarm.protocol import MAX_FORECAST_POINTS, EnergyReport
+from gridswarm.protocol import MAX_FORECAST_POINTS, EnergyReport, Name, describe_errors
 
 log = logging.getLogger("gridswarm.node")
 
 REPORT_POINTS = MAX_FORECAST_POINTS // 2  # forecast points per report (well inside the limit)
 SITE_STEP_S = 300.0  # the battery is stepped at most this far at a time
 DRAW_EWMA = 0.5  # weight of the newest measured power in the draw estimate
-
-_ENERGY_FIELDS = {
-    "region",
-    "signal",
-    "policy",
-    "pv",
-    "household",
-    "battery",
-    "draw_w",
-    "w_per_core",
-    "forecast_horizon_s",
-    "forecast_step_s",
-    "report_every_s",
-    "check_every_s",
-}
-
 
 # --------------------------------------------------------------------------------------------------
 # local power series: PV and household load
@@ -143,114 +128,143 @@ class ClearSkyPV(PowerSeries):
         )
 
 
-def _need(cfg: Mapping[str, Any], where: str, key: str) -> Any:
-    if key not in cfg:
-        raise ValueError(f"{where}.{key}: required")
-    return cfg[key]
+# --------------------------------------------------------------------------------------------------
+# the file's tables, validated by pydantic like RunConfig: every number bounded and finite
 
 
-def _number(cfg: Mapping[str, Any], where: str, key: str, default: float | None = None) -> float:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{where}.{key}: expected a number, got {value!r}")
-    return float(value)
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
-def _replayed(series: UniformSeries, cfg: Mapping[str, Any], where: str) -> UniformSeries:
-    """`replay_at` (+ `trace_from`): play the recorded series from that time on."""
-    if "replay_at" not in cfg:
-        return series
-    at = parse_time_value(cfg["replay_at"], f"{where}.replay_at")
-    origin = (
-        parse_time_value(cfg["trace_from"], f"{where}.trace_from") if "trace_from" in cfg else None
-    )
-    return series.replayed_at(at, origin)
+def _kind(table: Any) -> str | None:
+    return table.get("kind") if isinstance(table, dict) else getattr(table, "kind", None)
 
 
-def power_from_config(cfg: Mapping[str, Any], where: str, base_dir: Path) -> PowerSeries:
-    """A PV or household series from its TOML table (`where` names it in errors)."""
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"{where}: expected a table with kind = ...")
-    kind = cfg.get("kind")
-    allowed = {
-        "constant": {"power_w"},
-        "pvlib": {"kwp", "tilt_deg", "azimuth_deg", "lat", "lon", "altitude_m"},
-        "measured": {"path", "kwp", "source_kwp", "year", "replay_at", "trace_from"},
-        "citylearn": {"path", "kwp", "anchor_year", "replay_at", "trace_from"},
-    }
-    if where.endswith("household"):
-        allowed = {k: v for k, v in allowed.items() if k in ("constant", "citylearn")}
-    if kind not in allowed:
-        raise ValueError(f"{where}.kind: must be one of {sorted(allowed)}, got {kind!r}")
-    unknown = set(cfg) - allowed[kind] - {"kind"}
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} for kind {kind!r}")
-    if kind == "constant":
-        watts = _number(cfg, where, "power_w") if "power_w" in cfg else _need(cfg, where, "power_w")
-        if watts < 0:
-            raise ValueError(f"{where}.power_w: must be >= 0, got {watts}")
-        return ConstantPower(watts)
-    if kind == "pvlib":
-        keys = ("kwp", "tilt_deg", "azimuth_deg", "lat", "lon")
-        args = {k: _number(cfg, where, k) if k in cfg else _need(cfg, where, k) for k in keys}
+def _one_of(*tables: type[_Table]) -> Any:
+    """A union of tables told apart by their `kind`, with one error naming the kinds allowed."""
+    kinds = [t.model_fields["kind"].annotation.__args__[0] for t in tables]
+    message = f"kind must be one of {', '.join(kinds)}"
+    members = tuple(Annotated[t, Tag(k)] for t, k in zip(tables, kinds, strict=True))
+    return Annotated[
+        Union[members],  # noqa: UP007 (a tuple of members)
+        Discriminator(_kind, custom_error_type="kind", custom_error_message=message),
+    ]
+
+
+Watts = Annotated[float, Field(ge=0, le=1e9)]
+Kwp = Annotated[float, Field(gt=0, le=1e6)]
+TimeValue = float | datetime | Annotated[str, Field(max_length=64)]
+FilePath = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class ConstantPowerTable(_Table):
+    kind: Literal["constant"]
+    power_w: Watts
+
+
+class PvlibTable(_Table):
+    kind: Literal["pvlib"]
+    kwp: Kwp
+    tilt_deg: Annotated[float, Field(ge=0, le=90)]
+    azimuth_deg: Annotated[float, Field(ge=0, le=360)]
+    lat: Annotated[float, Field(ge=-90, le=90)]
+    lon: Annotated[float, Field(ge=-180, le=180)]
+    altitude_m: Annotated[float, Field(ge=-500, le=9000)] = 0.0
+
+
+class _Replayable(_Table):
+    """A recorded series played from `replay_at` on (`trace_from`: where in the record)."""
+
+    path: FilePath
+    replay_at: TimeValue | None = None
+    trace_from: TimeValue | None = None
+
+    def replayed(self, series: UniformSeries, where: str) -> UniformSeries:
+        if self.replay_at is None:
+            return series
+        at = parse_time_value(self.replay_at, f"{where}.replay_at")
+        origin = None
+        if self.trace_from is not None:
+            origin = parse_time_value(self.trace_from, f"{where}.trace_from")
+        return series.replayed_at(at, origin)
+
+
+class MeasuredPvTable(_Replayable):
+    kind: Literal["measured"]
+    kwp: Kwp
+    source_kwp: Kwp = 3.86
+    year: Annotated[int, Field(ge=1970, le=2100)] | None = None
+
+
+class CityLearnTable(_Replayable):
+    kind: Literal["citylearn"]
+    kwp: Annotated[float, Field(ge=0, le=1e6)] = 0.0
+    anchor_year: Annotated[int, Field(ge=1970, le=2100)] = 2021
+
+
+PvTable = _one_of(ConstantPowerTable, PvlibTable, MeasuredPvTable, CityLearnTable)
+HouseholdTable = _one_of(ConstantPowerTable, CityLearnTable)
+
+
+class BatteryTable(_Table):
+    capacity_wh: Annotated[float, Field(gt=0, le=1e9)]
+    max_power_w: Annotated[float, Field(gt=0, le=1e9)]
+    round_trip_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.9
+    soc_floor_frac: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    initial_soc_frac: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
+class EnergyTable(_Table):
+    """`[energy]`. `signal` and `policy` are checked by their own parsers (a signal kind may be a
+    plugin with fields of its own)."""
+
+    region: Name | None = None
+    signal: dict[str, Any] | None = None
+    policy: dict[str, Any] | None = None
+    pv: PvTable | None = None
+    household: HouseholdTable | None = None
+    battery: BatteryTable | None = None
+    draw_w: Annotated[float, Field(gt=0, le=1e6)] | None = None  # before the first measurement
+    w_per_core: Annotated[float, Field(gt=0, le=1e4)] | None = None  # meter model override
+    forecast_horizon_s: Annotated[float, Field(ge=1, le=30 * 86400)] = 86400.0
+    forecast_step_s: Annotated[float, Field(ge=0.1, le=86400)] = 900.0
+    report_every_s: Annotated[float, Field(ge=0.1, le=86400)] = 60.0
+    check_every_s: Annotated[float, Field(ge=0.05, le=3600)] = 1.0
+
+
+class NodeEnergyFile(BaseModel):
+    """The `--energy` file: an `[energy]` table (other tables are left to their readers)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    energy: EnergyTable
+
+
+def power_series(
+    table: ConstantPowerTable | PvlibTable | MeasuredPvTable | CityLearnTable,
+    where: str,
+    base_dir: Path,
+) -> PowerSeries:
+    """A PV or household series from its validated table (`where` names it in errors)."""
+    if isinstance(table, ConstantPowerTable):
+        return ConstantPower(table.power_w)
+    if isinstance(table, PvlibTable):
         try:
-            return ClearSkyPV(PVArray(**args, altitude_m=_number(cfg, where, "altitude_m", 0.0)))
+            return ClearSkyPV(PVArray(**table.model_dump(exclude={"kind"})))
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from exc
-    path = Path(_need(cfg, where, "path"))
+    path = Path(table.path)
     path = path if path.is_absolute() else base_dir / path
     if not path.exists():
         raise ValueError(f"{where}.path: file not found: {path}")
-    if kind == "measured":
+    if isinstance(table, MeasuredPvTable):
         series = measured_pv_series(
-            path,
-            kwp=_number(cfg, where, "kwp") if "kwp" in cfg else _need(cfg, where, "kwp"),
-            source_kwp=_number(cfg, where, "source_kwp", 3.86),
-            year=int(cfg["year"]) if "year" in cfg else None,
+            path, kwp=table.kwp, source_kwp=table.source_kwp, year=table.year
         )
-        return SeriesPower(_replayed(series, cfg, where))
-    anchor = int(cfg.get("anchor_year", 2021))
+        return SeriesPower(table.replayed(series, where))
     load, pv = read_citylearn_building(
-        path, start_s=citylearn_start_s(anchor), kwp=_number(cfg, where, "kwp", 0.0)
+        path, start_s=citylearn_start_s(table.anchor_year), kwp=table.kwp
     )
-    series = load if where.endswith("household") else pv
-    return SeriesPower(_replayed(series, cfg, where))
-
-
-def battery_from_config(cfg: Mapping[str, Any]) -> tuple[Battery, float]:
-    """(Battery, initial state of charge as a fraction) from `[energy.battery]`."""
-    where = "energy.battery"
-    allowed = {
-        "capacity_wh",
-        "max_power_w",
-        "round_trip_efficiency",
-        "soc_floor_frac",
-        "initial_soc_frac",
-    }
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"{where}: expected a table")
-    unknown = set(cfg) - allowed
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown field(s) {sorted(unknown)} (allowed: {sorted(allowed)})"
-        )
-    initial = _number(cfg, where, "initial_soc_frac", 0.5)
-    if not 0 <= initial <= 1:
-        raise ValueError(f"{where}.initial_soc_frac: must be in [0, 1], got {initial}")
-    try:
-        battery = Battery(
-            capacity_wh=_number(cfg, where, "capacity_wh")
-            if "capacity_wh" in cfg
-            else _need(cfg, where, "capacity_wh"),
-            max_power_w=_number(cfg, where, "max_power_w")
-            if "max_power_w" in cfg
-            else _need(cfg, where, "max_power_w"),
-            round_trip_efficiency=_number(cfg, where, "round_trip_efficiency", 0.9),
-            soc_floor_frac=_number(cfg, where, "soc_floor_frac", 0.1),
-        )
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from exc
-    return battery, initial
+    return SeriesPower(table.replayed(load if where.endswith("household") else pv, where))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,50 +295,35 @@ def parse_node_energy(
 ) -> NodeEnergySettings:
     """Settings from a parsed TOML document with an `[energy]` table. `region` (from
     `--region`) is the default when the table has none. Raises ValueError naming the field."""
-    cfg = data.get("energy")
-    if not isinstance(cfg, Mapping):
+    if not isinstance(data.get("energy"), Mapping):
         raise ValueError("energy: the file needs an [energy] table")
-    unknown = set(cfg) - _ENERGY_FIELDS
-    if unknown:
-        raise ValueError(
-            f"energy: unknown field(s) {sorted(unknown)} (allowed: {sorted(_ENERGY_FIELDS)})"
-        )
+    try:
+        cfg = NodeEnergyFile.model_validate(data).energy
+    except ValidationError as exc:
+        raise ValueError(describe_errors(exc.errors())) from exc
     base = Path(base_dir)
-    own_region = cfg.get("region", region)
-    if own_region is not None and not isinstance(own_region, str):
-        raise ValueError(f"energy.region: expected a string, got {own_region!r}")
+    own_region = cfg.region if cfg.region is not None else region
     signal = None
-    if "signal" in cfg:
-        signal = signal_from_config(cfg["signal"], region=own_region, base_dir=base)
-    numbers = {}
-    for key, default, low in (
-        ("forecast_horizon_s", 86400.0, 1.0),
-        ("forecast_step_s", 900.0, 0.1),
-        ("report_every_s", 60.0, 0.1),
-        ("check_every_s", 1.0, 0.05),
-    ):
-        numbers[key] = _number(cfg, "energy", key, default)
-        if numbers[key] < low:
-            raise ValueError(f"energy.{key}: must be >= {low}, got {numbers[key]}")
-    for key in ("draw_w", "w_per_core"):
-        if key in cfg and _number(cfg, "energy", key) <= 0:
-            raise ValueError(f"energy.{key}: must be > 0, got {cfg[key]}")
-    battery, initial = (None, 0.5)
-    if "battery" in cfg:
-        battery, initial = battery_from_config(cfg["battery"])
+    if cfg.signal is not None:
+        signal = signal_from_config(cfg.signal, region=own_region, base_dir=base)
+    battery = None
+    if cfg.battery is not None:
+        b = cfg.battery
+        battery = Battery(b.capacity_wh, b.max_power_w, b.round_trip_efficiency, b.soc_floor_frac)
     return NodeEnergySettings(
         region=own_region,
         signal=signal,
-        policy=parse_node_policy(cfg.get("policy")),
-        pv=power_from_config(cfg["pv"], "energy.pv", base) if "pv" in cfg else None,
-        household=power_from_config(cfg["household"], "energy.household", base)
-        if "household" in cfg
-        else None,
+        policy=parse_node_policy(cfg.policy),
+        pv=power_series(cfg.pv, "energy.pv", base) if cfg.pv else None,
+        household=power_series(cfg.household, "energy.household", base) if cfg.household else None,
         battery=battery,
-        battery_initial_soc_frac=initial,
-        draw_w=float(cfg["draw_w"]) if "draw_w" in cfg else None,
-        w_per_core=float(cfg["w_per_core"]) if "w_per_core" in cfg else None,
-        **numbers,
+        battery_initial_soc_frac=cfg.battery.initial_soc_frac if cfg.battery else 0.5,
+        draw_w=cfg.draw_w,
+        w_per_core=cfg.w_per_core,
+        forecast_horizon_s=cfg.forecast_horizon_s,
+        forecast_step_s=cfg.forecast_step_s,
+        report_every_s=cfg.report_every_s,
+        check_every_s=cfg.check_every_s,
     )
 
 
