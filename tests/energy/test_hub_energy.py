@@ -239,7 +239,7 @@ def test_hub_signals_file_and_intensity(tmp_path: Path):
     assert signal_intensity(None, NOW, NOW + 1) is None
     bad = tmp_path / "bad.toml"
     bad.write_text('[DE]\nkind = "trace"\n')
-    with pytest.raises(ValueError, match=r"region DE: energy\.signal\.path: required"):
+    with pytest.raises(ValueError, match=r"region DE: energy\.signal\.path: Field required"):
         load_hub_signals(bad)
     assert signal_intensity(ConstantSignal("X", 10.0), NOW, NOW) == 10.0
 

@@ -56,7 +56,7 @@ def test_settings_errors_name_the_field():
         settings(battery={"max_power_w": 100})
     with pytest.raises(ValueError, match=r"energy\.policy: unknown field"):
         settings(policy={"max_intensity": 100})
-    with pytest.raises(ValueError, match=r"energy\.signal\.intensity_g_per_kwh: required"):
+    with pytest.raises(ValueError, match=r"energy\.signal\.intensity_g_per_kwh: Field required"):
         settings(region="FR", signal={"kind": "constant"})
     with pytest.raises(
         ValueError, match=r"energy\.forecast_step_s: .* greater than or equal to 0\.1"

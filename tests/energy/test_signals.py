@@ -232,9 +232,11 @@ def test_signal_from_config(tmp_path: Path):
     [
         ({"kind": "tracee"}, "energy.signal.kind"),
         ({"kind": "trace"}, "energy.signal.path"),
-        ({"kind": "trace", "path": "x", "pth": 1}, r"unknown field\(s\) \['pth'\]"),
+        ({"kind": "trace", "path": "x", "pth": 1}, r"energy\.signal\.pth: Extra inputs"),
         ({"kind": "constant"}, "energy.signal.intensity_g_per_kwh"),
-        ({"kind": "constant", "intensity_g_per_kwh": "high"}, "expected a number"),
+        ({"kind": "constant", "intensity_g_per_kwh": "high"}, "valid number"),
+        ({"kind": "constant", "region": "FR", "intensity_g_per_kwh": 1e400}, "finite number"),
+        ({"kind": "gb", "regionid": 99}, r"energy\.signal\.regionid: .* less than or equal to 17"),
         ({"kind": "electricitymaps"}, "energy.signal.token_env"),
         ({"kind": "watttime", "region": "X"}, "energy.signal.username_env"),
         ({"kind": "gb", "regionid": "london"}, "energy.signal.regionid"),

@@ -24,14 +24,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import httpx
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gridswarm.energy.series import UniformSeries, from_pandas
 from gridswarm.plugins import Registry
+from gridswarm.protocol import describe_errors
 
 G_PER_KWH_PER_LB_PER_MWH = 0.45359237  # 1 lb/MWh = 453.59237 g / 1000 kWh
 
@@ -461,40 +463,6 @@ class GBCarbonIntensitySignal(_HttpSignal):
 # construction from a node's TOML
 
 
-_FIELDS: dict[str, set[str]] = {
-    "trace": {
-        "path",
-        "region",
-        "step_s",
-        "replay_at",
-        "trace_from",
-        "forecast_error",
-        "seed",
-        "price_per_kwh",
-    },
-    "constant": {"region", "intensity_g_per_kwh", "price_per_kwh"},
-    "electricitymaps": {
-        "zone",
-        "token",
-        "token_env",
-        "base_url",
-        "horizon_hours",
-        "with_price",
-        "cache_s",
-    },
-    "watttime": {
-        "region",
-        "username_env",
-        "password_env",
-        "base_url",
-        "signal_type",
-        "horizon_hours",
-        "cache_s",
-    },
-    "gb": {"regionid", "base_url", "cache_s"},
-}
-
-
 def parse_time_value(value: Any, where: str) -> float:
     """Unix seconds from a number, a TOML datetime or an ISO string; errors name `where`."""
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -509,17 +477,68 @@ def parse_time_value(value: Any, where: str) -> float:
     raise ValueError(f"{where}: expected unix seconds or an ISO time, got {value!r}")
 
 
-def _optional_time(cfg: Mapping[str, Any], key: str) -> float | None:
-    return parse_time_value(cfg[key], f"energy.signal.{key}") if key in cfg else None
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
+
+    kind: str
 
 
-def _number(cfg: Mapping[str, Any], field: str, default: float | None = None) -> float | None:
-    value = cfg.get(field, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"energy.signal.{field}: expected a number, got {value!r}")
-    return float(value)
+TimeValue = float | datetime | Annotated[str, Field(max_length=64)]
+Zone = Annotated[str, Field(min_length=1, max_length=64)]
+EnvName = Annotated[str, Field(min_length=1, max_length=128)]
+Price = Annotated[float, Field(ge=0, le=1e6)]
+
+
+class TraceTable(_Table):
+    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    region: Zone | None = None
+    step_s: Annotated[float, Field(gt=0, le=86400)] = 900.0
+    replay_at: TimeValue | None = None
+    trace_from: TimeValue | None = None
+    forecast_error: Annotated[float, Field(ge=0, le=10)] = 0.0
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    price_per_kwh: Price | None = None
+
+
+class ConstantTable(_Table):
+    region: Zone | None = None
+    intensity_g_per_kwh: Annotated[float, Field(ge=0, le=1e5)]
+    price_per_kwh: Price | None = None
+
+
+class _HttpTable(_Table):
+    base_url: Annotated[str, Field(max_length=2048)] | None = None
+    cache_s: Annotated[float, Field(ge=0, le=86400)] | None = None
+
+    def options(self, *names: str) -> dict[str, Any]:
+        """The client settings given in the file (the rest keep the client's defaults)."""
+        fields = ("base_url", "cache_s", *names)
+        return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
+
+
+class _ForecastTable(_HttpTable):
+    horizon_hours: Annotated[int, Field(ge=1, le=24 * 14)] | None = None
+
+
+class ElectricityMapsTable(_ForecastTable):
+    zone: Zone | None = None
+    token: Annotated[str, Field(max_length=4096)] | None = None
+    token_env: EnvName = "ELECTRICITYMAPS_TOKEN"
+    with_price: bool | None = None
+
+
+class WattTimeTable(_ForecastTable):
+    region: Zone | None = None
+    username_env: EnvName = "WATTTIME_USERNAME"
+    password_env: EnvName = "WATTTIME_PASSWORD"
+    signal_type: Annotated[str, Field(max_length=64)] | None = None
+
+
+class GbTable(_HttpTable):
+    regionid: Annotated[int, Field(ge=1, le=17)] | None = None
+
+
+T = TypeVar("T", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -536,6 +555,15 @@ class SignalTable:
     @property
     def own_region(self) -> str | None:
         return self.cfg.get("region", self.cfg.get("zone", self.region))
+
+    def parse(self, model: type[T]) -> T:
+        """The table validated by a pydantic model (plugins may use it for their own kinds);
+        errors name the field as `energy.signal.FIELD`."""
+        try:
+            return model.model_validate(dict(self.cfg))
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("energy", "signal", *e["loc"])} for e in exc.errors()]
+            raise ValueError(describe_errors(errors)) from exc
 
 
 # kind -> builder(SignalTable) -> SignalProvider; plugins add kinds through the
@@ -566,13 +594,6 @@ def signal_from_config(
     kind = cfg.get("kind")
     if not isinstance(kind, str) or kind not in SIGNALS:
         raise ValueError(f"energy.signal.kind: must be one of {SIGNALS.names()}, got {kind!r}")
-    if kind in _FIELDS:  # a plugin checks its own fields
-        unknown = set(cfg) - _FIELDS[kind] - {"kind"}
-        if unknown:
-            raise ValueError(
-                f"energy.signal: unknown field(s) {sorted(unknown)} for kind {kind!r} "
-                f"(allowed: {sorted(_FIELDS[kind])})"
-            )
     table = SignalTable(cfg, region, Path(base_dir), os.environ if env is None else env, client)
     provider = SIGNALS.get(kind)(table)
     if not isinstance(provider, SignalProvider):
@@ -581,79 +602,60 @@ def signal_from_config(
 
 
 def _trace(t: SignalTable) -> SignalProvider:
-    cfg = t.cfg
-    if "path" not in cfg:
-        raise ValueError("energy.signal.path: required for kind 'trace'")
-    path = Path(cfg["path"])
-    if not path.is_absolute():
-        path = t.base_dir / path
+    cfg = t.parse(TraceTable)
+    path = Path(cfg.path)
+    times = {
+        name: parse_time_value(value, f"energy.signal.{name}") if value is not None else None
+        for name, value in (("replay_at", cfg.replay_at), ("trace_from", cfg.trace_from))
+    }
     return TraceSignal.from_csv(
-        path,
+        path if path.is_absolute() else t.base_dir / path,
         region=t.own_region,
-        step_s=_number(cfg, "step_s", 900.0) or 900.0,
-        replay_at_s=_optional_time(cfg, "replay_at"),
-        trace_from_s=_optional_time(cfg, "trace_from"),
-        price_per_kwh=_number(cfg, "price_per_kwh"),
-        forecast_error=_number(cfg, "forecast_error", 0.0) or 0.0,
-        seed=int(cfg.get("seed", 0)),
+        step_s=cfg.step_s,
+        replay_at_s=times["replay_at"],
+        trace_from_s=times["trace_from"],
+        price_per_kwh=cfg.price_per_kwh,
+        forecast_error=cfg.forecast_error,
+        seed=cfg.seed,
     )
 
 
 def _constant(t: SignalTable) -> SignalProvider:
-    if "intensity_g_per_kwh" not in t.cfg:
-        raise ValueError("energy.signal.intensity_g_per_kwh: required for kind 'constant'")
+    cfg = t.parse(ConstantTable)
     if t.own_region is None:
         raise ValueError("energy.signal.region: required (or set [energy] region)")
-    return ConstantSignal(
-        t.own_region, _number(t.cfg, "intensity_g_per_kwh"), _number(t.cfg, "price_per_kwh")
-    )
-
-
-def _http_options(cfg: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    """The optional client settings shared by the HTTP signal kinds."""
-    kwargs: dict[str, Any] = {k: cfg[k] for k in names if k in cfg}
-    if "horizon_hours" in cfg:
-        kwargs["horizon_hours"] = int(cfg["horizon_hours"])
-    if "cache_s" in cfg:
-        kwargs["cache_s"] = _number(cfg, "cache_s")
-    return kwargs
+    return ConstantSignal(t.own_region, cfg.intensity_g_per_kwh, cfg.price_per_kwh)
 
 
 def _electricitymaps(t: SignalTable) -> SignalProvider:
-    cfg = t.cfg
+    cfg = t.parse(ElectricityMapsTable)
     if t.own_region is None:
         raise ValueError("energy.signal.zone: required (or set [energy] region)")
-    token_env = cfg.get("token_env", "ELECTRICITYMAPS_TOKEN")
-    token = cfg.get("token") or t.env.get(token_env, "")
+    token = cfg.token or t.env.get(cfg.token_env, "")
     if not token:
-        raise ValueError(f"energy.signal.token_env: environment variable {token_env!r} is not set")
-    kwargs = _http_options(cfg, ("base_url", "with_price"))
-    return ElectricityMapsSignal(t.own_region, token, client=t.client, **kwargs)
+        raise ValueError(
+            f"energy.signal.token_env: environment variable {cfg.token_env!r} is not set"
+        )
+    options = cfg.options("horizon_hours", "with_price")
+    return ElectricityMapsSignal(t.own_region, token, client=t.client, **options)
 
 
 def _watttime(t: SignalTable) -> SignalProvider:
-    cfg = t.cfg
+    cfg = t.parse(WattTimeTable)
     if t.own_region is None:
         raise ValueError("energy.signal.region: required (a WattTime region, e.g. CAISO_NORTH)")
     creds = []
-    for field, default in (
-        ("username_env", "WATTTIME_USERNAME"),
-        ("password_env", "WATTTIME_PASSWORD"),
-    ):
-        name = cfg.get(field, default)
+    for field, name in (("username_env", cfg.username_env), ("password_env", cfg.password_env)):
         if not t.env.get(name):
             raise ValueError(f"energy.signal.{field}: environment variable {name!r} is not set")
         creds.append(t.env[name])
-    kwargs = _http_options(cfg, ("base_url", "signal_type"))
-    return WattTimeSignal(t.own_region, creds[0], creds[1], client=t.client, **kwargs)
+    options = cfg.options("horizon_hours", "signal_type")
+    return WattTimeSignal(t.own_region, creds[0], creds[1], client=t.client, **options)
 
 
 def _gb(t: SignalTable) -> SignalProvider:
-    regionid = t.cfg.get("regionid")
-    if regionid is not None and (isinstance(regionid, bool) or not isinstance(regionid, int)):
-        raise ValueError(f"energy.signal.regionid: expected an integer 1-17, got {regionid!r}")
-    kwargs = _http_options(t.cfg, ("base_url",))
-    return GBCarbonIntensitySignal(regionid=regionid, client=t.client, **kwargs)
+    cfg = t.parse(GbTable)
+    return GBCarbonIntensitySignal(regionid=cfg.regionid, client=t.client, **cfg.options())
 
 
 for _kind, _builder in (

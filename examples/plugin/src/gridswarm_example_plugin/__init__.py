@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from gridswarm.energy.policy import HubEnergyPolicy, PlanInputs, PolicyDecision
 from gridswarm.energy.signals import SignalPoint, SignalProvider, SignalTable
@@ -76,20 +77,22 @@ class DayNightSignal(SignalProvider):
         ]
 
 
+class DayNightTable(BaseModel):
+    """`signal = {kind = "day-night", day_g_per_kwh = 50, night_g_per_kwh = 400}`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+    kind: str
+    region: str | None = None
+    day_g_per_kwh: float = Field(ge=0, lt=1e5)
+    night_g_per_kwh: float = Field(ge=0, lt=1e5)
+
+
 def day_night_signal(table: SignalTable) -> DayNightSignal:
-    """Builds `signal = {kind = "day-night", day_g_per_kwh = 50, night_g_per_kwh = 400}`."""
-    cfg = table.cfg
+    """Builds the provider; `table.parse` validates the fields and names any bad one."""
+    cfg = table.parse(DayNightTable)
     if table.own_region is None:
         raise ValueError("energy.signal.region: required (or set [energy] region)")
-    try:
-        day, night = float(cfg["day_g_per_kwh"]), float(cfg["night_g_per_kwh"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(
-            "energy.signal: day-night needs numbers day_g_per_kwh, night_g_per_kwh"
-        ) from exc
-    if not (0 <= day < 1e5 and 0 <= night < 1e5):
-        raise ValueError("energy.signal: day-night intensities must be in [0, 1e5) g/kWh")
-    return DayNightSignal(table.own_region, day, night)
+    return DayNightSignal(table.own_region, cfg.day_g_per_kwh, cfg.night_g_per_kwh)
 
 
 class EnergyEfficient(HubEnergyPolicy):
