@@ -54,7 +54,7 @@ def test_settings_errors_name_the_field():
         settings(household={"kind": "pvlib", "kwp": 1})
     with pytest.raises(ValueError, match=r"energy\.battery\.capacity_wh: Field required"):
         settings(battery={"max_power_w": 100})
-    with pytest.raises(ValueError, match=r"energy\.policy: unknown field"):
+    with pytest.raises(ValueError, match=r"energy\.policy\.max_intensity: Extra inputs"):
         settings(policy={"max_intensity": 100})
     with pytest.raises(ValueError, match=r"energy\.signal\.intensity_g_per_kwh: Field required"):
         settings(region="FR", signal={"kind": "constant"})

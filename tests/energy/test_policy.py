@@ -92,7 +92,7 @@ def test_node_policy_all_rules_must_allow():
 @pytest.mark.parametrize(
     ("cfg", "match"),
     [
-        ({"max_intensity": 3}, r"unknown field\(s\) \['max_intensity'\]"),
+        ({"max_intensity": 3}, r"energy\.policy\.max_intensity: Extra inputs"),
         ({"max_intensity_g_per_kwh": "low"}, "energy.policy.max_intensity_g_per_kwh"),
         ({"max_intensity_g_per_kwh": -1}, "energy.policy.max_intensity_g_per_kwh"),
         ({"require_surplus": "yes"}, "energy.policy.require_surplus"),
@@ -103,6 +103,11 @@ def test_node_policy_all_rules_must_allow():
         ({"windows": ["09:00-17:00"], "timezone": "Mars/Base"}, "energy.policy.timezone"),
         ({"timezone": "UTC"}, "energy.policy.timezone"),
         ({"max_price_per_kwh": True}, "energy.policy.max_price_per_kwh"),
+        (
+            {"max_intensity_g_per_kwh": float("inf")},
+            "energy.policy.max_intensity_g_per_kwh: .*finite",
+        ),
+        ({"windows": ["00:00-01:00"] * 65}, "energy.policy.windows"),
     ],
 )
 def test_policy_parse_errors_name_the_field(cfg, match):

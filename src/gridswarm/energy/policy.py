@@ -29,12 +29,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gridswarm.plugins import Registry
+from gridswarm.protocol import describe_errors
 
 LOCAL_PV_INTENSITY_G_PER_KWH = 41.0  # IPCC AR5 lifecycle median, rooftop PV (same basis as traces)
 
@@ -211,22 +213,24 @@ class NodePolicy:
         return ok
 
 
-_NODE_FIELDS = {
-    "max_intensity_g_per_kwh",
-    "max_price_per_kwh",
-    "require_surplus",
-    "battery_floor_frac",
-    "min_surplus_cover",
-    "windows",
-    "timezone",
-}
+WindowText = Annotated[str, Field(min_length=1, max_length=64)]
 
 
-def _num(cfg: Mapping[str, Any], key: str, lo: float, hi: float = math.inf) -> float:
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise ValueError(f"energy.policy.{key}: expected a number in [{lo}, {hi}], got {value!r}")
-    return float(value)
+class NodePolicyTable(BaseModel):
+    """`[energy.policy]`: the fields, bounded and finite; `parse_node_policy` adds the rules
+    between them and builds the policy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
+
+    max_intensity_g_per_kwh: Annotated[float, Field(ge=0, le=1e5)] | None = None
+    max_price_per_kwh: Annotated[float, Field(ge=0, le=1e6)] | None = None
+    require_surplus: bool = False
+    battery_floor_frac: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_surplus_cover: Annotated[float, Field(ge=0, le=1)] | None = None
+    windows: WindowText | Annotated[list[WindowText], Field(min_length=1, max_length=64)] | None = (
+        None
+    )
+    timezone: Annotated[str, Field(max_length=64)] | None = None
 
 
 def parse_window(text: str) -> Window:
@@ -260,41 +264,34 @@ def parse_node_policy(cfg: Mapping[str, Any] | None) -> NodePolicy:
         return NodePolicy()
     if not isinstance(cfg, Mapping):
         raise ValueError(f"energy.policy: expected a table, got {type(cfg).__name__}")
-    unknown = set(cfg) - _NODE_FIELDS
-    if unknown:
-        raise ValueError(
-            f"energy.policy: unknown field(s) {sorted(unknown)} (allowed: {sorted(_NODE_FIELDS)})"
-        )
+    try:
+        table = NodePolicyTable.model_validate(dict(cfg))
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("energy", "policy", *e["loc"])} for e in exc.errors()]
+        raise ValueError(describe_errors(errors)) from exc
     rules: list[NodeRule] = []
-    if "max_intensity_g_per_kwh" in cfg:
-        rules.append(IntensityBelow(_num(cfg, "max_intensity_g_per_kwh", 0.0)))
-    require = cfg.get("require_surplus", False)
-    if not isinstance(require, bool):
-        raise ValueError(f"energy.policy.require_surplus: expected true/false, got {require!r}")
+    if table.max_intensity_g_per_kwh is not None:
+        rules.append(IntensityBelow(table.max_intensity_g_per_kwh))
     for dependent in ("battery_floor_frac", "min_surplus_cover"):
-        if dependent in cfg and not require:
+        if getattr(table, dependent) is not None and not table.require_surplus:
             raise ValueError(f"energy.policy.{dependent}: only meaningful with require_surplus")
-    if require:
-        floor = _num(cfg, "battery_floor_frac", 0.0, 1.0) if "battery_floor_frac" in cfg else 0.2
-        cover = _num(cfg, "min_surplus_cover", 0.0, 1.0) if "min_surplus_cover" in cfg else 1.0
+    if table.require_surplus:
+        floor = table.battery_floor_frac if table.battery_floor_frac is not None else 0.2
+        cover = table.min_surplus_cover if table.min_surplus_cover is not None else 1.0
         rules.append(SurplusCovers(battery_floor_frac=floor, min_cover=cover))
-    if "max_price_per_kwh" in cfg:
-        rules.append(PriceBelow(_num(cfg, "max_price_per_kwh", 0.0)))
+    if table.max_price_per_kwh is not None:
+        rules.append(PriceBelow(table.max_price_per_kwh))
     tz: tzinfo = UTC
-    if "timezone" in cfg:
+    if table.timezone is not None:
+        if table.windows is None:
+            raise ValueError("energy.policy.timezone: only meaningful with windows")
         try:
-            tz = ZoneInfo(str(cfg["timezone"]))
+            tz = ZoneInfo(table.timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"energy.policy.timezone: unknown zone {cfg['timezone']!r}") from exc
-    if "windows" in cfg:
-        windows = cfg["windows"]
-        if isinstance(windows, str):
-            windows = [windows]
-        if not isinstance(windows, Sequence) or not windows:
-            raise ValueError("energy.policy.windows: expected a non-empty list of 'HH:MM-HH:MM'")
-        rules.append(TimeWindows(tuple(parse_window(str(w)) for w in windows), tz))
-    elif "timezone" in cfg:
-        raise ValueError("energy.policy.timezone: only meaningful with windows")
+            raise ValueError(f"energy.policy.timezone: unknown zone {table.timezone!r}") from exc
+    if table.windows is not None:
+        windows = [table.windows] if isinstance(table.windows, str) else table.windows
+        rules.append(TimeWindows(tuple(parse_window(w) for w in windows), tz))
     return NodePolicy(tuple(rules))
 
 
