@@ -9,10 +9,10 @@ import pytest
 from gridswarm.hub import models as m
 from gridswarm.hub.lifecycle import (
     STALL_AFTER_FAILURES,
-    Refusal,
     Refused,
     RunEvent,
     RunState,
+    TransitionRefusal,
     transition,
 )
 from gridswarm.hub.server import build_service
@@ -36,17 +36,17 @@ S, E = RunState, RunEvent
         (S.STALLED, E.RESUME, S.ACTIVE),
         (S.PAUSED, E.STOP, S.STOPPED),
         (S.STALLED, E.STOP, S.STOPPED),
-        (S.ACTIVE, E.RESUME, Refusal.NOT_HELD),
-        (S.PAUSED, E.PAUSE, Refusal.NOT_ACTIVE),
-        (S.STALLED, E.FINISH, Refusal.NOT_ACTIVE),
-        (S.STOPPED, E.RESUME, Refusal.ALREADY_ENDED),
-        (S.FINISHED, E.STOP, Refusal.ALREADY_ENDED),
-        (S.STOPPED, E.STOP, Refusal.ALREADY_ENDED),
+        (S.ACTIVE, E.RESUME, TransitionRefusal.NOT_HELD),
+        (S.PAUSED, E.PAUSE, TransitionRefusal.NOT_ACTIVE),
+        (S.STALLED, E.FINISH, TransitionRefusal.NOT_ACTIVE),
+        (S.STOPPED, E.RESUME, TransitionRefusal.ALREADY_ENDED),
+        (S.FINISHED, E.STOP, TransitionRefusal.ALREADY_ENDED),
+        (S.STOPPED, E.STOP, TransitionRefusal.ALREADY_ENDED),
     ],
 )
 def test_transition_table(state: RunState, event: RunEvent, expected: object) -> None:
     got = transition(state, event)
-    if isinstance(expected, Refusal):
+    if isinstance(expected, TransitionRefusal):
         assert isinstance(got, Refused) and got.reason is expected
         assert str(state) in got.detail and str(event) in got.detail
     else:

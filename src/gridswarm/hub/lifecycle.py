@@ -1,4 +1,5 @@
-"""A run's lifecycle as a pure state machine: (state, event) -> new state, or a typed refusal.
+"""A run's lifecycle as a pure state machine: (state, event) -> new state, or a typed refusal
+(`TransitionRefusal`; the hub answers it as 409 `protocol.Refusal.CONFLICT` with the detail).
 
     active --pause--> paused --resume--> active
     active --stall--> stalled --resume--> active      (the hub: too many node failures)
@@ -34,7 +35,7 @@ class RunEvent(StrEnum):
     FINISH = "finish"
 
 
-class Refusal(StrEnum):
+class TransitionRefusal(StrEnum):
     """Why an event does not apply to a run in its state."""
 
     ALREADY_ENDED = "already-ended"  # stopped or finished: nothing more happens to it
@@ -52,7 +53,7 @@ STALL_AFTER_FAILURES = 3
 
 @dataclass(frozen=True)
 class Refused:
-    reason: Refusal
+    reason: TransitionRefusal
     state: RunState
     event: RunEvent
 
@@ -64,13 +65,17 @@ class Refused:
 def transition(state: RunState, event: RunEvent) -> RunState | Refused:
     """The state after `event`, or why `event` is refused (nothing changes then)."""
     if state in FINAL:
-        return Refused(Refusal.ALREADY_ENDED, state, event)
+        return Refused(TransitionRefusal.ALREADY_ENDED, state, event)
     if event is RunEvent.STOP:
         return RunState.STOPPED
     if event is RunEvent.RESUME:
-        return RunState.ACTIVE if state in HOLDING else Refused(Refusal.NOT_HELD, state, event)
+        return (
+            RunState.ACTIVE
+            if state in HOLDING
+            else Refused(TransitionRefusal.NOT_HELD, state, event)
+        )
     if state is not RunState.ACTIVE:
-        return Refused(Refusal.NOT_ACTIVE, state, event)
+        return Refused(TransitionRefusal.NOT_ACTIVE, state, event)
     return {
         RunEvent.PAUSE: RunState.PAUSED,
         RunEvent.STALL: RunState.STALLED,
