@@ -102,6 +102,17 @@ class BlobStore(Protocol):
     def delete(self, digest: str) -> None: ...
 
 
+class FileBlobStore(BlobStore, Protocol):
+    """A blob store that also hands out a blob as a local file, e.g. to memory-map a dataset
+    shard: `LocalBlobStore`, or an S3 hub's `blobcache.CachedS3Store` (through its cache)."""
+
+    def put(self, data: bytes, expected_digest: str | None = None) -> str: ...
+
+    def path(self, digest: str) -> Path: ...
+
+    def checked_path(self, digest: str, verify: bool = True) -> Path: ...
+
+
 @contextmanager
 def provisional(store: BlobStore, data: bytes) -> Iterator[str]:
     """Put `data` for a transaction run inside the `with`: if it raises (a refused or failed
