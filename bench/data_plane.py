@@ -295,6 +295,9 @@ def markdown(result: dict) -> str:
             "Target: within 2× of gloo. Honest limits: the hub, the moto S3 server and all 8 node",
             "processes run on the same machine (2 cores here), so this measures loopback and CPU",
             "contention, not a network; moto is an in-memory Python server, slower than real S3.",
+            "The upload phase is the same route in (a) and (b) (in (b) the hub also writes each",
+            "upload to S3); each contribution's checks (int8 decode + finite check, hashes, the",
+            "blob write, the commit) run one at a time under the hub's lock.",
             "Bytes per round: up "
             + ", ".join(f"{result[k]['up'][0]['bytes']:,}" for k in ("hub", "s3"))
             + f"; down {result['hub']['down'][0]['bytes']:,}; gloo ring all-reduce "
