@@ -93,6 +93,10 @@ def test_published_blobs_redirect_to_presigned_urls_others_404(s3_hub, tmp_path)
     assert node.fetch_blob(weights, got, chunk_bytes=4096) == len(data)
     assert sha256_hex(got.read_bytes()) == weights
     assert node.blob(weights) == data
+    resumed = tmp_path / "dl" / "resumed.part"  # a download cut short resumes from the store
+    resumed.write_bytes(data[:5000])
+    assert node.fetch_blob(weights, resumed, chunk_bytes=4096) == len(data) - 5000
+    assert resumed.read_bytes() == data
     counters = http.get("/healthz").json()["blobs"]
     assert counters["served"] == 0 and counters["served_bytes"] == 0
     assert counters["redirected"] >= 3 + len(data) // 4096
