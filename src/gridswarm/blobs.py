@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RANGE = re.compile(r"^bytes=(\d{1,19})-(\d{0,19})$")
@@ -111,6 +111,15 @@ class FileBlobStore(BlobStore, Protocol):
     def path(self, digest: str) -> Path: ...
 
     def checked_path(self, digest: str, verify: bool = True) -> Path: ...
+
+
+@runtime_checkable
+class PresigningStore(Protocol):
+    """A blob store whose blobs a client may GET from it directly by a presigned URL (S3)."""
+
+    def size(self, digest: str) -> int: ...
+
+    def presigned_get_url(self, digest: str, expires_s: int = ...) -> str: ...
 
 
 @contextmanager

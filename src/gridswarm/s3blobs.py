@@ -120,8 +120,11 @@ class S3BlobStore:
 
     def presigned_get_url(self, digest: str, expires_s: int = PRESIGN_EXPIRY_S) -> str:
         """A URL anyone holding it may GET the blob from for `expires_s` seconds."""
-        return self.client.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": self.bucket, "Key": self._key(digest)},
-            ExpiresIn=int(expires_s),
-        )
+        try:
+            return self.client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": self._key(digest)},
+                ExpiresIn=int(expires_s),
+            )
+        except (ClientError, BotoCoreError) as exc:  # e.g. no credentials to sign with
+            raise BlobError(f"s3 presign {digest}: {exc}") from exc

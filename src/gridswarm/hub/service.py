@@ -23,7 +23,14 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gridswarm.blobs import BlobError, FileBlobStore, RangeError, byte_range, provisional
+from gridswarm.blobs import (
+    BlobError,
+    FileBlobStore,
+    PresigningStore,
+    RangeError,
+    byte_range,
+    provisional,
+)
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
@@ -1391,9 +1398,7 @@ class HubService:
     def presigns(self) -> bool:
         """Whether blob downloads are redirected to presigned object-store URLs: the blob store
         can presign (S3) and the operator did not turn it off (`--no-presign`)."""
-        return self.settings.presign_downloads and callable(
-            getattr(self.blobs, "presigned_get_url", None)
-        )
+        return self.settings.presign_downloads and isinstance(self.blobs, PresigningStore)
 
     def _servable(self, digest: str) -> m.Version | None:
         """The version whose weights or delta `digest` is, None for a dataset blob of a run;
@@ -1436,14 +1441,13 @@ class HubService:
         redirect to (`presigns`), else the bytes to serve (`blob_span`). The same publication
         check either way; a malformed or out-of-blob `Range` is refused (416) before a redirect
         too, and a redirected range counts in `bytes_down` as the length the range asks for."""
-        if not self.presigns:
+        store = self.blobs
+        if not (self.presigns and isinstance(store, PresigningStore)):
             return self.blob_span(digest, node_id, range_header)
         version = self._servable(digest)
         try:
-            size = self.blobs.size(digest)  # type: ignore[union-attr]
-            url = self.blobs.presigned_get_url(  # type: ignore[union-attr]
-                digest, expires_s=self.settings.presign_expiry_s
-            )
+            size = store.size(digest)
+            url = store.presigned_get_url(digest, expires_s=self.settings.presign_expiry_s)
         except BlobError as exc:
             raise HubError(500, str(exc), Refusal.UNAVAILABLE) from exc
         length = size
