@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RANGE = re.compile(r"^bytes=(\d{1,19})-(\d{0,19})$")
@@ -100,6 +100,26 @@ class BlobStore(Protocol):
     def has(self, digest: str) -> bool: ...
 
     def delete(self, digest: str) -> None: ...
+
+
+class FileBlobStore(BlobStore, Protocol):
+    """A blob store that also hands out a blob as a local file, e.g. to memory-map a dataset
+    shard: `LocalBlobStore`, or an S3 hub's `blobcache.CachedS3Store` (through its cache)."""
+
+    def put(self, data: bytes, expected_digest: str | None = None) -> str: ...
+
+    def path(self, digest: str) -> Path: ...
+
+    def checked_path(self, digest: str, verify: bool = True) -> Path: ...
+
+
+@runtime_checkable
+class PresigningStore(Protocol):
+    """A blob store whose blobs a client may GET from it directly by a presigned URL (S3)."""
+
+    def size(self, digest: str) -> int: ...
+
+    def presigned_get_url(self, digest: str, expires_s: int = ...) -> str: ...
 
 
 @contextmanager

@@ -161,6 +161,13 @@ def hub(
     tls_key: Annotated[
         Path | None, typer.Option(help="the certificate's private key (PEM)")
     ] = None,
+    presign: Annotated[
+        bool,
+        typer.Option(
+            help="with --blobs s3://…: send nodes to short-lived presigned object-store URLs for "
+            "versions, deltas and dataset shards (--no-presign: the hub serves them itself)"
+        ),
+    ] = True,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = 0,
 ) -> None:
@@ -209,6 +216,7 @@ def hub(
         max_runs_per_hour_per_identity=max_runs_per_hour,
         requests_per_s=requests_per_s,
         request_burst=4 * requests_per_s,
+        presign_downloads=presign,
     )
     if max_run_memory_mb is not None:
         settings = dataclasses.replace(settings, max_run_memory_mb=max_run_memory_mb)

@@ -9,8 +9,9 @@ Endpoint, region and credentials come from the standard AWS environment variable
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, ...),
 so the hub needs no S3 settings of its own beyond `--blobs s3://bucket/prefix`.
 
-`presigned_get_url` lets a node download a published version straight from the object store,
-so the hub's own link stops being the bottleneck; the node still checks the bytes' sha256.
+`presigned_get_url` lets a node download a published version, delta or dataset shard straight
+from the object store (the hub answers its blob route with a 307 redirect to such a URL), so the
+hub's own link stops being the bottleneck; the node still checks the bytes' sha256.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ class S3BlobStore:
         except ClientError:
             self.client.create_bucket(Bucket=self.bucket)
 
+    def size(self, digest: str) -> int:
+        """The object's length in bytes (a HEAD request); BlobError if it is missing."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(digest))
+        except ClientError as exc:
+            raise BlobError(f"s3 HEAD {digest}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise BlobError(f"s3 HEAD {digest}: {exc}") from exc
+        return int(head["ContentLength"])
+
     def has(self, digest: str) -> bool:
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(digest))
@@ -109,8 +120,11 @@ class S3BlobStore:
 
     def presigned_get_url(self, digest: str, expires_s: int = PRESIGN_EXPIRY_S) -> str:
         """A URL anyone holding it may GET the blob from for `expires_s` seconds."""
-        return self.client.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": self.bucket, "Key": self._key(digest)},
-            ExpiresIn=int(expires_s),
-        )
+        try:
+            return self.client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": self._key(digest)},
+                ExpiresIn=int(expires_s),
+            )
+        except (ClientError, BotoCoreError) as exc:  # e.g. no credentials to sign with
+            raise BlobError(f"s3 presign {digest}: {exc}") from exc

@@ -119,6 +119,9 @@ class Swarm:
         self.names: dict[str, str] = {}
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.hub_extra: list[str] = []  # more `gridswarm hub` options, e.g. ["--signals", PATH]
+        # the hub's blob store: its folder in the workdir, or s3://bucket/prefix (then the hub's
+        # key and blob cache live in workdir/hub-home)
+        self.blobs: str | None = None
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         """`python -m gridswarm.cli ARGS` with output appended to `log_name` in the workdir."""
@@ -131,7 +134,8 @@ class Swarm:
             )
 
     def start_hub(self, timeout_s: float = 60.0) -> None:
-        blobs = str(self.workdir / "blobs")
+        blobs = self.blobs or str(self.workdir / "blobs")
+        home = ["--home", str(self.workdir / "hub-home")] if blobs.startswith("s3://") else []
         self.hub = self._spawn(
             [
                 "hub",
@@ -143,6 +147,7 @@ class Swarm:
                 str(self.port),
                 "--liveness-s",
                 str(self.liveness_s),
+                *home,
                 *self.hub_extra,
             ],
             "hub.log",

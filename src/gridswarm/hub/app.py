@@ -38,7 +38,7 @@ from gridswarm.hub.openapi import (
     openapi_body,
 )
 from gridswarm.hub.privacy import add_privacy_routes
-from gridswarm.hub.service import HubService
+from gridswarm.hub.service import BlobRedirect, HubService
 from gridswarm.hub.trust import add_trust_routes
 from gridswarm.identity import HEADER_SIGNATURE, VerifiedRequest
 from gridswarm.protocol import (
@@ -174,7 +174,9 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"ok": True}
+        """Up, and what the blob route did (`served`: downloads the hub answered with bytes,
+        `served_bytes`, `redirected`: downloads sent to presigned object-store URLs)."""
+        return {"ok": True, "blobs": service.blob_counters.snapshot()}
 
     @app.post(f"{API}/nodes/register", openapi_extra=openapi_body(RegisterRequest))
     async def register(request: Request) -> RegisterResponse:
@@ -285,13 +287,20 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     async def blob(
         digest: Annotated[str, Path(pattern=DIGEST_PATTERN)], request: Request
     ) -> Response:
+        """A published version, delta or dataset blob (whole, or one `Range`). On an S3 hub a
+        `307` to a short-lived presigned object-store URL (the client sends the same Range
+        there, without its signature headers, and checks the sha256 itself)."""
         node_id = None
         if request.headers.get(HEADER_SIGNATURE):  # signed downloads are counted per node
             verified, _ = await signed(request, 0)
             node_id = verified.node_id
-        span = await run_in_threadpool(
-            service.blob_span, digest, node_id, request.headers.get("range")
+        answer = await run_in_threadpool(
+            service.blob_download, digest, node_id, request.headers.get("range")
         )
+        if isinstance(answer, BlobRedirect):
+            headers = {"location": answer.url, "cache-control": "no-store"}
+            return Response(status_code=307, headers=headers)
+        span = answer
         headers = {"accept-ranges": "bytes"}
         if not span.partial:
             return FileResponse(span.path, media_type=OCTET_STREAM, headers=headers)

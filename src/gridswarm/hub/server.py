@@ -71,11 +71,17 @@ def build_service(
     home: Path | None = None,
     clock: Callable[[], float] = time.time,
 ) -> HubService:
-    """The hub's service over `db_url` and the blob store `blobs` (a folder or s3://bucket/prefix)."""
+    """The hub's service over `db_url` and the blob store `blobs` (a folder or s3://bucket/prefix;
+    the latter with a local verified cache in `home`/blob-cache for what the hub reads as files)."""
     engine = make_engine(db_url)
     migrate(engine)
     identity = Identity.load_or_create(hub_key_path(blobs, home))  # created once, then kept
-    service = HubService(engine, open_blob_store(blobs), settings, clock, identity=identity)
+    store = open_blob_store(blobs)
+    if str(blobs).startswith("s3://"):
+        from gridswarm.blobcache import CachedS3Store  # boto3 only when asked for
+
+        store = CachedS3Store(store, Path(home) / "blob-cache")  # home: checked by hub_key_path
+    service = HubService(engine, store, settings, clock, identity=identity)
     service.trust.ensure_genesis()
     return service
 

@@ -23,7 +23,14 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gridswarm.blobs import BlobError, LocalBlobStore, RangeError, byte_range, provisional
+from gridswarm.blobs import (
+    BlobError,
+    FileBlobStore,
+    PresigningStore,
+    RangeError,
+    byte_range,
+    provisional,
+)
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
@@ -98,6 +105,7 @@ DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
 
 
 MAX_RANGE_BYTES = 64 << 20  # the most one ranged blob read serves
+PRESIGN_EXPIRY_S = 300  # a presigned download URL is short-lived: each range asks the hub anew
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,31 @@ class BlobSpan:
     length: int
     size: int
     partial: bool
+
+
+@dataclass(frozen=True)
+class BlobRedirect:
+    """A blob download answered by a redirect to `url` (a presigned object-store GET)."""
+
+    url: str
+
+
+class BlobCounters:
+    """What the blob route did since the hub started (shown by /healthz): downloads the hub
+    served itself (and their bytes) and downloads it redirected to the object store."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts = {"served": 0, "served_bytes": 0, "redirected": 0}
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for key, n in counts.items():
+                self.counts[key] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
 
 
 @dataclass(frozen=True)
@@ -127,6 +160,10 @@ class HubSettings:
     # per-key token bucket over all signed requests: sustained rate and burst
     requests_per_s: float = 50.0
     request_burst: float = 200.0
+    # an S3 hub answers blob downloads with a redirect to a presigned URL valid this long
+    # (`--no-presign`: it serves them itself, through its local cache)
+    presign_downloads: bool = True
+    presign_expiry_s: int = PRESIGN_EXPIRY_S
 
 
 def liveness_state(status: str, silent_s: float, liveness_s: float) -> str:
@@ -252,7 +289,7 @@ class HubService:
     def __init__(
         self,
         engine: Engine,
-        blobs: LocalBlobStore,
+        blobs: FileBlobStore,
         settings: HubSettings | None = None,
         clock: Callable[[], float] = time.time,
         identity: Identity | None = None,
@@ -276,6 +313,7 @@ class HubService:
         self.rate_limiter = RateLimiter(self.settings.requests_per_s, self.settings.request_burst)
         self._workloads: dict[str, Workload] = {}
         self._verified_blobs: set[str] = set()  # blobs whose bytes were hashed since the start
+        self.blob_counters = BlobCounters()
         self._failures: dict[str, int] = {}  # run id -> consecutive failed ticks
         # silence is measured from here at the earliest: a hub outage is not the nodes' fault
         self.started_at = clock()
@@ -1356,12 +1394,16 @@ class HubService:
 
     # ---------------------------------------------------------------- reads
 
-    def blob_span(self, digest: str, node_id: str | None, range_header: str | None) -> BlobSpan:
-        """Where to read a published model version or delta, or a blob of a run's dataset
-        (contributions are never served): the whole blob, or one `Range` of it (at most
-        MAX_RANGE_BYTES). Each blob's hash is checked on disk before its first byte is served.
-        Signed reads of versions and deltas are counted per node; dataset downloads are data,
-        not synchronisation: not in `bytes_down`."""
+    @property
+    def presigns(self) -> bool:
+        """Whether blob downloads are redirected to presigned object-store URLs: the blob store
+        can presign (S3) and the operator did not turn it off (`--no-presign`)."""
+        return self.settings.presign_downloads and isinstance(self.blobs, PresigningStore)
+
+    def _servable(self, digest: str) -> m.Version | None:
+        """The version whose weights or delta `digest` is, None for a dataset blob of a run;
+        404 for anything else (contributions, SecAgg shares and unknown digests are never
+        served or redirected to)."""
         with self.sessions() as s:
             version = s.scalars(
                 select(m.Version)
@@ -1372,6 +1414,60 @@ class HubService:
                 raise HubError(
                     404, f"blob {digest} is not a published model version, delta or dataset blob"
                 )
+        return version
+
+    def _count_download(
+        self, version: m.Version | None, node_id: str | None, nbytes: int, digest: str
+    ) -> None:
+        """Signed reads of versions and deltas count in the node's `bytes_down`."""
+        if node_id is None or version is None:
+            return
+        with self.sessions() as s:
+            s.add(
+                m.Download(
+                    run_id=version.run_id,
+                    node_id=node_id,
+                    blob=digest,
+                    bytes_down=nbytes,
+                    created_at=self.clock(),
+                )
+            )
+            s.commit()
+
+    def blob_download(
+        self, digest: str, node_id: str | None, range_header: str | None
+    ) -> BlobSpan | BlobRedirect:
+        """What one download of a blob gets: a short-lived presigned object-store URL to
+        redirect to (`presigns`), else the bytes to serve (`blob_span`). The same publication
+        check either way; a malformed or out-of-blob `Range` is refused (416) before a redirect
+        too, and a redirected range counts in `bytes_down` as the length the range asks for."""
+        store = self.blobs
+        if not (self.presigns and isinstance(store, PresigningStore)):
+            return self.blob_span(digest, node_id, range_header)
+        version = self._servable(digest)
+        try:
+            size = store.size(digest)
+            url = store.presigned_get_url(digest, expires_s=self.settings.presign_expiry_s)
+        except BlobError as exc:
+            raise HubError(500, str(exc), Refusal.UNAVAILABLE) from exc
+        length = size
+        if range_header is not None:
+            try:
+                _, length = byte_range(range_header, size, size)
+            except RangeError as exc:
+                raise HubError(416, str(exc), Refusal.MALFORMED) from exc
+        self._count_download(version, node_id, length, digest)
+        self.blob_counters.add(redirected=1)
+        return BlobRedirect(url)
+
+    def blob_span(self, digest: str, node_id: str | None, range_header: str | None) -> BlobSpan:
+        """Where to read a published model version or delta, or a blob of a run's dataset
+        (contributions are never served): the whole blob, or one `Range` of it (at most
+        MAX_RANGE_BYTES). Each blob's hash is checked on disk before its first byte is served
+        (an S3 hub reads it through its local cache, `blobcache.CachedS3Store`).
+        Signed reads of versions and deltas are counted per node; dataset downloads are data,
+        not synchronisation: not in `bytes_down`."""
+        version = self._servable(digest)
         try:
             path = self.blobs.checked_path(digest, verify=digest not in self._verified_blobs)
         except BlobError as exc:
@@ -1384,18 +1480,8 @@ class HubService:
                 start, length = byte_range(range_header, size, MAX_RANGE_BYTES)
             except RangeError as exc:
                 raise HubError(416, str(exc), Refusal.MALFORMED) from exc
-        if node_id is not None and version is not None:
-            with self.sessions() as s:
-                s.add(
-                    m.Download(
-                        run_id=version.run_id,
-                        node_id=node_id,
-                        blob=digest,
-                        bytes_down=length,
-                        created_at=self.clock(),
-                    )
-                )
-                s.commit()
+        self._count_download(version, node_id, length, digest)
+        self.blob_counters.add(served=1, served_bytes=length)
         return BlobSpan(path, start, length, size, partial=range_header is not None)
 
     def latest_version(self, run_id: str) -> dict:

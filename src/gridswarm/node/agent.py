@@ -45,8 +45,10 @@ from gridswarm.trust.claims import sign_contribution
 log = logging.getLogger("gridswarm.node")
 HEARTBEAT_S = 3.0
 FAILURE_BACKOFF_S = 2.0  # after a failed assignment, before asking for the next one
-# what training an assignment may raise when this machine cannot do it (missing data, memory)
-TRAINING_FAILURES = (OSError, ValueError, RuntimeError, MemoryError)
+# what training an assignment may raise when this machine cannot do it (missing data, memory, a
+# model version whose bytes never matched their hash)
+TRAINING_FAILURES = (OSError, ValueError, RuntimeError, MemoryError, BlobError)
+DOWNLOAD_TRIES = 2  # a download that fails its hash check is started over once
 
 
 class Stopped(Exception):
@@ -324,7 +326,14 @@ class NodeAgent:
         """A model blob, from the cache or downloaded in resumable, hash-checked chunks."""
         if not self.cache.has(digest):
             part = self.options.home / "partial" / f"{digest}.part"
-            self.stats.bytes_down += self.client.fetch_blob(digest, part)
+            for attempt in range(DOWNLOAD_TRIES):
+                try:  # wrong bytes are discarded by fetch_blob, never cached
+                    self.stats.bytes_down += self.client.fetch_blob(digest, part)
+                    break
+                except BlobError as exc:
+                    if attempt == DOWNLOAD_TRIES - 1:
+                        raise  # a training failure: reported to the hub
+                    log.warning("download of blob %s failed (%s); again", digest[:12], exc)
             self.cache.put_file(part, digest)
         return self.cache.get(digest)
 

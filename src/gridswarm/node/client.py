@@ -5,7 +5,10 @@ freshly signed, for `retry_for_s` (None: until stopped). Each wait is announced 
 node prints a countdown) and cut short by `stop` (SIGINT/SIGTERM). A 4xx answer is final and raised
 as `HubRequestError` with the hub's reason; a hub that stays unreachable as `HubUnreachable`.
 Model blobs are downloaded in HTTP Range chunks into a `.part` file that a later call resumes
-(after a lost connection or a restart), and checked against their sha256 at the end.
+(after a lost connection or a restart), and checked against their sha256 at the end. A hub whose
+blobs live in S3 answers each chunk with a 307 to a short-lived presigned URL: the client sends
+the same Range there with a separate HTTP client (no signature headers leave for the object
+store) and checks the bytes exactly as it checks the hub's.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from gridswarm.protocol import (
 )
 
 CHUNK_BYTES = 8 << 20  # one ranged download request
+OBJECT_STORE_TRIES = 3  # a failing presigned GET is retried with a fresh URL from the hub
+MAX_LOCATION_CHARS = 8192  # a presigned URL longer than this is refused
+MAX_OBJECT_BYTES = 1 << 31  # the most one whole-blob download from the object store reads
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
 
@@ -62,6 +68,10 @@ def _rate_limited(response: httpx.Response) -> bool:
         return response.json().get("reason") == Refusal.RATE_LIMITED
     except ValueError:
         return False
+
+
+class ObjectStoreError(BlobError):
+    """The object store a hub redirected a download to did not answer as expected."""
 
 
 class HubURLError(ValueError):
@@ -170,9 +180,13 @@ class HubClient:
         self.stop = stop or threading.Event()
         self.on_retry = on_retry
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, verify=tls_verify(ca))
+        # presigned object-store downloads: another host, so its own client (system CAs), which
+        # sends only what `_object_get` gives it and follows no redirects of its own
+        self.object_http = httpx.Client(timeout=timeout_s)
 
     def close(self) -> None:
         self.http.close()
+        self.object_http.close()
 
     def request(
         self,
@@ -269,15 +283,76 @@ class HubClient:
         return self.post_json(f"{API}/runs/{run_id}/failures", payload)
 
     def blob(self, digest: str) -> bytes:
-        data = self.request("GET", f"{API}/blobs/{digest}").content
+        """A whole blob (a dataset manifest, tokenizer or shard), from the hub or from the
+        object store it redirects to, checked against its sha256."""
+        for attempt in range(OBJECT_STORE_TRIES):
+            response = self.request("GET", f"{API}/blobs/{digest}")
+            if response.status_code != 307:
+                data = response.content
+                break
+            try:
+                data, _ = self._object_get(response, None, MAX_OBJECT_BYTES, 200)
+                break
+            except ObjectStoreError:
+                if attempt == OBJECT_STORE_TRIES - 1:
+                    raise
         if sha256_hex(data) != digest:
             raise BlobError(f"downloaded blob does not match its hash {digest}")
         return data
 
+    def _object_get(
+        self, redirect: httpx.Response, range_header: str | None, max_bytes: int, want: int
+    ) -> tuple[bytes, httpx.Headers]:
+        """Follow the hub's 307 to a presigned object-store URL: a plain GET with only the
+        `Range` header (never the node's signature headers), expecting status `want`, at most
+        `max_bytes` read; returns the body and the response headers. ObjectStoreError (the
+        caller asks the hub for a fresh URL) if the store does not answer as expected."""
+        location = redirect.headers.get("location", "")
+        if not location.startswith(("http://", "https://")) or len(location) > MAX_LOCATION_CHARS:
+            raise ObjectStoreError(f"the hub redirected to an unusable URL {location[:80]!r}")
+        headers = {"range": range_header} if range_header else {}
+        try:
+            with self.object_http.stream("GET", location, headers=headers) as response:
+                if response.status_code != want:
+                    raise ObjectStoreError(f"object store answered {response.status_code}")
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise ObjectStoreError(f"object store sent more than {max_bytes} bytes")
+                return bytes(body), response.headers
+        except httpx.TransportError as exc:
+            raise ObjectStoreError(f"object store: {transport_cause(exc)}") from exc
+
+    def _range(self, digest: str, offset: int, chunk_bytes: int) -> tuple[bytes, str]:
+        """Bytes of blob `digest` from `offset` (at most `chunk_bytes`) and their Content-Range,
+        from the hub or the object store its 307 points to (retried with a fresh URL when the
+        store fails). HubRequestError as the hub answered (416 past the end)."""
+        range_header = f"bytes={offset}-{offset + chunk_bytes - 1}"
+        for attempt in range(OBJECT_STORE_TRIES):
+            response = self.request(
+                "GET", f"{API}/blobs/{digest}", extra_headers={"range": range_header}
+            )
+            if response.status_code != 307:
+                if response.status_code != 206:
+                    raise BlobError(f"blob {digest}: the hub did not serve bytes from {offset}")
+                return response.content, response.headers.get("content-range", "")
+            try:
+                data, headers = self._object_get(response, range_header, chunk_bytes, 206)
+            except ObjectStoreError:
+                if attempt == OBJECT_STORE_TRIES - 1:
+                    raise
+                self.stop.wait(0.2 * (attempt + 1))
+                continue
+            return data, headers.get("content-range", "")
+        raise AssertionError("unreachable")
+
     def fetch_blob(self, digest: str, part: Path, chunk_bytes: int = CHUNK_BYTES) -> int:
         """Download blob `digest` into the file `part` in Range chunks, resuming from what `part`
-        already holds; returns the bytes downloaded by this call. At the end the whole file must
-        hash to `digest`: if not it is deleted and BlobError raised (the next call starts over).
+        already holds; returns the bytes downloaded by this call. Each chunk comes from the hub or
+        from the presigned object-store URL the hub redirects it to. At the end the whole file
+        must hash to `digest`: if not it is deleted and BlobError raised (the next call starts
+        over), so wrong bytes from either source are never kept.
         """
         part.parent.mkdir(parents=True, exist_ok=True)
         offset = part.stat().st_size if part.exists() else 0
@@ -285,23 +360,23 @@ class HubClient:
         with open(part, "ab") as f:
             while size is None or offset < size:
                 try:
-                    response = self.request(
-                        "GET",
-                        f"{API}/blobs/{digest}",
-                        extra_headers={"range": f"bytes={offset}-{offset + chunk_bytes - 1}"},
-                    )
+                    data, content_range = self._range(digest, offset, chunk_bytes)
                 except HubRequestError as exc:
                     if exc.status != 416 or offset == 0:
                         raise
                     break  # nothing left past `offset`: the file is complete (or too long)
-                match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
-                if response.status_code != 206 or match is None or int(match[1]) != offset:
-                    raise BlobError(f"blob {digest}: the hub did not serve bytes from {offset}")
+                match = _CONTENT_RANGE.match(content_range)
+                if (
+                    match is None
+                    or int(match[1]) != offset
+                    or int(match[2]) - offset + 1 != len(data)
+                ):
+                    raise BlobError(f"blob {digest}: bytes from {offset} did not come as asked")
                 size = int(match[3])
-                f.write(response.content)
-                offset += len(response.content)
-                downloaded += len(response.content)
-                if not response.content:
+                f.write(data)
+                offset += len(data)
+                downloaded += len(data)
+                if not data:
                     raise BlobError(f"blob {digest}: empty range at {offset} of {size}")
         if file_sha256(part) != digest:
             part.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tokenizers import Tokenizer
 
-from gridswarm.blobs import BlobError, LocalBlobStore, check_digest, sha256_hex
+from gridswarm.blobs import BlobError, FileBlobStore, check_digest, sha256_hex
 from gridswarm.train.tokenizer import (
     MAX_VOCAB_SIZE,
     TOKENIZER_FILE,
@@ -418,10 +418,11 @@ class DirSource:
 
 
 class BlobSource:
-    """Blobs from a local blob store (the hub's, or a node's cache); missing ones are fetched
+    """Blobs from a blob store with local files (the hub's folder or S3 cache, or a node's
+    cache); missing ones are fetched
     with `fetch(digest)` (a node's signed download), verified and cached first."""
 
-    def __init__(self, store: LocalBlobStore, fetch: Callable[[str], bytes] | None = None) -> None:
+    def __init__(self, store: FileBlobStore, fetch: Callable[[str], bytes] | None = None) -> None:
         self.store = store
         self.fetch = fetch
         self._verified: set[str] = set()
@@ -538,7 +539,7 @@ def verify_folder(folder: Path) -> DirSource:
     return source
 
 
-def import_dataset(folder: Path, store: LocalBlobStore) -> tuple[Manifest, str]:
+def import_dataset(folder: Path, store: FileBlobStore) -> tuple[Manifest, str]:
     """Copy a prepared folder into `store` (the hub's): every file is verified against the
     manifest before the first blob is written, so a refused dataset stores nothing."""
     source = verify_folder(folder)
