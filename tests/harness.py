@@ -3,10 +3,12 @@ fake clock, and nodes with fixed speeds that train with the real training path.
 
 Nothing here is timed: a node's training "takes" `tokens / speed_tokens_per_s` seconds of the
 fake clock, so the hub's planning (inner steps per node, deadlines, round closes) sees the same
-numbers on every machine. With one torch thread the whole run is deterministic, so its loss curve
-and the hash of every published version can be committed and compared bit for bit after a change
-to the hub (`tests/test_golden_curve.py`). Regenerate the committed curve only for a deliberate
-numerics change, and show the old and new curves side by side when doing so:
+numbers on every machine. With one torch thread and portable kernels (`PORTABLE_NUMERICS`: ATen's
+scalar kernels and MKL's reproducible path, so AVX2 and AVX-512 machines agree to the bit) the
+whole run is deterministic, so its loss curve and the hash of every published version can be
+committed and compared bit for bit after a change to the hub (`tests/test_golden_curve.py`).
+Regenerate the committed curve only for a deliberate numerics change, and show the old and new
+curves side by side when doing so (the command sets the environment itself):
 
     PYTHONPATH=src python -m tests.harness --write tests/data/golden_curve.json
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +157,19 @@ def _version_hashes(service: HubService, run_id: str) -> list[str]:
     ]
 
 
+# read by torch and MKL when they load: a process must start with them (`main` re-executes itself)
+PORTABLE_NUMERICS = {
+    "ATEN_CPU_CAPABILITY": "default",  # no AVX2/AVX-512 specialised ATen kernels
+    "MKL_CBWR": "COMPATIBLE",  # MKL's conditional numerical reproducibility: same bits on any x86
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
 def main() -> None:
+    if any(os.environ.get(k) != v for k, v in PORTABLE_NUMERICS.items()):
+        env = {**os.environ, **PORTABLE_NUMERICS}
+        os.execve(sys.executable, [sys.executable, "-m", "tests.harness", *sys.argv[1:]], env)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", type=Path, help="write the curve here (a deliberate change)")
     args = parser.parse_args()
