@@ -47,7 +47,11 @@ DEFAULT_HOME = Path(os.environ.get("GRIDSWARM_HOME", Path.home() / ".gridswarm")
 DEFAULT_HUB = "http://127.0.0.1:8470"
 HubOpt = Annotated[
     str | None,
-    typer.Option("--hub", envvar="GRIDSWARM_HUB", help=f"hub URL (default {DEFAULT_HUB})"),
+    typer.Option(
+        "--hub",
+        envvar="GRIDSWARM_HUB",
+        help=f"hub URL, or the URLs of its replicas URL1,URL2,… (default {DEFAULT_HUB})",
+    ),
 ]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="more detail")]
 QuietOpt = Annotated[int, typer.Option("--quiet", "-q", count=True, help="less detail")]
@@ -256,9 +260,9 @@ def node(
     if ctx.invoked_subcommand is not None:  # `gridswarm node balance|claim …`
         return
     from gridswarm.node.agent import NodeAgent, NodeOptions
-    from gridswarm.node.client import check_hub_url
+    from gridswarm.node.client import check_hub_urls
 
-    hub_url = check_hub_url(_hub_url(hub_url))
+    hub_url = check_hub_urls(_hub_url(hub_url))  # one URL, or replicas': URL1,URL2,…
     if energy is not None:
         from gridswarm.node.energy import load_node_energy
 
