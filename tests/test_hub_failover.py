@@ -59,6 +59,18 @@ def broken_hub() -> Iterator[tuple[str, list[str]]]:
     yield from answering(503)
 
 
+def starting_on_the_first(client: HubClient) -> HubClient:
+    """`client` set to begin with its first URL (each identity starts on its own)."""
+    client.current, client.http = 0, client.clients[0]
+    return client
+
+
+def test_each_identity_starts_on_its_own_replica():
+    urls = ",".join(f"http://127.0.0.1:{9000 + i}" for i in range(3))
+    starts = {HubClient(urls, Identity.generate()).base_url for _ in range(60)}
+    assert len(starts) == 3  # spread by key (60 keys all on 2 of 3: odds ~1e-10)
+
+
 def test_the_client_fails_over_to_the_next_replica_at_once(ok_hub, broken_hub):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
     waits: list[float] = []
@@ -68,6 +80,7 @@ def test_the_client_fails_over_to_the_next_replica_at_once(ok_hub, broken_hub):
         retry_for_s=30,
         on_retry=lambda cause, retry_in_s, left_s: waits.append(retry_in_s),
     )
+    starting_on_the_first(client)
     client.healthz()
     assert client.base_url == ok_hub[0]
     assert broken_hub[1] == ["/healthz"] and ok_hub[1] == ["/healthz"]

@@ -165,6 +165,13 @@ def hub(
     tls_key: Annotated[
         Path | None, typer.Option(help="the certificate's private key (PEM)")
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="replica processes sharing the port and the database (PostgreSQL only; "
+            "or run hubs on several machines behind a load balancer)"
+        ),
+    ] = 1,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = 0,
 ) -> None:
@@ -174,7 +181,7 @@ def hub(
     -v/-q for more or less."""
     from gridswarm.hub.energy import load_hub_signals
     from gridswarm.hub.limits import load_sponsors
-    from gridswarm.hub.server import serve
+    from gridswarm.hub.server import check_workers, serve
     from gridswarm.hub.service import HubSettings
 
     logging.basicConfig(
@@ -195,8 +202,13 @@ def hub(
     for path in (tls_cert, tls_key):
         if path is not None and not path.is_file():
             _fail(f"{path}: no such file")
+    try:
+        check_workers(db, workers)
+    except ValueError as exc:
+        _fail(str(exc))
     scheme = "https" if tls_cert else "http"
-    console.print(f"gridswarm hub on {scheme}://{host}:{port}  db={db}  blobs={blobs}")
+    replicas = f"  replicas={workers}" if workers > 1 else ""
+    console.print(f"gridswarm hub on {scheme}://{host}:{port}  db={db}  blobs={blobs}{replicas}")
     by_region = {}
     if signals is not None:
         try:
@@ -216,7 +228,8 @@ def hub(
     )
     if max_run_memory_mb is not None:
         settings = dataclasses.replace(settings, max_run_memory_mb=max_run_memory_mb)
-    serve(db, blobs, host, port, settings, home, (tls_cert, tls_key) if tls_cert else None)
+    tls = (tls_cert, tls_key) if tls_cert else None
+    serve(db, blobs, host, port, settings, home, tls, workers=workers)
 
 
 @node_app.callback(invoke_without_command=True)

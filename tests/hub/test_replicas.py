@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
@@ -28,21 +26,6 @@ from gridswarm.trust.claims import sign_contribution
 from tests.conftest import tiny_run
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg_database(postgres_url: str) -> Iterator[str]:
-    """A fresh database of its own on the session's PostgreSQL server."""
-    name = f"replicas_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(
-        postgres_url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as c:
-        c.execute(text(f"CREATE DATABASE {name}"))
-    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as c:
-        c.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
 
 
 def replicas(db_url: str, workdir: Path, count: int) -> list[HubService]:

@@ -202,8 +202,9 @@ class HubClient:
         self.clients = [
             httpx.Client(base_url=url, timeout=timeout_s, verify=verify) for url in self.base_urls
         ]
-        self.current = 0
-        self.http = self.clients[0]
+        # each identity starts on its own replica (spread by key), then moves on as they fail
+        self.current = int.from_bytes(identity.public_key[:4], "big") % len(self.clients)
+        self.http = self.clients[self.current]
 
     @property
     def base_url(self) -> str:

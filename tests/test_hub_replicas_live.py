@@ -1,0 +1,93 @@
+"""Three hub replica processes on one PostgreSQL and one blob folder, three nodes given all three
+URLs; replicas are SIGKILLed (by pid) and restarted while the run trains. Nothing acknowledged
+is lost, no round waits for its deadline, and the ledger stays one verifiable chain."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gridswarm.hub import models as m
+from gridswarm.hub.server import make_engine
+from gridswarm.identity import Identity
+from gridswarm.node.client import HubClient
+from gridswarm.swarm import free_port
+from tests.conftest import tiny_run, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+ROUNDS = 16
+DEADLINE_S = 90  # generous: a round that waited for it would show as closed at the deadline
+MAX_KILLS = 5
+
+
+def acknowledged(log_text: str, run_id: str) -> list[int]:
+    """Rounds whose contribution the node saw acknowledged (or stored by an earlier try)."""
+    pattern = rf"run {run_id} round (\d+): (?:H=|already stored)"
+    return [int(r) for r in re.findall(pattern, log_text)]
+
+
+def test_replicas_survive_sigkill_and_lose_nothing_acknowledged(pg_database, make_swarm):
+    # pg_database first: its database is dropped only after the swarm's processes stopped
+    swarm = make_swarm(db_url=pg_database, liveness_s=8.0)
+    ports = [free_port() for _ in range(3)]
+    urls = [swarm.start_replica(port) for port in ports]
+    hub_list = ",".join(urls)
+    sponsor = HubClient(hub_list, Identity.generate(), retry_for_s=60)
+    config = tiny_run(
+        round={"deadline_s": DEADLINE_S, "quorum": 2, "min_nodes": 2, "max_nodes": 3},
+        budget={"rounds": ROUNDS},
+    )
+    run_id = sponsor.create_run(config).run_id
+    nodes = {swarm.start_node(f"n{i}", run_id, hub_url=hub_list): f"n{i}" for i in range(3)}
+
+    kills = 0
+    next_kill = time.monotonic() + 6.0
+    give_up = time.monotonic() + 240.0
+    while time.monotonic() < give_up:
+        status = sponsor.run_status(run_id)
+        if status["status"] == "finished":
+            break
+        if kills < MAX_KILLS and time.monotonic() >= next_kill and status["version"] >= 1:
+            port = ports[kills % len(ports)]  # every replica dies once: the ticker's too
+            swarm.kill_replica(port)
+            kills += 1
+            time.sleep(1.0)
+            swarm.start_replica(port, wait=False)  # the others serve while it starts
+            next_kill = time.monotonic() + 2.5
+        time.sleep(0.5)
+    status = wait_for(
+        lambda: (s := sponsor.run_status(run_id))["status"] == "finished" and s, 30, "the run"
+    )
+    assert kills >= 3, f"the run finished after {kills} kills: too fast to test anything"
+    assert status["version"] == ROUNDS
+
+    verify = sponsor.request("GET", "/v1/ledger/verify", signed=False).json()
+    assert verify["ok"] is True, verify
+
+    engine = make_engine(pg_database)
+    with Session(engine) as s:
+        stored = Counter(
+            (c.node_id, c.round)
+            for c in s.scalars(select(m.Contribution).where(m.Contribution.run_id == run_id))
+        )
+        rounds = s.scalars(select(m.Round).where(m.Round.run_id == run_id)).all()
+        versions = s.scalars(
+            select(m.Version.number).where(m.Version.run_id == run_id).order_by(m.Version.number)
+        ).all()
+    engine.dispose()
+    assert versions == list(range(ROUNDS + 1))  # each version published once
+    assert all(count == 1 for count in stored.values()), stored
+    for node_id, name in nodes.items():
+        log_text = (swarm.workdir / f"{name}.log").read_text()
+        for rnd in acknowledged(log_text, run_id):
+            assert stored[(node_id, rnd)] == 1, f"{name}'s acknowledged round {rnd} is not stored"
+    closed = [r for r in rounds if r.status == "closed"]
+    assert len(closed) == ROUNDS
+    # no round waited for its deadline because a replica died: all closed with every answer in
+    assert [r.close_reason for r in closed] == ["all-in"] * ROUNDS
+    assert all(r.closed_at - r.opened_at < DEADLINE_S / 2 for r in closed)
