@@ -4,19 +4,24 @@ is lost, no round waits for its deadline, and the ledger stays one verifiable ch
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gridswarm.hub import models as m
-from gridswarm.hub.server import make_engine
+from gridswarm.hub.server import SQLITE_REPLICAS, make_engine
 from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient
-from gridswarm.swarm import free_port
+from gridswarm.swarm import free_port, wait_healthy
 from tests.conftest import tiny_run, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -91,3 +96,55 @@ def test_replicas_survive_sigkill_and_lose_nothing_acknowledged(pg_database, mak
     # no round waited for its deadline because a replica died: all closed with every answer in
     assert [r.close_reason for r in closed] == ["all-in"] * ROUNDS
     assert all(r.closed_at - r.opened_at < DEADLINE_S / 2 for r in closed)
+
+
+def children(pid: int) -> set[int]:
+    """The child processes of `pid` (Linux /proc)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return {int(p) for p in text.split()}
+
+
+def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "gridswarm.cli", "hub", "--blobs", str(tmp_path / "blobs")]
+    refused = subprocess.run(
+        [*args, "--db", f"sqlite:///{tmp_path}/hub.db", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert refused.returncode != 0
+    assert [line for line in refused.stderr.splitlines() if line.strip()] == [
+        "error: " + SQLITE_REPLICAS
+    ]
+    with open(tmp_path / "hub.log", "ab") as log:  # the process keeps its own copy
+        hub = subprocess.Popen(
+            [*args, "--db", pg_database, "--port", str(port), "--workers", "2"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        wait_healthy(url, hub, timeout_s=90)
+        workers = wait_for(lambda: len(children(hub.pid)) == 2 and children(hub.pid), 60, "2")
+        sponsor = HubClient(url, Identity.generate(), retry_for_s=30)
+        run_id = sponsor.create_run(tiny_run()).run_id
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        replaced = wait_for(
+            lambda: (now := children(hub.pid)) and len(now) == 2 and victim not in now and now,
+            60,
+            "the killed worker to be replaced",
+        )
+        assert len(replaced & workers) == 1
+        for _ in range(6):  # whichever worker answers, it knows the run
+            assert sponsor.run_status(run_id)["status"] == "active"
+        hub.send_signal(signal.SIGTERM)
+        assert hub.wait(timeout=30) == 0
+    finally:
+        if hub.poll() is None:
+            hub.kill()
+            hub.wait(timeout=10)

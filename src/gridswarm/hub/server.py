@@ -212,7 +212,7 @@ def serve_replicas(
             continue
         now = time.monotonic()
         deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
-        log.warning("hub replica %d ended (status %d)", pid, status)
+        log.warning("hub replica %d ended (exit %d)", pid, os.waitstatus_to_exitcode(status))
         if len(deaths) > MAX_RESTARTS_IN_WINDOW:
             log.error("hub replicas keep dying: stopping the hub")
             stop(signal.SIGTERM, None)
