@@ -30,6 +30,7 @@ from gridswarm.hub import models as m
 log = logging.getLogger("gridswarm.hub")
 
 TICKER_LOCK_KEY = 0x67726964_7469636B & 0x7FFFFFFFFFFFFFFF  # "gridtick": the ticker lease
+MIGRATION_LOCK_KEY = 0x67726964_6D696772  # "gridmigr": replicas starting at once migrate in turn
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -64,6 +65,7 @@ class TickerLease:
         self.engine = engine
         self.single = is_sqlite(engine)
         self.conn: Connection | None = None
+        self.terms = 0  # how many times this process took the lease (caches reload on a new one)
 
     def held(self) -> bool:
         if self.single:
@@ -77,6 +79,7 @@ class TickerLease:
             if got.scalar():
                 conn.commit()  # the session lock outlives the transaction
                 self.conn = conn
+                self.terms += 1
                 log.info("this hub replica runs the round ticker")
                 return True
             conn.rollback()

@@ -1114,8 +1114,12 @@ class HubService:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
             s.commit()
         self.watch_rounds()
+        terms = self.lease.terms
         if not self.lease.held():
             return []
+        if self.lease.terms != terms:  # taken over: what another replica ticked is in the db
+            self.trust.forget_cached()
+            self._failures.clear()
         try:
             self.trust.prescreen(self.workload)  # audit uploads as they arrive, outside the lock
         except Exception:

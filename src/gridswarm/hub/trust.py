@@ -416,6 +416,11 @@ class HubTrust:
             row = s.get(m.TrustRound, (run.id, rnd.number))
         return row
 
+    def forget_cached(self) -> None:
+        """Drop what was read from the ledger once (calibrations): another replica may have
+        written more since (called when this replica takes over the ticker)."""
+        self._calibrations.clear()
+
     def _calibration(self, run_id: str, device: str) -> Calibration:
         """The stored calibration of replays on `device` for this run (from the ledger once)."""
         if run_id not in self._calibrations:
