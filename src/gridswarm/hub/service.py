@@ -93,9 +93,7 @@ MAX_SKEW_S = 120.0
 LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this often (clock s)
 FORECAST_TTL_S = 60.0  # the hub's own carbon forecasts are fetched again after this
 LIVE_RECHECK_S = 10.0  # a long-poll waiting for min_nodes live nodes also asks again this often
-DATASET_RESCAN_S = (
-    1.0  # an unknown blob digest makes the hub look for new runs' datasets this often
-)
+DATASET_RESCAN_S = 1.0  # an unknown digest rescans the runs' datasets at most this often
 RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
 DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
@@ -1110,12 +1108,12 @@ class HubService:
         its long-polls for changes the others made (`watch_rounds`), and only the one holding
         the ticker lease (hub/replicas.py) screens and advances rounds.
         """
-        with self.sessions() as s:
-            self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
-            s.commit()
-        self.watch_rounds()
         terms = self.lease.terms
         if not self.lease.held():
+            with self.sessions() as s:
+                self.flush_heartbeats(s)  # the lease holder decides with every replica's notes
+                s.commit()
+            self.watch_rounds()
             return []
         if self.lease.terms != terms:  # taken over: what another replica ticked is in the db
             self.trust.forget_cached()
@@ -1126,7 +1124,10 @@ class HubService:
             log.exception("prescreening contributions failed; the rounds go on")
         done = []
         with self.sessions() as s:
+            self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
+            s.commit()
             run_ids = s.scalars(select(m.Run.id).where(m.Run.status == "active")).all()
+        self.watch_rounds()
         for run_id in run_ids:
             try:
                 decision = self.advance_run(run_id)

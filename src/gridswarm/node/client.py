@@ -186,7 +186,7 @@ class HubClient:
     def __init__(
         self,
         base_url: str,
-        identity: Identity,
+        identity: Identity | None,  # None: unsigned reads only
         timeout_s: float = 60.0,
         retry_for_s: float | None = 120.0,
         stop: threading.Event | None = None,
@@ -203,7 +203,8 @@ class HubClient:
             httpx.Client(base_url=url, timeout=timeout_s, verify=verify) for url in self.base_urls
         ]
         # each identity starts on its own replica (spread by key), then moves on as they fail
-        self.current = int.from_bytes(identity.public_key[:4], "big") % len(self.clients)
+        spread = int.from_bytes(identity.public_key[:4], "big") if identity is not None else 0
+        self.current = spread % len(self.clients)
         self.http = self.clients[self.current]
 
     @property
