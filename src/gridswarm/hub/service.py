@@ -829,6 +829,28 @@ class HubService:
                 m.Assignment.status.in_(("assigned", "submitted")),
             )
             has_seat = s.scalar(select(func.count()).where(*seats, m.Assignment.node_id == node_id))
+            if has_seat:
+                held = s.scalars(
+                    select(m.Assignment).where(
+                        m.Assignment.run_id == run.id,
+                        m.Assignment.round == run.round,
+                        m.Assignment.node_id == node_id,
+                        m.Assignment.status == "assigned",
+                    )
+                ).first()
+                if held is not None:
+                    # the node asks again while its work is outstanding: the answer that gave
+                    # it was lost (a replica, or the hub, died after the commit). The same
+                    # work again, so the round need not wait for its deadline.
+                    s.autoflush = True
+                    self._heartbeats.pop(node_id, None)
+                    node.last_seen_at, node.status = now, "training"
+                    answer = self._assigned(s, run, held)
+                    s.commit()
+                    log.info(
+                        "run %s round %d: assignment sent again to %s", run.id, run.round, node_id
+                    )
+                    return answer, None
             active = s.scalar(select(func.count()).where(*seats))
             live = s.scalar(
                 select(func.count()).where(
@@ -917,10 +939,16 @@ class HubService:
             s.add(row)
             self._heartbeats.pop(node_id, None)
             node.last_seen_at, node.status = now, "training"
-            version = s.get(m.Version, (run.id, rnd.base_version))
-            previous = s.get(m.Version, (run.id, rnd.base_version - 1))
+            answer = self._assigned(s, run, row)
             s.commit()
-        answer = AssignmentResponse(
+        return answer, None
+
+    @staticmethod
+    def _assigned(s: Session, run: m.Run, row: m.Assignment) -> AssignmentResponse:
+        """The answer that gives a node its assignment `row` (the versions it starts from)."""
+        version = s.get(m.Version, (run.id, row.base_version))
+        previous = s.get(m.Version, (run.id, row.base_version - 1))
+        return AssignmentResponse(
             status="assigned",
             assignment=Assignment(
                 id=row.id,
@@ -936,7 +964,6 @@ class HubService:
                 config=json.loads(run.config_json),
             ),
         )
-        return answer, None
 
     def _prefetch_forecasts(self, run_id: str, now: float) -> None:
         """Fetch the hub's own intensity forecasts (`--signals`, possibly over HTTP) that a green
