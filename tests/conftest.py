@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import create_engine, text
 
 from gridswarm.swarm import Swarm, free_port, local_postgres
 
@@ -101,6 +103,21 @@ def postgres_url() -> Iterator[str]:
     """A real PostgreSQL server in a temporary folder on a free loopback port."""
     with local_postgres() as url:
         yield url
+
+
+@pytest.fixture
+def pg_database(postgres_url: str) -> Iterator[str]:
+    """A fresh database of its own on the session's PostgreSQL server."""
+    name = f"replicas_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(
+        postgres_url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as c:
+        c.execute(text(f"CREATE DATABASE {name}"))
+    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as c:
+        c.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
 
 
 @pytest.fixture(scope="session")

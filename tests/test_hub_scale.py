@@ -74,8 +74,12 @@ def test_asking_for_work_does_not_grow_with_the_swarm(tmp_path: Path, swarm: int
     )
     assert answer[0].status == "assigned"
     assert cost <= 25, f"{cost} statements to assign one node in a swarm of {swarm}"
-    # the one holding a place asks again: told to wait, at the same cost
-    again = statements_of(service, lambda: service.request_assignment(run.run_id, nodes[1]))
+    # the one holding a place asks again (its answer was lost): the same work, at no more cost
+    repeated = []
+    again = statements_of(
+        service, lambda: repeated.append(service.request_assignment(run.run_id, nodes[1]))
+    )
+    assert repeated[0].assignment.id == answer[0].assignment.id
     assert again <= cost
 
 
@@ -119,7 +123,7 @@ def signed_post(client: TestClient, identity: Identity, path: str, body: bytes =
 def test_long_poll_wakes_when_the_round_can_start_and_sleeps_otherwise(tmp_path: Path) -> None:
     service = hub(tmp_path)
     run = service.create_run(
-        b"\x01" * 32, tiny_run(round={"min_nodes": 2, "max_nodes": 10, "deadline_s": 60})
+        b"\x01" * 32, tiny_run(round={"min_nodes": 2, "max_nodes": 2, "deadline_s": 60})
     )
     asked = []
     ask = service.assignment_or_wait
@@ -142,10 +146,14 @@ def test_long_poll_wakes_when_the_round_can_start_and_sleeps_otherwise(tmp_path:
         poll.join(timeout=20)
         assert answers and answers[0]["status"] == "assigned"
         assert asked[-1] - registered_at < 3.0, "the long-poll was not woken by the new node"
-        # A holds its place: a long-poll now sleeps until the round changes (asks at start, end)
+        # B takes the last place; C finds the round full: its long-poll sleeps until the round
+        # changes (asks at start and end)
+        assert signed_post(client, b, path, params={"wait_s": 0}).json()["status"] == "assigned"
+        c = Identity.generate()
+        assert signed_post(client, c, f"{API}/nodes/register", register_body.encode()).is_success
         asked.clear()
         started = time.monotonic()
-        again = signed_post(client, a, path, params={"wait_s": 2}).json()
+        again = signed_post(client, c, path, params={"wait_s": 2}).json()
         assert again["status"] == "wait" and time.monotonic() - started >= 1.9
         assert len(asked) <= 2, f"asked {len(asked)} times in one long-poll"  # first and last
         # a non-finite wait answers at once instead of hanging

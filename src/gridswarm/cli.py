@@ -47,7 +47,11 @@ DEFAULT_HOME = Path(os.environ.get("GRIDSWARM_HOME", Path.home() / ".gridswarm")
 DEFAULT_HUB = "http://127.0.0.1:8470"
 HubOpt = Annotated[
     str | None,
-    typer.Option("--hub", envvar="GRIDSWARM_HUB", help=f"hub URL (default {DEFAULT_HUB})"),
+    typer.Option(
+        "--hub",
+        envvar="GRIDSWARM_HUB",
+        help=f"hub URL, or the URLs of its replicas URL1,URL2,… (default {DEFAULT_HUB})",
+    ),
 ]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="more detail")]
 QuietOpt = Annotated[int, typer.Option("--quiet", "-q", count=True, help="less detail")]
@@ -168,6 +172,13 @@ def hub(
             "versions, deltas and dataset shards (--no-presign: the hub serves them itself)"
         ),
     ] = True,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="replica processes sharing the port and the database (PostgreSQL only; "
+            "or run hubs on several machines behind a load balancer)"
+        ),
+    ] = 1,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = 0,
 ) -> None:
@@ -177,7 +188,7 @@ def hub(
     -v/-q for more or less."""
     from gridswarm.hub.energy import load_hub_signals
     from gridswarm.hub.limits import load_sponsors
-    from gridswarm.hub.server import serve
+    from gridswarm.hub.server import check_workers, serve
     from gridswarm.hub.service import HubSettings
 
     logging.basicConfig(
@@ -198,8 +209,13 @@ def hub(
     for path in (tls_cert, tls_key):
         if path is not None and not path.is_file():
             _fail(f"{path}: no such file")
+    try:
+        check_workers(db, workers)
+    except ValueError as exc:
+        _fail(str(exc))
     scheme = "https" if tls_cert else "http"
-    console.print(f"gridswarm hub on {scheme}://{host}:{port}  db={db}  blobs={blobs}")
+    replicas = f"  replicas={workers}" if workers > 1 else ""
+    console.print(f"gridswarm hub on {scheme}://{host}:{port}  db={db}  blobs={blobs}{replicas}")
     by_region = {}
     if signals is not None:
         try:
@@ -220,7 +236,8 @@ def hub(
     )
     if max_run_memory_mb is not None:
         settings = dataclasses.replace(settings, max_run_memory_mb=max_run_memory_mb)
-    serve(db, blobs, host, port, settings, home, (tls_cert, tls_key) if tls_cert else None)
+    tls = (tls_cert, tls_key) if tls_cert else None
+    serve(db, blobs, host, port, settings, home, tls, workers=workers)
 
 
 @node_app.callback(invoke_without_command=True)
@@ -264,9 +281,9 @@ def node(
     if ctx.invoked_subcommand is not None:  # `gridswarm node balance|claim …`
         return
     from gridswarm.node.agent import NodeAgent, NodeOptions
-    from gridswarm.node.client import check_hub_url
+    from gridswarm.node.client import check_hub_urls
 
-    hub_url = check_hub_url(_hub_url(hub_url))
+    hub_url = check_hub_urls(_hub_url(hub_url))  # one URL, or replicas': URL1,URL2,…
     if energy is not None:
         from gridswarm.node.energy import load_node_energy
 

@@ -122,6 +122,7 @@ class Swarm:
         # the hub's blob store: its folder in the workdir, or s3://bucket/prefix (then the hub's
         # key and blob cache live in workdir/hub-home)
         self.blobs: str | None = None
+        self.replicas: dict[int, subprocess.Popen] = {}  # port -> hub replica (start_replica)
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         """`python -m gridswarm.cli ARGS` with output appended to `log_name` in the workdir."""
@@ -133,26 +134,40 @@ class Swarm:
                 env=self.env,
             )
 
-    def start_hub(self, timeout_s: float = 60.0) -> None:
+    def _hub_args(self, port: int) -> list[str]:
         blobs = self.blobs or str(self.workdir / "blobs")
         home = ["--home", str(self.workdir / "hub-home")] if blobs.startswith("s3://") else []
-        self.hub = self._spawn(
-            [
-                "hub",
-                "--db",
-                self.db_url,
-                "--blobs",
-                blobs,
-                "--port",
-                str(self.port),
-                "--liveness-s",
-                str(self.liveness_s),
-                *home,
-                *self.hub_extra,
-            ],
-            "hub.log",
-        )
+        return [
+            "hub",
+            "--db",
+            self.db_url,
+            "--blobs",
+            blobs,
+            "--port",
+            str(port),
+            "--liveness-s",
+            str(self.liveness_s),
+            *home,
+            *self.hub_extra,
+        ]
+
+    def start_hub(self, timeout_s: float = 60.0) -> None:
+        self.hub = self._spawn(self._hub_args(self.port), "hub.log")
         wait_healthy(self.url, self.hub, timeout_s, verify=tls_verify(self.env.get(CA_ENV)))
+
+    def start_replica(self, port: int, wait: bool = True, timeout_s: float = 90.0) -> str:
+        """Start one more hub process on `port` over the same database and blob folder (and so
+        the same hub key): a replica (PostgreSQL only). Returns its URL."""
+        self.replicas[port] = self._spawn(self._hub_args(port), f"hub-{port}.log")
+        url = f"http://127.0.0.1:{port}"
+        if wait:
+            wait_healthy(url, self.replicas[port], timeout_s)
+        return url
+
+    def kill_replica(self, port: int) -> None:
+        """SIGKILL the replica on `port` (by its pid), as in a crash."""
+        self.replicas[port].send_signal(signal.SIGKILL)
+        self.replicas[port].wait(timeout=10)
 
     def kill_hub(self) -> None:
         """SIGKILL the hub: no shutdown code runs, as in a crash."""
@@ -196,7 +211,8 @@ class Swarm:
 
     def stop(self) -> None:
         """SIGTERM the nodes (they leave cleanly), then the hub; SIGKILL what lingers."""
-        for group in (list(self.nodes.values()), [self.hub] if self.hub else []):
+        hubs = [self.hub] if self.hub else []
+        for group in (list(self.nodes.values()), [*hubs, *self.replicas.values()]):
             for proc in group:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)

@@ -581,8 +581,8 @@ class HubPrivacy:
         svc = self.svc
         carbon = svc._carbon(run_id, node_id, meta)  # energy accounting, as for any contribution
         with svc.lock, svc.sessions() as s:
+            run = svc._run(s, run_id, lock=True)  # replicas: one decision per run at a time
             svc._node(s, node_id)
-            run = svc._run(s, run_id)
             cfg = RunConfig.model_validate_json(run.config_json)
             if cfg.privacy.secagg is None:
                 raise HubError(409, f"run {run_id} does not use secure aggregation")
@@ -715,8 +715,8 @@ class HubPrivacy:
         """Store one node's answer to the current stage after checking it fits the round."""
         svc = self.svc
         with svc.lock, svc.sessions() as s:
+            run = svc._run(s, run_id, lock=True)  # replicas: one decision per run at a time
             svc._node(s, node_id)
-            run = svc._run(s, run_id)
             sess = s.get(m.SecAggSession, (run_id, round_number))
             if (
                 sess is None

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 
 from gridswarm.blobs import open_blob_store
 from gridswarm.hub.app import create_app
+from gridswarm.hub.replicas import MIGRATION_LOCK_KEY
 from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.identity import Identity
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger("gridswarm.hub")
+MAX_WORKERS = 64
+RESTART_WINDOW_S = 30.0  # a replica that died is restarted, unless this many died this recently:
+MAX_RESTARTS_IN_WINDOW = 10  # then the hub stops (something is wrong with every start)
+SQLITE_REPLICAS = "--workers > 1 needs PostgreSQL (--db postgresql://…): SQLite is one process"
 
 
 def make_engine(url: str) -> Engine:
@@ -45,6 +55,8 @@ def alembic(engine: Engine, action: str, target: str) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # replicas starting together migrate in turn
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
         cfg.attributes["connection"] = conn
         getattr(command, action)(cfg, target)
 
@@ -86,6 +98,14 @@ def build_service(
     return service
 
 
+def check_workers(db_url: str, workers: int) -> None:
+    """ValueError (one line) unless `workers` replicas can share `db_url`."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"--workers must be in [1, {MAX_WORKERS}], got {workers}")
+    if workers > 1 and make_engine(db_url).dialect.name == "sqlite":
+        raise ValueError(SQLITE_REPLICAS)
+
+
 def serve(
     db_url: str,
     blobs: str | Path,
@@ -94,11 +114,17 @@ def serve(
     settings: HubSettings | None = None,
     home: Path | None = None,
     tls: tuple[Path, Path] | None = None,
+    workers: int = 1,
 ) -> None:
-    """Serve the hub; with `tls` = (certificate chain PEM, private key PEM) over HTTPS only."""
+    """Serve the hub; with `tls` = (certificate chain PEM, private key PEM) over HTTPS only; with
+    `workers` > 1 as that many replica processes on one listening socket (PostgreSQL only)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    check_workers(db_url, workers)
+    if workers > 1:
+        serve_replicas(db_url, blobs, host, port, workers, settings, home, tls)
+        return
     service = build_service(db_url, blobs, settings, home)
     certfile, keyfile = tls if tls is not None else (None, None)
     uvicorn.run(
@@ -109,3 +135,98 @@ def serve(
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
     )
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket that forked replica processes share (the kernel hands each
+    new connection to one of them)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_replicas(
+    db_url: str,
+    blobs: str | Path,
+    host: str,
+    port: int,
+    workers: int,
+    settings: HubSettings | None = None,
+    home: Path | None = None,
+    tls: tuple[Path, Path] | None = None,
+) -> None:
+    """`gridswarm hub --workers N`: migrate, create the hub key and the ledger's genesis once,
+    bind one socket, then fork N replica processes that each build their own service (own
+    engine, own caches) and serve that socket. Any replica answers any request: they share
+    the database (row locks, hub/replicas.py) and the blob store. A replica that dies is
+    started again; SIGTERM/SIGINT stop them all."""
+    import uvicorn
+
+    build_service(db_url, blobs, settings, home).engine.dispose()  # schema, key, genesis
+    sock = listening_socket(host, port)
+    certfile, keyfile = tls if tls is not None else (None, None)
+
+    def replica() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            service = build_service(db_url, blobs, settings, home)
+            config = uvicorn.Config(
+                create_app(service),
+                log_level="warning",
+                ssl_certfile=certfile,
+                ssl_keyfile=keyfile,
+            )
+            uvicorn.Server(config).run(sockets=[sock])
+            code = 0
+        except BaseException:
+            log.exception("hub replica %d failed", os.getpid())
+            code = 1
+        logging.shutdown()
+        os._exit(code)
+
+    def start() -> int:
+        pid = os.fork()
+        if pid == 0:
+            replica()
+        log.info("hub replica started: pid %d", pid)
+        return pid
+
+    children = {start() for _ in range(workers)}
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    deaths: list[float] = []
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        children.discard(pid)
+        if stopping:
+            continue
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
+        log.warning("hub replica %d ended (exit %d)", pid, os.waitstatus_to_exitcode(status))
+        if len(deaths) > MAX_RESTARTS_IN_WINDOW:
+            log.error("hub replicas keep dying: stopping the hub")
+            stop(signal.SIGTERM, None)
+            continue
+        time.sleep(1.0)
+        if not stopping:
+            children.add(start())
+    sock.close()

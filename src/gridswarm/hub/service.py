@@ -48,6 +48,7 @@ from gridswarm.hub.lifecycle import (
 )
 from gridswarm.hub.limits import HOUR_S, RateLimiter, check_run_quota, check_sponsor
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
+from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite, lock_run, lock_runs
 from gridswarm.hub.rounds import (
     AssignmentState,
     Decision,
@@ -99,6 +100,7 @@ MAX_SKEW_S = 120.0
 LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this often (clock s)
 FORECAST_TTL_S = 60.0  # the hub's own carbon forecasts are fetched again after this
 LIVE_RECHECK_S = 10.0  # a long-poll waiting for min_nodes live nodes also asks again this often
+DATASET_RESCAN_S = 1.0  # an unknown digest rescans the runs' datasets at most this often
 RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
 DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
@@ -295,6 +297,7 @@ class HubService:
         identity: Identity | None = None,
     ) -> None:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self.engine = engine
         self.blobs = blobs
         self.settings = settings or HubSettings()
         self.clock = clock
@@ -318,7 +321,11 @@ class HubService:
         # silence is measured from here at the earliest: a hub outage is not the nodes' fault
         self.started_at = clock()
         self._dataset_blobs: set[str] = set()
-        self._dataset_blobs_loaded = False
+        self._dataset_blobs_loaded_at: float | None = None  # monotonic s of the last scan
+        # replicas (hub/replicas.py): one runs the round ticker; each wakes its own long-polls
+        # for changes the others made
+        self.lease = TickerLease(engine)
+        self.watch = None if is_sqlite(engine) else RoundWatch()
         self.privacy = HubPrivacy(self)  # DP accounting and SecAgg stages (hub/privacy.py)
         # ledger, audits, usefulness, reputation, rewards (hub/trust.py); `identity` is the hub's
         # persistent signing key (server.py loads it), a throwaway one only for in-memory use
@@ -367,6 +374,7 @@ class HubService:
         node_id = node_id_from_public_key(public_key)
         now = self.clock()
         with self.lock, self.sessions() as s:
+            self._lock_runs_of(s, node_id)  # releasing its work changes those runs
             node = s.get(m.Node, node_id)
             if node is None:
                 node = m.Node(id=node_id, public_key=public_key.hex(), registered_at=now)
@@ -424,9 +432,9 @@ class HubService:
         pending, self._heartbeats = self._heartbeats, {}
         s.execute(
             update(m.Node),
-            [
+            [  # in id order: two replicas' batches never wait for each other in a cycle
                 {"id": node_id, "status": status, "last_seen_at": seen_at}
-                for node_id, (status, seen_at) in pending.items()
+                for node_id, (status, seen_at) in sorted(pending.items())
             ],
         )
 
@@ -447,20 +455,27 @@ class HubService:
     def leave(self, node_id: str) -> int:
         """A node leaves: its outstanding assignments are released so rounds need not wait."""
         with self.lock, self.sessions() as s:
+            runs = self._lock_runs_of(s, node_id)  # run rows first, then node rows
             self.flush_heartbeats(s)
             self._node(s, node_id).status = "left"
-            runs = set(
-                s.scalars(
-                    select(m.Assignment.run_id).where(
-                        m.Assignment.node_id == node_id, m.Assignment.status == "assigned"
-                    )
-                )
-            )
             released = self._release_assignments(s, node_id)
             s.commit()
         for run_id in runs:  # places freed: waiting long-polls ask again
             self.round_changed(run_id)
         return released
+
+    @staticmethod
+    def _lock_runs_of(s: Session, node_id: str) -> set[str]:
+        """Lock the runs in which `node_id` holds outstanding work (before releasing it)."""
+        runs = set(
+            s.scalars(
+                select(m.Assignment.run_id).where(
+                    m.Assignment.node_id == node_id, m.Assignment.status == "assigned"
+                )
+            )
+        )
+        lock_runs(s, runs)
+        return runs
 
     @staticmethod
     def _release_assignments(s: Session, node_id: str) -> int:
@@ -495,13 +510,15 @@ class HubService:
         is rebuilt from the runs once per process (after a restart), then kept up to date."""
         if digest in self._dataset_blobs:
             return True
-        if not self._dataset_blobs_loaded:
+        # runs created by another replica are learnt by scanning again, at most once a second
+        scanned_at = self._dataset_blobs_loaded_at
+        if scanned_at is None or time.monotonic() - scanned_at >= DATASET_RESCAN_S:
             for config_json in s.scalars(select(m.Run.config_json)):
                 ref = manifest_ref(RunConfig.model_validate_json(config_json).data.dataset)
-                if ref is not None and self.blobs.has(ref):
+                if ref is not None and ref not in self._dataset_blobs and self.blobs.has(ref):
                     manifest = parse_manifest(self.blobs.get(ref))
                     self._dataset_blobs |= {ref, *manifest.digests()}
-            self._dataset_blobs_loaded = True
+            self._dataset_blobs_loaded_at = time.monotonic()
         return digest in self._dataset_blobs
 
     def create_run(self, sponsor_key: bytes, config: dict) -> RunCreateResponse:
@@ -583,8 +600,11 @@ class HubService:
             self.settings.max_runs_per_hour_per_identity,
         )
 
-    def _run(self, s: Session, run_id: str) -> m.Run:
-        run = s.get(m.Run, run_id)
+    def _run(self, s: Session, run_id: str, lock: bool = False) -> m.Run:
+        """The run (404 if none); with `lock`, its row locked until the transaction ends: every
+        transaction that changes a run's rounds, assignments or contributions takes it first, so
+        hub replicas serialize per run (hub/replicas.py)."""
+        run = lock_run(s, run_id) if lock else s.get(m.Run, run_id)
         if run is None:
             raise HubError(404, f"run {run_id} not found")
         return run
@@ -592,9 +612,9 @@ class HubService:
     def _own_assignment(
         self, s: Session, run_id: str, node_id: str, assignment_id: str
     ) -> tuple[m.Run, m.Assignment]:
-        """The run and one of `node_id`'s assignments in it (404 / 403 otherwise)."""
+        """The run, locked, and one of `node_id`'s assignments in it (404 / 403 otherwise)."""
+        run = self._run(s, run_id, lock=True)
         self._node(s, node_id)
-        run = self._run(s, run_id)
         assignment = s.get(m.Assignment, assignment_id)
         if assignment is None or assignment.run_id != run_id:
             raise HubError(404, f"assignment {assignment_id} not found in run {run_id}")
@@ -691,7 +711,7 @@ class HubService:
     ) -> dict:
         """The sponsor pauses, resumes or stops its run (hub/lifecycle.py decides)."""
         with self.lock, self.sessions() as s:
-            run = self._run(s, run_id)
+            run = self._run(s, run_id, lock=True)
             if run.sponsor_key != requester_key.hex():
                 raise HubError(
                     403, f"only the sponsor of run {run_id} may {event} it", Refusal.NOT_SPONSOR
@@ -821,12 +841,12 @@ class HubService:
             # reads first, writes at the end: on SQLite a write takes the database's one write
             # lock until commit, and nonces and heartbeats of other requests wait for it
             s.autoflush = False
+            run = self._run(s, run_id, lock=True)  # replicas decide one request at a time
             node = s.get(m.Node, node_id)
             if node is None:
                 raise HubError(403, f"node {node_id} is not registered")
             was_live = node.status != "left" and node.last_seen_at >= self._live_cutoff(now)
             self._heartbeats[node_id] = ("idle", now)  # a wait answer writes nothing: no fsync
-            run = self._run(s, run_id)
             if run.status != RunState.ACTIVE:
                 s.commit()
                 reason = f"run {run_id} is {run.status}" + (
@@ -847,6 +867,28 @@ class HubService:
                 m.Assignment.status.in_(("assigned", "submitted")),
             )
             has_seat = s.scalar(select(func.count()).where(*seats, m.Assignment.node_id == node_id))
+            if has_seat:
+                held = s.scalars(
+                    select(m.Assignment).where(
+                        m.Assignment.run_id == run.id,
+                        m.Assignment.round == run.round,
+                        m.Assignment.node_id == node_id,
+                        m.Assignment.status == "assigned",
+                    )
+                ).first()
+                if held is not None:
+                    # the node asks again while its work is outstanding: the answer that gave
+                    # it was lost (a replica, or the hub, died after the commit). The same
+                    # work again, so the round need not wait for its deadline.
+                    s.autoflush = True
+                    self._heartbeats.pop(node_id, None)
+                    node.last_seen_at, node.status = now, "training"
+                    answer = self._assigned(s, run, held)
+                    s.commit()
+                    log.info(
+                        "run %s round %d: assignment sent again to %s", run.id, run.round, node_id
+                    )
+                    return answer, None
             active = s.scalar(select(func.count()).where(*seats))
             live = s.scalar(
                 select(func.count()).where(
@@ -935,10 +977,16 @@ class HubService:
             s.add(row)
             self._heartbeats.pop(node_id, None)
             node.last_seen_at, node.status = now, "training"
-            version = s.get(m.Version, (run.id, rnd.base_version))
-            previous = s.get(m.Version, (run.id, rnd.base_version - 1))
+            answer = self._assigned(s, run, row)
             s.commit()
-        answer = AssignmentResponse(
+        return answer, None
+
+    @staticmethod
+    def _assigned(s: Session, run: m.Run, row: m.Assignment) -> AssignmentResponse:
+        """The answer that gives a node its assignment `row` (the versions it starts from)."""
+        version = s.get(m.Version, (run.id, row.base_version))
+        previous = s.get(m.Version, (run.id, row.base_version - 1))
+        return AssignmentResponse(
             status="assigned",
             assignment=Assignment(
                 id=row.id,
@@ -954,7 +1002,6 @@ class HubService:
                 config=json.loads(run.config_json),
             ),
         )
-        return answer, None
 
     def _prefetch_forecasts(self, run_id: str, now: float) -> None:
         """Fetch the hub's own intensity forecasts (`--signals`, possibly over HTTP) that a green
@@ -1121,7 +1168,21 @@ class HubService:
         on; after `RUN_FAILURES_TO_STOP` failures in a row (a transient database error passes)
         the run is marked `stalled` with the error as its reason (`run_status` shows it; the
         sponsor may resume it).
+
+        With several replicas on one database every replica writes its heartbeat notes and wakes
+        its long-polls for changes the others made (`watch_rounds`), and only the one holding
+        the ticker lease (hub/replicas.py) screens and advances rounds.
         """
+        terms = self.lease.terms
+        if not self.lease.held():
+            with self.sessions() as s:
+                self.flush_heartbeats(s)  # the lease holder decides with every replica's notes
+                s.commit()
+            self.watch_rounds()
+            return []
+        if self.lease.terms != terms:  # taken over: what another replica ticked is in the db
+            self.trust.forget_cached()
+            self._failures.clear()
         try:
             self.trust.prescreen(self.workload)  # audit uploads as they arrive, outside the lock
         except Exception:
@@ -1131,11 +1192,10 @@ class HubService:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
             s.commit()
             run_ids = s.scalars(select(m.Run.id).where(m.Run.status == "active")).all()
+        self.watch_rounds()
         for run_id in run_ids:
             try:
-                self._prepare_close(run_id)  # the heavy part of a due close, outside the lock
-                with self.lock:
-                    decision = self._advance(run_id)
+                decision = self.advance_run(run_id)
             except Exception as exc:
                 self._run_failed(run_id, exc)
                 continue
@@ -1143,6 +1203,31 @@ class HubService:
             if decision is not Decision.WAIT:
                 done.append((run_id, decision))
         return done
+
+    def advance_run(self, run_id: str) -> Decision:
+        """Advance one run's round now: the heavy part of a due close computed outside any lock,
+        then the decision taken and committed under the run's row lock. Safe to call from several
+        replicas at once: one closes the round, the others find it closed and wait."""
+        self._prepare_close(run_id)
+        with self.lock:
+            return self._advance(run_id)
+
+    def watch_rounds(self) -> None:
+        """Replicas only: wake this process's long-polls of the runs whose round, state or
+        places another replica changed, and forget the cached speeds of their nodes (another
+        replica took their contributions)."""
+        if self.watch is None:
+            return
+        try:
+            with self.sessions() as s:
+                moved = self.watch.changed(s, self._live_cutoff(self.clock()))
+        except Exception:
+            log.exception("watching the rounds of other replicas failed")
+            return
+        for run_id in moved:
+            for key in [k for k in self._achieved if k[0] == run_id]:
+                self._achieved.pop(key, None)
+            self.round_changed(run_id)
 
     def _run_failed(self, run_id: str, exc: Exception) -> None:
         """Count a failure of `run_id`'s advance; stall the run once it keeps failing."""
@@ -1154,7 +1239,7 @@ class HubService:
             # validate never will
         error = f"the hub could not advance its round: {type(exc).__name__}: {exc}"[:2000]
         with self.lock, self.sessions() as s:
-            run = s.get(m.Run, run_id)
+            run = lock_run(s, run_id)
             if run is not None and run.status == RunState.ACTIVE:
                 self._apply_event(s, run, RunEvent.STALL, error)
                 s.commit()
@@ -1164,7 +1249,9 @@ class HubService:
     def _advance(self, run_id: str) -> Decision:
         now = self.clock()
         with self.sessions() as s:
-            run = self._run(s, run_id)
+            # the run's row stays locked until the decision commits: a replica that closed this
+            # round first makes the others read the next round here, and they do nothing
+            run = self._run(s, run_id, lock=True)
             if run.status != RunState.ACTIVE:  # paused or stopped since `tick` listed it
                 return Decision.WAIT
             rnd, state, rules = self._round_state(s, run)
@@ -1181,6 +1268,10 @@ class HubService:
                     .values(status="missed")
                 )
                 s.commit()
+                s.expire_all()  # rows read before the commit may have changed since
+                run = self._run(s, run_id, lock=True)  # the commit released it: again, fresh
+                if run.status != RunState.ACTIVE:
+                    return Decision.WAIT
                 rnd, state, rules = self._round_state(s, run)
             decision = decide(state, rules, now)
             if RunConfig.model_validate_json(run.config_json).privacy.secagg:

@@ -49,6 +49,7 @@ from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import check_sponsor
 from gridswarm.hub.openapi import RunIdParam, openapi_body
+from gridswarm.hub.replicas import lock_run
 from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import RunEscrow, run_escrow
 from gridswarm.ledger.chain import Entry, LedgerError, SignedClaim
@@ -415,6 +416,11 @@ class HubTrust:
             row = s.get(m.TrustRound, (run.id, rnd.number))
         return row
 
+    def forget_cached(self) -> None:
+        """Drop what was read from the ledger once (calibrations): another replica may have
+        written more since (called when this replica takes over the ticker)."""
+        self._calibrations.clear()
+
     def _calibration(self, run_id: str, device: str) -> Calibration:
         """The stored calibration of replays on `device` for this run (from the ledger once)."""
         if run_id not in self._calibrations:
@@ -625,6 +631,7 @@ class HubTrust:
         seed = bytes.fromhex(seed_row.audit_seed)
         ex = self._examine(cfg, run.numel, workload, base, theta, c, a, rep, seed, False)
         with self.lock, self.sessions() as s:
+            lock_run(s, c.run_id)  # a replica closing this round waits, or has closed it
             fresh = s.get(m.Contribution, c.id)
             if fresh.status != "accepted" or fresh.audited is not None:
                 return 0  # the round closed meanwhile and screened it
@@ -937,6 +944,7 @@ class HubTrust:
         if payload.get("run_id") != run_id:
             raise HubError(422, f"fund claim names run {payload.get('run_id')!r}, not {run_id}")
         with self.lock, self.sessions() as s:
+            lock_run(s, run_id)  # two replicas funding at once: the escrow check sees both
             run = self._run(s, run_id)
             if run.sponsor_key != requester_key.hex():
                 raise HubError(

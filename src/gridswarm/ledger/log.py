@@ -5,7 +5,9 @@ Appends run in one transaction per batch: read the head, seal the entries (hub-s
 signed here; node claims arrive already signed), insert them with one executemany. `seq` is the
 primary key and `prev_hash` is unique, so two hub workers that read the same head cannot both
 commit: the loser gets an IntegrityError (or, on SQLite, a lock error), rolls back, and retries on
-the new head. The chain never forks.
+the new head. The chain never forks. On PostgreSQL an append first takes a transaction advisory
+lock (`LEDGER_LOCK_KEY`), so appenders in several processes (hub replicas) queue for the head
+instead of losing the race inside a caller's transaction.
 
 Works on SQLite and PostgreSQL (SQLAlchemy 2.x Core for the hot paths).
 """
@@ -32,6 +34,7 @@ from sqlalchemy import (
     event,
     insert,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -63,6 +66,7 @@ from gridswarm.ledger.chain import (
 )
 from gridswarm.ledger.merkle import MerkleTree, sha256
 
+LEDGER_LOCK_KEY = 0x6C656467_65726864  # "ledgerhd": the transaction lock on the chain's head
 HubItem = tuple[str, Mapping[str, Any]]
 """(kind, payload): an entry the hub writes and signs."""
 
@@ -306,6 +310,10 @@ class Ledger:
         assert self.hub is not None
         hub = self.hub
         now_ms = int(self.clock() * 1000)
+        if conn.dialect.name == "postgresql":
+            # one appender at a time across processes (hub replicas): the head read below is
+            # the head this batch extends; the lock is released when the transaction ends
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LEDGER_LOCK_KEY})
         self._refuse_replayed_claims(conn, [i for i in items if isinstance(i, SignedClaim)])
         head = conn.execute(
             select(TABLE.c.seq, TABLE.c.entry_hash).order_by(TABLE.c.seq.desc()).limit(1)

@@ -404,6 +404,7 @@ class NodeAgent:
         except HubRequestError as exc:
             if exc.reason is Refusal.DUPLICATE:
                 self.stats.contributions += 1  # an earlier try was stored before the ack was lost
+                log.info("run %s round %s: already stored (an earlier try)", a.run_id, a.round)
             else:
                 self.stats.rejected.append(exc.detail)
                 log.warning("round %s: contribution refused: %s", a.round, exc.detail)

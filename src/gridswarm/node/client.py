@@ -14,6 +14,7 @@ store) and checks the bytes exactly as it checks the hub's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -42,6 +43,7 @@ from gridswarm.protocol import (
     RunStateRequest,
 )
 
+log = logging.getLogger("gridswarm.node")
 CHUNK_BYTES = 8 << 20  # one ranged download request
 OBJECT_STORE_TRIES = 3  # a failing presigned GET is retried with a fresh URL from the hub
 MAX_LOCATION_CHARS = 8192  # a presigned URL longer than this is refused
@@ -145,12 +147,33 @@ URL_PATTERN = re.compile(r"^https?://[^/\s:]+")
 RetryCallback = Callable[[str, float, float | None], None]  # (cause, retry in s, give up in s)
 
 
+MAX_HUB_URLS = 16  # replicas one client fails over between
+
+
 def check_hub_url(url: str) -> str:
     """`url` without a trailing slash, or HubURLError saying how to write it."""
     if not URL_PATTERN.match(url):
         hint = f" (did you mean http://{url}?)" if "://" not in url else ""
         raise HubURLError(f"hub URL {url!r} needs an http:// or https:// scheme and a host{hint}")
     return url.rstrip("/")
+
+
+def hub_urls(value: str) -> list[str]:
+    """The hub replicas' URLs of `--hub URL1,URL2,…` (each checked; at most MAX_HUB_URLS, no
+    empty item, no repeat), or HubURLError naming the bad one."""
+    urls = [check_hub_url(u.strip()) for u in value.split(",")] if value.strip() else []
+    if not urls:
+        raise HubURLError("no hub URL given")
+    if len(urls) > MAX_HUB_URLS:
+        raise HubURLError(f"{len(urls)} hub URLs: at most {MAX_HUB_URLS}")
+    if len(set(urls)) != len(urls):
+        raise HubURLError(f"hub URL given twice in {value!r}")
+    return urls
+
+
+def check_hub_urls(value: str) -> str:
+    """`--hub URL1,URL2,…` checked and normalized (comma-joined), or HubURLError."""
+    return ",".join(hub_urls(value))
 
 
 def transport_cause(exc: httpx.TransportError) -> str:
@@ -164,29 +187,55 @@ def transport_cause(exc: httpx.TransportError) -> str:
 
 
 class HubClient:
+    """Signed requests to a hub, or to several replicas of one (`base_url` = "URL1,URL2,…"):
+    a connection error or a 5xx answer moves the client on to the next URL at once; only after
+    every URL failed in a row does it wait (backoff), and it gives up after `retry_for_s` as with
+    one URL. Signatures do not name the host, so a request is simply signed afresh for the next
+    replica. `base_url` is the URL in use now."""
+
     def __init__(
         self,
         base_url: str,
-        identity: Identity,
+        identity: Identity | None,  # None: unsigned reads only
         timeout_s: float = 60.0,
         retry_for_s: float | None = 120.0,
         stop: threading.Event | None = None,
         on_retry: RetryCallback | None = None,
         ca: str | Path | None = None,
     ) -> None:
-        self.base_url = check_hub_url(base_url)
+        self.base_urls = hub_urls(base_url)
         self.identity = identity
         self.retry_for_s = retry_for_s
         self.stop = stop or threading.Event()
         self.on_retry = on_retry
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, verify=tls_verify(ca))
+        verify = tls_verify(ca)
+        self.clients = [
+            httpx.Client(base_url=url, timeout=timeout_s, verify=verify) for url in self.base_urls
+        ]
+        # each identity starts on its own replica (spread by key), then moves on as they fail
+        spread = int.from_bytes(identity.public_key[:4], "big") if identity is not None else 0
+        self.current = spread % len(self.clients)
+        self.http = self.clients[self.current]
         # presigned object-store downloads: another host, so its own client (system CAs), which
         # sends only what `_object_get` gives it and follows no redirects of its own
         self.object_http = httpx.Client(timeout=timeout_s)
 
+    @property
+    def base_url(self) -> str:
+        return self.base_urls[self.current]
+
+    def fail_over(self) -> bool:
+        """Use the next replica's URL; False when there is only one."""
+        if len(self.clients) < 2:
+            return False
+        self.current = (self.current + 1) % len(self.clients)
+        self.http = self.clients[self.current]
+        log.info("hub replica unavailable: trying %s", self.base_url)
+        return True
+
     def close(self) -> None:
-        self.http.close()
-        self.object_http.close()
+        for client in {id(c): c for c in [*self.clients, self.http, self.object_http]}.values():
+            client.close()
 
     def request(
         self,
@@ -200,6 +249,7 @@ class HubClient:
         started = time.monotonic()
         give_up = None if self.retry_for_s is None else started + self.retry_for_s
         delay = 0.2
+        failed_in_a_row = 0  # URLs that failed since the last answer or wait
         while True:
             headers = {"content-type": "application/octet-stream"} | (extra_headers or {})
             if signed:
@@ -225,6 +275,11 @@ class HubClient:
                 if response.status_code < 500:
                     break
                 cause = f"hub answered {response.status_code}"
+            failed_in_a_row += 1
+            if failed_in_a_row < len(self.clients) and self.fail_over():
+                continue  # another replica may answer now: no wait
+            failed_in_a_row = 0
+            self.fail_over()  # after the wait, start with the next one
             left_s = None if give_up is None else max(give_up - time.monotonic(), 0.0)
             if self.on_retry is not None:
                 self.on_retry(cause, delay, left_s)

@@ -1,0 +1,140 @@
+"""What lets several hub processes (replicas) share one database: row locks, the ticker lease and
+the watch that wakes long-polls for changes other replicas made.
+
+- `lock_run` / `lock_runs`: `SELECT … FOR UPDATE` of runs' rows at the start of every transaction
+  that changes a run's rounds, assignments or contributions, so replicas serialize per run (and a
+  decision read under the lock cannot be stale). SQLite has no row locks and renders nothing: a
+  single hub process there is serialized by the service's own lock and the database's one
+  writer.
+- `TickerLease`: only the replica holding a PostgreSQL session advisory lock runs the ticker's
+  round work (screening, closing: the expensive part must not be done twice). The lock lives on
+  one connection; when that process dies, PostgreSQL drops the connection and the lock, and the
+  next replica to ask takes it over. Correctness never depends on it: a close still runs under
+  the run's row lock and publishes only if the round is still the one it computed.
+- `RoundWatch`: a long-poll sleeps on an in-process event; a close, replan or freed place made
+  by another replica is seen here (a small signature per active run, read every tick) and wakes
+  this replica's waiters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from gridswarm.hub import models as m
+
+log = logging.getLogger("gridswarm.hub")
+
+TICKER_LOCK_KEY = 0x67726964_7469636B & 0x7FFFFFFFFFFFFFFF  # "gridtick": the ticker lease
+MIGRATION_LOCK_KEY = 0x67726964_6D696772  # "gridmigr": replicas starting at once migrate in turn
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def lock_run(s: Session, run_id: str) -> m.Run | None:
+    """The run's row, locked FOR UPDATE until the transaction ends (fresh values, even if the
+    session had loaded it before); None if there is no such run."""
+    return s.scalars(
+        select(m.Run)
+        .where(m.Run.id == run_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).first()
+
+
+def lock_runs(s: Session, run_ids: Iterable[str]) -> None:
+    """Lock several runs' rows, always in id order, so two transactions that each need several
+    never wait for each other in a cycle."""
+    for run_id in sorted(set(run_ids)):
+        lock_run(s, run_id)
+
+
+class TickerLease:
+    """Whether this process may run the ticker's round work: always on SQLite (one process),
+    on PostgreSQL while it holds the session advisory lock `TICKER_LOCK_KEY` on its own
+    connection. `held()` is asked every tick: it checks the connection still lives (a lost
+    connection has lost the lock) and tries to take the lease when it is free."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.single = is_sqlite(engine)
+        self.conn: Connection | None = None
+        self.terms = 0  # how many times this process took the lease (caches reload on a new one)
+
+    def held(self) -> bool:
+        if self.single:
+            return True
+        try:
+            if self.conn is not None:
+                self.conn.execute(text("SELECT 1"))
+                return True
+            conn = self.engine.connect()
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": TICKER_LOCK_KEY})
+            if got.scalar():
+                conn.commit()  # the session lock outlives the transaction
+                self.conn = conn
+                self.terms += 1
+                log.info("this hub replica runs the round ticker")
+                return True
+            conn.rollback()
+            conn.close()
+            return False
+        except SQLAlchemyError:
+            self.release()
+            return False
+
+    def release(self) -> None:
+        """Give the lease up (closing the connection releases the lock)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.invalidate()  # never back to the pool with the lock held
+                conn.close()
+            except SQLAlchemyError:
+                pass
+
+
+class RoundWatch:
+    """Per active run, a signature of what a waiting long-poll's answer depends on (run state,
+    round, its status and attempt, places taken, live nodes); `changed` returns the runs whose
+    signature moved since the last call. Two queries, whatever the number of nodes."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple] = {}
+
+    def changed(self, s: Session, live_cutoff: float) -> list[str]:
+        rows = s.execute(
+            select(
+                m.Run.id, m.Run.status, m.Run.round, m.Run.version, m.Round.status, m.Round.attempt
+            )
+            .join(m.Round, (m.Round.run_id == m.Run.id) & (m.Round.number == m.Run.round))
+            .where(m.Run.status.in_(("active", "paused", "stalled")))
+        ).all()
+        seats = dict(
+            s.execute(
+                select(m.Assignment.run_id, func.count())
+                .join(
+                    m.Run,
+                    (m.Run.id == m.Assignment.run_id) & (m.Run.round == m.Assignment.round),
+                )
+                .where(m.Run.status == "active", m.Assignment.status.in_(("assigned", "submitted")))
+                .group_by(m.Assignment.run_id)
+            ).all()
+        )
+        live = s.scalar(
+            select(func.count()).where(m.Node.last_seen_at >= live_cutoff, m.Node.status != "left")
+        )
+        now = {}
+        for run_id, *state in rows:
+            pending = state[3] == "pending"
+            now[run_id] = (*state, seats.get(run_id, 0), live if pending else None)
+        moved = [r for r, sig in now.items() if self.seen.get(r) not in (None, sig)]
+        moved += [r for r in self.seen if r not in now]  # ended, or no longer listed
+        self.seen = now
+        return moved

@@ -1,0 +1,130 @@
+"""Hub replicas on one PostgreSQL: several `HubService`s (as several processes would have) race
+for the same decisions, and the database's row locks make exactly one of them take each."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from gridswarm.config import RunConfig
+from gridswarm.hub import models as m
+from gridswarm.hub.rounds import Decision
+from gridswarm.hub.server import build_service
+from gridswarm.hub.service import HubService
+from gridswarm.identity import Identity
+from gridswarm.ledger.log import LedgerEntryRow
+from gridswarm.protocol import ContributionMeta, RegisterRequest
+from gridswarm.train.codecs import make_codec
+from gridswarm.train.params import pack, unpack_vector
+from gridswarm.train.workload import Workload
+from gridswarm.trust.claims import sign_contribution
+from tests.conftest import tiny_run
+
+pytestmark = pytest.mark.postgres
+
+
+def replicas(db_url: str, workdir: Path, count: int) -> list[HubService]:
+    """`count` hub services on one database and one blob folder (one hub key), as processes."""
+    return [build_service(db_url, workdir / "blobs", home=workdir) for _ in range(count)]
+
+
+def contribute(hub: HubService, run_id: str, identity: Identity, node_id: str) -> None:
+    """Ask `hub` for work as `node_id`, train it for real and upload it to `hub`."""
+    answer = hub.request_assignment(run_id, node_id)
+    assert answer.status == "assigned", answer
+    a = answer.assignment
+    workload = Workload.from_config(RunConfig.model_validate(a.config))
+    theta = unpack_vector(hub.blobs.get(a.weights_blob))
+    result = workload.train(theta, a.round, node_id, a.inner_steps, a.attempt)
+    codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
+    tensors = codec.encode(result.pseudo_gradient)
+    meta = ContributionMeta(
+        assignment_id=a.id,
+        codec=codec.name,
+        steps=result.steps,
+        tokens=result.tokens,
+        loss_first=result.loss_first,
+        loss_last=result.loss_last,
+        loss_mean=result.loss_mean,
+        train_time_s=1.0,
+        threads=1,
+    )
+    claim = sign_contribution(identity, run_id, a.round, tensors, meta.model_dump())
+    hub.submit(
+        run_id, node_id, pack(tensors, meta.model_copy(update={"claim": claim}).model_dump())
+    )
+
+
+def test_three_replicas_race_to_close_one_round_and_exactly_one_publishes(
+    pg_database: str, tmp_path: Path
+):
+    torch.set_num_threads(1)
+    hubs = replicas(pg_database, tmp_path, 3)
+    sponsor = Identity.generate()
+    cfg = tiny_run(round={"deadline_s": 120, "quorum": 2, "min_nodes": 2, "max_nodes": 2})
+    run_id = hubs[0].create_run(sponsor.public_key, cfg).run_id
+    numel = hubs[0].run_status(run_id)["numel"]
+    nodes = []
+    for i, hub in enumerate(hubs[:2]):  # each node registers with, and works through, its replica
+        ident = Identity.generate()
+        request = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=numel, name=f"n{i}")
+        nodes.append((hub, ident, hub.register(ident.public_key, request)))
+    for hub, ident, node_id in nodes:
+        contribute(hub, run_id, ident, node_id)
+
+    barrier = threading.Barrier(len(hubs))
+    decisions: list[Decision] = []
+    errors: list[BaseException] = []
+
+    def race(hub: HubService) -> None:
+        try:
+            barrier.wait(timeout=30)
+            decisions.append(hub.advance_run(run_id))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(hub,)) for hub in hubs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert sorted(decisions) == sorted([Decision.CLOSE, Decision.WAIT, Decision.WAIT])
+
+    with hubs[0].sessions() as s:
+        versions = s.scalars(
+            select(m.Version.number).where(m.Version.run_id == run_id).order_by(m.Version.number)
+        ).all()
+        rounds = {r.number: r.status for r in s.scalars(select(m.Round))}
+        run = s.get(m.Run, run_id)
+        accepted = s.scalar(select(func.count()).select_from(m.Contribution))
+        closes = [
+            payload
+            for e in s.scalars(select(LedgerEntryRow).where(LedgerEntryRow.kind == "round"))
+            if (payload := json.loads(e.payload_json))["event"] == "close"
+        ]
+    assert versions == [0, 1]  # exactly one replica published version 1
+    assert (run.version, run.round) == (1, 1)
+    assert rounds == {0: "closed", 1: "pending"}
+    assert accepted == 2
+    assert [(c["round"], c["version"]) for c in closes] == [(0, 1)]  # one close on the ledger
+    assert hubs[1].trust.verify()["ok"] is True
+    for hub in hubs:  # no replica counted a failed advance (a lost race would be one)
+        assert hub._failures == {}
+
+
+def test_one_replica_holds_the_ticker_lease_and_another_takes_it_over(
+    pg_database: str, tmp_path: Path
+):
+    hubs = replicas(pg_database, tmp_path, 2)
+    held = [hub.lease.held() for hub in hubs]
+    assert held == [True, False]
+    assert hubs[0].lease.held() and not hubs[1].lease.held()  # asked again: unchanged
+    hubs[0].lease.release()  # as when its process dies: the connection and the lock go
+    assert hubs[1].lease.held()
+    assert not hubs[0].lease.held()

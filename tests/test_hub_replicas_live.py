@@ -1,0 +1,165 @@
+"""Three hub replica processes on one PostgreSQL and one blob folder, three nodes given all three
+URLs; replicas are SIGKILLed (by pid) and restarted while the run trains. Nothing acknowledged
+is lost, no round waits for its deadline, and the ledger stays one verifiable chain."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gridswarm.hub import models as m
+from gridswarm.hub.server import SQLITE_REPLICAS, make_engine
+from gridswarm.identity import Identity
+from gridswarm.node.client import HubClient
+from gridswarm.swarm import free_port, wait_healthy
+from tests.conftest import tiny_run, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+ROUNDS = 24
+DEADLINE_S = 90  # generous: a round that waited for it would show as closed at the deadline
+MAX_KILLS = 5
+
+
+def answers(url: str) -> bool:
+    """Whether the hub at `url` answers /healthz now."""
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def acknowledged(log_text: str, run_id: str) -> list[int]:
+    """Rounds whose contribution the node saw acknowledged (or stored by an earlier try)."""
+    pattern = rf"run {run_id} round (\d+): (?:H=|already stored)"
+    return [int(r) for r in re.findall(pattern, log_text)]
+
+
+def test_replicas_survive_sigkill_and_lose_nothing_acknowledged(pg_database, make_swarm):
+    # pg_database first: its database is dropped only after the swarm's processes stopped
+    swarm = make_swarm(db_url=pg_database, liveness_s=8.0)
+    ports = [free_port() for _ in range(3)]
+    urls = [swarm.start_replica(port) for port in ports]
+    hub_list = ",".join(urls)
+    sponsor = HubClient(hub_list, Identity.generate(), retry_for_s=60)
+    config = tiny_run(
+        round={"deadline_s": DEADLINE_S, "quorum": 2, "min_nodes": 2, "max_nodes": 3},
+        budget={"rounds": ROUNDS},
+    )
+    run_id = sponsor.create_run(config).run_id
+    nodes = {  # throttled: rounds last long enough for the kills, without more CPU
+        swarm.start_node(f"n{i}", run_id, throttle=0.5, hub_url=hub_list): f"n{i}" for i in range(3)
+    }
+
+    kills = 0
+    next_kill = time.monotonic() + 6.0
+    give_up = time.monotonic() + 240.0
+    while time.monotonic() < give_up:
+        status = sponsor.run_status(run_id)
+        if status["status"] == "finished":
+            break
+        up = [p for p, url in zip(ports, urls, strict=True) if answers(url)]
+        # kill only while another replica is up, so that one always serves (a restart takes
+        # seconds: without this all three could be down at once)
+        if kills < MAX_KILLS and time.monotonic() >= next_kill and len(up) >= 2:
+            port = up[kills % len(up)]
+            swarm.kill_replica(port)  # SIGKILL by pid
+            kills += 1
+            time.sleep(0.5)
+            swarm.start_replica(port, wait=False)
+            next_kill = time.monotonic() + 2.5
+        time.sleep(0.3)
+    status = wait_for(
+        lambda: (s := sponsor.run_status(run_id))["status"] == "finished" and s, 30, "the run"
+    )
+    assert kills >= 3, f"the run finished after {kills} kills: too fast to test anything"
+    print(f"{kills} replicas killed during {ROUNDS} rounds")
+    assert status["version"] == ROUNDS
+
+    verify = sponsor.request("GET", "/v1/ledger/verify", signed=False).json()
+    assert verify["ok"] is True, verify
+
+    engine = make_engine(pg_database)
+    with Session(engine) as s:
+        stored = Counter(
+            (c.node_id, c.round)
+            for c in s.scalars(select(m.Contribution).where(m.Contribution.run_id == run_id))
+        )
+        rounds = s.scalars(select(m.Round).where(m.Round.run_id == run_id)).all()
+        versions = s.scalars(
+            select(m.Version.number).where(m.Version.run_id == run_id).order_by(m.Version.number)
+        ).all()
+    engine.dispose()
+    assert versions == list(range(ROUNDS + 1))  # each version published once
+    assert all(count == 1 for count in stored.values()), stored
+    for node_id, name in nodes.items():
+        log_text = (swarm.workdir / f"{name}.log").read_text()
+        for rnd in acknowledged(log_text, run_id):
+            assert stored[(node_id, rnd)] == 1, f"{name}'s acknowledged round {rnd} is not stored"
+    closed = [r for r in rounds if r.status == "closed"]
+    assert len(closed) == ROUNDS
+    # no round waited for its deadline because a replica died: all closed with every answer in
+    assert [r.close_reason for r in closed] == ["all-in"] * ROUNDS
+    assert all(r.closed_at - r.opened_at < DEADLINE_S / 2 for r in closed)
+
+
+def children(pid: int) -> set[int]:
+    """The child processes of `pid` (Linux /proc)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return {int(p) for p in text.split()}
+
+
+def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "gridswarm.cli", "hub", "--blobs", str(tmp_path / "blobs")]
+    refused = subprocess.run(
+        [*args, "--db", f"sqlite:///{tmp_path}/hub.db", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert refused.returncode != 0
+    assert [line for line in refused.stderr.splitlines() if line.strip()] == [
+        "error: " + SQLITE_REPLICAS
+    ]
+    with open(tmp_path / "hub.log", "ab") as log:  # the process keeps its own copy
+        hub = subprocess.Popen(
+            [*args, "--db", pg_database, "--port", str(port), "--workers", "2"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        wait_healthy(url, hub, timeout_s=90)
+        workers = wait_for(lambda: len(children(hub.pid)) == 2 and children(hub.pid), 60, "2")
+        sponsor = HubClient(url, Identity.generate(), retry_for_s=30)
+        run_id = sponsor.create_run(tiny_run()).run_id
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        replaced = wait_for(
+            lambda: (now := children(hub.pid)) and len(now) == 2 and victim not in now and now,
+            60,
+            "the killed worker to be replaced",
+        )
+        assert len(replaced & workers) == 1
+        for _ in range(6):  # whichever worker answers, it knows the run
+            assert sponsor.run_status(run_id)["status"] == "active"
+        hub.send_signal(signal.SIGTERM)
+        assert hub.wait(timeout=30) == 0
+    finally:
+        if hub.poll() is None:
+            hub.kill()
+            hub.wait(timeout=10)
