@@ -86,7 +86,6 @@ from gridswarm.train.memory import OverBudget, check_memory
 from gridswarm.train.outer import outer_update
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
-from gridswarm.trust.claims import claimed_work_error
 
 MAX_SKEW_S = 120.0
 LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this often (clock s)
@@ -1000,32 +999,13 @@ class HubService:
         carbon = self._carbon(run_id, node_id, meta)
         with self.lock, self.sessions() as s:
             run, assignment = self._own_assignment(s, run_id, node_id, meta.assignment_id)
-            if assignment.status == "submitted":
-                raise HubError(
-                    409, "duplicate: this assignment already has a contribution", Refusal.DUPLICATE
-                )
-            if run.status != RunState.ACTIVE:
-                reason = f": {run.status_reason}" if run.status_reason else ""
-                raise HubError(409, f"stale: run {run_id} is {run.status}{reason}", Refusal.STALE)
-            if assignment.status != "assigned" or assignment.round != run.round:
-                if assignment.status == "assigned":
-                    assignment.status = "late"
-                    s.commit()
-                raise HubError(
-                    409,
-                    f"stale: assignment for round {assignment.round} is {assignment.status}; "
-                    f"the run is at round {run.round} (late contributions are rejected)",
-                    Refusal.STALE,
-                )
-            cfg = RunConfig.model_validate_json(run.config_json)
-            try:
-                self._check_claims(meta, assignment, cfg, tensors, run.numel)
-            except HubError as exc:  # a false work claim (tokens, steps) goes on the ledger
-                self.trust.record_false_claim(s, run, cfg, node_id, assignment, exc)
-                raise
-            # the node's signed claim, its energy report, no replayed update (hub/trust.py)
+            # the checks every upload passes, SecAgg ones too (hub/acceptance.py, on the ledger)
+            node = s.get(m.Node, node_id)
+            cfg = self.trust.accept_upload(s, run, node, assignment, meta)
+            self._check_payload(cfg, tensors, run.numel)
+            # the node's signed claim over the update, no replayed update (hub/trust.py)
             screened = self.trust.screen_submission(
-                s, run, cfg, s.get(m.Node, node_id), assignment, meta.model_dump(), tensors
+                s, run, cfg, node, assignment, meta.model_dump(), tensors
             )
             # every check passed: the blob, then the rows; a failed commit removes the blob again
             with provisional(self.blobs, body) as digest:
@@ -1046,27 +1026,8 @@ class HubService:
         return ContributionAck(contribution_id=digest, accepted=True, bytes_up=len(body))
 
     @staticmethod
-    def _check_claims(
-        meta: ContributionMeta,
-        assignment: m.Assignment,
-        cfg: RunConfig,
-        tensors: dict[str, torch.Tensor],
-        numel: int,
-    ) -> None:
-        if meta.codec != cfg.comm.codec:
-            raise HubError(400, f"codec {meta.codec!r} does not match the run's {cfg.comm.codec!r}")
-        claim_error = claimed_work_error(
-            meta.steps, meta.tokens, assignment.inner_steps, cfg.tokens_per_step
-        )
-        if claim_error:
-            raise HubError(400, claim_error, Refusal.FALSE_CLAIM)
-        if meta.micro_batch_size is not None and meta.micro_batch_size > cfg.train.batch_size:
-            raise HubError(
-                400,
-                f"micro_batch_size {meta.micro_batch_size} exceeds the run's batch_size "
-                f"{cfg.train.batch_size}",
-                Refusal.MALFORMED,
-            )
+    def _check_payload(cfg: RunConfig, tensors: dict[str, torch.Tensor], numel: int) -> None:
+        """The update decodes with the run's codec to `numel` finite values."""
         try:
             vec = make_codec(cfg.comm.codec, cfg.comm.block_size).decode(tensors, numel)
         except BlobFormatError as exc:
