@@ -46,7 +46,9 @@ from gridswarm.hub.rounds import (
     Decision,
     RoundRules,
     RoundState,
+    budget_reason,
     decide,
+    decide_after_screening,
     lost_assignments,
     may_take_seat,
 )
@@ -1257,8 +1259,9 @@ class HubService:
         workload = self.workload(run.id, run.config_json)
         base = s.get(m.Version, (run.id, rnd.base_version))
         # replay audits + usefulness first: rejected contributions are not aggregated (trust.py)
-        if not self.trust.screen_round(s, run, rnd, cfg, workload, base):
-            self._replan(s, run, rnd, now)  # every contribution was rejected: the round goes on
+        screening = self.trust.screen_round(s, run, rnd, cfg, workload, base)
+        if decide_after_screening(screening, self._rules(cfg)) is Decision.REPLAN:
+            self._replan(s, run, rnd, now)  # audits left fewer than the quorum: it goes on
             return
         contributions = self._accepted(s, run.id, rnd.number)
         new = self._new_version(s, run, rnd, cfg, base, contributions, now)
@@ -1293,15 +1296,13 @@ class HubService:
             version.val_loss,
         )
         run.version, run.tokens_total = number, run.tokens_total + tokens
-        budget = cfg.budget
-        if (
-            (budget.rounds is not None and number >= budget.rounds)
-            or (budget.tokens is not None and run.tokens_total >= budget.tokens)
-            or self.privacy.stop_reason(s, run, cfg, now)  # epsilon budget would be passed
-        ):
+        finished = budget_reason(  # rounds or tokens spent, or epsilon would be passed
+            cfg.budget.rounds, cfg.budget.tokens, number, run.tokens_total
+        ) or self.privacy.stop_reason(s, run, cfg, now)
+        if finished:
             run.status, run.finished_at = transition(RunState.ACTIVE, RunEvent.FINISH), now
-            run.status_changed_at = now
-            log.info("run %s finished at version %d", run.id, number)
+            run.status_changed_at, run.status_reason = now, finished
+            log.info("run %s finished at version %d: %s", run.id, number, finished)
         else:
             run.round = rnd.number + 1
             s.add(

@@ -59,6 +59,7 @@ from gridswarm.hub.acceptance import (
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import check_sponsor
 from gridswarm.hub.openapi import RunIdParam, openapi_body
+from gridswarm.hub.rounds import Screening
 from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import RunEscrow, run_escrow
 from gridswarm.ledger.chain import Entry, LedgerError, SignedClaim
@@ -674,13 +675,13 @@ class HubTrust:
         cfg: RunConfig,
         workload: Workload,
         base: m.Version,
-    ) -> bool:
+    ) -> Screening:
         """Before aggregation: audit and score what `prescreen` has not yet; reject the bad.
         Identical updates from different nodes are all audited: the replay tells the author
         from the copier.
 
-        Returns False when audits rejected every contribution the round had (nothing to
-        aggregate: the caller re-plans the round), True otherwise.
+        Returns what is left of the round's contributions (`rounds.decide_after_screening`
+        decides whether that still makes the quorum).
         """
         contributions = s.scalars(
             select(m.Contribution)
@@ -692,7 +693,7 @@ class HubTrust:
                 if c.audited is None:
                     c.audited, c.audit_rate = False, 0.0
                     c.verdict_reason = f"not audited: {audit_skip_reason(cfg)}"
-            return True
+            return self._screening(contributions)
         copies = Counter(c.update_sha256 for c in contributions if c.update_sha256)
         todo = [
             c
@@ -712,8 +713,15 @@ class HubTrust:
             )
             self._apply(s, run, cfg, c, a, ex)
         s.flush()
-        accepted = sum(c.status == "accepted" for c in contributions)
-        return accepted > 0 or not any(c.status == "rejected" for c in contributions)
+        return self._screening(contributions)
+
+    @staticmethod
+    def _screening(contributions: Sequence[m.Contribution]) -> Screening:
+        """Counts of the round's contributions by what screening (and SecAgg) left of them:
+        accepted ones of earlier attempts are kept by a re-plan and count; a failed SecAgg
+        attempt's are `discarded` and do not."""
+        counts = Counter(c.status for c in contributions)
+        return Screening(counts["accepted"], counts["rejected"], counts["dropped"])
 
     def _reject(
         self,
