@@ -12,7 +12,8 @@ round that would take epsilon past its budget (`stop_reason`).
 
 SecAgg stages of one round (the hub never dials a node; nodes poll `task`):
 
-    training   node trains, then POST secagg/advertise {meta, public keys}  (= its contribution)
+    training   node trains, then POST secagg/advertise {meta, public keys}  (= its contribution;
+               accepted or refused by hub/acceptance.py exactly like a plain upload)
     [round decides CLOSE: quorum in]  hub fixes the participants and the SecAggConfig
     share      node polls task -> KeyBroadcast; POST secagg/{round}/{attempt}/share  ShareKeys
     mask       node polls task -> ShareDelivery; POST .../masked  uint32 words (a blob)
