@@ -31,7 +31,7 @@ from gridswarm.blobs import LocalBlobStore
 from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
 from gridswarm.hub.server import migrate
-from gridswarm.hub.service import HubService
+from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.identity import Identity
 from gridswarm.protocol import ContributionMeta, RegisterRequest
 from gridswarm.train.codecs import make_codec
@@ -72,6 +72,15 @@ class HarnessNode:
     speed_tokens_per_s: float
 
 
+def new_service(workdir: Path, clock: FakeClock, settings: HubSettings | None = None) -> HubService:
+    """The real hub service on a fresh SQLite database and blob folder in `workdir`."""
+    engine = create_engine(f"sqlite:///{workdir / 'hub.db'}")
+    migrate(engine)
+    service = HubService(engine, LocalBlobStore(workdir / "blobs"), settings, clock=clock)
+    service.trust.ensure_genesis()
+    return service
+
+
 def run_golden(
     workdir: Path,
     config: dict | None = None,
@@ -81,10 +90,7 @@ def run_golden(
     """Run the fixed-seed swarm to its budget; the loss curve and version hashes it published."""
     torch.set_num_threads(1)
     clock = FakeClock()
-    engine = create_engine(f"sqlite:///{workdir / 'hub.db'}")
-    migrate(engine)
-    service = HubService(engine, LocalBlobStore(workdir / "blobs"), clock=clock)
-    service.trust.ensure_genesis()
+    service = new_service(workdir, clock)
     sponsor = Identity.generate()
     run_id = service.create_run(sponsor.public_key, config or GOLDEN_RUN).run_id
     # the nodes build their own model and corpus from the run's settings, as real nodes do

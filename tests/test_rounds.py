@@ -3,7 +3,10 @@ from gridswarm.hub.rounds import (
     Decision,
     RoundRules,
     RoundState,
+    Screening,
+    budget_reason,
     decide,
+    decide_after_screening,
     lost_assignments,
     may_assign,
 )
@@ -34,6 +37,23 @@ def test_deadline_closes_with_quorum_and_replans_without():
 
 def test_all_in_below_quorum_waits_for_more_nodes():
     assert decide(state("submitted", "missed"), RULES, 50) is Decision.WAIT
+
+
+def test_screening_that_leaves_fewer_than_the_quorum_replans_instead_of_closing():
+    assert decide_after_screening(Screening(accepted=2, rejected=0), RULES) is Decision.CLOSE
+    assert decide_after_screening(Screening(accepted=2, rejected=1), RULES) is Decision.CLOSE
+    assert decide_after_screening(Screening(accepted=1, rejected=1), RULES) is Decision.REPLAN
+    assert decide_after_screening(Screening(accepted=0, rejected=2), RULES) is Decision.REPLAN
+    # SecAgg dropouts within t were part of the quorum that fixed the participants
+    assert decide_after_screening(Screening(1, 0, dropped=1), RULES) is Decision.CLOSE
+
+
+def test_a_run_finishes_at_its_round_or_token_budget_and_says_which():
+    assert budget_reason(None, None, 10**6, 10**9) is None
+    assert budget_reason(6, None, 5, 0) is None
+    assert budget_reason(6, None, 6, 0) == "budget.rounds reached: 6 of 6 rounds"
+    assert budget_reason(None, 1000, 2, 999) is None
+    assert budget_reason(None, 1000, 2, 1024) == "budget.tokens reached: 1024 of 1000 tokens"
 
 
 def test_silent_nodes_are_lost():

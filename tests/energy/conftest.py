@@ -79,7 +79,8 @@ def recorded_api() -> Iterator[RecordedApi]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # a short poll interval: shutdown() waits for the loop's next poll (0.5 s by default)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     api.base_url = f"http://127.0.0.1:{server.server_address[1]}"
     try:

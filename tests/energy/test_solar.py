@@ -123,6 +123,7 @@ def validation(energy_data: Path):
     )
 
 
+@pytest.mark.slow  # a year of measured output against the model: ~4 s of pandas and pvlib
 def test_pv_model_against_pvdaq_system50(validation):
     v = validation
     # stated bounds (docs/energy.md): annual energy within 10 %, daily profile NRMSE < 15 %,

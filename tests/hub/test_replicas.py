@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,22 @@ from tests.conftest import tiny_run
 pytestmark = pytest.mark.postgres
 
 
-def replicas(db_url: str, workdir: Path, count: int) -> list[HubService]:
-    """`count` hub services on one database and one blob folder (one hub key), as processes."""
-    return [build_service(db_url, workdir / "blobs", home=workdir) for _ in range(count)]
+@pytest.fixture
+def replicas(pg_database: str, tmp_path: Path) -> Iterator[Callable[[int], list[HubService]]]:
+    """`count` hub services on one database and one blob folder (one hub key), as processes;
+    their leases and connections are given back at teardown (the server's slots are shared)."""
+    made: list[HubService] = []
+
+    def make(count: int) -> list[HubService]:
+        made.extend(
+            build_service(pg_database, tmp_path / "blobs", home=tmp_path) for _ in range(count)
+        )
+        return made[-count:]
+
+    yield make
+    for hub in made:
+        hub.lease.release()
+        hub.engine.dispose()
 
 
 def contribute(hub: HubService, run_id: str, identity: Identity, node_id: str) -> None:
@@ -60,11 +74,9 @@ def contribute(hub: HubService, run_id: str, identity: Identity, node_id: str) -
     )
 
 
-def test_three_replicas_race_to_close_one_round_and_exactly_one_publishes(
-    pg_database: str, tmp_path: Path
-):
+def test_three_replicas_race_to_close_one_round_and_exactly_one_publishes(replicas):
     torch.set_num_threads(1)
-    hubs = replicas(pg_database, tmp_path, 3)
+    hubs = replicas(3)
     sponsor = Identity.generate()
     cfg = tiny_run(round={"deadline_s": 120, "quorum": 2, "min_nodes": 2, "max_nodes": 2})
     run_id = hubs[0].create_run(sponsor.public_key, cfg).run_id
@@ -118,10 +130,8 @@ def test_three_replicas_race_to_close_one_round_and_exactly_one_publishes(
         assert hub._failures == {}
 
 
-def test_one_replica_holds_the_ticker_lease_and_another_takes_it_over(
-    pg_database: str, tmp_path: Path
-):
-    hubs = replicas(pg_database, tmp_path, 2)
+def test_one_replica_holds_the_ticker_lease_and_another_takes_it_over(replicas):
+    hubs = replicas(2)
     held = [hub.lease.held() for hub in hubs]
     assert held == [True, False]
     assert hubs[0].lease.held() and not hubs[1].lease.held()  # asked again: unchanged

@@ -12,7 +12,8 @@ round that would take epsilon past its budget (`stop_reason`).
 
 SecAgg stages of one round (the hub never dials a node; nodes poll `task`):
 
-    training   node trains, then POST secagg/advertise {meta, public keys}  (= its contribution)
+    training   node trains, then POST secagg/advertise {meta, public keys}  (= its contribution;
+               accepted or refused by hub/acceptance.py exactly like a plain upload)
     [round decides CLOSE: quorum in]  hub fixes the participants and the SecAggConfig
     share      node polls task -> KeyBroadcast; POST secagg/{round}/{attempt}/share  ShareKeys
     mask       node polls task -> ShareDelivery; POST .../masked  uint32 words (a blob)
@@ -59,7 +60,6 @@ from gridswarm.privacy.dp import (
     gaussian_noise,
 )
 from gridswarm.privacy.live import (
-    SECAGG_CODEC,
     clip_range,
     session_name,
     sum_denominator,
@@ -84,7 +84,6 @@ from gridswarm.privacy.secagg import (
 from gridswarm.protocol import (
     API,
     MAX_JSON_BYTES,
-    ContributionMeta,
     Refusal,
     SecAggAdvertisement,
     SecAggStageMessage,
@@ -93,7 +92,6 @@ from gridswarm.protocol import (
 )
 from gridswarm.train.aggregate import make_aggregator
 from gridswarm.train.params import pack_vector, unpack_vector
-from gridswarm.trust.claims import claimed_work_error
 
 if TYPE_CHECKING:
     from gridswarm.hub.service import HubService
@@ -582,24 +580,14 @@ class HubPrivacy:
         carbon = svc._carbon(run_id, node_id, meta)  # energy accounting, as for any contribution
         with svc.lock, svc.sessions() as s:
             run = svc._run(s, run_id, lock=True)  # replicas: one decision per run at a time
-            svc._node(s, node_id)
+            node = svc._node(s, node_id)
             cfg = RunConfig.model_validate_json(run.config_json)
             if cfg.privacy.secagg is None:
                 raise HubError(409, f"run {run_id} does not use secure aggregation")
             a = self._assignment(s, run_id, node_id, meta.assignment_id)
-            if a.status == "submitted":
-                raise HubError(
-                    409, "duplicate: this assignment already has a contribution", Refusal.DUPLICATE
-                )
-            rnd = s.get(m.Round, (run_id, run.round))
-            if a.status != "assigned" or a.round != run.round or rnd.status != "open":
-                raise HubError(
-                    409,
-                    f"stale: assignment for round {a.round} is {a.status}; the run is at round "
-                    f"{run.round} ({rnd.status}); late contributions are rejected",
-                    Refusal.STALE,
-                )
-            self._check_claims(meta, a, cfg)
+            # the same acceptance checks as a plain upload: stale, false claims and the energy
+            # floor, with strikes on the ledger (hub/acceptance.py)
+            svc.trust.accept_upload(s, run, node, a, meta, secagg=True)
             seen = self._messages(s, run_id, a.round, "advertise")
             known = {k for b in seen.values() for k in self._keys_of(b)}
             if known & set(keys):
@@ -627,18 +615,6 @@ class HubPrivacy:
     def _keys_of(body: str) -> tuple[bytes, bytes]:
         msg = decode_message(body.encode())
         return msg.cipher_public_key, msg.mask_public_key
-
-    @staticmethod
-    def _check_claims(meta: ContributionMeta, a: m.Assignment, cfg: RunConfig) -> None:
-        if meta.codec != SECAGG_CODEC:
-            raise HubError(
-                400, f"codec {meta.codec!r}: SecAgg contributions travel as {SECAGG_CODEC!r}"
-            )
-        claim_error = claimed_work_error(
-            meta.steps, meta.tokens, a.inner_steps, cfg.tokens_per_step
-        )
-        if claim_error:
-            raise HubError(400, claim_error, Refusal.FALSE_CLAIM)
 
     def task(self, run_id: str, node_id: str, assignment_id: str) -> dict:
         """What the node must do now for its SecAgg contribution (the node polls this)."""

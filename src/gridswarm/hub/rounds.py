@@ -5,6 +5,11 @@ aggregated. It closes when every assignment is in (and the quorum is met), or at
 a quorum. At the deadline without a quorum it is re-planned: outstanding assignments are marked
 missed, accepted contributions are kept, and the deadline moves on, so a run never gets stuck.
 Assignments of nodes that stopped sending heartbeats count as missed at once.
+
+Closing is decided in two steps: `decide` from the assignments, then, once audits and usefulness
+screening have judged the contributions, `decide_after_screening`: a contribution rejected there
+does not count towards the quorum, so a round left with fewer accepted contributions than its
+quorum is re-planned (the accepted ones kept), never closed on too few.
 """
 
 from __future__ import annotations
@@ -66,6 +71,38 @@ def decide(state: RoundState, rules: RoundRules, now_s: float) -> Decision:
     if state.deadline_at is not None and now_s >= state.deadline_at:
         return Decision.CLOSE if quorum_met else Decision.REPLAN
     return Decision.WAIT
+
+
+@dataclass(frozen=True)
+class Screening:
+    """A round's contributions of this attempt after screening, just before it would close."""
+
+    accepted: int  # still accepted: they would be aggregated
+    rejected: int  # rejected by audits or usefulness screening (now or by pre-screening)
+    dropped: int = 0  # SecAgg: advertised but missing from the recovered sum (within t)
+
+
+def decide_after_screening(screening: Screening, rules: RoundRules) -> Decision:
+    """The last step of a CLOSE decision: CLOSE only if the contributions that survived
+    screening still make the quorum, else REPLAN. SecAgg dropouts within the protocol's
+    tolerance count as the quorum they were when the round's participants were fixed: the
+    sum is recovered without them by design, and a re-plan would throw it away."""
+    if screening.accepted + screening.dropped >= rules.quorum:
+        return Decision.CLOSE
+    return Decision.REPLAN
+
+
+def budget_reason(
+    rounds_budget: int | None, tokens_budget: int | None, version: int, tokens_total: int
+) -> str | None:
+    """Why the run is finished once `version` is published with `tokens_total` trained (the
+    run's `budget.rounds` / `budget.tokens`), None to go on. The privacy budget is the other
+    reason a run finishes (hub/privacy.py `stop_reason`)."""
+    if rounds_budget is not None and version >= rounds_budget:
+        return f"budget.rounds reached: {version} of {rounds_budget} rounds"
+    if tokens_budget is not None and tokens_total >= tokens_budget:
+        return f"budget.tokens reached: {tokens_total} of {tokens_budget} tokens"
+    return None
 
 
 def may_assign(

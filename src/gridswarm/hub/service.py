@@ -54,7 +54,9 @@ from gridswarm.hub.rounds import (
     Decision,
     RoundRules,
     RoundState,
+    budget_reason,
     decide,
+    decide_after_screening,
     lost_assignments,
     may_take_seat,
 )
@@ -94,7 +96,6 @@ from gridswarm.train.memory import OverBudget, check_memory
 from gridswarm.train.outer import outer_update
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
-from gridswarm.trust.claims import claimed_work_error
 
 MAX_SKEW_S = 120.0
 LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this often (clock s)
@@ -1085,32 +1086,13 @@ class HubService:
         carbon = self._carbon(run_id, node_id, meta)
         with self.lock, self.sessions() as s:
             run, assignment = self._own_assignment(s, run_id, node_id, meta.assignment_id)
-            if assignment.status == "submitted":
-                raise HubError(
-                    409, "duplicate: this assignment already has a contribution", Refusal.DUPLICATE
-                )
-            if run.status != RunState.ACTIVE:
-                reason = f": {run.status_reason}" if run.status_reason else ""
-                raise HubError(409, f"stale: run {run_id} is {run.status}{reason}", Refusal.STALE)
-            if assignment.status != "assigned" or assignment.round != run.round:
-                if assignment.status == "assigned":
-                    assignment.status = "late"
-                    s.commit()
-                raise HubError(
-                    409,
-                    f"stale: assignment for round {assignment.round} is {assignment.status}; "
-                    f"the run is at round {run.round} (late contributions are rejected)",
-                    Refusal.STALE,
-                )
-            cfg = RunConfig.model_validate_json(run.config_json)
-            try:
-                self._check_claims(meta, assignment, cfg, tensors, run.numel)
-            except HubError as exc:  # a false work claim (tokens, steps) goes on the ledger
-                self.trust.record_false_claim(s, run, cfg, node_id, assignment, exc)
-                raise
-            # the node's signed claim, its energy report, no replayed update (hub/trust.py)
+            # the checks every upload passes, SecAgg ones too (hub/acceptance.py, on the ledger)
+            node = s.get(m.Node, node_id)
+            cfg = self.trust.accept_upload(s, run, node, assignment, meta)
+            self._check_payload(cfg, tensors, run.numel)
+            # the node's signed claim over the update, no replayed update (hub/trust.py)
             screened = self.trust.screen_submission(
-                s, run, cfg, s.get(m.Node, node_id), assignment, meta.model_dump(), tensors
+                s, run, cfg, node, assignment, meta.model_dump(), tensors
             )
             # every check passed: the blob, then the rows; a failed commit removes the blob again
             with provisional(self.blobs, body) as digest:
@@ -1131,27 +1113,8 @@ class HubService:
         return ContributionAck(contribution_id=digest, accepted=True, bytes_up=len(body))
 
     @staticmethod
-    def _check_claims(
-        meta: ContributionMeta,
-        assignment: m.Assignment,
-        cfg: RunConfig,
-        tensors: dict[str, torch.Tensor],
-        numel: int,
-    ) -> None:
-        if meta.codec != cfg.comm.codec:
-            raise HubError(400, f"codec {meta.codec!r} does not match the run's {cfg.comm.codec!r}")
-        claim_error = claimed_work_error(
-            meta.steps, meta.tokens, assignment.inner_steps, cfg.tokens_per_step
-        )
-        if claim_error:
-            raise HubError(400, claim_error, Refusal.FALSE_CLAIM)
-        if meta.micro_batch_size is not None and meta.micro_batch_size > cfg.train.batch_size:
-            raise HubError(
-                400,
-                f"micro_batch_size {meta.micro_batch_size} exceeds the run's batch_size "
-                f"{cfg.train.batch_size}",
-                Refusal.MALFORMED,
-            )
+    def _check_payload(cfg: RunConfig, tensors: dict[str, torch.Tensor], numel: int) -> None:
+        """The update decodes with the run's codec to `numel` finite values."""
         try:
             vec = make_codec(cfg.comm.codec, cfg.comm.block_size).decode(tensors, numel)
         except BlobFormatError as exc:
@@ -1425,8 +1388,9 @@ class HubService:
         workload = self.workload(run.id, run.config_json)
         base = s.get(m.Version, (run.id, rnd.base_version))
         # replay audits + usefulness first: rejected contributions are not aggregated (trust.py)
-        if not self.trust.screen_round(s, run, rnd, cfg, workload, base):
-            self._replan(s, run, rnd, now)  # every contribution was rejected: the round goes on
+        screening = self.trust.screen_round(s, run, rnd, cfg, workload, base)
+        if decide_after_screening(screening, self._rules(cfg)) is Decision.REPLAN:
+            self._replan(s, run, rnd, now)  # audits left fewer than the quorum: it goes on
             return
         contributions = self._accepted(s, run.id, rnd.number)
         new = self._new_version(s, run, rnd, cfg, base, contributions, now)
@@ -1461,15 +1425,13 @@ class HubService:
             version.val_loss,
         )
         run.version, run.tokens_total = number, run.tokens_total + tokens
-        budget = cfg.budget
-        if (
-            (budget.rounds is not None and number >= budget.rounds)
-            or (budget.tokens is not None and run.tokens_total >= budget.tokens)
-            or self.privacy.stop_reason(s, run, cfg, now)  # epsilon budget would be passed
-        ):
+        finished = budget_reason(  # rounds or tokens spent, or epsilon would be passed
+            cfg.budget.rounds, cfg.budget.tokens, number, run.tokens_total
+        ) or self.privacy.stop_reason(s, run, cfg, now)
+        if finished:
             run.status, run.finished_at = transition(RunState.ACTIVE, RunEvent.FINISH), now
-            run.status_changed_at = now
-            log.info("run %s finished at version %d", run.id, number)
+            run.status_changed_at, run.status_reason = now, finished
+            log.info("run %s finished at version %d: %s", run.id, number, finished)
         else:
             run.round = rnd.number + 1
             s.add(

@@ -6,10 +6,11 @@ state change it records (or not at all):
 
 - `open_round`         a round opens: commit to a secret audit seed (sha256 on the ledger)
 - `admission`          before work is assigned: caught cheaters are excluded, reputation first
-- `screen_submission`  an upload arrives: the node's signed claim must be its own and say what the
-                       upload says; energy must not be under-reported; no replayed update.
-                       Refusals go on the ledger with their reason, and cost a strike
-- `record_false_claim` the core claim checks (tokens, steps) refused an upload: same
+- `accept_upload`      an upload arrives (plain or SecAgg): the acceptance checks of
+                       hub/acceptance.py; a false work claim (tokens, steps) or an under-reported
+                       energy goes on the ledger with its reason, and costs a strike
+- `screen_submission`  a plain upload: the node's signed claim must be its own and say what the
+                       upload says; no replayed update. Refusals go on the ledger, with a strike
 - `record_submission`  the upload is stored: the node's claim goes on the ledger as it signed it
 - `screen_round`       before aggregation: replay the seed-chosen share p of contributions bit for
                        bit, score usefulness on held-out data; mismatches are rejected, excluded
@@ -46,21 +47,33 @@ from gridswarm.blobs import LocalBlobStore
 from gridswarm.config import RunConfig
 from gridswarm.energy.meter import lookup_cpu_power
 from gridswarm.hub import models as m
+from gridswarm.hub.acceptance import (
+    AssignmentFacts,
+    ClaimFacts,
+    ClaimRules,
+    EnergyFacts,
+    RunFacts,
+    check_claims,
+    check_place,
+)
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import check_sponsor
 from gridswarm.hub.openapi import RunIdParam, openapi_body
 from gridswarm.hub.replicas import lock_run
+from gridswarm.hub.rounds import Screening
 from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import RunEscrow, run_escrow
 from gridswarm.ledger.chain import Entry, LedgerError, SignedClaim
 from gridswarm.ledger.log import DuplicateClaimError, HubItem, Ledger
 from gridswarm.ledger.ops import ledger_show, node_balance, payout_addresses, reward_claim_for
+from gridswarm.privacy.live import SECAGG_CODEC
 from gridswarm.protocol import (
     API,
     MAX_ESCROW_UNITS,
     MAX_FUND_UNITS,
     MAX_JSON_BYTES,
     NODE_ID_PATTERN,
+    ContributionMeta,
     Refusal,
     SignedClaimBody,
     describe_errors,
@@ -81,9 +94,7 @@ from gridswarm.trust.policy import (
     EXCLUDED,
     audit_probability,
     audit_skip_reason,
-    check_energy,
     check_harm,
-    energy_floor_time_s,
     may_select,
     round_pool_units,
     secure_aggregation,
@@ -277,6 +288,71 @@ class HubTrust:
 
     # ------------------------------------------------------------------ submissions
 
+    def accept_upload(
+        self,
+        s: Session,
+        run: m.Run,
+        node: m.Node,
+        assignment: m.Assignment,
+        meta: ContributionMeta,
+        secagg: bool = False,
+    ) -> RunConfig:
+        """The acceptance checks every upload passes, plain or SecAgg (hub/acceptance.py): read
+        the facts from the rows, decide, and on a refusal mark a late assignment `late`, record a
+        strike on the ledger when the refusal is one, and raise it (typed). Returns the run's
+        settings (read only once the round is known to want the upload). The caller holds the
+        service lock and its transaction `s`; nothing else is written on a refusal."""
+        rnd = s.get(m.Round, (run.id, run.round))
+        place = AssignmentFacts(assignment.status, assignment.round, assignment.inner_steps)
+        run_facts = RunFacts(
+            run.id, run.status, run.status_reason, run.round, rnd.status if rnd else "closed"
+        )
+        cfg = None
+        refused = check_place(place, run_facts)
+        if refused is None:
+            cfg = RunConfig.model_validate_json(run.config_json)
+            rules = ClaimRules(
+                expected_codec=SECAGG_CODEC if secagg else cfg.comm.codec,
+                tokens_per_step=cfg.tokens_per_step,
+                batch_size=cfg.train.batch_size,
+                energy_min_fraction=cfg.trust.energy_min_fraction,
+            )
+            energy = self._energy_facts(s, run, node)
+            refused = check_claims(place, ClaimFacts.of(meta), rules, energy)
+        if refused is None:
+            return cfg
+        if refused.mark_late:
+            assignment.status = "late"
+            s.commit()
+        if refused.strike:  # commits the verdict and the strike with the refusal
+            with suppress(HubError):
+                self.refuse(
+                    s,
+                    run,
+                    cfg,
+                    node.id,
+                    assignment,
+                    refused.status,
+                    refused.ledger_reason,
+                    refused.reason,
+                )
+        raise HubError(refused.status, refused.detail, refused.reason)
+
+    @staticmethod
+    def _energy_facts(s: Session, run: m.Run, node: m.Node) -> EnergyFacts:
+        """The node's CPU power per core (its reported hardware) and the fastest tokens/s of
+        the run's other nodes over their last 32 contributions."""
+        cpu = json.loads(node.hardware_json or "{}").get("cpu", "unknown")
+        w_per_core, _ = lookup_cpu_power(str(cpu))
+        others = s.execute(
+            select(m.Contribution.tokens, m.Contribution.train_time_s)
+            .where(m.Contribution.run_id == run.id, m.Contribution.node_id != node.id)
+            .order_by(m.Contribution.created_at.desc())
+            .limit(32)
+        ).all()
+        fastest = max((t / d for t, d in others if d > 0), default=None)
+        return EnergyFacts(w_per_core, fastest)
+
     def screen_submission(
         self,
         s: Session,
@@ -287,7 +363,8 @@ class HubTrust:
         meta: dict[str, Any],
         tensors: dict[str, torch.Tensor],
     ) -> Screened:
-        """Check an upload's claim, energy report and novelty; refuse (on the ledger) or pass."""
+        """After `accept_upload`, what only a plain upload can show: the node's signed claim
+        over the update's digest, and no replayed update; refuse (on the ledger) or pass."""
         digest = update_sha256(tensors)
         claim = None
         if meta.get("claim") is not None:
@@ -297,25 +374,6 @@ class HubTrust:
             except ClaimError as exc:
                 status = 403 if exc.forged else 400
                 self.refuse(s, run, cfg, node.id, assignment, status, str(exc), Refusal.BAD_CLAIM)
-        cpu = json.loads(node.hardware_json or "{}").get("cpu", "unknown")
-        w_per_core, _ = lookup_cpu_power(str(cpu))
-        others = s.execute(
-            select(m.Contribution.tokens, m.Contribution.train_time_s)
-            .where(m.Contribution.run_id == run.id, m.Contribution.node_id != node.id)
-            .order_by(m.Contribution.created_at.desc())
-            .limit(32)
-        ).all()
-        fastest = max((t / d for t, d in others if d > 0), default=None)
-        compute_s = energy_floor_time_s(float(meta["train_time_s"]), int(meta["tokens"]), fastest)
-        reason = check_energy(
-            meta.get("energy_wh"),
-            int(meta["threads"]),
-            w_per_core,
-            compute_s,
-            cfg.trust.energy_min_fraction,
-        )
-        if reason:
-            self.refuse(s, run, cfg, node.id, assignment, 400, reason, Refusal.ENERGY_FLOOR)
         if not is_zero_update(tensors):
             prior = s.scalars(
                 select(m.Contribution)
@@ -372,29 +430,6 @@ class HubTrust:
         self.append(s, items)
         s.commit()
         raise HubError(status, reason, code)
-
-    def record_false_claim(
-        self,
-        s: Session,
-        run: m.Run,
-        cfg: RunConfig,
-        node_id: str,
-        assignment: m.Assignment,
-        error: HubError,
-    ) -> None:
-        """The core checks refused an upload; a false work claim is recorded like a refusal."""
-        if error.reason is Refusal.FALSE_CLAIM:
-            with suppress(HubError):  # the caller raises its own error, with its detail
-                self.refuse(
-                    s,
-                    run,
-                    cfg,
-                    node_id,
-                    assignment,
-                    400,
-                    f"false claim: {error.detail}",
-                    error.reason,
-                )
 
     def record_submission(self, s: Session, contribution_id: str, screened: Screened) -> None:
         """After the upload is stored: its update digest, and the node's claim on the ledger."""
@@ -647,13 +682,13 @@ class HubTrust:
         cfg: RunConfig,
         workload: Workload,
         base: m.Version,
-    ) -> bool:
+    ) -> Screening:
         """Before aggregation: audit and score what `prescreen` has not yet; reject the bad.
         Identical updates from different nodes are all audited: the replay tells the author
         from the copier.
 
-        Returns False when audits rejected every contribution the round had (nothing to
-        aggregate: the caller re-plans the round), True otherwise.
+        Returns what is left of the round's contributions (`rounds.decide_after_screening`
+        decides whether that still makes the quorum).
         """
         contributions = s.scalars(
             select(m.Contribution)
@@ -665,7 +700,7 @@ class HubTrust:
                 if c.audited is None:
                     c.audited, c.audit_rate = False, 0.0
                     c.verdict_reason = f"not audited: {audit_skip_reason(cfg)}"
-            return True
+            return self._screening(contributions)
         copies = Counter(c.update_sha256 for c in contributions if c.update_sha256)
         todo = [
             c
@@ -685,8 +720,15 @@ class HubTrust:
             )
             self._apply(s, run, cfg, c, a, ex)
         s.flush()
-        accepted = sum(c.status == "accepted" for c in contributions)
-        return accepted > 0 or not any(c.status == "rejected" for c in contributions)
+        return self._screening(contributions)
+
+    @staticmethod
+    def _screening(contributions: Sequence[m.Contribution]) -> Screening:
+        """Counts of the round's contributions by what screening (and SecAgg) left of them:
+        accepted ones of earlier attempts are kept by a re-plan and count; a failed SecAgg
+        attempt's are `discarded` and do not."""
+        counts = Counter(c.status for c in contributions)
+        return Screening(counts["accepted"], counts["rejected"], counts["dropped"])
 
     def _reject(
         self,
