@@ -20,11 +20,17 @@ from typer.testing import CliRunner
 from gridswarm import cli
 from gridswarm.hub import models as m
 from gridswarm.hub import server
-from gridswarm.hub.registration import RegistrationPolicy, client_network
-from gridswarm.hub.server import proxy_options
+from gridswarm.hub.errors import HubError
+from gridswarm.hub.registration import (
+    RegistrationPolicy,
+    client_network,
+    new_nodes_live,
+    proven_nodes,
+)
+from gridswarm.hub.server import build_service, proxy_options
 from gridswarm.hub.service import HubSettings
-from gridswarm.identity import Identity, sign_request
-from gridswarm.protocol import API, Assignment, ContributionMeta, Refusal
+from gridswarm.identity import Identity, node_id_from_public_key, sign_request
+from gridswarm.protocol import API, Assignment, ContributionMeta, Refusal, RegisterRequest
 from gridswarm.swarm import free_port
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack
@@ -304,3 +310,25 @@ def test_x_forwarded_for_is_believed_only_from_listed_proxies(tmp_path, forwarde
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.postgres
+def test_bounds_on_postgresql(pg_database, tmp_path):
+    policy = RegistrationPolicy(per_network_per_hour=2, max_new_nodes=3)
+    service = build_service(pg_database, tmp_path / "blobs", HubSettings(registration=policy))
+    req = RegisterRequest(probe_tokens_per_s=1e5, probe_numel=1000)
+    keys = [Identity.generate().public_key for _ in range(4)]
+    for key in keys[:2]:
+        service.register(key, req, "198.51.100.1")
+    with pytest.raises(HubError) as refused_net:
+        service.registration.precheck(keys[2], "198.51.100.2")
+    assert refused_net.value.reason == Refusal.REGISTRATION_LIMITED
+    service.register(keys[0], req, "198.51.100.3")  # known: never refused
+    service.register(keys[2], req, "2001:db8::1")
+    with pytest.raises(HubError) as refused_cap:
+        service.register(keys[3], req, "192.0.2.1")
+    assert "3 live node identities" in refused_cap.value.detail
+    with service.sessions() as s:
+        assert new_nodes_live(s, 0.0) == 3
+        assert proven_nodes(s, [node_id_from_public_key(k) for k in keys]) == set()
+        assert s.scalar(select(func.count()).select_from(m.Node)) == 3
