@@ -395,8 +395,9 @@ class HubService:
             network = client_network(peer)
             self.registration.check(s, public_key.hex(), network, node is not None, now)
             if node is None:
-                node = m.Node(id=node_id, public_key=public_key.hex(), registered_at=now)
-                node.register_net = network
+                node = m.Node(
+                    id=node_id, public_key=public_key.hex(), registered_at=now, register_net=network
+                )
                 s.add(node)
             else:
                 self._release_assignments(s, node_id)
