@@ -5,7 +5,8 @@ The I/O side of `gridswarm.trust` (pure rules) and `gridswarm.ledger` (the log),
 state change it records (or not at all):
 
 - `open_round`         a round opens: commit to a secret audit seed (sha256 on the ledger)
-- `admission`          before work is assigned: caught cheaters are excluded, reputation first
+- `admission`          before work is assigned: caught cheaters (and keys no longer invited) are
+                       excluded; nodes that have worked go first, then by reputation
 - `screen_submission`  an upload arrives: the node's signed claim must be its own and say what the
                        upload says; energy must not be under-reported; no replayed update.
                        Refusals go on the ledger with their reason, and cost a strike
