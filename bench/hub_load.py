@@ -401,6 +401,8 @@ def one(db: str, nodes: int, args: argparse.Namespace, workdir: Path) -> dict:
         swarm.workdir.mkdir(parents=True)
         if args.hub_src is not None:  # the control: another checkout's hub (e.g. main's src/)
             swarm.env["PYTHONPATH"] = str(args.hub_src.resolve())
+        else:  # every simulated node registers from 127.0.0.1: no bound on new identities
+            swarm.hub_extra += ["--register-per-net-hour", "0", "--max-new-nodes", "0"]
         swarm.start_hub(timeout_s=240.0)  # a loaded shared machine starts it slowly
         stack.callback(swarm.stop)
         sponsor = Identity.generate()

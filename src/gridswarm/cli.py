@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gridswarm.config import ConfigError, load_run_config
+from gridswarm.hub.limits import DEFAULT_MAX_NEW_NODES, DEFAULT_REGISTER_PER_NET_HOUR
 from gridswarm.ledger.cli import ledger_app, node_balance, node_claim, run_fund, run_refund
 
 app = typer.Typer(
@@ -159,6 +160,34 @@ def hub(
     requests_per_s: Annotated[
         float, typer.Option(min=0.01, help="signed requests per second per key (burst: 4x)")
     ] = 50.0,
+    node_invites: Annotated[
+        Path | None,
+        typer.Option(
+            help="file of node public keys (hex, one a line) that may register; default: any "
+            "node, within --register-per-net-hour and --max-new-nodes"
+        ),
+    ] = None,
+    register_per_net_hour: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="open hub: new node identities per client network (IPv4 /24, IPv6 /64) per "
+            "hour; 0: no bound",
+        ),
+    ] = DEFAULT_REGISTER_PER_NET_HOUR,
+    max_new_nodes: Annotated[
+        int,
+        typer.Option(
+            min=0, help="open hub: live node identities that have not worked yet; 0: no cap"
+        ),
+    ] = DEFAULT_MAX_NEW_NODES,
+    forwarded_allow_ips: Annotated[
+        str | None,
+        typer.Option(
+            help="behind a reverse proxy: its addresses (comma-separated), whose "
+            "X-Forwarded-For then names the client; default: X-Forwarded-For is ignored"
+        ),
+    ] = None,
     tls_cert: Annotated[
         Path | None, typer.Option(help="serve HTTPS with this certificate chain (PEM)")
     ] = None,
@@ -187,7 +216,8 @@ def hub(
     It logs each round's open and close (contributors, loss) and each change of a run's state;
     -v/-q for more or less."""
     from gridswarm.hub.energy import load_hub_signals
-    from gridswarm.hub.limits import load_sponsors
+    from gridswarm.hub.limits import load_public_keys, load_sponsors
+    from gridswarm.hub.registration import RegistrationPolicy
     from gridswarm.hub.server import check_workers, serve
     from gridswarm.hub.service import HubSettings
 
@@ -203,6 +233,17 @@ def hub(
         except (OSError, ValueError) as exc:
             _fail(str(exc))
         console.print(f"sponsors: {len(allowed)} keys may create and fund runs")
+    invited = None
+    if node_invites is not None:
+        try:
+            invited = load_public_keys(node_invites, "node")
+        except (OSError, ValueError) as exc:
+            _fail(str(exc))
+        console.print(f"node invites: {len(invited)} keys may register")
+    else:
+        per_net = register_per_net_hour or "no bound"
+        cap = max_new_nodes or "no cap"
+        console.print(f"open to nodes: new identities {per_net}/network/hour, {cap} live new")
 
     if (tls_cert is None) != (tls_key is None):
         _fail("--tls-cert and --tls-key go together")
@@ -233,11 +274,26 @@ def hub(
         requests_per_s=requests_per_s,
         request_burst=4 * requests_per_s,
         presign_downloads=presign,
+        registration=RegistrationPolicy(
+            invites=invited,
+            per_network_per_hour=register_per_net_hour,
+            max_new_nodes=max_new_nodes,
+        ),
     )
     if max_run_memory_mb is not None:
         settings = dataclasses.replace(settings, max_run_memory_mb=max_run_memory_mb)
     tls = (tls_cert, tls_key) if tls_cert else None
-    serve(db, blobs, host, port, settings, home, tls, workers=workers)
+    serve(
+        db,
+        blobs,
+        host,
+        port,
+        settings,
+        home,
+        tls,
+        workers=workers,
+        forwarded_allow_ips=forwarded_allow_ips,
+    )
 
 
 @node_app.callback(invoke_without_command=True)

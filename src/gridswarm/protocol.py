@@ -264,6 +264,7 @@ class Refusal(StrEnum):
     NOT_REGISTERED = "not_registered"  # 403: sign up first
     FORBIDDEN = "forbidden"  # 403: not yours (another node's assignment, ...)
     NOT_SPONSOR = "not_sponsor"  # 403: not on the hub's sponsor list, or not this run's sponsor
+    NOT_INVITED = "not_invited"  # 403: the hub admits only its invited node keys (--node-invites)
     EXCLUDED = "excluded"  # 403: reputation excludes this node
     NOT_FOUND = "not_found"  # 404
     STALE = "stale"  # 409: the round or stage moved on
@@ -277,6 +278,9 @@ class Refusal(StrEnum):
     OVER_MEMORY = "over_memory"  # 422: the run's estimated memory exceeds the hub's budget
     QUOTA = "quota"  # 429: this identity has too many runs (active or this hour)
     RATE_LIMITED = "rate_limited"  # 429: too many requests from this key; see Retry-After
+    # 429: too many new node identities from this network this hour, or too many live ones
+    # that have not worked yet (hub/registration.py); see Retry-After
+    REGISTRATION_LIMITED = "registration_limited"
     UNAVAILABLE = "unavailable"  # 5xx: the hub cannot serve it now (storage)
 
 

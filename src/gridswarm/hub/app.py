@@ -159,12 +159,24 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         error = HubError(422, f"malformed request: {describe_errors(exc.errors())}")
         return await _hub_error(request, error)
 
-    async def signed(request: Request, limit: int) -> tuple[VerifiedRequest, bytes]:
+    async def signed(
+        request: Request, limit: int, admit: Callable[[VerifiedRequest], None] | None = None
+    ) -> tuple[VerifiedRequest, bytes]:
         body = await read_body(request, limit)
         verified = await run_in_threadpool(
-            service.authenticate, dict(request.headers), request.method, request.url.path, body
+            service.authenticate,
+            dict(request.headers),
+            request.method,
+            request.url.path,
+            body,
+            admit,
         )
         return verified, body
+
+    def peer(request: Request) -> str | None:
+        """The client's address as the ASGI server gives it (behind a proxy: the proxy's,
+        unless the server was told to believe its X-Forwarded-For: --forwarded-allow-ips)."""
+        return request.client.host if request.client is not None else None
 
     def parse(model: type[M], body: bytes) -> M:
         try:
@@ -180,9 +192,17 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
 
     @app.post(f"{API}/nodes/register", openapi_extra=openapi_body(RegisterRequest))
     async def register(request: Request) -> RegisterResponse:
-        verified, body = await signed(request, MAX_JSON_BYTES)
+        """Invited keys only (403 `not_invited`), or on an open hub within the bounds on new
+        identities per client network and in all (429 `registration_limited`); a key already
+        registered is never refused by those (hub/registration.py)."""
+        address = peer(request)
+        verified, body = await signed(
+            request,
+            MAX_JSON_BYTES,
+            lambda v: service.registration.precheck(v.public_key, address),
+        )
         req = parse(RegisterRequest, body)
-        node_id = await run_in_threadpool(service.register, verified.public_key, req)
+        node_id = await run_in_threadpool(service.register, verified.public_key, req, address)
         return RegisterResponse(node_id=node_id)
 
     @app.post(f"{API}/nodes/heartbeat", openapi_extra=openapi_body(HeartbeatRequest))

@@ -9,6 +9,7 @@ quotas and a per-key request rate limit.
   `request_burst` at once); an empty bucket answers 429 `rate_limited` with Retry-After. The
   bucket is checked after the signature (a forger cannot drain someone else's bucket) and
   before the nonce is stored (a flood writes nothing).
+- Node identities (keys are free): hub/registration.py bounds who may register.
 
 The decisions are pure functions of the counts and an injected clock.
 """
@@ -27,10 +28,15 @@ from gridswarm.protocol import Refusal
 HOUR_S = 3600.0
 MAX_TRACKED_KEYS = 100_000  # rate-limiter memory bound: idle keys are forgotten first
 PUBLIC_KEY_HEX = re.compile(r"^[0-9a-f]{64}$")
+# `gridswarm hub`'s bounds on new node identities (hub/registration.py; HubSettings' default
+# RegistrationPolicy has none, for in-process and library use)
+DEFAULT_REGISTER_PER_NET_HOUR = 32  # a lab behind one NAT registers this many nodes an hour
+DEFAULT_MAX_NEW_NODES = 1000  # live node identities that have not worked yet
 
 
-def load_sponsors(path: Path) -> frozenset[str]:
-    """The allow-list: one Ed25519 public key (64 hex) per line; blank lines and # comments."""
+def load_public_keys(path: Path, what: str) -> frozenset[str]:
+    """An allow-list file: one Ed25519 public key (64 hex) per line; blank lines and # comments.
+    ValueError (one line, naming the file and line) for anything else or an empty list."""
     keys = set()
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         key = line.split("#", 1)[0].strip().lower()
@@ -40,8 +46,13 @@ def load_sponsors(path: Path) -> frozenset[str]:
             raise ValueError(f"{path}:{number}: not a public key (64 hex characters): {key[:80]!r}")
         keys.add(key)
     if not keys:
-        raise ValueError(f"{path}: no sponsor keys (an empty list would lock out every sponsor)")
+        raise ValueError(f"{path}: no {what} keys (an empty list would lock out every {what})")
     return frozenset(keys)
+
+
+def load_sponsors(path: Path) -> frozenset[str]:
+    """The sponsor allow-list (`--sponsors`), in `load_public_keys`' format."""
+    return load_public_keys(path, "sponsor")
 
 
 def check_sponsor(sponsors: frozenset[str] | None, public_key: bytes) -> None:

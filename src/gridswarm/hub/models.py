@@ -42,7 +42,10 @@ class Run(Base):
 
 class Node(Base):
     __tablename__ = "nodes"
-    __table_args__ = (Index("ix_nodes_last_seen", "last_seen_at"),)
+    __table_args__ = (
+        Index("ix_nodes_last_seen", "last_seen_at"),
+        Index("ix_nodes_register_net", "register_net", "registered_at"),  # per network (0009)
+    )
     id: Mapped[str] = mapped_column(String(16), primary_key=True)
     public_key: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -56,6 +59,9 @@ class Node(Base):
     status: Mapped[str] = mapped_column(String(16), default="idle")
     # the node's last EnergyReport (protocol.py) + when the hub received it (hub/energy.py)
     energy_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # the client network its first registration came from (IPv4 /24, IPv6 /64), for the bound
+    # on new identities per network (hub/registration.py); None for nodes from before 0009
+    register_net: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Version(Base):
@@ -112,6 +118,7 @@ class Contribution(Base):
         Index("ix_contributions_round", "run_id", "round"),
         Index("ix_contributions_node", "run_id", "node_id", "round"),  # its speed (0007)
         Index("ix_contributions_created", "run_id", "created_at"),  # the newest (0007)
+        Index("ix_contributions_worker", "node_id", "status"),  # has it worked? (0009)
     )
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the blob
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))

@@ -29,12 +29,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, what in {
         400: "malformed request or refused claim",
         401: "unsigned, badly signed or stale request",
-        403: "not registered, not allowed, or not yours",
+        403: "not registered, not invited, not allowed, or not yours",
         404: "no such run, assignment or blob",
         409: "replayed, duplicate, stale or conflicting",
         413: "body over the size limit",
         422: "a field breaks its bound, or run settings refused",
-        429: "quota or rate limit (see Retry-After)",
+        429: "quota, rate limit or registration limit (see Retry-After)",
     }.items()
 }
 BODY_MODELS: list[type[BaseModel]] = []  # request-body schemas the OpenAPI document must carry

@@ -98,6 +98,17 @@ def build_service(
     return service
 
 
+def proxy_options(forwarded_allow_ips: str | None) -> dict[str, object]:
+    """uvicorn's options for the client address: by default the peer address of the TCP
+    connection, whatever X-Forwarded-For says (uvicorn itself would believe it from localhost);
+    with `forwarded_allow_ips` (comma-separated proxy addresses, or "*") the client address the
+    listed proxies put in X-Forwarded-For. The bound on new node identities per network
+    (hub/registration.py) counts by this address: behind a proxy, give its address here."""
+    if not forwarded_allow_ips:
+        return {"proxy_headers": False, "forwarded_allow_ips": ""}
+    return {"proxy_headers": True, "forwarded_allow_ips": forwarded_allow_ips}
+
+
 def check_workers(db_url: str, workers: int) -> None:
     """ValueError (one line) unless `workers` replicas can share `db_url`."""
     if not 1 <= workers <= MAX_WORKERS:
@@ -115,15 +126,17 @@ def serve(
     home: Path | None = None,
     tls: tuple[Path, Path] | None = None,
     workers: int = 1,
+    forwarded_allow_ips: str | None = None,
 ) -> None:
     """Serve the hub; with `tls` = (certificate chain PEM, private key PEM) over HTTPS only; with
-    `workers` > 1 as that many replica processes on one listening socket (PostgreSQL only)."""
+    `workers` > 1 as that many replica processes on one listening socket (PostgreSQL only);
+    `forwarded_allow_ips`: the proxies whose X-Forwarded-For is believed (`proxy_options`)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     check_workers(db_url, workers)
     if workers > 1:
-        serve_replicas(db_url, blobs, host, port, workers, settings, home, tls)
+        serve_replicas(db_url, blobs, host, port, workers, settings, home, tls, forwarded_allow_ips)
         return
     service = build_service(db_url, blobs, settings, home)
     certfile, keyfile = tls if tls is not None else (None, None)
@@ -134,6 +147,7 @@ def serve(
         log_level="warning",
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
+        **proxy_options(forwarded_allow_ips),
     )
 
 
@@ -158,6 +172,7 @@ def serve_replicas(
     settings: HubSettings | None = None,
     home: Path | None = None,
     tls: tuple[Path, Path] | None = None,
+    forwarded_allow_ips: str | None = None,
 ) -> None:
     """`gridswarm hub --workers N`: migrate, create the hub key and the ledger's genesis once,
     bind one socket, then fork N replica processes that each build their own service (own
@@ -180,6 +195,7 @@ def serve_replicas(
                 log_level="warning",
                 ssl_certfile=certfile,
                 ssl_keyfile=keyfile,
+                **proxy_options(forwarded_allow_ips),
             )
             uvicorn.Server(config).run(sockets=[sock])
             code = 0

@@ -48,6 +48,7 @@ from gridswarm.hub.lifecycle import (
 )
 from gridswarm.hub.limits import HOUR_S, RateLimiter, check_run_quota, check_sponsor
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
+from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, client_network
 from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite, lock_run, lock_runs
 from gridswarm.hub.rounds import (
     AssignmentState,
@@ -167,6 +168,8 @@ class HubSettings:
     # (`--no-presign`: it serves them itself, through its local cache)
     presign_downloads: bool = True
     presign_expiry_s: int = PRESIGN_EXPIRY_S
+    # who may register node identities (hub/registration.py): invites, or bounds on new ones
+    registration: RegistrationPolicy = field(default_factory=RegistrationPolicy)
 
 
 def liveness_state(status: str, silent_s: float, liveness_s: float) -> str:
@@ -315,6 +318,9 @@ class HubService:
         self._heartbeats: dict[str, tuple[str, float]] = {}  # node -> status, seen at (unwritten)
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
         self.rate_limiter = RateLimiter(self.settings.requests_per_s, self.settings.request_burst)
+        self.registration = RegistrationGate(
+            self.settings.registration, self.sessions, self.settings.liveness_s, clock
+        )
         self._workloads: dict[str, Workload] = {}
         self._verified_blobs: set[str] = set()  # blobs whose bytes were hashed since the start
         self.blob_counters = BlobCounters()
@@ -337,15 +343,22 @@ class HubService:
             self.lock,
             clock,
             sponsors=self.settings.sponsors,
+            node_invites=self.settings.registration.invites,
         )
 
     # ---------------------------------------------------------------- authentication
 
     def authenticate(
-        self, headers: dict[str, str], method: str, path: str, body: bytes
+        self,
+        headers: dict[str, str],
+        method: str,
+        path: str,
+        body: bytes,
+        admit: Callable[[VerifiedRequest], None] | None = None,
     ) -> VerifiedRequest:
         """Verify a signed request and consume its nonce (a second use is a replay). The nonce
-        is committed before the request goes on; concurrent requests share one commit."""
+        is committed before the request goes on; concurrent requests share one commit.
+        `admit` may refuse the verified request before its nonce is stored."""
         now = self.clock()
         try:
             verified = verify_request(headers, method, path, body, now, self.settings.max_skew_s)
@@ -353,6 +366,8 @@ class HubService:
             reason = Refusal.MALFORMED if exc.status == 400 else Refusal.UNAUTHENTICATED
             raise HubError(exc.status, exc.detail, reason) from exc
         self.rate_limiter.check(verified.public_key.hex(), now)  # before anything is stored
+        if admit is not None:
+            admit(verified)
         try:
             self.nonces.consume(verified.nonce, verified.public_key.hex(), now)
         except AuthError as exc:
@@ -368,17 +383,22 @@ class HubService:
 
     # ---------------------------------------------------------------- nodes
 
-    def register(self, public_key: bytes, req: RegisterRequest) -> str:
+    def register(self, public_key: bytes, req: RegisterRequest, peer: str | None = None) -> str:
         """Register (or re-register: same key, same node) a node. A node registers when its
         process starts, so work it was assigned before is gone: its outstanding assignments are
-        released at once and their rounds need not wait for the deadline."""
+        released at once and their rounds need not wait for the deadline. `peer`: the client's
+        address, for the bounds on new identities (hub/registration.py)."""
         node_id = node_id_from_public_key(public_key)
         now = self.clock()
         with self.lock, self.sessions() as s:
             self._lock_runs_of(s, node_id)  # releasing its work changes those runs
             node = s.get(m.Node, node_id)
+            network = client_network(peer)
+            self.registration.check(s, public_key.hex(), network, node is not None, now)
             if node is None:
-                node = m.Node(id=node_id, public_key=public_key.hex(), registered_at=now)
+                node = m.Node(
+                    id=node_id, public_key=public_key.hex(), registered_at=now, register_net=network
+                )
                 s.add(node)
             else:
                 self._release_assignments(s, node_id)
@@ -916,7 +936,7 @@ class HubService:
                 reason = self.trust.admission(
                     s,
                     node_id,
-                    rnd.status == "open",
+                    rnd,
                     cfg.round.max_nodes - active,
                     live - live_with_seat - 1,  # the others without a place
                     competitor_ids,

@@ -5,7 +5,8 @@ The I/O side of `gridswarm.trust` (pure rules) and `gridswarm.ledger` (the log),
 state change it records (or not at all):
 
 - `open_round`         a round opens: commit to a secret audit seed (sha256 on the ledger)
-- `admission`          before work is assigned: caught cheaters are excluded, reputation first
+- `admission`          before work is assigned: caught cheaters (and keys no longer invited) are
+                       excluded; nodes that have worked go first, then by reputation
 - `accept_upload`      an upload arrives (plain or SecAgg): the acceptance checks of
                        hub/acceptance.py; a false work claim (tokens, steps) or an under-reported
                        energy goes on the ledger with its reason, and costs a strike
@@ -59,6 +60,7 @@ from gridswarm.hub.acceptance import (
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import check_sponsor
 from gridswarm.hub.openapi import RunIdParam, openapi_body
+from gridswarm.hub.registration import check_invited, proven_nodes
 from gridswarm.hub.replicas import lock_run
 from gridswarm.hub.rounds import Screening
 from gridswarm.identity import Identity, node_id_from_public_key
@@ -117,6 +119,9 @@ from gridswarm.trust.tolerance import (
 
 log = logging.getLogger("gridswarm.hub.trust")
 MAX_REPLAY_THREADS = 64
+# a pending round is left to nodes that have worked for this long after the previous close (or
+# the run's creation) when enough of them wait for a place; then anyone may open it
+PENDING_GRACE_S = 15.0
 PAYOUT_KIND = "payout_address"
 KIND_CALIBRATION = "audit_calibration"  # honest rerun distances per (run, device class)
 
@@ -171,9 +176,11 @@ class HubTrust:
         lock: threading.RLock | None = None,
         clock: Callable[[], float] = time.time,
         sponsors: frozenset[str] | None = None,
+        node_invites: frozenset[str] | None = None,
     ) -> None:
         self.identity = identity
         self.sponsors = sponsors  # who may fund runs (hub/limits.py); None: anyone
+        self.node_invites = node_invites  # who may work (hub/registration.py); None: anyone
         self.ledger = Ledger(engine, identity)
         self.blobs = blobs
         self.lock = lock or threading.RLock()
@@ -266,25 +273,61 @@ class HubTrust:
         self,
         s: Session,
         node_id: str,
-        round_open: bool,
+        rnd: m.Round,
         slots_left: int,
         n_competitors: int,
         competitor_ids: Callable[[], Sequence[str]],
     ) -> str | None:
-        """None if `node_id` may take one of `slots_left` places in this round, a reason to wait
-        otherwise; raises TrustRefusal(403) for a node excluded for cheating.
+        """None if `node_id` may take one of `slots_left` places in round `rnd`, a reason to
+        wait otherwise; raises HubError(403) for a node excluded for cheating, or one no longer
+        on the hub's invite list.
 
-        Competitors are the other live nodes without a place yet (`n_competitors` of them); a
-        pending round admits anyone not excluded, so a round always gets started. While fewer
-        nodes compete than places are left nobody can outrank the node, so only its own record
-        is read (the common case: no per-request work that grows with the swarm)."""
-        ranked = round_open and n_competitors >= slots_left
-        competitors = [n for n in competitor_ids() if n != node_id] if ranked else []
+        Competitors are the other live nodes without a place yet (`n_competitors` of them).
+        Nodes that have worked on this hub go before never-worked ones, then by reputation
+        (trust/policy.py `may_select`). A pending round admits anyone not excluded, so a round
+        always gets started, except that for its first PENDING_GRACE_S a never-worked node
+        leaves it to the worked nodes waiting for a place (they are woken by the close and
+        ask at once; a flood of new keys would otherwise win the race for the opening seat).
+        While fewer nodes compete than places are left nobody can outrank the node, so only
+        its own record is read (the common case: no per-request work that grows with the
+        swarm)."""
+        if self.node_invites is not None:
+            node = s.get(m.Node, node_id)
+            check_invited(self.node_invites, node.public_key if node else "")
+        pending = rnd.status != "open"
+        competitors: list[str] = []
+        worked: set[str] = set()
+        if n_competitors >= slots_left and not (  # a pending round: anyone may open it, but
+            pending  # in its grace a never-worked node waits for the worked ones
+            and (self._pending_since_s(s, rnd) is None or proven_nodes(s, [node_id]))
+        ):
+            competitors = [n for n in competitor_ids() if n != node_id]
+            worked = proven_nodes(s, [node_id, *competitors])
+            if pending:
+                competitors = [n for n in competitors if n in worked]
         reps = self.reputations(s, [node_id, *competitors])
-        reason = may_select(reps[node_id], [reps[n] for n in competitors], slots_left)
+        reason = may_select(
+            reps[node_id],
+            [reps[n] for n in competitors],
+            slots_left,
+            worked=node_id in worked,
+            competitors_worked=[n in worked for n in competitors],
+        )
         if reason == EXCLUDED:
             raise HubError(403, f"node {node_id} is {EXCLUDED}", Refusal.EXCLUDED)
         return reason
+
+    def _pending_since_s(self, s: Session, rnd: m.Round) -> float | None:
+        """Seconds the pending round `rnd` has waited for its first node (since the previous
+        round closed, or the run was created), or None once that is PENDING_GRACE_S or more."""
+        before = s.get(m.Round, (rnd.run_id, rnd.number - 1)) if rnd.number > 0 else None
+        if before is not None and before.closed_at is not None:
+            since = before.closed_at
+        else:
+            run = s.get(m.Run, rnd.run_id)
+            since = run.created_at if run is not None else 0.0
+        waited_s = self.clock() - since
+        return waited_s if 0 <= waited_s < PENDING_GRACE_S else None
 
     # ------------------------------------------------------------------ submissions
 

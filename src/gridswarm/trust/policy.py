@@ -10,7 +10,8 @@ big the round's reward pool is. Data in, decisions out; the hub (hub/trust.py) d
 - Harm: a contribution that, applied alone to the base version, raises the held-out loss by more
   than `harm_tolerance_nats` is refused even unaudited.
 - Selection: a node whose reputation weight is 0 (caught cheating) is excluded; when a round has
-  fewer free slots than live candidates, better-reputed nodes go first.
+  fewer free slots than live candidates, nodes that have worked go first (a never-worked key is
+  free to make), then better-reputed ones.
 - Pool: the run's escrow spread over the rounds left (or a fixed amount per round), never more
   than the escrow holds.
 """
@@ -126,16 +127,39 @@ def check_harm(loss_drop: float, tolerance_nats: float) -> str | None:
     return None
 
 
-def may_select(rep: Reputation, competitors: Sequence[Reputation], slots_left: int) -> str | None:
+def may_select(
+    rep: Reputation,
+    competitors: Sequence[Reputation],
+    slots_left: int,
+    worked: bool = True,
+    competitors_worked: Sequence[bool] | None = None,
+) -> str | None:
     """None if a node may take one of `slots_left` free places, else why not.
 
-    `competitors`: reputations of the other live nodes without a place in this round yet.
+    `competitors`: reputations of the other live nodes without a place in this round yet;
+    `worked` / `competitors_worked`: whether each has ever worked on this hub (hub/registration.py;
+    all alike when not given). Nodes that have worked go first, then by reputation: a node
+    identity that never worked (a key is free to make) never takes a place from one that has,
+    even where their weights tie (audits off: every unaudited node weighs `newcomer_weight`) or
+    the newcomer's floor weight is above a worked node's low score. Excluded nodes rank nowhere.
     """
     weight = selection_weight(rep)
     if weight <= 0:
         return EXCLUDED
-    better = sum(selection_weight(r) > weight for r in competitors)
+    tiers = [worked] * len(competitors) if competitors_worked is None else competitors_worked
+    better = 0
+    worked_ahead = 0
+    for other, other_worked in zip(competitors, tiers, strict=True):
+        other_weight = selection_weight(other)
+        if other_weight > 0 and (other_worked, other_weight) > (worked, weight):
+            better += 1
+            worked_ahead += other_worked and not worked
     if better >= slots_left:
+        if worked_ahead:
+            return (
+                f"waiting: {better} node(s) that have worked on this hub or have higher "
+                f"reputation for {slots_left} place(s)"
+            )
         return f"waiting: {better} node(s) of higher reputation for {slots_left} place(s)"
     return None
 
