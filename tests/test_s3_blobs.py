@@ -50,6 +50,19 @@ def test_presigned_url_serves_the_blob_without_credentials(store):
     assert got == data and sha256_hex(got) == digest
 
 
+def test_presigned_urls_name_the_nodes_endpoint_when_it_differs(store, s3_server, monkeypatch):
+    """The hub reaches the store at 127.0.0.1, nodes at "localhost" (a public name, say): the
+    URL is signed for the nodes' host and works there."""
+    public = s3_server.replace("127.0.0.1", "localhost")
+    monkeypatch.setenv("GRIDSWARM_S3_PUBLIC_ENDPOINT", public)
+    hub_side = open_blob_store("s3://gridswarm-test/hub-a")
+    digest = hub_side.put(b"a version for the internet")
+    url = hub_side.presigned_get_url(digest, expires_s=60)
+    assert url.startswith(public + "/")
+    assert httpx.get(url, timeout=10).content == b"a version for the internet"
+    assert hub_side.get(digest) == b"a version for the internet"  # the hub's own reads: unchanged
+
+
 def test_bad_urls_and_digests_are_refused():
     with pytest.raises(ValueError):
         parse_s3_url("s3:///nobucket")

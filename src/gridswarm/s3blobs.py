@@ -11,11 +11,15 @@ so the hub needs no S3 settings of its own beyond `--blobs s3://bucket/prefix`.
 
 `presigned_get_url` lets a node download a published version, delta or dataset shard straight
 from the object store (the hub answers its blob route with a 307 redirect to such a URL), so the
-hub's own link stops being the bottleneck; the node still checks the bytes' sha256.
+hub's own link stops being the bottleneck; the node still checks the bytes' sha256. Where nodes
+reach the store by another address than the hub does (the hub on a private endpoint, nodes over
+the internet), `GRIDSWARM_S3_PUBLIC_ENDPOINT` names the endpoint presigned URLs are made for
+(a presigned URL's signature covers its host, so it is signed for that endpoint, not rewritten).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import boto3
@@ -25,6 +29,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from gridswarm.blobs import BlobError, check_digest, sha256_hex
 
 PRESIGN_EXPIRY_S = 3600
+PUBLIC_ENDPOINT_ENV = "GRIDSWARM_S3_PUBLIC_ENDPOINT"
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -40,11 +45,23 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 class S3BlobStore:
     """Blobs as objects `prefix/ab/cd/<sha256>` in one bucket."""
 
-    def __init__(self, bucket: str, prefix: str = "", client: Any | None = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        client: Any | None = None,
+        public_endpoint: str | None = None,
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client = client or boto3.client(
-            "s3", config=Config(retries={"max_attempts": 5, "mode": "standard"})
+        config = Config(retries={"max_attempts": 5, "mode": "standard"})
+        self.client = client or boto3.client("s3", config=config)
+        public_endpoint = public_endpoint or os.environ.get(PUBLIC_ENDPOINT_ENV) or None
+        # presigning is local (no request): a client for the nodes' endpoint signs their URLs
+        self.presign_client = (
+            boto3.client("s3", endpoint_url=public_endpoint, config=config)
+            if public_endpoint
+            else self.client
         )
 
     @classmethod
@@ -121,7 +138,7 @@ class S3BlobStore:
     def presigned_get_url(self, digest: str, expires_s: int = PRESIGN_EXPIRY_S) -> str:
         """A URL anyone holding it may GET the blob from for `expires_s` seconds."""
         try:
-            return self.client.generate_presigned_url(
+            return self.presign_client.generate_presigned_url(
                 "get_object",
                 Params={"Bucket": self.bucket, "Key": self._key(digest)},
                 ExpiresIn=int(expires_s),
