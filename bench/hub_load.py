@@ -724,6 +724,9 @@ def main() -> None:
     parser.add_argument("--profile-interval-s", type=float, default=0.05)
     parser.add_argument("--label", default="", help="tag stored with the results (e.g. baseline)")
     parser.add_argument("--out", type=Path, default=None, help="JSON; Markdown beside it")
+    parser.add_argument(
+        "--keep-logs", type=Path, default=None, help="keep the hubs' logs in this folder"
+    )
     args = parser.parse_args()
     if args.quick:
         args.nodes, args.db, args.warmup_s, args.measure_s = [1000], ["sqlite"], 10.0, 30.0
@@ -738,6 +741,9 @@ def main() -> None:
     console = Console(width=240)
     results = []
     with tempfile.TemporaryDirectory(prefix="hub-load-") as tmp:
+        if args.keep_logs is not None:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.keep_logs)
         for nodes in args.nodes:
             for db in args.db:
                 for replicas in args.replicas if db == "postgres" else [1]:
