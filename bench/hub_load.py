@@ -14,8 +14,16 @@ from the database, and finished uploads refused as stale), and the load generato
 share (if it nears 100 % of a core the figures describe the generator, not the hub; the table
 says so).
 
+With `--replicas N …` (PostgreSQL) each configuration runs N hub processes on one database;
+the nodes get every URL, start on the one their key picks and fail over like `HubClient`. Hub
+CPU then sums every replica, and PostgreSQL's own processes are reported beside it, with the
+statements it spent most time on (pg_stat_statements). `--profile` runs the first replica under
+bench/sampling_profile.py; `--baseline-src` runs every configuration with another checkout's
+hub as well (before/after in one invocation). A Markdown table is written beside the JSON.
+
     python bench/hub_load.py --quick                      # 1k nodes, SQLite, short
     python bench/hub_load.py --nodes 1000 5000 --db sqlite postgres
+    python bench/hub_load.py --nodes 1000 --db postgres --replicas 1 3 --baseline-src ../main/src
 """
 
 from __future__ import annotations
@@ -592,6 +600,7 @@ COLUMNS = (
     "req/s",
     "assign p50/p99 ms",
     "upload p50/p99 ms",
+    "blob p50/p99 ms",
     "heartbeat p50/p99 ms",
     "rounds",
     "contribs",
@@ -624,6 +633,7 @@ def rows(results: list[dict]) -> list[list[str]]:
                 f"{r['requests_per_s']:.0f}",
                 p("assignment"),
                 p("upload"),
+                p("blob"),
                 p("heartbeat"),
                 str(r["rounds_closed"]),
                 str(r["contributions_in_window"]),
