@@ -671,7 +671,7 @@ class HubService:
         function) instead of one query per node: the same moving averages as
         `_achieved_speed`, read at a cost that does not grow by one round trip per live node.
         (Recomputing the fastest live node used to send one query per live node, under the
-        run's lock: at 1,000 nodes, ~1,000 queries a second, holding every replica's
+        run's lock: at 1,000 nodes, 570 to 1,570 queries a second, holding every replica's
         assignments behind it; bench/results/hub_load_replicas.md.)"""
         missing = [n for n in dict.fromkeys(node_ids) if (run_id, n) not in self._achieved]
         for start in range(0, len(missing), SPEED_BATCH):
