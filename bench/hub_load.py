@@ -14,8 +14,16 @@ from the database, and finished uploads refused as stale), and the load generato
 share (if it nears 100 % of a core the figures describe the generator, not the hub; the table
 says so).
 
+With `--replicas N …` (PostgreSQL) each configuration runs N hub processes on one database;
+the nodes get every URL, start on the one their key picks and fail over like `HubClient`. Hub
+CPU then sums every replica, and PostgreSQL's own processes are reported beside it, with the
+statements it spent most time on (pg_stat_statements). `--profile` runs the first replica under
+bench/sampling_profile.py; `--baseline-src` runs every configuration with another checkout's
+hub as well (before/after in one invocation). A Markdown table is written beside the JSON.
+
     python bench/hub_load.py --quick                      # 1k nodes, SQLite, short
     python bench/hub_load.py --nodes 1000 5000 --db sqlite postgres
+    python bench/hub_load.py --nodes 1000 --db postgres --replicas 1 3 --baseline-src ../main/src
 """
 
 from __future__ import annotations
@@ -28,10 +36,11 @@ import os
 import random
 import resource
 import signal
+import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +53,7 @@ from sqlalchemy import create_engine, text
 
 from gridswarm.identity import Identity, sign_request
 from gridswarm.protocol import API, ContributionMeta, HeartbeatRequest, RegisterRequest
-from gridswarm.swarm import Swarm, free_port, local_postgres
+from gridswarm.swarm import Swarm, free_port, local_postgres, wait_healthy
 
 HEARTBEAT_S = 3.0  # what the real node does while training (node/agent.py)
 WAIT_S = 10.0  # long-poll length the node asks for
@@ -173,24 +182,40 @@ class LightNode:
     """One simulated node: the real node's request pattern, with sleeping in place of training.
     Two connections, like the real node (its heartbeat thread has its own), unless the open-file
     limit forbids: then heartbeats share the one connection and are sent only while training
-    (a long-poll already tells the hub the node is alive)."""
+    (a long-poll already tells the hub the node is alive). Given several hub replicas it starts
+    on the one its key picks and moves to the next on a transport error or a 5xx, as
+    `HubClient` does."""
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        hubs: list[tuple[str, int]],
         run: dict,
         stats: Stats,
         train_s: float,
         seed: int,
         shared_connection: bool = False,
     ) -> None:
-        self.main_conn = Connection(host, port)
-        self.beat_conn = self.main_conn if shared_connection else Connection(host, port)
+        self.hubs, self.shared = hubs, shared_connection
         self.run, self.stats, self.train_s = run, stats, train_s
         self.identity = Identity.generate()
+        self.current = int.from_bytes(self.identity.public_key[:4], "big") % len(hubs)
+        self.connections: dict[tuple[int, bool], Connection] = {}
         self.rng = np.random.default_rng(seed)
         self.status = "idle"
+
+    def connection(self, beat: bool) -> Connection:
+        """This node's connection to its current replica (its own for heartbeats unless shared)."""
+        key = (self.current, beat and not self.shared)
+        if key not in self.connections:
+            self.connections[key] = Connection(*self.hubs[self.current])
+        return self.connections[key]
+
+    def fail_over(self) -> None:
+        self.current = (self.current + 1) % len(self.hubs)
+
+    def close(self) -> None:
+        for conn in self.connections.values():
+            conn.close()
 
     async def call(
         self,
@@ -200,11 +225,12 @@ class LightNode:
         body: bytes = b"",
         query: str = "",
         timeout_s: float = 60.0,
-        conn: Connection | None = None,
+        beat: bool = False,
     ) -> Response | None:
-        """One signed request, retried on transport errors and 5xx like node/client.py."""
-        conn = conn or self.main_conn
+        """One signed request, retried on transport errors and 5xx like node/client.py (on the
+        next replica at once, with backoff once every replica failed in a row)."""
         for attempt in range(5):
+            conn = self.connection(beat)
             headers = sign_request(self.identity, method, path, body)
             started = time.monotonic()
             try:
@@ -212,24 +238,23 @@ class LightNode:
             except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
                 self.stats.transport_errors += 1
                 self.stats.record(endpoint, started, "transport")
+            else:
+                self.stats.record(endpoint, started, response.status_code)
+                if response.status_code < 500:
+                    return response
+            self.fail_over()
+            if (attempt + 1) % len(self.hubs) == 0:
                 await asyncio.sleep(0.5 * (attempt + 1))
-                continue
-            self.stats.record(endpoint, started, response.status_code)
-            if response.status_code < 500:
-                return response
-            await asyncio.sleep(0.5 * (attempt + 1))
         return None
 
     async def heartbeats(self, stop: asyncio.Event) -> None:
         await asyncio.sleep(random.uniform(0, HEARTBEAT_S))
         while not stop.is_set():
-            if self.beat_conn is self.main_conn and self.status != "training":
+            if self.shared and self.status != "training":
                 await asyncio.sleep(HEARTBEAT_S)
                 continue
             body = HeartbeatRequest(status=self.status).model_dump_json().encode()
-            await self.call(
-                "heartbeat", "POST", f"{API}/nodes/heartbeat", body, conn=self.beat_conn
-            )
+            await self.call("heartbeat", "POST", f"{API}/nodes/heartbeat", body, beat=True)
             await asyncio.sleep(HEARTBEAT_S)
 
     async def main(self, stop: asyncio.Event) -> None:
@@ -292,8 +317,7 @@ class LightNode:
                     self.stats.stale += int(self.stats.measuring)
         finally:
             beating.cancel()
-            self.main_conn.close()
-            self.beat_conn.close()
+            self.close()
 
 
 def log(message: str) -> None:
@@ -307,34 +331,98 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
+def postgres_pids(port: int) -> list[int]:
+    """The PostgreSQL server listening on `port` and its children (backends, writers)."""
+    parents: dict[int, int] = {}
+    postmaster = None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            comm, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        except (OSError, IndexError, ValueError):
+            continue
+        if comm != "postgres":
+            continue
+        parents[int(entry)] = int(rest.split()[1])
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-p" in args and args[args.index(b"-p") + 1 :][:1] == [str(port).encode()]:
+            postmaster = int(entry)
+    if postmaster is None:
+        return []
+    return [postmaster, *(pid for pid, parent in parents.items() if parent == postmaster)]
+
+
+def cpu_of(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each of `pids` still alive."""
+    out = {}
+    for pid in pids:
+        with suppress(OSError, IndexError):
+            out[pid] = cpu_s(pid)
+    return out
+
+
+def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two `cpu_of` readings (a process started in between counts
+    whole; one that ended in between is lost: pooled connections make both rare)."""
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
+@dataclass
+class Hubs:
+    """The hub replicas under test and how to watch them: their URLs and pids, PostgreSQL's
+    port (its processes' CPU counts as the database's), and callbacks at the measuring
+    window's start and end (pg_stat_statements reset / read, profiler signals)."""
+
+    urls: list[str]
+    pids: list[int]
+    pg_port: int | None = None
+    on_start: list = field(default_factory=list)
+    on_end: list = field(default_factory=list)
+
+
 async def drive(
-    url: str,
+    hubs: Hubs,
     run: dict,
     nodes: int,
     ramp_s: float,
     warmup_s: float,
     measure_s: float,
     train_s: float,
-    hub_pid: int,
     shared_connection: bool,
 ) -> dict:
     """Start `nodes` light nodes over `ramp_s`, warm up, measure for `measure_s`, stop."""
     stats, stop = Stats(), asyncio.Event()
-    host, port = url.removeprefix("http://").split(":")
+    addresses = []
+    for url in hubs.urls:
+        host, port = url.removeprefix("http://").split(":")
+        addresses.append((host, int(port)))
     tasks = []
     for i in range(nodes):
-        node = LightNode(host, int(port), run, stats, train_s, i)
+        node = LightNode(addresses, run, stats, train_s, i, shared_connection)
         tasks.append(asyncio.create_task(node.main(stop)))
         await asyncio.sleep(ramp_s / nodes)
     log(f"{nodes} nodes started; warming up {warmup_s:.0f} s")
     await asyncio.sleep(warmup_s)
     log(f"measuring {measure_s:.0f} s")
     stats.measuring = True
-    hub_cpu0, own_cpu0, t0, wall0 = cpu_s(hub_pid), cpu_s(), time.monotonic(), time.time()
+    db_pids = postgres_pids(hubs.pg_port) if hubs.pg_port else []
+    for callback in hubs.on_start:
+        callback()
+    hub_cpu0, db_cpu0 = cpu_of(hubs.pids), cpu_of(db_pids)
+    own_cpu0, t0, wall0 = cpu_s(), time.monotonic(), time.time()
     acked0 = len(stats.acked)
     await asyncio.sleep(measure_s)
-    hub_cpu1, own_cpu1, t1, wall1 = cpu_s(hub_pid), cpu_s(), time.monotonic(), time.time()
+    db_pids = postgres_pids(hubs.pg_port) if hubs.pg_port else []
+    hub_cpu1, db_cpu1 = cpu_of(hubs.pids), cpu_of(db_pids)
+    own_cpu1, t1, wall1 = cpu_s(), time.monotonic(), time.time()
     acked_in_window = len(stats.acked) - acked0
+    for callback in hubs.on_end:
+        callback()
     stats.measuring = False
     stop.set()
     log("stopping the nodes")
@@ -344,6 +432,8 @@ async def drive(
     await asyncio.gather(*tasks, return_exceptions=True)
     window_s = t1 - t0
     requests = sum(len(v) for v in stats.latency_s.values())
+    hub_cpu, db_cpu = cpu_between(hub_cpu0, hub_cpu1), cpu_between(db_cpu0, db_cpu1)
+    per_contribution = max(acked_in_window, 1)
     return {
         "window_s": round(window_s, 1),
         "requests_per_s": round(requests / window_s, 1),
@@ -358,10 +448,10 @@ async def drive(
         },
         "window_wall_s": (wall0, wall1),
         "contributions_in_window": acked_in_window,
-        "hub_cpu_share": round((hub_cpu1 - hub_cpu0) / window_s, 3),
-        "hub_cpu_ms_per_contribution": round(
-            1000 * (hub_cpu1 - hub_cpu0) / max(acked_in_window, 1), 2
-        ),
+        "hub_cpu_share": round(hub_cpu / window_s, 3),  # of one core, all replicas
+        "db_cpu_share": round(db_cpu / window_s, 3),  # PostgreSQL's processes
+        "hub_cpu_ms_per_contribution": round(1000 * hub_cpu / per_contribution, 2),
+        "hub_db_cpu_ms_per_contribution": round(1000 * (hub_cpu + db_cpu) / per_contribution, 2),
         "loadgen_cpu_share": round((own_cpu1 - own_cpu0) / window_s, 3),
         "stale_refused": stats.stale,
         "transport_errors": stats.transport_errors,
@@ -391,20 +481,88 @@ def from_database(db_url: str, run_id: str, acked: list[str], window: tuple[floa
     return {"rounds_closed": closed, "lost_acknowledged": len(set(acked) - stored)}
 
 
-def one(db: str, nodes: int, args: argparse.Namespace, workdir: Path) -> dict:
-    """One hub process, one run, `nodes` light nodes: the measured figures."""
+PG_STATEMENTS = """
+SELECT calls, total_exec_time, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 200)
+FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12
+"""
+
+
+def top_statements(db_url: str, into: dict) -> None:
+    """The statements PostgreSQL spent the most time executing in the window (into["sql"])."""
+    engine = create_engine("postgresql+psycopg://" + db_url.removeprefix("postgresql://"))
+    with engine.connect() as conn:
+        into["sql"] = [
+            {"calls": c, "total_ms": round(t), "rows": r, "query": q}
+            for c, t, r, q in conn.execute(text(PG_STATEMENTS))
+        ]
+    engine.dispose()
+
+
+def sql(db_url: str, statement: str) -> None:
+    engine = create_engine("postgresql+psycopg://" + db_url.removeprefix("postgresql://"))
+    with engine.connect() as conn:
+        conn.execute(text(statement))
+        conn.commit()
+    engine.dispose()
+
+
+def one(
+    db: str, nodes: int, replicas: int, variant: str, args: argparse.Namespace, workdir: Path
+) -> dict:
+    """`replicas` hub processes on one database (one on SQLite), one run, `nodes` light nodes:
+    the measured figures. `variant` "this" runs this checkout's hub, "baseline" the one in
+    --baseline-src (or --hub-src for every run)."""
+    hub_src = args.baseline_src if variant == "baseline" else args.hub_src
     with ExitStack() as stack:
-        db_url = (
-            stack.enter_context(local_postgres(max_connections=200)) if db == "postgres" else None
-        )
-        swarm = Swarm(workdir / f"{db}-{nodes}", free_port(), liveness_s=20.0, db_url=db_url)
+        db_url = None
+        if db == "postgres":
+            db_url = stack.enter_context(
+                local_postgres(
+                    max_connections=60 * replicas + 40,  # each replica's pool, the ticker, us
+                    settings={"shared_preload_libraries": "pg_stat_statements"},
+                )
+            )
+            sql(db_url, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        name = f"{db}-{nodes}-{replicas}-{variant}"
+        swarm = Swarm(workdir / name, free_port(), liveness_s=20.0, db_url=db_url)
         swarm.workdir.mkdir(parents=True)
-        if args.hub_src is not None:  # the control: another checkout's hub (e.g. main's src/)
-            swarm.env["PYTHONPATH"] = str(args.hub_src.resolve())
+        if hub_src is not None:  # the control: another checkout's hub (e.g. main's src/)
+            swarm.env["PYTHONPATH"] = str(hub_src.resolve())
         else:  # every simulated node registers from 127.0.0.1: no bound on new identities
             swarm.hub_extra += ["--register-per-net-hour", "0", "--max-new-nodes", "0"]
-        swarm.start_hub(timeout_s=240.0)  # a loaded shared machine starts it slowly
-        stack.callback(swarm.stop)
+        profile = workdir / f"{name}-profile.json"
+        if args.profile:  # the first replica under the sampling profiler
+            swarm.hub = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).parent / "sampling_profile.py"),
+                    str(profile),
+                    str(args.profile_interval_s),
+                    "-m",
+                    "gridswarm.cli",
+                    *swarm._hub_args(swarm.port),
+                ],
+                stdout=(workdir / f"{name}-hub.log").open("ab"),
+                stderr=subprocess.STDOUT,
+                env=swarm.env,
+            )
+            stack.callback(swarm.stop)
+            wait_healthy(swarm.url, swarm.hub, 240.0)
+        else:
+            stack.callback(swarm.stop)
+            swarm.start_hub(timeout_s=240.0)  # a loaded shared machine starts it slowly
+        urls = [swarm.url]
+        for _ in range(replicas - 1):
+            urls.append(swarm.start_replica(free_port(), timeout_s=240.0))
+        hubs = Hubs(urls, [swarm.hub.pid, *(p.pid for p in swarm.replicas.values())])
+        extra: dict = {}
+        if db_url is not None:
+            hubs.pg_port = int(db_url.rsplit(":", 1)[1].split("/")[0])
+            hubs.on_start.append(lambda: sql(db_url, "SELECT pg_stat_statements_reset()"))
+            hubs.on_end.append(lambda: top_statements(db_url, extra))
+        if args.profile:
+            hubs.on_start.append(lambda: swarm.hub.send_signal(signal.SIGUSR1))
+            hubs.on_end.append(lambda: swarm.hub.send_signal(signal.SIGUSR2))
         sponsor = Identity.generate()
         body = json.dumps({"config": run_config(nodes, args.deadline_s)}).encode()
         headers = sign_request(sponsor, "POST", f"{API}/runs", body)
@@ -414,14 +572,13 @@ def one(db: str, nodes: int, args: argparse.Namespace, workdir: Path) -> dict:
         ramp_s = args.ramp_s if args.ramp_s is not None else max(5.0, nodes / 250)
         result = asyncio.run(
             drive(
-                swarm.url,
+                hubs,
                 run,
                 nodes,
                 ramp_s,
                 args.warmup_s,
                 args.measure_s,
                 args.train_s,
-                swarm.hub.pid,
                 shared,
             )
         )
@@ -431,27 +588,37 @@ def one(db: str, nodes: int, args: argparse.Namespace, workdir: Path) -> dict:
         acked = result.pop("acked")
         result["acked_total"] = len(acked)
         result |= from_database(swarm.db_url, run["run_id"], acked, result.pop("window_wall_s"))
-    return {"db": db, "nodes": nodes, **result}
+        result |= extra
+        if args.profile and profile.exists():
+            result["profile"] = json.loads(profile.read_text())
+    return {"db": db, "nodes": nodes, "replicas": replicas, "variant": variant, **result}
 
 
-def table(results: list[dict], title: str) -> Table:
-    t = Table(title=title)
-    for col in (
-        "db",
-        "nodes",
-        "req/s",
-        "assign p50/p99 ms",
-        "upload p50/p99 ms",
-        "heartbeat p99 ms",
-        "rounds",
-        "contribs",
-        "hub CPU ms/contrib",
-        "hub CPU",
-        "loadgen CPU",
-        "stale",
-        "lost",
-    ):
-        t.add_column(col, justify="right")
+COLUMNS = (
+    "db",
+    "replicas",
+    "hub",
+    "nodes",
+    "req/s",
+    "assign p50/p99 ms",
+    "upload p50/p99 ms",
+    "blob p50/p99 ms",
+    "heartbeat p50/p99 ms",
+    "rounds",
+    "contribs",
+    "hub CPU ms/contrib",
+    "hub+db CPU ms/contrib",
+    "hub CPU",
+    "db CPU",
+    "loadgen CPU",
+    "stale",
+    "lost",
+)
+
+
+def rows(results: list[dict]) -> list[list[str]]:
+    """One row of figures per measured configuration (CPU shares are of one core)."""
+    out = []
     for r in results:
         ep = r["endpoints"]
 
@@ -459,22 +626,80 @@ def table(results: list[dict], title: str) -> Table:
             e = ep.get(name)
             return f"{e['p50_ms']:.0f}/{e['p99_ms']:.0f}" if e else "-"
 
-        t.add_row(
-            r["db"],
-            str(r["nodes"]),
-            f"{r['requests_per_s']:.0f}",
-            p("assignment"),
-            p("upload"),
-            f"{ep['heartbeat']['p99_ms']:.0f}" if "heartbeat" in ep else "-",
-            str(r["rounds_closed"]),
-            str(r["contributions_in_window"]),
-            f"{r['hub_cpu_ms_per_contribution']:.2f}",
-            f"{r['hub_cpu_share']:.0%}",
-            f"{r['loadgen_cpu_share']:.0%}",
-            str(r["stale_refused"]),
-            str(r["lost_acknowledged"]),
+        out.append(
+            [
+                r["db"],
+                str(r.get("replicas", 1)),
+                r.get("variant", "this"),
+                str(r["nodes"]),
+                f"{r['requests_per_s']:.0f}",
+                p("assignment"),
+                p("upload"),
+                p("blob"),
+                p("heartbeat"),
+                str(r["rounds_closed"]),
+                str(r["contributions_in_window"]),
+                f"{r['hub_cpu_ms_per_contribution']:.1f}",
+                f"{r.get('hub_db_cpu_ms_per_contribution', float('nan')):.1f}",
+                f"{r['hub_cpu_share']:.0%}",
+                f"{r.get('db_cpu_share', 0):.0%}",
+                f"{r['loadgen_cpu_share']:.0%}",
+                str(r["stale_refused"]),
+                str(r["lost_acknowledged"]),
+            ]
         )
+    return out
+
+
+def table(results: list[dict], title: str) -> Table:
+    t = Table(title=title)
+    for col in COLUMNS:
+        t.add_column(col, justify="right")
+    for row in rows(results):
+        t.add_row(*row)
     return t
+
+
+def markdown(document: dict) -> str:
+    """The results as Markdown: the command, the table, the hottest SQL and hub code."""
+    lines = [
+        f"# hub load {document['label']}".rstrip(),
+        "",
+        f"`{document['command']}`",
+        "",
+        f"{document['cpus']} CPUs, load average before the runs "
+        + ", ".join(f"{x:.1f}" for x in document["load_average"])
+        + ". CPU shares are of one core; hub CPU sums every replica process, db CPU "
+        "PostgreSQL's processes; per contribution = per node per round.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(document["results"])]
+    for r in document["results"]:
+        head = f"{r['db']}, {r.get('replicas', 1)} replica(s), {r.get('variant')}, {r['nodes']}"
+        if r.get("sql"):
+            lines += ["", f"## PostgreSQL time by statement ({head} nodes)", ""]
+            lines += ["| calls | total ms | rows | statement |", "|---|---|---|---|"]
+            for q in r["sql"][:8]:
+                query = q["query"].replace("|", "\\|")
+                lines.append(f"| {q['calls']} | {q['total_ms']} | {q['rows']} | `{query}` |")
+        if r.get("profile"):
+            prof = r["profile"]
+            lines += [
+                "",
+                f"## Hub CPU samples, first replica ({head} nodes; {prof['samples']} samples)",
+                "",
+                "| share | where (innermost gridswarm line) |",
+                "|---|---|",
+            ]
+            total = max(prof["samples"], 1)
+            for where, n in prof["gridswarm_line"][:12]:
+                lines.append(f"| {n / total:.0%} | `{where}` |")
+            lines += ["", "| share | function (inclusive) |", "|---|---|"]
+            for where, n in prof["inclusive"][:25]:
+                lines.append(f"| {n / total:.0%} | `{where}` |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -485,6 +710,13 @@ def main() -> None:
     parser.add_argument(
         "--db", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"]
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="hub processes on one PostgreSQL database (SQLite runs use 1)",
+    )
     parser.add_argument("--quick", action="store_true", help="1k nodes, SQLite, short")
     parser.add_argument("--train-s", type=float, default=5.0, help="simulated training per round")
     parser.add_argument("--deadline-s", type=float, default=60.0)
@@ -492,8 +724,21 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=15.0)
     parser.add_argument("--measure-s", type=float, default=45.0)
     parser.add_argument("--hub-src", type=Path, default=None, help="run the hub from this src/")
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        help="also run every configuration with the hub from this src/ (before/after)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="sample the first replica's CPU by code line"
+    )
+    parser.add_argument("--profile-interval-s", type=float, default=0.05)
     parser.add_argument("--label", default="", help="tag stored with the results (e.g. baseline)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="JSON; Markdown beside it")
+    parser.add_argument(
+        "--keep-logs", type=Path, default=None, help="keep the hubs' logs in this folder"
+    )
     args = parser.parse_args()
     if args.quick:
         args.nodes, args.db, args.warmup_s, args.measure_s = [1000], ["sqlite"], 10.0, 30.0
@@ -502,14 +747,22 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if max(args.nodes) + 256 > hard:
         sys.exit(f"open-file limit {hard} is too low for {max(args.nodes)} nodes")
-    console = Console(width=220)
+    command = "python " + " ".join(sys.argv)
+    load_average = os.getloadavg()
+    variants = ["baseline", "this"] if args.baseline_src is not None else ["this"]
+    console = Console(width=240)
     results = []
     with tempfile.TemporaryDirectory(prefix="hub-load-") as tmp:
-        for db in args.db:
-            for nodes in args.nodes:
-                console.print(f"[bold]{db}, {nodes} nodes[/bold] …")
-                results.append(one(db, nodes, args, Path(tmp)))
-                console.print(table(results[-1:], ""))
+        if args.keep_logs is not None:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.keep_logs)
+        for nodes in args.nodes:
+            for db in args.db:
+                for replicas in args.replicas if db == "postgres" else [1]:
+                    for variant in variants:
+                        console.print(f"[bold]{db}, {replicas} hub(s), {variant}, {nodes}[/bold]")
+                        results.append(one(db, nodes, replicas, variant, args, Path(tmp)))
+                        console.print(table(results[-1:], ""))
     title = f"hub load {args.label}".strip()
     console.print(table(results, title))
     out = args.out or Path(__file__).parent / "results" / (
@@ -517,13 +770,15 @@ def main() -> None:
     )
     document = {
         "label": args.label,
+        "command": command,
         "cpus": os.cpu_count(),
-        "load_average": os.getloadavg(),
+        "load_average": load_average,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
     }
     out.write_text(json.dumps(document, indent=2, default=str))
-    console.print(f"written to {out}")
+    out.with_suffix(".md").write_text(markdown(document))
+    console.print(f"written to {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

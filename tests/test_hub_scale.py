@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select
 
 from gridswarm.hub.app import create_app
-from gridswarm.hub.models import Node, Nonce
+from gridswarm.hub.models import Assignment, Contribution, Node, Nonce, Run
 from gridswarm.hub.server import build_service
 from gridswarm.hub.service import HubError, HubService, HubSettings
 from gridswarm.identity import Identity, sign_request
@@ -216,3 +216,71 @@ def test_a_node_waiting_in_a_long_poll_stays_live(tmp_path: Path) -> None:
     # live when the tick judged it (notes come every liveness_s / 2 while it waits); measured
     # at the tick, not after the poll ends, which is up to wait_s - 2.5 s later
     assert ticked_at - seen <= 1.0, "the waiting node went silent for longer than liveness_s"
+
+
+def test_fastest_live_node_reads_every_speed_in_one_query_with_the_same_averages(
+    tmp_path: Path,
+) -> None:
+    """Recomputing the fastest live node (under the run's lock) used to send one query per live
+    node; now one batched query: the same moving averages (last 5 contributions, oldest first),
+    at a cost that does not grow with the number of live nodes."""
+    clock = FakeClock()
+    service = hub(tmp_path, clock)
+    nodes = [register(service) for _ in range(40)]
+    run = service.create_run(b"\x01" * 32, tiny_run(round={"max_nodes": 1000}))
+    with service.sessions() as s:
+        for i, node_id in enumerate(nodes[:30]):
+            for rnd in range(i % 8):  # 0..7 contributions: more than the window of 5 for some
+                assignment_id = f"{i:04d}{rnd:04d}".ljust(32, "0")
+                s.add(
+                    Assignment(
+                        id=assignment_id,
+                        run_id=run.run_id,
+                        round=rnd,
+                        attempt=0,
+                        node_id=node_id,
+                        base_version=rnd,
+                        inner_steps=10,
+                        created_at=clock.t,
+                        deadline_at=clock.t + 60,
+                        status="submitted",
+                    )
+                )
+                s.add(
+                    Contribution(
+                        id=f"{i:04d}{rnd:04d}".ljust(64, "0"),
+                        run_id=run.run_id,
+                        round=rnd,
+                        node_id=node_id,
+                        assignment_id=assignment_id,
+                        base_version=rnd,
+                        codec="int8",
+                        bytes_up=1,
+                        steps=10,
+                        tokens=1000 * (1 + i + 3 * rnd),
+                        loss_first=5.0,
+                        loss_last=4.0,
+                        train_time_s=1.0 + 0.5 * ((i + rnd) % 3),
+                        threads=1,
+                        created_at=clock.t,
+                    )
+                )
+        s.commit()
+    with service.sessions() as s:
+        service._achieved.clear()
+        one_by_one = {n: service._achieved_speed(s, run.run_id, n) for n in nodes}
+        service._achieved.clear()
+        cost = statements_of(
+            service, lambda: service._load_achieved_speeds(s, run.run_id, nodes + nodes[:3])
+        )
+        batched = {n: service._achieved[(run.run_id, n)] for n in nodes}
+    assert cost == 1
+    assert batched == one_by_one
+    assert sum(v is None for v in batched.values()) == 10 + 4  # no contribution yet: none
+    # the refresh of the fastest live node costs the same for 40 live nodes as for 4
+    with service.sessions() as s:
+        run_row = s.get(Run, run.run_id)
+        service._achieved.clear()
+        service._live_view.clear()
+        many = statements_of(service, lambda: service._fastest_live(s, run_row, clock.t))
+    assert many <= 3, f"{many} statements to find the fastest of {len(nodes)} live nodes"

@@ -43,8 +43,11 @@ def _pg_bindir() -> Path:
 
 
 @contextmanager
-def local_postgres(max_connections: int = 100) -> Iterator[str]:
-    """A real PostgreSQL server in a temporary folder on a free loopback port (tests, bench)."""
+def local_postgres(
+    max_connections: int = 100, settings: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A real PostgreSQL server in a temporary folder on a free loopback port (tests, bench);
+    `settings`: more server settings (`-c name=value`), e.g. shared_preload_libraries."""
     bindir = _pg_bindir()
     datadir = Path(tempfile.mkdtemp(prefix="gridswarm-pg-"))
     as_user: list[str] = []
@@ -77,6 +80,7 @@ def local_postgres(max_connections: int = 100) -> Iterator[str]:
     options = (
         f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 -c max_connections={max_connections}"
     )
+    options += "".join(f" -c {name}={value}" for name, value in (settings or {}).items())
     pg_ctl("-l", str(datadir / "log"), "-w", "-o", options, "start")
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"

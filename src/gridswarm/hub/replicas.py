@@ -38,12 +38,18 @@ def is_sqlite(engine: Engine) -> bool:
 
 
 def lock_run(s: Session, run_id: str) -> m.Run | None:
-    """The run's row, locked FOR UPDATE until the transaction ends (fresh values, even if the
-    session had loaded it before); None if there is no such run."""
+    """The run's row, locked until the transaction ends (fresh values, even if the session had
+    loaded it before); None if there is no such run.
+
+    `FOR NO KEY UPDATE`, the lock PostgreSQL itself takes to update a row without changing its
+    key: two lockers of one run still queue (it conflicts with itself), but a plain insert of a
+    row that references the run (a download counted, a nonce, a ledger entry) no longer waits
+    for the lock holder: its foreign-key check takes `FOR KEY SHARE`, which `FOR UPDATE` blocks
+    and this does not. Nothing here changes or deletes a run's id."""
     return s.scalars(
         select(m.Run)
         .where(m.Run.id == run_id)
-        .with_for_update()
+        .with_for_update(key_share=True)
         .execution_options(populate_existing=True)
     ).first()
 
