@@ -98,6 +98,10 @@ def build_service(
     return service
 
 
+# on SIGTERM, how long open connections may take to finish (a half-open TLS handshake, say)
+GRACEFUL_SHUTDOWN_S = 5.0
+
+
 def proxy_options(forwarded_allow_ips: str | None) -> dict[str, object]:
     """uvicorn's options for the client address: by default the peer address of the TCP
     connection, whatever X-Forwarded-For says (uvicorn itself would believe it from localhost);
@@ -147,6 +151,7 @@ def serve(
         log_level="warning",
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         **proxy_options(forwarded_allow_ips),
     )
 
@@ -195,6 +200,7 @@ def serve_replicas(
                 log_level="warning",
                 ssl_certfile=certfile,
                 ssl_keyfile=keyfile,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                 **proxy_options(forwarded_allow_ips),
             )
             uvicorn.Server(config).run(sockets=[sock])
