@@ -19,6 +19,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from gridswarm.db import Base
+from gridswarm.hub.lifecycle import RunState
+from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
 
 
 class Run(Base):
@@ -28,7 +30,7 @@ class Run(Base):
     config_json: Mapped[str] = mapped_column(Text)
     sponsor_key: Mapped[str] = mapped_column(String(64))
     # active | paused | stalled | stopped | finished (hub/lifecycle.py)
-    status: Mapped[str] = mapped_column(String(16), default="active")
+    status: Mapped[str] = mapped_column(String(16), default=RunState.ACTIVE)
     numel: Mapped[int] = mapped_column(BigInteger)
     version: Mapped[int] = mapped_column(Integer, default=0)  # newest model version
     round: Mapped[int] = mapped_column(Integer, default=0)  # current (open) round
@@ -85,7 +87,7 @@ class Round(Base):
     number: Mapped[int] = mapped_column(Integer, primary_key=True)
     base_version: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | open | closed
+    status: Mapped[str] = mapped_column(String(16), default=RoundStatus.PENDING)
     opened_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     deadline_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -107,8 +109,8 @@ class Assignment(Base):
     inner_steps: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
     deadline_at: Mapped[float] = mapped_column(Float)
-    # assigned -> submitted | missed (deadline/node lost) | released (node left) | late
-    status: Mapped[str] = mapped_column(String(16), default="assigned")
+    # an AssignmentStatus (hub/states.py: its states and transitions)
+    status: Mapped[str] = mapped_column(String(16), default=AssignmentStatus.ASSIGNED)
 
 
 class Contribution(Base):
@@ -144,7 +146,7 @@ class Contribution(Base):
     intensity_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
     emissions_g: Mapped[float | None] = mapped_column(Float, nullable=True)
     local_surplus_share: Mapped[float | None] = mapped_column(Float, nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="accepted")
+    status: Mapped[str] = mapped_column(String(16), default=ContributionStatus.ACCEPTED)
     # trust (0004_trust): what verification concluded; NULL until the round is screened
     update_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     claim_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # node's ledger claim
@@ -181,7 +183,7 @@ class Contribution(Base):
                 "assignment_id": assignment.id,
                 "base_version": assignment.base_version,
                 "bytes_up": bytes_up,
-                "status": "accepted",
+                "status": ContributionStatus.ACCEPTED,
                 "created_at": created_at,
             }
         )
