@@ -6,8 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import create_engine
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.exc import StatementError
+from sqlalchemy.orm import Session
 
+from gridswarm.hub import models as m
 from gridswarm.hub.lifecycle import FINAL, NOT_ENDED, RunState
 from gridswarm.hub.states import (
     ASSIGNMENT_FINAL,
@@ -50,7 +54,23 @@ def test_members_store_as_their_plain_words():
 def test_every_status_an_in_process_run_stores_is_typed(tmp_path: Path):
     result = run_golden(tmp_path, config=None, max_steps=400)
     assert result["status"] == "finished"
-    stored = assert_statuses_typed(create_engine(f"sqlite:///{tmp_path / 'hub.db'}"))
+    engine = create_engine(f"sqlite:///{tmp_path / 'hub.db'}")
+    stored = assert_statuses_typed(engine)
+    # the ORM reads each status back as its enum member (models.Status), not a bare string
+    with Session(engine) as s:
+        for table, enum in (
+            (m.Run, RunState),
+            (m.Round, RoundStatus),
+            (m.Assignment, AssignmentStatus),
+            (m.Contribution, ContributionStatus),
+        ):
+            rows = s.scalars(select(table)).all()
+            assert rows and all(type(r.status) is enum for r in rows), table.__tablename__
+        # and refuses to write a word that is no member: nothing unknown reaches the table
+        a = s.scalars(select(m.Assignment)).first()
+        a.status = "lost"
+        with pytest.raises(StatementError, match="'lost' is not a valid AssignmentStatus"):
+            s.flush()
     assert stored["runs"] == {"finished"}
     assert RoundStatus.CLOSED in stored["rounds"]
     assert AssignmentStatus.SUBMITTED in stored["assignments"]
