@@ -16,7 +16,7 @@ Assignment (a node's place in one attempt of a round):
 
     assigned --upload accepted--> submitted --screening rejects it--> rejected
     assigned --deadline, node lost, re-plan, SecAgg fixes participants--> missed
-    assigned --node leaves, run paused or stopped--> released
+    assigned --node left or registered again, run left active--> released
     assigned --node reports a failure--> failed
     assigned --upload refused as too late--> late
     assigned | submitted --SecAgg attempt fails--> discarded
@@ -44,7 +44,7 @@ class AssignmentStatus(StrEnum):
     ASSIGNED = "assigned"  # handed out, the node trains: the only state an upload is taken in
     SUBMITTED = "submitted"  # its upload was accepted (plain or SecAgg advertise)
     MISSED = "missed"  # deadline passed, node went silent, or SecAgg fixed the participants
-    RELEASED = "released"  # the node left, or the run was paused/stopped: the place is freed
+    RELEASED = "released"  # node left or re-registered, or the run left active: place freed
     FAILED = "failed"  # the node reported that its training failed
     LATE = "late"  # an upload came for it after its round or attempt moved on
     REJECTED = "rejected"  # its contribution was rejected by audit or usefulness screening
