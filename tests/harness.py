@@ -25,13 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from sqlalchemy import create_engine, select
+from sqlalchemy import Engine, create_engine, select
+from sqlalchemy.orm import Session
 
 from gridswarm.blobs import LocalBlobStore
 from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
+from gridswarm.hub.lifecycle import RunState
 from gridswarm.hub.server import migrate
 from gridswarm.hub.service import HubService, HubSettings
+from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.identity import Identity
 from gridswarm.protocol import ContributionMeta, RegisterRequest
 from gridswarm.train.codecs import make_codec
@@ -79,6 +82,35 @@ def new_service(workdir: Path, clock: FakeClock, settings: HubSettings | None = 
     service = HubService(engine, LocalBlobStore(workdir / "blobs"), settings, clock=clock)
     service.trust.ensure_genesis()
     return service
+
+
+# each table's status column and the enum its stored values must belong to
+STATUS_COLUMNS = (
+    (m.Run.status, RunState),
+    (m.Round.status, RoundStatus),
+    (m.Assignment.status, AssignmentStatus),
+    (m.Contribution.status, ContributionStatus),
+)
+
+
+def stored_statuses(engine: Engine) -> dict[str, set[str]]:
+    """The distinct status values stored in each of the run, round, assignment and
+    contribution tables, by table name."""
+    with Session(engine) as s:
+        return {
+            col.class_.__tablename__: set(s.scalars(select(col).distinct()))
+            for col, _ in STATUS_COLUMNS
+        }
+
+
+def assert_statuses_typed(engine: Engine) -> dict[str, set[str]]:
+    """Every status value the hub stored in `engine`'s database is a member of its enum
+    (hub/states.py, RunState); returns what was stored, for the caller to assert on further."""
+    stored = stored_statuses(engine)
+    for col, enum in STATUS_COLUMNS:
+        unknown = stored[col.class_.__tablename__] - {e.value for e in enum}
+        assert not unknown, f"{col.class_.__tablename__}.status not in {enum.__name__}: {unknown}"
+    return stored
 
 
 def run_golden(

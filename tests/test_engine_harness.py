@@ -30,7 +30,7 @@ from gridswarm.protocol import API, Assignment, ContributionMeta, Refusal, Regis
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack, unpack_vector
 from tests.conftest import tiny_run
-from tests.harness import FakeClock, new_service
+from tests.harness import FakeClock, assert_statuses_typed, new_service
 from tests.hub.harness import Hub, contribution, meta_fields
 
 TOKENS_PER_STEP = 32 * 8  # tiny_run: seq_len x batch_size
@@ -180,6 +180,8 @@ def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
     assert status["status_reason"] == "budget.rounds reached: 1 of 1 rounds"
     (v1,) = rows(service, m.Version, m.Version.number == 1)
     assert v1.tokens_total == by_node[honest].tokens + a.inner_steps * TOKENS_PER_STEP
+    stored = assert_statuses_typed(service.engine)  # every status written is typed
+    assert {"rejected", "submitted"} <= stored["assignments"]
 
 
 # ------------------------------------------------------------------------- SecAgg dropouts
@@ -255,6 +257,7 @@ def test_a_masked_participant_that_vanishes_is_still_in_the_recovered_sum(tmp_pa
     expected = (tokens[:, None] * torch.stack(updates)).sum(0) / tokens.sum()
     assert float((aggregate - expected).abs().max()) < 1e-6
     assert [v.number for v in rows(svc, m.Version)] == [0, 1]
+    assert assert_statuses_typed(svc.engine)["assignments"] == {"submitted"}
 
 
 def test_more_than_t_vanished_after_masking_fail_the_round_cleanly(tmp_path: Path):
@@ -278,6 +281,7 @@ def test_more_than_t_vanished_after_masking_fail_the_round_cleanly(tmp_path: Pat
     assert rows(svc, m.SecAggMessage) == []
     assert {c.status for c in rows(svc, m.Contribution)} == {"discarded"}
     assert {a.status for a in rows(svc, m.Assignment)} == {"discarded"}
+    assert_statuses_typed(svc.engine)
     for c in contributors[2:]:
         task = c.poll(wait_s=0)
         assert task["stage"] == "aborted" and "max_dropouts" in task["reason"]

@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from gridswarm.hub.lifecycle import RunState
 from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient
 from gridswarm.report import human_bytes, status_table
@@ -136,7 +137,7 @@ def run_demo(opts: DemoOptions, console: Console) -> dict:
                         f"and starts from version {status['version']}"
                     )
                 live.update(live_view(status, events, swarm.names, time.monotonic() - started))
-                if status["status"] == "finished":
+                if status["status"] == RunState.FINISHED:
                     break
                 time.sleep(0.5)
         status = client.run_status(run_id)

@@ -8,9 +8,16 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from gridswarm.hub.lifecycle import RunState
+
 SPARKS = "▁▂▃▄▅▆▇█"
 STATE_STYLE = {"live": "green", "silent": "yellow", "gone": "dim"}
-RUN_STYLE = {"active": "green", "paused": "yellow", "stalled": "red", "stopped": "dim"}
+RUN_STYLE = {
+    RunState.ACTIVE: "green",
+    RunState.PAUSED: "yellow",
+    RunState.STALLED: "red",
+    RunState.STOPPED: "dim",
+}
 
 
 def human_bytes(n: float) -> str:

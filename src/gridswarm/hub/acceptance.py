@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gridswarm.hub.lifecycle import RunState
+from gridswarm.hub.states import AssignmentStatus, RoundStatus
 from gridswarm.protocol import ContributionMeta, Refusal
 from gridswarm.trust.claims import claimed_work_error
 from gridswarm.trust.policy import check_energy, energy_floor_time_s
@@ -29,7 +31,7 @@ from gridswarm.trust.policy import check_energy, energy_floor_time_s
 class AssignmentFacts:
     """The assignment an upload names (its row)."""
 
-    status: str  # assigned | submitted | missed | released | late | rejected | discarded
+    status: AssignmentStatus  # hub/states.py
     round: int
     inner_steps: int
 
@@ -39,10 +41,10 @@ class RunFacts:
     """The run the upload is for and its current round."""
 
     id: str
-    status: str  # active | paused | stalled | stopped | finished
+    status: RunState
     status_reason: str | None
     round: int  # the run's current round number
-    round_status: str  # pending | open | secagg | closed: the current round's status
+    round_status: RoundStatus  # the current round's status
 
 
 @dataclass(frozen=True)
@@ -125,16 +127,20 @@ def check_upload(
 def check_place(assignment: AssignmentFacts, run: RunFacts) -> UploadRefused | None:
     """Does the round still want this assignment's upload? Duplicate, or stale (the run is not
     active, the assignment is not outstanding, or its round is not the run's open round)."""
-    if assignment.status == "submitted":
+    if assignment.status == AssignmentStatus.SUBMITTED:
         return UploadRefused(
             409, Refusal.DUPLICATE, "duplicate: this assignment already has a contribution"
         )
-    if run.status != "active":
+    if run.status != RunState.ACTIVE:
         why = f": {run.status_reason}" if run.status_reason else ""
         return UploadRefused(409, Refusal.STALE, f"stale: run {run.id} is {run.status}{why}")
     current = assignment.round == run.round
-    if assignment.status != "assigned" or not current or run.round_status != "open":
-        late = assignment.status == "assigned" and not current
+    if (
+        assignment.status != AssignmentStatus.ASSIGNED
+        or not current
+        or run.round_status != RoundStatus.OPEN
+    ):
+        late = assignment.status == AssignmentStatus.ASSIGNED and not current
         return UploadRefused(
             409,
             Refusal.STALE,

@@ -45,6 +45,8 @@ class TransitionRefusal(StrEnum):
 
 FINAL = frozenset({RunState.STOPPED, RunState.FINISHED})
 HOLDING = frozenset({RunState.PAUSED, RunState.STALLED})
+# active, paused or stalled: may still change (the replicas watch these runs)
+NOT_ENDED = frozenset(RunState) - FINAL
 # events a sponsor may send; `stall` and `finish` are the hub's own
 SPONSOR_EVENTS = frozenset({RunEvent.PAUSE, RunEvent.RESUME, RunEvent.STOP})
 # the node failures (POST .../failures) that mark a run stalled when no round closes between them

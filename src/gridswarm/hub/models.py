@@ -3,6 +3,7 @@ the hub acknowledges it, so the hub process itself holds no state worth losing."
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -14,11 +15,34 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 
 from gridswarm.db import Base
+from gridswarm.hub.lifecycle import RunState
+from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
+
+
+class Status(TypeDecorator):
+    """A status column: stored as its word in a String(16), as it always was (no migration),
+    and read back as the member of `enum`. Writing a word that is not a member raises, so a
+    status the state machines do not know never reaches the database."""
+
+    impl = String(16)
+    cache_ok = True  # `enum` is a class: hashable, part of the statement cache key
+
+    def __init__(self, enum: type[StrEnum]) -> None:
+        super().__init__()
+        self.enum = enum
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> StrEnum | None:
+        return None if value is None else self.enum(value)
 
 
 class Run(Base):
@@ -28,7 +52,7 @@ class Run(Base):
     config_json: Mapped[str] = mapped_column(Text)
     sponsor_key: Mapped[str] = mapped_column(String(64))
     # active | paused | stalled | stopped | finished (hub/lifecycle.py)
-    status: Mapped[str] = mapped_column(String(16), default="active")
+    status: Mapped[RunState] = mapped_column(Status(RunState), default=RunState.ACTIVE)
     numel: Mapped[int] = mapped_column(BigInteger)
     version: Mapped[int] = mapped_column(Integer, default=0)  # newest model version
     round: Mapped[int] = mapped_column(Integer, default=0)  # current (open) round
@@ -85,7 +109,7 @@ class Round(Base):
     number: Mapped[int] = mapped_column(Integer, primary_key=True)
     base_version: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | open | closed
+    status: Mapped[RoundStatus] = mapped_column(Status(RoundStatus), default=RoundStatus.PENDING)
     opened_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     deadline_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -107,8 +131,10 @@ class Assignment(Base):
     inner_steps: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
     deadline_at: Mapped[float] = mapped_column(Float)
-    # assigned -> submitted | missed (deadline/node lost) | released (node left) | late
-    status: Mapped[str] = mapped_column(String(16), default="assigned")
+    # an AssignmentStatus (hub/states.py: its states and transitions)
+    status: Mapped[AssignmentStatus] = mapped_column(
+        Status(AssignmentStatus), default=AssignmentStatus.ASSIGNED
+    )
 
 
 class Contribution(Base):
@@ -144,7 +170,9 @@ class Contribution(Base):
     intensity_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
     emissions_g: Mapped[float | None] = mapped_column(Float, nullable=True)
     local_surplus_share: Mapped[float | None] = mapped_column(Float, nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="accepted")
+    status: Mapped[ContributionStatus] = mapped_column(
+        Status(ContributionStatus), default=ContributionStatus.ACCEPTED
+    )
     # trust (0004_trust): what verification concluded; NULL until the round is screened
     update_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     claim_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # node's ledger claim
@@ -181,7 +209,7 @@ class Contribution(Base):
                 "assignment_id": assignment.id,
                 "base_version": assignment.base_version,
                 "bytes_up": bytes_up,
-                "status": "accepted",
+                "status": ContributionStatus.ACCEPTED,
                 "created_at": created_at,
             }
         )

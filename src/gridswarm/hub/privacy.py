@@ -52,6 +52,13 @@ from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.openapi import RoundParam, RunIdParam, WaitParam, openapi_body
 from gridswarm.hub.rounds import Decision
+from gridswarm.hub.states import (
+    HOLDS_PLACE,
+    NOT_IN_SUM,
+    AssignmentStatus,
+    ContributionStatus,
+    RoundStatus,
+)
 from gridswarm.privacy.dp import (
     can_run_round,
     clip_updates,
@@ -344,12 +351,12 @@ class HubPrivacy:
     ) -> Decision:
         """Drive a SecAgg run's round: open the session when training closes, move the stages
         on, and answer CLOSE once the sum is recovered (the service then closes the round)."""
-        if rnd.status == "open":
+        if rnd.status == RoundStatus.OPEN:
             if decision is not Decision.CLOSE:
                 return decision
             self._open_session(s, run, rnd, now)
             return Decision.WAIT
-        if rnd.status != "secagg":
+        if rnd.status != RoundStatus.SECAGG:
             return decision
         cfg = RunConfig.model_validate_json(run.config_json)
         sess = s.get(m.SecAggSession, (run.id, rnd.number))
@@ -381,7 +388,7 @@ class HubPrivacy:
                 select(m.Contribution.node_id).where(
                     m.Contribution.run_id == run.id,
                     m.Contribution.round == rnd.number,
-                    m.Contribution.status == "accepted",
+                    m.Contribution.status == ContributionStatus.ACCEPTED,
                 )
             )
         )
@@ -398,9 +405,9 @@ class HubPrivacy:
             .where(
                 m.Assignment.run_id == run.id,
                 m.Assignment.round == rnd.number,
-                m.Assignment.status == "assigned",
+                m.Assignment.status == AssignmentStatus.ASSIGNED,
             )
-            .values(status="missed")
+            .values(status=AssignmentStatus.MISSED)
         )
         sess = s.get(m.SecAggSession, (run.id, rnd.number))
         if sess is None:
@@ -412,7 +419,7 @@ class HubPrivacy:
         sess.stage_deadline_at = now + sa.stage_timeout_s
         sess.survivors = sess.dropped = None
         sess.sum_blob = sess.aggregate_blob = None
-        rnd.status = "secagg"
+        rnd.status = RoundStatus.SECAGG
         s.commit()
 
     def _messages(self, s: Session, run_id: str, round_number: int, stage: str) -> dict[str, str]:
@@ -487,11 +494,11 @@ class HubPrivacy:
             select(m.Contribution).where(
                 m.Contribution.run_id == run.id,
                 m.Contribution.round == rnd.number,
-                m.Contribution.status == "accepted",
+                m.Contribution.status == ContributionStatus.ACCEPTED,
             )
         ):
             if c.node_id not in survivors:
-                c.status = "dropped"  # never reached the sum: no tokens, no reward
+                c.status = ContributionStatus.DROPPED  # never reached the sum: no tokens, no reward
         sess.stage, sess.closed_at = "done", now
         sess.survivors, sess.dropped = len(result.survivors), len(result.dropped)
         sess.sum_blob = self.svc.blobs.put(pack_vector(result.total, {"secagg": "sum"}))
@@ -528,16 +535,16 @@ class HubPrivacy:
         s.execute(
             update(m.Contribution)
             .where(m.Contribution.run_id == run.id, m.Contribution.round == rnd.number)
-            .values(status="discarded")
+            .values(status=ContributionStatus.DISCARDED)
         )
         s.execute(
             update(m.Assignment)
             .where(
                 m.Assignment.run_id == run.id,
                 m.Assignment.round == rnd.number,
-                m.Assignment.status.in_(("assigned", "submitted")),
+                m.Assignment.status.in_(sorted(HOLDS_PLACE)),
             )
-            .values(status="discarded")
+            .values(status=AssignmentStatus.DISCARDED)
         )
         s.execute(
             delete(m.SecAggMessage).where(
@@ -548,7 +555,7 @@ class HubPrivacy:
         sess.failures += 1
         sess.last_failure = reason
         rnd.attempt += 1
-        rnd.status, rnd.opened_at, rnd.deadline_at = "pending", None, None
+        rnd.status, rnd.opened_at, rnd.deadline_at = RoundStatus.PENDING, None, None
         s.commit()
 
     # ------------------------------------------------------------ SecAgg: node requests
@@ -605,7 +612,7 @@ class HubPrivacy:
                     created_at=now,
                 )
             )
-            a.status = "submitted"
+            a.status = AssignmentStatus.SUBMITTED
             s.commit()
         with svc.lock:  # the last contribution opens the SecAgg stages now
             svc._advance(run_id)
@@ -629,16 +636,16 @@ class HubPrivacy:
             sess = s.get(m.SecAggSession, (run_id, a.round))
             rnd = s.get(m.Round, (run_id, a.round))
             s.commit()
-            if contribution is None or contribution.status in ("discarded", "dropped"):
+            if contribution is None or contribution.status in NOT_IN_SUM:
                 why = (sess.last_failure if sess and contribution is not None else None) or (
                     "this node's contribution did not reach the sum (it missed a stage)"
                     if contribution is not None
                     else "no contribution advertised for this assignment"
                 )
                 return {"stage": "aborted", "reason": why}
-            if rnd.status == "closed":
+            if rnd.status == RoundStatus.CLOSED:
                 return {"stage": "done", "version": rnd.base_version + 1}
-            if rnd.status != "secagg" or sess is None or sess.stage not in ANSWERS:
+            if rnd.status != RoundStatus.SECAGG or sess is None or sess.stage not in ANSWERS:
                 return {"stage": "wait"}
             config = decode_message(sess.config_json.encode())
             if node_id not in config.node_ids:
@@ -733,7 +740,7 @@ class HubPrivacy:
                         m.Contribution.run_id == run_id,
                         m.Contribution.round == round_number,
                         m.Contribution.node_id == node_id,
-                        m.Contribution.status == "accepted",
+                        m.Contribution.status == ContributionStatus.ACCEPTED,
                     )
                 ).first()
                 if contribution is not None:

@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import HOUR_S
+from gridswarm.hub.states import ContributionStatus, RoundStatus
 from gridswarm.identity import node_id_from_public_key
 from gridswarm.protocol import Refusal
 
@@ -87,8 +88,8 @@ def _worked(node_id: ColumnElement) -> ColumnElement[bool]:
         )
         .where(
             m.Contribution.node_id == node_id,
-            m.Contribution.status == "accepted",
-            m.Round.status == "closed",
+            m.Contribution.status == ContributionStatus.ACCEPTED,
+            m.Round.status == RoundStatus.CLOSED,
         )
         .exists()
     )
@@ -107,8 +108,8 @@ def proven_nodes(s: Session, node_ids: Iterable[str]) -> set[str]:
         )
         .where(
             m.Contribution.node_id.in_(ids),
-            m.Contribution.status == "accepted",
-            m.Round.status == "closed",
+            m.Contribution.status == ContributionStatus.ACCEPTED,
+            m.Round.status == RoundStatus.CLOSED,
         )
         .distinct()
     )

@@ -26,6 +26,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from gridswarm.hub import models as m
+from gridswarm.hub.lifecycle import NOT_ENDED, RunState
+from gridswarm.hub.states import HOLDS_PLACE, RoundStatus
 
 log = logging.getLogger("gridswarm.hub")
 
@@ -120,7 +122,7 @@ class RoundWatch:
                 m.Run.id, m.Run.status, m.Run.round, m.Run.version, m.Round.status, m.Round.attempt
             )
             .join(m.Round, (m.Round.run_id == m.Run.id) & (m.Round.number == m.Run.round))
-            .where(m.Run.status.in_(("active", "paused", "stalled")))
+            .where(m.Run.status.in_(sorted(NOT_ENDED)))
         ).all()
         seats = dict(
             s.execute(
@@ -129,7 +131,9 @@ class RoundWatch:
                     m.Run,
                     (m.Run.id == m.Assignment.run_id) & (m.Run.round == m.Assignment.round),
                 )
-                .where(m.Run.status == "active", m.Assignment.status.in_(("assigned", "submitted")))
+                .where(
+                    m.Run.status == RunState.ACTIVE, m.Assignment.status.in_(sorted(HOLDS_PLACE))
+                )
                 .group_by(m.Assignment.run_id)
             ).all()
         )
@@ -138,7 +142,7 @@ class RoundWatch:
         )
         now = {}
         for run_id, *state in rows:
-            pending = state[3] == "pending"
+            pending = state[3] == RoundStatus.PENDING
             now[run_id] = (*state, seats.get(run_id, 0), live if pending else None)
         moved = [r for r, sig in now.items() if self.seen.get(r) not in (None, sig)]
         moved += [r for r in self.seen if r not in now]  # ended, or no longer listed

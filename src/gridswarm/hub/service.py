@@ -62,6 +62,7 @@ from gridswarm.hub.rounds import (
     may_take_seat,
 )
 from gridswarm.hub.scheduler import plan_inner_steps, speed_from_probe, update_speed
+from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.hub.trust import HubTrust
 from gridswarm.identity import (
     AuthError,
@@ -423,7 +424,7 @@ class HubService:
             pending = s.execute(
                 select(m.Run.id, m.Run.config_json)
                 .join(m.Round, (m.Round.run_id == m.Run.id) & (m.Round.number == m.Run.round))
-                .where(m.Run.status == "active", m.Round.status == "pending")
+                .where(m.Run.status == RunState.ACTIVE, m.Round.status == RoundStatus.PENDING)
             ).all()
             if not pending:
                 return
@@ -493,7 +494,8 @@ class HubService:
         runs = set(
             s.scalars(
                 select(m.Assignment.run_id).where(
-                    m.Assignment.node_id == node_id, m.Assignment.status == "assigned"
+                    m.Assignment.node_id == node_id,
+                    m.Assignment.status == AssignmentStatus.ASSIGNED,
                 )
             )
         )
@@ -505,8 +507,10 @@ class HubService:
         """Mark the node's outstanding assignments released (in the caller's transaction)."""
         return s.execute(
             update(m.Assignment)
-            .where(m.Assignment.node_id == node_id, m.Assignment.status == "assigned")
-            .values(status="released")
+            .where(
+                m.Assignment.node_id == node_id, m.Assignment.status == AssignmentStatus.ASSIGNED
+            )
+            .values(status=AssignmentStatus.RELEASED)
         ).rowcount
 
     # ---------------------------------------------------------------- runs
@@ -577,7 +581,7 @@ class HubService:
                     name=cfg.name,
                     config_json=cfg.model_dump_json(),
                     sponsor_key=sponsor_key.hex(),
-                    status="active",
+                    status=RunState.ACTIVE,
                     numel=workload.numel,
                     version=0,
                     round=0,
@@ -596,7 +600,11 @@ class HubService:
                     created_at=now,
                 )
             )
-            s.add(m.Round(run_id=run_id, number=0, base_version=0, attempt=0, status="pending"))
+            s.add(
+                m.Round(
+                    run_id=run_id, number=0, base_version=0, attempt=0, status=RoundStatus.PENDING
+                )
+            )
             s.commit()
         self._workloads[run_id] = workload
         return RunCreateResponse(run_id=run_id, version_blob=weights, numel=workload.numel)
@@ -607,7 +615,7 @@ class HubService:
         with self.sessions() as s:
             active = s.scalar(
                 select(func.count()).where(
-                    m.Run.sponsor_key == sponsor_key.hex(), m.Run.status == "active"
+                    m.Run.sponsor_key == sponsor_key.hex(), m.Run.status == RunState.ACTIVE
                 )
             )
             recent = s.scalars(
@@ -654,11 +662,12 @@ class HubService:
         ).all()
         rules = self._rules(RunConfig.model_validate_json(run.config_json))
         state = RoundState(
-            status=rnd.status,
+            status=RoundStatus(rnd.status),
             deadline_at=rnd.deadline_at,
             # silence counts from the hub's start at the earliest (no one is lost for our outage)
             assignments=tuple(
-                AssignmentState(n, st, max(seen, self.started_at)) for n, st, seen in rows
+                AssignmentState(n, AssignmentStatus(st), max(seen, self.started_at))
+                for n, st, seen in rows
             ),
         )
         return rnd, state, rules
@@ -796,11 +805,13 @@ class HubService:
         if after is not RunState.ACTIVE:  # nobody works on a held or ended run
             released = s.execute(
                 update(m.Assignment)
-                .where(m.Assignment.run_id == run.id, m.Assignment.status == "assigned")
-                .values(status="released")
+                .where(
+                    m.Assignment.run_id == run.id, m.Assignment.status == AssignmentStatus.ASSIGNED
+                )
+                .values(status=AssignmentStatus.RELEASED)
             ).rowcount
         rnd = s.get(m.Round, (run.id, run.round))
-        if after is RunState.ACTIVE and rnd is not None and rnd.status == "open":
+        if after is RunState.ACTIVE and rnd is not None and rnd.status == RoundStatus.OPEN:
             try:
                 cfg = RunConfig.model_validate_json(run.config_json)
             except ValidationError as exc:  # stalled because its settings cannot be read back
@@ -837,8 +848,8 @@ class HubService:
         now = self.clock()
         with self.lock, self.sessions() as s:
             run, assignment = self._own_assignment(s, run_id, node_id, report.assignment_id)
-            if assignment.status == "assigned":
-                assignment.status = "failed"
+            if assignment.status == AssignmentStatus.ASSIGNED:
+                assignment.status = AssignmentStatus.FAILED
             s.add(
                 m.RunFailure(
                     run_id=run_id,
@@ -870,7 +881,7 @@ class HubService:
                 select(func.count()).where(
                     m.Assignment.run_id == run_id,
                     m.Assignment.round == run.round,
-                    m.Assignment.status.in_(("assigned", "submitted")),
+                    m.Assignment.status.in_(sorted(HOLDS_PLACE)),
                 )
             )
             if run.status == RunState.ACTIVE and should_stall(failures, working):
@@ -918,14 +929,14 @@ class HubService:
                 return AssignmentResponse(status="finished", reason=reason), None
             cfg = RunConfig.model_validate_json(run.config_json)
             rnd = s.get(m.Round, (run.id, run.round))
-            if rnd.status == "secagg":  # the round's secure aggregation runs: no new work
+            if rnd.status == RoundStatus.SECAGG:  # the round's secure aggregation runs: no new work
                 s.commit()
                 return AssignmentResponse(status="wait", retry_after_s=1.0), 1.0
             rules = self._rules(cfg)
             seats = (
                 m.Assignment.run_id == run.id,
                 m.Assignment.round == run.round,
-                m.Assignment.status.in_(("assigned", "submitted")),
+                m.Assignment.status.in_(sorted(HOLDS_PLACE)),
             )
             has_seat = s.scalar(select(func.count()).where(*seats, m.Assignment.node_id == node_id))
             if has_seat:
@@ -934,7 +945,7 @@ class HubService:
                         m.Assignment.run_id == run.id,
                         m.Assignment.round == run.round,
                         m.Assignment.node_id == node_id,
-                        m.Assignment.status == "assigned",
+                        m.Assignment.status == AssignmentStatus.ASSIGNED,
                     )
                 ).first()
                 if held is not None:
@@ -956,7 +967,7 @@ class HubService:
                     m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != "left"
                 )
             ) + (0 if was_live else 1)  # the asking node is live (its row is written last)
-            reason = may_take_seat(rnd.status, bool(has_seat), active, rules, live)
+            reason = may_take_seat(RoundStatus(rnd.status), bool(has_seat), active, rules, live)
             if reason is None:  # reputation: cheaters excluded (403), reputed nodes first
                 live_with_seat = s.scalar(
                     select(func.count())
@@ -987,7 +998,9 @@ class HubService:
                 # nodes becoming live again by heartbeat are not signalled, hence the timer
                 recheck_s = LIVE_RECHECK_S if "live nodes" in reason else None
                 return AssignmentResponse(status="wait", retry_after_s=1.0), recheck_s
-            deadline_at = rnd.deadline_at if rnd.status == "open" else now + cfg.round.deadline_s
+            deadline_at = (
+                rnd.deadline_at if rnd.status == RoundStatus.OPEN else now + cfg.round.deadline_s
+            )
             speed = self._speed(s, run, node.id, node.probe_rate)
             fastest = self._fastest_live(s, run, now)
             work = self._energy_work(s, run, cfg, node, speed, now)
@@ -1013,8 +1026,8 @@ class HubService:
                 s.commit()
                 return AssignmentResponse(status="wait", retry_after_s=2.0), 2.0
             s.autoflush = True  # the writes of an assignment
-            if rnd.status == "pending":
-                rnd.status, rnd.opened_at, rnd.deadline_at = "open", now, deadline_at
+            if rnd.status == RoundStatus.PENDING:
+                rnd.status, rnd.opened_at, rnd.deadline_at = RoundStatus.OPEN, now, deadline_at
                 self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
                 log.info(
                     "run %s round %d open (attempt %d, deadline %.0f s)",
@@ -1033,7 +1046,7 @@ class HubService:
                 inner_steps=plan.inner_steps,
                 created_at=now,
                 deadline_at=deadline_at,
-                status="assigned",
+                status=AssignmentStatus.ASSIGNED,
             )
             s.add(row)
             self._heartbeats.pop(node_id, None)
@@ -1048,7 +1061,7 @@ class HubService:
         version = s.get(m.Version, (run.id, row.base_version))
         previous = s.get(m.Version, (run.id, row.base_version - 1))
         return AssignmentResponse(
-            status="assigned",
+            status=AssignmentStatus.ASSIGNED,
             assignment=Assignment(
                 id=row.id,
                 run_id=run.id,
@@ -1116,7 +1129,7 @@ class HubService:
         with self.sessions() as s:
             run, node = s.get(m.Run, run_id), s.get(m.Node, node_id)
             region = meta.region or (node.region if node else None)
-            active = run is not None and run.status == "active"
+            active = run is not None and run.status == RunState.ACTIVE
             cfg = RunConfig.model_validate_json(run.config_json) if active else RunConfig()
         now = self.clock()
         hub_g = hub_energy.signal_intensity(
@@ -1162,7 +1175,7 @@ class HubService:
                         digest, assignment, meta.model_dump(), len(body), self.clock(), **carbon
                     )
                 )
-                assignment.status = "submitted"
+                assignment.status = AssignmentStatus.SUBMITTED
                 try:
                     self.trust.record_submission(s, digest, screened)  # the claim, on the ledger
                     s.commit()
@@ -1215,7 +1228,7 @@ class HubService:
         with self.sessions() as s:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
             s.commit()
-            run_ids = s.scalars(select(m.Run.id).where(m.Run.status == "active")).all()
+            run_ids = s.scalars(select(m.Run.id).where(m.Run.status == RunState.ACTIVE)).all()
         self.watch_rounds()
         for run_id in run_ids:
             try:
@@ -1286,10 +1299,10 @@ class HubService:
                     .where(
                         m.Assignment.run_id == run_id,
                         m.Assignment.round == run.round,
-                        m.Assignment.status == "assigned",
+                        m.Assignment.status == AssignmentStatus.ASSIGNED,
                         m.Assignment.node_id.in_(lost),
                     )
-                    .values(status="missed")
+                    .values(status=AssignmentStatus.MISSED)
                 )
                 s.commit()
                 s.expire_all()  # rows read before the commit may have changed since
@@ -1315,15 +1328,16 @@ class HubService:
             .where(
                 m.Assignment.run_id == run.id,
                 m.Assignment.round == rnd.number,
-                m.Assignment.status == "assigned",
+                m.Assignment.status == AssignmentStatus.ASSIGNED,
             )
-            .values(status="missed")
+            .values(status=AssignmentStatus.MISSED)
         )
         kept = s.scalar(
             select(func.count()).where(
                 m.Contribution.run_id == run.id,
                 m.Contribution.round == rnd.number,
-                m.Contribution.status == "accepted",  # not those rejected by audits
+                m.Contribution.status
+                == ContributionStatus.ACCEPTED,  # not those rejected by audits
             )
         )
         rnd.attempt += 1
@@ -1331,7 +1345,7 @@ class HubService:
             cfg = RunConfig.model_validate_json(run.config_json)
             rnd.deadline_at = now + cfg.round.deadline_s
         else:
-            rnd.status, rnd.opened_at, rnd.deadline_at = "pending", None, None
+            rnd.status, rnd.opened_at, rnd.deadline_at = RoundStatus.PENDING, None, None
         s.commit()
 
     @staticmethod
@@ -1341,7 +1355,7 @@ class HubService:
             .where(
                 m.Contribution.run_id == run_id,
                 m.Contribution.round == round_number,
-                m.Contribution.status == "accepted",
+                m.Contribution.status == ContributionStatus.ACCEPTED,
             )
             .order_by(m.Contribution.node_id)
         ).all()
@@ -1356,7 +1370,7 @@ class HubService:
         now = self.clock()
         with self.sessions() as s:
             run = s.get(m.Run, run_id)
-            if run is None or run.status != "active":
+            if run is None or run.status != RunState.ACTIVE:
                 return
             cfg = RunConfig.model_validate_json(run.config_json)
             if cfg.privacy.secagg or cfg.privacy.dp:
@@ -1366,7 +1380,7 @@ class HubService:
             state = replace(
                 state,
                 assignments=tuple(
-                    replace(a, status="missed") if a.node_id in lost else a
+                    replace(a, status=AssignmentStatus.MISSED) if a.node_id in lost else a
                     for a in state.assignments
                 ),
             )
@@ -1467,11 +1481,11 @@ class HubService:
             .where(
                 m.Assignment.run_id == run.id,
                 m.Assignment.round == rnd.number,
-                m.Assignment.status == "assigned",
+                m.Assignment.status == AssignmentStatus.ASSIGNED,
             )
-            .values(status="missed")
+            .values(status=AssignmentStatus.MISSED)
         )
-        rnd.status, rnd.closed_at = "closed", now
+        rnd.status, rnd.closed_at = RoundStatus.CLOSED, now
         rnd.close_reason = "all-in" if now < (rnd.deadline_at or now) else "deadline"
         log.info(
             "run %s round %d closed (%s): %d contributions from %s, %d tokens, "
@@ -1501,7 +1515,7 @@ class HubService:
                     number=run.round,
                     base_version=number,
                     attempt=0,
-                    status="pending",
+                    status=RoundStatus.PENDING,
                 )
             )
         s.commit()

@@ -58,11 +58,13 @@ from gridswarm.hub.acceptance import (
     check_place,
 )
 from gridswarm.hub.errors import HubError
+from gridswarm.hub.lifecycle import RunState
 from gridswarm.hub.limits import check_sponsor
 from gridswarm.hub.openapi import RunIdParam, openapi_body
 from gridswarm.hub.registration import check_invited, proven_nodes
 from gridswarm.hub.replicas import lock_run
 from gridswarm.hub.rounds import Screening
+from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import RunEscrow, run_escrow
 from gridswarm.ledger.chain import Entry, LedgerError, SignedClaim
@@ -294,7 +296,7 @@ class HubTrust:
         if self.node_invites is not None:
             node = s.get(m.Node, node_id)
             check_invited(self.node_invites, node.public_key if node else "")
-        pending = rnd.status != "open"
+        pending = rnd.status != RoundStatus.OPEN
         competitors: list[str] = []
         worked: set[str] = set()
         if n_competitors >= slots_left and not (  # a pending round: anyone may open it, but
@@ -346,9 +348,15 @@ class HubTrust:
         settings (read only once the round is known to want the upload). The caller holds the
         service lock and its transaction `s`; nothing else is written on a refusal."""
         rnd = s.get(m.Round, (run.id, run.round))
-        place = AssignmentFacts(assignment.status, assignment.round, assignment.inner_steps)
+        place = AssignmentFacts(
+            AssignmentStatus(assignment.status), assignment.round, assignment.inner_steps
+        )
         run_facts = RunFacts(
-            run.id, run.status, run.status_reason, run.round, rnd.status if rnd else "closed"
+            run.id,
+            RunState(run.status),
+            run.status_reason,
+            run.round,
+            RoundStatus(rnd.status) if rnd else RoundStatus.CLOSED,
         )
         cfg = None
         refused = check_place(place, run_facts)
@@ -365,7 +373,7 @@ class HubTrust:
         if refused is None:
             return cfg
         if refused.mark_late:
-            assignment.status = "late"
+            assignment.status = AssignmentStatus.LATE
             s.commit()
         if refused.strike:  # commits the verdict and the strike with the refusal
             with suppress(HubError):
@@ -674,8 +682,8 @@ class HubTrust:
                 select(m.Contribution)
                 .join(m.Run, m.Run.id == m.Contribution.run_id)
                 .where(
-                    m.Run.status == "active",
-                    m.Contribution.status == "accepted",
+                    m.Run.status == RunState.ACTIVE,
+                    m.Contribution.status == ContributionStatus.ACCEPTED,
                     m.Contribution.audited.is_(None),
                 )
                 .order_by(m.Contribution.created_at)
@@ -711,7 +719,7 @@ class HubTrust:
         with self.lock, self.sessions() as s:
             lock_run(s, c.run_id)  # a replica closing this round waits, or has closed it
             fresh = s.get(m.Contribution, c.id)
-            if fresh.status != "accepted" or fresh.audited is not None:
+            if fresh.status != ContributionStatus.ACCEPTED or fresh.audited is not None:
                 return 0  # the round closed meanwhile and screened it
             self._apply(s, s.get(m.Run, c.run_id), cfg, fresh, s.get(m.Assignment, a.id), ex)
             s.commit()
@@ -748,7 +756,7 @@ class HubTrust:
         todo = [
             c
             for c in contributions
-            if c.status == "accepted"
+            if c.status == ContributionStatus.ACCEPTED
             and (c.audited is None or (copies[c.update_sha256] > 1 and not c.audited))
         ]
         if todo:
@@ -771,7 +779,11 @@ class HubTrust:
         accepted ones of earlier attempts are kept by a re-plan and count; a failed SecAgg
         attempt's are `discarded` and do not."""
         counts = Counter(c.status for c in contributions)
-        return Screening(counts["accepted"], counts["rejected"], counts["dropped"])
+        return Screening(
+            counts[ContributionStatus.ACCEPTED],
+            counts[ContributionStatus.REJECTED],
+            counts[ContributionStatus.DROPPED],
+        )
 
     def _reject(
         self,
@@ -783,9 +795,9 @@ class HubTrust:
         reason: str,
     ) -> None:
         """Exclude a contribution from aggregation and pay: verdict, strike, forfeit."""
-        c.status, c.verdict_reason = "rejected", reason
+        c.status, c.verdict_reason = ContributionStatus.REJECTED, reason
         if a is not None:
-            a.status = "rejected"
+            a.status = AssignmentStatus.REJECTED
         outcome = RoundOutcome(
             delivered=True, audit_passed=False if c.audited else None, rejected=True
         )
@@ -809,7 +821,7 @@ class HubTrust:
             "contribution": c.id,
             "claim_seq": c.claim_seq,
             "stage": "close",
-            "accepted": c.status == "accepted",
+            "accepted": c.status == ContributionStatus.ACCEPTED,
             "audited": bool(c.audited),
             "audit_rate": c.audit_rate,
             "audit_passed": c.audit_passed,
@@ -836,7 +848,7 @@ class HubTrust:
             .where(m.Contribution.run_id == run.id, m.Contribution.round == rnd.number)
             .order_by(m.Contribution.node_id)
         ).all()
-        accepted = [c for c in contributions if c.status == "accepted"]
+        accepted = [c for c in contributions if c.status == ContributionStatus.ACCEPTED]
         scored = [c for c in accepted if c.loss_drop is not None and c.tokens > 0]
         relative = usefulness_scores({c.id: c.loss_drop / c.tokens for c in scored})
         for c in accepted:
@@ -853,10 +865,10 @@ class HubTrust:
             [
                 ContributionScore(
                     account=c.node_id,
-                    verified_tokens=c.tokens if c.status == "accepted" else 0,
+                    verified_tokens=c.tokens if c.status == ContributionStatus.ACCEPTED else 0,
                     usefulness=c.usefulness or 0.0,
                     intensity_g_per_kwh=getattr(c, "intensity_g_per_kwh", None),
-                    accepted=c.status == "accepted",
+                    accepted=c.status == ContributionStatus.ACCEPTED,
                     reason=c.verdict_reason or "",
                 )
                 for c in contributions
@@ -908,7 +920,7 @@ class HubTrust:
                 usefulness=c.usefulness if c.loss_drop is not None else None,
             )
             changed[c.node_id] = _rounded(self._update_reputation(s, c.node_id, outcome)[1])
-        rejected = {c.node_id for c in contributions if c.status == "rejected"}
+        rejected = {c.node_id for c in contributions if c.status == ContributionStatus.REJECTED}
         for node_id in sorted(assigned - delivered - rejected):
             outcome = RoundOutcome(delivered=False)
             changed[node_id] = _rounded(self._update_reputation(s, node_id, outcome)[1])
@@ -957,8 +969,8 @@ class HubTrust:
             mine = [c for c in rows if c.node_id == node_id]
             nodes[node_id] = {
                 "earned_units": sum(c.reward_units or 0 for c in mine),
-                "accepted": sum(c.status == "accepted" for c in mine),
-                "rejected": sum(c.status == "rejected" for c in mine),
+                "accepted": sum(c.status == ContributionStatus.ACCEPTED for c in mine),
+                "rejected": sum(c.status == ContributionStatus.REJECTED for c in mine),
                 "audited": sum(bool(c.audited) for c in mine),
                 "reputation": round(reps[node_id].score, 4),
                 "strikes": reps[node_id].strikes,
@@ -969,8 +981,10 @@ class HubTrust:
             "CPU, within a calibrated tolerance on GPUs)",
             "audited": sum(bool(c.audited) for c in rows),
             "audits_failed": sum(c.audit_passed is False for c in rows),
-            "rejected": sum(c.status == "rejected" for c in rows),
-            "rejections": {c.id: c.verdict_reason for c in rows if c.status == "rejected"},
+            "rejected": sum(c.status == ContributionStatus.REJECTED for c in rows),
+            "rejections": {
+                c.id: c.verdict_reason for c in rows if c.status == ContributionStatus.REJECTED
+            },
             "funded_units": escrow.funded_units,
             "rewarded_units": escrow.rewarded_units,
             "forfeited_units": escrow.forfeited_units,

@@ -271,13 +271,14 @@ def run_refund(
 ) -> None:
     """Sponsor: take back the escrow no epoch allocated, once the run is stopped or finished
     (closes the run's escrow contract, then refunds the unallocated units to the sponsor)."""
+    from gridswarm.hub.lifecycle import FINAL
     from gridswarm.ledger.evm import SettlementError
     from gridswarm.node.client import HubClient
 
     if eth_key is None:
         fail("a refund needs --eth-key (the sponsor's EVM account that funded the escrow)")
     status = _call(HubClient(hub, None, retry_for_s=10.0), "GET", f"/v1/runs/{run_id}")  # type: ignore[arg-type]
-    if status["status"] not in ("stopped", "finished"):
+    if status["status"] not in FINAL:
         fail(f"run {run_id} is {status['status']}: stop it first (`gridswarm run stop {run_id}`)")
     settlement = _settlement(rpc, token, escrow)
     sponsor = load_eth_account(eth_key)

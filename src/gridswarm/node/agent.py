@@ -28,6 +28,7 @@ import torch
 from gridswarm.blobs import BlobError, LocalBlobStore, sha256_hex
 from gridswarm.config import RunConfig
 from gridswarm.home import lock_home
+from gridswarm.hub.lifecycle import RunState
 from gridswarm.identity import Identity
 from gridswarm.node.client import ClientStopped, HubClient, HubRequestError
 from gridswarm.node.energy import NodeEnergy, load_node_energy
@@ -170,7 +171,7 @@ class NodeAgent:
     def pick_run(self) -> str | None:
         if self.options.run_id:
             return self.options.run_id
-        active = [r for r in self.client.runs() if r["status"] == "active"]
+        active = [r for r in self.client.runs() if r["status"] == RunState.ACTIVE]
         return active[-1]["id"] if active else None
 
     def run(self) -> NodeStats:

@@ -1,0 +1,77 @@
+"""The typed statuses (hub/states.py, issue 9): the groups the hub asks about are consistent,
+and every status the real hub writes in an in-process run is a member of its enum (the enums
+list every state the code can store; a new bare string would fail here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.exc import StatementError
+from sqlalchemy.orm import Session
+
+from gridswarm.hub import models as m
+from gridswarm.hub.lifecycle import FINAL, NOT_ENDED, RunState
+from gridswarm.hub.states import (
+    ASSIGNMENT_FINAL,
+    COUNTS_FOR_QUORUM,
+    HOLDS_PLACE,
+    NOT_IN_SUM,
+    ROUND_FINAL,
+    AssignmentStatus,
+    ContributionStatus,
+    RoundStatus,
+)
+from tests.harness import assert_statuses_typed, run_golden
+
+
+def test_groups_are_consistent():
+    # an assignment either holds a place in its round or is final, never both
+    assert HOLDS_PLACE.isdisjoint(ASSIGNMENT_FINAL)
+    assert set(AssignmentStatus) == HOLDS_PLACE | ASSIGNMENT_FINAL
+    assert AssignmentStatus.ASSIGNED in HOLDS_PLACE  # the only state an upload is taken in
+    # the quorum counts no contribution that never reached the sum, except SecAgg dropouts
+    assert {ContributionStatus.ACCEPTED} == COUNTS_FOR_QUORUM - NOT_IN_SUM
+    assert ContributionStatus.REJECTED not in COUNTS_FOR_QUORUM | NOT_IN_SUM
+    assert ContributionStatus.ACCEPTED not in NOT_IN_SUM
+    assert {RoundStatus.CLOSED} == ROUND_FINAL
+    assert NOT_ENDED.isdisjoint(FINAL) and set(RunState) == NOT_ENDED | FINAL
+
+
+def test_members_store_as_their_plain_words():
+    """No migration: a member is its string, compares and hashes like it."""
+    for enum in (RoundStatus, AssignmentStatus, ContributionStatus):
+        for member in enum:
+            assert member == member.value and f"{member}" == member.value
+            assert {member.value: 1}[member] == 1
+            assert len(member.value) <= 16  # the status columns are String(16)
+    # the words shared by two machines mean the same kind of end in both
+    assert AssignmentStatus.REJECTED == ContributionStatus.REJECTED == "rejected"
+    assert AssignmentStatus.DISCARDED == ContributionStatus.DISCARDED == "discarded"
+
+
+def test_every_status_an_in_process_run_stores_is_typed(tmp_path: Path):
+    result = run_golden(tmp_path, config=None, max_steps=400)
+    assert result["status"] == "finished"
+    engine = create_engine(f"sqlite:///{tmp_path / 'hub.db'}")
+    stored = assert_statuses_typed(engine)
+    # the ORM reads each status back as its enum member (models.Status), not a bare string
+    with Session(engine) as s:
+        for table, enum in (
+            (m.Run, RunState),
+            (m.Round, RoundStatus),
+            (m.Assignment, AssignmentStatus),
+            (m.Contribution, ContributionStatus),
+        ):
+            rows = s.scalars(select(table)).all()
+            assert rows and all(type(r.status) is enum for r in rows), table.__tablename__
+        # and refuses to write a word that is no member: nothing unknown reaches the table
+        a = s.scalars(select(m.Assignment)).first()
+        a.status = "lost"
+        with pytest.raises(StatementError, match="'lost' is not a valid AssignmentStatus"):
+            s.flush()
+    assert stored["runs"] == {"finished"}
+    assert RoundStatus.CLOSED in stored["rounds"]
+    assert AssignmentStatus.SUBMITTED in stored["assignments"]
+    assert stored["contributions"] <= {"accepted", "rejected"}
