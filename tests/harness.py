@@ -36,8 +36,8 @@ from gridswarm.hub.server import migrate
 from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.identity import Identity
-from gridswarm.protocol import ContributionMeta, RegisterRequest
-from gridswarm.train.codecs import make_codec
+from gridswarm.protocol import Assignment, ContributionMeta, RegisterRequest
+from gridswarm.train.codecs import Codec, make_codec
 from gridswarm.train.params import pack, unpack_vector
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import sign_contribution
@@ -113,6 +113,37 @@ def assert_statuses_typed(engine: Engine) -> dict[str, set[str]]:
     return stored
 
 
+def train_and_pack(
+    service: HubService,
+    run_id: str,
+    identity: Identity,
+    node_id: str,
+    a: Assignment,
+    workload: Workload,
+    codec: Codec,
+    speed_tokens_per_s: float | None = None,
+) -> bytes:
+    """What a node uploads for assignment `a`: train it for real from the version the hub
+    serves, encode, sign the claim, pack. `speed_tokens_per_s` sets the claimed training time
+    (fake-clock seconds; 1 s without it)."""
+    theta = unpack_vector(service.blobs.get(a.weights_blob))
+    result = workload.train(theta, a.round, node_id, a.inner_steps, a.attempt)
+    tensors = codec.encode(result.pseudo_gradient)
+    meta = ContributionMeta(
+        assignment_id=a.id,
+        codec=codec.name,
+        steps=result.steps,
+        tokens=result.tokens,
+        loss_first=result.loss_first,
+        loss_last=result.loss_last,
+        loss_mean=result.loss_mean,
+        train_time_s=result.tokens / speed_tokens_per_s if speed_tokens_per_s else 1.0,
+        threads=1,
+    )
+    claim = sign_contribution(identity, run_id, a.round, tensors, meta.model_dump())
+    return pack(tensors, meta.model_copy(update={"claim": claim}).model_dump())
+
+
 def run_golden(
     workdir: Path,
     config: dict | None = None,
@@ -142,23 +173,16 @@ def run_golden(
             answer = service.request_assignment(run_id, node.node_id)
             if answer.status != "assigned":
                 continue
-            a = answer.assignment
-            theta = unpack_vector(service.blobs.get(a.weights_blob))
-            result = workload.train(theta, a.round, node.node_id, a.inner_steps, a.attempt)
-            tensors = codec.encode(result.pseudo_gradient)
-            meta = ContributionMeta(
-                assignment_id=a.id,
-                codec=codec.name,
-                steps=result.steps,
-                tokens=result.tokens,
-                loss_first=result.loss_first,
-                loss_last=result.loss_last,
-                loss_mean=result.loss_mean,
-                train_time_s=result.tokens / node.speed_tokens_per_s,  # fake-clock seconds
-                threads=1,
+            body = train_and_pack(
+                service,
+                run_id,
+                node.identity,
+                node.node_id,
+                answer.assignment,
+                workload,
+                codec,
+                speed_tokens_per_s=node.speed_tokens_per_s,
             )
-            claim = sign_contribution(node.identity, run_id, a.round, tensors, meta.model_dump())
-            body = pack(tensors, meta.model_copy(update={"claim": claim}).model_dump())
             service.submit(run_id, node.node_id, body)
         clock.advance(1.0)
         service.tick()

@@ -19,12 +19,11 @@ from gridswarm.hub.server import build_service
 from gridswarm.hub.service import HubService
 from gridswarm.identity import Identity
 from gridswarm.ledger.log import LedgerEntryRow
-from gridswarm.protocol import ContributionMeta, RegisterRequest
+from gridswarm.protocol import RegisterRequest
 from gridswarm.train.codecs import make_codec
-from gridswarm.train.params import pack, unpack_vector
 from gridswarm.train.workload import Workload
-from gridswarm.trust.claims import sign_contribution
 from tests.conftest import tiny_run
+from tests.harness import train_and_pack
 
 pytestmark = pytest.mark.postgres
 
@@ -51,27 +50,10 @@ def contribute(hub: HubService, run_id: str, identity: Identity, node_id: str) -
     """Ask `hub` for work as `node_id`, train it for real and upload it to `hub`."""
     answer = hub.request_assignment(run_id, node_id)
     assert answer.status == "assigned", answer
-    a = answer.assignment
-    workload = Workload.from_config(RunConfig.model_validate(a.config))
-    theta = unpack_vector(hub.blobs.get(a.weights_blob))
-    result = workload.train(theta, a.round, node_id, a.inner_steps, a.attempt)
+    workload = Workload.from_config(RunConfig.model_validate(answer.assignment.config))
     codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
-    tensors = codec.encode(result.pseudo_gradient)
-    meta = ContributionMeta(
-        assignment_id=a.id,
-        codec=codec.name,
-        steps=result.steps,
-        tokens=result.tokens,
-        loss_first=result.loss_first,
-        loss_last=result.loss_last,
-        loss_mean=result.loss_mean,
-        train_time_s=1.0,
-        threads=1,
-    )
-    claim = sign_contribution(identity, run_id, a.round, tensors, meta.model_dump())
-    hub.submit(
-        run_id, node_id, pack(tensors, meta.model_copy(update={"claim": claim}).model_dump())
-    )
+    body = train_and_pack(hub, run_id, identity, node_id, answer.assignment, workload, codec)
+    hub.submit(run_id, node_id, body)
 
 
 def test_three_replicas_race_to_close_one_round_and_exactly_one_publishes(replicas):
