@@ -294,6 +294,17 @@ class NonceBook:
         return stored
 
 
+def requested_span(range_header: str | None, size: int, max_bytes: int) -> tuple[int, int]:
+    """(start, length) of a blob download: the whole blob, or the Range asked for (416 if it
+    is malformed, unsatisfiable or longer than `max_bytes`)."""
+    if range_header is None:
+        return 0, size
+    try:
+        return byte_range(range_header, size, max_bytes)
+    except RangeError as exc:
+        raise HubError(416, str(exc), Refusal.MALFORMED) from exc
+
+
 class HubService:
     def __init__(
         self,
@@ -1578,12 +1589,7 @@ class HubService:
             url = store.presigned_get_url(digest, expires_s=self.settings.presign_expiry_s)
         except BlobError as exc:
             raise HubError(500, str(exc), Refusal.UNAVAILABLE) from exc
-        length = size
-        if range_header is not None:
-            try:
-                _, length = byte_range(range_header, size, size)
-            except RangeError as exc:
-                raise HubError(416, str(exc), Refusal.MALFORMED) from exc
+        _, length = requested_span(range_header, size, size)
         self._count_download(version, node_id, length, digest)
         self.blob_counters.add(redirected=1)
         return BlobRedirect(url)
@@ -1602,12 +1608,7 @@ class HubService:
             raise HubError(500, str(exc), Refusal.UNAVAILABLE) from exc
         self._verified_blobs.add(digest)
         size = path.stat().st_size
-        start, length = 0, size
-        if range_header is not None:
-            try:
-                start, length = byte_range(range_header, size, MAX_RANGE_BYTES)
-            except RangeError as exc:
-                raise HubError(416, str(exc), Refusal.MALFORMED) from exc
+        start, length = requested_span(range_header, size, MAX_RANGE_BYTES)
         self._count_download(version, node_id, length, digest)
         self.blob_counters.add(served=1, served_bytes=length)
         return BlobSpan(path, start, length, size, partial=range_header is not None)
