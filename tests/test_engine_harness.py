@@ -22,6 +22,7 @@ import torch
 from sqlalchemy import select
 
 from gridswarm.hub import models as m
+from gridswarm.hub.rounds import Decision
 from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.identity import Identity
 from gridswarm.node.secagg import SecAggContributor
@@ -158,7 +159,9 @@ def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
     if not prescreened:  # the close screens what pre-screening has not reached yet
         monkeypatch.setattr(service.trust, "prescreen", lambda workload_for: 0)
     clock.advance(1.0)
-    service.tick()
+    decisions = dict(service.tick())
+    # pre-screened: the round never looked closable; else the close found too few and re-planned
+    assert decisions == ({} if prescreened else {run_id: Decision.REPLAN})
 
     status = service.run_status(run_id)
     assert status["version"] == 0, "closed on fewer accepted contributions than the quorum"

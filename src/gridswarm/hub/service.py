@@ -1327,7 +1327,7 @@ class HubService:
             if decision is Decision.REPLAN:
                 self._replan(s, run, rnd, now)
             elif decision is Decision.CLOSE:
-                self._close(s, run, rnd, now)
+                decision = self._close(s, run, rnd, now)  # REPLAN if audits broke the quorum
         if decision is not Decision.WAIT:
             self.round_changed(run_id)  # long-polls waiting for this run ask again
         return decision
@@ -1468,8 +1468,9 @@ class HubService:
             self._prepared[run.id] = new
         return new
 
-    def _close(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> None:
-        """Aggregate the round's contributions, step the outer optimizer, publish a new version."""
+    def _close(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> Decision:
+        """Aggregate the round's contributions, step the outer optimizer, publish a new version
+        (CLOSE); or, when screening left fewer than the quorum, re-plan the round (REPLAN)."""
         cfg = RunConfig.model_validate_json(run.config_json)
         workload = self.workload(run.id, run.config_json)
         base = s.get(m.Version, (run.id, rnd.base_version))
@@ -1477,7 +1478,7 @@ class HubService:
         screening = self.trust.screen_round(s, run, rnd, cfg, workload, base)
         if decide_after_screening(screening, self._rules(cfg)) is Decision.REPLAN:
             self._replan(s, run, rnd, now)  # audits left fewer than the quorum: it goes on
-            return
+            return Decision.REPLAN
         contributions = self._accepted(s, run.id, rnd.number)
         new = self._new_version(s, run, rnd, cfg, base, contributions, now)
         tokens = sum(c.tokens for c in contributions)
@@ -1530,6 +1531,7 @@ class HubService:
                 )
             )
         s.commit()
+        return Decision.CLOSE
 
     # ---------------------------------------------------------------- reads
 
