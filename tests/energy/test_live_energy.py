@@ -78,8 +78,11 @@ def test_greedy_green_shifts_work_to_the_clean_node_and_the_report_adds_up(make_
         "train": {"seq_len": 32, "batch_size": 8, "inner_steps": 20, "min_inner_steps": 2},
         "budget": {"tokens": tokens, "rounds": 100},
     }
+    # the control: both nodes do every step of the round whatever their measured speeds (which
+    # differ by chance on a loaded machine and would tilt an agnostic split)
+    control = {**base, "train": {**base["train"], "min_inner_steps": 20}}
     agnostic = sponsor.create_run(
-        tiny_run(**base, round={"deadline_s": 30, "quorum": 2, "min_nodes": 2})
+        tiny_run(**control, round={"deadline_s": 30, "quorum": 2, "min_nodes": 2})
     ).run_id
     clean = swarm.start_node(  # no --run: each node works on the newest active run
         "clean", None, extra=["--energy", str(node_toml(tmp_path / "c.toml", "CLEAN", CLEAN_G))]
