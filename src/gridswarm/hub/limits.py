@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,17 @@ from gridswarm.hub.errors import HubError
 from gridswarm.protocol import Refusal
 
 HOUR_S = 3600.0
+
+
+def hourly_window(times_s: Iterable[float], limit: int, now_s: float) -> tuple[int, int | None]:
+    """(events in the last hour, seconds until one more is allowed — None when it is now) for a
+    bound of `limit` events per sliding hour."""
+    recent = sorted((t for t in times_s if t > now_s - HOUR_S), reverse=True)
+    if len(recent) < limit:
+        return len(recent), None
+    return len(recent), max(1, math.ceil(recent[limit - 1] + HOUR_S - now_s))
+
+
 MAX_TRACKED_KEYS = 100_000  # rate-limiter memory bound: idle keys are forgotten first
 PUBLIC_KEY_HEX = re.compile(r"^[0-9a-f]{64}$")
 # `gridswarm hub`'s bounds on new node identities (hub/registration.py; HubSettings' default
@@ -81,12 +93,11 @@ def check_run_quota(
             f"wait until one finishes",
             Refusal.QUOTA,
         )
-    recent = sorted(t for t in runs_last_hour if t > now_s - HOUR_S)
-    if len(recent) >= max_per_hour:
-        retry_s = max(1, math.ceil(recent[-max_per_hour] + HOUR_S - now_s))
+    count, retry_s = hourly_window(runs_last_hour, max_per_hour, now_s)
+    if retry_s is not None:
         raise HubError(
             429,
-            f"quota: {len(recent)} runs created by this identity in the last hour "
+            f"quota: {count} runs created by this identity in the last hour "
             f"(at most {max_per_hour})",
             Refusal.QUOTA,
             headers={"Retry-After": str(retry_s)},

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
-from gridswarm.hub.limits import HOUR_S
+from gridswarm.hub.limits import HOUR_S, hourly_window
 from gridswarm.hub.states import ContributionStatus, RoundStatus
 from gridswarm.identity import node_id_from_public_key
 from gridswarm.protocol import Refusal
@@ -149,12 +149,11 @@ def check_new_identity(
     `recent_from_network`: registration times of the network's newest identities (at least
     `per_network_per_hour` of them when there are); `new_live`: live never-worked identities."""
     limit = policy.per_network_per_hour
-    recent = sorted((t for t in recent_from_network if t > now_s - HOUR_S), reverse=True)
-    if limit and network is not None and len(recent) >= limit:
-        retry_s = max(1, math.ceil(recent[limit - 1] + HOUR_S - now_s))
+    count, retry_s = hourly_window(recent_from_network, limit, now_s) if limit else (0, None)
+    if network is not None and retry_s is not None:
         raise HubError(
             429,
-            f"registration limited: {len(recent)} new node identities from network {network} "
+            f"registration limited: {count} new node identities from network {network} "
             f"in the last hour (at most {limit}); try again in {retry_s} s, or ask the hub's "
             "operator to raise --register-per-net-hour or to invite your node keys",
             Refusal.REGISTRATION_LIMITED,
