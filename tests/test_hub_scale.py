@@ -15,8 +15,9 @@ from sqlalchemy import event, func, select
 
 from gridswarm.hub.app import create_app
 from gridswarm.hub.models import Assignment, Contribution, Node, Nonce, Run
+from gridswarm.hub.scheduler import update_speed
 from gridswarm.hub.server import build_service
-from gridswarm.hub.service import HubError, HubService, HubSettings
+from gridswarm.hub.service import SPEED_WINDOW, HubError, HubService, HubSettings
 from gridswarm.identity import Identity, sign_request
 from gridswarm.protocol import API, RegisterRequest
 from tests.conftest import tiny_run
@@ -266,9 +267,13 @@ def test_fastest_live_node_reads_every_speed_in_one_query_with_the_same_averages
                     )
                 )
         s.commit()
+    # the moving average of each node's last SPEED_WINDOW contributions, oldest first
+    one_by_one: dict[str, float | None] = dict.fromkeys(nodes)
+    for i, node_id in enumerate(nodes[:30]):
+        for rnd in list(range(i % 8))[-SPEED_WINDOW:]:
+            tokens, train_time_s = 1000 * (1 + i + 3 * rnd), 1.0 + 0.5 * ((i + rnd) % 3)
+            one_by_one[node_id] = update_speed(one_by_one[node_id], tokens, train_time_s)
     with service.sessions() as s:
-        service._achieved.clear()
-        one_by_one = {n: service._achieved_speed(s, run.run_id, n) for n in nodes}
         service._achieved.clear()
         cost = statements_of(
             service, lambda: service._load_achieved_speeds(s, run.run_id, nodes + nodes[:3])

@@ -690,27 +690,16 @@ class HubService:
         )
 
     def _achieved_speed(self, s: Session, run_id: str, node_id: str) -> float | None:
-        """Moving average of the tokens/s `node_id` achieved in this run (its last 5
+        """Moving average of the tokens/s `node_id` achieved in this run (its last SPEED_WINDOW
         contributions), None before its first; cached, and refreshed when it contributes."""
-        key = (run_id, node_id)
-        if key not in self._achieved:
-            rows = s.execute(
-                select(m.Contribution.tokens, m.Contribution.train_time_s)
-                .where(m.Contribution.run_id == run_id, m.Contribution.node_id == node_id)
-                .order_by(m.Contribution.round.desc())
-                .limit(SPEED_WINDOW)
-            ).all()
-            speed: float | None = None
-            for tokens, train_time_s in reversed(rows):
-                speed = update_speed(speed, tokens, train_time_s)
-            self._achieved[key] = speed
-        return self._achieved[key]
+        self._load_achieved_speeds(s, run_id, [node_id])
+        return self._achieved[(run_id, node_id)]
 
     def _load_achieved_speeds(self, s: Session, run_id: str, node_ids: list[str]) -> None:
         """Fill the achieved-speed cache for those of `node_ids` not in it, in one query per
         SPEED_BATCH nodes (each node's last SPEED_WINDOW contributions, ranked by a window
-        function) instead of one query per node: the same moving averages as
-        `_achieved_speed`, read at a cost that does not grow by one round trip per live node.
+        function) instead of one query per node, at a cost that does not grow by one round
+        trip per live node.
         (Recomputing the fastest live node used to send one query per live node, under the
         run's lock: at 1,000 nodes, 570 to 1,570 queries a second, holding every replica's
         assignments behind it; bench/results/hub_load_replicas.md.)"""
