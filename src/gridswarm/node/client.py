@@ -340,27 +340,38 @@ class HubClient:
     def blob(self, digest: str) -> bytes:
         """A whole blob (a dataset manifest, tokenizer or shard), from the hub or from the
         object store it redirects to, checked against its sha256."""
+        response = self._blob_get(digest, None, MAX_OBJECT_BYTES)
+        if response.status_code >= 300:
+            raise BlobError(f"blob {digest}: the hub answered {response.status_code}")
+        if sha256_hex(response.content) != digest:
+            raise BlobError(f"downloaded blob does not match its hash {digest}")
+        return response.content
+
+    def _blob_get(self, digest: str, range_header: str | None, max_bytes: int) -> httpx.Response:
+        """GET blob `digest` (or the Range of it) from the hub; when the hub answers 307, from
+        the presigned object-store URL it names instead (at most `max_bytes` read), asking the
+        hub for a fresh URL when the store fails (OBJECT_STORE_TRIES in all). HubRequestError
+        as the hub answered."""
+        path, extra = f"{API}/blobs/{digest}", {"range": range_header} if range_header else None
+        want = 206 if range_header else 200
         for attempt in range(OBJECT_STORE_TRIES):
-            response = self.request("GET", f"{API}/blobs/{digest}")
+            response = self.request("GET", path, extra_headers=extra)
             if response.status_code != 307:
-                data = response.content
-                break
+                return response
             try:
-                data, _ = self._object_get(response, None, MAX_OBJECT_BYTES, 200)
-                break
+                return self._object_get(response, range_header, max_bytes, want)
             except ObjectStoreError:
                 if attempt == OBJECT_STORE_TRIES - 1:
                     raise
-        if sha256_hex(data) != digest:
-            raise BlobError(f"downloaded blob does not match its hash {digest}")
-        return data
+                self.stop.wait(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _object_get(
         self, redirect: httpx.Response, range_header: str | None, max_bytes: int, want: int
-    ) -> tuple[bytes, httpx.Headers]:
+    ) -> httpx.Response:
         """Follow the hub's 307 to a presigned object-store URL: a plain GET with only the
         `Range` header (never the node's signature headers), expecting status `want`, at most
-        `max_bytes` read; returns the body and the response headers. ObjectStoreError (the
+        `max_bytes` read; returns the store's answer, read. ObjectStoreError (the
         caller asks the hub for a fresh URL) if the store does not answer as expected."""
         location = redirect.headers.get("location", "")
         if not location.startswith(("http://", "https://")) or len(location) > MAX_LOCATION_CHARS:
@@ -375,32 +386,21 @@ class HubClient:
                     body += chunk
                     if len(body) > max_bytes:
                         raise ObjectStoreError(f"object store sent more than {max_bytes} bytes")
-                return bytes(body), response.headers
+                # what the caller reads: the body (already decoded) and where it lies in the blob
+                kept = {k: v for k, v in response.headers.items() if k == "content-range"}
+                return httpx.Response(want, headers=kept, content=bytes(body))
         except httpx.TransportError as exc:
             raise ObjectStoreError(f"object store: {transport_cause(exc)}") from exc
 
     def _range(self, digest: str, offset: int, chunk_bytes: int) -> tuple[bytes, str]:
         """Bytes of blob `digest` from `offset` (at most `chunk_bytes`) and their Content-Range,
-        from the hub or the object store its 307 points to (retried with a fresh URL when the
-        store fails). HubRequestError as the hub answered (416 past the end)."""
+        from the hub or the object store its 307 points to. HubRequestError as the hub answered
+        (416 past the end)."""
         range_header = f"bytes={offset}-{offset + chunk_bytes - 1}"
-        for attempt in range(OBJECT_STORE_TRIES):
-            response = self.request(
-                "GET", f"{API}/blobs/{digest}", extra_headers={"range": range_header}
-            )
-            if response.status_code != 307:
-                if response.status_code != 206:
-                    raise BlobError(f"blob {digest}: the hub did not serve bytes from {offset}")
-                return response.content, response.headers.get("content-range", "")
-            try:
-                data, headers = self._object_get(response, range_header, chunk_bytes, 206)
-            except ObjectStoreError:
-                if attempt == OBJECT_STORE_TRIES - 1:
-                    raise
-                self.stop.wait(0.2 * (attempt + 1))
-                continue
-            return data, headers.get("content-range", "")
-        raise AssertionError("unreachable")
+        response = self._blob_get(digest, range_header, chunk_bytes)
+        if response.status_code != 206 or len(response.content) > chunk_bytes:
+            raise BlobError(f"blob {digest}: the hub did not serve bytes from {offset}")
+        return response.content, response.headers.get("content-range", "")
 
     def fetch_blob(self, digest: str, part: Path, chunk_bytes: int = CHUNK_BYTES) -> int:
         """Download blob `digest` into the file `part` in Range chunks, resuming from what `part`
