@@ -275,6 +275,9 @@ class Refusal(StrEnum):
     ENERGY_FLOOR = "energy_floor"  # 400: less energy than the work needs
     REPLAYED_UPDATE = "replayed_update"  # 409: an update seen in an earlier round
     INVALID_CONFIG = "invalid_config"  # 422: run settings refused
+    # 409: the run's stored settings no longer validate (a plugin they name is gone): the run
+    # is stalled and answers nothing until its operator fixes or stops it
+    UNREADABLE_SETTINGS = "unreadable_settings"
     OVER_MEMORY = "over_memory"  # 422: the run's estimated memory exceeds the hub's budget
     QUOTA = "quota"  # 429: this identity has too many runs (active or this hour)
     RATE_LIMITED = "rate_limited"  # 429: too many requests from this key; see Retry-After

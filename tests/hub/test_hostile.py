@@ -297,10 +297,19 @@ def test_one_bad_run_never_stops_the_others(hub):
     status = hub.get(f"{API}/runs/{bad}")
     assert status.status_code == 200
     assert status.json()["status"] == "stalled"
-    assert "ValidationError" in status.json()["status_reason"]
+    assert "no longer validate" in status.json()["status_reason"]
     r = hub.post(sponsor_of_bad, f"{API}/runs/{bad}/state", {"event": "resume"})
-    refused(r, 409, Refusal.CONFLICT)  # not a 500: it cannot resume until its settings can
+    refused(r, 409, Refusal.UNREADABLE_SETTINGS)  # not a 500: not until its settings validate
+    # a SecAgg advertisement names the run too: the same typed 409, nothing stored
+    meta = meta_fields(in_bad, TOKENS_PER_STEP, codec="secagg-u32")
+    keys = {"cipher_key": "A" * 43 + "=", "mask_key": "B" * 43 + "="}
+    before = hub.snapshot()
+    r = hub.post(node, f"{API}/runs/{bad}/secagg/advertise", {"meta": meta} | keys)
+    refused(r, 409, Refusal.UNREADABLE_SETTINGS)
+    assert hub.snapshot() == before
     assert hub.get(f"{API}/runs").status_code == 200
+    # looking up which blobs are public datasets reads every run: the bad one is skipped
+    assert hub.get(f"{API}/blobs/{'0' * 64}").status_code == 404
 
 
 def test_a_run_failing_once_is_not_stopped(hub, monkeypatch):

@@ -8,7 +8,9 @@ check) reads `reason`, never the message.
 
 from __future__ import annotations
 
-from gridswarm.protocol import Refusal
+from pydantic import ValidationError
+
+from gridswarm.protocol import Refusal, describe_errors
 
 MAX_DETAIL_CHARS = 2000
 DEFAULT_REASONS = {
@@ -45,3 +47,17 @@ class HubError(Exception):
         """The JSON error body (`protocol.Problem`)."""
         detail = self.detail[:MAX_DETAIL_CHARS].encode("utf-8", "backslashreplace").decode()
         return {"detail": detail, "reason": self.reason.value}
+
+
+class UnreadableSettings(HubError):
+    """A run whose stored settings no longer validate (say, a plugin they name was uninstalled):
+    requests about it get 409 and the ticker stalls it at once (retrying cannot help), while
+    every other run goes on."""
+
+    def __init__(self, run_id: str, exc: ValidationError) -> None:
+        super().__init__(
+            409,
+            f"run {run_id}: its stored settings no longer validate "
+            f"({describe_errors(exc.errors())})",
+            Refusal.UNREADABLE_SETTINGS,
+        )

@@ -4,8 +4,10 @@ the hub acknowledges it, so the hub process itself holds no state worth losing."
 from __future__ import annotations
 
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -21,7 +23,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 
+from gridswarm.config import RunConfig
 from gridswarm.db import Base
+from gridswarm.hub.errors import UnreadableSettings
 from gridswarm.hub.lifecycle import RunState
 from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
 
@@ -45,6 +49,20 @@ class Status(TypeDecorator):
         return None if value is None else self.enum(value)
 
 
+@lru_cache(maxsize=1024)
+def _parse_settings(config_json: str) -> RunConfig:
+    return RunConfig.model_validate_json(config_json)  # frozen: safe to share between callers
+
+
+def stored_settings(run_id: str, config_json: str) -> RunConfig:
+    """A run's settings as stored, parsed once per process (every request and tick reads them);
+    `UnreadableSettings` (409) when they no longer validate. Failures are not cached."""
+    try:
+        return _parse_settings(config_json)
+    except ValidationError as exc:
+        raise UnreadableSettings(run_id, exc) from exc
+
+
 class Run(Base):
     __tablename__ = "runs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -62,6 +80,10 @@ class Run(Base):
     # 0008_lifecycle: why the run is in its status (stop/stall reason) and since when
     status_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     status_changed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    def settings(self) -> RunConfig:
+        """This run's settings (`stored_settings`)."""
+        return stored_settings(self.id, self.config_json)
 
 
 class Node(Base):

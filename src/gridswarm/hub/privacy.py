@@ -300,7 +300,7 @@ class HubPrivacy:
             run = s.get(m.Run, run_id)
             if run is None:
                 return {}
-            cfg = RunConfig.model_validate_json(run.config_json)
+            cfg = run.settings()
             p = cfg.privacy
             if p.dp is None and p.secagg is None and cfg.data.data != "local":
                 return {}
@@ -358,7 +358,7 @@ class HubPrivacy:
             return Decision.WAIT
         if rnd.status != RoundStatus.SECAGG:
             return decision
-        cfg = RunConfig.model_validate_json(run.config_json)
+        cfg = run.settings()
         sess = s.get(m.SecAggSession, (run.id, rnd.number))
         config = decode_message(sess.config_json.encode())
         action, reason = decide_stage(self._progress(s, run, sess, config, now), now)
@@ -381,7 +381,7 @@ class HubPrivacy:
         return Decision.WAIT
 
     def _open_session(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> None:
-        cfg = RunConfig.model_validate_json(run.config_json)
+        cfg = run.settings()
         sa = cfg.privacy.secagg
         node_ids = sorted(
             s.scalars(
@@ -588,7 +588,7 @@ class HubPrivacy:
         with svc.lock, svc.sessions() as s:
             run = svc._run(s, run_id, lock=True)  # replicas: one decision per run at a time
             node = svc._node(s, node_id)
-            cfg = RunConfig.model_validate_json(run.config_json)
+            cfg = run.settings()
             if cfg.privacy.secagg is None:
                 raise HubError(409, f"run {run_id} does not use secure aggregation")
             a = self._assignment(s, run_id, node_id, meta.assignment_id)

@@ -35,7 +35,7 @@ from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import models as m
-from gridswarm.hub.errors import HubError
+from gridswarm.hub.errors import HubError, UnreadableSettings
 from gridswarm.hub.lifecycle import (
     FINAL,
     HOLDING,
@@ -445,7 +445,11 @@ class HubService:
                 )
             )
         for run_id, config_json in pending:
-            if live >= RunConfig.model_validate_json(config_json).round.min_nodes:
+            try:
+                min_nodes = m.stored_settings(run_id, config_json).round.min_nodes
+            except UnreadableSettings:
+                continue  # the ticker stalls it
+            if live >= min_nodes:
                 self.round_changed(run_id)
 
     def heartbeat(self, node_id: str, status: str) -> None:
@@ -528,7 +532,7 @@ class HubService:
 
     def workload(self, run_id: str, config_json: str) -> Workload:
         if run_id not in self._workloads:
-            cfg = RunConfig.model_validate_json(config_json)
+            cfg = m.stored_settings(run_id, config_json)
             self._workloads[run_id] = Workload.from_config(cfg, source=BlobSource(self.blobs))
         return self._workloads[run_id]
 
@@ -551,8 +555,11 @@ class HubService:
         # runs created by another replica are learnt by scanning again, at most once a second
         scanned_at = self._dataset_blobs_loaded_at
         if scanned_at is None or time.monotonic() - scanned_at >= DATASET_RESCAN_S:
-            for config_json in s.scalars(select(m.Run.config_json)):
-                ref = manifest_ref(RunConfig.model_validate_json(config_json).data.dataset)
+            for run_id, config_json in s.execute(select(m.Run.id, m.Run.config_json)):
+                try:
+                    ref = manifest_ref(m.stored_settings(run_id, config_json).data.dataset)
+                except UnreadableSettings:
+                    continue  # one unreadable run must not stop every download
                 if ref is not None and ref not in self._dataset_blobs and self.blobs.has(ref):
                     manifest = parse_manifest(self.blobs.get(ref))
                     self._dataset_blobs |= {ref, *manifest.digests()}
@@ -671,7 +678,7 @@ class HubService:
             .join(m.Node, m.Node.id == m.Assignment.node_id)
             .where(m.Assignment.run_id == run.id, m.Assignment.round == run.round)
         ).all()
-        rules = self._rules(RunConfig.model_validate_json(run.config_json))
+        rules = self._rules(run.settings())
         state = RoundState(
             status=RoundStatus(rnd.status),
             deadline_at=rnd.deadline_at,
@@ -812,12 +819,7 @@ class HubService:
             ).rowcount
         rnd = s.get(m.Round, (run.id, run.round))
         if after is RunState.ACTIVE and rnd is not None and rnd.status == RoundStatus.OPEN:
-            try:
-                cfg = RunConfig.model_validate_json(run.config_json)
-            except ValidationError as exc:  # stalled because its settings cannot be read back
-                raise HubError(
-                    409, f"run {run.id} cannot resume: its stored settings do not validate"
-                ) from exc
+            cfg = run.settings()  # 409 while its settings cannot be read back (it stays stalled)
             rnd.deadline_at = now + cfg.round.deadline_s  # the hold did not eat the round's time
         # the reason stays on the ledger; the run shows one only while it is not active
         shown_reason = None if after is RunState.ACTIVE else reason
@@ -927,7 +929,7 @@ class HubService:
                 if run.status in HOLDING:  # paused or stalled: it may resume
                     return AssignmentResponse(status="wait", retry_after_s=5.0, reason=reason), 5.0
                 return AssignmentResponse(status="finished", reason=reason), None
-            cfg = RunConfig.model_validate_json(run.config_json)
+            cfg = run.settings()
             rnd = s.get(m.Round, (run.id, run.round))
             if rnd.status == RoundStatus.SECAGG:  # the round's secure aggregation runs: no new work
                 s.commit()
@@ -1082,7 +1084,7 @@ class HubService:
         run plans with and that are older than FORECAST_TTL_S: before the lock, never under it."""
         with self.sessions() as s:
             run = s.get(m.Run, run_id)
-            cfg = RunConfig.model_validate_json(run.config_json) if run else None
+            cfg = run.settings() if run else None
         if cfg is None or cfg.energy.policy == "agnostic":
             return
         horizon_s = cfg.energy.forecast_horizon_s
@@ -1130,7 +1132,7 @@ class HubService:
             run, node = s.get(m.Run, run_id), s.get(m.Node, node_id)
             region = meta.region or (node.region if node else None)
             active = run is not None and run.status == RunState.ACTIVE
-            cfg = RunConfig.model_validate_json(run.config_json) if active else RunConfig()
+            cfg = run.settings() if active else RunConfig()
         now = self.clock()
         hub_g = hub_energy.signal_intensity(
             self.settings.signals.get(region or ""), now - meta.train_time_s, now
@@ -1271,7 +1273,7 @@ class HubService:
         count = self._failures[run_id] = self._failures.get(run_id, 0) + 1
         if count == 1:
             log.exception("run %s: advancing its round failed", run_id)
-        if count < RUN_FAILURES_TO_STOP and not isinstance(exc, ValidationError):
+        if count < RUN_FAILURES_TO_STOP and not isinstance(exc, UnreadableSettings):
             return  # possibly transient (a locked database); stored settings that do not
             # validate never will
         error = f"the hub could not advance its round: {type(exc).__name__}: {exc}"[:2000]
@@ -1311,7 +1313,7 @@ class HubService:
                     return Decision.WAIT
                 rnd, state, rules = self._round_state(s, run)
             decision = decide(state, rules, now)
-            if RunConfig.model_validate_json(run.config_json).privacy.secagg:
+            if run.settings().privacy.secagg:
                 decision = self.privacy.advance_secagg(s, run, rnd, decision, now)
             if decision is Decision.REPLAN:
                 self._replan(s, run, rnd, now)
@@ -1342,7 +1344,7 @@ class HubService:
         )
         rnd.attempt += 1
         if kept:
-            cfg = RunConfig.model_validate_json(run.config_json)
+            cfg = run.settings()
             rnd.deadline_at = now + cfg.round.deadline_s
         else:
             rnd.status, rnd.opened_at, rnd.deadline_at = RoundStatus.PENDING, None, None
@@ -1372,7 +1374,7 @@ class HubService:
             run = s.get(m.Run, run_id)
             if run is None or run.status != RunState.ACTIVE:
                 return
-            cfg = RunConfig.model_validate_json(run.config_json)
+            cfg = run.settings()
             if cfg.privacy.secagg or cfg.privacy.dp:
                 return
             rnd, state, rules = self._round_state(s, run)
@@ -1460,7 +1462,7 @@ class HubService:
     def _close(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> Decision:
         """Aggregate the round's contributions, step the outer optimizer, publish a new version
         (CLOSE); or, when screening left fewer than the quorum, re-plan the round (REPLAN)."""
-        cfg = RunConfig.model_validate_json(run.config_json)
+        cfg = run.settings()
         workload = self.workload(run.id, run.config_json)
         base = s.get(m.Version, (run.id, rnd.base_version))
         # replay audits + usefulness first: rejected contributions are not aggregated (trust.py)
@@ -1636,7 +1638,7 @@ class HubService:
             if report and (n.id in contributors or report.get("run_id") == run.id):
                 reports[n.id] = report
         return hub_energy.energy_status(
-            RunConfig.model_validate_json(run.config_json),
+            run.settings(),
             run.created_at,
             run.finished_at,
             [hub_energy.ContributionRow.of(c) for c in contributions],
@@ -1652,7 +1654,7 @@ class HubService:
                 select(m.Contribution).where(m.Contribution.run_id == run_id)
             ).all()
             node_rows = s.scalars(select(m.Node)).all()
-        cfg = RunConfig.model_validate_json(run.config_json)
+        cfg = run.settings()
         rows = [hub_energy.ContributionRow.of(c) for c in contributions]
         contributors = {r.node_id for r in rows}
         participants = []
@@ -1798,5 +1800,5 @@ class HubService:
                 "trust": self.trust.status(run.id),  # audits, rejections, escrow, reputation
                 **self.privacy.run_status(run.id),  # "privacy": epsilon, budget, SecAgg rounds
             }
-        except (ValidationError, ValueError, TypeError) as exc:
-            return {"error": f"stored run settings unreadable: {exc}"[:2000]}
+        except UnreadableSettings as exc:
+            return {"error": exc.detail}

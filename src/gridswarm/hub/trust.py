@@ -361,7 +361,7 @@ class HubTrust:
         cfg = None
         refused = check_place(place, run_facts)
         if refused is None:
-            cfg = RunConfig.model_validate_json(run.config_json)
+            cfg = run.settings()
             rules = ClaimRules(
                 expected_codec=SECAGG_CODEC if secagg else cfg.comm.codec,
                 tokens_per_step=cfg.tokens_per_step,
@@ -705,7 +705,7 @@ class HubTrust:
         """Examine one contribution (compute outside the lock, write under it); 1 if done."""
         with self.sessions() as s:
             run = s.get(m.Run, c.run_id)
-            cfg = RunConfig.model_validate_json(run.config_json)
+            cfg = run.settings()
             seed_row = s.get(m.TrustRound, (run.id, c.round))
             base = s.get(m.Version, (run.id, c.base_version))
             a = s.get(m.Assignment, c.assignment_id)
@@ -959,7 +959,7 @@ class HubTrust:
     def status(self, run_id: str) -> dict[str, Any]:
         """The run's trust facts for `run_status` (key "trust")."""
         with self.sessions() as s:
-            cfg = RunConfig.model_validate_json(self._run(s, run_id).config_json)
+            cfg = self._run(s, run_id).settings()
             rows = s.scalars(select(m.Contribution).where(m.Contribution.run_id == run_id)).all()
             node_ids = sorted({c.node_id for c in rows})
             reps = self.reputations(s, node_ids)
