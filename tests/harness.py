@@ -36,7 +36,7 @@ from gridswarm.hub.server import migrate
 from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.identity import Identity
-from gridswarm.protocol import Assignment, ContributionMeta, RegisterRequest
+from gridswarm.protocol import Assignment, ContributionMeta, NodeStatus, RegisterRequest
 from gridswarm.train.codecs import Codec, make_codec
 from gridswarm.train.params import pack, unpack_vector
 from gridswarm.train.workload import Workload
@@ -90,6 +90,7 @@ STATUS_COLUMNS = (
     (m.Round.status, RoundStatus),
     (m.Assignment.status, AssignmentStatus),
     (m.Contribution.status, ContributionStatus),
+    (m.Node.status, NodeStatus),
 )
 
 

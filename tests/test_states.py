@@ -23,7 +23,10 @@ from gridswarm.hub.states import (
     ContributionStatus,
     RoundStatus,
 )
+from gridswarm.identity import Identity
+from gridswarm.protocol import API, HeartbeatRequest, NodeStatus, Refusal
 from tests.harness import assert_statuses_typed, run_golden
+from tests.hub.harness import Hub
 
 
 def test_groups_are_consistent():
@@ -41,7 +44,7 @@ def test_groups_are_consistent():
 
 def test_members_store_as_their_plain_words():
     """No migration: a member is its string, compares and hashes like it."""
-    for enum in (RoundStatus, AssignmentStatus, ContributionStatus):
+    for enum in (RoundStatus, AssignmentStatus, ContributionStatus, NodeStatus):
         for member in enum:
             assert member == member.value and f"{member}" == member.value
             assert {member.value: 1}[member] == 1
@@ -63,6 +66,7 @@ def test_every_status_an_in_process_run_stores_is_typed(tmp_path: Path):
             (m.Round, RoundStatus),
             (m.Assignment, AssignmentStatus),
             (m.Contribution, ContributionStatus),
+            (m.Node, NodeStatus),
         ):
             rows = s.scalars(select(table)).all()
             assert rows and all(type(r.status) is enum for r in rows), table.__tablename__
@@ -75,3 +79,22 @@ def test_every_status_an_in_process_run_stores_is_typed(tmp_path: Path):
     assert RoundStatus.CLOSED in stored["rounds"]
     assert AssignmentStatus.SUBMITTED in stored["assignments"]
     assert stored["contributions"] <= {"accepted", "rejected"}
+
+
+def test_a_heartbeat_reports_a_node_status_but_never_sets_left(tmp_path: Path):
+    """`left` is the hub's to set (POST /nodes/leave): a heartbeat saying it is refused and
+    changes nothing; a reportable status is stored as its member."""
+    assert set(HeartbeatRequest.model_json_schema()["properties"]["status"]["enum"]) == {
+        s.value for s in NodeStatus if s is not NodeStatus.LEFT
+    }
+    hub = Hub(tmp_path)
+    node = Identity.generate()
+    hub.register(node)
+    r = hub.post(node, f"{API}/nodes/heartbeat", {"status": "left"})
+    assert r.status_code == 422 and r.json()["reason"] == Refusal.MALFORMED, r.text
+    assert hub.post(node, f"{API}/nodes/heartbeat", {"status": "paused"}).status_code == 200
+    with hub.service.sessions() as s:
+        hub.service.flush_heartbeats(s)
+        s.commit()
+        row = s.get(m.Node, node.node_id)
+        assert row.status is NodeStatus.PAUSED

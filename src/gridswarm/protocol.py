@@ -219,8 +219,28 @@ class ContributionAck(_Msg):
     bytes_up: int
 
 
+class NodeStatus(StrEnum):
+    """What a node is doing: what its heartbeats say, stored as `nodes.status` on the hub."""
+
+    IDLE = "idle"  # registered; waiting for work or between assignments
+    TRAINING = "training"  # holds an assignment (the hub sets it when it assigns one)
+    UPLOADING = "uploading"  # sending its contribution
+    PAUSED = "paused"  # its own energy policy says not now (node/energy.py)
+    LEFT = "left"  # it said goodbye (POST /nodes/leave); only the hub sets it, never a heartbeat
+
+
+class Liveness(StrEnum):
+    """How a run's status shows a node (derived, never stored)."""
+
+    LIVE = "live"  # heard from within the hub's liveness_s
+    SILENT = "silent"  # not heard from since; it may come back
+    GONE = "gone"  # it said it left
+
+
 class HeartbeatRequest(_Msg):
-    status: Literal["idle", "training", "uploading", "paused"] = "idle"
+    status: Literal[
+        NodeStatus.IDLE, NodeStatus.TRAINING, NodeStatus.UPLOADING, NodeStatus.PAUSED
+    ] = NodeStatus.IDLE
     run_id: RunId | None = None
 
 

@@ -9,9 +9,10 @@ from rich.table import Table
 from rich.text import Text
 
 from gridswarm.hub.lifecycle import RunState
+from gridswarm.protocol import Liveness
 
 SPARKS = "▁▂▃▄▅▆▇█"
-STATE_STYLE = {"live": "green", "silent": "yellow", "gone": "dim"}
+STATE_STYLE = {Liveness.LIVE: "green", Liveness.SILENT: "yellow", Liveness.GONE: "dim"}
 RUN_STYLE = {
     RunState.ACTIVE: "green",
     RunState.PAUSED: "yellow",

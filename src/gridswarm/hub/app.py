@@ -51,6 +51,7 @@ from gridswarm.protocol import (
     EnergyReport,
     FailureReport,
     HeartbeatRequest,
+    NodeStatus,
     RegisterRequest,
     RegisterResponse,
     RunCreateRequest,
@@ -292,7 +293,7 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
                         changed.wait(), min(ask_at - loop.time(), service.settings.liveness_s / 2)
                     )
                 if not changed.is_set():  # still connected, so alive (a note, no lock)
-                    service.heartbeat(verified.node_id, "idle")
+                    service.heartbeat(verified.node_id, NodeStatus.IDLE)
 
     @app.post(f"{API}/runs/{{run_id}}/contributions", openapi_extra=openapi_body(binary=True))
     async def contribute(run_id: RunIdParam, request: Request) -> ContributionAck:

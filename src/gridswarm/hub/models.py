@@ -28,6 +28,7 @@ from gridswarm.db import Base
 from gridswarm.hub.errors import UnreadableSettings
 from gridswarm.hub.lifecycle import RunState
 from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.protocol import NodeStatus
 
 
 class Status(TypeDecorator):
@@ -102,7 +103,7 @@ class Node(Base):
     max_threads: Mapped[int] = mapped_column(Integer, default=1)
     registered_at: Mapped[float] = mapped_column(Float)
     last_seen_at: Mapped[float] = mapped_column(Float)
-    status: Mapped[str] = mapped_column(String(16), default="idle")
+    status: Mapped[NodeStatus] = mapped_column(Status(NodeStatus), default=NodeStatus.IDLE)
     # the node's last EnergyReport (protocol.py) + when the hub received it (hub/energy.py)
     energy_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     # the client network its first registration came from (IPv4 /24, IPv6 /64), for the bound

@@ -91,6 +91,7 @@ from gridswarm.privacy.secagg import (
 from gridswarm.protocol import (
     API,
     MAX_JSON_BYTES,
+    NodeStatus,
     Refusal,
     SecAggAdvertisement,
     SecAggStageMessage,
@@ -450,7 +451,7 @@ class HubPrivacy:
         lost = frozenset(
             n.id
             for n in s.scalars(select(m.Node).where(m.Node.id.in_(expected - answered)))
-            if n.status == "left" or now - n.last_seen_at > liveness
+            if n.status == NodeStatus.LEFT or now - n.last_seen_at > liveness
         )
         return StageProgress(
             stage=sess.stage,

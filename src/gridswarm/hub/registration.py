@@ -42,7 +42,7 @@ from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import HOUR_S, hourly_window
 from gridswarm.hub.states import ContributionStatus, RoundStatus
 from gridswarm.identity import node_id_from_public_key
-from gridswarm.protocol import Refusal
+from gridswarm.protocol import NodeStatus, Refusal
 
 IPV4_PREFIX = 24  # one client network: an IPv4 /24 (a home, an office, a small hoster's range)
 IPV6_PREFIX = 64  # an IPv6 /64 (one end site's subnet)
@@ -121,7 +121,9 @@ def new_nodes_live(s: Session, live_since: float) -> int:
     return s.scalar(
         select(func.count())
         .select_from(m.Node)
-        .where(m.Node.last_seen_at >= live_since, m.Node.status != "left", ~_worked(m.Node.id))
+        .where(
+            m.Node.last_seen_at >= live_since, m.Node.status != NodeStatus.LEFT, ~_worked(m.Node.id)
+        )
     )
 
 

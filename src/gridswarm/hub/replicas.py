@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from gridswarm.hub import models as m
 from gridswarm.hub.lifecycle import NOT_ENDED, RunState
 from gridswarm.hub.states import HOLDS_PLACE, RoundStatus
+from gridswarm.protocol import NodeStatus
 
 log = logging.getLogger("gridswarm.hub")
 
@@ -138,7 +139,9 @@ class RoundWatch:
             ).all()
         )
         live = s.scalar(
-            select(func.count()).where(m.Node.last_seen_at >= live_cutoff, m.Node.status != "left")
+            select(func.count()).where(
+                m.Node.last_seen_at >= live_cutoff, m.Node.status != NodeStatus.LEFT
+            )
         )
         now = {}
         for run_id, *state in rows:

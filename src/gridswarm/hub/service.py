@@ -78,6 +78,8 @@ from gridswarm.protocol import (
     ContributionMeta,
     EnergyReport,
     FailureReport,
+    Liveness,
+    NodeStatus,
     Refusal,
     RegisterRequest,
     RunCreateResponse,
@@ -175,12 +177,12 @@ class HubSettings:
     registration: RegistrationPolicy = field(default_factory=RegistrationPolicy)
 
 
-def liveness_state(status: str, silent_s: float, liveness_s: float) -> str:
-    """How a run's status shows a node: `gone` (it said it left), `live` (heard from within
-    `liveness_s`) or `silent` (not heard from since; it may come back)."""
-    if status == "left":
-        return "gone"
-    return "live" if silent_s <= liveness_s else "silent"
+def liveness_state(status: NodeStatus, silent_s: float, liveness_s: float) -> Liveness:
+    """How a run's status shows a node: gone (it said it left), live (heard from within
+    `liveness_s`) or silent (not heard from since; it may come back)."""
+    if status == NodeStatus.LEFT:
+        return Liveness.GONE
+    return Liveness.LIVE if silent_s <= liveness_s else Liveness.SILENT
 
 
 def _node_entry(node_id: str, name: str | None) -> dict:
@@ -329,7 +331,9 @@ class HubService:
         self._forecasts: dict[tuple[str, float], tuple[float, list | None]] = {}
         self._prepared: dict[str, NewVersion] = {}  # run -> its next version, computed unlocked
         self.round_changed: Callable[[str], None] = lambda run_id: None  # set by the HTTP layer
-        self._heartbeats: dict[str, tuple[str, float]] = {}  # node -> status, seen at (unwritten)
+        self._heartbeats: dict[
+            str, tuple[NodeStatus, float]
+        ] = {}  # node -> status, seen at (unwritten)
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
         self.rate_limiter = RateLimiter(self.settings.requests_per_s, self.settings.request_burst)
         self.registration = RegistrationGate(
@@ -422,7 +426,7 @@ class HubService:
             node.probe_rate = req.probe_tokens_per_s * req.probe_numel
             node.max_threads = req.max_threads
             node.last_seen_at = now
-            node.status = "idle"
+            node.status = NodeStatus.IDLE
             s.commit()
         self._known_nodes.add(node_id)
         self._raise_fastest(None, None, node.probe_rate)
@@ -441,7 +445,7 @@ class HubService:
                 return
             live = s.scalar(
                 select(func.count()).where(
-                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != "left"
+                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
                 )
             )
         for run_id, config_json in pending:
@@ -452,7 +456,7 @@ class HubService:
             if live >= min_nodes:
                 self.round_changed(run_id)
 
-    def heartbeat(self, node_id: str, status: str) -> None:
+    def heartbeat(self, node_id: str, status: NodeStatus) -> None:
         """Note that a node is alive; no lock, no transaction of its own. Liveness is soft state:
         the notes are written in one UPDATE per batch (`flush_heartbeats`) by the ticker and at
         the start of every transaction that reads liveness, so heartbeats never queue behind
@@ -486,9 +490,9 @@ class HubService:
             node.energy_json = json.dumps(received)
             node.region = report.region or node.region
             if not report.available:
-                node.status = "paused"
-            elif node.status == "paused":
-                node.status = "idle"
+                node.status = NodeStatus.PAUSED
+            elif node.status == NodeStatus.PAUSED:
+                node.status = NodeStatus.IDLE
             s.commit()
 
     def leave(self, node_id: str) -> int:
@@ -496,7 +500,7 @@ class HubService:
         with self.lock, self.sessions() as s:
             runs = self._lock_runs_of(s, node_id)  # run rows first, then node rows
             self.flush_heartbeats(s)
-            self._node(s, node_id).status = "left"
+            self._node(s, node_id).status = NodeStatus.LEFT
             released = self._release_assignments(s, node_id)
             s.commit()
         for run_id in runs:  # places freed: waiting long-polls ask again
@@ -751,7 +755,7 @@ class HubService:
         """Nodes heard from within liveness_s that have not left (one indexed query)."""
         return s.scalars(
             select(m.Node).where(
-                m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != "left"
+                m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
             )
         ).all()
 
@@ -763,7 +767,7 @@ class HubService:
         if view is None or now - view[0] > LIVE_VIEW_S or now < view[0]:
             rows = s.execute(
                 select(m.Node.id, m.Node.probe_rate).where(
-                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != "left"
+                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
                 )
             ).all()
             self._load_achieved_speeds(s, run.id, [node_id for node_id, _ in rows])
@@ -919,8 +923,10 @@ class HubService:
             node = s.get(m.Node, node_id)
             if node is None:
                 raise HubError(403, f"node {node_id} is not registered")
-            was_live = node.status != "left" and node.last_seen_at >= self._live_cutoff(now)
-            self._heartbeats[node_id] = ("idle", now)  # a wait answer writes nothing: no fsync
+            cutoff = self._live_cutoff(now)
+            was_live = node.status != NodeStatus.LEFT and node.last_seen_at >= cutoff
+            # a wait answer writes nothing (no fsync): noted, flushed with the heartbeats
+            self._heartbeats[node_id] = (NodeStatus.IDLE, now)
             if run.status != RunState.ACTIVE:
                 s.commit()
                 reason = f"run {run_id} is {run.status}" + (
@@ -956,7 +962,7 @@ class HubService:
                     # work again, so the round need not wait for its deadline.
                     s.autoflush = True
                     self._heartbeats.pop(node_id, None)
-                    node.last_seen_at, node.status = now, "training"
+                    node.last_seen_at, node.status = now, NodeStatus.TRAINING
                     answer = self._assigned(s, run, held)
                     s.commit()
                     log.info(
@@ -966,7 +972,7 @@ class HubService:
             active = s.scalar(select(func.count()).where(*seats))
             live = s.scalar(
                 select(func.count()).where(
-                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != "left"
+                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
                 )
             ) + (0 if was_live else 1)  # the asking node is live (its row is written last)
             reason = may_take_seat(RoundStatus(rnd.status), bool(has_seat), active, rules, live)
@@ -978,7 +984,7 @@ class HubService:
                     .where(
                         *seats,
                         m.Node.last_seen_at >= self._live_cutoff(now),
-                        m.Node.status != "left",
+                        m.Node.status != NodeStatus.LEFT,
                     )
                 )
 
@@ -1052,7 +1058,7 @@ class HubService:
             )
             s.add(row)
             self._heartbeats.pop(node_id, None)
-            node.last_seen_at, node.status = now, "training"
+            node.last_seen_at, node.status = now, NodeStatus.TRAINING
             answer = self._assigned(s, run, row)
             s.commit()
         return answer, None
@@ -1784,7 +1790,7 @@ class HubService:
             "live_nodes": [
                 {"id": n.id, "name": n.name, "status": n.status}
                 for n in node_rows.values()
-                if n.status != "left" and now - n.last_seen_at <= self.settings.liveness_s
+                if n.status != NodeStatus.LEFT and now - n.last_seen_at <= self.settings.liveness_s
             ],
             **self._policy_status(run, contributions, node_rows),
         }
