@@ -89,6 +89,9 @@ def test_unknown_run_status_and_export(tmp_path: Path) -> None:
             line = one_error_line(cli(tmp_path, *args, "--hub", swarm.url))
             assert "the hub refused (404): run nosuchrun not found" in line
             assert "`gridswarm run status` lists" in line
+        listed = cli(tmp_path, "run", "status", "--hub", swarm.url)
+        assert listed.returncode == 0, listed.stderr
+        assert not (tmp_path / "home" / "sponsor.key").exists()  # reading creates no key
         line = one_error_line(cli(tmp_path, "run", "stop", "nosuchrun", "--hub", swarm.url))
         assert "run nosuchrun not found" in line
     finally:

@@ -89,6 +89,15 @@ def _client(hub: str | None, home: Path):
     return HubClient(_hub_url(hub), identity, retry_for_s=CLI_RETRY_S)
 
 
+def _reader(hub: str | None):
+    """A client for public reads (run status, report, export): a throwaway key, so reading
+    never creates a sponsor key on disk."""
+    from gridswarm.identity import Identity
+    from gridswarm.node.client import HubClient
+
+    return HubClient(_hub_url(hub), Identity.generate(), retry_for_s=CLI_RETRY_S)
+
+
 def _log_level(verbose: int, quiet: int) -> int:
     """INFO by default; each -v one level more detail, each -q one level less."""
     return min(max(logging.INFO + 10 * (quiet - verbose), logging.DEBUG), logging.ERROR)
@@ -410,10 +419,9 @@ def run_status(
     run_id: Annotated[str | None, typer.Argument()] = None,
     hub_url: HubOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
-    home: Path = DEFAULT_HOME,
 ) -> None:
     """Show all runs, or one run's rounds, losses and nodes."""
-    client = _client(hub_url, home)
+    client = _reader(hub_url)
     if run_id is None:
         table = Table("run", "name", "status", "round", "version", "tokens")
         for r in client.runs():
@@ -441,14 +449,13 @@ def run_export(
     run_id: str,
     out: Annotated[Path, typer.Argument(help="folder to write the model to")],
     hub_url: HubOpt = None,
-    home: Path = DEFAULT_HOME,
 ) -> None:
     """Write the run's newest model and tokenizer in Hugging Face layout (AutoModelForCausalLM
     and AutoTokenizer load the folder)."""
     from gridswarm.export import export_run
     from gridswarm.train.dataset import DatasetError
 
-    client = _client(hub_url, home)
+    client = _reader(hub_url)
     status = client.run_status(run_id)
     try:
         path = export_run(client, status, out)
@@ -500,13 +507,12 @@ def run_report(
     run_id: str,
     hub_url: HubOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
-    home: Path = DEFAULT_HOME,
 ) -> None:
     """Energy and carbon of a run: per node and in total tokens, kWh, kgCO2e, gCO2e per 1k
     tokens, local-surplus share, and the carbon-agnostic counterfactual."""
     from gridswarm.hub.energy import format_run_report
 
-    client = _client(hub_url, home)
+    client = _reader(hub_url)
     report = client.run_report(run_id)
     privacy = client.run_status(run_id).get("privacy")
     if as_json:

@@ -148,11 +148,10 @@ def test_greedy_green_shifts_work_to_the_clean_node_and_the_report_adds_up(make_
     assert sponsor.run_report(greedy)["reduction_vs_agnostic"] > 0.3
 
     runner = CliRunner()
-    home = ["--home", str(tmp_path)]
-    text = runner.invoke(app, ["run", "report", greedy, "--hub", swarm.url, *home])
+    text = runner.invoke(app, ["run", "report", greedy, "--hub", swarm.url])
     assert text.exit_code == 0, text.output
     assert "agnostic counterfactual" in text.output and "clean" in text.output
-    as_json = runner.invoke(app, ["run", "report", greedy, "--hub", swarm.url, "--json", *home])
+    as_json = runner.invoke(app, ["run", "report", greedy, "--hub", swarm.url, "--json"])
     assert json.loads(as_json.output)["total"] == sponsor.run_report(greedy)["total"]
 
 
