@@ -106,6 +106,24 @@ def test_every_replica_down_is_bounded_with_backoff(broken_hub):
     client.close()
 
 
+def test_a_heartbeat_tries_each_replica_once_and_never_announces(broken_hub):
+    """While the hub is down the main loop prints the countdown; a heartbeat failing beside it
+    must not print a second one (nor wait)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    waits: list[float] = []
+    client = HubClient(
+        f"{dead},{broken_hub[0]}",
+        Identity.generate(),
+        retry_for_s=None,  # the node's default: retry until stopped
+        on_retry=lambda cause, retry_in_s, left_s: waits.append(retry_in_s),
+    )
+    starting_on_the_first(client)
+    with pytest.raises(HubUnreachable):
+        client.request("GET", "/healthz", signed=False, retry=False)
+    assert waits == [] and broken_hub[1] == ["/healthz"]  # both tried once, no countdown
+    client.close()
+
+
 @pytest.mark.parametrize(
     "value",
     ["http://a:1,localhost:2", "http://a:1,,http://b:2", "http://a:1,http://a:1", ""],

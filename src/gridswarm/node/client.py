@@ -37,6 +37,7 @@ from gridswarm.protocol import (
     EnergyReport,
     FailureReport,
     HeartbeatRequest,
+    NodeStatus,
     Refusal,
     RegisterRequest,
     RunCreateResponse,
@@ -245,7 +246,11 @@ class HubClient:
         params: dict | None = None,
         signed: bool = True,
         extra_headers: dict[str, str] | None = None,
+        retry: bool = True,
     ) -> httpx.Response:
+        """One signed request, retried as the client is configured; `retry=False` tries each
+        replica once and raises `HubUnreachable` without waiting or announcing (a heartbeat:
+        the next one follows in seconds, and the main loop already says the hub is down)."""
         started = time.monotonic()
         give_up = None if self.retry_for_s is None else started + self.retry_for_s
         delay = 0.2
@@ -278,6 +283,8 @@ class HubClient:
             failed_in_a_row += 1
             if failed_in_a_row < len(self.clients) and self.fail_over():
                 continue  # another replica may answer now: no wait
+            if not retry:
+                raise HubUnreachable(self.base_url, cause, time.monotonic() - started)
             failed_in_a_row = 0
             self.fail_over()  # after the wait, start with the next one
             left_s = None if give_up is None else max(give_up - time.monotonic(), 0.0)
@@ -312,8 +319,11 @@ class HubClient:
     def register(self, req: RegisterRequest) -> str:
         return self.post_json(f"{API}/nodes/register", req)["node_id"]
 
-    def heartbeat(self, status: str, run_id: str | None = None) -> None:
-        self.post_json(f"{API}/nodes/heartbeat", HeartbeatRequest(status=status, run_id=run_id))
+    def heartbeat(self, status: NodeStatus, run_id: str | None = None) -> None:
+        """One try: a missed heartbeat is followed by the next, and retrying here would print
+        a second countdown beside the main loop's while the hub is down."""
+        body = HeartbeatRequest(status=status, run_id=run_id).model_dump_json().encode()
+        self.request("POST", f"{API}/nodes/heartbeat", body, retry=False)
 
     def energy(self, report: EnergyReport) -> None:
         self.post_json(f"{API}/nodes/energy", report)
