@@ -1,6 +1,7 @@
-"""Three hub replica processes on one PostgreSQL and one blob folder, three nodes given all three
-URLs; replicas are SIGKILLed (by pid) and restarted while the run trains. Nothing acknowledged
-is lost, no round waits for its deadline, and the ledger stays one verifiable chain."""
+"""Three hub replica processes on one PostgreSQL and one S3-compatible object store (moto's
+server), three nodes given all three URLs and downloading through presigned URLs; replicas are
+SIGKILLed (by pid) and restarted while the run trains. Nothing acknowledged is lost, no round
+waits for its deadline, and the ledger stays one verifiable chain."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from gridswarm.hub import models as m
 from gridswarm.hub.server import SQLITE_REPLICAS, make_engine
 from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient
+from gridswarm.s3blobs import S3BlobStore
 from gridswarm.swarm import free_port, wait_healthy
 from tests.conftest import tiny_run, wait_for
 
@@ -45,9 +48,13 @@ def acknowledged(log_text: str, run_id: str) -> list[int]:
     return [int(r) for r in re.findall(pattern, log_text)]
 
 
-def test_replicas_survive_sigkill_and_lose_nothing_acknowledged(pg_database, make_swarm):
+def test_replicas_survive_sigkill_and_lose_nothing_acknowledged(
+    pg_database, s3_server, make_swarm
+):
     # pg_database first: its database is dropped only after the swarm's processes stopped
     swarm = make_swarm(db_url=pg_database, liveness_s=8.0)
+    swarm.blobs = f"s3://gridswarm-replicas/{uuid.uuid4().hex[:8]}"
+    S3BlobStore.from_url(swarm.blobs).ensure_bucket()
     ports = [free_port() for _ in range(3)]
     urls = [swarm.start_replica(port) for port in ports]
     hub_list = ",".join(urls)
@@ -111,6 +118,13 @@ def test_replicas_survive_sigkill_and_lose_nothing_acknowledged(pg_database, mak
     # no round waited for its deadline because a replica died: all closed with every answer in
     assert [r.close_reason for r in closed] == ["all-in"] * ROUNDS
     assert all(r.closed_at - r.opened_at < DEADLINE_S / 2 for r in closed)
+    # the nodes downloaded from the object store: no replica served a model byte itself
+    served = [
+        httpx.get(f"{url}/healthz", timeout=10).json()["blobs"]["served_bytes"]
+        for url in urls
+        if answers(url)
+    ]
+    assert served and all(b == 0 for b in served), served
 
 
 def children(pid: int) -> set[int]:
