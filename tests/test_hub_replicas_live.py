@@ -23,10 +23,11 @@ from sqlalchemy.orm import Session
 from gridswarm.hub import models as m
 from gridswarm.hub.server import SQLITE_REPLICAS, make_engine
 from gridswarm.identity import Identity
-from gridswarm.node.client import HubClient
+from gridswarm.node.client import HubClient, tls_verify
 from gridswarm.s3blobs import S3BlobStore
 from gridswarm.swarm import free_port, wait_healthy
 from tests.conftest import tiny_run, wait_for
+from tests.test_tls import make_ca, make_server_cert
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 ROUNDS = 24
@@ -48,9 +49,7 @@ def acknowledged(log_text: str, run_id: str) -> list[int]:
     return [int(r) for r in re.findall(pattern, log_text)]
 
 
-def test_replicas_survive_sigkill_and_lose_nothing_acknowledged(
-    pg_database, s3_server, make_swarm
-):
+def test_replicas_survive_sigkill_and_lose_nothing_acknowledged(pg_database, s3_server, make_swarm):
     # pg_database first: its database is dropped only after the swarm's processes stopped
     swarm = make_swarm(db_url=pg_database, liveness_s=8.0)
     swarm.blobs = f"s3://gridswarm-replicas/{uuid.uuid4().hex[:8]}"
@@ -133,11 +132,17 @@ def children(pid: int) -> set[int]:
     return {int(p) for p in text.split()}
 
 
-def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tmp_path):
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "tls"])
+def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tmp_path, tls):
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "gridswarm.cli", "hub", "--blobs", str(tmp_path / "blobs")]
+    ca = None
+    if tls:  # every worker serves the same certificate on the shared socket
+        ca, ca_key, ca_cert = make_ca(tmp_path, "test-ca")
+        cert, key = make_server_cert(tmp_path, ca_key, ca_cert)
+        args += ["--tls-cert", str(cert), "--tls-key", str(key)]
     refused = subprocess.run(
         [*args, "--db", f"sqlite:///{tmp_path}/hub.db", "--workers", "2"],
         capture_output=True,
@@ -157,9 +162,9 @@ def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tm
             env=env,
         )
     try:
-        wait_healthy(url, hub, timeout_s=90)
+        wait_healthy(url, hub, timeout_s=90, verify=tls_verify(ca) if tls else True)
         workers = wait_for(lambda: len(children(hub.pid)) == 2 and children(hub.pid), 60, "2")
-        sponsor = HubClient(url, Identity.generate(), retry_for_s=30)
+        sponsor = HubClient(url, Identity.generate(), retry_for_s=30, ca=ca)
         run_id = sponsor.create_run(tiny_run()).run_id
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
@@ -171,6 +176,9 @@ def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tm
         assert len(replaced & workers) == 1
         for _ in range(6):  # whichever worker answers, it knows the run
             assert sponsor.run_status(run_id)["status"] == "active"
+        verify = tls_verify(ca) if tls else True
+        for _ in range(8):  # fresh connections: the kernel hands them to either worker
+            assert httpx.get(f"{url}/v1/runs/{run_id}", verify=verify, timeout=30).is_success
         hub.send_signal(signal.SIGTERM)
         assert hub.wait(timeout=30) == 0
     finally:
