@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from gridswarm.ledger.log import LedgerEntryRow
 from gridswarm.protocol import RegisterRequest
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.workload import Workload
-from tests.conftest import tiny_run
+from tests.conftest import tiny_run, wait_for
 from tests.harness import train_and_pack
 
 pytestmark = pytest.mark.postgres
@@ -120,3 +121,18 @@ def test_one_replica_holds_the_ticker_lease_and_another_takes_it_over(replicas):
     hubs[0].lease.release()  # as when its process dies: the connection and the lock go
     assert hubs[1].lease.held()
     assert not hubs[0].lease.held()
+
+
+def test_a_hung_lease_holder_loses_the_lease(replicas):
+    """A holder that stops ticking (stopped, stuck) but whose process and connection live: once
+    its lease connection has been silent for `stale_after_s`, another replica ends its session
+    and takes the lease; the hung one finds out when it wakes."""
+    hung, other = replicas(2)
+    assert hung.lease.held() and not other.lease.held()
+    other.lease.stale_after_s = 0.5
+    assert not other.lease.held()  # silent for less than that: left alone
+    time.sleep(0.8)  # `hung` does not tick: its lease connection says nothing
+    took = wait_for(lambda: other.lease.held(), 30, "the lease to move")
+    assert took and other.lease.terms == 1
+    assert not hung.lease.held()  # its session was ended: no lease, and it does not take it back
+    assert hung.lease.conn is None

@@ -9,8 +9,11 @@ the watch that wakes long-polls for changes other replicas made.
 - `TickerLease`: only the replica holding a PostgreSQL session advisory lock runs the ticker's
   round work (screening, closing: the expensive part must not be done twice). The lock lives on
   one connection; when that process dies, PostgreSQL drops the connection and the lock, and the
-  next replica to ask takes it over. Correctness never depends on it: a close still runs under
-  the run's row lock and publishes only if the round is still the one it computed.
+  next replica to ask takes it over. A holder that hangs without dying (stopped, stuck) keeps
+  its connection: when its lease connection has been silent for `stale_after_s`, the next
+  replica to ask ends that database session (`pg_terminate_backend`), which frees the lock.
+  Correctness never depends on the lease: a close still runs under the run's row lock and
+  publishes only if the round is still the one it computed.
 - `RoundWatch`: a long-poll sleeps on an in-process event; a close, replan or freed place made
   by another replica is seen here (a small signature per active run, read every tick) and wakes
   this replica's waiters.
@@ -34,6 +37,17 @@ log = logging.getLogger("gridswarm.hub")
 
 TICKER_LOCK_KEY = 0x67726964_7469636B & 0x7FFFFFFFFFFFFFFF  # "gridtick": the ticker lease
 MIGRATION_LOCK_KEY = 0x67726964_6D696772  # "gridmigr": replicas starting at once migrate in turn
+# a lease holder pings its lease connection every tick (0.25 s); one silent this long is hung. Long
+# enough for the longest tick (a close's replay audits); taking over too early only means the
+# round work is done twice for a while, never wrongly
+TICKER_STALE_S = 120.0
+# the session holding the ticker lease and how long its connection has been silent, in seconds
+_LEASE_HOLDER = text(
+    "SELECT l.pid, EXTRACT(EPOCH FROM clock_timestamp() - a.state_change) "
+    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.classid = :hi AND l.objid = :lo"
+)
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -70,8 +84,9 @@ class TickerLease:
     connection. `held()` is asked every tick: it checks the connection still lives (a lost
     connection has lost the lock) and tries to take the lease when it is free."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, stale_after_s: float = TICKER_STALE_S) -> None:
         self.engine = engine
+        self.stale_after_s = stale_after_s
         self.single = is_sqlite(engine)
         self.conn: Connection | None = None
         self.terms = 0  # how many times this process took the lease (caches reload on a new one)
@@ -92,11 +107,30 @@ class TickerLease:
                 log.info("this hub replica runs the round ticker")
                 return True
             conn.rollback()
+            self._end_hung_holder(conn)
             conn.close()
             return False
         except SQLAlchemyError:
             self.release()
             return False
+
+    def _end_hung_holder(self, conn: Connection) -> None:
+        """End the lease holder's database session if its lease connection has been silent for
+        `stale_after_s` (the process hangs but lives): its lock goes with it, and a replica takes
+        the lease at a later tick. The hung process finds its connection gone when it wakes."""
+        key = {"hi": TICKER_LOCK_KEY >> 32, "lo": TICKER_LOCK_KEY & 0xFFFFFFFF}
+        holder = conn.execute(_LEASE_HOLDER, key).first()
+        conn.rollback()
+        if holder is None or holder[1] is None or float(holder[1]) < self.stale_after_s:
+            return
+        log.warning(
+            "the ticker lease holder (database session %d) has been silent for %.0f s: ending "
+            "its session so that another replica takes the lease",
+            holder[0],
+            float(holder[1]),
+        )
+        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": holder[0]})
+        conn.commit()
 
     def release(self) -> None:
         """Give the lease up (closing the connection releases the lock)."""
