@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import httpx
 import pytest
 
+from gridswarm.blobcache import KEEP_RECENT_S, CachedS3Store
 from gridswarm.blobs import BlobError, open_blob_store, sha256_hex
 from gridswarm.s3blobs import S3BlobStore, parse_s3_url
 
@@ -69,3 +73,22 @@ def test_bad_urls_and_digests_are_refused():
     assert parse_s3_url("s3://b/x/y/") == ("b", "x/y")
     with pytest.raises(BlobError):
         S3BlobStore("b", client=object())._key("../../etc/passwd")
+
+
+def test_the_hubs_blob_cache_drops_least_recently_used_files_first(store, tmp_path):
+    blob_bytes = 4096
+    cached = CachedS3Store(store, tmp_path / "cache", max_bytes=int(2.5 * blob_bytes))
+    digests = [store.put(bytes([i]) * blob_bytes) for i in range(4)]
+    long_ago = time.time() - 10 * KEEP_RECENT_S
+    paths = [cached.path(d) for d in digests[:3]]  # over the bound, but all just used: kept
+    assert all(cached.cache.has(d) for d in digests[:3])
+    for age, path in enumerate(paths):  # as if fetched long ago, the first least recently
+        os.utime(path, (long_ago + age, long_ago + age))
+    cached.path(digests[1])  # used again now: kept
+    cached.path(digests[3])  # a fourth fetch prunes down to the bound
+    kept = [cached.cache.has(d) for d in digests]
+    assert kept == [False, True, False, True]
+    assert cached.get(digests[0]) == bytes([0]) * blob_bytes  # S3 still has it
+    assert cached.path(digests[0]).read_bytes() == bytes([0]) * blob_bytes  # fetched again
+    with pytest.raises(ValueError, match="positive"):
+        CachedS3Store(store, tmp_path / "c2", max_bytes=0)

@@ -210,6 +210,15 @@ def hub(
             "versions, deltas and dataset shards (--no-presign: the hub serves them itself)"
         ),
     ] = True,
+    blob_cache_gib: Annotated[
+        float,
+        typer.Option(
+            min=0.01,
+            max=1 << 20,
+            help="with --blobs s3://…: the most the hub's local cache of dataset shards "
+            "(in --home) may hold, in GiB; least recently used blobs go first",
+        ),
+    ] = 20.0,
     workers: Annotated[
         int,
         typer.Option(
@@ -283,6 +292,7 @@ def hub(
         requests_per_s=requests_per_s,
         request_burst=4 * requests_per_s,
         presign_downloads=presign,
+        blob_cache_bytes=int(blob_cache_gib * (1 << 30)),
         registration=RegistrationPolicy(
             invites=invited,
             per_network_per_hour=register_per_net_hour,

@@ -92,7 +92,8 @@ def build_service(
     if str(blobs).startswith("s3://"):
         from gridswarm.blobcache import CachedS3Store  # boto3 only when asked for
 
-        store = CachedS3Store(store, Path(home) / "blob-cache")  # home: checked by hub_key_path
+        cache_bytes = (settings or HubSettings()).blob_cache_bytes
+        store = CachedS3Store(store, Path(home) / "blob-cache", cache_bytes)  # home: checked
     service = HubService(engine, store, settings, clock, identity=identity)
     service.trust.ensure_genesis()
     return service

@@ -173,6 +173,9 @@ class HubSettings:
     # (`--no-presign`: it serves them itself, through its local cache)
     presign_downloads: bool = True
     presign_expiry_s: int = PRESIGN_EXPIRY_S
+    # an S3 hub's local cache of blobs it reads as files (dataset shards), least recently used
+    # first out above this (blobcache.CachedS3Store)
+    blob_cache_bytes: int = 20 << 30
     # who may register node identities (hub/registration.py): invites, or bounds on new ones
     registration: RegistrationPolicy = field(default_factory=RegistrationPolicy)
 
