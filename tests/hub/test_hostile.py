@@ -5,7 +5,9 @@ with a fake clock and real signatures."""
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -263,6 +265,37 @@ def test_failed_commit_leaves_no_blob_and_the_assignment_open(hub, monkeypatch):
     assert hub.blob_bytes() > blob_bytes
 
 
+def test_uploads_are_checked_side_by_side_outside_the_lock(hub, monkeypatch):
+    """Decoding and checking an upload (the costly part) holds no lock: two uploads' checks
+    meet at a barrier, which under a lock they never could (it would break after 30 s)."""
+    uploads = []
+    for _ in range(2):  # two runs: the hub's lock is one for all of them
+        node, run_id, a = assigned(hub)
+        uploads.append((run_id, node.node_id, contribution(a, hub.numel(run_id), TOKENS_PER_STEP)))
+    barrier, seen = threading.Barrier(2, timeout=30), threading.local()
+    check = hub.service._check_payload
+
+    def meeting(cfg, tensors, numel):
+        if not getattr(seen, "met", False):  # the first check of each upload, not the recheck
+            seen.met = True
+            barrier.wait()
+        check(cfg, tensors, numel)
+
+    monkeypatch.setattr(hub.service, "_check_payload", meeting)
+    with ThreadPoolExecutor(2) as pool:
+        acks = list(pool.map(lambda u: hub.service.submit(*u), uploads))
+    assert all(ack.accepted for ack in acks)
+
+
+def test_a_retried_upload_keeps_the_stored_blob(hub):
+    node, run_id, a = assigned(hub)
+    body = contribution(a, hub.numel(run_id), TOKENS_PER_STEP)
+    ack = hub.service.submit(run_id, node.node_id, body)
+    r = hub.post(node, f"{API}/runs/{run_id}/contributions", body)  # the ack was lost: again
+    refused(r, 409, Refusal.DUPLICATE)
+    assert hub.service.blobs.get(ack.contribution_id) == body  # the refusal removed nothing
+
+
 def test_false_claim_has_a_typed_reason_and_goes_on_the_ledger(hub):
     node, run_id, a = assigned(hub)
     body = contribution(a, hub.numel(run_id), TOKENS_PER_STEP, tokens=7)
@@ -291,7 +324,10 @@ def test_one_bad_run_never_stops_the_others(hub):
     hub.service.tick()
     assert hub.run_row(good).version == 1
     late = contribution(in_bad, hub.numel(good), TOKENS_PER_STEP)
-    refused(hub.post(node, f"{API}/runs/{bad}/contributions", late), 409, Refusal.STALE)
+    blob_bytes = hub.blob_bytes()
+    r = hub.post(node, f"{API}/runs/{bad}/contributions", late)
+    refused(r, 409, Refusal.UNREADABLE_SETTINGS)
+    assert hub.blob_bytes() == blob_bytes
     r = hub.post(node, f"{API}/runs/{bad}/assignment", params={"wait_s": 0})
     assert r.json()["status"] == "wait" and "stalled" in r.json()["reason"]
     status = hub.get(f"{API}/runs/{bad}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -29,7 +30,7 @@ from gridswarm.blobs import (
     PresigningStore,
     RangeError,
     byte_range,
-    provisional,
+    sha256_hex,
 )
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
@@ -100,6 +101,7 @@ from gridswarm.train.memory import OverBudget, check_memory
 from gridswarm.train.outer import outer_update
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
+from gridswarm.trust.claims import is_zero_update, update_sha256
 
 MAX_SKEW_S = 120.0
 LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this often (clock s)
@@ -325,6 +327,8 @@ class HubService:
         self.settings = settings or HubSettings()
         self.clock = clock
         self.lock = threading.RLock()
+        # uploads decoded and checked at once, outside the lock (each holds a decoded update)
+        self._checking = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
         self.nonces = NonceBook(self.sessions, self.settings.max_skew_s)
         # caches that keep request handling independent of the swarm's size (rebuilt on restart)
         self._achieved: dict[tuple[str, str], float | None] = {}  # (run, node) -> tokens/s
@@ -1158,7 +1162,12 @@ class HubService:
     # ---------------------------------------------------------------- contributions
 
     def submit(self, run_id: str, node_id: str, body: bytes) -> ContributionAck:
-        """Validate and durably store a contribution; acknowledged only once committed."""
+        """Validate and durably store a contribution; acknowledged only once committed.
+
+        The costly part runs before the lock, so uploads are checked side by side: decoding and
+        the finite check, the update's digest, and the fsynced blob write. Under the lock only
+        the decisions and the rows remain. A refused or failed upload removes its blob again,
+        unless a contribution row names it (an identical retry that was stored)."""
         try:
             tensors, raw_meta = unpack(body)
             meta = ContributionMeta.model_validate(raw_meta)
@@ -1169,33 +1178,73 @@ class HubService:
                 422, f"malformed contribution metadata: {describe_errors(exc.errors())}"
             ) from exc
         carbon = self._carbon(run_id, node_id, meta)
+        with self._checking:  # at most a few decoded updates in memory at once
+            with self.sessions() as s:  # a run's settings and size never change: no lock
+                run = self._run(s, run_id)
+                cfg, numel = run.settings(), run.numel
+            if meta.codec == cfg.comm.codec:  # else acceptance refuses it, with its reason
+                self._check_payload(cfg, tensors, numel)
+            update_digest, zero = update_sha256(tensors), is_zero_update(tensors)
+            digest = sha256_hex(body)
+            stored_before = self.blobs.has(digest)
+            self.blobs.put(body)  # fsynced before any row names it
+        try:
+            return self._store_contribution(
+                run_id, node_id, meta, tensors, body, digest, (update_digest, zero), carbon
+            )
+        except BaseException:
+            if not stored_before:
+                self._drop_unless_named(run_id, digest)
+            raise
+
+    def _store_contribution(
+        self,
+        run_id: str,
+        node_id: str,
+        meta: ContributionMeta,
+        tensors: dict[str, torch.Tensor],
+        body: bytes,
+        digest: str,
+        update: tuple[str, bool],
+        carbon: dict,
+    ) -> ContributionAck:
+        """Under the lock: the acceptance decisions, then the contribution's rows."""
         with self.lock, self.sessions() as s:
             run, assignment = self._own_assignment(s, run_id, node_id, meta.assignment_id)
             # the checks every upload passes, SecAgg ones too (hub/acceptance.py, on the ledger)
             node = s.get(m.Node, node_id)
             cfg = self.trust.accept_upload(s, run, node, assignment, meta)
-            self._check_payload(cfg, tensors, run.numel)
+            self._check_payload(cfg, tensors, run.numel)  # decoded already unless codecs differ
             # the node's signed claim over the update, no replayed update (hub/trust.py)
             screened = self.trust.screen_submission(
-                s, run, cfg, node, assignment, meta.model_dump(), tensors
+                s, run, cfg, node, assignment, meta.model_dump(), *update
             )
-            # every check passed: the blob, then the rows; a failed commit removes the blob again
-            with provisional(self.blobs, body) as digest:
-                s.add(
-                    m.Contribution.accepted(
-                        digest, assignment, meta.model_dump(), len(body), self.clock(), **carbon
-                    )
+            if not self.blobs.has(digest):  # a failed identical upload removed it meanwhile
+                self.blobs.put(body)
+            s.add(
+                m.Contribution.accepted(
+                    digest, assignment, meta.model_dump(), len(body), self.clock(), **carbon
                 )
-                assignment.status = AssignmentStatus.SUBMITTED
-                try:
-                    self.trust.record_submission(s, digest, screened)  # the claim, on the ledger
-                    s.commit()
-                except IntegrityError as exc:
-                    s.rollback()
-                    raise HubError(409, "duplicate contribution", Refusal.DUPLICATE) from exc
-                self._achieved.pop((run_id, node_id), None)
-                self._raise_fastest(run_id, self._achieved_speed(s, run_id, node_id), 0.0)
+            )
+            assignment.status = AssignmentStatus.SUBMITTED
+            try:
+                self.trust.record_submission(s, digest, screened)  # the claim, on the ledger
+                s.commit()
+            except IntegrityError as exc:
+                s.rollback()
+                raise HubError(409, "duplicate contribution", Refusal.DUPLICATE) from exc
+            self._achieved.pop((run_id, node_id), None)
+            self._raise_fastest(run_id, self._achieved_speed(s, run_id, node_id), 0.0)
         return ContributionAck(contribution_id=digest, accepted=True, bytes_up=len(body))
+
+    def _drop_unless_named(self, run_id: str, digest: str) -> None:
+        """Remove the blob of a refused or failed upload unless a contribution row names it;
+        under the run's lock, so an identical upload's commit (which puts the blob back if it
+        is missing) and this removal never interleave."""
+        with self.lock, self.sessions() as s:
+            lock_run(s, run_id)
+            if s.get(m.Contribution, digest) is None:
+                self.blobs.delete(digest)
 
     @staticmethod
     def _check_payload(cfg: RunConfig, tensors: dict[str, torch.Tensor], numel: int) -> None:

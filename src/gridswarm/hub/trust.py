@@ -91,8 +91,6 @@ from gridswarm.trust.claims import (
     ClaimError,
     check_claim,
     claim_payload,
-    is_zero_update,
-    update_sha256,
 )
 from gridswarm.trust.policy import (
     EXCLUDED,
@@ -412,11 +410,13 @@ class HubTrust:
         node: m.Node,
         assignment: m.Assignment,
         meta: dict[str, Any],
-        tensors: dict[str, torch.Tensor],
+        digest: str,
+        zero: bool,
     ) -> Screened:
         """After `accept_upload`, what only a plain upload can show: the node's signed claim
-        over the update's digest, and no replayed update; refuse (on the ledger) or pass."""
-        digest = update_sha256(tensors)
+        over the update's digest (`claims.update_sha256`, computed by the caller outside any
+        lock), and no replayed update (an all-zero update, `zero`, may repeat); refuse (on the
+        ledger) or pass."""
         claim = None
         if meta.get("claim") is not None:
             expected = claim_payload(run.id, assignment.round, assignment.id, digest, meta)
@@ -425,7 +425,7 @@ class HubTrust:
             except ClaimError as exc:
                 status = 403 if exc.forged else 400
                 self.refuse(s, run, cfg, node.id, assignment, status, str(exc), Refusal.BAD_CLAIM)
-        if not is_zero_update(tensors):
+        if not zero:
             prior = s.scalars(
                 select(m.Contribution)
                 .where(m.Contribution.run_id == run.id, m.Contribution.update_sha256 == digest)
