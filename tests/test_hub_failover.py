@@ -137,6 +137,7 @@ def test_a_good_hub_list_is_normalized():
     assert check_hub_urls(" http://a:1/ , https://b ") == "http://a:1,https://b"
 
 
+@pytest.mark.slow  # a subprocess importing the whole CLI
 def test_the_node_command_names_the_bad_url_in_one_line(tmp_path):
     proc = subprocess.run(
         [

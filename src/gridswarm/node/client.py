@@ -217,9 +217,8 @@ class HubClient:
         spread = int.from_bytes(identity.public_key[:4], "big") if identity is not None else 0
         self.current = spread % len(self.clients)
         self.http = self.clients[self.current]
-        # presigned object-store downloads: another host, so its own client (system CAs), which
-        # sends only what `_object_get` gives it and follows no redirects of its own
-        self.object_http = httpx.Client(timeout=timeout_s)
+        self.timeout_s = timeout_s
+        self._object_http: httpx.Client | None = None
 
     @property
     def base_url(self) -> str:
@@ -235,8 +234,19 @@ class HubClient:
         return True
 
     def close(self) -> None:
-        for client in {id(c): c for c in [*self.clients, self.http, self.object_http]}.values():
+        for client in {id(c): c for c in [*self.clients, self.http]}.values():
             client.close()
+        if self._object_http is not None:
+            self._object_http.close()
+
+    @property
+    def object_http(self) -> httpx.Client:
+        """For presigned object-store downloads: another host, so its own client (system CAs)
+        that sends only what `_object_get` gives it and follows no redirects of its own; made
+        on first use (most clients never download from a store)."""
+        if self._object_http is None:
+            self._object_http = httpx.Client(timeout=self.timeout_s)
+        return self._object_http
 
     def request(
         self,
