@@ -136,6 +136,19 @@ class CommConfig(_Strict):
     codec_down: CodecName = "int8"
     error_feedback: bool = False
     block_size: Annotated[int, Field(gt=0, le=1 << 24)] = 256
+    # Streaming DiLoCo (train/fragments.py, train/streaming.py): round r syncs only fragment
+    # r % fragments of the parameters; nodes keep their local weights and inner AdamW across
+    # rounds. 1 = classic DiLoCo (every round syncs everything, nodes start fresh).
+    fragments: Annotated[int, Field(ge=1, le=64)] = 1
+    # upload and fetch the next version in the background while training ahead on the next
+    # round's data; on merge local <- overlap_mix * local + (1 - overlap_mix) * global
+    overlap: bool = False
+    overlap_mix: Annotated[float, Field(ge=0, lt=1)] = 0.5
+
+    @property
+    def streaming(self) -> bool:
+        """True when nodes keep state across rounds (fragments > 1 or overlap)."""
+        return self.fragments > 1 or self.overlap
 
 
 class RoundConfig(_Strict):
@@ -225,6 +238,25 @@ class PrivacyConfig(_Strict):
         if value is False:
             return None
         return value
+
+
+def check_streaming(cfg: RunConfig) -> None:
+    """Refuse combinations Streaming DiLoCo (comm.fragments > 1 or comm.overlap) cannot honour."""
+    if not cfg.comm.streaming:
+        return
+    what = f"comm.fragments = {cfg.comm.fragments}" if cfg.comm.fragments > 1 else "comm.overlap"
+    if cfg.privacy.secagg or cfg.privacy.dp:
+        raise ValueError(
+            f"{what} cannot run with privacy.secagg or privacy.dp: their sums, clipping and "
+            f"accounting are over whole-model updates; use fragments = 1 and overlap = false"
+        )
+    if cfg.data.data == "local":
+        raise ValueError(f"{what} is not supported with data = 'local' (federated runs)")
+    if cfg.comm.error_feedback:
+        raise ValueError(
+            f"{what} cannot run with comm.error_feedback: the residual is per whole-model "
+            f"upload, a fragment upload would mix fragments; set it to false"
+        )
 
 
 def check_privacy(cfg: RunConfig) -> None:
@@ -341,6 +373,7 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _check_privacy(self) -> RunConfig:
         check_privacy(self)
+        check_streaming(self)
         return self
 
     @property

@@ -1163,7 +1163,9 @@ class HubService:
             # the checks every upload passes, SecAgg ones too (hub/acceptance.py, on the ledger)
             node = s.get(m.Node, node_id)
             cfg = self.trust.accept_upload(s, run, node, assignment, meta)
-            self._check_payload(cfg, tensors, run.numel)
+            fragment = self.fragment(run, assignment.round)
+            numel = run.numel if fragment is None else fragment[1] - fragment[0]
+            self._check_payload(cfg, tensors, numel)
             # the node's signed claim over the update, no replayed update (hub/trust.py)
             screened = self.trust.screen_submission(
                 s, run, cfg, node, assignment, meta.model_dump(), tensors
@@ -1185,6 +1187,14 @@ class HubService:
                 self._achieved.pop((run_id, node_id), None)
                 self._raise_fastest(run_id, self._achieved_speed(s, run_id, node_id), 0.0)
         return ContributionAck(contribution_id=digest, accepted=True, bytes_up=len(body))
+
+    def fragment(self, run: m.Run, round_number: int) -> tuple[int, int] | None:
+        """The [start, end) of the flat weights round `round_number` of `run` syncs (Streaming
+        DiLoCo, train/fragments.py), or None when every round syncs the whole vector."""
+        cfg = RunConfig.model_validate_json(run.config_json)
+        if cfg.comm.fragments == 1:
+            return None
+        return self.workload(run.id, run.config_json).fragment(round_number)
 
     @staticmethod
     def _check_payload(cfg: RunConfig, tensors: dict[str, torch.Tensor], numel: int) -> None:
@@ -1411,10 +1421,12 @@ class HubService:
             self._prepared[run.id] = prepared  # kept until the close commits (or is redone)
             return prepared
         updates = weights = None  # under SecAgg only the recovered sum exists
+        fragment = self.fragment(run, rnd.number)  # Streaming DiLoCo: this round's slice only
+        numel = run.numel if fragment is None else fragment[1] - fragment[0]
         if not cfg.privacy.secagg:
             codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
             updates = torch.stack(
-                [codec.decode(unpack(self.blobs.get(c.id))[0], run.numel) for c in contributions]
+                [codec.decode(unpack(self.blobs.get(c.id))[0], numel) for c in contributions]
             )
             weights = torch.tensor([float(c.tokens) for c in contributions])
         # plain aggregator, DP-FedAvg (clip + noise + accounting) or the SecAgg sum: hub/privacy.py
@@ -1437,18 +1449,24 @@ class HubService:
             mu=cfg.train.outer_momentum,
             codec_down=cfg.comm.codec_down,
             block_size=cfg.comm.block_size,
+            fragment=fragment,
         )
         theta_new, encoded = out.theta, out.delta
         number = rnd.base_version + 1
+        delta_meta: dict[str, object] = {
+            "codec": cfg.comm.codec_down,
+            "numel": run.numel,
+            "to": number,
+        }
+        if fragment is not None:
+            delta_meta["fragment"] = list(fragment)  # the delta holds this slice only
         new = NewVersion(
             key=key,
             number=number,
             weights_blob=self.blobs.put(
                 pack_vector(theta_new, {"run_id": run.id, "version": number})
             ),
-            delta_blob=self.blobs.put(
-                pack(encoded, {"codec": cfg.comm.codec_down, "numel": run.numel, "to": number})
-            ),
+            delta_blob=self.blobs.put(pack(encoded, delta_meta)),
             momentum_blob=self.blobs.put(pack_vector(out.momentum)),
             error_feedback_blob=self.blobs.put(pack_vector(out.residual)),
             val_loss=self.workload(run.id, run.config_json).evaluate(theta_new),
