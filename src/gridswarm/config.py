@@ -241,21 +241,22 @@ class PrivacyConfig(_Strict):
 
 
 def check_streaming(cfg: RunConfig) -> None:
-    """Refuse combinations Streaming DiLoCo (comm.fragments > 1 or comm.overlap) cannot honour."""
+    """Refuse combinations Streaming DiLoCo (comm.fragments > 1 or comm.overlap) cannot honour:
+    the field that conflicts comes first in the message."""
     if not cfg.comm.streaming:
         return
     what = f"comm.fragments = {cfg.comm.fragments}" if cfg.comm.fragments > 1 else "comm.overlap"
     if cfg.privacy.secagg or cfg.privacy.dp:
         raise ValueError(
-            f"{what} cannot run with privacy.secagg or privacy.dp: their sums, clipping and "
-            f"accounting are over whole-model updates; use fragments = 1 and overlap = false"
+            f"privacy.secagg / privacy.dp cannot run with {what}: their sums, clipping and "
+            f"accounting are over whole-model updates"
         )
     if cfg.data.data == "local":
-        raise ValueError(f"{what} is not supported with data = 'local' (federated runs)")
+        raise ValueError(f"data.data = 'local' (federated) is not supported with {what}")
     if cfg.comm.error_feedback:
         raise ValueError(
-            f"{what} cannot run with comm.error_feedback: the residual is per whole-model "
-            f"upload, a fragment upload would mix fragments; set it to false"
+            f"comm.error_feedback cannot run with {what}: its residual is per whole-model "
+            f"upload, fragment uploads would mix fragments"
         )
 
 
