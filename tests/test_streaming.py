@@ -5,6 +5,7 @@ live swarm of real node processes training ahead while they upload."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from gridswarm.energy.meter import EnergyReading
 from gridswarm.hub.errors import HubError
 from gridswarm.identity import Identity
 from gridswarm.node.agent import delta_fragment
+from gridswarm.node.client import HubClient
 from gridswarm.node.energy import EnergyUse, combine_energy
 from gridswarm.protocol import ContributionMeta, RegisterRequest
 from gridswarm.train.codecs import make_codec
@@ -29,8 +31,9 @@ from gridswarm.train.streaming import LocalState, Progress
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import sign_contribution
 from gridswarm.trust.policy import audit_skip_reason
-from tests.conftest import tiny_run
+from tests.conftest import tiny_run, wait_for
 from tests.harness import FakeClock, new_service
+from tests.test_swarm import finished, start
 
 # ----------------------------------------------------------------------------- fragments
 
@@ -50,7 +53,7 @@ def test_fragments_cover_the_vector_in_order_aligned_and_non_empty(sizes, fragme
     assert len(bounds) == min(fragments, non_empty)
     assert bounds[0][0] == 0 and bounds[-1][1] == sum(sizes)
     assert all(end > start for start, end in bounds)  # none empty
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # contiguous
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))  # contiguous
     edges = {0}
     for n in sizes:
         edges.add(max(edges) + n)
@@ -246,7 +249,7 @@ def test_fragments_run_in_process_syncs_one_fragment_per_round(tmp_path: Path):
         contributions = s.query(m.Contribution).filter(m.Contribution.run_id == run_id).all()
         assert contributions and all(not c.audited for c in contributions)
     assert "streaming" in status["trust"]["audits"]  # the run's verdicts say why
-    for before, after in zip(versions, versions[1:], strict=False):
+    for before, after in itertools.pairwise(versions):
         start, end = fragments[before.number % 2]
         _, meta = unpack(service.blobs.get(after.delta_blob))
         assert meta["fragment"] == [start, end]
@@ -265,9 +268,6 @@ def _bytes_up_per_contribution(status: dict) -> float:
 
 @pytest.mark.slow
 def test_live_streaming_swarm_trains_ahead_and_uploads_half(make_swarm):
-    from tests.test_swarm import finished, start
-    from tests.conftest import wait_for
-
     base = {
         "train": {"seq_len": 32, "batch_size": 8, "inner_steps": 16, "min_inner_steps": 2},
         "round": {"deadline_s": 60, "quorum": 2, "min_nodes": 2},
@@ -299,7 +299,5 @@ def test_live_streaming_swarm_trains_ahead_and_uploads_half(make_swarm):
 
 def start_again(swarm, config: dict):
     """A second run on the swarm's running hub."""
-    from gridswarm.node.client import HubClient
-
     sponsor = HubClient(swarm.url, Identity.generate(), retry_for_s=30)
     return sponsor, sponsor.create_run(config).run_id
