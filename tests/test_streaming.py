@@ -20,7 +20,7 @@ from gridswarm.hub.errors import HubError
 from gridswarm.identity import Identity
 from gridswarm.node.agent import delta_fragment
 from gridswarm.node.client import HubClient
-from gridswarm.node.energy import EnergyUse, combine_energy
+from gridswarm.node.energy import EnergyUse, combine_energy, scale_energy
 from gridswarm.protocol import ContributionMeta, RegisterRequest
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.data import slice_seed
@@ -153,6 +153,11 @@ def test_energy_of_two_parts_adds_up():
     assert both.reading.power_w == pytest.approx(360.0)
     assert both.intensity_g_per_kwh == pytest.approx(175.0)
     assert both.reading.parts_wh == {"model": 4.0}
+    half = scale_energy(both, 0.5)
+    assert half.reading.energy_wh == 2.0 and half.reading.duration_s == 20.0
+    assert half.reading.power_w == both.reading.power_w
+    with pytest.raises(ValueError):
+        scale_energy(both, 0.0)
 
 
 # ----------------------------------------------------------------------------- in process

@@ -32,7 +32,13 @@ from gridswarm.home import lock_home
 from gridswarm.hub.lifecycle import RunState
 from gridswarm.identity import Identity
 from gridswarm.node.client import ClientStopped, HubClient, HubRequestError
-from gridswarm.node.energy import EnergyUse, NodeEnergy, combine_energy, load_node_energy
+from gridswarm.node.energy import (
+    EnergyUse,
+    NodeEnergy,
+    combine_energy,
+    load_node_energy,
+    scale_energy,
+)
 from gridswarm.node.probe import hardware, probe_speed
 from gridswarm.node.secagg import SecAggContributor, secagg_timeout_s
 from gridswarm.protocol import (
@@ -94,6 +100,7 @@ class NodeStats:
     compute_s: float = 0.0
     wall_s: float = 0.0
     ahead_steps: int = 0  # inner steps trained while uploading / waiting (comm.overlap)
+    unclaimed_steps: int = 0  # trained ahead beyond the H the hub then planned (not claimed)
 
 
 class NodeAgent:
@@ -524,7 +531,7 @@ class NodeAgent:
         cfg = workload.cfg
         theta = self.fetch_version(a, workload.numel)
         ahead = self._ahead.pop(a.run_id, None)
-        if ahead is not None and (ahead.round != a.round or ahead.progress.steps > a.inner_steps):
+        if ahead is not None and ahead.round != a.round:
             log.info(
                 "run %s round %s: dropping %d steps trained ahead for round %s",
                 a.run_id,
@@ -554,6 +561,16 @@ class NodeAgent:
             raise
         self._interval_compute_s += progress.compute_s - compute_before
         use = metered.use if use_ahead is None else combine_energy(use_ahead, metered.use)
+        # the hub planned fewer steps than were trained ahead (its speed estimate moved): the
+        # claim covers the H planned steps (time and energy pro rata), the surplus is unpaid
+        # local progress rather than a reason to throw the local state away
+        claimed = a.inner_steps
+        surplus = progress.steps - claimed
+        share = claimed / progress.steps
+        train_time_s = progress.compute_s * share
+        if surplus > 0:
+            use = scale_energy(use, share)
+            self.stats.unclaimed_steps += surplus
         fragment = workload.fragment(a.round)
         update = state.pseudo_gradient(theta, fragment)
         codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
@@ -561,18 +578,20 @@ class NodeAgent:
         meta = ContributionMeta(
             assignment_id=a.id,
             codec=codec.name,
-            steps=progress.steps,
-            tokens=progress.tokens,
+            steps=claimed,
+            tokens=claimed * cfg.tokens_per_step,
             loss_first=progress.losses[0],
             loss_last=progress.losses[-1],
             loss_mean=sum(progress.losses) / len(progress.losses),
-            train_time_s=progress.compute_s,
+            train_time_s=train_time_s,
             threads=torch.get_num_threads(),
             device=device_class(self.device),
             micro_batch_size=state.micro_batch_size,
             **use.meta(),
         )
         extra = f" fragment={fragment_label(fragment)} ahead={trained_ahead}"
+        if surplus > 0:
+            extra += f" unclaimed={surplus}"
         self.stats.ahead_steps += trained_ahead
         if not cfg.comm.overlap:
             ack = self._upload(a, tensors, meta)

@@ -455,6 +455,23 @@ def combine_energy(first: EnergyUse, second: EnergyUse) -> EnergyUse:
     )
 
 
+def scale_energy(use: EnergyUse, fraction: float) -> EnergyUse:
+    """The share `fraction` (0..1] of measured work: energy and duration scale, power does not
+    (a claim covering only part of the steps measured)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    r = use.reading
+    reading = EnergyReading(
+        energy_wh=r.energy_wh * fraction,
+        power_w=r.power_w,
+        duration_s=r.duration_s * fraction,
+        method=r.method,
+        assumptions=r.assumptions,
+        parts_wh={k: v * fraction for k, v in r.parts_wh.items()},
+    )
+    return EnergyUse(reading, use.region, use.intensity_g_per_kwh, use.local_surplus_share)
+
+
 class MeasureBox:
     """Filled with the EnergyUse when a `measure()` block ends."""
 
