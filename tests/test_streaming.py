@@ -160,6 +160,34 @@ def test_energy_of_two_parts_adds_up():
         scale_energy(both, 0.0)
 
 
+def test_local_state_merges_only_the_synced_fragment():
+    torch.set_num_threads(1)
+    cfg = parse_run_config(tiny_run(comm={"fragments": 2}))
+    workload = Workload.from_config(cfg)
+    assert Workload.from_config(parse_run_config(tiny_run())).fragment(3) is None
+    (a0, a1), (b0, b1) = workload.fragments
+    assert workload.fragment(0) == (a0, a1) and workload.fragment(3) == (b0, b1)
+    theta = workload.initial_theta()
+    state = LocalState(workload, theta, 0)
+    progress = Progress()
+    state.train(workload.batches(1), 3, progress)
+    assert progress.steps == 3 and progress.tokens == 3 * cfg.tokens_per_step
+    assert state.steps_taken == 3
+    trained = state.theta()
+    update = state.pseudo_gradient(theta, (b0, b1))
+    assert torch.equal(update, theta[b0:b1] - trained[b0:b1])
+    published = theta + 1.0
+    state.merge(published, (a0, a1), 0.0, 1)
+    merged = state.theta()
+    assert torch.equal(merged[a0:a1], published[a0:a1])  # mix 0: the synced fragment copied
+    assert torch.equal(merged[b0:b1], trained[b0:b1])  # the rest: local progress kept
+    state.merge(published, (b0, b1), 0.5, 2)
+    assert torch.allclose(state.theta()[b0:b1], 0.5 * trained[b0:b1] + 0.5 * published[b0:b1])
+    assert state.version == 2
+    with pytest.raises(ValueError):
+        state.merge(published, None, 1.0, 3)
+
+
 # ----------------------------------------------------------------------------- in process
 
 
@@ -300,6 +328,22 @@ def test_live_streaming_swarm_trains_ahead_and_uploads_half(make_swarm):
     classic = wait_for(lambda: finished(sponsor2, classic_id), 180, "the classic run to finish")
     ratio = streaming_bytes / _bytes_up_per_contribution(classic)
     assert 0.3 < ratio < 0.7, ratio
+    classic_logs = [(swarm.workdir / f"c-{name}.log").read_text() for name in names]
+    print(  # the figures for the report (pytest -s)
+        f"\nbytes up per contribution: streaming {streaming_bytes:.0f}, classic "
+        f"{_bytes_up_per_contribution(classic):.0f} (ratio {ratio:.2f}); val loss streaming "
+        f"{status['val_loss'][0]:.3f} -> {status['val_loss'][-1]:.3f}, classic "
+        f"{classic['val_loss'][0]:.3f} -> {classic['val_loss'][-1]:.3f}; steps trained ahead "
+        f"{sum(ahead)}; compute/wall streaming {_utilisation(logs):.2f}, classic "
+        f"{_utilisation(classic_logs):.2f}"
+    )
+
+
+def _utilisation(logs: list[str]) -> float:
+    """Sum of the nodes' compute_s over the sum of their wall_s, from their round lines."""
+    compute = sum(float(x) for log in logs for x in re.findall(r"compute_s=([\d.]+)", log))
+    wall = sum(float(x) for log in logs for x in re.findall(r"wall_s=([\d.]+)", log))
+    return compute / wall
 
 
 def start_again(swarm, config: dict):
