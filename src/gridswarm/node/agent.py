@@ -342,24 +342,32 @@ class NodeAgent:
         if self.cache.has(a.weights_blob):
             return unpack_vector(self.cache.get(a.weights_blob))
         if a.delta_blob and a.previous_version_blob and self.cache.has(a.previous_version_blob):
-            tensors, meta = unpack(self.download(a.delta_blob))
-            codec = make_codec(
-                str(meta["codec"]), RunConfig.model_validate(a.config).comm.block_size
-            )
-            previous = unpack_vector(self.cache.get(a.previous_version_blob))
-            fragment = delta_fragment(meta, numel)
-            if fragment is None:
-                theta = previous - codec.decode(tensors, numel)
-            else:  # Streaming DiLoCo: the delta moves one fragment
-                start, end = fragment
-                theta = previous.clone()
-                theta[start:end] = previous[start:end] - codec.decode(tensors, end - start)
-            data = pack_vector(theta, {"run_id": a.run_id, "version": a.base_version})
-            if sha256_hex(data) == a.weights_blob:
-                self.cache.put(data)
-                return theta
+            try:
+                theta = self._apply_delta(a, numel)
+            except BlobFormatError as exc:
+                theta = None
+                log.warning("delta to version %s is malformed: %s", a.base_version, exc)
+            if theta is not None:
+                data = pack_vector(theta, {"run_id": a.run_id, "version": a.base_version})
+                if sha256_hex(data) == a.weights_blob:
+                    self.cache.put(data)
+                    return theta
             log.warning("delta did not rebuild version %s exactly; downloading it", a.base_version)
         return unpack_vector(self.download(a.weights_blob))
+
+    def _apply_delta(self, a: Assignment, numel: int) -> torch.Tensor:
+        """The assignment's version rebuilt from the cached previous one and the encoded delta
+        (Streaming DiLoCo's moves one fragment, named in its metadata)."""
+        tensors, meta = unpack(self.download(a.delta_blob))
+        codec = make_codec(str(meta["codec"]), RunConfig.model_validate(a.config).comm.block_size)
+        previous = unpack_vector(self.cache.get(a.previous_version_blob))
+        fragment = delta_fragment(meta, numel)
+        if fragment is None:
+            return previous - codec.decode(tensors, numel)
+        start, end = fragment
+        theta = previous.clone()
+        theta[start:end] = previous[start:end] - codec.decode(tensors, end - start)
+        return theta
 
     def download(self, digest: str) -> bytes:
         """A model blob, from the cache or downloaded in resumable, hash-checked chunks."""
@@ -542,6 +550,8 @@ class NodeAgent:
             self._local.pop(a.run_id, None)  # the kept weights include the dropped steps
             ahead = None
         state = self._local_state(a, workload, theta)
+        if ahead is not None and state.steps_taken == 0:
+            ahead = None  # a fresh state: the steps trained ahead went with the old one
         self.status = "training"
         if ahead is not None:
             progress, stream, use_ahead = ahead.progress, ahead.stream, ahead.energy
