@@ -281,6 +281,8 @@ def test_fragments_run_in_process_syncs_one_fragment_per_round(tmp_path: Path):
         )
         contributions = s.query(m.Contribution).filter(m.Contribution.run_id == run_id).all()
         assert contributions and all(not c.audited for c in contributions)
+        # usefulness is scored on the fragment update applied to the full weights
+        assert all(c.loss_drop is not None for c in contributions)
     assert "streaming" in status["trust"]["audits"]  # the run's verdicts say why
     for before, after in itertools.pairwise(versions):
         start, end = fragments[before.number % 2]
