@@ -136,6 +136,19 @@ class CommConfig(_Strict):
     codec_down: CodecName = "int8"
     error_feedback: bool = False
     block_size: Annotated[int, Field(gt=0, le=1 << 24)] = 256
+    # Streaming DiLoCo (train/fragments.py, train/streaming.py): round r syncs only fragment
+    # r % fragments of the parameters; nodes keep their local weights and inner AdamW across
+    # rounds. 1 = classic DiLoCo (every round syncs everything, nodes start fresh).
+    fragments: Annotated[int, Field(ge=1, le=64)] = 1
+    # upload and fetch the next version in the background while training ahead on the next
+    # round's data; on merge local <- overlap_mix * local + (1 - overlap_mix) * global
+    overlap: bool = False
+    overlap_mix: Annotated[float, Field(ge=0, lt=1)] = 0.5
+
+    @property
+    def streaming(self) -> bool:
+        """True when nodes keep state across rounds (fragments > 1 or overlap)."""
+        return self.fragments > 1 or self.overlap
 
 
 class RoundConfig(_Strict):
@@ -225,6 +238,26 @@ class PrivacyConfig(_Strict):
         if value is False:
             return None
         return value
+
+
+def check_streaming(cfg: RunConfig) -> None:
+    """Refuse combinations Streaming DiLoCo (comm.fragments > 1 or comm.overlap) cannot honour:
+    the field that conflicts comes first in the message."""
+    if not cfg.comm.streaming:
+        return
+    what = f"comm.fragments = {cfg.comm.fragments}" if cfg.comm.fragments > 1 else "comm.overlap"
+    if cfg.privacy.secagg or cfg.privacy.dp:
+        raise ValueError(
+            f"privacy.secagg / privacy.dp cannot run with {what}: their sums, clipping and "
+            f"accounting are over whole-model updates"
+        )
+    if cfg.data.data == "local":
+        raise ValueError(f"data.data = 'local' (federated) is not supported with {what}")
+    if cfg.comm.error_feedback:
+        raise ValueError(
+            f"comm.error_feedback cannot run with {what}: its residual is per whole-model "
+            f"upload, fragment uploads would mix fragments"
+        )
 
 
 def check_privacy(cfg: RunConfig) -> None:
@@ -341,6 +374,7 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _check_privacy(self) -> RunConfig:
         check_privacy(self)
+        check_streaming(self)
         return self
 
     @property

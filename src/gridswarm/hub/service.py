@@ -1179,10 +1179,11 @@ class HubService:
             ) from exc
         carbon = self._carbon(run_id, node_id, meta)
         with self._checking:  # at most a few decoded updates in memory at once
-            with self.sessions() as s:  # a run's settings and size never change: no lock
+            with self.sessions() as s:  # settings, sizes and rounds never change: no lock
                 run = self._run(s, run_id)
-                cfg, numel = run.settings(), run.numel
-            if meta.codec == cfg.comm.codec:  # else acceptance refuses it, with its reason
+                cfg, a = run.settings(), s.get(m.Assignment, meta.assignment_id)
+                numel = self._update_numel(run, a.round) if a and a.run_id == run_id else None
+            if numel is not None and meta.codec == cfg.comm.codec:  # else refused under the lock
                 self._check_payload(cfg, tensors, numel)
             update_digest, zero = update_sha256(tensors), is_zero_update(tensors)
             digest = sha256_hex(body)
@@ -1214,7 +1215,8 @@ class HubService:
             # the checks every upload passes, SecAgg ones too (hub/acceptance.py, on the ledger)
             node = s.get(m.Node, node_id)
             cfg = self.trust.accept_upload(s, run, node, assignment, meta)
-            self._check_payload(cfg, tensors, run.numel)  # decoded already unless codecs differ
+            # decoded already, unless the codecs differ (then acceptance refused it)
+            self._check_payload(cfg, tensors, self._update_numel(run, assignment.round))
             # the node's signed claim over the update, no replayed update (hub/trust.py)
             screened = self.trust.screen_submission(
                 s, run, cfg, node, assignment, meta.model_dump(), *update
@@ -1245,6 +1247,19 @@ class HubService:
             lock_run(s, run_id)
             if s.get(m.Contribution, digest) is None:
                 self.blobs.delete(digest)
+
+    def fragment(self, run: m.Run, round_number: int) -> tuple[int, int] | None:
+        """The [start, end) of the flat weights round `round_number` of `run` syncs (Streaming
+        DiLoCo, train/fragments.py), or None when every round syncs the whole vector."""
+        if run.settings().comm.fragments == 1:
+            return None
+        return self.workload(run.id, run.config_json).fragment(round_number)
+
+    def _update_numel(self, run: m.Run, round_number: int) -> int:
+        """How many values an upload for round `round_number` of `run` holds: the fragment that
+        round syncs, or the whole model."""
+        fragment = self.fragment(run, round_number)
+        return run.numel if fragment is None else fragment[1] - fragment[0]
 
     @staticmethod
     def _check_payload(cfg: RunConfig, tensors: dict[str, torch.Tensor], numel: int) -> None:
@@ -1471,10 +1486,12 @@ class HubService:
             self._prepared[run.id] = prepared  # kept until the close commits (or is redone)
             return prepared
         updates = weights = None  # under SecAgg only the recovered sum exists
+        fragment = self.fragment(run, rnd.number)  # Streaming DiLoCo: this round's slice only
+        numel = run.numel if fragment is None else fragment[1] - fragment[0]
         if not cfg.privacy.secagg:
             codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
             updates = torch.stack(
-                [codec.decode(unpack(self.blobs.get(c.id))[0], run.numel) for c in contributions]
+                [codec.decode(unpack(self.blobs.get(c.id))[0], numel) for c in contributions]
             )
             weights = torch.tensor([float(c.tokens) for c in contributions])
         # plain aggregator, DP-FedAvg (clip + noise + accounting) or the SecAgg sum: hub/privacy.py
@@ -1497,18 +1514,24 @@ class HubService:
             mu=cfg.train.outer_momentum,
             codec_down=cfg.comm.codec_down,
             block_size=cfg.comm.block_size,
+            fragment=fragment,
         )
         theta_new, encoded = out.theta, out.delta
         number = rnd.base_version + 1
+        delta_meta: dict[str, object] = {
+            "codec": cfg.comm.codec_down,
+            "numel": run.numel,
+            "to": number,
+        }
+        if fragment is not None:
+            delta_meta["fragment"] = list(fragment)  # the delta holds this slice only
         new = NewVersion(
             key=key,
             number=number,
             weights_blob=self.blobs.put(
                 pack_vector(theta_new, {"run_id": run.id, "version": number})
             ),
-            delta_blob=self.blobs.put(
-                pack(encoded, {"codec": cfg.comm.codec_down, "numel": run.numel, "to": number})
-            ),
+            delta_blob=self.blobs.put(pack(encoded, delta_meta)),
             momentum_blob=self.blobs.put(pack_vector(out.momentum)),
             error_feedback_blob=self.blobs.put(pack_vector(out.residual)),
             val_loss=self.workload(run.id, run.config_json).evaluate(theta_new),

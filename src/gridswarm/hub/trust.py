@@ -645,7 +645,12 @@ class HubTrust:
             note = f"not audited: {skip}"
         if reason is None and cfg.trust.usefulness:
             codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
-            update = codec.decode(stored, numel)
+            fragment = workload.fragment(c.round)  # Streaming DiLoCo: the round's slice only
+            if fragment is None:
+                update = codec.decode(stored, numel)
+            else:
+                update = torch.zeros(numel)
+                update[fragment[0] : fragment[1]] = codec.decode(stored, fragment[1] - fragment[0])
             loss_drop = base.val_loss - workload.evaluate(theta - update)
             reason = check_harm(loss_drop, cfg.trust.harm_tolerance_nats)
         return Examination(

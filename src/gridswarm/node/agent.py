@@ -19,6 +19,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,15 +32,30 @@ from gridswarm.home import lock_home
 from gridswarm.hub.lifecycle import RunState
 from gridswarm.identity import Identity
 from gridswarm.node.client import ClientStopped, HubClient, HubRequestError
-from gridswarm.node.energy import NodeEnergy, load_node_energy
+from gridswarm.node.energy import (
+    EnergyUse,
+    NodeEnergy,
+    combine_energy,
+    load_node_energy,
+    scale_energy,
+)
 from gridswarm.node.probe import hardware, probe_speed
 from gridswarm.node.secagg import SecAggContributor, secagg_timeout_s
-from gridswarm.protocol import Assignment, ContributionMeta, Refusal, RegisterRequest
+from gridswarm.protocol import (
+    Assignment,
+    AssignmentResponse,
+    ContributionAck,
+    ContributionMeta,
+    NodeStatus,
+    Refusal,
+    RegisterRequest,
+)
 from gridswarm.train.codecs import ErrorFeedback, make_codec
-from gridswarm.train.data import read_text
+from gridswarm.train.data import Batch, read_text, slice_seed
 from gridswarm.train.dataset import BlobSource, DatasetError
 from gridswarm.train.device import device_class, resolve_device
-from gridswarm.train.params import pack, pack_vector, unpack, unpack_vector
+from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
+from gridswarm.train.streaming import LocalState, Progress
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import sign_contribution
 
@@ -80,6 +96,12 @@ class NodeStats:
     bytes_up: int = 0
     bytes_down: int = 0
     rejected: list[str] = field(default_factory=list)
+    # utilisation: seconds in inner steps, and wall seconds from the start of the work loop to
+    # the last round logged (the sum of the per-round `compute_s=` / `wall_s=` log fields)
+    compute_s: float = 0.0
+    wall_s: float = 0.0
+    ahead_steps: int = 0  # inner steps trained while uploading / waiting (comm.overlap)
+    unclaimed_steps: int = 0  # trained ahead beyond the H the hub then planned (not claimed)
 
 
 class NodeAgent:
@@ -97,12 +119,20 @@ class NodeAgent:
             on_retry=self._announce_retry,
         )
         self._last_wait_reason: str | None = None
-        self.status = "idle"
+        self.status = NodeStatus.IDLE
         self.stats = NodeStats()
         settings = load_node_energy(options.energy, options.region) if options.energy else None
         self.energy = NodeEnergy(settings, region=options.region, threads=options.max_threads)
         self._workloads: dict[str, Workload] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
+        # Streaming DiLoCo: per run, the persistent local state and the work trained ahead for
+        # the next round while the last upload was in flight; the answer the background poll got
+        self._local: dict[str, LocalState] = {}
+        self._ahead: dict[str, Ahead] = {}
+        self._next_answer: AssignmentResponse | None = None
+        # utilisation: the start of the current interval and the compute seconds within it
+        self._interval_started = time.perf_counter()
+        self._interval_compute_s = 0.0
 
     @property
     def node_id(self) -> str:
@@ -188,6 +218,7 @@ class NodeAgent:
                 log.info("energy assumptions:\n%s", self.energy.describe())
                 heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
                 heartbeat.start()
+                self._interval_started = time.perf_counter()
                 self._loop()
             except (Stopped, ClientStopped):
                 log.info("stopped")
@@ -207,13 +238,15 @@ class NodeAgent:
                 self.stop_event.wait(1.0)
                 continue
             if not self.energy.gate(run_id, self.client.energy).allowed:
-                self.status = "paused"  # our own energy policy says not now
+                self.status = NodeStatus.PAUSED  # our own energy policy says not now
                 self.stop_event.wait(self.energy.pause_s)
                 continue
-            self.status = "idle"
+            self.status = NodeStatus.IDLE
             wait_s = self.energy.poll_wait_s(self.options.wait_s)
             try:
-                answer = self.client.assignment(run_id, wait_s=wait_s)
+                answer, self._next_answer = self._next_answer, None
+                if answer is None:
+                    answer = self.client.assignment(run_id, wait_s=wait_s)
             except HubRequestError as exc:
                 if exc.status != 403:
                     raise
@@ -238,7 +271,7 @@ class NodeAgent:
 
     def _report_failure(self, a: Assignment, exc: Exception) -> None:
         """This machine could not train `a`: tell the hub why, then back off."""
-        self.status = "idle"
+        self.status = NodeStatus.IDLE
         reason = f"{type(exc).__name__}: {exc}"
         log.error("round %s of run %s: cannot train: %s", a.round, a.run_id, reason)
         self.stats.rejected.append(reason)
@@ -291,11 +324,11 @@ class NodeAgent:
         self, a: Assignment, numel: int, update: torch.Tensor, meta: ContributionMeta
     ) -> None:
         """Secure aggregation (gridswarm.node.secagg): advertise, share, mask, unmask."""
-        self.status = "uploading"
+        self.status = NodeStatus.UPLOADING
         contributor = SecAggContributor(self.client, a, self.node_id, update, meta, numel)
         timeout_s = secagg_timeout_s(contributor.cfg, a.deadline_at, time.time())
         outcome = contributor.run(self.stop_event, timeout_s)
-        self.status = "idle"
+        self.status = NodeStatus.IDLE
         self.stats.bytes_up += outcome.bytes_up
         if outcome.status == "done":
             self.stats.contributions += 1
@@ -310,18 +343,32 @@ class NodeAgent:
         if self.cache.has(a.weights_blob):
             return unpack_vector(self.cache.get(a.weights_blob))
         if a.delta_blob and a.previous_version_blob and self.cache.has(a.previous_version_blob):
-            tensors, meta = unpack(self.download(a.delta_blob))
-            codec = make_codec(
-                str(meta["codec"]), RunConfig.model_validate(a.config).comm.block_size
-            )
-            previous = unpack_vector(self.cache.get(a.previous_version_blob))
-            theta = previous - codec.decode(tensors, numel)
-            data = pack_vector(theta, {"run_id": a.run_id, "version": a.base_version})
-            if sha256_hex(data) == a.weights_blob:
-                self.cache.put(data)
-                return theta
+            try:
+                theta = self._apply_delta(a, numel)
+            except BlobFormatError as exc:
+                theta = None
+                log.warning("delta to version %s is malformed: %s", a.base_version, exc)
+            if theta is not None:
+                data = pack_vector(theta, {"run_id": a.run_id, "version": a.base_version})
+                if sha256_hex(data) == a.weights_blob:
+                    self.cache.put(data)
+                    return theta
             log.warning("delta did not rebuild version %s exactly; downloading it", a.base_version)
         return unpack_vector(self.download(a.weights_blob))
+
+    def _apply_delta(self, a: Assignment, numel: int) -> torch.Tensor:
+        """The assignment's version rebuilt from the cached previous one and the encoded delta
+        (Streaming DiLoCo's moves one fragment, named in its metadata)."""
+        tensors, meta = unpack(self.download(a.delta_blob))
+        codec = make_codec(str(meta["codec"]), RunConfig.model_validate(a.config).comm.block_size)
+        previous = unpack_vector(self.cache.get(a.previous_version_blob))
+        fragment = delta_fragment(meta, numel)
+        if fragment is None:
+            return previous - codec.decode(tensors, numel)
+        start, end = fragment
+        theta = previous.clone()
+        theta[start:end] = previous[start:end] - codec.decode(tensors, end - start)
+        return theta
 
     def download(self, digest: str) -> bytes:
         """A model blob, from the cache or downloaded in resumable, hash-checked chunks."""
@@ -338,12 +385,8 @@ class NodeAgent:
             self.cache.put_file(part, digest)
         return self.cache.get(digest)
 
-    def work(self, a: Assignment) -> None:
-        workload = self.workload(a.run_id, a.config)
-        cfg = workload.cfg
-        theta = self.fetch_version(a, workload.numel)
-        self.status = "training"
-
+    def _step_hook(self):
+        """`on_step` for training: stops on the stop event, idles for the throttle."""
         step_started = time.perf_counter()
 
         def on_step(_step: int, _loss: float) -> None:
@@ -355,10 +398,27 @@ class NodeAgent:
                 time.sleep(busy * self.options.throttle / (1 - self.options.throttle))
             step_started = time.perf_counter()
 
+        return on_step
+
+    def work(self, a: Assignment) -> None:
+        workload = self.workload(a.run_id, a.config)
+        cfg = workload.cfg
+        if cfg.comm.streaming:
+            self._work_streaming(a, workload)
+            return
+        theta = self.fetch_version(a, workload.numel)
+        self.status = NodeStatus.TRAINING
         with self.energy.measure() as metered:
             result = workload.train(
-                theta, a.round, self.node_id, a.inner_steps, a.attempt, on_step, fit_memory=True
+                theta,
+                a.round,
+                self.node_id,
+                a.inner_steps,
+                a.attempt,
+                self._step_hook(),
+                fit_memory=True,
             )
+        self._interval_compute_s += result.train_time_s
         codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
         if cfg.comm.error_feedback:
             feedback = self._feedback.setdefault(a.run_id, ErrorFeedback(codec))
@@ -382,26 +442,30 @@ class NodeAgent:
         if cfg.privacy.secagg:  # only a masked share of the sum leaves the node
             self._contribute_securely(a, workload.numel, result.pseudo_gradient, meta)
             return
+        ack = self._upload(a, tensors, meta)
+        if ack is not None:
+            self._log_round(a, meta, ack.bytes_up)
+
+    def _upload(
+        self,
+        a: Assignment,
+        tensors: dict[str, torch.Tensor],
+        meta: ContributionMeta,
+        foreground: bool = True,
+    ) -> ContributionAck | None:
+        """Sign and upload one contribution; the ack, or None when refused (recorded).
+        `foreground`: the node's status says uploading meanwhile (not while training ahead)."""
         claim = sign_contribution(self.identity, a.run_id, a.round, tensors, meta.model_dump())
         meta = meta.model_copy(update={"claim": claim})  # our signed word, for the hub's ledger
         body = pack(tensors, meta.model_dump())
-        self.status = "uploading"
+        if foreground:
+            self.status = NodeStatus.UPLOADING
         try:
             ack = self.client.contribute(a.run_id, body)
             self.stats.contributions += 1
-            self.stats.tokens += result.tokens
+            self.stats.tokens += meta.tokens
             self.stats.bytes_up += ack.bytes_up
-            log.info(
-                "run %s round %s: H=%d, %d tokens, %.1f s, %d bytes up, loss %.3f -> %.3f",
-                a.run_id,
-                a.round,
-                result.steps,
-                result.tokens,
-                result.train_time_s,
-                ack.bytes_up,
-                result.loss_first,
-                result.loss_last,
-            )
+            return ack
         except HubRequestError as exc:
             if exc.reason is Refusal.DUPLICATE:
                 self.stats.contributions += 1  # an earlier try was stored before the ack was lost
@@ -413,4 +477,251 @@ class NodeAgent:
             self.stats.rejected.append(str(exc))
             log.warning("round %s: contribution refused: %s", a.round, exc)
         finally:
-            self.status = "idle"
+            if foreground:
+                self.status = NodeStatus.IDLE
+        return None
+
+    def _log_round(
+        self, a: Assignment, meta: ContributionMeta, bytes_up: int, extra: str = ""
+    ) -> None:
+        """The per-round log line, with this interval's compute and wall seconds (utilisation:
+        the intervals tile the node's time from the start of its work loop)."""
+        now = time.perf_counter()
+        wall_s = now - self._interval_started
+        compute_s = min(self._interval_compute_s, wall_s)
+        self._interval_started, self._interval_compute_s = now, 0.0
+        self.stats.compute_s += compute_s
+        self.stats.wall_s += wall_s
+        log.info(
+            "run %s round %s: H=%d, %d tokens, %.1f s, %d bytes up, loss %.3f -> %.3f%s "
+            "compute_s=%.3f wall_s=%.3f",
+            a.run_id,
+            a.round,
+            meta.steps,
+            meta.tokens,
+            meta.train_time_s,
+            bytes_up,
+            meta.loss_first,
+            meta.loss_last,
+            extra,
+            compute_s,
+            wall_s,
+        )
+
+    # ------------------------------------------------------------------ Streaming DiLoCo
+
+    def _local_state(self, a: Assignment, workload: Workload, theta: torch.Tensor) -> LocalState:
+        """The local state to train `a` from: the kept one with the fragment version
+        `a.base_version` synced merged in, when it was built on the version before; otherwise
+        (first round, missed rounds, a restart, dropped ahead work) a fresh one from `theta`."""
+        comm = workload.cfg.comm
+        state = self._local.get(a.run_id)
+        if state is not None and state.version == a.base_version - 1:
+            mix = comm.overlap_mix if comm.overlap else 0.0
+            state.merge(theta, workload.fragment(a.base_version - 1), mix, a.base_version)
+            return state
+        if state is not None:
+            log.info(
+                "run %s round %s: local state is from version %d, not %d: starting fresh",
+                a.run_id,
+                a.round,
+                state.version,
+                a.base_version - 1,
+            )
+        self._ahead.pop(a.run_id, None)
+        state = self._local[a.run_id] = LocalState(workload, theta, a.base_version)
+        return state
+
+    def _work_streaming(self, a: Assignment, workload: Workload) -> None:
+        """One round of Streaming DiLoCo: merge the synced fragment into the kept local state,
+        train the rest of H (some may have been trained ahead), upload global[f] - local[f];
+        with `comm.overlap`, upload and fetch the next version in the background while training
+        ahead on the next round's data."""
+        cfg = workload.cfg
+        theta = self.fetch_version(a, workload.numel)
+        ahead = self._ahead.pop(a.run_id, None)
+        if ahead is not None and ahead.round != a.round:
+            log.info(
+                "run %s round %s: dropping %d steps trained ahead for round %s",
+                a.run_id,
+                a.round,
+                ahead.progress.steps,
+                ahead.round,
+            )
+            self._local.pop(a.run_id, None)  # the kept weights include the dropped steps
+            ahead = None
+        state = self._local_state(a, workload, theta)
+        if ahead is not None and state.steps_taken == 0:
+            ahead = None  # a fresh state: the steps trained ahead went with the old one
+        self.status = NodeStatus.TRAINING
+        if ahead is not None:
+            progress, stream, use_ahead = ahead.progress, ahead.stream, ahead.energy
+        else:
+            progress = Progress()
+            stream = workload.batches(slice_seed(cfg.seed, a.round, self.node_id, a.attempt))
+            use_ahead = None
+        trained_ahead = progress.steps
+        compute_before = progress.compute_s
+        try:
+            with self.energy.measure() as metered:
+                rest = a.inner_steps - progress.steps
+                if rest > 0:
+                    state.train(stream, rest, progress, self._step_hook())
+        except BaseException:
+            self._local.pop(a.run_id, None)  # half-trained: the next round starts fresh
+            raise
+        self._interval_compute_s += progress.compute_s - compute_before
+        use = metered.use if use_ahead is None else combine_energy(use_ahead, metered.use)
+        # the hub planned fewer steps than were trained ahead (its speed estimate moved): the
+        # claim covers the H planned steps (time and energy pro rata), the surplus is unpaid
+        # local progress rather than a reason to throw the local state away
+        claimed = a.inner_steps
+        surplus = progress.steps - claimed
+        share = claimed / progress.steps
+        train_time_s = progress.compute_s * share
+        if surplus > 0:
+            use = scale_energy(use, share)
+            self.stats.unclaimed_steps += surplus
+        fragment = workload.fragment(a.round)
+        update = state.pseudo_gradient(theta, fragment)
+        codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
+        tensors = codec.encode(update)
+        meta = ContributionMeta(
+            assignment_id=a.id,
+            codec=codec.name,
+            steps=claimed,
+            tokens=claimed * cfg.tokens_per_step,
+            loss_first=progress.losses[0],
+            loss_last=progress.losses[-1],
+            loss_mean=sum(progress.losses) / len(progress.losses),
+            train_time_s=train_time_s,
+            threads=torch.get_num_threads(),
+            device=device_class(self.device),
+            micro_batch_size=state.micro_batch_size,
+            **use.meta(),
+        )
+        extra = f" fragment={fragment_label(fragment)} ahead={trained_ahead}"
+        if surplus > 0:
+            extra += f" unclaimed={surplus}"
+        self.stats.ahead_steps += trained_ahead
+        if not cfg.comm.overlap:
+            ack = self._upload(a, tensors, meta)
+            if ack is not None:
+                self._log_round(a, meta, ack.bytes_up, extra)
+            return
+        self._upload_while_training_ahead(a, workload, state, tensors, meta, extra)
+
+    def _upload_while_training_ahead(
+        self,
+        a: Assignment,
+        workload: Workload,
+        state: LocalState,
+        tensors: dict[str, torch.Tensor],
+        meta: ContributionMeta,
+        extra: str,
+    ) -> None:
+        """`comm.overlap`: a background thread uploads, long-polls for the next assignment and
+        fetches its version, while this thread trains ahead (at most this round's H) on the next
+        round's data stream. The next assignment goes to the work loop; the steps trained ahead
+        are kept for it when it is round `a.round + 1`, else dropped with the local state."""
+        cfg = workload.cfg
+        box = _Background()
+
+        def background() -> None:
+            try:
+                box.ack = self._upload(a, tensors, meta, foreground=False)
+                box.answer = self._poll_next(a, cfg.round.deadline_s)
+                nxt = box.answer.assignment if box.answer is not None else None
+                if nxt is not None and nxt.round == a.round + 1:
+                    self.fetch_version(nxt, workload.numel)  # into the cache for work()
+            except Exception as exc:  # reported by the main thread
+                box.error = exc
+
+        thread = threading.Thread(target=background, name="upload", daemon=True)
+        thread.start()
+        self.status = NodeStatus.TRAINING
+        progress = Progress()
+        stream = workload.batches(slice_seed(cfg.seed, a.round + 1, self.node_id, 0))
+        on_step = self._step_hook()
+        try:
+            with self.energy.measure() as metered:
+                while thread.is_alive() and progress.steps < a.inner_steps:
+                    state.train(stream, 1, progress, on_step)
+        except BaseException:
+            self._local.pop(a.run_id, None)
+            raise
+        self._interval_compute_s += progress.compute_s
+        self.status = NodeStatus.UPLOADING
+        while thread.is_alive() and not self.stop_event.is_set():
+            thread.join(timeout=0.5)
+        if self.stop_event.is_set():
+            raise Stopped
+        self.status = NodeStatus.IDLE
+        if box.ack is not None:
+            self._log_round(a, meta, box.ack.bytes_up, extra)
+        if box.error is not None:
+            log.warning("round %s: the background upload or fetch failed: %s", a.round, box.error)
+        self._next_answer = box.answer
+        nxt = box.answer.assignment if box.answer is not None else None
+        if progress.steps and (box.error is not None or nxt is None or nxt.round != a.round + 1):
+            log.info(
+                "run %s: no round %s to train ahead for: dropping %d steps",
+                a.run_id,
+                a.round + 1,
+                progress.steps,
+            )
+            self._local.pop(a.run_id, None)
+        elif progress.steps:
+            self._ahead[a.run_id] = Ahead(a.round + 1, progress, stream, metered.use)
+
+    def _poll_next(self, a: Assignment, deadline_s: float) -> AssignmentResponse | None:
+        """Long-poll for the assignment after `a` (while the hub says wait: its round has not
+        closed yet), for at most about two round deadlines; None when stopped."""
+        give_up_at = time.monotonic() + max(60.0, 2 * deadline_s)
+        answer = None
+        while not self.stop_event.is_set():
+            answer = self.client.assignment(a.run_id, wait_s=self.options.wait_s)
+            if answer.status != "wait" or time.monotonic() > give_up_at:
+                break
+            self.stop_event.wait(min(answer.retry_after_s, 1.0))
+        return answer
+
+
+@dataclass
+class Ahead:
+    """Inner steps trained for `round` before its assignment arrived (comm.overlap)."""
+
+    round: int
+    progress: Progress
+    stream: Iterator[Batch]  # the round's data stream, positioned after those steps
+    energy: EnergyUse
+
+
+@dataclass
+class _Background:
+    """What the background upload thread hands back."""
+
+    ack: ContributionAck | None = None
+    answer: AssignmentResponse | None = None
+    error: Exception | None = None
+
+
+def delta_fragment(meta: dict[str, object], numel: int) -> tuple[int, int] | None:
+    """The [start, end) a delta blob's metadata says it moves (None: the whole vector); a
+    malformed range is a BlobFormatError (the node then downloads the full weights)."""
+    raw = meta.get("fragment")
+    if raw is None:
+        return None
+    if (
+        not isinstance(raw, list)
+        or len(raw) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in raw)
+        or not 0 <= raw[0] < raw[1] <= numel
+    ):
+        raise BlobFormatError(f"delta fragment {raw!r} is not a range within {numel} weights")
+    return raw[0], raw[1]
+
+
+def fragment_label(fragment: tuple[int, int] | None) -> str:
+    """`start:end` of a fragment for the log, `all` for the whole vector."""
+    return "all" if fragment is None else f"{fragment[0]}:{fragment[1]}"

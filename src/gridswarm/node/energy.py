@@ -421,6 +421,57 @@ class EnergyUse:
         }
 
 
+def combine_energy(first: EnergyUse, second: EnergyUse) -> EnergyUse:
+    """One claim for work measured in two parts (Streaming DiLoCo's steps trained ahead, then
+    the rest): energies add, power is the mean over both durations, intensity and local share
+    are energy-weighted."""
+    a, b = first.reading, second.reading
+    energy_wh = a.energy_wh + b.energy_wh
+    duration_s = a.duration_s + b.duration_s
+    parts = dict(a.parts_wh)
+    for method, wh in b.parts_wh.items():
+        parts[method] = parts.get(method, 0.0) + wh
+
+    def weighted(x: float | None, y: float | None) -> float | None:
+        if x is None or y is None:
+            return y if x is None else x
+        if energy_wh <= 0:
+            return (x + y) / 2
+        return (x * a.energy_wh + y * b.energy_wh) / energy_wh
+
+    reading = EnergyReading(
+        energy_wh=energy_wh,
+        power_w=energy_wh * 3600.0 / duration_s if duration_s > 0 else b.power_w,
+        duration_s=duration_s,
+        method=b.method,
+        assumptions=b.assumptions,
+        parts_wh=parts,
+    )
+    return EnergyUse(
+        reading,
+        second.region,
+        weighted(first.intensity_g_per_kwh, second.intensity_g_per_kwh),
+        weighted(first.local_surplus_share, second.local_surplus_share),
+    )
+
+
+def scale_energy(use: EnergyUse, fraction: float) -> EnergyUse:
+    """The share `fraction` (0..1] of measured work: energy and duration scale, power does not
+    (a claim covering only part of the steps measured)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    r = use.reading
+    reading = EnergyReading(
+        energy_wh=r.energy_wh * fraction,
+        power_w=r.power_w,
+        duration_s=r.duration_s * fraction,
+        method=r.method,
+        assumptions=r.assumptions,
+        parts_wh={k: v * fraction for k, v in r.parts_wh.items()},
+    )
+    return EnergyUse(reading, use.region, use.intensity_g_per_kwh, use.local_surplus_share)
+
+
 class MeasureBox:
     """Filled with the EnergyUse when a `measure()` block ends."""
 

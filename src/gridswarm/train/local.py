@@ -89,34 +89,13 @@ def train_local(
     raise to stop early. `micro_batch_size` overrides the run's (None: the run's, or the batch)."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
-    device = next(model.parameters()).device
     micro = micro_batch_size or cfg.micro_batch_size or cfg.batch_size
     set_activation_checkpointing(model, cfg.activation_checkpointing)
     assign_flat(model, theta_start)
     model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay, betas=(0.9, 0.95)
-    )
-    losses: list[float] = []
-    tokens = 0
+    optimizer = inner_optimizer(model, cfg)
     started = time.perf_counter()
-    for step in range(steps):
-        if cfg.inner_warmup_steps:
-            scale = min(1.0, (step + 1) / cfg.inner_warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.inner_lr * scale
-        inputs, targets = next(stream)
-        optimizer.zero_grad(set_to_none=True)
-        value = accumulate_gradients(model, inputs.to(device), targets.to(device), micro)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"inner loss became {value} at step {step}")
-        losses.append(value)
-        tokens += targets.numel()
-        if on_step is not None:
-            on_step(step, value)
+    losses, tokens = inner_steps(model, optimizer, stream, steps, cfg, micro, on_step)
     return LocalResult(
         pseudo_gradient=theta_start - flatten(model).to(CPU),
         steps=steps,
@@ -127,6 +106,51 @@ def train_local(
         train_time_s=time.perf_counter() - started,
         micro_batch_size=min(micro, cfg.batch_size),
     )
+
+
+def inner_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """The inner AdamW over the model's parameters, as every round's training builds it."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay, betas=(0.9, 0.95)
+    )
+
+
+def inner_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stream: Iterator[Batch],
+    steps: int,
+    cfg: TrainConfig,
+    micro_batch_size: int,
+    on_step: Callable[[int, float], None] | None = None,
+    first_step: int = 0,
+) -> tuple[list[float], int]:
+    """`steps` optimizer steps on the model as it is; returns (losses, tokens trained).
+
+    `first_step`: how many steps this optimizer has taken before (the warm-up continues from
+    there; Streaming DiLoCo keeps one optimizer across rounds). `on_step(step, loss)` gets the
+    step's index within this call and may raise to stop."""
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    tokens = 0
+    for step in range(steps):
+        if cfg.inner_warmup_steps:
+            scale = min(1.0, (first_step + step + 1) / cfg.inner_warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.inner_lr * scale
+        inputs, targets = next(stream)
+        optimizer.zero_grad(set_to_none=True)
+        value = accumulate_gradients(model, inputs.to(device), targets.to(device), micro_batch_size)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"inner loss became {value} at step {first_step + step}")
+        losses.append(value)
+        tokens += targets.numel()
+        if on_step is not None:
+            on_step(step, value)
+    return losses, tokens
 
 
 @torch.no_grad()

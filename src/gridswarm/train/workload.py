@@ -16,6 +16,7 @@ import torch.nn as nn
 from gridswarm.config import RunConfig
 from gridswarm.train.data import Batch, Corpus, read_text, slice_seed
 from gridswarm.train.dataset import BlobSource, PreparedCorpus, is_prepared
+from gridswarm.train.fragments import FragmentBounds, fragment_bounds, fragment_of_round
 from gridswarm.train.local import LocalResult, evaluate, train_local
 from gridswarm.train.model import build_model, count_parameters
 from gridswarm.train.params import flatten
@@ -54,6 +55,18 @@ class Workload:
     @property
     def numel(self) -> int:
         return count_parameters(self.model)
+
+    @cached_property
+    def fragments(self) -> list[FragmentBounds]:
+        """Streaming DiLoCo's [start, end) ranges of the flat vector (one range: the whole)."""
+        sizes = [p.numel() for p in self.model.parameters()]
+        return fragment_bounds(sizes, self.cfg.comm.fragments)
+
+    def fragment(self, round_number: int) -> FragmentBounds | None:
+        """The range round `round_number` syncs, or None when every round syncs everything."""
+        if self.cfg.comm.fragments == 1:
+            return None
+        return self.fragments[fragment_of_round(round_number, len(self.fragments))]
 
     def initial_theta(self) -> torch.Tensor:
         t = self.cfg.train

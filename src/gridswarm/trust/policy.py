@@ -63,6 +63,9 @@ def audit_skip_reason(cfg: RunConfig) -> str | None:
         return "federated data: the node's data never leaves it, so the hub cannot replay"
     if cfg.comm.error_feedback:
         return "error feedback: the node's residual is private, so its encoding is not replayable"
+    comm = getattr(cfg, "comm", None)
+    if getattr(comm, "fragments", 1) > 1 or getattr(comm, "overlap", False):
+        return "streaming: a node's local state persists across rounds"
     if cfg.trust.audit_max_rate == 0:
         return "audits turned off (trust.audit_max_rate = 0)"
     return None
