@@ -214,7 +214,7 @@ def test_pvlib_clear_sky_pv_follows_the_sun():
         ),
         clock=Clock(at("2026-06-21T11:00:00")),
     )
-    noon, night = node.site.surplus_w([at("2026-06-21T11:00:00"), at("2026-06-21T23:00:00")])
+    noon, night = node.site.home.surplus_w([at("2026-06-21T11:00:00"), at("2026-06-21T23:00:00")])
     assert 2500 < noon < 4000 and night == 0.0
 
 

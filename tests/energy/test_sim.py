@@ -5,11 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gridswarm.energy.home import Home, SeriesPower
 from gridswarm.energy.policy import parse_node_policy
 from gridswarm.energy.series import UniformSeries
 from gridswarm.energy.signals import ConstantSignal, TraceSignal
 from gridswarm.energy.solar import Battery
-from gridswarm.sim.swarm import Home, SimConfig, SimNode, simulate
+from gridswarm.sim.swarm import SimConfig, SimNode, simulate
 
 DAY = 86400.0
 
@@ -31,7 +32,7 @@ def small_swarm() -> list[SimNode]:
             100.0,
             300.0,
             ConstantSignal("DIRTY", 600.0),
-            home=Home(pv, load, Battery(4000.0, 3000.0)),
+            home=Home(SeriesPower(pv), SeriesPower(load), Battery(4000.0, 3000.0)),
         ),
         SimNode(
             "office",

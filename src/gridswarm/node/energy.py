@@ -32,9 +32,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
+from gridswarm.energy.home import (
+    ClearSkyPV,
+    ConstantPower,
+    Home,
+    PowerSeries,
+    SeriesPower,
+    Site,
+)
 from gridswarm.energy.meter import EnergyMeter, EnergyReading, ModelSource
 from gridswarm.energy.policy import (
     NodeConditions,
@@ -57,76 +64,13 @@ from gridswarm.energy.solar import (
     citylearn_start_s,
     measured_pv_series,
     read_citylearn_building,
-    step_site,
 )
 from gridswarm.protocol import MAX_FORECAST_POINTS, EnergyReport, Name, describe_errors
 
 log = logging.getLogger("gridswarm.node")
 
 REPORT_POINTS = MAX_FORECAST_POINTS // 2  # forecast points per report (well inside the limit)
-SITE_STEP_S = 300.0  # the battery is stepped at most this far at a time
 DRAW_EWMA = 0.5  # weight of the newest measured power in the draw estimate
-
-# --------------------------------------------------------------------------------------------------
-# local power series: PV and household load
-
-
-class PowerSeries:
-    """Power (W) at unix times; `kind` and `describe` say what it is."""
-
-    kind = "abstract"
-
-    def power_w(self, times_s: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def at(self, t_s: float) -> float:
-        return float(self.power_w(np.array([t_s], dtype=float))[0])
-
-    def describe(self) -> str:
-        return self.kind
-
-
-@dataclass(frozen=True)
-class ConstantPower(PowerSeries):
-    watts: float
-    kind: str = "constant"
-
-    def power_w(self, times_s: np.ndarray) -> np.ndarray:
-        return np.full(len(times_s), self.watts)
-
-    def describe(self) -> str:
-        return f"constant {self.watts:.0f} W"
-
-
-@dataclass(frozen=True)
-class SeriesPower(PowerSeries):
-    series: UniformSeries
-    kind: str = "series"
-
-    def power_w(self, times_s: np.ndarray) -> np.ndarray:
-        return self.series.sample(times_s)
-
-    def describe(self) -> str:
-        return f"series {self.series.name} (step {self.series.step_s:.0f} s)"
-
-
-@dataclass(frozen=True)
-class ClearSkyPV(PowerSeries):
-    array: PVArray
-    kind: str = "pvlib"
-
-    def power_w(self, times_s: np.ndarray) -> np.ndarray:
-        index = pd.DatetimeIndex(pd.to_datetime(np.asarray(times_s, dtype=float), unit="s"))
-        index = index.tz_localize("UTC")
-        return self.array.ac_power_w(self.array.clearsky_weather(index)).to_numpy()
-
-    def describe(self) -> str:
-        a = self.array
-        return (
-            f"pvlib clear-sky PV {a.kwp} kWp, tilt {a.tilt_deg}°, azimuth {a.azimuth_deg}° at "
-            f"({a.lat}, {a.lon}) — an upper bound: no clouds"
-        )
-
 
 # --------------------------------------------------------------------------------------------------
 # the file's tables, validated by pydantic like RunConfig: every number bounded and finite
@@ -278,10 +222,7 @@ class NodeEnergySettings:
     region: str | None
     signal: SignalProvider | None = None
     policy: NodePolicy = field(default_factory=NodePolicy)
-    pv: PowerSeries | None = None
-    household: PowerSeries | None = None
-    battery: Battery | None = None
-    battery_initial_soc_frac: float = 0.5
+    home: Home | None = None  # PV, household load, battery (energy/home.py)
     draw_w: float | None = None  # the training's draw before the first measurement
     w_per_core: float | None = None  # meter model override (W per busy core)
     forecast_horizon_s: float = 86400.0
@@ -314,10 +255,16 @@ def parse_node_energy(
         region=own_region,
         signal=signal,
         policy=parse_node_policy(cfg.policy),
-        pv=power_series(cfg.pv, "energy.pv", base) if cfg.pv else None,
-        household=power_series(cfg.household, "energy.household", base) if cfg.household else None,
-        battery=battery,
-        battery_initial_soc_frac=cfg.battery.initial_soc_frac if cfg.battery else 0.5,
+        home=Home(
+            pv=power_series(cfg.pv, "energy.pv", base) if cfg.pv else None,
+            household=(
+                power_series(cfg.household, "energy.household", base) if cfg.household else None
+            ),
+            battery=battery,
+            initial_soc_frac=cfg.battery.initial_soc_frac if cfg.battery else 0.5,
+        )
+        if cfg.pv or cfg.household or cfg.battery
+        else None,
         draw_w=cfg.draw_w,
         w_per_core=cfg.w_per_core,
         forecast_horizon_s=cfg.forecast_horizon_s,
@@ -340,60 +287,6 @@ def load_node_energy(path: str | Path, region: str | None = None) -> NodeEnergyS
         return parse_node_energy(data, base_dir=path.parent, region=region)
     except ValueError as exc:
         raise ValueError(f"energy file {path}: {exc}") from exc
-
-
-# --------------------------------------------------------------------------------------------------
-# the site: PV + household + battery, stepped as time passes
-
-
-class Site:
-    """A home's PV, household load and battery; `advance` steps it to a time with a compute draw
-    and returns (compute energy, part of it met locally) in Wh."""
-
-    def __init__(
-        self,
-        pv: PowerSeries | None,
-        household: PowerSeries | None,
-        battery: Battery | None,
-        soc_frac: float,
-        t_s: float,
-    ) -> None:
-        self.pv, self.household, self.battery = pv, household, battery
-        self.soc_wh = battery.capacity_wh * soc_frac if battery else 0.0
-        self.t_s = t_s
-
-    def surplus_w(self, times_s: np.ndarray) -> np.ndarray:
-        """PV − household load (before any compute) at each time."""
-        pv = self.pv.power_w(times_s) if self.pv else np.zeros(len(times_s))
-        load = self.household.power_w(times_s) if self.household else np.zeros(len(times_s))
-        return pv - load
-
-    def advance(self, t_s: float, compute_w: float) -> tuple[float, float]:
-        energy_wh = local_wh = 0.0
-        while self.t_s < t_s - 1e-9:
-            dt = min(SITE_STEP_S, t_s - self.t_s)
-            mid = np.array([self.t_s + dt / 2])
-            pv = float(self.pv.power_w(mid)[0]) if self.pv else 0.0
-            load = float(self.household.power_w(mid)[0]) if self.household else 0.0
-            step = step_site(self.battery, self.soc_wh, max(pv, 0), max(load, 0), compute_w, dt)
-            self.soc_wh = step.soc_wh
-            energy_wh += compute_w * dt / 3600.0
-            local_wh += step.compute_local_w * dt / 3600.0
-            self.t_s += dt
-        return energy_wh, local_wh
-
-    def describe(self) -> str:
-        parts = [
-            f"PV {self.pv.describe()}" if self.pv else "no PV",
-            f"household {self.household.describe()}" if self.household else "no household load",
-        ]
-        if self.battery:
-            b = self.battery
-            parts.append(
-                f"battery {b.capacity_wh:.0f} Wh / {b.max_power_w:.0f} W, "
-                f"η {b.round_trip_efficiency:.0%}, floor {b.soc_floor_frac:.0%}"
-            )
-        return "site: " + "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,12 +401,8 @@ class NodeEnergy:
         self.meter = meter or EnergyMeter.detect(w_per_core=self.settings.w_per_core)
         self.clock = clock
         self.draw_w = self.settings.draw_w or nominal_draw_w(self.meter, threads)
-        s = self.settings
-        self.site = (
-            Site(s.pv, s.household, s.battery, s.battery_initial_soc_frac, clock())
-            if s.pv or s.household or s.battery
-            else None
-        )
+        home = self.settings.home
+        self.site = Site(home, clock()) if home is not None else None
         self.last_decision: NodeDecision | None = None
         self._reported: tuple[bool, float, str | None] | None = None  # available, at, run
 
@@ -528,7 +417,7 @@ class NodeEnergy:
         rules = ", ".join(r.field for r in s.policy.rules) or "none (always runs)"
         lines.append(f"policy rules: {rules}; draw estimate {self.draw_w:.1f} W")
         if self.site:
-            lines.append(self.site.describe())
+            lines.append(self.site.home.describe())
         return "\n".join(lines)
 
     def _signal_now(self, now_s: float) -> tuple[float | None, float | None]:
@@ -542,7 +431,7 @@ class NodeEnergy:
         return point.intensity_g_per_kwh, point.price_per_kwh
 
     def _battery_state(self) -> tuple[float, float, float]:
-        b = self.site.battery if self.site else None
+        b = self.site.home.battery if self.site else None
         if b is None:
             return 0.0, 0.0, 0.0
         return self.site.soc_wh, b.capacity_wh, b.max_power_w
@@ -553,7 +442,7 @@ class NodeEnergy:
         surplus = None
         if self.site:
             self.site.advance(now_s, 0.0)
-            surplus = float(self.site.surplus_w(np.array([now_s]))[0])
+            surplus = float(self.site.home.surplus_w(np.array([now_s]))[0])
         soc, capacity, max_power = self._battery_state()
         return NodeConditions(
             now_s=now_s,
@@ -573,9 +462,9 @@ class NodeEnergy:
 
     def battery_available_wh(self) -> float:
         """Energy the battery can give above the higher of its own and the policy's floor."""
-        if not self.site or not self.site.battery:
+        if not self.site or not self.site.home.battery:
             return 0.0
-        b = self.site.battery
+        b = self.site.home.battery
         floors = [b.soc_floor_frac] + [
             r.battery_floor_frac for r in self.settings.policy.rules if isinstance(r, SurplusCovers)
         ]
@@ -601,7 +490,7 @@ class NodeEnergy:
                 intensity = step_values([(p.t_s, p.intensity_g_per_kwh) for p in points], times)
                 if all(p.price_per_kwh is not None for p in points):
                     price = step_values([(p.t_s, p.price_per_kwh) for p in points], times)
-        surplus = self.site.surplus_w(times) if self.site else None
+        surplus = self.site.home.surplus_w(times) if self.site else None
         availability = []
         for i, t in enumerate(times.tolist()):
             at = NodeConditions(

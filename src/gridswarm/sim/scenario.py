@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gridswarm.energy.home import Home, SeriesPower
 from gridswarm.energy.policy import NodePolicy, parse_node_policy
 from gridswarm.energy.signals import TraceSignal
 from gridswarm.energy.solar import (
@@ -21,7 +22,7 @@ from gridswarm.energy.solar import (
     measured_pv_series,
     read_citylearn_building,
 )
-from gridswarm.sim.swarm import Home, SimNode
+from gridswarm.sim.swarm import SimNode
 
 # tokens/s and W for a ~100M-parameter model; what matters is the spread of J per token
 HARDWARE: dict[str, tuple[float, float]] = {
@@ -139,6 +140,13 @@ def build_swarm(data_dir: str | Path, spec: ScenarioSpec = ScenarioSpec()) -> li
     )
     capped = parse_node_policy({"max_intensity_g_per_kwh": 380})  # an operator who caps intensity
     surplus_only = parse_node_policy({"require_surplus": True})
+    # one Home per building, shared by every copy of it: alike nodes stay one class (sim/swarm.py)
+    cl_homes = {
+        b: Home(SeriesPower(citylearn[b][1]), SeriesPower(citylearn[b][0]), battery)
+        for b in spec.citylearn_homes
+    }
+    pvdaq_pv = SeriesPower(pvdaq)
+    pvdaq_homes = {b: Home(pvdaq_pv, SeriesPower(pvdaq_load[b]), battery) for b in spec.pvdaq_homes}
     for _ in range(spec.copies):
         for region, count in spec.grid_only:
             for j in range(count):
@@ -149,8 +157,7 @@ def build_swarm(data_dir: str | Path, spec: ScenarioSpec = ScenarioSpec()) -> li
                     policy = capped
                 add(region, policy=policy)
         for b in spec.citylearn_homes:
-            load, pv = citylearn[b]
-            add("CISO", Home(pv, load, battery))
+            add("CISO", cl_homes[b])
         for i, b in enumerate(spec.pvdaq_homes):
-            add("AZPS", Home(pvdaq, pvdaq_load[b], battery), surplus_only if i == 2 else None)
+            add("AZPS", pvdaq_homes[b], surplus_only if i == 2 else None)
     return nodes

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gridswarm.energy.accounting import ContributionEnergy, RunEnergyReport, run_report
+from gridswarm.energy.home import Home
 from gridswarm.energy.policy import (
     LOCAL_PV_INTENSITY_G_PER_KWH,
     NodeConditions,
@@ -44,16 +45,7 @@ from gridswarm.energy.policy import (
 )
 from gridswarm.energy.series import UniformSeries
 from gridswarm.energy.signals import SignalProvider
-from gridswarm.energy.solar import Battery, step_sites
-
-
-@dataclass(frozen=True)
-class Home:
-    """A node's household: PV and household load (W series) and an optional battery."""
-
-    pv: UniformSeries | None
-    household: UniformSeries | None
-    battery: Battery | None = None
+from gridswarm.energy.solar import step_sites
 
 
 @dataclass
@@ -176,7 +168,7 @@ class _Swarm:
             for series, out in ((n.home and n.home.pv, pv), (n.home and n.home.household, load)):
                 if series:
                     if id(series) not in cache:
-                        cache[id(series)] = np.maximum(series.sample(bin_starts), 0.0)
+                        cache[id(series)] = np.maximum(series.power_w(bin_starts), 0.0)
                     out[i] = cache[id(series)]
         self.pv_w, self.load_w = pv, load
         batteries = [n.home.battery if n.home else None for n in nodes]
@@ -184,7 +176,9 @@ class _Swarm:
         self.battery_max_w = np.array([b.max_power_w if b else 0.0 for b in batteries])
         self.eta = np.array([b.one_way_efficiency if b else 1.0 for b in batteries])
         self.floor_wh = np.array([b.floor_wh if b else 0.0 for b in batteries])
-        self.soc_wh = self.capacity_wh * 0.5
+        self.soc_wh = self.capacity_wh * np.array(
+            [n.home.initial_soc_frac if n.home else 0.0 for n in nodes]
+        )
         # node policies, grouped so that each distinct policy is evaluated once over arrays
         groups: dict[int, tuple[NodePolicy, list[int]]] = {}
         for i, n in enumerate(nodes):
