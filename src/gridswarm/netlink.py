@@ -246,12 +246,12 @@ class LinkProxy:
                     if writer.can_write_eof():
                         writer.write_eof()
                     return
-                writer.write(data)
-                await writer.drain()
-                if direction == "up":
+                if direction == "up":  # counted as handed over, before the far side can see it
                     self.counters.bytes_up += len(data)
                 else:
                     self.counters.bytes_down += len(data)
+                writer.write(data)
+                await writer.drain()
         except (ConnectionError, OSError):
             writer.close()  # the far side is gone: the other direction ends with it
             while (await queue.get())[1]:  # and what is still read is dropped, not left to block
