@@ -98,15 +98,16 @@ def node_utilisation(
     assigned: list[float],
     acked: list[tuple[float, float, int, int]],
     round_last_ack: dict[int, float],
-    version_at: dict[int, float],
+    opened_at: dict[int, float],
 ) -> dict:
     """One node's figures from the hub's records, all in hub seconds: `assigned` its
     assignments' creation times, `acked` its contributions as (stored at, train_time_s, steps,
-    round); `round_last_ack` the last contribution stored per round, `version_at` when each
-    version was made.
+    round); `round_last_ack` the last contribution stored per round, `opened_at` when each
+    round opened.
 
     Its wall time splits into compute, waiting for slower peers (its ack to the round's last
-    ack), the hub's close (the round's last ack to the new version) and the rest: downloads,
+    ack), the hub's close (the round's last ack to the next round's opening: aggregation, the
+    new version, its held-out loss) and the rest: downloads,
     uploads, encoding, polling, round trips. The split reads rounds as sequential (no
     overlap); each part is clamped to the node's window."""
     acked = sorted(acked)
@@ -118,8 +119,8 @@ def node_utilisation(
     for stored_at, _, _, rnd in acked:
         done = min(round_last_ack.get(rnd, stored_at), last)
         peers += max(0.0, done - stored_at)
-        if rnd + 1 in version_at:
-            hub += max(0.0, min(version_at[rnd + 1], last) - max(done, stored_at))
+        if rnd + 1 in opened_at:
+            hub += max(0.0, min(opened_at[rnd + 1], last) - max(done, stored_at))
     out = {
         "contributions": len(acked),
         "compute_s": round(compute, 3),
@@ -143,7 +144,7 @@ def node_utilisation(
 
 def read_hub_records(db_url: str, run_id: str) -> tuple[dict[str, dict], dict[int, float]]:
     """Per node id: its assignments' times and its contributions, from the hub's database;
-    and when each model version was made."""
+    and when each round opened."""
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
@@ -162,8 +163,8 @@ def read_hub_records(db_url: str, run_id: str) -> tuple[dict[str, dict], dict[in
                     m.Contribution.round,
                 ).where(m.Contribution.run_id == run_id)
             ).all()
-            versions = conn.execute(
-                select(m.Version.number, m.Version.created_at).where(m.Version.run_id == run_id)
+            rounds = conn.execute(
+                select(m.Round.number, m.Round.opened_at).where(m.Round.run_id == run_id)
             ).all()
     finally:
         engine.dispose()
@@ -174,7 +175,7 @@ def read_hub_records(db_url: str, run_id: str) -> tuple[dict[str, dict], dict[in
     for node_id, created, train_s, steps, bytes_up, rnd in contribs:
         nodes[node_id]["acked"].append((created, train_s, steps, rnd))
         nodes[node_id]["bytes_up"] += bytes_up
-    return nodes, {number: created for number, created in versions}
+    return nodes, {number: opened for number, opened in rounds if opened is not None}
 
 
 def node_log_totals(path: Path) -> dict | None:
@@ -229,7 +230,7 @@ def run_case(side: str, link: str, preset: dict, progress: Progress) -> dict:
         swarm.stop()
         for proxy in proxies.values():
             proxy.stop()
-    records, version_at = read_hub_records(swarm.db_url, run_id)
+    records, opened_at = read_hub_records(swarm.db_url, run_id)
     round_last_ack: dict[int, float] = {}
     for rec in records.values():
         for stored_at, _, _, rnd in rec["acked"]:
@@ -237,7 +238,7 @@ def run_case(side: str, link: str, preset: dict, progress: Progress) -> dict:
     per_node = {}
     for node_id, rec in sorted(records.items(), key=lambda kv: swarm.names.get(kv[0], kv[0])):
         name = swarm.names.get(node_id, node_id[:8])
-        figures = node_utilisation(rec["assigned"], rec["acked"], round_last_ack, version_at)
+        figures = node_utilisation(rec["assigned"], rec["acked"], round_last_ack, opened_at)
         figures["bytes_up_per_round"] = rec["bytes_up"] // max(len(rec["acked"]), 1)
         if name in proxies:
             c = proxies[name].counters
