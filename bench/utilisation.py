@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -231,6 +232,8 @@ def run_case(side: str, link: str, preset: dict, progress: Progress) -> dict:
         for proxy in proxies.values():
             proxy.stop()
     records, opened_at = read_hub_records(swarm.db_url, run_id)
+    for blobs in [workdir / "blobs", *workdir.glob("node-*/blobs")]:  # logs and hub.db stay
+        shutil.rmtree(blobs, ignore_errors=True)
     round_last_ack: dict[int, float] = {}
     for rec in records.values():
         for stored_at, _, _, rnd in rec["acked"]:
