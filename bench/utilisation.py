@@ -91,7 +91,7 @@ def run_config(nodes: int, inner_steps: int, rounds: int, overlap: bool) -> dict
         "comm": comm,
         "round": {"deadline_s": 900, "quorum": nodes, "min_nodes": nodes},
         "budget": {"rounds": rounds},
-        "trust": {"newcomer_audits": 0, "audit_min_rate": 0.0, "usefulness": False},
+        "trust": {"audit_min_rate": 0.0, "audit_max_rate": 0.0, "usefulness": False},
     }
 
 
