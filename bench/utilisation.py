@@ -326,7 +326,7 @@ def plot(cases: list[dict], path: Path) -> None:
             steady.append(n.get("steady_utilisation") or 0.0)
             for part in parts:
                 shares[part].append(n[f"{part}_s"] / n["wall_s"] if n["wall_s"] else 0.0)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.8))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 2.4))
     ys = range(len(labels))
     left = [0.0] * len(labels)
     for part, (colour, legend) in parts.items():
@@ -339,7 +339,7 @@ def plot(cases: list[dict], path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of the node's wall time (first assignment → last contribution acked)")
     ax.set_title("Compute utilisation per node")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -429,9 +429,17 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, help="H (default: the preset's)")
     parser.add_argument("--rounds", type=int, help="rounds per swarm run (default: the preset's)")
     parser.add_argument("--skip-overhead", action="store_true", help="part 1 only")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the plot and table from --out's JSON"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/utilisation.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.replot:
+        result = json.loads(args.out.read_text())
+        plot(result["cases"], args.out.with_suffix(".png"))
+        args.out.with_suffix(".md").write_text(markdown(result))
+        return
     preset_name = "quick" if args.quick else "full"
     preset = dict(PRESETS[preset_name])
     for key in ("nodes", "inner_steps", "rounds"):
