@@ -156,3 +156,21 @@ def test_http_through_the_proxy_and_clean_stop(server: int) -> None:
 def test_refuses_nonsense_links(rate: float, rtt: float) -> None:
     with pytest.raises(ValueError):
         LinkProxy("127.0.0.1", 1, rate_bit_s=rate, rtt_s=rtt)
+
+
+def test_connections_beyond_the_cap_are_closed(server: int, monkeypatch) -> None:
+    monkeypatch.setattr("gridswarm.netlink.MAX_CONNECTIONS", 1)
+    with LinkProxy("127.0.0.1", server, rate_bit_s=None, rtt_s=0.0) as proxy:
+        first = _connect(proxy.port)
+        with first:
+            first.sendall(b"E" + (2).to_bytes(4, "big") + b"hi")
+            assert _read_exactly(first, 2) == b"hi"  # the first is being forwarded
+            with _connect(proxy.port) as second:
+                assert second.recv(1) == b""  # closed on arrival
+            assert proxy.counters.refused == 1
+        deadline = time.monotonic() + 10  # once the first is gone, a new one is served
+        while proxy._open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with _connect(proxy.port) as third:
+            third.sendall(b"E" + (2).to_bytes(4, "big") + b"ok")
+            assert _read_exactly(third, 2) == b"ok"

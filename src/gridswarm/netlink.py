@@ -18,8 +18,8 @@ proxy's connections as one access link is:
 
 Buffers are bounded: a connection's queue holds at most `buffer_bytes` (at least what the link
 carries in one one-way delay plus 100 ms), beyond which the proxy stops reading and TCP's own
-flow control pushes back on the sender. `stop()` closes the port and every connection, and ends
-the proxy's thread.
+flow control pushes back on the sender; at most MAX_CONNECTIONS are forwarded at once. `stop()`
+closes the port and every connection, and ends the proxy's thread.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ MAX_BUFFER_BYTES = 64 * 1024 * 1024  # the most one connection's direction may h
 MAX_RATE_BIT_S = 1e12  # 1 Tbit/s: anything above is refused as nonsense
 MAX_RTT_S = 60.0
 START_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 256  # open at once; more are closed on arrival
 
 
 @dataclass
@@ -44,6 +45,7 @@ class LinkCounters:
     bytes_up: int = 0  # client -> target
     bytes_down: int = 0  # target -> client
     connections: int = 0
+    refused: int = 0  # closed on arrival: MAX_CONNECTIONS were open
 
 
 class _Direction:
@@ -107,6 +109,7 @@ class LinkProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._open = 0  # connections being forwarded now
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
@@ -185,24 +188,32 @@ class LinkProxy:
         return task
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self._open >= MAX_CONNECTIONS:
+            self.counters.refused += 1
+            client_w.close()
+            return
         self.counters.connections += 1
+        self._open += 1
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         try:
-            target_r, target_w = await asyncio.open_connection(*self.target)
-        except OSError:
-            client_w.close()
-            return
-        try:
-            await asyncio.gather(
-                self._pipe(client_r, target_w, self._up, "up"),
-                self._pipe(target_r, client_w, self._down, "down"),
-            )
+            try:
+                target_r, target_w = await asyncio.open_connection(*self.target)
+            except OSError:
+                client_w.close()
+                return
+            try:
+                await asyncio.gather(
+                    self._pipe(client_r, target_w, self._up, "up"),
+                    self._pipe(target_r, client_w, self._down, "down"),
+                )
+            finally:
+                for writer in (client_w, target_w):
+                    writer.close()
         finally:
-            for writer in (client_w, target_w):
-                writer.close()
+            self._open -= 1
 
     async def _pipe(
         self,
