@@ -50,7 +50,7 @@ from gridswarm.config import parse_run_config
 from gridswarm.hub import models as m
 from gridswarm.identity import Identity
 from gridswarm.netlink import LinkProxy
-from gridswarm.node.client import HubClient
+from gridswarm.node.client import HubClient, HubRequestError
 from gridswarm.swarm import Swarm, free_port
 from gridswarm.train.workload import Workload
 
@@ -204,7 +204,12 @@ def run_case(side: str, link: str, preset: dict, progress: Progress) -> dict:
     try:
         swarm.start_hub()
         sponsor = HubClient(swarm.url, Identity.generate())
-        run_id = sponsor.create_run(config).run_id
+        try:
+            run_id = sponsor.create_run(config).run_id
+        except HubRequestError as exc:
+            if side == "overlap" and "overlap" in exc.detail:
+                raise SystemExit(f"this hub has no comm.overlap (Streaming DiLoCo): {exc}") from exc
+            raise
         for i in range(nodes):
             name = f"node-{i}"
             url = None
