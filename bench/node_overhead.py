@@ -10,6 +10,7 @@ Same model, initial weights, batches and device, one process, trials interleaved
              short of memory), against the same plain loop
 
     python bench/node_overhead.py --out bench/results/node_overhead.json
+    python bench/node_overhead.py --model 6,6,384 --batch-size 8   # 10.8 M parameters
     python bench/node_overhead.py --config examples/run_125m.toml --device cuda   # on a GPU
 """
 
@@ -27,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.nn import functional as F
 
-from gridswarm.config import load_run_config, parse_run_config
+from gridswarm.config import RunConfig, load_run_config, parse_run_config
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.data import batches, slice_seed
 from gridswarm.train.device import resolve_device, synchronize
@@ -81,19 +82,10 @@ def node_path(w: Workload, theta: torch.Tensor, steps: int, micro: int | None, s
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, help="a run.toml (default: a 3.2 M GPT)")
-    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda[:i] | mps")
-    parser.add_argument("--steps", type=int, default=None, help="steps per trial")
-    parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/node_overhead.json")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    cfg = load_run_config(args.config) if args.config else parse_run_config(DEFAULT_RUN)
-    steps = args.steps or min(cfg.train.inner_steps, 20)
+def measure(cfg: RunConfig, device: torch.device, steps: int, trials: int) -> dict:
+    """Interleaved trials of the plain loop and the node's paths on `cfg`'s model; medians.
+
+    Returns the figures `main` prints and saves (also used by bench/utilisation.py)."""
     w = Workload.from_config(cfg).to(device)
     theta = w.initial_theta()
     t = cfg.train
@@ -109,23 +101,56 @@ def main() -> None:
     }
     runs["plain"]()  # warm-up (allocator, kernels)
     seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.trials):  # interleaved, so load on a shared machine hits all alike
+    for _ in range(trials):  # interleaved, so load on a shared machine hits all alike
         for name, fn in runs.items():
             seconds[name].append(fn())
     tokens = steps * t.batch_size * t.seq_len
     median = {name: statistics.median(s) for name, s in seconds.items()}
     rate = {name: tokens / s for name, s in median.items()}
-    result = {
+    return {
         "device": str(device),
         "parameters": w.numel,
+        "steps": steps,
         "tokens_per_trial": tokens,
-        "trials": args.trials,
+        "trials": trials,
         "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
         "share_of_plain": {k: round(v / rate["plain"], 4) for k, v in rate.items()},
         "seconds": seconds,
-        "command": " ".join(["python", *sys.argv]),
     }
-    table = Table(title=f"{w.numel / 1e6:.1f} M parameters on {device}, {tokens} tokens/trial")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="a run.toml (default: a 3.2 M GPT)")
+    parser.add_argument(
+        "--model",
+        help="N_LAYER,N_HEAD,N_EMBD of the default GPT (e.g. 6,6,384: 10.8 M parameters)",
+    )
+    parser.add_argument("--batch-size", type=int, help="rows per step of the default GPT")
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda[:i] | mps")
+    parser.add_argument("--steps", type=int, default=None, help="steps per trial")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/node_overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.config:
+        cfg = load_run_config(args.config)
+    else:
+        run = json.loads(json.dumps(DEFAULT_RUN))
+        if args.model:
+            n_layer, n_head, n_embd = (int(v) for v in args.model.split(","))
+            run["model"].update(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        if args.batch_size:
+            run["train"]["batch_size"] = args.batch_size
+        cfg = parse_run_config(run)
+    steps = args.steps or min(cfg.train.inner_steps, 20)
+    result = measure(cfg, device, steps, args.trials)
+    result["command"] = " ".join(["python", *sys.argv])
+    rate, tokens, numel = result["tokens_per_s"], result["tokens_per_trial"], result["parameters"]
+    runs = list(rate)
+    table = Table(title=f"{numel / 1e6:.1f} M parameters on {device}, {tokens} tokens/trial")
     for col in ("path", "tokens/s (median)", "share of plain"):
         table.add_column(col)
     for name in runs:
@@ -134,7 +159,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     md = [
-        f"# Node overhead: {w.numel / 1e6:.1f} M parameters on {device}",
+        f"# Node overhead: {numel / 1e6:.1f} M parameters on {device}",
         "",
         f"`{result['command']}` — {args.trials} interleaved trials of {steps} steps "
         f"({tokens} tokens), median.",
