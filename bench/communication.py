@@ -53,29 +53,29 @@ BATCH_SIZE = 16  # per node (gridswarm) and per rank (DDP): 4 x 16 sequences per
 # Every knob of a preset; `--sweep --grid` overrides them by name. `ddp_lr` is DDP's own inner
 # learning rate (the best one the sweep found for it), so the reference is not handicapped.
 PRESETS: dict[str, dict] = {
-    "quick": {
+    "quick": {  # tuned with --sweep (bench/results/communication_sweep_quick.md)
         "vocab": 1024,
         "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
         "inner_steps": 30,
         "rounds": 24,
-        "inner_lr": 3e-3,
+        "inner_lr": 7e-4,
         "inner_warmup_steps": 10,
-        "outer_lr": 0.7,
+        "outer_lr": 0.5,
         "outer_momentum": 0.9,
         "codec": "int4",
         "codec_down": "int4",
         "error_feedback": True,
-        "ddp_lr": 3e-3,
+        "ddp_lr": 2e-3,
         "ddp_warmup_steps": 10,
     },
-    "full": {  # >= 10 M parameters; not run on the 2-core development box (see README)
+    "full": {  # >= 10 M parameters; a guess from the quick sweep, not run (see README)
         "vocab": 1024,
         "model": {"n_layer": 6, "n_head": 6, "n_embd": 384},
         "inner_steps": 100,
         "rounds": 60,
-        "inner_lr": 1e-3,
+        "inner_lr": 3e-4,
         "inner_warmup_steps": 10,
-        "outer_lr": 0.7,
+        "outer_lr": 0.5,
         "outer_momentum": 0.9,
         "codec": "int4",
         "codec_down": "int4",
