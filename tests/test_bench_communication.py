@@ -1,0 +1,72 @@
+"""bench/communication.py: both sides read the same BPE tokens, presets are valid, the in-process
+tuner runs the real round (train, codec, aggregator, outer update) and counts bytes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gridswarm.config import parse_run_config
+from gridswarm.train.data import slice_seed
+from gridswarm.train.workload import Workload
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "communication.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_communication", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def corpus(bench, tmp_path_factory) -> dict:
+    return bench.prepare_corpus(tmp_path_factory.mktemp("bench") / "corpus", 300)
+
+
+def test_presets_are_valid_runs_and_full_is_10m(bench, corpus) -> None:
+    for name, preset in bench.PRESETS.items():
+        cfg = parse_run_config(bench.run_config(preset, corpus["dataset"]))
+        assert cfg.budget.tokens == (
+            bench.NODES * preset["rounds"] * preset["inner_steps"] * cfg.tokens_per_step
+        )
+        if name == "full":  # with the test's 300-token vocabulary (the preset's 1024 adds more)
+            assert Workload.from_config(cfg).numel >= 10_000_000
+
+
+def test_ddp_rank_reads_the_prepared_bpe_tokens(bench, corpus) -> None:
+    assert corpus["vocab_size"] == 300 and corpus["tokenizer"].startswith("bpe:300")
+    preset = {**bench.PRESETS["quick"], "rounds": 1, "inner_steps": 2}
+    config = bench.ddp_config(bench.run_config(preset, corpus["dataset"]), 1e-3, 1)
+    cfg = parse_run_config(config)
+    workload = Workload.from_config(cfg)
+    assert workload.vocab_size == 300
+    inputs, _ = next(workload.batches(slice_seed(cfg.seed, 0, "ddp-0")))
+    assert inputs.shape == (bench.BATCH_SIZE, bench.SEQ_LEN)
+    assert int(inputs.max()) >= 256  # merged BPE tokens, not bytes
+
+
+def test_simulated_round_counts_bytes_and_learns(bench, corpus) -> None:
+    torch.set_num_threads(1)
+    preset = {
+        **bench.PRESETS["quick"],
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32},
+        "rounds": 2,
+        "inner_steps": 3,
+    }
+    config = bench.run_config(preset, corpus["dataset"])
+    a = bench.simulate_diloco(config)
+    b = bench.simulate_ddp(bench.ddp_config(config, 2e-3, 1), a["tokens"], 3)
+    assert a["tokens"] == b["tokens"] == config["budget"]["tokens"]
+    assert len(a["curve"]) == 3 and a["curve"][-1]["val_loss"] < a["curve"][0]["val_loss"]
+    # int4 up and down: about half a byte per parameter each way, per node per round
+    per_round = a["bytes_communicated"] / 2 / bench.NODES
+    assert 0.9 < per_round / a["numel"] < 1.2
+    assert b["bytes_communicated"] > a["bytes_communicated"]
