@@ -296,8 +296,9 @@ def markdown(result: dict) -> str:
             "processes run on the same machine (2 cores here), so this measures loopback and CPU",
             "contention, not a network; moto is an in-memory Python server, slower than real S3.",
             "The upload phase is the same route in (a) and (b) (in (b) the hub also writes each",
-            "upload to S3); each contribution's checks (int8 decode + finite check, hashes, the",
-            "blob write, the commit) run one at a time under the hub's lock.",
+            "upload to S3); each contribution's costly checks (int8 decode + finite check, hashes,",
+            "the blob write) run outside the hub's lock, side by side; the decisions and the",
+            "commit run one at a time under it.",
             "Bytes per round: up "
             + ", ".join(f"{result[k]['up'][0]['bytes']:,}" for k in ("hub", "s3"))
             + f"; down {result['hub']['down'][0]['bytes']:,}; gloo ring all-reduce "
