@@ -248,6 +248,11 @@ class HubClient:
             self._object_http = httpx.Client(timeout=self.timeout_s)
         return self._object_http
 
+    @object_http.setter
+    def object_http(self, client: httpx.Client) -> None:
+        """Use `client` for object-store downloads (a test's recording transport)."""
+        self._object_http = client
+
     def request(
         self,
         method: str,
