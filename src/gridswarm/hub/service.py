@@ -1183,7 +1183,8 @@ class HubService:
                 run = self._run(s, run_id)
                 cfg, a = run.settings(), s.get(m.Assignment, meta.assignment_id)
                 numel = self._update_numel(run, a.round) if a and a.run_id == run_id else None
-            if numel is not None and meta.codec == cfg.comm.codec:  # else refused under the lock
+            checked = numel is not None and meta.codec == cfg.comm.codec  # else refused later
+            if checked:
                 self._check_payload(cfg, tensors, numel)
             update_digest, zero = update_sha256(tensors), is_zero_update(tensors)
             digest = sha256_hex(body)
@@ -1191,7 +1192,14 @@ class HubService:
             self.blobs.put(body)  # fsynced before any row names it
         try:
             return self._store_contribution(
-                run_id, node_id, meta, tensors, body, digest, (update_digest, zero), carbon
+                run_id,
+                node_id,
+                meta,
+                None if checked else tensors,
+                body,
+                digest,
+                (update_digest, zero),
+                carbon,
             )
         except BaseException:
             if not stored_before:
@@ -1203,20 +1211,22 @@ class HubService:
         run_id: str,
         node_id: str,
         meta: ContributionMeta,
-        tensors: dict[str, torch.Tensor],
+        unchecked: dict[str, torch.Tensor] | None,
         body: bytes,
         digest: str,
         update: tuple[str, bool],
         carbon: dict,
     ) -> ContributionAck:
-        """Under the lock: the acceptance decisions, then the contribution's rows."""
+        """Under the lock: the acceptance decisions, then the contribution's rows. `unchecked`:
+        the update's tensors when the checks before the lock could not decode it (its
+        assignment was not found there); otherwise None, and nothing is decoded again here."""
         with self.lock, self.sessions() as s:
             run, assignment = self._own_assignment(s, run_id, node_id, meta.assignment_id)
             # the checks every upload passes, SecAgg ones too (hub/acceptance.py, on the ledger)
             node = s.get(m.Node, node_id)
             cfg = self.trust.accept_upload(s, run, node, assignment, meta)
-            # decoded already, unless the codecs differ (then acceptance refused it)
-            self._check_payload(cfg, tensors, self._update_numel(run, assignment.round))
+            if unchecked is not None:  # past acceptance: its codec is the run's
+                self._check_payload(cfg, unchecked, self._update_numel(run, assignment.round))
             # the node's signed claim over the update, no replayed update (hub/trust.py)
             screened = self.trust.screen_submission(
                 s, run, cfg, node, assignment, meta.model_dump(), *update
