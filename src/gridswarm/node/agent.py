@@ -425,19 +425,15 @@ class NodeAgent:
             tensors = feedback.encode(result.pseudo_gradient)
         else:
             tensors = codec.encode(result.pseudo_gradient)
-        meta = ContributionMeta(
-            assignment_id=a.id,
-            codec=codec.name,
-            steps=result.steps,
-            tokens=result.tokens,
-            loss_first=result.loss_first,
-            loss_last=result.loss_last,
-            loss_mean=result.loss_mean,
-            train_time_s=result.train_time_s,
-            threads=torch.get_num_threads(),
-            device=device_class(self.device),
-            micro_batch_size=result.micro_batch_size,
-            **metered.use.meta(),  # energy_wh, power_w, method, region, intensity, local share
+        meta = self._claim(
+            a,
+            codec.name,
+            result.steps,
+            result.tokens,
+            (result.loss_first, result.loss_last, result.loss_mean),
+            result.train_time_s,
+            result.micro_batch_size,
+            metered.use,
         )
         if cfg.privacy.secagg:  # only a masked share of the sum leaves the node
             self._contribute_securely(a, workload.numel, result.pseudo_gradient, meta)
@@ -445,6 +441,35 @@ class NodeAgent:
         ack = self._upload(a, tensors, meta)
         if ack is not None:
             self._log_round(a, meta, ack.bytes_up)
+
+    def _claim(
+        self,
+        a: Assignment,
+        codec_name: str,
+        steps: int,
+        tokens: int,
+        losses: tuple[float, float, float],
+        train_time_s: float,
+        micro_batch_size: int,
+        use: EnergyUse,
+    ) -> ContributionMeta:
+        """What this node says of its work on `a` (the hub checks it: hub/acceptance.py);
+        `losses` = (first, last, mean) of the inner steps claimed."""
+        loss_first, loss_last, loss_mean = losses
+        return ContributionMeta(
+            assignment_id=a.id,
+            codec=codec_name,
+            steps=steps,
+            tokens=tokens,
+            loss_first=loss_first,
+            loss_last=loss_last,
+            loss_mean=loss_mean,
+            train_time_s=train_time_s,
+            threads=torch.get_num_threads(),
+            device=device_class(self.device),
+            micro_batch_size=micro_batch_size,
+            **use.meta(),  # energy_wh, power_w, method, region, intensity, local share
+        )
 
     def _upload(
         self,
@@ -586,19 +611,16 @@ class NodeAgent:
         update = state.pseudo_gradient(theta, fragment)
         codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
         tensors = codec.encode(update)
-        meta = ContributionMeta(
-            assignment_id=a.id,
-            codec=codec.name,
-            steps=claimed,
-            tokens=claimed * cfg.tokens_per_step,
-            loss_first=progress.losses[0],
-            loss_last=progress.losses[-1],
-            loss_mean=sum(progress.losses) / len(progress.losses),
-            train_time_s=train_time_s,
-            threads=torch.get_num_threads(),
-            device=device_class(self.device),
-            micro_batch_size=state.micro_batch_size,
-            **use.meta(),
+        losses = progress.losses
+        meta = self._claim(
+            a,
+            codec.name,
+            claimed,
+            claimed * cfg.tokens_per_step,
+            (losses[0], losses[-1], sum(losses) / len(losses)),
+            train_time_s,
+            state.micro_batch_size,
+            use,
         )
         extra = f" fragment={fragment_label(fragment)} ahead={trained_ahead}"
         if surplus > 0:
