@@ -77,6 +77,8 @@ def run_case(
             ),
             "rounds": res.rounds,
             "deferrals": res.deferrals,
+            "replans": res.replans,
+            "missed": res.missed,
             "reduction_vs_agnostic": round(rep.reduction_vs_agnostic or 0.0, 4),
             "x_oracle": round(rep.total.emissions_kg * 1e3 / best.emissions_g, 3),
         }
@@ -159,8 +161,8 @@ def markdown(report: dict) -> str:
         "time, a relaxation, so no schedule can beat it. `× oracle` = policy emissions / oracle.",
         "",
         "| case | policy | kgCO2e | reduction vs agnostic | × oracle | g/1k tokens | local share | "
-        "deadline met | finished (days) | rounds | deferrals |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "deadline met | finished (days) | rounds | deferrals | replans | missed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in report["cases"]:
         label = f"{case['swarm']} {case['start'][:10]} load {case['load']:.0%}"
@@ -169,12 +171,13 @@ def markdown(report: dict) -> str:
                 f"| {label} | {name} | {p['emissions_kg']:.2f} | {p['reduction_vs_agnostic']:.1%} "
                 f"| {p['x_oracle']:.2f} | {p['g_per_1k_tokens']:.3g} | "
                 f"{p['local_surplus_share']:.1%} | "
-                f"{p['deadline_met']} | {p['finished_days']} | {p['rounds']} | {p['deferrals']} |"
+                f"{p['deadline_met']} | {p['finished_days']} | {p['rounds']} | {p['deferrals']} | "
+                f"{p['replans']} | {p['missed']} |"
             )
         o = case["oracle"]
         lines.append(
             f"| {label} | oracle | {o['emissions_kg']:.2f} | {o['reduction_vs_agnostic']:.1%} "
-            f"| 1.00 | | | {o['feasible']} | | | |"
+            f"| 1.00 | | | {o['feasible']} | | | | | |"
         )
     h = report["headline"]
     lines += [

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 "build_s": round(build_s, 1),
                 "rounds": res.rounds,
                 "deferrals": res.deferrals,
+                "replans": res.replans,
+                "missed": res.missed,
                 "deadline_met": res.deadline_met,
                 "emissions_kg": round(res.report().total.emissions_kg, 1),
                 "host_load": round((load_before + os.getloadavg()[0]) / 2, 1),
@@ -95,15 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         "load average during the run). Target: 10,000 nodes × 7 days under "
         f"{TARGET_S:.0f} s per policy.",
         "",
-        "| nodes | days | policy | wall (s) | CPU (s) | rounds | deferrals | deadline met | "
-        "kgCO2e | host load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| nodes | days | policy | wall (s) | CPU (s) | rounds | deferrals | replans | missed | "
+        "deadline met | kgCO2e | host load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['nodes']} | {r['days']:g} | {r['policy']} | {r['wall_s']} | {r['cpu_s']} | "
             f"{r['rounds']} | "
-            f"{r['deferrals']} | {r['deadline_met']} | {r['emissions_kg']} | {r['host_load']} |"
+            f"{r['deferrals']} | {r['replans']} | {r['missed']} | {r['deadline_met']} | "
+            f"{r['emissions_kg']} | {r['host_load']} |"
         )
     text = "\n".join(lines) + "\n"
     args.out.with_suffix(".md").write_text(text)

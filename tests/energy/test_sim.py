@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,8 @@ def test_node_policy_pauses_the_office_node(results):
 def test_every_round_delivers_its_plan():
     """Regression: the hub planned a round as training + sync overhead while nodes trained only
     the training part, so each round delivered ~97 % of the plan and runs of >= 1,000 nodes
-    missed the deadline in a tail of mini-rounds. Now a round delivers what was planned."""
+    missed the deadline in a tail of mini-rounds. Now a round delivers what was planned, up to
+    the hub's rounding of each node's work to whole inner steps (`plan_inner_steps`)."""
     nodes = small_swarm()[:4]
     cfg = SimConfig(
         start_s=0.0, deadline_s=DAY, tokens_target=0.5 * 350 * DAY, forecast_horizon_s=DAY
@@ -107,8 +109,8 @@ def test_every_round_delivers_its_plan():
         worked = [p for p in res.plans if not p.defer]
         assert len(worked) == res.rounds
         planned = sum(p.expected_tokens for p in worked)
-        assert res.tokens_done == pytest.approx(planned, rel=1e-9)
-        assert res.deadline_met
+        assert res.tokens_done == pytest.approx(planned, rel=1e-3)
+        assert res.deadline_met and res.replans == 0 and res.missed == 0
 
 
 def test_a_thousand_nodes_meet_the_deadline():
@@ -190,3 +192,39 @@ def test_oracle_is_a_floor_and_exact_on_a_known_case():
     for policy in ("agnostic", "greedy-green", "forecast"):
         res = simulate(policy, nodes, cfg)
         assert res.report().total.emissions_kg * 1e3 >= floor.emissions_g, policy
+
+
+def test_the_round_engine_closes_replans_and_drops_late_work():
+    """The simulator's rounds are decided by the hub's engine (`rounds.decide`): a node its own
+    policy pauses mid-round misses the round's deadline, its work is energy spent but no tokens;
+    with a quorum the others' round closes at the deadline, without one it is re-planned."""
+    flat = ConstantSignal("FLAT", 300.0)
+    steady = SimNode("steady", "FLAT", 100.0, 300.0, flat)
+    # allowed only in the first 40 minutes of each day: starts a 30-min round, cannot finish it
+    # the second time (the first round starts at 00:00 and ends at 00:30, the second at 00:31)
+    short = SimNode(
+        "short", "FLAT", 100.0, 300.0, flat, policy=parse_node_policy({"windows": ["00:00-00:40"]})
+    )
+    cfg = SimConfig(
+        start_s=0.0,
+        deadline_s=DAY,
+        tokens_target=100 * 4 * 3600.0,
+        round_duration_s=1800.0,
+        step_s=300.0,
+        forecast_horizon_s=DAY,
+    )
+    res = simulate("agnostic", [steady, short], cfg)
+    assert res.deadline_met and res.missed >= 1 and res.replans == 0
+    rep = res.report()
+    late = rep.per_node["short"]
+    # "short" trained two rounds' worth of time at most, but only one of them counted
+    assert late.tokens == pytest.approx(100.0 * 1800.0, rel=1e-3)
+    assert late.energy_kwh * 1e3 > 300.0 * 1800.0 / 3600.0 * 1.05
+    # the same swarm where a round needs both nodes: the round with the late node is re-planned
+    # (its upload waits for "short", whose policy lets it run again only the next day)
+    both = simulate("agnostic", [steady, short], replace(cfg, quorum=2))
+    assert both.replans >= 1 and both.deferrals > 0
+    assert not both.deadline_met and both.finished_s > DAY  # one round a day
+    assert both.rounds == 4 and both.report().per_node["short"].tokens == pytest.approx(
+        4 * 100.0 * 1800.0, rel=1e-3
+    )

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+from numpy.typing import ArrayLike
+
 EWMA_ALPHA = 0.5
 
 
@@ -47,13 +50,46 @@ def plan_inner_steps(
 
     `work_share` in [0, 1] lets an energy policy shrink a node's work (1 = as much as speed allows).
     """
-    if tokens_per_s <= 0 or work_share <= 0:
-        return None
-    relative = min(1.0, tokens_per_s / max(fastest_tokens_per_s, tokens_per_s))
-    # however slow, a node gets at least min_inner_steps if they fit: else it could never join
-    steps = max(round(inner_steps * relative * min(work_share, 1.0)), min_inner_steps)
-    steps_in_time = int(tokens_per_s * max(time_left_s - reserve_s, 0.0) / tokens_per_step)
-    steps = min(steps, steps_in_time)
-    if steps < min_inner_steps:
+    steps = int(
+        inner_steps_many(
+            tokens_per_s,
+            fastest_tokens_per_s,
+            tokens_per_step,
+            inner_steps,
+            min_inner_steps,
+            time_left_s,
+            reserve_s,
+            work_share,
+        )
+    )
+    if steps == 0:
         return None
     return StepPlan(inner_steps=steps, expected_duration_s=steps * tokens_per_step / tokens_per_s)
+
+
+def inner_steps_many(
+    tokens_per_s: ArrayLike,
+    fastest_tokens_per_s: ArrayLike,
+    tokens_per_step: float,
+    inner_steps: int,
+    min_inner_steps: int,
+    time_left_s: ArrayLike,
+    reserve_s: float,
+    work_share: ArrayLike = 1.0,
+) -> np.ndarray:
+    """`plan_inner_steps` for many nodes at once (arrays broadcast): the steps, 0 where none fit.
+
+    One rule for the live hub (one node per request) and the simulator (every node each round).
+    """
+    tps = np.asarray(tokens_per_s, dtype=float)
+    share = np.minimum(np.asarray(work_share, dtype=float), 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.minimum(1.0, tps / np.maximum(fastest_tokens_per_s, tps))
+        # however slow, a node gets at least min_inner_steps if they fit: else it could never join
+        steps = np.maximum(np.rint(inner_steps * relative * share), min_inner_steps)
+        in_time = np.floor(
+            tps * np.maximum(np.subtract(time_left_s, reserve_s), 0.0) / tokens_per_step
+        )
+    steps = np.minimum(steps, in_time)
+    fits = (tps > 0) & (share > 0) & (steps >= min_inner_steps)
+    return np.where(fits, steps, 0).astype(np.int64)

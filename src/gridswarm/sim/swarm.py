@@ -9,9 +9,16 @@ nodes, so 10,000 nodes × a simulated week take minutes, not hours.
 Time: rounds of `round_duration_s` of training plus `round_overhead_s` of sync (download, upload,
 aggregation; no training). The hub plans on the round's wall time and scales each node's speed and
 power by the duty cycle (training / wall time), exactly as the live hub does
-(`hub.energy.node_state`), so a share of 1 is the work a node does in one round. Nodes work in
-chunks cut at `step_s` bin edges; a node its own policy pauses sits out that chunk. A round ends
-when its last node is done, then the overhead passes.
+(`hub.energy.node_state`), so a share of 1 is the work a node does in one round.
+
+Rounds are the hub's: each node's share becomes whole inner steps by the hub's own rule
+(`scheduler.inner_steps_many`, the array form of `plan_inner_steps`: the fastest node does
+`inner_steps`, nobody fewer than `min_inner_steps`, nothing past the round's deadline), and the
+round engine (`rounds.decide`) closes the round when the last upload is in, or at the deadline
+with a quorum, or re-plans it without one (accepted uploads keep their place). Nodes work in
+chunks cut at `step_s` bin edges; a node its own policy pauses sits out that chunk, and a node
+not done when the round closes has spent the energy for nothing (`missed`). Not modelled: nodes
+that go silent (liveness), the node's own energy window shrinking its steps, screening and audits.
 
 Forecasts: the hub sees each region's recorded intensity with a seeded relative error that grows
 with the square root of lead time (`forecast_error` of the node's `TraceSignal`, sd at 24 h), one
@@ -46,6 +53,9 @@ from gridswarm.energy.policy import (
 from gridswarm.energy.series import UniformSeries
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.energy.solar import step_sites
+from gridswarm.hub.rounds import AssignmentState, Decision, RoundRules, RoundState, decide
+from gridswarm.hub.scheduler import inner_steps_many
+from gridswarm.hub.states import AssignmentStatus, RoundStatus
 
 
 @dataclass
@@ -66,6 +76,10 @@ class SimConfig:
     tokens_target: float
     round_duration_s: float = 1800.0  # training time of a full round
     round_overhead_s: float = 60.0  # download, upload, aggregate: no training work
+    inner_steps: int = 500  # the fastest node's inner steps in a full round (`train.inner_steps`)
+    min_inner_steps: int = 5  # `train.min_inner_steps`: nobody is given fewer
+    round_deadline_s: float | None = None  # `round.deadline_s`; None: 2 × round_duration_s
+    quorum: int = 1  # `round.quorum`: contributions a round needs to close
     step_s: float = 900.0  # node chunk length, forecast step and timeline bin
     forecast_horizon_s: float = 48 * 3600.0
     margin: float = 0.1
@@ -81,6 +95,20 @@ class SimConfig:
     def duty(self) -> float:
         return self.round_duration_s / self.wall_s
 
+    @property
+    def deadline_per_round_s(self) -> float:
+        return self.round_deadline_s or 2.0 * self.round_duration_s
+
+    def rules(self, n_nodes: int) -> RoundRules:
+        """The hub's round rules for this swarm (`rounds.decide` applies them)."""
+        return RoundRules(
+            quorum=self.quorum,
+            min_nodes=1,
+            max_nodes=n_nodes,
+            deadline_s=self.deadline_per_round_s,
+            liveness_s=float("inf"),  # simulated nodes never go silent
+        )
+
 
 @dataclass
 class SimResult:
@@ -92,6 +120,8 @@ class SimResult:
     deadline_s: float
     rounds: int
     deferrals: int
+    replans: int  # rounds re-planned at their deadline without a quorum (`Decision.REPLAN`)
+    missed: int  # assignments not finished when their round closed: energy spent, no tokens
     timeline_s: np.ndarray  # bin starts
     tokens_per_bin: np.ndarray
     emissions_g_per_bin: np.ndarray
@@ -340,14 +370,22 @@ def simulate(
         raise ValueError("tokens_target must be > 0 and deadline_s after start_s")
     swarm = _Swarm(nodes, cfg)
     n_bins = swarm.n_bins
+    tps = swarm.tokens_per_s
+    rules = cfg.rules(swarm.n)
+    # the run's batch: the fastest node's full round is `inner_steps` steps of it
+    tokens_per_step = float(tps.max()) * cfg.round_duration_s / cfg.inner_steps
+    reserve_s = 0.1 * rules.deadline_s + 1.0  # as the live hub keeps in hand
     tokens_bin, emis_bin, energy_bin = np.zeros(n_bins), np.zeros(n_bins), np.zeros(n_bins)
     worked_s, energy_wh, local_wh = np.zeros(swarm.n), np.zeros(swarm.n), np.zeros(swarm.n)
-    grid_wh, grid_g = np.zeros(swarm.n), np.zeros(swarm.n)
+    grid_wh, grid_g, tokens_node = np.zeros(swarm.n), np.zeros(swarm.n), np.zeros(swarm.n)
     first_s = np.full(swarm.n, np.nan)
     rounds_worked = np.zeros(swarm.n, dtype=int)
+    # the open round's accepted uploads: tokens count once the round closes
+    held = np.zeros(swarm.n, dtype=bool)
+    pending_bin, pending_node = np.zeros(n_bins), np.zeros(swarm.n)
     plans: list[RoundEnergyPlan] = []
     tokens = 0.0
-    rounds = deferrals = 0
+    rounds = deferrals = replans = missed = 0
     finished: float | None = None
     stop_s = cfg.deadline_s + cfg.max_overrun_s
     now = cfg.start_s
@@ -366,16 +404,30 @@ def simulate(
         if keep_plans:
             plans.append(plan)
         share = np.fromiter(plan.shares.values(), dtype=float, count=swarm.n)
-        if plan.defer or not (share > 0).any():
+        deadline_at = now + rules.deadline_s
+        steps = inner_steps_many(
+            tps,
+            tps.max(),
+            tokens_per_step,
+            cfg.inner_steps,
+            cfg.min_inner_steps,
+            deadline_at - now,
+            reserve_s,
+            share,
+        )
+        steps[held] = 0  # uploads accepted before a re-plan hold their place
+        if plan.defer or not (steps > 0).any():
             deferrals += 1
             until = plan.defer_until_s if plan.defer_until_s else now + cfg.step_s
             later = now + max(until - now, cfg.step_s / 4)
             swarm.idle(now, later)
             now = later
             continue
-        left = share * cfg.round_duration_s  # training seconds each node owes this round
-        end = np.full(swarm.n, now)
-        for a, b in swarm.pieces(now, now + cfg.round_duration_s):
+        assigned = steps > 0
+        left = steps * tokens_per_step / tps  # training seconds each node owes this round
+        done_at = np.full(swarm.n, np.inf)  # when each node's upload is in
+        chunks: list[tuple[int, np.ndarray]] = []  # (bin, seconds each node trained in it)
+        for a, b in swarm.pieces(now, deadline_at):
             owing = left > 1e-6
             if not owing.any():
                 break
@@ -386,7 +438,7 @@ def simulate(
             e_wh = swarm.power_w * w / 3600.0
             g_kwh = swarm.grid_g[swarm.grid_row, k]
             chunk_g = ((e_wh - local) * g_kwh + local * LOCAL_PV_INTENSITY_G_PER_KWH) / 1000.0
-            tokens_bin[k] += float(swarm.tokens_per_s @ w)
+            chunks.append((k, w))
             emis_bin[k] += float(chunk_g.sum())
             energy_bin[k] += float(e_wh.sum())
             first_s = np.where(np.isnan(first_s) & working, a, first_s)
@@ -396,13 +448,26 @@ def simulate(
             grid_wh += e_wh - local
             grid_g += (e_wh - local) * g_kwh
             left -= w
-            end = np.where(working, a + w, np.where(owing, b, end))
-        done_s = share * cfg.round_duration_s - np.maximum(left, 0.0)
-        rounds_worked += done_s > 0
-        tokens += float(swarm.tokens_per_s @ done_s)
+            done_at = np.where(owing & (left <= 1e-6), a + w, done_at)
+        decision, close_s = _close(assigned, held, done_at, deadline_at, rules, swarm.ids)
+        counted = assigned & (done_at <= close_s)  # accepted: a late node's work is lost
+        missed += int((assigned & ~counted).sum())
+        for k, w in chunks:
+            pending_bin[k] += float(tps[counted] @ w[counted])
+        pending_node += np.where(counted, steps * tokens_per_step, 0.0)
+        held |= counted
+        if decision is Decision.REPLAN:  # accepted uploads keep their place; the rest re-planned
+            replans += 1
+            now = close_s
+            continue
+        tokens_bin += pending_bin
+        tokens_node += pending_node
+        tokens += float(pending_node.sum())
+        rounds_worked += held
+        pending_bin[:], pending_node[:], held[:] = 0.0, 0.0, False
         rounds += 1
-        round_end = float(end.max()) + cfg.round_overhead_s
-        swarm.idle(float(end.max()), round_end)
+        round_end = close_s + cfg.round_overhead_s
+        swarm.idle(close_s, round_end)
         now = round_end
         if tokens >= cfg.tokens_target - 1.0:
             finished = now
@@ -413,7 +478,7 @@ def simulate(
             round_index=int(rounds_worked[i]),
             start_s=float(first_s[i]),
             duration_s=float(worked_s[i]),
-            tokens=float(swarm.tokens_per_s[i] * worked_s[i]),
+            tokens=float(tokens_node[i]),
             energy_wh=float(energy_wh[i]),
             intensity_g_per_kwh=float(grid_g[i] / grid_wh[i]) if grid_wh[i] > 0 else 0.0,
             local_energy_wh=float(min(local_wh[i], energy_wh[i])),
@@ -431,12 +496,50 @@ def simulate(
         deadline_s=cfg.deadline_s,
         rounds=rounds,
         deferrals=deferrals,
+        replans=replans,
+        missed=missed,
         timeline_s=cfg.start_s + np.arange(used) * cfg.step_s,
         tokens_per_bin=tokens_bin[:used],
         emissions_g_per_bin=emis_bin[:used],
         energy_wh_per_bin=energy_bin[:used],
         plans=plans,
     )
+
+
+def _close(
+    assigned: np.ndarray,
+    held: np.ndarray,
+    done_at: np.ndarray,
+    deadline_at: float,
+    rules: RoundRules,
+    ids: Sequence[str],
+) -> tuple[Decision, float]:
+    """When the hub's round engine (`rounds.decide`) closes or re-plans this round, and which.
+
+    The round's state only changes when an upload arrives, so the engine is asked when the last
+    one is in and, failing that, at the deadline. `held`: uploads accepted in an earlier attempt
+    of this round."""
+    rows = np.nonzero(assigned | held)[0]
+    last_in = float(np.where(held, -np.inf, done_at)[rows].max())
+    for t in (last_in, deadline_at) if last_in <= deadline_at else (deadline_at,):
+        state = RoundState(
+            status=RoundStatus.OPEN,
+            deadline_at=deadline_at,
+            assignments=tuple(
+                AssignmentState(
+                    ids[i],
+                    AssignmentStatus.SUBMITTED
+                    if held[i] or done_at[i] <= t
+                    else AssignmentStatus.ASSIGNED,
+                    t,
+                )
+                for i in rows.tolist()
+            ),
+        )
+        decision = decide(state, rules, t)
+        if decision is not Decision.WAIT:
+            return decision, t
+    raise AssertionError("a round at its deadline is always closed or re-planned")
 
 
 @dataclass(frozen=True)
