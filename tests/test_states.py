@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, update
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 
@@ -15,12 +15,19 @@ from gridswarm.hub import models as m
 from gridswarm.hub.lifecycle import FINAL, NOT_ENDED, RunState
 from gridswarm.hub.states import (
     ASSIGNMENT_FINAL,
+    ASSIGNMENT_MOVES,
+    ASSIGNMENT_START,
+    CONTRIBUTION_MOVES,
+    CONTRIBUTION_START,
     COUNTS_FOR_QUORUM,
     HOLDS_PLACE,
     NOT_IN_SUM,
     ROUND_FINAL,
+    ROUND_MOVES,
+    ROUND_START,
     AssignmentStatus,
     ContributionStatus,
+    IllegalMove,
     RoundStatus,
 )
 from gridswarm.identity import Identity
@@ -70,11 +77,13 @@ def test_every_status_an_in_process_run_stores_is_typed(tmp_path: Path):
         ):
             rows = s.scalars(select(table)).all()
             assert rows and all(type(r.status) is enum for r in rows), table.__tablename__
-        # and refuses to write a word that is no member: nothing unknown reaches the table
+        # and refuses to write a word that is no member: nothing unknown reaches the table,
+        # neither through the model (its validator) nor through a bulk UPDATE (the column type)
         a = s.scalars(select(m.Assignment)).first()
-        a.status = "lost"
+        with pytest.raises(ValueError, match="'lost' is not a valid AssignmentStatus"):
+            a.status = "lost"
         with pytest.raises(StatementError, match="'lost' is not a valid AssignmentStatus"):
-            s.flush()
+            s.execute(update(m.Assignment).values(status="lost"))
     assert stored["runs"] == {"finished"}
     assert RoundStatus.CLOSED in stored["rounds"]
     assert AssignmentStatus.SUBMITTED in stored["assignments"]
@@ -98,3 +107,60 @@ def test_a_heartbeat_reports_a_node_status_but_never_sets_left(tmp_path: Path):
         s.commit()
         row = s.get(m.Node, node.node_id)
         assert row.status is NodeStatus.PAUSED
+
+
+def test_the_transition_tables_match_the_groups():
+    """Final states have no way out, a place-holding assignment only ends, and every status is
+    reachable from where its row starts."""
+    for moves, start in (
+        (ROUND_MOVES, ROUND_START),
+        (ASSIGNMENT_MOVES, ASSIGNMENT_START),
+        (CONTRIBUTION_MOVES, CONTRIBUTION_START),
+    ):
+        assert set(moves) == set(type(next(iter(start))))
+        seen, frontier = set(start), list(start)
+        while frontier:
+            for nxt in moves[frontier.pop()] - seen:
+                seen.add(nxt)
+                frontier.append(nxt)
+        assert seen == set(moves)
+    assert all(not ASSIGNMENT_MOVES[s] for s in ASSIGNMENT_FINAL)
+    assert not ROUND_MOVES[RoundStatus.CLOSED]
+    # the hub's bulk UPDATEs (they bypass the ORM validators): source statuses in their WHERE
+    bulk = [
+        (ASSIGNMENT_MOVES, {AssignmentStatus.ASSIGNED}, AssignmentStatus.MISSED),
+        (ASSIGNMENT_MOVES, {AssignmentStatus.ASSIGNED}, AssignmentStatus.RELEASED),
+        (ASSIGNMENT_MOVES, HOLDS_PLACE, AssignmentStatus.DISCARDED),
+        (
+            CONTRIBUTION_MOVES,
+            set(ContributionStatus) - {ContributionStatus.DISCARDED},
+            ContributionStatus.DISCARDED,
+        ),
+    ]
+    for moves, sources, target in bulk:
+        assert all(target in moves[s] for s in sources), (sources, target)
+
+
+def test_an_illegal_move_raises_before_anything_is_stored(tmp_path: Path):
+    """Every ORM status write goes through its lifecycle's table (models' validators)."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    m.Base.metadata.create_all(engine)
+    with pytest.raises(IllegalMove, match="round: \\(new\\) -> closed"):
+        m.Round(run_id="r", number=0, base_version=0, status=RoundStatus.CLOSED)
+    rnd = m.Round(run_id="r", number=0, base_version=0, status=RoundStatus.PENDING)
+    rnd.status = RoundStatus.OPEN
+    rnd.status = RoundStatus.OPEN  # the same status again is no move
+    rnd.status = RoundStatus.CLOSED
+    with pytest.raises(IllegalMove, match="round: closed -> open"):
+        rnd.status = RoundStatus.OPEN
+    assert rnd.status == RoundStatus.CLOSED
+    a = m.Assignment(id="a", status=AssignmentStatus.ASSIGNED)
+    a.status = AssignmentStatus.SUBMITTED
+    with pytest.raises(IllegalMove):
+        a.status = AssignmentStatus.MISSED  # an accepted upload is never "missed"
+    c = m.Contribution(id="c", status=ContributionStatus.ACCEPTED)
+    c.status = ContributionStatus.REJECTED
+    with pytest.raises(IllegalMove):
+        c.status = ContributionStatus.ACCEPTED
+    with pytest.raises(ValueError):
+        c.status = "approved"  # not a member of its enum at all

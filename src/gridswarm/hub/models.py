@@ -21,13 +21,24 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, validates
 
 from gridswarm.config import RunConfig
 from gridswarm.db import Base
 from gridswarm.hub.errors import UnreadableSettings
 from gridswarm.hub.lifecycle import RunState
-from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.states import (
+    ASSIGNMENT_MOVES,
+    ASSIGNMENT_START,
+    CONTRIBUTION_MOVES,
+    CONTRIBUTION_START,
+    ROUND_MOVES,
+    ROUND_START,
+    AssignmentStatus,
+    ContributionStatus,
+    RoundStatus,
+    checked_move,
+)
 from gridswarm.protocol import NodeStatus
 
 
@@ -138,6 +149,10 @@ class Round(Base):
     closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     close_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
+    @validates("status")
+    def _move(self, _key: str, new: RoundStatus) -> RoundStatus:
+        return checked_move("round", ROUND_MOVES, ROUND_START, self.status, RoundStatus(new))
+
 
 class Assignment(Base):
     __tablename__ = "assignments"
@@ -158,6 +173,12 @@ class Assignment(Base):
     status: Mapped[AssignmentStatus] = mapped_column(
         Status(AssignmentStatus), default=AssignmentStatus.ASSIGNED
     )
+
+    @validates("status")
+    def _move(self, _key: str, new: AssignmentStatus) -> AssignmentStatus:
+        return checked_move(
+            "assignment", ASSIGNMENT_MOVES, ASSIGNMENT_START, self.status, AssignmentStatus(new)
+        )
 
 
 class Contribution(Base):
@@ -207,6 +228,16 @@ class Contribution(Base):
     reward_units: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     verdict_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
+
+    @validates("status")
+    def _move(self, _key: str, new: ContributionStatus) -> ContributionStatus:
+        return checked_move(
+            "contribution",
+            CONTRIBUTION_MOVES,
+            CONTRIBUTION_START,
+            self.status,
+            ContributionStatus(new),
+        )
 
     @classmethod
     def accepted(

@@ -1500,14 +1500,16 @@ class HubService:
         numel = run.numel if fragment is None else fragment[1] - fragment[0]
         if not cfg.privacy.secagg:
             codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
-            updates = torch.stack(
-                [codec.decode(unpack(self.blobs.get(c.id))[0], numel) for c in contributions]
-            )
+            # decoded one by one into their rows: one fp32 copy of each, never two
+            updates = torch.empty(len(contributions), numel)
+            for row, c in zip(updates, contributions, strict=True):
+                row.copy_(codec.decode(unpack(self.blobs.get(c.id))[0], numel))
             weights = torch.tensor([float(c.tokens) for c in contributions])
         # plain aggregator, DP-FedAvg (clip + noise + accounting) or the SecAgg sum: hub/privacy.py
         pseudo_gradient = self.privacy.aggregate(
             s, run, rnd, cfg, contributions, updates, weights, now
         )
+        del updates  # the round's decoded uploads: N fp32 models, not needed past the aggregate
         theta = unpack_vector(self.blobs.get(base.weights_blob))
         momentum = unpack_vector(self.blobs.get(base.momentum_blob)) if base.momentum_blob else None
         residual = (
@@ -1526,6 +1528,7 @@ class HubService:
             block_size=cfg.comm.block_size,
             fragment=fragment,
         )
+        del theta, momentum, residual, pseudo_gradient  # the outer step's inputs, before packing
         theta_new, encoded = out.theta, out.delta
         number = rnd.base_version + 1
         delta_meta: dict[str, object] = {

@@ -30,7 +30,9 @@ Contribution (an accepted upload):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import TypeVar
 
 
 class RoundStatus(StrEnum):
@@ -74,3 +76,58 @@ ASSIGNMENT_FINAL = frozenset(AssignmentStatus) - HOLDS_PLACE
 COUNTS_FOR_QUORUM = frozenset({ContributionStatus.ACCEPTED, ContributionStatus.DROPPED})
 # never reached a SecAgg sum: the node's task answers `aborted`
 NOT_IN_SUM = frozenset({ContributionStatus.DROPPED, ContributionStatus.DISCARDED})
+
+
+# --- the transitions (the diagrams above, as data): status -> the statuses it may move to.
+# Every ORM write of a status is checked against these (`checked_move`, called by the models'
+# validators); the hub's few bulk UPDATEs name their source statuses in their WHERE clause, and
+# tests/hub/test_states.py checks each of those moves against the same tables.
+ROUND_MOVES: Mapping[RoundStatus, frozenset[RoundStatus]] = {
+    RoundStatus.PENDING: frozenset({RoundStatus.OPEN}),
+    RoundStatus.OPEN: frozenset({RoundStatus.CLOSED, RoundStatus.SECAGG, RoundStatus.PENDING}),
+    RoundStatus.SECAGG: frozenset({RoundStatus.CLOSED, RoundStatus.PENDING}),
+    RoundStatus.CLOSED: frozenset(),
+}
+ASSIGNMENT_MOVES: Mapping[AssignmentStatus, frozenset[AssignmentStatus]] = {
+    AssignmentStatus.ASSIGNED: frozenset(AssignmentStatus) - {AssignmentStatus.ASSIGNED},
+    AssignmentStatus.SUBMITTED: frozenset({AssignmentStatus.REJECTED, AssignmentStatus.DISCARDED}),
+} | {final: frozenset() for final in ASSIGNMENT_FINAL}
+CONTRIBUTION_MOVES: Mapping[ContributionStatus, frozenset[ContributionStatus]] = {
+    ContributionStatus.ACCEPTED: frozenset(ContributionStatus) - {ContributionStatus.ACCEPTED},
+    ContributionStatus.REJECTED: frozenset({ContributionStatus.DISCARDED}),
+    ContributionStatus.DROPPED: frozenset({ContributionStatus.DISCARDED}),
+    ContributionStatus.DISCARDED: frozenset(),
+}
+# where a row starts its life
+ROUND_START = frozenset({RoundStatus.PENDING})
+ASSIGNMENT_START = frozenset({AssignmentStatus.ASSIGNED})
+CONTRIBUTION_START = frozenset({ContributionStatus.ACCEPTED})
+
+
+S = TypeVar("S", bound=StrEnum)
+
+
+class IllegalMove(RuntimeError):
+    """A status change its lifecycle does not have: a bug in the hub, never a client's fault
+    (the request fails with 500 and its transaction is rolled back, so nothing is stored)."""
+
+    def __init__(self, kind: str, old: StrEnum | None, new: StrEnum) -> None:
+        super().__init__(f"{kind}: {old or '(new)'} -> {new} is not a move of its lifecycle")
+        self.kind, self.old, self.new = kind, old, new
+
+
+def checked_move(
+    kind: str,
+    moves: Mapping[S, frozenset[S]],
+    start: frozenset[S],
+    old: S | None,
+    new: S,
+) -> S:
+    """`new` if a row of `kind` in status `old` (None: being created) may move to it, else
+    `IllegalMove`. Writing the status a row already has is no move and always allowed."""
+    if old is None:
+        if new not in start:
+            raise IllegalMove(kind, old, new)
+    elif new != old and new not in moves[old]:
+        raise IllegalMove(kind, old, new)
+    return new
