@@ -152,6 +152,7 @@ def run_gridswarm(config: dict, progress: Progress, codec_name: str) -> dict:
         f"gridswarm (4 nodes, {codec_name}), tokens", total=config["budget"]["tokens"]
     )
     swarm = Swarm(Path(tempfile.mkdtemp(prefix="bench-comm-")), free_port(), liveness_s=60)
+    swarm.data_roots = [Path(config["data"]["dataset"]).parent]  # the prepared corpus's folder
     try:
         swarm.start_hub()
         sponsor = HubClient(swarm.url, Identity.generate())

@@ -41,12 +41,14 @@ def tiny_run(**overrides: object) -> dict:
 
 
 @pytest.fixture
-def make_swarm(tmp_path: Path) -> Iterator[Callable[..., Swarm]]:
-    """Factory of local swarms; every process started is stopped (by pid) at teardown."""
+def make_swarm(tmp_path: Path, tmp_path_factory) -> Iterator[Callable[..., Swarm]]:
+    """Factory of local swarms; every process started is stopped (by pid) at teardown. Hub and
+    nodes may read datasets under the session's temporary folders (`--data-root`)."""
     swarms: list[Swarm] = []
 
     def make(**kwargs: object) -> Swarm:
         swarm = Swarm(tmp_path / f"swarm{len(swarms)}", free_port(), **kwargs)
+        swarm.data_roots = [tmp_path_factory.getbasetemp()]
         swarm.workdir.mkdir(parents=True)
         swarms.append(swarm)
         return swarm

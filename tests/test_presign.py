@@ -31,7 +31,7 @@ def s3_hub(s3_server, tmp_path: Path) -> Iterator[Callable[..., Hub]]:
 
     def make(presign: bool = True) -> Hub:
         n = len(opened)
-        settings = HubSettings(presign_downloads=presign)
+        settings = HubSettings(presign_downloads=presign, data_roots=(tmp_path,))
         service = build_service(
             f"sqlite:///{tmp_path}/hub{n}.db",
             f"s3://gridswarm-presign/hub{n}",

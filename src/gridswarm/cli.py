@@ -160,6 +160,13 @@ def hub(
         Path | None,
         typer.Option(help="file of sponsor public keys (hex, one a line); default: open hub"),
     ] = None,
+    data_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="a folder whose files and prepared datasets a run's data.dataset may name on "
+            "the hub's disk (repeatable; default: none, runs name bundled or manifest: datasets)"
+        ),
+    ] = None,
     max_active_runs: Annotated[
         int, typer.Option(min=1, help="open hub: active runs per identity")
     ] = 8,
@@ -287,6 +294,7 @@ def hub(
         liveness_s=liveness_s,
         signals=by_region,
         sponsors=allowed,
+        data_roots=tuple(data_root or ()),
         max_active_runs_per_identity=max_active_runs,
         max_runs_per_hour_per_identity=max_runs_per_hour,
         requests_per_s=requests_per_s,
@@ -328,6 +336,13 @@ def node(
     ] = DEFAULT_HOME / "node",
     run: Annotated[str | None, typer.Option(help="run id (default: newest active run)")] = None,
     data: Annotated[Path | None, typer.Option(help="local text for federated runs")] = None,
+    data_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="a folder whose files a run's data.dataset may name on this machine "
+            "(repeatable; default: none, runs must name bundled or manifest: datasets)"
+        ),
+    ] = None,
     max_threads: Annotated[int, typer.Option(help="torch threads to use")] = 1,
     region: Annotated[str | None, typer.Option(help="grid region, e.g. DE or CISO")] = None,
     name: Annotated[str | None, typer.Option(help="a display name")] = None,
@@ -383,6 +398,7 @@ def node(
             home=home,
             run_id=run,
             data=data,
+            data_roots=tuple(data_root or ()),
             max_threads=max_threads,
             region=region,
             name=name,

@@ -127,6 +127,8 @@ class Swarm:
         # key and blob cache live in workdir/hub-home)
         self.blobs: str | None = None
         self.replicas: dict[int, subprocess.Popen] = {}  # port -> hub replica (start_replica)
+        # folders a run's data.dataset may name (`--data-root` of the hub and of every node)
+        self.data_roots: list[Path] = []
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         """`python -m gridswarm.cli ARGS` with output appended to `log_name` in the workdir."""
@@ -152,8 +154,12 @@ class Swarm:
             "--liveness-s",
             str(self.liveness_s),
             *home,
+            *self._data_root_args(),
             *self.hub_extra,
         ]
+
+    def _data_root_args(self) -> list[str]:
+        return [arg for root in self.data_roots for arg in ("--data-root", str(root))]
 
     def start_hub(self, timeout_s: float = 60.0) -> None:
         self.hub = self._spawn(self._hub_args(self.port), "hub.log")
@@ -202,6 +208,7 @@ class Swarm:
                 str(throttle),
                 "--max-threads",
                 "1",
+                *self._data_root_args(),
                 *(extra or []),
             ],
             f"{name}.log",

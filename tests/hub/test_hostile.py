@@ -85,6 +85,63 @@ def test_unbounded_run_settings_are_refused(hub, section, field, value):
 
 
 @pytest.mark.parametrize(
+    "dataset",
+    ["/etc/hostname", "/etc", "~", "..", "/nonexistent/secret.txt", "notes/../../etc/passwd"],
+)
+def test_a_run_may_not_make_the_hub_read_its_files(tmp_path, dataset):
+    """`data.dataset` is the sponsor's, who on an open hub is anyone: a path is read only under
+    the hub operator's `--data-root`, and a refusal stores nothing."""
+    root = tmp_path / "datasets"
+    root.mkdir()
+    hub = Hub(tmp_path, HubSettings(data_roots=(root,)))
+    before = hub.snapshot()
+    r = hub.post(
+        Identity.generate(), f"{API}/runs", {"config": run_config(data={"dataset": dataset})}
+    )
+    body = refused(r, 422, Refusal.INVALID_CONFIG)
+    assert "--data-root" in body["detail"] and str(root) in body["detail"]
+    assert hub.snapshot() == before
+    # under the root a path is taken; bundled names and manifests never name a file
+    (root / "corpus.txt").write_text("to be or not to be " * 3000)
+    for ok in (str(root / "corpus.txt"), str(root), "tinyshakespeare"):
+        r = hub.post(
+            Identity.generate(), f"{API}/runs", {"config": run_config(data={"dataset": ok})}
+        )
+        assert r.status_code == 200, r.text
+    # a symlink inside the root that leads out of it is a path outside it
+    (root / "escape").symlink_to("/etc")
+    r = hub.post(
+        Identity.generate(),
+        f"{API}/runs",
+        {"config": run_config(data={"dataset": str(root / "escape")})},
+    )
+    refused(r, 422, Refusal.INVALID_CONFIG)
+
+
+def test_a_node_reads_no_file_a_run_names_outside_its_data_roots(tmp_path):
+    """The node's side of the same rule: the run's config comes from the hub, which relays a
+    sponsor's; the node refuses to train on a path it was not told to share (reported to the
+    hub as a failure, like a missing dataset), and trains on one under its `--data-root`."""
+    from gridswarm.node.agent import NodeAgent, NodeOptions
+    from gridswarm.train.dataset import DatasetError
+
+    secret = tmp_path / "private" / "diary.txt"
+    secret.parent.mkdir()
+    secret.write_text("nobody's business " * 2000)
+    config = run_config(data={"dataset": str(secret)})
+    agent = NodeAgent(NodeOptions(hub_url="http://127.0.0.1:9", home=tmp_path / "node"))
+    with pytest.raises(DatasetError, match="this node reads paths only under its --data-root"):
+        agent.workload("r1", config)
+    opened = NodeAgent(
+        NodeOptions(
+            hub_url="http://127.0.0.1:9", home=tmp_path / "node2", data_roots=(secret.parent,)
+        )
+    )
+    assert opened.workload("r1", config).numel > 0
+    assert agent.workload("r2", run_config()).numel > 0  # bundled: no file named
+
+
+@pytest.mark.parametrize(
     "overrides",
     [
         {"model": {"n_layer": 1024, "n_head": 64, "n_embd": 65536}},

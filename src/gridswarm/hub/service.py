@@ -92,6 +92,7 @@ from gridswarm.train.dataset import (
     MANIFEST_PREFIX,
     BlobSource,
     PreparedCorpus,
+    check_dataset_path,
     import_dataset,
     is_prepared,
     manifest_ref,
@@ -180,6 +181,9 @@ class HubSettings:
     blob_cache_bytes: int = 20 << 30
     # who may register node identities (hub/registration.py): invites, or bounds on new ones
     registration: RegistrationPolicy = field(default_factory=RegistrationPolicy)
+    # folders on the hub's disk a run's `data.dataset` may name (`--data-root`); none: runs name
+    # bundled datasets or `manifest:<sha256>` only (train/dataset.py `check_dataset_path`)
+    data_roots: tuple[Path, ...] = ()
 
 
 def liveness_state(status: NodeStatus, silent_s: float, liveness_s: float) -> Liveness:
@@ -595,6 +599,7 @@ class HubService:
             raise HubError(422, str(exc), Refusal.INVALID_CONFIG) from exc
         run_id = uuid.uuid4().hex[:12]
         try:
+            check_dataset_path(cfg.data.dataset, self.settings.data_roots, "this hub")
             cfg = self._import_dataset(cfg)
             workload = Workload.from_config(cfg, source=BlobSource(self.blobs))
         except (OSError, ValueError) as exc:
@@ -1502,8 +1507,8 @@ class HubService:
             codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
             # decoded one by one into their rows: one fp32 copy of each, never two
             updates = torch.empty(len(contributions), numel)
-            for row, c in zip(updates, contributions, strict=True):
-                row.copy_(codec.decode(unpack(self.blobs.get(c.id))[0], numel))
+            for i, c in enumerate(contributions):
+                updates[i] = codec.decode(unpack(self.blobs.get(c.id))[0], numel)
             weights = torch.tensor([float(c.tokens) for c in contributions])
         # plain aggregator, DP-FedAvg (clip + noise + accounting) or the SecAgg sum: hub/privacy.py
         pseudo_gradient = self.privacy.aggregate(

@@ -52,7 +52,7 @@ from gridswarm.protocol import (
 )
 from gridswarm.train.codecs import ErrorFeedback, make_codec
 from gridswarm.train.data import Batch, read_text, slice_seed
-from gridswarm.train.dataset import BlobSource, DatasetError
+from gridswarm.train.dataset import BlobSource, DatasetError, check_dataset_path
 from gridswarm.train.device import device_class, resolve_device
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.streaming import LocalState, Progress
@@ -78,6 +78,9 @@ class NodeOptions:
     home: Path
     run_id: str | None = None
     data: Path | None = None  # local text for federated runs
+    # folders whose files a run's data.dataset may name here (`--data-root`); none: a run
+    # must name a bundled dataset or `manifest:<sha256>` (train/dataset.check_dataset_path)
+    data_roots: tuple[Path, ...] = ()
     max_threads: int = 1
     region: str | None = None
     name: str | None = None
@@ -305,6 +308,8 @@ class NodeAgent:
                 if self.options.data is None:
                     raise ValueError(f"run {run_id} is federated: start the node with --data PATH")
                 text = read_text(str(self.options.data))
+            else:  # the sponsor's config must not make this machine read its files
+                check_dataset_path(cfg.data.dataset, self.options.data_roots, "this node")
             # a prepared dataset's shards are fetched (only those a slice draws) into the cache
             source = BlobSource(self.cache, self._fetch_dataset_blob)
             self._workloads[run_id] = Workload.from_config(cfg, text=text, source=source).to(

@@ -75,8 +75,9 @@ def _usable_rows(
     weights = weights.to(torch.float32)
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise AggregationError("weights must be finite and >= 0")
-    # A row sum is finite iff every entry is (or the row is absurdly large): one fast mat-vec.
-    finite = torch.isfinite(updates @ torch.ones(updates.shape[1], dtype=torch.float32))
+    # A row sum is finite iff every entry is (or the row is absurdly large): one fast pass,
+    # with no model-sized temporary
+    finite = torch.isfinite(updates.sum(dim=1))
     keep = finite & (weights > 0)
     if not bool(keep.any()):
         raise AggregationError("no update has a positive weight and finite values")

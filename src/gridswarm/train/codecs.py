@@ -79,16 +79,20 @@ class Blockwise:
         return 2 ** (self.bits - 1) - 1
 
     def _blocks(self, vec: torch.Tensor) -> torch.Tensor:
+        """`vec` as rows of `block_size` (zero-padded); a view, not a copy, when it fits."""
         pad = (-vec.numel()) % self.block_size
-        return torch.nn.functional.pad(vec.float(), (0, pad)).view(-1, self.block_size)
+        vec = vec.float()
+        return (torch.nn.functional.pad(vec, (0, pad)) if pad else vec).view(-1, self.block_size)
 
     def encode(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
         if not torch.isfinite(vec).all():
             raise ValueError("cannot quantise a vector with non-finite values")
         blocks = self._blocks(vec)
-        scale = blocks.abs().amax(dim=1, keepdim=True) / self.qmax
+        # |x| max per block without an |x| copy of the vector (the hub encodes whole models)
+        absmax = torch.maximum(blocks.amax(dim=1, keepdim=True), -blocks.amin(dim=1, keepdim=True))
+        scale = absmax / self.qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(blocks / scale).clamp_(-self.qmax, self.qmax).to(torch.int8).view(-1)
+        q = (blocks / scale).round_().clamp_(-self.qmax, self.qmax).to(torch.int8).view(-1)
         if self.bits == 4:  # two signed nibbles per byte, offset to 0..14
             u = (q + 8).to(torch.uint8)
             q = (u[0::2] | (u[1::2] << 4)).to(torch.uint8)
@@ -110,7 +114,7 @@ class Blockwise:
             low = (q & 0x0F).to(torch.int8) - 8
             high = (q >> 4).to(torch.int8) - 8
             q = torch.stack([low, high], dim=1).view(-1)
-        values = q.view(n_blocks, self.block_size).float() * scale.view(-1, 1)
+        values = q.view(n_blocks, self.block_size).float().mul_(scale.view(-1, 1))
         return values.view(-1)[:numel]
 
 

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tokenizers import Tokenizer
 
 from gridswarm.blobs import BlobError, FileBlobStore, check_digest, sha256_hex
+from gridswarm.train.data import BUNDLED
 from gridswarm.train.tokenizer import (
     MAX_VOCAB_SIZE,
     TOKENIZER_FILE,
@@ -137,6 +138,27 @@ def is_prepared(dataset: str) -> bool:
         return (Path(dataset).expanduser() / MANIFEST).is_file()
     except (OSError, RuntimeError):  # a name too long, `~nosuchuser`: not a prepared folder
         return False
+
+
+def check_dataset_path(dataset: str, roots: tuple[Path, ...], where: str) -> None:
+    """Refuse (`DatasetError`) a `data.dataset` that makes this machine read a file it was not
+    told to share. A run's config is its sponsor's, who on an open hub is anyone, and the hub
+    and every node read `data.dataset`: a bundled name or `manifest:<sha256>` names no file, and
+    a path is read only when it lies under one of `roots`, the folders this machine's operator
+    opened (`--data-root`). `where` names the machine and its option in the message."""
+    if dataset in BUNDLED or dataset.startswith(MANIFEST_PREFIX):
+        return
+    try:
+        path = Path(dataset).expanduser().resolve()  # symlinks followed: no way out of a root
+        if any(path.is_relative_to(root.expanduser().resolve()) for root in roots):
+            return
+    except (OSError, RuntimeError, ValueError) as exc:  # `~nosuchuser`, a name too long, NUL
+        raise DatasetError(f"data.dataset: not a usable path: {exc}") from exc
+    opened = ", ".join(str(r) for r in roots) if roots else "none"
+    raise DatasetError(
+        f"data.dataset: {dataset!r} is a path, and {where} reads paths only under its "
+        f"--data-root folders ({opened}); name a bundled dataset or manifest:<sha256>"
+    )
 
 
 def manifest_ref(dataset: str) -> str | None:

@@ -22,9 +22,13 @@ class OuterStep:
 def nesterov_step(
     pseudo_gradient: torch.Tensor, momentum: torch.Tensor | None, lr: float, mu: float
 ) -> OuterStep:
-    """One outer step: buf = mu*buf + g; update = lr * (g + mu*buf)."""
-    buf = pseudo_gradient.clone() if momentum is None else mu * momentum + pseudo_gradient
-    return OuterStep(update=lr * (pseudo_gradient + mu * buf), momentum=buf)
+    """One outer step: buf = mu*buf + g; update = lr * (g + mu*buf).
+
+    Written in place on two new buffers (the same IEEE operations, so the same bits) because
+    the hub applies it to whole models: no third model-sized temporary."""
+    buf = pseudo_gradient.clone() if momentum is None else (momentum * mu).add_(pseudo_gradient)
+    update = (buf * mu).add_(pseudo_gradient).mul_(lr)
+    return OuterStep(update=update, momentum=buf)
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,11 @@ def outer_update(
         step = nesterov_step(pseudo_gradient, momentum, lr, mu)
         feedback = ErrorFeedback(make_codec(codec_down, block_size), residual)
         encoded = feedback.encode(step.update)
+        momentum_new = step.momentum
+        del step  # the update is in `encoded` and the residual now: free it before the weights
         theta_new = theta - feedback.codec.decode(encoded, theta.numel())
         assert feedback.residual is not None
-        return OuterUpdate(theta_new, encoded, step.momentum, feedback.residual)
+        return OuterUpdate(theta_new, encoded, momentum_new, feedback.residual)
     start, end = fragment
     if not 0 <= start < end <= theta.numel() or pseudo_gradient.numel() != end - start:
         raise ValueError(
