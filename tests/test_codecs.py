@@ -1,7 +1,9 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gridswarm.train.codecs import ErrorFeedback, make_codec
+from gridswarm.train.codecs import ErrorFeedback, NonFinitePayload, check_payload, make_codec
 from gridswarm.train.params import BlobFormatError, pack, unpack
 
 
@@ -83,3 +85,40 @@ def test_outer_update_moves_weights_by_what_nodes_decode():
         moved += decoded
         theta, momentum, residual = out.theta, out.momentum, out.residual
     assert torch.allclose(moved + residual, exact, atol=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bits=st.sampled_from([8, 4]),
+    n_blocks=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.floats(min_value=0.0, max_value=3.4e38, allow_nan=False, allow_infinity=False),
+)
+def test_checking_a_payload_without_decoding_agrees_with_decoding(bits, n_blocks, seed, scale):
+    """The hub checks an upload's values from its scales alone (`check_payload`): a payload
+    passes exactly when decoding it gives finite values, for any q a sender may put there (int8
+    -128 included) and scales up to float32's largest."""
+    codec = make_codec(f"int{bits}", 32)
+    numel = n_blocks * 32 - 5
+    g = torch.Generator().manual_seed(seed)
+    qdtype = torch.int8 if bits == 8 else torch.uint8
+    q = torch.randint(
+        -128 if bits == 8 else 0,
+        128 if bits == 8 else 256,
+        (n_blocks * 32 // (1 if bits == 8 else 2),),
+        generator=g,
+        dtype=torch.int16,
+    ).to(qdtype)
+    q[0] = -128 if bits == 8 else 0  # the largest magnitude a sender can encode
+    scales = torch.full((n_blocks,), scale, dtype=torch.float32)
+    payload = {"q": q, "scale": scales}
+    finite = bool(torch.isfinite(codec.decode(payload, numel)).all())
+    if finite:
+        check_payload(codec, payload, numel)
+    else:
+        with pytest.raises(NonFinitePayload):
+            check_payload(codec, payload, numel)
+    for bad in (float("inf"), float("nan")):  # malformed, not merely overflowing
+        with pytest.raises(BlobFormatError) as err:
+            check_payload(codec, {"q": q, "scale": torch.full((n_blocks,), bad)}, numel)
+        assert not isinstance(err.value, NonFinitePayload)

@@ -26,6 +26,22 @@ class Codec(Protocol):
     def decode(self, tensors: dict[str, torch.Tensor], numel: int) -> torch.Tensor: ...
 
 
+class NonFinitePayload(BlobFormatError):
+    """A well-formed payload whose values would decode to inf or NaN."""
+
+
+def check_payload(codec: Codec, tensors: dict[str, torch.Tensor], numel: int) -> None:
+    """Raise `BlobFormatError` unless `tensors` decode to `numel` values, `NonFinitePayload`
+    unless those are finite. A codec with a `check` method (the blockwise ones: their scales
+    bound every value) answers without decoding, so the hub checks an upload without making a
+    model-sized copy of it; any other codec (plugins included) is decoded once."""
+    check = getattr(codec, "check", None)
+    if check is not None:
+        check(tensors, numel)
+    elif not torch.isfinite(codec.decode(tensors, numel)).all():
+        raise NonFinitePayload(f"{codec.name} payload has non-finite values")
+
+
 def _require(tensors: dict[str, torch.Tensor], names_dtypes: dict[str, torch.dtype]) -> None:
     for name, dtype in names_dtypes.items():
         if name not in tensors:
@@ -98,7 +114,8 @@ class Blockwise:
             q = (u[0::2] | (u[1::2] << 4)).to(torch.uint8)
         return {"q": q, "scale": scale.view(-1)}
 
-    def decode(self, tensors: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+    def _parts(self, tensors: dict[str, torch.Tensor], numel: int) -> tuple[torch.Tensor, ...]:
+        """The payload's (q, scale, n_blocks), checked: dtypes, sizes, finite scales."""
         qdtype = torch.uint8 if self.bits == 4 else torch.int8
         _require(tensors, {"q": qdtype, "scale": torch.float32})
         n_blocks = -(-numel // self.block_size)
@@ -110,6 +127,17 @@ class Blockwise:
             )
         if not torch.isfinite(scale).all():
             raise BlobFormatError(f"{self.name} payload has non-finite scales")
+        return q, scale, n_blocks
+
+    def check(self, tensors: dict[str, torch.Tensor], numel: int) -> None:
+        """What `decode` checks, and that every decoded value is finite: |q| <= qmax + 1 (a
+        hostile int8 may hold -128), so all are iff (qmax + 1) × scale is, per block."""
+        _, scale, _ = self._parts(tensors, numel)
+        if not torch.isfinite(scale * (self.qmax + 1)).all():
+            raise NonFinitePayload(f"{self.name} payload has scales that overflow to inf")
+
+    def decode(self, tensors: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+        q, scale, n_blocks = self._parts(tensors, numel)
         if self.bits == 4:
             low = (q & 0x0F).to(torch.int8) - 8
             high = (q >> 4).to(torch.int8) - 8
