@@ -1,6 +1,7 @@
 """Robustness benchmark: DiLoCo rounds with Byzantine nodes, for every aggregator and attack.
 
     python bench/robustness.py --quick --out bench/results/robustness_quick.json
+    python bench/robustness.py --quick --attacks all --out bench/results/robustness.json
 
 A small byte-level GPT (gridswarm.train.model) trains on tinyshakespeare with simulated nodes in
 one process: each round every honest node runs H inner AdamW steps (gridswarm.train.local) on its
@@ -20,7 +21,8 @@ are simply filtered or drowned and every aggregator looks alike.
 Attacks with their literature parameters (see ATTACK_VARIANTS): ALIE (Baruch et al. 2019) with
 z from the paper's n/f formula and with a fixed z = 1; inner-product manipulation (Xie et al.
 2019) with a small epsilon = 0.1 (aimed at Krum / median) and a large epsilon = 10 (> (n-f)/f at
-every fraction here, which reverses the plain mean). --quick runs only those four; the default
+every fraction here, which reverses the plain mean). --quick runs only those four (--attacks
+all adds the rest); the default
 preset adds sign-flip, scaling, noise and garbage data.
 
 Reported: held-out eval loss after the same number of rounds for 0 % attackers and each attacker
@@ -433,12 +435,27 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/robustness.json"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iid", action="store_true", help="every node draws from the whole text")
+    parser.add_argument(
+        "--attacks",
+        default=None,
+        help="comma-separated attack variants, or 'all' (default: --quick ALIE and IPM only, "
+        f"else all); variants: {', '.join(ATTACK_VARIANTS)}",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     setting = QUICK if args.quick else FULL
     if args.iid:
         setting = Setting(**{**setting.__dict__, "non_iid": False})
     attacks = QUICK_ATTACKS if args.quick else list(ATTACK_VARIANTS)
+    if args.attacks == "all":
+        attacks = list(ATTACK_VARIANTS)
+    elif args.attacks:
+        attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+        unknown = sorted(set(attacks) - set(ATTACK_VARIANTS))
+        if unknown or not attacks:
+            parser.error(
+                f"unknown attack variant(s) {unknown}; choose from {list(ATTACK_VARIANTS)}"
+            )
     started = time.perf_counter()
     swarm = Swarm(setting, args.seed)
     res: dict = {
