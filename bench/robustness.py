@@ -21,9 +21,8 @@ are simply filtered or drowned and every aggregator looks alike.
 Attacks with their literature parameters (see ATTACK_VARIANTS): ALIE (Baruch et al. 2019) with
 z from the paper's n/f formula and with a fixed z = 1; inner-product manipulation (Xie et al.
 2019) with a small epsilon = 0.1 (aimed at Krum / median) and a large epsilon = 10 (> (n-f)/f at
-every fraction here, which reverses the plain mean). --quick runs only those four (--attacks
-all adds the rest); the default
-preset adds sign-flip, scaling, noise and garbage data.
+every fraction here, which reverses the plain mean). --quick runs only those four; the default
+preset (and --attacks all) adds sign-flip, scaling, noise and garbage data.
 
 Reported: held-out eval loss after the same number of rounds for 0 % attackers and each attacker
 fraction, per aggregator and attack, as a ratio to the clean plain mean; per attack which
