@@ -105,6 +105,8 @@ AGGREGATOR_ROWS: dict[str, tuple[str, dict]] = {
     "geometric-median": ("geometric-median", {}),
     "centered-clip": ("centered-clip", {}),
 }
+for _name in AGGREGATORS:  # any rule a plugin registered is benchmarked too, with its defaults
+    AGGREGATOR_ROWS.setdefault(_name, (_name, {}))
 CLEAN_TOLERANCE = 0.05  # "within 5 % of the clean loss"
 RUINED = 1.25  # a loss 25 % above clean counts as ruined (failed)
 
@@ -138,7 +140,9 @@ def shakespeare() -> str:
     return shared.read_text("utf-8") if shared.is_file() else read_text("tinyshakespeare")
 
 
-def attack_rows(variant: AttackVariant, honest: torch.Tensor, n_attackers: int, seed: int):
+def attack_rows(
+    variant: AttackVariant, honest: torch.Tensor, n_attackers: int, seed: int
+) -> torch.Tensor:
     """What the attackers submit this round, from this round's honest uploads (omniscient)."""
     return apply_attack(variant.attack, honest, n_attackers, rng_seed=seed, **variant.options)
 
