@@ -68,6 +68,26 @@ def test_ipm_points_against_the_honest_mean(honest: torch.Tensor) -> None:
     assert float(rows[0] @ mean) < 0
 
 
+def test_alie_and_ipm_match_their_definitions_on_a_tiny_set() -> None:
+    # 3 honest updates, 2 attackers: n = 5, f = 2 -> s = floor(5/2 + 1) - 2 = 1,
+    # z = Phi^-1((5 - 1) / 5) = Phi^-1(0.8) ~ 0.8416 (Baruch et al. 2019).
+    honest = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]])
+    mean = torch.tensor([3.0, 2.0])
+    std = torch.full((2,), (8.0 / 3.0) ** 0.5)  # population std of (1, 3, 5) and (0, 2, 4)
+    assert alie_z(5, 2) == pytest.approx(0.8416, abs=1e-4)
+    rows = apply_attack("alie", honest, 2, rng_seed=0)
+    assert rows.shape == (2, 2)
+    assert torch.allclose(rows, (mean - 0.8416212 * std).expand(2, -1), atol=1e-5)
+    assert torch.allclose(apply_attack("alie", honest, 1, rng_seed=0, z=1.0)[0], mean - std)
+    # IPM (Xie et al. 2019): every attacker sends -epsilon * mean(honest).
+    assert torch.equal(apply_attack("ipm", honest, 2, rng_seed=0, epsilon=0.5)[1], -0.5 * mean)
+    # epsilon > (n - f) / f reverses the plain mean: here (3 - 10 * 2) / 5 * mean(honest)
+    bad = apply_attack("ipm", honest, 2, rng_seed=0, epsilon=10.0)
+    assert torch.allclose(torch.cat([honest, bad]).mean(0), -17.0 / 5.0 * mean)
+    # omniscient: the rows follow the honest updates they are given (the same round's)
+    assert torch.allclose(apply_attack("ipm", 2 * honest, 1, rng_seed=0, epsilon=0.5)[0], -mean)
+
+
 def test_bad_attack_input(honest: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="unknown attack 'flip'"):
         apply_attack("flip", honest, 1, 0)

@@ -1,0 +1,65 @@
+"""bench/robustness.py: its attack variants are the papers' definitions with valid options, the
+large IPM epsilon reverses the plain mean at every fraction it reports, and a (tiny) simulated
+round goes through the hub's close path with the crafted rows uploaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gridswarm.train.aggregate import make_aggregator
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "robustness.py"
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_robustness", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants_are_valid_and_defined_as_in_the_papers(bench) -> None:
+    honest = 1.0 + 0.1 * torch.randn(7, 50, generator=torch.Generator().manual_seed(0))
+    for name, variant in bench.ATTACK_VARIANTS.items():
+        if variant.attack == "garbage-data":
+            continue
+        rows = bench.attack_rows(variant, honest, 3, seed=1)
+        assert rows.shape == (3, 50), name
+    mean, std = honest.mean(0), honest.std(0, correction=0)
+    ipm = bench.attack_rows(bench.ATTACK_VARIANTS["ipm-0.1"], honest, 2, seed=0)
+    assert torch.allclose(ipm[0], -0.1 * mean)
+    alie = bench.attack_rows(bench.ATTACK_VARIANTS["alie-z1"], honest, 2, seed=0)
+    assert torch.allclose(alie[1], mean - std)
+    assert set(bench.QUICK_ATTACKS) <= set(bench.ATTACK_VARIANTS)
+    # the rows are built from the registry, as the hub builds its aggregator
+    for name, options in bench.AGGREGATOR_ROWS.values():
+        make_aggregator(name, **options)
+
+
+@pytest.mark.parametrize("preset", ["QUICK", "FULL"])
+def test_large_ipm_reverses_the_mean_at_every_fraction(bench, preset: str) -> None:
+    n = getattr(bench, preset).n_nodes
+    epsilon = bench.ATTACK_VARIANTS["ipm-10"].options["epsilon"]
+    for fraction in bench.FRACTIONS:
+        f = round(fraction * n)
+        assert f >= 1 and epsilon > (n - f) / f, (preset, fraction)
+
+
+def test_tiny_swarm_round_trip_through_the_close(bench) -> None:
+    setting = bench.Setting(6, 2, 1, 1, 16, 2, 16, 2, 1e-2, 2)
+    swarm = bench.Swarm(setting, seed=0)
+    mean = make_aggregator("mean")
+    clean = swarm.run(mean, None, 0)
+    again = swarm.run(mean, None, 0)
+    assert clean["eval_loss"] == again["eval_loss"]  # seeded, one thread: reproducible
+    assert -1.0 <= clean["honest_cosine"] <= 1.0
+    reversed_ = swarm.run(mean, bench.ATTACK_VARIANTS["ipm-10"], 2)
+    assert reversed_["eval_loss"] > clean["eval_loss"]  # the attack reaches the weights
