@@ -72,6 +72,19 @@ class Stopped(Exception):
     """The node was asked to stop in the middle of an assignment."""
 
 
+class PausedPastDeadline(Exception):
+    """The node's own energy policy held an assignment past its deadline: the work is dropped
+    (the hub counts the place as missed), which is the owner's choice, not a training failure."""
+
+
+@dataclass
+class Held:
+    """Seconds one assignment's training sat paused by the node's own energy policy; they are
+    neither training time (the hub's speed estimate) nor training energy in the claim."""
+
+    seconds: float = 0.0
+
+
 @dataclass
 class NodeOptions:
     hub_url: str
@@ -269,6 +282,9 @@ class NodeAgent:
             else:
                 try:
                     self.work(answer.assignment)
+                except PausedPastDeadline as held_past:
+                    self.status = NodeStatus.IDLE
+                    log.info("%s: dropped, the energy policy held it past its deadline", held_past)
                 except TRAINING_FAILURES as exc:
                     self._report_failure(answer.assignment, exc)
 
@@ -390,20 +406,68 @@ class NodeAgent:
             self.cache.put_file(part, digest)
         return self.cache.get(digest)
 
-    def _step_hook(self):
-        """`on_step` for training: stops on the stop event, idles for the throttle."""
+    def _step_hook(self, a: Assignment | None = None, held: Held | None = None):
+        """`on_step` for training: stops on the stop event, idles for the throttle and, for
+        assignment `a`, looks at the node's own energy policy every `check_every_s` and waits
+        while it refuses (counted in `held`), as the simulator's nodes do."""
         step_started = time.perf_counter()
+        checked_at = time.monotonic()
 
         def on_step(_step: int, _loss: float) -> None:
-            nonlocal step_started
+            nonlocal step_started, checked_at
             if self.stop_event.is_set():
                 raise Stopped
             if self.options.throttle > 0:
                 busy = time.perf_counter() - step_started
                 time.sleep(busy * self.options.throttle / (1 - self.options.throttle))
+            if (
+                a is not None
+                and self.energy.settings.policy.rules
+                and time.monotonic() - checked_at >= self.energy.pause_s
+            ):
+                paused_s = self._hold_while_refused(a)
+                if held is not None:
+                    held.seconds += paused_s
+                checked_at = time.monotonic()
             step_started = time.perf_counter()
 
         return on_step
+
+    def _hold_while_refused(self, a: Assignment) -> float:
+        """Wait while the node's energy policy refuses (status `paused`, heartbeats go on);
+        `PausedPastDeadline` once `a`'s deadline passes. Returns the seconds waited."""
+        decision = self.energy.decide()
+        if decision.allowed:
+            return 0.0
+        log.info(
+            "round %s of run %s: energy policy: pause mid-assignment (%s)",
+            a.round,
+            a.run_id,
+            "; ".join(decision.reasons),
+        )
+        self.status, started = NodeStatus.PAUSED, time.monotonic()
+        while not decision.allowed:
+            left_s = a.deadline_at - time.time()
+            if left_s <= 0:
+                raise PausedPastDeadline(f"round {a.round} of run {a.run_id}")
+            if self.stop_event.wait(min(self.energy.pause_s, left_s)):
+                raise Stopped
+            decision = self.energy.decide()
+        self.status = NodeStatus.TRAINING
+        waited_s = time.monotonic() - started
+        log.info(
+            "round %s of run %s: energy policy: resume after %.0f s", a.round, a.run_id, waited_s
+        )
+        return waited_s
+
+    def _net_of_pauses(
+        self, train_time_s: float, use: EnergyUse, held: Held
+    ) -> tuple[float, EnergyUse]:
+        """Training time and energy without the seconds the node sat paused."""
+        if held.seconds <= 0 or train_time_s <= 0:
+            return train_time_s, use
+        trained_s = max(train_time_s - held.seconds, 1e-3)
+        return trained_s, scale_energy(use, min(trained_s / train_time_s, 1.0))
 
     def work(self, a: Assignment) -> None:
         workload = self.workload(a.run_id, a.config)
@@ -413,6 +477,7 @@ class NodeAgent:
             return
         theta = self.fetch_version(a, workload.numel)
         self.status = NodeStatus.TRAINING
+        held = Held()
         with self.energy.measure() as metered:
             result = workload.train(
                 theta,
@@ -420,10 +485,11 @@ class NodeAgent:
                 self.node_id,
                 a.inner_steps,
                 a.attempt,
-                self._step_hook(),
+                self._step_hook(a, held),
                 fit_memory=True,
             )
-        self._interval_compute_s += result.train_time_s
+        train_time_s, use = self._net_of_pauses(result.train_time_s, metered.use, held)
+        self._interval_compute_s += train_time_s
         codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
         if cfg.comm.error_feedback:
             feedback = self._feedback.setdefault(a.run_id, ErrorFeedback(codec))
@@ -436,9 +502,9 @@ class NodeAgent:
             result.steps,
             result.tokens,
             (result.loss_first, result.loss_last, result.loss_mean),
-            result.train_time_s,
+            train_time_s,
             result.micro_batch_size,
-            metered.use,
+            use,
         )
         if cfg.privacy.secagg:  # only a masked share of the sum leaves the node
             self._contribute_securely(a, workload.numel, result.pseudo_gradient, meta)
@@ -592,16 +658,21 @@ class NodeAgent:
             use_ahead = None
         trained_ahead = progress.steps
         compute_before = progress.compute_s
+        held = Held()
         try:
             with self.energy.measure() as metered:
                 rest = a.inner_steps - progress.steps
                 if rest > 0:
-                    state.train(stream, rest, progress, self._step_hook())
+                    state.train(stream, rest, progress, self._step_hook(a, held))
         except BaseException:
             self._local.pop(a.run_id, None)  # half-trained: the next round starts fresh
             raise
-        self._interval_compute_s += progress.compute_s - compute_before
-        use = metered.use if use_ahead is None else combine_energy(use_ahead, metered.use)
+        compute_s, measured = self._net_of_pauses(
+            progress.compute_s - compute_before, metered.use, held
+        )
+        progress.compute_s = compute_before + compute_s
+        self._interval_compute_s += compute_s
+        use = measured if use_ahead is None else combine_energy(use_ahead, measured)
         # the hub planned fewer steps than were trained ahead (its speed estimate moved): the
         # claim covers the H planned steps (time and energy pro rata), the surplus is unpaid
         # local progress rather than a reason to throw the local state away
