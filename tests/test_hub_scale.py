@@ -233,20 +233,20 @@ def test_fastest_live_node_reads_every_speed_in_one_query_with_the_same_averages
         for i, node_id in enumerate(nodes[:30]):
             for rnd in range(i % 8):  # 0..7 contributions: more than the window of 5 for some
                 assignment_id = f"{i:04d}{rnd:04d}".ljust(32, "0")
-                s.add(
-                    Assignment(
-                        id=assignment_id,
-                        run_id=run.run_id,
-                        round=rnd,
-                        attempt=0,
-                        node_id=node_id,
-                        base_version=rnd,
-                        inner_steps=10,
-                        created_at=clock.t,
-                        deadline_at=clock.t + 60,
-                        status="submitted",
-                    )
+                place = Assignment(
+                    id=assignment_id,
+                    run_id=run.run_id,
+                    round=rnd,
+                    attempt=0,
+                    node_id=node_id,
+                    base_version=rnd,
+                    inner_steps=10,
+                    created_at=clock.t,
+                    deadline_at=clock.t + 60,
+                    status="assigned",
                 )
+                place.status = "submitted"  # rows start assigned (hub/states.py ASSIGNMENT_START)
+                s.add(place)
                 s.add(
                     Contribution(
                         id=f"{i:04d}{rnd:04d}".ljust(64, "0"),
