@@ -29,6 +29,7 @@ from gridswarm.protocol import ContributionMeta, RegisterRequest
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack
 from gridswarm.trust.claims import sign_contribution
+from tests.examples import examples
 from tests.harness import FakeClock
 
 N_NODES = 4
@@ -192,7 +193,7 @@ class RoundEngine(RuleBasedStateMachine):
 
 
 RoundEngine.TestCase.settings = settings(
-    max_examples=10,
+    max_examples=examples(10),
     stateful_step_count=25,
     deadline=None,
     derandomize=True,  # the same sequences on every run: CI stays reproducible
