@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import func, select
 
 from gridswarm.blobs import LocalBlobStore
 from gridswarm.hub import models as m
@@ -30,7 +30,7 @@ from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack
 from gridswarm.trust.claims import sign_contribution
 from tests.examples import examples
-from tests.harness import FakeClock
+from tests.harness import FakeClock, scratch_engine
 
 N_NODES = 4
 RUN = {
@@ -53,7 +53,7 @@ class RoundEngine(RuleBasedStateMachine):
         self.tmp = tempfile.TemporaryDirectory()
         root = Path(self.tmp.name)
         self.clock = FakeClock()
-        engine = create_engine(f"sqlite:///{root / 'hub.db'}")
+        engine = scratch_engine(root / "hub.db")
         migrate(engine)
         self.hub = HubService(engine, LocalBlobStore(root / "blobs"), clock=self.clock)
         self.hub.trust.ensure_genesis()
