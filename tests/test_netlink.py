@@ -58,7 +58,8 @@ def server() -> Iterator[int]:
     """A threaded TCP server on a free loopback port (stopped at teardown)."""
     srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    # a short poll: shutdown() waits for it (0.5 s by default, at every test's teardown)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     yield srv.server_address[1]
     srv.shutdown()
@@ -134,7 +135,7 @@ def test_http_through_the_proxy_and_clean_stop(server: int) -> None:
             )
 
     srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Http)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True).start()
     try:
         proxy = LinkProxy("127.0.0.1", srv.server_address[1], rate_bit_s=100e6, rtt_s=0.05)
         proxy.start()
