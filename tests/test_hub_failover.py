@@ -91,6 +91,7 @@ def test_the_client_fails_over_to_the_next_replica_at_once(ok_hub, broken_hub):
     client.close()
 
 
+@pytest.mark.slow  # waits on the wall clock (seconds): the full suite
 def test_every_replica_down_is_bounded_with_backoff(broken_hub):
     dead = f"http://127.0.0.1:{free_port()}"
     waits: list[float] = []
