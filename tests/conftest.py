@@ -12,13 +12,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from sqlalchemy import create_engine, text
 
 from gridswarm.swarm import Swarm, free_port, local_postgres
+from tests.examples import choose_profile
 
 torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Fewer hypothesis examples in the fast lane (`-m "not slow"`), all in the full suite
+    (tests/examples.py); loaded here, before any test module builds its settings."""
+    try:
+        settings.load_profile(choose_profile(config.getoption("markexpr") or ""))
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"hypothesis profile: {settings.get_current_profile_name()} (tests/examples.py)"
 
 
 def tiny_run(**overrides: object) -> dict:

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import func, select
 
 from gridswarm.blobs import LocalBlobStore
 from gridswarm.hub import models as m
@@ -29,7 +29,8 @@ from gridswarm.protocol import ContributionMeta, RegisterRequest
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack
 from gridswarm.trust.claims import sign_contribution
-from tests.harness import FakeClock
+from tests.examples import examples
+from tests.harness import FakeClock, scratch_engine
 
 N_NODES = 4
 RUN = {
@@ -52,7 +53,7 @@ class RoundEngine(RuleBasedStateMachine):
         self.tmp = tempfile.TemporaryDirectory()
         root = Path(self.tmp.name)
         self.clock = FakeClock()
-        engine = create_engine(f"sqlite:///{root / 'hub.db'}")
+        engine = scratch_engine(root / "hub.db")
         migrate(engine)
         self.hub = HubService(engine, LocalBlobStore(root / "blobs"), clock=self.clock)
         self.hub.trust.ensure_genesis()
@@ -192,7 +193,7 @@ class RoundEngine(RuleBasedStateMachine):
 
 
 RoundEngine.TestCase.settings = settings(
-    max_examples=10,
+    max_examples=examples(10),
     stateful_step_count=25,
     deadline=None,
     derandomize=True,  # the same sequences on every run: CI stays reproducible

@@ -40,7 +40,8 @@ def answering(status: int) -> Iterator[tuple[str, list[str]]]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # a short poll: shutdown() waits for it (0.5 s by default, at every test's teardown)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", seen
@@ -90,6 +91,7 @@ def test_the_client_fails_over_to_the_next_replica_at_once(ok_hub, broken_hub):
     client.close()
 
 
+@pytest.mark.slow  # waits on the wall clock (seconds): the full suite
 def test_every_replica_down_is_bounded_with_backoff(broken_hub):
     dead = f"http://127.0.0.1:{free_port()}"
     waits: list[float] = []

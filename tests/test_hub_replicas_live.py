@@ -22,8 +22,9 @@ from sqlalchemy.orm import Session
 
 from gridswarm.hub import models as m
 from gridswarm.hub.server import SQLITE_REPLICAS, make_engine
-from gridswarm.identity import Identity
+from gridswarm.identity import Identity, sign_request
 from gridswarm.node.client import HubClient, tls_verify
+from gridswarm.protocol import API, Refusal
 from gridswarm.s3blobs import S3BlobStore
 from gridswarm.swarm import free_port, wait_healthy
 from tests.conftest import tiny_run, wait_for
@@ -132,6 +133,32 @@ def children(pid: int) -> set[int]:
     return {int(p) for p in text.split()}
 
 
+RATE_PER_S = 2.0  # the hub's --requests-per-s in the workers test: burst 8, 4 per worker
+
+
+def flood_through_both_workers(url: str, requests: int = 40) -> None:
+    """One key's signed requests, each on a new connection (the kernel hands them to either
+    worker): together the workers let through no more than the configured burst and rate."""
+    flooder = Identity.generate()
+    path = f"{API}/nodes/heartbeat"
+    passed, refusals = 0, []
+    started = time.monotonic()
+    for _ in range(requests):
+        headers = sign_request(flooder, "POST", path, b"{}")
+        r = httpx.post(url + path, content=b"{}", headers=headers, timeout=30)
+        if r.status_code == 429:
+            refusals.append(r.json())
+        else:
+            passed += 1  # through the bucket (then 403: this key never registered)
+            assert r.status_code == 403, r.text
+    elapsed_s = time.monotonic() - started
+    # the whole hub: burst 4 × RATE_PER_S at once, RATE_PER_S a second after (one worker alone
+    # would allow half of each; each on its own, as before, twice)
+    assert 1 <= passed <= 4 * RATE_PER_S + RATE_PER_S * elapsed_s, (passed, elapsed_s)
+    assert refusals and all(p["reason"] == Refusal.RATE_LIMITED for p in refusals)
+    assert "(1/s at each of 2 hub processes)" in refusals[0]["detail"]
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "tls"])
 def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tmp_path, tls):
     port = free_port()
@@ -154,9 +181,19 @@ def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tm
     assert [line for line in refused.stderr.splitlines() if line.strip()] == [
         "error: " + SQLITE_REPLICAS
     ]
+    if not tls:  # 2 processes cannot split a burst of 0.4 (--requests-per-s 0.1, burst 4x)
+        refused = subprocess.run(
+            [*args, "--db", pg_database, "--workers", "2", "--requests-per-s", "0.1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert refused.returncode != 0 and "less than one request" in refused.stderr
+    rate = ["--requests-per-s", str(RATE_PER_S)]
     with open(tmp_path / "hub.log", "ab") as log:  # the process keeps its own copy
         hub = subprocess.Popen(
-            [*args, "--db", pg_database, "--port", str(port), "--workers", "2"],
+            [*args, "--db", pg_database, "--port", str(port), "--workers", "2", *rate],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -164,6 +201,8 @@ def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tm
     try:
         wait_healthy(url, hub, timeout_s=90, verify=tls_verify(ca) if tls else True)
         workers = wait_for(lambda: len(children(hub.pid)) == 2 and children(hub.pid), 60, "2")
+        if not tls:
+            flood_through_both_workers(url)
         sponsor = HubClient(url, Identity.generate(), retry_for_s=30, ca=ca)
         run_id = sponsor.create_run(tiny_run()).run_id
         victim = sorted(workers)[0]

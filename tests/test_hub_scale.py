@@ -121,6 +121,7 @@ def signed_post(client: TestClient, identity: Identity, path: str, body: bytes =
     return client.post(path, content=body, headers=sign_request(identity, "POST", path, body), **kw)
 
 
+@pytest.mark.slow  # waits on the wall clock (seconds): the full suite
 def test_long_poll_wakes_when_the_round_can_start_and_sleeps_otherwise(tmp_path: Path) -> None:
     service = hub(tmp_path)
     run = service.create_run(
@@ -194,6 +195,7 @@ def test_nonces_are_stored_in_shared_commits_and_replays_refused_even_after_rest
     restarted.authenticate(sign_request(identity, "POST", "/v1/x", b"{}"), "POST", "/v1/x", b"{}")
 
 
+@pytest.mark.slow  # waits on the wall clock (seconds): the full suite
 def test_a_node_waiting_in_a_long_poll_stays_live(tmp_path: Path) -> None:
     """It asks only when the round changes, yet a wait longer than liveness_s must not make it
     lost (after a hub restart every node waits like this for the next round)."""

@@ -58,7 +58,8 @@ def server() -> Iterator[int]:
     """A threaded TCP server on a free loopback port (stopped at teardown)."""
     srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    # a short poll: shutdown() waits for it (0.5 s by default, at every test's teardown)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     yield srv.server_address[1]
     srv.shutdown()
@@ -71,6 +72,7 @@ def _connect(port: int) -> socket.socket:
     return sock
 
 
+@pytest.mark.slow  # waits on the wall clock (seconds): the full suite
 def test_rate_both_directions_within_wide_bounds(server: int) -> None:
     rate = 20e6
     with LinkProxy("127.0.0.1", server, rate_bit_s=rate, rtt_s=0.02) as proxy:
@@ -89,6 +91,7 @@ def test_rate_both_directions_within_wide_bounds(server: int) -> None:
         assert proxy.counters.bytes_down >= PAYLOAD_BYTES
 
 
+@pytest.mark.slow  # waits on the wall clock (seconds): the full suite
 def test_round_trip_at_least_the_rtt(server: int) -> None:
     with (
         LinkProxy("127.0.0.1", server, rate_bit_s=None, rtt_s=0.2) as proxy,
@@ -101,6 +104,7 @@ def test_round_trip_at_least_the_rtt(server: int) -> None:
             assert time.perf_counter() - started >= 0.2
 
 
+@pytest.mark.slow  # waits on the wall clock (seconds): the full suite
 def test_connections_share_the_link_and_do_not_block_each_other(server: int) -> None:
     """A bulk download in flight on one connection does not hold a small echo on another back
     behind its queued chunks beyond the link's own serialisation (the echo still needs a slot on
@@ -134,7 +138,7 @@ def test_http_through_the_proxy_and_clean_stop(server: int) -> None:
             )
 
     srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Http)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True).start()
     try:
         proxy = LinkProxy("127.0.0.1", srv.server_address[1], rate_bit_s=100e6, rtt_s=0.05)
         proxy.start()

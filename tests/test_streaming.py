@@ -32,13 +32,14 @@ from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import sign_contribution
 from gridswarm.trust.policy import audit_skip_reason
 from tests.conftest import tiny_run, wait_for
+from tests.examples import examples
 from tests.harness import FakeClock, new_service
 from tests.test_swarm import finished, start
 
 # ----------------------------------------------------------------------------- fragments
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     sizes=st.lists(st.integers(min_value=0, max_value=5000), min_size=1, max_size=40),
     fragments=st.integers(min_value=1, max_value=64),

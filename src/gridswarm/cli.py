@@ -21,7 +21,11 @@ from rich.table import Table
 from rich.text import Text
 
 from gridswarm.config import ConfigError, load_run_config
-from gridswarm.hub.limits import DEFAULT_MAX_NEW_NODES, DEFAULT_REGISTER_PER_NET_HOUR
+from gridswarm.hub.limits import (
+    DEFAULT_MAX_NEW_NODES,
+    DEFAULT_REGISTER_PER_NET_HOUR,
+    MAX_REPLICA_COUNT,
+)
 from gridswarm.ledger.cli import ledger_app, node_balance, node_claim, run_fund, run_refund
 
 app = typer.Typer(
@@ -233,6 +237,16 @@ def hub(
             "or run hubs on several machines behind a load balancer)"
         ),
     ] = 1,
+    replica_count: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=MAX_REPLICA_COUNT,
+            help="hubs on separate machines sharing this database, this one included (give "
+            "each the same number): they split --requests-per-s between them, each evenly "
+            "among its --workers",
+        ),
+    ] = 1,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = 0,
 ) -> None:
@@ -243,7 +257,7 @@ def hub(
     from gridswarm.hub.energy import load_hub_signals
     from gridswarm.hub.limits import load_public_keys, load_sponsors
     from gridswarm.hub.registration import RegistrationPolicy
-    from gridswarm.hub.server import check_workers, serve
+    from gridswarm.hub.server import check_rate_share, check_workers, serve
     from gridswarm.hub.service import HubSettings
 
     logging.basicConfig(
@@ -299,6 +313,8 @@ def hub(
         max_runs_per_hour_per_identity=max_runs_per_hour,
         requests_per_s=requests_per_s,
         request_burst=4 * requests_per_s,
+        replica_count=replica_count,
+        workers=workers,
         presign_downloads=presign,
         blob_cache_bytes=int(blob_cache_gib * (1 << 30)),
         registration=RegistrationPolicy(
@@ -309,6 +325,15 @@ def hub(
     )
     if max_run_memory_mb is not None:
         settings = dataclasses.replace(settings, max_run_memory_mb=max_run_memory_mb)
+    try:
+        check_rate_share(settings)
+    except ValueError as exc:
+        _fail(str(exc))
+    if (processes := replica_count * workers) > 1:
+        console.print(
+            f"rate limit: {requests_per_s:g} requests/s per key across {processes} hub processes "
+            f"({requests_per_s / processes:g}/s, burst {4 * requests_per_s / processes:g} each)"
+        )
     tls = (tls_cert, tls_key) if tls_cert else None
     serve(
         db,

@@ -12,6 +12,7 @@ from gridswarm.energy.accounting import (
     format_report,
     run_report,
 )
+from tests.examples import examples
 
 
 def test_emissions_formula():
@@ -50,7 +51,7 @@ records_strategy = st.lists(
 )
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(records_strategy)
 def test_totals_equal_the_sum_of_contributions(records):
     rep = run_report(records)

@@ -20,6 +20,7 @@ from gridswarm.energy.policy import (
     plan_round,
     step_values,
 )
+from tests.examples import examples
 
 R = 3600.0  # round duration in these scenarios
 NOW = 1_700_000_000.0
@@ -219,7 +220,7 @@ def test_step_values_diurnal_persistence():
     assert got.tolist() == [0.0, 1.0, 2.0, 4.0]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(
     st.lists(st.lists(st.integers(10, 800), min_size=6, max_size=6), min_size=1, max_size=4),
     st.lists(st.sampled_from([50.0, 100.0, 200.0]), min_size=4, max_size=4),

@@ -18,6 +18,7 @@ from gridswarm.energy.solar import (
     surplus_w,
     validate_pv_model,
 )
+from tests.examples import examples
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")  # inside pvlib
 
@@ -27,7 +28,7 @@ def test_surplus_definition():
     assert surplus_w(0, 800, 350) == -1150
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     st.floats(0, 8000), st.floats(0, 6000), st.floats(0, 800), st.floats(0, 1), st.floats(60, 3600)
 )

@@ -16,6 +16,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
 from gridswarm.hub import models as m
+from gridswarm.hub.limits import MAX_RATE_PROCESSES, MAX_REPLICA_COUNT, RateLimiter, replica_share
+from gridswarm.hub.server import MAX_WORKERS
 from gridswarm.hub.service import HubSettings
 from gridswarm.identity import Identity
 from gridswarm.ledger.ops import fund_claim
@@ -519,6 +521,56 @@ def test_rate_limit_per_key(tmp_path):
     assert int(r.headers["retry-after"]) >= 1
     assert nonce_count(hub) == nonces  # a flood writes nothing
     assert hub.post(Identity.generate(), f"{API}/nodes/heartbeat", {}).status_code == 403
+    hub.clock.advance(1.0)
+    assert hub.post(node, f"{API}/nodes/heartbeat", {}).status_code == 200
+
+
+def allowed(limiters: list[RateLimiter], key: str, requests: int, now_s: float) -> int:
+    """How many of `requests` from `key` at `now_s`, spread round-robin over `limiters` (the
+    hub's processes), their buckets let through."""
+    return sum(
+        limiters[i % len(limiters)].retry_after_s(key, now_s) is None for i in range(requests)
+    )
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_replicas_together_never_exceed_the_configured_rate(processes):
+    """N hub processes each enforce 1/N of the rate and burst: a key spread over all of them
+    gets exactly the configured burst and rate, one that sticks to one process 1/N of them."""
+    limiters = [RateLimiter(10.0, 40.0, processes=processes) for _ in range(processes)]
+    assert allowed(limiters, "spread", 200, 1000.0) == 40  # the burst, not N times it
+    assert allowed(limiters, "spread", 200, 1002.0) == 20  # two seconds: the rate, not N times
+    assert allowed(limiters, "spread", 200, 1002.0) == 0
+    assert allowed(limiters[:1], "stuck", 200, 1000.0) == 40 // processes
+    assert allowed(limiters[:1], "stuck", 200, 1002.0) == 20 // processes
+
+
+def test_a_share_below_one_request_or_a_bad_rate_is_refused():
+    assert replica_share(50.0, 200.0, 8) == (6.25, 25.0)
+    assert MAX_RATE_PROCESSES == MAX_REPLICA_COUNT * MAX_WORKERS
+    for rate, burst, processes, words in [
+        (0.1, 0.4, 1, "less than one request"),  # `--requests-per-s 0.1`: no request ever passed
+        (1.0, 4.0, 5, "at least 1.25"),
+        (float("inf"), 4.0, 1, "finite"),
+        (float("nan"), 4.0, 1, "finite"),
+        (0.0, 4.0, 1, "> 0"),
+        (1.0, float("nan"), 1, "burst must be finite"),
+        (1.0, 4.0, 0, "processes must be in"),
+        (1e9, 4e9, MAX_RATE_PROCESSES + 1, "processes must be in"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            replica_share(rate, burst, processes)
+
+
+def test_the_hub_enforces_its_share_of_the_rate(tmp_path):
+    """HubSettings' replica_count × workers processes: this one lets a key through its share."""
+    hub = Hub(tmp_path, HubSettings(requests_per_s=3, request_burst=6, replica_count=3))
+    node = Identity.generate()
+    hub.register(node)  # one of the 2 requests this process's bucket holds (6 / 3)
+    assert hub.post(node, f"{API}/nodes/heartbeat", {}).status_code == 200
+    r = hub.post(node, f"{API}/nodes/heartbeat", {})
+    refused(r, 429, Refusal.RATE_LIMITED)
+    assert "3 requests/s from this key (1/s at each of 3 hub processes)" in r.json()["detail"]
     hub.clock.advance(1.0)
     assert hub.post(node, f"{API}/nodes/heartbeat", {}).status_code == 200
 

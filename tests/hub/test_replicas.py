@@ -26,7 +26,7 @@ from gridswarm.train.workload import Workload
 from tests.conftest import tiny_run, wait_for
 from tests.harness import train_and_pack
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # a PostgreSQL server: the full suite
 
 
 @pytest.fixture

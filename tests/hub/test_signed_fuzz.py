@@ -27,9 +27,10 @@ from gridswarm.protocol import API, Refusal
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack
 from tests.conftest import tiny_run
+from tests.examples import examples
 from tests.hub.harness import Hub, meta_fields
 
-EXAMPLES = int(os.environ.get("GRIDSWARM_FUZZ_EXAMPLES", "25"))  # per handler
+EXAMPLES = int(os.environ.get("GRIDSWARM_FUZZ_EXAMPLES", examples(25)))  # per handler
 MAX_REQUEST_S = 5.0
 LEDGER_REFUSALS = {  # refusals the hub writes to its ledger (a strike) by design
     Refusal.FALSE_CLAIM,

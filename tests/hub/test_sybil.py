@@ -312,6 +312,7 @@ def test_x_forwarded_for_is_believed_only_from_listed_proxies(tmp_path, forwarde
         thread.join(timeout=10)
 
 
+@pytest.mark.slow  # a PostgreSQL server: the full suite
 @pytest.mark.postgres
 def test_bounds_on_postgresql(pg_database, tmp_path):
     policy = RegistrationPolicy(per_network_per_hour=2, max_new_nodes=3)

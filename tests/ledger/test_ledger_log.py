@@ -361,6 +361,7 @@ def test_two_workers_do_not_fork_sqlite(tmp_path: Path, hub: Identity) -> None:
     check_no_fork(Ledger(sqlite_engine(path)), workers=2, batches=25)
 
 
+@pytest.mark.slow  # a PostgreSQL server: the full suite
 @pytest.mark.postgres
 def test_two_workers_do_not_fork_postgres(postgres_url: str, hub: Identity) -> None:
     engine = create_engine(postgres_url)

@@ -17,6 +17,7 @@ from gridswarm.trust.rewards import (
     split_round_pool,
     usefulness_scores,
 )
+from tests.examples import examples
 
 
 def test_split_is_proportional_to_tokens_times_usefulness() -> None:
@@ -67,7 +68,7 @@ def test_largest_remainder_breaks_ties_by_account() -> None:
         largest_remainder(-1, {"a": Fraction(1)})
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     pool=st.integers(0, 10**30),
     rows=st.lists(

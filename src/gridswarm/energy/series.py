@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas costs a hub ~0.7 s to import; only trace files need it
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ def from_pandas(
     empty bins are filled by time interpolation, the ends by the nearest value. A naive index is
     read as UTC.
     """
+    import pandas as pd
+
     if not isinstance(series.index, pd.DatetimeIndex):
         raise ValueError(f"series {name!r}: index must be a DatetimeIndex")
     s = series.astype(float).sort_index()

@@ -24,16 +24,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import httpx
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gridswarm.energy.series import UniformSeries, from_pandas
 from gridswarm.plugins import Registry
 from gridswarm.protocol import describe_errors
+
+if TYPE_CHECKING:  # pandas costs a hub ~0.7 s to import; only trace files need it
+    import pandas as pd
 
 G_PER_KWH_PER_LB_PER_MWH = 0.45359237  # 1 lb/MWh = 453.59237 g / 1000 kWh
 
@@ -109,6 +111,8 @@ def read_trace_csv(path: str | Path) -> tuple[pd.Series, str]:
     Formats: lets-wait-awhile (`Time`, `Carbon Intensity`; naive UTC) and EIA-930 via dc-rl
     (`timestamp` with offset, fuel columns, `avg_CI`).
     """
+    import pandas as pd
+
     path = Path(path)
     if not path.exists():
         raise ValueError(f"trace file not found: {path}")

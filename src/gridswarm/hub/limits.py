@@ -9,6 +9,12 @@ quotas and a per-key request rate limit.
   `request_burst` at once); an empty bucket answers 429 `rate_limited` with Retry-After. The
   bucket is checked after the signature (a forger cannot drain someone else's bucket) and
   before the nonce is stored (a flood writes nothing).
+- Replicas: a bucket lives in one process's memory, so with N hub processes sharing the
+  database (`--workers` on this machine × `--replica-count` machines) each enforces 1/N of the
+  rate and of the burst (`replica_share`). A key can then never get more than the configured
+  total, whichever replicas it reaches; one that sticks to a single replica gets 1/N of it
+  (a node keeps one connection, so one replica, far below its share). No shared state, and
+  no database write per request.
 - Node identities (keys are free): hub/registration.py bounds who may register.
 
 The decisions are pure functions of the counts and an injected clock.
@@ -39,6 +45,8 @@ def hourly_window(times_s: Iterable[float], limit: int, now_s: float) -> tuple[i
 
 
 MAX_TRACKED_KEYS = 100_000  # rate-limiter memory bound: idle keys are forgotten first
+MAX_REPLICA_COUNT = 64  # `gridswarm hub --replica-count`: hub machines sharing one database
+MAX_RATE_PROCESSES = MAX_REPLICA_COUNT * 64  # × server.MAX_WORKERS processes on each
 PUBLIC_KEY_HEX = re.compile(r"^[0-9a-f]{64}$")
 # `gridswarm hub`'s bounds on new node identities (hub/registration.py; HubSettings' default
 # RegistrationPolicy has none, for in-process and library use)
@@ -110,12 +118,42 @@ class _Bucket:
     updated_s: float
 
 
-class RateLimiter:
-    """A token bucket per key: `rate_per_s` sustained, `burst` at once (thread-safe)."""
+def replica_share(rate_per_s: float, burst: float, processes: int) -> tuple[float, float]:
+    """(rate per s, burst) that each of `processes` hub processes enforces so that together they
+    never allow a key more than `rate_per_s` sustained and `burst` at once: 1/processes of each.
+    ValueError (one line) for a non-finite or non-positive rate, a process count outside
+    [1, MAX_RATE_PROCESSES], or a share of the burst below one request (that
+    process would refuse every request)."""
+    if not (math.isfinite(rate_per_s) and rate_per_s > 0):
+        raise ValueError(f"the request rate must be finite and > 0, got {rate_per_s}")
+    if not (math.isfinite(burst) and burst > 0):
+        raise ValueError(f"the request burst must be finite and > 0, got {burst}")
+    if not 1 <= processes <= MAX_RATE_PROCESSES:
+        raise ValueError(f"hub processes must be in [1, {MAX_RATE_PROCESSES}], got {processes}")
+    if burst / processes < 1.0:
+        raise ValueError(
+            f"a burst of {burst:g} requests shared by {processes} hub process(es) leaves each less "
+            f"than one request: raise --requests-per-s to at least {processes / 4:g} "
+            f"(burst 4x) or run fewer processes"
+        )
+    return rate_per_s / processes, burst / processes
 
-    def __init__(self, rate_per_s: float, burst: float, max_keys: int = MAX_TRACKED_KEYS) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = burst
+
+class RateLimiter:
+    """A token bucket per key: `rate_per_s` sustained, `burst` at once (thread-safe); with
+    `processes` > 1 this process's share of a limit that many hub processes enforce together
+    (`replica_share`)."""
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: float,
+        max_keys: int = MAX_TRACKED_KEYS,
+        processes: int = 1,
+    ) -> None:
+        self.total_rate_per_s = rate_per_s
+        self.processes = processes
+        self.rate_per_s, self.burst = replica_share(rate_per_s, burst, processes)
         self.max_keys = max_keys
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
@@ -140,9 +178,15 @@ class RateLimiter:
         """429 `rate_limited` with Retry-After when `key` has no token left."""
         wait_s = self.retry_after_s(key, now_s)
         if wait_s is not None:
+            shared = (
+                f" ({self.rate_per_s:g}/s at each of {self.processes} hub processes)"
+                if self.processes > 1
+                else ""
+            )
             raise HubError(
                 429,
-                f"rate limited: more than {self.rate_per_s:g} requests/s from this key",
+                f"rate limited: more than {self.total_rate_per_s:g} requests/s from this key"
+                + shared,
                 Refusal.RATE_LIMITED,
                 headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
             )

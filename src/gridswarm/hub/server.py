@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from sqlalchemy import Engine, create_engine, event, text
 
 from gridswarm.blobs import open_blob_store
 from gridswarm.hub.app import create_app
+from gridswarm.hub.limits import replica_share
 from gridswarm.hub.replicas import MIGRATION_LOCK_KEY
 from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.identity import Identity
@@ -122,6 +124,14 @@ def check_workers(db_url: str, workers: int) -> None:
         raise ValueError(SQLITE_REPLICAS)
 
 
+def check_rate_share(settings: HubSettings) -> None:
+    """ValueError (one line) unless each of the hub's processes gets a usable share of the
+    per-key rate limit (hub/limits.py `replica_share`)."""
+    replica_share(
+        settings.requests_per_s, settings.request_burst, settings.replica_count * settings.workers
+    )
+
+
 def serve(
     db_url: str,
     blobs: str | Path,
@@ -135,11 +145,15 @@ def serve(
 ) -> None:
     """Serve the hub; with `tls` = (certificate chain PEM, private key PEM) over HTTPS only; with
     `workers` > 1 as that many replica processes on one listening socket (PostgreSQL only);
-    `forwarded_allow_ips`: the proxies whose X-Forwarded-For is believed (`proxy_options`)."""
+    `forwarded_allow_ips`: the proxies whose X-Forwarded-For is believed (`proxy_options`).
+    Each process enforces its share of the per-key rate limit (`settings.replica_count` ×
+    `workers` processes share it, hub/limits.py); ValueError if that share is under one request."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     check_workers(db_url, workers)
+    settings = dataclasses.replace(settings or HubSettings(), workers=workers)
+    check_rate_share(settings)
     if workers > 1:
         serve_replicas(db_url, blobs, host, port, workers, settings, home, tls, forwarded_allow_ips)
         return

@@ -169,9 +169,14 @@ class HubSettings:
     sponsors: frozenset[str] | None = None
     max_active_runs_per_identity: int = 8
     max_runs_per_hour_per_identity: int = 20
-    # per-key token bucket over all signed requests: sustained rate and burst
+    # per-key token bucket over all signed requests: sustained rate and burst, for the whole hub
     requests_per_s: float = 50.0
     request_burst: float = 200.0
+    # hub processes sharing the database, which split that rate and burst evenly (each keeps
+    # its buckets in memory; hub/limits.py): `--replica-count` hubs (machines, this one
+    # included) × this hub's `--workers` (set by `serve`)
+    replica_count: int = 1
+    workers: int = 1
     # an S3 hub answers blob downloads with a redirect to a presigned URL valid this long
     # (`--no-presign`: it serves them itself, through its local cache)
     presign_downloads: bool = True
@@ -346,7 +351,11 @@ class HubService:
             str, tuple[NodeStatus, float]
         ] = {}  # node -> status, seen at (unwritten)
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
-        self.rate_limiter = RateLimiter(self.settings.requests_per_s, self.settings.request_burst)
+        self.rate_limiter = RateLimiter(
+            self.settings.requests_per_s,
+            self.settings.request_burst,
+            processes=self.settings.replica_count * self.settings.workers,
+        )
         self.registration = RegistrationGate(
             self.settings.registration, self.sessions, self.settings.liveness_s, clock
         )

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from eth_account.signers.local import LocalAccount
+from typing import TYPE_CHECKING, Any
 
 from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import epoch_cumulative
@@ -20,9 +18,14 @@ from gridswarm.ledger.chain import (
     VerifyReport,
     sign_claim,
 )
-from gridswarm.ledger.evm import EvmSettlement, TxResult
 from gridswarm.ledger.log import Ledger
 from gridswarm.ledger.merkle import RewardClaim, RewardTree
+
+# web3, vyper and eth_account cost a hub ~1 s to import; only settlement needs them
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+    from gridswarm.ledger.evm import EvmSettlement, TxResult
 
 
 @dataclass(frozen=True)

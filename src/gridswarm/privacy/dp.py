@@ -30,8 +30,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 AccountantName = Literal["rdp", "prv"]
 # One accounting entry: (noise multiplier, sampling rate, rounds run with them).
@@ -173,6 +171,9 @@ def epsilon_spent(
     entries = [(float(z), float(q), int(r)) for z, q, r in history if r > 0]
     if not entries:
         return 0.0
+    # Opacus is imported here, not at the top: it costs every hub and node process ~2.5 s to load
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     if accountant == "rdp":
         acc = RDPAccountant()
         acc.history = entries
@@ -260,6 +261,8 @@ def noise_multiplier_for(
     """The smallest noise multiplier (Opacus's search) that keeps `rounds` rounds within budget."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    from opacus.accountants.utils import get_noise_multiplier  # lazily: see epsilon_spent
+
     return float(
         get_noise_multiplier(
             target_epsilon=epsilon_budget,
