@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from gridswarm.train.codecs import ErrorFeedback, NonFinitePayload, check_payload, make_codec
 from gridswarm.train.params import BlobFormatError, pack, unpack
+from tests.examples import examples
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_outer_update_moves_weights_by_what_nodes_decode():
     assert torch.allclose(moved + residual, exact, atol=1e-5)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     bits=st.sampled_from([8, 4]),
     n_blocks=st.integers(1, 4),
