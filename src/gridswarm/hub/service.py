@@ -48,6 +48,7 @@ from gridswarm.hub.lifecycle import (
     transition,
 )
 from gridswarm.hub.limits import HOUR_S, RateLimiter, check_run_quota, check_sponsor
+from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S, HeartbeatPacing
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, client_network
 from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite, lock_run, lock_runs
@@ -157,7 +158,12 @@ class BlobCounters:
 
 @dataclass(frozen=True)
 class HubSettings:
+    # a node silent this long is lost (while heartbeats are paced above their minimum interval,
+    # LIVENESS_BEATS intervals if longer: hub/pacing.py)
     liveness_s: float = 20.0
+    # heartbeats a second the whole swarm may send this hub: the interval it tells nodes grows
+    # with the live nodes to keep within it (0: every node beats every 3 s)
+    heartbeat_budget_per_s: float = DEFAULT_BUDGET_PER_S
     max_skew_s: float = MAX_SKEW_S
     # region -> the hub's own carbon signal (`gridswarm hub --signals`, hub/energy.py)
     signals: dict[str, SignalProvider] = field(default_factory=dict)
@@ -342,9 +348,16 @@ class HubService:
             str, tuple[NodeStatus, float]
         ] = {}  # node -> status, seen at (unwritten)
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
+        # node -> when its last signed request was authenticated (unwritten): any request is a
+        # sign of life, so a working node need not send heartbeats beside it (hub/pacing.py)
+        self._seen: dict[str, float] = {}
+        self._notes_lock = threading.Lock()  # a note never lands in a batch being written
+        self.pacing = HeartbeatPacing(
+            self.settings.liveness_s, self.settings.heartbeat_budget_per_s
+        )
         self.rate_limiter = RateLimiter(self.settings.requests_per_s, self.settings.request_burst)
         self.registration = RegistrationGate(
-            self.settings.registration, self.sessions, self.settings.liveness_s, clock
+            self.settings.registration, self.sessions, self.liveness_s, clock
         )
         self._workloads: dict[str, Workload] = {}
         self._verified_blobs: set[str] = set()  # blobs whose bytes were hashed since the start
@@ -397,12 +410,42 @@ class HubService:
             self.nonces.consume(verified.nonce, verified.public_key.hex(), now)
         except AuthError as exc:
             raise HubError(exc.status, exc.detail, Refusal.REPLAYED_REQUEST) from exc
+        if verified.node_id in self._known_nodes:  # a sign of life: noted, flushed in batches
+            with self._notes_lock:
+                self._seen[verified.node_id] = now
         return verified
+
+    # ---------------------------------------------------------------- liveness
+
+    def liveness_s(self, now: float | None = None) -> float:
+        """How long a node may be silent before it is lost: `settings.liveness_s`, longer while
+        heartbeats are paced above their minimum interval (hub/pacing.py)."""
+        return self.pacing.liveness_s(self.clock() if now is None else now)
+
+    def heartbeat_interval_s(self) -> float:
+        """The heartbeat interval to tell a node now (registration and heartbeat answers)."""
+        return self.pacing.advertise(self.clock())
+
+    def count_live_nodes(self) -> None:
+        """Recount the live nodes for the heartbeat interval, at most every COUNT_EVERY_S (the
+        ticker calls it: one indexed count, never on a request's path)."""
+        now = self.clock()
+        if not self.pacing.count_due(now):
+            return
+        with self.sessions() as s:
+            live = s.scalar(
+                select(func.count()).where(
+                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
+                )
+            )
+        self.pacing.set_live(live or 0, now)
 
     def _node(self, s: Session, node_id: str) -> m.Node:
         node = s.get(m.Node, node_id)
         if node is None:
             raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
+        with self._notes_lock:  # its row is written here: an older note must not undo it
+            self._seen.pop(node_id, None)
         node.last_seen_at = self.clock()
         return node
 
@@ -463,6 +506,10 @@ class HubService:
             if live >= min_nodes:
                 self.round_changed(run_id)
 
+    def knows(self, node_id: str) -> bool:
+        """Whether `node_id` is known registered in this process (its heartbeat needs no query)."""
+        return node_id in self._known_nodes
+
     def heartbeat(self, node_id: str, status: NodeStatus) -> None:
         """Note that a node is alive; no lock, no transaction of its own. Liveness is soft state:
         the notes are written in one UPDATE per batch (`flush_heartbeats`) by the ticker and at
@@ -473,20 +520,38 @@ class HubService:
                 if s.get(m.Node, node_id) is None:
                     raise HubError(403, f"node {node_id} is not registered")
             self._known_nodes.add(node_id)
-        self._heartbeats[node_id] = (status, self.clock())
+        with self._notes_lock:
+            self._heartbeats[node_id] = (status, self.clock())
+
+    def _forget_notes(self, node_id: str) -> None:
+        """Drop `node_id`'s unwritten liveness notes: the caller writes its row itself."""
+        with self._notes_lock:
+            self._heartbeats.pop(node_id, None)
+            self._seen.pop(node_id, None)
 
     def flush_heartbeats(self, s: Session) -> None:
-        """Write the pending heartbeats into the transaction `s` (one executemany UPDATE)."""
-        if not self._heartbeats:
+        """Write the pending heartbeats and signs of life into the transaction `s` (at most two
+        executemany UPDATEs: with a status, and the time alone)."""
+        if not self._heartbeats and not self._seen:
             return
-        pending, self._heartbeats = self._heartbeats, {}
-        s.execute(
-            update(m.Node),
-            [  # in id order: two replicas' batches never wait for each other in a cycle
-                {"id": node_id, "status": status, "last_seen_at": seen_at}
-                for node_id, (status, seen_at) in sorted(pending.items())
-            ],
-        )
+        with self._notes_lock:
+            pending, self._heartbeats = self._heartbeats, {}
+            seen, self._seen = self._seen, {}
+        for node_id, at in seen.items():  # a later request than the heartbeat: its time
+            if node_id in pending and pending[node_id][1] < at:
+                pending[node_id] = (pending[node_id][0], at)
+        # in id order: two replicas' batches never wait for each other in a cycle
+        if pending:
+            s.execute(
+                update(m.Node),
+                [
+                    {"id": node_id, "status": status, "last_seen_at": seen_at}
+                    for node_id, (status, seen_at) in sorted(pending.items())
+                ],
+            )
+        times = sorted((n, at) for n, at in seen.items() if n not in pending)
+        if times:
+            s.execute(update(m.Node), [{"id": n, "last_seen_at": at} for n, at in times])
 
     def report_energy(self, node_id: str, report: EnergyReport) -> None:
         """Store a node's energy report (hub/energy.py reads it when planning); a node whose own
@@ -703,9 +768,7 @@ class HubService:
 
     def _rules(self, cfg: RunConfig) -> RoundRules:
         r = cfg.round
-        return RoundRules(
-            r.quorum, r.min_nodes, r.max_nodes, r.deadline_s, self.settings.liveness_s
-        )
+        return RoundRules(r.quorum, r.min_nodes, r.max_nodes, r.deadline_s, self.liveness_s())
 
     def _achieved_speed(self, s: Session, run_id: str, node_id: str) -> float | None:
         """Moving average of the tokens/s `node_id` achieved in this run (its last SPEED_WINDOW
@@ -756,7 +819,7 @@ class HubService:
         return achieved if achieved is not None else speed_from_probe(probe_rate, run.numel)
 
     def _live_cutoff(self, now: float) -> float:
-        return now - self.settings.liveness_s
+        return now - self.liveness_s(now)
 
     def _live_nodes(self, s: Session, now: float):
         """Nodes heard from within liveness_s that have not left (one indexed query)."""
@@ -933,7 +996,9 @@ class HubService:
             cutoff = self._live_cutoff(now)
             was_live = node.status != NodeStatus.LEFT and node.last_seen_at >= cutoff
             # a wait answer writes nothing (no fsync): noted, flushed with the heartbeats
-            self._heartbeats[node_id] = (NodeStatus.IDLE, now)
+            with self._notes_lock:
+                self._heartbeats[node_id] = (NodeStatus.IDLE, now)
+            self._known_nodes.add(node_id)  # its later requests count as signs of life
             if run.status != RunState.ACTIVE:
                 s.commit()
                 reason = f"run {run_id} is {run.status}" + (
@@ -968,7 +1033,7 @@ class HubService:
                     # it was lost (a replica, or the hub, died after the commit). The same
                     # work again, so the round need not wait for its deadline.
                     s.autoflush = True
-                    self._heartbeats.pop(node_id, None)
+                    self._forget_notes(node_id)
                     node.last_seen_at, node.status = now, NodeStatus.TRAINING
                     answer = self._assigned(s, run, held)
                     s.commit()
@@ -1064,7 +1129,7 @@ class HubService:
                 status=AssignmentStatus.ASSIGNED,
             )
             s.add(row)
-            self._heartbeats.pop(node_id, None)
+            self._forget_notes(node_id)
             node.last_seen_at, node.status = now, NodeStatus.TRAINING
             answer = self._assigned(s, run, row)
             s.commit()
@@ -1300,6 +1365,7 @@ class HubService:
             with self.sessions() as s:
                 self.flush_heartbeats(s)  # the lease holder decides with every replica's notes
                 s.commit()
+            self.count_live_nodes()
             self.watch_rounds()
             return []
         if self.lease.terms != terms:  # taken over: what another replica ticked is in the db
@@ -1314,6 +1380,7 @@ class HubService:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
             s.commit()
             run_ids = s.scalars(select(m.Run.id).where(m.Run.status == RunState.ACTIVE)).all()
+        self.count_live_nodes()
         self.watch_rounds()
         for run_id in run_ids:
             try:
@@ -1835,7 +1902,7 @@ class HubService:
         for node_id, entry in nodes.items():
             row = node_rows[node_id]
             entry["state"] = liveness_state(
-                row.status, now - row.last_seen_at, self.settings.liveness_s
+                row.status, now - row.last_seen_at, self.liveness_s(now)
             )
         outcome: dict[int, dict[str, int]] = {}
         for rnd_number, status, count in assignments:
@@ -1845,7 +1912,7 @@ class HubService:
             "name": run.name,
             "status": run.status,
             "status_reason": run.status_reason,
-            "liveness_s": self.settings.liveness_s,
+            "liveness_s": self.liveness_s(now),
             "round": run.round,
             "version": run.version,
             "numel": run.numel,
@@ -1875,7 +1942,7 @@ class HubService:
             "live_nodes": [
                 {"id": n.id, "name": n.name, "status": n.status}
                 for n in node_rows.values()
-                if n.status != NodeStatus.LEFT and now - n.last_seen_at <= self.settings.liveness_s
+                if n.status != NodeStatus.LEFT and now - n.last_seen_at <= self.liveness_s(now)
             ],
             **self._policy_status(run, contributions, node_rows),
         }
