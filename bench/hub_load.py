@@ -584,7 +584,9 @@ def one(
         if plain:
             paths = [str(plain_http(workdir)), str((hub_src or SRC).resolve())]
             swarm.env["PYTHONPATH"] = os.pathsep.join(paths)
-        else:  # every simulated node registers from 127.0.0.1: no bound on new identities
+        cli = (hub_src or SRC) / "gridswarm" / "cli.py"
+        if "register_per_net_hour" in cli.read_text():  # a hub that bounds new identities:
+            # every simulated node registers from 127.0.0.1, so no bound
             swarm.hub_extra += ["--register-per-net-hour", "0", "--max-new-nodes", "0"]
         profile = workdir / f"{name}-profile.json"
         if args.profile:  # the first replica under the sampling profiler

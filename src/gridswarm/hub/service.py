@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -244,7 +244,7 @@ class NonceBook:
         self.sessions = sessions
         self.window_s = 2 * max_skew_s  # older nonces can never be accepted again
         self.ready = threading.Condition()
-        self.pending: list[tuple[m.Nonce, list]] = []
+        self.pending: list[tuple[dict, list]] = []  # (nonces row, its outcome)
         self.writing = False
         self.recent: dict[str, float] = {}
         self.pruned_at = 0.0
@@ -256,7 +256,7 @@ class NonceBook:
                 raise AuthError(409, "replayed request: nonce already used")
             self.recent[nonce] = now
             self.pending.append(
-                (m.Nonce(nonce=nonce, public_key=public_key_hex, seen_at=now), outcome)
+                ({"nonce": nonce, "public_key": public_key_hex, "seen_at": now}, outcome)
             )
             while not outcome:
                 if self.writing:
@@ -279,20 +279,22 @@ class NonceBook:
         if not outcome[0]:
             raise AuthError(409, "replayed request: nonce already used")
 
-    def _write(self, rows: list[m.Nonce], now: float) -> list[bool]:
-        """Store `rows` in one commit; if one was stored before (a replay across a restart),
-        row by row to tell which."""
+    def _write(self, rows: list[dict], now: float) -> list[bool]:
+        """Store `rows` in one commit (one Core executemany INSERT: no ORM objects on this path,
+        which every signed request takes); if one was stored before (a replay across a
+        restart), row by row to tell which."""
+        table = m.Nonce.__table__
         with self.sessions() as s:
-            s.add_all(rows)
             try:
+                s.execute(insert(table), rows)
                 s.commit()
                 stored = [True] * len(rows)
             except IntegrityError:
                 s.rollback()
                 stored = []
                 for row in rows:
-                    s.add(m.Nonce(nonce=row.nonce, public_key=row.public_key, seen_at=row.seen_at))
                     try:
+                        s.execute(insert(table), row)
                         s.commit()
                         stored.append(True)
                     except IntegrityError:
