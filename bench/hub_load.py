@@ -63,7 +63,7 @@ from gridswarm.protocol import (
     RegisterRequest,
     RegisterResponse,
 )
-from gridswarm.swarm import Swarm, free_port, local_postgres, wait_healthy
+from gridswarm.swarm import Swarm, free_port, local_postgres, plain_http, wait_healthy
 
 MIN_BEAT_WAIT_S = 0.2  # the heartbeat loop looks again at most this often (node/agent.py)
 WAIT_S = 10.0  # long-poll length the node asks for
@@ -543,19 +543,6 @@ def sql(db_url: str, statement: str) -> None:
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
-def plain_http(workdir: Path) -> Path:
-    """A folder that, first on a hub's PYTHONPATH, hides httptools and uvloop from it: uvicorn's
-    "auto" then falls back to h11 (HTTP parsed in Python) and asyncio's own loop, as on a
-    machine without them (the measurement before they became dependencies)."""
-    folder = workdir / "plain-http"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("httptools", "uvloop"):
-        (folder / f"{name}.py").write_text(
-            f'raise ImportError("{name} hidden by bench/hub_load.py (plain HTTP)")\n'
-        )
-    return folder
-
-
 def one(
     db: str, nodes: int, replicas: int, variant: str, args: argparse.Namespace, workdir: Path
 ) -> dict:
@@ -582,7 +569,7 @@ def one(
         if hub_src is not None:  # the control: another checkout's hub (e.g. main's src/)
             swarm.env["PYTHONPATH"] = str(hub_src.resolve())
         if plain:
-            paths = [str(plain_http(workdir)), str((hub_src or SRC).resolve())]
+            paths = [str(plain_http(workdir / "plain-http")), str((hub_src or SRC).resolve())]
             swarm.env["PYTHONPATH"] = os.pathsep.join(paths)
         cli = (hub_src or SRC) / "gridswarm" / "cli.py"
         if "register_per_net_hour" in cli.read_text():  # a hub that bounds new identities:
