@@ -240,8 +240,8 @@ class NonceBook:
     per request into one per batch; a request is never let through before its nonce is stored.
     A nonce seen before in this process is refused without touching the database."""
 
-    def __init__(self, sessions: sessionmaker, max_skew_s: float) -> None:
-        self.sessions = sessions
+    def __init__(self, engine: Engine, max_skew_s: float) -> None:
+        self.engine = engine
         self.window_s = 2 * max_skew_s  # older nonces can never be accepted again
         self.ready = threading.Condition()
         self.pending: list[tuple[dict, list]] = []  # (nonces row, its outcome)
@@ -284,26 +284,26 @@ class NonceBook:
         which every signed request takes); if one was stored before (a replay across a
         restart), row by row to tell which."""
         table = m.Nonce.__table__
-        with self.sessions() as s:
+        with self.engine.connect() as conn:  # a bare connection: no ORM session either
             try:
-                s.execute(insert(table), rows)
-                s.commit()
+                conn.execute(insert(table), rows)
+                conn.commit()
                 stored = [True] * len(rows)
             except IntegrityError:
-                s.rollback()
+                conn.rollback()
                 stored = []
                 for row in rows:
                     try:
-                        s.execute(insert(table), row)
-                        s.commit()
+                        conn.execute(insert(table), row)
+                        conn.commit()
                         stored.append(True)
                     except IntegrityError:
-                        s.rollback()
+                        conn.rollback()
                         stored.append(False)
             if now - self.pruned_at >= 60:
                 self.pruned_at = now
-                s.execute(delete(m.Nonce).where(m.Nonce.seen_at < now - self.window_s))
-                s.commit()
+                conn.execute(delete(table).where(table.c.seen_at < now - self.window_s))
+                conn.commit()
                 with self.ready:
                     self.recent = {n: t for n, t in self.recent.items() if t >= now - self.window_s}
         return stored
@@ -337,7 +337,7 @@ class HubService:
         self.lock = threading.RLock()
         # uploads decoded and checked at once, outside the lock (each holds a decoded update)
         self._checking = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
-        self.nonces = NonceBook(self.sessions, self.settings.max_skew_s)
+        self.nonces = NonceBook(engine, self.settings.max_skew_s)
         # caches that keep request handling independent of the swarm's size (rebuilt on restart)
         self._achieved: dict[tuple[str, str], float | None] = {}  # (run, node) -> tokens/s
         self._live_view: dict[
