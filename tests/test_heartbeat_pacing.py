@@ -5,6 +5,7 @@ answer. In-process hub on a temporary SQLite, the node's real `HubClient` on the
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -142,3 +143,47 @@ def test_interval_answers_are_bounded() -> None:
             RegisterResponse.model_validate({"node_id": "ab" * 8, "heartbeat_s": bad})
     with pytest.raises(ValidationError):
         HeartbeatResponse.model_validate_json(b'{"heartbeat_s": NaN}')
+
+
+def test_a_long_poll_waiting_for_live_nodes_wakes_when_a_silent_node_beats_again(
+    tmp_path: Path,
+) -> None:
+    """No timer: the ticker's live count (every COUNT_EVERY_S) wakes it, and a long-poll
+    that nothing woke answers at its end without asking again."""
+    service = build_service(f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs")
+    run = service.create_run(b"\x01" * 32, tiny_run(round={"min_nodes": 2, "max_nodes": 2}))
+    asked = []
+    ask = service.assignment_or_wait
+    service.assignment_or_wait = lambda *a: asked.append(time.monotonic()) or ask(*a)
+    a, b = Identity.generate(), Identity.generate()
+    body = RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1000).model_dump_json().encode()
+    path = f"{API}/runs/{run.run_id}/assignment"
+
+    def post(identity: Identity, url: str, content: bytes = b"", **kw):
+        return http.post(
+            url, content=content, headers=sign_request(identity, "POST", url, content), **kw
+        )
+
+    with TestClient(create_app(service)) as http:
+        assert post(a, f"{API}/nodes/register", body).is_success
+        b_id = post(b, f"{API}/nodes/register", body).json()["node_id"]
+        with service.sessions() as s:  # B fell silent long ago
+            s.get(Node, b_id).last_seen_at = time.time() - 3600
+            s.commit()
+        service.pacing.set_live(1, time.time())  # what the ticker counted meanwhile
+        started = time.monotonic()
+        assert post(a, path, params={"wait_s": 1}).json()["status"] == "wait"
+        assert len(asked) == 1, "a long-poll nothing woke asked again"
+        assert time.monotonic() - started >= 0.9
+        asked.clear()
+        answers: list[dict] = []
+        poll = threading.Thread(
+            target=lambda: answers.append(post(a, path, params={"wait_s": 20}).json())
+        )
+        poll.start()
+        time.sleep(0.5)
+        service.heartbeat(b_id, NodeStatus.IDLE)  # B is back: no request signals the round
+        poll.join(timeout=30)
+        assert answers and answers[0]["status"] == "assigned"
+        assert asked[-1] - asked[0] < 9.0  # woken by the count (<= 5 s): no 10 s timer, no wait end
+        assert len(asked) == 2

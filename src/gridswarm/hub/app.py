@@ -302,6 +302,10 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
                     )
                 if not changed.is_set():  # still connected, so alive (a note, no lock)
                     service.heartbeat(verified.node_id, NodeStatus.IDLE)
+            if recheck_s is None and not changed.is_set():
+                # only a change of the round could alter the answer, and none came: the same
+                # answer, without asking (and queueing for the lock) once more at the end
+                return answer
 
     @app.post(f"{API}/runs/{{run_id}}/contributions", openapi_extra=openapi_body(binary=True))
     async def contribute(run_id: RunIdParam, request: Request) -> ContributionAck:

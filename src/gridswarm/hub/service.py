@@ -109,7 +109,6 @@ LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this of
 SPEED_WINDOW = 5  # a node's achieved speed: moving average over its last this many contributions
 SPEED_BATCH = 500  # node ids per batched speed read (well under SQLite's bound-parameter limit)
 FORECAST_TTL_S = 60.0  # the hub's own carbon forecasts are fetched again after this
-LIVE_RECHECK_S = 10.0  # a long-poll waiting for min_nodes live nodes also asks again this often
 DATASET_RESCAN_S = 1.0  # an unknown digest rescans the runs' datasets at most this often
 RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
@@ -429,8 +428,11 @@ class HubService:
         return self.pacing.advertise(self.clock())
 
     def count_live_nodes(self) -> None:
-        """Recount the live nodes for the heartbeat interval, at most every COUNT_EVERY_S (the
-        ticker calls it: one indexed count, never on a request's path)."""
+        """Recount the live nodes, at most every COUNT_EVERY_S (the ticker calls it: one indexed
+        count, never on a request's path): for the heartbeat interval, and to wake the
+        long-polls of pending rounds whose `min_nodes` the count has just reached (nodes
+        become live again by heartbeat too, which no request signals), so those long-polls
+        need not ask again on a timer."""
         now = self.clock()
         if not self.pacing.count_due(now):
             return
@@ -440,7 +442,10 @@ class HubService:
                     m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
                 )
             )
+        before = self.pacing.live_nodes
         self.pacing.set_live(live or 0, now)
+        if (live or 0) > before:
+            self._wake_pending_runs(now, live or 0, crossed_from=before)
 
     def _node(self, s: Session, node_id: str) -> m.Node:
         node = s.get(m.Node, node_id)
@@ -485,8 +490,12 @@ class HubService:
         self._wake_pending_runs(now)
         return node_id
 
-    def _wake_pending_runs(self, now: float) -> None:
-        """Signal the runs whose pending round now has its `min_nodes` live nodes."""
+    def _wake_pending_runs(
+        self, now: float, live: int | None = None, crossed_from: int | None = None
+    ) -> None:
+        """Signal the runs whose pending round now has its `min_nodes` live nodes (`live`, or
+        counted here); with `crossed_from` (the previous count) only those it was below, so
+        a round kept pending for another reason is not woken again at every count."""
         with self.sessions() as s:
             pending = s.execute(
                 select(m.Run.id, m.Run.config_json)
@@ -495,17 +504,19 @@ class HubService:
             ).all()
             if not pending:
                 return
-            live = s.scalar(
-                select(func.count()).where(
-                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
+            if live is None:
+                live = s.scalar(
+                    select(func.count()).where(
+                        m.Node.last_seen_at >= self._live_cutoff(now),
+                        m.Node.status != NodeStatus.LEFT,
+                    )
                 )
-            )
         for run_id, config_json in pending:
             try:
                 min_nodes = m.stored_settings(run_id, config_json).round.min_nodes
             except UnreadableSettings:
                 continue  # the ticker stalls it
-            if live >= min_nodes:
+            if live >= min_nodes and (crossed_from is None or crossed_from < min_nodes):
                 self.round_changed(run_id)
 
     def knows(self, node_id: str) -> bool:
@@ -1076,10 +1087,10 @@ class HubService:
                 )
             if reason is not None:
                 s.commit()
-                # a full round, a place already held, a closed round: only the round changes it;
-                # nodes becoming live again by heartbeat are not signalled, hence the timer
-                recheck_s = LIVE_RECHECK_S if "live nodes" in reason else None
-                return AssignmentResponse(status="wait", retry_after_s=1.0), recheck_s
+                # a full round, a place already held, a closed round, too few live nodes: only a
+                # change of the round changes it (enough live nodes: a registration, or the
+                # ticker's count, signals it: `count_live_nodes`)
+                return AssignmentResponse(status="wait", retry_after_s=1.0), None
             deadline_at = (
                 rnd.deadline_at if rnd.status == RoundStatus.OPEN else now + cfg.round.deadline_s
             )
