@@ -275,8 +275,9 @@ def markdown(result: dict) -> str:
     g = statistics.median(result["gloo"]["wall_s"])
     rows = []
     sides = (
-        ("hub_plain", "(a0) through the hub, plain HTTP (h11, asyncio loop)"),
+        ("hub_plain", "(a0) through the hub, plain HTTP (h11, asyncio loop), run first"),
         ("hub", "(a) through the hub"),
+        ("hub_plain_after", "(a1) through the hub, plain HTTP again, run after (a)"),
         ("s3", "(b) up via hub, down presigned S3"),
     )
     for key, label in sides:
@@ -349,6 +350,9 @@ def main() -> None:
             print("hub, plain HTTP:", round_walls(result["hub_plain"]), flush=True)
         result["hub"] = hub_side(model, rounds, None, {})
         print("hub:", round_walls(result["hub"]), flush=True)
+        if args.plain_http:  # before and after (a): the machine's drift shows
+            result["hub_plain_after"] = hub_side(model, rounds, None, plain_http_env())
+            print("hub, plain HTTP again:", round_walls(result["hub_plain_after"]), flush=True)
         result["s3"] = hub_side(model, rounds, "s3://bench-data-plane/hub", env)
         print("hub + S3:", round_walls(result["s3"]), flush=True)
         result["gloo"] = gloo_side(result["hub"]["numel"], reps=3)
@@ -357,7 +361,7 @@ def main() -> None:
         moto.terminate()
         moto.wait(timeout=10)
     g = statistics.median(result["gloo"]["wall_s"])
-    for key in [k for k in ("hub_plain", "hub", "s3") if k in result]:
+    for key in [k for k in ("hub_plain", "hub", "hub_plain_after", "s3") if k in result]:
         result[key]["round_wall_s"] = round_walls(result[key])
         result[key]["ratio_to_gloo"] = statistics.median(result[key]["round_wall_s"]) / g
     args.out.parent.mkdir(parents=True, exist_ok=True)
