@@ -44,7 +44,7 @@ from gridswarm.blobs import open_blob_store
 from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient
 from gridswarm.protocol import ContributionMeta, RegisterRequest
-from gridswarm.swarm import Swarm, free_port
+from gridswarm.swarm import Swarm, free_port, plain_http
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack
 from gridswarm.trust.claims import sign_contribution
@@ -153,6 +153,14 @@ def phases(records: list[tuple]) -> dict:
                 }
             )
     return out
+
+
+def plain_http_env() -> dict:
+    """The hub's environment without httptools and uvloop (bench/hub_load.py `plain_http`):
+    uvicorn's "auto" falls back to h11 and asyncio."""
+    shim = plain_http(Path(tempfile.mkdtemp(prefix="bench-plain-http-")))
+    src = Path(__file__).resolve().parent.parent / "src"
+    return {"PYTHONPATH": os.pathsep.join([str(shim), str(src)])}
 
 
 def hub_side(model: dict, rounds: int, blobs: str | None, env: dict) -> dict:
@@ -266,7 +274,15 @@ def round_walls(side: dict) -> list[float]:
 def markdown(result: dict) -> str:
     g = statistics.median(result["gloo"]["wall_s"])
     rows = []
-    for key, label in (("hub", "(a) through the hub"), ("s3", "(b) up via hub, down presigned S3")):
+    sides = (
+        ("hub_plain", "(a0) through the hub, plain HTTP (h11, asyncio loop), run first"),
+        ("hub", "(a) through the hub"),
+        ("hub_plain_after", "(a1) through the hub, plain HTTP again, run after (a)"),
+        ("s3", "(b) up via hub, down presigned S3"),
+    )
+    for key, label in sides:
+        if key not in result:
+            continue
         side = result[key]
         walls = round_walls(side)
         up = statistics.median(u["wall_s"] for u in side["up"])
@@ -310,6 +326,12 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="0.83 M parameters, 1 round")
+    parser.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="also run side (a) with the hub on uvicorn's pure-Python HTTP (h11) and asyncio's "
+        "loop: httptools and uvloop hidden from it (before/after they became dependencies)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/data_plane.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -318,11 +340,19 @@ def main() -> None:
     moto, env = start_moto()
     try:
         result: dict = {
-            "command": "python bench/data_plane.py" + (" --quick" if args.quick else ""),
+            "command": "python bench/data_plane.py"
+            + (" --quick" if args.quick else "")
+            + (" --plain-http" if args.plain_http else ""),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         }
+        if args.plain_http:
+            result["hub_plain"] = hub_side(model, rounds, None, plain_http_env())
+            print("hub, plain HTTP:", round_walls(result["hub_plain"]), flush=True)
         result["hub"] = hub_side(model, rounds, None, {})
         print("hub:", round_walls(result["hub"]), flush=True)
+        if args.plain_http:  # before and after (a): the machine's drift shows
+            result["hub_plain_after"] = hub_side(model, rounds, None, plain_http_env())
+            print("hub, plain HTTP again:", round_walls(result["hub_plain_after"]), flush=True)
         result["s3"] = hub_side(model, rounds, "s3://bench-data-plane/hub", env)
         print("hub + S3:", round_walls(result["s3"]), flush=True)
         result["gloo"] = gloo_side(result["hub"]["numel"], reps=3)
@@ -331,7 +361,7 @@ def main() -> None:
         moto.terminate()
         moto.wait(timeout=10)
     g = statistics.median(result["gloo"]["wall_s"])
-    for key in ("hub", "s3"):
+    for key in [k for k in ("hub_plain", "hub", "hub_plain_after", "s3") if k in result]:
         result[key]["round_wall_s"] = round_walls(result[key])
         result[key]["ratio_to_gloo"] = statistics.median(result[key]["round_wall_s"]) / g
     args.out.parent.mkdir(parents=True, exist_ok=True)

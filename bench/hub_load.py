@@ -1,11 +1,13 @@
 """Hub load benchmark: thousands of light simulated nodes against ONE real hub process.
 
 Each simulated node is a coroutine speaking the real protocol over real HTTP with its own Ed25519
-key (every request signed, nonces checked by the hub): it registers, heartbeats every 3 s,
-long-polls `/assignment`, downloads the model delta, "trains" by sleeping, and uploads a small
-but valid int8 contribution (built in-process with numpy + safetensors the way the node packs
-it, no torch in the load process). The hub is the real `gridswarm hub` subprocess on SQLite or
-a real PostgreSQL server; the run has a tiny model, audits and usefulness scoring off, so what is
+key (every request signed, nonces checked by the hub): it registers, heartbeats as the hub tells
+it (every 3 s from a hub that does not pace heartbeats; from one that does, after the interval it
+was last told without any answer from the hub, as `HubClient` does), long-polls `/assignment`,
+downloads the model delta, "trains" by sleeping, and uploads a small but valid int8 contribution
+(built in-process with numpy + safetensors the way the node packs it, no torch in the load
+process). The hub is the real `gridswarm hub` subprocess on SQLite or a real PostgreSQL server;
+the run has a tiny model, audits and usefulness scoring off, so what is
 measured is the hub's control plane, not model work.
 
 Reported per (database, nodes): requests/s, p50/p99 latency per endpoint, hub CPU ms per
@@ -52,10 +54,18 @@ from safetensors.numpy import save as st_save
 from sqlalchemy import create_engine, text
 
 from gridswarm.identity import Identity, sign_request
-from gridswarm.protocol import API, ContributionMeta, HeartbeatRequest, RegisterRequest
-from gridswarm.swarm import Swarm, free_port, local_postgres, wait_healthy
+from gridswarm.protocol import (
+    API,
+    DEFAULT_HEARTBEAT_S,
+    ContributionMeta,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterRequest,
+    RegisterResponse,
+)
+from gridswarm.swarm import Swarm, free_port, local_postgres, plain_http, wait_healthy
 
-HEARTBEAT_S = 3.0  # what the real node does while training (node/agent.py)
+MIN_BEAT_WAIT_S = 0.2  # the heartbeat loop looks again at most this often (node/agent.py)
 WAIT_S = 10.0  # long-poll length the node asks for
 KEEPALIVE_S = 4.0  # reuse a connection idle at most this long (uvicorn's keep-alive is 5 s)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -202,6 +212,10 @@ class LightNode:
         self.connections: dict[tuple[int, bool], Connection] = {}
         self.rng = np.random.default_rng(seed)
         self.status = "idle"
+        # heartbeat pacing as node/client.py does it: the interval last told (None: a hub that
+        # does not pace), the last answer to a signed request, the last beat tried
+        self.heartbeat_s: float | None = None
+        self.last_answer_at = self.last_beat_at = time.monotonic()
 
     def connection(self, beat: bool) -> Connection:
         """This node's connection to its current replica (its own for heartbeats unless shared)."""
@@ -240,6 +254,8 @@ class LightNode:
                 self.stats.record(endpoint, started, "transport")
             else:
                 self.stats.record(endpoint, started, response.status_code)
+                if response.status_code < 400:
+                    self.last_answer_at = time.monotonic()  # the hub noted us alive
                 if response.status_code < 500:
                     return response
             self.fail_over()
@@ -247,27 +263,43 @@ class LightNode:
                 await asyncio.sleep(0.5 * (attempt + 1))
         return None
 
+    def heartbeat_due_in_s(self) -> float:
+        """`HubClient.heartbeat_due_in_s`: seconds until the next beat is due."""
+        now = time.monotonic()
+        if self.heartbeat_s is None:
+            return DEFAULT_HEARTBEAT_S - (now - self.last_beat_at)
+        return self.heartbeat_s - (now - max(self.last_answer_at, self.last_beat_at))
+
     async def heartbeats(self, stop: asyncio.Event) -> None:
-        await asyncio.sleep(random.uniform(0, HEARTBEAT_S))
+        await asyncio.sleep(random.uniform(0, self.heartbeat_s or DEFAULT_HEARTBEAT_S))
         while not stop.is_set():
-            if self.shared and self.status != "training":
-                await asyncio.sleep(HEARTBEAT_S)
+            due_in_s = self.heartbeat_due_in_s()
+            if due_in_s > 0:
+                await asyncio.sleep(max(due_in_s, MIN_BEAT_WAIT_S))
                 continue
+            self.last_beat_at = time.monotonic()
+            if self.shared and self.status != "training":
+                continue  # one connection: the long-poll on it already says we are alive
             body = HeartbeatRequest(status=self.status).model_dump_json().encode()
-            await self.call("heartbeat", "POST", f"{API}/nodes/heartbeat", body, beat=True)
-            await asyncio.sleep(HEARTBEAT_S)
+            response = await self.call(
+                "heartbeat", "POST", f"{API}/nodes/heartbeat", body, beat=True
+            )
+            if response is not None and response.status_code == 200:
+                with suppress(ValueError):  # a hub that does not pace: {"ok": true}
+                    told = HeartbeatResponse.model_validate_json(response.content).heartbeat_s
+                    self.heartbeat_s = told if told is not None else self.heartbeat_s
 
     async def main(self, stop: asyncio.Event) -> None:
         req = RegisterRequest(
             probe_tokens_per_s=1e6, probe_numel=1_000_000, name=self.identity.node_id
         )
-        if (
-            await self.call(
-                "register", "POST", f"{API}/nodes/register", req.model_dump_json().encode()
-            )
-            is None
-        ):
+        registered = await self.call(
+            "register", "POST", f"{API}/nodes/register", req.model_dump_json().encode()
+        )
+        if registered is None:
             return
+        with suppress(ValueError):
+            self.heartbeat_s = RegisterResponse.model_validate_json(registered.content).heartbeat_s
         beating = asyncio.create_task(self.heartbeats(stop))
         run_id, numel = self.run["run_id"], self.run["numel"]
         try:
@@ -451,6 +483,8 @@ async def drive(
         "hub_cpu_share": round(hub_cpu / window_s, 3),  # of one core, all replicas
         "db_cpu_share": round(db_cpu / window_s, 3),  # PostgreSQL's processes
         "hub_cpu_ms_per_contribution": round(1000 * hub_cpu / per_contribution, 2),
+        "hub_cpu_ms_per_request": round(1000 * hub_cpu / max(requests, 1), 3),
+        "requests_per_contribution": round(requests / per_contribution, 1),
         "hub_db_cpu_ms_per_contribution": round(1000 * (hub_cpu + db_cpu) / per_contribution, 2),
         "loadgen_cpu_share": round((own_cpu1 - own_cpu0) / window_s, 3),
         "stale_refused": stats.stale,
@@ -506,13 +540,19 @@ def sql(db_url: str, statement: str) -> None:
     engine.dispose()
 
 
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
 def one(
     db: str, nodes: int, replicas: int, variant: str, args: argparse.Namespace, workdir: Path
 ) -> dict:
     """`replicas` hub processes on one database (one on SQLite), one run, `nodes` light nodes:
     the measured figures. `variant` "this" runs this checkout's hub, "baseline" the one in
-    --baseline-src (or --hub-src for every run)."""
+    --baseline-src (or --hub-src for every run); "this-plain" this checkout's hub on uvicorn's
+    pure-Python HTTP parser and asyncio's loop (`plain_http`), as is the baseline with
+    --baseline-plain-http."""
     hub_src = args.baseline_src if variant == "baseline" else args.hub_src
+    plain = variant == "this-plain" or (variant == "baseline" and args.baseline_plain_http)
     with ExitStack() as stack:
         db_url = None
         if db == "postgres":
@@ -528,7 +568,12 @@ def one(
         swarm.workdir.mkdir(parents=True)
         if hub_src is not None:  # the control: another checkout's hub (e.g. main's src/)
             swarm.env["PYTHONPATH"] = str(hub_src.resolve())
-        else:  # every simulated node registers from 127.0.0.1: no bound on new identities
+        if plain:
+            paths = [str(plain_http(workdir / "plain-http")), str((hub_src or SRC).resolve())]
+            swarm.env["PYTHONPATH"] = os.pathsep.join(paths)
+        cli = (hub_src or SRC) / "gridswarm" / "cli.py"
+        if "register_per_net_hour" in cli.read_text():  # a hub that bounds new identities:
+            # every simulated node registers from 127.0.0.1, so no bound
             swarm.hub_extra += ["--register-per-net-hour", "0", "--max-new-nodes", "0"]
         profile = workdir / f"{name}-profile.json"
         if args.profile:  # the first replica under the sampling profiler
@@ -606,6 +651,8 @@ COLUMNS = (
     "heartbeat p50/p99 ms",
     "rounds",
     "contribs",
+    "req/contrib",
+    "hub CPU ms/req",
     "hub CPU ms/contrib",
     "hub+db CPU ms/contrib",
     "hub CPU",
@@ -639,6 +686,8 @@ def rows(results: list[dict]) -> list[list[str]]:
                 p("heartbeat"),
                 str(r["rounds_closed"]),
                 str(r["contributions_in_window"]),
+                f"{r.get('requests_per_contribution', float('nan')):.1f}",
+                f"{r.get('hub_cpu_ms_per_request', float('nan')):.2f}",
                 f"{r['hub_cpu_ms_per_contribution']:.1f}",
                 f"{r.get('hub_db_cpu_ms_per_contribution', float('nan')):.1f}",
                 f"{r['hub_cpu_share']:.0%}",
@@ -731,6 +780,17 @@ def main() -> None:
         help="also run every configuration with the hub from this src/ (before/after)",
     )
     parser.add_argument(
+        "--baseline-plain-http",
+        action="store_true",
+        help="run the baseline hub without httptools/uvloop (h11 and asyncio), as before they "
+        "were dependencies",
+    )
+    parser.add_argument(
+        "--this-plain",
+        action="store_true",
+        help="also run this checkout's hub without httptools/uvloop (the levers apart)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="sample the first replica's CPU by code line"
     )
     parser.add_argument("--profile-interval-s", type=float, default=0.05)
@@ -749,7 +809,9 @@ def main() -> None:
         sys.exit(f"open-file limit {hard} is too low for {max(args.nodes)} nodes")
     command = "python " + " ".join(sys.argv)
     load_average = os.getloadavg()
-    variants = ["baseline", "this"] if args.baseline_src is not None else ["this"]
+    variants = ["baseline"] if args.baseline_src is not None else []
+    variants += ["this-plain"] if args.this_plain else []
+    variants += ["this"]
     console = Console(width=240)
     results = []
     with tempfile.TemporaryDirectory(prefix="hub-load-") as tmp:

@@ -148,7 +148,22 @@ def hub(
     ] = "gridswarm-blobs",
     host: str = "127.0.0.1",
     port: int = 8470,
-    liveness_s: Annotated[float, typer.Option(help="a node silent this long is lost")] = 20.0,
+    liveness_s: Annotated[
+        float,
+        typer.Option(
+            help="a node silent this long is lost (longer while heartbeats are paced: 3 "
+            "heartbeat intervals)"
+        ),
+    ] = 20.0,
+    heartbeat_budget_per_s: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=1e6,
+            help="heartbeats a second the whole swarm may send: nodes are told an interval "
+            "of live nodes / budget (3 to 60 s); 0: every 3 s",
+        ),
+    ] = 100.0,
     signals: Annotated[
         Path | None, typer.Option(help="TOML: region -> carbon signal, for accounting/planning")
     ] = None,
@@ -306,6 +321,7 @@ def hub(
         console.print(f"carbon signals: {described}")
     settings = HubSettings(
         liveness_s=liveness_s,
+        heartbeat_budget_per_s=heartbeat_budget_per_s,
         signals=by_region,
         sponsors=allowed,
         data_roots=tuple(data_root or ()),

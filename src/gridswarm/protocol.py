@@ -96,8 +96,28 @@ class Empty(_Msg):
     """The body of a signed request that carries nothing (leave, assignment): empty or {}."""
 
 
+# a node's heartbeat interval until (or unless) its hub tells it another
+DEFAULT_HEARTBEAT_S = 3.0
+# how often the hub may ask a node to send a heartbeat: never faster than once a second, never
+# rarer than every 10 minutes (hub/pacing.py advertises 3 to 60 s)
+MIN_HEARTBEAT_S = 1.0
+MAX_HEARTBEAT_S = 600.0
+HeartbeatSeconds = Annotated[
+    float,
+    Field(
+        ge=MIN_HEARTBEAT_S,
+        le=MAX_HEARTBEAT_S,
+        description="seconds between the node's heartbeats, counted from its last answer from "
+        "the hub (any signed request counts as a sign of life); the hub scales it with the "
+        "number of live nodes",
+    ),
+]
+
+
 class RegisterResponse(_Msg):
     node_id: str
+    # absent from hubs that do not pace heartbeats: the node then beats every 3 s regardless
+    heartbeat_s: HeartbeatSeconds | None = None
 
 
 class RunCreateRequest(_Msg):
@@ -242,6 +262,13 @@ class HeartbeatRequest(_Msg):
         NodeStatus.IDLE, NodeStatus.TRAINING, NodeStatus.UPLOADING, NodeStatus.PAUSED
     ] = NodeStatus.IDLE
     run_id: RunId | None = None
+
+
+class HeartbeatResponse(_Msg):
+    """The answer to a heartbeat: the interval the node should use from now on."""
+
+    ok: bool = True
+    heartbeat_s: HeartbeatSeconds | None = None
 
 
 MAX_FORECAST_POINTS = 600

@@ -32,6 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def plain_http(folder: Path) -> Path:
+    """A folder that, first on a hub process's PYTHONPATH, hides httptools and uvloop from it:
+    uvicorn's "auto" then parses HTTP in Python (h11) on asyncio's own loop, as on a machine
+    without them (benchmarks measure the hub before and after they became dependencies)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("httptools", "uvloop"):
+        (folder / f"{name}.py").write_text(
+            f'raise ImportError("{name} hidden by gridswarm.swarm.plain_http")\n'
+        )
+    return folder
+
+
 def _pg_bindir() -> Path:
     """The newest Debian PostgreSQL binaries, else those on PATH."""
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)

@@ -51,6 +51,7 @@ from gridswarm.protocol import (
     EnergyReport,
     FailureReport,
     HeartbeatRequest,
+    HeartbeatResponse,
     NodeStatus,
     RegisterRequest,
     RegisterResponse,
@@ -204,14 +205,21 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         )
         req = parse(RegisterRequest, body)
         node_id = await run_in_threadpool(service.register, verified.public_key, req, address)
-        return RegisterResponse(node_id=node_id)
+        return RegisterResponse(node_id=node_id, heartbeat_s=service.heartbeat_interval_s())
 
     @app.post(f"{API}/nodes/heartbeat", openapi_extra=openapi_body(HeartbeatRequest))
-    async def heartbeat(request: Request) -> dict:
+    async def heartbeat(request: Request) -> HeartbeatResponse:
+        """A sign of life with the node's status. The answer's `heartbeat_s` is the interval
+        the node should use from now on: it grows with the live nodes (hub/pacing.py), and any
+        signed request counts as a sign of life, so a node beats only after that long without
+        an answer from the hub."""
         verified, body = await signed(request, MAX_JSON_BYTES)
         req = parse(HeartbeatRequest, body or b"{}")
-        await run_in_threadpool(service.heartbeat, verified.node_id, req.status)
-        return {"ok": True}
+        if service.knows(verified.node_id):  # a note in memory: no thread needed
+            service.heartbeat(verified.node_id, req.status)
+        else:  # once per node and process: its row is looked up
+            await run_in_threadpool(service.heartbeat, verified.node_id, req.status)
+        return HeartbeatResponse(heartbeat_s=service.heartbeat_interval_s())
 
     @app.post(f"{API}/nodes/energy", openapi_extra=openapi_body(EnergyReport))
     async def energy(request: Request) -> dict:
@@ -290,10 +298,14 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
             while not changed.is_set() and loop.time() < ask_at:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        changed.wait(), min(ask_at - loop.time(), service.settings.liveness_s / 2)
+                        changed.wait(), min(ask_at - loop.time(), service.liveness_s() / 2)
                     )
                 if not changed.is_set():  # still connected, so alive (a note, no lock)
                     service.heartbeat(verified.node_id, NodeStatus.IDLE)
+            if recheck_s is None and not changed.is_set():
+                # only a change of the round could alter the answer, and none came: the same
+                # answer, without asking (and queueing for the lock) once more at the end
+                return answer
 
     @app.post(f"{API}/runs/{{run_id}}/contributions", openapi_extra=openapi_body(binary=True))
     async def contribute(run_id: RunIdParam, request: Request) -> ContributionAck:

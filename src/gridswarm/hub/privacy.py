@@ -447,7 +447,7 @@ class HubPrivacy:
     ) -> StageProgress:
         expected = self._expected(s, run, sess.round, sess.stage, config)
         answered = frozenset(self._messages(s, run.id, sess.round, ANSWERS[sess.stage]))
-        liveness = self.svc.settings.liveness_s
+        liveness = self.svc.liveness_s(now)
         lost = frozenset(
             n.id
             for n in s.scalars(select(m.Node).where(m.Node.id.in_(expected - answered)))

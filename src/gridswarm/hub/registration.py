@@ -179,12 +179,13 @@ class RegistrationGate:
         self,
         policy: RegistrationPolicy,
         sessions: sessionmaker,
-        liveness_s: float,
+        liveness_s: float | Callable[[float], float],
         clock: Callable[[], float],
     ) -> None:
         self.policy = policy
         self.sessions = sessions
-        self.liveness_s = liveness_s
+        # the hub's liveness window at a time (it grows while heartbeats are paced), or a fixed one
+        self.liveness_s = liveness_s if callable(liveness_s) else lambda _now: liveness_s
         self.clock = clock
 
     @property
@@ -224,5 +225,5 @@ class RegistrationGate:
         new_live = 0
         network_full = bool(limit) and len(recent) >= limit  # refused without counting
         if self.policy.max_new_nodes and not network_full:
-            new_live = new_nodes_live(s, now_s - self.liveness_s)
-        check_new_identity(self.policy, network, recent, new_live, now_s, self.liveness_s)
+            new_live = new_nodes_live(s, now_s - self.liveness_s(now_s))
+        check_new_identity(self.policy, network, recent, new_live, now_s, self.liveness_s(now_s))

@@ -15,6 +15,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DisconnectionError
 
 from gridswarm.blobs import open_blob_store
 from gridswarm.hub.app import create_app
@@ -28,6 +29,10 @@ log = logging.getLogger("gridswarm.hub")
 MAX_WORKERS = 64
 RESTART_WINDOW_S = 30.0  # a replica that died is restarted, unless this many died this recently:
 MAX_RESTARTS_IN_WINDOW = 10  # then the hub stops (something is wrong with every start)
+# a pooled PostgreSQL connection idle longer than this is pinged before use (a restarted server or
+# a dropped idle connection); one in steady use is not: pinging every checkout cost a round trip
+# per transaction, ~12 % of the hub's CPU at 1,000 nodes (bench/results/hub_load_cost.md)
+IDLE_PING_S = 10.0
 SQLITE_REPLICAS = "--workers > 1 needs PostgreSQL (--db postgresql://…): SQLite is one process"
 
 
@@ -38,7 +43,7 @@ def make_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        return ping_when_idle(create_engine(url), IDLE_PING_S)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -48,6 +53,30 @@ def make_engine(url: str) -> Engine:
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
+
+    return engine
+
+
+def ping_when_idle(engine: Engine, idle_s: float) -> Engine:
+    """`pool_pre_ping` for connections idle over `idle_s` only: the dialect's ping (SELECT 1)
+    on checkout; a dead connection is replaced before the transaction starts (SQLAlchemy's
+    DisconnectionError protocol). A connection that dies while in steady use fails its one
+    transaction (a 5xx that nodes retry), and the pool then replaces every older connection,
+    as SQLAlchemy does on any disconnect."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_conn, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since <= idle_s:
+            return  # new, or in steady use
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            raise DisconnectionError(f"pooled connection idle {idle_s:.0f}+ s is gone") from exc
 
     return engine
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,6 +48,7 @@ from gridswarm.hub.lifecycle import (
     transition,
 )
 from gridswarm.hub.limits import HOUR_S, RateLimiter, check_run_quota, check_sponsor
+from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S, HeartbeatPacing
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, client_network
 from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite, lock_run, lock_runs
@@ -109,7 +110,6 @@ LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this of
 SPEED_WINDOW = 5  # a node's achieved speed: moving average over its last this many contributions
 SPEED_BATCH = 500  # node ids per batched speed read (well under SQLite's bound-parameter limit)
 FORECAST_TTL_S = 60.0  # the hub's own carbon forecasts are fetched again after this
-LIVE_RECHECK_S = 10.0  # a long-poll waiting for min_nodes live nodes also asks again this often
 DATASET_RESCAN_S = 1.0  # an unknown digest rescans the runs' datasets at most this often
 RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
@@ -158,7 +158,12 @@ class BlobCounters:
 
 @dataclass(frozen=True)
 class HubSettings:
+    # a node silent this long is lost (while heartbeats are paced above their minimum interval,
+    # LIVENESS_BEATS intervals if longer: hub/pacing.py)
     liveness_s: float = 20.0
+    # heartbeats a second the whole swarm may send this hub: the interval it tells nodes grows
+    # with the live nodes to keep within it (0: every node beats every 3 s)
+    heartbeat_budget_per_s: float = DEFAULT_BUDGET_PER_S
     max_skew_s: float = MAX_SKEW_S
     # region -> the hub's own carbon signal (`gridswarm hub --signals`, hub/energy.py)
     signals: dict[str, SignalProvider] = field(default_factory=dict)
@@ -243,11 +248,11 @@ class NonceBook:
     per request into one per batch; a request is never let through before its nonce is stored.
     A nonce seen before in this process is refused without touching the database."""
 
-    def __init__(self, sessions: sessionmaker, max_skew_s: float) -> None:
-        self.sessions = sessions
+    def __init__(self, engine: Engine, max_skew_s: float) -> None:
+        self.engine = engine
         self.window_s = 2 * max_skew_s  # older nonces can never be accepted again
         self.ready = threading.Condition()
-        self.pending: list[tuple[m.Nonce, list]] = []
+        self.pending: list[tuple[dict, list]] = []  # (nonces row, its outcome)
         self.writing = False
         self.recent: dict[str, float] = {}
         self.pruned_at = 0.0
@@ -259,7 +264,7 @@ class NonceBook:
                 raise AuthError(409, "replayed request: nonce already used")
             self.recent[nonce] = now
             self.pending.append(
-                (m.Nonce(nonce=nonce, public_key=public_key_hex, seen_at=now), outcome)
+                ({"nonce": nonce, "public_key": public_key_hex, "seen_at": now}, outcome)
             )
             while not outcome:
                 if self.writing:
@@ -282,29 +287,31 @@ class NonceBook:
         if not outcome[0]:
             raise AuthError(409, "replayed request: nonce already used")
 
-    def _write(self, rows: list[m.Nonce], now: float) -> list[bool]:
-        """Store `rows` in one commit; if one was stored before (a replay across a restart),
-        row by row to tell which."""
-        with self.sessions() as s:
-            s.add_all(rows)
+    def _write(self, rows: list[dict], now: float) -> list[bool]:
+        """Store `rows` in one commit (one Core executemany INSERT: no ORM objects on this path,
+        which every signed request takes); if one was stored before (a replay across a
+        restart), row by row to tell which."""
+        table = m.Nonce.__table__
+        with self.engine.connect() as conn:  # a bare connection: no ORM session either
             try:
-                s.commit()
+                conn.execute(insert(table), rows)
+                conn.commit()
                 stored = [True] * len(rows)
             except IntegrityError:
-                s.rollback()
+                conn.rollback()
                 stored = []
                 for row in rows:
-                    s.add(m.Nonce(nonce=row.nonce, public_key=row.public_key, seen_at=row.seen_at))
                     try:
-                        s.commit()
+                        conn.execute(insert(table), row)
+                        conn.commit()
                         stored.append(True)
                     except IntegrityError:
-                        s.rollback()
+                        conn.rollback()
                         stored.append(False)
             if now - self.pruned_at >= 60:
                 self.pruned_at = now
-                s.execute(delete(m.Nonce).where(m.Nonce.seen_at < now - self.window_s))
-                s.commit()
+                conn.execute(delete(table).where(table.c.seen_at < now - self.window_s))
+                conn.commit()
                 with self.ready:
                     self.recent = {n: t for n, t in self.recent.items() if t >= now - self.window_s}
         return stored
@@ -338,7 +345,7 @@ class HubService:
         self.lock = threading.RLock()
         # uploads decoded and checked at once, outside the lock (each holds a decoded update)
         self._checking = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
-        self.nonces = NonceBook(self.sessions, self.settings.max_skew_s)
+        self.nonces = NonceBook(engine, self.settings.max_skew_s)
         # caches that keep request handling independent of the swarm's size (rebuilt on restart)
         self._achieved: dict[tuple[str, str], float | None] = {}  # (run, node) -> tokens/s
         self._live_view: dict[
@@ -351,13 +358,20 @@ class HubService:
             str, tuple[NodeStatus, float]
         ] = {}  # node -> status, seen at (unwritten)
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
+        # node -> when its last signed request was authenticated (unwritten): any request is a
+        # sign of life, so a working node need not send heartbeats beside it (hub/pacing.py)
+        self._seen: dict[str, float] = {}
+        self._notes_lock = threading.Lock()  # a note never lands in a batch being written
+        self.pacing = HeartbeatPacing(
+            self.settings.liveness_s, self.settings.heartbeat_budget_per_s
+        )
         self.rate_limiter = RateLimiter(
             self.settings.requests_per_s,
             self.settings.request_burst,
             processes=self.settings.replica_count * self.settings.workers,
         )
         self.registration = RegistrationGate(
-            self.settings.registration, self.sessions, self.settings.liveness_s, clock
+            self.settings.registration, self.sessions, self.liveness_s, clock
         )
         self._workloads: dict[str, Workload] = {}
         self._verified_blobs: set[str] = set()  # blobs whose bytes were hashed since the start
@@ -410,12 +424,48 @@ class HubService:
             self.nonces.consume(verified.nonce, verified.public_key.hex(), now)
         except AuthError as exc:
             raise HubError(exc.status, exc.detail, Refusal.REPLAYED_REQUEST) from exc
+        if verified.node_id in self._known_nodes:  # a sign of life: noted, flushed in batches
+            with self._notes_lock:
+                self._seen[verified.node_id] = now
         return verified
+
+    # ---------------------------------------------------------------- liveness
+
+    def liveness_s(self, now: float | None = None) -> float:
+        """How long a node may be silent before it is lost: `settings.liveness_s`, longer while
+        heartbeats are paced above their minimum interval (hub/pacing.py)."""
+        return self.pacing.liveness_s(self.clock() if now is None else now)
+
+    def heartbeat_interval_s(self) -> float:
+        """The heartbeat interval to tell a node now (registration and heartbeat answers)."""
+        return self.pacing.advertise(self.clock())
+
+    def count_live_nodes(self) -> None:
+        """Recount the live nodes, at most every COUNT_EVERY_S (the ticker calls it: one indexed
+        count, never on a request's path): for the heartbeat interval, and to wake the
+        long-polls of pending rounds whose `min_nodes` the count has just reached (nodes
+        become live again by heartbeat too, which no request signals), so those long-polls
+        need not ask again on a timer."""
+        now = self.clock()
+        if not self.pacing.count_due(now):
+            return
+        with self.sessions() as s:
+            live = s.scalar(
+                select(func.count()).where(
+                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
+                )
+            )
+        before = self.pacing.live_nodes
+        self.pacing.set_live(live or 0, now)
+        if (live or 0) > before:
+            self._wake_pending_runs(now, live or 0, crossed_from=before)
 
     def _node(self, s: Session, node_id: str) -> m.Node:
         node = s.get(m.Node, node_id)
         if node is None:
             raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
+        with self._notes_lock:  # its row is written here: an older note must not undo it
+            self._seen.pop(node_id, None)
         node.last_seen_at = self.clock()
         return node
 
@@ -453,8 +503,12 @@ class HubService:
         self._wake_pending_runs(now)
         return node_id
 
-    def _wake_pending_runs(self, now: float) -> None:
-        """Signal the runs whose pending round now has its `min_nodes` live nodes."""
+    def _wake_pending_runs(
+        self, now: float, live: int | None = None, crossed_from: int | None = None
+    ) -> None:
+        """Signal the runs whose pending round now has its `min_nodes` live nodes (`live`, or
+        counted here); with `crossed_from` (the previous count) only those it was below, so
+        a round kept pending for another reason is not woken again at every count."""
         with self.sessions() as s:
             pending = s.execute(
                 select(m.Run.id, m.Run.config_json)
@@ -463,18 +517,24 @@ class HubService:
             ).all()
             if not pending:
                 return
-            live = s.scalar(
-                select(func.count()).where(
-                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
+            if live is None:
+                live = s.scalar(
+                    select(func.count()).where(
+                        m.Node.last_seen_at >= self._live_cutoff(now),
+                        m.Node.status != NodeStatus.LEFT,
+                    )
                 )
-            )
         for run_id, config_json in pending:
             try:
                 min_nodes = m.stored_settings(run_id, config_json).round.min_nodes
             except UnreadableSettings:
                 continue  # the ticker stalls it
-            if live >= min_nodes:
+            if live >= min_nodes and (crossed_from is None or crossed_from < min_nodes):
                 self.round_changed(run_id)
+
+    def knows(self, node_id: str) -> bool:
+        """Whether `node_id` is known registered in this process (its heartbeat needs no query)."""
+        return node_id in self._known_nodes
 
     def heartbeat(self, node_id: str, status: NodeStatus) -> None:
         """Note that a node is alive; no lock, no transaction of its own. Liveness is soft state:
@@ -486,20 +546,38 @@ class HubService:
                 if s.get(m.Node, node_id) is None:
                     raise HubError(403, f"node {node_id} is not registered")
             self._known_nodes.add(node_id)
-        self._heartbeats[node_id] = (status, self.clock())
+        with self._notes_lock:
+            self._heartbeats[node_id] = (status, self.clock())
+
+    def _forget_notes(self, node_id: str) -> None:
+        """Drop `node_id`'s unwritten liveness notes: the caller writes its row itself."""
+        with self._notes_lock:
+            self._heartbeats.pop(node_id, None)
+            self._seen.pop(node_id, None)
 
     def flush_heartbeats(self, s: Session) -> None:
-        """Write the pending heartbeats into the transaction `s` (one executemany UPDATE)."""
-        if not self._heartbeats:
+        """Write the pending heartbeats and signs of life into the transaction `s` (at most two
+        executemany UPDATEs: with a status, and the time alone)."""
+        if not self._heartbeats and not self._seen:
             return
-        pending, self._heartbeats = self._heartbeats, {}
-        s.execute(
-            update(m.Node),
-            [  # in id order: two replicas' batches never wait for each other in a cycle
-                {"id": node_id, "status": status, "last_seen_at": seen_at}
-                for node_id, (status, seen_at) in sorted(pending.items())
-            ],
-        )
+        with self._notes_lock:
+            pending, self._heartbeats = self._heartbeats, {}
+            seen, self._seen = self._seen, {}
+        for node_id, at in seen.items():  # a later request than the heartbeat: its time
+            if node_id in pending and pending[node_id][1] < at:
+                pending[node_id] = (pending[node_id][0], at)
+        # in id order: two replicas' batches never wait for each other in a cycle
+        if pending:
+            s.execute(
+                update(m.Node),
+                [
+                    {"id": node_id, "status": status, "last_seen_at": seen_at}
+                    for node_id, (status, seen_at) in sorted(pending.items())
+                ],
+            )
+        times = sorted((n, at) for n, at in seen.items() if n not in pending)
+        if times:
+            s.execute(update(m.Node), [{"id": n, "last_seen_at": at} for n, at in times])
 
     def report_energy(self, node_id: str, report: EnergyReport) -> None:
         """Store a node's energy report (hub/energy.py reads it when planning); a node whose own
@@ -717,9 +795,7 @@ class HubService:
 
     def _rules(self, cfg: RunConfig) -> RoundRules:
         r = cfg.round
-        return RoundRules(
-            r.quorum, r.min_nodes, r.max_nodes, r.deadline_s, self.settings.liveness_s
-        )
+        return RoundRules(r.quorum, r.min_nodes, r.max_nodes, r.deadline_s, self.liveness_s())
 
     def _achieved_speed(self, s: Session, run_id: str, node_id: str) -> float | None:
         """Moving average of the tokens/s `node_id` achieved in this run (its last SPEED_WINDOW
@@ -770,7 +846,7 @@ class HubService:
         return achieved if achieved is not None else speed_from_probe(probe_rate, run.numel)
 
     def _live_cutoff(self, now: float) -> float:
-        return now - self.settings.liveness_s
+        return now - self.liveness_s(now)
 
     def _live_nodes(self, s: Session, now: float):
         """Nodes heard from within liveness_s that have not left (one indexed query)."""
@@ -947,7 +1023,9 @@ class HubService:
             cutoff = self._live_cutoff(now)
             was_live = node.status != NodeStatus.LEFT and node.last_seen_at >= cutoff
             # a wait answer writes nothing (no fsync): noted, flushed with the heartbeats
-            self._heartbeats[node_id] = (NodeStatus.IDLE, now)
+            with self._notes_lock:
+                self._heartbeats[node_id] = (NodeStatus.IDLE, now)
+            self._known_nodes.add(node_id)  # its later requests count as signs of life
             if run.status != RunState.ACTIVE:
                 s.commit()
                 reason = f"run {run_id} is {run.status}" + (
@@ -982,7 +1060,7 @@ class HubService:
                     # it was lost (a replica, or the hub, died after the commit). The same
                     # work again, so the round need not wait for its deadline.
                     s.autoflush = True
-                    self._heartbeats.pop(node_id, None)
+                    self._forget_notes(node_id)
                     node.last_seen_at, node.status = now, NodeStatus.TRAINING
                     answer = self._assigned(s, run, held)
                     s.commit()
@@ -1023,10 +1101,10 @@ class HubService:
                 )
             if reason is not None:
                 s.commit()
-                # a full round, a place already held, a closed round: only the round changes it;
-                # nodes becoming live again by heartbeat are not signalled, hence the timer
-                recheck_s = LIVE_RECHECK_S if "live nodes" in reason else None
-                return AssignmentResponse(status="wait", retry_after_s=1.0), recheck_s
+                # a full round, a place already held, a closed round, too few live nodes: only a
+                # change of the round changes it (enough live nodes: a registration, or the
+                # ticker's count, signals it: `count_live_nodes`)
+                return AssignmentResponse(status="wait", retry_after_s=1.0), None
             deadline_at = (
                 rnd.deadline_at if rnd.status == RoundStatus.OPEN else now + cfg.round.deadline_s
             )
@@ -1078,7 +1156,7 @@ class HubService:
                 status=AssignmentStatus.ASSIGNED,
             )
             s.add(row)
-            self._heartbeats.pop(node_id, None)
+            self._forget_notes(node_id)
             node.last_seen_at, node.status = now, NodeStatus.TRAINING
             answer = self._assigned(s, run, row)
             s.commit()
@@ -1315,6 +1393,7 @@ class HubService:
             with self.sessions() as s:
                 self.flush_heartbeats(s)  # the lease holder decides with every replica's notes
                 s.commit()
+            self.count_live_nodes()
             self.watch_rounds()
             return []
         if self.lease.terms != terms:  # taken over: what another replica ticked is in the db
@@ -1329,6 +1408,7 @@ class HubService:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
             s.commit()
             run_ids = s.scalars(select(m.Run.id).where(m.Run.status == RunState.ACTIVE)).all()
+        self.count_live_nodes()
         self.watch_rounds()
         for run_id in run_ids:
             try:
@@ -1853,7 +1933,7 @@ class HubService:
         for node_id, entry in nodes.items():
             row = node_rows[node_id]
             entry["state"] = liveness_state(
-                row.status, now - row.last_seen_at, self.settings.liveness_s
+                row.status, now - row.last_seen_at, self.liveness_s(now)
             )
         outcome: dict[int, dict[str, int]] = {}
         for rnd_number, status, count in assignments:
@@ -1863,7 +1943,7 @@ class HubService:
             "name": run.name,
             "status": run.status,
             "status_reason": run.status_reason,
-            "liveness_s": self.settings.liveness_s,
+            "liveness_s": self.liveness_s(now),
             "round": run.round,
             "version": run.version,
             "numel": run.numel,
@@ -1893,7 +1973,7 @@ class HubService:
             "live_nodes": [
                 {"id": n.id, "name": n.name, "status": n.status}
                 for n in node_rows.values()
-                if n.status != NodeStatus.LEFT and now - n.last_seen_at <= self.settings.liveness_s
+                if n.status != NodeStatus.LEFT and now - n.last_seen_at <= self.liveness_s(now)
             ],
             **self._policy_status(run, contributions, node_rows),
         }

@@ -60,7 +60,7 @@ from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import sign_contribution
 
 log = logging.getLogger("gridswarm.node")
-HEARTBEAT_S = 3.0
+MIN_BEAT_WAIT_S = 0.2  # the heartbeat thread looks again at most this often (hub pacing: client.py)
 FAILURE_BACKOFF_S = 2.0  # after a failed assignment, before asking for the next one
 # what training an assignment may raise when this machine cannot do it (missing data, memory, a
 # model version whose bytes never matched their hash)
@@ -308,7 +308,11 @@ class NodeAgent:
             log.info("could not tell the hub we are leaving: %s", exc)
 
     def _heartbeat(self) -> None:
-        while not self.stop_event.wait(HEARTBEAT_S):
+        """Beat when due: the interval the hub told (hub/pacing.py), counted from its last
+        answer to any signed request of this node, which is itself a sign of life."""
+        while not self.stop_event.wait(max(self.client.heartbeat_due_in_s(), MIN_BEAT_WAIT_S)):
+            if self.client.heartbeat_due_in_s() > 0:
+                continue  # the hub answered another request meanwhile
             try:
                 self.client.heartbeat(self.status)
             except Exception as exc:

@@ -13,6 +13,7 @@ store) and checks the bytes exactly as it checks the hub's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,15 +32,18 @@ from gridswarm.blobs import BlobError, file_sha256, sha256_hex
 from gridswarm.identity import Identity, sign_request
 from gridswarm.protocol import (
     API,
+    DEFAULT_HEARTBEAT_S,
     MAX_REASON_CHARS,
     AssignmentResponse,
     ContributionAck,
     EnergyReport,
     FailureReport,
     HeartbeatRequest,
+    HeartbeatResponse,
     NodeStatus,
     Refusal,
     RegisterRequest,
+    RegisterResponse,
     RunCreateResponse,
     RunStateRequest,
 )
@@ -219,6 +223,12 @@ class HubClient:
         self.http = self.clients[self.current]
         self.timeout_s = timeout_s
         self._object_http: httpx.Client | None = None
+        # heartbeat pacing (hub/pacing.py): the interval the hub last told (None: a hub that does
+        # not pace, so a beat every DEFAULT_HEARTBEAT_S whatever else is sent), and when the hub
+        # last answered a signed request (any counts as a sign of life) or a beat was tried
+        self.heartbeat_s: float | None = None
+        self.last_answer_at = time.monotonic()
+        self.last_beat_at = time.monotonic()
 
     @property
     def base_url(self) -> str:
@@ -308,6 +318,8 @@ class HubClient:
             if self.stop.wait(delay if left_s is None else min(delay, left_s)):
                 raise ClientStopped(f"stopped while retrying {method} {path}")
             delay = min(delay * 2, 3.0)
+        if signed and response.status_code < 400:
+            self.last_answer_at = time.monotonic()  # the hub noted this node alive
         if response.status_code >= 400:
             detail, reason = response.text, None
             try:
@@ -332,13 +344,31 @@ class HubClient:
 
     # node calls
     def register(self, req: RegisterRequest) -> str:
-        return self.post_json(f"{API}/nodes/register", req)["node_id"]
+        answer = RegisterResponse.model_validate(self.post_json(f"{API}/nodes/register", req))
+        self.heartbeat_s = answer.heartbeat_s
+        return answer.node_id
 
     def heartbeat(self, status: NodeStatus, run_id: str | None = None) -> None:
         """One try: a missed heartbeat is followed by the next, and retrying here would print
-        a second countdown beside the main loop's while the hub is down."""
+        a second countdown beside the main loop's while the hub is down. The answer's interval
+        is used from now on (bounded by `HeartbeatResponse`)."""
+        self.last_beat_at = time.monotonic()
         body = HeartbeatRequest(status=status, run_id=run_id).model_dump_json().encode()
-        self.request("POST", f"{API}/nodes/heartbeat", body, retry=False)
+        response = self.request("POST", f"{API}/nodes/heartbeat", body, retry=False)
+        with contextlib.suppress(ValueError):  # an old hub's {"ok": true}: keep the interval
+            told = HeartbeatResponse.model_validate_json(response.content).heartbeat_s
+            if told is not None:
+                self.heartbeat_s = told
+
+    def heartbeat_due_in_s(self) -> float:
+        """Seconds until the next heartbeat is due (<= 0: now). A pacing hub counts every
+        signed request as a sign of life, so the interval runs from its last answer (or the
+        last beat tried, so a hub that is down is not asked in a tight loop); a hub that does
+        not pace gets a beat every DEFAULT_HEARTBEAT_S."""
+        now = time.monotonic()
+        if self.heartbeat_s is None:
+            return DEFAULT_HEARTBEAT_S - (now - self.last_beat_at)
+        return self.heartbeat_s - (now - max(self.last_answer_at, self.last_beat_at))
 
     def energy(self, report: EnergyReport) -> None:
         self.post_json(f"{API}/nodes/energy", report)
