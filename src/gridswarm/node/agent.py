@@ -19,7 +19,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +34,13 @@ from gridswarm.node.client import ClientStopped, HubClient, HubRequestError
 from gridswarm.node.energy import (
     EnergyUse,
     NodeEnergy,
-    combine_energy,
     load_node_energy,
     scale_energy,
 )
+from gridswarm.node.interrupts import Held, PausedPastDeadline, Stopped
 from gridswarm.node.probe import hardware, probe_speed
 from gridswarm.node.secagg import SecAggContributor, secagg_timeout_s
+from gridswarm.node.streaming_round import Ahead, StreamingRounds
 from gridswarm.protocol import (
     Assignment,
     AssignmentResponse,
@@ -51,11 +51,11 @@ from gridswarm.protocol import (
     RegisterRequest,
 )
 from gridswarm.train.codecs import ErrorFeedback, make_codec
-from gridswarm.train.data import Batch, read_text, slice_seed
+from gridswarm.train.data import read_text
 from gridswarm.train.dataset import BlobSource, DatasetError, check_dataset_path
 from gridswarm.train.device import device_class, resolve_device
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
-from gridswarm.train.streaming import LocalState, Progress
+from gridswarm.train.streaming import LocalState
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import sign_contribution
 
@@ -66,23 +66,6 @@ FAILURE_BACKOFF_S = 2.0  # after a failed assignment, before asking for the next
 # model version whose bytes never matched their hash)
 TRAINING_FAILURES = (OSError, ValueError, RuntimeError, MemoryError, BlobError)
 DOWNLOAD_TRIES = 2  # a download that fails its hash check is started over once
-
-
-class Stopped(Exception):
-    """The node was asked to stop in the middle of an assignment."""
-
-
-class PausedPastDeadline(Exception):
-    """The node's own energy policy held an assignment past its deadline: the work is dropped
-    (the hub counts the place as missed), which is the owner's choice, not a training failure."""
-
-
-@dataclass
-class Held:
-    """Seconds one assignment's training sat paused by the node's own energy policy; they are
-    neither training time (the hub's speed estimate) nor training energy in the claim."""
-
-    seconds: float = 0.0
 
 
 @dataclass
@@ -120,7 +103,7 @@ class NodeStats:
     unclaimed_steps: int = 0  # trained ahead beyond the H the hub then planned (not claimed)
 
 
-class NodeAgent:
+class NodeAgent(StreamingRounds):
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
         self.identity = Identity.load_or_create(options.home / "node.key")
@@ -610,203 +593,6 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ Streaming DiLoCo
 
-    def _local_state(self, a: Assignment, workload: Workload, theta: torch.Tensor) -> LocalState:
-        """The local state to train `a` from: the kept one with the fragment version
-        `a.base_version` synced merged in, when it was built on the version before; otherwise
-        (first round, missed rounds, a restart, dropped ahead work) a fresh one from `theta`."""
-        comm = workload.cfg.comm
-        state = self._local.get(a.run_id)
-        if state is not None and state.version == a.base_version - 1:
-            mix = comm.overlap_mix if comm.overlap else 0.0
-            state.merge(theta, workload.fragment(a.base_version - 1), mix, a.base_version)
-            return state
-        if state is not None:
-            log.info(
-                "run %s round %s: local state is from version %d, not %d: starting fresh",
-                a.run_id,
-                a.round,
-                state.version,
-                a.base_version - 1,
-            )
-        self._ahead.pop(a.run_id, None)
-        state = self._local[a.run_id] = LocalState(workload, theta, a.base_version)
-        return state
-
-    def _work_streaming(self, a: Assignment, workload: Workload) -> None:
-        """One round of Streaming DiLoCo: merge the synced fragment into the kept local state,
-        train the rest of H (some may have been trained ahead), upload global[f] - local[f];
-        with `comm.overlap`, upload and fetch the next version in the background while training
-        ahead on the next round's data."""
-        cfg = workload.cfg
-        theta = self.fetch_version(a, workload.numel)
-        ahead = self._ahead.pop(a.run_id, None)
-        if ahead is not None and ahead.round != a.round:
-            log.info(
-                "run %s round %s: dropping %d steps trained ahead for round %s",
-                a.run_id,
-                a.round,
-                ahead.progress.steps,
-                ahead.round,
-            )
-            self._local.pop(a.run_id, None)  # the kept weights include the dropped steps
-            ahead = None
-        state = self._local_state(a, workload, theta)
-        if ahead is not None and state.steps_taken == 0:
-            ahead = None  # a fresh state: the steps trained ahead went with the old one
-        self.status = NodeStatus.TRAINING
-        if ahead is not None:
-            progress, stream, use_ahead = ahead.progress, ahead.stream, ahead.energy
-        else:
-            progress = Progress()
-            stream = workload.batches(slice_seed(cfg.seed, a.round, self.node_id, a.attempt))
-            use_ahead = None
-        trained_ahead = progress.steps
-        compute_before = progress.compute_s
-        held = Held()
-        try:
-            with self.energy.measure() as metered:
-                rest = a.inner_steps - progress.steps
-                if rest > 0:
-                    state.train(stream, rest, progress, self._step_hook(a, held))
-        except BaseException:
-            self._local.pop(a.run_id, None)  # half-trained: the next round starts fresh
-            raise
-        compute_s, measured = self._net_of_pauses(
-            progress.compute_s - compute_before, metered.use, held
-        )
-        progress.compute_s = compute_before + compute_s
-        self._interval_compute_s += compute_s
-        use = measured if use_ahead is None else combine_energy(use_ahead, measured)
-        # the hub planned fewer steps than were trained ahead (its speed estimate moved): the
-        # claim covers the H planned steps (time and energy pro rata), the surplus is unpaid
-        # local progress rather than a reason to throw the local state away
-        claimed = a.inner_steps
-        surplus = progress.steps - claimed
-        share = claimed / progress.steps
-        train_time_s = progress.compute_s * share
-        if surplus > 0:
-            use = scale_energy(use, share)
-            self.stats.unclaimed_steps += surplus
-        fragment = workload.fragment(a.round)
-        update = state.pseudo_gradient(theta, fragment)
-        codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
-        tensors = codec.encode(update)
-        losses = progress.losses
-        meta = self._claim(
-            a,
-            codec.name,
-            claimed,
-            claimed * cfg.tokens_per_step,
-            (losses[0], losses[-1], sum(losses) / len(losses)),
-            train_time_s,
-            state.micro_batch_size,
-            use,
-        )
-        extra = f" fragment={fragment_label(fragment)} ahead={trained_ahead}"
-        if surplus > 0:
-            extra += f" unclaimed={surplus}"
-        self.stats.ahead_steps += trained_ahead
-        if not cfg.comm.overlap:
-            ack = self._upload(a, tensors, meta)
-            if ack is not None:
-                self._log_round(a, meta, ack.bytes_up, extra)
-            return
-        self._upload_while_training_ahead(a, workload, state, tensors, meta, extra)
-
-    def _upload_while_training_ahead(
-        self,
-        a: Assignment,
-        workload: Workload,
-        state: LocalState,
-        tensors: dict[str, torch.Tensor],
-        meta: ContributionMeta,
-        extra: str,
-    ) -> None:
-        """`comm.overlap`: a background thread uploads, long-polls for the next assignment and
-        fetches its version, while this thread trains ahead (at most this round's H) on the next
-        round's data stream. The next assignment goes to the work loop; the steps trained ahead
-        are kept for it when it is round `a.round + 1`, else dropped with the local state."""
-        cfg = workload.cfg
-        box = _Background()
-
-        def background() -> None:
-            try:
-                box.ack = self._upload(a, tensors, meta, foreground=False)
-                box.answer = self._poll_next(a, cfg.round.deadline_s)
-                nxt = box.answer.assignment if box.answer is not None else None
-                if nxt is not None and nxt.round == a.round + 1:
-                    self.fetch_version(nxt, workload.numel)  # into the cache for work()
-            except Exception as exc:  # reported by the main thread
-                box.error = exc
-
-        thread = threading.Thread(target=background, name="upload", daemon=True)
-        thread.start()
-        self.status = NodeStatus.TRAINING
-        progress = Progress()
-        stream = workload.batches(slice_seed(cfg.seed, a.round + 1, self.node_id, 0))
-        on_step = self._step_hook()
-        try:
-            with self.energy.measure() as metered:
-                while thread.is_alive() and progress.steps < a.inner_steps:
-                    state.train(stream, 1, progress, on_step)
-        except BaseException:
-            self._local.pop(a.run_id, None)
-            raise
-        self._interval_compute_s += progress.compute_s
-        self.status = NodeStatus.UPLOADING
-        while thread.is_alive() and not self.stop_event.is_set():
-            thread.join(timeout=0.5)
-        if self.stop_event.is_set():
-            raise Stopped
-        self.status = NodeStatus.IDLE
-        if box.ack is not None:
-            self._log_round(a, meta, box.ack.bytes_up, extra)
-        if box.error is not None:
-            log.warning("round %s: the background upload or fetch failed: %s", a.round, box.error)
-        self._next_answer = box.answer
-        nxt = box.answer.assignment if box.answer is not None else None
-        if progress.steps and (box.error is not None or nxt is None or nxt.round != a.round + 1):
-            log.info(
-                "run %s: no round %s to train ahead for: dropping %d steps",
-                a.run_id,
-                a.round + 1,
-                progress.steps,
-            )
-            self._local.pop(a.run_id, None)
-        elif progress.steps:
-            self._ahead[a.run_id] = Ahead(a.round + 1, progress, stream, metered.use)
-
-    def _poll_next(self, a: Assignment, deadline_s: float) -> AssignmentResponse | None:
-        """Long-poll for the assignment after `a` (while the hub says wait: its round has not
-        closed yet), for at most about two round deadlines; None when stopped."""
-        give_up_at = time.monotonic() + max(60.0, 2 * deadline_s)
-        answer = None
-        while not self.stop_event.is_set():
-            answer = self.client.assignment(a.run_id, wait_s=self.options.wait_s)
-            if answer.status != "wait" or time.monotonic() > give_up_at:
-                break
-            self.stop_event.wait(min(answer.retry_after_s, 1.0))
-        return answer
-
-
-@dataclass
-class Ahead:
-    """Inner steps trained for `round` before its assignment arrived (comm.overlap)."""
-
-    round: int
-    progress: Progress
-    stream: Iterator[Batch]  # the round's data stream, positioned after those steps
-    energy: EnergyUse
-
-
-@dataclass
-class _Background:
-    """What the background upload thread hands back."""
-
-    ack: ContributionAck | None = None
-    answer: AssignmentResponse | None = None
-    error: Exception | None = None
-
 
 def delta_fragment(meta: dict[str, object], numel: int) -> tuple[int, int] | None:
     """The [start, end) a delta blob's metadata says it moves (None: the whole vector); a
@@ -822,8 +608,3 @@ def delta_fragment(meta: dict[str, object], numel: int) -> tuple[int, int] | Non
     ):
         raise BlobFormatError(f"delta fragment {raw!r} is not a range within {numel} weights")
     return raw[0], raw[1]
-
-
-def fragment_label(fragment: tuple[int, int] | None) -> str:
-    """`start:end` of a fragment for the log, `all` for the whole vector."""
-    return "all" if fragment is None else f"{fragment[0]}:{fragment[1]}"
