@@ -145,6 +145,7 @@ def test_interval_answers_are_bounded() -> None:
         HeartbeatResponse.model_validate_json(b'{"heartbeat_s": NaN}')
 
 
+@pytest.mark.slow  # waits for the ticker's live count on the wall clock (up to 5 s)
 def test_a_long_poll_waiting_for_live_nodes_wakes_when_a_silent_node_beats_again(
     tmp_path: Path,
 ) -> None:
