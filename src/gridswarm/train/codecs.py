@@ -114,7 +114,9 @@ class Blockwise:
             q = (u[0::2] | (u[1::2] << 4)).to(torch.uint8)
         return {"q": q, "scale": scale.view(-1)}
 
-    def _parts(self, tensors: dict[str, torch.Tensor], numel: int) -> tuple[torch.Tensor, ...]:
+    def _parts(
+        self, tensors: dict[str, torch.Tensor], numel: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The payload's (q, scale, n_blocks), checked: dtypes, sizes, finite scales."""
         qdtype = torch.uint8 if self.bits == 4 else torch.int8
         _require(tensors, {"q": qdtype, "scale": torch.float32})
