@@ -53,7 +53,7 @@ def rows(service: HubService, run_id: str) -> list[tuple]:
         )
 
 
-@settings(deadline=None, max_examples=examples(25))
+@settings(deadline=None, max_examples=examples(15))
 @given(
     speeds=st.lists(st.sampled_from([500.0, 5_000.0, 50_000.0]), min_size=1, max_size=7),
     max_nodes=st.integers(1, 6),

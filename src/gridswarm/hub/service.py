@@ -419,6 +419,7 @@ class HubService:
         self._heartbeats: dict[
             str, tuple[NodeStatus, float]
         ] = {}  # node -> status, seen at (unwritten)
+        self._downloads: list[dict] = []  # counted downloads, unwritten (`flush_downloads`)
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
         # node -> when its last signed request was authenticated (unwritten): any request is a
         # sign of life, so a working node need not send heartbeats beside it (hub/pacing.py)
@@ -1501,6 +1502,7 @@ class HubService:
         if not self.lease.held():
             with self.sessions() as s:
                 self.flush_heartbeats(s)  # the lease holder decides with every replica's notes
+                self.flush_downloads(s)
                 s.commit()
             self.count_live_nodes()
             self.watch_rounds()
@@ -1515,6 +1517,7 @@ class HubService:
         done = []
         with self.sessions() as s:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
+            self.flush_downloads(s)
             s.commit()
             run_ids = s.scalars(select(m.Run.id).where(m.Run.status == RunState.ACTIVE)).all()
         self.count_live_nodes()
@@ -1852,17 +1855,26 @@ class HubService:
         """Signed reads of versions and deltas count in the node's `bytes_down`."""
         if node_id is None or version is None:
             return
-        with self.sessions() as s:
-            s.add(
-                m.Download(
-                    run_id=version.run_id,
-                    node_id=node_id,
-                    blob=digest,
-                    bytes_down=nbytes,
-                    created_at=self.clock(),
-                )
-            )
-            s.commit()
+        row = {
+            "run_id": version.run_id,
+            "node_id": node_id,
+            "blob": digest,
+            "bytes_down": nbytes,
+            "created_at": self.clock(),
+        }
+        with self._notes_lock:
+            self._downloads.append(row)
+
+    def flush_downloads(self, s: Session) -> None:
+        """Write the counted downloads into the transaction `s` (one executemany INSERT). A
+        download is a statistic, not something acknowledged: counting it in memory and writing
+        the counts with the ticker (every TICK_S) keeps a burst of downloads (every node of a
+        round, woken by one batch of answers) from queueing one commit each on the database's
+        write lock. A hub killed loses the counts of its last tick."""
+        with self._notes_lock:
+            rows, self._downloads = self._downloads, []
+        if rows:
+            s.execute(insert(m.Download), rows)
 
     def blob_download(
         self, digest: str, node_id: str | None, range_header: str | None
@@ -1985,6 +1997,10 @@ class HubService:
 
     def run_status(self, run_id: str) -> dict:
         """Everything a dashboard or summary shows about one run."""
+        if self._downloads:  # this process's counted downloads, so its figures include them
+            with self.sessions() as s:
+                self.flush_downloads(s)
+                s.commit()
         with self.sessions() as s:
             run = self._run(s, run_id)
             versions = s.scalars(
