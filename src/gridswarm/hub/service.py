@@ -117,6 +117,7 @@ DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
 
 
 MAX_RANGE_BYTES = 64 << 20  # the most one ranged blob read serves
+MAX_PUBLISHED_CACHED = 100_000  # published blob digests remembered (`_servable`)
 PRESIGN_EXPIRY_S = 300  # a presigned download URL is short-lived: each range asks the hub anew
 
 
@@ -419,6 +420,7 @@ class HubService:
         self._heartbeats: dict[
             str, tuple[NodeStatus, float]
         ] = {}  # node -> status, seen at (unwritten)
+        self._published: dict[str, str] = {}  # digest of a published version's blob -> run
         self._downloads: list[dict] = []  # counted downloads, unwritten (`flush_downloads`)
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
         # node -> when its last signed request was authenticated (unwritten): any request is a
@@ -1833,10 +1835,14 @@ class HubService:
         can presign (S3) and the operator did not turn it off (`--no-presign`)."""
         return self.settings.presign_downloads and isinstance(self.blobs, PresigningStore)
 
-    def _servable(self, digest: str) -> m.Version | None:
-        """The version whose weights or delta `digest` is, None for a dataset blob of a run;
-        404 for anything else (contributions, SecAgg shares and unknown digests are never
-        served or redirected to)."""
+    def _servable(self, digest: str) -> str | None:
+        """The run whose published version's weights or delta `digest` is, None for a dataset
+        blob of a run; 404 for anything else (contributions, SecAgg shares and unknown digests
+        are never served or redirected to). A published version is never withdrawn, so its
+        digests are remembered: a round's thousands of delta downloads ask the database once."""
+        run_id = self._published.get(digest)
+        if run_id is not None:
+            return run_id
         with self.sessions() as s:
             version = s.scalars(
                 select(m.Version)
@@ -1847,16 +1853,22 @@ class HubService:
                 raise HubError(
                     404, f"blob {digest} is not a published model version, delta or dataset blob"
                 )
-        return version
+        if version is None:
+            return None
+        if len(self._published) >= MAX_PUBLISHED_CACHED:
+            self._published.clear()
+        self._published[digest] = version.run_id
+        return version.run_id
 
     def _count_download(
-        self, version: m.Version | None, node_id: str | None, nbytes: int, digest: str
+        self, run_id: str | None, node_id: str | None, nbytes: int, digest: str
     ) -> None:
-        """Signed reads of versions and deltas count in the node's `bytes_down`."""
-        if node_id is None or version is None:
+        """Signed reads of versions and deltas (of run `run_id`) count in the node's
+        `bytes_down`."""
+        if node_id is None or run_id is None:
             return
         row = {
-            "run_id": version.run_id,
+            "run_id": run_id,
             "node_id": node_id,
             "blob": digest,
             "bytes_down": nbytes,
@@ -1886,14 +1898,14 @@ class HubService:
         store = self.blobs
         if not (self.presigns and isinstance(store, PresigningStore)):
             return self.blob_span(digest, node_id, range_header)
-        version = self._servable(digest)
+        run_id = self._servable(digest)
         try:
             size = store.size(digest)
             url = store.presigned_get_url(digest, expires_s=self.settings.presign_expiry_s)
         except BlobError as exc:
             raise HubError(500, str(exc), Refusal.UNAVAILABLE) from exc
         _, length = requested_span(range_header, size, size)
-        self._count_download(version, node_id, length, digest)
+        self._count_download(run_id, node_id, length, digest)
         self.blob_counters.add(redirected=1)
         return BlobRedirect(url)
 
@@ -1904,7 +1916,7 @@ class HubService:
         (an S3 hub reads it through its local cache, `blobcache.CachedS3Store`).
         Signed reads of versions and deltas are counted per node; dataset downloads are data,
         not synchronisation: not in `bytes_down`."""
-        version = self._servable(digest)
+        run_id = self._servable(digest)
         try:
             path = self.blobs.checked_path(digest, verify=digest not in self._verified_blobs)
         except BlobError as exc:
@@ -1912,7 +1924,7 @@ class HubService:
         self._verified_blobs.add(digest)
         size = path.stat().st_size
         start, length = requested_span(range_header, size, MAX_RANGE_BYTES)
-        self._count_download(version, node_id, length, digest)
+        self._count_download(run_id, node_id, length, digest)
         self.blob_counters.add(served=1, served_bytes=length)
         return BlobSpan(path, start, length, size, partial=range_header is not None)
 
