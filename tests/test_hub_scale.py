@@ -133,8 +133,8 @@ def test_long_poll_wakes_when_the_round_can_start_and_sleeps_otherwise(tmp_path:
         b"\x01" * 32, tiny_run(round={"min_nodes": 2, "max_nodes": 2, "deadline_s": 60})
     )
     asked = []
-    ask = service.assignment_or_wait
-    service.assignment_or_wait = lambda *a: asked.append(time.monotonic()) or ask(*a)
+    ask = service.assignments_or_wait
+    service.assignments_or_wait = lambda *a: asked.append(time.monotonic()) or ask(*a)
     a, b = Identity.generate(), Identity.generate()
     register_body = RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1000).model_dump_json()
     with TestClient(create_app(service)) as client:

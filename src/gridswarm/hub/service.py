@@ -117,6 +117,7 @@ DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
 
 
 MAX_RANGE_BYTES = 64 << 20  # the most one ranged blob read serves
+MAX_PUBLISHED_CACHED = 100_000  # published blob digests remembered (`_servable`)
 PRESIGN_EXPIRY_S = 300  # a presigned download URL is short-lived: each range asks the hub anew
 
 
@@ -241,6 +242,68 @@ class NewVersion:
         return {k: v for k, v in asdict(self).items() if k != "key"}
 
 
+AskAnswer = tuple[AssignmentResponse, float | None] | HubError
+"""One ask for work decided: the answer and when asking again could differ, or its refusal."""
+
+
+@dataclass
+class Seats:
+    """The counts one batch of asks for work decides on (`HubService.assignments_or_wait`),
+    read once and kept current as the batch's asks take places: the round's places taken, the
+    live nodes, which asking nodes hold a place, and (read when first needed) the live nodes
+    with a place."""
+
+    where: tuple  # the clauses of the current round's place-holding assignments
+    active: int  # places taken (assigned or submitted)
+    live: int  # live nodes, the asking ones included once they asked
+    seated: set[str]  # asking nodes that hold a place, and those given one in this batch
+    live_asking: set[str] = field(default_factory=set)  # asking nodes live only by asking
+    cutoff: float = 0.0
+    _live_with_seat: int | None = None
+    _taken_in_batch: int = 0
+
+    @classmethod
+    def read(cls, s: Session, run: m.Run, node_ids: list[str], cutoff: float) -> Seats:
+        where = (
+            m.Assignment.run_id == run.id,
+            m.Assignment.round == run.round,
+            m.Assignment.status.in_(sorted(HOLDS_PLACE)),
+        )
+        seated = set(
+            s.scalars(
+                select(m.Assignment.node_id).where(*where, m.Assignment.node_id.in_(node_ids))
+            )
+        )
+        active = s.scalar(select(func.count()).where(*where))
+        live = s.scalar(
+            select(func.count()).where(
+                m.Node.last_seen_at >= cutoff, m.Node.status != NodeStatus.LEFT
+            )
+        )
+        return cls(where, active, live, seated, cutoff=cutoff)
+
+    def live_with_seat(self, s: Session) -> int:
+        """Live nodes holding a place (one count, read when an ask first needs it)."""
+        if self._live_with_seat is None:
+            self._live_with_seat = s.scalar(
+                select(func.count())
+                .select_from(m.Assignment)
+                .join(m.Node, m.Node.id == m.Assignment.node_id)
+                .where(
+                    *self.where,
+                    m.Node.last_seen_at >= self.cutoff,
+                    m.Node.status != NodeStatus.LEFT,
+                )
+            )
+        return self._live_with_seat + self._taken_in_batch
+
+    def take(self, node_id: str) -> None:
+        """`node_id` (live: it asked) was given a place in this batch."""
+        self.active += 1
+        self.seated.add(node_id)
+        self._taken_in_batch += 1
+
+
 class NonceBook:
     """Nonces of accepted requests, stored in the database (a restart does not reopen the replay
     window) by group commit: the first request to arrive writes every nonce waiting at that
@@ -357,6 +420,8 @@ class HubService:
         self._heartbeats: dict[
             str, tuple[NodeStatus, float]
         ] = {}  # node -> status, seen at (unwritten)
+        self._published: dict[str, str] = {}  # digest of a published version's blob -> run
+        self._downloads: list[dict] = []  # counted downloads, unwritten (`flush_downloads`)
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
         # node -> when its last signed request was authenticated (unwritten): any request is a
         # sign of life, so a working node need not send heartbeats beside it (hub/pacing.py)
@@ -1004,163 +1069,210 @@ class HubService:
     def assignment_or_wait(
         self, run_id: str, node_id: str
     ) -> tuple[AssignmentResponse, float | None]:
-        """Work for `node_id`, or why not, and when asking again could answer differently: None
-        when only a change of the run's round can (a close, a replan, a node leaving, enough
-        nodes live: `round_changed` fires), else after that many seconds. A long-poll sleeps
-        until then instead of asking again and again. Reads counts, never all the round's rows
-        or all the live nodes, so its cost does not grow with the swarm (agnostic runs)."""
+        """Work for `node_id`, or why not, and when asking again could answer differently (see
+        `assignments_or_wait`, which decides it); raises the node's HubError."""
+        answer = self.assignments_or_wait(run_id, [node_id])[0]
+        if isinstance(answer, HubError):
+            raise answer
+        return answer
+
+    def assignments_or_wait(self, run_id: str, node_ids: list[str]) -> list[AskAnswer]:
+        """Work for each of `node_ids` (in that order), or why not, and when asking again could
+        answer differently: None when only a change of the run's round can (a close, a replan,
+        a node leaving, enough nodes live: `round_changed` fires), else after that many seconds.
+        A long-poll sleeps until then instead of asking again and again. A node's refusal (not
+        registered, excluded) is its HubError in its place; the others are answered.
+
+        The asks are decided together, one after the other as if they came in this order, in
+        one transaction: one lock, one read of the round's counts, one commit for all (the HTTP
+        layer gathers the asks that arrive while a decision runs, `AskBatcher`). A round's
+        thousands of asks then cost a few commits, not one each. Reads counts and the asking
+        nodes' own rows, never all the round's rows or all the live nodes, so the cost per ask
+        does not grow with the swarm (agnostic runs). Should deciding fail for a reason that is
+        not a refusal (a bug), each ask is decided again on its own, so it fails only its own."""
+        unique = list(dict.fromkeys(node_ids))
         now = self.clock()
         if self.settings.signals:
             self._prefetch_forecasts(run_id, now)
-        with self.lock, self.sessions() as s:
-            # reads first, writes at the end: on SQLite a write takes the database's one write
-            # lock until commit, and nonces and heartbeats of other requests wait for it
-            s.autoflush = False
-            run = self._run(s, run_id, lock=True)  # replicas decide one request at a time
-            node = s.get(m.Node, node_id)
-            if node is None:
-                raise HubError(403, f"node {node_id} is not registered")
-            cutoff = self._live_cutoff(now)
-            was_live = node.status != NodeStatus.LEFT and node.last_seen_at >= cutoff
-            # a wait answer writes nothing (no fsync): noted, flushed with the heartbeats
-            with self._notes_lock:
-                self._heartbeats[node_id] = (NodeStatus.IDLE, now)
-            self._known_nodes.add(node_id)  # its later requests count as signs of life
-            if run.status != RunState.ACTIVE:
+        try:
+            with self.lock, self.sessions() as s:
+                answers = self._decide_asks(s, run_id, unique, now)
                 s.commit()
-                reason = f"run {run_id} is {run.status}" + (
-                    f": {run.status_reason}" if run.status_reason else ""
-                )
-                if run.status in HOLDING:  # paused or stalled: it may resume
-                    return AssignmentResponse(status="wait", retry_after_s=5.0, reason=reason), 5.0
-                return AssignmentResponse(status="finished", reason=reason), None
-            cfg = run.settings()
-            rnd = s.get(m.Round, (run.id, run.round))
-            if rnd.status == RoundStatus.SECAGG:  # the round's secure aggregation runs: no new work
-                s.commit()
-                return AssignmentResponse(status="wait", retry_after_s=1.0), 1.0
-            rules = self._rules(cfg)
-            seats = (
-                m.Assignment.run_id == run.id,
-                m.Assignment.round == run.round,
-                m.Assignment.status.in_(sorted(HOLDS_PLACE)),
-            )
-            has_seat = s.scalar(select(func.count()).where(*seats, m.Assignment.node_id == node_id))
-            if has_seat:
-                held = s.scalars(
-                    select(m.Assignment).where(
-                        m.Assignment.run_id == run.id,
-                        m.Assignment.round == run.round,
-                        m.Assignment.node_id == node_id,
-                        m.Assignment.status == AssignmentStatus.ASSIGNED,
+        except HubError:
+            raise  # the run's own refusal (404): every ask's answer
+        except Exception:
+            if len(unique) == 1:
+                raise
+            log.exception("run %s: %d asks for work decided one by one", run_id, len(unique))
+            answers = {}
+            for node_id in unique:
+                try:
+                    answers[node_id] = self.assignments_or_wait(run_id, [node_id])[0]
+                except Exception as exc:  # this ask's failure, not the others'
+                    log.exception("run %s: ask for work by %s failed", run_id, node_id)
+                    answers[node_id] = (
+                        exc if isinstance(exc, HubError) else HubError(500, "internal error")
                     )
-                ).first()
-                if held is not None:
-                    # the node asks again while its work is outstanding: the answer that gave
-                    # it was lost (a replica, or the hub, died after the commit). The same
-                    # work again, so the round need not wait for its deadline.
-                    s.autoflush = True
-                    self._forget_notes(node_id)
-                    node.last_seen_at, node.status = now, NodeStatus.TRAINING
-                    answer = self._assigned(s, run, held)
-                    s.commit()
-                    log.info(
-                        "run %s round %d: assignment sent again to %s", run.id, run.round, node_id
-                    )
-                    return answer, None
-            active = s.scalar(select(func.count()).where(*seats))
-            live = s.scalar(
-                select(func.count()).where(
-                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
-                )
-            ) + (0 if was_live else 1)  # the asking node is live (its row is written last)
-            reason = may_take_seat(RoundStatus(rnd.status), bool(has_seat), active, rules, live)
-            if reason is None:  # reputation: cheaters excluded (403), reputed nodes first
-                live_with_seat = s.scalar(
-                    select(func.count())
-                    .select_from(m.Assignment)
-                    .join(m.Node, m.Node.id == m.Assignment.node_id)
-                    .where(
-                        *seats,
-                        m.Node.last_seen_at >= self._live_cutoff(now),
-                        m.Node.status != NodeStatus.LEFT,
-                    )
-                )
+        return [answers[node_id] for node_id in node_ids]
 
-                def competitor_ids() -> list[str]:
-                    taken = set(s.scalars(select(m.Assignment.node_id).where(*seats)))
-                    return [n.id for n in self._live_nodes(s, now) if n.id not in taken]
+    def _decide_asks(
+        self, s: Session, run_id: str, node_ids: list[str], now: float
+    ) -> dict[str, AskAnswer]:
+        """The decisions of `assignments_or_wait`, in the caller's transaction (not committed).
+        Reads first, writes at the end of each ask: on SQLite a write takes the database's one
+        write lock until commit, and the nonces and heartbeats of other requests wait for it."""
+        s.autoflush = False
+        run = self._run(s, run_id, lock=True)  # replicas decide one batch at a time
+        nodes = {n.id: n for n in s.scalars(select(m.Node).where(m.Node.id.in_(node_ids)))}
+        cutoff = self._live_cutoff(now)
+        answers: dict[str, AskAnswer] = {}
+        for node_id in node_ids:
+            if node_id not in nodes:
+                answers[node_id] = HubError(
+                    403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED
+                )
+        asking = [nodes[n] for n in node_ids if n in nodes]
+        # a wait answer writes nothing (no fsync): noted, flushed with the heartbeats
+        with self._notes_lock:
+            for node in asking:
+                self._heartbeats[node.id] = (NodeStatus.IDLE, now)
+        self._known_nodes.update(node.id for node in asking)  # later requests: signs of life
+        if run.status != RunState.ACTIVE:
+            reason = f"run {run_id} is {run.status}" + (
+                f": {run.status_reason}" if run.status_reason else ""
+            )
+            if run.status in HOLDING:  # paused or stalled: it may resume
+                held = AssignmentResponse(status="wait", retry_after_s=5.0, reason=reason), 5.0
+                return answers | {node.id: held for node in asking}
+            done = AssignmentResponse(status="finished", reason=reason), None
+            return answers | {node.id: done for node in asking}
+        rnd = s.get(m.Round, (run.id, run.round))
+        if rnd.status == RoundStatus.SECAGG:  # the round's secure aggregation runs: no new work
+            busy = AssignmentResponse(status="wait", retry_after_s=1.0), 1.0
+            return answers | {node.id: busy for node in asking}
+        seats = Seats.read(s, run, [node.id for node in asking], cutoff)
+        for node in asking:
+            try:
+                answers[node.id] = self._decide_ask(s, run, rnd, seats, node, cutoff, now)
+            except HubError as refusal:  # raised before that ask wrote anything
+                answers[node.id] = refusal
+        return answers
 
-                reason = self.trust.admission(
-                    s,
-                    node_id,
-                    rnd,
-                    cfg.round.max_nodes - active,
-                    live - live_with_seat - 1,  # the others without a place
-                    competitor_ids,
+    def _decide_ask(
+        self,
+        s: Session,
+        run: m.Run,
+        rnd: m.Round,
+        seats: Seats,
+        node: m.Node,
+        cutoff: float,
+        now: float,
+    ) -> tuple[AssignmentResponse, float | None]:
+        """One node's ask in a batch: its answer, with the batch's counts (`seats`) kept
+        current as places are taken. Raises HubError only before it writes anything."""
+        cfg = run.settings()
+        rules = self._rules(cfg)
+        if node.id in seats.seated:
+            held = s.scalars(
+                select(m.Assignment).where(
+                    m.Assignment.run_id == run.id,
+                    m.Assignment.round == run.round,
+                    m.Assignment.node_id == node.id,
+                    m.Assignment.status == AssignmentStatus.ASSIGNED,
                 )
-            if reason is not None:
-                s.commit()
-                # a full round, a place already held, a closed round, too few live nodes: only a
-                # change of the round changes it (enough live nodes: a registration, or the
-                # ticker's count, signals it: `count_live_nodes`)
-                return AssignmentResponse(status="wait", retry_after_s=1.0), None
-            deadline_at = (
-                rnd.deadline_at if rnd.status == RoundStatus.OPEN else now + cfg.round.deadline_s
+            ).first()
+            if held is not None:
+                # the node asks again while its work is outstanding: the answer that gave it
+                # was lost (a replica, or the hub, died after the commit). The same work
+                # again, so the round need not wait for its deadline.
+                self._forget_notes(node.id)  # its row is written: no older note may undo it
+                node.last_seen_at, node.status = now, NodeStatus.TRAINING
+                log.info("run %s round %d: assignment sent again to %s", run.id, run.round, node.id)
+                return self._assigned(s, run, held), None
+        was_live = node.status != NodeStatus.LEFT and node.last_seen_at >= cutoff
+        if not was_live and node.id not in seats.live_asking:  # live now, by asking
+            seats.live += 1
+            seats.live_asking.add(node.id)
+        reason = may_take_seat(
+            RoundStatus(rnd.status), node.id in seats.seated, seats.active, rules, seats.live
+        )
+        if reason is None:  # reputation: cheaters excluded (403), reputed nodes first
+
+            def competitor_ids() -> list[str]:
+                taken = set(s.scalars(select(m.Assignment.node_id).where(*seats.where)))
+                return [
+                    n.id
+                    for n in self._live_nodes(s, now)
+                    if n.id not in taken and n.id not in seats.seated
+                ]
+
+            reason = self.trust.admission(
+                s,
+                node.id,
+                rnd,
+                cfg.round.max_nodes - seats.active,
+                seats.live - seats.live_with_seat(s) - 1,  # the others without a place
+                competitor_ids,
             )
-            speed = self._speed(s, run, node.id, node.probe_rate)
-            fastest = self._fastest_live(s, run, now)
-            work = self._energy_work(s, run, cfg, node, speed, now)
-            if work.share <= 0:  # the run's energy policy: not this node, or not now
-                s.commit()
-                wait = AssignmentResponse(status="wait", retry_after_s=work.retry_after_s)
-                return wait, work.retry_after_s
-            reserve_s = 0.1 * cfg.round.deadline_s + 1.0
-            time_left_s = deadline_at - now
-            if work.window_s is not None:  # the node's own energy window ends first
-                time_left_s = min(time_left_s, work.window_s + reserve_s)
-            plan = plan_inner_steps(
-                tokens_per_s=speed,
-                fastest_tokens_per_s=max(fastest or speed, speed),
-                tokens_per_step=cfg.tokens_per_step,
-                inner_steps=cfg.train.inner_steps,
-                min_inner_steps=cfg.train.min_inner_steps,
-                time_left_s=time_left_s,
-                reserve_s=reserve_s,
-                work_share=work.share,
+        if reason is not None:
+            # a full round, a place already held, a closed round, too few live nodes: only a
+            # change of the round changes it (enough live nodes: a registration, or the
+            # ticker's count, signals it: `count_live_nodes`)
+            return AssignmentResponse(status="wait", retry_after_s=1.0), None
+        deadline_at = (
+            rnd.deadline_at if rnd.status == RoundStatus.OPEN else now + cfg.round.deadline_s
+        )
+        speed = self._speed(s, run, node.id, node.probe_rate)
+        fastest = self._fastest_live(s, run, now)
+        work = self._energy_work(s, run, cfg, node, speed, now)
+        if work.share <= 0:  # the run's energy policy: not this node, or not now
+            return AssignmentResponse(status="wait", retry_after_s=work.retry_after_s), (
+                work.retry_after_s
             )
-            if plan is None:
-                s.commit()
-                return AssignmentResponse(status="wait", retry_after_s=2.0), 2.0
-            s.autoflush = True  # the writes of an assignment
-            if rnd.status == RoundStatus.PENDING:
-                rnd.status, rnd.opened_at, rnd.deadline_at = RoundStatus.OPEN, now, deadline_at
-                self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
-                log.info(
-                    "run %s round %d open (attempt %d, deadline %.0f s)",
-                    run.id,
-                    rnd.number,
-                    rnd.attempt,
-                    deadline_at - now,
-                )
-            row = m.Assignment(
-                id=uuid.uuid4().hex,
-                run_id=run.id,
-                round=run.round,
-                attempt=rnd.attempt,
-                node_id=node_id,
-                base_version=rnd.base_version,
-                inner_steps=plan.inner_steps,
-                created_at=now,
-                deadline_at=deadline_at,
-                status=AssignmentStatus.ASSIGNED,
+        reserve_s = 0.1 * cfg.round.deadline_s + 1.0
+        time_left_s = deadline_at - now
+        if work.window_s is not None:  # the node's own energy window ends first
+            time_left_s = min(time_left_s, work.window_s + reserve_s)
+        plan = plan_inner_steps(
+            tokens_per_s=speed,
+            fastest_tokens_per_s=max(fastest or speed, speed),
+            tokens_per_step=cfg.tokens_per_step,
+            inner_steps=cfg.train.inner_steps,
+            min_inner_steps=cfg.train.min_inner_steps,
+            time_left_s=time_left_s,
+            reserve_s=reserve_s,
+            work_share=work.share,
+        )
+        if plan is None:
+            return AssignmentResponse(status="wait", retry_after_s=2.0), 2.0
+        # the writes of an assignment
+        if rnd.status == RoundStatus.PENDING:
+            rnd.status, rnd.opened_at, rnd.deadline_at = RoundStatus.OPEN, now, deadline_at
+            self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
+            log.info(
+                "run %s round %d open (attempt %d, deadline %.0f s)",
+                run.id,
+                rnd.number,
+                rnd.attempt,
+                deadline_at - now,
             )
-            s.add(row)
-            self._forget_notes(node_id)
-            node.last_seen_at, node.status = now, NodeStatus.TRAINING
-            answer = self._assigned(s, run, row)
-            s.commit()
-        return answer, None
+        row = m.Assignment(
+            id=uuid.uuid4().hex,
+            run_id=run.id,
+            round=run.round,
+            attempt=rnd.attempt,
+            node_id=node.id,
+            base_version=rnd.base_version,
+            inner_steps=plan.inner_steps,
+            created_at=now,
+            deadline_at=deadline_at,
+            status=AssignmentStatus.ASSIGNED,
+        )
+        s.add(row)
+        seats.take(node.id)
+        self._forget_notes(node.id)
+        node.last_seen_at, node.status = now, NodeStatus.TRAINING
+        return self._assigned(s, run, row), None
 
     @staticmethod
     def _assigned(s: Session, run: m.Run, row: m.Assignment) -> AssignmentResponse:
@@ -1392,6 +1504,7 @@ class HubService:
         if not self.lease.held():
             with self.sessions() as s:
                 self.flush_heartbeats(s)  # the lease holder decides with every replica's notes
+                self.flush_downloads(s)
                 s.commit()
             self.count_live_nodes()
             self.watch_rounds()
@@ -1406,6 +1519,7 @@ class HubService:
         done = []
         with self.sessions() as s:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
+            self.flush_downloads(s)
             s.commit()
             run_ids = s.scalars(select(m.Run.id).where(m.Run.status == RunState.ACTIVE)).all()
         self.count_live_nodes()
@@ -1721,10 +1835,14 @@ class HubService:
         can presign (S3) and the operator did not turn it off (`--no-presign`)."""
         return self.settings.presign_downloads and isinstance(self.blobs, PresigningStore)
 
-    def _servable(self, digest: str) -> m.Version | None:
-        """The version whose weights or delta `digest` is, None for a dataset blob of a run;
-        404 for anything else (contributions, SecAgg shares and unknown digests are never
-        served or redirected to)."""
+    def _servable(self, digest: str) -> str | None:
+        """The run whose published version's weights or delta `digest` is, None for a dataset
+        blob of a run; 404 for anything else (contributions, SecAgg shares and unknown digests
+        are never served or redirected to). A published version is never withdrawn, so its
+        digests are remembered: a round's thousands of delta downloads ask the database once."""
+        run_id = self._published.get(digest)
+        if run_id is not None:
+            return run_id
         with self.sessions() as s:
             version = s.scalars(
                 select(m.Version)
@@ -1735,25 +1853,40 @@ class HubService:
                 raise HubError(
                     404, f"blob {digest} is not a published model version, delta or dataset blob"
                 )
-        return version
+        if version is None:
+            return None
+        if len(self._published) >= MAX_PUBLISHED_CACHED:
+            self._published.clear()
+        self._published[digest] = version.run_id
+        return version.run_id
 
     def _count_download(
-        self, version: m.Version | None, node_id: str | None, nbytes: int, digest: str
+        self, run_id: str | None, node_id: str | None, nbytes: int, digest: str
     ) -> None:
-        """Signed reads of versions and deltas count in the node's `bytes_down`."""
-        if node_id is None or version is None:
+        """Signed reads of versions and deltas (of run `run_id`) count in the node's
+        `bytes_down`."""
+        if node_id is None or run_id is None:
             return
-        with self.sessions() as s:
-            s.add(
-                m.Download(
-                    run_id=version.run_id,
-                    node_id=node_id,
-                    blob=digest,
-                    bytes_down=nbytes,
-                    created_at=self.clock(),
-                )
-            )
-            s.commit()
+        row = {
+            "run_id": run_id,
+            "node_id": node_id,
+            "blob": digest,
+            "bytes_down": nbytes,
+            "created_at": self.clock(),
+        }
+        with self._notes_lock:
+            self._downloads.append(row)
+
+    def flush_downloads(self, s: Session) -> None:
+        """Write the counted downloads into the transaction `s` (one executemany INSERT). A
+        download is a statistic, not something acknowledged: counting it in memory and writing
+        the counts with the ticker (every TICK_S) keeps a burst of downloads (every node of a
+        round, woken by one batch of answers) from queueing one commit each on the database's
+        write lock. A hub killed loses the counts of its last tick."""
+        with self._notes_lock:
+            rows, self._downloads = self._downloads, []
+        if rows:
+            s.execute(insert(m.Download), rows)
 
     def blob_download(
         self, digest: str, node_id: str | None, range_header: str | None
@@ -1765,14 +1898,14 @@ class HubService:
         store = self.blobs
         if not (self.presigns and isinstance(store, PresigningStore)):
             return self.blob_span(digest, node_id, range_header)
-        version = self._servable(digest)
+        run_id = self._servable(digest)
         try:
             size = store.size(digest)
             url = store.presigned_get_url(digest, expires_s=self.settings.presign_expiry_s)
         except BlobError as exc:
             raise HubError(500, str(exc), Refusal.UNAVAILABLE) from exc
         _, length = requested_span(range_header, size, size)
-        self._count_download(version, node_id, length, digest)
+        self._count_download(run_id, node_id, length, digest)
         self.blob_counters.add(redirected=1)
         return BlobRedirect(url)
 
@@ -1783,7 +1916,7 @@ class HubService:
         (an S3 hub reads it through its local cache, `blobcache.CachedS3Store`).
         Signed reads of versions and deltas are counted per node; dataset downloads are data,
         not synchronisation: not in `bytes_down`."""
-        version = self._servable(digest)
+        run_id = self._servable(digest)
         try:
             path = self.blobs.checked_path(digest, verify=digest not in self._verified_blobs)
         except BlobError as exc:
@@ -1791,7 +1924,7 @@ class HubService:
         self._verified_blobs.add(digest)
         size = path.stat().st_size
         start, length = requested_span(range_header, size, MAX_RANGE_BYTES)
-        self._count_download(version, node_id, length, digest)
+        self._count_download(run_id, node_id, length, digest)
         self.blob_counters.add(served=1, served_bytes=length)
         return BlobSpan(path, start, length, size, partial=range_header is not None)
 
@@ -1876,6 +2009,10 @@ class HubService:
 
     def run_status(self, run_id: str) -> dict:
         """Everything a dashboard or summary shows about one run."""
+        if self._downloads:  # this process's counted downloads, so its figures include them
+            with self.sessions() as s:
+                self.flush_downloads(s)
+                s.commit()
         with self.sessions() as s:
             run = self._run(s, run_id)
             versions = s.scalars(

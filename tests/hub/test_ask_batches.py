@@ -1,0 +1,157 @@
+"""Asks for work decided in batches (`HubService.assignments_or_wait`, `AskBatcher`): a batch
+answers exactly as the same asks one by one would, a refusal or a failure stays with its ask,
+and the HTTP layer gathers the asks that arrive while a decision runs."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gridswarm.hub import models as m
+from gridswarm.hub.app import MAX_ASK_BATCH, AskBatcher
+from gridswarm.hub.errors import HubError
+from gridswarm.hub.server import build_service
+from gridswarm.hub.service import HubService, HubSettings
+from gridswarm.identity import Identity
+from gridswarm.protocol import AssignmentResponse, RegisterRequest
+from tests.conftest import tiny_run
+from tests.examples import examples
+
+NOW_S = 1_000_000.0
+
+
+def hub(folder: Path, speeds: list[float], round_: dict) -> tuple[HubService, str, list[str]]:
+    service = build_service(f"sqlite:///{folder / 'hub.db'}", folder / "blobs", HubSettings())
+    service.clock = service.trust.clock = lambda: NOW_S
+    run_id = service.create_run(b"\x01" * 32, tiny_run(round=round_)).run_id
+    nodes = []
+    for i, speed in enumerate(speeds):
+        req = RegisterRequest(probe_tokens_per_s=speed, probe_numel=100_000, name=f"n{i}")
+        nodes.append(service.register(Identity.from_seed(f"n{i}".encode()).public_key, req))
+    return service, run_id, nodes
+
+
+def outcome(answer: object) -> tuple:
+    """What must agree between a batch and one-by-one: status, planned steps, recheck, refusal."""
+    if isinstance(answer, HubError):
+        return ("refused", answer.status)
+    response, recheck_s = answer
+    steps = response.assignment.inner_steps if response.assignment else None
+    return (response.status, steps, response.retry_after_s, recheck_s)
+
+
+def rows(service: HubService, run_id: str) -> list[tuple]:
+    with service.sessions() as s:
+        return sorted(
+            (a.node_id, a.round, a.status, a.inner_steps)
+            for a in s.query(m.Assignment).filter_by(run_id=run_id)
+        )
+
+
+@settings(deadline=None, max_examples=examples(15))
+@given(
+    speeds=st.lists(st.sampled_from([500.0, 5_000.0, 50_000.0]), min_size=1, max_size=7),
+    max_nodes=st.integers(1, 6),
+    min_nodes=st.integers(1, 6),
+    order=st.randoms(use_true_random=False),
+    extra=st.sampled_from(["none", "twice", "stranger"]),
+)
+def test_a_batch_answers_as_the_same_asks_one_by_one(
+    speeds: list[float], max_nodes: int, min_nodes: int, order, extra: str
+) -> None:
+    round_ = {"min_nodes": min(min_nodes, max_nodes), "max_nodes": max_nodes, "deadline_s": 60}
+    with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as batch:
+        alone, run_a, nodes = hub(Path(one), speeds, round_)
+        together, run_b, same = hub(Path(batch), speeds, round_)
+        assert nodes == same  # the same keys: the same node ids
+        asks = list(nodes)
+        order.shuffle(asks)
+        if extra == "twice":
+            asks.append(asks[0])  # one node's two long-polls in one batch: one answer
+        elif extra == "stranger":
+            asks.insert(len(asks) // 2, "f" * 64)  # not registered: refused in its place
+        one_by_one = []
+        for node_id in asks:
+            try:
+                one_by_one.append(alone.assignment_or_wait(run_a, node_id))
+            except HubError as refusal:
+                one_by_one.append(refusal)
+        batched = together.assignments_or_wait(run_b, asks)
+        assert [outcome(a) for a in batched] == [outcome(a) for a in one_by_one]
+        assert rows(together, run_b) == rows(alone, run_a)
+        given = {
+            a[0].assignment.id for a in batched if not isinstance(a, HubError) and a[0].assignment
+        }
+        assert len(given) == len(rows(together, run_b)) <= max_nodes  # one place per assignment
+
+
+def test_an_ask_that_fails_fails_alone_and_the_others_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, run_id, nodes = hub(tmp_path, [5_000.0] * 3, {"min_nodes": 1, "max_nodes": 3})
+    decide = service._decide_ask
+
+    def broken_for_n1(s, run, rnd, seats, node, cutoff, now):
+        if node.id == nodes[1]:
+            raise RuntimeError("a bug in one node's decision")
+        return decide(s, run, rnd, seats, node, cutoff, now)
+
+    monkeypatch.setattr(service, "_decide_ask", broken_for_n1)
+    first, failed, third = service.assignments_or_wait(run_id, nodes)
+    assert isinstance(failed, HubError) and failed.status == 500
+    assert first[0].status == third[0].status == "assigned"
+    assert {r[0] for r in rows(service, run_id)} == {nodes[0], nodes[2]}
+
+
+def test_a_full_round_is_full_within_one_batch(tmp_path: Path) -> None:
+    service, run_id, nodes = hub(tmp_path, [5_000.0] * 5, {"min_nodes": 2, "max_nodes": 3})
+    answers = service.assignments_or_wait(run_id, nodes)
+    assert [a[0].status for a in answers] == ["assigned"] * 3 + ["wait"] * 2
+    assert len({a[0].assignment.deadline_at for a in answers[:3]}) == 1  # one opening
+    assert len(rows(service, run_id)) == 3
+
+
+def test_the_batcher_decides_a_quiet_ask_at_once_and_gathers_the_asks_of_a_busy_run() -> None:
+    calls: list[list[str]] = []
+    release = asyncio.Event()
+
+    async def decide(run_id: str, node_ids: list[str]) -> list:
+        calls.append(list(node_ids))
+        if len(calls) == 1:
+            await release.wait()  # the first decision runs while the others arrive
+        if run_id == "gone":
+            raise HubError(404, "run gone not found")
+        return [(AssignmentResponse(status="wait", retry_after_s=1.0), None) for _ in node_ids]
+
+    async def settle() -> None:  # let the tasks started so far run up to their next wait
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        batcher = AskBatcher(decide)
+        first = asyncio.create_task(batcher.ask("r", "n0"))
+        await settle()
+        assert calls == [["n0"]]  # alone and at once: no ask waits for company
+        later = [
+            asyncio.create_task(batcher.ask("r", f"n{i}")) for i in range(1, MAX_ASK_BATCH + 3)
+        ]
+        left = later.pop(3)
+        await settle()
+        left.cancel()  # its client went away: not decided
+        release.set()
+        for answer in await asyncio.gather(first, *later):
+            assert answer[0].status == "wait"
+        sizes = [len(c) for c in calls]  # the queued asks in batches of at most MAX_ASK_BATCH
+        assert sizes[0] == 1 and len(sizes) == 3 and max(sizes) <= MAX_ASK_BATCH
+        assert sum(sizes[1:]) == MAX_ASK_BATCH + 1  # all of them, less the one that left
+        assert "n4" not in calls[1] + calls[2]
+        with pytest.raises(HubError) as refused:
+            await batcher.ask("gone", "n0")
+        assert refused.value.status == 404
+
+    asyncio.run(scenario())
