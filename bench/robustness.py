@@ -412,6 +412,11 @@ def verdicts(res: dict) -> dict:
             "failed": [a for a, r in worst.items() if r > RUINED],
             "hurt": [a for a, r in worst.items() if 1 + CLEAN_TOLERANCE < r <= RUINED],
             "held": [a for a, r in worst.items() if r <= 1 + CLEAN_TOLERANCE],
+            # what the attack itself costs each rule: worst attacked loss / the rule's clean loss
+            "worst_own_ratio": {
+                agg: max(cells[agg][str(f)] for f in FRACTIONS) / res["clean"][agg]
+                for agg in AGGREGATOR_ROWS
+            },
         }
     return out
 
@@ -498,6 +503,23 @@ def write_markdown(path: Path, res: dict, command: str) -> None:
             f"{', '.join(v['failed']) or '-'} | {', '.join(v['hurt']) or '-'} | "
             f"{', '.join(v['held']) or '-'} |"
         )
+    attacks = list(res["verdict"])
+    lines += [
+        "",
+        "What each attack costs each rule, apart from the rule's own clean cost: worst attacked "
+        "loss over the fractions / the rule's clean loss (a rule that is worse than the mean "
+        "without attackers is marked hurt above for that alone).",
+        "",
+        "| aggregator | clean / clean mean | " + " | ".join(attacks) + " |",
+        "|---" * (len(attacks) + 2) + "|",
+    ]
+    for agg in AGGREGATOR_ROWS:
+        own = [res["verdict"][a].get("worst_own_ratio", {}).get(agg, math.nan) for a in attacks]
+        lines.append(
+            f"| {agg} | {res['clean'][agg] / res['clean_loss']:.2f} | "
+            + " | ".join(f"{r:.2f}" if math.isfinite(r) else "diverged" for r in own)
+            + " |"
+        )
     lines += [
         "",
         "## Aggregation time (s per call, 1 thread)",
@@ -570,6 +592,27 @@ def plot(path: Path, res: dict) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _inf_for_none(value):
+    """The inverse of finite_or_none: a diverged loss (null in JSON) back to infinity."""
+    if value is None:
+        return math.inf
+    if isinstance(value, dict):
+        return {k: _inf_for_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_inf_for_none(v) for v in value]
+    return value
+
+
+def render(path: Path) -> None:
+    """Rewrite the markdown and plot of a result JSON with this version's layout and verdict."""
+    res = _inf_for_none(json.loads(path.read_text()))
+    res["verdict"] = verdicts(res)
+    path.write_text(json.dumps(finite_or_none(res), indent=2))
+    write_markdown(path.with_suffix(".md"), res, res["command"])
+    plot(path.with_suffix(".png"), res)
+    console.print(f"rendered {path.with_suffix('.md')} and .png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -590,8 +633,17 @@ def main() -> None:
         help="comma-separated attack variants, or 'all' (default: --quick ALIE and IPM only, "
         f"else all); variants: {', '.join(ATTACK_VARIANTS)}",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="rewrite the .md and .png of an existing result JSON (no training) and exit",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.render is not None:
+        render(args.render)
+        return
     setting = QUICK if args.quick else FULL
     if args.iid:
         setting = Setting(**{**setting.__dict__, "non_iid": False})

@@ -5,6 +5,7 @@ round goes through the hub's close path with the crafted rows uploaded."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -91,3 +92,33 @@ def test_alie_diagnostics_and_shift_sensitivity(bench) -> None:
     for t in bench.SHIFT_MULTIPLES:
         cell = shift["multiples"][str(t)]
         assert all(math.isfinite(v) for v in cell.values()), cell
+
+
+def test_verdict_separates_attack_cost_from_clean_cost_and_renders(bench, tmp_path) -> None:
+    fractions = [str(f) for f in bench.FRACTIONS]
+    clean = {agg: 3.0 for agg in bench.AGGREGATOR_ROWS} | {"median": 3.6}  # 1.2x the mean
+    attacked = {agg: dict.fromkeys(fractions, 3.0) for agg in bench.AGGREGATOR_ROWS}
+    attacked["median"] = dict.fromkeys(fractions, 3.6)  # the attack costs it nothing
+    attacked["mean"] = dict.fromkeys(fractions, math.inf)  # diverged
+    res = {
+        "setting": bench.QUICK.__dict__,
+        "attacks": ["ipm-10"],
+        "clean": clean,
+        "clean_loss": 3.0,
+        "initial_loss": 5.5,
+        "attacked": {"ipm-10": attacked},
+        "model_parameters": 1000,
+        "honest_cosine": 0.5,
+        "wall_s": 1.0,
+        "machine": "test",
+        "timing": {"1M params, n=100": {"mean": 0.1}},
+        "command": "python bench/robustness.py --quick",
+    }
+    verdict = bench.verdicts(res)["ipm-10"]
+    assert "median" in verdict["hurt"] and verdict["worst_own_ratio"]["median"] == 1.0
+    assert "mean" in verdict["failed"] and verdict["worst_own_ratio"]["mean"] == math.inf
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(bench.finite_or_none(res)))
+    bench.render(path)
+    text = path.with_suffix(".md").read_text()
+    assert "| median | 1.20 | 1.00 |" in text and "| mean | 1.00 | diverged |" in text
