@@ -104,9 +104,12 @@ class BlobStore(Protocol):
 
 class FileBlobStore(BlobStore, Protocol):
     """A blob store that also hands out a blob as a local file, e.g. to memory-map a dataset
-    shard: `LocalBlobStore`, or an S3 hub's `blobcache.CachedS3Store` (through its cache)."""
+    shard: `LocalBlobStore`, or an S3 hub's `blobcache.CachedS3Store` (through its cache).
+    `put`'s `known_sha256`: see `LocalBlobStore.put`."""
 
-    def put(self, data: bytes, expected_digest: str | None = None) -> str: ...
+    def put(
+        self, data: bytes, expected_digest: str | None = None, known_sha256: str | None = None
+    ) -> str: ...
 
     def path(self, digest: str) -> Path: ...
 
@@ -178,8 +181,15 @@ class LocalBlobStore:
         _fsync_dir(path.parent)
         return digest
 
-    def put(self, data: bytes, expected_digest: str | None = None) -> str:
-        digest = sha256_hex(data)
+    def put(
+        self, data: bytes, expected_digest: str | None = None, known_sha256: str | None = None
+    ) -> str:
+        """Store `data` durably (fsynced, renamed into place, folder fsynced); its digest.
+        `expected_digest`: a name someone declared, checked (BlobError if it differs).
+        `known_sha256`: the sha256 the caller itself computed over these very bytes (the hub,
+        verifying an upload's request signature), used as is instead of hashing them again;
+        never a name a client sent."""
+        digest = known_sha256 if known_sha256 is not None else sha256_hex(data)
         if expected_digest is not None and expected_digest != digest:
             raise BlobError(f"content hash {digest} does not match the declared {expected_digest}")
         path = self.path(digest)
