@@ -68,13 +68,19 @@ def byte_range(header: str, size: int, max_bytes: int) -> tuple[int, int]:
     return start, min(end + 1 - start, size - start, max_bytes)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in chunks (bounded memory)."""
+def sha256_of_file(path: Path) -> hashlib._Hash:
+    """A sha256 object fed with a file's bytes, read in chunks (bounded memory); more may be
+    fed to it afterwards (a download resuming past what the file holds)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK_BYTES):
             h.update(chunk)
-    return h.hexdigest()
+    return h
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks (bounded memory)."""
+    return sha256_of_file(path).hexdigest()
 
 
 def read_span(path: Path, start: int, length: int) -> bytes:
