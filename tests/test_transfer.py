@@ -1,11 +1,15 @@
 """Chunked, resumable, hash-checked model downloads over HTTP Range, against an in-process hub."""
 
+import threading
+import time
+
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.orm import Session
 
 from gridswarm.blobs import BlobError, RangeError, byte_range
 from gridswarm.hub import models as m
+from gridswarm.hub.service import GroupInsert
 from gridswarm.identity import Identity
 from gridswarm.node.client import HubRequestError
 from gridswarm.protocol import API, RegisterRequest
@@ -73,3 +77,38 @@ def test_bad_ranges_and_unpublished_blobs_are_refused(hub):
     whole = node.request("GET", f"{API}/blobs/{digest}")
     assert whole.content == service.blobs.get(digest)
     assert whole.headers["accept-ranges"] == "bytes"
+
+
+def test_concurrent_download_rows_share_one_commit(tmp_path):
+    """GroupInsert: callers that arrive while a commit is under way are written together in
+    the next one, and each returns only once its own row is committed."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'rows.db'}")
+    m.Base.metadata.create_all(engine, tables=[m.Download.__table__])
+    rows = GroupInsert(engine, m.Download.__table__)
+    commits: list[int] = []
+    waiters = 7
+
+    @event.listens_for(engine, "commit")
+    def _count(_conn) -> None:
+        if not commits:  # the first commit waits until every other caller is queued
+            deadline = time.monotonic() + 60
+            while len(rows.pending) < waiters and time.monotonic() < deadline:
+                time.sleep(0.01)
+        commits.append(1)
+
+    def add(i: int) -> None:
+        rows.add({"run_id": "r", "node_id": f"n{i}", "blob": "b", "bytes_down": i,
+                  "created_at": 0.0})  # fmt: skip
+
+    first = threading.Thread(target=add, args=(0,))
+    first.start()
+    while not commits and rows.writing is False:
+        time.sleep(0.005)
+    others = [threading.Thread(target=add, args=(i,)) for i in range(1, waiters + 1)]
+    for t in [*others]:
+        t.start()
+    for t in [first, *others]:
+        t.join(timeout=60)
+    with Session(engine) as s:
+        assert s.scalar(select(func.sum(m.Download.bytes_down))) == sum(range(waiters + 1))
+    assert len(commits) == 2  # the first row alone, then the seven that queued meanwhile

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, Table, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -241,6 +241,46 @@ class NewVersion:
         return {k: v for k, v in asdict(self).items() if k != "key"}
 
 
+class GroupInsert:
+    """Rows of one table written by group commit, as `NonceBook` writes nonces: the first
+    caller to arrive inserts every row waiting at that moment in one transaction (one Core
+    executemany INSERT), the others wait for that commit. Concurrent downloads then share one
+    fsync instead of queueing for one each; a caller returns only once its row is committed,
+    and raises what the commit raised."""
+
+    def __init__(self, engine: Engine, table: Table) -> None:
+        self.engine, self.table = engine, table
+        self.ready = threading.Condition()
+        self.pending: list[tuple[dict, list]] = []  # (row, its outcome: [None] or [exception])
+        self.writing = False
+
+    def add(self, row: dict) -> None:
+        outcome: list = []
+        with self.ready:
+            self.pending.append((row, outcome))
+            while not outcome:
+                if self.writing:
+                    self.ready.wait()
+                    continue
+                self.writing, batch, self.pending = True, self.pending, []
+                self.ready.release()
+                result: Exception | None = None
+                try:
+                    with self.engine.connect() as conn:
+                        conn.execute(insert(self.table), [r for r, _ in batch])
+                        conn.commit()
+                except Exception as exc:  # handed to every caller of the batch
+                    result = exc
+                finally:
+                    self.ready.acquire()
+                    self.writing = False
+                for _, waiting in batch:
+                    waiting.append(result)
+                self.ready.notify_all()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+
 class NonceBook:
     """Nonces of accepted requests, stored in the database (a restart does not reopen the replay
     window) by group commit: the first request to arrive writes every nonce waiting at that
@@ -346,6 +386,7 @@ class HubService:
         # uploads decoded and checked at once, outside the lock (each holds a decoded update)
         self._checking = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
         self.nonces = NonceBook(engine, self.settings.max_skew_s)
+        self.downloads = GroupInsert(engine, m.Download.__table__)  # bytes_down rows
         # caches that keep request handling independent of the swarm's size (rebuilt on restart)
         self._achieved: dict[tuple[str, str], float | None] = {}  # (run, node) -> tokens/s
         self._live_view: dict[
@@ -1745,20 +1786,19 @@ class HubService:
     def _count_download(
         self, version: m.Version | None, node_id: str | None, nbytes: int, digest: str
     ) -> None:
-        """Signed reads of versions and deltas count in the node's `bytes_down`."""
+        """Signed reads of versions and deltas count in the node's `bytes_down` (committed
+        before the bytes go out; concurrent downloads share one commit: `GroupInsert`)."""
         if node_id is None or version is None:
             return
-        with self.sessions() as s:
-            s.add(
-                m.Download(
-                    run_id=version.run_id,
-                    node_id=node_id,
-                    blob=digest,
-                    bytes_down=nbytes,
-                    created_at=self.clock(),
-                )
-            )
-            s.commit()
+        self.downloads.add(
+            {
+                "run_id": version.run_id,
+                "node_id": node_id,
+                "blob": digest,
+                "bytes_down": nbytes,
+                "created_at": self.clock(),
+            }
+        )
 
     def blob_download(
         self, digest: str, node_id: str | None, range_header: str | None
