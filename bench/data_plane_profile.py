@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=30, help="functions to print")
     parser.add_argument("--callers", nargs="*", help="also who calls these (regexes)")
     parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"])
+    parser.add_argument("--out", type=Path, help="also write the tables to this .md file")
     parser.add_argument(
         "--wall",
         action="store_true",
@@ -117,11 +118,61 @@ def main() -> None:
     stats = pstats.Stats(PROFILES[0], stream=out)
     for profile in PROFILES[1:]:
         stats.add(profile)
+    summary = buckets(stats)
     stats.sort_stats(args.sort).print_stats(args.top)
     if args.callers:
         for pattern in args.callers:
             stats.print_callers(pattern)
+    print(summary)
     print(out.getvalue())
+    if args.out is not None:
+        clock = "wall" if args.wall else "CPU (thread time)"
+        lines = [
+            f"# Data plane profile: {args.nodes} node(s), hub in process, {clock}",
+            "",
+            f"`python bench/data_plane_profile.py {' '.join(sys.argv[1:])}`; "
+            + "; ".join(
+                f"{name} {row['wall_s']:.3f} s wall"
+                for name, rows in phases(records).items()
+                for row in rows
+            )
+            + ".",
+            "",
+            summary,
+            "",
+            "```",
+            out.getvalue().strip(),
+            "```",
+        ]
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+# (label, file suffix, function): cumulative seconds of these, over all the hub's threads
+BUCKETS = (
+    ("upload: HubService.submit (checks, digests, blob write, rows)", "service.py", "submit"),
+    ("  blob write + fsync (LocalBlobStore.put)", "blobs.py", "put"),
+    ("  update digest (claims.update_sha256)", "claims.py", "update_sha256"),
+    ("  unpack (safetensors load: one copy)", "params.py", "unpack"),
+    ("signatures (HubService.authenticate: sha256, Ed25519, nonce)", "service.py", "authenticate"),
+    ("download: HubService.blob_download (checks, download row)", "service.py", "blob_download"),
+    ("download: read_span (the range's bytes from the file)", "blobs.py", "read_span"),
+    ("HTTP: uvicorn's request handling (ASGI app, routes)", "httptools_impl.py", "run_asgi"),
+    ("HTTP: body chunks arriving (uvicorn on_body)", "httptools_impl.py", "on_body"),
+    ("ticker: HubService.tick (round state, pre-screening, the close)", "service.py", "tick"),
+    ("  the close: new version (aggregate, outer step, blobs, eval)", "service.py", "_new_version"),
+)
+
+
+def buckets(stats: pstats.Stats) -> str:
+    """A table of BUCKETS' cumulative seconds and calls."""
+    rows = ["| where | calls | seconds |", "|---|---|---|"]
+    for label, suffix, function in BUCKETS:
+        calls = seconds = 0.0
+        for (filename, _, name), (_, ncalls, _, cumtime, _) in stats.stats.items():
+            if name == function and filename.endswith(suffix):
+                calls, seconds = calls + ncalls, seconds + cumtime
+        rows.append(f"| {label} | {calls:.0f} | {seconds:.3f} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -1316,7 +1316,7 @@ class HubService:
                 422, f"malformed contribution metadata: {describe_errors(exc.errors())}"
             ) from exc
         carbon = self._carbon(run_id, node_id, meta)
-        with self._checking:  # at most a few decoded updates in memory at once
+        with self._checking:  # at most a few decoded updates in memory, and hashes, at once
             with self.sessions() as s:  # settings, sizes and rounds never change: no lock
                 run = self._run(s, run_id)
                 cfg, a = run.settings(), s.get(m.Assignment, meta.assignment_id)
@@ -1326,8 +1326,10 @@ class HubService:
                 self._check_payload(cfg, tensors, numel)
             update_digest, zero = update_sha256(tensors), is_zero_update(tensors)
             digest = body_sha256 or sha256_hex(body)
-            stored_before = self.blobs.has(digest)
-            self.blobs.put(body, known_sha256=digest)  # fsynced before any row names it
+        # the write waits on the disk, not on a core: outside the semaphore, so the fsyncs of
+        # the uploads in flight (at most LOCKED_THREADS, hub/app.py) overlap
+        stored_before = self.blobs.has(digest)
+        self.blobs.put(body, known_sha256=digest)  # fsynced before any row names it
         try:
             return self._store_contribution(
                 run_id,
