@@ -147,30 +147,53 @@ def main() -> None:
         args.out.write_text("\n".join(lines) + "\n")
 
 
-# (label, file suffix, function): cumulative seconds of these, over all the hub's threads
+# (label, file suffix, function, caller or None): cumulative seconds of these over all the hub's
+# threads (with a caller: only what they cost when that function called them)
 BUCKETS = (
-    ("upload: HubService.submit (checks, digests, blob write, rows)", "service.py", "submit"),
-    ("  blob write + fsync (LocalBlobStore.put)", "blobs.py", "put"),
-    ("  update digest (claims.update_sha256)", "claims.py", "update_sha256"),
-    ("  unpack (safetensors load: one copy)", "params.py", "unpack"),
-    ("signatures (HubService.authenticate: sha256, Ed25519, nonce)", "service.py", "authenticate"),
-    ("download: HubService.blob_download (checks, download row)", "service.py", "blob_download"),
-    ("download: read_span (the range's bytes from the file)", "blobs.py", "read_span"),
-    ("HTTP: uvicorn's request handling (ASGI app, routes)", "httptools_impl.py", "run_asgi"),
-    ("HTTP: body chunks arriving (uvicorn on_body)", "httptools_impl.py", "on_body"),
-    ("ticker: HubService.tick (round state, pre-screening, the close)", "service.py", "tick"),
-    ("  the close: new version (aggregate, outer step, blobs, eval)", "service.py", "_new_version"),
+    ("upload: HubService.submit (checks, digests, blob write, rows)", "service.py", "submit", None),
+    ("  its blob write + fsync (LocalBlobStore.put)", "blobs.py", "put", "submit"),
+    ("  its update digest (claims.update_sha256)", "claims.py", "update_sha256", "submit"),
+    ("  its unpack (safetensors load: one copy)", "params.py", "unpack", "submit"),
+    ("  its rows, under the lock (_store_contribution)", "service.py", "_store_contribution", None),
+    (
+        "signatures (HubService.authenticate: sha256, Ed25519, nonce)",
+        "service.py",
+        "authenticate",
+        None,
+    ),
+    (
+        "download: HubService.blob_download (checks, download row)",
+        "service.py",
+        "blob_download",
+        None,
+    ),
+    ("download: read_span (the range's bytes from the file)", "blobs.py", "read_span", None),
+    ("HTTP: uvicorn's request handling (ASGI app, routes)", "httptools_impl.py", "run_asgi", None),
+    ("HTTP: body chunks arriving (uvicorn on_body)", "httptools_impl.py", "on_body", None),
+    ("ticker: HubService.tick (round state, pre-screening, the close)", "service.py", "tick", None),
+    (
+        "  the close: new version (aggregate, outer step, blobs, eval)",
+        "service.py",
+        "_new_version",
+        None,
+    ),
 )
 
 
 def buckets(stats: pstats.Stats) -> str:
     """A table of BUCKETS' cumulative seconds and calls."""
     rows = ["| where | calls | seconds |", "|---|---|---|"]
-    for label, suffix, function in BUCKETS:
+    for label, suffix, function, caller in BUCKETS:
         calls = seconds = 0.0
-        for (filename, _, name), (_, ncalls, _, cumtime, _) in stats.stats.items():
-            if name == function and filename.endswith(suffix):
+        for (filename, _, name), (_, ncalls, _, cumtime, callers) in stats.stats.items():
+            if name != function or not filename.endswith(suffix):
+                continue
+            if caller is None:
                 calls, seconds = calls + ncalls, seconds + cumtime
+                continue
+            for (_, _, by), edge in callers.items():
+                if by == caller:
+                    calls, seconds = calls + edge[1], seconds + edge[3]
         rows.append(f"| {label} | {calls:.0f} | {seconds:.3f} |")
     return "\n".join(rows)
 
