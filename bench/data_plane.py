@@ -26,6 +26,8 @@ figures measure loopback and CPU contention, not a network.
 
     python bench/data_plane.py --quick --out bench/results/data_plane_quick.json
     python bench/data_plane.py --out bench/results/data_plane.json   # 8 x 10 M parameters
+    PYTHONPATH=OTHER/src python bench/data_plane.py --no-s3 --no-floor  # another tree's hub
+    TMPDIR=/dev/shm python bench/data_plane.py --no-s3   # hub, nodes and floor on tmpfs
 
 Where one upload and one download spend their time in the hub: bench/data_plane_profile.py.
 """
