@@ -9,7 +9,14 @@ downloads from S3, and against a gloo all-reduce of the same model. Side by side
       uploads go through the hub (which writes them to S3), downloads are 307 redirects to
       presigned URLs served by moto, each Range still checked against its sha256;
   (c) gloo: 8 processes all-reduce the same number of float32 values with torch.distributed
-      (backend gloo, 127.0.0.1): what synchronous data parallel moves per step.
+      (backend gloo, 127.0.0.1): what synchronous data parallel moves per step;
+  (f0-f2) the floor under (a) (bench/star_floor.py): the same star, 8 client processes and one
+      server process, the same upload and download sizes, over plain loopback TCP: (f0) the
+      bytes alone; (f1) plus the hashes and signatures a hub and its nodes cannot skip (the
+      request signature's sha256 of the body, which also names the blob, the update digest the
+      node's claim signs, the node's check of its download); (f2) plus the durable store
+      before the acknowledgement (write, fsync, rename, folder fsync, one fsynced journal
+      record for the committed row).
 
 Wall seconds of a phase = last finish - first start over the 8 processes, which start together
 at a barrier; a hub round's data movement = upload phase + download phase (the hub's close in
@@ -19,6 +26,10 @@ figures measure loopback and CPU contention, not a network.
 
     python bench/data_plane.py --quick --out bench/results/data_plane_quick.json
     python bench/data_plane.py --out bench/results/data_plane.json   # 8 x 10 M parameters
+    PYTHONPATH=OTHER/src python bench/data_plane.py --no-s3 --no-floor  # another tree's hub
+    TMPDIR=/dev/shm python bench/data_plane.py --no-s3   # hub, nodes and floor on tmpfs
+
+Where one upload and one download spend their time in the hub: bench/data_plane_profile.py.
 """
 
 from __future__ import annotations
@@ -48,6 +59,9 @@ from gridswarm.swarm import Swarm, free_port, plain_http
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack
 from gridswarm.trust.claims import sign_contribution
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from star_floor import star_side
 
 NODES = 8
 PRESETS = {  # built-in GPT shapes: full = 10.7 M parameters, quick = 0.83 M
@@ -267,6 +281,25 @@ def start_moto() -> tuple[subprocess.Popen, dict]:
     return proc, env
 
 
+FLOORS = {  # side key -> (star_floor level, label)
+    "floor_transport": ("transport", "(f0) floor: the star over plain loopback TCP, bytes only"),
+    "floor_verified": ("verified", "(f1) floor + signatures and hashes (body, update, download)"),
+    "floor_durable": ("durable", "(f2) floor + durable store before the ack (write, fsync)"),
+}
+
+
+def floor_sides(hub: dict, rounds: int) -> dict:
+    """Sides (f0)-(f2): the star floor at each level with side (a)'s upload and download sizes
+    per node."""
+    up_bytes = hub["up"][0]["bytes"] // NODES
+    down_bytes = hub["down"][0]["bytes"] // NODES
+    out = {}
+    for key, (level, _) in FLOORS.items():
+        out[key] = star_side(NODES, up_bytes, down_bytes, rounds, level)
+        print(f"{key}:", round_walls(out[key]), flush=True)
+    return out
+
+
 def round_walls(side: dict) -> list[float]:
     return [u["wall_s"] + d["wall_s"] for u, d in zip(side["up"], side["down"], strict=True)]
 
@@ -279,8 +312,13 @@ def markdown(result: dict) -> str:
         ("hub", "(a) through the hub"),
         ("hub_plain_after", "(a1) through the hub, plain HTTP again, run after (a)"),
         ("s3", "(b) up via hub, down presigned S3"),
+        ("gloo", "(c) gloo all-reduce, fp32"),
+        *((key, label) for key, (_, label) in FLOORS.items()),
     )
     for key, label in sides:
+        if key == "gloo":
+            rows.append(f"| {label} | – | – | **{g:.3f}** | 1.00× | – |")
+            continue
         if key not in result:
             continue
         side = result[key]
@@ -288,12 +326,9 @@ def markdown(result: dict) -> str:
         up = statistics.median(u["wall_s"] for u in side["up"])
         down = statistics.median(d["wall_s"] for d in side["down"])
         w = statistics.median(walls)
-        served = side["hub_blob_route"]
-        rows.append(
-            f"| {label} | {up:.2f} | {down:.2f} | **{w:.2f}** | {w / g:.2f}× | "
-            f"{served['served']} / {served['redirected']} |"
-        )
-    rows.append(f"| (c) gloo all-reduce, fp32 | – | – | **{g:.2f}** | 1.00× | – |")
+        served = side.get("hub_blob_route")
+        route = f"{served['served']} / {served['redirected']}" if served else "–"
+        rows.append(f"| {label} | {up:.3f} | {down:.3f} | **{w:.3f}** | {w / g:.2f}× | {route} |")
     numel = result["hub"]["numel"]
     return "\n".join(
         [
@@ -312,37 +347,75 @@ def markdown(result: dict) -> str:
             "processes run on the same machine (2 cores here), so this measures loopback and CPU",
             "contention, not a network; moto is an in-memory Python server, slower than real S3.",
             "The upload phase is the same route in (a) and (b) (in (b) the hub also writes each",
-            "upload to S3); each contribution's costly checks (int8 decode + finite check, hashes,",
-            "the blob write) run outside the hub's lock, side by side; the decisions and the",
-            "commit run one at a time under it.",
+            "upload to S3); each contribution's costly checks (size and finite checks on the int8",
+            "scales, hashes, the blob write) run outside the hub's lock, side by side; the",
+            "decisions and the commit run one at a time under it. (f0)-(f2) are the floor under",
+            "(a): the same star and sizes with only TCP, then what no hub can skip",
+            "(bench/star_floor.py).",
             "Bytes per round: up "
-            + ", ".join(f"{result[k]['up'][0]['bytes']:,}" for k in ("hub", "s3"))
+            + ", ".join(f"{result[k]['up'][0]['bytes']:,}" for k in ("hub", "s3") if k in result)
             + f"; down {result['hub']['down'][0]['bytes']:,}; gloo ring all-reduce "
             f"{result['gloo']['ring_bytes_per_worker'] * NODES:,.0f} (all workers).",
+            *floor_costs(result),
         ]
     )
 
 
+def floor_costs(result: dict) -> list[str]:
+    """The durable floor's server steps, summed over its uploads (CPU seconds; the stores'
+    wall seconds too, fsync waits included)."""
+    side = result.get("floor_durable")
+    if side is None:
+        return []
+    c, uploads = side["server_costs"], sum(u["nodes"] for u in side["up"])
+    ms = {k: 1e3 * v / uploads for k, v in c.items()}
+    return [
+        "",
+        f"(f2)'s server per upload ({uploads} uploads): signature check (sha256 of the body + "
+        f"Ed25519) {ms['verify_cpu_s']:.1f} ms CPU, update digest {ms['update_hash_cpu_s']:.1f} "
+        f"ms CPU, durable store {ms['store_cpu_s']:.1f} ms CPU and {ms['store_wall_s']:.1f} ms "
+        "wall (the fsyncs of 8 uploads at once wait on the disk and on each other).",
+    ]
+
+
+READING = "<!-- reading: kept when the table above is written again -->"
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    """The table and its notes; what follows the READING marker in an existing file (a
+    reading of the figures, by hand) is kept."""
+    kept = ""
+    if path.exists() and READING in (old := path.read_text()):
+        kept = "\n" + old[old.index(READING) :]
+    path.write_text(markdown(result) + "\n" + kept)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="0.83 M parameters, 1 round")
+    parser.add_argument(
+        "--quick", action="store_true", help="0.83 M parameters, 1 round (the floors: 3)"
+    )
     parser.add_argument(
         "--plain-http",
         action="store_true",
         help="also run side (a) with the hub on uvicorn's pure-Python HTTP (h11) and asyncio's "
         "loop: httptools and uvloop hidden from it (before/after they became dependencies)",
     )
+    parser.add_argument("--no-s3", action="store_true", help="leave side (b) out")
+    parser.add_argument("--no-floor", action="store_true", help="leave sides (f0)-(f2) out")
     parser.add_argument("--out", type=Path, default=Path("bench/results/data_plane.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = PRESETS["quick" if args.quick else "full"]
-    rounds = 1 if args.quick else 2
+    rounds = 1 if args.quick else 3
     moto, env = start_moto()
     try:
         result: dict = {
             "command": "python bench/data_plane.py"
             + (" --quick" if args.quick else "")
-            + (" --plain-http" if args.plain_http else ""),
+            + (" --plain-http" if args.plain_http else "")
+            + (" --no-s3" if args.no_s3 else "")
+            + (" --no-floor" if args.no_floor else ""),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         }
         if args.plain_http:
@@ -353,20 +426,24 @@ def main() -> None:
         if args.plain_http:  # before and after (a): the machine's drift shows
             result["hub_plain_after"] = hub_side(model, rounds, None, plain_http_env())
             print("hub, plain HTTP again:", round_walls(result["hub_plain_after"]), flush=True)
-        result["s3"] = hub_side(model, rounds, "s3://bench-data-plane/hub", env)
-        print("hub + S3:", round_walls(result["s3"]), flush=True)
+        if not args.no_s3:
+            result["s3"] = hub_side(model, rounds, "s3://bench-data-plane/hub", env)
+            print("hub + S3:", round_walls(result["s3"]), flush=True)
         result["gloo"] = gloo_side(result["hub"]["numel"], reps=3)
         print("gloo:", result["gloo"]["wall_s"], flush=True)
+        if not args.no_floor:
+            result |= floor_sides(result["hub"], max(rounds, 3))
     finally:
         moto.terminate()
         moto.wait(timeout=10)
     g = statistics.median(result["gloo"]["wall_s"])
-    for key in [k for k in ("hub_plain", "hub", "hub_plain_after", "s3") if k in result]:
+    sides = ("hub_plain", "hub", "hub_plain_after", "s3", *FLOORS)
+    for key in [k for k in sides if k in result]:
         result[key]["round_wall_s"] = round_walls(result[key])
         result[key]["ratio_to_gloo"] = statistics.median(result[key]["round_wall_s"]) / g
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result) + "\n")
+    write_markdown(args.out.with_suffix(".md"), result)
     print(markdown(result))
 
 

@@ -31,3 +31,16 @@ def test_bad_names_and_missing_blobs(tmp_path):
         store.get("../../etc/passwd")
     with pytest.raises(BlobError, match="not found"):
         store.get("a" * 64)
+
+
+def test_a_digest_the_caller_computed_is_not_computed_again(tmp_path, monkeypatch):
+    """`known_sha256` (the hub's own hash of an upload, from its signature check) names the
+    blob without a second pass over the bytes; `expected_digest` is still checked against it."""
+    store = LocalBlobStore(tmp_path)
+    data = b"an upload" * 1000
+    digest = sha256_hex(data)
+    monkeypatch.setattr("gridswarm.blobs.sha256_hex", lambda _: pytest.fail("hashed again"))
+    assert store.put(data, known_sha256=digest) == digest
+    assert store.path(digest).read_bytes() == data
+    with pytest.raises(BlobError, match="does not match"):
+        store.put(data, expected_digest="0" * 64, known_sha256=digest)

@@ -134,6 +134,36 @@ def test_a_secagg_upload_with_an_impossible_energy_claim_is_refused_like_a_plain
 # ------------------------------------------------------------------------- quorum after audits
 
 
+def test_prescreening_a_run_that_neither_audits_nor_scores_reads_no_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Nothing needs the upload or the base weights: pre-screening records each upload as not
+    audited without reading either (two model-sized reads and hashes per upload, on the hub's
+    cores while the other uploads arrive)."""
+    service = new_service(tmp_path, FakeClock())
+    config = tiny_run(
+        round={"deadline_s": 60, "quorum": 2, "min_nodes": 2, "max_nodes": 2},
+        trust=NO_AUDITS | {"usefulness": False},
+        budget={"rounds": 1},
+    )
+    run_id = service.create_run(Identity.generate().public_key, config).run_id
+    numel = service.run_status(run_id)["numel"]
+    nodes = [
+        service.register(
+            Identity.generate().public_key,
+            RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}"),
+        )
+        for i in range(2)
+    ]
+    jobs = [service.request_assignment(run_id, node).assignment for node in nodes]
+    for i, (node, job) in enumerate(zip(nodes, jobs, strict=True)):
+        upload(service, run_id, node, job, fake_update(numel, i))
+    monkeypatch.setattr(service.blobs, "get", lambda digest: pytest.fail(f"read {digest}"))
+    assert service.trust.prescreen(service.workload) == 2
+    screened = rows(service, m.Contribution)
+    assert [(c.audited, c.audit_rate, c.status) for c in screened] == [(False, 0.0, "accepted")] * 2
+
+
 @pytest.mark.parametrize("prescreened", [False, True], ids=["screened-at-close", "prescreened"])
 def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prescreened: bool

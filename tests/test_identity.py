@@ -1,3 +1,4 @@
+import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,8 @@ def test_signed_request_verifies_and_names_its_sender():
     headers = sign_request(ident, "POST", "/v1/x", b"body", now_s=1000.0)
     verified = verify_request(headers, "POST", "/v1/x", b"body", now_s=1001.0)
     assert verified.node_id == ident.node_id
+    # the body's hash, computed once for the signature, names the body (an upload's blob)
+    assert verified.body_sha256 == hashlib.sha256(b"body").hexdigest()
 
 
 @pytest.mark.parametrize(

@@ -47,8 +47,10 @@ class CachedS3Store:
     def __repr__(self) -> str:
         return f"CachedS3Store({self.s3!r}, cache={self.cache.root})"
 
-    def put(self, data: bytes, expected_digest: str | None = None) -> str:
-        return self.s3.put(data, expected_digest)
+    def put(
+        self, data: bytes, expected_digest: str | None = None, known_sha256: str | None = None
+    ) -> str:
+        return self.s3.put(data, expected_digest, known_sha256)
 
     def get(self, digest: str) -> bytes:
         if self.cache.has(digest):

@@ -68,13 +68,19 @@ def byte_range(header: str, size: int, max_bytes: int) -> tuple[int, int]:
     return start, min(end + 1 - start, size - start, max_bytes)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in chunks (bounded memory)."""
+def sha256_of_file(path: Path) -> hashlib._Hash:
+    """A sha256 object fed with a file's bytes, read in chunks (bounded memory); more may be
+    fed to it afterwards (a download resuming past what the file holds)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK_BYTES):
             h.update(chunk)
-    return h.hexdigest()
+    return h
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks (bounded memory)."""
+    return sha256_of_file(path).hexdigest()
 
 
 def read_span(path: Path, start: int, length: int) -> bytes:
@@ -104,9 +110,12 @@ class BlobStore(Protocol):
 
 class FileBlobStore(BlobStore, Protocol):
     """A blob store that also hands out a blob as a local file, e.g. to memory-map a dataset
-    shard: `LocalBlobStore`, or an S3 hub's `blobcache.CachedS3Store` (through its cache)."""
+    shard: `LocalBlobStore`, or an S3 hub's `blobcache.CachedS3Store` (through its cache).
+    `put`'s `known_sha256`: see `LocalBlobStore.put`."""
 
-    def put(self, data: bytes, expected_digest: str | None = None) -> str: ...
+    def put(
+        self, data: bytes, expected_digest: str | None = None, known_sha256: str | None = None
+    ) -> str: ...
 
     def path(self, digest: str) -> Path: ...
 
@@ -178,8 +187,15 @@ class LocalBlobStore:
         _fsync_dir(path.parent)
         return digest
 
-    def put(self, data: bytes, expected_digest: str | None = None) -> str:
-        digest = sha256_hex(data)
+    def put(
+        self, data: bytes, expected_digest: str | None = None, known_sha256: str | None = None
+    ) -> str:
+        """Store `data` durably (fsynced, renamed into place, folder fsynced); its digest.
+        `expected_digest`: a name someone declared, checked (BlobError if it differs).
+        `known_sha256`: the sha256 the caller itself computed over these very bytes (the hub,
+        verifying an upload's request signature), used as is instead of hashing them again;
+        never a name a client sent."""
+        digest = known_sha256 if known_sha256 is not None else sha256_hex(data)
         if expected_digest is not None and expected_digest != digest:
             raise BlobError(f"content hash {digest} does not match the declared {expected_digest}")
         path = self.path(digest)

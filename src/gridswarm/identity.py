@@ -109,10 +109,9 @@ class Identity:
         return self.private_key.sign(message)
 
 
-def request_message(method: str, path: str, body: bytes, timestamp: str, nonce: str) -> bytes:
-    """The canonical bytes a request signature covers."""
-    body_hash = hashlib.sha256(body).hexdigest()
-    return f"{method.upper()}\n{path}\n{body_hash}\n{timestamp}\n{nonce}".encode()
+def request_message(method: str, path: str, body_sha256: str, timestamp: str, nonce: str) -> bytes:
+    """The canonical bytes a request signature covers (`body_sha256`: the body's hex sha256)."""
+    return f"{method.upper()}\n{path}\n{body_sha256}\n{timestamp}\n{nonce}".encode()
 
 
 def sign_request(
@@ -121,7 +120,8 @@ def sign_request(
     """Headers that authenticate one request."""
     timestamp = f"{time.time() if now_s is None else now_s:.3f}"
     nonce = secrets.token_hex(16)
-    signature = identity.sign(request_message(method, path, body, timestamp, nonce))
+    body_sha256 = hashlib.sha256(body).hexdigest()
+    signature = identity.sign(request_message(method, path, body_sha256, timestamp, nonce))
     return {
         HEADER_KEY: identity.public_key.hex(),
         HEADER_TIMESTAMP: timestamp,
@@ -141,9 +141,14 @@ class AuthError(Exception):
 
 @dataclass(frozen=True)
 class VerifiedRequest:
+    """Who signed a request, with which nonce and when; `body_sha256`: the hex sha256 of the
+    body the signature covers, computed once here (an upload is stored under it, the
+    blob store's name for the same bytes, without hashing them again)."""
+
     public_key: bytes
     nonce: str
     timestamp_s: float
+    body_sha256: str = ""
 
     @property
     def node_id(self) -> str:
@@ -178,7 +183,8 @@ def verify_request(
         raise AuthError(400, "malformed authentication header: wrong key, signature or nonce size")
     if abs(now_s - timestamp_s) > max_skew_s:
         raise AuthError(401, f"stale request: timestamp is {now_s - timestamp_s:+.0f} s off")
-    message = request_message(method, path, body, lower[HEADER_TIMESTAMP], nonce)
+    body_sha256 = hashlib.sha256(body).hexdigest()
+    message = request_message(method, path, body_sha256, lower[HEADER_TIMESTAMP], nonce)
     if not verify_signature(public_key, message, signature):
         raise AuthError(401, "bad signature")
-    return VerifiedRequest(public_key=public_key, nonce=nonce, timestamp_s=timestamp_s)
+    return VerifiedRequest(public_key, nonce, timestamp_s, body_sha256)

@@ -103,8 +103,11 @@ class S3BlobStore:
                 return False
             raise BlobError(f"s3 HEAD {digest}: {exc}") from exc
 
-    def put(self, data: bytes, expected_digest: str | None = None) -> str:
-        digest = sha256_hex(data)
+    def put(
+        self, data: bytes, expected_digest: str | None = None, known_sha256: str | None = None
+    ) -> str:
+        """As `LocalBlobStore.put` (`known_sha256`: computed by the caller over these bytes)."""
+        digest = known_sha256 if known_sha256 is not None else sha256_hex(data)
         if expected_digest is not None and expected_digest != digest:
             raise BlobError(f"content hash {digest} does not match the declared {expected_digest}")
         if self.has(digest):

@@ -360,7 +360,9 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     async def contribute(run_id: RunIdParam, request: Request) -> ContributionAck:
         """Body: one safetensors blob, the encoded update plus `ContributionMeta` as metadata."""
         verified, body = await signed(request, max_upload_bytes)
-        return await under_lock(service.submit, run_id, verified.node_id, body)
+        return await under_lock(
+            service.submit, run_id, verified.node_id, body, verified.body_sha256
+        )
 
     add_privacy_routes(app, service, signed, max_upload_bytes)  # /v1/runs/{id}/secagg/...
     add_trust_routes(app, service, signed)  # /v1/ledger, /v1/runs/{id}/fund, balances

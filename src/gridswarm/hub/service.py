@@ -1365,13 +1365,18 @@ class HubService:
 
     # ---------------------------------------------------------------- contributions
 
-    def submit(self, run_id: str, node_id: str, body: bytes) -> ContributionAck:
+    def submit(
+        self, run_id: str, node_id: str, body: bytes, body_sha256: str | None = None
+    ) -> ContributionAck:
         """Validate and durably store a contribution; acknowledged only once committed.
 
-        The costly part runs before the lock, so uploads are checked side by side: decoding and
-        the finite check, the update's digest, and the fsynced blob write. Under the lock only
-        the decisions and the rows remain. A refused or failed upload removes its blob again,
-        unless a contribution row names it (an identical retry that was stored)."""
+        The costly part runs before the lock, so uploads are checked side by side: the size and
+        finite checks (on the int8 scales, without decoding), the update's digest, and the
+        fsynced blob write. Under the lock only the decisions and the rows remain. A refused or
+        failed upload removes its blob again, unless a contribution row names it (an identical
+        retry that was stored). `body_sha256`: the body's sha256 as the hub computed it to
+        verify the request's signature (`VerifiedRequest.body_sha256`), so the blob's name
+        costs no second pass over the bytes; None: hashed here."""
         try:
             tensors, raw_meta = unpack(body)
             meta = ContributionMeta.model_validate(raw_meta)
@@ -1382,7 +1387,7 @@ class HubService:
                 422, f"malformed contribution metadata: {describe_errors(exc.errors())}"
             ) from exc
         carbon = self._carbon(run_id, node_id, meta)
-        with self._checking:  # at most a few decoded updates in memory at once
+        with self._checking:  # at most a few decoded updates in memory, and hashes, at once
             with self.sessions() as s:  # settings, sizes and rounds never change: no lock
                 run = self._run(s, run_id)
                 cfg, a = run.settings(), s.get(m.Assignment, meta.assignment_id)
@@ -1391,9 +1396,11 @@ class HubService:
             if checked:
                 self._check_payload(cfg, tensors, numel)
             update_digest, zero = update_sha256(tensors), is_zero_update(tensors)
-            digest = sha256_hex(body)
-            stored_before = self.blobs.has(digest)
-            self.blobs.put(body)  # fsynced before any row names it
+            digest = body_sha256 or sha256_hex(body)
+        # the write waits on the disk, not on a core: outside the semaphore, so the fsyncs of
+        # the uploads in flight (at most LOCKED_THREADS, hub/app.py) overlap
+        stored_before = self.blobs.has(digest)
+        self.blobs.put(body, known_sha256=digest)  # fsynced before any row names it
         try:
             return self._store_contribution(
                 run_id,
@@ -1436,7 +1443,7 @@ class HubService:
                 s, run, cfg, node, assignment, meta.model_dump(), *update
             )
             if not self.blobs.has(digest):  # a failed identical upload removed it meanwhile
-                self.blobs.put(body)
+                self.blobs.put(body, known_sha256=digest)
             s.add(
                 m.Contribution.accepted(
                     digest, assignment, meta.model_dump(), len(body), self.clock(), **carbon

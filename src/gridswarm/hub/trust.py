@@ -614,22 +614,40 @@ class HubTrust:
         limit = tolerance(cal, t.replay_tolerance_k, t.replay_tolerance_floor)
         return None, f"audited: within tolerance ({distance:.3g} <= {limit:.3g})", extended
 
+    def _weights(self, digest: str) -> Callable[[], torch.Tensor]:
+        """The flat weights in blob `digest`, read (and hash-checked) on the first call only."""
+        loaded: list[torch.Tensor] = []
+
+        def weights() -> torch.Tensor:
+            if not loaded:
+                loaded.append(unpack_vector(self.blobs.get(digest)))
+            return loaded[0]
+
+        return weights
+
     def _examine(
         self,
         cfg: RunConfig,
         numel: int,
         workload: Workload,
         base: m.Version,
-        theta: torch.Tensor,
+        theta: Callable[[], torch.Tensor],
         c: m.Contribution,
         a: m.Assignment,
         rep: Reputation,
         seed: bytes,
         forced: bool,
     ) -> Examination:
-        """Audit (if the seed picks it, or `forced`) and score one contribution; no writes."""
+        """Audit (if the seed picks it, or `forced`) and score one contribution; no writes.
+        `theta`: the base version's weights, loaded on first call. The upload and the weights
+        are read only when something needs them (a replay, its device, the usefulness score):
+        a run that neither audits nor scores reads neither (two model-sized reads and hashes per
+        upload, on the hub's cores while the other uploads arrive)."""
         skip = audit_skip_reason(cfg)
-        stored, meta = unpack(self.blobs.get(c.id))
+        stored: dict[str, torch.Tensor] = {}
+        meta: dict[str, object] = {}
+        if skip is None or cfg.trust.usefulness:
+            stored, meta = unpack(self.blobs.get(c.id))
         device = str(meta.get("device", "cpu"))
         if skip is None and self._replay_device(device) is None:
             skip = f"no {device} device on the hub to replay on"
@@ -637,7 +655,7 @@ class HubTrust:
         audited = skip is None and (forced or is_audited(seed, c.id, rate))
         reason = passed = loss_drop = note = calibration = None
         if audited:
-            reason, note, calibration = self._replay(workload, cfg, c, a, theta, stored, meta)
+            reason, note, calibration = self._replay(workload, cfg, c, a, theta(), stored, meta)
             passed = reason is None
             if reason and forced:
                 reason += "; the same update was uploaded by another node (a copy)"
@@ -651,7 +669,7 @@ class HubTrust:
             else:
                 update = torch.zeros(numel)
                 update[fragment[0] : fragment[1]] = codec.decode(stored, fragment[1] - fragment[0])
-            loss_drop = base.val_loss - workload.evaluate(theta - update)
+            loss_drop = base.val_loss - workload.evaluate(theta() - update)
             reason = check_harm(loss_drop, cfg.trust.harm_tolerance_nats)
         return Examination(
             0.0 if skip else rate, audited, passed, loss_drop, reason, note, calibration
@@ -717,7 +735,7 @@ class HubTrust:
             rep = self.reputations(s, [c.node_id])[c.node_id]
         if secure_aggregation(cfg) or seed_row is None or base is None:
             return 0  # left to screen_round at close
-        theta = unpack_vector(self.blobs.get(base.weights_blob))
+        theta = self._weights(base.weights_blob)
         workload = workload_for(run.id, run.config_json)
         seed = bytes.fromhex(seed_row.audit_seed)
         ex = self._examine(cfg, run.numel, workload, base, theta, c, a, rep, seed, False)
@@ -767,7 +785,7 @@ class HubTrust:
         if todo:
             seed = bytes.fromhex(self._round_seed(s, run, rnd).audit_seed)
             reps = self.reputations(s, [c.node_id for c in todo])
-            theta = unpack_vector(self.blobs.get(base.weights_blob))
+            theta = self._weights(base.weights_blob)
         for c in todo:
             a = s.get(m.Assignment, c.assignment_id)
             forced = copies[c.update_sha256] > 1

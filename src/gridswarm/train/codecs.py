@@ -101,11 +101,14 @@ class Blockwise:
         return (torch.nn.functional.pad(vec, (0, pad)) if pad else vec).view(-1, self.block_size)
 
     def encode(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not torch.isfinite(vec).all():
-            raise ValueError("cannot quantise a vector with non-finite values")
         blocks = self._blocks(vec)
-        # |x| max per block without an |x| copy of the vector (the hub encodes whole models)
-        absmax = torch.maximum(blocks.amax(dim=1, keepdim=True), -blocks.amin(dim=1, keepdim=True))
+        # |x| max per block in one pass, without an |x| copy of the vector (the hub encodes
+        # whole models); min and max carry NaN and inf, so the vector is finite iff every
+        # block's absmax is: no separate pass over it to check
+        low, high = torch.aminmax(blocks, dim=1, keepdim=True)
+        absmax = torch.maximum(high, -low)
+        if not torch.isfinite(absmax).all():
+            raise ValueError("cannot quantise a vector with non-finite values")
         scale = absmax / self.qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = (blocks / scale).round_().clamp_(-self.qmax, self.qmax).to(torch.int8).view(-1)

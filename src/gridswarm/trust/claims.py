@@ -10,6 +10,9 @@ unforgeable word, and the hub's verdict on it is a separate, hub-signed entry.
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +23,7 @@ from gridswarm.ledger.chain import LedgerError, SignedClaim, sign_claim
 from gridswarm.train.params import pack
 
 CLAIM_KIND = "contribution"
+LITTLE_ENDIAN = sys.byteorder == "little"  # safetensors stores little-endian bytes
 # Contribution metadata the claim repeats (those a node leaves unset, or an older node does not
 # know, are left out on both sides).
 CLAIM_FIELDS = (
@@ -47,14 +51,65 @@ class ClaimError(ValueError):
         self.forged = forged
 
 
+# safetensors headers of `pack(tensors)` by layout (names, dtypes, shapes): the header bytes
+# (length prefix included) and the names in the order their bytes follow it
+_LAYOUTS: dict[tuple, tuple[bytes, tuple[str, ...]]] = {}
+_LAYOUTS_LOCK = threading.Lock()
+MAX_LAYOUTS = 64  # a hub sees a few per run (the codec's tensors, per fragment size)
+
+
+def _layout_of(packed: bytes) -> tuple[bytes, tuple[str, ...]]:
+    """The header of a `pack` output, and its tensor names in the order of their bytes."""
+    length = int.from_bytes(packed[:8], "little")
+    header = json.loads(packed[8 : 8 + length])
+    names = sorted(
+        (name for name in header if name != "__metadata__"),
+        key=lambda name: header[name]["data_offsets"][0],
+    )
+    return packed[: 8 + length], tuple(names)
+
+
 def update_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
-    """Digest of an encoded update alone (not its metadata): equal updates, equal digests."""
-    return hashlib.sha256(pack(dict(tensors))).hexdigest()
+    """Digest of an encoded update alone (not its metadata): equal updates, equal digests.
+
+    It is the sha256 of `pack(tensors)`, computed without making that model-sized copy: a
+    safetensors file is its header, then each tensor's raw little-endian bytes in the order
+    the header's offsets give. The header depends only on the names, dtypes and shapes; the
+    first time a layout is seen `pack` itself makes it (and the digest), and it is kept
+    (`MAX_LAYOUTS`); after that the header and the tensors' own memory are hashed in place.
+    """
+    layout = tuple(sorted((name, t.dtype, tuple(t.shape)) for name, t in tensors.items()))
+    known = _LAYOUTS.get(layout) if LITTLE_ENDIAN else None
+    if known is not None and all(t.device.type == "cpu" for t in tensors.values()):
+        header, order = known
+        digest = hashlib.sha256(header)
+        try:
+            for name in order:
+                digest.update(tensors[name].detach().reshape(-1).view(torch.uint8).numpy())
+            return digest.hexdigest()
+        except (RuntimeError, TypeError):  # a tensor numpy cannot view (conjugate bit ...)
+            pass
+    packed = pack(dict(tensors))
+    if LITTLE_ENDIAN:
+        with _LAYOUTS_LOCK:
+            while len(_LAYOUTS) >= MAX_LAYOUTS:
+                _LAYOUTS.pop(next(iter(_LAYOUTS)))
+            _LAYOUTS[layout] = _layout_of(packed)
+    return hashlib.sha256(packed).hexdigest()
+
+
+ZERO_PREFIX = 4096  # values looked at first: any real update has a nonzero among them
 
 
 def is_zero_update(tensors: Mapping[str, torch.Tensor]) -> bool:
-    """True when every value of the encoded update is zero (it carries no work at all)."""
-    return all(not bool(t.any()) for t in tensors.values())
+    """True when every value of the encoded update is zero (it carries no work at all). A
+    nonzero value in the first ZERO_PREFIX of a tensor answers at once; only an update that is
+    (nearly) zero is scanned whole."""
+    for t in tensors.values():
+        flat = t.reshape(-1)
+        if bool(flat[:ZERO_PREFIX].any()) or bool(flat.any()):
+            return False
+    return True
 
 
 def claim_payload(
