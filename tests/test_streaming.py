@@ -125,6 +125,16 @@ def test_streaming_refuses_what_it_cannot_honour(extra, words):
             parse_run_config(cfg)
 
 
+def test_kept_inner_optimizer_keeps_node_state_and_is_refused_like_streaming():
+    cfg = parse_run_config(tiny_run(train__keep_inner_optimizer=True))
+    assert cfg.keeps_node_state and not cfg.comm.streaming and not RunConfig().keeps_node_state
+    assert "kept inner optimizer" in (audit_skip_reason(cfg) or "")
+    with pytest.raises(ConfigError, match=r"error_feedback cannot run with train\.keep"):
+        parse_run_config(tiny_run(train__keep_inner_optimizer=True, comm__error_feedback=True))
+    with pytest.raises(ConfigError, match="keep_inner_optimizer"):
+        parse_run_config(tiny_run(train__keep_inner_optimizer="sometimes"))
+
+
 def test_streaming_settings_are_bounded():
     for comm in ({"fragments": 0}, {"fragments": 65}, {"overlap_mix": 1.0}, {"overlap_mix": -0.1}):
         with pytest.raises(ConfigError, match="comm"):
