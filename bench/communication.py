@@ -45,26 +45,35 @@ from gridswarm.train.data import slice_seed
 from gridswarm.train.dataset import prepare
 from gridswarm.train.local import loss_fn
 from gridswarm.train.outer import outer_update
+from gridswarm.train.streaming import LocalState
+from gridswarm.train.streaming import Progress as StreamingProgress
 from gridswarm.train.workload import Workload
 
 NODES = 4
 SEQ_LEN = 64
+MAX_CURVE_POINTS = 48  # held-out evaluations per simulated run, at most (about: every k rounds)
 BATCH_SIZE = 16  # per node (gridswarm) and per rank (DDP): 4 x 16 sequences per DDP step
 # Every knob of a preset; `--sweep --grid` overrides them by name. `ddp_lr` is DDP's own inner
 # learning rate (the best one the sweep found for it), so the reference is not handicapped.
 PRESETS: dict[str, dict] = {
-    "quick": {  # tuned with --sweep (bench/results/communication_sweep_quick.md)
+    # tuned with --sweep (bench/results/communication_sweep_quick.md): nodes keep their inner
+    # AdamW across rounds (the largest single gain), plain averaging as the outer step (outer
+    # lr 1, no momentum: lower, higher and momentum all did worse at 30 outer steps), the
+    # inner lr of DDP's best, int4 without error feedback (the same loss as fp32 here)
+    "quick": {
         "vocab": 1024,
         "model": {"n_layer": 2, "n_head": 4, "n_embd": 128},
-        "inner_steps": 30,
-        "rounds": 24,
-        "inner_lr": 7e-4,
+        "inner_steps": 24,
+        "rounds": 30,
+        "inner_lr": 2e-3,
         "inner_warmup_steps": 10,
-        "outer_lr": 0.7,
-        "outer_momentum": 0.8,
+        "keep_inner_optimizer": True,
+        "outer_lr": 1.0,
+        "outer_momentum": 0.0,
         "codec": "int4",
         "codec_down": "int4",
-        "error_feedback": True,
+        "error_feedback": False,
+        "fragments": 1,
         "ddp_lr": 2e-3,
         "ddp_warmup_steps": 10,
     },
@@ -75,11 +84,13 @@ PRESETS: dict[str, dict] = {
         "rounds": 60,
         "inner_lr": 3e-4,
         "inner_warmup_steps": 10,
+        "keep_inner_optimizer": False,
         "outer_lr": 0.5,
         "outer_momentum": 0.9,
         "codec": "int4",
         "codec_down": "int4",
         "error_feedback": True,
+        "fragments": 1,
         "ddp_lr": 1e-3,
         "ddp_warmup_steps": 10,
     },
@@ -128,11 +139,13 @@ def run_config(preset: dict, dataset: str) -> dict:
             "inner_warmup_steps": preset["inner_warmup_steps"],
             "outer_lr": preset["outer_lr"],
             "outer_momentum": preset["outer_momentum"],
+            "keep_inner_optimizer": preset["keep_inner_optimizer"],
         },
         "comm": {
             "codec": preset["codec"],
             "codec_down": preset["codec_down"],
             "error_feedback": preset["error_feedback"],
+            "fragments": preset["fragments"],  # > 1: Streaming DiLoCo
         },
         "round": {"deadline_s": 600, "quorum": NODES, "min_nodes": NODES},
         "budget": {"rounds": None, "tokens": tokens},  # the token budget alone ends the run
@@ -261,29 +274,53 @@ def encoded_bytes(tensors: dict[str, torch.Tensor]) -> int:
 def simulate_diloco(config: dict) -> dict:
     """Side (a) in one process, for tuning: 4 nodes trained one after another with the node's
     real `Workload.train` and codec (with error feedback when set), the hub's real aggregator and
-    `outer_update`. Bytes are payload bytes (no headers, no initial weights download)."""
+    `outer_update`. Bytes are payload bytes (no headers, no initial weights download).
+
+    When nodes keep state across rounds (`train.keep_inner_optimizer`, or Streaming DiLoCo's
+    `comm.fragments`), each node has its own `train/streaming.LocalState` (the node's class):
+    it merges the fragment the last round synced, trains on, and uploads `global[f] - local[f]`
+    of this round's fragment, which `outer_update` applies to that fragment alone."""
     cfg = parse_run_config(config)
     t, c = cfg.train, cfg.comm
+    if c.overlap:
+        raise ValueError("the simulation does not model comm.overlap (training ahead)")
     workload = Workload.from_config(cfg)
     numel = workload.numel
     theta = workload.initial_theta()
     aggregate = make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)
     codec = make_codec(c.codec, c.block_size)
     feedback = {i: ErrorFeedback(codec) for i in range(NODES)}
+    # nodes keeping state need a model each (LocalState holds the local weights in it)
+    local: dict[int, LocalState] = {}
+    node_workloads = (
+        [Workload.from_config(cfg) for _ in range(NODES)] if cfg.keeps_node_state else []
+    )
     momentum = residual = None
     rounds = cfg.budget.tokens // (NODES * t.inner_steps * cfg.tokens_per_step)
+    eval_every = max(1, rounds // MAX_CURVE_POINTS)  # H = 1 controls run hundreds of rounds
     bytes_up = bytes_down = tokens = 0
     curve = [{"tokens": 0, "val_loss": workload.evaluate(theta)}]
     for rnd in range(rounds):
+        fragment = workload.fragment(rnd)
         updates, weights = [], []
         for i in range(NODES):
-            result = workload.train(theta, rnd, f"node-{i}", t.inner_steps)
-            pg = result.pseudo_gradient
+            stream_seed = slice_seed(cfg.seed, rnd, f"node-{i}")
+            if cfg.keeps_node_state:
+                if i in local:
+                    local[i].merge(theta, workload.fragment(rnd - 1), 0.0, rnd)
+                else:
+                    local[i] = LocalState(node_workloads[i], theta, rnd)
+                progress = StreamingProgress()
+                local[i].train(node_workloads[i].batches(stream_seed), t.inner_steps, progress)
+                pg, trained = local[i].pseudo_gradient(theta, fragment), progress.tokens
+            else:
+                result = workload.train(theta, rnd, f"node-{i}", t.inner_steps)
+                pg, trained = result.pseudo_gradient, result.tokens
             encoded = feedback[i].encode(pg) if c.error_feedback else codec.encode(pg)
             bytes_up += encoded_bytes(encoded)
-            updates.append(codec.decode(encoded, numel))
-            weights.append(float(result.tokens))
-            tokens += result.tokens
+            updates.append(codec.decode(encoded, pg.numel()))
+            weights.append(float(trained))
+            tokens += trained
         out = outer_update(
             theta,
             aggregate(torch.stack(updates), torch.tensor(weights)),
@@ -293,10 +330,12 @@ def simulate_diloco(config: dict) -> dict:
             mu=t.outer_momentum,
             codec_down=c.codec_down,
             block_size=c.block_size,
+            fragment=fragment,
         )
         theta, momentum, residual = out.theta, out.momentum, out.residual
         bytes_down += NODES * encoded_bytes(out.delta)
-        curve.append({"tokens": tokens, "val_loss": workload.evaluate(theta)})
+        if (rnd + 1) % eval_every == 0 or rnd + 1 == rounds:
+            curve.append({"tokens": tokens, "val_loss": workload.evaluate(theta)})
     return {
         "final_eval_loss": curve[-1]["val_loss"],
         "tokens": tokens,
@@ -371,6 +410,7 @@ def sweep(
             a = simulate_diloco(config)
             a_wall = time.monotonic() - started
             refs = []
+            steps = a["tokens"] // (NODES * SEQ_LEN * BATCH_SIZE)  # DDP's, for its curve
             for lr in ddp_lrs:
                 key = (lr, a["tokens"], p["ddp_warmup_steps"], json.dumps(p["model"]))
                 if key not in ddp_cache:
@@ -379,7 +419,7 @@ def sweep(
                         **simulate_ddp(
                             ddp_config(config, lr, p["ddp_warmup_steps"]),
                             a["tokens"],
-                            p["inner_steps"],
+                            max(p["inner_steps"], steps // MAX_CURVE_POINTS),
                         ),
                     }
                     console.print(f"  DDP lr {lr:g}: {ddp_cache[key]['final_eval_loss']:.4f}")
@@ -468,6 +508,46 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_markdown(result: dict, path: Path) -> None:
+    """The results page beside the .json (from the result alone, so it can be re-rendered)."""
+    config, data, a, b = result["config"], result["data"], result["gridswarm"], result["sync_dp"]
+    t, codec_name, target = config["train"], result["codec"], result["targets"]
+    optimizer = (
+        "kept across rounds (`train.keep_inner_optimizer`: warm-up once per node)"
+        if t.get("keep_inner_optimizer")
+        else f"fresh each round (warm-up {t['inner_warmup_steps']} steps each round)"
+    )
+    outer = (
+        "plain averaging (outer SGD lr 1, no momentum)"
+        if t["outer_lr"] == 1.0 and t["outer_momentum"] == 0.0
+        else f"outer Nesterov lr {t['outer_lr']:g} momentum {t['outer_momentum']:g}"
+    )
+    path.write_text(
+        f"# Communication: gridswarm vs synchronous data parallel ({result['preset']})\n\n"
+        f"Command: `{result['command']}`\n\n"
+        f"Data: {data['source']}, {data['tokenizer']}: vocabulary {data['vocab_size']:,}, "
+        f"{data['tokens_train']:,} train + {data['tokens_val']:,} held-out tokens "
+        f"(manifest `{data['manifest_sha256'][:12]}…`), read by both sides through "
+        f"`Workload.batches`. Model: GPT {json.dumps(config['model'])}, "
+        f"{result['parameters']:,} parameters. gridswarm: H = {t['inner_steps']} for the "
+        f"fastest node ({a['rounds']} rounds), inner AdamW lr {t['inner_lr']:g} "
+        f"(warm-up {t['inner_warmup_steps']} steps) {optimizer}, {outer}, {codec_name} up, "
+        f"{config['comm']['codec_down']} down. DDP: AdamW lr {result['ddp']['inner_lr']:g} "
+        f"(its best in the sweep), warm-up {result['ddp']['warmup_steps']} steps once; both "
+        f"sides clip gradients at {t.get('grad_clip', 1.0):g} with weight decay 0.1.\n\n"
+        "| side | tokens | final eval loss | bytes communicated | wall s |\n|---|---|---|---|---|\n"
+        f"| gridswarm DiLoCo {codec_name}, 4 nodes | {a['tokens']:,} | "
+        f"{a['final_eval_loss']:.4f} | {a['bytes_communicated']:,} | {a['wall_s']} |\n"
+        f"| sync data parallel, 4 × DDP gloo | {b['tokens']:,} | {b['final_eval_loss']:.4f} | "
+        f"{b['bytes_communicated']:,} | {b['wall_s']} |\n\n"
+        f"**bytes_ratio** (b/a, up+down) = {result['bytes_ratio']:.0f}× "
+        f"(upload only: {result['bytes_ratio_upload_only']:.0f}×); "
+        f"**loss_gap** (a−b)/b = {result['loss_gap']:+.4f}. "
+        f"Targets: {target['bytes_ratio']} and {target['loss_gap']}.\n\n"
+        f"![loss curves]({path.with_suffix('.png').name})\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, few rounds (~4 min)")
@@ -553,31 +633,7 @@ def main() -> None:
         f"bytes_ratio {result['bytes_ratio']:.0f}× (upload only "
         f"{result['bytes_ratio_upload_only']:.0f}×), loss_gap {result['loss_gap']:+.4f}"
     )
-    target = TARGETS[preset_name]
-    t = config["train"]
-    args.out.with_suffix(".md").write_text(
-        f"# Communication: gridswarm vs synchronous data parallel ({preset_name})\n\n"
-        f"Command: `{result['command']}`\n\n"
-        f"Data: {data['source']}, {data['tokenizer']}: vocabulary {data['vocab_size']:,}, "
-        f"{data['tokens_train']:,} train + {data['tokens_val']:,} held-out tokens "
-        f"(manifest `{data['manifest_sha256'][:12]}…`), read by both sides through "
-        f"`Workload.batches`. Model: GPT {json.dumps(config['model'])}, "
-        f"{result['parameters']:,} parameters. gridswarm: H = {t['inner_steps']}, "
-        f"inner AdamW lr {t['inner_lr']:g} (warm-up {t['inner_warmup_steps']} steps), outer "
-        f"Nesterov lr {t['outer_lr']:g} momentum {t['outer_momentum']:g}, {codec_name} up, "
-        f"{config['comm']['codec_down']} down. DDP: AdamW lr {preset['ddp_lr']:g} (its best in "
-        f"the sweep), warm-up {preset['ddp_warmup_steps']} steps.\n\n"
-        "| side | tokens | final eval loss | bytes communicated | wall s |\n|---|---|---|---|---|\n"
-        f"| gridswarm DiLoCo {codec_name}, 4 nodes | {a['tokens']:,} | "
-        f"{a['final_eval_loss']:.4f} | {a['bytes_communicated']:,} | {a['wall_s']} |\n"
-        f"| sync data parallel, 4 × DDP gloo | {b['tokens']:,} | {b['final_eval_loss']:.4f} | "
-        f"{b['bytes_communicated']:,} | {b['wall_s']} |\n\n"
-        f"**bytes_ratio** (b/a, up+down) = {result['bytes_ratio']:.0f}× "
-        f"(upload only: {result['bytes_ratio_upload_only']:.0f}×); "
-        f"**loss_gap** (a−b)/b = {result['loss_gap']:+.4f}. "
-        f"Targets: {target['bytes_ratio']} and {target['loss_gap']}.\n\n"
-        f"![loss curves]({args.out.with_suffix('.png').name})\n"
-    )
+    write_markdown(result, args.out.with_suffix(".md"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Streaming DiLoCo (comm.fragments, comm.overlap): the fragment split, the outer step on a slice,
-config refusals, an in-process run on the real hub service with nodes keeping local state, and a
-live swarm of real node processes training ahead while they upload."""
+"""Streaming DiLoCo (comm.fragments, comm.overlap) and a kept inner optimizer
+(train.keep_inner_optimizer, the same node path with one fragment): the fragment split, the outer
+step on a slice, config refusals, an in-process run on the real hub service with nodes keeping
+local state, and live swarms of real node processes (training ahead while they upload; keeping
+their AdamW across rounds)."""
 
 from __future__ import annotations
 
@@ -123,6 +125,16 @@ def test_streaming_refuses_what_it_cannot_honour(extra, words):
         cfg["comm"] = {**cfg.get("comm", {}), **comm}
         with pytest.raises(ConfigError, match=words):
             parse_run_config(cfg)
+
+
+def test_kept_inner_optimizer_keeps_node_state_and_is_refused_like_streaming():
+    cfg = parse_run_config(tiny_run(train__keep_inner_optimizer=True))
+    assert cfg.keeps_node_state and not cfg.comm.streaming and not RunConfig().keeps_node_state
+    assert "kept inner optimizer" in (audit_skip_reason(cfg) or "")
+    with pytest.raises(ConfigError, match=r"error_feedback cannot run with train\.keep"):
+        parse_run_config(tiny_run(train__keep_inner_optimizer=True, comm__error_feedback=True))
+    with pytest.raises(ConfigError, match="keep_inner_optimizer"):
+        parse_run_config(tiny_run(train__keep_inner_optimizer="sometimes"))
 
 
 def test_streaming_settings_are_bounded():
@@ -354,3 +366,29 @@ def start_again(swarm, config: dict):
     """A second run on the swarm's running hub."""
     sponsor = HubClient(swarm.url, Identity.generate(), retry_for_s=30)
     return sponsor, sponsor.create_run(config).run_id
+
+
+@pytest.mark.slow
+def test_live_kept_inner_optimizer_runs_the_kept_state_round_unaudited(make_swarm):
+    swarm = make_swarm()
+    config = tiny_run(
+        train={
+            "seq_len": 32,
+            "batch_size": 8,
+            "inner_steps": 8,
+            "min_inner_steps": 2,
+            "keep_inner_optimizer": True,
+        },
+        round={"deadline_s": 60, "quorum": 2, "min_nodes": 2},
+    )
+    sponsor, run_id = start(swarm, config)
+    for name in ("k0", "k1"):
+        swarm.start_node(name, run_id)
+    status = wait_for(lambda: finished(sponsor, run_id), 180, "the kept-optimizer run to finish")
+    assert status["version"] == 3
+    assert status["val_loss"][-1] < status["val_loss"][0] - 0.3
+    assert "kept inner optimizer" in status["trust"]["audits"]
+    logs = [(swarm.workdir / f"{name}.log").read_text() for name in ("k0", "k1")]
+    # the kept-state round (whole vector), not the classic one; no node restarted its state
+    assert all(log.count("fragment=all") == 3 for log in logs), logs
+    assert not any("starting fresh" in log for log in logs), logs

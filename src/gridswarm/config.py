@@ -115,6 +115,12 @@ class TrainConfig(_Strict):
     # float rounding, and the node reports what it used so a replay uses the same
     micro_batch_size: Annotated[int, Field(gt=0, le=1 << 20)] | None = None
     activation_checkpointing: bool = False  # recompute activations in backward: less memory
+    # keep each node's inner AdamW (moments and step count, so the warm-up runs once) across
+    # rounds instead of building a fresh one every round; the weights still restart from the
+    # published version. Rounds then continue one optimizer instead of restarting it every H
+    # steps (bench/results/communication_sweep_quick.md). Nodes hold state between rounds as
+    # in Streaming DiLoCo (the same node path), so contributions are not replay-audited
+    keep_inner_optimizer: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -241,11 +247,15 @@ class PrivacyConfig(_Strict):
 
 
 def check_streaming(cfg: RunConfig) -> None:
-    """Refuse combinations Streaming DiLoCo (comm.fragments > 1 or comm.overlap) cannot honour:
-    the field that conflicts comes first in the message."""
-    if not cfg.comm.streaming:
+    """Refuse combinations that nodes keeping state across rounds (Streaming DiLoCo:
+    comm.fragments > 1 or comm.overlap; or train.keep_inner_optimizer) cannot honour: the field
+    that conflicts comes first in the message."""
+    if not cfg.keeps_node_state:
         return
-    what = f"comm.fragments = {cfg.comm.fragments}" if cfg.comm.fragments > 1 else "comm.overlap"
+    if cfg.comm.fragments > 1:
+        what = f"comm.fragments = {cfg.comm.fragments}"
+    else:
+        what = "comm.overlap" if cfg.comm.overlap else "train.keep_inner_optimizer"
     if cfg.privacy.secagg or cfg.privacy.dp:
         raise ValueError(
             f"privacy.secagg / privacy.dp cannot run with {what}: their sums, clipping and "
@@ -254,10 +264,12 @@ def check_streaming(cfg: RunConfig) -> None:
     if cfg.data.data == "local":
         raise ValueError(f"data.data = 'local' (federated) is not supported with {what}")
     if cfg.comm.error_feedback:
-        raise ValueError(
-            f"comm.error_feedback cannot run with {what}: its residual is per whole-model "
-            f"upload, fragment uploads would mix fragments"
+        why = (
+            "its residual is per whole-model upload, fragment uploads would mix fragments"
+            if cfg.comm.fragments > 1
+            else "the node's kept-state round (node/streaming_round.py) does not apply it"
         )
+        raise ValueError(f"comm.error_feedback cannot run with {what}: {why}")
 
 
 def check_privacy(cfg: RunConfig) -> None:
@@ -380,6 +392,12 @@ class RunConfig(_Strict):
     @property
     def tokens_per_step(self) -> int:
         return self.train.seq_len * self.train.batch_size
+
+    @property
+    def keeps_node_state(self) -> bool:
+        """True when nodes keep state across rounds (`train/streaming.LocalState`): Streaming
+        DiLoCo (`comm.streaming`) or a kept inner optimizer (`train.keep_inner_optimizer`)."""
+        return self.comm.streaming or self.train.keep_inner_optimizer
 
 
 def parse_run_config(data: dict[str, Any]) -> RunConfig:

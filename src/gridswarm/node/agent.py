@@ -459,7 +459,7 @@ class NodeAgent(StreamingRounds):
     def work(self, a: Assignment) -> None:
         workload = self.workload(a.run_id, a.config)
         cfg = workload.cfg
-        if cfg.comm.streaming:
+        if cfg.keeps_node_state:  # Streaming DiLoCo, or a kept inner optimizer
             self._work_streaming(a, workload)
             return
         theta = self.fetch_version(a, workload.numel)

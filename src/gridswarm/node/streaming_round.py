@@ -1,5 +1,6 @@
 """Streaming DiLoCo on the node: one round of it, with or without overlap (`comm.fragments`,
-`comm.overlap`).
+`comm.overlap`); also the round of a run with `train.keep_inner_optimizer` (one fragment: the
+node takes the whole published version each round and keeps only its inner AdamW).
 
 The node keeps its own weights and inner AdamW across rounds (`train/streaming.LocalState`),
 merges the fragment each new version synced, trains the rest of H and uploads

@@ -66,6 +66,8 @@ def audit_skip_reason(cfg: RunConfig) -> str | None:
     comm = getattr(cfg, "comm", None)
     if getattr(comm, "fragments", 1) > 1 or getattr(comm, "overlap", False):
         return "streaming: a node's local state persists across rounds"
+    if getattr(getattr(cfg, "train", None), "keep_inner_optimizer", False):
+        return "kept inner optimizer: a node's AdamW state persists across rounds"
     if cfg.trust.audit_max_rate == 0:
         return "audits turned off (trust.audit_max_rate = 0)"
     return None
