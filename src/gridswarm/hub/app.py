@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, TypeVar
+from typing import Annotated, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -38,7 +38,7 @@ from gridswarm.hub.openapi import (
     openapi_body,
 )
 from gridswarm.hub.privacy import add_privacy_routes
-from gridswarm.hub.service import AskAnswer, BlobRedirect, HubService
+from gridswarm.hub.service import BlobRedirect, HubService, Upload
 from gridswarm.hub.trust import add_trust_routes
 from gridswarm.identity import HEADER_SIGNATURE, VerifiedRequest
 from gridswarm.protocol import (
@@ -64,9 +64,12 @@ from gridswarm.protocol import (
 OCTET_STREAM = "application/octet-stream"
 TICK_S = 0.25
 LOCKED_THREADS = 4  # threads for requests that take the service's lock (work, uploads, leave)
-MAX_ASK_BATCH = 128  # asks for work decided in one transaction (`AskBatcher`)
+MAX_ASK_BATCH = 128  # asks for work decided in one transaction (`RunBatcher`)
+MAX_UPLOAD_BATCH = 32  # checked uploads stored in one transaction (`RunBatcher`)
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
+Item = TypeVar("Item")  # what a batched request carries (`RunBatcher`)
+R = TypeVar("R")  # its answer
 log = logging.getLogger("gridswarm.hub")
 
 
@@ -112,25 +115,31 @@ class RoundSignals:
             self.loop.call_soon_threadsafe(self._wake, run_id)
 
 
-class AskBatcher:
-    """Gathers the asks for work of each run that arrive while one batch of them is decided,
-    and has the service decide them together (`HubService.assignments_or_wait`).
+class RunBatcher(Generic[Item, R]):
+    """Gathers the requests of each run that arrive while one batch of them is decided, and has
+    the service decide them together: asks for work (`HubService.assignments_or_wait`) and
+    checked uploads (`HubService.store_uploads`).
 
-    The first ask of a quiet run is decided at once, alone: no ask waits for company. Under
-    load, each decision takes every ask that queued during the previous one (at most
-    MAX_ASK_BATCH), so what a decision costs once (the lock, the run's row lock, the round's
-    counts, the commit and its fsync) is paid per batch instead of per node: 5,000 nodes asking
-    as a round opens are a few dozen decisions, not 5,000 one after the other."""
+    The first request of a quiet run is decided at once, alone: none waits for company. Under
+    load, each decision takes every request that queued during the previous one (at most
+    `max_batch`), so what a decision costs once (the lock, the run's row lock, the round's
+    counts, the commit and its fsync) is paid per batch instead of per request: 5,000 nodes
+    asking as a round opens are a few dozen decisions, not 5,000 one after the other."""
 
-    def __init__(self, decide: Callable[[str, list[str]], Awaitable[list[AskAnswer]]]) -> None:
+    def __init__(
+        self,
+        decide: Callable[[str, list[Item]], Awaitable[list[R | BaseException]]],
+        max_batch: int,
+    ) -> None:
         self._decide = decide
-        self._queues: dict[str, list[tuple[str, asyncio.Future]]] = {}
+        self._max_batch = max_batch
+        self._queues: dict[str, list[tuple[Item, asyncio.Future]]] = {}
         self._draining: dict[str, asyncio.Task] = {}
 
-    async def ask(self, run_id: str, node_id: str) -> tuple[AssignmentResponse, float | None]:
-        """`node_id`'s answer (raises its refusal), decided in the next batch of `run_id`."""
+    async def ask(self, run_id: str, item: Item) -> R:
+        """`item`'s answer (raises its refusal), decided in the next batch of `run_id`."""
         future = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(run_id, []).append((node_id, future))
+        self._queues.setdefault(run_id, []).append((item, future))
         if run_id not in self._draining:
             self._draining[run_id] = asyncio.create_task(self._drain(run_id))
         answer = await future
@@ -141,15 +150,15 @@ class AskBatcher:
     async def _drain(self, run_id: str) -> None:
         try:
             while queue := self._queues.pop(run_id, None):
-                if len(queue) > MAX_ASK_BATCH:  # the rest goes first in the next batch
-                    queue, rest = queue[:MAX_ASK_BATCH], queue[MAX_ASK_BATCH:]
+                if len(queue) > self._max_batch:  # the rest goes first in the next batch
+                    queue, rest = queue[: self._max_batch], queue[self._max_batch :]
                     self._queues[run_id] = rest
-                waiting = [(n, f) for n, f in queue if not f.done()]  # done: the client left
+                waiting = [(i, f) for i, f in queue if not f.done()]  # done: the client left
                 if not waiting:
                     continue
                 try:
-                    answers: list = await self._decide(run_id, [n for n, _ in waiting])
-                except Exception as exc:  # the run's refusal (404) or a failure: every ask's
+                    answers: list = await self._decide(run_id, [i for i, _ in waiting])
+                except Exception as exc:  # the run's refusal (404) or a failure: every one's
                     answers = [exc] * len(waiting)
                 for (_, future), answer in zip(waiting, answers, strict=True):
                     if not future.done():
@@ -170,8 +179,13 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
             locked_limiter.append(anyio.CapacityLimiter(LOCKED_THREADS))
         return await anyio.to_thread.run_sync(fn, *args, limiter=locked_limiter[0])
 
-    asks = AskBatcher(
-        lambda run_id, node_ids: under_lock(service.assignments_or_wait, run_id, node_ids)
+    asks: RunBatcher[str, tuple[AssignmentResponse, float | None]] = RunBatcher(
+        lambda run_id, node_ids: under_lock(service.assignments_or_wait, run_id, node_ids),
+        MAX_ASK_BATCH,
+    )
+    uploads: RunBatcher[Upload, ContributionAck] = RunBatcher(
+        lambda run_id, checked: under_lock(service.store_uploads, run_id, checked),
+        MAX_UPLOAD_BATCH,
     )
 
     def ticker() -> None:
@@ -360,9 +374,10 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     async def contribute(run_id: RunIdParam, request: Request) -> ContributionAck:
         """Body: one safetensors blob, the encoded update plus `ContributionMeta` as metadata."""
         verified, body = await signed(request, max_upload_bytes)
-        return await under_lock(
-            service.submit, run_id, verified.node_id, body, verified.body_sha256
+        checked = await under_lock(
+            service.check_upload, run_id, verified.node_id, body, verified.body_sha256
         )
+        return await uploads.ask(run_id, checked)
 
     add_privacy_routes(app, service, signed, max_upload_bytes)  # /v1/runs/{id}/secagg/...
     add_trust_routes(app, service, signed)  # /v1/ledger, /v1/runs/{id}/fund, balances

@@ -15,13 +15,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
 from sqlalchemy import Engine, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, ResourceClosedError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gridswarm.blobs import (
@@ -302,6 +303,26 @@ class Seats:
         self.active += 1
         self.seated.add(node_id)
         self._taken_in_batch += 1
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An upload checked before the lock (`HubService.check_upload`), its blob written: what
+    `store_uploads` decides on. `unchecked`: the update's tensors when the checks before the
+    lock could not decode it (its assignment was not found there), else None."""
+
+    node_id: str
+    meta: ContributionMeta
+    unchecked: dict[str, torch.Tensor] | None
+    body: bytes
+    digest: str
+    update: tuple[str, bool]  # the update's digest, and whether it is all zeros
+    carbon: dict
+    stored_before: bool  # the blob was on disk before this upload (keep it on a refusal)
+
+
+UploadAnswer = ContributionAck | HubError
+"""One upload decided: its acknowledgement, or its refusal."""
 
 
 class NonceBook:
@@ -1085,7 +1106,7 @@ class HubService:
 
         The asks are decided together, one after the other as if they came in this order, in
         one transaction: one lock, one read of the round's counts, one commit for all (the HTTP
-        layer gathers the asks that arrive while a decision runs, `AskBatcher`). A round's
+        layer gathers the asks that arrive while a decision runs, `RunBatcher`). A round's
         thousands of asks then cost a few commits, not one each. Reads counts and the asking
         nodes' own rows, never all the round's rows or all the live nodes, so the cost per ask
         does not grow with the swarm (agnostic runs). Should deciding fail for a reason that is
@@ -1368,15 +1389,23 @@ class HubService:
     def submit(
         self, run_id: str, node_id: str, body: bytes, body_sha256: str | None = None
     ) -> ContributionAck:
-        """Validate and durably store a contribution; acknowledged only once committed.
+        """Validate and durably store a contribution; acknowledged only once committed
+        (`check_upload`, then `store_uploads` with this one upload); raises its refusal."""
+        checked = self.check_upload(run_id, node_id, body, body_sha256)
+        answer = self.store_uploads(run_id, [checked])[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
-        The costly part runs before the lock, so uploads are checked side by side: the size and
-        finite checks (on the int8 scales, without decoding), the update's digest, and the
-        fsynced blob write. Under the lock only the decisions and the rows remain. A refused or
-        failed upload removes its blob again, unless a contribution row names it (an identical
-        retry that was stored). `body_sha256`: the body's sha256 as the hub computed it to
-        verify the request's signature (`VerifiedRequest.body_sha256`), so the blob's name
-        costs no second pass over the bytes; None: hashed here."""
+    def check_upload(
+        self, run_id: str, node_id: str, body: bytes, body_sha256: str | None = None
+    ) -> Upload:
+        """The costly part of an upload, before the lock, so uploads are checked side by side:
+        the size and finite checks (on the int8 scales, without decoding), the update's
+        digest, and the fsynced blob write. A malformed upload is refused here (its blob not
+        yet written). `body_sha256`: the body's sha256 as the hub computed it to verify the
+        request's signature (`VerifiedRequest.body_sha256`), so the blob's name costs no
+        second pass over the bytes; None: hashed here."""
         try:
             tensors, raw_meta = unpack(body)
             meta = ContributionMeta.model_validate(raw_meta)
@@ -1401,64 +1430,125 @@ class HubService:
         # the uploads in flight (at most LOCKED_THREADS, hub/app.py) overlap
         stored_before = self.blobs.has(digest)
         self.blobs.put(body, known_sha256=digest)  # fsynced before any row names it
-        try:
-            return self._store_contribution(
-                run_id,
-                node_id,
-                meta,
-                None if checked else tensors,
-                body,
-                digest,
-                (update_digest, zero),
-                carbon,
-            )
-        except BaseException:
-            if not stored_before:
-                self._drop_unless_named(run_id, digest)
-            raise
+        return Upload(
+            node_id,
+            meta,
+            None if checked else tensors,
+            body,
+            digest,
+            (update_digest, zero),
+            carbon,
+            stored_before,
+        )
 
-    def _store_contribution(
-        self,
-        run_id: str,
-        node_id: str,
-        meta: ContributionMeta,
-        unchecked: dict[str, torch.Tensor] | None,
-        body: bytes,
-        digest: str,
-        update: tuple[str, bool],
-        carbon: dict,
-    ) -> ContributionAck:
+    def store_uploads(self, run_id: str, uploads: list[Upload]) -> list[UploadAnswer]:
+        """Decide and store checked uploads (`check_upload`) of one run, in that order: each
+        answer an acknowledgement, or its refusal in its place. Acknowledged only once
+        committed. A refused or failed upload's blob is removed again, unless a contribution
+        row names it (an identical retry that was stored).
+
+        The uploads are decided in one transaction under one lock, each in a savepoint (a
+        refusal undoes only its own rows), with one commit for all: the HTTP layer gathers the
+        uploads of a run that arrive while a decision runs (`RunBatcher`), so a round's uploads
+        cost a few commits (fsyncs), not one each. A refusal that records a strike commits
+        what came before it with the strike (hub/trust.py); the others go on. Should storing
+        fail for a reason that is not a refusal, each upload is stored again on its own, so
+        it fails only its own."""
+        try:
+            answers = self._store_batch(run_id, uploads)
+        except HubError as refusal:  # the run's own (404): every upload's
+            answers = [refusal] * len(uploads)
+        except Exception:
+            if len(uploads) == 1:
+                self._drop_refused(run_id, uploads, [None])
+                raise
+            log.exception("run %s: %d uploads stored one by one", run_id, len(uploads))
+            answers = []
+            for upload in uploads:
+                try:
+                    answers.extend(self._store_batch(run_id, [upload]))
+                except Exception as exc:  # this upload's failure, not the others'
+                    log.exception("run %s: upload by %s failed", run_id, upload.node_id)
+                    answers.append(
+                        exc if isinstance(exc, HubError) else HubError(500, "internal error")
+                    )
+        self._drop_refused(run_id, uploads, answers)
+        return answers
+
+    def _drop_refused(
+        self, run_id: str, uploads: list[Upload], answers: list[UploadAnswer | None]
+    ) -> None:
+        for upload, answer in zip(uploads, answers, strict=True):
+            if not isinstance(answer, ContributionAck) and not upload.stored_before:
+                self._drop_unless_named(run_id, upload.digest)
+
+    def _store_batch(self, run_id: str, uploads: list[Upload]) -> list[UploadAnswer]:
+        with self.lock, self.sessions() as s:
+            self._run(s, run_id, lock=True)  # 404 for every upload; replicas: one batch a time
+            # the uploading nodes are alive: written first, so that on SQLite the transaction
+            # (and the database's write lock) begins here and the savepoints below nest in it
+            # (a SAVEPOINT that begins a pysqlite transaction commits on its release)
+            s.execute(
+                update(m.Node)
+                .where(m.Node.id.in_(sorted({u.node_id for u in uploads})))
+                .values(last_seen_at=self.clock())
+            )
+            answers = [self._store_in_savepoint(s, run_id, upload) for upload in uploads]
+            s.commit()
+            for upload, answer in zip(uploads, answers, strict=True):
+                if isinstance(answer, ContributionAck):
+                    self._achieved.pop((run_id, upload.node_id), None)
+                    speed = self._achieved_speed(s, run_id, upload.node_id)
+                    self._raise_fastest(run_id, speed, 0.0)
+        return answers
+
+    def _store_in_savepoint(self, s: Session, run_id: str, upload: Upload) -> UploadAnswer:
+        """One upload's decision and rows in a savepoint of the batch's transaction `s`."""
+        savepoint = s.begin_nested()
+        try:
+            ack = self._store_contribution(s, run_id, upload)
+            savepoint.commit()  # flushes: a second identical contribution fails here
+            return ack
+        except (HubError, IntegrityError) as exc:
+            # undone, unless the refusal committed its strike (then nothing is left to undo)
+            with suppress(ResourceClosedError):
+                savepoint.rollback()
+            if isinstance(exc, IntegrityError):
+                return HubError(409, "duplicate contribution", Refusal.DUPLICATE)
+            return exc
+
+    def _store_contribution(self, s: Session, run_id: str, upload: Upload) -> ContributionAck:
         """Under the lock: the acceptance decisions, then the contribution's rows. `unchecked`:
         the update's tensors when the checks before the lock could not decode it (its
         assignment was not found there); otherwise None, and nothing is decoded again here."""
-        with self.lock, self.sessions() as s:
-            run, assignment = self._own_assignment(s, run_id, node_id, meta.assignment_id)
-            # the checks every upload passes, SecAgg ones too (hub/acceptance.py, on the ledger)
-            node = s.get(m.Node, node_id)
-            cfg = self.trust.accept_upload(s, run, node, assignment, meta)
-            if unchecked is not None:  # past acceptance: its codec is the run's
-                self._check_payload(cfg, unchecked, self._update_numel(run, assignment.round))
-            # the node's signed claim over the update, no replayed update (hub/trust.py)
-            screened = self.trust.screen_submission(
-                s, run, cfg, node, assignment, meta.model_dump(), *update
+        node_id, meta = upload.node_id, upload.meta
+        run, assignment = self._own_assignment(s, run_id, node_id, meta.assignment_id)
+        # the checks every upload passes, SecAgg ones too (hub/acceptance.py, on the ledger)
+        node = s.get(m.Node, node_id)
+        cfg = self.trust.accept_upload(s, run, node, assignment, meta)
+        if upload.unchecked is not None:  # past acceptance: its codec is the run's
+            self._check_payload(cfg, upload.unchecked, self._update_numel(run, assignment.round))
+        # the node's signed claim over the update, no replayed update (hub/trust.py)
+        screened = self.trust.screen_submission(
+            s, run, cfg, node, assignment, meta.model_dump(), *upload.update
+        )
+        if not self.blobs.has(upload.digest):  # a failed identical upload removed it meanwhile
+            self.blobs.put(upload.body, known_sha256=upload.digest)
+        s.add(
+            m.Contribution.accepted(
+                upload.digest,
+                assignment,
+                meta.model_dump(),
+                len(upload.body),
+                self.clock(),
+                **upload.carbon,
             )
-            if not self.blobs.has(digest):  # a failed identical upload removed it meanwhile
-                self.blobs.put(body, known_sha256=digest)
-            s.add(
-                m.Contribution.accepted(
-                    digest, assignment, meta.model_dump(), len(body), self.clock(), **carbon
-                )
-            )
-            assignment.status = AssignmentStatus.SUBMITTED
-            try:
-                self.trust.record_submission(s, digest, screened)  # the claim, on the ledger
-                s.commit()
-            except IntegrityError as exc:
-                s.rollback()
-                raise HubError(409, "duplicate contribution", Refusal.DUPLICATE) from exc
-            self._achieved.pop((run_id, node_id), None)
-            self._raise_fastest(run_id, self._achieved_speed(s, run_id, node_id), 0.0)
-        return ContributionAck(contribution_id=digest, accepted=True, bytes_up=len(body))
+        )
+        assignment.status = AssignmentStatus.SUBMITTED
+        self.trust.record_submission(s, upload.digest, screened)  # the claim, on the ledger
+        return ContributionAck(
+            contribution_id=upload.digest, accepted=True, bytes_up=len(upload.body)
+        )
 
     def _drop_unless_named(self, run_id: str, digest: str) -> None:
         """Remove the blob of a refused or failed upload unless a contribution row names it;

@@ -1,6 +1,7 @@
-"""Asks for work decided in batches (`HubService.assignments_or_wait`, `AskBatcher`): a batch
-answers exactly as the same asks one by one would, a refusal or a failure stays with its ask,
-and the HTTP layer gathers the asks that arrive while a decision runs."""
+"""Requests decided in batches (`RunBatcher`): asks for work (`HubService.assignments_or_wait`)
+answer exactly as the same asks one by one would; uploads (`HubService.store_uploads`) are
+stored or refused each as alone, a refusal (even one that commits a strike) or a failure stays
+with its request; the HTTP layer gathers the requests that arrive while a decision runs."""
 
 from __future__ import annotations
 
@@ -9,16 +10,21 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
 
 from gridswarm.hub import models as m
-from gridswarm.hub.app import MAX_ASK_BATCH, AskBatcher
+from gridswarm.hub.app import MAX_ASK_BATCH, RunBatcher
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.server import build_service
 from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.identity import Identity
-from gridswarm.protocol import AssignmentResponse, RegisterRequest
+from gridswarm.protocol import Assignment, AssignmentResponse, ContributionMeta, RegisterRequest
+from gridswarm.train.codecs import make_codec
+from gridswarm.train.params import pack, unpack_vector
+from gridswarm.trust.claims import sign_contribution
 from tests.conftest import tiny_run
 from tests.examples import examples
 
@@ -133,7 +139,7 @@ def test_the_batcher_decides_a_quiet_ask_at_once_and_gathers_the_asks_of_a_busy_
             await asyncio.sleep(0)
 
     async def scenario() -> None:
-        batcher = AskBatcher(decide)
+        batcher = RunBatcher(decide, MAX_ASK_BATCH)
         first = asyncio.create_task(batcher.ask("r", "n0"))
         await settle()
         assert calls == [["n0"]]  # alone and at once: no ask waits for company
@@ -155,3 +161,63 @@ def test_the_batcher_decides_a_quiet_ask_at_once_and_gathers_the_asks_of_a_busy_
         assert refused.value.status == 404
 
     asyncio.run(scenario())
+
+
+def upload_body(
+    service: HubService, run_id: str, seed: str, a: Assignment, extra_tokens: int = 0
+) -> bytes:
+    """What node `seed` uploads for `a`: a small random update through the run's codec, its
+    claim signed; `extra_tokens` makes the work claim false."""
+    numel = unpack_vector(service.blobs.get(a.weights_blob)).numel()
+    codec = make_codec(a.config["comm"]["codec"])
+    update = torch.randn(numel, generator=torch.Generator().manual_seed(len(seed))) * 1e-3
+    tensors = codec.encode(update)
+    tokens_per_step = a.config["train"]["seq_len"] * a.config["train"]["batch_size"]
+    meta = ContributionMeta(
+        assignment_id=a.id,
+        codec=codec.name,
+        steps=a.inner_steps,
+        tokens=a.inner_steps * tokens_per_step + extra_tokens,
+        loss_first=5.0,
+        loss_last=4.0,
+        loss_mean=4.5,
+        train_time_s=1.0,
+        threads=1,
+    )
+    claim = sign_contribution(
+        Identity.from_seed(seed.encode()), run_id, a.round, tensors, meta.model_dump()
+    )
+    return pack(tensors, meta.model_copy(update={"claim": claim}).model_dump())
+
+
+def test_a_batch_of_uploads_stores_each_as_alone_and_refuses_in_place(tmp_path: Path) -> None:
+    service, run_id, nodes = hub(tmp_path, [5_000.0] * 4, {"min_nodes": 1, "max_nodes": 4})
+    work = [a[0].assignment for a in service.assignments_or_wait(run_id, nodes)]
+    bodies = [
+        upload_body(service, run_id, "n0", work[0]),
+        upload_body(service, run_id, "n1", work[1], extra_tokens=1),  # false claim: a strike
+        upload_body(service, run_id, "n2", work[2]),
+        upload_body(service, run_id, "n3", work[2]),  # another node's assignment
+    ]
+    senders = [nodes[0], nodes[1], nodes[2], nodes[3], nodes[0]]
+    checked = [
+        service.check_upload(run_id, sender, body)
+        for sender, body in zip(senders, [*bodies, bodies[0]], strict=True)  # n0's twice
+    ]
+    answers = service.store_uploads(run_id, checked)
+    assert [a.status if isinstance(a, HubError) else "ack" for a in answers] == [
+        "ack",
+        400,
+        "ack",
+        403,
+        409,
+    ]
+    assert answers[1].reason == "false_claim" and answers[4].reason == "duplicate"
+    with service.sessions() as s:
+        stored = set(s.scalars(select(m.Contribution.id).where(m.Contribution.run_id == run_id)))
+    assert stored == {checked[0].digest, checked[2].digest}
+    assert service.blobs.has(checked[0].digest) and service.blobs.has(checked[2].digest)
+    assert not service.blobs.has(checked[1].digest) and not service.blobs.has(checked[3].digest)
+    verdicts = [e.payload for e in service.trust.ledger.entries() if e.kind == "verdict"]
+    assert [(v["node"], v["accepted"]) for v in verdicts] == [(nodes[1], False)]  # committed
+    assert service.trust.verify()["ok"]
