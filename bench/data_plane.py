@@ -61,7 +61,7 @@ from gridswarm.train.params import pack
 from gridswarm.trust.claims import sign_contribution
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from star_floor import star_side
+from star_floor import phases, star_side
 
 NODES = 8
 PRESETS = {  # built-in GPT shapes: full = 10.7 M parameters, quick = 0.83 M
@@ -150,23 +150,6 @@ def collect(results, procs: list, count: int) -> list[tuple]:
                     f"{len(records)} of {count} records after {TIMEOUT_S} s"
                 ) from None
     return records
-
-
-def phases(records: list[tuple]) -> dict:
-    """Per phase and round: wall seconds (last end - first start) and bytes moved."""
-    out: dict = {"up": [], "down": []}
-    for phase in out:
-        for r in sorted({rec[1] for rec in records if rec[0] == phase}):
-            recs = [rec for rec in records if rec[0] == phase and rec[1] == r]
-            out[phase].append(
-                {
-                    "round": r,
-                    "wall_s": max(x[4] for x in recs) - min(x[3] for x in recs),
-                    "bytes": sum(x[5] for x in recs),
-                    "nodes": len(recs),
-                }
-            )
-    return out
 
 
 def plain_http_env() -> dict:

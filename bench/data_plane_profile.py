@@ -28,13 +28,14 @@ import torch.multiprocessing as mp
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_plane import PRESETS, collect, node_worker, phases, run_config
+from data_plane import PRESETS, collect, node_worker, run_config
 from gridswarm.hub.app import create_app
 from gridswarm.hub.server import build_service
 from gridswarm.hub.service import HubSettings
 from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient
 from gridswarm.swarm import free_port
+from star_floor import phases
 
 PROFILES: list[cProfile.Profile] = []
 CPU_CLOCK = True  # each thread's CPU seconds (time.thread_time), not wall time: see --wall

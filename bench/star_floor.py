@@ -227,7 +227,7 @@ def client_main(
 
 def star_side(nodes: int, upload_bytes: int, download_bytes: int, rounds: int, level: str) -> dict:
     """`rounds` rounds of the star at `level` with `nodes` clients: per phase and round, wall
-    seconds (last end - first start) and bytes, in bench/data_plane.py's `phases` shape, and
+    seconds (last end - first start) and bytes, in the `phases` shape, and
     the server's step costs (`server_costs`, summed over all uploads)."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
@@ -263,10 +263,16 @@ def star_side(nodes: int, upload_bytes: int, download_bytes: int, rounds: int, l
         for p in [*procs, server]:
             if p.is_alive():
                 p.kill()
-    out: dict = {"level": level, "up": [], "down": [], "server_costs": costs}
-    for phase in ("up", "down"):
-        for r in range(rounds):
-            recs = [x for x in records if x[0] == phase and x[1] == r]
+    return {"level": level, **phases(records), "server_costs": costs}
+
+
+def phases(records: list[tuple]) -> dict:
+    """Per phase and round of (phase, round, node, start, end, bytes) records, the shape
+    bench/data_plane.py's sides report too: wall seconds (last end - first start) and bytes."""
+    out: dict = {"up": [], "down": []}
+    for phase in out:
+        for r in sorted({rec[1] for rec in records if rec[0] == phase}):
+            recs = [rec for rec in records if rec[0] == phase and rec[1] == r]
             out[phase].append(
                 {
                     "round": r,

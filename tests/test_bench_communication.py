@@ -53,15 +53,20 @@ def test_ddp_rank_reads_the_prepared_bpe_tokens(bench, corpus) -> None:
     assert int(inputs.max()) >= 256  # merged BPE tokens, not bytes
 
 
-def test_simulated_round_counts_bytes_and_learns(bench, corpus) -> None:
-    torch.set_num_threads(1)
-    preset = {
+def tiny_preset(bench, **overrides: object) -> dict:
+    """The quick preset on a 1-layer model for 2 rounds of 3 inner steps (seconds, not minutes)."""
+    return {
         **bench.PRESETS["quick"],
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32},
         "rounds": 2,
         "inner_steps": 3,
+        **overrides,
     }
-    config = bench.run_config(preset, corpus["dataset"])
+
+
+def test_simulated_round_counts_bytes_and_learns(bench, corpus) -> None:
+    torch.set_num_threads(1)
+    config = bench.run_config(tiny_preset(bench), corpus["dataset"])
     a = bench.simulate_diloco(config)
     b = bench.simulate_ddp(bench.ddp_config(config, 2e-3, 1), a["tokens"], 3)
     assert a["tokens"] == b["tokens"] == config["budget"]["tokens"]
@@ -74,13 +79,7 @@ def test_simulated_round_counts_bytes_and_learns(bench, corpus) -> None:
 
 def test_simulated_kept_inner_optimizer_carries_adam_state_across_rounds(bench, corpus) -> None:
     torch.set_num_threads(1)
-    preset = {
-        **bench.PRESETS["quick"],
-        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32},
-        "rounds": 2,
-        "inner_steps": 3,
-        "error_feedback": False,
-    }
+    preset = tiny_preset(bench, error_feedback=False)
     fresh = bench.simulate_diloco(
         bench.run_config({**preset, "keep_inner_optimizer": False}, corpus["dataset"])
     )
