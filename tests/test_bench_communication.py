@@ -3,27 +3,18 @@ tuner runs the real round (train, codec, aggregator, outer update) and counts by
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from gridswarm.config import parse_run_config
 from gridswarm.train.data import slice_seed
 from gridswarm.train.workload import Workload
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "communication.py"
+from tests.benches import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_communication", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("communication")
 
 
 @pytest.fixture(scope="module")

@@ -4,28 +4,21 @@ round goes through the hub's close path with the crafted rows uploaded."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from gridswarm.train.aggregate import make_aggregator
+from tests.benches import load_bench
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "robustness.py"
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_robustness", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("robustness")
 
 
 def test_variants_are_valid_and_defined_as_in_the_papers(bench) -> None:
