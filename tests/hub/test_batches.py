@@ -170,7 +170,12 @@ def upload_body(
     claim signed; `extra_tokens` makes the work claim false."""
     numel = unpack_vector(service.blobs.get(a.weights_blob)).numel()
     codec = make_codec(a.config["comm"]["codec"])
-    update = torch.randn(numel, generator=torch.Generator().manual_seed(len(seed))) * 1e-3
+    update = (
+        torch.randn(
+            numel, generator=torch.Generator().manual_seed(int.from_bytes(seed.encode(), "big"))
+        )
+        * 1e-3
+    )
     tensors = codec.encode(update)
     tokens_per_step = a.config["train"]["seq_len"] * a.config["train"]["batch_size"]
     meta = ContributionMeta(
@@ -221,3 +226,29 @@ def test_a_batch_of_uploads_stores_each_as_alone_and_refuses_in_place(tmp_path: 
     verdicts = [e.payload for e in service.trust.ledger.entries() if e.kind == "verdict"]
     assert [(v["node"], v["accepted"]) for v in verdicts] == [(nodes[1], False)]  # committed
     assert service.trust.verify()["ok"]
+
+
+def test_an_upload_that_fails_fails_alone_and_the_others_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, run_id, nodes = hub(tmp_path, [5_000.0] * 3, {"min_nodes": 1, "max_nodes": 3})
+    work = [a[0].assignment for a in service.assignments_or_wait(run_id, nodes)]
+    checked = [
+        service.check_upload(run_id, node, upload_body(service, run_id, f"n{i}", a))
+        for i, (node, a) in enumerate(zip(nodes, work, strict=True))
+    ]
+    store = service._store_contribution
+
+    def broken_for_n1(s, run_id, upload):
+        if upload.node_id == nodes[1]:
+            raise RuntimeError("a bug in one upload's decision")
+        return store(s, run_id, upload)
+
+    monkeypatch.setattr(service, "_store_contribution", broken_for_n1)
+    first, failed, third = service.store_uploads(run_id, checked)
+    assert isinstance(failed, HubError) and failed.status == 500
+    assert first.accepted and third.accepted
+    with service.sessions() as s:
+        stored = set(s.scalars(select(m.Contribution.id).where(m.Contribution.run_id == run_id)))
+    assert stored == {checked[0].digest, checked[2].digest}
+    assert not service.blobs.has(checked[1].digest)  # the failed upload's blob is gone

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from pydantic import ValidationError
@@ -114,6 +115,8 @@ FORECAST_TTL_S = 60.0  # the hub's own carbon forecasts are fetched again after 
 DATASET_RESCAN_S = 1.0  # an unknown digest rescans the runs' datasets at most this often
 RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
+Item = TypeVar("Item")  # what one request of a batch carries (`decided_alone`)
+Answer = TypeVar("Answer")
 DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
 
 
@@ -323,6 +326,24 @@ class Upload:
 
 UploadAnswer = ContributionAck | HubError
 """One upload decided: its acknowledgement, or its refusal."""
+
+
+def decided_alone(
+    run_id: str, what: str, items: list[Item], decide: Callable[[list[Item]], list[Answer]]
+) -> list[Answer | HubError]:
+    """A batch of `run_id` whose decision failed for a reason that is not a refusal (a bug),
+    decided again one item at a time (`decide([item])`), so that each failure stays with its
+    own item: a failing item's answer is its HubError, or a 500. Called while that failure is
+    handled (it is logged with its traceback)."""
+    log.exception("run %s: %d %s decided one by one", run_id, len(items), what)
+    answers: list[Answer | HubError] = []
+    for item in items:
+        try:
+            answers.extend(decide([item]))
+        except Exception as exc:  # this item's failure, not the others'
+            log.exception("run %s: one of the %s failed alone", run_id, what)
+            answers.append(exc if isinstance(exc, HubError) else HubError(500, "internal error"))
+    return answers
 
 
 class NonceBook:
@@ -1124,16 +1145,10 @@ class HubService:
         except Exception:
             if len(unique) == 1:
                 raise
-            log.exception("run %s: %d asks for work decided one by one", run_id, len(unique))
-            answers = {}
-            for node_id in unique:
-                try:
-                    answers[node_id] = self.assignments_or_wait(run_id, [node_id])[0]
-                except Exception as exc:  # this ask's failure, not the others'
-                    log.exception("run %s: ask for work by %s failed", run_id, node_id)
-                    answers[node_id] = (
-                        exc if isinstance(exc, HubError) else HubError(500, "internal error")
-                    )
+            alone = decided_alone(
+                run_id, "asks for work", unique, lambda one: self.assignments_or_wait(run_id, one)
+            )
+            answers = dict(zip(unique, alone, strict=True))
         return [answers[node_id] for node_id in node_ids]
 
     def _decide_asks(
@@ -1462,16 +1477,9 @@ class HubService:
             if len(uploads) == 1:
                 self._drop_refused(run_id, uploads, [None])
                 raise
-            log.exception("run %s: %d uploads stored one by one", run_id, len(uploads))
-            answers = []
-            for upload in uploads:
-                try:
-                    answers.extend(self._store_batch(run_id, [upload]))
-                except Exception as exc:  # this upload's failure, not the others'
-                    log.exception("run %s: upload by %s failed", run_id, upload.node_id)
-                    answers.append(
-                        exc if isinstance(exc, HubError) else HubError(500, "internal error")
-                    )
+            answers = decided_alone(
+                run_id, "uploads", uploads, lambda one: self._store_batch(run_id, one)
+            )
         self._drop_refused(run_id, uploads, answers)
         return answers
 
