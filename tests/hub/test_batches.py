@@ -18,10 +18,18 @@ from sqlalchemy import select
 from gridswarm.hub import models as m
 from gridswarm.hub.app import MAX_ASK_BATCH, RunBatcher
 from gridswarm.hub.errors import HubError
+from gridswarm.hub.registration import RegistrationPolicy
 from gridswarm.hub.server import build_service
-from gridswarm.hub.service import HubService, HubSettings
+from gridswarm.hub.service import HubService, HubSettings, Registration
+from gridswarm.hub.states import AssignmentStatus
 from gridswarm.identity import Identity
-from gridswarm.protocol import Assignment, AssignmentResponse, ContributionMeta, RegisterRequest
+from gridswarm.protocol import (
+    Assignment,
+    AssignmentResponse,
+    ContributionMeta,
+    Refusal,
+    RegisterRequest,
+)
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack, unpack_vector
 from gridswarm.trust.claims import sign_contribution
@@ -252,3 +260,91 @@ def test_an_upload_that_fails_fails_alone_and_the_others_are_stored(
         stored = set(s.scalars(select(m.Contribution.id).where(m.Contribution.run_id == run_id)))
     assert stored == {checked[0].digest, checked[2].digest}
     assert not service.blobs.has(checked[1].digest)  # the failed upload's blob is gone
+
+
+def registration(name: str) -> Registration:
+    req = RegisterRequest(probe_tokens_per_s=5_000.0, probe_numel=100_000, name=name)
+    return Registration(Identity.from_seed(name.encode()).public_key, req, "10.0.0.7")
+
+
+def test_a_batch_of_registrations_refuses_in_place_and_releases_work_of_nodes_back(
+    tmp_path: Path,
+) -> None:
+    """One transaction for the batch: each answer as alone. A new key over the bound on new
+    identities is refused in its place and leaves no row; a key registered again (its process
+    restarted) keeps its id and its outstanding assignment is released at once; the same key
+    twice in one batch is one node."""
+    service, run_id, nodes = hub(tmp_path, [5_000.0] * 2, {"min_nodes": 1, "max_nodes": 2})
+    service.registration.policy = RegistrationPolicy(max_new_nodes=3)  # n0, n1 never worked
+    work = service.assignments_or_wait(run_id, nodes[:1])
+    assert work[0][0].status == "assigned"
+    answers = service.register_many(
+        [registration("n0"), registration("new-a"), registration("new-a"), registration("new-b")]
+    )
+    again, new_a, new_a_twice, refused = answers
+    assert again == nodes[0] and new_a == new_a_twice
+    assert isinstance(refused, HubError) and refused.reason == Refusal.REGISTRATION_LIMITED
+    with service.sessions() as s:
+        stored = set(s.scalars(select(m.Node.id)))
+        statuses = {a.node_id: a.status for a in s.scalars(select(m.Assignment))}
+    assert stored == {*nodes, new_a}  # the refused key left nothing
+    assert statuses == {nodes[0]: AssignmentStatus.RELEASED}
+
+
+def test_a_registration_that_fails_fails_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, _, _ = hub(tmp_path, [], {"min_nodes": 1, "max_nodes": 2})
+    check = service.registration.check
+
+    def broken_for_b(s, public_key_hex, network, known, now_s):
+        if public_key_hex == Identity.from_seed(b"b").public_key.hex():
+            raise RuntimeError("a bug in one registration's decision")
+        return check(s, public_key_hex, network, known, now_s)
+
+    monkeypatch.setattr(service.registration, "check", broken_for_b)
+    a, b, c = service.register_many([registration(x) for x in "abc"])
+    assert isinstance(b, HubError) and b.status == 500
+    with service.sessions() as s:
+        assert set(s.scalars(select(m.Node.id))) == {a, c}
+
+
+def test_the_batcher_gathers_registrations_that_arrive_together(tmp_path: Path) -> None:
+    """Through the real app: 40 registrations sent at once are decided in fewer commits than
+    there are registrations, and every node gets its id."""
+    from fastapi.testclient import TestClient
+
+    from gridswarm.hub.app import create_app
+    from gridswarm.identity import sign_request
+
+    service = build_service(f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs", HubSettings())
+    batches: list[int] = []
+    register_many = service.register_many
+
+    def counted(batch):
+        batches.append(len(batch))
+        return register_many(batch)
+
+    service.register_many = counted
+    app = create_app(service)
+    ids = [Identity.from_seed(f"k{i}".encode()) for i in range(40)]
+
+    async def all_at_once() -> list:
+        import httpx
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://hub") as client:
+
+            async def one(who: Identity):
+                body = RegisterRequest(probe_tokens_per_s=1e4, probe_numel=1000).model_dump_json()
+                path = "/v1/nodes/register"
+                headers = sign_request(who, "POST", path, body.encode())
+                return await client.post(path, content=body, headers=headers)
+
+            return await asyncio.gather(*(one(who) for who in ids))
+
+    with TestClient(app):  # the app's lifespan (its thread limits)
+        responses = asyncio.run(all_at_once())
+    assert [r.status_code for r in responses] == [200] * 40
+    assert {r.json()["node_id"] for r in responses} == {who.node_id for who in ids}
+    assert sum(batches) == 40 and len(batches) < 40

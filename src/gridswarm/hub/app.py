@@ -38,7 +38,7 @@ from gridswarm.hub.openapi import (
     openapi_body,
 )
 from gridswarm.hub.privacy import add_privacy_routes
-from gridswarm.hub.service import BlobRedirect, HubService, Upload
+from gridswarm.hub.service import BlobRedirect, BlobSpan, HubService, Registration, Upload
 from gridswarm.hub.trust import add_trust_routes
 from gridswarm.identity import HEADER_SIGNATURE, VerifiedRequest
 from gridswarm.protocol import (
@@ -66,6 +66,10 @@ TICK_S = 0.25
 LOCKED_THREADS = 4  # threads for requests that take the service's lock (work, uploads, leave)
 MAX_ASK_BATCH = 128  # asks for work decided in one transaction (`RunBatcher`)
 MAX_UPLOAD_BATCH = 32  # checked uploads stored in one transaction (`RunBatcher`)
+MAX_REGISTER_BATCH = 128  # node registrations decided in one transaction (`RunBatcher`)
+REGISTRATIONS = "registrations"  # the one key registrations are gathered under
+INLINE_BLOB_BYTES = 1 << 20  # whole blobs up to this size are answered from memory, read in
+# the worker thread that checked the request, not streamed from the file in further hops
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 Item = TypeVar("Item")  # what a batched request carries (`RunBatcher`)
@@ -118,7 +122,8 @@ class RoundSignals:
 class RunBatcher(Generic[Item, R]):
     """Gathers the requests of each run that arrive while one batch of them is decided, and has
     the service decide them together: asks for work (`HubService.assignments_or_wait`) and
-    checked uploads (`HubService.store_uploads`).
+    checked uploads (`HubService.store_uploads`); and, under one key for the whole hub, node
+    registrations (`HubService.register_many`).
 
     The first request of a quiet run is decided at once, alone: none waits for company. Under
     load, each decision takes every request that queued during the previous one (at most
@@ -174,10 +179,13 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     # for it the shared pool stays free for heartbeats, nonces and reads
     locked_limiter: list[anyio.CapacityLimiter] = []
 
-    async def under_lock(fn: Callable[..., T], *args: object) -> T:
+    def locked() -> anyio.CapacityLimiter:
         if not locked_limiter:  # an app driven without its lifespan (in-process test clients)
             locked_limiter.append(anyio.CapacityLimiter(LOCKED_THREADS))
-        return await anyio.to_thread.run_sync(fn, *args, limiter=locked_limiter[0])
+        return locked_limiter[0]
+
+    async def under_lock(fn: Callable[..., T], *args: object) -> T:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=locked())
 
     asks: RunBatcher[str, tuple[AssignmentResponse, float | None]] = RunBatcher(
         lambda run_id, node_ids: under_lock(service.assignments_or_wait, run_id, node_ids),
@@ -186,6 +194,9 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     uploads: RunBatcher[Upload, ContributionAck] = RunBatcher(
         lambda run_id, checked: under_lock(service.store_uploads, run_id, checked),
         MAX_UPLOAD_BATCH,
+    )
+    registrations: RunBatcher[Registration, str] = RunBatcher(
+        lambda _, batch: under_lock(service.register_many, batch), MAX_REGISTER_BATCH
     )
 
     def ticker() -> None:
@@ -229,6 +240,7 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     async def signed(
         request: Request, limit: int, admit: Callable[[VerifiedRequest], None] | None = None
     ) -> tuple[VerifiedRequest, bytes]:
+        """The verified request and its body (at most `limit` bytes); its nonce stored."""
         body = await read_body(request, limit)
         verified = await run_in_threadpool(
             service.authenticate,
@@ -239,6 +251,23 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
             admit,
         )
         return verified, body
+
+    async def signed_then(
+        request: Request,
+        limit: int,
+        then: Callable[[VerifiedRequest, bytes], T],
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> T:
+        """`signed`, then `then(verified, body)` in the same worker thread: one thread hop per
+        request instead of two (each costs a handoff of the GIL and of the event loop)."""
+        body = await read_body(request, limit)
+        headers, method, path = dict(request.headers), request.method, request.url.path
+
+        def authenticated() -> T:
+            verified = service.authenticate(headers, method, path, body)
+            return then(verified, body)
+
+        return await anyio.to_thread.run_sync(authenticated, limiter=limiter)
 
     def peer(request: Request) -> str | None:
         """The client's address as the ASGI server gives it (behind a proxy: the proxy's,
@@ -269,7 +298,9 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
             lambda v: service.registration.precheck(v.public_key, address),
         )
         req = parse(RegisterRequest, body)
-        node_id = await run_in_threadpool(service.register, verified.public_key, req, address)
+        node_id = await registrations.ask(
+            REGISTRATIONS, Registration(verified.public_key, req, address)
+        )
         return RegisterResponse(node_id=node_id, heartbeat_s=service.heartbeat_interval_s())
 
     @app.post(f"{API}/nodes/heartbeat", openapi_extra=openapi_body(HeartbeatRequest))
@@ -373,9 +404,11 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     @app.post(f"{API}/runs/{{run_id}}/contributions", openapi_extra=openapi_body(binary=True))
     async def contribute(run_id: RunIdParam, request: Request) -> ContributionAck:
         """Body: one safetensors blob, the encoded update plus `ContributionMeta` as metadata."""
-        verified, body = await signed(request, max_upload_bytes)
-        checked = await under_lock(
-            service.check_upload, run_id, verified.node_id, body, verified.body_sha256
+        checked = await signed_then(
+            request,
+            max_upload_bytes,
+            lambda v, body: service.check_upload(run_id, v.node_id, body, v.body_sha256),
+            limiter=locked(),
         )
         return await uploads.ask(run_id, checked)
 
@@ -389,21 +422,30 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         """A published version, delta or dataset blob (whole, or one `Range`). On an S3 hub a
         `307` to a short-lived presigned object-store URL (the client sends the same Range
         there, without its signature headers, and checks the sha256 itself)."""
-        node_id = None
+        range_header = request.headers.get("range")
+
+        def download(node_id: str | None) -> tuple[BlobSpan | BlobRedirect, bytes | None]:
+            """The answer, with its bytes read here when they are a range or a small blob."""
+            answer = service.blob_download(digest, node_id, range_header)
+            inline = isinstance(answer, BlobSpan) and (
+                answer.partial or answer.size <= INLINE_BLOB_BYTES
+            )
+            data = read_span(answer.path, answer.start, answer.length) if inline else None
+            return answer, data
+
         if request.headers.get(HEADER_SIGNATURE):  # signed downloads are counted per node
-            verified, _ = await signed(request, 0)
-            node_id = verified.node_id
-        answer = await run_in_threadpool(
-            service.blob_download, digest, node_id, request.headers.get("range")
-        )
+            answer, data = await signed_then(request, 0, lambda v, _: download(v.node_id))
+        else:
+            answer, data = await run_in_threadpool(download, None)
         if isinstance(answer, BlobRedirect):
             headers = {"location": answer.url, "cache-control": "no-store"}
             return Response(status_code=307, headers=headers)
         span = answer
         headers = {"accept-ranges": "bytes"}
-        if not span.partial:
+        if data is None:  # a large whole blob: streamed from its file
             return FileResponse(span.path, media_type=OCTET_STREAM, headers=headers)
-        data = await run_in_threadpool(read_span, span.path, span.start, span.length)
+        if not span.partial:
+            return Response(content=data, media_type=OCTET_STREAM, headers=headers)
         headers["content-range"] = f"bytes {span.start}-{span.start + span.length - 1}/{span.size}"
         return Response(content=data, status_code=206, media_type=OCTET_STREAM, headers=headers)
 

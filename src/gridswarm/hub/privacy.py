@@ -585,7 +585,8 @@ class HubPrivacy:
         if any(len(k) != KEY_BYTES for k in keys) or keys[0] == keys[1]:
             raise HubError(422, "public keys must be two distinct 32-byte X25519 keys")
         svc = self.svc
-        carbon = svc._carbon(run_id, node_id, meta)  # energy accounting, as for any contribution
+        with svc.sessions() as s:  # energy accounting, as for any contribution (no lock)
+            carbon = svc._carbon(s.get(m.Run, run_id), s.get(m.Node, node_id), meta)
         with svc.lock, svc.sessions() as s:
             run = svc._run(s, run_id, lock=True)  # replicas: one decision per run at a time
             node = svc._node(s, node_id)

@@ -325,23 +325,34 @@ class Upload:
 
 
 UploadAnswer = ContributionAck | HubError
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One node's registration request, its signature verified (`HubService.register_many`)."""
+
+    public_key: bytes
+    request: RegisterRequest
+    peer: str | None  # the client's address (the bounds on new identities count by network)
+
+
 """One upload decided: its acknowledgement, or its refusal."""
 
 
 def decided_alone(
-    run_id: str, what: str, items: list[Item], decide: Callable[[list[Item]], list[Answer]]
+    scope: str, what: str, items: list[Item], decide: Callable[[list[Item]], list[Answer]]
 ) -> list[Answer | HubError]:
-    """A batch of `run_id` whose decision failed for a reason that is not a refusal (a bug),
-    decided again one item at a time (`decide([item])`), so that each failure stays with its
-    own item: a failing item's answer is its HubError, or a 500. Called while that failure is
-    handled (it is logged with its traceback)."""
-    log.exception("run %s: %d %s decided one by one", run_id, len(items), what)
+    """A batch (of `scope`: "run ID", or "hub" for registrations) whose decision failed for a
+    reason that is not a refusal (a bug), decided again one item at a time (`decide([item])`),
+    so that each failure stays with its own item: a failing item's answer is its HubError, or
+    a 500. Called while that failure is handled (it is logged with its traceback)."""
+    log.exception("%s: %d %s decided one by one", scope, len(items), what)
     answers: list[Answer | HubError] = []
     for item in items:
         try:
             answers.extend(decide([item]))
         except Exception as exc:  # this item's failure, not the others'
-            log.exception("run %s: one of the %s failed alone", run_id, what)
+            log.exception("%s: one of the %s failed alone", scope, what)
             answers.append(exc if isinstance(exc, HubError) else HubError(500, "internal error"))
     return answers
 
@@ -579,36 +590,77 @@ class HubService:
     # ---------------------------------------------------------------- nodes
 
     def register(self, public_key: bytes, req: RegisterRequest, peer: str | None = None) -> str:
-        """Register (or re-register: same key, same node) a node. A node registers when its
-        process starts, so work it was assigned before is gone: its outstanding assignments are
-        released at once and their rounds need not wait for the deadline. `peer`: the client's
-        address, for the bounds on new identities (hub/registration.py)."""
-        node_id = node_id_from_public_key(public_key)
-        now = self.clock()
-        with self.lock, self.sessions() as s:
-            self._lock_runs_of(s, node_id)  # releasing its work changes those runs
-            node = s.get(m.Node, node_id)
-            network = client_network(peer)
-            self.registration.check(s, public_key.hex(), network, node is not None, now)
-            if node is None:
-                node = m.Node(
-                    id=node_id, public_key=public_key.hex(), registered_at=now, register_net=network
+        """Register (or re-register: same key, same node) a node; raises its refusal
+        (`register_many` with this one registration)."""
+        answer = self.register_many([Registration(public_key, req, peer)])[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def register_many(self, registrations: list[Registration]) -> list[str | HubError]:
+        """Register (or re-register: same key, same node) nodes, in one transaction under one
+        lock with one commit: each answer the node's id, or its refusal in its place (a refusal
+        writes nothing of its own). A node registers when its process starts, so work it was
+        assigned before is gone: its outstanding assignments are released at once and their
+        rounds need not wait for the deadline. `peer`: the client's address, for the bounds on
+        new identities (hub/registration.py). The HTTP layer gathers the registrations that
+        arrive while one batch is decided (`RunBatcher`): 10,000 nodes starting at once are a
+        few hundred commits, not 10,000."""
+        try:
+            answers = self._register_batch(registrations)
+        except Exception:
+            if len(registrations) == 1:
+                raise
+            answers = decided_alone(
+                "hub", "registrations", registrations, lambda one: self._register_batch(one)
+            )
+        registered = [a for a in answers if isinstance(a, str)]
+        for node_id, r in zip(answers, registrations, strict=True):
+            if isinstance(node_id, str):
+                self._known_nodes.add(node_id)
+                self._raise_fastest(
+                    None, None, r.request.probe_tokens_per_s * r.request.probe_numel
                 )
-                s.add(node)
-            else:
-                self._release_assignments(s, node_id)
-            node.name = req.name
-            node.hardware_json = req.hardware.model_dump_json()
-            node.region = req.region
-            node.probe_rate = req.probe_tokens_per_s * req.probe_numel
-            node.max_threads = req.max_threads
-            node.last_seen_at = now
-            node.status = NodeStatus.IDLE
+        if registered:
+            self._wake_pending_runs(self.clock())
+        return answers
+
+    def _register_batch(self, registrations: list[Registration]) -> list[str | HubError]:
+        now = self.clock()
+        ids = [node_id_from_public_key(r.public_key) for r in registrations]
+        answers: list[str | HubError] = []
+        with self.lock, self.sessions() as s:
+            self._lock_runs_of(s, ids)  # releasing their work changes those runs
+            # held here: the session's identity map keeps rows only while they are referred to
+            known = {n.id: n for n in s.scalars(select(m.Node).where(m.Node.id.in_(ids)))}
+            for node_id, r in zip(ids, registrations, strict=True):
+                node = known.get(node_id)
+                network = client_network(r.peer)
+                try:  # reads only: a refusal leaves nothing of its own to undo
+                    self.registration.check(s, r.public_key.hex(), network, node is not None, now)
+                except HubError as refusal:
+                    answers.append(refusal)
+                    continue
+                if node is None:
+                    node = known[node_id] = m.Node(
+                        id=node_id,
+                        public_key=r.public_key.hex(),
+                        registered_at=now,
+                        register_net=network,
+                    )
+                    s.add(node)
+                req = r.request
+                node.name = req.name
+                node.hardware_json = req.hardware.model_dump_json()
+                node.region = req.region
+                node.probe_rate = req.probe_tokens_per_s * req.probe_numel
+                node.max_threads = req.max_threads
+                node.last_seen_at = now
+                node.status = NodeStatus.IDLE
+                answers.append(node_id)
+            self._release_assignments(s, [a for a in answers if isinstance(a, str)])
             s.commit()
-        self._known_nodes.add(node_id)
-        self._raise_fastest(None, None, node.probe_rate)
-        self._wake_pending_runs(now)
-        return node_id
+        return answers
 
     def _wake_pending_runs(
         self, now: float, live: int | None = None, crossed_from: int | None = None
@@ -703,22 +755,22 @@ class HubService:
     def leave(self, node_id: str) -> int:
         """A node leaves: its outstanding assignments are released so rounds need not wait."""
         with self.lock, self.sessions() as s:
-            runs = self._lock_runs_of(s, node_id)  # run rows first, then node rows
+            runs = self._lock_runs_of(s, [node_id])  # run rows first, then node rows
             self.flush_heartbeats(s)
             self._node(s, node_id).status = NodeStatus.LEFT
-            released = self._release_assignments(s, node_id)
+            released = self._release_assignments(s, [node_id])
             s.commit()
         for run_id in runs:  # places freed: waiting long-polls ask again
             self.round_changed(run_id)
         return released
 
     @staticmethod
-    def _lock_runs_of(s: Session, node_id: str) -> set[str]:
-        """Lock the runs in which `node_id` holds outstanding work (before releasing it)."""
+    def _lock_runs_of(s: Session, node_ids: list[str]) -> set[str]:
+        """Lock the runs in which `node_ids` hold outstanding work (before releasing it)."""
         runs = set(
             s.scalars(
                 select(m.Assignment.run_id).where(
-                    m.Assignment.node_id == node_id,
+                    m.Assignment.node_id.in_(node_ids),
                     m.Assignment.status == AssignmentStatus.ASSIGNED,
                 )
             )
@@ -727,12 +779,15 @@ class HubService:
         return runs
 
     @staticmethod
-    def _release_assignments(s: Session, node_id: str) -> int:
-        """Mark the node's outstanding assignments released (in the caller's transaction)."""
+    def _release_assignments(s: Session, node_ids: list[str]) -> int:
+        """Mark the nodes' outstanding assignments released (in the caller's transaction)."""
+        if not node_ids:
+            return 0
         return s.execute(
             update(m.Assignment)
             .where(
-                m.Assignment.node_id == node_id, m.Assignment.status == AssignmentStatus.ASSIGNED
+                m.Assignment.node_id.in_(node_ids),
+                m.Assignment.status == AssignmentStatus.ASSIGNED,
             )
             .values(status=AssignmentStatus.RELEASED)
         ).rowcount
@@ -871,15 +926,26 @@ class HubService:
     def _own_assignment(
         self, s: Session, run_id: str, node_id: str, assignment_id: str
     ) -> tuple[m.Run, m.Assignment]:
-        """The run, locked, and one of `node_id`'s assignments in it (404 / 403 otherwise)."""
+        """The run, locked, and one of `node_id`'s assignments in it (404 / 403 otherwise); the
+        node noted alive."""
         run = self._run(s, run_id, lock=True)
         self._node(s, node_id)
+        return run, self._node_assignment(s, run_id, node_id, assignment_id)[1]
+
+    @staticmethod
+    def _node_assignment(
+        s: Session, run_id: str, node_id: str, assignment_id: str
+    ) -> tuple[m.Node, m.Assignment]:
+        """`node_id`'s row and one of its assignments in `run_id` (403 / 404 otherwise)."""
+        node = s.get(m.Node, node_id)
+        if node is None:
+            raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
         assignment = s.get(m.Assignment, assignment_id)
         if assignment is None or assignment.run_id != run_id:
             raise HubError(404, f"assignment {assignment_id} not found in run {run_id}")
         if assignment.node_id != node_id:
             raise HubError(403, "assignment belongs to another node")
-        return run, assignment
+        return node, assignment
 
     def _round_state(self, s: Session, run: m.Run) -> tuple[m.Round, RoundState, RoundRules]:
         rnd = s.get(m.Round, (run.id, run.round))
@@ -1146,7 +1212,10 @@ class HubService:
             if len(unique) == 1:
                 raise
             alone = decided_alone(
-                run_id, "asks for work", unique, lambda one: self.assignments_or_wait(run_id, one)
+                f"run {run_id}",
+                "asks for work",
+                unique,
+                lambda one: self.assignments_or_wait(run_id, one),
             )
             answers = dict(zip(unique, alone, strict=True))
         return [answers[node_id] for node_id in node_ids]
@@ -1378,14 +1447,12 @@ class HubService:
             quorum=cfg.round.quorum,
         )
 
-    def _carbon(self, run_id: str, node_id: str, meta: ContributionMeta) -> dict:
+    def _carbon(self, run: m.Run | None, node: m.Node | None, meta: ContributionMeta) -> dict:
         """Carbon columns of a contribution: the hub's own signal for the node's region over the
         training interval when it has one, else the node's figure (hub/energy.py)."""
-        with self.sessions() as s:
-            run, node = s.get(m.Run, run_id), s.get(m.Node, node_id)
-            region = meta.region or (node.region if node else None)
-            active = run is not None and run.status == RunState.ACTIVE
-            cfg = run.settings() if active else RunConfig()
+        region = meta.region or (node.region if node else None)
+        active = run is not None and run.status == RunState.ACTIVE
+        cfg = run.settings() if active else RunConfig()
         now = self.clock()
         hub_g = hub_energy.signal_intensity(
             self.settings.signals.get(region or ""), now - meta.train_time_s, now
@@ -1430,10 +1497,9 @@ class HubService:
             raise HubError(
                 422, f"malformed contribution metadata: {describe_errors(exc.errors())}"
             ) from exc
-        carbon = self._carbon(run_id, node_id, meta)
         with self._checking:  # at most a few decoded updates in memory, and hashes, at once
             with self.sessions() as s:  # settings, sizes and rounds never change: no lock
-                run = self._run(s, run_id)
+                run, node = self._run(s, run_id), s.get(m.Node, node_id)
                 cfg, a = run.settings(), s.get(m.Assignment, meta.assignment_id)
                 numel = self._update_numel(run, a.round) if a and a.run_id == run_id else None
             checked = numel is not None and meta.codec == cfg.comm.codec  # else refused later
@@ -1441,6 +1507,7 @@ class HubService:
                 self._check_payload(cfg, tensors, numel)
             update_digest, zero = update_sha256(tensors), is_zero_update(tensors)
             digest = body_sha256 or sha256_hex(body)
+        carbon = self._carbon(run, node, meta)  # may ask a signal provider: no semaphore held
         # the write waits on the disk, not on a core: outside the semaphore, so the fsyncs of
         # the uploads in flight (at most LOCKED_THREADS, hub/app.py) overlap
         stored_before = self.blobs.has(digest)
@@ -1478,7 +1545,7 @@ class HubService:
                 self._drop_refused(run_id, uploads, [None])
                 raise
             answers = decided_alone(
-                run_id, "uploads", uploads, lambda one: self._store_batch(run_id, one)
+                f"run {run_id}", "uploads", uploads, lambda one: self._store_batch(run_id, one)
             )
         self._drop_refused(run_id, uploads, answers)
         return answers
@@ -1492,29 +1559,44 @@ class HubService:
 
     def _store_batch(self, run_id: str, uploads: list[Upload]) -> list[UploadAnswer]:
         with self.lock, self.sessions() as s:
-            self._run(s, run_id, lock=True)  # 404 for every upload; replicas: one batch a time
+            run = self._run(s, run_id, lock=True)  # 404 for all; replicas: one batch at a time
             # the uploading nodes are alive: written first, so that on SQLite the transaction
             # (and the database's write lock) begins here and the savepoints below nest in it
             # (a SAVEPOINT that begins a pysqlite transaction commits on its release)
+            node_ids = sorted({u.node_id for u in uploads})
             s.execute(
-                update(m.Node)
-                .where(m.Node.id.in_(sorted({u.node_id for u in uploads})))
-                .values(last_seen_at=self.clock())
+                update(m.Node).where(m.Node.id.in_(node_ids)).values(last_seen_at=self.clock())
             )
-            answers = [self._store_in_savepoint(s, run_id, upload) for upload in uploads]
+            # the batch's round, nodes and assignments in three queries, not three per upload
+            # (held here: the session's identity map keeps rows only while they are referred to)
+            assignment_ids = sorted({u.meta.assignment_id for u in uploads})
+            rows = [
+                s.get(m.Round, (run.id, run.round)),
+                *s.scalars(select(m.Node).where(m.Node.id.in_(node_ids))),
+                *s.scalars(select(m.Assignment).where(m.Assignment.id.in_(assignment_ids))),
+            ]
+            answers = [self._store_in_savepoint(s, run, upload) for upload in uploads]
             s.commit()
-            for upload, answer in zip(uploads, answers, strict=True):
-                if isinstance(answer, ContributionAck):
-                    self._achieved.pop((run_id, upload.node_id), None)
-                    speed = self._achieved_speed(s, run_id, upload.node_id)
-                    self._raise_fastest(run_id, speed, 0.0)
+            del rows
+            # the contributing nodes' achieved speeds, in one query for the batch
+            acked = [
+                u.node_id
+                for u, answer in zip(uploads, answers, strict=True)
+                if isinstance(answer, ContributionAck)
+            ]
+            for node_id in acked:
+                self._achieved.pop((run_id, node_id), None)
+            self._load_achieved_speeds(s, run_id, acked)
+            for node_id in acked:
+                self._raise_fastest(run_id, self._achieved[(run_id, node_id)], 0.0)
         return answers
 
-    def _store_in_savepoint(self, s: Session, run_id: str, upload: Upload) -> UploadAnswer:
-        """One upload's decision and rows in a savepoint of the batch's transaction `s`."""
+    def _store_in_savepoint(self, s: Session, run: m.Run, upload: Upload) -> UploadAnswer:
+        """One upload's decision and rows in a savepoint of the batch's transaction `s`, which
+        holds `run` locked and has noted the uploading nodes alive."""
         savepoint = s.begin_nested()
         try:
-            ack = self._store_contribution(s, run_id, upload)
+            ack = self._store_contribution(s, run, upload)
             savepoint.commit()  # flushes: a second identical contribution fails here
             return ack
         except (HubError, IntegrityError) as exc:
@@ -1525,14 +1607,13 @@ class HubService:
                 return HubError(409, "duplicate contribution", Refusal.DUPLICATE)
             return exc
 
-    def _store_contribution(self, s: Session, run_id: str, upload: Upload) -> ContributionAck:
-        """Under the lock: the acceptance decisions, then the contribution's rows. `unchecked`:
-        the update's tensors when the checks before the lock could not decode it (its
-        assignment was not found there); otherwise None, and nothing is decoded again here."""
+    def _store_contribution(self, s: Session, run: m.Run, upload: Upload) -> ContributionAck:
+        """Under the lock, `run` locked: the acceptance decisions, then the contribution's rows.
+        `unchecked`: the update's tensors when the checks before the lock could not decode it
+        (its assignment was not found there); otherwise None, and nothing is decoded again."""
         node_id, meta = upload.node_id, upload.meta
-        run, assignment = self._own_assignment(s, run_id, node_id, meta.assignment_id)
+        node, assignment = self._node_assignment(s, run.id, node_id, meta.assignment_id)
         # the checks every upload passes, SecAgg ones too (hub/acceptance.py, on the ledger)
-        node = s.get(m.Node, node_id)
         cfg = self.trust.accept_upload(s, run, node, assignment, meta)
         if upload.unchecked is not None:  # past acceptance: its codec is the run's
             self._check_payload(cfg, upload.unchecked, self._update_numel(run, assignment.round))
@@ -1542,18 +1623,17 @@ class HubService:
         )
         if not self.blobs.has(upload.digest):  # a failed identical upload removed it meanwhile
             self.blobs.put(upload.body, known_sha256=upload.digest)
-        s.add(
-            m.Contribution.accepted(
-                upload.digest,
-                assignment,
-                meta.model_dump(),
-                len(upload.body),
-                self.clock(),
-                **upload.carbon,
-            )
+        contribution = m.Contribution.accepted(
+            upload.digest,
+            assignment,
+            meta.model_dump(),
+            len(upload.body),
+            self.clock(),
+            **upload.carbon,
         )
+        s.add(contribution)
         assignment.status = AssignmentStatus.SUBMITTED
-        self.trust.record_submission(s, upload.digest, screened)  # the claim, on the ledger
+        self.trust.record_submission(s, contribution, screened)  # the claim, on the ledger
         return ContributionAck(
             contribution_id=upload.digest, accepted=True, bytes_up=len(upload.body)
         )

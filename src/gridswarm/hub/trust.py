@@ -482,9 +482,9 @@ class HubTrust:
         s.commit()
         raise HubError(status, reason, code)
 
-    def record_submission(self, s: Session, contribution_id: str, screened: Screened) -> None:
-        """After the upload is stored: its update digest, and the node's claim on the ledger."""
-        c = s.get(m.Contribution, contribution_id)
+    def record_submission(self, s: Session, c: m.Contribution, screened: Screened) -> None:
+        """The accepted upload's row `c` (added to `s`): its update digest, and the node's
+        claim on the ledger."""
         c.update_sha256 = screened.update_sha256
         if screened.claim is not None:
             try:
