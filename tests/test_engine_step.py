@@ -287,22 +287,30 @@ def arrive(snap: RoundSnapshot, uploads: int, joins: int, now: float, rules) -> 
 def test_a_version_advances_exactly_once_per_close(snap, rules, moments):
     """Drive the engine as the hub does (uploads and joins arrive; Tick; if due, Screened; if
     still due, Published) at rising times: every close publishes the next version and only a
-    close moves it."""
+    close moves it; no step of any kind turns a submitted place into a missed one."""
+
+    def go(before: RoundSnapshot, ev, now: float) -> Step:
+        out = step(before, rules, ev, now)
+        after = statuses(out.snapshot)
+        for node, status in statuses(before).items():
+            assert after[node] == status or (status == A and after[node] == AssignmentStatus.MISSED)
+        return out
+
     snap = replace(snap, run=replace(snap.run, status=RunState.ACTIVE), status=RoundStatus.PENDING)
     now, closes, start = 0.0, 0, snap.run.version
     for dt, uploads, joins, rejected, tokens in moments:
         now += dt
         version = snap.run.version
         snap = arrive(snap, uploads, joins, now, rules)
-        out = step(snap, rules, Tick(), now)
+        out = go(snap, Tick(), now)
         snap = out.snapshot
         if out.decision is Decision.CLOSE:
             submitted = sum(a.status == S for a in snap.assignments)
             screening = Screening(max(submitted - rejected, 0), min(rejected, submitted))
-            out = step(snap, rules, Screened(screening), now)
+            out = go(snap, Screened(screening), now)
             snap = out.snapshot
         if out.decision is Decision.CLOSE:
-            out = step(snap, rules, Published(version + 1, snap.run.tokens_total + tokens), now)
+            out = go(snap, Published(version + 1, snap.run.tokens_total + tokens), now)
             closes += 1
             assert sum(isinstance(e, AdvanceRun) for e in out.effects) == 1
             assert out.snapshot.run.version == version + 1
