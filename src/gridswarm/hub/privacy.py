@@ -272,9 +272,10 @@ class HubPrivacy:
             )
         )
 
-    def stop_reason(self, s: Session, run: m.Run, cfg: RunConfig, now: float) -> str | None:
-        """Why the run must finish now (one more round would pass the epsilon budget), recorded
-        with the run; None to go on."""
+    def stop_reason(self, s: Session, run: m.Run, cfg: RunConfig) -> str | None:
+        """Why the run must finish now (one more round would pass the epsilon budget), None to
+        go on. Reads only: the round engine's `FinishRun` effect records it (hub/round_store.py
+        writes `PrivacyRun`) when no round or token budget finished the run first."""
         dp = cfg.privacy.dp
         if dp is None:
             return None
@@ -292,7 +293,6 @@ class HubPrivacy:
             f"delta {dp.delta:g}; one more round would reach {after:.3f} > "
             f"privacy.dp.epsilon_budget {dp.epsilon_budget:g}"
         )
-        s.merge(m.PrivacyRun(run_id=run.id, stop_reason=reason, stopped_at=now))
         return reason
 
     def run_status(self, run_id: str) -> dict:

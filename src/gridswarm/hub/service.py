@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,7 +37,9 @@ from gridswarm.blobs import (
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
+from gridswarm.hub import engine as round_engine
 from gridswarm.hub import models as m
+from gridswarm.hub.engine import RoundSnapshot
 from gridswarm.hub.errors import HubError, UnreadableSettings
 from gridswarm.hub.lifecycle import (
     FINAL,
@@ -54,17 +56,8 @@ from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S, HeartbeatPacing
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, client_network
 from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite, lock_run, lock_runs
-from gridswarm.hub.rounds import (
-    AssignmentState,
-    Decision,
-    RoundRules,
-    RoundState,
-    budget_reason,
-    decide,
-    decide_after_screening,
-    lost_assignments,
-    may_take_seat,
-)
+from gridswarm.hub.round_store import apply_effects, read_snapshot
+from gridswarm.hub.rounds import Decision, RoundRules, may_take_seat
 from gridswarm.hub.scheduler import plan_inner_steps, speed_from_probe, update_speed
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.hub.trust import HubTrust
@@ -947,24 +940,10 @@ class HubService:
             raise HubError(403, "assignment belongs to another node")
         return node, assignment
 
-    def _round_state(self, s: Session, run: m.Run) -> tuple[m.Round, RoundState, RoundRules]:
-        rnd = s.get(m.Round, (run.id, run.round))
-        rows = s.execute(
-            select(m.Assignment.node_id, m.Assignment.status, m.Node.last_seen_at)
-            .join(m.Node, m.Node.id == m.Assignment.node_id)
-            .where(m.Assignment.run_id == run.id, m.Assignment.round == run.round)
-        ).all()
-        rules = self._rules(run.settings())
-        state = RoundState(
-            status=RoundStatus(rnd.status),
-            deadline_at=rnd.deadline_at,
-            # silence counts from the hub's start at the earliest (no one is lost for our outage)
-            assignments=tuple(
-                AssignmentState(n, AssignmentStatus(st), max(seen, self.started_at))
-                for n, st, seen in rows
-            ),
-        )
-        return rnd, state, rules
+    def _snapshot(self, s: Session, run: m.Run) -> tuple[m.Round, RoundSnapshot, RoundRules]:
+        """The run's round row, the round engine's view of it, and the run's round rules."""
+        rnd, snapshot = read_snapshot(s, run, heard_since=self.started_at)
+        return rnd, snapshot, self._rules(run.settings())
 
     def _rules(self, cfg: RunConfig) -> RoundRules:
         r = cfg.round
@@ -1763,6 +1742,10 @@ class HubService:
         self._workloads.pop(run_id, None)
 
     def _advance(self, run_id: str) -> Decision:
+        """One `Tick` of the round engine for the run, its effects applied and committed under
+        the run's row lock; a round due to close is screened and published (`_close`). SecAgg
+        rounds move through their stages in `HubPrivacy.advance_secagg` (outside the engine),
+        which answers CLOSE once the sum is recovered."""
         now = self.clock()
         with self.sessions() as s:
             # the run's row stays locked until the decision commits: a replica that closed this
@@ -1770,62 +1753,19 @@ class HubService:
             run = self._run(s, run_id, lock=True)
             if run.status != RunState.ACTIVE:  # paused or stopped since `tick` listed it
                 return Decision.WAIT
-            rnd, state, rules = self._round_state(s, run)
-            lost = lost_assignments(state, rules, now)
-            if lost:
-                s.execute(
-                    update(m.Assignment)
-                    .where(
-                        m.Assignment.run_id == run_id,
-                        m.Assignment.round == run.round,
-                        m.Assignment.status == AssignmentStatus.ASSIGNED,
-                        m.Assignment.node_id.in_(lost),
-                    )
-                    .values(status=AssignmentStatus.MISSED)
-                )
-                s.commit()
-                s.expire_all()  # rows read before the commit may have changed since
-                run = self._run(s, run_id, lock=True)  # the commit released it: again, fresh
-                if run.status != RunState.ACTIVE:
-                    return Decision.WAIT
-                rnd, state, rules = self._round_state(s, run)
-            decision = decide(state, rules, now)
+            rnd, snapshot, rules = self._snapshot(s, run)
+            tick = round_engine.step(snapshot, rules, round_engine.Tick(), now)
+            apply_effects(s, run, rnd, tick.effects)  # lost nodes missed; a re-plan
+            decision = tick.decision
             if run.settings().privacy.secagg:
                 decision = self.privacy.advance_secagg(s, run, rnd, decision, now)
-            if decision is Decision.REPLAN:
-                self._replan(s, run, rnd, now)
-            elif decision is Decision.CLOSE:
-                decision = self._close(s, run, rnd, now)  # REPLAN if audits broke the quorum
+            if decision is Decision.CLOSE:
+                decision = self._close(s, run, rnd, tick.snapshot, rules, now)
+            else:
+                s.commit()
         if decision is not Decision.WAIT:
             self.round_changed(run_id)  # long-polls waiting for this run ask again
         return decision
-
-    def _replan(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> None:
-        """Deadline passed without quorum: drop outstanding work, keep what arrived, try again."""
-        s.execute(
-            update(m.Assignment)
-            .where(
-                m.Assignment.run_id == run.id,
-                m.Assignment.round == rnd.number,
-                m.Assignment.status == AssignmentStatus.ASSIGNED,
-            )
-            .values(status=AssignmentStatus.MISSED)
-        )
-        kept = s.scalar(
-            select(func.count()).where(
-                m.Contribution.run_id == run.id,
-                m.Contribution.round == rnd.number,
-                m.Contribution.status
-                == ContributionStatus.ACCEPTED,  # not those rejected by audits
-            )
-        )
-        rnd.attempt += 1
-        if kept:
-            cfg = run.settings()
-            rnd.deadline_at = now + cfg.round.deadline_s
-        else:
-            rnd.status, rnd.opened_at, rnd.deadline_at = RoundStatus.PENDING, None, None
-        s.commit()
 
     @staticmethod
     def _accepted(s: Session, run_id: str, round_number: int) -> list[m.Contribution]:
@@ -1854,16 +1794,9 @@ class HubService:
             cfg = run.settings()
             if cfg.privacy.secagg or cfg.privacy.dp:
                 return
-            rnd, state, rules = self._round_state(s, run)
-            lost = set(lost_assignments(state, rules, now))
-            state = replace(
-                state,
-                assignments=tuple(
-                    replace(a, status=AssignmentStatus.MISSED) if a.node_id in lost else a
-                    for a in state.assignments
-                ),
-            )
-            if decide(state, rules, now) is not Decision.CLOSE:
+            rnd, snapshot, rules = self._snapshot(s, run)
+            due = round_engine.step(snapshot, rules, round_engine.Tick(), now).decision
+            if due is not Decision.CLOSE:
                 return
             contributions = self._accepted(s, run.id, rnd.number)
             if contributions:
@@ -1947,37 +1880,43 @@ class HubService:
             self._prepared[run.id] = new
         return new
 
-    def _close(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> Decision:
-        """Aggregate the round's contributions, step the outer optimizer, publish a new version
-        (CLOSE); or, when screening left fewer than the quorum, re-plan the round (REPLAN)."""
+    def _close(
+        self,
+        s: Session,
+        run: m.Run,
+        rnd: m.Round,
+        snapshot: RoundSnapshot,
+        rules: RoundRules,
+        now: float,
+    ) -> Decision:
+        """A round due to close: screen its contributions (`Screened`: a re-plan if audits left
+        fewer than the quorum), aggregate them, step the outer optimizer and store the new
+        version, settle, then `Published`: the round closes and the run goes on or finishes.
+        Commits; answers CLOSE or REPLAN."""
         cfg = run.settings()
         workload = self.workload(run.id, run.config_json)
         base = s.get(m.Version, (run.id, rnd.base_version))
         # replay audits + usefulness first: rejected contributions are not aggregated (trust.py)
         screening = self.trust.screen_round(s, run, rnd, cfg, workload, base)
-        if decide_after_screening(screening, self._rules(cfg)) is Decision.REPLAN:
-            self._replan(s, run, rnd, now)  # audits left fewer than the quorum: it goes on
+        screened = round_engine.step(snapshot, rules, round_engine.Screened(screening), now)
+        if screened.decision is Decision.REPLAN:  # audits left fewer than the quorum
+            apply_effects(s, run, rnd, screened.effects)
+            s.commit()
             return Decision.REPLAN
         contributions = self._accepted(s, run.id, rnd.number)
         new = self._new_version(s, run, rnd, cfg, base, contributions, now)
         tokens = sum(c.tokens for c in contributions)
+        tokens_total = run.tokens_total + tokens
         version = m.Version(
-            run_id=run.id, tokens_total=run.tokens_total + tokens, created_at=now, **new.columns()
+            run_id=run.id, tokens_total=tokens_total, created_at=now, **new.columns()
         )
-        number = new.number
         s.add(version)
         self.trust.settle_round(s, run, rnd, cfg, version)  # verdicts, rewards, reputation
-        s.execute(
-            update(m.Assignment)
-            .where(
-                m.Assignment.run_id == run.id,
-                m.Assignment.round == rnd.number,
-                m.Assignment.status == AssignmentStatus.ASSIGNED,
-            )
-            .values(status=AssignmentStatus.MISSED)
-        )
-        rnd.status, rnd.closed_at = RoundStatus.CLOSED, now
-        rnd.close_reason = "all-in" if now < (rnd.deadline_at or now) else "deadline"
+        # the epsilon budget: would one more round pass it (DP accounting, hub/privacy.py)
+        privacy_stop = self.privacy.stop_reason(s, run, cfg)
+        event = round_engine.Published(new.number, tokens_total, privacy_stop)
+        published = round_engine.step(screened.snapshot, rules, event, now)
+        apply_effects(s, run, rnd, published.effects)
         log.info(
             "run %s round %d closed (%s): %d contributions from %s, %d tokens, "
             "val loss %.4f -> %.4f",
@@ -1990,25 +1929,8 @@ class HubService:
             base.val_loss,
             version.val_loss,
         )
-        run.version, run.tokens_total = number, run.tokens_total + tokens
-        finished = budget_reason(  # rounds or tokens spent, or epsilon would be passed
-            cfg.budget.rounds, cfg.budget.tokens, number, run.tokens_total
-        ) or self.privacy.stop_reason(s, run, cfg, now)
-        if finished:
-            run.status, run.finished_at = transition(RunState.ACTIVE, RunEvent.FINISH), now
-            run.status_changed_at, run.status_reason = now, finished
-            log.info("run %s finished at version %d: %s", run.id, number, finished)
-        else:
-            run.round = rnd.number + 1
-            s.add(
-                m.Round(
-                    run_id=run.id,
-                    number=run.round,
-                    base_version=number,
-                    attempt=0,
-                    status=RoundStatus.PENDING,
-                )
-            )
+        if run.status == RunState.FINISHED:
+            log.info("run %s finished at version %d: %s", run.id, new.number, run.status_reason)
         s.commit()
         return Decision.CLOSE
 

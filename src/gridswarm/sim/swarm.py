@@ -14,8 +14,10 @@ power by the duty cycle (training / wall time), exactly as the live hub does
 Rounds are the hub's: each node's share becomes whole inner steps by the hub's own rule
 (`scheduler.inner_steps_many`, the array form of `plan_inner_steps`: the fastest node does
 `inner_steps`, nobody fewer than `min_inner_steps`, nothing past the round's deadline), and the
-round engine (`rounds.decide`) closes the round when the last upload is in, or at the deadline
-with a quorum, or re-plans it without one (accepted uploads keep their place). Nodes work in
+hub's round engine (`hub/engine.py` `step`, ticked when the last upload is in and at the
+deadline) closes the round when all are in, or at the deadline with a quorum, or re-plans it
+without one (accepted uploads keep their place), and opens the next one. The loop below only
+simulates the nodes' work between the engine's events. Nodes work in
 chunks cut at `step_s` bin edges; a node its own policy pauses sits out that chunk, and a node
 not done when the round closes has spent the energy for nothing (`missed`). Not modelled: nodes
 that go silent (liveness), the node's own energy window shrinking its steps, screening and audits.
@@ -29,7 +31,7 @@ availability forecasts are the recorded series and the node's own rules over the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -53,7 +55,10 @@ from gridswarm.energy.policy import (
 from gridswarm.energy.series import UniformSeries
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.energy.solar import step_sites
-from gridswarm.hub.rounds import AssignmentState, Decision, RoundRules, RoundState, decide
+from gridswarm.hub import engine
+from gridswarm.hub.engine import Published, RoundSnapshot, RunSnapshot, Screened, Step, Tick
+from gridswarm.hub.lifecycle import RunState
+from gridswarm.hub.rounds import AssignmentState, Decision, RoundRules, Screening
 from gridswarm.hub.scheduler import inner_steps_many
 from gridswarm.hub.states import AssignmentStatus, RoundStatus
 
@@ -100,7 +105,7 @@ class SimConfig:
         return self.round_deadline_s or 2.0 * self.round_duration_s
 
     def rules(self, n_nodes: int) -> RoundRules:
-        """The hub's round rules for this swarm (`rounds.decide` applies them)."""
+        """The hub's round rules for this swarm (the round engine, `engine.step`, applies them)."""
         return RoundRules(
             quorum=self.quorum,
             min_nodes=1,
@@ -386,6 +391,16 @@ def simulate(
     plans: list[RoundEnergyPlan] = []
     tokens = 0.0
     rounds = deferrals = replans = missed = 0
+    # the round as the hub's round engine sees it (hub/engine.py): it decides every close,
+    # re-plan and next round; the loop below only simulates the nodes' work in between
+    rnd = RoundSnapshot(
+        run=RunSnapshot(RunState.ACTIVE, version=0, tokens_total=0),
+        number=0,
+        base_version=0,
+        status=RoundStatus.PENDING,
+        attempt=0,
+        deadline_at=None,
+    )
     finished: float | None = None
     stop_s = cfg.deadline_s + cfg.max_overrun_s
     now = cfg.start_s
@@ -449,7 +464,9 @@ def simulate(
             grid_g += (e_wh - local) * g_kwh
             left -= w
             done_at = np.where(owing & (left <= 1e-6), a + w, done_at)
-        decision, close_s = _close(assigned, held, done_at, deadline_at, rules, swarm.ids)
+        rnd = replace(rnd, status=RoundStatus.OPEN, deadline_at=deadline_at)  # nodes started
+        out, close_s = _decide(rnd, assigned, held, done_at, rules, swarm.ids)
+        decision = out.decision
         counted = assigned & (done_at <= close_s)  # accepted: a late node's work is lost
         missed += int((assigned & ~counted).sum())
         for k, w in chunks:
@@ -458,11 +475,26 @@ def simulate(
         held |= counted
         if decision is Decision.REPLAN:  # accepted uploads keep their place; the rest re-planned
             replans += 1
+            rnd = out.snapshot
             now = close_s
             continue
         tokens_bin += pending_bin
         tokens_node += pending_node
         tokens += float(pending_node.sum())
+        # the new version is "published": the engine closes the round and opens the next (the
+        # run's end is the simulator's token target, checked below on its float tokens)
+        published = engine.step(
+            out.snapshot, rules, Published(rnd.base_version + 1, int(tokens)), close_s
+        )
+        (opened,) = [e for e in published.effects if isinstance(e, engine.OpenNextRound)]
+        rnd = RoundSnapshot(
+            run=published.snapshot.run,
+            number=opened.number,
+            base_version=opened.base_version,
+            status=RoundStatus.PENDING,
+            attempt=0,
+            deadline_at=None,
+        )
         rounds_worked += held
         pending_bin[:], pending_node[:], held[:] = 0.0, 0.0, False
         rounds += 1
@@ -506,39 +538,43 @@ def simulate(
     )
 
 
-def _close(
+def _decide(
+    rnd: RoundSnapshot,
     assigned: np.ndarray,
     held: np.ndarray,
     done_at: np.ndarray,
-    deadline_at: float,
     rules: RoundRules,
     ids: Sequence[str],
-) -> tuple[Decision, float]:
-    """When the hub's round engine (`rounds.decide`) closes or re-plans this round, and which.
+) -> tuple[Step, float]:
+    """When the hub's round engine (`engine.step`) closes or re-plans this round, and its step.
 
-    The round's state only changes when an upload arrives, so the engine is asked when the last
-    one is in and, failing that, at the deadline. `held`: uploads accepted in an earlier attempt
-    of this round."""
+    The round's state only changes when an upload arrives, so the engine is ticked when the
+    last one is in and, failing that, at the deadline; a round due to close is screened
+    (nothing is rejected: the simulator models no audits) and the step that answers CLOSE is
+    returned for the caller to publish. `held`: uploads accepted in an earlier attempt."""
     rows = np.nonzero(assigned | held)[0]
+    deadline_at = rnd.deadline_at
+    assert deadline_at is not None, "an open round has a deadline"
     last_in = float(np.where(held, -np.inf, done_at)[rows].max())
     for t in (last_in, deadline_at) if last_in <= deadline_at else (deadline_at,):
-        state = RoundState(
-            status=RoundStatus.OPEN,
-            deadline_at=deadline_at,
+        submitted = held | (done_at <= t)
+        snap = replace(
+            rnd,
             assignments=tuple(
                 AssignmentState(
                     ids[i],
-                    AssignmentStatus.SUBMITTED
-                    if held[i] or done_at[i] <= t
-                    else AssignmentStatus.ASSIGNED,
+                    AssignmentStatus.SUBMITTED if submitted[i] else AssignmentStatus.ASSIGNED,
                     t,
                 )
                 for i in rows.tolist()
             ),
+            accepted=int(submitted[rows].sum()),
         )
-        decision = decide(state, rules, t)
-        if decision is not Decision.WAIT:
-            return decision, t
+        out = engine.step(snap, rules, Tick(), t)
+        if out.decision is Decision.CLOSE:
+            out = engine.step(out.snapshot, rules, Screened(Screening(out.snapshot.accepted, 0)), t)
+        if out.decision is not Decision.WAIT:
+            return out, t
     raise AssertionError("a round at its deadline is always closed or re-planned")
 
 

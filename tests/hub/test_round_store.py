@@ -1,0 +1,132 @@
+"""The round engine's store (hub/round_store.py) on the real hub's database: the snapshot it reads
+is the round's rows, each effect becomes the row change it names, and a tick's effects (lost
+nodes included) are committed in the transaction that decided them."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from gridswarm.hub import models as m
+from gridswarm.hub.engine import (
+    FinishRun,
+    FinishSource,
+    IllegalEvent,
+    MarkMissed,
+    MissOutstanding,
+    Replan,
+)
+from gridswarm.hub.lifecycle import RunState
+from gridswarm.hub.round_store import apply_effects, read_snapshot
+from gridswarm.hub.rounds import Decision
+from gridswarm.hub.states import AssignmentStatus, RoundStatus
+from gridswarm.identity import Identity
+from gridswarm.protocol import RegisterRequest
+from tests.harness import FakeClock, new_service
+
+RUN = {
+    "name": "round-store",
+    "seed": 5,
+    "model": {"n_layer": 1, "n_head": 1, "n_embd": 8},
+    "train": {"seq_len": 8, "batch_size": 2, "inner_steps": 4, "min_inner_steps": 1},
+    "round": {"deadline_s": 60, "quorum": 2, "min_nodes": 2, "max_nodes": 3},
+    "budget": {"rounds": 9, "tokens": 10**6},
+    "trust": {"audit_max_rate": 0, "audit_min_rate": 0, "usefulness": False},
+}
+
+
+@pytest.fixture
+def hub(tmp_path: Path):
+    """A hub with one run whose round 0 is open with three assigned nodes."""
+    torch.set_num_threads(1)
+    clock = FakeClock()
+    service = new_service(tmp_path, clock)
+    run_id = service.create_run(Identity.generate().public_key, RUN).run_id
+    numel = service.run_status(run_id)["numel"]
+    nodes = []
+    for i in range(3):
+        ident = Identity.from_seed(hashlib.sha256(f"store node {i}".encode()).digest())
+        req = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=numel)
+        nodes.append(service.register(ident.public_key, req))
+    for node_id in nodes:
+        assert service.request_assignment(run_id, node_id).status == "assigned"
+    return service, clock, run_id, nodes
+
+
+def assignment_statuses(service, run_id: str) -> dict[str, AssignmentStatus]:
+    with service.sessions() as s:
+        rows = s.execute(
+            select(m.Assignment.node_id, m.Assignment.status).where(m.Assignment.run_id == run_id)
+        ).all()
+    return dict(rows)
+
+
+def test_the_snapshot_is_the_rounds_rows(hub):
+    service, _clock, run_id, nodes = hub
+    with service.sessions() as s:
+        run = s.get(m.Run, run_id)
+        rnd, snap = read_snapshot(s, run, heard_since=service.started_at)
+    assert (rnd.number, snap.number, snap.base_version, snap.attempt) == (0, 0, 0, 0)
+    assert snap.status is RoundStatus.OPEN and snap.deadline_at == rnd.deadline_at
+    assert sorted(a.node_id for a in snap.assignments) == sorted(nodes)
+    assert {a.status for a in snap.assignments} == {AssignmentStatus.ASSIGNED}
+    assert snap.accepted == 0
+    assert (snap.run.status, snap.run.version, snap.run.tokens_total) == (RunState.ACTIVE, 0, 0)
+    assert (snap.run.rounds_budget, snap.run.tokens_budget) == (9, 10**6)
+
+
+def test_a_lost_node_is_missed_in_the_ticks_own_commit(hub):
+    service, clock, run_id, nodes = hub
+    clock.advance(25.0)  # past liveness_s (20 s): the third node never sent a heartbeat
+    for node_id in nodes[:2]:
+        service.heartbeat(node_id, "training")
+    service.tick()  # flushes the heartbeats, then ticks the engine
+    statuses = assignment_statuses(service, run_id)
+    assert statuses[nodes[2]] is AssignmentStatus.MISSED
+    assert [statuses[n] for n in nodes[:2]] == [AssignmentStatus.ASSIGNED] * 2
+    # nothing else happened to the round: it waits for the other two
+    assert service.advance_run(run_id) is Decision.WAIT
+    assert service.run_status(run_id)["version"] == 0
+
+
+def test_each_effect_is_the_row_change_it_names(hub):
+    service, clock, run_id, nodes = hub
+    now = clock()
+    with service.sessions() as s:
+        run = s.get(m.Run, run_id)
+        rnd = s.get(m.Round, (run_id, 0))
+        apply_effects(s, run, rnd, [MarkMissed((nodes[0],))])
+        s.commit()
+    assert assignment_statuses(service, run_id)[nodes[0]] is AssignmentStatus.MISSED
+    with service.sessions() as s:
+        run = s.get(m.Run, run_id)
+        rnd = s.get(m.Round, (run_id, 0))
+        apply_effects(s, run, rnd, [MissOutstanding(), Replan(attempt=1, deadline_at=None)])
+        s.commit()
+        s.refresh(rnd)
+        assert (rnd.status, rnd.attempt, rnd.opened_at, rnd.deadline_at) == (
+            RoundStatus.PENDING,
+            1,
+            None,
+            None,
+        )
+    assert set(assignment_statuses(service, run_id).values()) == {AssignmentStatus.MISSED}
+    reason = "epsilon budget: (a test)"
+    with service.sessions() as s:
+        run = s.get(m.Run, run_id)
+        rnd = s.get(m.Round, (run_id, 0))
+        apply_effects(s, run, rnd, [FinishRun(reason, FinishSource.PRIVACY, now)])
+        s.commit()
+        assert (run.status, run.status_reason, run.finished_at) == (
+            RunState.FINISHED,
+            reason,
+            now,
+        )
+        assert s.get(m.PrivacyRun, run_id).stop_reason == reason
+        # only an active run finishes: a second finish is a bug, refused before any write
+        with pytest.raises(IllegalEvent):
+            apply_effects(s, run, rnd, [FinishRun("again", FinishSource.BUDGET, now)])

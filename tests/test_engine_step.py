@@ -1,0 +1,333 @@
+"""The round engine's transition function (hub/engine.py `step`) on its own: no database, no
+hub, an injected clock. Unit cases for the paths the hub takes (a lost node, a deadline
+re-plan, screening that breaks the quorum, a budget that finishes the run) and hypothesis
+properties over arbitrary snapshots and event sequences."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from gridswarm.hub.engine import (
+    AdvanceRun,
+    CloseRound,
+    FinishRun,
+    FinishSource,
+    IllegalEvent,
+    MarkMissed,
+    MissOutstanding,
+    OpenNextRound,
+    Published,
+    Replan,
+    RoundSnapshot,
+    RunSnapshot,
+    Screened,
+    Step,
+    Tick,
+    step,
+)
+from gridswarm.hub.lifecycle import RunState
+from gridswarm.hub.rounds import AssignmentState, Decision, RoundRules, Screening
+from gridswarm.hub.states import AssignmentStatus, RoundStatus
+
+A, S = AssignmentStatus.ASSIGNED, AssignmentStatus.SUBMITTED
+RULES = RoundRules(quorum=2, min_nodes=2, max_nodes=4, deadline_s=60.0, liveness_s=20.0)
+
+
+def snapshot(*assignments: tuple[str, AssignmentStatus, float], **kw) -> RoundSnapshot:
+    """An open round 3 of an active run at version 3, deadline at t=100."""
+    fields = {
+        "run": RunSnapshot(RunState.ACTIVE, version=3, tokens_total=300),
+        "number": 3,
+        "base_version": 3,
+        "status": RoundStatus.OPEN,
+        "attempt": 0,
+        "deadline_at": 100.0,
+        "assignments": tuple(AssignmentState(n, st, seen) for n, st, seen in assignments),
+        "accepted": sum(st == S for _, st, _ in assignments),
+    } | kw
+    return RoundSnapshot(**fields)
+
+
+def test_a_lost_node_is_missed_and_the_round_closes_without_it():
+    # b went silent at t=10; at t=40 (past liveness 20 s) its place is given up, and with a
+    # and c in the round is all in with its quorum
+    snap = snapshot(("a", S, 39.0), ("b", A, 10.0), ("c", S, 39.0))
+    out = step(snap, RULES, Tick(), 40.0)
+    assert out.effects == (MarkMissed(("b",)),)
+    assert out.decision is Decision.CLOSE
+    assert [a.status for a in out.snapshot.assignments] == [S, AssignmentStatus.MISSED, S]
+    # heard from in time: nothing is lost, the round waits for b
+    out = step(snap, RULES, Tick(), 25.0)
+    assert out == Step(snap, (), Decision.WAIT)
+
+
+def test_the_deadline_replans_without_quorum_keeping_what_was_accepted():
+    snap = snapshot(("a", S, 99.0), ("b", A, 99.0))
+    out = step(snap, RULES, Tick(), 100.0)
+    assert out.decision is Decision.REPLAN
+    assert out.effects == (MissOutstanding(), Replan(attempt=1, deadline_at=160.0))
+    assert out.snapshot.status is RoundStatus.OPEN and out.snapshot.deadline_at == 160.0
+    # nothing accepted: back to pending, its deadline gone until a node opens it again
+    empty = snapshot(("b", A, 99.0))
+    out = step(empty, RULES, Tick(), 100.0)
+    assert out.effects == (MissOutstanding(), Replan(attempt=1, deadline_at=None))
+    assert out.snapshot.status is RoundStatus.PENDING and out.snapshot.deadline_at is None
+
+
+def test_screening_that_breaks_the_quorum_replans_instead_of_closing():
+    snap = snapshot(("a", S, 50.0), ("b", S, 50.0))
+    due = step(snap, RULES, Tick(), 50.0)
+    assert due.decision is Decision.CLOSE and due.effects == ()
+    out = step(due.snapshot, RULES, Screened(Screening(accepted=1, rejected=1)), 50.0)
+    assert out.decision is Decision.REPLAN
+    assert out.effects == (MissOutstanding(), Replan(attempt=1, deadline_at=110.0))
+    assert out.snapshot.accepted == 1 and out.snapshot.screening is None
+    with pytest.raises(IllegalEvent):  # nothing to publish after a re-plan
+        step(out.snapshot, RULES, Published(4, 400), 50.0)
+    # all rejected: nothing kept, pending again
+    out = step(due.snapshot, RULES, Screened(Screening(accepted=0, rejected=2)), 50.0)
+    assert out.effects[-1] == Replan(attempt=1, deadline_at=None)
+
+
+def test_publishing_closes_the_round_and_opens_the_next():
+    snap = snapshot(("a", S, 50.0), ("b", S, 50.0), ("c", A, 50.0), deadline_at=60.0)
+    due = step(replace(snap), RULES, Tick(), 60.0)  # at the deadline with the quorum
+    screened = step(due.snapshot, RULES, Screened(Screening(accepted=2, rejected=0)), 60.0)
+    assert screened.decision is Decision.CLOSE and screened.effects == ()
+    out = step(screened.snapshot, RULES, Published(4, 420), 60.0)
+    assert out.effects == (
+        MissOutstanding(),
+        CloseRound("deadline", 60.0),
+        AdvanceRun(4, 420),
+        OpenNextRound(4, 4),
+    )
+    assert out.snapshot.status is RoundStatus.CLOSED and out.snapshot.run.version == 4
+    assert AssignmentStatus.ASSIGNED not in {a.status for a in out.snapshot.assignments}
+    # before the deadline it closed because everyone was in
+    early = snapshot(("a", S, 50.0), ("b", S, 50.0))
+    screened = step(
+        step(early, RULES, Tick(), 50.0).snapshot, RULES, Screened(Screening(2, 0)), 50.0
+    )
+    assert step(screened.snapshot, RULES, Published(4, 420), 50.0).effects[1] == CloseRound(
+        "all-in", 50.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("run", "tokens_total", "privacy_stop", "finish"),
+    [
+        (RunSnapshot(RunState.ACTIVE, 3, 300, rounds_budget=4), 420, None, FinishSource.BUDGET),
+        (RunSnapshot(RunState.ACTIVE, 3, 300, tokens_budget=400), 420, None, FinishSource.BUDGET),
+        (RunSnapshot(RunState.ACTIVE, 3, 300, tokens_budget=500), 420, None, None),
+        (RunSnapshot(RunState.ACTIVE, 3, 300), 420, "epsilon budget", FinishSource.PRIVACY),
+        # a round budget reached says so, before the privacy budget
+        (RunSnapshot(RunState.ACTIVE, 3, 300, rounds_budget=4), 420, "eps", FinishSource.BUDGET),
+    ],
+)
+def test_a_budget_reached_finishes_the_run_instead_of_opening_a_round(
+    run, tokens_total, privacy_stop, finish
+):
+    snap = snapshot(("a", S, 50.0), ("b", S, 50.0), run=run)
+    screened = step(
+        step(snap, RULES, Tick(), 50.0).snapshot, RULES, Screened(Screening(2, 0)), 50.0
+    )
+    out = step(screened.snapshot, RULES, Published(4, tokens_total, privacy_stop), 50.0)
+    last = out.effects[-1]
+    if finish is None:
+        assert last == OpenNextRound(4, 4) and out.snapshot.run.status is RunState.ACTIVE
+        return
+    assert isinstance(last, FinishRun) and last.source is finish and last.finished_at == 50.0
+    assert ("budget." in last.reason) is (finish is FinishSource.BUDGET)
+    assert out.snapshot.run.status is RunState.FINISHED
+    # a finished run's round waits for ever
+    assert step(out.snapshot, RULES, Tick(), 1e9) == Step(out.snapshot, (), Decision.WAIT)
+
+
+def test_events_out_of_order_are_refused():
+    snap = snapshot(("a", S, 50.0), ("b", S, 50.0))
+    with pytest.raises(IllegalEvent):  # not screened to close
+        step(snap, RULES, Published(4, 400), 50.0)
+    screened = step(snap, RULES, Screened(Screening(2, 0)), 50.0)
+    with pytest.raises(IllegalEvent):  # not the version after the base
+        step(screened.snapshot, RULES, Published(5, 400), 50.0)
+    with pytest.raises(IllegalEvent):  # fewer tokens than the base holds
+        step(screened.snapshot, RULES, Published(4, 299), 50.0)
+    with pytest.raises(IllegalEvent):  # screened twice
+        step(screened.snapshot, RULES, Screened(Screening(2, 0)), 50.0)
+    with pytest.raises(IllegalEvent):  # a pending round has nothing to screen
+        step(replace(snap, status=RoundStatus.PENDING), RULES, Screened(Screening(2, 0)), 50.0)
+
+
+# ---------------------------------------------------------------------------------- properties
+
+times = st.floats(min_value=0.0, max_value=300.0, allow_nan=False)
+assignment_rows = st.lists(
+    st.tuples(st.sampled_from(list(AssignmentStatus)), times), max_size=8
+).map(lambda rows: tuple(AssignmentState(f"n{i}", s, t) for i, (s, t) in enumerate(rows)))
+rules_st = st.builds(
+    RoundRules,
+    quorum=st.integers(1, 4),
+    min_nodes=st.integers(1, 4),
+    max_nodes=st.integers(4, 8),
+    deadline_s=st.floats(1.0, 200.0),
+    liveness_s=st.floats(1.0, 100.0),
+)
+
+
+@st.composite
+def snapshots(draw) -> RoundSnapshot:
+    version = draw(st.integers(0, 5))
+    assignments = draw(assignment_rows)
+    submitted = sum(a.status == S for a in assignments)
+    return RoundSnapshot(
+        run=RunSnapshot(
+            status=draw(st.sampled_from(list(RunState))),
+            version=version,
+            tokens_total=draw(st.integers(0, 10_000)),
+            rounds_budget=draw(st.none() | st.integers(1, 8)),
+            tokens_budget=draw(st.none() | st.integers(1, 20_000)),
+        ),
+        number=version,
+        base_version=version,
+        status=draw(st.sampled_from(list(RoundStatus))),
+        attempt=draw(st.integers(0, 3)),
+        deadline_at=draw(st.none() | times),
+        assignments=assignments,
+        accepted=draw(st.integers(0, submitted + 2)),  # kept ones of earlier attempts too
+    )
+
+
+def statuses(snap: RoundSnapshot) -> dict[str, AssignmentStatus]:
+    return {a.node_id: a.status for a in snap.assignments}
+
+
+@settings(max_examples=300, deadline=None)
+@given(snapshots(), rules_st, times)
+def test_a_tick_never_closes_below_quorum_and_waits_without_effects(snap, rules, now):
+    out = step(snap, rules, Tick(), now)
+    before, after = statuses(snap), statuses(out.snapshot)
+    if out.decision is Decision.CLOSE:  # due to close: the quorum is in
+        assert sum(s == S for s in after.values()) >= rules.quorum
+        assert snap.status is RoundStatus.OPEN
+    # a tick never closes a round nor touches the run: that takes screening and publishing
+    assert out.snapshot.run == snap.run
+    assert out.snapshot.status is snap.status or out.decision is Decision.REPLAN
+    assert not any(isinstance(e, CloseRound | AdvanceRun | FinishRun) for e in out.effects)
+    if out.decision is Decision.WAIT:
+        # the only thing a waiting round does is give up the places of lost nodes
+        assert all(isinstance(e, MarkMissed) for e in out.effects)
+        lost = {n for e in out.effects for n in e.node_ids}
+        assert {n for n in before if before[n] != after[n]} == lost
+        if not lost:
+            assert out.effects == () and out.snapshot == snap
+
+
+@settings(max_examples=300, deadline=None)
+@given(snapshots(), rules_st, times)
+def test_no_assignment_is_both_submitted_and_missed_by_one_step(snap, rules, now):
+    out = step(snap, rules, Tick(), now)
+    before, after = statuses(snap), statuses(out.snapshot)
+    for node, status in before.items():
+        if status != A:  # only an outstanding place moves, and only to missed
+            assert after[node] == status
+        else:
+            assert after[node] in (A, AssignmentStatus.MISSED)
+    for e in out.effects:
+        if isinstance(e, MarkMissed):
+            assert all(before[n] == A for n in e.node_ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(snapshots(), rules_st, times)
+def test_a_replan_keeps_the_accepted_or_returns_the_round_to_pending(snap, rules, now):
+    out = step(snap, rules, Tick(), now)
+    if out.decision is not Decision.REPLAN:
+        return
+    (replan,) = [e for e in out.effects if isinstance(e, Replan)]
+    assert replan.attempt == snap.attempt + 1 == out.snapshot.attempt
+    assert A not in statuses(out.snapshot).values()
+    if snap.accepted == 0:
+        assert replan.deadline_at is None and out.snapshot.status is RoundStatus.PENDING
+    else:
+        assert replan.deadline_at == now + rules.deadline_s
+        assert out.snapshot.status is RoundStatus.OPEN
+
+
+def arrive(snap: RoundSnapshot, uploads: int, joins: int, now: float, rules) -> RoundSnapshot:
+    """What the request paths do between ticks (outside the engine): `uploads` outstanding
+    places become submitted (accepted), `joins` nodes take places (a pending round opens)."""
+    rows, ups = [], uploads
+    for a in snap.assignments:
+        if a.status == A and ups > 0:
+            a, ups = replace(a, status=S, node_last_seen_at=now), ups - 1
+        rows.append(a)
+    if snap.status in (RoundStatus.PENDING, RoundStatus.OPEN) and joins:
+        rows += [AssignmentState(f"j{now}-{k}", A, now) for k in range(joins)]
+        if snap.status is RoundStatus.PENDING:
+            snap = replace(snap, status=RoundStatus.OPEN, deadline_at=now + rules.deadline_s)
+    return replace(snap, assignments=tuple(rows), accepted=snap.accepted + uploads - ups)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    snapshots(),
+    rules_st,
+    st.lists(
+        st.tuples(
+            times, st.integers(0, 3), st.integers(0, 3), st.integers(0, 2), st.integers(0, 500)
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+)
+def test_a_version_advances_exactly_once_per_close(snap, rules, moments):
+    """Drive the engine as the hub does (uploads and joins arrive; Tick; if due, Screened; if
+    still due, Published) at rising times: every close publishes the next version and only a
+    close moves it; no step of any kind turns a submitted place into a missed one."""
+
+    def go(before: RoundSnapshot, ev, now: float) -> Step:
+        out = step(before, rules, ev, now)
+        after = statuses(out.snapshot)
+        for node, status in statuses(before).items():
+            assert after[node] == status or (status == A and after[node] == AssignmentStatus.MISSED)
+        return out
+
+    snap = replace(snap, run=replace(snap.run, status=RunState.ACTIVE), status=RoundStatus.PENDING)
+    now, closes, start = 0.0, 0, snap.run.version
+    for dt, uploads, joins, rejected, tokens in moments:
+        now += dt
+        version = snap.run.version
+        snap = arrive(snap, uploads, joins, now, rules)
+        out = go(snap, Tick(), now)
+        snap = out.snapshot
+        if out.decision is Decision.CLOSE:
+            submitted = sum(a.status == S for a in snap.assignments)
+            screening = Screening(max(submitted - rejected, 0), min(rejected, submitted))
+            out = go(snap, Screened(screening), now)
+            snap = out.snapshot
+        if out.decision is Decision.CLOSE:
+            out = go(snap, Published(version + 1, snap.run.tokens_total + tokens), now)
+            closes += 1
+            assert sum(isinstance(e, AdvanceRun) for e in out.effects) == 1
+            assert out.snapshot.run.version == version + 1
+            snap = out.snapshot
+            opened = [e for e in out.effects if isinstance(e, OpenNextRound)]
+            if not opened:
+                assert snap.run.status is RunState.FINISHED
+                break
+            snap = RoundSnapshot(  # the hub's next round: pending, from the new version
+                run=snap.run,
+                number=opened[0].number,
+                base_version=opened[0].base_version,
+                status=RoundStatus.PENDING,
+                attempt=0,
+                deadline_at=None,
+            )
+        else:
+            assert snap.run.version == version  # no close, no new version
+    assert snap.run.version == start + closes
+    event(f"closes: {min(closes, 3)}")
