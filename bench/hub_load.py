@@ -90,6 +90,15 @@ def run_config(nodes: int, deadline_s: float) -> dict:
     }
 
 
+def max_wait_s(url: str) -> float:
+    """The longest long-poll (`wait_s`) the hub takes, from its OpenAPI document (a baseline
+    hub may take less than this checkout's)."""
+    doc = httpx.get(f"{url}/openapi.json", timeout=60).json()
+    operation = doc["paths"][f"{API}/runs/{{run_id}}/assignment"]["post"]
+    (wait,) = [p for p in operation["parameters"] if p["name"] == "wait_s"]
+    return float(wait["schema"]["maximum"])
+
+
 def cpu_s(pid: int | str = "self") -> float:
     """User + system CPU seconds of a process, from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -304,12 +313,14 @@ class LightNode:
         run_id, numel = self.run["run_id"], self.run["numel"]
         try:
             while not stop.is_set():
+                # as long as the heartbeat interval the hub told, like `HubClient.long_poll_s`
+                wait_s = min(self.run["max_wait_s"], max(WAIT_S, self.heartbeat_s or 0.0))
                 response = await self.call(
                     "assignment",
                     "POST",
                     f"{API}/runs/{run_id}/assignment",
-                    query=f"?wait_s={WAIT_S}",
-                    timeout_s=WAIT_S + 60,
+                    query=f"?wait_s={wait_s}",
+                    timeout_s=wait_s + 60,
                 )
                 if response is None or response.status_code != 200:
                     await asyncio.sleep(1.0)
@@ -612,6 +623,7 @@ def one(
         body = json.dumps({"config": run_config(nodes, args.deadline_s)}).encode()
         headers = sign_request(sponsor, "POST", f"{API}/runs", body)
         run = httpx.post(f"{swarm.url}{API}/runs", content=body, headers=headers, timeout=60).json()
+        run["max_wait_s"] = max_wait_s(swarm.url)
         # the hub holds every connection too: two per node only where the limit allows
         shared = 2 * nodes + 256 > resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         ramp_s = args.ramp_s if args.ramp_s is not None else max(5.0, nodes / 250)

@@ -98,6 +98,9 @@ class Empty(_Msg):
 
 # a node's heartbeat interval until (or unless) its hub tells it another
 DEFAULT_HEARTBEAT_S = 3.0
+# the longest long-poll for work (`wait_s`): a node long-polls as long as its heartbeat interval
+# when the hub paces that above the node's own wait (hub/pacing.py advertises at most 60 s)
+MAX_LONG_POLL_S = 60.0
 # how often the hub may ask a node to send a heartbeat: never faster than once a second, never
 # rarer than every 10 minutes (hub/pacing.py advertises 3 to 60 s)
 MIN_HEARTBEAT_S = 1.0

@@ -224,7 +224,7 @@ def test_hostile_registrations_are_refused(hub, body):
     assert hub.snapshot() == before
 
 
-@pytest.mark.parametrize("wait_s", ["nan", "inf", "-1", "21", "1e999"])
+@pytest.mark.parametrize("wait_s", ["nan", "inf", "-1", "61", "1e999"])
 def test_wait_s_must_be_finite_and_bounded(hub, wait_s):
     node = Identity.generate()
     hub.register(node)

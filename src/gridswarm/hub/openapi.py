@@ -12,9 +12,9 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from gridswarm.protocol import MAX_ROUND, RUN_ID_PATTERN, Problem
+from gridswarm.protocol import MAX_LONG_POLL_S, MAX_ROUND, RUN_ID_PATTERN, Problem
 
-MAX_WAIT_S = 20.0  # the longest long-poll
+MAX_WAIT_S = MAX_LONG_POLL_S  # the longest long-poll (60 s)
 
 RunIdParam = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="a run id")]
 WaitParam = Annotated[

@@ -241,7 +241,8 @@ class NodeAgent(StreamingRounds):
                 self.stop_event.wait(self.energy.pause_s)
                 continue
             self.status = NodeStatus.IDLE
-            wait_s = self.energy.poll_wait_s(self.options.wait_s)
+            # as long as the hub paces heartbeats (a large swarm), short under energy rules
+            wait_s = self.energy.poll_wait_s(self.client.long_poll_s(self.options.wait_s))
             try:
                 answer, self._next_answer = self._next_answer, None
                 if answer is None:

@@ -34,6 +34,7 @@ from gridswarm.identity import Identity, sign_request
 from gridswarm.protocol import (
     API,
     DEFAULT_HEARTBEAT_S,
+    MAX_LONG_POLL_S,
     MAX_REASON_CHARS,
     AssignmentResponse,
     ContributionAck,
@@ -276,10 +277,12 @@ class HubClient:
         signed: bool = True,
         extra_headers: dict[str, str] | None = None,
         retry: bool = True,
+        timeout_s: float | None = None,
     ) -> httpx.Response:
         """One signed request, retried as the client is configured; `retry=False` tries each
         replica once and raises `HubUnreachable` without waiting or announcing (a heartbeat:
-        the next one follows in seconds, and the main loop already says the hub is down)."""
+        the next one follows in seconds, and the main loop already says the hub is down).
+        `timeout_s`: this request's timeout instead of the client's (a long-poll)."""
         started = time.monotonic()
         give_up = None if self.retry_for_s is None else started + self.retry_for_s
         delay = 0.2
@@ -289,8 +292,9 @@ class HubClient:
             if signed:
                 headers |= sign_request(self.identity, method, path, body)
             try:
+                own_timeout = {} if timeout_s is None else {"timeout": timeout_s}
                 response = self.http.request(
-                    method, path, content=body, params=params, headers=headers
+                    method, path, content=body, params=params, headers=headers, **own_timeout
                 )
             except httpx.TransportError as exc:
                 tls_error = tls_failure(self.base_url, exc)
@@ -380,9 +384,21 @@ class HubClient:
     def leave(self) -> None:
         self.request("POST", f"{API}/nodes/leave")
 
+    def long_poll_s(self, wait_s: float) -> float:
+        """How long to long-poll for work: `wait_s`, or the heartbeat interval the hub told
+        when that is longer (at most MAX_LONG_POLL_S). A held long-poll is a sign of life, and
+        each long-poll is one decision of the hub: 10,000 nodes polling every 10 s would be
+        1,000 asks a second, so a hub that paces heartbeats for its swarm (hub/pacing.py)
+        paces the asks of its waiting nodes with them."""
+        return min(MAX_LONG_POLL_S, max(wait_s, self.heartbeat_s or 0.0))
+
     def assignment(self, run_id: str, wait_s: float = 10.0) -> AssignmentResponse:
+        """Work, or the hub's answer after holding the request at most `wait_s`."""
         response = self.request(
-            "POST", f"{API}/runs/{run_id}/assignment", params={"wait_s": wait_s}
+            "POST",
+            f"{API}/runs/{run_id}/assignment",
+            params={"wait_s": wait_s},
+            timeout_s=wait_s + self.timeout_s,
         )
         return AssignmentResponse.model_validate_json(response.content)
 

@@ -222,7 +222,8 @@ class StreamingRounds:
         give_up_at = time.monotonic() + max(60.0, 2 * deadline_s)
         answer = None
         while not self.stop_event.is_set():
-            answer = self.client.assignment(a.run_id, wait_s=self.options.wait_s)
+            wait_s = self.client.long_poll_s(self.options.wait_s)
+            answer = self.client.assignment(a.run_id, wait_s=wait_s)
             if answer.status != "wait" or time.monotonic() > give_up_at:
                 break
             self.stop_event.wait(min(answer.retry_after_s, 1.0))
