@@ -29,6 +29,7 @@ from gridswarm.node.client import HubClient
 from gridswarm.protocol import (
     API,
     DEFAULT_HEARTBEAT_S,
+    MAX_LONG_POLL_S,
     HeartbeatResponse,
     NodeStatus,
     RegisterRequest,
@@ -132,6 +133,21 @@ def test_the_hub_tells_the_interval_and_the_node_client_obeys_it(tmp_path: Path)
         client.last_answer_at = time.monotonic() - 100.0
         client.last_beat_at = time.monotonic()
         assert client.heartbeat_due_in_s() > 19.0
+        # a waiting node long-polls as long as it is told to beat (never shorter than it
+        # asked, never longer than the hub takes): the asks are paced like the heartbeats
+        assert client.long_poll_s(10.0) == 20.0
+        assert client.long_poll_s(30.0) == 30.0
+        service.pacing.set_live(1_000_000, service.clock())
+        client.heartbeat(NodeStatus.IDLE)
+        assert client.long_poll_s(10.0) == MAX_LONG_POLL_S == HEARTBEAT_MAX_S
+        r = http.post(
+            f"{API}/runs/{run.run_id}/assignment",
+            params={"wait_s": MAX_LONG_POLL_S + 1},
+            headers=sign_request(
+                client.identity, "POST", f"{API}/runs/{run.run_id}/assignment", b""
+            ),
+        )
+        assert r.status_code == 422  # the hub takes no longer long-poll
 
 
 def test_interval_answers_are_bounded() -> None:
