@@ -32,6 +32,7 @@ from gridswarm.hub.engine import (
 from gridswarm.hub.lifecycle import RunState
 from gridswarm.hub.rounds import AssignmentState, Decision, RoundRules, Screening
 from gridswarm.hub.states import AssignmentStatus, RoundStatus
+from tests.examples import examples
 
 A, S = AssignmentStatus.ASSIGNED, AssignmentStatus.SUBMITTED
 RULES = RoundRules(quorum=2, min_nodes=2, max_nodes=4, deadline_s=60.0, liveness_s=20.0)
@@ -205,7 +206,7 @@ def statuses(snap: RoundSnapshot) -> dict[str, AssignmentStatus]:
     return {a.node_id: a.status for a in snap.assignments}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(snapshots(), rules_st, times)
 def test_a_tick_never_closes_below_quorum_and_waits_without_effects(snap, rules, now):
     out = step(snap, rules, Tick(), now)
@@ -226,7 +227,7 @@ def test_a_tick_never_closes_below_quorum_and_waits_without_effects(snap, rules,
             assert out.effects == () and out.snapshot == snap
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(snapshots(), rules_st, times)
 def test_no_assignment_is_both_submitted_and_missed_by_one_step(snap, rules, now):
     out = step(snap, rules, Tick(), now)
@@ -241,7 +242,7 @@ def test_no_assignment_is_both_submitted_and_missed_by_one_step(snap, rules, now
             assert all(before[n] == A for n in e.node_ids)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(snapshots(), rules_st, times)
 def test_a_replan_keeps_the_accepted_or_returns_the_round_to_pending(snap, rules, now):
     out = step(snap, rules, Tick(), now)
@@ -272,7 +273,7 @@ def arrive(snap: RoundSnapshot, uploads: int, joins: int, now: float, rules) -> 
     return replace(snap, assignments=tuple(rows), accepted=snap.accepted + uploads - ups)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     snapshots(),
     rules_st,
@@ -331,3 +332,34 @@ def test_a_version_advances_exactly_once_per_close(snap, rules, moments):
             assert snap.run.version == version  # no close, no new version
     assert snap.run.version == start + closes
     event(f"closes: {min(closes, 3)}")
+
+
+def summary(snap: RoundSnapshot, silent_before: float) -> RoundSnapshot:
+    """`snap` as hub/round_store.py reads it at scale: the assignments counted by status, and
+    only the outstanding ones of nodes silent since `silent_before` listed."""
+    return replace(
+        snap,
+        assignments=tuple(
+            a
+            for a in snap.assignments
+            if a.status == AssignmentStatus.ASSIGNED and a.node_last_seen_at < silent_before
+        ),
+        outstanding=sum(a.status == AssignmentStatus.ASSIGNED for a in snap.assignments),
+        submitted=sum(a.status == AssignmentStatus.SUBMITTED for a in snap.assignments),
+    )
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(snapshots(), rules_st, times, st.integers(0, 3))
+def test_a_summary_snapshot_steps_as_the_full_one(snap, rules, now, publish_after):
+    """A tick (and what follows it) decides the same from the summary read as from every
+    row: the same decision and effects, whatever the rows."""
+    full, short = snap, summary(snap, now - rules.liveness_s + 1.0)  # as the hub reads it
+    a, b = step(full, rules, Tick(), now), step(short, rules, Tick(), now)
+    assert (a.decision, a.effects) == (b.decision, b.effects)
+    assert a.snapshot.round_state().n_outstanding == b.snapshot.round_state().n_outstanding
+    if a.decision is Decision.CLOSE and publish_after:
+        screening = Screening(accepted=max(rules.quorum, a.snapshot.accepted), rejected=0)
+        a = step(a.snapshot, rules, Screened(screening), now)
+        b = step(b.snapshot, rules, Screened(screening), now)
+        assert (a.decision, a.effects) == (b.decision, b.effects)

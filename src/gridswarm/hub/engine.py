@@ -67,12 +67,18 @@ class RoundSnapshot:
     attempt: int  # re-plans so far
     deadline_at: float | None  # unix s; None while pending
     assignments: tuple[AssignmentState, ...] = ()
+    # a summary (hub/round_store.py at scale): `assignments` lists only the outstanding ones of
+    # nodes silent for `liveness_s`, and these count the rest (`rounds.RoundState`)
+    outstanding: int | None = None
+    submitted: int | None = None
     accepted: int = 0  # contributions accepted (all attempts): what a re-plan keeps
     screening: Screening | None = None  # set by a CLOSE `Screened`: the round is to publish
 
     def round_state(self) -> RoundState:
         """The view `hub/rounds.py`'s rules take."""
-        return RoundState(self.status, self.deadline_at, self.assignments)
+        return RoundState(
+            self.status, self.deadline_at, self.assignments, self.outstanding, self.submitted
+        )
 
 
 # -------------------------------------------------------------------------------------- events
@@ -222,6 +228,7 @@ def _tick(snap: RoundSnapshot, rules: RoundRules, now_s: float) -> Step:
                 else a
                 for a in snap.assignments
             ),
+            outstanding=None if snap.outstanding is None else snap.outstanding - len(gone),
         )
         effects.append(MarkMissed(tuple(lost)))
     decision = decide(snap.round_state(), rules, now_s)
@@ -275,6 +282,7 @@ def _published(snap: RoundSnapshot, event: Published, now_s: float) -> Step:
         run=run,
         status=RoundStatus.CLOSED,
         assignments=_missing_outstanding(snap.assignments),
+        outstanding=None if snap.outstanding is None else 0,
         screening=None,
     )
     return Step(closed, tuple(effects), Decision.CLOSE)
@@ -296,6 +304,7 @@ def _replan(
         deadline_at=deadline_at,
         status=status,
         assignments=_missing_outstanding(snap.assignments),
+        outstanding=None if snap.outstanding is None else 0,
         screening=None,
     )
     return after, [MissOutstanding(), Replan(attempt, deadline_at)]

@@ -45,13 +45,28 @@ class AssignmentState:
 
 @dataclass(frozen=True)
 class RoundState:
+    """A round's status and assignments. A *summary* (`outstanding` and `submitted` set, as
+    hub/round_store.py reads it for 10,000-node rounds) lists only the outstanding assignments
+    whose nodes have been silent for at least `liveness_s` (the only ones a rule may find lost)
+    and counts the others; a full state lists them all (counts None)."""
+
     status: RoundStatus
     deadline_at: float | None
     assignments: tuple[AssignmentState, ...]
+    outstanding: int | None = None  # assignments `assigned`; None: counted from `assignments`
+    submitted: int | None = None  # assignments `submitted`; None: counted from `assignments`
 
     @property
     def n_submitted(self) -> int:
+        if self.submitted is not None:
+            return self.submitted
         return sum(a.status == AssignmentStatus.SUBMITTED for a in self.assignments)
+
+    @property
+    def n_outstanding(self) -> int:
+        if self.outstanding is not None:
+            return self.outstanding
+        return sum(a.status == AssignmentStatus.ASSIGNED for a in self.assignments)
 
 
 def lost_assignments(state: RoundState, rules: RoundRules, now_s: float) -> list[str]:
@@ -67,9 +82,8 @@ def decide(state: RoundState, rules: RoundRules, now_s: float) -> Decision:
     """What the hub should do with an open round now."""
     if state.status != RoundStatus.OPEN:
         return Decision.WAIT
-    outstanding = [a for a in state.assignments if a.status == AssignmentStatus.ASSIGNED]
     quorum_met = state.n_submitted >= rules.quorum
-    if quorum_met and not outstanding:
+    if quorum_met and not state.n_outstanding:
         return Decision.CLOSE
     if state.deadline_at is not None and now_s >= state.deadline_at:
         return Decision.CLOSE if quorum_met else Decision.REPLAN
@@ -111,7 +125,10 @@ def budget_reason(
 def may_assign(
     state: RoundState, rules: RoundRules, node_id: str, live_nodes: int, now_s: float
 ) -> str | None:
-    """None if `node_id` may get an assignment in this round now, else the reason it may not."""
+    """None if `node_id` may get an assignment in this round now, else the reason it may not
+    (from a full state: a summary does not list who holds a place)."""
+    if state.outstanding is not None or state.submitted is not None:
+        raise ValueError("may_assign needs the round's full state, not a summary")
     mine = any(a.node_id == node_id and a.status in HOLDS_PLACE for a in state.assignments)
     active = sum(a.status in HOLDS_PLACE for a in state.assignments)
     return may_take_seat(state.status, mine, active, rules, live_nodes)

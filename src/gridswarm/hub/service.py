@@ -942,8 +942,12 @@ class HubService:
 
     def _snapshot(self, s: Session, run: m.Run) -> tuple[m.Round, RoundSnapshot, RoundRules]:
         """The run's round row, the round engine's view of it, and the run's round rules."""
-        rnd, snapshot = read_snapshot(s, run, heard_since=self.started_at)
-        return rnd, snapshot, self._rules(run.settings())
+        rules = self._rules(run.settings())
+        # a summary: counts, and only the outstanding assignments of silent nodes (with a
+        # second to spare: rows that are not lost yet are harmless, the engine's rule decides)
+        silent_before = self.clock() - rules.liveness_s + 1.0
+        rnd, snapshot = read_snapshot(s, run, self.started_at, silent_before)
+        return rnd, snapshot, rules
 
     def _rules(self, cfg: RunConfig) -> RoundRules:
         r = cfg.round
