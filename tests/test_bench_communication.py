@@ -82,3 +82,24 @@ def test_simulated_kept_inner_optimizer_carries_adam_state_across_rounds(bench, 
     # round 0 is the same (a new optimizer either way); round 1 differs: the state was kept
     assert kept["curve"][1]["val_loss"] == fresh["curve"][1]["val_loss"]
     assert kept["curve"][2]["val_loss"] != fresh["curve"][2]["val_loss"]
+
+
+def test_preset_seed_sets_both_sides_init_and_data(bench, corpus) -> None:
+    """`--grid '[{"seed": ...}]'` (the sweep's seed spread) reseeds the run both sides use."""
+    default = bench.run_config(tiny_preset(bench), corpus["dataset"])
+    other = bench.run_config(tiny_preset(bench, seed=7), corpus["dataset"])
+    assert default["seed"] == bench.PRESETS["quick"]["seed"] and other["seed"] == 7
+    assert bench.ddp_config(other, 1e-3, 1)["seed"] == 7
+    a, b = (Workload.from_config(parse_run_config(c)) for c in (default, other))
+    assert not torch.equal(a.initial_theta(), b.initial_theta())
+    first = [next(w.batches(slice_seed(w.cfg.seed, 0, "ddp-0")))[0] for w in (a, b)]
+    assert not torch.equal(*first)
+
+
+def test_nodes_and_ddp_clip_gradients_at_their_own_thresholds(bench, corpus) -> None:
+    """`grad_clip` is the nodes' `train.grad_clip`; `ddp_grad_clip` DDP's own (its best)."""
+    config = bench.run_config(tiny_preset(bench, grad_clip=0.5), corpus["dataset"])
+    assert parse_run_config(config).train.grad_clip == 0.5
+    ddp = bench.ddp_config(config, 1e-3, 1, 1.0)
+    assert parse_run_config(ddp).train.grad_clip == 1.0 and config["train"]["grad_clip"] == 0.5
+    assert bench.ddp_config(config, 1e-3, 1)["train"]["grad_clip"] == 0.5
