@@ -12,7 +12,10 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 def load_bench(name: str) -> ModuleType:
     """bench/`name`.py as the module `bench_<name>` (registered in sys.modules, so dataclasses
-    and pickling inside it work)."""
+    and pickling inside it work). bench/ goes on sys.path, as when the script is run, so it
+    may import the scripts beside it."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.append(str(BENCH_DIR))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
