@@ -1,4 +1,7 @@
+from dataclasses import replace
+
 from gridswarm.hub.rounds import (
+    ARRIVING_GRACE_S,
     AssignmentState,
     Decision,
     RoundRules,
@@ -33,6 +36,19 @@ def test_deadline_closes_with_quorum_and_replans_without():
     assert decide(state("submitted", "submitted", "assigned"), RULES, 100) is Decision.CLOSE
     assert decide(state("submitted", "assigned"), RULES, 100) is Decision.REPLAN
     assert decide(state(), RULES, 100) is Decision.REPLAN
+
+
+def test_the_deadline_waits_a_while_for_uploads_that_reached_the_hub_in_time():
+    """Uploads received by the deadline and still in the hub's own queue keep the round open,
+    for at most ARRIVING_GRACE_S; without them the deadline decides as before."""
+    waiting = replace(state("submitted", "submitted", "assigned"), arriving=1)
+    assert decide(waiting, RULES, 100) is Decision.WAIT
+    assert decide(waiting, RULES, 100 + ARRIVING_GRACE_S - 0.1) is Decision.WAIT
+    assert decide(waiting, RULES, 100 + ARRIVING_GRACE_S) is Decision.CLOSE
+    short = replace(state("submitted", "assigned"), arriving=2)  # below quorum: a re-plan waits
+    assert decide(short, RULES, 100) is Decision.WAIT
+    assert decide(short, RULES, 100 + ARRIVING_GRACE_S) is Decision.REPLAN
+    assert decide(replace(waiting, arriving=0), RULES, 100) is Decision.CLOSE
 
 
 def test_all_in_below_quorum_waits_for_more_nodes():

@@ -130,3 +130,21 @@ def test_each_effect_is_the_row_change_it_names(hub):
         # only an active run finishes: a second finish is a bug, refused before any write
         with pytest.raises(IllegalEvent):
             apply_effects(s, run, rnd, [FinishRun("again", FinishSource.BUDGET, now)])
+
+
+def test_a_round_at_its_deadline_waits_for_an_upload_the_hub_received_in_time(hub):
+    """An upload that reached the hub before the deadline but is still queued in it holds the
+    close (the deadline is the nodes', not the hub's queue's); once it is decided, or when the
+    grace runs out, the tick decides as before."""
+    service, clock, run_id, nodes = hub
+    with service.sessions() as s:
+        deadline_at = s.get(m.Round, (run_id, 0)).deadline_at
+    clock.advance(deadline_at - 1.0 - clock())
+    for node_id in nodes:
+        service.heartbeat(node_id, "training")
+    with service.arriving.receiving(run_id, clock()):
+        clock.advance(2.0)
+        assert service.tick() == []  # waits: the upload is still being decided
+        with service.sessions() as s:
+            assert s.get(m.Round, (run_id, 0)).status is RoundStatus.OPEN
+    assert service.tick() == [(run_id, Decision.REPLAN)]  # decided (here: never stored)

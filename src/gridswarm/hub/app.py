@@ -403,14 +403,17 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
 
     @app.post(f"{API}/runs/{{run_id}}/contributions", openapi_extra=openapi_body(binary=True))
     async def contribute(run_id: RunIdParam, request: Request) -> ContributionAck:
-        """Body: one safetensors blob, the encoded update plus `ContributionMeta` as metadata."""
-        checked = await signed_then(
-            request,
-            max_upload_bytes,
-            lambda v, body: service.check_upload(run_id, v.node_id, body, v.body_sha256),
-            limiter=locked(),
-        )
-        return await uploads.ask(run_id, checked)
+        """Body: one safetensors blob, the encoded update plus `ContributionMeta` as metadata.
+        From its arrival until it is decided, a round at its deadline waits for it (a while:
+        `rounds.ARRIVING_GRACE_S`)."""
+        with service.arriving.receiving(run_id, service.clock()):
+            checked = await signed_then(
+                request,
+                max_upload_bytes,
+                lambda v, body: service.check_upload(run_id, v.node_id, body, v.body_sha256),
+                limiter=locked(),
+            )
+            return await uploads.ask(run_id, checked)
 
     add_privacy_routes(app, service, signed, max_upload_bytes)  # /v1/runs/{id}/secagg/...
     add_trust_routes(app, service, signed)  # /v1/ledger, /v1/runs/{id}/fund, balances

@@ -71,13 +71,19 @@ class RoundSnapshot:
     # nodes silent for `liveness_s`, and these count the rest (`rounds.RoundState`)
     outstanding: int | None = None
     submitted: int | None = None
+    arriving: int = 0  # uploads the hub received by the deadline and is still deciding
     accepted: int = 0  # contributions accepted (all attempts): what a re-plan keeps
     screening: Screening | None = None  # set by a CLOSE `Screened`: the round is to publish
 
     def round_state(self) -> RoundState:
         """The view `hub/rounds.py`'s rules take."""
         return RoundState(
-            self.status, self.deadline_at, self.assignments, self.outstanding, self.submitted
+            self.status,
+            self.deadline_at,
+            self.assignments,
+            self.outstanding,
+            self.submitted,
+            self.arriving,
         )
 
 

@@ -2,7 +2,8 @@
 
 A round is *pending* until its first assignment, *open* while nodes train, *secagg* while a
 SecAgg run recovers the sum, and *closed* once aggregated (hub/states.py `RoundStatus`). It
-closes when every assignment is in (and the quorum is met), or at its deadline with a quorum. At
+closes when every assignment is in (and the quorum is met), or at its deadline with a quorum
+(once the uploads that reached the hub by then are decided, for at most ARRIVING_GRACE_S). At
 the deadline without a quorum it is re-planned: outstanding assignments are marked missed,
 accepted contributions are kept, and the deadline moves on, so a run never gets stuck.
 Assignments of nodes that stopped sending heartbeats count as missed at once.
@@ -19,6 +20,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, RoundStatus
+
+# how long past its deadline a round waits for uploads that reached the hub by the deadline and
+# are still queued in it (a hub at 10,000 nodes takes tens of seconds to decide a round's
+# uploads): the deadline is the nodes', not the hub's queue's; bounded, so that a stream of
+# uploads cannot hold a round open
+ARRIVING_GRACE_S = 30.0
 
 
 class Decision(StrEnum):
@@ -55,6 +62,8 @@ class RoundState:
     assignments: tuple[AssignmentState, ...]
     outstanding: int | None = None  # assignments `assigned`; None: counted from `assignments`
     submitted: int | None = None  # assignments `submitted`; None: counted from `assignments`
+    # uploads the hub received by the deadline and is still deciding (its own queue)
+    arriving: int = 0
 
     @property
     def n_submitted(self) -> int:
@@ -86,6 +95,8 @@ def decide(state: RoundState, rules: RoundRules, now_s: float) -> Decision:
     if quorum_met and not state.n_outstanding:
         return Decision.CLOSE
     if state.deadline_at is not None and now_s >= state.deadline_at:
+        if state.arriving and now_s < state.deadline_at + ARRIVING_GRACE_S:
+            return Decision.WAIT  # work that reached the hub in time is still being decided
         return Decision.CLOSE if quorum_met else Decision.REPLAN
     return Decision.WAIT
 

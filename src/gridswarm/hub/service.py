@@ -14,9 +14,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -350,6 +350,40 @@ def decided_alone(
     return answers
 
 
+class ArrivingUploads:
+    """The uploads this process has received and not yet decided, by run, with the time each
+    arrived: a round at its deadline waits (at most `rounds.ARRIVING_GRACE_S`) for those that
+    arrived by then, so that work that reached the hub in time is not refused as stale because
+    the hub's own queue held it. Each replica knows its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._at: dict[str, dict[int, float]] = {}
+        self._next = 0
+
+    @contextmanager
+    def receiving(self, run_id: str, now: float) -> Iterator[None]:
+        """While an upload for `run_id` that arrived at `now` is read, checked and decided."""
+        with self._lock:
+            token, self._next = self._next, self._next + 1
+            self._at.setdefault(run_id, {})[token] = now
+        try:
+            yield
+        finally:
+            with self._lock:
+                pending = self._at[run_id]
+                del pending[token]
+                if not pending:
+                    del self._at[run_id]
+
+    def by(self, run_id: str, deadline_at: float | None) -> int:
+        """How many of `run_id`'s uploads in flight arrived by `deadline_at`."""
+        if deadline_at is None:
+            return 0
+        with self._lock:
+            return sum(at <= deadline_at for at in self._at.get(run_id, {}).values())
+
+
 class NonceBook:
     """Nonces of accepted requests, stored in the database (a restart does not reopen the replay
     window) by group commit: the first request to arrive writes every nonce waiting at that
@@ -455,6 +489,7 @@ class HubService:
         # uploads decoded and checked at once, outside the lock (each holds a decoded update)
         self._checking = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
         self.nonces = NonceBook(engine, self.settings.max_skew_s)
+        self.arriving = ArrivingUploads()  # uploads received, not yet decided (round deadlines)
         # caches that keep request handling independent of the swarm's size (rebuilt on restart)
         self._achieved: dict[tuple[str, str], float | None] = {}  # (run, node) -> tokens/s
         self._live_view: dict[
@@ -947,7 +982,8 @@ class HubService:
         # second to spare: rows that are not lost yet are harmless, the engine's rule decides)
         silent_before = self.clock() - rules.liveness_s + 1.0
         rnd, snapshot = read_snapshot(s, run, self.started_at, silent_before)
-        return rnd, snapshot, rules
+        arriving = self.arriving.by(run.id, snapshot.deadline_at)  # in this process's queue
+        return rnd, replace(snapshot, arriving=arriving), rules
 
     def _rules(self, cfg: RunConfig) -> RoundRules:
         r = cfg.round
