@@ -192,10 +192,16 @@ max_intensity_g_per_kwh = 300
         live = sponsor.run_status(run_id)["live_nodes"]
         return next((n["status"] for n in live if n["id"] == node), None)
 
+    def report_while_paused() -> dict | None:
+        """The node's energy report, from the same answer that shows it paused (two answers
+        could straddle the trace's next flip on a loaded machine)."""
+        status = sponsor.run_status(run_id)
+        live = next((n["status"] for n in status["live_nodes"] if n["id"] == node), None)
+        return status["energy"]["nodes"][node] if live == "paused" else None
+
     wait_for(contributions, 40, "a first contribution")
-    wait_for(lambda: live_status() == "paused", FLIP_PERIOD_S + 5, "the node to pause")
+    report = wait_for(report_while_paused, FLIP_PERIOD_S + 5, "the node to pause")
     paused_at = contributions()
-    report = sponsor.run_status(run_id)["energy"]["nodes"][node]
     assert report["available"] is False and "intensity 900" in report["reasons"][0]
     wait_for(lambda: live_status() != "paused", FLIP_PERIOD_S + 5, "the node to resume")
     wait_for(lambda: contributions() > paused_at, FLIP_PERIOD_S + 5, "work after the pause")
