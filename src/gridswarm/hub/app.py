@@ -237,37 +237,30 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         error = HubError(422, f"malformed request: {describe_errors(exc.errors())}")
         return await _hub_error(request, error)
 
-    async def signed(
-        request: Request, limit: int, admit: Callable[[VerifiedRequest], None] | None = None
-    ) -> tuple[VerifiedRequest, bytes]:
-        """The verified request and its body (at most `limit` bytes); its nonce stored."""
-        body = await read_body(request, limit)
-        verified = await run_in_threadpool(
-            service.authenticate,
-            dict(request.headers),
-            request.method,
-            request.url.path,
-            body,
-            admit,
-        )
-        return verified, body
-
     async def signed_then(
         request: Request,
         limit: int,
         then: Callable[[VerifiedRequest, bytes], T],
         limiter: anyio.CapacityLimiter | None = None,
+        admit: Callable[[VerifiedRequest], None] | None = None,
     ) -> T:
-        """`signed`, then `then(verified, body)` in the same worker thread: one thread hop per
-        request instead of two (each costs a handoff of the GIL and of the event loop)."""
+        """Read the body (at most `limit` bytes), verify the request and store its nonce, then
+        `then(verified, body)` in the same worker thread: one thread hop per request instead
+        of two (each costs a handoff of the GIL and of the event loop). `admit` may refuse the
+        verified request before its nonce is stored."""
         body = await read_body(request, limit)
         headers, method, path = dict(request.headers), request.method, request.url.path
 
         def authenticated() -> T:
-            verified = service.authenticate(headers, method, path, body)
-            return then(verified, body)
+            return then(service.authenticate(headers, method, path, body, admit), body)
 
         return await anyio.to_thread.run_sync(authenticated, limiter=limiter)
+
+    async def signed(
+        request: Request, limit: int, admit: Callable[[VerifiedRequest], None] | None = None
+    ) -> tuple[VerifiedRequest, bytes]:
+        """The verified request and its body (`signed_then` with nothing more to do)."""
+        return await signed_then(request, limit, lambda v, body: (v, body), admit=admit)
 
     def peer(request: Request) -> str | None:
         """The client's address as the ASGI server gives it (behind a proxy: the proxy's,
