@@ -35,7 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gridswarm.config import parse_run_config
-from gridswarm.hub.service import ring_allreduce_bytes
+from gridswarm.hub.reports import ring_allreduce_bytes
 from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient
 from gridswarm.swarm import Swarm, free_port

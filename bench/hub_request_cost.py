@@ -6,7 +6,12 @@ queued; this takes one round apart. One real `gridswarm hub` process on SQLite, 
 parallel), one run whose round takes all of them, and each phase on its own: N registrations,
 N heartbeats, N asks for work (`wait_s=0`), N downloads of the round's model, N uploads of a
 small int8 contribution, then the close. Reported per phase: the hub's CPU milliseconds per
-request (user + system, from /proc) and wall milliseconds per request. `--baseline-src` runs
+request (user + system, from /proc) and wall milliseconds per request. Beside them, the floors
+no hub endpoint in this stack can go under: `healthz`, an unsigned GET answered from memory
+(uvicorn and FastAPI alone), and `heartbeat`, a signed request that does nothing but verify its
+signature, spend its nonce and note the node in memory. A node's round takes at least three
+signed requests (its ask, its download, its upload), so three heartbeats are the floor of the
+hub's CPU per node-round here. `--baseline-src` runs
 the same phases against another checkout's hub right after (before/after in one invocation;
 this machine is noisy: read the ratios).
 
@@ -34,7 +39,8 @@ from gridswarm.protocol import API, ContributionMeta, HeartbeatRequest, Register
 from gridswarm.swarm import Swarm, free_port
 
 PARALLEL = 64  # connections, and requests in flight
-PHASES = ("register", "heartbeat", "ask", "download", "upload")
+PHASES = ("healthz", "register", "heartbeat", "ask", "download", "upload")
+ROUND = ("ask", "download", "upload")  # the requests of one node-round
 Request = Callable[[hub_load.Connection, int, Identity], Awaitable[hub_load.Response]]
 
 
@@ -91,6 +97,12 @@ def measure(hub_src: Path | None, n: int, workdir: Path) -> dict[str, dict[str, 
         work: list[dict] = []
         rng = np.random.default_rng(0)
 
+        async def healthz(conn, _i, _who):
+            response = await conn.request("GET", "/healthz", b"", {}, 120)
+            if response.status_code != 200:
+                raise RuntimeError(f"/healthz: {response.status_code}")
+            return response
+
         async def register(conn, _i, who):
             req = RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1_000_000)
             return await signed(
@@ -128,6 +140,7 @@ def measure(hub_src: Path | None, n: int, workdir: Path) -> dict[str, dict[str, 
             return await signed(conn, who, "POST", f"{API}/runs/{run_id}/contributions", blob)
 
         requests: dict[str, Request] = {
+            "healthz": healthz,
             "register": register,
             "heartbeat": heartbeat,
             "ask": ask,
@@ -159,7 +172,7 @@ def markdown(doc: dict) -> str:
         f"before: {doc['load_average']}. Hub CPU (user + system) per request, ms; wall per request "
         "in brackets.",
         "",
-        "| endpoint | " + " | ".join(sides) + (" | ratio |" if len(sides) == 2 else ""),
+        "| endpoint | " + " | ".join(sides) + (" | ratio |" if len(sides) == 2 else " |"),
         "|---|" + "---|" * (len(sides) + (len(sides) == 2)),
     ]
     for phase in PHASES:
@@ -171,6 +184,20 @@ def markdown(doc: dict) -> str:
             a, b = (doc["results"][s][phase]["cpu_ms"] for s in sides)
             cells.append(f"{b / a:.2f}")
         lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "One node-round (its ask, download and upload) against the floors of the same stack, "
+        "hub CPU ms:",
+        "",
+        "| side | node-round | floor: 3 signed requests (heartbeat) | floor: 3 HTTP (healthz) |",
+        "|---|---|---|---|",
+    ]
+    for side in sides:
+        got = doc["results"][side]
+        lines.append(
+            f"| {side} | {sum(got[p]['cpu_ms'] for p in ROUND):.2f} "
+            f"| {3 * got['heartbeat']['cpu_ms']:.2f} | {3 * got['healthz']['cpu_ms']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -24,3 +24,5 @@ def test_every_phase_of_a_round_is_measured(tmp_path: Path) -> None:
         {"command": "x", "nodes": 6, "load_average": "0", "results": {"this": result}}
     )
     assert all(f"| {phase} |" in text for phase in bench.PHASES)
+    node_round = sum(result[p]["cpu_ms"] for p in bench.ROUND)
+    assert f"| this | {node_round:.2f} |" in text  # the node-round beside its floors

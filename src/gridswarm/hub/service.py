@@ -39,6 +39,7 @@ from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import engine as round_engine
 from gridswarm.hub import models as m
+from gridswarm.hub import reports
 from gridswarm.hub.engine import RoundSnapshot
 from gridswarm.hub.errors import HubError, UnreadableSettings
 from gridswarm.hub.lifecycle import (
@@ -75,7 +76,6 @@ from gridswarm.protocol import (
     ContributionMeta,
     EnergyReport,
     FailureReport,
-    Liveness,
     NodeStatus,
     Refusal,
     RegisterRequest,
@@ -192,34 +192,6 @@ class HubSettings:
     # folders on the hub's disk a run's `data.dataset` may name (`--data-root`); none: runs name
     # bundled datasets or `manifest:<sha256>` only (train/dataset.py `check_dataset_path`)
     data_roots: tuple[Path, ...] = ()
-
-
-def liveness_state(status: NodeStatus, silent_s: float, liveness_s: float) -> Liveness:
-    """How a run's status shows a node: gone (it said it left), live (heard from within
-    `liveness_s`) or silent (not heard from since; it may come back)."""
-    if status == NodeStatus.LEFT:
-        return Liveness.GONE
-    return Liveness.LIVE if silent_s <= liveness_s else Liveness.SILENT
-
-
-def _node_entry(node_id: str, name: str | None) -> dict:
-    """A node's totals in one run's status, before any are added."""
-    return {
-        "id": node_id,
-        "name": name,
-        "tokens": 0,
-        "bytes_up": 0,
-        "bytes_down": 0,
-        "contributions": 0,
-        "energy_wh": 0.0,
-        "failures": 0,
-        "last_failure": None,
-    }
-
-
-def ring_allreduce_bytes(numel: int, world: int) -> float:
-    """Bytes one worker sends in a ring all-reduce of `numel` fp32 values among `world` workers."""
-    return 0.0 if world < 2 else 2 * (world - 1) / world * 4 * numel
 
 
 @dataclass(frozen=True)
@@ -2083,36 +2055,7 @@ class HubService:
 
     def list_runs(self) -> list[dict]:
         with self.sessions() as s:
-            return [
-                {
-                    "id": r.id,
-                    "name": r.name,
-                    "status": r.status,
-                    "round": r.round,
-                    "version": r.version,
-                    "tokens_total": r.tokens_total,
-                }
-                for r in s.scalars(select(m.Run).order_by(m.Run.created_at))
-            ]
-
-    def _energy_status(
-        self, run: m.Run, contributions: list[m.Contribution], node_rows: dict[str, m.Node]
-    ) -> dict:
-        """run_status["energy"]: policy, deadline, totals, and the last report of each node that
-        works on this run (hub/energy.py)."""
-        contributors = {c.node_id for c in contributions}
-        reports = {}
-        for n in node_rows.values():
-            report = hub_energy.parse_report(n.energy_json)
-            if report and (n.id in contributors or report.get("run_id") == run.id):
-                reports[n.id] = report
-        return hub_energy.energy_status(
-            run.settings(),
-            run.created_at,
-            run.finished_at,
-            [hub_energy.ContributionRow.of(c) for c in contributions],
-            reports,
-        )
+            return reports.list_runs(s)
 
     def run_report(self, run_id: str) -> dict:
         """Energy and carbon report of a run: per node and per run tokens, kWh, kgCO2e, g per
@@ -2122,24 +2065,8 @@ class HubService:
             contributions = s.scalars(
                 select(m.Contribution).where(m.Contribution.run_id == run_id)
             ).all()
-            node_rows = s.scalars(select(m.Node)).all()
+            nodes = s.scalars(select(m.Node)).all()
         cfg = run.settings()
-        rows = [hub_energy.ContributionRow.of(c) for c in contributions]
-        contributors = {r.node_id for r in rows}
-        participants = []
-        for n in node_rows:
-            report = hub_energy.parse_report(n.energy_json) or {}
-            if n.id in contributors or report.get("run_id") == run_id:
-                participants.append(
-                    hub_energy.Participant(
-                        n.id,
-                        n.name,
-                        n.region or report.get("region"),
-                        speed_from_probe(n.probe_rate, run.numel),
-                        report.get("power_w"),
-                        report.get("intensity_g_per_kwh"),
-                    )
-                )
 
         def hub_intensity_at(region: str, t_s: float) -> float | None:
             return hub_energy.signal_intensity(self.settings.signals.get(region), t_s, t_s)
@@ -2147,129 +2074,39 @@ class HubService:
         return hub_energy.run_report_json(
             run_id,
             cfg.energy.policy,
-            rows,
-            participants,
+            [hub_energy.ContributionRow.of(c) for c in contributions],
+            reports.report_participants(run, contributions, nodes),
             run.created_at,
             hub_intensity_at,
             cfg.energy.default_intensity_g_per_kwh,
         )
 
     def run_status(self, run_id: str) -> dict:
-        """Everything a dashboard or summary shows about one run."""
+        """Everything a dashboard or summary shows about one run (hub/reports.py), with its
+        energy, trust and privacy sections."""
         if self._downloads:  # this process's counted downloads, so its figures include them
             with self.sessions() as s:
                 self.flush_downloads(s)
                 s.commit()
         with self.sessions() as s:
-            run = self._run(s, run_id)
-            versions = s.scalars(
-                select(m.Version).where(m.Version.run_id == run_id).order_by(m.Version.number)
-            ).all()
-            contributions = s.scalars(
-                select(m.Contribution).where(m.Contribution.run_id == run_id)
-            ).all()
-            rounds = s.scalars(
-                select(m.Round).where(m.Round.run_id == run_id).order_by(m.Round.number)
-            ).all()
-            assignments = s.execute(
-                select(m.Assignment.round, m.Assignment.status, func.count())
-                .where(m.Assignment.run_id == run_id)
-                .group_by(m.Assignment.round, m.Assignment.status)
-            ).all()
-            downloads = s.execute(
-                select(m.Download.node_id, func.sum(m.Download.bytes_down))
-                .where(m.Download.run_id == run_id)
-                .group_by(m.Download.node_id)
-            ).all()
-            node_rows = {n.id: n for n in s.scalars(select(m.Node))}
-            failures = s.scalars(
-                select(m.RunFailure)
-                .where(m.RunFailure.run_id == run_id)
-                .order_by(m.RunFailure.created_at)
-            ).all()
-            workers = s.scalars(
-                select(m.Assignment.node_id).where(m.Assignment.run_id == run_id).distinct()
-            ).all()
-        per_round_world: dict[int, int] = {}
-        for c in contributions:
-            per_round_world[c.round] = per_round_world.get(c.round, 0) + 1
-        sync_dp = sum(
-            c.steps * ring_allreduce_bytes(run.numel, per_round_world[c.round])
-            for c in contributions
-        )
-        nodes: dict[str, dict] = {}
-        for c in contributions:
-            entry = nodes.setdefault(c.node_id, _node_entry(c.node_id, node_rows[c.node_id].name))
-            entry["tokens"] += c.tokens
-            entry["bytes_up"] += c.bytes_up
-            entry["contributions"] += 1
-            entry["energy_wh"] += c.energy_wh or 0.0
-        for node_id in workers:  # nodes that were given work but never contributed
-            nodes.setdefault(node_id, _node_entry(node_id, node_rows[node_id].name))
-        for node_id, total in downloads:
-            if node_id in nodes:
-                nodes[node_id]["bytes_down"] = int(total or 0)
+            rows = reports.read_run_rows(s, self._run(s, run_id))
         now = self.clock()
-        for f in failures:
-            entry = nodes.setdefault(f.node_id, _node_entry(f.node_id, node_rows[f.node_id].name))
-            entry["failures"] += 1
-            entry["last_failure"] = f.reason
-        for node_id, entry in nodes.items():
-            row = node_rows[node_id]
-            entry["state"] = liveness_state(
-                row.status, now - row.last_seen_at, self.liveness_s(now)
-            )
-        outcome: dict[int, dict[str, int]] = {}
-        for rnd_number, status, count in assignments:
-            outcome.setdefault(rnd_number, {})[status] = count
-        return {
-            "id": run.id,
-            "name": run.name,
-            "status": run.status,
-            "status_reason": run.status_reason,
-            "liveness_s": self.liveness_s(now),
-            "round": run.round,
-            "version": run.version,
-            "numel": run.numel,
-            "tokens_total": run.tokens_total,
-            "config": json.loads(run.config_json or "null"),
-            "val_loss": [v.val_loss for v in versions],
-            "curve": [
-                {"version": v.number, "tokens": v.tokens_total, "val_loss": v.val_loss}
-                for v in versions
-            ],
-            "rounds": [
-                {
-                    "number": r.number,
-                    "status": r.status,
-                    "attempts": r.attempt + 1,
-                    "close_reason": r.close_reason,
-                    "assignments": outcome.get(r.number, {}),
-                    "opened_at": r.opened_at,
-                    "closed_at": r.closed_at,
-                }
-                for r in rounds
-            ],
-            "bytes_up_total": sum(c.bytes_up for c in contributions),
-            "bytes_down_total": int(sum(total or 0 for _, total in downloads)),
-            "bytes_sync_dp_equivalent": int(sync_dp),
-            "nodes": sorted(nodes.values(), key=lambda n: n["id"]),
-            "live_nodes": [
-                {"id": n.id, "name": n.name, "status": n.status}
-                for n in node_rows.values()
-                if n.status != NodeStatus.LEFT and now - n.last_seen_at <= self.liveness_s(now)
-            ],
-            **self._policy_status(run, contributions, node_rows),
-        }
+        return reports.run_status_json(rows, now, self.liveness_s(now)) | self._policy_status(rows)
 
-    def _policy_status(
-        self, run: m.Run, contributions: list[m.Contribution], node_rows: dict[str, m.Node]
-    ) -> dict:
+    def _policy_status(self, rows: reports.RunRows) -> dict:
         """The energy, trust and privacy sections of `run_status`; a run whose stored settings
         cannot be read back (a stalled run) shows why instead of failing the request."""
+        run = rows.run
         try:
+            energy = hub_energy.energy_status(
+                run.settings(),
+                run.created_at,
+                run.finished_at,
+                [hub_energy.ContributionRow.of(c) for c in rows.contributions],
+                reports.energy_reports(run.id, rows.contributions, list(rows.nodes.values())),
+            )
             return {
-                "energy": self._energy_status(run, contributions, node_rows),
+                "energy": energy,  # policy, deadline, totals, each node's last report
                 "trust": self.trust.status(run.id),  # audits, rejections, escrow, reputation
                 **self.privacy.run_status(run.id),  # "privacy": epsilon, budget, SecAgg rounds
             }
