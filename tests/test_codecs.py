@@ -123,3 +123,93 @@ def test_checking_a_payload_without_decoding_agrees_with_decoding(bits, n_blocks
         with pytest.raises(BlobFormatError) as err:
             check_payload(codec, {"q": q, "scale": torch.full((n_blocks,), bad)}, numel)
         assert not isinstance(err.value, NonFinitePayload)
+
+
+def whole_vector_outer_step(theta, g, momentum, residual, *, lr, mu, codec_down, block_size):
+    """The outer step as one operation per whole vector (`nesterov_step`, then `ErrorFeedback`
+    and the weights moved by the decoded delta): what the hub computed before it worked in
+    pieces, kept here as the reference the pieces must reproduce bit for bit."""
+    from gridswarm.train.outer import nesterov_step
+
+    step = nesterov_step(g, momentum, lr, mu)
+    feedback = ErrorFeedback(make_codec(codec_down, block_size), residual)
+    encoded = feedback.encode(step.update)
+    theta_new = theta - feedback.codec.decode(encoded, theta.numel())
+    return theta_new, encoded, step.momentum, feedback.residual
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(
+    codec=st.sampled_from(["fp32", "fp16", "int8", "int4"]),
+    block_size=st.sampled_from([2, 4, 16]),
+    numel=st.integers(1, 300),
+    chunk_values=st.integers(1, 96),
+    first_round=st.booleans(),
+    fragment=st.one_of(st.none(), st.tuples(st.integers(0, 299), st.integers(1, 300))),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_the_outer_step_in_pieces_is_the_whole_vector_step_bit_for_bit(
+    codec, block_size, numel, chunk_values, first_round, fragment, seed
+):
+    """`outer_update_` (in place, piece by piece) gives exactly the bits of the step over the
+    whole vector: weights, momentum, residual and the published delta, with and without a
+    momentum and residual yet, for every built-in down-codec and Streaming fragments."""
+    from gridswarm.train.outer import outer_update_
+
+    if fragment is not None:
+        fragment = (min(fragment[0], numel - 1), min(max(fragment), numel))
+        if fragment[0] >= fragment[1]:
+            fragment = None
+    start, end = fragment or (0, numel)
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(numel, generator=gen)
+    g = torch.randn(end - start, generator=gen) * 1e-2
+    g[:: max(1, numel // 7)] = -0.0  # signed zeros must come out as the whole step makes them
+    momentum = None if first_round else torch.randn(numel, generator=gen)
+    residual = None if first_round else torch.randn(numel, generator=gen) * 1e-3
+    knobs = {"lr": 0.7, "mu": 0.9, "codec_down": codec, "block_size": block_size}
+
+    def part(v):
+        return None if v is None else v[start:end]
+
+    want_theta, want_delta, want_m, want_r = theta.clone(), None, None, None
+    sliced = whole_vector_outer_step(theta[start:end], g, part(momentum), part(residual), **knobs)
+    want_theta[start:end] = sliced[0]
+    want_delta = sliced[1]
+    want_m = torch.zeros(numel) if momentum is None else momentum.clone()
+    want_r = torch.zeros(numel) if residual is None else residual.clone()
+    want_m[start:end], want_r[start:end] = sliced[2], sliced[3]
+
+    out = outer_update_(
+        theta.clone(),
+        g,
+        None if momentum is None else momentum.clone(),
+        None if residual is None else residual.clone(),
+        fragment=fragment,
+        chunk_values=chunk_values,
+        **knobs,
+    )
+
+    def same_bits(a, b):
+        return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+    assert same_bits(out.theta, want_theta)
+    assert same_bits(out.momentum, want_m)
+    assert same_bits(out.residual, want_r)
+    assert sorted(out.delta) == sorted(want_delta)
+    assert all(same_bits(out.delta[k], want_delta[k]) for k in want_delta)
+
+
+def test_the_outer_step_updates_the_hubs_vectors_in_place():
+    """The hub's close gives its freshly read weights, momentum and residual to `outer_update_`:
+    no model-sized copies of them are made, the results are those very tensors."""
+    from gridswarm.train.outer import outer_update, outer_update_
+
+    theta, momentum, residual = torch.randn(1000), torch.randn(1000), torch.zeros(1000)
+    g = torch.randn(1000) * 1e-2
+    knobs = {"lr": 0.7, "mu": 0.9, "codec_down": "int8", "block_size": 16}
+    copied = outer_update(theta, g, momentum, residual, **knobs)
+    ptrs = [t.data_ptr() for t in (theta, momentum, residual)]
+    out = outer_update_(theta, g, momentum, residual, chunk_values=64, **knobs)
+    assert [t.data_ptr() for t in (out.theta, out.momentum, out.residual)] == ptrs
+    assert torch.equal(out.theta, copied.theta) and torch.equal(out.residual, copied.residual)

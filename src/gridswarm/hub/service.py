@@ -95,7 +95,7 @@ from gridswarm.train.dataset import (
     parse_manifest,
 )
 from gridswarm.train.memory import OverBudget, check_memory
-from gridswarm.train.outer import outer_update
+from gridswarm.train.outer import outer_update_
 from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import is_zero_update, update_sha256
@@ -1856,7 +1856,8 @@ class HubService:
             if base.error_feedback_blob
             else None
         )
-        out = outer_update(
+        # in place on the vectors just read: the step adds a few pieces, not a few models
+        out = outer_update_(
             theta,
             pseudo_gradient,
             momentum,

@@ -52,6 +52,7 @@ def _require(tensors: dict[str, torch.Tensor], names_dtypes: dict[str, torch.dty
 
 class FP32:
     name = "fp32"
+    chunk_values = 1  # each value on its own
 
     def encode(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"values": vec.float().contiguous()}
@@ -66,6 +67,7 @@ class FP32:
 
 class FP16:
     name = "fp16"
+    chunk_values = 1
 
     def encode(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
         limit = torch.finfo(torch.float16).max
@@ -89,6 +91,11 @@ class Blockwise:
     @property
     def name(self) -> str:
         return f"int{self.bits}"
+
+    @property
+    def chunk_values(self) -> int:
+        """Whole blocks, and an even count of values (int4 packs two per byte)."""
+        return 2 * self.block_size
 
     @property
     def qmax(self) -> int:
@@ -149,6 +156,20 @@ class Blockwise:
             q = torch.stack([low, high], dim=1).view(-1)
         values = q.view(n_blocks, self.block_size).float().mul_(scale.view(-1, 1))
         return values.view(-1)[:numel]
+
+
+def chunk_alignment(codec: Codec) -> int | None:
+    """A multiple of how many values `codec` may encode at a time: pieces of a vector split
+    at multiples of it, encoded one by one and joined (`concat_encodings`), give the bytes of
+    one encoding of the whole. None: the codec does not say (a plugin's top-k, say), so it
+    encodes whole vectors only. A codec says so with a `chunk_values` attribute."""
+    align = getattr(codec, "chunk_values", None)
+    return align if isinstance(align, int) and align > 0 else None
+
+
+def concat_encodings(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The encoding of a vector from its pieces' encodings, in order (see `chunk_alignment`)."""
+    return {name: torch.cat([piece[name] for piece in pieces]) for name in pieces[0]}
 
 
 # name -> factory(block_size); plugins add theirs through the `gridswarm.codecs` entry points

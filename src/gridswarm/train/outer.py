@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gridswarm.train.codecs import ErrorFeedback, make_codec
+from gridswarm.train.codecs import chunk_alignment, concat_encodings, make_codec
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ class OuterUpdate:
     residual: torch.Tensor
 
 
+# values per piece of the hub's outer step: its temporaries are a few pieces, not a few models
+CHUNK_VALUES = 1 << 22  # 16 MiB of fp32
+
+
 def outer_update(
     theta: torch.Tensor,
     pseudo_gradient: torch.Tensor,
@@ -54,50 +58,75 @@ def outer_update(
     block_size: int,
     fragment: tuple[int, int] | None = None,
 ) -> OuterUpdate:
-    """The hub's close after aggregation: a Nesterov step, compressed for download with error
-    feedback; the weights move by exactly what nodes will decode, so hub and nodes agree. The
-    hub's `_close` and `bench/robustness.py` both call this.
+    """`outer_update_` on copies: the inputs are left as they were (benchmarks and tests that
+    keep the old weights; the hub, which does not, calls `outer_update_`)."""
+    return outer_update_(
+        theta.clone(),
+        pseudo_gradient,
+        None if momentum is None else momentum.clone(),
+        None if residual is None else residual.clone(),
+        lr=lr,
+        mu=mu,
+        codec_down=codec_down,
+        block_size=block_size,
+        fragment=fragment,
+    )
+
+
+def outer_update_(
+    theta: torch.Tensor,
+    pseudo_gradient: torch.Tensor,
+    momentum: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    *,
+    lr: float,
+    mu: float,
+    codec_down: str,
+    block_size: int,
+    fragment: tuple[int, int] | None = None,
+    chunk_values: int = CHUNK_VALUES,
+) -> OuterUpdate:
+    """The hub's close after aggregation, in place: a Nesterov step (`nesterov_step`),
+    compressed for download with error feedback (`ErrorFeedback`); the weights move by exactly
+    what nodes will decode, so hub and nodes agree. The hub's `_close`, and through
+    `outer_update` `bench/robustness.py` and `bench/communication.py`, call this.
+
+    `theta`, and `momentum` and `residual` when given, are overwritten with their new values
+    and returned in the `OuterUpdate` (a missing momentum or residual starts as a new vector).
+    When the down-codec encodes independent pieces (`codecs.chunk_alignment`: fp32, fp16, the
+    blockwise int8/int4) the step runs piece by piece of about `chunk_values` values, so its
+    temporaries are a few pieces, not a few models (the step over whole vectors held five or
+    more model-sized temporaries at once); the bits are those of one step over the whole vector.
 
     `fragment` = [start, end) (Streaming DiLoCo): `pseudo_gradient` holds that slice only; the
     step, momentum and residual update only that slice (the rest is unchanged) and the delta
     encodes only the slice's end - start values. `theta`, momentum and residual stay full vectors.
     """
-    if fragment is None:
-        step = nesterov_step(pseudo_gradient, momentum, lr, mu)
-        feedback = ErrorFeedback(make_codec(codec_down, block_size), residual)
-        encoded = feedback.encode(step.update)
-        momentum_new = step.momentum
-        del step  # the update is in `encoded` and the residual now: free it before the weights
-        theta_new = theta - feedback.codec.decode(encoded, theta.numel())
-        assert feedback.residual is not None
-        return OuterUpdate(theta_new, encoded, momentum_new, feedback.residual)
-    start, end = fragment
+    start, end = (0, theta.numel()) if fragment is None else fragment
     if not 0 <= start < end <= theta.numel() or pseudo_gradient.numel() != end - start:
         raise ValueError(
             f"fragment [{start}, {end}) does not fit {theta.numel()} weights and a "
             f"{pseudo_gradient.numel()}-value pseudo-gradient"
         )
-    part = slice(start, end)
-    inner = outer_update(
-        theta[part],
-        pseudo_gradient,
-        None if momentum is None else momentum[part],
-        None if residual is None else residual[part],
-        lr=lr,
-        mu=mu,
-        codec_down=codec_down,
-        block_size=block_size,
-    )
-    theta_new, momentum_new = theta.clone(), _full_or_zeros(momentum, theta)
-    residual_new = _full_or_zeros(residual, theta)
-    theta_new[part], momentum_new[part], residual_new[part] = (
-        inner.theta,
-        inner.momentum,
-        inner.residual,
-    )
-    return OuterUpdate(theta_new, inner.delta, momentum_new, residual_new)
-
-
-def _full_or_zeros(vector: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A copy of `vector`, or zeros shaped like `like` when there is none yet."""
-    return torch.zeros_like(like) if vector is None else vector.clone()
+    codec = make_codec(codec_down, block_size)
+    align = chunk_alignment(codec)
+    piece = end - start if align is None else max(align, chunk_values // align * align)
+    momentum_new = torch.zeros_like(theta) if momentum is None else momentum
+    residual_new = torch.zeros_like(theta) if residual is None else residual
+    encoded: list[dict[str, torch.Tensor]] = []
+    for offset in range(0, end - start, piece):
+        g = pseudo_gradient[offset : offset + piece]
+        at = slice(start + offset, start + offset + g.numel())
+        buf = momentum_new[at]  # buf = mu * buf + g (g itself on the first step)
+        if momentum is None:
+            buf.copy_(g)
+        else:
+            buf.mul_(mu).add_(g)
+        update = (buf * mu).add_(g).mul_(lr)  # lr * (g + mu * buf)
+        target = update if residual is None else update.add_(residual_new[at])
+        encoded.append(codec.encode(target))
+        decoded = codec.decode(encoded[-1], g.numel())
+        torch.sub(target, decoded, out=residual_new[at])  # carried to the next close
+        theta[at].sub_(decoded)
+    delta = encoded[0] if len(encoded) == 1 else concat_encodings(encoded)
+    return OuterUpdate(theta, delta, momentum_new, residual_new)
