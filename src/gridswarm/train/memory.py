@@ -7,8 +7,9 @@ values (4 bytes):
 
 - parameters: exact for the built-in GPT (`train/model.py`); for a Hugging Face architecture, the
   embedding, attention and MLP matrices of its config (norms and biases left out);
-- hub, per run: weights, new weights, outer momentum, error-feedback residual, the update and the
-  pseudo-gradient (6 vectors), plus up to `round.max_nodes` decoded contributions stacked for
+- hub, per run: weights, outer momentum, error-feedback residual and the pseudo-gradient, plus
+  one serialised vector being stored (5 vectors; the outer step runs in place, in pieces:
+  `train/outer.py`), plus up to `round.max_nodes` decoded contributions stacked for
   aggregation, plus one node's training for audit replays;
 - node training: weights, gradients and AdamW's two moments (4 vectors), plus activations of one
   batch: per layer ~16 values per token per channel, one attention score matrix, and the logits
@@ -23,7 +24,7 @@ from gridswarm.config import RunConfig
 from gridswarm.train.tokenizer import VOCAB_SIZE
 
 FLOAT_BYTES = 4
-HUB_VECTORS = 6  # weights, new weights, momentum, residual, update, pseudo-gradient
+HUB_VECTORS = 5  # weights, momentum, residual, pseudo-gradient, one vector being serialised
 TRAIN_VECTORS = 4  # weights, gradients, AdamW exp_avg and exp_avg_sq
 ACTIVATIONS_PER_CHANNEL = 16  # values kept per token, channel and layer for the backward pass
 LOGIT_COPIES = 3  # logits, softmax, gradient
