@@ -164,6 +164,42 @@ def test_prescreening_a_run_that_neither_audits_nor_scores_reads_no_blob(
     assert [(c.audited, c.audit_rate, c.status) for c in screened] == [(False, 0.0, "accepted")] * 2
 
 
+def test_a_prescreening_verdict_that_cannot_be_written_fails_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Pre-screening writes a batch's verdicts in one transaction; when one cannot be written,
+    the others are written each on its own and that one stays unaudited (the close judges it)."""
+    service = new_service(tmp_path, FakeClock())
+    config = tiny_run(
+        round={"deadline_s": 60, "quorum": 3, "min_nodes": 3, "max_nodes": 3},
+        trust=NO_AUDITS | {"usefulness": False},
+        budget={"rounds": 1},
+    )
+    run_id = service.create_run(Identity.generate().public_key, config).run_id
+    numel = service.run_status(run_id)["numel"]
+    nodes = [
+        service.register(
+            Identity.generate().public_key,
+            RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}"),
+        )
+        for i in range(3)
+    ]
+    jobs = [service.request_assignment(run_id, node).assignment for node in nodes]
+    for i, (node, job) in enumerate(zip(nodes, jobs, strict=True)):
+        upload(service, run_id, node, job, fake_update(numel, i))
+    apply = service.trust._apply
+
+    def fails_for_the_second(s, run, cfg, c, a, ex):
+        if c.node_id == nodes[1]:
+            raise RuntimeError("a verdict that cannot be written")
+        apply(s, run, cfg, c, a, ex)
+
+    monkeypatch.setattr(service.trust, "_apply", fails_for_the_second)
+    assert service.trust.prescreen(service.workload) == 2
+    audited = {c.node_id: c.audited for c in rows(service, m.Contribution)}
+    assert audited == {nodes[0]: False, nodes[1]: None, nodes[2]: False}
+
+
 @pytest.mark.parametrize("prescreened", [False, True], ids=["screened-at-close", "prescreened"])
 def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prescreened: bool

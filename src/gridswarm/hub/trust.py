@@ -698,7 +698,15 @@ class HubTrust:
 
     def prescreen(self, workload_for: Callable[[str, str], Workload], budget_s: float = 2.0) -> int:
         """Audit and score contributions as they arrive (the hub's ticker calls this outside
-        the service lock), so a round's close rarely waits for replays. Returns how many."""
+        the service lock), so a round's close rarely waits for replays. Returns how many.
+
+        A batch at a time: its rows read in one session (each run, round seed, base version
+        and its weights once for the batch, not once per contribution), each contribution
+        examined outside any lock within `budget_s`, then the verdicts written in one
+        transaction under the lock. A batch ends at a rejection or an extended tolerance
+        calibration: the next examinations judge by the node's reputation and the device's
+        calibration, so they wait for the next tick's fresh reads. A contribution whose
+        examination or writing fails is left for `screen_round` at close; the others go on."""
         started = time.monotonic()
         with self.sessions() as s:
             pending = s.scalars(
@@ -712,41 +720,114 @@ class HubTrust:
                 .order_by(m.Contribution.created_at)
                 .limit(32)
             ).all()
-        done = 0
+            if not pending:
+                return 0
+            assignments = {
+                a.id: a
+                for a in s.scalars(
+                    select(m.Assignment).where(
+                        m.Assignment.id.in_({c.assignment_id for c in pending})
+                    )
+                )
+            }
+            reputations = self.reputations(s, sorted({c.node_id for c in pending}))
+            runs = {c.run_id: s.get(m.Run, c.run_id) for c in pending}
+            seeds = {(c.run_id, c.round): s.get(m.TrustRound, (c.run_id, c.round)) for c in pending}
+            bases = {
+                (c.run_id, c.base_version): s.get(m.Version, (c.run_id, c.base_version))
+                for c in pending
+            }
+        weights = {key: self._weights(v.weights_blob) for key, v in bases.items() if v is not None}
+        examined: list[tuple[m.Contribution, RunConfig, Examination]] = []
         for c in pending:
             if time.monotonic() - started > budget_s:
                 break
+            run, seed_row = runs[c.run_id], seeds[(c.run_id, c.round)]
+            base = bases[(c.run_id, c.base_version)]
             try:
-                done += self._prescreen_one(c, workload_for)
+                cfg = run.settings()
+                if secure_aggregation(cfg) or seed_row is None or base is None:
+                    continue  # left to screen_round at close
+                ex = self._examine(
+                    cfg,
+                    run.numel,
+                    workload_for(run.id, run.config_json),
+                    base,
+                    weights[(c.run_id, c.base_version)],
+                    c,
+                    assignments[c.assignment_id],
+                    reputations[c.node_id],
+                    bytes.fromhex(seed_row.audit_seed),
+                    False,
+                )
             except Exception:  # never stall the ticker: screen_round redoes it at close
                 log.exception("pre-screening contribution %s failed", c.id)
-        return done
+                continue
+            examined.append((c, cfg, ex))
+            if ex.calibration is not None or ex.reason is not None:
+                break  # a reputation or a tolerance calibration changes: the next judged anew
+        return self._write_prescreened(examined) if examined else 0
 
-    def _prescreen_one(
-        self, c: m.Contribution, workload_for: Callable[[str, str], Workload]
+    def _write_prescreened(
+        self, examined: list[tuple[m.Contribution, RunConfig, Examination]]
     ) -> int:
-        """Examine one contribution (compute outside the lock, write under it); 1 if done."""
-        with self.sessions() as s:
-            run = s.get(m.Run, c.run_id)
-            cfg = run.settings()
-            seed_row = s.get(m.TrustRound, (run.id, c.round))
-            base = s.get(m.Version, (run.id, c.base_version))
-            a = s.get(m.Assignment, c.assignment_id)
-            rep = self.reputations(s, [c.node_id])[c.node_id]
-        if secure_aggregation(cfg) or seed_row is None or base is None:
-            return 0  # left to screen_round at close
-        theta = self._weights(base.weights_blob)
-        workload = workload_for(run.id, run.config_json)
-        seed = bytes.fromhex(seed_row.audit_seed)
-        ex = self._examine(cfg, run.numel, workload, base, theta, c, a, rep, seed, False)
+        """Write `prescreen`'s verdicts in one transaction; should that fail, each is written
+        again in its own, so a contribution whose verdict cannot be written fails alone (it
+        stays unaudited: `screen_round` judges it at close). Returns how many were written."""
+        try:
+            return self._write_verdicts(examined)
+        except Exception:
+            if len(examined) == 1:
+                log.exception("writing the pre-screening of %s failed", examined[0][0].id)
+                return 0
+            done = 0
+            for one in examined:
+                try:
+                    done += self._write_verdicts([one])
+                except Exception:
+                    log.exception("writing the pre-screening of %s failed", one[0].id)
+            return done
+
+    def _write_verdicts(self, examined: list[tuple[m.Contribution, RunConfig, Examination]]) -> int:
+        """Under the lock, with the runs' rows locked: each contribution still accepted and
+        not yet audited (a close, perhaps a replica's, may have screened it meanwhile) gets its
+        verdict (`_apply`); one commit. Returns how many were written."""
         with self.lock, self.sessions() as s:
-            lock_run(s, c.run_id)  # a replica closing this round waits, or has closed it
-            fresh = s.get(m.Contribution, c.id)
-            if fresh.status != ContributionStatus.ACCEPTED or fresh.audited is not None:
-                return 0  # the round closed meanwhile and screened it
-            self._apply(s, s.get(m.Run, c.run_id), cfg, fresh, s.get(m.Assignment, a.id), ex)
+            # locked in id order (`replicas.lock_runs`): a close of these waits, or is done
+            runs = {
+                run_id: lock_run(s, run_id) for run_id in sorted({c.run_id for c, _, _ in examined})
+            }
+            fresh = {
+                c.id: c
+                for c in s.scalars(
+                    select(m.Contribution).where(
+                        m.Contribution.id.in_([c.id for c, _, _ in examined])
+                    )
+                )
+            }
+            rows = list(  # held: the identity map keeps rows only while they are referred to
+                s.scalars(
+                    select(m.Assignment).where(
+                        m.Assignment.id.in_({c.assignment_id for c in fresh.values()})
+                    )
+                )
+            )
+            done = 0
+            for c, cfg, ex in examined:
+                row = fresh.get(c.id)
+                if (
+                    row is None
+                    or row.status != ContributionStatus.ACCEPTED
+                    or row.audited is not None
+                ):
+                    continue  # a close (perhaps a replica's) screened it meanwhile
+                self._apply(
+                    s, runs[row.run_id], cfg, row, s.get(m.Assignment, row.assignment_id), ex
+                )
+                done += 1
             s.commit()
-        return 1
+            del rows
+        return done
 
     def screen_round(
         self,
