@@ -164,6 +164,39 @@ def test_prescreening_a_run_that_neither_audits_nor_scores_reads_no_blob(
     assert [(c.audited, c.audit_rate, c.status) for c in screened] == [(False, 0.0, "accepted")] * 2
 
 
+def test_prescreening_reads_the_base_weights_once_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Usefulness scoring needs the version the uploads trained from: pre-screening reads and
+    hashes it once for a batch of uploads, not once per upload (a model-sized read each)."""
+    service = new_service(tmp_path, FakeClock())
+    config = tiny_run(
+        round={"deadline_s": 60, "quorum": 3, "min_nodes": 3, "max_nodes": 3},
+        trust=NO_AUDITS | {"usefulness": True},
+        budget={"rounds": 1},
+    )
+    run_id = service.create_run(Identity.generate().public_key, config).run_id
+    numel = service.run_status(run_id)["numel"]
+    base_blob = service.latest_version(run_id)["weights_blob"]
+    nodes = [
+        service.register(
+            Identity.generate().public_key,
+            RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}"),
+        )
+        for i in range(3)
+    ]
+    jobs = [service.request_assignment(run_id, node).assignment for node in nodes]
+    for i, (node, job) in enumerate(zip(nodes, jobs, strict=True)):
+        upload(service, run_id, node, job, fake_update(numel, i) * 1e-3)
+    reads: list[str] = []
+    get = service.blobs.get
+    monkeypatch.setattr(service.blobs, "get", lambda digest: reads.append(digest) or get(digest))
+    assert service.trust.prescreen(service.workload) == 3
+    assert reads.count(base_blob) == 1 and len(reads) == 4  # the base once, each upload once
+    scored = rows(service, m.Contribution)
+    assert all(c.loss_drop is not None for c in scored)
+
+
 def test_a_prescreening_verdict_that_cannot_be_written_fails_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
