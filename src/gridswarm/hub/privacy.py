@@ -98,7 +98,7 @@ from gridswarm.protocol import (
     SecAggTaskRequest,
     describe_errors,
 )
-from gridswarm.train.aggregate import make_aggregator
+from gridswarm.train.aggregate import EncodedRows, make_aggregator
 from gridswarm.train.params import pack_vector, unpack_vector
 
 if TYPE_CHECKING:
@@ -216,18 +216,21 @@ class HubPrivacy:
         rnd: m.Round,
         cfg: RunConfig,
         contributions: list[m.Contribution],
-        updates: torch.Tensor | None,
+        uploads: EncodedRows | None,
         weights: torch.Tensor | None,
         now: float,
     ) -> torch.Tensor:
-        """The round's pseudo-gradient (replaces the plain aggregator call in `_close`)."""
+        """The round's pseudo-gradient (replaces the plain aggregator call in `_close`): the
+        run's aggregator over the uploads (by blocks of columns where that gives the same
+        bits, `EncodedRows.aggregate`), DP-FedAvg over their stacked rows, or the SecAgg sum
+        (`uploads` None: the hub never sees one node's update)."""
         dp = cfg.privacy.dp
         if cfg.privacy.secagg:
             return self._secagg_aggregate(s, run, rnd, cfg, contributions, now)
         if dp is None:
-            return make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)(
-                updates, weights
-            )
+            aggregator = make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)
+            return uploads.aggregate(aggregator, weights)
+        updates = uploads.stacked()  # clipping needs each whole row's norm
         _, norms = clip_updates(updates, dp.clip_norm)
         result = dp_fedavg(updates, dp.clip_norm, dp.noise_multiplier, len(updates))
         self._account(s, run, rnd, cfg, len(updates), int((norms > dp.clip_norm).sum()), now)

@@ -82,7 +82,7 @@ from gridswarm.protocol import (
     RunCreateResponse,
     describe_errors,
 )
-from gridswarm.train.aggregate import make_aggregator
+from gridswarm.train.aggregate import EncodedRows, make_aggregator
 from gridswarm.train.codecs import NonFinitePayload, check_payload, make_codec
 from gridswarm.train.dataset import (
     MANIFEST_PREFIX,
@@ -1834,21 +1834,21 @@ class HubService:
         if prepared is not None and prepared.key == key:
             self._prepared[run.id] = prepared  # kept until the close commits (or is redone)
             return prepared
-        updates = weights = None  # under SecAgg only the recovered sum exists
+        uploads = weights = None  # under SecAgg only the recovered sum exists
         fragment = self.fragment(run, rnd.number)  # Streaming DiLoCo: this round's slice only
         numel = run.numel if fragment is None else fragment[1] - fragment[0]
         if not cfg.privacy.secagg:
+            # the payloads, decoded as the aggregation needs them (a block of columns at a time
+            # for the mean, median and trimmed mean: train/aggregate.py `EncodedRows`)
             codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
-            # decoded one by one into their rows: one fp32 copy of each, never two
-            updates = torch.empty(len(contributions), numel)
-            for i, c in enumerate(contributions):
-                updates[i] = codec.decode(unpack(self.blobs.get(c.id))[0], numel)
+            payloads = [unpack(self.blobs.get(c.id))[0] for c in contributions]
+            uploads = EncodedRows(codec, payloads, numel)
             weights = torch.tensor([float(c.tokens) for c in contributions])
         # plain aggregator, DP-FedAvg (clip + noise + accounting) or the SecAgg sum: hub/privacy.py
         pseudo_gradient = self.privacy.aggregate(
-            s, run, rnd, cfg, contributions, updates, weights, now
+            s, run, rnd, cfg, contributions, uploads, weights, now
         )
-        del updates  # the round's decoded uploads: N fp32 models, not needed past the aggregate
+        del uploads  # the round's uploads, not needed past the aggregate
         theta = unpack_vector(self.blobs.get(base.weights_blob))
         momentum = unpack_vector(self.blobs.get(base.momentum_blob)) if base.momentum_blob else None
         residual = (

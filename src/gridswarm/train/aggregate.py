@@ -20,12 +20,14 @@ import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from functools import partial
 from typing import ClassVar
 
 import numpy as np
 import torch
 
 from gridswarm.plugins import Registry
+from gridswarm.train.codecs import Codec, span_decoding
 
 # Column block for the Gram product and the selection rules: bounds the extra memory to
 # n * BLOCK floats (a few tens of MB) whatever d is.
@@ -38,10 +40,14 @@ class AggregationError(ValueError):
 
 
 class Aggregator(ABC):
-    """A rule `(updates [n, d] float32, weights [n]) -> aggregate [d]`."""
+    """A rule `(updates [n, d] float32, weights [n]) -> aggregate [d]`. A rule whose result
+    for each coordinate depends on that coordinate's values alone sets `coordinatewise`: the
+    hub then aggregates it a block of columns at a time (`aggregate_by_columns`), holding a
+    block of every row instead of every whole row."""
 
     name: ClassVar[str]
     uses_weights: ClassVar[bool] = False
+    coordinatewise: ClassVar[bool] = False
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         kept, kept_weights = _usable_rows(updates, weights)
@@ -86,6 +92,66 @@ def _usable_rows(
     return updates[keep], weights[keep]
 
 
+# values of each row per column block: 1 MiB of fp32, so a block of 64 rows is 64 MiB
+COLUMNS = 1 << 18
+
+Row = Callable[[int, int], torch.Tensor]  # (start, end) -> that span of one update, fp32
+
+
+def aggregate_by_columns(
+    aggregator: Aggregator,
+    rows: list[Row],
+    weights: torch.Tensor,
+    numel: int,
+    *,
+    align: int = 1,
+    columns: int = COLUMNS,
+) -> torch.Tensor:
+    """A `coordinatewise` aggregator over `rows` a block of columns at a time: each row's
+    span (`row(start, end)`, start a multiple of `align`) is decoded only for its block, so
+    the memory held is one block of every row, not every whole row. Bit for bit the result of
+    `aggregator(stacked rows, weights)` for rows whose sums are finite (each block is its own
+    contiguous matrix; the checks that drop a non-finite row see a block at a time)."""
+    if not aggregator.coordinatewise:
+        raise AggregationError(f"{aggregator.name} is not coordinate-wise")
+    width = max(align, columns // align * align)
+    out = torch.empty(numel)
+    for start in range(0, numel, width):
+        end = min(start + width, numel)
+        out[start:end] = aggregator(torch.stack([row(start, end) for row in rows]), weights)
+    return out
+
+
+class EncodedRows:
+    """A round's uploads as their codec payloads, decoded only as the aggregation needs them:
+    a `coordinatewise` rule over a codec that decodes spans gets them a block of columns at a
+    time (`aggregate_by_columns`: the payloads, int8 a quarter of a model each, and one block
+    of every row are held); any other rule gets the stacked `[n, d]` rows (`stacked`)."""
+
+    def __init__(self, codec: Codec, payloads: list[dict[str, torch.Tensor]], numel: int):
+        self.codec, self.payloads, self.numel = codec, payloads, numel
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def stacked(self) -> torch.Tensor:
+        """Every upload decoded into its row of one `[n, d]` float32 matrix; each payload is let
+        go once decoded (one fp32 copy of each upload, never two). Once only."""
+        rows = torch.empty(len(self.payloads), self.numel)
+        for i in range(len(self.payloads)):
+            rows[i] = self.codec.decode(self.payloads[i], self.numel)
+            self.payloads[i] = {}
+        return rows
+
+    def aggregate(self, aggregator: Aggregator, weights: torch.Tensor) -> torch.Tensor:
+        """`aggregator(self.stacked(), weights)`, by blocks of columns when that is the same."""
+        align = span_decoding(self.codec)
+        if not aggregator.coordinatewise or align is None:
+            return aggregator(self.stacked(), weights)
+        rows = [partial(self.codec.decode_span, p, self.numel) for p in self.payloads]
+        return aggregate_by_columns(aggregator, rows, weights, self.numel, align=align)
+
+
 # --------------------------------------------------------------------------- mean
 
 
@@ -93,6 +159,7 @@ class WeightedMean(Aggregator):
     """sum_i w_i x_i / sum_i w_i: FedAvg / DiLoCo's outer gradient. Breakdown point 0."""
 
     name = "mean"
+    coordinatewise = True
     uses_weights = True
 
     def combine(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -119,6 +186,7 @@ class CoordinateMedian(Aggregator):
     Breakdown point 1/2 per coordinate; biased under heterogeneous (non-IID) updates."""
 
     name = "median"
+    coordinatewise = True
 
     def combine(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n = updates.shape[0]
@@ -131,6 +199,7 @@ class TrimmedMean(Aggregator):
     coordinate (Yin et al. 2018). Tolerates up to floor(trim_fraction * n) attackers."""
 
     name = "trimmed-mean"
+    coordinatewise = True
 
     def __init__(self, trim_fraction: float = 0.2) -> None:
         if not 0.0 <= trim_fraction < 0.5:

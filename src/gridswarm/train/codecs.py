@@ -64,6 +64,12 @@ class FP32:
             raise BlobFormatError(f"expected {numel} values, got {values.numel()}")
         return values
 
+    def decode_span(
+        self, tensors: dict[str, torch.Tensor], numel: int, start: int, end: int
+    ) -> torch.Tensor:
+        """`decode(tensors, numel)[start:end]`, reading only those values."""
+        return self.decode(tensors, numel)[start:end]
+
 
 class FP16:
     name = "fp16"
@@ -79,6 +85,16 @@ class FP16:
         if values.numel() != numel:
             raise BlobFormatError(f"expected {numel} values, got {values.numel()}")
         return values.float()
+
+    def decode_span(
+        self, tensors: dict[str, torch.Tensor], numel: int, start: int, end: int
+    ) -> torch.Tensor:
+        """`decode(tensors, numel)[start:end]`, converting only those values."""
+        _require(tensors, {"values": torch.float16})
+        values = tensors["values"]
+        if values.numel() != numel:
+            raise BlobFormatError(f"expected {numel} values, got {values.numel()}")
+        return values[start:end].float()
 
 
 @dataclass(frozen=True)
@@ -150,12 +166,37 @@ class Blockwise:
 
     def decode(self, tensors: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
         q, scale, n_blocks = self._parts(tensors, numel)
+        return self._values(q, scale, n_blocks)[:numel]
+
+    def decode_span(
+        self, tensors: dict[str, torch.Tensor], numel: int, start: int, end: int
+    ) -> torch.Tensor:
+        """`decode(tensors, numel)[start:end]` for `start` a multiple of `chunk_values`,
+        decoding (and checking the scales of) only the blocks that hold those values."""
+        if start % self.chunk_values or not 0 <= start < end <= numel:
+            raise ValueError(f"span [{start}, {end}) is not aligned to {self.chunk_values}")
+        qdtype = torch.uint8 if self.bits == 4 else torch.int8
+        _require(tensors, {"q": qdtype, "scale": torch.float32})
+        n_blocks, per_byte = -(-numel // self.block_size), 2 if self.bits == 4 else 1
+        q, scale = tensors["q"], tensors["scale"]
+        if scale.numel() != n_blocks or q.numel() != n_blocks * self.block_size // per_byte:
+            raise BlobFormatError(
+                f"{self.name} payload does not match {numel} values in blocks of {self.block_size}"
+            )
+        first, last = start // self.block_size, -(-end // self.block_size)
+        scale = scale[first:last]
+        if not torch.isfinite(scale).all():
+            raise BlobFormatError(f"{self.name} payload has non-finite scales")
+        q = q[first * self.block_size // per_byte : last * self.block_size // per_byte]
+        return self._values(q, scale, last - first)[: end - start]
+
+    def _values(self, q: torch.Tensor, scale: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """The blocks' values, padding included: q × its block's scale."""
         if self.bits == 4:
             low = (q & 0x0F).to(torch.int8) - 8
             high = (q >> 4).to(torch.int8) - 8
             q = torch.stack([low, high], dim=1).view(-1)
-        values = q.view(n_blocks, self.block_size).float().mul_(scale.view(-1, 1))
-        return values.view(-1)[:numel]
+        return q.view(n_blocks, self.block_size).float().mul_(scale.view(-1, 1)).view(-1)
 
 
 def chunk_alignment(codec: Codec) -> int | None:
@@ -165,6 +206,15 @@ def chunk_alignment(codec: Codec) -> int | None:
     encodes whole vectors only. A codec says so with a `chunk_values` attribute."""
     align = getattr(codec, "chunk_values", None)
     return align if isinstance(align, int) and align > 0 else None
+
+
+def span_decoding(codec: Codec) -> int | None:
+    """The alignment at which `codec` decodes a span of a vector on its own (`decode_span`,
+    bit for bit the same values as decoding the whole and slicing), or None: whole vectors
+    only (a plugin that does not say)."""
+    if not callable(getattr(codec, "decode_span", None)):
+        return None
+    return chunk_alignment(codec)
 
 
 def concat_encodings(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

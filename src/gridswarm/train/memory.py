@@ -9,8 +9,9 @@ values (4 bytes):
   embedding, attention and MLP matrices of its config (norms and biases left out);
 - hub, per run: weights, outer momentum, error-feedback residual and the pseudo-gradient, plus
   one serialised vector being stored (5 vectors; the outer step runs in place, in pieces:
-  `train/outer.py`), plus up to `round.max_nodes` decoded contributions stacked for
-  aggregation, plus one node's training for audit replays;
+  `train/outer.py`), plus what it holds of up to `round.max_nodes` contributions while it
+  aggregates (`upload_bytes_per_value`: each one's payload when the rule is taken a block of
+  columns at a time, else its decoded fp32 row), plus one node's training for audit replays;
 - node training: weights, gradients and AdamW's two moments (4 vectors), plus activations of one
   batch: per layer ~16 values per token per channel, one attention score matrix, and the logits
   with their softmax and gradient.
@@ -103,6 +104,26 @@ def count_parameters(shape: Shape, exact_gpt: bool) -> int:
     return 2 * v * c + p * c + n * (4 * c * c + 3 * c * f)
 
 
+def upload_bytes_per_value(cfg: RunConfig) -> float:
+    """Bytes per parameter the hub holds of each contribution while it aggregates a round
+    (`train/aggregate.py` `EncodedRows`): its payload (int8 about 1, int4 about 0.5) for a
+    coordinate-wise rule over a codec that decodes spans, without DP or SecAgg; else its
+    decoded fp32 row (4)."""
+    from gridswarm.train.aggregate import AGGREGATORS  # registry and codecs: torch, lazily
+    from gridswarm.train.codecs import make_codec, span_decoding
+
+    rule = AGGREGATORS.get(cfg.round.aggregator)
+    codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
+    private = cfg.privacy.dp is not None or cfg.privacy.secagg
+    if private or not getattr(rule, "coordinatewise", False) or span_decoding(codec) is None:
+        return float(FLOAT_BYTES)
+    import torch
+
+    sample = 1 << 14
+    payload = codec.encode(torch.zeros(sample))
+    return sum(t.numel() * t.element_size() for t in payload.values()) / sample
+
+
 def estimate_memory(cfg: RunConfig) -> MemoryEstimate:
     """Bytes a run needs on a node and on the hub, from its config alone (see the module doc)."""
     shape = model_shape(cfg)
@@ -114,7 +135,8 @@ def estimate_memory(cfg: RunConfig) -> MemoryEstimate:
         + LOGIT_COPIES * batch * seq * shape.vocab
     )
     node = FLOAT_BYTES * TRAIN_VECTORS * params + activations
-    hub = FLOAT_BYTES * (HUB_VECTORS + cfg.round.max_nodes) * params + node
+    held = upload_bytes_per_value(cfg) * cfg.round.max_nodes * params
+    hub = int(FLOAT_BYTES * HUB_VECTORS * params + held) + node
     return MemoryEstimate(params, node, hub)
 
 
