@@ -419,7 +419,7 @@ def step(snapshot: RoundSnapshot, rules: RoundRules, event: Event, now_s: float)
     if isinstance(event, Asked):
         return _asked(snapshot, rules, event, now_s)
     if isinstance(event, Arrived):
-        return _arrived(snapshot, event, now_s)
+        return arrival(snapshot, event, now_s)
     if isinstance(event, Left):
         return _left(snapshot, event)
     if isinstance(event, Tick):
@@ -535,7 +535,10 @@ def place_refusal(snap: RoundSnapshot, place: AssignmentFacts) -> UploadRefused 
     return check_place(place, run)
 
 
-def _arrived(snap: RoundSnapshot, ev: Arrived, now_s: float) -> Step:
+def arrival(snap: RoundSnapshot, ev: Arrived, now_s: float) -> Step:
+    """`step` for an `Arrived`, which reads no round rules (the hub calls it without them):
+    the acceptance checks, then the contribution's row and its assignment `submitted`, or the
+    typed refusal (with the assignment `late` if its round moved on)."""
     refused = place_refusal(snap, ev.place)
     if refused is None:
         if ev.rules is None or ev.energy is None:

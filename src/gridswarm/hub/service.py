@@ -39,14 +39,18 @@ from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import engine as round_engine
 from gridswarm.hub import models as m
+from gridswarm.hub.acceptance import AssignmentFacts, ClaimFacts, ClaimRules, UploadRefused
 from gridswarm.hub.engine import (
+    Arrived,
     Asked,
     AskWait,
+    ContributionRow,
     OpenRound,
     PlanRules,
     RoundSnapshot,
     SeatFacts,
     WorkFacts,
+    place_refusal,
     round_wait,
     run_wait,
     seat_refusal,
@@ -78,6 +82,7 @@ from gridswarm.identity import (
     node_id_from_public_key,
     verify_request,
 )
+from gridswarm.privacy.live import SECAGG_CODEC
 from gridswarm.protocol import (
     Assignment,
     AssignmentResponse,
@@ -1624,30 +1629,66 @@ class HubService:
         (its assignment was not found there); otherwise None, and nothing is decoded again."""
         node_id, meta = upload.node_id, upload.meta
         node, assignment = self._node_assignment(s, run.id, node_id, meta.assignment_id)
-        # the checks every upload passes, SecAgg ones too (hub/acceptance.py, on the ledger)
-        cfg = self.trust.accept_upload(s, run, node, assignment, meta)
+        claims = meta.model_dump()
+        # the checks every upload passes, SecAgg ones too (the round engine's `Arrived`)
+        row = ContributionRow(upload.digest, claims, len(upload.body), upload.carbon)
+        cfg, rnd, accepted = self.accept_upload(s, run, node, assignment, meta, row)
         if upload.unchecked is not None:  # past acceptance: its codec is the run's
             self._check_payload(cfg, upload.unchecked, self._update_numel(run, assignment.round))
         # the node's signed claim over the update, no replayed update (hub/trust.py)
         screened = self.trust.screen_submission(
-            s, run, cfg, node, assignment, meta.model_dump(), *upload.update
+            s, run, cfg, node, assignment, claims, *upload.update
         )
         if not self.blobs.has(upload.digest):  # a failed identical upload removed it meanwhile
             self.blobs.put(upload.body, known_sha256=upload.digest)
-        contribution = m.Contribution.accepted(
-            upload.digest,
-            assignment,
-            meta.model_dump(),
-            len(upload.body),
-            self.clock(),
-            **upload.carbon,
-        )
-        s.add(contribution)
-        assignment.status = AssignmentStatus.SUBMITTED
-        self.trust.record_submission(s, contribution, screened)  # the claim, on the ledger
+        applied = apply_effects(s, run, rnd, accepted.effects)  # the row, and `submitted`
+        self.trust.record_submission(s, applied.contributions[0], screened)  # on the ledger
         return ContributionAck(
             contribution_id=upload.digest, accepted=True, bytes_up=len(upload.body)
         )
+
+    def accept_upload(
+        self,
+        s: Session,
+        run: m.Run,
+        node: m.Node,
+        assignment: m.Assignment,
+        meta: ContributionMeta,
+        row: ContributionRow,
+        secagg: bool = False,
+    ) -> tuple[RunConfig, m.Round, round_engine.Step]:
+        """The one acceptance path of every upload, plain or SecAgg (`HubPrivacy.advertise`):
+        the round engine decides (`Arrived`, the checks of hub/acceptance.py) on the facts read
+        here, the claim rules and energy figures only once the round still wants the upload.
+        Returns the run's settings, its current round row and the engine's step, whose effects
+        (the contribution's row, the assignment `submitted`) the caller applies once its own
+        checks passed. A refusal is raised, typed, after its MarkLate is committed and its
+        strike, if it is one, is on the ledger (`HubTrust.refuse_upload`); nothing else is
+        written. The caller holds the service lock, `run` locked, in its transaction `s`."""
+        rnd = s.get(m.Round, (run.id, run.round))
+        snap = row_snapshot(run, rnd)
+        place = AssignmentFacts(
+            AssignmentStatus(assignment.status), assignment.round, assignment.inner_steps
+        )
+        cfg = rules = energy = None
+        if place_refusal(snap, place) is None:  # the round wants it: read what judges its claims
+            cfg = run.settings()
+            rules = ClaimRules(
+                expected_codec=SECAGG_CODEC if secagg else cfg.comm.codec,
+                tokens_per_step=cfg.tokens_per_step,
+                batch_size=cfg.train.batch_size,
+                energy_min_fraction=cfg.trust.energy_min_fraction,
+            )
+            energy = self.trust.energy_facts(s, run, node)
+        arrived = Arrived(assignment.id, place, ClaimFacts.of(meta), row, rules, energy)
+        decided = round_engine.arrival(snap, arrived, self.clock())
+        if decided.refused is None and cfg is not None and rnd is not None:
+            return cfg, rnd, decided  # (accepted: the round is there and the settings read)
+        if decided.effects:  # MarkLate: the round moved on without this assignment
+            apply_effects(s, run, rnd, decided.effects)
+            s.commit()
+        refused = decided.refused or UploadRefused(409, Refusal.STALE, "stale: no round")
+        self.trust.refuse_upload(s, run, cfg, node.id, assignment, refused)
 
     def _drop_unless_named(self, run_id: str, digest: str) -> None:
         """Remove the blob of a refused or failed upload unless a contribution row names it;
