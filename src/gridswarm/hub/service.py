@@ -45,11 +45,13 @@ from gridswarm.hub.engine import (
     Asked,
     AskWait,
     ContributionRow,
+    Left,
     OpenRound,
     PlanRules,
     RoundSnapshot,
     SeatFacts,
     WorkFacts,
+    left_effects,
     place_refusal,
     round_wait,
     run_wait,
@@ -823,17 +825,11 @@ class HubService:
 
     @staticmethod
     def _release_assignments(s: Session, node_ids: list[str]) -> int:
-        """Mark the nodes' outstanding assignments released (in the caller's transaction)."""
-        if not node_ids:
-            return 0
-        return s.execute(
-            update(m.Assignment)
-            .where(
-                m.Assignment.node_id.in_(node_ids),
-                m.Assignment.status == AssignmentStatus.ASSIGNED,
-            )
-            .values(status=AssignmentStatus.RELEASED)
-        ).rowcount
+        """The nodes left (or registered their keys again): the round engine's `Left` releases
+        their outstanding assignments in every run, written in the caller's transaction (which
+        holds those runs' locks: `_lock_runs_of`). Returns how many were released."""
+        effects = left_effects(Left(tuple(node_ids)))
+        return apply_effects(s, None, None, effects).released
 
     # ---------------------------------------------------------------- runs
 
