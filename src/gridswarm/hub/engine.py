@@ -196,11 +196,12 @@ class ContributionRow:
 
 @dataclass(frozen=True)
 class Arrived:
-    """A contribution arrives for assignment `assignment_id` (its row's facts in `place`).
-    `rules` and `energy` are read by the caller only once `place_refusal` found the upload
-    still wanted (a run's settings are read only then)."""
+    """A contribution arrives from `node_id` for its assignment `assignment_id` (the row's
+    facts in `place`). `rules` and `energy` are read by the caller only once `place_refusal`
+    found the upload still wanted (a run's settings are read only then)."""
 
     assignment_id: str
+    node_id: str
     place: AssignmentFacts
     claim: ClaimFacts
     row: ContributionRow
@@ -548,7 +549,21 @@ def arrival(snap: RoundSnapshot, ev: Arrived, now_s: float) -> Step:
         late = (MarkLate(ev.assignment_id),) if refused.mark_late else ()
         return Step(snap, late, Decision.WAIT, refused=refused)
     effects = (RecordContribution(ev.assignment_id, ev.row, now_s), MarkSubmitted(ev.assignment_id))
-    return Step(snap, effects, Decision.WAIT)
+    # the node's one outstanding place of the round (a node holds at most one) is submitted;
+    # a summary counts it (its listed rows are only silent nodes' outstanding ones)
+    after = replace(
+        snap,
+        assignments=tuple(
+            replace(a, status=AssignmentStatus.SUBMITTED, node_last_seen_at=now_s)
+            if a.node_id == ev.node_id and a.status == AssignmentStatus.ASSIGNED
+            else a
+            for a in snap.assignments
+        ),
+        outstanding=None if snap.outstanding is None else max(snap.outstanding - 1, 0),
+        submitted=None if snap.submitted is None else snap.submitted + 1,
+        accepted=snap.accepted + 1,
+    )
+    return Step(after, effects, Decision.WAIT)
 
 
 # -------------------------------------------------------------------------------------- leaves
@@ -561,7 +576,9 @@ def left_effects(event: Left) -> tuple[Effect, ...]:
 
 
 def _left(snap: RoundSnapshot, ev: Left) -> Step:
-    """`left_effects`, with the round's listed assignments of those nodes released."""
+    """`left_effects`, with the round's listed assignments of those nodes released (a
+    summary's `outstanding` drops by the listed ones only: the hub applies a Left without a
+    snapshot, through `left_effects`, and its next tick reads the counts again)."""
     gone = set(ev.node_ids)
     released = sum(
         1 for a in snap.assignments if a.node_id in gone and a.status == AssignmentStatus.ASSIGNED

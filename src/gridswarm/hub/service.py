@@ -1676,7 +1676,7 @@ class HubService:
                 energy_min_fraction=cfg.trust.energy_min_fraction,
             )
             energy = self.trust.energy_facts(s, run, node)
-        arrived = Arrived(assignment.id, place, ClaimFacts.of(meta), row, rules, energy)
+        arrived = Arrived(assignment.id, node.id, place, ClaimFacts.of(meta), row, rules, energy)
         decided = round_engine.arrival(snap, arrived, self.clock())
         if decided.refused is None and cfg is not None and rnd is not None:
             return cfg, rnd, decided  # (accepted: the round is there and the settings read)
