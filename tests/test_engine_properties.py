@@ -5,7 +5,9 @@ fake clock. Whatever happens, the engine's invariants hold:
 - an acknowledged contribution is stored exactly once and counted in the run's tokens exactly once
   (when its round closes), never twice;
 - the version advances exactly once per closed round, and versions are contiguous;
-- no contribution is both accepted and rejected on the ledger, and the ledger chain verifies.
+- no contribution is both accepted and rejected on the ledger, and the ledger chain verifies;
+- no round holds more places than `max_nodes`, and no released (or missed, or late) assignment
+  has a contribution.
 """
 
 from __future__ import annotations
@@ -179,6 +181,32 @@ class RoundEngine(RuleBasedStateMachine):
         assert run.tokens_total == counted, "tokens counted other than once per contribution"
         assert versions == list(range(len(versions))), "versions are not contiguous"
         assert run.version == len(versions) - 1 == len(closed), "one version per closed round"
+
+    @invariant()
+    def places_stay_within_max_nodes_and_released_work_is_never_submitted(self) -> None:
+        """The round engine's seat rule and acceptance, as the hub applies them: no round holds
+        more places than `max_nodes`; every contribution's assignment is submitted (or judged
+        after), never released, missed or late."""
+        if not hasattr(self, "hub"):
+            return
+        with self.hub.sessions() as s:
+            held = s.execute(
+                select(m.Assignment.round, func.count())
+                .where(
+                    m.Assignment.run_id == self.run_id,
+                    m.Assignment.status.in_(["assigned", "submitted"]),
+                )
+                .group_by(m.Assignment.round)
+            ).all()
+            behind = set(
+                s.scalars(
+                    select(m.Assignment.status)
+                    .join(m.Contribution, m.Contribution.assignment_id == m.Assignment.id)
+                    .where(m.Assignment.run_id == self.run_id)
+                )
+            )
+        assert all(n <= RUN["round"]["max_nodes"] for _, n in held), held
+        assert behind <= {"submitted", "rejected", "discarded"}, behind
 
     @invariant()
     def no_contribution_is_both_accepted_and_rejected(self) -> None:

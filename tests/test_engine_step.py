@@ -11,27 +11,48 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from gridswarm.hub.acceptance import AssignmentFacts, ClaimFacts, ClaimRules, EnergyFacts
 from gridswarm.hub.engine import (
     AdvanceRun,
+    Arrived,
+    Asked,
+    AskWait,
+    Assign,
     CloseRound,
+    ContributionRow,
     FinishRun,
     FinishSource,
     IllegalEvent,
+    Left,
+    MarkLate,
     MarkMissed,
+    MarkSubmitted,
     MissOutstanding,
     OpenNextRound,
+    OpenRound,
+    PlanRules,
     Published,
+    RecordContribution,
+    ReleaseOutstanding,
     Replan,
     RoundSnapshot,
     RunSnapshot,
     Screened,
+    SeatFacts,
     Step,
     Tick,
+    WorkFacts,
+    left_effects,
+    place_refusal,
+    round_wait,
+    run_wait,
+    seat_refusal,
     step,
 )
 from gridswarm.hub.lifecycle import RunState
 from gridswarm.hub.rounds import AssignmentState, Decision, RoundRules, Screening
 from gridswarm.hub.states import AssignmentStatus, RoundStatus
+from gridswarm.protocol import Refusal
 from tests.examples import examples
 
 A, S = AssignmentStatus.ASSIGNED, AssignmentStatus.SUBMITTED
@@ -363,3 +384,260 @@ def test_a_summary_snapshot_steps_as_the_full_one(snap, rules, now, publish_afte
         a = step(a.snapshot, rules, Screened(screening), now)
         b = step(b.snapshot, rules, Screened(screening), now)
         assert (a.decision, a.effects) == (b.decision, b.effects)
+
+
+# ------------------------------------------------------------------- node events: asks
+
+
+PLAN = PlanRules(tokens_per_step=16, inner_steps=4, min_inner_steps=1)
+FULL_SPEED = WorkFacts(1000.0, 1000.0, share=1.0, window_s=None, retry_after_s=30.0)
+
+
+def ask(node_id: str, has_seat=False, taken=0, live=3, admission=None, work=FULL_SPEED) -> Asked:
+    return Asked(node_id, SeatFacts(has_seat, taken, live), PLAN, admission, work)
+
+
+def test_the_first_ask_opens_a_pending_round_and_assigns_the_full_plan():
+    pending = snapshot(status=RoundStatus.PENDING, deadline_at=None, attempt=1)
+    out = step(pending, RULES, ask("a"), 10.0)
+    assert out.wait is None and out.decision is Decision.WAIT
+    assert out.effects == (
+        OpenRound(opened_at=10.0, deadline_at=70.0),
+        Assign("a", attempt=1, base_version=3, inner_steps=4, created_at=10.0, deadline_at=70.0),
+    )
+    assert out.snapshot.status is RoundStatus.OPEN and out.snapshot.deadline_at == 70.0
+    assert statuses(out.snapshot) == {"a": A}
+    # the next ask joins the open round by its deadline; a slower node gets fewer steps
+    slow = replace(FULL_SPEED, tokens_per_s=500.0)
+    out = step(out.snapshot, RULES, ask("b", taken=1, work=slow), 20.0)
+    assert out.effects == (Assign("b", 1, 3, inner_steps=2, created_at=20.0, deadline_at=70.0),)
+
+
+@pytest.mark.parametrize(
+    ("asked", "status", "cause"),
+    [
+        (ask("a", taken=4), RoundStatus.OPEN, "round is full"),
+        (ask("a", has_seat=True, taken=1), RoundStatus.OPEN, "already assigned this round"),
+        (ask("a", live=1), RoundStatus.PENDING, "waiting for 2 live nodes (1 now)"),
+        (ask("a", taken=1), RoundStatus.CLOSED, "round closed"),
+        (ask("a", admission="others go first", work=None), RoundStatus.OPEN, "others go first"),
+    ],
+)
+def test_an_ask_without_a_place_waits_for_the_round_to_change(asked, status, cause):
+    snap = snapshot(status=status)
+    assert seat_refusal(snap, RULES, asked.seat) == (None if asked.admission else cause)
+    out = step(snap, RULES, asked, 10.0)
+    assert out.effects == () and out.snapshot == snap
+    assert out.wait == AskWait(1.0, None, cause=cause)  # only a change of round helps
+
+
+def test_the_energy_share_and_the_deadline_bound_the_plan():
+    snap = snapshot()  # open, deadline at t=100
+    no_share = replace(FULL_SPEED, share=0.0)
+    assert step(snap, RULES, ask("a", work=no_share), 10.0).wait == AskWait(
+        30.0, 30.0, cause="the run's energy policy gives this node no work now"
+    )
+    half = replace(FULL_SPEED, share=0.5)
+    assert step(snap, RULES, ask("a", work=half), 10.0).effects[0].inner_steps == 2
+    # one step takes 0.016 s: 7 s (the reserve) before the deadline nothing fits any more
+    late = step(snap, RULES, ask("a"), 93.5)
+    assert late.effects == () and late.wait.retry_after_s == late.wait.changes_after_s == 2.0
+    # the node's own energy window (here 0 s, plus the reserve) shortens its plan the same way
+    window = replace(FULL_SPEED, tokens_per_s=1.0, fastest_tokens_per_s=1.0, window_s=0.0)
+    assert step(snap, RULES, ask("a", work=window), 10.0).wait.retry_after_s == 2.0
+    with pytest.raises(IllegalEvent):  # a node let in needs its work facts
+        step(snap, RULES, ask("a", work=None), 10.0)
+
+
+def test_a_run_not_active_or_a_secagg_round_answers_every_ask_alike():
+    paused = snapshot(run=RunSnapshot(RunState.PAUSED, 3, 300, id="r1", status_reason="sponsor"))
+    assert (
+        run_wait(paused.run)
+        == round_wait(paused)
+        == AskWait(5.0, 5.0, "run r1 is paused: sponsor", cause="run r1 is paused: sponsor")
+    )
+    done = snapshot(run=RunSnapshot(RunState.FINISHED, 3, 300, id="r1"))
+    out = step(done, RULES, ask("a"), 10.0)
+    assert out.wait.finished and out.wait.changes_after_s is None and out.effects == ()
+    secagg = snapshot(status=RoundStatus.SECAGG)
+    assert run_wait(secagg.run) is None
+    assert step(secagg, RULES, ask("a"), 10.0).wait.changes_after_s == 1.0
+
+
+# ----------------------------------------------------------------- node events: uploads
+
+CLAIM_RULES = ClaimRules("int8", tokens_per_step=16, batch_size=2, energy_min_fraction=0.0)
+NO_ENERGY = EnergyFacts(w_per_core=10.0, fastest_tokens_per_s=None)
+ROW = ContributionRow("d" * 64, {"steps": 4}, bytes_up=100, columns={"carbon_g": 0.1})
+
+
+def upload(node_id="a", status=A, round_=3, steps=4, rules=CLAIM_RULES) -> Arrived:
+    claim = ClaimFacts("int8", steps, steps * 16, 1.0, 1, None, None)
+    place = AssignmentFacts(status, round_, inner_steps=4)
+    return Arrived(f"as-{node_id}", node_id, place, claim, ROW, rules, NO_ENERGY)
+
+
+def test_an_upload_the_round_wants_is_recorded_and_submitted():
+    snap = snapshot(("a", A, 10.0), ("b", S, 10.0))
+    out = step(snap, RULES, upload("a"), 20.0)
+    assert out.refused is None and out.wait is None
+    assert out.effects == (RecordContribution("as-a", ROW, 20.0), MarkSubmitted("as-a"))
+    assert statuses(out.snapshot) == {"a": S, "b": S} and out.snapshot.accepted == 2
+    # its retry (a lost acknowledgement): a duplicate, nothing written again
+    again = step(out.snapshot, RULES, upload("a", status=S), 21.0)
+    assert again.effects == () and again.refused.reason is Refusal.DUPLICATE
+    assert again.snapshot.accepted == 2
+
+
+def test_a_late_or_false_upload_is_refused_typed():
+    snap = snapshot(("a", A, 10.0))
+    late = step(snap, RULES, upload("a", round_=2), 20.0)  # its round moved on
+    assert late.refused.reason is Refusal.STALE and late.refused.mark_late
+    assert late.effects == (MarkLate("as-a"),) and late.snapshot == snap
+    for gone in (AssignmentStatus.RELEASED, AssignmentStatus.MISSED):
+        out = step(snap, RULES, upload("a", status=gone), 20.0)
+        assert out.refused.reason is Refusal.STALE and out.effects == ()
+    false = step(snap, RULES, upload("a", steps=3), 20.0)
+    assert false.refused.reason is Refusal.FALSE_CLAIM and false.refused.strike
+    assert false.effects == () and false.snapshot == snap
+    secagg_rules = replace(CLAIM_RULES, expected_codec="secagg")
+    assert step(snap, RULES, upload(rules=secagg_rules), 20.0).refused.reason is Refusal.MALFORMED
+    assert place_refusal(snap, upload("a").place) is None
+    with pytest.raises(IllegalEvent):  # an upload the round wants needs its claim rules
+        step(snap, RULES, upload("a", rules=None), 20.0)
+    # a stale upload is refused before its claims are read (the caller reads none)
+    stopped = replace(snap, run=replace(snap.run, status=RunState.STOPPED))
+    assert step(stopped, RULES, upload("a", rules=None), 20.0).refused.reason is Refusal.STALE
+
+
+# ------------------------------------------------------------------- node events: leaves
+
+
+def test_a_node_that_leaves_gives_up_its_outstanding_place_only():
+    snap = snapshot(("a", A, 10.0), ("b", S, 10.0), ("c", A, 10.0))
+    out = step(snap, RULES, Left(("a", "b", "a")), 20.0)
+    assert out.effects == (ReleaseOutstanding(("a", "b")),) == left_effects(Left(("a", "b", "a")))
+    assert statuses(out.snapshot) == {"a": AssignmentStatus.RELEASED, "b": S, "c": A}
+    assert left_effects(Left(())) == ()
+    # a released place takes no upload any more
+    released = replace(upload("a").place, status=AssignmentStatus.RELEASED)
+    assert place_refusal(out.snapshot, released).reason is Refusal.STALE
+
+
+# -------------------------------------------------------------- node events: properties
+
+
+@st.composite
+def node_events(draw) -> list[tuple[str, int]]:
+    kinds = st.sampled_from(["work", "work", "ask", "upload", "leave", "tick", "close"])
+    return draw(st.lists(st.tuples(kinds, st.integers(0, 5)), min_size=1, max_size=40))
+
+
+class Rows:
+    """Assignment rows in a dict, changed by the effects as hub/round_store.py changes the
+    tables (the store the property below drives the engine with)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}  # assignment id -> node, round, status, steps
+        self.recorded: list[str] = []  # assignment ids with a recorded contribution
+
+    def of_round(self, number: int) -> list[dict]:
+        return [r for r in self.rows.values() if r["round"] == number]
+
+    def apply(self, number: int, effects) -> None:
+        for e in effects:
+            if isinstance(e, Assign):
+                row = {"node": e.node_id, "round": number, "status": A, "steps": e.inner_steps}
+                self.rows[f"a{len(self.rows)}"] = row
+            elif isinstance(e, RecordContribution):
+                assert self.rows[e.assignment_id]["status"] == A
+                self.recorded.append(e.assignment_id)
+            elif isinstance(e, MarkSubmitted | MarkLate):
+                assert self.rows[e.assignment_id]["status"] == A
+                late = isinstance(e, MarkLate)
+                self.rows[e.assignment_id]["status"] = AssignmentStatus.LATE if late else S
+            elif isinstance(e, ReleaseOutstanding):
+                for r in self.rows.values():
+                    if r["node"] in e.node_ids and r["status"] == A:
+                        r["status"] = AssignmentStatus.RELEASED
+            elif isinstance(e, MarkMissed | MissOutstanding):
+                for r in self.of_round(number):
+                    hit = isinstance(e, MissOutstanding) or r["node"] in e.node_ids
+                    if r["status"] == A and hit:
+                        r["status"] = AssignmentStatus.MISSED
+
+
+# rounds smaller than the swarm, so that they fill up
+small_rules = st.builds(
+    RoundRules,
+    quorum=st.integers(1, 3),
+    min_nodes=st.integers(1, 3),
+    max_nodes=st.integers(1, 4),
+    deadline_s=st.floats(1.0, 200.0),
+    liveness_s=st.floats(1.0, 100.0),
+)
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(small_rules, node_events(), st.integers(3, 6))
+def test_node_events_keep_the_round_invariants(rules, events, n_nodes):
+    """Drive asks, uploads (fresh, repeated, late), leaves, ticks and closes through `step`,
+    with the effects applied to rows as the store applies them. Whatever the order: an
+    acknowledged contribution is recorded, and counted, once; a round never holds more places
+    than `max_nodes`; no assignment is both released and submitted."""
+    store = Rows()
+    snap = snapshot(status=RoundStatus.PENDING, deadline_at=None, accepted=0)
+    # "work": an ask, then at once its upload (so that rounds fill and close often)
+    moves = [
+        (k, i) for kind, i in events for k in (["ask", "upload"] if kind == "work" else [kind])
+    ]
+    for t, (kind, i) in enumerate(moves):
+        now, node = float(t + 1), f"n{i % n_nodes}"
+        rows = store.of_round(snap.number)  # the snapshot the store reads: the round's rows
+        snap = replace(
+            snap, assignments=tuple(AssignmentState(r["node"], r["status"], now) for r in rows)
+        )
+        if kind == "ask":
+            held = {r["node"] for r in rows if r["status"] in (A, S)}
+            seat = SeatFacts(node in held, len(held), n_nodes)
+            out = step(snap, rules, Asked(node, seat, PLAN, None, FULL_SPEED), now)
+        elif kind == "upload":
+            mine = [aid for aid, r in store.rows.items() if r["node"] == node]
+            if not mine:
+                continue
+            r = store.rows[mine[-1]]
+            claim = ClaimFacts("int8", r["steps"], r["steps"] * 16, 1.0, 1, None, None)
+            place = AssignmentFacts(r["status"], r["round"], r["steps"])
+            ev = Arrived(mine[-1], node, place, claim, ROW, CLAIM_RULES, NO_ENERGY)
+            out = step(snap, rules, ev, now)
+        elif kind == "leave":
+            out = step(snap, rules, Left((node,)), now)
+        elif kind == "tick":
+            out = step(snap, rules, Tick(), now + rules.deadline_s * (i % 2))
+        else:  # the hub's close: screened and published, if due
+            out = step(snap, rules, Tick(), now)
+            if out.decision is Decision.CLOSE:
+                store.apply(snap.number, out.effects)
+                snap = out.snapshot
+                screening = Screening(sum(a.status == S for a in snap.assignments), 0)
+                out = step(snap, rules, Screened(screening), now)
+                if out.decision is Decision.CLOSE:
+                    published = Published(snap.run.version + 1, snap.run.tokens_total + 1)
+                    out = step(out.snapshot, rules, published, now)
+        store.apply(snap.number, out.effects)
+        snap = out.snapshot
+        for opened in (e for e in out.effects if isinstance(e, OpenNextRound)):
+            snap = RoundSnapshot(
+                snap.run, opened.number, opened.base_version, RoundStatus.PENDING, 0, None
+            )
+        # the invariants, after every event
+        assert len(store.recorded) == len(set(store.recorded)), "recorded twice"
+        in_round = [aid for aid in store.recorded if store.rows[aid]["round"] == snap.number]
+        assert snap.accepted == len(in_round), "an accepted contribution counted other than once"
+        for number in {r["round"] for r in store.rows.values()}:
+            held = [r for r in store.of_round(number) if r["status"] in (A, S)]
+            assert len(held) <= rules.max_nodes, "more places held than max_nodes"
+        for aid in store.recorded:  # submitted, and never released (nor anything else) after
+            assert store.rows[aid]["status"] == S
+    event(f"recorded: {min(len(store.recorded), 5)}+")
+    event(f"rounds closed: {min(snap.number - 3, 2)}+")

@@ -13,19 +13,26 @@ from sqlalchemy import select
 
 from gridswarm.hub import models as m
 from gridswarm.hub.engine import (
+    Assign,
+    ContributionRow,
     FinishRun,
     FinishSource,
     IllegalEvent,
+    MarkLate,
     MarkMissed,
+    MarkSubmitted,
     MissOutstanding,
+    OpenRound,
+    RecordContribution,
+    ReleaseOutstanding,
     Replan,
 )
 from gridswarm.hub.lifecycle import RunState
-from gridswarm.hub.round_store import apply_effects, read_snapshot
+from gridswarm.hub.round_store import apply_effects, read_snapshot, row_snapshot
 from gridswarm.hub.rounds import Decision
-from gridswarm.hub.states import AssignmentStatus, RoundStatus
+from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.identity import Identity
-from gridswarm.protocol import RegisterRequest
+from gridswarm.protocol import ContributionMeta, RegisterRequest
 from tests.harness import FakeClock, new_service
 
 RUN = {
@@ -148,3 +155,100 @@ def test_a_round_at_its_deadline_waits_for_an_upload_the_hub_received_in_time(hu
         with service.sessions() as s:
             assert s.get(m.Round, (run_id, 0)).status is RoundStatus.OPEN
     assert service.tick() == [(run_id, Decision.REPLAN)]  # decided (here: never stored)
+
+
+def test_an_ask_s_effects_open_the_round_and_write_the_assignment(hub):
+    service, clock, run_id, nodes = hub
+    now = clock()
+    with service.sessions() as s:  # back to pending, every place given up
+        run, rnd = s.get(m.Run, run_id), s.get(m.Round, (run_id, 0))
+        apply_effects(s, run, rnd, [MissOutstanding(), Replan(attempt=1, deadline_at=None)])
+        s.commit()
+    with service.sessions() as s:
+        run, rnd = s.get(m.Run, run_id), s.get(m.Round, (run_id, 0))
+        snap = row_snapshot(run, rnd)
+        assert (snap.status, snap.attempt, snap.deadline_at) == (RoundStatus.PENDING, 1, None)
+        effects = [OpenRound(now, now + 60.0), Assign(nodes[0], 1, 0, 3, now, now + 60.0)]
+        applied = apply_effects(s, run, rnd, effects)
+        s.commit()
+        (row,) = applied.assignments
+        assert (rnd.status, rnd.opened_at, rnd.deadline_at) == (RoundStatus.OPEN, now, now + 60)
+        with pytest.raises(IllegalEvent):  # an open round does not open again
+            apply_effects(s, run, rnd, [OpenRound(now, now + 60.0)])
+    with service.sessions() as s:
+        stored = s.get(m.Assignment, row.id)
+        assert (stored.node_id, stored.round, stored.attempt, stored.inner_steps) == (
+            nodes[0],
+            0,
+            1,
+            3,
+        )
+        assert stored.status is AssignmentStatus.ASSIGNED and stored.deadline_at == now + 60
+
+
+def test_an_upload_s_effects_record_it_and_submit_its_assignment_once(hub):
+    service, clock, run_id, nodes = hub
+    with service.sessions() as s:
+        ids = dict(
+            s.execute(
+                select(m.Assignment.node_id, m.Assignment.id).where(m.Assignment.run_id == run_id)
+            ).all()
+        )
+    meta = ContributionMeta(
+        assignment_id=ids[nodes[0]],
+        codec="int8",
+        steps=4,
+        tokens=64,
+        loss_first=3.0,
+        loss_last=2.5,
+        loss_mean=2.7,
+        train_time_s=0.5,
+        threads=1,
+    )
+    row = ContributionRow("c" * 64, meta.model_dump(), 123, {"region": "hub-says"})
+    with service.sessions() as s:
+        run, rnd = s.get(m.Run, run_id), s.get(m.Round, (run_id, 0))
+        effects = [RecordContribution(ids[nodes[0]], row, clock()), MarkSubmitted(ids[nodes[0]])]
+        (contribution,) = apply_effects(s, run, rnd, effects).contributions
+        apply_effects(s, run, rnd, [MarkLate(ids[nodes[1]])])
+        s.commit()
+        # the same upload again is a bug in the caller (the engine refuses it as a duplicate)
+        with pytest.raises(IllegalEvent):
+            apply_effects(s, run, rnd, [RecordContribution(ids[nodes[0]], row, clock())])
+    statuses = assignment_statuses(service, run_id)
+    assert statuses[nodes[0]] is AssignmentStatus.SUBMITTED
+    assert statuses[nodes[1]] is AssignmentStatus.LATE
+    with service.sessions() as s:
+        stored = s.get(m.Contribution, "c" * 64)
+        assert (stored.node_id, stored.assignment_id, stored.bytes_up) == (
+            nodes[0],
+            ids[nodes[0]],
+            123,
+        )
+        assert stored.status == ContributionStatus.ACCEPTED and stored.loss_last == 2.5
+        assert stored.region == "hub-says"  # the hub's own columns
+        assert contribution.id == stored.id
+
+
+def test_a_leave_releases_outstanding_work_in_every_run_without_a_round(hub):
+    service, _clock, run_id, nodes = hub
+    with service.sessions() as s:
+        run, rnd = s.get(m.Run, run_id), s.get(m.Round, (run_id, 0))
+        a0 = s.scalars(select(m.Assignment).where(m.Assignment.node_id == nodes[0])).one()
+        apply_effects(s, run, rnd, [MarkSubmitted(a0.id)])
+        s.commit()
+    with service.sessions() as s:
+        with pytest.raises(IllegalEvent):  # a round's effect needs its round
+            apply_effects(s, None, None, [MarkMissed((nodes[1],))])
+        applied = apply_effects(s, None, None, [ReleaseOutstanding((nodes[0], nodes[1]))])
+        s.commit()
+    assert applied.released == 1  # the submitted one keeps its place
+    statuses = assignment_statuses(service, run_id)
+    assert statuses == {
+        nodes[0]: AssignmentStatus.SUBMITTED,
+        nodes[1]: AssignmentStatus.RELEASED,
+        nodes[2]: AssignmentStatus.ASSIGNED,
+    }
+    # the hub's own leave goes the same way, and frees the place for another ask
+    assert service.leave(nodes[2]) == 1
+    assert assignment_statuses(service, run_id)[nodes[2]] is AssignmentStatus.RELEASED

@@ -4,9 +4,10 @@ A plain upload (`HubService.submit`) and a SecAgg advertisement (`HubPrivacy.adv
 same thing to the round engine: a node's claim of work done for one of its assignments. Both go
 through `check_upload` (`check_place`, then `check_claims`), so neither path can skip a check the
 other applies (a SecAgg upload used to skip the energy floor and the false-claim record). The
-caller reads the facts from its rows (`HubTrust.accept_upload` in hub/trust.py); a refusal becomes
-a `HubError` with its typed reason, and one with `strike` set also goes on the ledger (a verdict,
-a strike, a forfeit).
+round engine composes them (hub/engine.py `Arrived`: `place_refusal`, then `check_claims`); the
+hub reads the facts from its rows (`HubService.accept_upload`); a refusal becomes a `HubError`
+with its typed reason, and one with `strike` set also goes on the ledger (a verdict, a strike,
+a forfeit: `HubTrust.refuse_upload`).
 
 No check here depends on the time: a contribution is judged by its assignment, its run and its
 claims, never by when it arrives (the round's deadline is the round engine's business, not a

@@ -1,6 +1,16 @@
 """The round engine: one pure transition function, (snapshot, rules, event, clock) -> (snapshot',
-effects), for the part of a round's life the hub decides on its own clock.
+effects), for a round's life: the nodes' asks, uploads and leaves, and what the hub decides on
+its own clock.
 
+    Asked         a node asks for work: the seat rule (`rounds.may_take_seat`), the trust
+                  admission verdict, the energy policy's share and the inner-step plan
+                  (`scheduler.plan_inner_steps`) give a wait, or the round opens (pending ->
+                  open) and the node is assigned its inner steps
+    Arrived       a contribution arrives (a plain upload or a SecAgg advertisement): the
+                  acceptance checks (`hub/acceptance.py`) give a typed refusal, or the
+                  contribution is recorded and its assignment is submitted
+    Left          nodes leave (or their keys register again): their outstanding assignments
+                  are released (`left_effects`: every run's, so the hub needs no snapshot)
     Tick          node liveness and the deadline: lost nodes' assignments are missed; the round
                   waits, is re-planned (deadline without quorum), or is due to close (CLOSE:
                   the hub screens its contributions next)
@@ -10,12 +20,22 @@ effects), for the part of a round's life the hub decides on its own clock.
                   version and tokens move on, and the run either finishes (round, token or
                   privacy budget) or opens its next round
 
-The engine composes the rules of `hub/rounds.py` (`lost_assignments`, `decide`,
-`decide_after_screening`, `budget_reason`); it holds no SQL, no model and no I/O, so the hub
-(`HubService._advance` / `_close`, which turn each effect into its UPDATE or INSERT in the
-transaction that read the snapshot) and the simulator (`sim/swarm.py`, on a virtual clock) take
-the same decisions. The heavy work between the events (screening, aggregation, the outer step,
-settlement, SecAgg stages) stays with the hub: an event reports what it found.
+The engine composes the rules of `hub/rounds.py` (`may_take_seat`, `lost_assignments`,
+`decide`, `decide_after_screening`, `budget_reason`), `hub/scheduler.py` and `hub/acceptance.py`;
+it holds no SQL, no model and no I/O, so the hub (`HubService._decide_ask`,
+`_store_contribution`, `leave`, `_advance` / `_close`, and `HubPrivacy.advertise`, which apply
+the effects with `hub/round_store.py` in the transaction that read the facts) and the simulator
+(`sim/swarm.py`, on a virtual clock) take the same decisions. The heavy work between the events
+(screening, aggregation, the outer step, settlement, SecAgg stages) stays with the hub: an event
+reports what it found.
+
+Facts that need SQL or another component (the trust admission verdict, the energy policy's
+work share, the nodes' speeds, the seat counts, an upload's claim rules and energy figures) are
+gathered by the caller and carried in the event, as `Screened` carries the screening. So that
+the caller pays for them only when they matter, the cheap refusals come first as pure checks
+the caller asks before gathering: `run_wait` and `round_wait` (once per batch of asks),
+`seat_refusal` (before the admission verdict), `place_refusal` (before an upload's claims).
+The step applies the same checks again, so an event decides alone whatever the caller asked.
 
 An event that does not fit the snapshot (a `Published` before a CLOSE `Screened`, a version
 that does not follow the round's base) is a bug in the caller, never a client's fault:
@@ -24,10 +44,22 @@ that does not follow the round's base) is a bug in the caller, never a client's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
-from gridswarm.hub.lifecycle import RunState
+from gridswarm.hub.acceptance import (
+    AssignmentFacts,
+    ClaimFacts,
+    ClaimRules,
+    EnergyFacts,
+    RunFacts,
+    UploadRefused,
+    check_claims,
+    check_place,
+)
+from gridswarm.hub.lifecycle import HOLDING, RunState
 from gridswarm.hub.rounds import (
     AssignmentState,
     Decision,
@@ -38,7 +70,9 @@ from gridswarm.hub.rounds import (
     decide,
     decide_after_screening,
     lost_assignments,
+    may_take_seat,
 )
+from gridswarm.hub.scheduler import plan_inner_steps
 from gridswarm.hub.states import AssignmentStatus, RoundStatus
 
 # ------------------------------------------------------------------------------------ snapshot
@@ -53,6 +87,8 @@ class RunSnapshot:
     tokens_total: int  # tokens trained into it, over all closed rounds
     rounds_budget: int | None = None  # `budget.rounds`
     tokens_budget: int | None = None  # `budget.tokens`
+    id: str = ""  # the run's id and why it is in its status: the words of a refusal
+    status_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,9 +127,95 @@ class RoundSnapshot:
 
 
 class EventKind(StrEnum):
+    ASKED = "asked"
+    ARRIVED = "arrived"
+    LEFT = "left"
     TICK = "tick"
     SCREENED = "screened"
     PUBLISHED = "published"
+
+
+@dataclass(frozen=True)
+class SeatFacts:
+    """The round's places as the caller counts them (the hub: `service.Seats`, kept current
+    through a batch of asks): whether the asking node holds one (assigned or submitted), how
+    many are taken, and how many nodes are live, the asking one included."""
+
+    has_seat: bool
+    taken: int
+    live: int
+
+
+@dataclass(frozen=True)
+class PlanRules:
+    """The run's training settings an inner-step plan reads."""
+
+    tokens_per_step: int  # seq_len x batch_size
+    inner_steps: int  # a full round's steps (`train.inner_steps`)
+    min_inner_steps: int  # fewer than this is no use (`train.min_inner_steps`)
+
+
+@dataclass(frozen=True)
+class WorkFacts:
+    """How fast the asking node is and what the run's energy policy gives it (hub/energy.py
+    `decide_work`): its share of a full round (0: wait `retry_after_s`), and the seconds its
+    energy window leaves it (None: no window)."""
+
+    tokens_per_s: float  # the node's speed on this run's model
+    fastest_tokens_per_s: float | None  # the fastest live node's, None if none known
+    share: float
+    window_s: float | None
+    retry_after_s: float
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A node asks for work. `admission`: the trust verdict (`HubTrust.admission`: a reason to
+    wait, or None), asked by the caller only once `seat_refusal` found a place; `work`: gathered
+    only once both let the node in (a step that needs them without them is the caller's bug)."""
+
+    node_id: str
+    seat: SeatFacts
+    plan: PlanRules
+    admission: str | None = None
+    work: WorkFacts | None = None
+    kind: EventKind = EventKind.ASKED
+
+
+@dataclass(frozen=True)
+class ContributionRow:
+    """What an accepted contribution's row holds besides its assignment: its id (the body's
+    sha256), the node's claims (`ContributionMeta` fields), its size, and the hub's own
+    columns (carbon)."""
+
+    digest: str
+    claims: Mapping[str, Any]
+    bytes_up: int
+    columns: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Arrived:
+    """A contribution arrives from `node_id` for its assignment `assignment_id` (the row's
+    facts in `place`). `rules` and `energy` are read by the caller only once `place_refusal`
+    found the upload still wanted (a run's settings are read only then)."""
+
+    assignment_id: str
+    node_id: str
+    place: AssignmentFacts
+    claim: ClaimFacts
+    row: ContributionRow
+    rules: ClaimRules | None = None
+    energy: EnergyFacts | None = None
+    kind: EventKind = EventKind.ARRIVED
+
+
+@dataclass(frozen=True)
+class Left:
+    """Nodes leave the hub (or register their keys again): their work is given up."""
+
+    node_ids: tuple[str, ...]
+    kind: EventKind = EventKind.LEFT
 
 
 @dataclass(frozen=True)
@@ -127,7 +249,7 @@ class Published:
     kind: EventKind = EventKind.PUBLISHED
 
 
-Event = Tick | Screened | Published
+Event = Asked | Arrived | Left | Tick | Screened | Published
 
 # ------------------------------------------------------------------------------------- effects
 
@@ -187,18 +309,103 @@ class OpenNextRound:
     base_version: int
 
 
-Effect = MarkMissed | MissOutstanding | Replan | CloseRound | AdvanceRun | FinishRun | OpenNextRound
+@dataclass(frozen=True)
+class OpenRound:
+    """The pending round opens at `opened_at` for its first node: its deadline is set."""
+
+    opened_at: float
+    deadline_at: float
+
+
+@dataclass(frozen=True)
+class Assign:
+    """A new outstanding assignment of the round (attempt `attempt`) for `node_id`."""
+
+    node_id: str
+    attempt: int
+    base_version: int
+    inner_steps: int
+    created_at: float
+    deadline_at: float
+
+
+@dataclass(frozen=True)
+class RecordContribution:
+    """An accepted contribution's row for assignment `assignment_id`, stored at `created_at`."""
+
+    assignment_id: str
+    row: ContributionRow
+    created_at: float
+
+
+@dataclass(frozen=True)
+class MarkSubmitted:
+    """The outstanding assignment `assignment_id` has its contribution."""
+
+    assignment_id: str
+
+
+@dataclass(frozen=True)
+class MarkLate:
+    """The outstanding assignment `assignment_id` of a round that moved on is `late`: an
+    upload came for it after its round."""
+
+    assignment_id: str
+
+
+@dataclass(frozen=True)
+class ReleaseOutstanding:
+    """The outstanding assignments of `node_ids`, in every run, are `released`."""
+
+    node_ids: tuple[str, ...]
+
+
+Effect = (
+    MarkMissed
+    | MissOutstanding
+    | Replan
+    | CloseRound
+    | AdvanceRun
+    | FinishRun
+    | OpenNextRound
+    | OpenRound
+    | Assign
+    | RecordContribution
+    | MarkSubmitted
+    | MarkLate
+    | ReleaseOutstanding
+)
+
+
+@dataclass(frozen=True)
+class AskWait:
+    """No work for an asking node now. `retry_after_s`: what the answer tells the node;
+    `changes_after_s`: when asking again could answer otherwise (None: only a change of the
+    run's round, which the hub signals: a long-poll sleeps until then); `reason`: the words the
+    answer carries (the run's status), `cause`: why, for logs and tests only (a node learns
+    nothing about the others from a full round); `finished`: the run is over."""
+
+    retry_after_s: float
+    changes_after_s: float | None
+    reason: str | None = None
+    cause: str | None = None
+    finished: bool = False
 
 
 @dataclass(frozen=True)
 class Step:
     """What one event did: the snapshot after it, the effects to apply (in order, in one
     transaction), and the decision it amounts to (WAIT: nothing to do; CLOSE after a Tick:
-    screen the round next; CLOSE after a Screened: publish it next; REPLAN: re-planned)."""
+    screen the round next; CLOSE after a Screened: publish it next; REPLAN: re-planned). A
+    node's event is always WAIT (the ticker decides the close); its answer is `wait` for an
+    ask with no work, `refused` for an upload refused (with MarkLate as its only possible
+    effect), neither when the effects assign the work or record the contribution."""
 
     snapshot: RoundSnapshot
     effects: tuple[Effect, ...]
     decision: Decision
+    wait: AskWait | None = None
+    refused: UploadRefused | None = None
 
 
 class IllegalEvent(RuntimeError):
@@ -210,6 +417,12 @@ class IllegalEvent(RuntimeError):
 
 def step(snapshot: RoundSnapshot, rules: RoundRules, event: Event, now_s: float) -> Step:
     """The one transition function of a round (see the module docstring)."""
+    if isinstance(event, Asked):
+        return _asked(snapshot, rules, event, now_s)
+    if isinstance(event, Arrived):
+        return arrival(snapshot, event, now_s)
+    if isinstance(event, Left):
+        return _left(snapshot, event)
     if isinstance(event, Tick):
         return _tick(snapshot, rules, now_s)
     if isinstance(event, Screened):
@@ -217,6 +430,173 @@ def step(snapshot: RoundSnapshot, rules: RoundRules, event: Event, now_s: float)
     if isinstance(event, Published):
         return _published(snapshot, event, now_s)
     raise IllegalEvent(f"unknown event {event!r}")
+
+
+# ---------------------------------------------------------------------------------------- asks
+
+
+def run_wait(run: RunSnapshot) -> AskWait | None:
+    """No work while the run is not active: a paused or stalled run may resume (ask again in
+    5 s), any other is over. The same for every ask of a batch: the caller asks it once."""
+    if run.status == RunState.ACTIVE:
+        return None
+    reason = f"run {run.id} is {run.status}" + (
+        f": {run.status_reason}" if run.status_reason else ""
+    )
+    if run.status in HOLDING:
+        return AskWait(5.0, 5.0, reason, cause=reason)
+    return AskWait(1.0, None, reason, cause=reason, finished=True)
+
+
+def round_wait(snap: RoundSnapshot) -> AskWait | None:
+    """`run_wait`, then no new work while the round's secure aggregation runs (ask again in
+    1 s). The same for every ask of a batch: the caller asks it before counting seats."""
+    waiting = run_wait(snap.run)
+    if waiting is None and snap.status == RoundStatus.SECAGG:
+        return AskWait(1.0, 1.0, cause="the round's secure aggregation runs")
+    return waiting
+
+
+def seat_refusal(snap: RoundSnapshot, rules: RoundRules, seat: SeatFacts) -> str | None:
+    """Why the node may not take a place in the round (`rounds.may_take_seat`: closed, already
+    held, full, too few live nodes to open it), None if it may: the caller asks the trust
+    admission only then."""
+    return may_take_seat(snap.status, seat.has_seat, seat.taken, rules, seat.live)
+
+
+def _asked(snap: RoundSnapshot, rules: RoundRules, ev: Asked, now_s: float) -> Step:
+    waiting = round_wait(snap)
+    if waiting is not None:
+        return Step(snap, (), Decision.WAIT, wait=waiting)
+    why = seat_refusal(snap, rules, ev.seat) or ev.admission
+    if why is not None:
+        # a full round, a place already held, a closed round, too few live nodes, a node
+        # others go before: only a change of the round changes it (enough live nodes: a
+        # registration, or the ticker's count, signals it)
+        return Step(snap, (), Decision.WAIT, wait=AskWait(1.0, None, cause=why))
+    work = ev.work
+    if work is None:
+        raise IllegalEvent(f"an ask of {ev.node_id} that may take a place needs its work facts")
+    if snap.status == RoundStatus.OPEN:
+        if snap.deadline_at is None:
+            raise IllegalEvent(f"round {snap.number} is open without a deadline")
+        deadline_at = snap.deadline_at
+    else:
+        deadline_at = now_s + rules.deadline_s
+    if work.share <= 0:  # the run's energy policy: not this node, or not now
+        cause = "the run's energy policy gives this node no work now"
+        waiting = AskWait(work.retry_after_s, work.retry_after_s, cause=cause)
+        return Step(snap, (), Decision.WAIT, wait=waiting)
+    reserve_s = 0.1 * rules.deadline_s + 1.0
+    time_left_s = deadline_at - now_s
+    if work.window_s is not None:  # the node's own energy window ends first
+        time_left_s = min(time_left_s, work.window_s + reserve_s)
+    speed = work.tokens_per_s
+    plan = plan_inner_steps(
+        tokens_per_s=speed,
+        fastest_tokens_per_s=max(work.fastest_tokens_per_s or speed, speed),
+        tokens_per_step=ev.plan.tokens_per_step,
+        inner_steps=ev.plan.inner_steps,
+        min_inner_steps=ev.plan.min_inner_steps,
+        time_left_s=time_left_s,
+        reserve_s=reserve_s,
+        work_share=work.share,
+    )
+    if plan is None:
+        cause = f"not even {ev.plan.min_inner_steps} inner steps fit before the deadline"
+        return Step(snap, (), Decision.WAIT, wait=AskWait(2.0, 2.0, cause=cause))
+    effects: list[Effect] = []
+    if snap.status == RoundStatus.PENDING:
+        effects.append(OpenRound(now_s, deadline_at))
+    effects.append(
+        Assign(ev.node_id, snap.attempt, snap.base_version, plan.inner_steps, now_s, deadline_at)
+    )
+    after = replace(
+        snap,
+        status=RoundStatus.OPEN,
+        deadline_at=deadline_at,
+        assignments=(
+            *snap.assignments,
+            AssignmentState(ev.node_id, AssignmentStatus.ASSIGNED, now_s),
+        )
+        if snap.outstanding is None
+        else snap.assignments,  # a summary lists only silent nodes: the new one is counted
+        outstanding=None if snap.outstanding is None else snap.outstanding + 1,
+    )
+    return Step(after, tuple(effects), Decision.WAIT)
+
+
+# ------------------------------------------------------------------------------------- uploads
+
+
+def place_refusal(snap: RoundSnapshot, place: AssignmentFacts) -> UploadRefused | None:
+    """Does the round still want an upload for this assignment (`acceptance.check_place`:
+    duplicate, or stale)? The caller reads the claim rules and energy facts only if it does."""
+    run = RunFacts(snap.run.id, snap.run.status, snap.run.status_reason, snap.number, snap.status)
+    return check_place(place, run)
+
+
+def arrival(snap: RoundSnapshot, ev: Arrived, now_s: float) -> Step:
+    """`step` for an `Arrived`, which reads no round rules (the hub calls it without them):
+    the acceptance checks, then the contribution's row and its assignment `submitted`, or the
+    typed refusal (with the assignment `late` if its round moved on)."""
+    refused = place_refusal(snap, ev.place)
+    if refused is None:
+        if ev.rules is None or ev.energy is None:
+            raise IllegalEvent(f"an upload for {ev.assignment_id} needs its claim rules")
+        refused = check_claims(ev.place, ev.claim, ev.rules, ev.energy)
+    if refused is not None:
+        late = (MarkLate(ev.assignment_id),) if refused.mark_late else ()
+        return Step(snap, late, Decision.WAIT, refused=refused)
+    effects = (RecordContribution(ev.assignment_id, ev.row, now_s), MarkSubmitted(ev.assignment_id))
+    # the node's one outstanding place of the round (a node holds at most one) is submitted;
+    # a summary counts it (its listed rows are only silent nodes' outstanding ones)
+    after = replace(
+        snap,
+        assignments=tuple(
+            replace(a, status=AssignmentStatus.SUBMITTED, node_last_seen_at=now_s)
+            if a.node_id == ev.node_id and a.status == AssignmentStatus.ASSIGNED
+            else a
+            for a in snap.assignments
+        ),
+        outstanding=None if snap.outstanding is None else max(snap.outstanding - 1, 0),
+        submitted=None if snap.submitted is None else snap.submitted + 1,
+        accepted=snap.accepted + 1,
+    )
+    return Step(after, effects, Decision.WAIT)
+
+
+# -------------------------------------------------------------------------------------- leaves
+
+
+def left_effects(event: Left) -> tuple[Effect, ...]:
+    """What nodes leaving changes: their outstanding assignments, in every run, are released
+    (so no round waits for them). Needs no snapshot: the hub applies it across runs."""
+    return (ReleaseOutstanding(tuple(dict.fromkeys(event.node_ids))),) if event.node_ids else ()
+
+
+def _left(snap: RoundSnapshot, ev: Left) -> Step:
+    """`left_effects`, with the round's listed assignments of those nodes released (a
+    summary's `outstanding` drops by the listed ones only: the hub applies a Left without a
+    snapshot, through `left_effects`, and its next tick reads the counts again)."""
+    gone = set(ev.node_ids)
+    released = sum(
+        1 for a in snap.assignments if a.node_id in gone and a.status == AssignmentStatus.ASSIGNED
+    )
+    after = replace(
+        snap,
+        assignments=tuple(
+            replace(a, status=AssignmentStatus.RELEASED)
+            if a.node_id in gone and a.status == AssignmentStatus.ASSIGNED
+            else a
+            for a in snap.assignments
+        ),
+        outstanding=None if snap.outstanding is None else snap.outstanding - released,
+    )
+    return Step(after, left_effects(ev), Decision.WAIT)
+
+
+# ---------------------------------------------------------------------------------------- tick
 
 
 def _tick(snap: RoundSnapshot, rules: RoundRules, now_s: float) -> Step:

@@ -49,8 +49,10 @@ from sqlalchemy.orm import Session
 from gridswarm.blobs import provisional, sha256_hex
 from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
+from gridswarm.hub.engine import ContributionRow
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.openapi import RoundParam, RunIdParam, WaitParam, openapi_body
+from gridswarm.hub.round_store import apply_effects
 from gridswarm.hub.rounds import Decision
 from gridswarm.hub.states import (
     HOLDS_PLACE,
@@ -597,16 +599,17 @@ class HubPrivacy:
             if cfg.privacy.secagg is None:
                 raise HubError(409, f"run {run_id} does not use secure aggregation")
             a = self._assignment(s, run_id, node_id, meta.assignment_id)
-            # the same acceptance checks as a plain upload: stale, false claims and the energy
-            # floor, with strikes on the ledger (hub/acceptance.py)
-            svc.trust.accept_upload(s, run, node, a, meta, secagg=True)
+            # the one acceptance path of a plain upload (the round engine's `Arrived`): stale,
+            # false claims and the energy floor, with strikes on the ledger
+            digest = hashlib.sha256(body).hexdigest()
+            row = ContributionRow(digest, meta.model_dump(), len(body), carbon)
+            _cfg, rnd, accepted = svc.accept_upload(s, run, node, a, meta, row, secagg=True)
             seen = self._messages(s, run_id, a.round, "advertise")
             known = {k for b in seen.values() for k in self._keys_of(b)}
             if known & set(keys):
                 raise HubError(409, "public keys already used in this round")
             now = svc.clock()
-            digest = hashlib.sha256(body).hexdigest()
-            s.add(m.Contribution.accepted(digest, a, meta.model_dump(), len(body), now, **carbon))
+            apply_effects(s, run, rnd, accepted.effects)  # the row, and `submitted`
             s.add(
                 m.SecAggMessage(
                     run_id=run_id,
@@ -617,7 +620,6 @@ class HubPrivacy:
                     created_at=now,
                 )
             )
-            a.status = AssignmentStatus.SUBMITTED
             s.commit()
         with svc.lock:  # the last contribution opens the SecAgg stages now
             svc._advance(run_id)

@@ -2,13 +2,20 @@
 
 `apply_effects` turns each effect into its UPDATE or INSERT on the caller's session, in order,
 without committing: the caller holds the run's row lock and commits the effects together with
-whatever heavy work preceded them (the version row and the settlement of a close), so that an
-event's effects are stored in one transaction or not at all.
+whatever heavy work preceded them (the version row and the settlement of a close; the trust
+ledger's entries of an opened round or a recorded contribution), so that an event's effects are
+stored in one transaction or not at all.
+
+Two views feed the engine: `read_snapshot` (the round's rows and counts, what a tick or a close
+decides on) and `row_snapshot` (the run's and round's rows the caller already holds, no query:
+what an ask or an upload decides on, with its counts carried in the event).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -16,14 +23,20 @@ from sqlalchemy.orm import Session
 from gridswarm.hub import models as m
 from gridswarm.hub.engine import (
     AdvanceRun,
+    Assign,
     CloseRound,
     Effect,
     FinishRun,
     FinishSource,
     IllegalEvent,
+    MarkLate,
     MarkMissed,
+    MarkSubmitted,
     MissOutstanding,
     OpenNextRound,
+    OpenRound,
+    RecordContribution,
+    ReleaseOutstanding,
     Replan,
     RoundSnapshot,
     RunSnapshot,
@@ -33,12 +46,81 @@ from gridswarm.hub.rounds import AssignmentState
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
 
 
-def apply_effects(s: Session, run: m.Run, rnd: m.Round, effects: Iterable[Effect]) -> None:
+@dataclass
+class Applied:
+    """The rows `apply_effects` created (an Assign's assignment, a RecordContribution's
+    contribution: what the caller answers with, or puts on the ledger) and how many
+    assignments a ReleaseOutstanding released."""
+
+    assignments: list[m.Assignment] = field(default_factory=list)
+    contributions: list[m.Contribution] = field(default_factory=list)
+    released: int = 0
+
+
+def apply_effects(
+    s: Session, run: m.Run | None, rnd: m.Round | None, effects: Iterable[Effect]
+) -> Applied:
     """Write `effects` of one engine step on `run`'s round `rnd` (both loaded in `s`, the run's
     row locked). Bulk UPDATEs name their source status, so a row that moved meanwhile is left
-    alone (tests/hub/test_states.py checks each move against `hub/states.py`)."""
+    alone (tests/hub/test_states.py checks each move against `hub/states.py`); so do the moves
+    of one assignment, which is loaded in `s` already (its upload's batch read it). A
+    ReleaseOutstanding spans runs: it alone may come with `run` and `rnd` None (a node
+    leaving, the caller holding the locks of the runs it works in)."""
+    applied = Applied()
     for effect in effects:
-        if isinstance(effect, MarkMissed | MissOutstanding):
+        if isinstance(effect, ReleaseOutstanding):
+            if effect.node_ids:
+                applied.released += s.execute(
+                    update(m.Assignment)
+                    .where(
+                        m.Assignment.node_id.in_(effect.node_ids),
+                        m.Assignment.status == AssignmentStatus.ASSIGNED,
+                    )
+                    .values(status=AssignmentStatus.RELEASED)
+                ).rowcount
+            continue
+        if run is None or rnd is None:
+            raise IllegalEvent(f"{effect!r} is a round's effect: it needs the run and round")
+        if isinstance(effect, OpenRound):
+            if rnd.status != RoundStatus.PENDING:
+                raise IllegalEvent(f"round {rnd.number} is {rnd.status}: it cannot open")
+            rnd.status = RoundStatus.OPEN
+            rnd.opened_at, rnd.deadline_at = effect.opened_at, effect.deadline_at
+        elif isinstance(effect, Assign):
+            row = m.Assignment(
+                id=uuid.uuid4().hex,
+                run_id=run.id,
+                round=rnd.number,
+                attempt=effect.attempt,
+                node_id=effect.node_id,
+                base_version=effect.base_version,
+                inner_steps=effect.inner_steps,
+                created_at=effect.created_at,
+                deadline_at=effect.deadline_at,
+                status=AssignmentStatus.ASSIGNED,
+            )
+            s.add(row)
+            applied.assignments.append(row)
+        elif isinstance(effect, RecordContribution):
+            a = _outstanding(s, run, effect.assignment_id)
+            contribution = m.Contribution.accepted(
+                effect.row.digest,
+                a,
+                dict(effect.row.claims),
+                effect.row.bytes_up,
+                effect.created_at,
+                **effect.row.columns,
+            )
+            s.add(contribution)
+            applied.contributions.append(contribution)
+        elif isinstance(effect, MarkSubmitted | MarkLate):
+            a = _outstanding(s, run, effect.assignment_id)
+            a.status = (
+                AssignmentStatus.SUBMITTED
+                if isinstance(effect, MarkSubmitted)
+                else AssignmentStatus.LATE
+            )
+        elif isinstance(effect, MarkMissed | MissOutstanding):
             where = [
                 m.Assignment.run_id == run.id,
                 m.Assignment.round == rnd.number,
@@ -84,6 +166,51 @@ def apply_effects(s: Session, run: m.Run, rnd: m.Round, effects: Iterable[Effect
             )
         else:  # pragma: no cover - a new effect without its SQL
             raise TypeError(f"no SQL for effect {effect!r}")
+    return applied
+
+
+def _outstanding(s: Session, run: m.Run, assignment_id: str) -> m.Assignment:
+    """The outstanding assignment an upload's effect names (from `s`'s identity map when the
+    caller loaded it); anything else is a bug in the caller, refused before any write."""
+    a = s.get(m.Assignment, assignment_id)
+    if a is None or a.run_id != run.id or a.status != AssignmentStatus.ASSIGNED:
+        status = None if a is None else a.status
+        raise IllegalEvent(f"assignment {assignment_id} is {status}: no upload is stored for it")
+    return a
+
+
+def run_snapshot(run: m.Run) -> RunSnapshot:
+    """The run's row as the engine sees it, without its settings (an ask or an upload must
+    learn that the run is not active before its settings are read: they may no longer parse)
+    and without a query."""
+    return RunSnapshot(
+        status=RunState(run.status),
+        version=run.version,
+        tokens_total=run.tokens_total,
+        id=run.id,
+        status_reason=run.status_reason,
+    )
+
+
+def row_snapshot(
+    run: m.Run, rnd: m.Round | None, run_snap: RunSnapshot | None = None
+) -> RoundSnapshot:
+    """The engine's view of `run`'s current round `rnd` from the rows alone, no query: no
+    assignments and no counts (an ask carries the seat counts, an upload its assignment's
+    facts). A run without its current round row (none: a bug, or a run being torn down) is
+    seen as one whose round is closed, so nothing is assigned or accepted for it. `run_snap`:
+    `run_snapshot(run)` if the caller has it already (one per batch of asks)."""
+    run_snap = run_snap or run_snapshot(run)
+    if rnd is None:
+        return RoundSnapshot(run_snap, run.round, run.version, RoundStatus.CLOSED, 0, None)
+    return RoundSnapshot(
+        run=run_snap,
+        number=rnd.number,
+        base_version=rnd.base_version,
+        status=RoundStatus(rnd.status),
+        attempt=rnd.attempt,
+        deadline_at=rnd.deadline_at,
+    )
 
 
 def read_snapshot(
@@ -136,6 +263,8 @@ def read_snapshot(
             tokens_total=run.tokens_total,
             rounds_budget=cfg.budget.rounds,
             tokens_budget=cfg.budget.tokens,
+            id=run.id,
+            status_reason=run.status_reason,
         ),
         number=rnd.number,
         base_version=rnd.base_version,

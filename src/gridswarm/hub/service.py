@@ -40,11 +40,27 @@ from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import engine as round_engine
 from gridswarm.hub import models as m
 from gridswarm.hub import reports
-from gridswarm.hub.engine import RoundSnapshot
+from gridswarm.hub.acceptance import AssignmentFacts, ClaimFacts, ClaimRules, UploadRefused
+from gridswarm.hub.engine import (
+    Arrived,
+    Asked,
+    AskWait,
+    ContributionRow,
+    Left,
+    OpenRound,
+    PlanRules,
+    RoundSnapshot,
+    SeatFacts,
+    WorkFacts,
+    left_effects,
+    place_refusal,
+    round_wait,
+    run_wait,
+    seat_refusal,
+)
 from gridswarm.hub.errors import HubError, UnreadableSettings
 from gridswarm.hub.lifecycle import (
     FINAL,
-    HOLDING,
     SPONSOR_EVENTS,
     Refused,
     RunEvent,
@@ -57,9 +73,9 @@ from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S, HeartbeatPacing
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, client_network
 from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite, lock_run, lock_runs
-from gridswarm.hub.round_store import apply_effects, read_snapshot
-from gridswarm.hub.rounds import Decision, RoundRules, may_take_seat
-from gridswarm.hub.scheduler import plan_inner_steps, speed_from_probe, update_speed
+from gridswarm.hub.round_store import apply_effects, read_snapshot, row_snapshot, run_snapshot
+from gridswarm.hub.rounds import Decision, RoundRules
+from gridswarm.hub.scheduler import speed_from_probe, update_speed
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.hub.trust import HubTrust
 from gridswarm.identity import (
@@ -69,6 +85,7 @@ from gridswarm.identity import (
     node_id_from_public_key,
     verify_request,
 )
+from gridswarm.privacy.live import SECAGG_CODEC
 from gridswarm.protocol import (
     Assignment,
     AssignmentResponse,
@@ -780,17 +797,11 @@ class HubService:
 
     @staticmethod
     def _release_assignments(s: Session, node_ids: list[str]) -> int:
-        """Mark the nodes' outstanding assignments released (in the caller's transaction)."""
-        if not node_ids:
-            return 0
-        return s.execute(
-            update(m.Assignment)
-            .where(
-                m.Assignment.node_id.in_(node_ids),
-                m.Assignment.status == AssignmentStatus.ASSIGNED,
-            )
-            .values(status=AssignmentStatus.RELEASED)
-        ).rowcount
+        """The nodes left (or registered their keys again): the round engine's `Left` releases
+        their outstanding assignments in every run, written in the caller's transaction (which
+        holds those runs' locks: `_lock_runs_of`). Returns how many were released."""
+        effects = left_effects(Left(tuple(node_ids)))
+        return apply_effects(s, None, None, effects).released
 
     # ---------------------------------------------------------------- runs
 
@@ -1233,19 +1244,17 @@ class HubService:
             for node in asking:
                 self._heartbeats[node.id] = (NodeStatus.IDLE, now)
         self._known_nodes.update(node.id for node in asking)  # later requests: signs of life
-        if run.status != RunState.ACTIVE:
-            reason = f"run {run_id} is {run.status}" + (
-                f": {run.status_reason}" if run.status_reason else ""
-            )
-            if run.status in HOLDING:  # paused or stalled: it may resume
-                held = AssignmentResponse(status="wait", retry_after_s=5.0, reason=reason), 5.0
-                return answers | {node.id: held for node in asking}
-            done = AssignmentResponse(status="finished", reason=reason), None
-            return answers | {node.id: done for node in asking}
-        rnd = s.get(m.Round, (run.id, run.round))
-        if rnd.status == RoundStatus.SECAGG:  # the round's secure aggregation runs: no new work
-            busy = AssignmentResponse(status="wait", retry_after_s=1.0), 1.0
-            return answers | {node.id: busy for node in asking}
+        # the round engine decides each ask (hub/engine.py `Asked`); what is the same for the
+        # whole batch (the run not active, the round's SecAgg running) is asked once, before
+        # the round's row and counts are read
+        run_snap = run_snapshot(run)
+        waiting = run_wait(run_snap)
+        if waiting is None:
+            rnd = s.get(m.Round, (run.id, run.round))
+            waiting = round_wait(row_snapshot(run, rnd, run_snap))
+        if waiting is not None:
+            answer = self._waiting(waiting)
+            return answers | {node.id: answer for node in asking}
         seats = Seats.read(s, run, [node.id for node in asking], cutoff)
         for node in asking:
             try:
@@ -1253,6 +1262,17 @@ class HubService:
             except HubError as refusal:  # raised before that ask wrote anything
                 answers[node.id] = refusal
         return answers
+
+    @staticmethod
+    def _waiting(waiting: AskWait) -> tuple[AssignmentResponse, float | None]:
+        """The answer of an ask the round engine gives no work, and when asking again could
+        answer otherwise."""
+        response = AssignmentResponse(
+            status="finished" if waiting.finished else "wait",
+            retry_after_s=waiting.retry_after_s,
+            reason=waiting.reason,
+        )
+        return response, waiting.changes_after_s
 
     def _decide_ask(
         self,
@@ -1265,7 +1285,10 @@ class HubService:
         now: float,
     ) -> tuple[AssignmentResponse, float | None]:
         """One node's ask in a batch: its answer, with the batch's counts (`seats`) kept
-        current as places are taken. Raises HubError only before it writes anything."""
+        current as places are taken. The round engine decides (`Asked`) on the facts gathered
+        here, each only once the cheaper checks before it let the node in: the seat rule, then
+        the trust admission, then the node's speed and the energy policy's share. Raises
+        HubError only before it writes anything."""
         cfg = run.settings()
         rules = self._rules(cfg)
         if node.id in seats.seated:
@@ -1289,10 +1312,13 @@ class HubService:
         if not was_live and node.id not in seats.live_asking:  # live now, by asking
             seats.live += 1
             seats.live_asking.add(node.id)
-        reason = may_take_seat(
-            RoundStatus(rnd.status), node.id in seats.seated, seats.active, rules, seats.live
+        snap = row_snapshot(run, rnd)  # the round as the batch's asks so far left it
+        seat = SeatFacts(node.id in seats.seated, seats.active, seats.live)
+        plan_rules = PlanRules(
+            cfg.tokens_per_step, cfg.train.inner_steps, cfg.train.min_inner_steps
         )
-        if reason is None:  # reputation: cheaters excluded (403), reputed nodes first
+        admission = seat_refusal(snap, rules, seat)
+        if admission is None:  # reputation: cheaters excluded (403), reputed nodes first
 
             def competitor_ids() -> list[str]:
                 taken = set(s.scalars(select(m.Assignment.node_id).where(*seats.where)))
@@ -1302,7 +1328,7 @@ class HubService:
                     if n.id not in taken and n.id not in seats.seated
                 ]
 
-            reason = self.trust.admission(
+            admission = self.trust.admission(
                 s,
                 node.id,
                 rnd,
@@ -1310,61 +1336,28 @@ class HubService:
                 seats.live - seats.live_with_seat(s) - 1,  # the others without a place
                 competitor_ids,
             )
-        if reason is not None:
-            # a full round, a place already held, a closed round, too few live nodes: only a
-            # change of the round changes it (enough live nodes: a registration, or the
-            # ticker's count, signals it: `count_live_nodes`)
-            return AssignmentResponse(status="wait", retry_after_s=1.0), None
-        deadline_at = (
-            rnd.deadline_at if rnd.status == RoundStatus.OPEN else now + cfg.round.deadline_s
-        )
-        speed = self._speed(s, run, node.id, node.probe_rate)
-        fastest = self._fastest_live(s, run, now)
-        work = self._energy_work(s, run, cfg, node, speed, now)
-        if work.share <= 0:  # the run's energy policy: not this node, or not now
-            return AssignmentResponse(status="wait", retry_after_s=work.retry_after_s), (
-                work.retry_after_s
-            )
-        reserve_s = 0.1 * cfg.round.deadline_s + 1.0
-        time_left_s = deadline_at - now
-        if work.window_s is not None:  # the node's own energy window ends first
-            time_left_s = min(time_left_s, work.window_s + reserve_s)
-        plan = plan_inner_steps(
-            tokens_per_s=speed,
-            fastest_tokens_per_s=max(fastest or speed, speed),
-            tokens_per_step=cfg.tokens_per_step,
-            inner_steps=cfg.train.inner_steps,
-            min_inner_steps=cfg.train.min_inner_steps,
-            time_left_s=time_left_s,
-            reserve_s=reserve_s,
-            work_share=work.share,
-        )
-        if plan is None:
-            return AssignmentResponse(status="wait", retry_after_s=2.0), 2.0
-        # the writes of an assignment
-        if rnd.status == RoundStatus.PENDING:
-            rnd.status, rnd.opened_at, rnd.deadline_at = RoundStatus.OPEN, now, deadline_at
+        work_facts = None
+        if admission is None:  # a place for it: how much work, at what speed
+            speed = self._speed(s, run, node.id, node.probe_rate)
+            fastest = self._fastest_live(s, run, now)
+            work = self._energy_work(s, run, cfg, node, speed, now)
+            work_facts = WorkFacts(speed, fastest, work.share, work.window_s, work.retry_after_s)
+        asked = Asked(node.id, seat, plan_rules, admission, work_facts)
+        decided = round_engine.step(snap, rules, asked, now)
+        if decided.wait is not None:
+            return self._waiting(decided.wait)
+        # the writes of an assignment (hub/round_store.py), the round's audit seed with them
+        applied = apply_effects(s, run, rnd, decided.effects)
+        if any(isinstance(e, OpenRound) for e in decided.effects):
             self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
             log.info(
                 "run %s round %d open (attempt %d, deadline %.0f s)",
                 run.id,
                 rnd.number,
                 rnd.attempt,
-                deadline_at - now,
+                rnd.deadline_at - now,
             )
-        row = m.Assignment(
-            id=uuid.uuid4().hex,
-            run_id=run.id,
-            round=run.round,
-            attempt=rnd.attempt,
-            node_id=node.id,
-            base_version=rnd.base_version,
-            inner_steps=plan.inner_steps,
-            created_at=now,
-            deadline_at=deadline_at,
-            status=AssignmentStatus.ASSIGNED,
-        )
-        s.add(row)
+        row = applied.assignments[0]
         seats.take(node.id)
         self._forget_notes(node.id)
         node.last_seen_at, node.status = now, NodeStatus.TRAINING
@@ -1604,30 +1597,66 @@ class HubService:
         (its assignment was not found there); otherwise None, and nothing is decoded again."""
         node_id, meta = upload.node_id, upload.meta
         node, assignment = self._node_assignment(s, run.id, node_id, meta.assignment_id)
-        # the checks every upload passes, SecAgg ones too (hub/acceptance.py, on the ledger)
-        cfg = self.trust.accept_upload(s, run, node, assignment, meta)
+        claims = meta.model_dump()
+        # the checks every upload passes, SecAgg ones too (the round engine's `Arrived`)
+        row = ContributionRow(upload.digest, claims, len(upload.body), upload.carbon)
+        cfg, rnd, accepted = self.accept_upload(s, run, node, assignment, meta, row)
         if upload.unchecked is not None:  # past acceptance: its codec is the run's
             self._check_payload(cfg, upload.unchecked, self._update_numel(run, assignment.round))
         # the node's signed claim over the update, no replayed update (hub/trust.py)
         screened = self.trust.screen_submission(
-            s, run, cfg, node, assignment, meta.model_dump(), *upload.update
+            s, run, cfg, node, assignment, claims, *upload.update
         )
         if not self.blobs.has(upload.digest):  # a failed identical upload removed it meanwhile
             self.blobs.put(upload.body, known_sha256=upload.digest)
-        contribution = m.Contribution.accepted(
-            upload.digest,
-            assignment,
-            meta.model_dump(),
-            len(upload.body),
-            self.clock(),
-            **upload.carbon,
-        )
-        s.add(contribution)
-        assignment.status = AssignmentStatus.SUBMITTED
-        self.trust.record_submission(s, contribution, screened)  # the claim, on the ledger
+        applied = apply_effects(s, run, rnd, accepted.effects)  # the row, and `submitted`
+        self.trust.record_submission(s, applied.contributions[0], screened)  # on the ledger
         return ContributionAck(
             contribution_id=upload.digest, accepted=True, bytes_up=len(upload.body)
         )
+
+    def accept_upload(
+        self,
+        s: Session,
+        run: m.Run,
+        node: m.Node,
+        assignment: m.Assignment,
+        meta: ContributionMeta,
+        row: ContributionRow,
+        secagg: bool = False,
+    ) -> tuple[RunConfig, m.Round, round_engine.Step]:
+        """The one acceptance path of every upload, plain or SecAgg (`HubPrivacy.advertise`):
+        the round engine decides (`Arrived`, the checks of hub/acceptance.py) on the facts read
+        here, the claim rules and energy figures only once the round still wants the upload.
+        Returns the run's settings, its current round row and the engine's step, whose effects
+        (the contribution's row, the assignment `submitted`) the caller applies once its own
+        checks passed. A refusal is raised, typed, after its MarkLate is committed and its
+        strike, if it is one, is on the ledger (`HubTrust.refuse_upload`); nothing else is
+        written. The caller holds the service lock, `run` locked, in its transaction `s`."""
+        rnd = s.get(m.Round, (run.id, run.round))
+        snap = row_snapshot(run, rnd)
+        place = AssignmentFacts(
+            AssignmentStatus(assignment.status), assignment.round, assignment.inner_steps
+        )
+        cfg = rules = energy = None
+        if place_refusal(snap, place) is None:  # the round wants it: read what judges its claims
+            cfg = run.settings()
+            rules = ClaimRules(
+                expected_codec=SECAGG_CODEC if secagg else cfg.comm.codec,
+                tokens_per_step=cfg.tokens_per_step,
+                batch_size=cfg.train.batch_size,
+                energy_min_fraction=cfg.trust.energy_min_fraction,
+            )
+            energy = self.trust.energy_facts(s, run, node)
+        arrived = Arrived(assignment.id, node.id, place, ClaimFacts.of(meta), row, rules, energy)
+        decided = round_engine.arrival(snap, arrived, self.clock())
+        if decided.refused is None and cfg is not None and rnd is not None:
+            return cfg, rnd, decided  # (accepted: the round is there and the settings read)
+        if decided.effects:  # MarkLate: the round moved on without this assignment
+            apply_effects(s, run, rnd, decided.effects)
+            s.commit()
+        refused = decided.refused or UploadRefused(409, Refusal.STALE, "stale: no round")
+        self.trust.refuse_upload(s, run, cfg, node.id, assignment, refused)
 
     def _drop_unless_named(self, run_id: str, digest: str) -> None:
         """Remove the blob of a refused or failed upload unless a contribution row names it;

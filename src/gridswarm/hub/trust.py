@@ -7,9 +7,11 @@ state change it records (or not at all):
 - `open_round`         a round opens: commit to a secret audit seed (sha256 on the ledger)
 - `admission`          before work is assigned: caught cheaters (and keys no longer invited) are
                        excluded; nodes that have worked go first, then by reputation
-- `accept_upload`      an upload arrives (plain or SecAgg): the acceptance checks of
-                       hub/acceptance.py; a false work claim (tokens, steps) or an under-reported
-                       energy goes on the ledger with its reason, and costs a strike
+- `energy_facts`       an upload arrives (plain or SecAgg): what the energy floor of
+                       hub/acceptance.py compares its report with (the round engine decides)
+- `refuse_upload`      the round engine refused it: a false work claim (tokens, steps) or an
+                       under-reported energy goes on the ledger with its reason, and costs a
+                       strike
 - `screen_submission`  a plain upload: the node's signed claim must be its own and say what the
                        upload says; no replayed update. Refusals go on the ledger, with a strike
 - `record_submission`  the upload is stored: the node's claim goes on the ledger as it signed it
@@ -35,7 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from itertools import chain
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import torch
 from fastapi import Path, Query, Request
@@ -48,15 +50,7 @@ from gridswarm.blobs import LocalBlobStore
 from gridswarm.config import RunConfig
 from gridswarm.energy.meter import lookup_cpu_power
 from gridswarm.hub import models as m
-from gridswarm.hub.acceptance import (
-    AssignmentFacts,
-    ClaimFacts,
-    ClaimRules,
-    EnergyFacts,
-    RunFacts,
-    check_claims,
-    check_place,
-)
+from gridswarm.hub.acceptance import EnergyFacts, UploadRefused
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.lifecycle import RunState
 from gridswarm.hub.limits import check_sponsor
@@ -70,14 +64,12 @@ from gridswarm.ledger.balances import RunEscrow, run_escrow
 from gridswarm.ledger.chain import Entry, LedgerError, SignedClaim
 from gridswarm.ledger.log import DuplicateClaimError, HubItem, Ledger
 from gridswarm.ledger.ops import ledger_show, node_balance, payout_addresses, reward_claim_for
-from gridswarm.privacy.live import SECAGG_CODEC
 from gridswarm.protocol import (
     API,
     MAX_ESCROW_UNITS,
     MAX_FUND_UNITS,
     MAX_JSON_BYTES,
     NODE_ID_PATTERN,
-    ContributionMeta,
     Refusal,
     SignedClaimBody,
     describe_errors,
@@ -331,55 +323,28 @@ class HubTrust:
 
     # ------------------------------------------------------------------ submissions
 
-    def accept_upload(
+    def refuse_upload(
         self,
         s: Session,
         run: m.Run,
-        node: m.Node,
+        cfg: RunConfig | None,
+        node_id: str,
         assignment: m.Assignment,
-        meta: ContributionMeta,
-        secagg: bool = False,
-    ) -> RunConfig:
-        """The acceptance checks every upload passes, plain or SecAgg (hub/acceptance.py): read
-        the facts from the rows, decide, and on a refusal mark a late assignment `late`, record a
-        strike on the ledger when the refusal is one, and raise it (typed). Returns the run's
-        settings (read only once the round is known to want the upload). The caller holds the
-        service lock and its transaction `s`; nothing else is written on a refusal."""
-        rnd = s.get(m.Round, (run.id, run.round))
-        place = AssignmentFacts(
-            AssignmentStatus(assignment.status), assignment.round, assignment.inner_steps
-        )
-        run_facts = RunFacts(
-            run.id,
-            RunState(run.status),
-            run.status_reason,
-            run.round,
-            RoundStatus(rnd.status) if rnd else RoundStatus.CLOSED,
-        )
-        cfg = None
-        refused = check_place(place, run_facts)
-        if refused is None:
-            cfg = run.settings()
-            rules = ClaimRules(
-                expected_codec=SECAGG_CODEC if secagg else cfg.comm.codec,
-                tokens_per_step=cfg.tokens_per_step,
-                batch_size=cfg.train.batch_size,
-                energy_min_fraction=cfg.trust.energy_min_fraction,
-            )
-            energy = self._energy_facts(s, run, node)
-            refused = check_claims(place, ClaimFacts.of(meta), rules, energy)
-        if refused is None:
-            return cfg
-        if refused.mark_late:
-            assignment.status = AssignmentStatus.LATE
-            s.commit()
-        if refused.strike:  # commits the verdict and the strike with the refusal
+        refused: UploadRefused,
+    ) -> NoReturn:
+        """An upload the round engine refused (hub/engine.py `Arrived`, by the checks of
+        hub/acceptance.py): a refusal that is a strike goes on the ledger (a verdict, a strike,
+        a forfeit) and is committed with it; then the refusal is raised, typed. The caller
+        holds the service lock and its transaction `s` (with the engine's MarkLate written,
+        if any)."""
+        if refused.strike and cfg is not None:  # a strike is a claim's: the settings are read
+            # commits the verdict and the strike with the refusal
             with suppress(HubError):
                 self.refuse(
                     s,
                     run,
                     cfg,
-                    node.id,
+                    node_id,
                     assignment,
                     refused.status,
                     refused.ledger_reason,
@@ -388,7 +353,7 @@ class HubTrust:
         raise HubError(refused.status, refused.detail, refused.reason)
 
     @staticmethod
-    def _energy_facts(s: Session, run: m.Run, node: m.Node) -> EnergyFacts:
+    def energy_facts(s: Session, run: m.Run, node: m.Node) -> EnergyFacts:
         """The node's CPU power per core (its reported hardware) and the fastest tokens/s of
         the run's other nodes over their last 32 contributions."""
         cpu = json.loads(node.hardware_json or "{}").get("cpu", "unknown")
@@ -413,10 +378,10 @@ class HubTrust:
         digest: str,
         zero: bool,
     ) -> Screened:
-        """After `accept_upload`, what only a plain upload can show: the node's signed claim
-        over the update's digest (`claims.update_sha256`, computed by the caller outside any
-        lock), and no replayed update (an all-zero update, `zero`, may repeat); refuse (on the
-        ledger) or pass."""
+        """After the round engine accepted it (`Arrived`), what only a plain upload can show:
+        the node's signed claim over the update's digest (`claims.update_sha256`, computed by
+        the caller outside any lock), and no replayed update (an all-zero update, `zero`, may
+        repeat); refuse (on the ledger) or pass."""
         claim = None
         if meta.get("claim") is not None:
             expected = claim_payload(run.id, assignment.round, assignment.id, digest, meta)
