@@ -13,7 +13,8 @@ from sqlalchemy import create_engine, inspect
 
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.db import Base
-from gridswarm.hub.privacy import StageAction, StageProgress, _history, decide_stage
+from gridswarm.hub.privacy import _history
+from gridswarm.hub.secagg_stages import StageAction, StageProgress, decide_stage
 from gridswarm.hub.server import alembic
 from gridswarm.privacy.live import (
     check_round_config,

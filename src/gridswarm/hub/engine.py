@@ -13,7 +13,17 @@ its own clock.
                   are released (`left_effects`: every run's, so the hub needs no snapshot)
     Tick          node liveness and the deadline: lost nodes' assignments are missed; the round
                   waits, is re-planned (deadline without quorum), or is due to close (CLOSE:
-                  the hub screens its contributions next)
+                  the hub screens its contributions next); in a SecAgg run a round due to
+                  close opens its secure aggregation instead (OpenSecAgg: outstanding work
+                  missed, the participants fixed, round open -> secagg)
+    SecAggProgress  where the SecAgg stage stands (`secagg_stages.decide_stage`): the round
+                  waits, its session moves to the next stage (AdvanceStage), fails (FailSecAgg:
+                  the attempt's work discarded, back to pending as attempt + 1), or, at the
+                  unmask stage with enough answers, the hub is to unmask the sum now
+                  (`Step.unmask`)
+    SecAggRecovered the hub unmasked the sum: the contributions missing from it are dropped,
+                  the session is done, and the round is due to close (CLOSE: screened next)
+    SecAggFailed  the unmask failed: as a failed stage (FailSecAgg)
     Screened      audits and usefulness screening have judged the contributions: the round is
                   re-planned if those left no longer make the quorum, else it is to be published
     Published     the new version is computed and its row written: the round closes, the run's
@@ -21,13 +31,14 @@ its own clock.
                   privacy budget) or opens its next round
 
 The engine composes the rules of `hub/rounds.py` (`may_take_seat`, `lost_assignments`,
-`decide`, `decide_after_screening`, `budget_reason`), `hub/scheduler.py` and `hub/acceptance.py`;
+`decide`, `decide_after_screening`, `budget_reason`), `hub/secagg_stages.py` (`decide_stage`),
+`hub/scheduler.py` and `hub/acceptance.py`;
 it holds no SQL, no model and no I/O, so the hub (`HubService._decide_ask`,
 `_store_contribution`, `leave`, `_advance` / `_close`, and `HubPrivacy.advertise`, which apply
 the effects with `hub/round_store.py` in the transaction that read the facts) and the simulator
 (`sim/swarm.py`, on a virtual clock) take the same decisions. The heavy work between the events
-(screening, aggregation, the outer step, settlement, SecAgg stages) stays with the hub: an event
-reports what it found.
+(screening, aggregation, the outer step, settlement, SecAgg's crypto: its session config, the
+stage messages and the unmask) stays with the hub: an event reports what it found.
 
 Facts that need SQL or another component (the trust admission verdict, the energy policy's
 work share, the nodes' speeds, the seat counts, an upload's claim rules and energy figures) are
@@ -73,7 +84,8 @@ from gridswarm.hub.rounds import (
     may_take_seat,
 )
 from gridswarm.hub.scheduler import plan_inner_steps
-from gridswarm.hub.states import AssignmentStatus, RoundStatus
+from gridswarm.hub.secagg_stages import NEXT_STAGE, StageAction, StageProgress, decide_stage
+from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, RoundStatus
 
 # ------------------------------------------------------------------------------------ snapshot
 
@@ -110,6 +122,8 @@ class RoundSnapshot:
     arriving: int = 0  # uploads the hub received by the deadline and is still deciding
     accepted: int = 0  # contributions accepted (all attempts): what a re-plan keeps
     screening: Screening | None = None  # set by a CLOSE `Screened`: the round is to publish
+    # a `secagg` round's session stage (share | mask | unmask | done), None otherwise
+    secagg_stage: str | None = None
 
     def round_state(self) -> RoundState:
         """The view `hub/rounds.py`'s rules take."""
@@ -133,6 +147,9 @@ class EventKind(StrEnum):
     TICK = "tick"
     SCREENED = "screened"
     PUBLISHED = "published"
+    SECAGG_PROGRESS = "secagg_progress"
+    SECAGG_RECOVERED = "secagg_recovered"
+    SECAGG_FAILED = "secagg_failed"
 
 
 @dataclass(frozen=True)
@@ -249,7 +266,44 @@ class Published:
     kind: EventKind = EventKind.PUBLISHED
 
 
-Event = Asked | Arrived | Left | Tick | Screened | Published
+@dataclass(frozen=True)
+class SecAggProgress:
+    """Where the round's current SecAgg stage stands (who was expected to answer, who did, who
+    is lost), as the hub read it from the stage messages and the nodes' heartbeats."""
+
+    progress: StageProgress
+    kind: EventKind = EventKind.SECAGG_PROGRESS
+
+
+@dataclass(frozen=True)
+class SecAggRecovered:
+    """The hub unmasked the round's sum (after a `Step.unmask`): `survivors` are the nodes in
+    it, `dropped` the participants it was recovered without (at most t)."""
+
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    kind: EventKind = EventKind.SECAGG_RECOVERED
+
+
+@dataclass(frozen=True)
+class SecAggFailed:
+    """The hub could not unmask the round's sum (after a `Step.unmask`): `error` says why."""
+
+    error: str
+    kind: EventKind = EventKind.SECAGG_FAILED
+
+
+Event = (
+    Asked
+    | Arrived
+    | Left
+    | Tick
+    | Screened
+    | Published
+    | SecAggProgress
+    | SecAggRecovered
+    | SecAggFailed
+)
 
 # ------------------------------------------------------------------------------------- effects
 
@@ -360,6 +414,48 @@ class ReleaseOutstanding:
     node_ids: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class OpenSecAgg:
+    """The round's training is over (a SecAgg run's round due to close): round `open ->
+    secagg`, and its session row opened for `attempt` at the `share` stage, due by
+    `stage_deadline_at`. The participants (the accepted contributions' nodes) and their
+    `SecAggConfig` are the caller's: the crypto's `make_config`, passed to the applier."""
+
+    attempt: int
+    opened_at: float
+    stage_deadline_at: float
+
+
+@dataclass(frozen=True)
+class AdvanceStage:
+    """The round's SecAgg session moves on to `stage`, due by `deadline_at`."""
+
+    stage: str
+    deadline_at: float
+
+
+@dataclass(frozen=True)
+class FailSecAgg:
+    """The round's SecAgg attempt failed at `failed_at` for `reason`: every contribution of
+    the round is `discarded`, so is every assignment that holds a place, and the session
+    counts the failure (the stage messages are the caller's to delete). A `Replan` to
+    `pending` follows: the round is retrained with fresh keys."""
+
+    reason: str
+    failed_at: float
+
+
+@dataclass(frozen=True)
+class FinishSecAgg:
+    """The round's sum is recovered at `finished_at`: the accepted contributions of nodes
+    not in `survivors` are `dropped` (never in the sum: no tokens, no reward), and the
+    session is `done` with its counts (the sum's blob is the caller's)."""
+
+    survivors: tuple[str, ...]
+    dropped: int
+    finished_at: float
+
+
 Effect = (
     MarkMissed
     | MissOutstanding
@@ -374,6 +470,10 @@ Effect = (
     | MarkSubmitted
     | MarkLate
     | ReleaseOutstanding
+    | OpenSecAgg
+    | AdvanceStage
+    | FailSecAgg
+    | FinishSecAgg
 )
 
 
@@ -399,13 +499,17 @@ class Step:
     screen the round next; CLOSE after a Screened: publish it next; REPLAN: re-planned). A
     node's event is always WAIT (the ticker decides the close); its answer is `wait` for an
     ask with no work, `refused` for an upload refused (with MarkLate as its only possible
-    effect), neither when the effects assign the work or record the contribution."""
+    effect), neither when the effects assign the work or record the contribution. A SecAgg
+    step is WAIT while the stages run (a failure included: the round is pending again) and
+    CLOSE once the sum is recovered (screen the round next); `unmask` asks the caller for the
+    heavy work between two events."""
 
     snapshot: RoundSnapshot
     effects: tuple[Effect, ...]
     decision: Decision
     wait: AskWait | None = None
     refused: UploadRefused | None = None
+    unmask: bool = False  # a SecAggProgress: unmask the sum now, then step what it gave
 
 
 class IllegalEvent(RuntimeError):
@@ -429,6 +533,13 @@ def step(snapshot: RoundSnapshot, rules: RoundRules, event: Event, now_s: float)
         return _screened(snapshot, rules, event.screening, now_s)
     if isinstance(event, Published):
         return _published(snapshot, event, now_s)
+    if isinstance(event, SecAggProgress):
+        return _secagg_progress(snapshot, rules, event.progress, now_s)
+    if isinstance(event, SecAggRecovered):
+        return _secagg_recovered(snapshot, event, now_s)
+    if isinstance(event, SecAggFailed):
+        _secagg_at(snapshot, "unmask")
+        return _fail_secagg(snapshot, f"secure aggregation failed to unmask: {event.error}", now_s)
     raise IllegalEvent(f"unknown event {event!r}")
 
 
@@ -621,7 +732,85 @@ def _tick(snap: RoundSnapshot, rules: RoundRules, now_s: float) -> Step:
     if decision is Decision.REPLAN:
         snap, replan = _replan(snap, rules, now_s)
         effects += replan
+    elif decision is Decision.CLOSE and rules.secagg_stage_timeout_s is not None:
+        # SecAgg: the participants are fixed (outstanding training no longer awaited) and the
+        # stages recover their sum before the round is screened
+        effects += [
+            MissOutstanding(),
+            OpenSecAgg(snap.attempt, now_s, now_s + rules.secagg_stage_timeout_s),
+        ]
+        snap = replace(
+            snap,
+            status=RoundStatus.SECAGG,
+            assignments=_missing_outstanding(snap.assignments),
+            outstanding=None if snap.outstanding is None else 0,
+            secagg_stage="share",
+        )
+        decision = Decision.WAIT
     return Step(snap, tuple(effects), decision)
+
+
+# -------------------------------------------------------------------------------------- secagg
+
+
+def _secagg_at(snap: RoundSnapshot, stage: str | None = None) -> None:
+    """Refuse a SecAgg event the round cannot take (not in `secagg`, or another stage)."""
+    if snap.status != RoundStatus.SECAGG or snap.screening is not None:
+        raise IllegalEvent(f"round {snap.number} is {snap.status}: no secure aggregation runs")
+    if stage is not None and snap.secagg_stage != stage:
+        raise IllegalEvent(
+            f"round {snap.number}'s secure aggregation is at {snap.secagg_stage}, not {stage}"
+        )
+
+
+def _secagg_progress(
+    snap: RoundSnapshot, rules: RoundRules, progress: StageProgress, now_s: float
+) -> Step:
+    """`decide_stage`: wait, the next stage, a failure, or (unmask stage) unmask now."""
+    _secagg_at(snap, progress.stage)
+    if rules.secagg_stage_timeout_s is None:
+        raise IllegalEvent(f"round {snap.number}'s run has no SecAgg stage timeout")
+    action, reason = decide_stage(progress, now_s)
+    if action is StageAction.FAIL:
+        return _fail_secagg(snap, reason or "secure aggregation failed", now_s)
+    if action is StageAction.WAIT:
+        return Step(snap, (), Decision.WAIT)
+    if progress.stage == "unmask":
+        return Step(snap, (), Decision.WAIT, unmask=True)
+    stage = NEXT_STAGE[progress.stage]
+    advance = AdvanceStage(stage, now_s + rules.secagg_stage_timeout_s)
+    return Step(replace(snap, secagg_stage=stage), (advance,), Decision.WAIT)
+
+
+def _secagg_recovered(snap: RoundSnapshot, ev: SecAggRecovered, now_s: float) -> Step:
+    """The sum is recovered: non-survivors dropped, the session done, the round to close."""
+    _secagg_at(snap, "unmask")
+    if set(ev.survivors) & set(ev.dropped):
+        raise IllegalEvent("a node cannot both be in the recovered sum and dropped from it")
+    finish = FinishSecAgg(tuple(sorted(set(ev.survivors))), len(set(ev.dropped)), now_s)
+    after = replace(snap, secagg_stage="done", accepted=min(snap.accepted, len(finish.survivors)))
+    return Step(after, (finish,), Decision.CLOSE)
+
+
+def _fail_secagg(snap: RoundSnapshot, reason: str, now_s: float) -> Step:
+    """Too many dropouts (or no unmask): discard the attempt's work, retrain with fresh keys."""
+    attempt = snap.attempt + 1
+    after = replace(
+        snap,
+        status=RoundStatus.PENDING,
+        attempt=attempt,
+        deadline_at=None,
+        assignments=tuple(
+            replace(a, status=AssignmentStatus.DISCARDED) if a.status in HOLDS_PLACE else a
+            for a in snap.assignments
+        ),
+        outstanding=None if snap.outstanding is None else 0,
+        submitted=None if snap.submitted is None else 0,
+        accepted=0,
+        secagg_stage=None,
+    )
+    effects = (FailSecAgg(reason, now_s), Replan(attempt, None))
+    return Step(after, effects, Decision.WAIT)
 
 
 def _screened(snap: RoundSnapshot, rules: RoundRules, screening: Screening, now_s: float) -> Step:

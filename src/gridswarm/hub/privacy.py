@@ -23,7 +23,11 @@ SecAgg stages of one round (the hub never dials a node; nodes poll `task`):
 A stage advances when every expected node answered, or when the missing ones are lost (no
 heartbeat) or its timeout passed and at most t nodes are missing in all; with more than t it
 fails: the round's contributions are discarded and the round is retrained (new attempt, fresh
-keys), with the reason kept in the session row. `decide_stage` is the pure decision.
+keys), with the reason kept in the session row. The decisions are the round engine's
+(`hub/engine.py`: a Tick opens the session, `SecAggProgress` composes the pure
+`secagg_stages.decide_stage`, `SecAggRecovered` / `SecAggFailed` end it) and their row writes
+`hub/round_store.py`'s; this module gathers the facts (`_progress`), computes the session's
+config (`session_config`), unmasks the sum, and keeps the stage messages and blobs.
 """
 
 from __future__ import annotations
@@ -34,8 +38,6 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
@@ -43,21 +45,21 @@ import torch
 from fastapi import FastAPI, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from gridswarm.blobs import provisional, sha256_hex
 from gridswarm.config import RunConfig
+from gridswarm.hub import engine as round_engine
 from gridswarm.hub import models as m
-from gridswarm.hub.engine import ContributionRow
+from gridswarm.hub.engine import ContributionRow, RoundSnapshot
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.openapi import RoundParam, RunIdParam, WaitParam, openapi_body
 from gridswarm.hub.round_store import apply_effects
-from gridswarm.hub.rounds import Decision
+from gridswarm.hub.rounds import Decision, RoundRules
+from gridswarm.hub.secagg_stages import StageProgress
 from gridswarm.hub.states import (
-    HOLDS_PLACE,
     NOT_IN_SUM,
-    AssignmentStatus,
     ContributionStatus,
     RoundStatus,
 )
@@ -109,52 +111,8 @@ if TYPE_CHECKING:
 
 # Session stage -> the message stage nodes post during it.
 ANSWERS = {"share": "share", "mask": "masked", "unmask": "unmask"}
-NEXT_STAGE = {"share": "mask", "mask": "unmask", "unmask": "done"}
 # ShareKeys ciphertext: a seed share and a key share, plus the AEAD tag.
 SHARE_CIPHERTEXT_BYTES = 2 * SHARE_BYTES + 16
-
-
-# --------------------------------------------------------------------------- pure stage logic
-
-
-class StageAction(StrEnum):
-    WAIT = "wait"
-    ADVANCE = "advance"
-    FAIL = "fail"
-
-
-@dataclass(frozen=True)
-class StageProgress:
-    """Where one SecAgg stage stands: who should answer, who did, who is gone."""
-
-    stage: str  # share | mask | unmask
-    n_nodes: int  # participants in the round's SecAggConfig
-    max_dropouts: int  # t
-    expected: frozenset[str]  # nodes that may still answer this stage
-    answered: frozenset[str]
-    lost: frozenset[str]  # expected nodes not heard from within the liveness window
-    deadline_at: float
-
-
-def decide_stage(p: StageProgress, now_s: float) -> tuple[StageAction, str | None]:
-    """WAIT, ADVANCE to the next stage, or FAIL (with the reason) when more than t of the
-    round's nodes are (or must end up) missing."""
-    missing = p.expected - p.answered
-    absent = p.n_nodes - len(p.answered)  # includes nodes that dropped at earlier stages
-    best_case = p.n_nodes - len(p.answered | (missing - p.lost))
-
-    def failure(count: int) -> tuple[StageAction, str]:
-        return StageAction.FAIL, (
-            f"secure aggregation failed at the {p.stage} stage: {count} of {p.n_nodes} nodes "
-            f"dropped out, the round tolerates privacy.secagg.max_dropouts = {p.max_dropouts}; "
-            f"the round is re-planned (retrained with fresh keys)"
-        )
-
-    if best_case > p.max_dropouts:
-        return failure(best_case)
-    if not missing or now_s >= p.deadline_at or missing <= p.lost:
-        return (StageAction.ADVANCE, None) if absent <= p.max_dropouts else failure(absent)
-    return StageAction.WAIT, None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -352,41 +310,10 @@ class HubPrivacy:
 
     # ------------------------------------------------------------ SecAgg: round driver
 
-    def advance_secagg(
-        self, s: Session, run: m.Run, rnd: m.Round, decision: Decision, now: float
-    ) -> Decision:
-        """Drive a SecAgg run's round: open the session when training closes, move the stages
-        on, and answer CLOSE once the sum is recovered (the service then closes the round)."""
-        if rnd.status == RoundStatus.OPEN:
-            if decision is not Decision.CLOSE:
-                return decision
-            self._open_session(s, run, rnd, now)
-            return Decision.WAIT
-        if rnd.status != RoundStatus.SECAGG:
-            return decision
-        cfg = run.settings()
-        sess = s.get(m.SecAggSession, (run.id, rnd.number))
-        config = decode_message(sess.config_json.encode())
-        action, reason = decide_stage(self._progress(s, run, sess, config, now), now)
-        if action is StageAction.WAIT:
-            return Decision.WAIT
-        if action is StageAction.ADVANCE and sess.stage == "unmask":
-            try:
-                result = self._unmask(s, run, config)
-            except SecAggError as exc:
-                action, reason = StageAction.FAIL, f"secure aggregation failed to unmask: {exc}"
-            else:
-                self._finish(s, run, rnd, sess, result, now)
-                return Decision.CLOSE
-        if action is StageAction.FAIL:
-            self._fail(s, run, rnd, sess, reason or "secure aggregation failed", now)
-            return Decision.WAIT
-        sess.stage = NEXT_STAGE[sess.stage]
-        sess.stage_deadline_at = now + cfg.privacy.secagg.stage_timeout_s
-        s.commit()
-        return Decision.WAIT
-
-    def _open_session(self, s: Session, run: m.Run, rnd: m.Round, now: float) -> None:
+    def session_config(self, s: Session, run: m.Run, rnd: m.Round) -> str:
+        """The encoded `SecAggConfig` of the round's SecAgg session as it opens (the round
+        engine's `OpenSecAgg`, written by `round_store.apply_effects`): the participants are
+        the nodes of the round's accepted contributions, the session named by its attempt."""
         cfg = run.settings()
         sa = cfg.privacy.secagg
         node_ids = sorted(
@@ -406,27 +333,47 @@ class HubPrivacy:
             max_dropouts=sa.max_dropouts,
             clip_range=clip_range(cfg, len(node_ids)),
         )
-        s.execute(  # the participant set is fixed: outstanding training is no longer awaited
-            update(m.Assignment)
-            .where(
-                m.Assignment.run_id == run.id,
-                m.Assignment.round == rnd.number,
-                m.Assignment.status == AssignmentStatus.ASSIGNED,
-            )
-            .values(status=AssignmentStatus.MISSED)
-        )
+        return encode_message(config).decode()
+
+    def advance_secagg(
+        self,
+        s: Session,
+        run: m.Run,
+        rnd: m.Round,
+        snapshot: RoundSnapshot,
+        rules: RoundRules,
+        now: float,
+    ) -> round_engine.Step:
+        """One move of a `secagg` round's stages, applied in `s` (not committed): read where
+        the stage stands (`SecAggProgress`), step the round engine and apply its effects
+        (the next stage, or the failure); where the step says so, unmask the sum (the heavy
+        crypto, here) and step what that gave: `SecAggRecovered` (the sum's blob stored here;
+        CLOSE: the service closes the round) or `SecAggFailed`. A failure's stage messages
+        are deleted here (the message table is this module's)."""
         sess = s.get(m.SecAggSession, (run.id, rnd.number))
-        if sess is None:
-            sess = m.SecAggSession(run_id=run.id, round=rnd.number, failures=0)
-            s.add(sess)
-        sess.attempt, sess.stage = rnd.attempt, "share"
-        sess.config_json = encode_message(config).decode()
-        sess.opened_at, sess.closed_at = now, None
-        sess.stage_deadline_at = now + sa.stage_timeout_s
-        sess.survivors = sess.dropped = None
-        sess.sum_blob = sess.aggregate_blob = None
-        rnd.status = RoundStatus.SECAGG
-        s.commit()
+        config = decode_message(sess.config_json.encode())
+        progress = round_engine.SecAggProgress(self._progress(s, run, sess, config, now))
+        stepped = round_engine.step(snapshot, rules, progress, now)
+        result = None
+        if stepped.unmask:
+            try:
+                result = self._unmask(s, run, config)
+            except SecAggError as exc:
+                event: round_engine.Event = round_engine.SecAggFailed(str(exc))
+            else:
+                event = round_engine.SecAggRecovered(result.survivors, result.dropped)
+            stepped = round_engine.step(snapshot, rules, event, now)
+        apply_effects(s, run, rnd, stepped.effects)
+        if result is not None and stepped.decision is Decision.CLOSE:
+            sess.sum_blob = self.svc.blobs.put(pack_vector(result.total, {"secagg": "sum"}))
+        if any(isinstance(e, round_engine.FailSecAgg) for e in stepped.effects):
+            s.execute(
+                delete(m.SecAggMessage).where(
+                    m.SecAggMessage.run_id == run.id, m.SecAggMessage.round == rnd.number
+                )
+            )
+        s.flush()
+        return stepped
 
     def _messages(self, s: Session, run_id: str, round_number: int, stage: str) -> dict[str, str]:
         rows = s.execute(
@@ -492,24 +439,6 @@ class HubPrivacy:
     def _round_of(config: SecAggConfig) -> int:
         return int(config.session.split("/")[1])
 
-    def _finish(
-        self, s: Session, run: m.Run, rnd: m.Round, sess: m.SecAggSession, result, now: float
-    ) -> None:
-        survivors = set(result.survivors)
-        for c in s.scalars(
-            select(m.Contribution).where(
-                m.Contribution.run_id == run.id,
-                m.Contribution.round == rnd.number,
-                m.Contribution.status == ContributionStatus.ACCEPTED,
-            )
-        ):
-            if c.node_id not in survivors:
-                c.status = ContributionStatus.DROPPED  # never reached the sum: no tokens, no reward
-        sess.stage, sess.closed_at = "done", now
-        sess.survivors, sess.dropped = len(result.survivors), len(result.dropped)
-        sess.sum_blob = self.svc.blobs.put(pack_vector(result.total, {"secagg": "sum"}))
-        s.flush()
-
     def _secagg_aggregate(
         self,
         s: Session,
@@ -533,36 +462,6 @@ class HubPrivacy:
             self._account(s, run, rnd, cfg, len(contributions), None, now)
         sess.aggregate_blob = self.svc.blobs.put(pack_vector(result, {"secagg": "aggregate"}))
         return result
-
-    def _fail(
-        self, s: Session, run: m.Run, rnd: m.Round, sess: m.SecAggSession, reason: str, now: float
-    ) -> None:
-        """Too many dropouts: discard the round's work and retrain it with fresh keys."""
-        s.execute(
-            update(m.Contribution)
-            .where(m.Contribution.run_id == run.id, m.Contribution.round == rnd.number)
-            .values(status=ContributionStatus.DISCARDED)
-        )
-        s.execute(
-            update(m.Assignment)
-            .where(
-                m.Assignment.run_id == run.id,
-                m.Assignment.round == rnd.number,
-                m.Assignment.status.in_(sorted(HOLDS_PLACE)),
-            )
-            .values(status=AssignmentStatus.DISCARDED)
-        )
-        s.execute(
-            delete(m.SecAggMessage).where(
-                m.SecAggMessage.run_id == run.id, m.SecAggMessage.round == rnd.number
-            )
-        )
-        sess.stage, sess.closed_at = "failed", now
-        sess.failures += 1
-        sess.last_failure = reason
-        rnd.attempt += 1
-        rnd.status, rnd.opened_at, rnd.deadline_at = RoundStatus.PENDING, None, None
-        s.commit()
 
     # ------------------------------------------------------------ SecAgg: node requests
 

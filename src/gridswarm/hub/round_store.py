@@ -23,10 +23,13 @@ from sqlalchemy.orm import Session
 from gridswarm.hub import models as m
 from gridswarm.hub.engine import (
     AdvanceRun,
+    AdvanceStage,
     Assign,
     CloseRound,
     Effect,
+    FailSecAgg,
     FinishRun,
+    FinishSecAgg,
     FinishSource,
     IllegalEvent,
     MarkLate,
@@ -35,6 +38,7 @@ from gridswarm.hub.engine import (
     MissOutstanding,
     OpenNextRound,
     OpenRound,
+    OpenSecAgg,
     RecordContribution,
     ReleaseOutstanding,
     Replan,
@@ -43,7 +47,11 @@ from gridswarm.hub.engine import (
 )
 from gridswarm.hub.lifecycle import RunEvent, RunState, transition
 from gridswarm.hub.rounds import AssignmentState
+from gridswarm.hub.secagg_stages import NEXT_STAGE
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+
+# a failed SecAgg attempt discards every contribution of its round (all attempts') not yet so
+DISCARDABLE = frozenset(ContributionStatus) - {ContributionStatus.DISCARDED}
 
 
 @dataclass
@@ -58,14 +66,21 @@ class Applied:
 
 
 def apply_effects(
-    s: Session, run: m.Run | None, rnd: m.Round | None, effects: Iterable[Effect]
+    s: Session,
+    run: m.Run | None,
+    rnd: m.Round | None,
+    effects: Iterable[Effect],
+    secagg_config: str | None = None,
 ) -> Applied:
     """Write `effects` of one engine step on `run`'s round `rnd` (both loaded in `s`, the run's
     row locked). Bulk UPDATEs name their source status, so a row that moved meanwhile is left
     alone (tests/hub/test_states.py checks each move against `hub/states.py`); so do the moves
     of one assignment, which is loaded in `s` already (its upload's batch read it). A
     ReleaseOutstanding spans runs: it alone may come with `run` and `rnd` None (a node
-    leaving, the caller holding the locks of the runs it works in)."""
+    leaving, the caller holding the locks of the runs it works in). `secagg_config`: the
+    encoded `SecAggConfig` an OpenSecAgg's session holds (the caller's crypto, hub/privacy.py
+    `HubPrivacy.session_config`); the SecAgg effects write the session row's status columns,
+    never its messages or blobs."""
     applied = Applied()
     for effect in effects:
         if isinstance(effect, ReleaseOutstanding):
@@ -164,6 +179,60 @@ def apply_effects(
                     status=RoundStatus.PENDING,
                 )
             )
+        elif isinstance(effect, OpenSecAgg):
+            if secagg_config is None:
+                raise IllegalEvent(f"round {rnd.number}'s SecAgg session needs its config")
+            rnd.status = RoundStatus.SECAGG
+            sess = s.get(m.SecAggSession, (run.id, rnd.number))
+            if sess is None:  # the first attempt's; a retrained round reuses its row
+                sess = m.SecAggSession(run_id=run.id, round=rnd.number, failures=0)
+                s.add(sess)
+            sess.attempt, sess.stage, sess.config_json = effect.attempt, "share", secagg_config
+            sess.opened_at, sess.closed_at = effect.opened_at, None
+            sess.stage_deadline_at = effect.stage_deadline_at
+            sess.survivors = sess.dropped = None
+            sess.sum_blob = sess.aggregate_blob = None
+        elif isinstance(effect, AdvanceStage):
+            sess = _session(s, run, rnd)
+            if NEXT_STAGE.get(sess.stage) != effect.stage or effect.stage == "done":
+                raise IllegalEvent(f"a SecAgg session at {sess.stage} cannot go to {effect.stage}")
+            sess.stage, sess.stage_deadline_at = effect.stage, effect.deadline_at
+        elif isinstance(effect, FailSecAgg):
+            sess = _session(s, run, rnd)
+            of_round = (m.Contribution.run_id == run.id, m.Contribution.round == rnd.number)
+            s.execute(
+                update(m.Contribution)
+                .where(*of_round, m.Contribution.status.in_(sorted(DISCARDABLE)))
+                .values(status=ContributionStatus.DISCARDED)
+            )
+            s.execute(
+                update(m.Assignment)
+                .where(
+                    m.Assignment.run_id == run.id,
+                    m.Assignment.round == rnd.number,
+                    m.Assignment.status.in_(sorted(HOLDS_PLACE)),
+                )
+                .values(status=AssignmentStatus.DISCARDED)
+            )
+            sess.stage, sess.closed_at = "failed", effect.failed_at
+            sess.failures += 1
+            sess.last_failure = effect.reason
+        elif isinstance(effect, FinishSecAgg):
+            sess = _session(s, run, rnd)
+            if sess.stage != "unmask":
+                raise IllegalEvent(f"a SecAgg session at {sess.stage} has no sum to finish")
+            s.execute(
+                update(m.Contribution)
+                .where(
+                    m.Contribution.run_id == run.id,
+                    m.Contribution.round == rnd.number,
+                    m.Contribution.status == ContributionStatus.ACCEPTED,
+                    m.Contribution.node_id.not_in(effect.survivors),
+                )
+                .values(status=ContributionStatus.DROPPED)  # never in the sum: no tokens, no reward
+            )
+            sess.stage, sess.closed_at = "done", effect.finished_at
+            sess.survivors, sess.dropped = len(effect.survivors), effect.dropped
         else:  # pragma: no cover - a new effect without its SQL
             raise TypeError(f"no SQL for effect {effect!r}")
     return applied
@@ -177,6 +246,14 @@ def _outstanding(s: Session, run: m.Run, assignment_id: str) -> m.Assignment:
         status = None if a is None else a.status
         raise IllegalEvent(f"assignment {assignment_id} is {status}: no upload is stored for it")
     return a
+
+
+def _session(s: Session, run: m.Run, rnd: m.Round) -> m.SecAggSession:
+    """The round's SecAgg session row, which a stage effect needs (none: a bug in the caller)."""
+    sess = s.get(m.SecAggSession, (run.id, rnd.number))
+    if sess is None or rnd.status != RoundStatus.SECAGG:
+        raise IllegalEvent(f"round {rnd.number} ({rnd.status}) has no SecAgg session running")
+    return sess
 
 
 def run_snapshot(run: m.Run) -> RunSnapshot:
@@ -256,6 +333,9 @@ def read_snapshot(
         )
     )
     cfg = run.settings()
+    sess = (
+        s.get(m.SecAggSession, (run.id, rnd.number)) if rnd.status == RoundStatus.SECAGG else None
+    )
     snapshot = RoundSnapshot(
         run=RunSnapshot(
             status=RunState(run.status),
@@ -277,5 +357,6 @@ def read_snapshot(
         outstanding=outstanding,
         submitted=submitted,
         accepted=int(accepted or 0),
+        secagg_stage=None if sess is None else sess.stage,
     )
     return rnd, snapshot

@@ -41,6 +41,9 @@ class RoundRules:
     max_nodes: int
     deadline_s: float
     liveness_s: float = 20.0
+    # a SecAgg run's `privacy.secagg.stage_timeout_s`; None: the run does not use SecAgg (a
+    # round due to close is screened at once, not opened for secure aggregation)
+    secagg_stage_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)

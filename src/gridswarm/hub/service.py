@@ -969,8 +969,15 @@ class HubService:
         return rnd, replace(snapshot, arriving=arriving), rules
 
     def _rules(self, cfg: RunConfig) -> RoundRules:
-        r = cfg.round
-        return RoundRules(r.quorum, r.min_nodes, r.max_nodes, r.deadline_s, self.liveness_s())
+        r, sa = cfg.round, cfg.privacy.secagg
+        return RoundRules(
+            r.quorum,
+            r.min_nodes,
+            r.max_nodes,
+            r.deadline_s,
+            self.liveness_s(),
+            secagg_stage_timeout_s=None if sa is None else sa.stage_timeout_s,
+        )
 
     def _achieved_speed(self, s: Session, run_id: str, node_id: str) -> float | None:
         """Moving average of the tokens/s `node_id` achieved in this run (its last SPEED_WINDOW
@@ -1784,9 +1791,11 @@ class HubService:
 
     def _advance(self, run_id: str) -> Decision:
         """One `Tick` of the round engine for the run, its effects applied and committed under
-        the run's row lock; a round due to close is screened and published (`_close`). SecAgg
-        rounds move through their stages in `HubPrivacy.advance_secagg` (outside the engine),
-        which answers CLOSE once the sum is recovered."""
+        the run's row lock; a round due to close is screened and published (`_close`). In a
+        SecAgg run the tick opens the round's secure aggregation instead (`OpenSecAgg`, with the
+        session's config computed here by `HubPrivacy.session_config`), and a round already
+        in it moves through its stages (`HubPrivacy.advance_secagg`: a `SecAggProgress` step,
+        the unmask where it says so), answering CLOSE once the sum is recovered."""
         now = self.clock()
         with self.sessions() as s:
             # the run's row stays locked until the decision commits: a replica that closed this
@@ -1796,12 +1805,16 @@ class HubService:
                 return Decision.WAIT
             rnd, snapshot, rules = self._snapshot(s, run)
             tick = round_engine.step(snapshot, rules, round_engine.Tick(), now)
-            apply_effects(s, run, rnd, tick.effects)  # lost nodes missed; a re-plan
-            decision = tick.decision
-            if run.settings().privacy.secagg:
-                decision = self.privacy.advance_secagg(s, run, rnd, decision, now)
+            opens = any(isinstance(e, round_engine.OpenSecAgg) for e in tick.effects)
+            config = self.privacy.session_config(s, run, rnd) if opens else None
+            # lost nodes missed; a re-plan; a SecAgg session opened
+            apply_effects(s, run, rnd, tick.effects, secagg_config=config)
+            decision, after = tick.decision, tick.snapshot
+            if snapshot.status == RoundStatus.SECAGG:  # one opened now waits for its answers
+                stepped = self.privacy.advance_secagg(s, run, rnd, after, rules, now)
+                decision, after = stepped.decision, stepped.snapshot
             if decision is Decision.CLOSE:
-                decision = self._close(s, run, rnd, tick.snapshot, rules, now)
+                decision = self._close(s, run, rnd, after, rules, now)
             else:
                 s.commit()
         if decision is not Decision.WAIT:
