@@ -14,13 +14,16 @@ from hypothesis import strategies as st
 from gridswarm.hub.acceptance import AssignmentFacts, ClaimFacts, ClaimRules, EnergyFacts
 from gridswarm.hub.engine import (
     AdvanceRun,
+    AdvanceStage,
     Arrived,
     Asked,
     AskWait,
     Assign,
     CloseRound,
     ContributionRow,
+    FailSecAgg,
     FinishRun,
+    FinishSecAgg,
     FinishSource,
     IllegalEvent,
     Left,
@@ -30,6 +33,7 @@ from gridswarm.hub.engine import (
     MissOutstanding,
     OpenNextRound,
     OpenRound,
+    OpenSecAgg,
     PlanRules,
     Published,
     RecordContribution,
@@ -39,6 +43,9 @@ from gridswarm.hub.engine import (
     RunSnapshot,
     Screened,
     SeatFacts,
+    SecAggFailed,
+    SecAggProgress,
+    SecAggRecovered,
     Step,
     Tick,
     WorkFacts,
@@ -51,6 +58,7 @@ from gridswarm.hub.engine import (
 )
 from gridswarm.hub.lifecycle import RunState
 from gridswarm.hub.rounds import AssignmentState, Decision, RoundRules, Screening
+from gridswarm.hub.secagg_stages import NEXT_STAGE, StageProgress
 from gridswarm.hub.states import AssignmentStatus, RoundStatus
 from gridswarm.protocol import Refusal
 from tests.examples import examples
@@ -641,3 +649,157 @@ def test_node_events_keep_the_round_invariants(rules, events, n_nodes):
             assert store.rows[aid]["status"] == S
     event(f"recorded: {min(len(store.recorded), 5)}+")
     event(f"rounds closed: {min(snap.number - 3, 2)}+")
+
+
+# -------------------------------------------------------------------------------------- SecAgg
+
+SECAGG_RULES = replace(RULES, secagg_stage_timeout_s=30.0)
+D = AssignmentStatus.DISCARDED
+
+
+def in_secagg(stage: str = "share", **kw) -> RoundSnapshot:
+    """Round 3 of a SecAgg run in its secure aggregation at `stage`: a, b, c, d advertised."""
+    fields = {"status": RoundStatus.SECAGG, "secagg_stage": stage} | kw
+    return snapshot(("a", S, 50.0), ("b", S, 50.0), ("c", S, 50.0), ("d", S, 50.0), **fields)
+
+
+def progress(stage: str, answered: str, expected="abcd", lost="", t=1) -> SecAggProgress:
+    """Stage `stage` of four participants tolerating `t` dropouts, due at t=130."""
+    return SecAggProgress(
+        StageProgress(stage, 4, t, frozenset(expected), frozenset(answered), frozenset(lost), 130.0)
+    )
+
+
+def test_a_secagg_tick_that_would_close_opens_the_secure_aggregation():
+    snap = snapshot(("a", S, 50.0), ("b", S, 50.0), ("c", A, 50.0), deadline_at=60.0)
+    plain = step(snap, RULES, Tick(), 60.0)
+    assert plain.decision is Decision.CLOSE  # without SecAgg: screened next
+    out = step(snap, SECAGG_RULES, Tick(), 60.0)
+    assert out.decision is Decision.WAIT
+    assert out.effects == (
+        MissOutstanding(),
+        OpenSecAgg(attempt=0, opened_at=60.0, stage_deadline_at=90.0),
+    )
+    assert out.snapshot.status is RoundStatus.SECAGG and out.snapshot.secagg_stage == "share"
+    assert statuses(out.snapshot) == {"a": S, "b": S, "c": AssignmentStatus.MISSED}
+    # a round in its secure aggregation takes no more ticks' decisions (nor asks: round_wait)
+    assert step(out.snapshot, SECAGG_RULES, Tick(), 200.0) == Step(out.snapshot, (), Decision.WAIT)
+    # a re-plan is a re-plan in a SecAgg run too
+    short = snapshot(("a", S, 99.0), ("b", A, 99.0))
+    assert step(short, SECAGG_RULES, Tick(), 100.0).effects[-1] == Replan(1, 160.0)
+
+
+@pytest.mark.parametrize("stage", ["share", "mask"])
+def test_a_stage_everyone_answered_moves_on_with_a_fresh_timeout(stage):
+    snap = in_secagg(stage)
+    waiting = step(snap, SECAGG_RULES, progress(stage, "abc"), 100.0)
+    assert waiting == Step(snap, (), Decision.WAIT)
+    out = step(snap, SECAGG_RULES, progress(stage, "abcd"), 100.0)
+    assert out.effects == (AdvanceStage(NEXT_STAGE[stage], 130.0),)
+    assert out.decision is Decision.WAIT and not out.unmask
+    assert out.snapshot.secagg_stage == NEXT_STAGE[stage]
+    # within t a lost node (or the stage timeout) does not hold the stage
+    lost = step(snap, SECAGG_RULES, progress(stage, "abc", lost="d"), 100.0)
+    assert lost.effects == (AdvanceStage(NEXT_STAGE[stage], 130.0),)
+    late = step(snap, SECAGG_RULES, progress(stage, "abc"), 130.0)
+    assert late.effects == (AdvanceStage(NEXT_STAGE[stage], 160.0),)
+
+
+@pytest.mark.parametrize("stage", ["share", "mask", "unmask"])
+def test_more_than_t_dropouts_at_any_stage_discard_the_attempt_and_retrain(stage):
+    snap = in_secagg(stage, attempt=2, deadline_at=60.0)
+    out = step(snap, SECAGG_RULES, progress(stage, "ab", lost="cd"), 100.0)
+    (fail, replan) = out.effects
+    assert isinstance(fail, FailSecAgg) and fail.failed_at == 100.0
+    assert f"at the {stage} stage: 2 of 4 nodes dropped out" in fail.reason
+    assert replan == Replan(attempt=3, deadline_at=None)
+    assert out.decision is Decision.WAIT and not out.unmask
+    after = out.snapshot
+    assert (after.status, after.attempt, after.deadline_at) == (RoundStatus.PENDING, 3, None)
+    assert after.accepted == 0 and set(statuses(after).values()) == {D}
+    assert after.secagg_stage is None
+    # the same at the timeout with more than t missing
+    timed_out = step(snap, SECAGG_RULES, progress(stage, "ab"), 130.0)
+    assert isinstance(timed_out.effects[0], FailSecAgg)
+
+
+def test_the_unmask_stage_asks_for_the_unmask_then_closes_on_the_recovered_sum():
+    snap = in_secagg("unmask", accepted=4)
+    out = step(snap, SECAGG_RULES, progress("unmask", "abc", expected="abc"), 100.0)
+    assert out == Step(snap, (), Decision.WAIT, unmask=True)  # the caller unmasks now
+    recovered = step(snap, SECAGG_RULES, SecAggRecovered(("c", "a", "b"), ("d",)), 100.0)
+    assert recovered.effects == (FinishSecAgg(("a", "b", "c"), 1, 100.0),)
+    assert recovered.decision is Decision.CLOSE  # screened and published next
+    assert recovered.snapshot.secagg_stage == "done" and recovered.snapshot.accepted == 3
+    screened = step(recovered.snapshot, SECAGG_RULES, Screened(Screening(3, 0, 1)), 100.0)
+    assert screened.decision is Decision.CLOSE
+    published = step(screened.snapshot, SECAGG_RULES, Published(4, 400), 100.0)
+    assert published.snapshot.status is RoundStatus.CLOSED
+
+
+def test_an_unmask_that_fails_retrains_the_round_as_a_failed_stage_does():
+    snap = in_secagg("unmask", attempt=1)
+    out = step(snap, SECAGG_RULES, SecAggFailed("bad share"), 100.0)
+    assert out.effects == (
+        FailSecAgg("secure aggregation failed to unmask: bad share", 100.0),
+        Replan(attempt=2, deadline_at=None),
+    )
+    assert out.snapshot.status is RoundStatus.PENDING and out.decision is Decision.WAIT
+
+
+def test_secagg_events_the_round_cannot_take_are_the_callers_bug():
+    with pytest.raises(IllegalEvent):  # not in its secure aggregation
+        step(snapshot(), SECAGG_RULES, progress("share", "abcd"), 100.0)
+    with pytest.raises(IllegalEvent):  # the session is at another stage
+        step(in_secagg("mask"), SECAGG_RULES, progress("share", "abcd"), 100.0)
+    with pytest.raises(IllegalEvent):  # no sum before the unmask stage
+        step(in_secagg("mask"), SECAGG_RULES, SecAggRecovered(("a",), ()), 100.0)
+    with pytest.raises(IllegalEvent):
+        step(in_secagg("share"), SECAGG_RULES, SecAggFailed("x"), 100.0)
+    with pytest.raises(IllegalEvent):  # a node both in the sum and dropped
+        step(in_secagg("unmask"), SECAGG_RULES, SecAggRecovered(("a",), ("a",)), 100.0)
+    with pytest.raises(IllegalEvent):  # a run without SecAgg has no stages
+        step(in_secagg("share"), RULES, progress("share", "abcd"), 100.0)
+
+
+node_sets = st.frozensets(st.sampled_from("abcdef"), max_size=6)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    snapshots(),
+    st.sampled_from(["share", "mask", "unmask"]),
+    node_sets,
+    node_sets,
+    node_sets,
+    st.integers(0, 3),
+    times,
+)
+def test_a_stage_step_fails_into_a_pending_retrain_or_keeps_the_round_in_secagg(
+    snap, stage, expected, answered, lost, t, now
+):
+    """Whatever the stage's facts: a failure returns the round to pending as attempt + 1 with
+    no accepted contribution and no place held; anything else leaves the round in its secure
+    aggregation (the stage moved on by at most one), its work untouched, and never closes it."""
+    snap = replace(snap, status=RoundStatus.SECAGG, secagg_stage=stage, screening=None)
+    p = StageProgress(stage, 6, t, expected, answered & expected, lost & expected, 100.0)
+    out = step(snap, SECAGG_RULES, SecAggProgress(p), now)
+    assert out.decision is Decision.WAIT
+    if any(isinstance(e, FailSecAgg) for e in out.effects):
+        event("failed")
+        assert out.effects[-1] == Replan(snap.attempt + 1, None)
+        after = out.snapshot
+        assert (after.status, after.attempt, after.accepted) == (
+            RoundStatus.PENDING,
+            snap.attempt + 1,
+            0,
+        )
+        assert not {S, A} & set(statuses(after).values())
+        assert not out.unmask
+    else:
+        event("unmask" if out.unmask else "advanced" if out.effects else "waits")
+        assert out.snapshot.status is RoundStatus.SECAGG
+        assert out.snapshot.assignments == snap.assignments
+        assert out.snapshot.accepted == snap.accepted
+        assert out.snapshot.secagg_stage in {stage, NEXT_STAGE[stage]}
+        assert not out.unmask or (stage == "unmask" and not out.effects)
