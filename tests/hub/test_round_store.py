@@ -13,9 +13,12 @@ from sqlalchemy import select
 
 from gridswarm.hub import models as m
 from gridswarm.hub.engine import (
+    AdvanceStage,
     Assign,
     ContributionRow,
+    FailSecAgg,
     FinishRun,
+    FinishSecAgg,
     FinishSource,
     IllegalEvent,
     MarkLate,
@@ -23,6 +26,7 @@ from gridswarm.hub.engine import (
     MarkSubmitted,
     MissOutstanding,
     OpenRound,
+    OpenSecAgg,
     RecordContribution,
     ReleaseOutstanding,
     Replan,
@@ -252,3 +256,126 @@ def test_a_leave_releases_outstanding_work_in_every_run_without_a_round(hub):
     # the hub's own leave goes the same way, and frees the place for another ask
     assert service.leave(nodes[2]) == 1
     assert assignment_statuses(service, run_id)[nodes[2]] is AssignmentStatus.RELEASED
+
+
+def contribute(service, clock, run_id: str, node_ids: list[str]) -> None:
+    """Accepted contributions (and submitted assignments) of `node_ids` in round 0."""
+    with service.sessions() as s:
+        run, rnd = s.get(m.Run, run_id), s.get(m.Round, (run_id, 0))
+        for i, node_id in enumerate(node_ids):
+            a = s.scalars(select(m.Assignment).where(m.Assignment.node_id == node_id)).one()
+            meta = ContributionMeta(
+                assignment_id=a.id,
+                codec="secagg",
+                steps=4,
+                tokens=64,
+                loss_first=3.0,
+                loss_last=2.5,
+                loss_mean=2.7,
+                train_time_s=0.5,
+                threads=1,
+            )
+            row = ContributionRow(f"{i}" * 64, meta.model_dump(), 100)
+            apply_effects(
+                s, run, rnd, [RecordContribution(a.id, row, clock()), MarkSubmitted(a.id)]
+            )
+        s.commit()
+
+
+def contribution_statuses(service, run_id: str) -> dict[str, ContributionStatus]:
+    with service.sessions() as s:
+        rows = s.execute(
+            select(m.Contribution.node_id, m.Contribution.status).where(
+                m.Contribution.run_id == run_id
+            )
+        ).all()
+    return dict(rows)
+
+
+def open_secagg(service, clock, run_id: str) -> float:
+    """Round 0's secure aggregation opened by the engine's effects; returns when."""
+    now = clock()
+    with service.sessions() as s:
+        run, rnd = s.get(m.Run, run_id), s.get(m.Round, (run_id, 0))
+        with pytest.raises(IllegalEvent):  # the session's config is the caller's crypto
+            apply_effects(s, run, rnd, [OpenSecAgg(0, now, now + 30.0)])
+        s.rollback()
+        run, rnd = s.get(m.Run, run_id), s.get(m.Round, (run_id, 0))
+        effects = [MissOutstanding(), OpenSecAgg(rnd.attempt, now, now + 30.0)]
+        apply_effects(s, run, rnd, effects, secagg_config='{"config": 1}')
+        s.commit()
+    return now
+
+
+def test_the_secagg_effects_open_the_session_and_move_its_stages(hub):
+    service, clock, run_id, nodes = hub
+    contribute(service, clock, run_id, nodes[:2])
+    now = open_secagg(service, clock, run_id)
+    assert assignment_statuses(service, run_id)[nodes[2]] is AssignmentStatus.MISSED
+    with service.sessions() as s:
+        run = s.get(m.Run, run_id)
+        rnd, snap = read_snapshot(s, run, heard_since=service.started_at)
+        sess = s.get(m.SecAggSession, (run_id, 0))
+        assert rnd.status is RoundStatus.SECAGG and snap.secagg_stage == "share"
+        assert (sess.attempt, sess.stage, sess.config_json) == (0, "share", '{"config": 1}')
+        assert (sess.opened_at, sess.stage_deadline_at, sess.failures) == (now, now + 30.0, 0)
+        with pytest.raises(IllegalEvent):  # a stage is never skipped
+            apply_effects(s, run, rnd, [AdvanceStage("unmask", now + 60.0)])
+        apply_effects(s, run, rnd, [AdvanceStage("mask", now + 60.0)])
+        s.commit()
+        s.refresh(sess)
+        assert (sess.stage, sess.stage_deadline_at) == ("mask", now + 60.0)
+        with pytest.raises(IllegalEvent):  # no sum before the unmask stage
+            apply_effects(s, run, rnd, [FinishSecAgg((nodes[0],), 1, now)])
+        apply_effects(s, run, rnd, [AdvanceStage("unmask", now + 90.0)])
+        apply_effects(s, run, rnd, [FinishSecAgg((nodes[0],), 1, now + 5.0)])
+        s.commit()
+        s.refresh(sess)
+        assert (sess.stage, sess.closed_at, sess.survivors, sess.dropped) == (
+            "done",
+            now + 5.0,
+            1,
+            1,
+        )
+    # the contribution missing from the sum is dropped, the survivor's stays accepted
+    assert contribution_statuses(service, run_id) == {
+        nodes[0]: ContributionStatus.ACCEPTED,
+        nodes[1]: ContributionStatus.DROPPED,
+    }
+
+
+def test_a_failed_secagg_attempt_discards_the_rounds_work_and_reopens_it_pending(hub):
+    service, clock, run_id, nodes = hub
+    contribute(service, clock, run_id, nodes[:2])
+    now = open_secagg(service, clock, run_id)
+    with service.sessions() as s:
+        run, rnd = s.get(m.Run, run_id), s.get(m.Round, (run_id, 0))
+        effects = [FailSecAgg("too many dropouts", now + 1.0), Replan(attempt=1, deadline_at=None)]
+        apply_effects(s, run, rnd, effects)
+        s.commit()
+        sess = s.get(m.SecAggSession, (run_id, 0))
+        assert (sess.stage, sess.closed_at, sess.failures) == ("failed", now + 1.0, 1)
+        assert sess.last_failure == "too many dropouts"
+        assert (rnd.status, rnd.attempt, rnd.opened_at, rnd.deadline_at) == (
+            RoundStatus.PENDING,
+            1,
+            None,
+            None,
+        )
+        with pytest.raises(IllegalEvent):  # a pending round runs no secure aggregation
+            apply_effects(s, run, rnd, [FailSecAgg("again", now + 2.0)])
+    # no contribution is left accepted, and no assignment holds a place
+    assert set(contribution_statuses(service, run_id).values()) == {ContributionStatus.DISCARDED}
+    assert assignment_statuses(service, run_id) == {
+        nodes[0]: AssignmentStatus.DISCARDED,
+        nodes[1]: AssignmentStatus.DISCARDED,
+        nodes[2]: AssignmentStatus.MISSED,
+    }
+    # the retrained attempt's session reuses the row and keeps the count of failures
+    with service.sessions() as s:
+        run, rnd = s.get(m.Run, run_id), s.get(m.Round, (run_id, 0))
+        apply_effects(s, run, rnd, [OpenRound(now + 3.0, now + 63.0)])
+        apply_effects(s, run, rnd, [OpenSecAgg(1, now + 4.0, now + 34.0)], secagg_config="{}")
+        s.commit()
+        sess = s.get(m.SecAggSession, (run_id, 0))
+        assert (sess.attempt, sess.stage, sess.failures, sess.closed_at) == (1, "share", 1, None)
