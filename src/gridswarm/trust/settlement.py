@@ -165,8 +165,10 @@ def verdict_payload(run_id: str, c: ContributionFacts) -> dict[str, Any]:
 
 def _usefulness(accepted: list[ContributionFacts]) -> dict[str, float]:
     """Relative usefulness per accepted contribution id (unscored: `UNSCORED_USEFULNESS`)."""
-    scored = [c for c in accepted if c.loss_drop is not None and c.tokens > 0]
-    relative = usefulness_scores({c.id: c.loss_drop / c.tokens for c in scored})  # type: ignore[operator]
+    per_token = {
+        c.id: c.loss_drop / c.tokens for c in accepted if c.loss_drop is not None and c.tokens > 0
+    }
+    relative = usefulness_scores(per_token)
     return {c.id: relative.get(c.id, UNSCORED_USEFULNESS) for c in accepted}
 
 
