@@ -19,7 +19,8 @@ state change it records (or not at all):
                        bit, score usefulness on held-out data; mismatches are rejected, excluded
                        from aggregation, recorded and slashed
 - `settle_round`       with the new version: reveal the seed, record verdicts, split the round's
-                       pool from the run's escrow, update reputations
+                       pool from the run's escrow, update reputations (one read of the round's
+                       facts, `trust/settlement.py` `settle` decides, one write of its result)
 
 Under secure aggregation the hub never sees one node's update, so neither audits nor usefulness
 apply per node there: contributions are paid by tokens alone (said in each verdict).
@@ -78,7 +79,7 @@ from gridswarm.train.codecs import make_codec
 from gridswarm.train.device import device_class
 from gridswarm.train.params import unpack, unpack_vector
 from gridswarm.train.workload import Workload
-from gridswarm.trust.audit import audit_draw, is_audited, seed_commitment
+from gridswarm.trust.audit import is_audited, seed_commitment
 from gridswarm.trust.claims import (
     ClaimError,
     check_claim,
@@ -90,15 +91,17 @@ from gridswarm.trust.policy import (
     audit_skip_reason,
     check_harm,
     may_select,
-    round_pool_units,
     secure_aggregation,
 )
 from gridswarm.trust.reputation import Reputation, RoundOutcome, update_reputation
-from gridswarm.trust.rewards import (
-    ContributionScore,
-    RewardPolicy,
-    split_round_pool,
-    usefulness_scores,
+from gridswarm.trust.settlement import (
+    ContributionFacts,
+    RoundFacts,
+    Settlement,
+    reputation_payload,
+    settle,
+    settlement_policy,
+    verdict_payload,
 )
 from gridswarm.trust.tolerance import (
     Calibration,
@@ -153,8 +156,23 @@ def _reputation(row: m.NodeReputation | None) -> Reputation:
     )
 
 
-def _rounded(rep: Reputation) -> dict[str, Any]:
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(rep).items()}
+def contribution_facts(c: m.Contribution) -> ContributionFacts:
+    """What settlement and verdicts read of a contribution row."""
+    return ContributionFacts(
+        id=c.id,
+        round=c.round,
+        node_id=c.node_id,
+        status=c.status,
+        tokens=c.tokens,
+        loss_drop=c.loss_drop,
+        audited=bool(c.audited),
+        audit_passed=c.audit_passed,
+        audit_rate=c.audit_rate,
+        claim_seq=c.claim_seq,
+        verdict_reason=c.verdict_reason,
+        intensity_g_per_kwh=c.intensity_g_per_kwh,
+        usefulness=c.usefulness,
+    )
 
 
 class HubTrust:
@@ -209,16 +227,20 @@ class HubTrust:
     def _update_reputation(
         self, s: Session, node_id: str, outcome: RoundOutcome
     ) -> tuple[Reputation, Reputation]:
-        row = s.get(m.NodeReputation, node_id)
-        before = _reputation(row)
+        before = _reputation(s.get(m.NodeReputation, node_id))
         after = update_reputation(before, outcome)
+        self._write_reputation(s, node_id, after)
+        return before, after
+
+    def _write_reputation(self, s: Session, node_id: str, rep: Reputation) -> None:
+        """Store `rep` as the node's reputation (a new row for a node without one)."""
+        row = s.get(m.NodeReputation, node_id)
         if row is None:
             row = m.NodeReputation(node_id=node_id)
             s.add(row)
-        for key, value in asdict(after).items():
+        for key, value in asdict(rep).items():
             setattr(row, key, value)
         row.updated_at = self.clock()
-        return before, after
 
     def _forfeit_items(
         self, run_id: str, node_id: str, reason: str, cfg: RunConfig
@@ -439,7 +461,11 @@ class HubTrust:
             ),
             (
                 "reputation",
-                {"run_id": run.id, "round": assignment.round, "nodes": {node_id: _rounded(after)}},
+                {
+                    "run_id": run.id,
+                    "round": assignment.round,
+                    "nodes": {node_id: reputation_payload(after)},
+                },
             ),
         ]
         items += self._forfeit_items(run.id, node_id, reason, cfg)
@@ -875,7 +901,11 @@ class HubTrust:
             ("verdict", self._verdict(run, c) | {"reason": reason, "stage": "audit"}),
             (
                 "reputation",
-                {"run_id": run.id, "round": c.round, "nodes": {c.node_id: _rounded(after)}},
+                {
+                    "run_id": run.id,
+                    "round": c.round,
+                    "nodes": {c.node_id: reputation_payload(after)},
+                },
             ),
         ]
         items += self._forfeit_items(run.id, c.node_id, reason, cfg)
@@ -883,20 +913,7 @@ class HubTrust:
 
     @staticmethod
     def _verdict(run: m.Run, c: m.Contribution) -> dict[str, Any]:
-        return {
-            "run_id": run.id,
-            "round": c.round,
-            "node": c.node_id,
-            "contribution": c.id,
-            "claim_seq": c.claim_seq,
-            "stage": "close",
-            "accepted": c.status == ContributionStatus.ACCEPTED,
-            "audited": bool(c.audited),
-            "audit_rate": c.audit_rate,
-            "audit_passed": c.audit_passed,
-            "loss_drop": None if c.loss_drop is None else round(c.loss_drop, 6),
-            "tokens": c.tokens,
-        }
+        return verdict_payload(run.id, contribution_facts(c))
 
     def escrow(self, run_id: str) -> RunEscrow:
         """The run's funding, payouts and returns, folded from the ledger."""
@@ -911,117 +928,68 @@ class HubTrust:
         cfg: RunConfig,
         version: m.Version,
     ) -> None:
-        """With the new version: verdicts, the reward split, reputations, the seed revealed."""
-        contributions = s.scalars(
+        """With the new version: verdicts, the reward split, reputations, the seed revealed.
+
+        One read (`_settlement_facts`), the pure decision (`trust/settlement.py` `settle`), one
+        write (`_apply_settlement`), then the ledger items, all in the caller's transaction."""
+        rows, seed_row, facts = self._settlement_facts(s, run, rnd, cfg, version)
+        settlement = settle(facts, settlement_policy(cfg))
+        self._apply_settlement(s, rows, seed_row, settlement)
+        self.append(s, settlement.items)
+
+    def _settlement_facts(
+        self, s: Session, run: m.Run, rnd: m.Round, cfg: RunConfig, version: m.Version
+    ) -> tuple[Sequence[m.Contribution], m.TrustRound, RoundFacts]:
+        """Everything settling `rnd` reads: its contributions (by node id), the run's escrow, the
+        nodes assigned, their reputations and the audit seed (with the rows settlement writes)."""
+        rows = s.scalars(
             select(m.Contribution)
             .where(m.Contribution.run_id == run.id, m.Contribution.round == rnd.number)
             .order_by(m.Contribution.node_id)
         ).all()
-        accepted = [c for c in contributions if c.status == ContributionStatus.ACCEPTED]
-        scored = [c for c in accepted if c.loss_drop is not None and c.tokens > 0]
-        relative = usefulness_scores({c.id: c.loss_drop / c.tokens for c in scored})
-        for c in accepted:
-            c.usefulness = relative.get(c.id, 1.0)  # unscored (e.g. SecAgg): tokens alone
-
         escrow = self.escrow(run.id)
-        rounds_left = (cfg.budget.rounds or rnd.base_version + 1) - rnd.base_version
-        pool = round_pool_units(
-            escrow.available_units, cfg.trust.reward_per_round_units, rounds_left
-        )
-        split = split_round_pool(
-            rnd.number,
-            pool,
-            [
-                ContributionScore(
-                    account=c.node_id,
-                    verified_tokens=c.tokens if c.status == ContributionStatus.ACCEPTED else 0,
-                    usefulness=c.usefulness or 0.0,
-                    intensity_g_per_kwh=getattr(c, "intensity_g_per_kwh", None),
-                    accepted=c.status == ContributionStatus.ACCEPTED,
-                    reason=c.verdict_reason or "",
-                )
-                for c in contributions
-            ],
-            RewardPolicy(
-                low_carbon_bonus=cfg.trust.low_carbon_bonus,
-                reference_intensity_g_per_kwh=cfg.trust.reference_intensity_g_per_kwh,
-            ),
-        )
-        paid_to: set[str] = set()
-        for c in accepted:  # one share per node and round, on its (last) accepted contribution
-            c.reward_units = split.shares.get(c.node_id, 0) if c.node_id not in paid_to else 0
-            paid_to.add(c.node_id)
-
-        items: list[HubItem] = [
-            (
-                "verdict",
-                self._verdict(run, c)
-                | {
-                    "usefulness": round(c.usefulness or 0.0, 6),
-                    "reward_units": c.reward_units,
-                    "reason": c.verdict_reason
-                    or ("audited: bit-exact" if c.audited else "not drawn for audit"),
-                },
-            )
-            for c in accepted
-        ]
-        reward = split.ledger_payload() | {
-            "run_id": run.id,
-            "escrow_units": escrow.available_units,
-        }
-        if escrow.funded_units == 0:
-            reward["note"] = "run not funded: pool 0 (the sponsor funds with `gridswarm run fund`)"
-        items.append(("reward", reward))
-
-        delivered = {c.node_id for c in accepted}
-        assigned = set(
+        assigned = frozenset(
             s.scalars(
                 select(m.Assignment.node_id).where(
                     m.Assignment.run_id == run.id, m.Assignment.round == rnd.number
                 )
             )
         )
-        changed: dict[str, dict[str, Any]] = {}
-        for c in accepted:
-            outcome = RoundOutcome(
-                delivered=True,
-                audit_passed=c.audit_passed if c.audited else None,
-                usefulness=c.usefulness if c.loss_drop is not None else None,
-            )
-            changed[c.node_id] = _rounded(self._update_reputation(s, c.node_id, outcome)[1])
-        rejected = {c.node_id for c in contributions if c.status == ContributionStatus.REJECTED}
-        for node_id in sorted(assigned - delivered - rejected):
-            outcome = RoundOutcome(delivered=False)
-            changed[node_id] = _rounded(self._update_reputation(s, node_id, outcome)[1])
-        if changed:
-            items.append(("reputation", {"run_id": run.id, "round": rnd.number, "nodes": changed}))
-
         seed_row = self._round_seed(s, run, rnd)
-        seed_row.revealed_at = self.clock()
-        audited = [c for c in contributions if c.audited]
-        items.append(
-            (
-                "round",
-                {
-                    "run_id": run.id,
-                    "round": rnd.number,
-                    "event": "close",
-                    "attempt": rnd.attempt,
-                    "base_version": rnd.base_version,
-                    "version": version.number,
-                    "val_loss": round(version.val_loss, 6),
-                    "audit_commitment": seed_row.commitment,
-                    "audit_seed": seed_row.audit_seed,
-                    "audited": {
-                        c.id: round(audit_draw(bytes.fromhex(seed_row.audit_seed), c.id), 6)
-                        for c in audited
-                    },
-                    "accepted": len(accepted),
-                    "rejected": len(contributions) - len(accepted),
-                },
-            )
+        facts = RoundFacts(
+            run_id=run.id,
+            round=rnd.number,
+            attempt=rnd.attempt,
+            base_version=rnd.base_version,
+            version=version.number,
+            val_loss=version.val_loss,
+            contributions=tuple(contribution_facts(c) for c in rows),
+            assigned=assigned,
+            reputations=self.reputations(s, sorted(assigned | {c.node_id for c in rows})),
+            escrow_available_units=escrow.available_units,
+            escrow_funded_units=escrow.funded_units,
+            budget_rounds=cfg.budget.rounds,
+            audit_seed=seed_row.audit_seed,
+            audit_commitment=seed_row.commitment,
         )
-        self.append(s, items)
+        return rows, seed_row, facts
+
+    def _apply_settlement(
+        self,
+        s: Session,
+        rows: Sequence[m.Contribution],
+        seed_row: m.TrustRound,
+        settlement: Settlement,
+    ) -> None:
+        """Write what `settle` decided (not the ledger items): the accepted contributions'
+        usefulness and reward, each reputation step in order, the seed's reveal time."""
+        by_id = {c.id: c for c in rows}
+        for update in settlement.contributions:
+            c = by_id[update.id]
+            c.usefulness, c.reward_units = update.usefulness, update.reward_units
+        for step in settlement.reputations:
+            self._write_reputation(s, step.node_id, step.after)
+        seed_row.revealed_at = self.clock()
 
     # ------------------------------------------------------------------ reads and requests
 
