@@ -763,6 +763,52 @@ def markdown(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+TARGET_CPU_MS_PER_NODE_ROUND = 2.0  # issue 9's targets, drawn on the plot
+TARGET_P99_MS = 250.0
+
+
+def plot(document: dict, path: Path) -> None:
+    """Two panels against the number of nodes, a line per database, replica count and hub
+    (baseline / this): hub CPU per node-round and the upload and assignment p99, each with
+    its target. Written to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict]] = {}
+    for r in document["results"]:
+        key = f"{r['db']}, {r.get('replicas', 1)} replica(s), {r.get('variant', 'this')}"
+        series.setdefault(key, []).append(r)
+    fig, (cpu_ax, p99_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, results in series.items():
+        results = sorted(results, key=lambda r: r["nodes"])
+        nodes = [r["nodes"] for r in results]
+        line = cpu_ax.plot(nodes, [r["hub_cpu_ms_per_contribution"] for r in results], "o-")
+        cpu_ax.lines[-1].set_label(key)
+        color = line[0].get_color()
+        for endpoint, style in (("upload", "o-"), ("assignment", "s--")):
+            p99 = [r["endpoints"].get(endpoint, {}).get("p99_ms", math.nan) for r in results]
+            p99_ax.plot(nodes, p99, style, color=color, label=f"{key}: {endpoint}")
+    cpu_ax.axhline(TARGET_CPU_MS_PER_NODE_ROUND, color="k", ls=":", label="target (2 ms)")
+    p99_ax.axhline(TARGET_P99_MS, color="k", ls=":", label="target (250 ms)")
+    cpu_ax.set(xlabel="nodes", ylabel="hub CPU ms per node-round", xscale="log", yscale="log")
+    p99_ax.set(xlabel="nodes", ylabel="p99 latency, ms", xscale="log", yscale="log")
+    for ax in (cpu_ax, p99_ax):  # plain numbers, not powers of ten
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    cpu_ax.set_yticks([v for v in (1, 2, 5, 10, 20, 50, 100, 200) if v <= cpu_ax.get_ylim()[1]])
+    cpu_ax.set_title("hub CPU per node and round")
+    p99_ax.set_title("upload (solid) and assignment (dashed) p99")
+    cpu_ax.legend(fontsize=7)
+    p99_ax.legend(fontsize=6)
+    fig.suptitle(document["command"][:110], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -852,7 +898,8 @@ def main() -> None:
     }
     out.write_text(json.dumps(document, indent=2, default=str))
     out.with_suffix(".md").write_text(markdown(document))
-    console.print(f"written to {out} and {out.with_suffix('.md')}")
+    plot(document, out.with_suffix(".png"))
+    console.print(f"written to {out} and its .md and .png")
 
 
 if __name__ == "__main__":
