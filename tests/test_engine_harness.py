@@ -134,30 +134,39 @@ def test_a_secagg_upload_with_an_impossible_energy_claim_is_refused_like_a_plain
 # ------------------------------------------------------------------------- quorum after audits
 
 
+def uploaded_round(
+    tmp_path: Path, nodes: int, usefulness: bool, scale: float = 1.0
+) -> tuple[HubService, str, list[str]]:
+    """A run without audits whose one round holds an upload from each of `nodes` nodes, not
+    yet pre-screened: (service, run id, node ids)."""
+    service = new_service(tmp_path, FakeClock())
+    config = tiny_run(
+        round={"deadline_s": 60, "quorum": nodes, "min_nodes": nodes, "max_nodes": nodes},
+        trust=NO_AUDITS | {"usefulness": usefulness},
+        budget={"rounds": 1},
+    )
+    run_id = service.create_run(Identity.generate().public_key, config).run_id
+    numel = service.run_status(run_id)["numel"]
+    node_ids = [
+        service.register(
+            Identity.generate().public_key,
+            RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}"),
+        )
+        for i in range(nodes)
+    ]
+    jobs = [service.request_assignment(run_id, node).assignment for node in node_ids]
+    for i, (node, job) in enumerate(zip(node_ids, jobs, strict=True)):
+        upload(service, run_id, node, job, fake_update(numel, i) * scale)
+    return service, run_id, node_ids
+
+
 def test_prescreening_a_run_that_neither_audits_nor_scores_reads_no_blob(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Nothing needs the upload or the base weights: pre-screening records each upload as not
     audited without reading either (two model-sized reads and hashes per upload, on the hub's
     cores while the other uploads arrive)."""
-    service = new_service(tmp_path, FakeClock())
-    config = tiny_run(
-        round={"deadline_s": 60, "quorum": 2, "min_nodes": 2, "max_nodes": 2},
-        trust=NO_AUDITS | {"usefulness": False},
-        budget={"rounds": 1},
-    )
-    run_id = service.create_run(Identity.generate().public_key, config).run_id
-    numel = service.run_status(run_id)["numel"]
-    nodes = [
-        service.register(
-            Identity.generate().public_key,
-            RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}"),
-        )
-        for i in range(2)
-    ]
-    jobs = [service.request_assignment(run_id, node).assignment for node in nodes]
-    for i, (node, job) in enumerate(zip(nodes, jobs, strict=True)):
-        upload(service, run_id, node, job, fake_update(numel, i))
+    service, _, _ = uploaded_round(tmp_path, 2, usefulness=False)
     monkeypatch.setattr(service.blobs, "get", lambda digest: pytest.fail(f"read {digest}"))
     assert service.trust.prescreen(service.workload) == 2
     screened = rows(service, m.Contribution)
@@ -169,32 +178,14 @@ def test_prescreening_reads_the_base_weights_once_per_batch(
 ):
     """Usefulness scoring needs the version the uploads trained from: pre-screening reads and
     hashes it once for a batch of uploads, not once per upload (a model-sized read each)."""
-    service = new_service(tmp_path, FakeClock())
-    config = tiny_run(
-        round={"deadline_s": 60, "quorum": 3, "min_nodes": 3, "max_nodes": 3},
-        trust=NO_AUDITS | {"usefulness": True},
-        budget={"rounds": 1},
-    )
-    run_id = service.create_run(Identity.generate().public_key, config).run_id
-    numel = service.run_status(run_id)["numel"]
+    service, run_id, _ = uploaded_round(tmp_path, 3, usefulness=True, scale=1e-3)
     base_blob = service.latest_version(run_id)["weights_blob"]
-    nodes = [
-        service.register(
-            Identity.generate().public_key,
-            RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}"),
-        )
-        for i in range(3)
-    ]
-    jobs = [service.request_assignment(run_id, node).assignment for node in nodes]
-    for i, (node, job) in enumerate(zip(nodes, jobs, strict=True)):
-        upload(service, run_id, node, job, fake_update(numel, i) * 1e-3)
     reads: list[str] = []
     get = service.blobs.get
     monkeypatch.setattr(service.blobs, "get", lambda digest: reads.append(digest) or get(digest))
     assert service.trust.prescreen(service.workload) == 3
     assert reads.count(base_blob) == 1 and len(reads) == 4  # the base once, each upload once
-    scored = rows(service, m.Contribution)
-    assert all(c.loss_drop is not None for c in scored)
+    assert all(c.loss_drop is not None for c in rows(service, m.Contribution))
 
 
 def test_a_prescreening_verdict_that_cannot_be_written_fails_alone(
@@ -202,24 +193,7 @@ def test_a_prescreening_verdict_that_cannot_be_written_fails_alone(
 ):
     """Pre-screening writes a batch's verdicts in one transaction; when one cannot be written,
     the others are written each on its own and that one stays unaudited (the close judges it)."""
-    service = new_service(tmp_path, FakeClock())
-    config = tiny_run(
-        round={"deadline_s": 60, "quorum": 3, "min_nodes": 3, "max_nodes": 3},
-        trust=NO_AUDITS | {"usefulness": False},
-        budget={"rounds": 1},
-    )
-    run_id = service.create_run(Identity.generate().public_key, config).run_id
-    numel = service.run_status(run_id)["numel"]
-    nodes = [
-        service.register(
-            Identity.generate().public_key,
-            RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}"),
-        )
-        for i in range(3)
-    ]
-    jobs = [service.request_assignment(run_id, node).assignment for node in nodes]
-    for i, (node, job) in enumerate(zip(nodes, jobs, strict=True)):
-        upload(service, run_id, node, job, fake_update(numel, i))
+    service, _, nodes = uploaded_round(tmp_path, 3, usefulness=False)
     apply = service.trust._apply
 
     def fails_for_the_second(s, run, cfg, c, a, ex):
