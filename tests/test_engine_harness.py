@@ -338,7 +338,11 @@ def test_a_masked_participant_that_vanishes_is_still_in_the_recovered_sum(tmp_pa
 
 def test_more_than_t_vanished_after_masking_fail_the_round_cleanly(tmp_path: Path):
     hub, run_id, contributors, _ = secagg_round(tmp_path, vanish=2)
+    woken: list[str] = []  # the runs whose waiting long-polls the hub wakes
+    changed = hub.service.round_changed
+    hub.service.round_changed = lambda run: woken.append(run) or changed(run)
     keep_alive_and_pass_liveness(hub, contributors[2:])
+    assert woken == [run_id]  # the retrain starts now, not when the nodes' long-polls end
 
     status = hub.get(f"{API}/runs/{run_id}").json()
     assert status["status"] == "active" and status["version"] == 0

@@ -713,7 +713,7 @@ def test_more_than_t_dropouts_at_any_stage_discard_the_attempt_and_retrain(stage
     assert isinstance(fail, FailSecAgg) and fail.failed_at == 100.0
     assert f"at the {stage} stage: 2 of 4 nodes dropped out" in fail.reason
     assert replan == Replan(attempt=3, deadline_at=None)
-    assert out.decision is Decision.WAIT and not out.unmask
+    assert out.decision is Decision.REPLAN and not out.unmask  # waiting nodes are woken
     after = out.snapshot
     assert (after.status, after.attempt, after.deadline_at) == (RoundStatus.PENDING, 3, None)
     assert after.accepted == 0 and set(statuses(after).values()) == {D}
@@ -744,7 +744,7 @@ def test_an_unmask_that_fails_retrains_the_round_as_a_failed_stage_does():
         FailSecAgg("secure aggregation failed to unmask: bad share", 100.0),
         Replan(attempt=2, deadline_at=None),
     )
-    assert out.snapshot.status is RoundStatus.PENDING and out.decision is Decision.WAIT
+    assert out.snapshot.status is RoundStatus.PENDING and out.decision is Decision.REPLAN
 
 
 def test_secagg_events_the_round_cannot_take_are_the_callers_bug():
@@ -784,8 +784,9 @@ def test_a_stage_step_fails_into_a_pending_retrain_or_keeps_the_round_in_secagg(
     snap = replace(snap, status=RoundStatus.SECAGG, secagg_stage=stage, screening=None)
     p = StageProgress(stage, 6, t, expected, answered & expected, lost & expected, 100.0)
     out = step(snap, SECAGG_RULES, SecAggProgress(p), now)
-    assert out.decision is Decision.WAIT
-    if any(isinstance(e, FailSecAgg) for e in out.effects):
+    failed = any(isinstance(e, FailSecAgg) for e in out.effects)
+    assert out.decision is (Decision.REPLAN if failed else Decision.WAIT)
+    if failed:
         event("failed")
         assert out.effects[-1] == Replan(snap.attempt + 1, None)
         after = out.snapshot

@@ -500,9 +500,9 @@ class Step:
     node's event is always WAIT (the ticker decides the close); its answer is `wait` for an
     ask with no work, `refused` for an upload refused (with MarkLate as its only possible
     effect), neither when the effects assign the work or record the contribution. A SecAgg
-    step is WAIT while the stages run (a failure included: the round is pending again) and
-    CLOSE once the sum is recovered (screen the round next); `unmask` asks the caller for the
-    heavy work between two events."""
+    step is WAIT while the stages run, REPLAN when one fails (the round is pending again: the
+    hub wakes the nodes waiting for work) and CLOSE once the sum is recovered (screen the
+    round next); `unmask` asks the caller for the heavy work between two events."""
 
     snapshot: RoundSnapshot
     effects: tuple[Effect, ...]
@@ -810,7 +810,7 @@ def _fail_secagg(snap: RoundSnapshot, reason: str, now_s: float) -> Step:
         secagg_stage=None,
     )
     effects = (FailSecAgg(reason, now_s), Replan(attempt, None))
-    return Step(after, effects, Decision.WAIT)
+    return Step(after, effects, Decision.REPLAN)  # REPLAN: the hub wakes the waiting nodes
 
 
 def _screened(snap: RoundSnapshot, rules: RoundRules, screening: Screening, now_s: float) -> Step:
