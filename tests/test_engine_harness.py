@@ -27,7 +27,14 @@ from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.identity import Identity
 from gridswarm.node.secagg import SecAggContributor
 from gridswarm.privacy.dp import epsilon_for
-from gridswarm.protocol import API, Assignment, ContributionMeta, Refusal, RegisterRequest
+from gridswarm.protocol import (
+    API,
+    Assignment,
+    ContributionMeta,
+    NodeStatus,
+    Refusal,
+    RegisterRequest,
+)
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.params import pack, unpack_vector
 from tests.conftest import tiny_run
@@ -366,6 +373,40 @@ def test_more_than_t_vanished_after_masking_fail_the_round_cleanly(tmp_path: Pat
         task = c.poll(wait_s=0)
         assert task["stage"] == "aborted" and "max_dropouts" in task["reason"]
     assert svc.trust.verify()["ok"]
+
+
+# ------------------------------------------------------------------------- waking waiting nodes
+
+
+def test_a_lost_nodes_place_wakes_the_nodes_waiting_for_work(tmp_path: Path):
+    """A full round whose node goes silent gives its place up on the next tick; the nodes
+    waiting for work are woken at once (`round_changed`), not when their long-polls end, and
+    the place is taken."""
+    clock = FakeClock()
+    service = new_service(tmp_path, clock)
+    config = tiny_run(round={"deadline_s": 600, "quorum": 1, "min_nodes": 1, "max_nodes": 2})
+    run_id = service.create_run(Identity.generate().public_key, config).run_id
+    numel = service.run_status(run_id)["numel"]
+    a, b, c = (
+        service.register(
+            Identity.generate().public_key,
+            RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=name),
+        )
+        for name in "abc"
+    )
+    assert [service.request_assignment(run_id, n).status for n in (a, b)] == ["assigned"] * 2
+    assert service.request_assignment(run_id, c).status == "wait"  # full
+    woken: list[str] = []
+    changed = service.round_changed
+    service.round_changed = lambda run: woken.append(run) or changed(run)
+    clock.advance(service.liveness_s() + 1)  # a falls silent; b and c do not
+    for node in (b, c):
+        service.heartbeat(node, NodeStatus.TRAINING if node == b else NodeStatus.IDLE)
+    service.tick()
+    (rnd,) = service.run_status(run_id)["rounds"]
+    assert rnd["status"] == "open" and rnd["assignments"] == {"assigned": 1, "missed": 1}
+    assert woken == [run_id]  # the round waits on (no close, no re-plan), but a place is free
+    assert service.request_assignment(run_id, c).status == "assigned"  # a's place
 
 
 # ------------------------------------------------------------------------- DP budget

@@ -1810,6 +1810,11 @@ class HubService:
             # lost nodes missed; a re-plan; a SecAgg session opened
             apply_effects(s, run, rnd, tick.effects, secagg_config=config)
             decision, after = tick.decision, tick.snapshot
+            # a round that changed wakes the nodes waiting for work: a close or re-plan, and
+            # also lost nodes' places freed in a round that waits on (MarkMissed)
+            changed = decision is not Decision.WAIT or any(
+                isinstance(e, round_engine.MarkMissed) for e in tick.effects
+            )
             if snapshot.status == RoundStatus.SECAGG:  # one opened now waits for its answers
                 stepped = self.privacy.advance_secagg(s, run, rnd, after, rules, now)
                 decision, after = stepped.decision, stepped.snapshot
@@ -1817,7 +1822,7 @@ class HubService:
                 decision = self._close(s, run, rnd, after, rules, now)
             else:
                 s.commit()
-        if decision is not Decision.WAIT:
+        if changed or decision is not Decision.WAIT:
             self.round_changed(run_id)  # long-polls waiting for this run ask again
         return decision
 
