@@ -21,12 +21,23 @@ from rich.table import Table
 from rich.text import Text
 
 from gridswarm.config import ConfigError, load_run_config
+from gridswarm.hub.epochs import EpochChain
 from gridswarm.hub.limits import (
     DEFAULT_MAX_NEW_NODES,
     DEFAULT_REGISTER_PER_NET_HOUR,
     MAX_REPLICA_COUNT,
 )
-from gridswarm.ledger.cli import ledger_app, node_balance, node_claim, run_fund, run_refund
+from gridswarm.ledger.cli import (
+    EscrowOpt,
+    EthKeyOpt,
+    RpcOpt,
+    TokenOpt,
+    ledger_app,
+    node_balance,
+    node_claim,
+    run_fund,
+    run_refund,
+)
 
 app = typer.Typer(
     help="Train language models on a swarm of machines, where energy is clean.",
@@ -132,6 +143,21 @@ def explain(exc: BaseException) -> str | None:
     if isinstance(exc, FileNotFoundError):
         return f"{exc.strerror or 'not found'}: {exc.filename or exc}"
     return None
+
+
+def _epoch_chain(
+    every_s: float, rpc: str | None, token: str | None, escrow: str | None, eth_key: Path | None
+) -> EpochChain:
+    """`gridswarm hub --epoch-every-s`'s chain settings, checked (one line on a bad one)."""
+    from gridswarm.ledger.cli import load_eth_account
+
+    if not (rpc and token and escrow and eth_key):
+        _fail("--epoch-every-s needs --rpc, --token, --escrow and --eth-key")
+    load_eth_account(eth_key)  # a missing or malformed key file: one line, before serving
+    try:
+        return EpochChain(rpc, token, escrow, eth_key, every_s)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -262,6 +288,18 @@ def hub(
             "among its --workers",
         ),
     ] = 1,
+    epoch_every_s: Annotated[
+        float | None,
+        typer.Option(
+            help="post the next reward epoch on chain this often when it grants something new "
+            "(with --rpc, --token, --escrow and --eth-key; default: the operator posts with "
+            "`gridswarm ledger post-epoch`)"
+        ),
+    ] = None,
+    rpc: RpcOpt = None,
+    token: TokenOpt = None,
+    escrow: EscrowOpt = None,
+    eth_key: EthKeyOpt = None,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = 0,
 ) -> None:
@@ -341,6 +379,11 @@ def hub(
     )
     if max_run_memory_mb is not None:
         settings = dataclasses.replace(settings, max_run_memory_mb=max_run_memory_mb)
+    if epoch_every_s is not None:
+        settings = dataclasses.replace(
+            settings, epochs=_epoch_chain(epoch_every_s, rpc, token, escrow, eth_key)
+        )
+        console.print(f"reward epochs: posted to {escrow} every {epoch_every_s:g} s when due")
     try:
         check_rate_share(settings)
     except ValueError as exc:

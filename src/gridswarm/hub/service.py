@@ -58,6 +58,7 @@ from gridswarm.hub.engine import (
     run_wait,
     seat_refusal,
 )
+from gridswarm.hub.epochs import EpochChain, EpochPoster
 from gridswarm.hub.errors import HubError, UnreadableSettings
 from gridswarm.hub.lifecycle import (
     FINAL,
@@ -209,6 +210,8 @@ class HubSettings:
     # folders on the hub's disk a run's `data.dataset` may name (`--data-root`); none: runs name
     # bundled datasets or `manifest:<sha256>` only (train/dataset.py `check_dataset_path`)
     data_roots: tuple[Path, ...] = ()
+    # post reward epochs on chain on the hub's own clock (`--epoch-every-s`, hub/epochs.py)
+    epochs: EpochChain | None = None
 
 
 @dataclass(frozen=True)
@@ -532,6 +535,8 @@ class HubService:
             sponsors=self.settings.sponsors,
             node_invites=self.settings.registration.invites,
         )
+        chain = self.settings.epochs  # the lease holder posts reward epochs (hub/epochs.py)
+        self.epochs = None if chain is None else EpochPoster(chain, self.trust.ledger, clock)
 
     # ---------------------------------------------------------------- authentication
 
@@ -1745,6 +1750,8 @@ class HubService:
             self._failures.pop(run_id, None)
             if decision is not Decision.WAIT:
                 done.append((run_id, decision))
+        if self.epochs is not None:
+            self.epochs.maybe_post()  # when due; the chain's failures are its own (logged)
         return done
 
     def advance_run(self, run_id: str) -> Decision:

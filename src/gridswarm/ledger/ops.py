@@ -162,6 +162,15 @@ def latest_epoch(ledger: Ledger) -> Entry | None:
     return last
 
 
+def epoch_due(ledger: Ledger, address_of: Mapping[str, str]) -> bool:
+    """Whether the next epoch root would grant anything the latest posted one does not: some
+    address's cumulative amount grew (a new reward, or a node's first payout address)."""
+    previous = latest_epoch(ledger)
+    prev_amounts = {} if previous is None else previous.payload["cumulative_units"]
+    amounts = epoch_cumulative(ledger.balances(), address_of, prev_amounts)
+    return bool(amounts) and amounts != prev_amounts
+
+
 def post_epoch(
     ledger: Ledger,
     settlement: EvmSettlement,
