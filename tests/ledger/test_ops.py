@@ -48,3 +48,26 @@ def test_bad_arguments(ledger: Ledger) -> None:
     ledger.append("reward", {"round": 0, "pool_units": 5, "shares": {"x": 5}, "carried_units": 0})
     with pytest.raises(LedgerError, match="exceeds the funded pool"):
         node_balance(ledger, "x")
+
+
+def test_an_epoch_is_due_only_when_it_grants_something_new(ledger: Ledger) -> None:
+    """The hub's timer (hub/epochs.py) posts an epoch only when some payout address's
+    cumulative amount grew since the last one: an idle hub spends no gas."""
+    from gridswarm.ledger.balances import epoch_cumulative
+    from gridswarm.ledger.ops import epoch_due
+
+    addresses = {"n1": "0x" + "aa" * 20, "n2": "0x" + "bb" * 20}
+    assert not epoch_due(ledger, addresses)  # nothing earned yet
+    run_fund(ledger, SPONSOR, 5_000)
+    split = split_round_pool(
+        0, 1_000, [ContributionScore("n1", 300, 1.0), ContributionScore("n2", 100, 1.0)]
+    )
+    ledger.append("reward", split.ledger_payload())
+    assert not epoch_due(ledger, {})  # earned, but no node has named a payout address
+    assert epoch_due(ledger, addresses)
+    posted = epoch_cumulative(ledger.balances(), addresses)
+    ledger.append("epoch", {"epoch": 0, "cumulative_units": posted})  # as post_epoch records
+    assert not epoch_due(ledger, addresses)  # the same amounts again: nothing to post
+    again = split_round_pool(1, 1_000, [ContributionScore("n2", 100, 1.0)])
+    ledger.append("reward", again.ledger_payload())
+    assert epoch_due(ledger, addresses)
