@@ -184,13 +184,8 @@ class RoundConfig(_Strict):
 
         places = newcomer_places(self.max_newcomer_share, self.max_nodes)
         needed = max(self.min_nodes, self.quorum)
-        if places < needed:
-            raise ValueError(
-                f"max_newcomer_share ({self.max_newcomer_share:g}) leaves {places} of "
-                f"{self.max_nodes} places to nodes that have not worked on this hub, fewer than "
-                f"min_nodes / quorum ({needed}): on a hub where nobody has worked yet no round "
-                f"could open and close; raise it to at least {needed}/{self.max_nodes}"
-            )
+        if places < needed:  # no round could open and close on a hub where none has worked
+            raise ValueError(f"max_newcomer_share: {places} < min_nodes/quorum {needed}")
         return self
 
 
