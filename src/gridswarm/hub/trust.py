@@ -121,10 +121,10 @@ MAX_REPLAY_THREADS = 64
 # the run's creation) when enough of them wait for a place; then anyone may open it
 PENDING_GRACE_S = 15.0
 PAYOUT_KIND = "payout_address"
-# Session.info keys: what one transaction of asks learnt about the newcomer cap (`admission`)
+KIND_CALIBRATION = "audit_calibration"  # honest rerun distances per (run, device class)
+# Session.info keys: what one transaction of asks learnt for the newcomer cap (`admission`)
 _INFO_WORKED = "gridswarm.trust.worked"  # node id -> has worked on this hub
 _INFO_NEWCOMERS_FULL = "gridswarm.trust.newcomers_full"  # (run, round) -> newcomers placed
-KIND_CALIBRATION = "audit_calibration"  # honest rerun distances per (run, device class)
 
 
 @dataclass(frozen=True)
@@ -348,9 +348,10 @@ class HubTrust:
             reason = self._newcomer_wait(s, node_id, rnd, slots_left, self_worked)
         return reason
 
-    def _worked(self, s: Session, node_id: str) -> bool:
+    @staticmethod
+    def _worked(s: Session, node_id: str) -> bool:
         """Whether `node_id` has worked on this hub (`_worked_many`)."""
-        return self._worked_many(s, [node_id])[0]
+        return HubTrust._worked_many(s, [node_id])[0]
 
     @staticmethod
     def _worked_many(s: Session, node_ids: Sequence[str]) -> list[bool]:

@@ -195,8 +195,8 @@ def newcomer_refusal(worked: bool, newcomers_placed: int, places: int) -> str | 
     `newcomers_placed`: never-worked nodes holding a place in the round now; `places`:
     `newcomer_places`. A node that has worked is never refused by the cap; a never-worked one
     waits once the round's newcomer places are taken, as it waits for a full round (a place
-    frees when a newcomer's work is missed or the round is re-planned; the next round starts
-    the count again)."""
+    frees when a newcomer's assignment stops holding it: its work missed or released; the next
+    round starts the count again)."""
     if worked or newcomers_placed < places:
         return None
     return (
