@@ -164,6 +164,10 @@ class RoundConfig(_Strict):
     quorum: Annotated[int, Field(gt=0, le=1 << 20)] = 1
     min_nodes: Annotated[int, Field(gt=0, le=1 << 20)] = 1
     max_nodes: Annotated[int, Field(gt=0, le=1 << 20)] = 64
+    # at most ceil(share x max_nodes) of a round's places go to nodes that have never worked on
+    # this hub (trust/policy.py `newcomer_places`); 1.0: no cap. It must leave a round of
+    # newcomers alone able to open and close (>= min_nodes and quorum), so a new hub starts
+    max_newcomer_share: Annotated[float, Field(ge=0, le=1)] = 1.0
     aggregator: ShortText = "mean"
     aggregator_options: dict[ShortText, Any] = Field(default_factory=dict, max_length=16)
 
@@ -176,6 +180,12 @@ class RoundConfig(_Strict):
             raise ValueError(f"quorum ({self.quorum}) exceeds max_nodes ({self.max_nodes})")
         if self.min_nodes > self.max_nodes:
             raise ValueError(f"min_nodes ({self.min_nodes}) exceeds max_nodes ({self.max_nodes})")
+        from gridswarm.trust.policy import newcomer_places  # imports this module
+
+        places = newcomer_places(self.max_newcomer_share, self.max_nodes)
+        needed = max(self.min_nodes, self.quorum)
+        if places < needed:  # no round could open and close on a hub where none has worked
+            raise ValueError(f"max_newcomer_share: {places} < min_nodes/quorum {needed}")
         return self
 
 

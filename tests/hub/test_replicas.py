@@ -113,6 +113,41 @@ def test_three_replicas_race_to_close_one_round_and_exactly_one_publishes(replic
         assert hub._failures == {}
 
 
+def test_replicas_racing_a_flood_of_new_keys_keep_the_newcomer_cap(replicas):
+    """Two replicas decide batches of asks from 16 never-worked nodes at once: the run's row
+    lock serializes the batches, so the round's 8 places hold exactly ceil(0.25 x 8) = 2 of
+    them (the count is the database's, PostgreSQL's here)."""
+    hubs = replicas(2)
+    rounds = {"deadline_s": 120, "quorum": 1, "min_nodes": 1, "max_nodes": 8}
+    cfg = tiny_run(round=rounds | {"max_newcomer_share": 0.25})
+    run_id = hubs[0].create_run(Identity.generate().public_key, cfg).run_id
+    request = RegisterRequest(probe_tokens_per_s=1e5, probe_numel=1000)
+    ids = [hubs[i % 2].register(Identity.generate().public_key, request) for i in range(16)]
+    batches = [(hubs[i % 2], ids[i : i + 2]) for i in range(0, 16, 2)]
+    barrier = threading.Barrier(len(batches))
+    answers: list = []
+    errors: list[BaseException] = []
+
+    def ask(hub: HubService, node_ids: list[str]) -> None:
+        try:
+            barrier.wait(timeout=30)
+            answers.extend(hub.assignments_or_wait(run_id, node_ids))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=batch) for batch in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(answers) == 16
+    assert sum(a[0].status == "assigned" for a in answers) == 2
+    with hubs[0].sessions() as s:
+        held = s.scalar(select(func.count()).where(m.Assignment.run_id == run_id))
+    assert held == 2
+
+
 def test_one_replica_holds_the_ticker_lease_and_another_takes_it_over(replicas):
     hubs = replicas(2)
     held = [hub.lease.held() for hub in hubs]

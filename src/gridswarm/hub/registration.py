@@ -24,7 +24,8 @@ cannot both take the last place; replicas may overshoot by one each).
 
 "Worked" (`proven_nodes`): the node has an accepted contribution in a closed round, i.e. one
 that was aggregated (uploads refused by an audit are marked rejected before the close). Round
-places prefer such nodes over never-worked ones (trust/policy.py `may_select`).
+places prefer such nodes over never-worked ones (trust/policy.py `may_select`), and never-worked
+ones hold at most the run's `round.max_newcomer_share` of them (`newcomers_placed`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import HOUR_S, hourly_window
-from gridswarm.hub.states import ContributionStatus, RoundStatus
+from gridswarm.hub.states import HOLDS_PLACE, ContributionStatus, RoundStatus
 from gridswarm.identity import node_id_from_public_key
 from gridswarm.protocol import NodeStatus, Refusal
 
@@ -114,6 +115,22 @@ def proven_nodes(s: Session, node_ids: Iterable[str]) -> set[str]:
         .distinct()
     )
     return set(rows)
+
+
+def newcomers_placed(s: Session, run_id: str, round_number: int) -> int:
+    """Nodes holding a place in round `round_number` of `run_id` (assigned or submitted) that
+    have never worked: one count over the round's assignments (at most `max_nodes` rows), as
+    stored (the caller adds what its own transaction has not flushed)."""
+    return s.scalar(
+        select(func.count())
+        .select_from(m.Assignment)
+        .where(
+            m.Assignment.run_id == run_id,
+            m.Assignment.round == round_number,
+            m.Assignment.status.in_(sorted(HOLDS_PLACE)),
+            ~_worked(m.Assignment.node_id),
+        )
+    )
 
 
 def new_nodes_live(s: Session, live_since: float) -> int:

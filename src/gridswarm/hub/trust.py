@@ -6,7 +6,8 @@ state change it records (or not at all):
 
 - `open_round`         a round opens: commit to a secret audit seed (sha256 on the ledger)
 - `admission`          before work is assigned: caught cheaters (and keys no longer invited) are
-                       excluded; nodes that have worked go first, then by reputation
+                       excluded; nodes that have worked go first, then by reputation; never-
+                       worked nodes hold at most `round.max_newcomer_share` of the places
 - `energy_facts`       an upload arrives (plain or SecAgg): what the energy floor of
                        hub/acceptance.py compares its report with (the round engine decides)
 - `refuse_upload`      the round engine refused it: a false work claim (tokens, steps) or an
@@ -56,10 +57,10 @@ from gridswarm.hub.errors import HubError
 from gridswarm.hub.lifecycle import RunState
 from gridswarm.hub.limits import check_sponsor
 from gridswarm.hub.openapi import RunIdParam, openapi_body
-from gridswarm.hub.registration import check_invited, proven_nodes
+from gridswarm.hub.registration import check_invited, newcomers_placed, proven_nodes
 from gridswarm.hub.replicas import lock_run
 from gridswarm.hub.rounds import Screening
-from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import RunEscrow, run_escrow
 from gridswarm.ledger.chain import Entry, LedgerError, SignedClaim
@@ -91,6 +92,8 @@ from gridswarm.trust.policy import (
     audit_skip_reason,
     check_harm,
     may_select,
+    newcomer_places,
+    newcomer_refusal,
     secure_aggregation,
 )
 from gridswarm.trust.reputation import Reputation, RoundOutcome, update_reputation
@@ -119,6 +122,9 @@ MAX_REPLAY_THREADS = 64
 PENDING_GRACE_S = 15.0
 PAYOUT_KIND = "payout_address"
 KIND_CALIBRATION = "audit_calibration"  # honest rerun distances per (run, device class)
+# Session.info keys: what one transaction of asks learnt for the newcomer cap (`admission`)
+_INFO_WORKED = "gridswarm.trust.worked"  # node id -> has worked on this hub
+_INFO_NEWCOMERS_FULL = "gridswarm.trust.newcomers_full"  # (run, round) -> newcomers placed
 
 
 @dataclass(frozen=True)
@@ -304,21 +310,30 @@ class HubTrust:
         ask at once; a flood of new keys would otherwise win the race for the opening seat).
         While fewer nodes compete than places are left nobody can outrank the node, so only
         its own record is read (the common case: no per-request work that grows with the
-        swarm)."""
+        swarm).
+
+        Then the newcomer cap (`round.max_newcomer_share`, `_newcomer_wait`): a never-worked
+        node waits while the round's never-worked places are all taken; a node that has worked
+        is never held back by it."""
         if self.node_invites is not None:
             node = s.get(m.Node, node_id)
             check_invited(self.node_invites, node.public_key if node else "")
         pending = rnd.status != RoundStatus.OPEN
         competitors: list[str] = []
         worked: set[str] = set()
-        if n_competitors >= slots_left and not (  # a pending round: anyone may open it, but
-            pending  # in its grace a never-worked node waits for the worked ones
-            and (self._pending_since_s(s, rnd) is None or proven_nodes(s, [node_id]))
-        ):
-            competitors = [n for n in competitor_ids() if n != node_id]
-            worked = proven_nodes(s, [node_id, *competitors])
-            if pending:
-                competitors = [n for n in competitors if n in worked]
+        self_worked: bool | None = None  # read only where a rule needs it
+        if n_competitors >= slots_left:
+            # a pending round: anyone may open it, but in its grace a never-worked node waits
+            # for the worked ones
+            grace = pending and self._pending_since_s(s, rnd) is not None
+            if grace:
+                self_worked = self._worked(s, node_id)
+            if not (pending and (not grace or self_worked)):
+                competitors = [n for n in competitor_ids() if n != node_id]
+                worked = proven_nodes(s, [node_id, *competitors])
+                self_worked = node_id in worked
+                if pending:
+                    competitors = [n for n in competitors if n in worked]
         reps = self.reputations(s, [node_id, *competitors])
         reason = may_select(
             reps[node_id],
@@ -329,6 +344,69 @@ class HubTrust:
         )
         if reason == EXCLUDED:
             raise HubError(403, f"node {node_id} is {EXCLUDED}", Refusal.EXCLUDED)
+        if reason is None:
+            reason = self._newcomer_wait(s, node_id, rnd, slots_left, self_worked)
+        return reason
+
+    @staticmethod
+    def _worked(s: Session, node_id: str) -> bool:
+        """Whether `node_id` has worked on this hub (`_worked_many`)."""
+        return HubTrust._worked_many(s, [node_id])[0]
+
+    @staticmethod
+    def _worked_many(s: Session, node_ids: Sequence[str]) -> list[bool]:
+        """Whether each of `node_ids` has worked on this hub, each read once per transaction
+        (`Session.info`; one query for those not known yet): a node's record changes only when
+        a round closes, in another transaction."""
+        known: dict[str, bool] = s.info.setdefault(_INFO_WORKED, {})
+        unknown = [n for n in dict.fromkeys(node_ids) if n not in known]
+        if unknown:
+            proven = proven_nodes(s, unknown)
+            known.update((n, n in proven) for n in unknown)
+        return [known[n] for n in node_ids]
+
+    def _newcomer_wait(
+        self, s: Session, node_id: str, rnd: m.Round, slots_left: int, worked: bool | None
+    ) -> str | None:
+        """Why `node_id` waits under the run's newcomer cap (trust/policy.py `newcomer_places`,
+        `newcomer_refusal`), else None.
+
+        Cheap first: nothing is read while fewer places are taken than newcomers may hold
+        (always so with the default share 1.0), nor for a node that has worked. Otherwise one
+        count of the round's stored places held by never-worked nodes, plus those this
+        transaction gave and has not flushed (a batch of asks, hub/service.py
+        `_decide_asks`, writes its assignments at commit). Within one transaction of asks the
+        count only grows (asks take places, never free them), so once the newcomer places are
+        full the later newcomers of the batch wait without a read (`Session.info`)."""
+        run = s.get(m.Run, rnd.run_id)  # loaded and locked by the caller: no read
+        cfg = run.settings()  # parsed once per process
+        places = newcomer_places(cfg.round.max_newcomer_share, cfg.round.max_nodes)
+        if cfg.round.max_nodes - slots_left < places:
+            return None
+        if worked is None:
+            worked = self._worked(s, node_id)
+        else:
+            s.info.setdefault(_INFO_WORKED, {})[node_id] = worked
+        if worked:
+            return None
+        full: dict[tuple[str, int], int] = s.info.setdefault(_INFO_NEWCOMERS_FULL, {})
+        key = (rnd.run_id, rnd.number)
+        placed = full.get(key)
+        if placed is None:
+            unflushed = [
+                a.node_id
+                for a in s.new
+                if isinstance(a, m.Assignment)
+                and a.run_id == rnd.run_id
+                and a.round == rnd.number
+                and a.status in HOLDS_PLACE
+            ]
+            placed = newcomers_placed(s, rnd.run_id, rnd.number)
+            placed += sum(not w for w in self._worked_many(s, unflushed))
+        reason = newcomer_refusal(False, placed, places)
+        if reason is not None:
+            full[key] = placed
+            log.debug("run %s round %d: %s waits: %s", rnd.run_id, rnd.number, node_id, reason)
         return reason
 
     def _pending_since_s(self, s: Session, rnd: m.Round) -> float | None:

@@ -11,7 +11,8 @@ big the round's reward pool is. Data in, decisions out; the hub (hub/trust.py) d
   than `harm_tolerance_nats` is refused even unaudited.
 - Selection: a node whose reputation weight is 0 (caught cheating) is excluded; when a round has
   fewer free slots than live candidates, nodes that have worked go first (a never-worked key is
-  free to make), then better-reputed ones.
+  free to make), then better-reputed ones; and at most `round.max_newcomer_share` of a round's
+  places go to never-worked nodes (`newcomer_places`, `newcomer_refusal`).
 - Pool: the run's escrow spread over the rounds left (or a fixed amount per round), never more
   than the escrow holds.
 """
@@ -20,12 +21,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from gridswarm.config import RunConfig, TrustConfig
 from gridswarm.trust.audit import AuditPolicy, audit_rate
 from gridswarm.trust.reputation import Reputation, selection_weight
 
+if TYPE_CHECKING:  # config.py asks `newcomer_places` while it validates: no import cycle
+    from gridswarm.config import RunConfig, TrustConfig
+
 EXCLUDED = "excluded: reputation 0 after a failed audit or a detected cheat"
+NEWCOMER_PLACES_FULL = "waiting: the round's places for nodes that have not worked on this hub"
+# float products such as 0.3 x 10 = 3.0000000000000004 must not round up to one more place;
+# far above the float error of share x max_nodes for max_nodes <= 2**20
+_SHARE_SLACK = 1e-9
 
 
 def audit_policy(cfg: TrustConfig) -> AuditPolicy:
@@ -167,6 +175,34 @@ def may_select(
             )
         return f"waiting: {better} node(s) of higher reputation for {slots_left} place(s)"
     return None
+
+
+def newcomer_places(share: float, max_nodes: int) -> int:
+    """How many of a round's `max_nodes` places nodes that have never worked on this hub may
+    hold together: ceil(share x max_nodes), so any share above 0 leaves newcomers at least one
+    place (how a new node comes to have worked at all), and 1.0 is no cap. The share is the
+    sponsor's `round.max_newcomer_share`; a share written in decimals gives the place count it
+    reads as (0.3 of 10 is 3 places, not 4 from the float product)."""
+    if not (math.isfinite(share) and 0 <= share <= 1) or max_nodes < 0:
+        raise ValueError(f"bad newcomer cap inputs: share={share}, max_nodes={max_nodes}")
+    return min(max_nodes, max(0, math.ceil(share * max_nodes - _SHARE_SLACK)))
+
+
+def newcomer_refusal(worked: bool, newcomers_placed: int, places: int) -> str | None:
+    """None if a node may take a place as far as the newcomer cap goes, else why it waits.
+
+    `worked`: whether the node has worked on this hub (hub/registration.py `proven_nodes`);
+    `newcomers_placed`: never-worked nodes holding a place in the round now; `places`:
+    `newcomer_places`. A node that has worked is never refused by the cap; a never-worked one
+    waits once the round's newcomer places are taken, as it waits for a full round (a place
+    frees when a newcomer's assignment stops holding it: its work missed or released; the next
+    round starts the count again)."""
+    if worked or newcomers_placed < places:
+        return None
+    return (
+        f"{NEWCOMER_PLACES_FULL} are taken ({newcomers_placed} of {places}, "
+        f"round.max_newcomer_share)"
+    )
 
 
 def round_pool_units(available_units: int, per_round_units: int | None, rounds_left: int) -> int:
