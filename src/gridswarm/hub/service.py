@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 from pydantic import ValidationError
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -325,6 +325,15 @@ class RunConstants:
         return m.stored_settings(self.id, self.config_json)
 
 
+UPLOAD_FACTS_QUERY = select(  # built once: an upload's check only binds its three ids
+    select(m.Run.status).where(m.Run.id == bindparam("run")).scalar_subquery(),
+    select(m.Node.region).where(m.Node.id == bindparam("node")).scalar_subquery(),
+    select(m.Assignment.round)
+    .where(m.Assignment.id == bindparam("assignment"), m.Assignment.run_id == bindparam("run"))
+    .scalar_subquery(),
+)
+
+
 @lru_cache(maxsize=256)
 def config_echo(config_json: str) -> dict[str, Any]:
     """A run's settings as an assignment echoes them to the node, decoded once per run (a
@@ -332,6 +341,15 @@ def config_echo(config_json: str) -> dict[str, Any]:
     return json.loads(config_json)
 
 
+@dataclass(frozen=True)
+class VersionBlobs:
+    """What of a version's row an assignment names (`HubService._version_blobs`)."""
+
+    weights_blob: str
+    delta_blob: str | None
+
+
+MAX_VERSION_BLOBS = 4096  # versions whose blobs are kept; past it the cache starts again
 MAX_RUN_CONSTANTS = 4096  # runs whose RunConstants are kept; past it the cache starts again
 
 
@@ -508,6 +526,7 @@ class HubService:
         # caches that keep request handling independent of the swarm's size (rebuilt on restart)
         self._achieved: dict[tuple[str, str], float | None] = {}  # (run, node) -> tokens/s
         self._run_constants: dict[str, RunConstants] = {}  # run id -> its immutable facts
+        self._versions: dict[tuple[str, int], VersionBlobs] = {}  # (run, number) -> its blobs
         self._live_view: dict[
             str, tuple[float, float | None, int]
         ] = {}  # run -> at, fastest, numel
@@ -1397,11 +1416,10 @@ class HubService:
         node.last_seen_at, node.status = now, NodeStatus.TRAINING
         return self._assigned(s, run, row), None
 
-    @staticmethod
-    def _assigned(s: Session, run: m.Run, row: m.Assignment) -> AssignmentResponse:
+    def _assigned(self, s: Session, run: m.Run, row: m.Assignment) -> AssignmentResponse:
         """The answer that gives a node its assignment `row` (the versions it starts from)."""
-        version = s.get(m.Version, (run.id, row.base_version))
-        previous = s.get(m.Version, (run.id, row.base_version - 1))
+        version = self._version_blobs(s, run.id, row.base_version)
+        previous = self._version_blobs(s, run.id, row.base_version - 1)
         return AssignmentResponse(
             status=AssignmentStatus.ASSIGNED,
             assignment=Assignment(
@@ -1418,6 +1436,22 @@ class HubService:
                 config=config_echo(run.config_json),
             ),
         )
+
+    def _version_blobs(self, s: Session, run_id: str, number: int) -> VersionBlobs | None:
+        """The blobs of version `number` of a run (None if there is none), read from its row
+        once per process: a version's row is written once, when its round closes, and never
+        changed, so every ask of a round need not read the same two rows again."""
+        key = (run_id, number)
+        blobs = self._versions.get(key)
+        if blobs is None and number >= 0:
+            row = s.get(m.Version, key)
+            if row is None:
+                return None  # not (yet) there: not remembered
+            blobs = VersionBlobs(row.weights_blob, row.delta_blob)
+            if len(self._versions) >= MAX_VERSION_BLOBS:
+                self._versions.clear()
+            self._versions[key] = blobs
+        return blobs
 
     def _prefetch_forecasts(self, run_id: str, now: float) -> None:
         """Fetch the hub's own intensity forecasts (`--signals`, possibly over HTTP) that a green
@@ -1527,15 +1561,10 @@ class HubService:
         with self._checking:  # at most a few decoded updates in memory, and hashes, at once
             with self.sessions() as s:  # settings, sizes and rounds never change: no lock
                 # one query: the run's state, the node's region, the assignment's round
-                status, region, round_number = s.execute(
-                    select(
-                        select(m.Run.status).where(m.Run.id == run_id).scalar_subquery(),
-                        select(m.Node.region).where(m.Node.id == node_id).scalar_subquery(),
-                        select(m.Assignment.round)
-                        .where(m.Assignment.id == meta.assignment_id, m.Assignment.run_id == run_id)
-                        .scalar_subquery(),
-                    )
-                ).one()
+                params = {"run": run_id, "node": node_id, "assignment": meta.assignment_id}
+                status, region, round_number = (
+                    s.connection().execute(UPLOAD_FACTS_QUERY, params).one()
+                )
                 if status is None:
                     raise HubError(404, f"run {run_id} not found")
                 run = self.run_constants(s, run_id)
