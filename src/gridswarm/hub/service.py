@@ -1679,6 +1679,9 @@ class HubService:
             # undone, unless the refusal committed its strike (then nothing is left to undo)
             with suppress(ResourceClosedError):
                 savepoint.rollback()
+            # a refusal may have committed (its strike, a MarkLate): the batch's transaction,
+            # and what it read, ends there; the uploads after it read the facts again
+            facts.forget()
             if isinstance(exc, IntegrityError):
                 return HubError(409, "duplicate contribution", Refusal.DUPLICATE)
             return exc

@@ -10,12 +10,13 @@ every upload of the batch:
 - `ReplayIndex`: the run's earlier contributions that carry one of the batch's update digests
   (`HubTrust.screen_submission`'s replay check), in one `IN` query.
 
-Each is read at most once per batch, when the first upload needs it (a batch refused before it
-costs nothing), and kept current as the batch's own uploads are stored (`add`, after each
-upload's savepoint is released), so every upload is judged on what one query of its own would
-have read at that moment. The answers equal the one-by-one queries' (tests/hub/
-test_upload_facts.py); where the window cannot tell (a node with more than `WINDOW_SLACK` of
-the newest rows), the caller asks the database for that node alone, as before.
+Each is read once per batch, when the first upload needs it (a batch refused before that
+costs nothing), again after a refusal (which may have committed the batch's transaction), and
+kept current as the batch's own uploads are stored (`add`, after each upload's savepoint is
+released), so every upload is judged on what one query of its own would have read at that
+moment. The answers equal the one-by-one queries' (tests/hub/test_upload_facts.py); where the
+window cannot tell (it holds fewer than `ENERGY_WINDOW` rows of the node's others), the caller
+asks the database for that node alone, as before.
 (Before: two queries per upload under the lock, ~0.9 ms of hub CPU of an upload's ~6;
 bench/results/hub_request_cost_batch.md.)
 """
@@ -168,6 +169,11 @@ class UploadFacts:
         if self._replays is None:
             self._replays = ReplayIndex.read(s, self.run_id, self.digests)
         return self._replays
+
+    def forget(self) -> None:
+        """Read both again when next needed: the batch's transaction was committed by a
+        refusal (its strike, a MarkLate), and another replica may have stored since."""
+        self._energy = self._replays = None
 
     def add(self, c: m.Contribution) -> None:
         """A contribution the batch stored (its savepoint released): later uploads see it."""
