@@ -247,10 +247,10 @@ def test_an_upload_that_fails_fails_alone_and_the_others_are_stored(
     ]
     store = service._store_contribution
 
-    def broken_for_n1(s, run_id, upload):
+    def broken_for_n1(s, run_id, upload, facts):
         if upload.node_id == nodes[1]:
             raise RuntimeError("a bug in one upload's decision")
-        return store(s, run_id, upload)
+        return store(s, run_id, upload, facts)
 
     monkeypatch.setattr(service, "_store_contribution", broken_for_n1)
     first, failed, third = service.store_uploads(run_id, checked)

@@ -17,12 +17,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from pydantic import ValidationError
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -79,6 +80,7 @@ from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.scheduler import speed_from_probe, update_speed
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.hub.trust import HubTrust
+from gridswarm.hub.upload_facts import EnergyWindow, UploadFacts
 from gridswarm.identity import (
     AuthError,
     Identity,
@@ -313,6 +315,48 @@ UploadAnswer = ContributionAck | HubError
 
 
 @dataclass(frozen=True)
+class RunConstants:
+    """What of a run never changes once it is created (its settings, its model's size): kept
+    in memory by `HubService.run_constants`, so checking an upload does not read the run's row."""
+
+    id: str
+    config_json: str
+    numel: int
+
+    def settings(self) -> RunConfig:
+        """This run's settings (`stored_settings`: 409 when they no longer validate)."""
+        return m.stored_settings(self.id, self.config_json)
+
+
+UPLOAD_FACTS_QUERY = select(  # built once: an upload's check only binds its three ids
+    select(m.Run.status).where(m.Run.id == bindparam("run")).scalar_subquery(),
+    select(m.Node.region).where(m.Node.id == bindparam("node")).scalar_subquery(),
+    select(m.Assignment.round)
+    .where(m.Assignment.id == bindparam("assignment"), m.Assignment.run_id == bindparam("run"))
+    .scalar_subquery(),
+)
+
+
+@lru_cache(maxsize=256)
+def config_echo(config_json: str) -> dict[str, Any]:
+    """A run's settings as an assignment echoes them to the node, decoded once per run (a
+    run's settings never change): shared by every answer, read only."""
+    return json.loads(config_json)
+
+
+@dataclass(frozen=True)
+class VersionBlobs:
+    """What of a version's row an assignment names (`HubService._version_blobs`)."""
+
+    weights_blob: str
+    delta_blob: str | None
+
+
+MAX_VERSION_BLOBS = 4096  # versions whose blobs are kept; past it the cache starts again
+MAX_RUN_CONSTANTS = 4096  # runs whose RunConstants are kept; past it the cache starts again
+
+
+@dataclass(frozen=True)
 class Registration:
     """One node's registration request, its signature verified (`HubService.register_many`)."""
 
@@ -484,6 +528,8 @@ class HubService:
         self.arriving = ArrivingUploads()  # uploads received, not yet decided (round deadlines)
         # caches that keep request handling independent of the swarm's size (rebuilt on restart)
         self._achieved: dict[tuple[str, str], float | None] = {}  # (run, node) -> tokens/s
+        self._run_constants: dict[str, RunConstants] = {}  # run id -> its immutable facts
+        self._versions: dict[tuple[str, int], VersionBlobs] = {}  # (run, number) -> its blobs
         self._live_view: dict[
             str, tuple[float, float | None, int]
         ] = {}  # run -> at, fastest, numel
@@ -1375,11 +1421,10 @@ class HubService:
         node.last_seen_at, node.status = now, NodeStatus.TRAINING
         return self._assigned(s, run, row), None
 
-    @staticmethod
-    def _assigned(s: Session, run: m.Run, row: m.Assignment) -> AssignmentResponse:
+    def _assigned(self, s: Session, run: m.Run, row: m.Assignment) -> AssignmentResponse:
         """The answer that gives a node its assignment `row` (the versions it starts from)."""
-        version = s.get(m.Version, (run.id, row.base_version))
-        previous = s.get(m.Version, (run.id, row.base_version - 1))
+        version = self._version_blobs(s, run.id, row.base_version)
+        previous = self._version_blobs(s, run.id, row.base_version - 1)
         return AssignmentResponse(
             status=AssignmentStatus.ASSIGNED,
             assignment=Assignment(
@@ -1393,9 +1438,25 @@ class HubService:
                 delta_blob=version.delta_blob,
                 inner_steps=row.inner_steps,
                 deadline_at=row.deadline_at,
-                config=json.loads(run.config_json),
+                config=config_echo(run.config_json),
             ),
         )
+
+    def _version_blobs(self, s: Session, run_id: str, number: int) -> VersionBlobs | None:
+        """The blobs of version `number` of a run (None if there is none), read from its row
+        once per process: a version's row is written once, when its round closes, and never
+        changed, so every ask of a round need not read the same two rows again."""
+        key = (run_id, number)
+        blobs = self._versions.get(key)
+        if blobs is None and number >= 0:
+            row = s.get(m.Version, key)
+            if row is None:
+                return None  # not (yet) there: not remembered
+            blobs = VersionBlobs(row.weights_blob, row.delta_blob)
+            if len(self._versions) >= MAX_VERSION_BLOBS:
+                self._versions.clear()
+            self._versions[key] = blobs
+        return blobs
 
     def _prefetch_forecasts(self, run_id: str, now: float) -> None:
         """Fetch the hub's own intensity forecasts (`--signals`, possibly over HTTP) that a green
@@ -1446,9 +1507,18 @@ class HubService:
     def _carbon(self, run: m.Run | None, node: m.Node | None, meta: ContributionMeta) -> dict:
         """Carbon columns of a contribution: the hub's own signal for the node's region over the
         training interval when it has one, else the node's figure (hub/energy.py)."""
-        region = meta.region or (node.region if node else None)
         active = run is not None and run.status == RunState.ACTIVE
-        cfg = run.settings() if active else RunConfig()
+        return self._carbon_columns(
+            run.settings() if active else None, node.region if node else None, meta
+        )
+
+    def _carbon_columns(
+        self, active_cfg: RunConfig | None, node_region: str | None, meta: ContributionMeta
+    ) -> dict:
+        """`_carbon` from its facts: the run's settings while it is active (else None: the
+        defaults) and the node's registered region."""
+        region = meta.region or node_region
+        cfg = active_cfg or RunConfig()
         now = self.clock()
         hub_g = hub_energy.signal_intensity(
             self.settings.signals.get(region or ""), now - meta.train_time_s, now
@@ -1495,15 +1565,23 @@ class HubService:
             ) from exc
         with self._checking:  # at most a few decoded updates in memory, and hashes, at once
             with self.sessions() as s:  # settings, sizes and rounds never change: no lock
-                run, node = self._run(s, run_id), s.get(m.Node, node_id)
-                cfg, a = run.settings(), s.get(m.Assignment, meta.assignment_id)
-                numel = self._update_numel(run, a.round) if a and a.run_id == run_id else None
+                # one query: the run's state, the node's region, the assignment's round
+                params = {"run": run_id, "node": node_id, "assignment": meta.assignment_id}
+                status, region, round_number = (
+                    s.connection().execute(UPLOAD_FACTS_QUERY, params).one()
+                )
+                if status is None:
+                    raise HubError(404, f"run {run_id} not found")
+                run = self.run_constants(s, run_id)
+            cfg = run.settings()
+            numel = None if round_number is None else self._update_numel(run, round_number)
             checked = numel is not None and meta.codec == cfg.comm.codec  # else refused later
             if checked:
                 self._check_payload(cfg, tensors, numel)
             update_digest, zero = update_sha256(tensors), is_zero_update(tensors)
             digest = body_sha256 or sha256_hex(body)
-        carbon = self._carbon(run, node, meta)  # may ask a signal provider: no semaphore held
+        # may ask a signal provider: no semaphore held
+        carbon = self._carbon_columns(cfg if status == RunState.ACTIVE else None, region, meta)
         # the write waits on the disk, not on a core: outside the semaphore, so the fsyncs of
         # the uploads in flight (at most LOCKED_THREADS, hub/app.py) overlap
         stored_before = self.blobs.has(digest)
@@ -1571,7 +1649,10 @@ class HubService:
                 *s.scalars(select(m.Node).where(m.Node.id.in_(node_ids))),
                 *s.scalars(select(m.Assignment).where(m.Assignment.id.in_(assignment_ids))),
             ]
-            answers = [self._store_in_savepoint(s, run, upload) for upload in uploads]
+            # what every upload of the batch is judged on alike (the run's newest contributions,
+            # those with the batch's update digests): read once, kept current as it stores
+            facts = UploadFacts(run.id, [u.update[0] for u in uploads if not u.update[1]])
+            answers = [self._store_in_savepoint(s, run, upload, facts) for upload in uploads]
             s.commit()
             del rows
             # the contributing nodes' achieved speeds, in one query for the batch
@@ -1587,45 +1668,59 @@ class HubService:
                 self._raise_fastest(run_id, self._achieved[(run_id, node_id)], 0.0)
         return answers
 
-    def _store_in_savepoint(self, s: Session, run: m.Run, upload: Upload) -> UploadAnswer:
+    def _store_in_savepoint(
+        self, s: Session, run: m.Run, upload: Upload, facts: UploadFacts
+    ) -> UploadAnswer:
         """One upload's decision and rows in a savepoint of the batch's transaction `s`, which
-        holds `run` locked and has noted the uploading nodes alive."""
+        holds `run` locked and has noted the uploading nodes alive; once stored, its row joins
+        the batch's `facts` (the uploads after it are judged with it)."""
         savepoint = s.begin_nested()
         try:
-            ack = self._store_contribution(s, run, upload)
+            ack, contribution = self._store_contribution(s, run, upload, facts)
             savepoint.commit()  # flushes: a second identical contribution fails here
+            facts.add(contribution)
             return ack
         except (HubError, IntegrityError) as exc:
             # undone, unless the refusal committed its strike (then nothing is left to undo)
             with suppress(ResourceClosedError):
                 savepoint.rollback()
+            # a refusal may have committed (its strike, a MarkLate): the batch's transaction,
+            # and what it read, ends there; the uploads after it read the facts again
+            facts.forget()
             if isinstance(exc, IntegrityError):
                 return HubError(409, "duplicate contribution", Refusal.DUPLICATE)
             return exc
 
-    def _store_contribution(self, s: Session, run: m.Run, upload: Upload) -> ContributionAck:
-        """Under the lock, `run` locked: the acceptance decisions, then the contribution's rows.
-        `unchecked`: the update's tensors when the checks before the lock could not decode it
-        (its assignment was not found there); otherwise None, and nothing is decoded again."""
+    def _store_contribution(
+        self, s: Session, run: m.Run, upload: Upload, facts: UploadFacts
+    ) -> tuple[ContributionAck, m.Contribution]:
+        """Under the lock, `run` locked: the acceptance decisions, then the contribution's rows
+        (returned with the acknowledgement). `unchecked`: the update's tensors when the checks
+        before the lock could not decode it (its assignment was not found there); otherwise
+        None, and nothing is decoded again. `facts`: the batch's facts read once."""
         node_id, meta = upload.node_id, upload.meta
         node, assignment = self._node_assignment(s, run.id, node_id, meta.assignment_id)
         claims = meta.model_dump()
         # the checks every upload passes, SecAgg ones too (the round engine's `Arrived`)
         row = ContributionRow(upload.digest, claims, len(upload.body), upload.carbon)
-        cfg, rnd, accepted = self.accept_upload(s, run, node, assignment, meta, row)
+        cfg, rnd, accepted = self.accept_upload(
+            s, run, node, assignment, meta, row, energy_window=facts.energy
+        )
         if upload.unchecked is not None:  # past acceptance: its codec is the run's
             self._check_payload(cfg, upload.unchecked, self._update_numel(run, assignment.round))
         # the node's signed claim over the update, no replayed update (hub/trust.py)
         screened = self.trust.screen_submission(
-            s, run, cfg, node, assignment, claims, *upload.update
+            s, run, cfg, node, assignment, claims, *upload.update, replays=facts.replays(s)
         )
         if not self.blobs.has(upload.digest):  # a failed identical upload removed it meanwhile
             self.blobs.put(upload.body, known_sha256=upload.digest)
         applied = apply_effects(s, run, rnd, accepted.effects)  # the row, and `submitted`
-        self.trust.record_submission(s, applied.contributions[0], screened)  # on the ledger
-        return ContributionAck(
+        contribution = applied.contributions[0]
+        self.trust.record_submission(s, contribution, screened)  # on the ledger
+        ack = ContributionAck(
             contribution_id=upload.digest, accepted=True, bytes_up=len(upload.body)
         )
+        return ack, contribution
 
     def accept_upload(
         self,
@@ -1636,6 +1731,7 @@ class HubService:
         meta: ContributionMeta,
         row: ContributionRow,
         secagg: bool = False,
+        energy_window: Callable[[Session], EnergyWindow] | None = None,
     ) -> tuple[RunConfig, m.Round, round_engine.Step]:
         """The one acceptance path of every upload, plain or SecAgg (`HubPrivacy.advertise`):
         the round engine decides (`Arrived`, the checks of hub/acceptance.py) on the facts read
@@ -1644,7 +1740,9 @@ class HubService:
         (the contribution's row, the assignment `submitted`) the caller applies once its own
         checks passed. A refusal is raised, typed, after its MarkLate is committed and its
         strike, if it is one, is on the ledger (`HubTrust.refuse_upload`); nothing else is
-        written. The caller holds the service lock, `run` locked, in its transaction `s`."""
+        written. The caller holds the service lock, `run` locked, in its transaction `s`.
+        `energy_window`: the run's newest contributions for a batch of uploads, read once
+        (hub/upload_facts.py); None: the energy facts are queried for this upload alone."""
         rnd = s.get(m.Round, (run.id, run.round))
         snap = row_snapshot(run, rnd)
         place = AssignmentFacts(
@@ -1659,7 +1757,8 @@ class HubService:
                 batch_size=cfg.train.batch_size,
                 energy_min_fraction=cfg.trust.energy_min_fraction,
             )
-            energy = self.trust.energy_facts(s, run, node)
+            window = energy_window(s) if energy_window is not None else None
+            energy = self.trust.energy_facts(s, run, node, window)
         arrived = Arrived(assignment.id, node.id, place, ClaimFacts.of(meta), row, rules, energy)
         decided = round_engine.arrival(snap, arrived, self.clock())
         if decided.refused is None and cfg is not None and rnd is not None:
@@ -1679,14 +1778,26 @@ class HubService:
             if s.get(m.Contribution, digest) is None:
                 self.blobs.delete(digest)
 
-    def fragment(self, run: m.Run, round_number: int) -> tuple[int, int] | None:
+    def fragment(self, run: m.Run | RunConstants, round_number: int) -> tuple[int, int] | None:
         """The [start, end) of the flat weights round `round_number` of `run` syncs (Streaming
         DiLoCo, train/fragments.py), or None when every round syncs the whole vector."""
         if run.settings().comm.fragments == 1:
             return None
         return self.workload(run.id, run.config_json).fragment(round_number)
 
-    def _update_numel(self, run: m.Run, round_number: int) -> int:
+    def run_constants(self, s: Session, run_id: str) -> RunConstants:
+        """The immutable facts of an existing run, read from its row once per process (404 if
+        none)."""
+        facts = self._run_constants.get(run_id)
+        if facts is None:
+            run = self._run(s, run_id)
+            facts = RunConstants(run.id, run.config_json, run.numel)
+            if len(self._run_constants) >= MAX_RUN_CONSTANTS:
+                self._run_constants.clear()
+            self._run_constants[run_id] = facts
+        return facts
+
+    def _update_numel(self, run: m.Run | RunConstants, round_number: int) -> int:
         """How many values an upload for round `round_number` of `run` holds: the fragment that
         round syncs, or the whole model."""
         fragment = self.fragment(run, round_number)

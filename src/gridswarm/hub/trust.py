@@ -61,6 +61,7 @@ from gridswarm.hub.registration import check_invited, newcomers_placed, proven_n
 from gridswarm.hub.replicas import lock_run
 from gridswarm.hub.rounds import Screening
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.upload_facts import ENERGY_WINDOW, EnergyWindow, ReplayIndex
 from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import RunEscrow, run_escrow
 from gridswarm.ledger.chain import Entry, LedgerError, SignedClaim
@@ -453,18 +454,24 @@ class HubTrust:
         raise HubError(refused.status, refused.detail, refused.reason)
 
     @staticmethod
-    def energy_facts(s: Session, run: m.Run, node: m.Node) -> EnergyFacts:
+    def energy_facts(
+        s: Session, run: m.Run, node: m.Node, window: EnergyWindow | None = None
+    ) -> EnergyFacts:
         """The node's CPU power per core (its reported hardware) and the fastest tokens/s of
-        the run's other nodes over their last 32 contributions."""
+        the run's other nodes over their last ENERGY_WINDOW contributions: from `window` (the
+        run's newest contributions, read once for a batch of uploads, hub/upload_facts.py)
+        when it can tell, else by a query of its own."""
         cpu = json.loads(node.hardware_json or "{}").get("cpu", "unknown")
         w_per_core, _ = lookup_cpu_power(str(cpu))
-        others = s.execute(
-            select(m.Contribution.tokens, m.Contribution.train_time_s)
-            .where(m.Contribution.run_id == run.id, m.Contribution.node_id != node.id)
-            .order_by(m.Contribution.created_at.desc())
-            .limit(32)
-        ).all()
-        fastest = max((t / d for t, d in others if d > 0), default=None)
+        known, fastest = window.fastest_other(node.id) if window is not None else (False, None)
+        if not known:
+            others = s.execute(
+                select(m.Contribution.tokens, m.Contribution.train_time_s)
+                .where(m.Contribution.run_id == run.id, m.Contribution.node_id != node.id)
+                .order_by(m.Contribution.created_at.desc())
+                .limit(ENERGY_WINDOW)
+            ).all()
+            fastest = max((t / d for t, d in others if d > 0), default=None)
         return EnergyFacts(w_per_core, fastest)
 
     def screen_submission(
@@ -477,11 +484,14 @@ class HubTrust:
         meta: dict[str, Any],
         digest: str,
         zero: bool,
+        replays: ReplayIndex | None = None,
     ) -> Screened:
         """After the round engine accepted it (`Arrived`), what only a plain upload can show:
         the node's signed claim over the update's digest (`claims.update_sha256`, computed by
         the caller outside any lock), and no replayed update (an all-zero update, `zero`, may
-        repeat); refuse (on the ledger) or pass."""
+        repeat); refuse (on the ledger) or pass. `replays`: the run's contributions with the
+        batch's update digests, read once for a batch of uploads (hub/upload_facts.py);
+        None: queried here."""
         claim = None
         if meta.get("claim") is not None:
             expected = claim_payload(run.id, assignment.round, assignment.id, digest, meta)
@@ -491,13 +501,10 @@ class HubTrust:
                 status = 403 if exc.forged else 400
                 self.refuse(s, run, cfg, node.id, assignment, status, str(exc), Refusal.BAD_CLAIM)
         if not zero:
-            prior = s.scalars(
-                select(m.Contribution)
-                .where(m.Contribution.run_id == run.id, m.Contribution.update_sha256 == digest)
-                .order_by(m.Contribution.round)
-                .limit(1)
-            ).first()
-            if prior is not None and (prior.round != assignment.round or prior.node_id == node.id):
+            if replays is None:
+                replays = ReplayIndex.read(s, run.id, [digest])
+            prior = replays.replayed(digest, node.id, assignment.round)
+            if prior is not None:
                 self.refuse(
                     s,
                     run,
