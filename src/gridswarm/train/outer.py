@@ -7,6 +7,7 @@ so the hub can keep its state in blobs and apply it after a restart with the sam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -51,25 +52,17 @@ def outer_update(
     pseudo_gradient: torch.Tensor,
     momentum: torch.Tensor | None,
     residual: torch.Tensor | None,
-    *,
-    lr: float,
-    mu: float,
-    codec_down: str,
-    block_size: int,
-    fragment: tuple[int, int] | None = None,
+    **options: Any,
 ) -> OuterUpdate:
-    """`outer_update_` on copies: the inputs are left as they were (benchmarks and tests that
-    keep the old weights; the hub, which does not, calls `outer_update_`)."""
+    """`outer_update_` (its keyword `options`: lr, mu, codec_down, block_size, fragment) on
+    copies: the inputs are left as they were (benchmarks and tests that keep the old weights;
+    the hub, which does not, calls `outer_update_`)."""
     return outer_update_(
         theta.clone(),
         pseudo_gradient,
         None if momentum is None else momentum.clone(),
         None if residual is None else residual.clone(),
-        lr=lr,
-        mu=mu,
-        codec_down=codec_down,
-        block_size=block_size,
-        fragment=fragment,
+        **options,
     )
 
 
