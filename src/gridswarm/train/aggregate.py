@@ -107,19 +107,32 @@ def aggregate_by_columns(
     align: int = 1,
     columns: int = COLUMNS,
 ) -> torch.Tensor:
-    """A `coordinatewise` aggregator over `rows` a block of columns at a time: each row's
-    span (`row(start, end)`, start a multiple of `align`) is decoded only for its block, so
-    the memory held is one block of every row, not every whole row. Bit for bit the result of
-    `aggregator(stacked rows, weights)` for rows whose sums are finite (each block is its own
-    contiguous matrix; the checks that drop a non-finite row see a block at a time)."""
+    """A `coordinatewise` aggregator over `rows` a block of `columns` columns at a time (a
+    multiple of `align`; for a rule with its own `columns`, such as the mean's blocked product,
+    exactly those): each row's span (`row(start, end)`) is decoded only for its block, so the
+    memory held is one block of every row, not every whole row. Bit for bit the result of
+    `aggregator(stacked rows, weights)` for rows whose sums are finite (the checks that drop a
+    non-finite row see a block at a time)."""
     if not aggregator.coordinatewise:
         raise AggregationError(f"{aggregator.name} is not coordinate-wise")
-    width = max(align, columns // align * align)
+    width = block_width(aggregator, align, columns)
+    if width is None:
+        raise AggregationError(f"{aggregator.name}'s column blocks are not multiples of {align}")
     out = torch.empty(numel)
     for start in range(0, numel, width):
         end = min(start + width, numel)
         out[start:end] = aggregator(torch.stack([row(start, end) for row in rows]), weights)
     return out
+
+
+def block_width(aggregator: Aggregator, align: int, columns: int = COLUMNS) -> int | None:
+    """The column block `aggregate_by_columns` uses: the rule's own (`columns` attribute: its
+    bits depend on the blocks) if it is a multiple of `align`, else None; for a rule exact
+    per coordinate (median, trimmed mean), `columns` rounded down to a multiple of `align`."""
+    own = getattr(aggregator, "columns", None)
+    if own is not None:
+        return own if own % align == 0 else None
+    return max(align, columns // align * align)
 
 
 class EncodedRows:
@@ -146,7 +159,7 @@ class EncodedRows:
     def aggregate(self, aggregator: Aggregator, weights: torch.Tensor) -> torch.Tensor:
         """`aggregator(self.stacked(), weights)`, by blocks of columns when that is the same."""
         align = span_decoding(self.codec)
-        if not aggregator.coordinatewise or align is None:
+        if not aggregator.coordinatewise or align is None or not block_width(aggregator, align):
             return aggregator(self.stacked(), weights)
         rows = [partial(self.codec.decode_span, p, self.numel) for p in self.payloads]
         return aggregate_by_columns(aggregator, rows, weights, self.numel, align=align)
@@ -162,8 +175,20 @@ class WeightedMean(Aggregator):
     coordinatewise = True
     uses_weights = True
 
+    # the weighted sum is one matrix-vector product per block of this many columns: BLAS
+    # sums a column in an order that depends on the matrix's width, so fixing the blocks makes
+    # the bits the same whether the rows arrive stacked or a block at a time
+    # (`aggregate_by_columns`); a model of at most one block is one product, as it always was
+    columns: int = COLUMNS
+
     def combine(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return (weights / weights.sum()) @ updates
+        w = weights / weights.sum()
+        d = updates.shape[1]
+        if d <= self.columns:
+            return w @ updates
+        return torch.cat(
+            [w @ updates[:, a : a + self.columns].contiguous() for a in range(0, d, self.columns)]
+        )
 
 
 # --------------------------------------------------------------------------- selection rules
