@@ -109,13 +109,14 @@ def upload_bytes_per_value(cfg: RunConfig) -> float:
     (`train/aggregate.py` `EncodedRows`): its payload (int8 about 1, int4 about 0.5) for a
     coordinate-wise rule over a codec that decodes spans, without DP or SecAgg; else its
     decoded fp32 row (4)."""
-    from gridswarm.train.aggregate import AGGREGATORS  # registry and codecs: torch, lazily
+    from gridswarm.train.aggregate import block_width, make_aggregator  # torch, lazily
     from gridswarm.train.codecs import make_codec, span_decoding
 
-    rule = AGGREGATORS.get(cfg.round.aggregator)
+    rule = make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)
     codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
+    align = span_decoding(codec)
     private = cfg.privacy.dp is not None or cfg.privacy.secagg
-    if private or not getattr(rule, "coordinatewise", False) or span_decoding(codec) is None:
+    if private or not rule.coordinatewise or align is None or not block_width(rule, align):
         return float(FLOAT_BYTES)
     import torch
 
