@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -38,6 +38,9 @@ from gridswarm.ledger.cli import (
     run_fund,
     run_refund,
 )
+
+if TYPE_CHECKING:
+    from gridswarm.hub.epochs import EpochChain
 
 app = typer.Typer(
     help="Train language models on a swarm of machines, where energy is clean.",
@@ -149,6 +152,7 @@ def _epoch_chain(
     every_s: float, rpc: str | None, token: str | None, escrow: str | None, eth_key: Path | None
 ) -> EpochChain:
     """`gridswarm hub --epoch-every-s`'s chain settings, checked (one line on a bad one)."""
+    from gridswarm.hub.epochs import EpochChain  # only for a hub that posts epochs
     from gridswarm.ledger.cli import load_eth_account
 
     if not (rpc and token and escrow and eth_key):

@@ -18,10 +18,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gridswarm.ledger.chain import Entry
-from gridswarm.ledger.log import Ledger
+if TYPE_CHECKING:
+    from gridswarm.ledger.chain import Entry
+    from gridswarm.ledger.log import Ledger
 
 log = logging.getLogger(__name__)
 
