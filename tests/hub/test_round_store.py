@@ -76,6 +76,21 @@ def assignment_statuses(service, run_id: str) -> dict[str, AssignmentStatus]:
     return dict(rows)
 
 
+def claims(assignment_id: str, codec: str) -> ContributionMeta:
+    """A node's claims for 4 steps of 16 tokens on `assignment_id` (what a row records)."""
+    return ContributionMeta(
+        assignment_id=assignment_id,
+        codec=codec,
+        steps=4,
+        tokens=64,
+        loss_first=3.0,
+        loss_last=2.5,
+        loss_mean=2.7,
+        train_time_s=0.5,
+        threads=1,
+    )
+
+
 def test_the_snapshot_is_the_rounds_rows(hub):
     service, _clock, run_id, nodes = hub
     with service.sessions() as s:
@@ -198,17 +213,7 @@ def test_an_upload_s_effects_record_it_and_submit_its_assignment_once(hub):
                 select(m.Assignment.node_id, m.Assignment.id).where(m.Assignment.run_id == run_id)
             ).all()
         )
-    meta = ContributionMeta(
-        assignment_id=ids[nodes[0]],
-        codec="int8",
-        steps=4,
-        tokens=64,
-        loss_first=3.0,
-        loss_last=2.5,
-        loss_mean=2.7,
-        train_time_s=0.5,
-        threads=1,
-    )
+    meta = claims(ids[nodes[0]], "int8")
     row = ContributionRow("c" * 64, meta.model_dump(), 123, {"region": "hub-says"})
     with service.sessions() as s:
         run, rnd = s.get(m.Run, run_id), s.get(m.Round, (run_id, 0))
@@ -264,17 +269,7 @@ def contribute(service, clock, run_id: str, node_ids: list[str]) -> None:
         run, rnd = s.get(m.Run, run_id), s.get(m.Round, (run_id, 0))
         for i, node_id in enumerate(node_ids):
             a = s.scalars(select(m.Assignment).where(m.Assignment.node_id == node_id)).one()
-            meta = ContributionMeta(
-                assignment_id=a.id,
-                codec="secagg",
-                steps=4,
-                tokens=64,
-                loss_first=3.0,
-                loss_last=2.5,
-                loss_mean=2.7,
-                train_time_s=0.5,
-                threads=1,
-            )
+            meta = claims(a.id, "secagg")
             row = ContributionRow(f"{i}" * 64, meta.model_dump(), 100)
             apply_effects(
                 s, run, rnd, [RecordContribution(a.id, row, clock()), MarkSubmitted(a.id)]
