@@ -383,15 +383,17 @@ class RunConfig(_Strict):
 
     name: ShortText = "run"
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] = 0
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    comm: CommConfig = CommConfig()
-    round: RoundConfig = RoundConfig()
-    budget: BudgetConfig = BudgetConfig()
-    energy: EnergyConfig = EnergyConfig()
-    privacy: PrivacyConfig = PrivacyConfig()
-    trust: TrustConfig = TrustConfig()
+    # each table built when a run is (not when this module is imported: the round's check
+    # loads the aggregator registry, and with it torch, which a CLI command may never need)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    comm: CommConfig = Field(default_factory=CommConfig)
+    round: RoundConfig = Field(default_factory=RoundConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    energy: EnergyConfig = Field(default_factory=EnergyConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
 
     @model_validator(mode="after")
     def _check_privacy(self) -> RunConfig:
