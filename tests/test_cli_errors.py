@@ -27,6 +27,9 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
         "GRIDSWARM_HOME": str(tmp_path / "home"),
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
+        # rich wraps at the terminal's width (80 without one): a wide one keeps a long tmp path
+        # (pytest-xdist's are longer) on one line, so the tests read the same wherever they run
+        "COLUMNS": "240",
     }
 
 

@@ -194,13 +194,16 @@ max_intensity_g_per_kwh = 300
 
     def report_while_paused() -> dict | None:
         """The node's energy report, from the same answer that shows it paused (two answers
-        could straddle the trace's next flip on a loaded machine)."""
+        could straddle the trace's next flip on a loaded machine) and once the report says so
+        too: the node reports its energy every `report_every_s`, so its status can show the
+        pause a report before its energy does."""
         status = sponsor.run_status(run_id)
         live = next((n["status"] for n in status["live_nodes"] if n["id"] == node), None)
-        return status["energy"]["nodes"][node] if live == "paused" else None
+        report = status["energy"]["nodes"].get(node)
+        return report if live == "paused" and report and not report["available"] else None
 
     wait_for(contributions, 40, "a first contribution")
-    report = wait_for(report_while_paused, FLIP_PERIOD_S + 5, "the node to pause")
+    report = wait_for(report_while_paused, 2 * FLIP_PERIOD_S + 5, "the node to pause")
     paused_at = contributions()
     assert report["available"] is False and "intensity 900" in report["reasons"][0]
     wait_for(lambda: live_status() != "paused", FLIP_PERIOD_S + 5, "the node to resume")
