@@ -74,9 +74,7 @@ def test_a_browser_shows_a_hostile_run_name_as_text_and_runs_nothing(make_swarm,
     assert len(points) >= 3  # versions 0, 1, 2 at least
 
     png = tmp_path / "dashboard.png"
-    shot = chromium(
-        tmp_path / "profile", f"--screenshot={png}", "--window-size=1280,1400", url
-    )
+    shot = chromium(tmp_path / "profile", f"--screenshot={png}", "--window-size=1280,1400", url)
     assert shot.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", shot.stderr
     if os.environ.get(SCREENSHOT_ENV):
         shutil.copyfile(png, os.environ[SCREENSHOT_ENV])
