@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gridswarm.blobs import read_span
+from gridswarm.hub.dashboard import add_dashboard_routes
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.lifecycle import RunEvent
 from gridswarm.hub.openapi import (
@@ -410,6 +411,7 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
 
     add_privacy_routes(app, service, signed, max_upload_bytes)  # /v1/runs/{id}/secagg/...
     add_trust_routes(app, service, signed)  # /v1/ledger, /v1/runs/{id}/fund, balances
+    add_dashboard_routes(app, service)  # HTML pages: / and /runs/{id} (read-only)
 
     @app.get(f"{API}/blobs/{{digest}}")
     async def blob(
