@@ -27,10 +27,13 @@ def synced_temp_file(folder: Path, data: bytes) -> Path:
     renaming or linking it into place afterwards is atomic, so no reader sees half of it."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:  # unbuffered: no file object, one write call per chunk the kernel takes
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -201,8 +204,11 @@ class LocalBlobStore:
         path = self.path(digest)
         if path.exists():
             return digest
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = synced_temp_file(path.parent, data)
+        try:  # the folder exists but for a store's first blobs under each prefix: no mkdir
+            tmp = synced_temp_file(path.parent, data)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = synced_temp_file(path.parent, data)
         try:
             os.replace(tmp, path)
         except BaseException:
