@@ -156,6 +156,9 @@ class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # the prefix folders this store made or found (at most 65,536 names): `put` makes each
+        # once per process, not once per blob
+        self._folders: set[str] = set()
 
     def path(self, digest: str) -> Path:
         """Where blob `digest` lives (memory-mapped in place by prepared datasets)."""
@@ -204,9 +207,13 @@ class LocalBlobStore:
         path = self.path(digest)
         if path.exists():
             return digest
-        try:  # the folder exists but for a store's first blobs under each prefix: no mkdir
+        folder = digest[:4]
+        if folder not in self._folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(folder)
+        try:
             tmp = synced_temp_file(path.parent, data)
-        except FileNotFoundError:
+        except FileNotFoundError:  # the folder was removed under this process: made again
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = synced_temp_file(path.parent, data)
         try:

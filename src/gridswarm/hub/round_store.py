@@ -117,6 +117,7 @@ def apply_effects(
     returned with `applied`, detached; the assignment's move is checked (`checked_move`), it
     names its source status, and the loaded row is given its new status as committed."""
     applied = Applied()
+    conn = None  # the session's connection, for an upload's Core statements (looked up once)
     for effect in effects:
         if isinstance(effect, ReleaseOutstanding):
             if effect.node_ids:
@@ -163,7 +164,8 @@ def apply_effects(
             )
             # every column, unset ones as NULL: the INSERT the ORM's flush would send
             values = {key: getattr(contribution, key) for key in _CONTRIBUTION_COLUMNS}
-            s.connection().execute(_INSERT_CONTRIBUTION, values)
+            conn = conn or s.connection()
+            conn.execute(_INSERT_CONTRIBUTION, values)
             applied.contributions.append(contribution)
         elif isinstance(effect, MarkSubmitted | MarkLate):
             a = _outstanding(s, run, effect.assignment_id)
@@ -173,7 +175,8 @@ def apply_effects(
                 else AssignmentStatus.LATE
             )
             checked_move("assignment", ASSIGNMENT_MOVES, ASSIGNMENT_START, a.status, to)
-            moved = s.connection().execute(_MOVE_OUTSTANDING, {"assignment_id": a.id, "to": to})
+            conn = conn or s.connection()
+            moved = conn.execute(_MOVE_OUTSTANDING, {"assignment_id": a.id, "to": to})
             if moved.rowcount != 1:  # the row moved meanwhile: the caller's lock was not held
                 raise IllegalEvent(f"assignment {a.id} is no longer outstanding")
             set_committed_value(a, "status", to)
