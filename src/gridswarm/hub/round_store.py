@@ -163,7 +163,8 @@ def apply_effects(
                 **{**effect.row.columns, **(contribution_columns or {})},
             )
             # every column, unset ones as NULL: the INSERT the ORM's flush would send
-            values = {key: getattr(contribution, key) for key in _CONTRIBUTION_COLUMNS}
+            attrs = contribution.__dict__  # its attributes as set, without instrumentation
+            values = {key: attrs.get(key) for key in _CONTRIBUTION_COLUMNS}
             conn = conn or s.connection()
             conn.execute(_INSERT_CONTRIBUTION, values)
             applied.contributions.append(contribution)
