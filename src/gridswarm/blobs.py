@@ -163,7 +163,7 @@ class LocalBlobStore:
     def path(self, digest: str) -> Path:
         """Where blob `digest` lives (memory-mapped in place by prepared datasets)."""
         check_digest(digest)
-        return self.root / digest[:2] / digest[2:4] / digest
+        return self.root.joinpath(digest[:2], digest[2:4], digest)  # one join, not three
 
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
