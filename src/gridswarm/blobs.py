@@ -27,10 +27,13 @@ def synced_temp_file(folder: Path, data: bytes) -> Path:
     renaming or linking it into place afterwards is atomic, so no reader sees half of it."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:  # unbuffered: no file object, one write call per chunk the kernel takes
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -153,11 +156,14 @@ class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # the prefix folders this store made or found (at most 65,536 names): `put` makes each
+        # once per process, not once per blob
+        self._folders: set[str] = set()
 
     def path(self, digest: str) -> Path:
         """Where blob `digest` lives (memory-mapped in place by prepared datasets)."""
         check_digest(digest)
-        return self.root / digest[:2] / digest[2:4] / digest
+        return self.root.joinpath(digest[:2], digest[2:4], digest)  # one join, not three
 
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
@@ -201,8 +207,15 @@ class LocalBlobStore:
         path = self.path(digest)
         if path.exists():
             return digest
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = synced_temp_file(path.parent, data)
+        folder = digest[:4]
+        if folder not in self._folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(folder)
+        try:
+            tmp = synced_temp_file(path.parent, data)
+        except FileNotFoundError:  # the folder was removed under this process: made again
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = synced_temp_file(path.parent, data)
         try:
             os.replace(tmp, path)
         except BaseException:

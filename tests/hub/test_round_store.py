@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from gridswarm.hub import models as m
 from gridswarm.hub.engine import (
@@ -31,12 +31,16 @@ from gridswarm.hub.engine import (
     ReleaseOutstanding,
     Replan,
 )
+from gridswarm.hub.errors import HubError
 from gridswarm.hub.lifecycle import RunState
 from gridswarm.hub.round_store import apply_effects, read_snapshot, row_snapshot
 from gridswarm.hub.rounds import Decision
 from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.identity import Identity
-from gridswarm.protocol import ContributionMeta, RegisterRequest
+from gridswarm.protocol import ContributionMeta, Refusal, RegisterRequest
+from gridswarm.train.codecs import make_codec
+from gridswarm.train.params import pack
+from gridswarm.trust.claims import CLAIM_KIND, sign_contribution, update_sha256
 from tests.harness import FakeClock, new_service
 
 RUN = {
@@ -374,3 +378,37 @@ def test_a_failed_secagg_attempt_discards_the_rounds_work_and_reopens_it_pending
         s.commit()
         sess = s.get(m.SecAggSession, (run_id, 0))
         assert (sess.attempt, sess.stage, sess.failures, sess.closed_at) == (1, "share", 1, None)
+
+
+def test_an_upload_with_a_signed_claim_stores_its_digest_and_ledger_seq_in_its_row(hub):
+    """The upload path writes its row and its assignment's move in Core statements, with the
+    columns trust adds after the engine decided (the update's digest, the claim's ledger seq);
+    another node's upload with that claim is refused and leaves nothing but its strike."""
+    service, _clock, run_id, nodes = hub
+    numel = service.run_status(run_id)["numel"]
+    with service.sessions() as s:
+        ids = dict(
+            s.execute(
+                select(m.Assignment.node_id, m.Assignment.id).where(m.Assignment.run_id == run_id)
+            ).all()
+        )
+    ident = Identity.from_seed(hashlib.sha256(b"store node 0").digest())
+    tensors = make_codec("int8").encode(torch.full((numel,), 1e-3))
+    meta = claims(ids[nodes[0]], "int8").model_dump()
+    meta["claim"] = sign_contribution(ident, run_id, 0, tensors, meta)
+    ack = service.submit(run_id, nodes[0], pack(tensors, meta))
+    with service.sessions() as s:
+        row = s.get(m.Contribution, ack.contribution_id)
+        assert row.update_sha256 == update_sha256(tensors)
+        assert row.status == ContributionStatus.ACCEPTED and row.claim_seq is not None
+    (entry,) = [e for e in service.trust.ledger.entries(kind=CLAIM_KIND)]
+    assert entry.seq == row.claim_seq
+    assert assignment_statuses(service, run_id)[nodes[0]] is AssignmentStatus.SUBMITTED
+    # node 1 sends node 0's claim with its own upload: refused, nothing of it stored
+    other = claims(ids[nodes[1]], "int8").model_dump() | {"claim": meta["claim"]}
+    with pytest.raises(HubError) as refused:
+        service.submit(run_id, nodes[1], pack(tensors, other))
+    assert refused.value.reason == Refusal.BAD_CLAIM
+    assert assignment_statuses(service, run_id)[nodes[1]] is AssignmentStatus.ASSIGNED
+    with service.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(m.Contribution)) == 1

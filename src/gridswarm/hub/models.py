@@ -251,7 +251,7 @@ class Contribution(Base):
     ) -> Contribution:
         """The row of an accepted upload: the node's claims that are columns, then `columns`
         (hub-side figures such as carbon, which win over the node's), then what the hub knows."""
-        names = cls.__table__.columns.keys()
+        names = _contribution_columns()
         fields = {k: v for k, v in claims.items() if k in names} | columns
         return cls(
             **fields
@@ -267,6 +267,12 @@ class Contribution(Base):
                 "created_at": created_at,
             }
         )
+
+
+@lru_cache(maxsize=1)
+def _contribution_columns() -> frozenset[str]:
+    """The contributions table's column names, listed once (every accepted upload asks)."""
+    return frozenset(Contribution.__table__.columns.keys())
 
 
 class Download(Base):

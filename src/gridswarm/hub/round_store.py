@@ -14,11 +14,13 @@ what an ask or an upload decides on, with its counts carried in the event).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from gridswarm.hub import models as m
 from gridswarm.hub.engine import (
@@ -48,10 +50,34 @@ from gridswarm.hub.engine import (
 from gridswarm.hub.lifecycle import RunEvent, RunState, transition
 from gridswarm.hub.rounds import AssignmentState
 from gridswarm.hub.secagg_stages import NEXT_STAGE
-from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.states import (
+    ASSIGNMENT_MOVES,
+    ASSIGNMENT_START,
+    HOLDS_PLACE,
+    AssignmentStatus,
+    ContributionStatus,
+    RoundStatus,
+    checked_move,
+)
 
 # a failed SecAgg attempt discards every contribution of its round (all attempts') not yet so
 DISCARDABLE = frozenset(ContributionStatus) - {ContributionStatus.DISCARDED}
+
+# an upload's two writes, as Core statements built once: executed at once on the session's
+# connection, not through the ORM's unit of work (whose flush cost more than the two statements
+# themselves on every upload; bench/results/hub_request_cost_upload.md)
+_CONTRIBUTIONS = m.Contribution.__table__
+_CONTRIBUTION_COLUMNS = tuple(c.key for c in _CONTRIBUTIONS.columns)
+_INSERT_CONTRIBUTION = insert(_CONTRIBUTIONS)
+_ASSIGNMENTS = m.Assignment.__table__
+_MOVE_OUTSTANDING = (
+    update(_ASSIGNMENTS)
+    .where(
+        _ASSIGNMENTS.c.id == bindparam("assignment_id"),
+        _ASSIGNMENTS.c.status == AssignmentStatus.ASSIGNED,
+    )
+    .values(status=bindparam("to", type_=_ASSIGNMENTS.c.status.type))
+)
 
 
 @dataclass
@@ -71,6 +97,7 @@ def apply_effects(
     rnd: m.Round | None,
     effects: Iterable[Effect],
     secagg_config: str | None = None,
+    contribution_columns: Mapping[str, Any] | None = None,
 ) -> Applied:
     """Write `effects` of one engine step on `run`'s round `rnd` (both loaded in `s`, the run's
     row locked). Bulk UPDATEs name their source status, so a row that moved meanwhile is left
@@ -80,8 +107,17 @@ def apply_effects(
     leaving, the caller holding the locks of the runs it works in). `secagg_config`: the
     encoded `SecAggConfig` an OpenSecAgg's session holds (the caller's crypto, hub/privacy.py
     `HubPrivacy.session_config`); the SecAgg effects write the session row's status columns,
-    never its messages or blobs."""
+    never its messages or blobs. `contribution_columns`: a RecordContribution's columns that
+    the hub learnt after the engine decided (the update's digest, the ledger seq of the node's
+    claim: `HubTrust.record_submission`), stored with its row.
+
+    An upload's effects (RecordContribution, MarkSubmitted or MarkLate) are written at once,
+    by Core statements on the session's connection, not left to the ORM's flush: the row is
+    built as the ORM object `Contribution.accepted` (its status checked on creation) and
+    returned with `applied`, detached; the assignment's move is checked (`checked_move`), it
+    names its source status, and the loaded row is given its new status as committed."""
     applied = Applied()
+    conn = None  # the session's connection, for an upload's Core statements (looked up once)
     for effect in effects:
         if isinstance(effect, ReleaseOutstanding):
             if effect.node_ids:
@@ -124,17 +160,27 @@ def apply_effects(
                 dict(effect.row.claims),
                 effect.row.bytes_up,
                 effect.created_at,
-                **effect.row.columns,
+                **{**effect.row.columns, **(contribution_columns or {})},
             )
-            s.add(contribution)
+            # every column, unset ones as NULL: the INSERT the ORM's flush would send
+            attrs = contribution.__dict__  # its attributes as set, without instrumentation
+            values = {key: attrs.get(key) for key in _CONTRIBUTION_COLUMNS}
+            conn = conn or s.connection()
+            conn.execute(_INSERT_CONTRIBUTION, values)
             applied.contributions.append(contribution)
         elif isinstance(effect, MarkSubmitted | MarkLate):
             a = _outstanding(s, run, effect.assignment_id)
-            a.status = (
+            to = (
                 AssignmentStatus.SUBMITTED
                 if isinstance(effect, MarkSubmitted)
                 else AssignmentStatus.LATE
             )
+            checked_move("assignment", ASSIGNMENT_MOVES, ASSIGNMENT_START, a.status, to)
+            conn = conn or s.connection()
+            moved = conn.execute(_MOVE_OUTSTANDING, {"assignment_id": a.id, "to": to})
+            if moved.rowcount != 1:  # the row moved meanwhile: the caller's lock was not held
+                raise IllegalEvent(f"assignment {a.id} is no longer outstanding")
+            set_committed_value(a, "status", to)
         elif isinstance(effect, MarkMissed | MissOutstanding):
             where = [
                 m.Assignment.run_id == run.id,

@@ -1564,15 +1564,18 @@ class HubService:
                 422, f"malformed contribution metadata: {describe_errors(exc.errors())}"
             ) from exc
         with self._checking:  # at most a few decoded updates in memory, and hashes, at once
-            with self.sessions() as s:  # settings, sizes and rounds never change: no lock
-                # one query: the run's state, the node's region, the assignment's round
-                params = {"run": run_id, "node": node_id, "assignment": meta.assignment_id}
-                status, region, round_number = (
-                    s.connection().execute(UPLOAD_FACTS_QUERY, params).one()
-                )
-                if status is None:
-                    raise HubError(404, f"run {run_id} not found")
-                run = self.run_constants(s, run_id)
+            # settings, sizes and rounds never change: no lock; one query on a plain pooled
+            # connection (no ORM session): the run's state, the node's region, the
+            # assignment's round
+            params = {"run": run_id, "node": node_id, "assignment": meta.assignment_id}
+            with self.engine.connect() as conn:
+                status, region, round_number = conn.execute(UPLOAD_FACTS_QUERY, params).one()
+            if status is None:
+                raise HubError(404, f"run {run_id} not found")
+            run = self._run_constants.get(run_id)
+            if run is None:  # once per run and process
+                with self.sessions() as s:
+                    run = self.run_constants(s, run_id)
             cfg = run.settings()
             numel = None if round_number is None else self._update_numel(run, round_number)
             checked = numel is not None and meta.codec == cfg.comm.codec  # else refused later
@@ -1714,9 +1717,11 @@ class HubService:
         )
         if not self.blobs.has(upload.digest):  # a failed identical upload removed it meanwhile
             self.blobs.put(upload.body, known_sha256=upload.digest)
-        applied = apply_effects(s, run, rnd, accepted.effects)  # the row, and `submitted`
+        trusted = self.trust.record_submission(s, screened)  # the claim on the ledger
+        # the row (with the update's digest and the claim's seq), and `submitted`: the last
+        # writes of the savepoint (round_store writes them at once, in Core)
+        applied = apply_effects(s, run, rnd, accepted.effects, contribution_columns=trusted)
         contribution = applied.contributions[0]
-        self.trust.record_submission(s, contribution, screened)  # on the ledger
         ack = ContributionAck(
             contribution_id=upload.digest, accepted=True, bytes_up=len(upload.body)
         )

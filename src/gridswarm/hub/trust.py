@@ -558,16 +558,19 @@ class HubTrust:
         s.commit()
         raise HubError(status, reason, code)
 
-    def record_submission(self, s: Session, c: m.Contribution, screened: Screened) -> None:
-        """The accepted upload's row `c` (added to `s`): its update digest, and the node's
-        claim on the ledger."""
-        c.update_sha256 = screened.update_sha256
+    def record_submission(self, s: Session, screened: Screened) -> dict[str, Any]:
+        """The node's claim of an accepted upload on the ledger (in `s`'s transaction, before
+        the upload's row is written), and the columns trust adds to that row
+        (`round_store.apply_effects`' `contribution_columns`): its update digest, and the
+        claim's ledger seq."""
+        columns: dict[str, Any] = {"update_sha256": screened.update_sha256}
         if screened.claim is not None:
             try:
                 (entry,) = self.append(s, [screened.claim])
             except DuplicateClaimError as exc:
                 raise HubError(409, f"replay: {exc}", Refusal.REPLAYED_UPDATE) from exc
-            c.claim_seq = entry.seq
+            columns["claim_seq"] = entry.seq
+        return columns
 
     # ------------------------------------------------------------------ rounds close
 
