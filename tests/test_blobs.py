@@ -44,3 +44,23 @@ def test_a_digest_the_caller_computed_is_not_computed_again(tmp_path, monkeypatc
     assert store.path(digest).read_bytes() == data
     with pytest.raises(BlobError, match="does not match"):
         store.put(data, expected_digest="0" * 64, known_sha256=digest)
+
+
+def test_a_new_prefix_folder_is_made_durable_in_its_parent(tmp_path, monkeypatch):
+    """A blob fsynced into a folder that was just made survives a power loss only if the
+    folder's own entry is fsynced too: each new prefix folder's parent is, once."""
+    import gridswarm.blobs as blobs
+
+    synced: list = []
+    real = blobs._fsync_dir
+    monkeypatch.setattr(blobs, "_fsync_dir", lambda path: (synced.append(path), real(path)))
+    store = LocalBlobStore(tmp_path)
+    digest = store.put(b"first")
+    ab, abcd = tmp_path / digest[:2], tmp_path / digest[:2] / digest[2:4]
+    assert synced == [tmp_path, ab, abcd]  # root gains ab/, ab/ gains cd/, cd/ gains the blob
+    synced.clear()
+    store.put(b"first")  # stored already: nothing written
+    assert synced == []
+    (abcd / digest).unlink()  # the folders stay: a blob put there again syncs only its folder
+    store.put(b"first")
+    assert synced == [abcd]

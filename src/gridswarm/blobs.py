@@ -186,7 +186,7 @@ class LocalBlobStore:
             source.unlink(missing_ok=True)
             raise BlobError(f"content hash {digest} does not match the declared {expected_digest}")
         path = self.path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_folder(digest)
         with open(source, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(source, path)
@@ -207,14 +207,12 @@ class LocalBlobStore:
         path = self.path(digest)
         if path.exists():
             return digest
-        folder = digest[:4]
-        if folder not in self._folders:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._folders.add(folder)
+        if digest[:4] not in self._folders:
+            self._make_folder(digest)
         try:
             tmp = synced_temp_file(path.parent, data)
         except FileNotFoundError:  # the folder was removed under this process: made again
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self._make_folder(digest)
             tmp = synced_temp_file(path.parent, data)
         try:
             os.replace(tmp, path)
@@ -223,6 +221,19 @@ class LocalBlobStore:
             raise
         _fsync_dir(path.parent)
         return digest
+
+    def _make_folder(self, digest: str) -> None:
+        """Make `digest`'s prefix folders (`ab/`, `ab/cd/`) where missing, each one's new entry
+        fsynced in its parent, so that a blob fsynced into a new folder survives a power loss
+        with the folder that names it."""
+        parent = self.root
+        for name in (digest[:2], digest[2:4]):
+            folder = parent / name
+            if not folder.is_dir():
+                folder.mkdir(exist_ok=True)
+                _fsync_dir(parent)
+            parent = folder
+        self._folders.add(digest[:4])
 
     def delete(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
