@@ -344,3 +344,20 @@ def test_the_routes_are_in_the_openapi_document(tmp_path):
     for op in (offer_op, blob_op):
         assert {"401", "403", "413", "422", "429"} <= set(op["responses"])
     assert "storage_full" in doc["components"]["schemas"]["Refusal"]["enum"]
+
+
+def test_the_migration_matches_the_tables_and_downgrades(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine, inspect
+
+    from gridswarm.db import Base
+    from gridswarm.hub.server import alembic
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'hub.db'}")
+    alembic(engine, "upgrade", "head")
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert [d for d in diffs if "pushed_" in repr(d)] == []
+    alembic(engine, "downgrade", "0009_sybil")
+    assert not {"pushed_datasets", "pushed_blobs"} & set(inspect(engine).get_table_names())
