@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from gridswarm.blobs import sha256_hex
+from gridswarm.blobs import BlobError, sha256_hex
 from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import check_dataset_quota, check_sponsor
@@ -149,7 +149,7 @@ class HubDatasets:
             return DatasetOfferResponse(
                 manifest=digest, missing=missing, missing_bytes=missing_bytes
             )
-        self.service.blobs.put(data, expected_digest=digest)  # no lock held: may be S3
+        self._put(data, digest, None)  # no lock held: the store may be S3
         if row.completed_at is None:
             with self.service.sessions() as s:
                 done = s.get(m.PushedDataset, (digest, key))
@@ -159,6 +159,13 @@ class HubDatasets:
         return DatasetOfferResponse(
             manifest=digest, missing=[], missing_bytes=0, dataset=f"{MANIFEST_PREFIX}{digest}"
         )
+
+    def _put(self, data: bytes, digest: str, known_sha256: str | None) -> None:
+        """Store a checked blob; a store that fails (S3 down) is 503 `unavailable`."""
+        try:
+            self.service.blobs.put(data, expected_digest=digest, known_sha256=known_sha256)
+        except (BlobError, OSError) as exc:
+            raise HubError(503, f"cannot store blob {digest}: {exc}", Refusal.UNAVAILABLE) from exc
 
     @staticmethod
     def _used(s, key: str) -> tuple[int, int]:
@@ -275,7 +282,7 @@ class HubDatasets:
             raise HubError(404, f"blob {digest} is not part of dataset {manifest_digest}") from exc
         except DatasetError as exc:
             raise HubError(422, str(exc)) from exc
-        self.service.blobs.put(body, expected_digest=digest, known_sha256=body_sha256)
+        self._put(body, digest, body_sha256)  # no lock held: the store may be S3
         with self.service.sessions() as s:
             if s.get(m.PushedBlob, digest) is None:
                 s.add(
