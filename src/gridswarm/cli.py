@@ -692,19 +692,26 @@ def data_push(
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 
     from gridswarm.datapush import push_dataset
-    from gridswarm.train.dataset import DatasetError
+    from gridswarm.train.dataset import DatasetError, verify_folder
 
-    client = _client(hub_url, home)
     columns = ("{task.description}", BarColumn(), DownloadColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("verifying", total=None)
+        task = progress.add_task("verifying the folder", total=None)
+        try:
+            source = verify_folder(folder)  # before a key is made or the hub is asked
+        except DatasetError as exc:
+            progress.stop()
+            _fail(str(exc))
+        client = _client(hub_url, home)
+        progress.update(task, description="offering it to the hub")
 
         def start(blobs: int, size: int) -> None:
             progress.update(task, description=f"uploading {blobs} blobs", total=size)
 
         try:
-            pushed = push_dataset(client, folder, start, lambda size: progress.advance(task, size))
+            pushed = push_dataset(client, source, start, lambda size: progress.advance(task, size))
         except (DatasetError, OSError) as exc:
+            progress.stop()
             _fail(str(exc))
     kept = pushed.blobs_total - pushed.blobs_sent
     console.print(

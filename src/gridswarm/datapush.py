@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gridswarm.node.client import HubClient
-from gridswarm.train.dataset import TOKENIZER_FILE, DatasetError, DatasetOffer, verify_folder
+from gridswarm.train.dataset import (
+    TOKENIZER_FILE,
+    DatasetError,
+    DatasetOffer,
+    DirSource,
+    verify_folder,
+)
 
 
 @dataclass(frozen=True)
@@ -29,15 +35,15 @@ class Pushed:
 
 def push_dataset(
     client: HubClient,
-    folder: Path,
+    folder: Path | DirSource,
     on_start: Callable[[int, int], None] = lambda blobs, size: None,
     on_blob: Callable[[int], None] = lambda size: None,
 ) -> Pushed:
-    """Push the prepared dataset in `folder` through `client` (signed by its identity).
-    `on_start(blobs, bytes)` is told what will move, `on_blob(bytes)` after each upload.
-    DatasetError if the folder does not match its manifest or the hub does not end complete;
-    the hub's refusals raise `HubRequestError`."""
-    source = verify_folder(folder)
+    """Push the prepared dataset in `folder` (a path, verified here, or a `verify_folder`
+    result) through `client` (signed by its identity). `on_start(blobs, bytes)` is told what
+    will move, `on_blob(bytes)` after each upload. DatasetError if the folder does not match
+    its manifest or the hub does not end complete; the hub's refusals raise `HubRequestError`."""
+    source = folder if isinstance(folder, DirSource) else verify_folder(folder)
     manifest = source.manifest
     tokenizer_bytes = (source.folder / TOKENIZER_FILE).stat().st_size
     offer = DatasetOffer(manifest=manifest, tokenizer_bytes=tokenizer_bytes)
