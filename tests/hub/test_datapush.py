@@ -177,6 +177,10 @@ def test_a_cut_off_push_resumes_with_only_the_missing_blobs(prepared, tmp_path):
         == 200
     )  # a repeated upload: accepted, changes nothing
     unchanged(hub, before)
+    other_size = json.loads(offer_body(folder)) | {"tokenizer_bytes": 12345}
+    r = hub.post(sponsor, f"{API}/datasets", json.dumps(other_size).encode())
+    refused(r, 409, Refusal.CONFLICT)  # the tokenizer's size is the first offer's
+    unchanged(hub, before)
     push(hub, sponsor, folder)
 
 

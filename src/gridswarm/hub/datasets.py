@@ -36,6 +36,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from gridswarm.blobs import BlobError, sha256_hex
 from gridswarm.hub import models as m
@@ -168,18 +169,18 @@ class HubDatasets:
             raise HubError(503, f"cannot store blob {digest}: {exc}", Refusal.UNAVAILABLE) from exc
 
     @staticmethod
-    def _used(s, key: str) -> tuple[int, int]:
+    def _used(s: Session, key: str) -> tuple[int, int]:
         """(bytes this identity's offers were allowed, bytes all offers were allowed)."""
         total = func.coalesce(func.sum(m.PushedDataset.bytes), 0)
         identity = s.scalar(select(total).where(m.PushedDataset.sponsor_key == key))
         return int(identity or 0), int(s.scalar(select(total)) or 0)
 
     @staticmethod
-    def _present(s, manifest: Manifest) -> set[str]:
+    def _present(s: Session, manifest: Manifest) -> set[str]:
         """The blobs of `manifest` the hub has checked on upload and that agree with it: shards
         of its dtype whose ids lie within its vocabulary, a tokenizer of its vocabulary."""
         wanted = sorted(blob_sizes(manifest, 1))
-        present = set()
+        present: set[str] = set()
         for i in range(0, len(wanted), IN_QUERY):
             rows = s.scalars(
                 select(m.PushedBlob).where(m.PushedBlob.sha256.in_(wanted[i : i + IN_QUERY]))
@@ -205,7 +206,7 @@ class HubDatasets:
             self._manifests.pop(next(iter(self._manifests)))
         self._manifests[digest] = manifest
 
-    def _manifest(self, s, digest: str) -> Manifest | None:
+    def _manifest(self, s: Session, digest: str) -> Manifest | None:
         """An offered manifest (any identity's offer), parsed once and cached."""
         if digest in self._manifests:
             return self._manifests[digest]
