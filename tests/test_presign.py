@@ -167,3 +167,26 @@ def test_a_dataset_run_on_an_s3_hub(s3_hub, tmp_path):
     shard = manifest.train[0].sha256
     assert http.get(f"/v1/blobs/{shard}").status_code == 307
     assert sha256_hex(node.blob(shard)) == shard
+
+
+def test_a_pushed_dataset_lands_in_s3_and_a_run_trains_on_it(s3_hub, tmp_path):
+    """`gridswarm data push`'s client (datapush.push_dataset) against an S3 hub: the blobs go to
+    the object store, a second push moves nothing, and a run names the dataset."""
+    from gridswarm.datapush import push_dataset
+
+    service, _, connect = s3_hub(presign=False)
+    src = tmp_path / "small.txt"
+    src.write_bytes(SHAKESPEARE.read_bytes()[:20_000])
+    manifest, digest = prepare(
+        [src], "bytes", tmp_path / "ds", shard_tokens=4096, show_progress=False
+    )
+    sponsor = connect(Identity.generate())
+    started: list[tuple[int, int]] = []
+    pushed = push_dataset(sponsor, tmp_path / "ds", lambda n, b: started.append((n, b)))
+    assert pushed.dataset == f"manifest:{digest}" and pushed.blobs_sent == pushed.blobs_total
+    assert started == [(pushed.blobs_sent, pushed.bytes_sent)]
+    for d in [digest, *manifest.digests()]:
+        assert service.blobs.s3.has(d)
+    assert push_dataset(sponsor, tmp_path / "ds").blobs_sent == 0
+    run_id = sponsor.create_run(tiny_run(data={"dataset": pushed.dataset})).run_id
+    assert sponsor.run_status(run_id)["config"]["data"]["dataset"] == pushed.dataset

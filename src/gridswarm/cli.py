@@ -23,6 +23,8 @@ from rich.text import Text
 from gridswarm.config import ConfigError, load_run_config
 from gridswarm.hub.epochs import EpochChain
 from gridswarm.hub.limits import (
+    DEFAULT_MAX_DATASET_MB,
+    DEFAULT_MAX_DATASET_MB_PER_IDENTITY,
     DEFAULT_MAX_NEW_NODES,
     DEFAULT_REGISTER_PER_NET_HOUR,
     MAX_REPLICA_COUNT,
@@ -219,6 +221,13 @@ def hub(
     max_active_runs: Annotated[
         int, typer.Option(min=1, help="open hub: active runs per identity")
     ] = 8,
+    max_dataset_mb: Annotated[
+        int,
+        typer.Option(min=0, help="MiB of datasets sponsors may push, all together (0: none)"),
+    ] = DEFAULT_MAX_DATASET_MB,
+    max_dataset_mb_per_identity: Annotated[
+        int, typer.Option(min=0, help="MiB of datasets one sponsor key may push")
+    ] = DEFAULT_MAX_DATASET_MB_PER_IDENTITY,
     max_runs_per_hour: Annotated[
         int, typer.Option(min=1, help="open hub: runs created per identity per hour")
     ] = 20,
@@ -369,6 +378,8 @@ def hub(
         data_roots=tuple(data_root or ()),
         max_active_runs_per_identity=max_active_runs,
         max_runs_per_hour_per_identity=max_runs_per_hour,
+        max_dataset_bytes=max_dataset_mb << 20,
+        max_dataset_bytes_per_identity=max_dataset_mb_per_identity << 20,
         requests_per_s=requests_per_s,
         request_burst=4 * requests_per_s,
         replica_count=replica_count,
@@ -667,6 +678,47 @@ def data_prepare(
         f"{manifest.vocab_size:,} ({manifest.tokenizer.kind})"
     )
     print(f"manifest:{digest}")
+
+
+@data_app.command("push")
+def data_push(
+    folder: Annotated[Path, typer.Argument(help="a prepared dataset folder (`data prepare`)")],
+    hub_url: HubOpt = None,
+    home: SponsorHome = DEFAULT_HOME,
+) -> None:
+    """Upload a prepared dataset to a hub, signed with your sponsor key: only the shards the hub
+    lacks move (run it again to resume). Prints `manifest:<sha256>`, to name in a run.toml as
+    `data.dataset`."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
+
+    from gridswarm.datapush import push_dataset
+    from gridswarm.train.dataset import DatasetError, verify_folder
+
+    columns = ("{task.description}", BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("verifying the folder", total=None)
+        try:
+            source = verify_folder(folder)  # before a key is made or the hub is asked
+        except DatasetError as exc:
+            progress.stop()
+            _fail(str(exc))
+        client = _client(hub_url, home)
+        progress.update(task, description="offering it to the hub")
+
+        def start(blobs: int, size: int) -> None:
+            progress.update(task, description=f"uploading {blobs} blobs", total=size)
+
+        try:
+            pushed = push_dataset(client, source, start, lambda size: progress.advance(task, size))
+        except (DatasetError, OSError) as exc:
+            progress.stop()
+            _fail(str(exc))
+    kept = pushed.blobs_total - pushed.blobs_sent
+    console.print(
+        f"{folder}: sent {pushed.blobs_sent} blobs ({pushed.bytes_sent:,} bytes), "
+        f"{kept} already on the hub"
+    )
+    print(pushed.dataset)
 
 
 @data_app.command("verify")

@@ -329,12 +329,37 @@ class Refusal(StrEnum):
     # is stalled and answers nothing until its operator fixes or stops it
     UNREADABLE_SETTINGS = "unreadable_settings"
     OVER_MEMORY = "over_memory"  # 422: the run's estimated memory exceeds the hub's budget
-    QUOTA = "quota"  # 429: this identity has too many runs (active or this hour)
+    QUOTA = "quota"  # 429: this identity has too many runs (active or this hour), or its
+    # pushed datasets would exceed its byte quota (--max-dataset-mb-per-identity)
+    STORAGE_FULL = "storage_full"  # 413: pushed datasets would exceed the hub's --max-dataset-mb
     RATE_LIMITED = "rate_limited"  # 429: too many requests from this key; see Retry-After
     # 429: too many new node identities from this network this hour, or too many live ones
     # that have not worked yet (hub/registration.py); see Retry-After
     REGISTRATION_LIMITED = "registration_limited"
     UNAVAILABLE = "unavailable"  # 5xx: the hub cannot serve it now (storage)
+
+
+MAX_DATASET_BLOBS = 200_001  # a manifest's shards (train + val, at most 100,000 each) + tokenizer
+
+
+class DatasetOfferResponse(_Msg):
+    """The hub's answer to a dataset offer (POST /v1/datasets): the blobs it still lacks (upload
+    each to /v1/datasets/{manifest}/blobs/{digest}, then offer again), or, once it has every
+    one, the name a run's `data.dataset` may use (`manifest:<sha256>`)."""
+
+    manifest: Annotated[str, Field(pattern=DIGEST_PATTERN)]
+    missing: list[Annotated[str, Field(pattern=DIGEST_PATTERN)]] = Field(
+        max_length=MAX_DATASET_BLOBS
+    )
+    missing_bytes: int = Field(ge=0, le=1 << 62)
+    dataset: Annotated[str, Field(pattern=r"^manifest:[0-9a-f]{64}$")] | None = None
+
+
+class DatasetBlobAck(_Msg):
+    """A pushed tokenizer or shard was checked and stored."""
+
+    digest: Annotated[str, Field(pattern=DIGEST_PATTERN)]
+    bytes: int = Field(ge=0, le=1 << 62)
 
 
 class Problem(_Msg):

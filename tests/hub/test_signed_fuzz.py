@@ -112,6 +112,10 @@ class World:
             r = self.hub.post(who, f"{API}/runs/{self.secagg_run}/secagg/advertise", body)
             assert r.status_code == 200, r.text
         self.hub.service.tick()  # the round moves to its SecAgg share stage
+        self.dataset_offer, self.shard = small_dataset_offer()
+        r = self.hub.post(self.sponsor, f"{API}/datasets", self.dataset_offer)
+        assert r.status_code == 200, r.text
+        self.dataset_manifest = r.json()["manifest"]
 
     def advertisement(self, a) -> dict[str, Any]:
         keys = [base64.b64encode(os.urandom(32)).decode() for _ in range(2)]
@@ -135,6 +139,28 @@ class World:
 
     def contribution_tensors(self) -> dict[str, torch.Tensor]:
         return make_codec("int8").encode(torch.randn(self.numel) * 1e-3)
+
+
+def small_dataset_offer() -> tuple[dict[str, Any], bytes]:
+    """A valid offer of a two-shard bytes-tokenised dataset (hub/datasets.py), built by hand,
+    and the bytes of its train shard."""
+    from gridswarm.blobs import sha256_hex
+    from gridswarm.train.dataset import DatasetOffer, Manifest, ShardInfo, TokenizerInfo
+
+    train, val = bytes(range(64, 80)), bytes(range(80, 96))  # 8 uint16 tokens each
+    tok = TokenizerInfo(kind="bytes", sha256="c" * 64, vocab_size=256, eos_id=None)
+    manifest = Manifest(
+        tokenizer=tok,
+        dtype="uint16",
+        shard_tokens=8,
+        tokens_train=8,
+        tokens_val=8,
+        sources=["x.txt"],
+        train=[ShardInfo(file="train-00000.bin", tokens=8, sha256=sha256_hex(train))],
+        val=[ShardInfo(file="val-00000.bin", tokens=8, sha256=sha256_hex(val))],
+    )
+    offer = DatasetOffer(manifest=manifest, tokenizer_bytes=100)
+    return offer.model_dump(mode="json"), train
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +298,7 @@ def test_fuzz_json_handlers(world: World, data: st.DataObject) -> None:
         ),
         f"{API}/runs/{w.run_id}/assignment": (w.node, {}),
         f"{API}/nodes/leave": (Identity.generate(), {}),
+        f"{API}/datasets": (w.sponsor, w.dataset_offer),
     }
     path = data.draw(st.sampled_from(sorted(handlers)), label="handler")
     who, valid = handlers[path]
@@ -304,6 +331,19 @@ def test_fuzz_contribution_blobs(world: World, data: st.DataObject) -> None:
     if r.status_code == 200:  # a harmless mutation was accepted: give the node new work
         w.hub.service.tick()
         w.assignment = w.hub.assignment(w.node, w.run_id) or w.assignment
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_dataset_blobs(world: World, data: st.DataObject) -> None:
+    """A pushed shard, damaged (or whole), under its own or a mangled manifest and digest."""
+    from gridswarm.blobs import sha256_hex
+
+    w = world
+    body = data.draw(mutated_bytes(w.shard) | st.just(w.shard), label="shard")
+    manifest = data.draw(st.sampled_from([w.dataset_manifest, "0" * 64, "x"]), label="manifest")
+    digest = data.draw(st.sampled_from([sha256_hex(w.shard), sha256_hex(body), "1" * 64, "..."]))
+    check(w, w.sponsor, f"{API}/datasets/{manifest}/blobs/{digest}", body)
 
 
 @FUZZ

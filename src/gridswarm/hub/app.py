@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gridswarm.blobs import read_span
 from gridswarm.hub.dashboard import add_dashboard_routes
+from gridswarm.hub.datasets import add_dataset_routes
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.lifecycle import RunEvent
 from gridswarm.hub.openapi import (
@@ -410,6 +411,7 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
             return await uploads.ask(run_id, checked)
 
     add_privacy_routes(app, service, signed, max_upload_bytes)  # /v1/runs/{id}/secagg/...
+    add_dataset_routes(app, service, signed, max_upload_bytes)  # /v1/datasets: sponsors push
     add_trust_routes(app, service, signed)  # /v1/ledger, /v1/runs/{id}/fund, balances
     add_dashboard_routes(app, service)  # HTML pages: / and /runs/{id} (read-only)
 

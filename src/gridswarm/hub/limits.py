@@ -15,6 +15,9 @@ quotas and a per-key request rate limit.
   total, whichever replicas it reaches; one that sticks to a single replica gets 1/N of it
   (a node keeps one connection, so one replica, far below its share). No shared state, and
   no database write per request.
+- Pushed datasets (`gridswarm data push`, hub/datasets.py): who may push is who may create
+  runs; each identity's datasets may take `--max-dataset-mb-per-identity` and all of them
+  `--max-dataset-mb` of the blob store (`check_dataset_quota`).
 - Node identities (keys are free): hub/registration.py bounds who may register.
 
 The decisions are pure functions of the counts and an injected clock.
@@ -52,6 +55,8 @@ PUBLIC_KEY_HEX = re.compile(r"^[0-9a-f]{64}$")
 # RegistrationPolicy has none, for in-process and library use)
 DEFAULT_REGISTER_PER_NET_HOUR = 32  # a lab behind one NAT registers this many nodes an hour
 DEFAULT_MAX_NEW_NODES = 1000  # live node identities that have not worked yet
+DEFAULT_MAX_DATASET_MB = 1024  # pushed datasets, all together (`gridswarm hub --max-dataset-mb`)
+DEFAULT_MAX_DATASET_MB_PER_IDENTITY = 256  # and per sponsor key (`--max-dataset-mb-per-identity`)
 
 
 def load_public_keys(path: Path, what: str) -> frozenset[str]:
@@ -204,3 +209,31 @@ class RateLimiter:
             by_age = sorted(self._buckets, key=lambda k: self._buckets[k].updated_s)
             for k in by_age[: len(by_age) // 2]:
                 del self._buckets[k]
+
+
+def check_dataset_quota(
+    identity_bytes: int,
+    hub_bytes: int,
+    new_bytes: int,
+    max_identity_bytes: int,
+    max_hub_bytes: int,
+) -> None:
+    """Refuse a pushed dataset (`gridswarm data push`) whose `new_bytes` would take this identity
+    past `max_identity_bytes` (429 `quota`) or the hub's pushed datasets past `max_hub_bytes`
+    (413 `storage_full`); `identity_bytes`, `hub_bytes`: what was already allowed."""
+    mib = 1 << 20
+    if identity_bytes + new_bytes > max_identity_bytes:
+        raise HubError(
+            429,
+            f"quota: this dataset needs {new_bytes / mib:.1f} MiB and this identity has pushed "
+            f"{identity_bytes / mib:.1f} of its {max_identity_bytes / mib:.1f} MiB",
+            Refusal.QUOTA,
+        )
+    if hub_bytes + new_bytes > max_hub_bytes:
+        raise HubError(
+            413,
+            f"this dataset needs {new_bytes / mib:.1f} MiB and the hub holds "
+            f"{hub_bytes / mib:.1f} of its {max_hub_bytes / mib:.1f} MiB for pushed datasets "
+            f"(--max-dataset-mb)",
+            Refusal.STORAGE_FULL,
+        )

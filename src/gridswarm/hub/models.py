@@ -398,3 +398,35 @@ class RunFailure(Base):
     round: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class PushedDataset(Base):
+    """A prepared dataset a sponsor offered (`gridswarm data push`, hub/datasets.py): its
+    manifest, and the bytes this identity was allowed to upload for it (the blobs the hub lacked
+    when it first offered it), which count against its quota and the hub's cap. `completed_at`:
+    when every blob was there and the manifest blob was stored."""
+
+    __tablename__ = "pushed_datasets"
+    manifest_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sponsor_key: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    manifest_json: Mapped[str] = mapped_column(Text)
+    tokenizer_bytes: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class PushedBlob(Base):
+    """A tokenizer or token shard the hub checked on upload (hub/datasets.py) and stored: what
+    it was found to be, so that another manifest naming the same bytes counts it as present
+    only when it agrees (same dtype, ids within its vocabulary; the same vocabulary size)."""
+
+    __tablename__ = "pushed_blobs"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "shard" or "tokenizer"
+    dtype: Mapped[str | None] = mapped_column(String(8), nullable=True)  # shards
+    max_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # shards
+    vocab_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # tokenizers
+    eos_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # tokenizers
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)

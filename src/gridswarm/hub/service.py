@@ -42,6 +42,7 @@ from gridswarm.hub import engine as round_engine
 from gridswarm.hub import models as m
 from gridswarm.hub import reports
 from gridswarm.hub.acceptance import AssignmentFacts, ClaimFacts, ClaimRules, UploadRefused
+from gridswarm.hub.datasets import HubDatasets
 from gridswarm.hub.engine import (
     Arrived,
     Asked,
@@ -70,7 +71,14 @@ from gridswarm.hub.lifecycle import (
     should_stall,
     transition,
 )
-from gridswarm.hub.limits import HOUR_S, RateLimiter, check_run_quota, check_sponsor
+from gridswarm.hub.limits import (
+    DEFAULT_MAX_DATASET_MB,
+    DEFAULT_MAX_DATASET_MB_PER_IDENTITY,
+    HOUR_S,
+    RateLimiter,
+    check_run_quota,
+    check_sponsor,
+)
 from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S, HeartbeatPacing
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, client_network
@@ -212,6 +220,10 @@ class HubSettings:
     # folders on the hub's disk a run's `data.dataset` may name (`--data-root`); none: runs name
     # bundled datasets or `manifest:<sha256>` only (train/dataset.py `check_dataset_path`)
     data_roots: tuple[Path, ...] = ()
+    # datasets sponsors push (`gridswarm data push`, hub/datasets.py): bytes all of them together
+    # and each identity's may take in the blob store (`--max-dataset-mb`, `-per-identity`)
+    max_dataset_bytes: int = DEFAULT_MAX_DATASET_MB << 20
+    max_dataset_bytes_per_identity: int = DEFAULT_MAX_DATASET_MB_PER_IDENTITY << 20
     # post reward epochs on chain on the hub's own clock (`--epoch-every-s`, hub/epochs.py)
     epochs: EpochChain | None = None
 
@@ -569,6 +581,7 @@ class HubService:
         # for changes the others made
         self.lease = TickerLease(engine)
         self.watch = None if is_sqlite(engine) else RoundWatch()
+        self.datasets = HubDatasets(self)  # datasets pushed by sponsors (hub/datasets.py)
         self.privacy = HubPrivacy(self)  # DP accounting and SecAgg stages (hub/privacy.py)
         # ledger, audits, usefulness, reputation, rewards (hub/trust.py); `identity` is the hub's
         # persistent signing key (server.py loads it), a throwaway one only for in-memory use

@@ -38,6 +38,8 @@ from gridswarm.protocol import (
     MAX_REASON_CHARS,
     AssignmentResponse,
     ContributionAck,
+    DatasetBlobAck,
+    DatasetOfferResponse,
     EnergyReport,
     FailureReport,
     HeartbeatRequest,
@@ -524,6 +526,17 @@ class HubClient:
         """Pause, resume or stop a run (the sponsor's key signs)."""
         payload = RunStateRequest(event=event, reason=reason)  # type: ignore[arg-type]
         return self.post_json(f"{API}/runs/{run_id}/state", payload)
+
+    def offer_dataset(self, offer: bytes) -> DatasetOfferResponse:
+        """Offer a prepared dataset (a `DatasetOffer` as JSON, the sponsor's key signs): what
+        the hub lacks of it, or its `manifest:<sha256>` once it lacks nothing."""
+        response = self.request("POST", f"{API}/datasets", offer)
+        return DatasetOfferResponse.model_validate_json(response.content)
+
+    def upload_dataset_blob(self, manifest: str, digest: str, data: bytes) -> DatasetBlobAck:
+        """Upload one tokenizer or shard of an offered dataset."""
+        response = self.request("POST", f"{API}/datasets/{manifest}/blobs/{digest}", data)
+        return DatasetBlobAck.model_validate_json(response.content)
 
     def runs(self) -> list[dict]:
         return self.request("GET", f"{API}/runs", signed=False).json()

@@ -122,12 +122,64 @@ def parse_manifest(data: bytes) -> Manifest:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise DatasetError(f"invalid manifest: {where}: {first['msg']}") from exc
+    return check_manifest(manifest)
+
+
+def check_manifest(manifest: Manifest) -> Manifest:
+    """`manifest` if its fields agree with each other (token sums, a dtype wide enough for the
+    vocabulary), else DatasetError: what `parse_manifest` checks beyond the field bounds, for a
+    manifest that arrived inside another message (a pushed dataset's offer)."""
     for split, shards in (("train", manifest.train), ("val", manifest.val)):
         if sum(s.tokens for s in shards) != getattr(manifest, f"tokens_{split}"):
             raise DatasetError(f"invalid manifest: tokens_{split} is not the sum of its shards")
     if manifest.tokenizer.vocab_size > np.iinfo(manifest.dtype).max + 1:
         raise DatasetError(f"invalid manifest: {manifest.dtype} cannot hold the vocabulary")
     return manifest
+
+
+class DatasetOffer(_Strict):
+    """A sponsor offers a prepared dataset to a hub (`gridswarm data push`, POST /v1/datasets):
+    its manifest, and the size of its tokenizer file (the one blob whose size the manifest does
+    not say), so the hub knows every byte it is asked to store before it stores any."""
+
+    manifest: Manifest
+    tokenizer_bytes: Annotated[int, Field(gt=0, le=MAX_TOKENIZER_BYTES)]
+
+
+def check_shard(data: bytes, manifest: Manifest, info: ShardInfo) -> int:
+    """The largest token id of `data`, or DatasetError unless it is the token shard `info` of
+    `manifest` claims: its size (the token count at the manifest's dtype width) and every id
+    below the vocabulary size. The sha256 is the caller's to check (it has it already)."""
+    if len(data) != info.tokens * manifest.itemsize:
+        raise DatasetError(
+            f"shard {info.file}: {len(data)} bytes, not {info.tokens} {manifest.dtype} tokens"
+        )
+    largest = int(np.frombuffer(data, dtype=manifest.dtype).max())  # tokens > 0: not empty
+    if largest >= manifest.vocab_size:
+        raise DatasetError(
+            f"shard {info.file}: token id {largest} is outside the vocabulary of "
+            f"{manifest.vocab_size}"
+        )
+    return largest
+
+
+def check_tokenizer(data: bytes, manifest: Manifest) -> None:
+    """DatasetError unless `data` is a tokenizer.json that loads and has the manifest's
+    vocabulary size (and its end-of-text id, when the manifest names one)."""
+    if len(data) > MAX_TOKENIZER_BYTES:
+        raise DatasetError(f"tokenizer of {len(data)} bytes exceeds {MAX_TOKENIZER_BYTES}")
+    try:
+        tok = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:  # UnicodeDecodeError, or the tokenizers library's own errors
+        why = f"tokenizer: not a loadable tokenizer.json ({exc})".splitlines()[0]
+        raise DatasetError(why) from exc
+    if tok.get_vocab_size() != manifest.vocab_size:
+        raise DatasetError(
+            f"tokenizer: vocabulary of {tok.get_vocab_size()}, the manifest says "
+            f"{manifest.vocab_size}"
+        )
+    if manifest.tokenizer.eos_id is not None and eos_id(tok) != manifest.tokenizer.eos_id:
+        raise DatasetError(f"tokenizer: end-of-text id is not {manifest.tokenizer.eos_id}")
 
 
 def is_prepared(dataset: str) -> bool:
