@@ -336,6 +336,9 @@ class Refusal(StrEnum):
     # 429: too many new node identities from this network this hour, or too many live ones
     # that have not worked yet (hub/registration.py); see Retry-After
     REGISTRATION_LIMITED = "registration_limited"
+    # 429: too many unsigned reads (status, reports, ledger, dashboard) already wait for the
+    # hub's few threads for them; see Retry-After
+    BUSY = "busy"
     UNAVAILABLE = "unavailable"  # 5xx: the hub cannot serve it now (storage)
 
 

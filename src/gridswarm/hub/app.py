@@ -55,6 +55,7 @@ from gridswarm.protocol import (
     HeartbeatRequest,
     HeartbeatResponse,
     NodeStatus,
+    Refusal,
     RegisterRequest,
     RegisterResponse,
     RunCreateRequest,
@@ -66,6 +67,12 @@ from gridswarm.protocol import (
 OCTET_STREAM = "application/octet-stream"
 TICK_S = 0.25
 LOCKED_THREADS = 4  # threads for requests that take the service's lock (work, uploads, leave)
+# Unsigned reads (run status and reports, the ledger and its verification, the dashboard): anyone
+# may send them and some read a whole run or the whole chain, so they run on their own few
+# threads, and a flood of them is refused (429 `busy`) rather than queued without bound or let
+# onto the threads the swarm's requests run on
+PUBLIC_READ_THREADS = 2
+MAX_PUBLIC_READS_WAITING = 16
 MAX_ASK_BATCH = 128  # asks for work decided in one transaction (`RunBatcher`)
 MAX_UPLOAD_BATCH = 32  # checked uploads stored in one transaction (`RunBatcher`)
 MAX_REGISTER_BATCH = 128  # node registrations decided in one transaction (`RunBatcher`)
@@ -189,6 +196,22 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     async def under_lock(fn: Callable[..., T], *args: object) -> T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=locked())
 
+    public_limiter: list[anyio.CapacityLimiter] = []
+
+    async def public_read(fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on the public reads' threads, or 429 `busy` when too many already wait."""
+        if not public_limiter:  # an app driven without its lifespan (in-process test clients)
+            public_limiter.append(anyio.CapacityLimiter(PUBLIC_READ_THREADS))
+        limiter = public_limiter[0]
+        if limiter.statistics().tasks_waiting >= MAX_PUBLIC_READS_WAITING:
+            raise HubError(
+                429,
+                f"{MAX_PUBLIC_READS_WAITING} public reads are waiting already; try again shortly",
+                Refusal.BUSY,
+                headers={"Retry-After": "1"},
+            )
+        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+
     asks: RunBatcher[str, tuple[AssignmentResponse, float | None]] = RunBatcher(
         lambda run_id, node_ids: under_lock(service.assignments_or_wait, run_id, node_ids),
         MAX_ASK_BATCH,
@@ -212,6 +235,7 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         signals.loop = asyncio.get_running_loop()
         locked_limiter[:] = [anyio.CapacityLimiter(LOCKED_THREADS)]
+        public_limiter[:] = [anyio.CapacityLimiter(PUBLIC_READ_THREADS)]
         service.round_changed = signals.notify
         thread = threading.Thread(target=ticker, name="round-ticker", daemon=True)
         thread.start()
@@ -334,11 +358,11 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
 
     @app.get(f"{API}/runs")
     async def list_runs() -> list[dict]:
-        return await run_in_threadpool(service.list_runs)
+        return await public_read(service.list_runs)
 
     @app.get(f"{API}/runs/{{run_id}}")
     async def run_status(run_id: RunIdParam) -> dict:
-        return await run_in_threadpool(service.run_status, run_id)
+        return await public_read(service.run_status, run_id)
 
     @app.post(f"{API}/runs/{{run_id}}/state", openapi_extra=openapi_body(RunStateRequest))
     async def run_state(run_id: RunIdParam, request: Request) -> dict:
@@ -359,11 +383,11 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
     @app.get(f"{API}/runs/{{run_id}}/report")
     async def run_report(run_id: RunIdParam) -> dict:
         """Energy and carbon per node and per run, with the agnostic counterfactual."""
-        return await run_in_threadpool(service.run_report, run_id)
+        return await public_read(service.run_report, run_id)
 
     @app.get(f"{API}/runs/{{run_id}}/versions/latest")
     async def latest_version(run_id: RunIdParam) -> dict:
-        return await run_in_threadpool(service.latest_version, run_id)
+        return await public_read(service.latest_version, run_id)
 
     @app.post(
         f"{API}/runs/{{run_id}}/assignment", openapi_extra=openapi_body(Empty, required=False)
@@ -412,8 +436,8 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
 
     add_privacy_routes(app, service, signed, max_upload_bytes)  # /v1/runs/{id}/secagg/...
     add_dataset_routes(app, service, signed, max_upload_bytes)  # /v1/datasets: sponsors push
-    add_trust_routes(app, service, signed)  # /v1/ledger, /v1/runs/{id}/fund, balances
-    add_dashboard_routes(app, service)  # HTML pages: / and /runs/{id} (read-only)
+    add_trust_routes(app, service, signed, public_read)  # /v1/ledger, /v1/runs/{id}/fund, balances
+    add_dashboard_routes(app, service, public_read)  # HTML pages: / and /runs/{id} (read-only)
 
     @app.get(f"{API}/blobs/{{digest}}")
     async def blob(

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from pydantic import Field, TypeAdapter, ValidationError
@@ -368,10 +367,13 @@ def _checked(adapter: TypeAdapter, value: str, name: str, where: str) -> Any:
         raise HubError(422, f"malformed request: {describe_errors(errors)}") from exc
 
 
-def add_dashboard_routes(app: FastAPI, service: HubService) -> None:
+def add_dashboard_routes(
+    app: FastAPI, service: HubService, public_read: Callable[..., Awaitable[Any]]
+) -> None:
     """Mount `GET /` (the runs) and `GET /runs/{run_id}` (one run), outside the OpenAPI
-    document. Each page is one worker-thread call: read through the public API's service
-    methods, then render."""
+    document. Each page is one call on the public reads' threads (`public_read`, hub/app.py:
+    429 `busy` when too many wait): read through the public API's service methods, then
+    render."""
 
     @app.get("/", include_in_schema=False)
     async def runs_page(request: Request) -> HTMLResponse:
@@ -382,7 +384,7 @@ def add_dashboard_routes(app: FastAPI, service: HubService) -> None:
             def build() -> HTMLResponse:
                 return render("runs.html", **index_view(service, page))
 
-            return await run_in_threadpool(build)
+            return await public_read(build)
         except HubError as exc:
             return error_page(exc)
 
@@ -394,6 +396,6 @@ def add_dashboard_routes(app: FastAPI, service: HubService) -> None:
             def build() -> HTMLResponse:
                 return render("run.html", run=run_view(service, checked))
 
-            return await run_in_threadpool(build)
+            return await public_read(build)
         except HubError as exc:
             return error_page(exc)

@@ -1228,8 +1228,11 @@ class HubTrust:
         return claim.to_dict()
 
 
-def add_trust_routes(app: Any, service: Any, signed: Callable[..., Any]) -> None:
-    """The ledger's HTTP API (reads are public; writes are signed by whoever they act for)."""
+def add_trust_routes(
+    app: Any, service: Any, signed: Callable[..., Any], public_read: Callable[..., Any]
+) -> None:
+    """The ledger's HTTP API (reads are public, on the public reads' threads: `public_read`;
+    writes are signed by whoever they act for)."""
     trust: HubTrust = service.trust
 
     def body_json(body: bytes) -> Any:
@@ -1245,17 +1248,17 @@ def add_trust_routes(app: Any, service: Any, signed: Callable[..., Any]) -> None
         kind: Annotated[str | None, Query(max_length=32)] = None,
     ) -> list:
         """Entries in order from `start_seq` (at most `limit`, optionally one kind)."""
-        return await run_in_threadpool(trust.show, start_seq, limit, kind)
+        return await public_read(trust.show, start_seq, limit, kind)
 
     @app.get(f"{API}/ledger/verify")
     async def ledger_verify() -> dict:
         """Re-check the whole chain; `first_bad_seq` and `reason` name the first bad entry."""
-        return await run_in_threadpool(trust.verify)
+        return await public_read(trust.verify)
 
     @app.get(f"{API}/ledger/reward-claims/{{address}}")
     async def reward_claim(address: Annotated[str, Path(max_length=64)]) -> dict:
         """Amount and Merkle proof for `address` in the latest posted epoch (EVM settlement)."""
-        return await run_in_threadpool(trust.reward_claim, address)
+        return await public_read(trust.reward_claim, address)
 
     @app.post(f"{API}/runs/{{run_id}}/fund", openapi_extra=openapi_body(SignedClaimBody))
     async def fund(run_id: RunIdParam, request: Request) -> dict:
@@ -1274,4 +1277,4 @@ def add_trust_routes(app: Any, service: Any, signed: Callable[..., Any]) -> None
     @app.get(f"{API}/nodes/{{node_id}}/balance")
     async def balance(node_id: Annotated[str, Path(pattern=NODE_ID_PATTERN)]) -> dict:
         """Earned, slashed, paid and available units, payout address and reputation."""
-        return await run_in_threadpool(trust.balance, node_id)
+        return await public_read(trust.balance, node_id)
