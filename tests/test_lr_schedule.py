@@ -33,6 +33,7 @@ from gridswarm.train.schedule import (
     position_of,
     schedule_total_steps,
 )
+from gridswarm.train.streaming import LocalState, Progress
 from gridswarm.train.workload import Workload
 from tests.conftest import tiny_run
 from tests.harness import FakeClock, new_service, train_and_pack
@@ -216,3 +217,24 @@ def test_a_cosine_run_replays_bit_exactly_and_ignoring_the_schedule_fails_the_au
     caught = by_node[off_schedule][0]
     assert caught.audited and caught.audit_passed is False and caught.status == "rejected"
     assert excluded == {off_schedule}
+
+
+def test_kept_state_training_in_parts_continues_the_schedule():
+    """Streaming DiLoCo / a kept optimizer: steps trained ahead and the rest of the round are
+    one stretch of the schedule (position = round * H + the steps `progress` holds)."""
+    torch.set_num_threads(1)
+    cfg = parse_run_config(tiny_run(train__lr_schedule="cosine", train__keep_inner_optimizer=True))
+    workloads = [Workload.from_config(cfg) for _ in range(3)]
+    theta = workloads[0].initial_theta()
+    states = [LocalState(w, theta, 0) for w in workloads]
+    whole, parts, restarted = Progress(), Progress(), Progress()
+    states[0].train(workloads[0].batches(5), 6, whole, 2)
+    stream = workloads[1].batches(5)
+    states[1].train(stream, 2, parts, 2)
+    states[1].train(stream, 4, parts, 2)
+    stream = workloads[2].batches(5)
+    states[2].train(stream, 2, restarted, 2)
+    states[2].train(stream, 4, Progress(), 2)  # forgets the 2 steps done: the wrong lrs
+    assert whole.losses == parts.losses
+    assert torch.equal(states[0].theta(), states[1].theta())
+    assert not torch.equal(states[0].theta(), states[2].theta())
