@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gridswarm.config import parse_run_config
+from gridswarm.config import TrainConfig, parse_run_config
 from gridswarm.hub.reports import ring_allreduce_bytes
 from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient
@@ -45,6 +45,7 @@ from gridswarm.train.data import slice_seed
 from gridswarm.train.dataset import prepare
 from gridswarm.train.local import loss_fn
 from gridswarm.train.outer import outer_update
+from gridswarm.train.schedule import RunPosition, inner_lr_at
 from gridswarm.train.streaming import LocalState
 from gridswarm.train.streaming import Progress as StreamingProgress
 from gridswarm.train.workload import Workload
@@ -71,6 +72,9 @@ PRESETS: dict[str, dict] = {
         "rounds": 33,
         "inner_lr": 2e-3,
         "inner_warmup_steps": 10,
+        # the inner lr over the run (train/schedule.py); DDP gets the same over its steps
+        "lr_schedule": "constant",
+        "min_lr_ratio": 0.1,
         "keep_inner_optimizer": True,
         "outer_lr": 1.0,
         "outer_momentum": 0.0,
@@ -91,6 +95,8 @@ PRESETS: dict[str, dict] = {
         "rounds": 60,
         "inner_lr": 3e-4,
         "inner_warmup_steps": 10,
+        "lr_schedule": "constant",
+        "min_lr_ratio": 0.1,
         "keep_inner_optimizer": False,
         "outer_lr": 0.5,
         "outer_momentum": 0.9,
@@ -132,7 +138,11 @@ def prepare_corpus(folder: Path, vocab: int, text: Path | None = None) -> dict:
 
 
 def run_config(preset: dict, dataset: str) -> dict:
+    """The run's settings for `preset`: the token budget of `rounds` full rounds ends it; a
+    decaying lr schedule also sets `budget.rounds` (its total: the run ends at the schedule's
+    end even when slower nodes trained fewer steps per round)."""
     tokens = NODES * preset["rounds"] * preset["inner_steps"] * SEQ_LEN * BATCH_SIZE
+    schedule = preset.get("lr_schedule", "constant")
     return {
         "name": "bench-communication",
         "seed": preset["seed"],
@@ -146,6 +156,8 @@ def run_config(preset: dict, dataset: str) -> dict:
             "min_inner_steps": min(5, preset["inner_steps"]),
             "inner_lr": preset["inner_lr"],
             "inner_warmup_steps": preset["inner_warmup_steps"],
+            "lr_schedule": schedule,
+            "min_lr_ratio": preset.get("min_lr_ratio", 0.1),
             "grad_clip": preset["grad_clip"],
             "outer_lr": preset["outer_lr"],
             "outer_momentum": preset["outer_momentum"],
@@ -158,7 +170,11 @@ def run_config(preset: dict, dataset: str) -> dict:
             "fragments": preset["fragments"],  # > 1: Streaming DiLoCo
         },
         "round": {"deadline_s": 600, "quorum": NODES, "min_nodes": NODES},
-        "budget": {"rounds": None, "tokens": tokens},  # the token budget alone ends the run
+        # the token budget alone ends a constant-lr run
+        "budget": {
+            "rounds": None if schedule == "constant" else preset["rounds"],
+            "tokens": tokens,
+        },
     }
 
 
@@ -169,6 +185,14 @@ def ddp_config(config: dict, lr: float, warmup_steps: int, grad_clip: float | No
     if grad_clip is not None:
         train["grad_clip"] = grad_clip
     return {**config, "train": train}
+
+
+def ddp_lr(t: TrainConfig, step: int, steps: int) -> float:
+    """DDP's lr at `step` of its `steps`: its warm-up once (as a node's first round), times the
+    run's schedule over DDP's own steps (`train/schedule.py`, the function the nodes use)."""
+    if t.inner_warmup_steps == 0 and t.lr_schedule == "constant":
+        return t.inner_lr
+    return inner_lr_at(t, step, RunPosition(step, steps))
 
 
 def run_gridswarm(config: dict, progress: Progress, codec_name: str) -> dict:
@@ -225,8 +249,8 @@ def ddp_worker(rank: int, config: dict, steps: int, port: int, queue) -> None:
     stream = workload.batches(slice_seed(cfg.seed, 0, f"ddp-{rank}"))
     eval_every = cfg.train.inner_steps
     for step in range(steps):
-        for group in optimizer.param_groups:  # the same warm-up as a gridswarm round's start
-            group["lr"] = t.inner_lr * min(1.0, (step + 1) / max(t.inner_warmup_steps, 1))
+        for group in optimizer.param_groups:  # warm-up once, the run's schedule over its steps
+            group["lr"] = ddp_lr(t, step, steps)
         inputs, targets = next(stream)
         loss = loss_fn(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -324,7 +348,8 @@ def simulate_diloco(config: dict) -> dict:
                 else:
                     local[i] = LocalState(node_workloads[i], theta, rnd)
                 progress = StreamingProgress()
-                local[i].train(node_workloads[i].batches(stream_seed), t.inner_steps, progress)
+                stream = node_workloads[i].batches(stream_seed)
+                local[i].train(stream, t.inner_steps, progress, rnd)
                 pg, trained = local[i].pseudo_gradient(theta, fragment), progress.tokens
             else:
                 result = workload.train(theta, rnd, f"node-{i}", t.inner_steps)
@@ -373,7 +398,7 @@ def simulate_ddp(config: dict, tokens: int, eval_every: int) -> dict:
     curve = []
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = t.inner_lr * min(1.0, (step + 1) / max(t.inner_warmup_steps, 1))
+            group["lr"] = ddp_lr(t, step, steps)
         inputs, targets = (
             torch.cat(parts) for parts in zip(*(next(s) for s in streams), strict=True)
         )
@@ -427,6 +452,7 @@ def sweep(
             steps = a["tokens"] // (NODES * SEQ_LEN * BATCH_SIZE)  # DDP's, for its curve
             for lr in ddp_lrs:
                 key = (lr, a["tokens"], p["ddp_warmup_steps"], p["ddp_grad_clip"], p["seed"])
+                key += (p.get("lr_schedule", "constant"), p.get("min_lr_ratio", 0.1))
                 key += (json.dumps(p["model"]),)
                 if key not in ddp_cache:
                     ddp_cache[key] = {

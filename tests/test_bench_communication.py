@@ -3,6 +3,8 @@ tuner runs the real round (train, codec, aggregator, outer update) and counts by
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -103,3 +105,30 @@ def test_nodes_and_ddp_clip_gradients_at_their_own_thresholds(bench, corpus) -> 
     ddp = bench.ddp_config(config, 1e-3, 1, 1.0)
     assert parse_run_config(ddp).train.grad_clip == 1.0 and config["train"]["grad_clip"] == 0.5
     assert bench.ddp_config(config, 1e-3, 1)["train"]["grad_clip"] == 0.5
+
+
+def test_a_preset_schedule_reaches_both_sides(bench, corpus) -> None:
+    """`lr_schedule`/`min_lr_ratio` are preset knobs: the nodes' run gets them (and a round
+    budget, the schedule's total) and DDP decays over its own steps with the same function;
+    the constant schedule is DDP's old warm-up-then-constant lr bit for bit."""
+    preset = tiny_preset(bench, lr_schedule="cosine", min_lr_ratio=0.0)
+    config = bench.run_config(preset, corpus["dataset"])
+    cfg = parse_run_config(config)
+    assert cfg.train.lr_schedule == "cosine" and cfg.train.min_lr_ratio == 0.0
+    assert cfg.budget.rounds == preset["rounds"] and cfg.budget.tokens is not None
+    t = parse_run_config(bench.ddp_config(config, 2e-3, 2)).train
+    lrs = [bench.ddp_lr(t, step, 10) for step in range(10)]
+    assert lrs[0] == 1e-3 < lrs[1] < 2e-3 and lrs[-1] < 1e-4  # warm-up, then decay
+    assert all(b < a for a, b in pairwise(lrs[1:]))
+    constant = bench.run_config(tiny_preset(bench), corpus["dataset"])
+    assert parse_run_config(constant).budget.rounds is None  # the token budget ends it
+    for warmup in (0, 3):
+        t = parse_run_config(bench.ddp_config(constant, 2e-3, warmup)).train
+        old = [2e-3 * min(1.0, (s + 1) / max(warmup, 1)) for s in range(10)]
+        assert [bench.ddp_lr(t, s, 10) for s in range(10)] == old
+    torch.set_num_threads(1)
+    decayed = bench.simulate_diloco(config)  # runs, and the schedule changes what it trains
+    plain = bench.simulate_diloco(
+        bench.run_config({**preset, "min_lr_ratio": 1.0}, corpus["dataset"])
+    )
+    assert decayed["curve"][1]["val_loss"] != plain["curve"][1]["val_loss"]

@@ -183,7 +183,7 @@ def test_local_state_merges_only_the_synced_fragment():
     theta = workload.initial_theta()
     state = LocalState(workload, theta, 0)
     progress = Progress()
-    state.train(workload.batches(1), 3, progress)
+    state.train(workload.batches(1), 3, progress, 0)
     assert progress.steps == 3 and progress.tokens == 3 * cfg.tokens_per_step
     assert state.steps_taken == 3
     trained = state.theta()
@@ -221,7 +221,7 @@ def _upload(service, run_id, identity, node_id, a, state: LocalState, workload) 
         state.__init__(workload, theta, a.base_version)
     progress = Progress()
     stream = workload.batches(slice_seed(workload.cfg.seed, a.round, node_id, a.attempt))
-    state.train(stream, a.inner_steps, progress)
+    state.train(stream, a.inner_steps, progress, a.round)
     codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
     tensors = codec.encode(state.pseudo_gradient(theta, workload.fragment(a.round)))
     meta = ContributionMeta(

@@ -107,6 +107,11 @@ class TrainConfig(_Strict):
     inner_weight_decay: Annotated[float, Field(ge=0, le=1e3)] = 0.1
     # the inner AdamW starts fresh every round (replayable); warming it up avoids noisy first steps
     inner_warmup_steps: Annotated[int, Field(ge=0, le=10**7)] = 10
+    # the inner lr over the whole run (train/schedule.py), the warm-up multiplied in:
+    # "constant" keeps inner_lr; "cosine" decays it to min_lr_ratio * inner_lr at the run's
+    # last step (round * inner_steps + step over budget.rounds * inner_steps: needs budget.rounds)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     outer_lr: Rate = 0.7
     outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     grad_clip: Annotated[float, Field(ge=0, le=1e9)] = 1.0
@@ -316,6 +321,18 @@ def check_privacy(cfg: RunConfig) -> None:
             )
 
 
+def check_schedule(cfg: RunConfig) -> None:
+    """Refuse a decaying inner lr schedule without a round budget: the schedule runs over
+    `budget.rounds * train.inner_steps` steps (train/schedule.py), and a token budget alone
+    does not say how many steps a node will train (it depends on how many nodes join)."""
+    if cfg.train.lr_schedule != "constant" and cfg.budget.rounds is None:
+        raise ValueError(
+            f"train.lr_schedule = {cfg.train.lr_schedule!r} needs budget.rounds: the schedule "
+            f"decays over budget.rounds * train.inner_steps steps (a token budget alone does "
+            f"not fix how many steps a node trains); set budget.rounds or use 'constant'"
+        )
+
+
 class EnergyConfig(_Strict):
     """Hub-side energy scheduling (docs/energy.md): `agnostic` (today's behaviour: everyone
     available runs as much as speed allows), `greedy-green` (the cleanest nodes now, at the pace
@@ -399,6 +416,7 @@ class RunConfig(_Strict):
     def _check_privacy(self) -> RunConfig:
         check_privacy(self)
         check_streaming(self)
+        check_schedule(self)
         return self
 
     @property

@@ -19,6 +19,7 @@ from gridswarm.train.device import device_class, synchronize
 from gridswarm.train.local import train_local
 from gridswarm.train.model import build_model, count_parameters, vocab_size_of
 from gridswarm.train.params import flatten
+from gridswarm.train.schedule import RunPosition
 
 REFERENCE_MODEL = ModelConfig()  # the default small GPT
 REFERENCE_TRAIN = TrainConfig(seq_len=64, batch_size=16)
@@ -86,9 +87,10 @@ def probe_speed(
             yield x, x
 
     theta = flatten(model).cpu()
-    train_local(model, theta, stream(), 1, train)
+    start = RunPosition(0, 1)  # a schedule's first lr: the speed does not depend on it
+    train_local(model, theta, stream(), 1, train, position=start)
     synchronize(device)
     started = time.perf_counter()
-    result = train_local(model, theta, stream(), steps, train)
+    result = train_local(model, theta, stream(), steps, train, position=start)
     synchronize(device)
     return result.tokens / (time.perf_counter() - started), count_parameters(model)

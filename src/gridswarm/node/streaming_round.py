@@ -107,7 +107,7 @@ class StreamingRounds:
             with self.energy.measure() as metered:
                 rest = a.inner_steps - progress.steps
                 if rest > 0:
-                    state.train(stream, rest, progress, self._step_hook(a, held))
+                    state.train(stream, rest, progress, a.round, self._step_hook(a, held))
         except BaseException:
             self._local.pop(a.run_id, None)  # half-trained: the next round starts fresh
             raise
@@ -188,7 +188,7 @@ class StreamingRounds:
         try:
             with self.energy.measure() as metered:
                 while thread.is_alive() and progress.steps < a.inner_steps:
-                    state.train(stream, 1, progress, on_step)
+                    state.train(stream, 1, progress, a.round + 1, on_step)
         except BaseException:
             self._local.pop(a.run_id, None)
             raise

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from gridswarm.config import TrainConfig
 from gridswarm.train.model import set_activation_checkpointing
 from gridswarm.train.params import assign_flat, flatten
+from gridswarm.train.schedule import RunPosition, inner_lr_at
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 CPU = torch.device("cpu")
@@ -84,9 +85,12 @@ def train_local(
     cfg: TrainConfig,
     on_step: Callable[[int, float], None] | None = None,
     micro_batch_size: int | None = None,
+    position: RunPosition | None = None,
 ) -> LocalResult:
     """`steps` AdamW steps from `theta_start` on the model's device; `on_step(step, loss)` may
-    raise to stop early. `micro_batch_size` overrides the run's (None: the run's, or the batch)."""
+    raise to stop early. `micro_batch_size` overrides the run's (None: the run's, or the batch).
+    `position`: the first step's place in the run, for a decaying lr schedule (train/schedule.py;
+    None only with the constant one)."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     micro = micro_batch_size or cfg.micro_batch_size or cfg.batch_size
@@ -95,7 +99,9 @@ def train_local(
     model.train()
     optimizer = inner_optimizer(model, cfg)
     started = time.perf_counter()
-    losses, tokens = inner_steps(model, optimizer, stream, steps, cfg, micro, on_step)
+    losses, tokens = inner_steps(
+        model, optimizer, stream, steps, cfg, micro, on_step, position=position
+    )
     return LocalResult(
         pseudo_gradient=theta_start - flatten(model).to(CPU),
         steps=steps,
@@ -124,20 +130,24 @@ def inner_steps(
     micro_batch_size: int,
     on_step: Callable[[int, float], None] | None = None,
     first_step: int = 0,
+    position: RunPosition | None = None,
 ) -> tuple[list[float], int]:
     """`steps` optimizer steps on the model as it is; returns (losses, tokens trained).
 
     `first_step`: how many steps this optimizer has taken before (the warm-up continues from
-    there; Streaming DiLoCo keeps one optimizer across rounds). `on_step(step, loss)` gets the
-    step's index within this call and may raise to stop."""
+    there; Streaming DiLoCo keeps one optimizer across rounds). `position`: the run-wide place
+    of this call's first step, which a decaying `train.lr_schedule` needs (train/schedule.py).
+    `on_step(step, loss)` gets the step's index within this call and may raise to stop."""
     device = next(model.parameters()).device
     losses: list[float] = []
     tokens = 0
+    scheduled = cfg.inner_warmup_steps > 0 or cfg.lr_schedule != "constant"
     for step in range(steps):
-        if cfg.inner_warmup_steps:
-            scale = min(1.0, (first_step + step + 1) / cfg.inner_warmup_steps)
+        if scheduled:
+            at = None if position is None else RunPosition(position.step + step, position.total)
+            lr = inner_lr_at(cfg, first_step + step, at)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.inner_lr * scale
+                group["lr"] = lr
         inputs, targets = next(stream)
         optimizer.zero_grad(set_to_none=True)
         value = accumulate_gradients(model, inputs.to(device), targets.to(device), micro_batch_size)

@@ -24,6 +24,7 @@ from gridswarm.train.fragments import FragmentBounds
 from gridswarm.train.local import CPU, inner_optimizer, inner_steps
 from gridswarm.train.model import set_activation_checkpointing
 from gridswarm.train.params import assign_flat, flatten
+from gridswarm.train.schedule import position_of
 from gridswarm.train.workload import Workload
 
 
@@ -85,9 +86,13 @@ class LocalState:
         stream: Iterator[Batch],
         steps: int,
         progress: Progress,
+        round_number: int,
         on_step: Callable[[int, float], None] | None = None,
     ) -> None:
-        """`steps` more inner steps from where the local state is, recorded in `progress`."""
+        """`steps` more inner steps from where the local state is, recorded in `progress`, toward
+        round `round_number`'s contribution (its lr schedule position: the round and the steps
+        `progress` already holds; the warm-up counts this optimizer's steps)."""
+        position = position_of(self.workload.cfg, round_number, progress.steps)
         started = time.perf_counter()
         try:
             losses, tokens = inner_steps(
@@ -99,6 +104,7 @@ class LocalState:
                 self.micro_batch_size,
                 on_step,
                 self.steps_taken,
+                position,
             )
         finally:
             progress.compute_s += time.perf_counter() - started

@@ -20,6 +20,7 @@ from gridswarm.train.fragments import FragmentBounds, fragment_bounds, fragment_
 from gridswarm.train.local import LocalResult, evaluate, train_local
 from gridswarm.train.model import build_model, count_parameters
 from gridswarm.train.params import flatten
+from gridswarm.train.schedule import position_of
 from gridswarm.train.tokenizer import VOCAB_SIZE
 
 log = logging.getLogger("gridswarm.train")
@@ -109,14 +110,16 @@ class Workload:
 
         `fit_memory`: on running out of device memory, halve the micro-batch and start the
         assignment again (a node fitting the batch to its memory; the result records the size
-        used, so a replay can use the same)."""
+        used, so a replay can use the same). The inner lr follows the run's schedule at round
+        `round_number` (train/schedule.py), so a replay of the same assignment uses the same."""
         t = self.cfg.train
         seed = slice_seed(self.cfg.seed, round_number, node_id, attempt)
         micro = micro_batch_size or t.micro_batch_size or t.batch_size
+        position = position_of(self.cfg, round_number)
         while True:
             stream = self.batches(seed)
             try:
-                return train_local(self.model, theta, stream, steps, t, on_step, micro)
+                return train_local(self.model, theta, stream, steps, t, on_step, micro, position)
             except torch.OutOfMemoryError:
                 if not fit_memory or micro == 1:
                     raise
