@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
@@ -925,7 +926,7 @@ def plot(document: dict, path: Path) -> None:
             if not all(math.isnan(v) for v in values):
                 p99_ax.plot(nodes, values, style, color=color, label=f"{key}: {name}")
     cpu_ax.axhline(TARGET_CPU_MS_PER_NODE_ROUND, color="k", ls=":", label="target (2 ms)")
-    p99_ax.axhline(TARGET_P99_MS, color="k", ls=":", label="target (250 ms)")
+    p99_ax.axhline(TARGET_P99_MS, color="grey", lw=3, alpha=0.4, label="target (250 ms)")
     cpu_ax.set(xlabel="nodes", ylabel="hub CPU ms per node-round", xscale="log", yscale="log")
     p99_ax.set(xlabel="nodes", ylabel="p99 latency, ms", xscale="log", yscale="log")
     for ax in (cpu_ax, p99_ax):  # plain numbers, not powers of ten
@@ -933,6 +934,9 @@ def plot(document: dict, path: Path) -> None:
             axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     cpu_ax.set_yticks([v for v in (1, 2, 5, 10, 20, 50, 100, 200) if v <= cpu_ax.get_ylim()[1]])
+    all_nodes = sorted({r["nodes"] for r in document["results"]})
+    for ax in (cpu_ax, p99_ax):  # a tick at each swarm size measured
+        ax.set_xticks(all_nodes)
     cpu_ax.set_title("hub CPU per node and round")
     p99_ax.set_title(
         "p99: upload (solid), round start spread (dash-dot),\n"
@@ -941,7 +945,7 @@ def plot(document: dict, path: Path) -> None:
     )
     cpu_ax.legend(fontsize=7)
     p99_ax.legend(fontsize=6)
-    fig.suptitle(document["command"][:110], fontsize=7)
+    fig.suptitle(textwrap.fill(document["command"], 200), fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
