@@ -749,6 +749,7 @@ COLUMNS = (
     "db CPU",
     "loadgen CPU",
     "stale",
+    "timeouts",
     "lost",
 )
 
@@ -804,6 +805,7 @@ def rows(results: list[dict]) -> list[list[str]]:
                 f"{r.get('db_cpu_share', 0):.0%}",
                 f"{r['loadgen_cpu_share']:.0%}",
                 str(r["stale_refused"]),
+                str(r.get("transport_errors", "-")),
                 str(r["lost_acknowledged"]),
             ]
         )
@@ -841,8 +843,10 @@ def markdown(document: dict) -> str:
         "long-poll wait in it). **assignment request incl. long-poll wait** is the whole "
         "`/assignment` request, which by design waits up to `wait_s` (10–60 s) while there is "
         "no work: it measures the round's length as much as the hub. Upload, blob (download), "
-        "heartbeat and register are plain requests (register: every registration, the ramp's "
-        "included, as they happen before the window).",
+        "heartbeat and register are plain requests (register: every registration, the "
+        "ramp's included, as they happen before the window). A request that timed out (60 s) "
+        "or lost its connection counts in **timeouts** (and in its endpoint's latency) and is "
+        "retried; a retried upload the hub had already stored is answered 409.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
