@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
@@ -123,11 +124,18 @@ class Stats:
     latency_s: dict[str, list[float]] = field(default_factory=dict)
     statuses: dict[str, dict[str, int]] = field(default_factory=dict)
     acked: list[str] = field(default_factory=list)
+    # every "assigned" answer, measuring or not: (round, attempt, deadline_at, answered_at),
+    # unix s (hub and generator share this machine's clock): `round_start_spread`'s input
+    assigned: list[tuple[int, int, float, float]] = field(default_factory=list)
     stale: int = 0
     transport_errors: int = 0
     measuring: bool = False
+    # every registration's latency, the ramp's included (they happen before the window)
+    register_s: list[float] = field(default_factory=list)
 
     def record(self, endpoint: str, started: float, status: int | str) -> None:
+        if endpoint == "register":
+            self.register_s.append(time.monotonic() - started)
         if not self.measuring:
             return
         self.latency_s.setdefault(endpoint, []).append(time.monotonic() - started)
@@ -331,6 +339,9 @@ class LightNode:
                 if answer["status"] != "assigned":
                     continue  # the hub held the long-poll as long as it wanted
                 a = answer["assignment"]
+                self.stats.assigned.append(
+                    (a["round"], a["attempt"], a["deadline_at"], time.time())
+                )
                 self.status = "training"
                 blob = a["delta_blob"] or a["weights_blob"]
                 await self.call("blob", "GET", f"{API}/blobs/{blob}")
@@ -372,6 +383,56 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def round_start_spread(
+    assigned: list[tuple[int, int, float, float]],
+    deadline_s: float,
+    window: tuple[float, float],
+) -> dict:
+    """How promptly work reached the nodes once it existed, free of the long-poll's wait.
+
+    A round (or a re-planned attempt of it) opens at the first ask that finds it pending, with
+    `deadline_at = opened_at + deadline_s` for every node of it (hub/engine.py `_asked`), so the
+    hub's own opening time is `deadline_at - deadline_s`. For each round that opened inside
+    `window` (unix s), each node's delay is its "assigned" answer's arrival minus that opening:
+    the burst of N asks answered at once, and any node that asked late. `assigned` holds
+    (round, attempt, deadline_at, answered_at) tuples. Returns p50/p99/max over every answer
+    (ms), the delay of each round's first answer (from the hub's opening to the first node
+    that saw it), and a row per round."""
+    by_round: dict[tuple[int, int, float], list[float]] = {}
+    for number, attempt, deadline_at, answered_at in assigned:
+        by_round.setdefault((number, attempt, deadline_at), []).append(answered_at)
+    delays_s: list[float] = []
+    per_round = []
+    for (number, attempt, deadline_at), answers in sorted(by_round.items()):
+        opened_at = deadline_at - deadline_s
+        if not window[0] <= opened_at <= window[1]:
+            continue
+        delays = sorted(max(0.0, t - opened_at) for t in answers)
+        delays_s += delays
+        per_round.append(
+            {
+                "round": number,
+                "attempt": attempt,
+                "opened_at": round(opened_at, 3),
+                "answers": len(delays),
+                "first_ms": round(1000 * delays[0], 1),
+                "p50_ms": round(1000 * percentile(delays, 0.50), 1),
+                "p99_ms": round(1000 * percentile(delays, 0.99), 1),
+                "max_ms": round(1000 * delays[-1], 1),
+            }
+        )
+    return {
+        "what": "delay from the round's opening on the hub (deadline_at - deadline_s) to each "
+        "node's 'assigned' answer, rounds opened in the measuring window; no long-poll wait",
+        "rounds": len(per_round),
+        "n": len(delays_s),
+        "p50_ms": round(1000 * percentile(delays_s, 0.50), 1),
+        "p99_ms": round(1000 * percentile(delays_s, 0.99), 1),
+        "max_ms": round(1000 * max(delays_s, default=math.nan), 1),
+        "per_round": per_round,
+    }
 
 
 def postgres_pids(port: int) -> list[int]:
@@ -436,6 +497,7 @@ async def drive(
     warmup_s: float,
     measure_s: float,
     train_s: float,
+    deadline_s: float,
     shared_connection: bool,
 ) -> dict:
     """Start `nodes` light nodes over `ramp_s`, warm up, measure for `measure_s`, stop."""
@@ -473,6 +535,9 @@ async def drive(
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    # answers of a round opened in the window count until the nodes stop (a round opened
+    # just before the window's end is cut short: its late answers are missing)
+    spread = round_start_spread(stats.assigned, deadline_s, (wall0, wall1))
     window_s = t1 - t0
     requests = sum(len(v) for v in stats.latency_s.values())
     hub_cpu, db_cpu = cpu_between(hub_cpu0, hub_cpu1), cpu_between(db_cpu0, db_cpu1)
@@ -489,6 +554,14 @@ async def drive(
             }
             for name, v in sorted(stats.latency_s.items())
         },
+        # "assignment" above is the whole request, the long-poll's wait for work included
+        "assignment_includes_long_poll_wait": True,
+        "registration": {  # every registration, the ramp's included
+            "n": len(stats.register_s),
+            "p50_ms": round(1000 * percentile(stats.register_s, 0.50), 1),
+            "p99_ms": round(1000 * percentile(stats.register_s, 0.99), 1),
+        },
+        "round_start_spread": spread,
         "window_wall_s": (wall0, wall1),
         "contributions_in_window": acked_in_window,
         "hub_cpu_share": round(hub_cpu / window_s, 3),  # of one core, all replicas
@@ -636,6 +709,7 @@ def one(
                 args.warmup_s,
                 args.measure_s,
                 args.train_s,
+                args.deadline_s,
                 shared,
             )
         )
@@ -648,7 +722,8 @@ def one(
         result |= extra
         if args.profile and profile.exists():
             result["profile"] = json.loads(profile.read_text())
-    return {"db": db, "nodes": nodes, "replicas": replicas, "variant": variant, **result}
+    shape = {"train_s": args.train_s, "deadline_s": args.deadline_s}
+    return {"db": db, "nodes": nodes, "replicas": replicas, "variant": variant, **shape, **result}
 
 
 COLUMNS = (
@@ -656,11 +731,14 @@ COLUMNS = (
     "replicas",
     "hub",
     "nodes",
+    "train s / deadline s",
     "req/s",
-    "assign p50/p99 ms",
+    "round start spread p50/p99 ms",
+    "assignment request incl. long-poll wait p50/p99 ms",
     "upload p50/p99 ms",
     "blob p50/p99 ms",
     "heartbeat p50/p99 ms",
+    "register (ramp incl.) p50/p99 ms",
     "rounds",
     "contribs",
     "req/contrib",
@@ -671,19 +749,37 @@ COLUMNS = (
     "db CPU",
     "loadgen CPU",
     "stale",
+    "timeouts",
     "lost",
 )
 
 
+def shape(r: dict) -> str:
+    """The load's shape: simulated training per round (each node ±20 %) and the round's
+    deadline, in seconds ("-" for a document from before they were stored)."""
+    if "train_s" not in r:
+        return "-"
+    return f"{r['train_s']:g} / {r['deadline_s']:g}"
+
+
+def p50_p99(figures: dict | None) -> str:
+    """ "p50/p99" in ms, or "-" with no figures or no samples."""
+    if not figures or not figures.get("n", 1):
+        return "-"
+    return f"{figures['p50_ms']:.0f}/{figures['p99_ms']:.0f}"
+
+
 def rows(results: list[dict]) -> list[list[str]]:
-    """One row of figures per measured configuration (CPU shares are of one core)."""
+    """One row of figures per measured configuration (CPU shares are of one core). The round
+    start spread has no long-poll wait in it; the assignment request column does."""
     out = []
     for r in results:
         ep = r["endpoints"]
 
         def p(name: str, ep: dict = ep) -> str:
-            e = ep.get(name)
-            return f"{e['p50_ms']:.0f}/{e['p99_ms']:.0f}" if e else "-"
+            return p50_p99(ep.get(name))
+
+        start = p50_p99(r.get("round_start_spread"))
 
         out.append(
             [
@@ -691,11 +787,14 @@ def rows(results: list[dict]) -> list[list[str]]:
                 str(r.get("replicas", 1)),
                 r.get("variant", "this"),
                 str(r["nodes"]),
+                shape(r),
                 f"{r['requests_per_s']:.0f}",
+                start,
                 p("assignment"),
                 p("upload"),
                 p("blob"),
                 p("heartbeat"),
+                p50_p99(r.get("registration")),
                 str(r["rounds_closed"]),
                 str(r["contributions_in_window"]),
                 f"{r.get('requests_per_contribution', float('nan')):.1f}",
@@ -706,6 +805,7 @@ def rows(results: list[dict]) -> list[list[str]]:
                 f"{r.get('db_cpu_share', 0):.0%}",
                 f"{r['loadgen_cpu_share']:.0%}",
                 str(r["stale_refused"]),
+                str(r.get("transport_errors", "-")),
                 str(r["lost_acknowledged"]),
             ]
         )
@@ -730,8 +830,23 @@ def markdown(document: dict) -> str:
         "",
         f"{document['cpus']} CPUs, load average before the runs "
         + ", ".join(f"{x:.1f}" for x in document["load_average"])
+        + "".join(
+            " (then " + ", ".join(f"{x:.1f}" for x in later) + ")"
+            for later in document.get("later_load_averages", [])
+        )
         + ". CPU shares are of one core; hub CPU sums every replica process, db CPU "
         "PostgreSQL's processes; per contribution = per node per round.",
+        "",
+        "Latency columns: **round start spread** is, for each round opened in the measuring "
+        "window, the delay from its opening on the hub (`deadline_at - deadline_s`) to each "
+        "node's `assigned` answer: did work reach the nodes promptly once it existed (no "
+        "long-poll wait in it). **assignment request incl. long-poll wait** is the whole "
+        "`/assignment` request, which by design waits up to `wait_s` (10–60 s) while there is "
+        "no work: it measures the round's length as much as the hub. Upload, blob (download), "
+        "heartbeat and register are plain requests (register: every registration, the "
+        "ramp's included, as they happen before the window). A request that timed out (60 s) "
+        "or lost its connection counts in **timeouts** (and in its endpoint's latency) and is "
+        "retried; a retried upload the hub had already stored is answered 409.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -739,6 +854,20 @@ def markdown(document: dict) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows(document["results"])]
     for r in document["results"]:
         head = f"{r['db']}, {r.get('replicas', 1)} replica(s), {r.get('variant')}, {r['nodes']}"
+        per_round = (r.get("round_start_spread") or {}).get("per_round")
+        if per_round:
+            lines += [
+                "",
+                f"## Round start spread by round ({head} nodes, train/deadline {shape(r)} s)",
+                "",
+                "| round | attempt | answers | first ms | p50 ms | p99 ms | max ms |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {x['round']} | {x['attempt']} | {x['answers']} | {x['first_ms']:.0f} "
+                f"| {x['p50_ms']:.0f} | {x['p99_ms']:.0f} | {x['max_ms']:.0f} |"
+                for x in per_round
+            ]
         if r.get("sql"):
             lines += ["", f"## PostgreSQL time by statement ({head} nodes)", ""]
             lines += ["| calls | total ms | rows | statement |", "|---|---|---|---|"]
@@ -779,6 +908,7 @@ def plot(document: dict, path: Path) -> None:
     series: dict[str, list[dict]] = {}
     for r in document["results"]:
         key = f"{r['db']}, {r.get('replicas', 1)} replica(s), {r.get('variant', 'this')}"
+        key += f", train/deadline {shape(r)} s" if "train_s" in r else ""
         series.setdefault(key, []).append(r)
     fig, (cpu_ax, p99_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, results in series.items():
@@ -787,11 +917,20 @@ def plot(document: dict, path: Path) -> None:
         line = cpu_ax.plot(nodes, [r["hub_cpu_ms_per_contribution"] for r in results], "o-")
         cpu_ax.lines[-1].set_label(key)
         color = line[0].get_color()
-        for endpoint, style in (("upload", "o-"), ("assignment", "s--")):
-            p99 = [r["endpoints"].get(endpoint, {}).get("p99_ms", math.nan) for r in results]
-            p99_ax.plot(nodes, p99, style, color=color, label=f"{key}: {endpoint}")
+        for name, style, p99 in (
+            ("upload", "o-", [r["endpoints"].get("upload", {}) for r in results]),
+            ("round start spread", "^-.", [r.get("round_start_spread") or {} for r in results]),
+            (
+                "assignment request incl. long-poll wait",
+                "s:",
+                [r["endpoints"].get("assignment", {}) for r in results],
+            ),
+        ):
+            values = [e.get("p99_ms", math.nan) if e.get("n") else math.nan for e in p99]
+            if not all(math.isnan(v) for v in values):
+                p99_ax.plot(nodes, values, style, color=color, label=f"{key}: {name}")
     cpu_ax.axhline(TARGET_CPU_MS_PER_NODE_ROUND, color="k", ls=":", label="target (2 ms)")
-    p99_ax.axhline(TARGET_P99_MS, color="k", ls=":", label="target (250 ms)")
+    p99_ax.axhline(TARGET_P99_MS, color="grey", lw=3, alpha=0.4, label="target (250 ms)")
     cpu_ax.set(xlabel="nodes", ylabel="hub CPU ms per node-round", xscale="log", yscale="log")
     p99_ax.set(xlabel="nodes", ylabel="p99 latency, ms", xscale="log", yscale="log")
     for ax in (cpu_ax, p99_ax):  # plain numbers, not powers of ten
@@ -799,11 +938,18 @@ def plot(document: dict, path: Path) -> None:
             axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     cpu_ax.set_yticks([v for v in (1, 2, 5, 10, 20, 50, 100, 200) if v <= cpu_ax.get_ylim()[1]])
+    all_nodes = sorted({r["nodes"] for r in document["results"]})
+    for ax in (cpu_ax, p99_ax):  # a tick at each swarm size measured
+        ax.set_xticks(all_nodes)
     cpu_ax.set_title("hub CPU per node and round")
-    p99_ax.set_title("upload (solid) and assignment (dashed) p99")
+    p99_ax.set_title(
+        "p99: upload (solid), round start spread (dash-dot),\n"
+        "assignment request incl. long-poll wait (dotted)",
+        fontsize=9,
+    )
     cpu_ax.legend(fontsize=7)
     p99_ax.legend(fontsize=6)
-    fig.suptitle(document["command"][:110], fontsize=7)
+    fig.suptitle(textwrap.fill(document["command"], 200), fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -855,6 +1001,11 @@ def main() -> None:
     parser.add_argument("--label", default="", help="tag stored with the results (e.g. baseline)")
     parser.add_argument("--out", type=Path, default=None, help="JSON; Markdown beside it")
     parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the results already in --out and add these (e.g. another load shape)",
+    )
+    parser.add_argument(
         "--keep-logs", type=Path, default=None, help="keep the hubs' logs in this folder"
     )
     args = parser.parse_args()
@@ -888,14 +1039,25 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / (
         "hub_load_quick.json" if args.quick else "hub_load.json"
     )
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
     document = {
         "label": args.label,
         "command": command,
         "cpus": os.cpu_count(),
         "load_average": load_average,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": settings,
         "results": results,
     }
+    if args.append and out.exists():  # another shape beside the runs already there
+        before = json.loads(out.read_text())
+        document = {
+            **before,
+            "command": f"{before['command']}` then `{command}",
+            "load_average": before["load_average"],
+            "later_load_averages": [*before.get("later_load_averages", []), load_average],
+            "later_settings": [*before.get("later_settings", []), settings],
+            "results": [*before["results"], *results],
+        }
     out.write_text(json.dumps(document, indent=2, default=str))
     out.with_suffix(".md").write_text(markdown(document))
     plot(document, out.with_suffix(".png"))
