@@ -879,11 +879,14 @@ def markdown(document: dict) -> str:
             lines += [
                 "",
                 f"## Hub CPU samples, first replica ({head} nodes; {prof['samples']} samples)",
-                "",
-                "| share | where (innermost gridswarm line) |",
-                "|---|---|",
             ]
             total = max(prof["samples"], 1)
+            if prof.get("thread_cpu_s"):  # what the kernel charged each thread group
+                lines += ["", "| thread | CPU s in the window | samples |", "|---|---|---|"]
+                by_thread = dict(prof.get("samples_by_thread", []))
+                for group, cpu_s in prof["thread_cpu_s"].items():
+                    lines.append(f"| {group} | {cpu_s:.1f} | {by_thread.get(group, 0)} |")
+            lines += ["", "| share | where (innermost gridswarm line) |", "|---|---|"]
             for where, n in prof["gridswarm_line"][:12]:
                 lines.append(f"| {n / total:.0%} | `{where}` |")
             lines += ["", "| share | function (inclusive) |", "|---|---|"]

@@ -1886,7 +1886,16 @@ class HubService:
     def advance_run(self, run_id: str) -> Decision:
         """Advance one run's round now: the heavy part of a due close computed outside any lock,
         then the decision taken and committed under the run's row lock. Safe to call from several
-        replicas at once: one closes the round, the others find it closed and wait."""
+        replicas at once: one closes the round, the others find it closed and wait.
+
+        Most ticks find nothing to close: the round is read once, under the lock, and a close
+        found due there is rolled back and redone as before (`_prepare_close`, then `_advance`).
+        (Reading the round first in `_prepare_close` on every tick as well cost a quarter of
+        the ticker's CPU: bench/results/hub_round_cpu.md.)"""
+        with self.lock:
+            decision = self._advance(run_id, defer_close=True)
+        if decision is not None:
+            return decision
         self._prepare_close(run_id)
         with self.lock:
             return self._advance(run_id)
@@ -1925,13 +1934,15 @@ class HubService:
         self._failures.pop(run_id, None)
         self._workloads.pop(run_id, None)
 
-    def _advance(self, run_id: str) -> Decision:
+    def _advance(self, run_id: str, defer_close: bool = False) -> Decision | None:
         """One `Tick` of the round engine for the run, its effects applied and committed under
         the run's row lock; a round due to close is screened and published (`_close`). In a
         SecAgg run the tick opens the round's secure aggregation instead (`OpenSecAgg`, with the
         session's config computed here by `HubPrivacy.session_config`), and a round already
         in it moves through its stages (`HubPrivacy.advance_secagg`: a `SecAggProgress` step,
-        the unmask where it says so), answering CLOSE once the sum is recovered."""
+        the unmask where it says so), answering CLOSE once the sum is recovered.
+        `defer_close`: a close that `_prepare_close` could compute outside the lock (neither DP
+        nor SecAgg) is not done here: nothing is written and the answer is None."""
         now = self.clock()
         with self.sessions() as s:
             # the run's row stays locked until the decision commits: a replica that closed this
@@ -1941,6 +1952,11 @@ class HubService:
                 return Decision.WAIT
             rnd, snapshot, rules = self._snapshot(s, run)
             tick = round_engine.step(snapshot, rules, round_engine.Tick(), now)
+            if defer_close and tick.decision is Decision.CLOSE:
+                privacy = run.settings().privacy
+                if not (privacy.secagg or privacy.dp):  # as `_prepare_close` decides
+                    s.rollback()
+                    return None
             opens = any(isinstance(e, round_engine.OpenSecAgg) for e in tick.effects)
             config = self.privacy.session_config(s, run, rnd) if opens else None
             # lost nodes missed; a re-plan; a SecAgg session opened

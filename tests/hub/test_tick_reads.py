@@ -1,0 +1,88 @@
+"""The ticker's round advance (`HubService.advance_run`) on a real SQLite hub: a tick that finds
+nothing to close reads the round once, under the lock (no `_prepare_close` read beside it), and
+a tick at a due close still computes the new version outside the lock and publishes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from sqlalchemy import select
+
+from gridswarm.config import RunConfig
+from gridswarm.hub import models as m
+from gridswarm.hub.rounds import Decision
+from gridswarm.hub.server import build_service
+from gridswarm.hub.service import HubService
+from gridswarm.identity import Identity
+from gridswarm.protocol import RegisterRequest
+from gridswarm.train.codecs import make_codec
+from gridswarm.train.workload import Workload
+from tests.conftest import tiny_run
+from tests.harness import train_and_pack
+
+
+def contribute(hub: HubService, run_id: str, identity: Identity, node_id: str) -> None:
+    """Ask for work as `node_id`, train it for real and upload it."""
+    answer = hub.request_assignment(run_id, node_id)
+    assert answer.status == "assigned", answer
+    workload = Workload.from_config(RunConfig.model_validate(answer.assignment.config))
+    codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
+    body = train_and_pack(hub, run_id, identity, node_id, answer.assignment, workload, codec)
+    hub.submit(run_id, node_id, body)
+
+
+def test_ticks_read_the_round_once_and_a_due_close_is_prepared_outside_the_lock(
+    tmp_path: Path,
+) -> None:
+    torch.set_num_threads(1)
+    hub = build_service(f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs", home=tmp_path)
+    calls: list[str] = []  # the advance's steps, in order
+    in_advance = [False]  # inside `_advance`: under the service lock (an RLock)
+    advance, prepare, new_version = hub._advance, hub._prepare_close, hub._new_version
+
+    def advancing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        in_advance[0] = True
+        try:
+            return advance(*args, **kwargs)
+        finally:
+            in_advance[0] = False
+
+    def preparing(run_id: str) -> None:
+        calls.append("prepare")
+        prepare(run_id)
+
+    def versioning(s, run, *args):  # type: ignore[no-untyped-def]
+        before = hub._prepared.get(run.id)
+        new = new_version(s, run, *args)
+        where = "locked" if in_advance[0] else "unlocked"
+        calls.append(f"version {where}" + (" (prepared)" if new is before else ""))
+        return new
+
+    hub._advance, hub._prepare_close = advancing, preparing  # type: ignore[method-assign]
+    hub._new_version = versioning  # type: ignore[method-assign]
+    cfg = tiny_run(round={"deadline_s": 120, "quorum": 2, "min_nodes": 2, "max_nodes": 2})
+    run_id = hub.create_run(Identity.generate().public_key, cfg).run_id
+    numel = hub.run_status(run_id)["numel"]
+    nodes = []
+    for i in range(2):
+        ident = Identity.generate()
+        request = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=numel, name=f"n{i}")
+        nodes.append((ident, hub.register(ident.public_key, request)))
+
+    contribute(hub, run_id, *nodes[0])
+    for _ in range(3):  # one of two places submitted: nothing to close, nothing prepared
+        assert hub.advance_run(run_id) is Decision.WAIT
+    assert calls == []
+
+    contribute(hub, run_id, *nodes[1])
+    assert hub.advance_run(run_id) is Decision.CLOSE
+    # computed once, outside the lock, and taken by the close under it
+    assert calls == ["prepare", "version unlocked", "version locked (prepared)"]
+    with hub.sessions() as s:
+        versions = s.scalars(select(m.Version.number).where(m.Version.run_id == run_id)).all()
+        assert sorted(versions) == [0, 1]
+        assert s.get(m.Run, run_id).version == 1  # the next round, on the new version
+    assert hub.advance_run(run_id) is Decision.WAIT  # the next round: nothing due
+    assert len(calls) == 3
+    hub.engine.dispose()
