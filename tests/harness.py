@@ -162,6 +162,16 @@ def train_and_pack(
     return pack(tensors, meta.model_copy(update={"claim": claim}).model_dump())
 
 
+def contribute(hub: HubService, run_id: str, identity: Identity, node_id: str) -> None:
+    """Ask `hub` for work as `node_id`, train it for real and upload it to `hub`."""
+    answer = hub.request_assignment(run_id, node_id)
+    assert answer.status == "assigned", answer
+    workload = Workload.from_config(RunConfig.model_validate(answer.assignment.config))
+    codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
+    body = train_and_pack(hub, run_id, identity, node_id, answer.assignment, workload, codec)
+    hub.submit(run_id, node_id, body)
+
+
 def run_golden(
     workdir: Path,
     config: dict | None = None,

@@ -13,7 +13,6 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
 from gridswarm.hub.rounds import Decision
 from gridswarm.hub.server import build_service
@@ -21,10 +20,8 @@ from gridswarm.hub.service import HubService
 from gridswarm.identity import Identity
 from gridswarm.ledger.log import LedgerEntryRow
 from gridswarm.protocol import RegisterRequest
-from gridswarm.train.codecs import make_codec
-from gridswarm.train.workload import Workload
 from tests.conftest import tiny_run, wait_for
-from tests.harness import train_and_pack
+from tests.harness import contribute
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # a PostgreSQL server: the full suite
 
@@ -45,16 +42,6 @@ def replicas(pg_database: str, tmp_path: Path) -> Iterator[Callable[[int], list[
     for hub in made:
         hub.lease.release()
         hub.engine.dispose()
-
-
-def contribute(hub: HubService, run_id: str, identity: Identity, node_id: str) -> None:
-    """Ask `hub` for work as `node_id`, train it for real and upload it to `hub`."""
-    answer = hub.request_assignment(run_id, node_id)
-    assert answer.status == "assigned", answer
-    workload = Workload.from_config(RunConfig.model_validate(answer.assignment.config))
-    codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
-    body = train_and_pack(hub, run_id, identity, node_id, answer.assignment, workload, codec)
-    hub.submit(run_id, node_id, body)
 
 
 def test_three_replicas_race_to_close_one_round_and_exactly_one_publishes(replicas):

@@ -9,27 +9,13 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
 from gridswarm.hub.rounds import Decision
 from gridswarm.hub.server import build_service
-from gridswarm.hub.service import HubService
 from gridswarm.identity import Identity
 from gridswarm.protocol import RegisterRequest
-from gridswarm.train.codecs import make_codec
-from gridswarm.train.workload import Workload
 from tests.conftest import tiny_run
-from tests.harness import train_and_pack
-
-
-def contribute(hub: HubService, run_id: str, identity: Identity, node_id: str) -> None:
-    """Ask for work as `node_id`, train it for real and upload it."""
-    answer = hub.request_assignment(run_id, node_id)
-    assert answer.status == "assigned", answer
-    workload = Workload.from_config(RunConfig.model_validate(answer.assignment.config))
-    codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
-    body = train_and_pack(hub, run_id, identity, node_id, answer.assignment, workload, codec)
-    hub.submit(run_id, node_id, body)
+from tests.harness import contribute
 
 
 def test_ticks_read_the_round_once_and_a_due_close_is_prepared_outside_the_lock(
