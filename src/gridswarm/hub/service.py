@@ -519,6 +519,14 @@ def requested_span(range_header: str | None, size: int, max_bytes: int) -> tuple
         raise HubError(416, str(exc), Refusal.MALFORMED) from exc
 
 
+def closes_outside_lock(run: m.Run) -> bool:
+    """Whether a due close of `run`'s round may be computed outside the lock
+    (`HubService._prepare_close`): not for DP and SecAgg runs, which write their accounting while
+    they aggregate and so close under the lock."""
+    privacy = run.settings().privacy
+    return not (privacy.secagg or privacy.dp)
+
+
 class HubService:
     def __init__(
         self,
@@ -1952,11 +1960,9 @@ class HubService:
                 return Decision.WAIT
             rnd, snapshot, rules = self._snapshot(s, run)
             tick = round_engine.step(snapshot, rules, round_engine.Tick(), now)
-            if defer_close and tick.decision is Decision.CLOSE:
-                privacy = run.settings().privacy
-                if not (privacy.secagg or privacy.dp):  # as `_prepare_close` decides
-                    s.rollback()
-                    return None
+            if defer_close and tick.decision is Decision.CLOSE and closes_outside_lock(run):
+                s.rollback()
+                return None
             opens = any(isinstance(e, round_engine.OpenSecAgg) for e in tick.effects)
             config = self.privacy.session_config(s, run, rnd) if opens else None
             # lost nodes missed; a re-plan; a SecAgg session opened
@@ -2002,8 +2008,7 @@ class HubService:
             run = s.get(m.Run, run_id)
             if run is None or run.status != RunState.ACTIVE:
                 return
-            cfg = run.settings()
-            if cfg.privacy.secagg or cfg.privacy.dp:
+            if not closes_outside_lock(run):
                 return
             rnd, snapshot, rules = self._snapshot(s, run)
             due = round_engine.step(snapshot, rules, round_engine.Tick(), now).decision
@@ -2012,7 +2017,7 @@ class HubService:
             contributions = self._accepted(s, run.id, rnd.number)
             if contributions:
                 base = s.get(m.Version, (run.id, rnd.base_version))
-                self._new_version(s, run, rnd, cfg, base, contributions, now)
+                self._new_version(s, run, rnd, run.settings(), base, contributions, now)
             s.rollback()
 
     def _new_version(
