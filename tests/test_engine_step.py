@@ -364,7 +364,7 @@ def test_a_version_advances_exactly_once_per_close(snap, rules, moments):
 
 
 def summary(snap: RoundSnapshot, silent_before: float) -> RoundSnapshot:
-    """`snap` as hub/round_store.py reads it at scale: the assignments counted by status, and
+    """`snap` as hub/store/rounds.py reads it at scale: the assignments counted by status, and
     only the outstanding ones of nodes silent since `silent_before` listed."""
     return replace(
         snap,
@@ -542,7 +542,7 @@ def node_events(draw) -> list[tuple[str, int]]:
 
 
 class Rows:
-    """Assignment rows in a dict, changed by the effects as hub/round_store.py changes the
+    """Assignment rows in a dict, changed by the effects as hub/store/rounds.py changes the
     tables (the store the property below drives the engine with)."""
 
     def __init__(self) -> None:

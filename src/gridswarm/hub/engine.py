@@ -34,7 +34,7 @@ The engine composes the rules of `hub/rounds.py` (`may_take_seat`, `lost_assignm
 `decide`, `decide_after_screening`, `budget_reason`), `hub/secagg_stages.py` (`decide_stage`),
 `hub/scheduler.py` and `hub/acceptance.py`; it holds no SQL, no model and no I/O, so the hub
 (`HubService._decide_ask`, `_store_contribution`, `leave`, `_advance` / `_close`, and
-`HubPrivacy.advertise` / `advance_secagg`, which apply the effects with `hub/round_store.py`
+`HubPrivacy.advertise` / `advance_secagg`, which apply the effects with `hub/store/rounds.py`
 in the transaction that read the facts) and the simulator (`sim/swarm.py`, on a virtual clock,
 without SecAgg) take the same decisions. The heavy work between the events
 (screening, aggregation, the outer step, settlement, SecAgg's crypto: its session config, the
@@ -115,7 +115,7 @@ class RoundSnapshot:
     attempt: int  # re-plans so far
     deadline_at: float | None  # unix s; None while pending
     assignments: tuple[AssignmentState, ...] = ()
-    # a summary (hub/round_store.py at scale): `assignments` lists only the outstanding ones of
+    # a summary (hub/store/rounds.py at scale): `assignments` lists only the outstanding ones of
     # nodes silent for `liveness_s`, and these count the rest (`rounds.RoundState`)
     outstanding: int | None = None
     submitted: int | None = None

@@ -26,7 +26,7 @@ fails: the round's contributions are discarded and the round is retrained (new a
 keys), with the reason kept in the session row. The decisions are the round engine's
 (`hub/engine.py`: a Tick opens the session, `SecAggProgress` composes the pure
 `secagg_stages.decide_stage`, `SecAggRecovered` / `SecAggFailed` end it) and their row writes
-`hub/round_store.py`'s; this module gathers the facts (`_progress`), computes the session's
+`hub/store/rounds.py`'s; this module gathers the facts (`_progress`), computes the session's
 config (`session_config`), unmasks the sum, and keeps the stage messages and blobs.
 """
 
@@ -55,7 +55,6 @@ from gridswarm.hub import models as m
 from gridswarm.hub.engine import ContributionRow, RoundSnapshot
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.openapi import RoundParam, RunIdParam, WaitParam, openapi_body
-from gridswarm.hub.round_store import apply_effects
 from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.secagg_stages import StageProgress
 from gridswarm.hub.states import (
@@ -63,6 +62,7 @@ from gridswarm.hub.states import (
     ContributionStatus,
     RoundStatus,
 )
+from gridswarm.hub.store.rounds import apply_effects
 from gridswarm.privacy.dp import (
     can_run_round,
     clip_updates,
@@ -237,7 +237,7 @@ class HubPrivacy:
 
     def stop_reason(self, s: Session, run: m.Run, cfg: RunConfig) -> str | None:
         """Why the run must finish now (one more round would pass the epsilon budget), None to
-        go on. Reads only: the round engine's `FinishRun` effect records it (hub/round_store.py
+        go on. Reads only: the round engine's `FinishRun` effect records it (hub/store/rounds.py
         writes `PrivacyRun`) when no round or token budget finished the run first."""
         dp = cfg.privacy.dp
         if dp is None:
@@ -312,7 +312,7 @@ class HubPrivacy:
 
     def session_config(self, s: Session, run: m.Run, rnd: m.Round) -> str:
         """The encoded `SecAggConfig` of the round's SecAgg session as it opens (the round
-        engine's `OpenSecAgg`, written by `round_store.apply_effects`): the participants are
+        engine's `OpenSecAgg`, written by `store.rounds.apply_effects`): the participants are
         the nodes of the round's accepted contributions, the session named by its attempt."""
         cfg = run.settings()
         sa = cfg.privacy.secagg

@@ -56,7 +56,7 @@ class AssignmentState:
 @dataclass(frozen=True)
 class RoundState:
     """A round's status and assignments. A *summary* (`outstanding` and `submitted` set, as
-    hub/round_store.py reads it for 10,000-node rounds) lists only the outstanding assignments
+    hub/store/rounds.py reads it for 10,000-node rounds) lists only the outstanding assignments
     whose nodes have been silent for at least `liveness_s` (the only ones a rule may find lost)
     and counts the others; a full state lists them all (counts None)."""
 

@@ -83,10 +83,10 @@ from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S, HeartbeatPacing
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, client_network
 from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite, lock_run, lock_runs
-from gridswarm.hub.round_store import apply_effects, read_snapshot, row_snapshot, run_snapshot
 from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.scheduler import speed_from_probe, update_speed
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.store.rounds import apply_effects, read_snapshot, row_snapshot, run_snapshot
 from gridswarm.hub.trust import HubTrust
 from gridswarm.hub.upload_facts import EnergyWindow, UploadFacts
 from gridswarm.identity import (
@@ -1425,7 +1425,7 @@ class HubService:
         decided = round_engine.step(snap, rules, asked, now)
         if decided.wait is not None:
             return self._waiting(decided.wait)
-        # the writes of an assignment (hub/round_store.py), the round's audit seed with them
+        # the writes of an assignment (hub/store/rounds.py), the round's audit seed with them
         applied = apply_effects(s, run, rnd, decided.effects)
         if any(isinstance(e, OpenRound) for e in decided.effects):
             self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
@@ -1740,7 +1740,7 @@ class HubService:
             self.blobs.put(upload.body, known_sha256=upload.digest)
         trusted = self.trust.record_submission(s, screened)  # the claim on the ledger
         # the row (with the update's digest and the claim's seq), and `submitted`: the last
-        # writes of the savepoint (round_store writes them at once, in Core)
+        # writes of the savepoint (store.rounds writes them at once, in Core)
         applied = apply_effects(s, run, rnd, accepted.effects, contribution_columns=trusted)
         contribution = applied.contributions[0]
         ack = ContributionAck(

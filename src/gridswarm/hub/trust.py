@@ -561,7 +561,7 @@ class HubTrust:
     def record_submission(self, s: Session, screened: Screened) -> dict[str, Any]:
         """The node's claim of an accepted upload on the ledger (in `s`'s transaction, before
         the upload's row is written), and the columns trust adds to that row
-        (`round_store.apply_effects`' `contribution_columns`): its update digest, and the
+        (`store.rounds.apply_effects`' `contribution_columns`): its update digest, and the
         claim's ledger seq."""
         columns: dict[str, Any] = {"update_sha256": screened.update_sha256}
         if screened.claim is not None:

@@ -1,4 +1,4 @@
-"""The round engine's store (hub/round_store.py) on the real hub's database: the snapshot it reads
+"""The round engine's store (hub/store/rounds.py) on the real hub's database: the snapshot it reads
 is the round's rows, each effect becomes the row change it names, and a tick's effects (lost
 nodes included) are committed in the transaction that decided them."""
 
@@ -33,9 +33,9 @@ from gridswarm.hub.engine import (
 )
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.lifecycle import RunState
-from gridswarm.hub.round_store import apply_effects, read_snapshot, row_snapshot
 from gridswarm.hub.rounds import Decision
 from gridswarm.hub.states import AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.store.rounds import apply_effects, read_snapshot, row_snapshot
 from gridswarm.identity import Identity
 from gridswarm.protocol import ContributionMeta, Refusal, RegisterRequest
 from gridswarm.train.codecs import make_codec
