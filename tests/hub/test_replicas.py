@@ -136,12 +136,15 @@ def test_replicas_racing_a_flood_of_new_keys_keep_the_newcomer_cap(replicas):
 
 
 def test_one_replica_holds_the_ticker_lease_and_another_takes_it_over(replicas):
+    """PostgreSQL frees a closed connection's advisory lock when that session's backend has
+    ended, a moment after the client closed it (an earlier test's lease, or `release()` here):
+    so the lease is taken at a later try, as the ticker does, not necessarily at the first."""
     hubs = replicas(2)
-    held = [hub.lease.held() for hub in hubs]
-    assert held == [True, False]
+    wait_for(lambda: hubs[0].lease.held(), 30, "the first replica to take the free lease")
+    assert not hubs[1].lease.held()
     assert hubs[0].lease.held() and not hubs[1].lease.held()  # asked again: unchanged
     hubs[0].lease.release()  # as when its process dies: the connection and the lock go
-    assert hubs[1].lease.held()
+    wait_for(lambda: hubs[1].lease.held(), 30, "the other replica to take the lease over")
     assert not hubs[0].lease.held()
 
 
