@@ -21,14 +21,10 @@ from gridswarm import cli
 from gridswarm.hub import models as m
 from gridswarm.hub import server
 from gridswarm.hub.errors import HubError
-from gridswarm.hub.registration import (
-    RegistrationPolicy,
-    client_network,
-    new_nodes_live,
-    proven_nodes,
-)
+from gridswarm.hub.registration import RegistrationPolicy, client_network
 from gridswarm.hub.server import build_service, proxy_options
 from gridswarm.hub.service import HubSettings
+from gridswarm.hub.store.registration import new_nodes_live, proven_nodes
 from gridswarm.identity import Identity, node_id_from_public_key, sign_request
 from gridswarm.protocol import API, Assignment, ContributionMeta, Refusal, RegisterRequest
 from gridswarm.swarm import free_port

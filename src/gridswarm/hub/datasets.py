@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import FastAPI, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -43,6 +42,7 @@ from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import check_dataset_quota, check_sponsor
 from gridswarm.hub.openapi import openapi_body
+from gridswarm.hub.store import datasets as store
 from gridswarm.identity import VerifiedRequest
 from gridswarm.protocol import (
     API,
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
     from gridswarm.hub.service import HubService
 
 MAX_OFFER_BYTES = MAX_MANIFEST_BYTES + 4096  # the manifest (compact JSON) and one number
-IN_QUERY = 500  # digests per `IN (...)` (well under SQLite's bound-parameter limit)
 MAX_CACHED_MANIFESTS = 64  # parsed offered manifests kept in memory (uploads look them up)
 DigestParam = Annotated[str, Path(pattern=DIGEST_PATTERN, description="a sha256 (hex)")]
 
@@ -115,12 +114,12 @@ class HubDatasets:
             raise HubError(413, f"a blob of {biggest} bytes exceeds the hub's {max_blob_bytes}")
         digest, key, now = sha256_hex(data), sponsor_key.hex(), self.service.clock()
         with self._admit, self.service.sessions() as s:
-            row = s.get(m.PushedDataset, (digest, key))
+            row = store.pushed_dataset(s, digest, key)
             missing = sorted(set(sizes) - self._present(s, manifest))
             missing_bytes = sum(sizes[d] for d in missing)
             if row is None:
                 if missing_bytes:
-                    identity_bytes, hub_bytes = self._used(s, key)
+                    identity_bytes, hub_bytes = store.offered_bytes(s, key)
                     check_dataset_quota(
                         identity_bytes,
                         hub_bytes,
@@ -136,7 +135,7 @@ class HubDatasets:
                     bytes=missing_bytes,
                     created_at=now,
                 )
-                s.add(row)
+                store.add_pushed_dataset(s, row)
                 s.commit()
             elif row.tokenizer_bytes != offer.tokenizer_bytes:
                 raise HubError(
@@ -153,7 +152,7 @@ class HubDatasets:
         self._put(data, digest, None)  # no lock held: the store may be S3
         if row.completed_at is None:
             with self.service.sessions() as s:
-                done = s.get(m.PushedDataset, (digest, key))
+                done = store.pushed_dataset(s, digest, key)
                 if done is not None and done.completed_at is None:
                     done.completed_at = now
                     s.commit()
@@ -169,36 +168,25 @@ class HubDatasets:
             raise HubError(503, f"cannot store blob {digest}: {exc}", Refusal.UNAVAILABLE) from exc
 
     @staticmethod
-    def _used(s: Session, key: str) -> tuple[int, int]:
-        """(bytes this identity's offers were allowed, bytes all offers were allowed)."""
-        total = func.coalesce(func.sum(m.PushedDataset.bytes), 0)
-        identity = s.scalar(select(total).where(m.PushedDataset.sponsor_key == key))
-        return int(identity or 0), int(s.scalar(select(total)) or 0)
-
-    @staticmethod
     def _present(s: Session, manifest: Manifest) -> set[str]:
         """The blobs of `manifest` the hub has checked on upload and that agree with it: shards
         of its dtype whose ids lie within its vocabulary, a tokenizer of its vocabulary."""
         wanted = sorted(blob_sizes(manifest, 1))
         present: set[str] = set()
-        for i in range(0, len(wanted), IN_QUERY):
-            rows = s.scalars(
-                select(m.PushedBlob).where(m.PushedBlob.sha256.in_(wanted[i : i + IN_QUERY]))
-            )
-            for row in rows:
-                if row.sha256 == manifest.tokenizer.sha256:
-                    eos = manifest.tokenizer.eos_id
-                    fits = row.kind == "tokenizer" and row.vocab_size == manifest.vocab_size
-                    fits = fits and (eos is None or row.eos_id == eos)
-                else:
-                    fits = (
-                        row.kind == "shard"
-                        and row.dtype == manifest.dtype
-                        and row.max_id is not None
-                        and row.max_id < manifest.vocab_size
-                    )
-                if fits:
-                    present.add(row.sha256)
+        for row in store.pushed_blobs(s, wanted):
+            if row.sha256 == manifest.tokenizer.sha256:
+                eos = manifest.tokenizer.eos_id
+                fits = row.kind == "tokenizer" and row.vocab_size == manifest.vocab_size
+                fits = fits and (eos is None or row.eos_id == eos)
+            else:
+                fits = (
+                    row.kind == "shard"
+                    and row.dtype == manifest.dtype
+                    and row.max_id is not None
+                    and row.max_id < manifest.vocab_size
+                )
+            if fits:
+                present.add(row.sha256)
         return present
 
     def _remember(self, digest: str, manifest: Manifest) -> None:
@@ -210,11 +198,7 @@ class HubDatasets:
         """An offered manifest (any identity's offer), parsed once and cached."""
         if digest in self._manifests:
             return self._manifests[digest]
-        text = s.scalar(
-            select(m.PushedDataset.manifest_json)
-            .where(m.PushedDataset.manifest_sha256 == digest)
-            .limit(1)
-        )
+        text = store.offered_manifest_json(s, digest)
         if text is None:
             return None
         manifest = parse_manifest(text.encode())
@@ -231,13 +215,7 @@ class HubDatasets:
             if manifest is None:
                 raise HubError(404, f"no dataset with manifest {manifest_digest} was offered")
             if digest == manifest.tokenizer.sha256:
-                return int(
-                    s.scalar(
-                        select(func.max(m.PushedDataset.tokenizer_bytes)).where(
-                            m.PushedDataset.manifest_sha256 == manifest_digest
-                        )
-                    )
-                )
+                return int(store.offered_tokenizer_bytes(s, manifest_digest))
         sizes = {sh.sha256: sh.tokens * manifest.itemsize for sh in manifest.shards()}
         if digest not in sizes:
             raise HubError(404, f"blob {digest} is not part of dataset {manifest_digest}")
@@ -251,7 +229,7 @@ class HubDatasets:
         if body_sha256 != digest:
             raise HubError(422, f"the body's sha256 is {body_sha256}, not {digest}")
         with self.service.sessions() as s:
-            row = s.get(m.PushedDataset, (manifest_digest, sponsor_key.hex()))
+            row = store.pushed_dataset(s, manifest_digest, sponsor_key.hex())
             if row is None:
                 raise HubError(
                     403,
@@ -285,11 +263,12 @@ class HubDatasets:
             raise HubError(422, str(exc)) from exc
         self._put(body, digest, body_sha256)  # no lock held: the store may be S3
         with self.service.sessions() as s:
-            if s.get(m.PushedBlob, digest) is None:
-                s.add(
+            if store.pushed_blob(s, digest) is None:
+                store.add_pushed_blob(
+                    s,
                     m.PushedBlob(
                         sha256=digest, bytes=len(body), created_at=self.service.clock(), **facts
-                    )
+                    ),
                 )
                 try:
                     s.commit()

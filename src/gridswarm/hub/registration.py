@@ -26,24 +26,28 @@ cannot both take the last place; replicas may overshoot by one each).
 that was aggregated (uploads refused by an audit are marked rejected before the close). Round
 places prefer such nodes over never-worked ones (trust/policy.py `may_select`), and never-worked
 ones hold at most the run's `round.max_newcomer_share` of them (`newcomers_placed`).
+
+This module decides; the reads it decides on (and `proven_nodes`, `newcomers_placed`,
+`new_nodes_live`) are in hub/store/registration.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import HOUR_S, hourly_window
-from gridswarm.hub.states import HOLDS_PLACE, ContributionStatus, RoundStatus
+from gridswarm.hub.store import registration as store
+
+# re-exported: hub/trust.py imports them from here (its own move is another change)
+from gridswarm.hub.store.registration import newcomers_placed, proven_nodes  # noqa: F401
 from gridswarm.identity import node_id_from_public_key
-from gridswarm.protocol import NodeStatus, Refusal
+from gridswarm.protocol import Refusal
 
 IPV4_PREFIX = 24  # one client network: an IPv4 /24 (a home, an office, a small hoster's range)
 IPV6_PREFIX = 64  # an IPv6 /64 (one end site's subnet)
@@ -77,71 +81,6 @@ def client_network(host: str | None) -> str | None:
         address = address.ipv4_mapped
     prefix = IPV4_PREFIX if address.version == 4 else IPV6_PREFIX
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
-
-
-def _worked(node_id: ColumnElement) -> ColumnElement[bool]:
-    """SQL: the node `node_id` has an accepted contribution in a closed round."""
-    return (
-        select(m.Contribution.node_id)
-        .join(
-            m.Round,
-            (m.Round.run_id == m.Contribution.run_id) & (m.Round.number == m.Contribution.round),
-        )
-        .where(
-            m.Contribution.node_id == node_id,
-            m.Contribution.status == ContributionStatus.ACCEPTED,
-            m.Round.status == RoundStatus.CLOSED,
-        )
-        .exists()
-    )
-
-
-def proven_nodes(s: Session, node_ids: Iterable[str]) -> set[str]:
-    """Those of `node_ids` that have worked (an accepted contribution in a closed round)."""
-    ids = sorted(set(node_ids))
-    if not ids:
-        return set()
-    rows = s.scalars(
-        select(m.Contribution.node_id)
-        .join(
-            m.Round,
-            (m.Round.run_id == m.Contribution.run_id) & (m.Round.number == m.Contribution.round),
-        )
-        .where(
-            m.Contribution.node_id.in_(ids),
-            m.Contribution.status == ContributionStatus.ACCEPTED,
-            m.Round.status == RoundStatus.CLOSED,
-        )
-        .distinct()
-    )
-    return set(rows)
-
-
-def newcomers_placed(s: Session, run_id: str, round_number: int) -> int:
-    """Nodes holding a place in round `round_number` of `run_id` (assigned or submitted) that
-    have never worked: one count over the round's assignments (at most `max_nodes` rows), as
-    stored (the caller adds what its own transaction has not flushed)."""
-    return s.scalar(
-        select(func.count())
-        .select_from(m.Assignment)
-        .where(
-            m.Assignment.run_id == run_id,
-            m.Assignment.round == round_number,
-            m.Assignment.status.in_(sorted(HOLDS_PLACE)),
-            ~_worked(m.Assignment.node_id),
-        )
-    )
-
-
-def new_nodes_live(s: Session, live_since: float) -> int:
-    """Live identities (heard from since `live_since`, not left) that have never worked."""
-    return s.scalar(
-        select(func.count())
-        .select_from(m.Node)
-        .where(
-            m.Node.last_seen_at >= live_since, m.Node.status != NodeStatus.LEFT, ~_worked(m.Node.id)
-        )
-    )
 
 
 def check_invited(invites: frozenset[str] | None, public_key_hex: str) -> None:
@@ -216,7 +155,7 @@ class RegistrationGate:
         if not self.bounded:
             return
         with self.sessions() as s:
-            known = s.get(m.Node, node_id_from_public_key(public_key)) is not None
+            known = store.is_registered(s, node_id_from_public_key(public_key))
             self.check(s, public_key.hex(), client_network(peer), known, self.clock())
 
     def check(
@@ -231,16 +170,9 @@ class RegistrationGate:
         recent: list[float] = []
         limit = self.policy.per_network_per_hour
         if limit and network is not None:
-            recent = list(
-                s.scalars(
-                    select(m.Node.registered_at)
-                    .where(m.Node.register_net == network, m.Node.registered_at > now_s - HOUR_S)
-                    .order_by(m.Node.registered_at.desc())
-                    .limit(limit)
-                )
-            )
+            recent = store.recent_registrations(s, network, now_s - HOUR_S, limit)
         new_live = 0
         network_full = bool(limit) and len(recent) >= limit  # refused without counting
         if self.policy.max_new_nodes and not network_full:
-            new_live = new_nodes_live(s, now_s - self.liveness_s(now_s))
+            new_live = store.new_nodes_live(s, now_s - self.liveness_s(now_s))
         check_new_identity(self.policy, network, recent, new_live, now_s, self.liveness_s(now_s))

@@ -2,25 +2,28 @@
 a dashboard read) and its energy and carbon report (`GET /v1/runs/{id}/report`).
 
 Reports decide nothing and write nothing. Each is one read of the run's rows in one session
-(`read_run_rows`, `read_report_rows`), then pure assembly from those rows and the clock
-(`run_status_json`, `report_participants`), so a report never holds the hub's lock or a run's row
-lock, and its figures can be tested on rows built by hand. The energy, trust and privacy sections
-come from their own modules (`hub/energy.py`, `HubTrust.status`, `HubPrivacy.run_status`);
-`HubService.run_status` and `run_report` put them together.
+(`read_run_rows` in hub/store/reports.py; the report's in `HubService.run_report`), then pure
+assembly from those rows and the clock (`run_status_json`, `report_participants`), so a report
+never holds the hub's lock or a run's row lock, and its figures can be tested on rows built by
+hand. The energy, trust and privacy sections come from their own modules (`hub/energy.py`,
+`HubTrust.status`, `HubPrivacy.run_status`); `HubService.run_status` and `run_report` put them
+together.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import models as m
 from gridswarm.hub.scheduler import speed_from_probe
+from gridswarm.hub.store import reports as store
+
+# RunRows: what a status is assembled from; read_run_rows: re-exported (HubService reads with it)
+from gridswarm.hub.store.reports import RunRows, read_run_rows  # noqa: F401
 from gridswarm.protocol import Liveness, NodeStatus
 
 
@@ -50,59 +53,8 @@ def list_runs(s: Session) -> list[dict]:
             "version": r.version,
             "tokens_total": r.tokens_total,
         }
-        for r in s.scalars(select(m.Run).order_by(m.Run.created_at))
+        for r in store.runs_by_age(s)
     ]
-
-
-@dataclass(frozen=True)
-class RunRows:
-    """Everything a run's status is made of, read in one session."""
-
-    run: m.Run
-    versions: Sequence[m.Version]  # by number
-    contributions: Sequence[m.Contribution]
-    rounds: Sequence[m.Round]  # by number
-    assignment_counts: Sequence[tuple[int, str, int]]  # (round, status, how many)
-    bytes_down: Sequence[tuple[str, int | None]]  # (node, bytes it downloaded)
-    nodes: dict[str, m.Node]  # every node the hub knows
-    failures: Sequence[m.RunFailure]  # oldest first
-    workers: Sequence[str]  # nodes ever given work in the run
-
-
-def read_run_rows(s: Session, run: m.Run) -> RunRows:
-    """The rows of `run` its status shows (`run_status_json`)."""
-    run_id = run.id
-    return RunRows(
-        run=run,
-        versions=s.scalars(
-            select(m.Version).where(m.Version.run_id == run_id).order_by(m.Version.number)
-        ).all(),
-        contributions=s.scalars(
-            select(m.Contribution).where(m.Contribution.run_id == run_id)
-        ).all(),
-        rounds=s.scalars(
-            select(m.Round).where(m.Round.run_id == run_id).order_by(m.Round.number)
-        ).all(),
-        assignment_counts=s.execute(
-            select(m.Assignment.round, m.Assignment.status, func.count())
-            .where(m.Assignment.run_id == run_id)
-            .group_by(m.Assignment.round, m.Assignment.status)
-        ).all(),
-        bytes_down=s.execute(
-            select(m.Download.node_id, func.sum(m.Download.bytes_down))
-            .where(m.Download.run_id == run_id)
-            .group_by(m.Download.node_id)
-        ).all(),
-        nodes={n.id: n for n in s.scalars(select(m.Node))},
-        failures=s.scalars(
-            select(m.RunFailure)
-            .where(m.RunFailure.run_id == run_id)
-            .order_by(m.RunFailure.created_at)
-        ).all(),
-        workers=s.scalars(
-            select(m.Assignment.node_id).where(m.Assignment.run_id == run_id).distinct()
-        ).all(),
-    )
 
 
 def _node_entry(node_id: str, name: str | None) -> dict:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DisconnectionError
 
 from gridswarm.blobs import open_blob_store
 from gridswarm.hub.app import create_app
 from gridswarm.hub.limits import replica_share
-from gridswarm.hub.replicas import MIGRATION_LOCK_KEY
 from gridswarm.hub.service import HubService, HubSettings
+from gridswarm.hub.store.locks import lock_migrations
 from gridswarm.identity import Identity
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -87,7 +87,7 @@ def alembic(engine: Engine, action: str, target: str) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":  # replicas starting together migrate in turn
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            lock_migrations(conn)
         cfg.attributes["connection"] = conn
         getattr(command, action)(cfg, target)
 

@@ -82,10 +82,11 @@ from gridswarm.hub.limits import (
 from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S, HeartbeatPacing
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, client_network
-from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite, lock_run, lock_runs
+from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite
 from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.scheduler import speed_from_probe, update_speed
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.store.locks import lock_run, lock_runs
 from gridswarm.hub.store.rounds import apply_effects, read_snapshot, row_snapshot, run_snapshot
 from gridswarm.hub.trust import HubTrust
 from gridswarm.hub.upload_facts import EnergyWindow, UploadFacts

@@ -26,10 +26,10 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from . import models as m
+from .store import upload_facts as store
 
 ENERGY_WINDOW = 32  # the energy floor's fastest other: over the newest 32 of other nodes
 WINDOW_SLACK = 32  # rows read beyond ENERGY_WINDOW, for the batch's nodes' own rows
@@ -47,17 +47,7 @@ class EnergyWindow:
     def read(cls, s: Session, run_id: str) -> EnergyWindow:
         """The run's newest ENERGY_WINDOW + WINDOW_SLACK contributions, in one query."""
         limit = ENERGY_WINDOW + WINDOW_SLACK
-        found = s.execute(
-            select(
-                m.Contribution.created_at,
-                m.Contribution.node_id,
-                m.Contribution.tokens,
-                m.Contribution.train_time_s,
-            )
-            .where(m.Contribution.run_id == run_id)
-            .order_by(m.Contribution.created_at.desc())
-            .limit(limit)
-        ).all()
+        found = store.newest_contributions(s, run_id, limit)
         rows = [(at, node, rate(tokens, time_s)) for at, node, tokens, time_s in found]
         return cls(rows, complete=len(rows) < limit)
 
@@ -114,17 +104,7 @@ class ReplayIndex:
         index = cls()
         if not digests:
             return index
-        rows = s.execute(
-            select(
-                m.Contribution.update_sha256,
-                m.Contribution.id,
-                m.Contribution.node_id,
-                m.Contribution.round,
-            ).where(
-                m.Contribution.run_id == run_id,
-                m.Contribution.update_sha256.in_(sorted(set(digests))),
-            )
-        ).all()
+        rows = store.contributions_with_digests(s, run_id, digests)
         for digest, contribution_id, node_id, round_number in rows:
             prior = Prior(contribution_id, node_id, round_number)
             index.priors.setdefault(digest, []).append(prior)
