@@ -27,7 +27,9 @@ keys), with the reason kept in the session row. The decisions are the round engi
 (`hub/engine.py`: a Tick opens the session, `SecAggProgress` composes the pure
 `secagg_stages.decide_stage`, `SecAggRecovered` / `SecAggFailed` end it) and their row writes
 `hub/store/rounds.py`'s; this module gathers the facts (`_progress`), computes the session's
-config (`session_config`), unmasks the sum, and keeps the stage messages and blobs.
+config (`session_config`), unmasks the sum, and keeps the stage messages and blobs. Its
+statements (the accountant's rounds, the sessions, the stage messages) are
+`hub/store/privacy.py`'s.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import torch
 from fastapi import FastAPI, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from gridswarm.blobs import provisional, sha256_hex
@@ -59,10 +60,25 @@ from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.secagg_stages import StageProgress
 from gridswarm.hub.states import (
     NOT_IN_SUM,
-    ContributionStatus,
     RoundStatus,
 )
+from gridswarm.hub.store.privacy import (
+    accepted_contribution,
+    accepted_node_ids,
+    add_dp_round,
+    add_secagg_message,
+    assignment_contribution,
+    delete_secagg_messages,
+    dp_rounds,
+    flush_stage,
+    node_rows,
+    privacy_run,
+    secagg_messages,
+    secagg_session,
+    secagg_sessions,
+)
 from gridswarm.hub.store.rounds import apply_effects
+from gridswarm.hub.store.trust import assignment_row, node_row, round_row, run_row
 from gridswarm.privacy.dp import (
     can_run_round,
     clip_updates,
@@ -207,32 +223,20 @@ class HubPrivacy:
         now: float,
     ) -> None:
         dp = cfg.privacy.dp
-        rows = self._dp_rounds(s, run.id)
+        rows = dp_rounds(s, run.id)
         history = [*_history(rows), (dp.noise_multiplier, dp.sample_rate, 1)]
-        s.add(
-            m.PrivacyRound(
-                run_id=run.id,
-                round=rnd.number,
-                noise_multiplier=dp.noise_multiplier,
-                sample_rate=dp.sample_rate,
-                clip_norm=dp.clip_norm,
-                nodes=nodes,
-                clipped=clipped,
-                epsilon=epsilon_spent(history, dp.delta, dp.accountant),
-                delta=dp.delta,
-                created_at=now,
-            )
-        )
-        s.flush()
-
-    @staticmethod
-    def _dp_rounds(s: Session, run_id: str) -> list[m.PrivacyRound]:
-        return list(
-            s.scalars(
-                select(m.PrivacyRound)
-                .where(m.PrivacyRound.run_id == run_id)
-                .order_by(m.PrivacyRound.round)
-            )
+        add_dp_round(
+            s,
+            run_id=run.id,
+            number=rnd.number,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=dp.sample_rate,
+            clip_norm=dp.clip_norm,
+            nodes=nodes,
+            clipped=clipped,
+            epsilon=epsilon_spent(history, dp.delta, dp.accountant),
+            delta=dp.delta,
+            created_at=now,
         )
 
     def stop_reason(self, s: Session, run: m.Run, cfg: RunConfig) -> str | None:
@@ -242,7 +246,7 @@ class HubPrivacy:
         dp = cfg.privacy.dp
         if dp is None:
             return None
-        history = _history(self._dp_rounds(s, run.id))
+        history = _history(dp_rounds(s, run.id))
         if can_run_round(
             history, dp.noise_multiplier, dp.sample_rate, dp.delta, dp.epsilon_budget, dp.accountant
         ):
@@ -261,20 +265,16 @@ class HubPrivacy:
     def run_status(self, run_id: str) -> dict:
         """`{"privacy": {...}}` for `HubService.run_status`, or {} for a run without privacy."""
         with self.svc.sessions() as s:
-            run = s.get(m.Run, run_id)
+            run = run_row(s, run_id)
             if run is None:
                 return {}
             cfg = run.settings()
             p = cfg.privacy
             if p.dp is None and p.secagg is None and cfg.data.data != "local":
                 return {}
-            rounds = self._dp_rounds(s, run_id)
-            stop = s.get(m.PrivacyRun, run_id)
-            sessions = s.scalars(
-                select(m.SecAggSession)
-                .where(m.SecAggSession.run_id == run_id)
-                .order_by(m.SecAggSession.round)
-            ).all()
+            rounds = dp_rounds(s, run_id)
+            stop = privacy_run(s, run_id)
+            sessions = secagg_sessions(s, run_id)
         info: dict[str, Any] = {
             "data": cfg.data.data,
             "hub_eval_set": cfg.data.dataset,
@@ -316,15 +316,7 @@ class HubPrivacy:
         the nodes of the round's accepted contributions, the session named by its attempt."""
         cfg = run.settings()
         sa = cfg.privacy.secagg
-        node_ids = sorted(
-            s.scalars(
-                select(m.Contribution.node_id).where(
-                    m.Contribution.run_id == run.id,
-                    m.Contribution.round == rnd.number,
-                    m.Contribution.status == ContributionStatus.ACCEPTED,
-                )
-            )
-        )
+        node_ids = sorted(accepted_node_ids(s, run.id, rnd.number))
         config = make_config(
             session=session_name(run.id, rnd.number, rnd.attempt),
             node_ids=node_ids,
@@ -350,7 +342,7 @@ class HubPrivacy:
         crypto, here) and step what that gave: `SecAggRecovered` (the sum's blob stored here;
         CLOSE: the service closes the round) or `SecAggFailed`. A failure's stage messages
         are deleted here (the message table is this module's)."""
-        sess = s.get(m.SecAggSession, (run.id, rnd.number))
+        sess = secagg_session(s, run.id, rnd.number)
         config = decode_message(sess.config_json.encode())
         progress = round_engine.SecAggProgress(self._progress(s, run, sess, config, now))
         stepped = round_engine.step(snapshot, rules, progress, now)
@@ -367,23 +359,9 @@ class HubPrivacy:
         if result is not None and stepped.decision is Decision.CLOSE:
             sess.sum_blob = self.svc.blobs.put(pack_vector(result.total, {"secagg": "sum"}))
         if any(isinstance(e, round_engine.FailSecAgg) for e in stepped.effects):
-            s.execute(
-                delete(m.SecAggMessage).where(
-                    m.SecAggMessage.run_id == run.id, m.SecAggMessage.round == rnd.number
-                )
-            )
-        s.flush()
+            delete_secagg_messages(s, run.id, rnd.number)
+        flush_stage(s)
         return stepped
-
-    def _messages(self, s: Session, run_id: str, round_number: int, stage: str) -> dict[str, str]:
-        rows = s.execute(
-            select(m.SecAggMessage.node_id, m.SecAggMessage.body).where(
-                m.SecAggMessage.run_id == run_id,
-                m.SecAggMessage.round == round_number,
-                m.SecAggMessage.stage == stage,
-            )
-        ).all()
-        return dict(rows)
 
     def _expected(
         self, s: Session, run: m.Run, round_number: int, stage: str, config: SecAggConfig
@@ -392,17 +370,17 @@ class HubPrivacy:
         before = {"share": None, "mask": "share", "unmask": "masked"}[stage]
         if before is None:
             return frozenset(config.node_ids)
-        return frozenset(self._messages(s, run.id, round_number, before))
+        return frozenset(secagg_messages(s, run.id, round_number, before))
 
     def _progress(
         self, s: Session, run: m.Run, sess: m.SecAggSession, config: SecAggConfig, now: float
     ) -> StageProgress:
         expected = self._expected(s, run, sess.round, sess.stage, config)
-        answered = frozenset(self._messages(s, run.id, sess.round, ANSWERS[sess.stage]))
+        answered = frozenset(secagg_messages(s, run.id, sess.round, ANSWERS[sess.stage]))
         liveness = self.svc.liveness_s(now)
         lost = frozenset(
             n.id
-            for n in s.scalars(select(m.Node).where(m.Node.id.in_(expected - answered)))
+            for n in node_rows(s, expected - answered)
             if n.status == NodeStatus.LEFT or now - n.last_seen_at > liveness
         )
         return StageProgress(
@@ -419,20 +397,20 @@ class HubPrivacy:
         self, s: Session, run_id: str, round_number: int, config: SecAggConfig
     ) -> SecAggServer:
         server = SecAggServer(config)
-        adv = self._messages(s, run_id, round_number, "advertise")
+        adv = secagg_messages(s, run_id, round_number, "advertise")
         server.collect_keys(decode_message(adv[n].encode()) for n in config.node_ids if n in adv)
-        shares = self._messages(s, run_id, round_number, "share")
+        shares = secagg_messages(s, run_id, round_number, "share")
         server.collect_shares(decode_message(b.encode()) for b in shares.values())
         return server
 
     def _unmask(self, s: Session, run: m.Run, config: SecAggConfig):
         """Replay the stored messages through `SecAggServer` and remove every mask."""
         server = self._server_through_shares(s, run.id, self._round_of(config), config)
-        masked = self._messages(s, run.id, self._round_of(config), "masked")
+        masked = secagg_messages(s, run.id, self._round_of(config), "masked")
         server.collect_masked(
             MaskedInput(nid, self.svc.blobs.get(digest)) for nid, digest in masked.items()
         )
-        unmask = self._messages(s, run.id, self._round_of(config), "unmask")
+        unmask = secagg_messages(s, run.id, self._round_of(config), "unmask")
         return server.collect_unmask(decode_message(b.encode()) for b in unmask.values())
 
     @staticmethod
@@ -448,7 +426,7 @@ class HubPrivacy:
         contributions: list[m.Contribution],
         now: float,
     ) -> torch.Tensor:
-        sess = s.get(m.SecAggSession, (run.id, rnd.number))
+        sess = secagg_session(s, run.id, rnd.number)
         if sess is None or sess.sum_blob is None:
             raise RuntimeError(f"round {rnd.number} of run {run.id} has no recovered SecAgg sum")
         total = unpack_vector(self.svc.blobs.get(sess.sum_blob))
@@ -466,7 +444,7 @@ class HubPrivacy:
     # ------------------------------------------------------------ SecAgg: node requests
 
     def _assignment(self, s: Session, run_id: str, node_id: str, assignment_id: str):
-        assignment = s.get(m.Assignment, assignment_id)
+        assignment = assignment_row(s, assignment_id)
         if assignment is None or assignment.run_id != run_id:
             raise HubError(404, f"assignment {assignment_id} not found in run {run_id}")
         if assignment.node_id != node_id:
@@ -490,7 +468,7 @@ class HubPrivacy:
             raise HubError(422, "public keys must be two distinct 32-byte X25519 keys")
         svc = self.svc
         with svc.sessions() as s:  # energy accounting, as for any contribution (no lock)
-            carbon = svc._carbon(s.get(m.Run, run_id), s.get(m.Node, node_id), meta)
+            carbon = svc._carbon(run_row(s, run_id), node_row(s, node_id), meta)
         with svc.lock, svc.sessions() as s:
             run = svc._run(s, run_id, lock=True)  # replicas: one decision per run at a time
             node = svc._node(s, node_id)
@@ -503,21 +481,20 @@ class HubPrivacy:
             digest = hashlib.sha256(body).hexdigest()
             row = ContributionRow(digest, meta.model_dump(), len(body), carbon)
             _cfg, rnd, accepted = svc.accept_upload(s, run, node, a, meta, row, secagg=True)
-            seen = self._messages(s, run_id, a.round, "advertise")
+            seen = secagg_messages(s, run_id, a.round, "advertise")
             known = {k for b in seen.values() for k in self._keys_of(b)}
             if known & set(keys):
                 raise HubError(409, "public keys already used in this round")
             now = svc.clock()
             apply_effects(s, run, rnd, accepted.effects)  # the row, and `submitted`
-            s.add(
-                m.SecAggMessage(
-                    run_id=run_id,
-                    round=a.round,
-                    stage="advertise",
-                    node_id=node_id,
-                    body=encode_message(AdvertiseKeys(node_id, keys[0], keys[1])).decode(),
-                    created_at=now,
-                )
+            add_secagg_message(
+                s,
+                run_id,
+                a.round,
+                "advertise",
+                node_id,
+                encode_message(AdvertiseKeys(node_id, keys[0], keys[1])).decode(),
+                now,
             )
             s.commit()
         with svc.lock:  # the last contribution opens the SecAgg stages now
@@ -536,11 +513,9 @@ class HubPrivacy:
             svc._node(s, node_id)
             run = svc._run(s, run_id)
             a = self._assignment(s, run_id, node_id, assignment_id)
-            contribution = s.scalars(
-                select(m.Contribution).where(m.Contribution.assignment_id == a.id)
-            ).first()
-            sess = s.get(m.SecAggSession, (run_id, a.round))
-            rnd = s.get(m.Round, (run_id, a.round))
+            contribution = assignment_contribution(s, a.id)
+            sess = secagg_session(s, run_id, a.round)
+            rnd = round_row(s, run_id, a.round)
             s.commit()
             if contribution is None or contribution.status in NOT_IN_SUM:
                 why = (sess.last_failure if sess and contribution is not None else None) or (
@@ -559,7 +534,7 @@ class HubPrivacy:
             expected = self._expected(s, run, a.round, sess.stage, config)
             if node_id not in expected:
                 return {"stage": "aborted", "reason": f"missed an earlier stage than {sess.stage}"}
-            if node_id in self._messages(s, run_id, a.round, ANSWERS[sess.stage]):
+            if node_id in secagg_messages(s, run_id, a.round, ANSWERS[sess.stage]):
                 return {"stage": "wait"}
             out: dict[str, Any] = {
                 "stage": sess.stage,
@@ -571,7 +546,7 @@ class HubPrivacy:
             if sess.stage == "share":
                 if key not in self._broadcasts:
                     server = SecAggServer(config)
-                    adv = self._messages(s, run_id, a.round, "advertise")
+                    adv = secagg_messages(s, run_id, a.round, "advertise")
                     self._broadcasts = {
                         key: server.collect_keys(decode_message(adv[n].encode()) for n in adv)
                     }
@@ -579,9 +554,9 @@ class HubPrivacy:
             elif sess.stage == "mask":
                 if key not in self._deliveries:
                     server = SecAggServer(config)
-                    adv = self._messages(s, run_id, a.round, "advertise")
+                    adv = secagg_messages(s, run_id, a.round, "advertise")
                     server.collect_keys(decode_message(adv[n].encode()) for n in adv)
-                    shares = self._messages(s, run_id, a.round, "share")
+                    shares = secagg_messages(s, run_id, a.round, "share")
                     self._deliveries = {
                         key: server.collect_shares(
                             decode_message(b.encode()) for b in shares.values()
@@ -589,8 +564,8 @@ class HubPrivacy:
                     }
                 message = self._deliveries[key][node_id]
             else:
-                masked = set(self._messages(s, run_id, a.round, "masked"))
-                shared = set(self._messages(s, run_id, a.round, "share"))
+                masked = set(secagg_messages(s, run_id, a.round, "masked"))
+                shared = set(secagg_messages(s, run_id, a.round, "share"))
                 message = UnmaskRequest(
                     tuple(sorted(masked, key=config.index)),
                     tuple(sorted(shared - masked, key=config.index)),
@@ -606,7 +581,7 @@ class HubPrivacy:
         with svc.lock, svc.sessions() as s:
             run = svc._run(s, run_id, lock=True)  # replicas: one decision per run at a time
             svc._node(s, node_id)
-            sess = s.get(m.SecAggSession, (run_id, round_number))
+            sess = secagg_session(s, run_id, round_number)
             if (
                 sess is None
                 or sess.attempt != attempt
@@ -623,7 +598,7 @@ class HubPrivacy:
             config = decode_message(sess.config_json.encode())
             if node_id not in self._expected(s, run, round_number, sess.stage, config):
                 raise HubError(403, f"node {node_id} is not expected at the {sess.stage} stage")
-            if node_id in self._messages(s, run_id, round_number, stage):
+            if node_id in secagg_messages(s, run_id, round_number, stage):
                 raise HubError(409, f"duplicate: {stage} already received", Refusal.DUPLICATE)
             try:
                 stored = self._validate(s, run, sess, config, node_id, stage, body)
@@ -631,24 +606,8 @@ class HubPrivacy:
                 raise HubError(422, f"malformed SecAgg {stage} message: {exc!r}"[:500]) from exc
             # a masked input is stored as a blob, removed again if the commit fails
             with provisional(svc.blobs, body) if stage == "masked" else nullcontext():
-                s.add(
-                    m.SecAggMessage(
-                        run_id=run_id,
-                        round=round_number,
-                        stage=stage,
-                        node_id=node_id,
-                        body=stored,
-                        created_at=svc.clock(),
-                    )
-                )
-                contribution = s.scalars(
-                    select(m.Contribution).where(
-                        m.Contribution.run_id == run_id,
-                        m.Contribution.round == round_number,
-                        m.Contribution.node_id == node_id,
-                        m.Contribution.status == ContributionStatus.ACCEPTED,
-                    )
-                ).first()
+                add_secagg_message(s, run_id, round_number, stage, node_id, stored, svc.clock())
+                contribution = accepted_contribution(s, run_id, round_number, node_id)
                 if contribution is not None:
                     contribution.bytes_up += len(body)
                 s.commit()
@@ -680,7 +639,7 @@ class HubPrivacy:
         if stage == "share":
             msg = _message(doc, ShareKeys)
             allowed = set(config.neighbours(node_id)) & set(
-                self._messages(s, run.id, sess.round, "advertise")
+                secagg_messages(s, run.id, sess.round, "advertise")
             )
             bad = set(msg.encrypted_shares) - allowed
             if bad or len(msg.seed_commitment) != 32:
@@ -691,8 +650,8 @@ class HubPrivacy:
                 raise HubError(422, "an encrypted share has the wrong length")
         else:
             msg = _message(doc, UnmaskShares)
-            masked = set(self._messages(s, run.id, sess.round, "masked"))
-            shared = set(self._messages(s, run.id, sess.round, "share"))
+            masked = set(secagg_messages(s, run.id, sess.round, "masked"))
+            shared = set(secagg_messages(s, run.id, sess.round, "share"))
             if not set(msg.seed_shares) <= masked or not set(msg.key_shares) <= shared - masked:
                 raise HubError(
                     422, "unmask shares for nodes outside the request (or both secrets of one)"

@@ -25,6 +25,9 @@ state change it records (or not at all):
 
 Under secure aggregation the hub never sees one node's update, so neither audits nor usefulness
 apply per node there: contributions are paid by tokens alone (said in each verdict).
+
+The statements on the hub's tables are `hub/store/trust.py`'s (settlement's read and write
+among them); this module decides, and keeps the ledger, the replays and the requests.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import torch
 from fastapi import Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from gridswarm.blobs import LocalBlobStore
@@ -54,13 +57,34 @@ from gridswarm.energy.meter import lookup_cpu_power
 from gridswarm.hub import models as m
 from gridswarm.hub.acceptance import EnergyFacts, UploadRefused
 from gridswarm.hub.errors import HubError
-from gridswarm.hub.lifecycle import RunState
 from gridswarm.hub.limits import check_sponsor
 from gridswarm.hub.openapi import RunIdParam, openapi_body
 from gridswarm.hub.registration import check_invited, newcomers_placed, proven_nodes
 from gridswarm.hub.replicas import lock_run
 from gridswarm.hub.rounds import Screening
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.store.trust import (
+    add_trust_round,
+    apply_settlement,
+    assignment_row,
+    assignments_by_id,
+    contribution_facts,
+    contributions_by_id,
+    flush_verdicts,
+    node_row,
+    others_recent_speeds,
+    read_reputation,
+    read_reputations,
+    read_settlement,
+    round_contributions,
+    round_row,
+    run_contributions,
+    run_row,
+    trust_round,
+    unaudited_contributions,
+    version_row,
+    write_reputation,
+)
 from gridswarm.hub.upload_facts import ENERGY_WINDOW, EnergyWindow, ReplayIndex
 from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import RunEscrow, run_escrow
@@ -99,9 +123,6 @@ from gridswarm.trust.policy import (
 )
 from gridswarm.trust.reputation import Reputation, RoundOutcome, update_reputation
 from gridswarm.trust.settlement import (
-    ContributionFacts,
-    RoundFacts,
-    Settlement,
     reputation_payload,
     settle,
     settlement_policy,
@@ -118,6 +139,7 @@ from gridswarm.trust.tolerance import (
 
 log = logging.getLogger("gridswarm.hub.trust")
 MAX_REPLAY_THREADS = 64
+PRESCREEN_BATCH = 32  # contributions `prescreen` reads at a time
 # a pending round is left to nodes that have worked for this long after the previous close (or
 # the run's creation) when enough of them wait for a place; then anyone may open it
 PENDING_GRACE_S = 15.0
@@ -147,39 +169,6 @@ class Examination:
     reason: str | None
     note: str | None = None  # how it passed, or why it was not audited (for the verdict)
     calibration: Calibration | None = None  # extended by this audit's honest rerun pair
-
-
-def _reputation(row: m.NodeReputation | None) -> Reputation:
-    if row is None:
-        return Reputation()
-    return Reputation(
-        consecutive_valid=row.consecutive_valid,
-        audits_passed=row.audits_passed,
-        audits_failed=row.audits_failed,
-        strikes=row.strikes,
-        liveness=row.liveness,
-        usefulness=row.usefulness,
-        score=row.score,
-    )
-
-
-def contribution_facts(c: m.Contribution) -> ContributionFacts:
-    """What settlement and verdicts read of a contribution row."""
-    return ContributionFacts(
-        id=c.id,
-        round=c.round,
-        node_id=c.node_id,
-        status=c.status,
-        tokens=c.tokens,
-        loss_drop=c.loss_drop,
-        audited=bool(c.audited),
-        audit_passed=c.audit_passed,
-        audit_rate=c.audit_rate,
-        claim_seq=c.claim_seq,
-        verdict_reason=c.verdict_reason,
-        intensity_g_per_kwh=c.intensity_g_per_kwh,
-        usefulness=c.usefulness,
-    )
 
 
 class HubTrust:
@@ -222,32 +211,13 @@ class HubTrust:
 
     # ------------------------------------------------------------------ reputation
 
-    def reputations(self, s: Session, node_ids: Sequence[str]) -> dict[str, Reputation]:
-        rows = {
-            r.node_id: r
-            for r in s.scalars(
-                select(m.NodeReputation).where(m.NodeReputation.node_id.in_(list(node_ids)))
-            )
-        }
-        return {n: _reputation(rows.get(n)) for n in node_ids}
-
     def _update_reputation(
         self, s: Session, node_id: str, outcome: RoundOutcome
     ) -> tuple[Reputation, Reputation]:
-        before = _reputation(s.get(m.NodeReputation, node_id))
+        before = read_reputation(s, node_id)
         after = update_reputation(before, outcome)
-        self._write_reputation(s, node_id, after)
+        write_reputation(s, node_id, after, self.clock())
         return before, after
-
-    def _write_reputation(self, s: Session, node_id: str, rep: Reputation) -> None:
-        """Store `rep` as the node's reputation (a new row for a node without one)."""
-        row = s.get(m.NodeReputation, node_id)
-        if row is None:
-            row = m.NodeReputation(node_id=node_id)
-            s.add(row)
-        for key, value in asdict(rep).items():
-            setattr(row, key, value)
-        row.updated_at = self.clock()
 
     def _forfeit_items(
         self, run_id: str, node_id: str, reason: str, cfg: RunConfig
@@ -269,17 +239,12 @@ class HubTrust:
 
     def open_round(self, s: Session, run: m.Run, rnd: m.Round) -> None:
         """A round opens: draw its secret audit seed once and put its sha256 on the ledger."""
-        row = s.get(m.TrustRound, (run.id, rnd.number))
+        row = trust_round(s, run.id, rnd.number)
         if row is None:
             seed = secrets.token_bytes(32)
-            row = m.TrustRound(
-                run_id=run.id,
-                round=rnd.number,
-                audit_seed=seed.hex(),
-                commitment=seed_commitment(seed),
-                opened_at=self.clock(),
+            row = add_trust_round(
+                s, run.id, rnd.number, seed.hex(), seed_commitment(seed), self.clock()
             )
-            s.add(row)
         payload = {
             "run_id": run.id,
             "round": rnd.number,
@@ -317,7 +282,7 @@ class HubTrust:
         node waits while the round's never-worked places are all taken; a node that has worked
         is never held back by it."""
         if self.node_invites is not None:
-            node = s.get(m.Node, node_id)
+            node = node_row(s, node_id)
             check_invited(self.node_invites, node.public_key if node else "")
         pending = rnd.status != RoundStatus.OPEN
         competitors: list[str] = []
@@ -335,7 +300,7 @@ class HubTrust:
                 self_worked = node_id in worked
                 if pending:
                     competitors = [n for n in competitors if n in worked]
-        reps = self.reputations(s, [node_id, *competitors])
+        reps = read_reputations(s, [node_id, *competitors])
         reason = may_select(
             reps[node_id],
             [reps[n] for n in competitors],
@@ -379,7 +344,7 @@ class HubTrust:
         `_decide_asks`, writes its assignments at commit). Within one transaction of asks the
         count only grows (asks take places, never free them), so once the newcomer places are
         full the later newcomers of the batch wait without a read (`Session.info`)."""
-        run = s.get(m.Run, rnd.run_id)  # loaded and locked by the caller: no read
+        run = run_row(s, rnd.run_id)  # loaded and locked by the caller: no read
         cfg = run.settings()  # parsed once per process
         places = newcomer_places(cfg.round.max_newcomer_share, cfg.round.max_nodes)
         if cfg.round.max_nodes - slots_left < places:
@@ -413,11 +378,11 @@ class HubTrust:
     def _pending_since_s(self, s: Session, rnd: m.Round) -> float | None:
         """Seconds the pending round `rnd` has waited for its first node (since the previous
         round closed, or the run was created), or None once that is PENDING_GRACE_S or more."""
-        before = s.get(m.Round, (rnd.run_id, rnd.number - 1)) if rnd.number > 0 else None
+        before = round_row(s, rnd.run_id, rnd.number - 1) if rnd.number > 0 else None
         if before is not None and before.closed_at is not None:
             since = before.closed_at
         else:
-            run = s.get(m.Run, rnd.run_id)
+            run = run_row(s, rnd.run_id)
             since = run.created_at if run is not None else 0.0
         waited_s = self.clock() - since
         return waited_s if 0 <= waited_s < PENDING_GRACE_S else None
@@ -465,12 +430,7 @@ class HubTrust:
         w_per_core, _ = lookup_cpu_power(str(cpu))
         known, fastest = window.fastest_other(node.id) if window is not None else (False, None)
         if not known:
-            others = s.execute(
-                select(m.Contribution.tokens, m.Contribution.train_time_s)
-                .where(m.Contribution.run_id == run.id, m.Contribution.node_id != node.id)
-                .order_by(m.Contribution.created_at.desc())
-                .limit(ENERGY_WINDOW)
-            ).all()
+            others = others_recent_speeds(s, run.id, node.id, ENERGY_WINDOW)
             fastest = max((t / d for t, d in others if d > 0), default=None)
         return EnergyFacts(w_per_core, fastest)
 
@@ -575,10 +535,10 @@ class HubTrust:
     # ------------------------------------------------------------------ rounds close
 
     def _round_seed(self, s: Session, run: m.Run, rnd: m.Round) -> m.TrustRound:
-        row = s.get(m.TrustRound, (run.id, rnd.number))
+        row = trust_round(s, run.id, rnd.number)
         if row is None:  # a round opened before the trust tables existed
             self.open_round(s, run, rnd)
-            row = s.get(m.TrustRound, (run.id, rnd.number))
+            row = trust_round(s, run.id, rnd.number)
         return row
 
     def forget_cached(self) -> None:
@@ -788,32 +748,17 @@ class HubTrust:
         examination or writing fails is left for `screen_round` at close; the others go on."""
         started = time.monotonic()
         with self.sessions() as s:
-            pending = s.scalars(
-                select(m.Contribution)
-                .join(m.Run, m.Run.id == m.Contribution.run_id)
-                .where(
-                    m.Run.status == RunState.ACTIVE,
-                    m.Contribution.status == ContributionStatus.ACCEPTED,
-                    m.Contribution.audited.is_(None),
-                )
-                .order_by(m.Contribution.created_at)
-                .limit(32)
-            ).all()
+            pending = unaudited_contributions(s, PRESCREEN_BATCH)
             if not pending:
                 return 0
             assignments = {
-                a.id: a
-                for a in s.scalars(
-                    select(m.Assignment).where(
-                        m.Assignment.id.in_({c.assignment_id for c in pending})
-                    )
-                )
+                a.id: a for a in assignments_by_id(s, {c.assignment_id for c in pending})
             }
-            reputations = self.reputations(s, sorted({c.node_id for c in pending}))
-            runs = {c.run_id: s.get(m.Run, c.run_id) for c in pending}
-            seeds = {(c.run_id, c.round): s.get(m.TrustRound, (c.run_id, c.round)) for c in pending}
+            reputations = read_reputations(s, sorted({c.node_id for c in pending}))
+            runs = {c.run_id: run_row(s, c.run_id) for c in pending}
+            seeds = {(c.run_id, c.round): trust_round(s, c.run_id, c.round) for c in pending}
             bases = {
-                (c.run_id, c.base_version): s.get(m.Version, (c.run_id, c.base_version))
+                (c.run_id, c.base_version): version_row(s, c.run_id, c.base_version)
                 for c in pending
             }
         weights = {key: self._weights(v.weights_blob) for key, v in bases.items() if v is not None}
@@ -876,21 +821,9 @@ class HubTrust:
             runs = {
                 run_id: lock_run(s, run_id) for run_id in sorted({c.run_id for c, _, _ in examined})
             }
-            fresh = {
-                c.id: c
-                for c in s.scalars(
-                    select(m.Contribution).where(
-                        m.Contribution.id.in_([c.id for c, _, _ in examined])
-                    )
-                )
-            }
-            rows = list(  # held: the identity map keeps rows only while they are referred to
-                s.scalars(
-                    select(m.Assignment).where(
-                        m.Assignment.id.in_({c.assignment_id for c in fresh.values()})
-                    )
-                )
-            )
+            fresh = {c.id: c for c in contributions_by_id(s, [c.id for c, _, _ in examined])}
+            # held: the identity map keeps rows only while they are referred to
+            rows = list(assignments_by_id(s, {c.assignment_id for c in fresh.values()}))
             done = 0
             for c, cfg, ex in examined:
                 row = fresh.get(c.id)
@@ -900,9 +833,7 @@ class HubTrust:
                     or row.audited is not None
                 ):
                     continue  # a close (perhaps a replica's) screened it meanwhile
-                self._apply(
-                    s, runs[row.run_id], cfg, row, s.get(m.Assignment, row.assignment_id), ex
-                )
+                self._apply(s, runs[row.run_id], cfg, row, assignment_row(s, row.assignment_id), ex)
                 done += 1
             s.commit()
             del rows
@@ -924,11 +855,7 @@ class HubTrust:
         Returns what is left of the round's contributions (`rounds.decide_after_screening`
         decides whether that still makes the quorum).
         """
-        contributions = s.scalars(
-            select(m.Contribution)
-            .where(m.Contribution.run_id == run.id, m.Contribution.round == rnd.number)
-            .order_by(m.Contribution.node_id)
-        ).all()
+        contributions = round_contributions(s, run.id, rnd.number)
         if secure_aggregation(cfg):
             for c in contributions:
                 if c.audited is None:
@@ -944,16 +871,16 @@ class HubTrust:
         ]
         if todo:
             seed = bytes.fromhex(self._round_seed(s, run, rnd).audit_seed)
-            reps = self.reputations(s, [c.node_id for c in todo])
+            reps = read_reputations(s, [c.node_id for c in todo])
             theta = self._weights(base.weights_blob)
         for c in todo:
-            a = s.get(m.Assignment, c.assignment_id)
+            a = assignment_row(s, c.assignment_id)
             forced = copies[c.update_sha256] > 1
             ex = self._examine(
                 cfg, run.numel, workload, base, theta, c, a, reps[c.node_id], seed, forced
             )
             self._apply(s, run, cfg, c, a, ex)
-        s.flush()
+        flush_verdicts(s)
         return self._screening(contributions)
 
     @staticmethod
@@ -1018,66 +945,21 @@ class HubTrust:
     ) -> None:
         """With the new version: verdicts, the reward split, reputations, the seed revealed.
 
-        One read (`_settlement_facts`), the pure decision (`trust/settlement.py` `settle`), one
-        write (`_apply_settlement`), then the ledger items, all in the caller's transaction."""
-        rows, seed_row, facts = self._settlement_facts(s, run, rnd, cfg, version)
+        One read (`store.trust.read_settlement`), the pure decision (`trust/settlement.py`
+        `settle`), one write (`store.trust.apply_settlement`), then the ledger items, all in the
+        caller's transaction."""
+        rows, seed_row, facts = read_settlement(
+            s,
+            run,
+            rnd,
+            cfg,
+            version,
+            lambda: self.escrow(run.id),
+            lambda: self._round_seed(s, run, rnd),
+        )
         settlement = settle(facts, settlement_policy(cfg))
-        self._apply_settlement(s, rows, seed_row, settlement)
+        apply_settlement(s, rows, seed_row, settlement, self.clock)
         self.append(s, settlement.items)
-
-    def _settlement_facts(
-        self, s: Session, run: m.Run, rnd: m.Round, cfg: RunConfig, version: m.Version
-    ) -> tuple[Sequence[m.Contribution], m.TrustRound, RoundFacts]:
-        """Everything settling `rnd` reads: its contributions (by node id), the run's escrow, the
-        nodes assigned, their reputations and the audit seed (with the rows settlement writes)."""
-        rows = s.scalars(
-            select(m.Contribution)
-            .where(m.Contribution.run_id == run.id, m.Contribution.round == rnd.number)
-            .order_by(m.Contribution.node_id)
-        ).all()
-        escrow = self.escrow(run.id)
-        assigned = frozenset(
-            s.scalars(
-                select(m.Assignment.node_id).where(
-                    m.Assignment.run_id == run.id, m.Assignment.round == rnd.number
-                )
-            )
-        )
-        seed_row = self._round_seed(s, run, rnd)
-        facts = RoundFacts(
-            run_id=run.id,
-            round=rnd.number,
-            attempt=rnd.attempt,
-            base_version=rnd.base_version,
-            version=version.number,
-            val_loss=version.val_loss,
-            contributions=tuple(contribution_facts(c) for c in rows),
-            assigned=assigned,
-            reputations=self.reputations(s, sorted(assigned | {c.node_id for c in rows})),
-            escrow_available_units=escrow.available_units,
-            escrow_funded_units=escrow.funded_units,
-            budget_rounds=cfg.budget.rounds,
-            audit_seed=seed_row.audit_seed,
-            audit_commitment=seed_row.commitment,
-        )
-        return rows, seed_row, facts
-
-    def _apply_settlement(
-        self,
-        s: Session,
-        rows: Sequence[m.Contribution],
-        seed_row: m.TrustRound,
-        settlement: Settlement,
-    ) -> None:
-        """Write what `settle` decided (not the ledger items): the accepted contributions'
-        usefulness and reward, each reputation step in order, the seed's reveal time."""
-        by_id = {c.id: c for c in rows}
-        for update in settlement.contributions:
-            c = by_id[update.id]
-            c.usefulness, c.reward_units = update.usefulness, update.reward_units
-        for step in settlement.reputations:
-            self._write_reputation(s, step.node_id, step.after)
-        seed_row.revealed_at = self.clock()
 
     # ------------------------------------------------------------------ reads and requests
 
@@ -1085,9 +967,9 @@ class HubTrust:
         """The run's trust facts for `run_status` (key "trust")."""
         with self.sessions() as s:
             cfg = self._run(s, run_id).settings()
-            rows = s.scalars(select(m.Contribution).where(m.Contribution.run_id == run_id)).all()
+            rows = run_contributions(s, run_id)
             node_ids = sorted({c.node_id for c in rows})
-            reps = self.reputations(s, node_ids)
+            reps = read_reputations(s, node_ids)
         escrow = self.escrow(run_id)
         nodes: dict[str, dict[str, Any]] = {}
         for node_id in node_ids:
@@ -1119,7 +1001,7 @@ class HubTrust:
 
     @staticmethod
     def _run(s: Session, run_id: str) -> m.Run:
-        run = s.get(m.Run, run_id)
+        run = run_row(s, run_id)
         if run is None:
             raise HubError(404, f"run {run_id} not found")
         return run
@@ -1194,7 +1076,7 @@ class HubTrust:
             raise HubError(422, f"address must be checksummed: {to_checksum_address(address)}")
         with self.lock, self.sessions() as s:
             node_id = node_id_from_public_key(requester_key)
-            if s.get(m.Node, node_id) is None:
+            if node_row(s, node_id) is None:
                 raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
             entry = self._append_claim(s, claim)
         return {"entry": entry.to_dict()}
@@ -1205,7 +1087,7 @@ class HubTrust:
         out = node_balance(self.ledger, node_id).to_dict()
         out["address"] = addresses.get(node_id)
         with self.sessions() as s:
-            out["reputation"] = asdict(self.reputations(s, [node_id])[node_id])
+            out["reputation"] = asdict(read_reputations(s, [node_id])[node_id])
         return out
 
     def show(self, start_seq: int, limit: int, kind: str | None) -> list[dict[str, Any]]:

@@ -17,9 +17,9 @@ everything settlement writes, without SQL, I/O or a clock:
   two accepted contributions steps twice), then, sorted, the nodes assigned that delivered
   nothing and were not rejected (their liveness drops).
 
-`hub/trust.py` `HubTrust.settle_round` reads the facts in one place, calls `settle`, and writes
-the `Settlement` in one place (contribution columns, reputation rows, the seed's reveal time,
-then the ledger items).
+`hub/trust.py` `HubTrust.settle_round` reads the facts in one place (`hub/store/trust.py`
+`read_settlement`), calls `settle`, and writes the `Settlement` in one place (`apply_settlement`:
+contribution columns, reputation rows, the seed's reveal time; then the ledger items).
 """
 
 from __future__ import annotations
