@@ -45,7 +45,6 @@ from gridswarm.hub.limits import HOUR_S, hourly_window
 from gridswarm.hub.store import registration as store
 
 # re-exported: hub/trust.py imports them from here (its own move is another change)
-from gridswarm.hub.store.registration import newcomers_placed, proven_nodes  # noqa: F401
 from gridswarm.identity import node_id_from_public_key
 from gridswarm.protocol import Refusal
 

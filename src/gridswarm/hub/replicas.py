@@ -33,7 +33,6 @@ from gridswarm.hub.states import RoundStatus
 from gridswarm.hub.store import locks as store
 
 # re-exported: hub/trust.py imports it from here (its own move is another change)
-from gridswarm.hub.store.locks import lock_run  # noqa: F401
 
 log = logging.getLogger("gridswarm.hub")
 

@@ -59,10 +59,11 @@ from gridswarm.hub.acceptance import EnergyFacts, UploadRefused
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.limits import check_sponsor
 from gridswarm.hub.openapi import RunIdParam, openapi_body
-from gridswarm.hub.registration import check_invited, newcomers_placed, proven_nodes
-from gridswarm.hub.replicas import lock_run
+from gridswarm.hub.registration import check_invited
 from gridswarm.hub.rounds import Screening
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.store.locks import lock_run
+from gridswarm.hub.store.registration import newcomers_placed, proven_nodes
 from gridswarm.hub.store.trust import (
     add_trust_round,
     apply_settlement,
