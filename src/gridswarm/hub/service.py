@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 from pydantic import ValidationError
-from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -86,6 +86,7 @@ from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite, lock_run,
 from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.scheduler import speed_from_probe, update_speed
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.store import nonces as nonce_store
 from gridswarm.hub.store.rounds import apply_effects, read_snapshot, row_snapshot, run_snapshot
 from gridswarm.hub.trust import HubTrust
 from gridswarm.hub.upload_facts import EnergyWindow, UploadFacts
@@ -482,10 +483,9 @@ class NonceBook:
         """Store `rows` in one commit (one Core executemany INSERT: no ORM objects on this path,
         which every signed request takes); if one was stored before (a replay across a
         restart), row by row to tell which."""
-        table = m.Nonce.__table__
         with self.engine.connect() as conn:  # a bare connection: no ORM session either
             try:
-                conn.execute(insert(table), rows)
+                nonce_store.insert_nonces(conn, rows)
                 conn.commit()
                 stored = [True] * len(rows)
             except IntegrityError:
@@ -493,7 +493,7 @@ class NonceBook:
                 stored = []
                 for row in rows:
                     try:
-                        conn.execute(insert(table), row)
+                        nonce_store.insert_nonces(conn, row)
                         conn.commit()
                         stored.append(True)
                     except IntegrityError:
@@ -501,7 +501,7 @@ class NonceBook:
                         stored.append(False)
             if now - self.pruned_at >= 60:
                 self.pruned_at = now
-                conn.execute(delete(table).where(table.c.seen_at < now - self.window_s))
+                nonce_store.prune_nonces(conn, now - self.window_s)
                 conn.commit()
                 with self.ready:
                     self.recent = {n: t for n, t in self.recent.items() if t >= now - self.window_s}
