@@ -86,6 +86,7 @@ from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite, lock_run,
 from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.scheduler import speed_from_probe, update_speed
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.store import nodes as node_store
 from gridswarm.hub.store import nonces as nonce_store
 from gridswarm.hub.store.rounds import apply_effects, read_snapshot, row_snapshot, run_snapshot
 from gridswarm.hub.trust import HubTrust
@@ -279,11 +280,7 @@ class Seats:
             )
         )
         active = s.scalar(select(func.count()).where(*where))
-        live = s.scalar(
-            select(func.count()).where(
-                m.Node.last_seen_at >= cutoff, m.Node.status != NodeStatus.LEFT
-            )
-        )
+        live = node_store.count_live_nodes(s, cutoff)
         return cls(where, active, live, seated, cutoff=cutoff)
 
     def live_with_seat(self, s: Session) -> int:
@@ -657,18 +654,14 @@ class HubService:
         if not self.pacing.count_due(now):
             return
         with self.sessions() as s:
-            live = s.scalar(
-                select(func.count()).where(
-                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
-                )
-            )
+            live = node_store.count_live_nodes(s, self._live_cutoff(now))
         before = self.pacing.live_nodes
         self.pacing.set_live(live or 0, now)
         if (live or 0) > before:
             self._wake_pending_runs(now, live or 0, crossed_from=before)
 
     def _node(self, s: Session, node_id: str) -> m.Node:
-        node = s.get(m.Node, node_id)
+        node = node_store.node_row(s, node_id)
         if node is None:
             raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
         with self._notes_lock:  # its row is written here: an older note must not undo it
@@ -721,7 +714,7 @@ class HubService:
         with self.lock, self.sessions() as s:
             self._lock_runs_of(s, ids)  # releasing their work changes those runs
             # held here: the session's identity map keeps rows only while they are referred to
-            known = {n.id: n for n in s.scalars(select(m.Node).where(m.Node.id.in_(ids)))}
+            known = {n.id: n for n in node_store.nodes_by_id(s, ids)}
             for node_id, r in zip(ids, registrations, strict=True):
                 node = known.get(node_id)
                 network = client_network(r.peer)
@@ -731,13 +724,9 @@ class HubService:
                     answers.append(refusal)
                     continue
                 if node is None:
-                    node = known[node_id] = m.Node(
-                        id=node_id,
-                        public_key=r.public_key.hex(),
-                        registered_at=now,
-                        register_net=network,
+                    node = known[node_id] = node_store.add_node(
+                        s, node_id, r.public_key.hex(), now, network
                     )
-                    s.add(node)
                 req = r.request
                 node.name = req.name
                 node.hardware_json = req.hardware.model_dump_json()
@@ -766,12 +755,7 @@ class HubService:
             if not pending:
                 return
             if live is None:
-                live = s.scalar(
-                    select(func.count()).where(
-                        m.Node.last_seen_at >= self._live_cutoff(now),
-                        m.Node.status != NodeStatus.LEFT,
-                    )
-                )
+                live = node_store.count_live_nodes(s, self._live_cutoff(now))
         for run_id, config_json in pending:
             try:
                 min_nodes = m.stored_settings(run_id, config_json).round.min_nodes
@@ -791,7 +775,7 @@ class HubService:
         round work and cost no commit (no fsync) each."""
         if node_id not in self._known_nodes:
             with self.sessions() as s:
-                if s.get(m.Node, node_id) is None:
+                if node_store.node_row(s, node_id) is None:
                     raise HubError(403, f"node {node_id} is not registered")
             self._known_nodes.add(node_id)
         with self._notes_lock:
@@ -816,16 +800,11 @@ class HubService:
                 pending[node_id] = (pending[node_id][0], at)
         # in id order: two replicas' batches never wait for each other in a cycle
         if pending:
-            s.execute(
-                update(m.Node),
-                [
-                    {"id": node_id, "status": status, "last_seen_at": seen_at}
-                    for node_id, (status, seen_at) in sorted(pending.items())
-                ],
-            )
+            beats = [(node_id, status, at) for node_id, (status, at) in sorted(pending.items())]
+            node_store.write_heartbeats(s, beats)
         times = sorted((n, at) for n, at in seen.items() if n not in pending)
         if times:
-            s.execute(update(m.Node), [{"id": n, "last_seen_at": at} for n, at in times])
+            node_store.mark_seen(s, times)
 
     def report_energy(self, node_id: str, report: EnergyReport) -> None:
         """Store a node's energy report (hub/energy.py reads it when planning); a node whose own
@@ -1020,7 +999,7 @@ class HubService:
         s: Session, run_id: str, node_id: str, assignment_id: str
     ) -> tuple[m.Node, m.Assignment]:
         """`node_id`'s row and one of its assignments in `run_id` (403 / 404 otherwise)."""
-        node = s.get(m.Node, node_id)
+        node = node_store.node_row(s, node_id)
         if node is None:
             raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
         assignment = s.get(m.Assignment, assignment_id)
@@ -1104,11 +1083,7 @@ class HubService:
 
     def _live_nodes(self, s: Session, now: float):
         """Nodes heard from within liveness_s that have not left (one indexed query)."""
-        return s.scalars(
-            select(m.Node).where(
-                m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
-            )
-        ).all()
+        return node_store.live_nodes(s, self._live_cutoff(now))
 
     def _fastest_live(self, s: Session, run: m.Run, now: float) -> float | None:
         """The fastest live node's tokens/s on this run: recomputed from one query of the live
@@ -1116,11 +1091,7 @@ class HubService:
         faster (a stale maximum for up to LIVE_VIEW_S only shortens slow nodes' plans less)."""
         view = self._live_view.get(run.id)
         if view is None or now - view[0] > LIVE_VIEW_S or now < view[0]:
-            rows = s.execute(
-                select(m.Node.id, m.Node.probe_rate).where(
-                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
-                )
-            ).all()
+            rows = node_store.live_node_probes(s, self._live_cutoff(now))
             self._load_achieved_speeds(s, run.id, [node_id for node_id, _ in rows])
             speeds = [self._speed(s, run, node_id, probe) for node_id, probe in rows]
             view = (now, max(speeds, default=None), run.numel)
@@ -1309,7 +1280,7 @@ class HubService:
         write lock until commit, and the nonces and heartbeats of other requests wait for it."""
         s.autoflush = False
         run = self._run(s, run_id, lock=True)  # replicas decide one batch at a time
-        nodes = {n.id: n for n in s.scalars(select(m.Node).where(m.Node.id.in_(node_ids)))}
+        nodes = {n.id: n for n in node_store.nodes_by_id(s, node_ids)}
         cutoff = self._live_cutoff(now)
         answers: dict[str, AskAnswer] = {}
         for node_id in node_ids:
@@ -1662,15 +1633,13 @@ class HubService:
             # (and the database's write lock) begins here and the savepoints below nest in it
             # (a SAVEPOINT that begins a pysqlite transaction commits on its release)
             node_ids = sorted({u.node_id for u in uploads})
-            s.execute(
-                update(m.Node).where(m.Node.id.in_(node_ids)).values(last_seen_at=self.clock())
-            )
+            node_store.touch_nodes(s, node_ids, self.clock())
             # the batch's round, nodes and assignments in three queries, not three per upload
             # (held here: the session's identity map keeps rows only while they are referred to)
             assignment_ids = sorted({u.meta.assignment_id for u in uploads})
             rows = [
                 s.get(m.Round, (run.id, run.round)),
-                *s.scalars(select(m.Node).where(m.Node.id.in_(node_ids))),
+                *node_store.nodes_by_id(s, node_ids),
                 *s.scalars(select(m.Assignment).where(m.Assignment.id.in_(assignment_ids))),
             ]
             # what every upload of the batch is judged on alike (the run's newest contributions,
@@ -2270,7 +2239,7 @@ class HubService:
             contributions = s.scalars(
                 select(m.Contribution).where(m.Contribution.run_id == run_id)
             ).all()
-            nodes = s.scalars(select(m.Node)).all()
+            nodes = node_store.all_nodes(s)
         cfg = run.settings()
 
         def hub_intensity_at(region: str, t_s: float) -> float | None:
