@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 from pydantic import ValidationError
-from sqlalchemy import Engine, bindparam, func, insert, select, update
+from sqlalchemy import Engine, bindparam, func, insert, select
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -88,6 +88,7 @@ from gridswarm.hub.scheduler import speed_from_probe, update_speed
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
 from gridswarm.hub.store import nodes as node_store
 from gridswarm.hub.store import nonces as nonce_store
+from gridswarm.hub.store import runs as run_store
 from gridswarm.hub.store.rounds import apply_effects, read_snapshot, row_snapshot, run_snapshot
 from gridswarm.hub.trust import HubTrust
 from gridswarm.hub.upload_facts import EnergyWindow, UploadFacts
@@ -747,11 +748,7 @@ class HubService:
         counted here); with `crossed_from` (the previous count) only those it was below, so
         a round kept pending for another reason is not woken again at every count."""
         with self.sessions() as s:
-            pending = s.execute(
-                select(m.Run.id, m.Run.config_json)
-                .join(m.Round, (m.Round.run_id == m.Run.id) & (m.Round.number == m.Run.round))
-                .where(m.Run.status == RunState.ACTIVE, m.Round.status == RoundStatus.PENDING)
-            ).all()
+            pending = run_store.pending_round_runs(s)
             if not pending:
                 return
             if live is None:
@@ -881,7 +878,7 @@ class HubService:
         # runs created by another replica are learnt by scanning again, at most once a second
         scanned_at = self._dataset_blobs_loaded_at
         if scanned_at is None or time.monotonic() - scanned_at >= DATASET_RESCAN_S:
-            for run_id, config_json in s.execute(select(m.Run.id, m.Run.config_json)):
+            for run_id, config_json in run_store.run_configs(s):
                 try:
                     ref = manifest_ref(m.stored_settings(run_id, config_json).data.dataset)
                 except UnreadableSettings:
@@ -920,7 +917,8 @@ class HubService:
         weights = self.blobs.put(pack_vector(theta, {"run_id": run_id, "version": 0}))
         now = self.clock()
         with self.lock, self.sessions() as s:
-            s.add(
+            run_store.add_run(
+                s,
                 m.Run(
                     id=run_id,
                     name=cfg.name,
@@ -932,10 +930,7 @@ class HubService:
                     round=0,
                     tokens_total=0,
                     created_at=now,
-                )
-            )
-            s.flush()
-            s.add(
+                ),
                 m.Version(
                     run_id=run_id,
                     number=0,
@@ -943,12 +938,10 @@ class HubService:
                     val_loss=val_loss,
                     tokens_total=0,
                     created_at=now,
-                )
-            )
-            s.add(
+                ),
                 m.Round(
                     run_id=run_id, number=0, base_version=0, attempt=0, status=RoundStatus.PENDING
-                )
+                ),
             )
             s.commit()
         self._workloads[run_id] = workload
@@ -958,16 +951,8 @@ class HubService:
         """429 when this identity already has too many runs (hub/limits.py)."""
         now = self.clock()
         with self.sessions() as s:
-            active = s.scalar(
-                select(func.count()).where(
-                    m.Run.sponsor_key == sponsor_key.hex(), m.Run.status == RunState.ACTIVE
-                )
-            )
-            recent = s.scalars(
-                select(m.Run.created_at).where(
-                    m.Run.sponsor_key == sponsor_key.hex(), m.Run.created_at > now - HOUR_S
-                )
-            ).all()
+            active = run_store.count_active_runs_of(s, sponsor_key.hex())
+            recent = run_store.run_creation_times_of(s, sponsor_key.hex(), now - HOUR_S)
         check_run_quota(
             active or 0,
             list(recent),
@@ -980,7 +965,7 @@ class HubService:
         """The run (404 if none); with `lock`, its row locked until the transaction ends: every
         transaction that changes a run's rounds, assignments or contributions takes it first, so
         hub replicas serialize per run (hub/replicas.py)."""
-        run = lock_run(s, run_id) if lock else s.get(m.Run, run_id)
+        run = lock_run(s, run_id) if lock else run_store.run_row(s, run_id)
         if run is None:
             raise HubError(404, f"run {run_id} not found")
         return run
@@ -1136,14 +1121,8 @@ class HubService:
         now = self.clock()
         released = 0
         if after is not RunState.ACTIVE:  # nobody works on a held or ended run
-            released = s.execute(
-                update(m.Assignment)
-                .where(
-                    m.Assignment.run_id == run.id, m.Assignment.status == AssignmentStatus.ASSIGNED
-                )
-                .values(status=AssignmentStatus.RELEASED)
-            ).rowcount
-        rnd = s.get(m.Round, (run.id, run.round))
+            released = run_store.release_run_assignments(s, run.id)
+        rnd = run_store.round_row(s, run.id, run.round)
         if after is RunState.ACTIVE and rnd is not None and rnd.status == RoundStatus.OPEN:
             cfg = run.settings()  # 409 while its settings cannot be read back (it stays stalled)
             rnd.deadline_at = now + cfg.round.deadline_s  # the hold did not eat the round's time
@@ -1178,26 +1157,13 @@ class HubService:
             run, assignment = self._own_assignment(s, run_id, node_id, report.assignment_id)
             if assignment.status == AssignmentStatus.ASSIGNED:
                 assignment.status = AssignmentStatus.FAILED
-            s.add(
-                m.RunFailure(
-                    run_id=run_id,
-                    node_id=node_id,
-                    round=assignment.round,
-                    reason=report.reason,
-                    created_at=now,
-                )
-            )
-            s.flush()
+            run_store.add_run_failure(s, run_id, node_id, assignment.round, report.reason, now)
             progress_at = max(
                 s.scalar(select(func.max(m.Version.created_at)).where(m.Version.run_id == run_id))
                 or 0.0,
                 run.status_changed_at or 0.0,
             )
-            failures = s.scalar(
-                select(func.count()).where(
-                    m.RunFailure.run_id == run_id, m.RunFailure.created_at >= progress_at
-                )
-            )
+            failures = run_store.count_failures_since(s, run_id, progress_at)
             log.warning(
                 "run %s: node %s failed round %d: %s",
                 run_id,
@@ -1300,7 +1266,7 @@ class HubService:
         run_snap = run_snapshot(run)
         waiting = run_wait(run_snap)
         if waiting is None:
-            rnd = s.get(m.Round, (run.id, run.round))
+            rnd = run_store.round_row(s, run.id, run.round)
             waiting = round_wait(row_snapshot(run, rnd, run_snap))
         if waiting is not None:
             answer = self._waiting(waiting)
@@ -1454,7 +1420,7 @@ class HubService:
         """Fetch the hub's own intensity forecasts (`--signals`, possibly over HTTP) that a green
         run plans with and that are older than FORECAST_TTL_S: before the lock, never under it."""
         with self.sessions() as s:
-            run = s.get(m.Run, run_id)
+            run = run_store.run_row(s, run_id)
             cfg = run.settings() if run else None
         if cfg is None or cfg.energy.policy == "agnostic":
             return
@@ -1638,7 +1604,7 @@ class HubService:
             # (held here: the session's identity map keeps rows only while they are referred to)
             assignment_ids = sorted({u.meta.assignment_id for u in uploads})
             rows = [
-                s.get(m.Round, (run.id, run.round)),
+                run_store.round_row(s, run.id, run.round),
                 *node_store.nodes_by_id(s, node_ids),
                 *s.scalars(select(m.Assignment).where(m.Assignment.id.in_(assignment_ids))),
             ]
@@ -1738,7 +1704,7 @@ class HubService:
         written. The caller holds the service lock, `run` locked, in its transaction `s`.
         `energy_window`: the run's newest contributions for a batch of uploads, read once
         (hub/upload_facts.py); None: the energy facts are queried for this upload alone."""
-        rnd = s.get(m.Round, (run.id, run.round))
+        rnd = run_store.round_row(s, run.id, run.round)
         snap = row_snapshot(run, rnd)
         place = AssignmentFacts(
             AssignmentStatus(assignment.status), assignment.round, assignment.inner_steps
@@ -1844,7 +1810,7 @@ class HubService:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
             self.flush_downloads(s)
             s.commit()
-            run_ids = s.scalars(select(m.Run.id).where(m.Run.status == RunState.ACTIVE)).all()
+            run_ids = run_store.active_run_ids(s)
         self.count_live_nodes()
         self.watch_rounds()
         for run_id in run_ids:
@@ -1974,7 +1940,7 @@ class HubService:
         aggregating, so they are closed under the lock as before."""
         now = self.clock()
         with self.sessions() as s:
-            run = s.get(m.Run, run_id)
+            run = run_store.run_row(s, run_id)
             if run is None or run.status != RunState.ACTIVE:
                 return
             if not closes_outside_lock(run):
