@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 from pydantic import ValidationError
-from sqlalchemy import Engine, bindparam, func, insert, select
+from sqlalchemy import Engine, bindparam, func, select
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -89,6 +89,7 @@ from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStat
 from gridswarm.hub.store import nodes as node_store
 from gridswarm.hub.store import nonces as nonce_store
 from gridswarm.hub.store import runs as run_store
+from gridswarm.hub.store import versions as version_store
 from gridswarm.hub.store.rounds import apply_effects, read_snapshot, row_snapshot, run_snapshot
 from gridswarm.hub.trust import HubTrust
 from gridswarm.hub.upload_facts import EnergyWindow, UploadFacts
@@ -1159,8 +1160,7 @@ class HubService:
                 assignment.status = AssignmentStatus.FAILED
             run_store.add_run_failure(s, run_id, node_id, assignment.round, report.reason, now)
             progress_at = max(
-                s.scalar(select(func.max(m.Version.created_at)).where(m.Version.run_id == run_id))
-                or 0.0,
+                version_store.last_version_at(s, run_id) or 0.0,
                 run.status_changed_at or 0.0,
             )
             failures = run_store.count_failures_since(s, run_id, progress_at)
@@ -1407,7 +1407,7 @@ class HubService:
         key = (run_id, number)
         blobs = self._versions.get(key)
         if blobs is None and number >= 0:
-            row = s.get(m.Version, key)
+            row = version_store.version_row(s, run_id, number)
             if row is None:
                 return None  # not (yet) there: not remembered
             blobs = VersionBlobs(row.weights_blob, row.delta_blob)
@@ -1951,7 +1951,7 @@ class HubService:
                 return
             contributions = self._accepted(s, run.id, rnd.number)
             if contributions:
-                base = s.get(m.Version, (run.id, rnd.base_version))
+                base = version_store.version_row(s, run.id, rnd.base_version)
                 self._new_version(s, run, rnd, run.settings(), base, contributions, now)
             s.rollback()
 
@@ -2047,7 +2047,7 @@ class HubService:
         Commits; answers CLOSE or REPLAN."""
         cfg = run.settings()
         workload = self.workload(run.id, run.config_json)
-        base = s.get(m.Version, (run.id, rnd.base_version))
+        base = version_store.version_row(s, run.id, rnd.base_version)
         # replay audits + usefulness first: rejected contributions are not aggregated (trust.py)
         screening = self.trust.screen_round(s, run, rnd, cfg, workload, base)
         screened = round_engine.step(snapshot, rules, round_engine.Screened(screening), now)
@@ -2062,7 +2062,7 @@ class HubService:
         version = m.Version(
             run_id=run.id, tokens_total=tokens_total, created_at=now, **new.columns()
         )
-        s.add(version)
+        version_store.add_version(s, version)
         self.trust.settle_round(s, run, rnd, cfg, version)  # verdicts, rewards, reputation
         # the epsilon budget: would one more round pass it (DP accounting, hub/privacy.py)
         privacy_stop = self.privacy.stop_reason(s, run, cfg)
@@ -2103,11 +2103,7 @@ class HubService:
         if run_id is not None:
             return run_id
         with self.sessions() as s:
-            version = s.scalars(
-                select(m.Version)
-                .where((m.Version.weights_blob == digest) | (m.Version.delta_blob == digest))
-                .limit(1)
-            ).first()
+            version = version_store.version_with_blob(s, digest)
             if version is None and not self._is_dataset_blob(s, digest):
                 raise HubError(
                     404, f"blob {digest} is not a published model version, delta or dataset blob"
@@ -2145,7 +2141,7 @@ class HubService:
         with self._notes_lock:
             rows, self._downloads = self._downloads, []
         if rows:
-            s.execute(insert(m.Download), rows)
+            version_store.insert_downloads(s, rows)
 
     def blob_download(
         self, digest: str, node_id: str | None, range_header: str | None
@@ -2190,7 +2186,7 @@ class HubService:
     def latest_version(self, run_id: str) -> dict:
         with self.sessions() as s:
             run = self._run(s, run_id)
-            v = s.get(m.Version, (run_id, run.version))
+            v = version_store.version_row(s, run_id, run.version)
             return {"number": v.number, "weights_blob": v.weights_blob, "val_loss": v.val_loss}
 
     def list_runs(self) -> list[dict]:
