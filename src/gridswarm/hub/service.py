@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 from pydantic import ValidationError
-from sqlalchemy import Engine, bindparam, func, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -85,7 +85,8 @@ from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, cli
 from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite, lock_run, lock_runs
 from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.scheduler import speed_from_probe, update_speed
-from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.states import AssignmentStatus, RoundStatus
+from gridswarm.hub.store import contributions as contribution_store
 from gridswarm.hub.store import nodes as node_store
 from gridswarm.hub.store import nonces as nonce_store
 from gridswarm.hub.store import runs as run_store
@@ -260,7 +261,8 @@ class Seats:
     live nodes, which asking nodes hold a place, and (read when first needed) the live nodes
     with a place."""
 
-    where: tuple  # the clauses of the current round's place-holding assignments
+    run_id: str
+    round_number: int  # the run's current round, whose places these are
     active: int  # places taken (assigned or submitted)
     live: int  # live nodes, the asking ones included once they asked
     seated: set[str]  # asking nodes that hold a place, and those given one in this batch
@@ -271,32 +273,16 @@ class Seats:
 
     @classmethod
     def read(cls, s: Session, run: m.Run, node_ids: list[str], cutoff: float) -> Seats:
-        where = (
-            m.Assignment.run_id == run.id,
-            m.Assignment.round == run.round,
-            m.Assignment.status.in_(sorted(HOLDS_PLACE)),
-        )
-        seated = set(
-            s.scalars(
-                select(m.Assignment.node_id).where(*where, m.Assignment.node_id.in_(node_ids))
-            )
-        )
-        active = s.scalar(select(func.count()).where(*where))
+        seated = contribution_store.seated_nodes(s, run.id, run.round, node_ids)
+        active = contribution_store.count_places_taken(s, run.id, run.round)
         live = node_store.count_live_nodes(s, cutoff)
-        return cls(where, active, live, seated, cutoff=cutoff)
+        return cls(run.id, run.round, active, live, seated, cutoff=cutoff)
 
     def live_with_seat(self, s: Session) -> int:
         """Live nodes holding a place (one count, read when an ask first needs it)."""
         if self._live_with_seat is None:
-            self._live_with_seat = s.scalar(
-                select(func.count())
-                .select_from(m.Assignment)
-                .join(m.Node, m.Node.id == m.Assignment.node_id)
-                .where(
-                    *self.where,
-                    m.Node.last_seen_at >= self.cutoff,
-                    m.Node.status != NodeStatus.LEFT,
-                )
+            self._live_with_seat = contribution_store.count_live_with_place(
+                s, self.run_id, self.round_number, self.cutoff
             )
         return self._live_with_seat + self._taken_in_batch
 
@@ -338,15 +324,6 @@ class RunConstants:
     def settings(self) -> RunConfig:
         """This run's settings (`stored_settings`: 409 when they no longer validate)."""
         return m.stored_settings(self.id, self.config_json)
-
-
-UPLOAD_FACTS_QUERY = select(  # built once: an upload's check only binds its three ids
-    select(m.Run.status).where(m.Run.id == bindparam("run")).scalar_subquery(),
-    select(m.Node.region).where(m.Node.id == bindparam("node")).scalar_subquery(),
-    select(m.Assignment.round)
-    .where(m.Assignment.id == bindparam("assignment"), m.Assignment.run_id == bindparam("run"))
-    .scalar_subquery(),
-)
 
 
 @lru_cache(maxsize=256)
@@ -833,14 +810,7 @@ class HubService:
     @staticmethod
     def _lock_runs_of(s: Session, node_ids: list[str]) -> set[str]:
         """Lock the runs in which `node_ids` hold outstanding work (before releasing it)."""
-        runs = set(
-            s.scalars(
-                select(m.Assignment.run_id).where(
-                    m.Assignment.node_id.in_(node_ids),
-                    m.Assignment.status == AssignmentStatus.ASSIGNED,
-                )
-            )
-        )
+        runs = contribution_store.runs_with_outstanding(s, node_ids)
         lock_runs(s, runs)
         return runs
 
@@ -988,7 +958,7 @@ class HubService:
         node = node_store.node_row(s, node_id)
         if node is None:
             raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
-        assignment = s.get(m.Assignment, assignment_id)
+        assignment = contribution_store.assignment_row(s, assignment_id)
         if assignment is None or assignment.run_id != run_id:
             raise HubError(404, f"assignment {assignment_id} not found in run {run_id}")
         if assignment.node_id != node_id:
@@ -1033,26 +1003,7 @@ class HubService:
         missing = [n for n in dict.fromkeys(node_ids) if (run_id, n) not in self._achieved]
         for start in range(0, len(missing), SPEED_BATCH):
             batch = missing[start : start + SPEED_BATCH]
-            rank = (
-                func.row_number()
-                .over(partition_by=m.Contribution.node_id, order_by=m.Contribution.round.desc())
-                .label("rank")
-            )
-            ranked = (
-                select(
-                    m.Contribution.node_id,
-                    m.Contribution.tokens,
-                    m.Contribution.train_time_s,
-                    rank,
-                )
-                .where(m.Contribution.run_id == run_id, m.Contribution.node_id.in_(batch))
-                .subquery()
-            )
-            rows = s.execute(
-                select(ranked.c.node_id, ranked.c.tokens, ranked.c.train_time_s)
-                .where(ranked.c.rank <= SPEED_WINDOW)
-                .order_by(ranked.c.node_id, ranked.c.rank.desc())  # oldest first, per node
-            ).all()
+            rows = contribution_store.recent_speeds(s, run_id, batch, SPEED_WINDOW)
             speeds: dict[str, float | None] = dict.fromkeys(batch)
             for node_id, tokens, train_time_s in rows:
                 speeds[node_id] = update_speed(speeds[node_id], tokens, train_time_s)
@@ -1171,13 +1122,7 @@ class HubService:
                 assignment.round,
                 report.reason,
             )
-            working = s.scalar(
-                select(func.count()).where(
-                    m.Assignment.run_id == run_id,
-                    m.Assignment.round == run.round,
-                    m.Assignment.status.in_(sorted(HOLDS_PLACE)),
-                )
-            )
+            working = contribution_store.count_places_taken(s, run_id, run.round)
             if run.status == RunState.ACTIVE and should_stall(failures, working):
                 reason = (
                     f"{failures} node failures and no round closed since; "
@@ -1308,14 +1253,7 @@ class HubService:
         cfg = run.settings()
         rules = self._rules(cfg)
         if node.id in seats.seated:
-            held = s.scalars(
-                select(m.Assignment).where(
-                    m.Assignment.run_id == run.id,
-                    m.Assignment.round == run.round,
-                    m.Assignment.node_id == node.id,
-                    m.Assignment.status == AssignmentStatus.ASSIGNED,
-                )
-            ).first()
+            held = contribution_store.held_assignment(s, run.id, run.round, node.id)
             if held is not None:
                 # the node asks again while its work is outstanding: the answer that gave it
                 # was lost (a replica, or the hub, died after the commit). The same work
@@ -1337,7 +1275,7 @@ class HubService:
         if admission is None:  # reputation: cheaters excluded (403), reputed nodes first
 
             def competitor_ids() -> list[str]:
-                taken = set(s.scalars(select(m.Assignment.node_id).where(*seats.where)))
+                taken = contribution_store.place_holders(s, seats.run_id, seats.round_number)
                 return [
                     n.id
                     for n in self._live_nodes(s, now)
@@ -1525,9 +1463,10 @@ class HubService:
             # settings, sizes and rounds never change: no lock; one query on a plain pooled
             # connection (no ORM session): the run's state, the node's region, the
             # assignment's round
-            params = {"run": run_id, "node": node_id, "assignment": meta.assignment_id}
             with self.engine.connect() as conn:
-                status, region, round_number = conn.execute(UPLOAD_FACTS_QUERY, params).one()
+                status, region, round_number = contribution_store.upload_facts(
+                    conn, run_id, node_id, meta.assignment_id
+                )
             if status is None:
                 raise HubError(404, f"run {run_id} not found")
             run = self._run_constants.get(run_id)
@@ -1606,7 +1545,7 @@ class HubService:
             rows = [
                 run_store.round_row(s, run.id, run.round),
                 *node_store.nodes_by_id(s, node_ids),
-                *s.scalars(select(m.Assignment).where(m.Assignment.id.in_(assignment_ids))),
+                *contribution_store.assignments_by_id(s, assignment_ids),
             ]
             # what every upload of the batch is judged on alike (the run's newest contributions,
             # those with the batch's update digests): read once, kept current as it stores
@@ -1736,7 +1675,7 @@ class HubService:
         is missing) and this removal never interleave."""
         with self.lock, self.sessions() as s:
             lock_run(s, run_id)
-            if s.get(m.Contribution, digest) is None:
+            if contribution_store.contribution_row(s, digest) is None:
                 self.blobs.delete(digest)
 
     def fragment(self, run: m.Run | RunConstants, round_number: int) -> tuple[int, int] | None:
@@ -1921,15 +1860,7 @@ class HubService:
 
     @staticmethod
     def _accepted(s: Session, run_id: str, round_number: int) -> list[m.Contribution]:
-        return s.scalars(
-            select(m.Contribution)
-            .where(
-                m.Contribution.run_id == run_id,
-                m.Contribution.round == round_number,
-                m.Contribution.status == ContributionStatus.ACCEPTED,
-            )
-            .order_by(m.Contribution.node_id)
-        ).all()
+        return contribution_store.accepted_contributions(s, run_id, round_number)
 
     def _prepare_close(self, run_id: str) -> None:
         """Outside the lock: if the run's round is due to close, compute its new version now
@@ -2198,9 +2129,7 @@ class HubService:
         1k tokens, local-surplus share and the agnostic counterfactual (GET .../report)."""
         with self.sessions() as s:
             run = self._run(s, run_id)
-            contributions = s.scalars(
-                select(m.Contribution).where(m.Contribution.run_id == run_id)
-            ).all()
+            contributions = contribution_store.run_contributions(s, run_id)
             nodes = node_store.all_nodes(s)
         cfg = run.settings()
 
