@@ -273,6 +273,8 @@ class Seats:
 
     @classmethod
     def read(cls, s: Session, run: m.Run, node_ids: list[str], cutoff: float) -> Seats:
+        """The counts of `run`'s current round for a batch of asks by `node_ids` (three
+        indexed queries; nodes heard from since `cutoff` are live)."""
         seated = contribution_store.seated_nodes(s, run.id, run.round, node_ids)
         active = contribution_store.count_places_taken(s, run.id, run.round)
         live = node_store.count_live_nodes(s, cutoff)
