@@ -11,9 +11,6 @@ from pathlib import Path
 HUB = Path(__file__).resolve().parent.parent / "src" / "gridswarm" / "hub"
 # where SQL may be built: the storage layer, the schema and its migrations
 ALLOWED = ("store/", "models.py", "migrations/")
-# files whose SQL another change is still moving into hub/store/ (storeA: service.py; storeB:
-# trust.py, privacy.py). Each must still hold an offender: take a file out once it has none.
-NOT_YET_MOVED = {"service.py"}
 # modules a statement constructor is imported from
 SQL_MODULES = {"sqlalchemy", "sqlalchemy.sql", "sqlalchemy.sql.expression"}
 # statement and clause constructors (types such as Session, Engine, Row, ColumnElement, and the
@@ -93,15 +90,9 @@ def test_the_check_finds_what_it_looks_for_and_nothing_else():
 
 def test_sql_is_built_only_in_the_store():
     modules = hub_modules()
-    assert {"app.py", "reports.py", "replicas.py"} <= set(modules)  # the walk sees the hub
-    assert set(modules) >= NOT_YET_MOVED, "a NOT_YET_MOVED file no longer exists: drop it"
+    assert {"app.py", "service.py", "trust.py", "privacy.py"} <= set(
+        modules
+    )  # the walk sees the hub
     found = {name: offenders(path.read_text()) for name, path in modules.items()}
-    stray = [
-        f"hub/{name}:{line}: {what}"
-        for name, lines in found.items()
-        if name not in NOT_YET_MOVED
-        for line, what in lines
-    ]
+    stray = [f"hub/{name}:{line}: {what}" for name, lines in found.items() for line, what in lines]
     assert not stray, "SQL outside hub/store/ (move it into a store module):\n" + "\n".join(stray)
-    done = sorted(name for name in NOT_YET_MOVED if not found[name])
-    assert not done, f"no SQL left in {done}: take them out of NOT_YET_MOVED"

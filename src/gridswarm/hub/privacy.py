@@ -62,6 +62,8 @@ from gridswarm.hub.states import (
     NOT_IN_SUM,
     RoundStatus,
 )
+from gridswarm.hub.store.contributions import assignment_row
+from gridswarm.hub.store.nodes import node_row, nodes_by_id
 from gridswarm.hub.store.privacy import (
     accepted_contribution,
     accepted_node_ids,
@@ -71,14 +73,13 @@ from gridswarm.hub.store.privacy import (
     delete_secagg_messages,
     dp_rounds,
     flush_stage,
-    node_rows,
     privacy_run,
     secagg_messages,
     secagg_session,
     secagg_sessions,
 )
 from gridswarm.hub.store.rounds import apply_effects
-from gridswarm.hub.store.trust import assignment_row, node_row, round_row, run_row
+from gridswarm.hub.store.runs import round_row, run_row
 from gridswarm.privacy.dp import (
     can_run_round,
     clip_updates,
@@ -380,7 +381,7 @@ class HubPrivacy:
         liveness = self.svc.liveness_s(now)
         lost = frozenset(
             n.id
-            for n in node_rows(s, expected - answered)
+            for n in nodes_by_id(s, sorted(expected - answered))
             if n.status == NodeStatus.LEFT or now - n.last_seen_at > liveness
         )
         return StageProgress(

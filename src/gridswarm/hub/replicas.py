@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from gridswarm.hub.states import RoundStatus
 from gridswarm.hub.store import locks as store
+from gridswarm.hub.store.nodes import count_live_nodes
 
 # re-exported: hub/trust.py imports it from here (its own move is another change)
 
@@ -120,7 +121,7 @@ class RoundWatch:
     def changed(self, s: Session, live_cutoff: float) -> list[str]:
         rows = store.open_round_states(s)
         seats = store.places_taken(s)
-        live = store.live_nodes(s, live_cutoff)
+        live = count_live_nodes(s, live_cutoff)
         now = {}
         for run_id, *state in rows:
             pending = state[3] == RoundStatus.PENDING

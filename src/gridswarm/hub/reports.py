@@ -21,9 +21,7 @@ from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import models as m
 from gridswarm.hub.scheduler import speed_from_probe
 from gridswarm.hub.store import reports as store
-
-# RunRows: what a status is assembled from; read_run_rows: re-exported (HubService reads with it)
-from gridswarm.hub.store.reports import RunRows, read_run_rows  # noqa: F401
+from gridswarm.hub.store.reports import RunRows  # what a status is assembled from
 from gridswarm.protocol import Liveness, NodeStatus
 
 

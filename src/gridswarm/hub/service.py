@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 from pydantic import ValidationError
-from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -85,8 +85,14 @@ from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, cli
 from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite
 from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.scheduler import speed_from_probe, update_speed
-from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.states import AssignmentStatus, RoundStatus
+from gridswarm.hub.store import contributions as contribution_store
+from gridswarm.hub.store import nodes as node_store
+from gridswarm.hub.store import nonces as nonce_store
+from gridswarm.hub.store import runs as run_store
+from gridswarm.hub.store import versions as version_store
 from gridswarm.hub.store.locks import lock_run, lock_runs
+from gridswarm.hub.store.reports import read_run_rows
 from gridswarm.hub.store.rounds import apply_effects, read_snapshot, row_snapshot, run_snapshot
 from gridswarm.hub.trust import HubTrust
 from gridswarm.hub.upload_facts import EnergyWindow, UploadFacts
@@ -257,7 +263,8 @@ class Seats:
     live nodes, which asking nodes hold a place, and (read when first needed) the live nodes
     with a place."""
 
-    where: tuple  # the clauses of the current round's place-holding assignments
+    run_id: str
+    round_number: int  # the run's current round, whose places these are
     active: int  # places taken (assigned or submitted)
     live: int  # live nodes, the asking ones included once they asked
     seated: set[str]  # asking nodes that hold a place, and those given one in this batch
@@ -268,36 +275,18 @@ class Seats:
 
     @classmethod
     def read(cls, s: Session, run: m.Run, node_ids: list[str], cutoff: float) -> Seats:
-        where = (
-            m.Assignment.run_id == run.id,
-            m.Assignment.round == run.round,
-            m.Assignment.status.in_(sorted(HOLDS_PLACE)),
-        )
-        seated = set(
-            s.scalars(
-                select(m.Assignment.node_id).where(*where, m.Assignment.node_id.in_(node_ids))
-            )
-        )
-        active = s.scalar(select(func.count()).where(*where))
-        live = s.scalar(
-            select(func.count()).where(
-                m.Node.last_seen_at >= cutoff, m.Node.status != NodeStatus.LEFT
-            )
-        )
-        return cls(where, active, live, seated, cutoff=cutoff)
+        """The counts of `run`'s current round for a batch of asks by `node_ids` (three
+        indexed queries; nodes heard from since `cutoff` are live)."""
+        seated = contribution_store.seated_nodes(s, run.id, run.round, node_ids)
+        active = contribution_store.count_places_taken(s, run.id, run.round)
+        live = node_store.count_live_nodes(s, cutoff)
+        return cls(run.id, run.round, active, live, seated, cutoff=cutoff)
 
     def live_with_seat(self, s: Session) -> int:
         """Live nodes holding a place (one count, read when an ask first needs it)."""
         if self._live_with_seat is None:
-            self._live_with_seat = s.scalar(
-                select(func.count())
-                .select_from(m.Assignment)
-                .join(m.Node, m.Node.id == m.Assignment.node_id)
-                .where(
-                    *self.where,
-                    m.Node.last_seen_at >= self.cutoff,
-                    m.Node.status != NodeStatus.LEFT,
-                )
+            self._live_with_seat = contribution_store.count_live_with_place(
+                s, self.run_id, self.round_number, self.cutoff
             )
         return self._live_with_seat + self._taken_in_batch
 
@@ -339,15 +328,6 @@ class RunConstants:
     def settings(self) -> RunConfig:
         """This run's settings (`stored_settings`: 409 when they no longer validate)."""
         return m.stored_settings(self.id, self.config_json)
-
-
-UPLOAD_FACTS_QUERY = select(  # built once: an upload's check only binds its three ids
-    select(m.Run.status).where(m.Run.id == bindparam("run")).scalar_subquery(),
-    select(m.Node.region).where(m.Node.id == bindparam("node")).scalar_subquery(),
-    select(m.Assignment.round)
-    .where(m.Assignment.id == bindparam("assignment"), m.Assignment.run_id == bindparam("run"))
-    .scalar_subquery(),
-)
 
 
 @lru_cache(maxsize=256)
@@ -483,10 +463,9 @@ class NonceBook:
         """Store `rows` in one commit (one Core executemany INSERT: no ORM objects on this path,
         which every signed request takes); if one was stored before (a replay across a
         restart), row by row to tell which."""
-        table = m.Nonce.__table__
         with self.engine.connect() as conn:  # a bare connection: no ORM session either
             try:
-                conn.execute(insert(table), rows)
+                nonce_store.insert_nonces(conn, rows)
                 conn.commit()
                 stored = [True] * len(rows)
             except IntegrityError:
@@ -494,7 +473,7 @@ class NonceBook:
                 stored = []
                 for row in rows:
                     try:
-                        conn.execute(insert(table), row)
+                        nonce_store.insert_nonces(conn, row)
                         conn.commit()
                         stored.append(True)
                     except IntegrityError:
@@ -502,7 +481,7 @@ class NonceBook:
                         stored.append(False)
             if now - self.pruned_at >= 60:
                 self.pruned_at = now
-                conn.execute(delete(table).where(table.c.seen_at < now - self.window_s))
+                nonce_store.prune_nonces(conn, now - self.window_s)
                 conn.commit()
                 with self.ready:
                     self.recent = {n: t for n, t in self.recent.items() if t >= now - self.window_s}
@@ -658,18 +637,14 @@ class HubService:
         if not self.pacing.count_due(now):
             return
         with self.sessions() as s:
-            live = s.scalar(
-                select(func.count()).where(
-                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
-                )
-            )
+            live = node_store.count_live_nodes(s, self._live_cutoff(now))
         before = self.pacing.live_nodes
         self.pacing.set_live(live or 0, now)
         if (live or 0) > before:
             self._wake_pending_runs(now, live or 0, crossed_from=before)
 
     def _node(self, s: Session, node_id: str) -> m.Node:
-        node = s.get(m.Node, node_id)
+        node = node_store.node_row(s, node_id)
         if node is None:
             raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
         with self._notes_lock:  # its row is written here: an older note must not undo it
@@ -722,7 +697,7 @@ class HubService:
         with self.lock, self.sessions() as s:
             self._lock_runs_of(s, ids)  # releasing their work changes those runs
             # held here: the session's identity map keeps rows only while they are referred to
-            known = {n.id: n for n in s.scalars(select(m.Node).where(m.Node.id.in_(ids)))}
+            known = {n.id: n for n in node_store.nodes_by_id(s, ids)}
             for node_id, r in zip(ids, registrations, strict=True):
                 node = known.get(node_id)
                 network = client_network(r.peer)
@@ -732,13 +707,9 @@ class HubService:
                     answers.append(refusal)
                     continue
                 if node is None:
-                    node = known[node_id] = m.Node(
-                        id=node_id,
-                        public_key=r.public_key.hex(),
-                        registered_at=now,
-                        register_net=network,
+                    node = known[node_id] = node_store.add_node(
+                        s, node_id, r.public_key.hex(), now, network
                     )
-                    s.add(node)
                 req = r.request
                 node.name = req.name
                 node.hardware_json = req.hardware.model_dump_json()
@@ -759,20 +730,11 @@ class HubService:
         counted here); with `crossed_from` (the previous count) only those it was below, so
         a round kept pending for another reason is not woken again at every count."""
         with self.sessions() as s:
-            pending = s.execute(
-                select(m.Run.id, m.Run.config_json)
-                .join(m.Round, (m.Round.run_id == m.Run.id) & (m.Round.number == m.Run.round))
-                .where(m.Run.status == RunState.ACTIVE, m.Round.status == RoundStatus.PENDING)
-            ).all()
+            pending = run_store.pending_round_runs(s)
             if not pending:
                 return
             if live is None:
-                live = s.scalar(
-                    select(func.count()).where(
-                        m.Node.last_seen_at >= self._live_cutoff(now),
-                        m.Node.status != NodeStatus.LEFT,
-                    )
-                )
+                live = node_store.count_live_nodes(s, self._live_cutoff(now))
         for run_id, config_json in pending:
             try:
                 min_nodes = m.stored_settings(run_id, config_json).round.min_nodes
@@ -792,7 +754,7 @@ class HubService:
         round work and cost no commit (no fsync) each."""
         if node_id not in self._known_nodes:
             with self.sessions() as s:
-                if s.get(m.Node, node_id) is None:
+                if node_store.node_row(s, node_id) is None:
                     raise HubError(403, f"node {node_id} is not registered")
             self._known_nodes.add(node_id)
         with self._notes_lock:
@@ -817,16 +779,11 @@ class HubService:
                 pending[node_id] = (pending[node_id][0], at)
         # in id order: two replicas' batches never wait for each other in a cycle
         if pending:
-            s.execute(
-                update(m.Node),
-                [
-                    {"id": node_id, "status": status, "last_seen_at": seen_at}
-                    for node_id, (status, seen_at) in sorted(pending.items())
-                ],
-            )
+            beats = [(node_id, status, at) for node_id, (status, at) in sorted(pending.items())]
+            node_store.write_heartbeats(s, beats)
         times = sorted((n, at) for n, at in seen.items() if n not in pending)
         if times:
-            s.execute(update(m.Node), [{"id": n, "last_seen_at": at} for n, at in times])
+            node_store.mark_seen(s, times)
 
     def report_energy(self, node_id: str, report: EnergyReport) -> None:
         """Store a node's energy report (hub/energy.py reads it when planning); a node whose own
@@ -857,14 +814,7 @@ class HubService:
     @staticmethod
     def _lock_runs_of(s: Session, node_ids: list[str]) -> set[str]:
         """Lock the runs in which `node_ids` hold outstanding work (before releasing it)."""
-        runs = set(
-            s.scalars(
-                select(m.Assignment.run_id).where(
-                    m.Assignment.node_id.in_(node_ids),
-                    m.Assignment.status == AssignmentStatus.ASSIGNED,
-                )
-            )
-        )
+        runs = contribution_store.runs_with_outstanding(s, node_ids)
         lock_runs(s, runs)
         return runs
 
@@ -903,7 +853,7 @@ class HubService:
         # runs created by another replica are learnt by scanning again, at most once a second
         scanned_at = self._dataset_blobs_loaded_at
         if scanned_at is None or time.monotonic() - scanned_at >= DATASET_RESCAN_S:
-            for run_id, config_json in s.execute(select(m.Run.id, m.Run.config_json)):
+            for run_id, config_json in run_store.run_configs(s):
                 try:
                     ref = manifest_ref(m.stored_settings(run_id, config_json).data.dataset)
                 except UnreadableSettings:
@@ -942,7 +892,8 @@ class HubService:
         weights = self.blobs.put(pack_vector(theta, {"run_id": run_id, "version": 0}))
         now = self.clock()
         with self.lock, self.sessions() as s:
-            s.add(
+            run_store.add_run(
+                s,
                 m.Run(
                     id=run_id,
                     name=cfg.name,
@@ -954,10 +905,7 @@ class HubService:
                     round=0,
                     tokens_total=0,
                     created_at=now,
-                )
-            )
-            s.flush()
-            s.add(
+                ),
                 m.Version(
                     run_id=run_id,
                     number=0,
@@ -965,12 +913,10 @@ class HubService:
                     val_loss=val_loss,
                     tokens_total=0,
                     created_at=now,
-                )
-            )
-            s.add(
+                ),
                 m.Round(
                     run_id=run_id, number=0, base_version=0, attempt=0, status=RoundStatus.PENDING
-                )
+                ),
             )
             s.commit()
         self._workloads[run_id] = workload
@@ -980,16 +926,8 @@ class HubService:
         """429 when this identity already has too many runs (hub/limits.py)."""
         now = self.clock()
         with self.sessions() as s:
-            active = s.scalar(
-                select(func.count()).where(
-                    m.Run.sponsor_key == sponsor_key.hex(), m.Run.status == RunState.ACTIVE
-                )
-            )
-            recent = s.scalars(
-                select(m.Run.created_at).where(
-                    m.Run.sponsor_key == sponsor_key.hex(), m.Run.created_at > now - HOUR_S
-                )
-            ).all()
+            active = run_store.count_active_runs_of(s, sponsor_key.hex())
+            recent = run_store.run_creation_times_of(s, sponsor_key.hex(), now - HOUR_S)
         check_run_quota(
             active or 0,
             list(recent),
@@ -1002,7 +940,7 @@ class HubService:
         """The run (404 if none); with `lock`, its row locked until the transaction ends: every
         transaction that changes a run's rounds, assignments or contributions takes it first, so
         hub replicas serialize per run (hub/replicas.py)."""
-        run = lock_run(s, run_id) if lock else s.get(m.Run, run_id)
+        run = lock_run(s, run_id) if lock else run_store.run_row(s, run_id)
         if run is None:
             raise HubError(404, f"run {run_id} not found")
         return run
@@ -1021,10 +959,10 @@ class HubService:
         s: Session, run_id: str, node_id: str, assignment_id: str
     ) -> tuple[m.Node, m.Assignment]:
         """`node_id`'s row and one of its assignments in `run_id` (403 / 404 otherwise)."""
-        node = s.get(m.Node, node_id)
+        node = node_store.node_row(s, node_id)
         if node is None:
             raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
-        assignment = s.get(m.Assignment, assignment_id)
+        assignment = contribution_store.assignment_row(s, assignment_id)
         if assignment is None or assignment.run_id != run_id:
             raise HubError(404, f"assignment {assignment_id} not found in run {run_id}")
         if assignment.node_id != node_id:
@@ -1069,26 +1007,7 @@ class HubService:
         missing = [n for n in dict.fromkeys(node_ids) if (run_id, n) not in self._achieved]
         for start in range(0, len(missing), SPEED_BATCH):
             batch = missing[start : start + SPEED_BATCH]
-            rank = (
-                func.row_number()
-                .over(partition_by=m.Contribution.node_id, order_by=m.Contribution.round.desc())
-                .label("rank")
-            )
-            ranked = (
-                select(
-                    m.Contribution.node_id,
-                    m.Contribution.tokens,
-                    m.Contribution.train_time_s,
-                    rank,
-                )
-                .where(m.Contribution.run_id == run_id, m.Contribution.node_id.in_(batch))
-                .subquery()
-            )
-            rows = s.execute(
-                select(ranked.c.node_id, ranked.c.tokens, ranked.c.train_time_s)
-                .where(ranked.c.rank <= SPEED_WINDOW)
-                .order_by(ranked.c.node_id, ranked.c.rank.desc())  # oldest first, per node
-            ).all()
+            rows = contribution_store.recent_speeds(s, run_id, batch, SPEED_WINDOW)
             speeds: dict[str, float | None] = dict.fromkeys(batch)
             for node_id, tokens, train_time_s in rows:
                 speeds[node_id] = update_speed(speeds[node_id], tokens, train_time_s)
@@ -1105,11 +1024,7 @@ class HubService:
 
     def _live_nodes(self, s: Session, now: float):
         """Nodes heard from within liveness_s that have not left (one indexed query)."""
-        return s.scalars(
-            select(m.Node).where(
-                m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
-            )
-        ).all()
+        return node_store.live_nodes(s, self._live_cutoff(now))
 
     def _fastest_live(self, s: Session, run: m.Run, now: float) -> float | None:
         """The fastest live node's tokens/s on this run: recomputed from one query of the live
@@ -1117,11 +1032,7 @@ class HubService:
         faster (a stale maximum for up to LIVE_VIEW_S only shortens slow nodes' plans less)."""
         view = self._live_view.get(run.id)
         if view is None or now - view[0] > LIVE_VIEW_S or now < view[0]:
-            rows = s.execute(
-                select(m.Node.id, m.Node.probe_rate).where(
-                    m.Node.last_seen_at >= self._live_cutoff(now), m.Node.status != NodeStatus.LEFT
-                )
-            ).all()
+            rows = node_store.live_node_probes(s, self._live_cutoff(now))
             self._load_achieved_speeds(s, run.id, [node_id for node_id, _ in rows])
             speeds = [self._speed(s, run, node_id, probe) for node_id, probe in rows]
             view = (now, max(speeds, default=None), run.numel)
@@ -1166,14 +1077,8 @@ class HubService:
         now = self.clock()
         released = 0
         if after is not RunState.ACTIVE:  # nobody works on a held or ended run
-            released = s.execute(
-                update(m.Assignment)
-                .where(
-                    m.Assignment.run_id == run.id, m.Assignment.status == AssignmentStatus.ASSIGNED
-                )
-                .values(status=AssignmentStatus.RELEASED)
-            ).rowcount
-        rnd = s.get(m.Round, (run.id, run.round))
+            released = run_store.release_run_assignments(s, run.id)
+        rnd = run_store.round_row(s, run.id, run.round)
         if after is RunState.ACTIVE and rnd is not None and rnd.status == RoundStatus.OPEN:
             cfg = run.settings()  # 409 while its settings cannot be read back (it stays stalled)
             rnd.deadline_at = now + cfg.round.deadline_s  # the hold did not eat the round's time
@@ -1208,26 +1113,12 @@ class HubService:
             run, assignment = self._own_assignment(s, run_id, node_id, report.assignment_id)
             if assignment.status == AssignmentStatus.ASSIGNED:
                 assignment.status = AssignmentStatus.FAILED
-            s.add(
-                m.RunFailure(
-                    run_id=run_id,
-                    node_id=node_id,
-                    round=assignment.round,
-                    reason=report.reason,
-                    created_at=now,
-                )
-            )
-            s.flush()
+            run_store.add_run_failure(s, run_id, node_id, assignment.round, report.reason, now)
             progress_at = max(
-                s.scalar(select(func.max(m.Version.created_at)).where(m.Version.run_id == run_id))
-                or 0.0,
+                version_store.last_version_at(s, run_id) or 0.0,
                 run.status_changed_at or 0.0,
             )
-            failures = s.scalar(
-                select(func.count()).where(
-                    m.RunFailure.run_id == run_id, m.RunFailure.created_at >= progress_at
-                )
-            )
+            failures = run_store.count_failures_since(s, run_id, progress_at)
             log.warning(
                 "run %s: node %s failed round %d: %s",
                 run_id,
@@ -1235,13 +1126,7 @@ class HubService:
                 assignment.round,
                 report.reason,
             )
-            working = s.scalar(
-                select(func.count()).where(
-                    m.Assignment.run_id == run_id,
-                    m.Assignment.round == run.round,
-                    m.Assignment.status.in_(sorted(HOLDS_PLACE)),
-                )
-            )
+            working = contribution_store.count_places_taken(s, run_id, run.round)
             if run.status == RunState.ACTIVE and should_stall(failures, working):
                 reason = (
                     f"{failures} node failures and no round closed since; "
@@ -1310,7 +1195,7 @@ class HubService:
         write lock until commit, and the nonces and heartbeats of other requests wait for it."""
         s.autoflush = False
         run = self._run(s, run_id, lock=True)  # replicas decide one batch at a time
-        nodes = {n.id: n for n in s.scalars(select(m.Node).where(m.Node.id.in_(node_ids)))}
+        nodes = {n.id: n for n in node_store.nodes_by_id(s, node_ids)}
         cutoff = self._live_cutoff(now)
         answers: dict[str, AskAnswer] = {}
         for node_id in node_ids:
@@ -1330,7 +1215,7 @@ class HubService:
         run_snap = run_snapshot(run)
         waiting = run_wait(run_snap)
         if waiting is None:
-            rnd = s.get(m.Round, (run.id, run.round))
+            rnd = run_store.round_row(s, run.id, run.round)
             waiting = round_wait(row_snapshot(run, rnd, run_snap))
         if waiting is not None:
             answer = self._waiting(waiting)
@@ -1372,14 +1257,7 @@ class HubService:
         cfg = run.settings()
         rules = self._rules(cfg)
         if node.id in seats.seated:
-            held = s.scalars(
-                select(m.Assignment).where(
-                    m.Assignment.run_id == run.id,
-                    m.Assignment.round == run.round,
-                    m.Assignment.node_id == node.id,
-                    m.Assignment.status == AssignmentStatus.ASSIGNED,
-                )
-            ).first()
+            held = contribution_store.held_assignment(s, run.id, run.round, node.id)
             if held is not None:
                 # the node asks again while its work is outstanding: the answer that gave it
                 # was lost (a replica, or the hub, died after the commit). The same work
@@ -1401,7 +1279,7 @@ class HubService:
         if admission is None:  # reputation: cheaters excluded (403), reputed nodes first
 
             def competitor_ids() -> list[str]:
-                taken = set(s.scalars(select(m.Assignment.node_id).where(*seats.where)))
+                taken = contribution_store.place_holders(s, seats.run_id, seats.round_number)
                 return [
                     n.id
                     for n in self._live_nodes(s, now)
@@ -1471,7 +1349,7 @@ class HubService:
         key = (run_id, number)
         blobs = self._versions.get(key)
         if blobs is None and number >= 0:
-            row = s.get(m.Version, key)
+            row = version_store.version_row(s, run_id, number)
             if row is None:
                 return None  # not (yet) there: not remembered
             blobs = VersionBlobs(row.weights_blob, row.delta_blob)
@@ -1484,7 +1362,7 @@ class HubService:
         """Fetch the hub's own intensity forecasts (`--signals`, possibly over HTTP) that a green
         run plans with and that are older than FORECAST_TTL_S: before the lock, never under it."""
         with self.sessions() as s:
-            run = s.get(m.Run, run_id)
+            run = run_store.run_row(s, run_id)
             cfg = run.settings() if run else None
         if cfg is None or cfg.energy.policy == "agnostic":
             return
@@ -1589,9 +1467,10 @@ class HubService:
             # settings, sizes and rounds never change: no lock; one query on a plain pooled
             # connection (no ORM session): the run's state, the node's region, the
             # assignment's round
-            params = {"run": run_id, "node": node_id, "assignment": meta.assignment_id}
             with self.engine.connect() as conn:
-                status, region, round_number = conn.execute(UPLOAD_FACTS_QUERY, params).one()
+                status, region, round_number = contribution_store.upload_facts(
+                    conn, run_id, node_id, meta.assignment_id
+                )
             if status is None:
                 raise HubError(404, f"run {run_id} not found")
             run = self._run_constants.get(run_id)
@@ -1663,16 +1542,14 @@ class HubService:
             # (and the database's write lock) begins here and the savepoints below nest in it
             # (a SAVEPOINT that begins a pysqlite transaction commits on its release)
             node_ids = sorted({u.node_id for u in uploads})
-            s.execute(
-                update(m.Node).where(m.Node.id.in_(node_ids)).values(last_seen_at=self.clock())
-            )
+            node_store.touch_nodes(s, node_ids, self.clock())
             # the batch's round, nodes and assignments in three queries, not three per upload
             # (held here: the session's identity map keeps rows only while they are referred to)
             assignment_ids = sorted({u.meta.assignment_id for u in uploads})
             rows = [
-                s.get(m.Round, (run.id, run.round)),
-                *s.scalars(select(m.Node).where(m.Node.id.in_(node_ids))),
-                *s.scalars(select(m.Assignment).where(m.Assignment.id.in_(assignment_ids))),
+                run_store.round_row(s, run.id, run.round),
+                *node_store.nodes_by_id(s, node_ids),
+                *contribution_store.assignments_by_id(s, assignment_ids),
             ]
             # what every upload of the batch is judged on alike (the run's newest contributions,
             # those with the batch's update digests): read once, kept current as it stores
@@ -1770,7 +1647,7 @@ class HubService:
         written. The caller holds the service lock, `run` locked, in its transaction `s`.
         `energy_window`: the run's newest contributions for a batch of uploads, read once
         (hub/upload_facts.py); None: the energy facts are queried for this upload alone."""
-        rnd = s.get(m.Round, (run.id, run.round))
+        rnd = run_store.round_row(s, run.id, run.round)
         snap = row_snapshot(run, rnd)
         place = AssignmentFacts(
             AssignmentStatus(assignment.status), assignment.round, assignment.inner_steps
@@ -1802,7 +1679,7 @@ class HubService:
         is missing) and this removal never interleave."""
         with self.lock, self.sessions() as s:
             lock_run(s, run_id)
-            if s.get(m.Contribution, digest) is None:
+            if contribution_store.contribution_row(s, digest) is None:
                 self.blobs.delete(digest)
 
     def fragment(self, run: m.Run | RunConstants, round_number: int) -> tuple[int, int] | None:
@@ -1876,7 +1753,7 @@ class HubService:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
             self.flush_downloads(s)
             s.commit()
-            run_ids = s.scalars(select(m.Run.id).where(m.Run.status == RunState.ACTIVE)).all()
+            run_ids = run_store.active_run_ids(s)
         self.count_live_nodes()
         self.watch_rounds()
         for run_id in run_ids:
@@ -1987,15 +1864,7 @@ class HubService:
 
     @staticmethod
     def _accepted(s: Session, run_id: str, round_number: int) -> list[m.Contribution]:
-        return s.scalars(
-            select(m.Contribution)
-            .where(
-                m.Contribution.run_id == run_id,
-                m.Contribution.round == round_number,
-                m.Contribution.status == ContributionStatus.ACCEPTED,
-            )
-            .order_by(m.Contribution.node_id)
-        ).all()
+        return contribution_store.accepted_contributions(s, run_id, round_number)
 
     def _prepare_close(self, run_id: str) -> None:
         """Outside the lock: if the run's round is due to close, compute its new version now
@@ -2006,7 +1875,7 @@ class HubService:
         aggregating, so they are closed under the lock as before."""
         now = self.clock()
         with self.sessions() as s:
-            run = s.get(m.Run, run_id)
+            run = run_store.run_row(s, run_id)
             if run is None or run.status != RunState.ACTIVE:
                 return
             if not closes_outside_lock(run):
@@ -2017,7 +1886,7 @@ class HubService:
                 return
             contributions = self._accepted(s, run.id, rnd.number)
             if contributions:
-                base = s.get(m.Version, (run.id, rnd.base_version))
+                base = version_store.version_row(s, run.id, rnd.base_version)
                 self._new_version(s, run, rnd, run.settings(), base, contributions, now)
             s.rollback()
 
@@ -2113,7 +1982,7 @@ class HubService:
         Commits; answers CLOSE or REPLAN."""
         cfg = run.settings()
         workload = self.workload(run.id, run.config_json)
-        base = s.get(m.Version, (run.id, rnd.base_version))
+        base = version_store.version_row(s, run.id, rnd.base_version)
         # replay audits + usefulness first: rejected contributions are not aggregated (trust.py)
         screening = self.trust.screen_round(s, run, rnd, cfg, workload, base)
         screened = round_engine.step(snapshot, rules, round_engine.Screened(screening), now)
@@ -2128,7 +1997,7 @@ class HubService:
         version = m.Version(
             run_id=run.id, tokens_total=tokens_total, created_at=now, **new.columns()
         )
-        s.add(version)
+        version_store.add_version(s, version)
         self.trust.settle_round(s, run, rnd, cfg, version)  # verdicts, rewards, reputation
         # the epsilon budget: would one more round pass it (DP accounting, hub/privacy.py)
         privacy_stop = self.privacy.stop_reason(s, run, cfg)
@@ -2169,11 +2038,7 @@ class HubService:
         if run_id is not None:
             return run_id
         with self.sessions() as s:
-            version = s.scalars(
-                select(m.Version)
-                .where((m.Version.weights_blob == digest) | (m.Version.delta_blob == digest))
-                .limit(1)
-            ).first()
+            version = version_store.version_with_blob(s, digest)
             if version is None and not self._is_dataset_blob(s, digest):
                 raise HubError(
                     404, f"blob {digest} is not a published model version, delta or dataset blob"
@@ -2211,7 +2076,7 @@ class HubService:
         with self._notes_lock:
             rows, self._downloads = self._downloads, []
         if rows:
-            s.execute(insert(m.Download), rows)
+            version_store.insert_downloads(s, rows)
 
     def blob_download(
         self, digest: str, node_id: str | None, range_header: str | None
@@ -2256,7 +2121,7 @@ class HubService:
     def latest_version(self, run_id: str) -> dict:
         with self.sessions() as s:
             run = self._run(s, run_id)
-            v = s.get(m.Version, (run_id, run.version))
+            v = version_store.version_row(s, run_id, run.version)
             return {"number": v.number, "weights_blob": v.weights_blob, "val_loss": v.val_loss}
 
     def list_runs(self) -> list[dict]:
@@ -2268,10 +2133,8 @@ class HubService:
         1k tokens, local-surplus share and the agnostic counterfactual (GET .../report)."""
         with self.sessions() as s:
             run = self._run(s, run_id)
-            contributions = s.scalars(
-                select(m.Contribution).where(m.Contribution.run_id == run_id)
-            ).all()
-            nodes = s.scalars(select(m.Node)).all()
+            contributions = contribution_store.run_contributions(s, run_id)
+            nodes = node_store.all_nodes(s)
         cfg = run.settings()
 
         def hub_intensity_at(region: str, t_s: float) -> float | None:
@@ -2295,7 +2158,7 @@ class HubService:
                 self.flush_downloads(s)
                 s.commit()
         with self.sessions() as s:
-            rows = reports.read_run_rows(s, self._run(s, run_id))
+            rows = read_run_rows(s, self._run(s, run_id))
         now = self.clock()
         return reports.run_status_json(rows, now, self.liveness_s(now)) | self._policy_status(rows)
 

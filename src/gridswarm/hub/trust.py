@@ -62,30 +62,27 @@ from gridswarm.hub.openapi import RunIdParam, openapi_body
 from gridswarm.hub.registration import check_invited
 from gridswarm.hub.rounds import Screening
 from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus, ContributionStatus, RoundStatus
+from gridswarm.hub.store.contributions import assignment_row, assignments_by_id, run_contributions
 from gridswarm.hub.store.locks import lock_run
+from gridswarm.hub.store.nodes import node_row
 from gridswarm.hub.store.registration import newcomers_placed, proven_nodes
+from gridswarm.hub.store.runs import round_row, run_row
 from gridswarm.hub.store.trust import (
     add_trust_round,
     apply_settlement,
-    assignment_row,
-    assignments_by_id,
     contribution_facts,
     contributions_by_id,
     flush_verdicts,
-    node_row,
     others_recent_speeds,
     read_reputation,
     read_reputations,
     read_settlement,
     round_contributions,
-    round_row,
-    run_contributions,
-    run_row,
     trust_round,
     unaudited_contributions,
-    version_row,
     write_reputation,
 )
+from gridswarm.hub.store.versions import version_row
 from gridswarm.hub.upload_facts import ENERGY_WINDOW, EnergyWindow, ReplayIndex
 from gridswarm.identity import Identity, node_id_from_public_key
 from gridswarm.ledger.balances import RunEscrow, run_escrow

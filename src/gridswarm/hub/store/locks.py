@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 from gridswarm.hub import models as m
 from gridswarm.hub.lifecycle import NOT_ENDED, RunState
 from gridswarm.hub.states import HOLDS_PLACE
-from gridswarm.protocol import NodeStatus
 
 TICKER_LOCK_KEY = 0x67726964_7469636B & 0x7FFFFFFFFFFFFFFF  # "gridtick": the ticker lease
 MIGRATION_LOCK_KEY = 0x67726964_6D696772  # "gridmigr": replicas starting at once migrate in turn
@@ -106,13 +105,4 @@ def places_taken(s: Session) -> dict[str, int]:
             .where(m.Run.status == RunState.ACTIVE, m.Assignment.status.in_(sorted(HOLDS_PLACE)))
             .group_by(m.Assignment.run_id)
         ).all()
-    )
-
-
-def live_nodes(s: Session, live_cutoff: float) -> int:
-    """Nodes heard from since `live_cutoff` (seconds) that have not left: one count."""
-    return s.scalar(
-        select(func.count()).where(
-            m.Node.last_seen_at >= live_cutoff, m.Node.status != NodeStatus.LEFT
-        )
     )

@@ -4,8 +4,8 @@ sessions and their stage messages, and the contribution reads of the SecAgg requ
 Plain functions over the caller's `Session`: none commits, and none decides; `HubPrivacy`
 holds the service lock and the run's row lock, owns the transaction, and decides (the round
 engine, `hub/engine.py`, decides the stages; `hub/store/rounds.py` writes the session row's
-status columns). Rows by primary key (run, node, round, assignment) are `hub/store/trust.py`'s
-lookups, shared.
+status columns). Rows by primary key (run, node, round, assignment) and a stage's node rows
+are `store/runs.py`'s, `store/nodes.py`'s and `store/contributions.py`'s.
 """
 
 from __future__ import annotations
@@ -145,11 +145,6 @@ def delete_secagg_messages(s: Session, run_id: str, number: int) -> None:
 
 
 # ------------------------------------------------------------------ nodes and contributions
-
-
-def node_rows(s: Session, node_ids: frozenset[str]) -> ScalarResult[m.Node]:
-    """The rows of `node_ids` (whose liveness decides who a stage counts as lost)."""
-    return s.scalars(select(m.Node).where(m.Node.id.in_(node_ids)))
 
 
 def assignment_contribution(s: Session, assignment_id: str) -> m.Contribution | None:

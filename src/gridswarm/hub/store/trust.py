@@ -6,14 +6,14 @@ the service lock and the runs' row locks, owns the transaction, and decides (wit
 rules of `gridswarm.trust`). Settlement is one read (`read_settlement`) and one write
 (`apply_settlement`) around the pure `trust/settlement.py` `settle`.
 
-The row lookups by primary key (`run_row`, `node_row`, `round_row`, `assignment_row`,
-`version_row`) answer from the session's identity map when the row is loaded (no query), and
-serve `hub/privacy.py` too.
+Rows by primary key and the reads the service shares (`assignments_by_id`,
+`run_contributions`) are those of `store/runs.py`, `store/nodes.py`, `store/versions.py` and
+`store/contributions.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -27,34 +27,6 @@ from gridswarm.hub.states import ContributionStatus
 from gridswarm.ledger.balances import RunEscrow
 from gridswarm.trust.reputation import Reputation
 from gridswarm.trust.settlement import ContributionFacts, RoundFacts, Settlement
-
-# ------------------------------------------------------------------ rows by key
-
-
-def run_row(s: Session, run_id: str) -> m.Run | None:
-    """The run's row (none: no such run)."""
-    return s.get(m.Run, run_id)
-
-
-def node_row(s: Session, node_id: str) -> m.Node | None:
-    """The node's row (none: not registered)."""
-    return s.get(m.Node, node_id)
-
-
-def round_row(s: Session, run_id: str, number: int) -> m.Round | None:
-    """Round `number` of the run (none: not opened yet)."""
-    return s.get(m.Round, (run_id, number))
-
-
-def version_row(s: Session, run_id: str, number: int) -> m.Version | None:
-    """Version `number` of the run's weights (none: not made yet)."""
-    return s.get(m.Version, (run_id, number))
-
-
-def assignment_row(s: Session, assignment_id: str) -> m.Assignment | None:
-    """The assignment's row (none: no such assignment)."""
-    return s.get(m.Assignment, assignment_id)
-
 
 # ------------------------------------------------------------------ reputation
 
@@ -160,12 +132,6 @@ def contributions_by_id(s: Session, ids: list[str]) -> ScalarResult[m.Contributi
     return s.scalars(select(m.Contribution).where(m.Contribution.id.in_(ids)))
 
 
-def assignments_by_id(s: Session, ids: Iterable[str]) -> ScalarResult[m.Assignment]:
-    """The assignments with these ids (one query; the rows stay in `s`'s identity map while the
-    caller holds them, so `assignment_row` then reads none)."""
-    return s.scalars(select(m.Assignment).where(m.Assignment.id.in_(ids)))
-
-
 def round_contributions(s: Session, run_id: str, number: int) -> Sequence[m.Contribution]:
     """Every contribution of the run's round `number` (all attempts, all statuses), by node id:
     the order screening judges them and settlement splits the pool in."""
@@ -174,11 +140,6 @@ def round_contributions(s: Session, run_id: str, number: int) -> Sequence[m.Cont
         .where(m.Contribution.run_id == run_id, m.Contribution.round == number)
         .order_by(m.Contribution.node_id)
     ).all()
-
-
-def run_contributions(s: Session, run_id: str) -> Sequence[m.Contribution]:
-    """Every contribution of the run (the run's trust status)."""
-    return s.scalars(select(m.Contribution).where(m.Contribution.run_id == run_id)).all()
 
 
 def assigned_node_ids(s: Session, run_id: str, number: int) -> ScalarResult[str]:
