@@ -13,14 +13,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gridswarm.hub.app as app_module
 from gridswarm.hub.metrics import NO_METRICS, RequestMetrics
 from gridswarm.identity import Identity
+from gridswarm.node.client import HubClient
 from gridswarm.protocol import API
-from tests.conftest import tiny_run
+from tests.conftest import tiny_run, wait_for
 from tests.hub.harness import Hub
 from tests.hub.test_dashboard import NO_AUDITS, upload
 
@@ -207,3 +209,34 @@ def test_replica_processes_share_one_scrape(tmp_path):
         assert value(samples, "gridswarm_round_close_seconds_count") == 2
     assert value(live, "gridswarm_http_requests_in_flight") == 2
     assert value(ended, "gridswarm_http_requests_in_flight") == 0
+
+
+@pytest.mark.slow
+def test_a_real_nodes_round_shows_up_in_a_live_hubs_metrics(make_swarm):
+    """A hub process and a node process: the node's round is in `gridswarm_rounds_closed`, its
+    upload in the contributions route's count, and the ticker has sampled the live node."""
+    swarm = make_swarm()
+    swarm.start_hub()
+    sponsor = HubClient(swarm.url, Identity.generate(), retry_for_s=30)
+    run_id = sponsor.create_run(tiny_run(budget={"rounds": 1})).run_id
+    swarm.start_node("n0", run_id)
+
+    def live_scrape() -> Samples:
+        r = httpx.get(f"{swarm.url}/metrics", timeout=30)
+        assert r.status_code == 200, r.text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text)
+            for s in family.samples
+        }
+
+    def closed() -> Samples | None:
+        samples = live_scrape()
+        return samples if value(samples, "gridswarm_rounds_closed_total") >= 1 else None
+
+    samples = wait_for(closed, 120, "the node's round to close")
+    assert value(samples, "gridswarm_contributions_accepted_total") >= 1
+    assert requests(samples, f"{API}/runs/{{run_id}}/contributions", "POST", "2xx") >= 1
+    assert value(samples, "gridswarm_round_close_seconds_count") >= 1
+    assert value(samples, "gridswarm_tick_seconds_count") >= 1
+    wait_for(lambda: value(live_scrape(), "gridswarm_live_nodes") >= 1, 60, "the live node's count")
