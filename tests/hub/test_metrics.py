@@ -116,6 +116,7 @@ def test_a_closed_round_and_its_contribution_are_counted(hub):
     run_id = hub.create_run(Identity.generate(), tiny_run(trust=dict(NO_AUDITS)))
     before = scrape(hub)
     assert value(before, "gridswarm_rounds_closed_total") == 0
+    assert value(before, "gridswarm_live_nodes") == 0  # not counted yet (the tick counts)
     a = hub.assignment(node, run_id)
     assert a is not None
     upload(hub, node, run_id, a, seed=1)
@@ -128,6 +129,7 @@ def test_a_closed_round_and_its_contribution_are_counted(hub):
     assert value(after, "gridswarm_active_runs") == 1
     assert value(after, "gridswarm_heartbeat_interval_seconds") == 3.0
     assert value(after, "gridswarm_uploads_in_flight") == 0
+    assert value(after, "gridswarm_live_nodes") == 1  # as the tick counted them
     route = f"{API}/runs/{{run_id}}/contributions"
     assert requests(after, route, "POST", "2xx") == 1
 
@@ -155,7 +157,7 @@ MULTIPROCESS = textwrap.dedent(
     use_multiprocess(sys.argv[1])
     children = []
     for i in range(2):
-        read, write = os.pipe()
+        ready, go = os.pipe(), os.pipe()  # child -> parent, parent -> child
         pid = os.fork()
         if pid == 0:
             m = HubMetrics()
@@ -163,16 +165,16 @@ MULTIPROCESS = textwrap.dedent(
             m.refused("busy")
             m.in_flight.inc()
             m.round_advanced("close", 0.5)
-            os.write(write, b"x")
-            os.read(read, 1)  # until the parent has scraped
+            os.write(ready[1], b"x")
+            os.read(go[0], 1)  # until the parent has scraped
             os._exit(0)
-        children.append((pid, read, write))
-    for _, read, _ in children:
-        os.read(read, 1)
+        children.append((pid, ready[0], go[1]))
+    for _, ready, _ in children:
+        assert os.read(ready, 1) == b"x"
     print(HubMetrics().scrape().decode())
     print("----")
-    for pid, _, write in children:
-        os.write(write, b"x")
+    for pid, _, go in children:
+        os.write(go, b"x")
         os.waitpid(pid, 0)
         process_ended(pid)
     print(HubMetrics().scrape().decode())
@@ -214,11 +216,11 @@ def test_replica_processes_share_one_scrape(tmp_path):
 @pytest.mark.slow
 def test_a_real_nodes_round_shows_up_in_a_live_hubs_metrics(make_swarm):
     """A hub process and a node process: the node's round is in `gridswarm_rounds_closed`, its
-    upload in the contributions route's count, and the ticker has sampled the live node."""
+    upload in the contributions route's count, the ticker's ticks in theirs."""
     swarm = make_swarm()
     swarm.start_hub()
     sponsor = HubClient(swarm.url, Identity.generate(), retry_for_s=30)
-    run_id = sponsor.create_run(tiny_run(budget={"rounds": 1})).run_id
+    run_id = sponsor.create_run(tiny_run(budget={"rounds": 3})).run_id
     swarm.start_node("n0", run_id)
 
     def live_scrape() -> Samples:
@@ -234,9 +236,8 @@ def test_a_real_nodes_round_shows_up_in_a_live_hubs_metrics(make_swarm):
         samples = live_scrape()
         return samples if value(samples, "gridswarm_rounds_closed_total") >= 1 else None
 
-    samples = wait_for(closed, 120, "the node's round to close")
+    samples = wait_for(closed, 120, "the node's round to close", poll_s=0.5)
     assert value(samples, "gridswarm_contributions_accepted_total") >= 1
     assert requests(samples, f"{API}/runs/{{run_id}}/contributions", "POST", "2xx") >= 1
     assert value(samples, "gridswarm_round_close_seconds_count") >= 1
     assert value(samples, "gridswarm_tick_seconds_count") >= 1
-    wait_for(lambda: value(live_scrape(), "gridswarm_live_nodes") >= 1, 60, "the live node's count")
