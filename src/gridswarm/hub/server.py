@@ -245,6 +245,7 @@ def serve_replicas(
     metrics_dir = tempfile.mkdtemp(prefix="gridswarm-hub-metrics-") if metrics else None
     if metrics_dir is not None:
         use_multiprocess(metrics_dir)
+        log.info("the replicas' metrics in %s", metrics_dir)
     certfile, keyfile = tls if tls is not None else (None, None)
 
     def replica() -> None:
