@@ -241,3 +241,18 @@ def test_a_real_nodes_round_shows_up_in_a_live_hubs_metrics(make_swarm):
     assert requests(samples, f"{API}/runs/{{run_id}}/contributions", "POST", "2xx") >= 1
     assert value(samples, "gridswarm_round_close_seconds_count") >= 1
     assert value(samples, "gridswarm_tick_seconds_count") >= 1
+
+
+@pytest.mark.parametrize(("flag", "served"), [([], True), (["--no-metrics"], False)])
+def test_the_hub_command_passes_no_metrics_to_the_server(tmp_path, monkeypatch, flag, served):
+    from typer.testing import CliRunner
+
+    import gridswarm.hub.server as server
+    from gridswarm.cli import app
+
+    calls: list[dict] = []
+    monkeypatch.setattr(server, "serve", lambda *args, **kwargs: calls.append(kwargs))
+    db = f"sqlite:///{tmp_path}/hub.db"
+    result = CliRunner().invoke(app, ["hub", "--db", db, "--blobs", str(tmp_path), *flag])
+    assert result.exit_code == 0, result.output
+    assert [c["metrics"] for c in calls] == [served]
