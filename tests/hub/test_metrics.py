@@ -256,3 +256,26 @@ def test_the_hub_command_passes_no_metrics_to_the_server(tmp_path, monkeypatch, 
     result = CliRunner().invoke(app, ["hub", "--db", db, "--blobs", str(tmp_path), *flag])
     assert result.exit_code == 0, result.output
     assert [c["metrics"] for c in calls] == [served]
+
+
+def test_blob_totals_are_counted_once_whichever_sampler_reads_first():
+    """The ticker and a scrape both sample `BlobCounters`; a sample that read older totals
+    after a newer one was counted counts nothing again."""
+    from gridswarm.hub.metrics import HubMetrics, HubState
+
+    metrics = HubMetrics()
+
+    def sample(served: int, served_bytes: int) -> None:
+        blobs = {"served": served, "served_bytes": served_bytes, "redirected": 0}
+        metrics.sample(HubState(0, 3.0, 0, 0, {}, blobs))
+
+    for served, size in [(2, 200), (5, 500), (3, 300), (5, 500), (6, 650)]:
+        sample(served, size)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.scrape().decode())
+        for s in family.samples
+    }
+    assert value(samples, "gridswarm_blob_downloads_total", answer="served") == 6
+    assert value(samples, "gridswarm_blob_served_bytes_total") == 650
+    assert value(samples, "gridswarm_blob_downloads_total", answer="redirected") == 0

@@ -291,8 +291,11 @@ class HubMetrics(WorkObserver):
             self.public_reads_running.set(state.public_reads_running)
             for queue, depth in state.queued.items():
                 self.queued.labels(queue).set(depth)
+            # two samplers (the ticker, a scrape) may read the totals in either order: only
+            # what grew past the largest total already counted is counted
             grown = {k: v - self._blobs_seen.get(k, 0) for k, v in state.blobs.items()}
-            self._blobs_seen = dict(state.blobs)
+            for k, v in state.blobs.items():
+                self._blobs_seen[k] = max(v, self._blobs_seen.get(k, 0))
             for answer in ("served", "redirected"):
                 if grown.get(answer, 0) > 0:
                     self.blob_downloads.labels(answer).inc(grown[answer])
