@@ -13,9 +13,12 @@ signature, spend its nonce and note the node in memory. A node's round takes at 
 signed requests (its ask, its download, its upload), so three heartbeats are the floor of the
 hub's CPU per node-round here. `--baseline-src` runs
 the same phases against another checkout's hub right after (before/after in one invocation;
-this machine is noisy: read the ratios).
+this machine is noisy: read the ratios). `--baseline-hub-arg` gives the baseline's hub an
+option of its own instead (the same checkout with and without something), and `--swap` runs
+this side first (does the order explain the difference?).
 
     python bench/hub_request_cost.py --nodes 1000 --baseline-src /tmp/base/src
+    python bench/hub_request_cost.py --nodes 300 --baseline-hub-arg=--no-metrics
 """
 
 from __future__ import annotations
@@ -73,13 +76,16 @@ async def each(port: int, nodes: list[Identity], request: Request) -> list[hub_l
     return answers
 
 
-def measure(hub_src: Path | None, n: int, workdir: Path) -> dict[str, dict[str, float]]:
-    """Every phase of one round against a hub from `hub_src` (None: this checkout)."""
+def measure(
+    hub_src: Path | None, n: int, workdir: Path, hub_args: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Every phase of one round against a hub from `hub_src` (None: this checkout), started
+    with `hub_args` besides the usual options."""
     workdir.mkdir(parents=True, exist_ok=True)
     swarm = Swarm(workdir, free_port(), liveness_s=600.0)
     if hub_src is not None:
         swarm.env["PYTHONPATH"] = str(hub_src.resolve())
-    swarm.hub_extra += ["--register-per-net-hour", "0", "--max-new-nodes", "0"]
+    swarm.hub_extra += ["--register-per-net-hour", "0", "--max-new-nodes", "0", *(hub_args or [])]
     swarm.start_hub(timeout_s=240.0)
     try:
         nodes = [Identity.generate() for _ in range(n)]
@@ -206,6 +212,13 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--baseline-src", type=Path, default=None, help="another checkout's src/")
     parser.add_argument("--hub-src", type=Path, default=None, help="run this side's hub from here")
+    parser.add_argument(
+        "--baseline-hub-arg",
+        action="append",
+        default=[],
+        help="an option for the baseline's hub only (repeat for more), e.g. --no-metrics",
+    )
+    parser.add_argument("--swap", action="store_true", help="measure this side first")
     parser.add_argument("--out", type=Path, default=None, help="JSON (and .md beside it)")
     args = parser.parse_args()
     doc: dict = {
@@ -215,11 +228,15 @@ def main() -> None:
         "results": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        if args.baseline_src is not None:
-            hub_load.log("baseline")
-            doc["results"]["baseline"] = measure(args.baseline_src, args.nodes, Path(tmp) / "b")
-        hub_load.log("this")
-        doc["results"]["this"] = measure(args.hub_src, args.nodes, Path(tmp) / "t")
+        sides = []
+        if args.baseline_src is not None or args.baseline_hub_arg:
+            sides.append(("baseline", args.baseline_src, args.baseline_hub_arg))
+        sides.insert(len(sides) if not args.swap else 0, ("this", args.hub_src, []))
+        got = {}
+        for side, src, hub_args in sides:
+            hub_load.log(side)
+            got[side] = measure(src, args.nodes, Path(tmp) / side, hub_args)
+        doc["results"] = {side: got[side] for side in ("baseline", "this") if side in got}
     text = markdown(doc)
     print(text)
     if args.out is not None:

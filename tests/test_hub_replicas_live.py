@@ -159,6 +159,23 @@ def flood_through_both_workers(url: str, requests: int = 40) -> None:
     assert "(1/s at each of 2 hub processes)" in refusals[0]["detail"]
 
 
+def both_workers_in_every_scrape(url: str, heartbeats: int) -> None:
+    """`/metrics` on fresh connections (either worker answers): each scrape counts the
+    `heartbeats` refused heartbeats of both workers, and only itself in flight."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(6):
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        route = (("method", "POST"), ("route", f"{API}/nodes/heartbeat"), ("status", "4xx"))
+        assert samples[("gridswarm_http_requests_total", route)] == heartbeats
+        assert samples[("gridswarm_http_requests_in_flight", ())] == 1
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "tls"])
 def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tmp_path, tls):
     port = free_port()
@@ -203,6 +220,7 @@ def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tm
         workers = wait_for(lambda: len(children(hub.pid)) == 2 and children(hub.pid), 60, "2")
         if not tls:
             flood_through_both_workers(url)
+            both_workers_in_every_scrape(url, 40)
         sponsor = HubClient(url, Identity.generate(), retry_for_s=30, ca=ca)
         run_id = sponsor.create_run(tiny_run()).run_id
         victim = sorted(workers)[0]
@@ -218,8 +236,12 @@ def test_hub_workers_share_one_port_and_a_killed_one_is_replaced(pg_database, tm
         verify = tls_verify(ca) if tls else True
         for _ in range(8):  # fresh connections: the kernel hands them to either worker
             assert httpx.get(f"{url}/v1/runs/{run_id}", verify=verify, timeout=30).is_success
+        if not tls:  # the killed worker's counts stay; its in-flight gauge does not
+            both_workers_in_every_scrape(url, 40)
         hub.send_signal(signal.SIGTERM)
         assert hub.wait(timeout=30) == 0
+        folder = re.search(r"replicas' metrics in (\S+)", (tmp_path / "hub.log").read_text())
+        assert folder is not None and not Path(folder[1]).exists()  # removed with the hub
     finally:
         if hub.poll() is None:
             hub.kill()

@@ -284,6 +284,13 @@ def hub(
             "(in --home) may hold, in GiB; least recently used blobs go first",
         ),
     ] = 20.0,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            help="serve GET /metrics (Prometheus text: aggregate request, refusal, round and "
+            "queue figures; unsigned, like the other public reads); --no-metrics: 404"
+        ),
+    ] = True,
     workers: Annotated[
         int,
         typer.Option(
@@ -419,6 +426,7 @@ def hub(
         tls,
         workers=workers,
         forwarded_allow_ips=forwarded_allow_ips,
+        metrics=metrics,
     )
 
 

@@ -3,6 +3,9 @@
 Every mutating request is signed by its sender (see `gridswarm.identity`); the body is read with a
 hard size limit before anything else happens, path and query parameters are bounded, and every
 refusal is a `HubError` turned into `{"detail", "reason"}` (`protocol.Problem`) by one handler.
+Unless turned off, `GET /metrics` serves the operator's Prometheus metrics (hub/metrics.py): the
+`RequestMetrics` middleware times every request, the error handler counts refusals by reason,
+and the ticker samples the hub's state every tick.
 The OpenAPI document names every request body and error response (`openapi_body`), so a client
 can be generated from it. A background thread ticks the round state machine so deadlines fire
 without any request.
@@ -14,8 +17,9 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Annotated, Generic, TypeVar
 
 import anyio
@@ -32,6 +36,7 @@ from gridswarm.hub.dashboard import add_dashboard_routes
 from gridswarm.hub.datasets import add_dataset_routes
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.lifecycle import RunEvent
+from gridswarm.hub.metrics import CONTENT_TYPE, HubMetrics, HubState, RequestMetrics
 from gridswarm.hub.openapi import (
     ERROR_RESPONSES,
     RunIdParam,
@@ -150,6 +155,10 @@ class RunBatcher(Generic[Item, R]):
         self._queues: dict[str, list[tuple[Item, asyncio.Future]]] = {}
         self._draining: dict[str, asyncio.Task] = {}
 
+    def queued(self) -> int:
+        """Requests waiting for the next batch of their run (the operator's queue depth)."""
+        return sum(len(queue) for queue in list(self._queues.values()))
+
     async def ask(self, run_id: str, item: Item) -> R:
         """`item`'s answer (raises its refusal), decided in the next batch of `run_id`."""
         future = asyncio.get_running_loop().create_future()
@@ -181,8 +190,15 @@ class RunBatcher(Generic[Item, R]):
             del self._draining[run_id]
 
 
-def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -> FastAPI:
+def create_app(
+    service: HubService, max_upload_bytes: int = 256 * 1024 * 1024, metrics: bool = True
+) -> FastAPI:
+    """The hub's app over `service`; `metrics=False` (`gridswarm hub --no-metrics`): no
+    `/metrics` route (404) and no per-request instrumentation."""
     stop = threading.Event()
+    observed = HubMetrics() if metrics else None
+    if observed is not None:
+        service.metrics = service.nonces.observer = observed  # work counted where it happens
     signals = RoundSignals()
     # calls that take the service's lock run on their own few threads, so that while they queue
     # for it the shared pool stays free for heartbeats, nonces and reads
@@ -224,12 +240,42 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         lambda _, batch: under_lock(service.register_many, batch), MAX_REGISTER_BATCH
     )
 
+    def sample_state() -> None:
+        """Refresh the metrics' state gauges from memory (the ticker, every tick; a scrape)."""
+        if observed is None:
+            return
+        reads = public_limiter[0].statistics() if public_limiter else None
+        observed.sample(
+            HubState(
+                live_nodes=service.pacing.live_nodes,
+                heartbeat_interval_s=service.pacing.interval_s(),
+                public_reads_waiting=reads.tasks_waiting if reads else 0,
+                public_reads_running=reads.borrowed_tokens if reads else 0,
+                queued={
+                    "asks": asks.queued(),
+                    "uploads": uploads.queued(),
+                    "registrations": registrations.queued(),
+                    "locked_threads": (
+                        locked_limiter[0].statistics().tasks_waiting if locked_limiter else 0
+                    ),
+                },
+                blobs=service.blob_counters.snapshot(),
+            )
+        )
+
     def ticker() -> None:
         while not stop.wait(TICK_S):
+            started = time.perf_counter()
             try:
                 service.tick()  # isolates each run's failure itself (HubService.tick)
             except Exception:
                 log.exception("round tick failed")
+            if observed is not None:
+                observed.tick_seconds.observe(time.perf_counter() - started)
+                try:
+                    sample_state()
+                except Exception:
+                    log.exception("sampling the hub's state for its metrics failed")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -247,10 +293,14 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         title="gridswarm hub", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES
     )
     install_openapi(app)
+    if observed is not None:
+        app.add_middleware(RequestMetrics, metrics=observed)
 
     @app.exception_handler(HubError)
     async def _hub_error(_: Request, exc: HubError) -> JSONResponse:
         """The one error handler: every refusal is `{"detail": str, "reason": Refusal}`."""
+        if observed is not None:
+            observed.refused(exc.reason.value)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -304,6 +354,19 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         """Up, and what the blob route did (`served`: downloads the hub answered with bytes,
         `served_bytes`, `redirected`: downloads sent to presigned object-store URLs)."""
         return {"ok": True, "blobs": service.blob_counters.snapshot()}
+
+    if observed is not None:
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics_text() -> Response:
+            """Prometheus text format (hub/metrics.py): aggregate figures only, unsigned like
+            the other public reads and through the same bounded gate (429 `busy`)."""
+
+            def scrape() -> bytes:
+                sample_state()
+                return observed.scrape()
+
+            return Response(await public_read(scrape), media_type=CONTENT_TYPE)
 
     @app.post(f"{API}/nodes/register", openapi_extra=openapi_body(RegisterRequest))
     async def register(request: Request) -> RegisterResponse:
@@ -425,14 +488,18 @@ def create_app(service: HubService, max_upload_bytes: int = 256 * 1024 * 1024) -
         """Body: one safetensors blob, the encoded update plus `ContributionMeta` as metadata.
         From its arrival until it is decided, a round at its deadline waits for it (a while:
         `rounds.ARRIVING_GRACE_S`)."""
-        with service.arriving.receiving(run_id, service.clock()):
+        arriving = observed.uploads_in_flight.track_inprogress() if observed else nullcontext()
+        with arriving, service.arriving.receiving(run_id, service.clock()):
             checked = await signed_then(
                 request,
                 max_upload_bytes,
                 lambda v, body: service.check_upload(run_id, v.node_id, body, v.body_sha256),
                 limiter=locked(),
             )
-            return await uploads.ask(run_id, checked)
+            ack = await uploads.ask(run_id, checked)
+        if observed is not None and ack.accepted:
+            observed.contributions.inc()
+        return ack
 
     add_privacy_routes(app, service, signed, max_upload_bytes)  # /v1/runs/{id}/secagg/...
     add_dataset_routes(app, service, signed, max_upload_bytes)  # /v1/datasets: sponsors push

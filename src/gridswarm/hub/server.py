@@ -6,8 +6,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ from sqlalchemy.exc import DisconnectionError
 from gridswarm.blobs import open_blob_store
 from gridswarm.hub.app import create_app
 from gridswarm.hub.limits import replica_share
+from gridswarm.hub.metrics import process_ended, use_multiprocess
 from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.hub.store.locks import lock_migrations
 from gridswarm.identity import Identity
@@ -171,10 +174,12 @@ def serve(
     tls: tuple[Path, Path] | None = None,
     workers: int = 1,
     forwarded_allow_ips: str | None = None,
+    metrics: bool = True,
 ) -> None:
     """Serve the hub; with `tls` = (certificate chain PEM, private key PEM) over HTTPS only; with
     `workers` > 1 as that many replica processes on one listening socket (PostgreSQL only);
-    `forwarded_allow_ips`: the proxies whose X-Forwarded-For is believed (`proxy_options`).
+    `forwarded_allow_ips`: the proxies whose X-Forwarded-For is believed (`proxy_options`);
+    `metrics`: serve `GET /metrics` (hub/metrics.py; False: 404, nothing measured).
     Each process enforces its share of the per-key rate limit (`settings.replica_count` ×
     `workers` processes share it, hub/limits.py); ValueError if that share is under one request."""
     import uvicorn
@@ -184,12 +189,14 @@ def serve(
     settings = dataclasses.replace(settings or HubSettings(), workers=workers)
     check_rate_share(settings)
     if workers > 1:
-        serve_replicas(db_url, blobs, host, port, workers, settings, home, tls, forwarded_allow_ips)
+        serve_replicas(
+            db_url, blobs, host, port, workers, settings, home, tls, forwarded_allow_ips, metrics
+        )
         return
     service = build_service(db_url, blobs, settings, home)
     certfile, keyfile = tls if tls is not None else (None, None)
     uvicorn.run(
-        create_app(service),
+        create_app(service, metrics=metrics),
         host=host,
         port=port,
         log_level="warning",
@@ -222,16 +229,23 @@ def serve_replicas(
     home: Path | None = None,
     tls: tuple[Path, Path] | None = None,
     forwarded_allow_ips: str | None = None,
+    metrics: bool = True,
 ) -> None:
     """`gridswarm hub --workers N`: migrate, create the hub key and the ledger's genesis once,
     bind one socket, then fork N replica processes that each build their own service (own
     engine, own caches) and serve that socket. Any replica answers any request: they share
     the database (row locks, hub/replicas.py) and the blob store. A replica that dies is
-    started again; SIGTERM/SIGINT stop them all."""
+    started again; SIGTERM/SIGINT stop them all. With `metrics`, the replicas keep their
+    metrics in one temporary folder of this hub (prometheus_client's multiprocess mode,
+    hub/metrics.py), so any replica's `/metrics` covers them all; removed when the hub stops."""
     import uvicorn
 
     build_service(db_url, blobs, settings, home).engine.dispose()  # schema, key, genesis
     sock = listening_socket(host, port)
+    metrics_dir = tempfile.mkdtemp(prefix="gridswarm-hub-metrics-") if metrics else None
+    if metrics_dir is not None:
+        use_multiprocess(metrics_dir)
+        log.info("the replicas' metrics in %s", metrics_dir)
     certfile, keyfile = tls if tls is not None else (None, None)
 
     def replica() -> None:
@@ -240,7 +254,7 @@ def serve_replicas(
         try:
             service = build_service(db_url, blobs, settings, home)
             config = uvicorn.Config(
-                create_app(service),
+                create_app(service, metrics=metrics),
                 log_level="warning",
                 ssl_certfile=certfile,
                 ssl_keyfile=keyfile,
@@ -283,6 +297,7 @@ def serve_replicas(
         except InterruptedError:
             continue
         children.discard(pid)
+        process_ended(pid)  # its live gauges (requests in flight, ...) stop counting
         if stopping:
             continue
         now = time.monotonic()
@@ -296,3 +311,5 @@ def serve_replicas(
         if not stopping:
             children.add(start())
     sock.close()
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

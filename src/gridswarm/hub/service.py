@@ -79,6 +79,7 @@ from gridswarm.hub.limits import (
     check_run_quota,
     check_sponsor,
 )
+from gridswarm.hub.metrics import NO_METRICS, WorkObserver
 from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S, HeartbeatPacing
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, client_network
@@ -428,6 +429,7 @@ class NonceBook:
         self.writing = False
         self.recent: dict[str, float] = {}
         self.pruned_at = 0.0
+        self.observer: WorkObserver = NO_METRICS  # batch sizes, commit times (hub/metrics.py)
 
     def consume(self, nonce: str, public_key_hex: str, now: float) -> None:
         outcome: list = []  # filled with True (stored), False (replay) or an exception
@@ -445,7 +447,9 @@ class NonceBook:
                 self.writing, batch, self.pending = True, self.pending, []
                 self.ready.release()
                 try:
+                    started = time.perf_counter()
                     results = self._write([row for row, _ in batch], now)
+                    self.observer.nonce_batch(len(batch), time.perf_counter() - started)
                 except Exception as exc:  # handed to every request of the batch
                     results = [exc] * len(batch)
                 finally:
@@ -536,6 +540,7 @@ class HubService:
         self._forecasts: dict[tuple[str, float], tuple[float, list | None]] = {}
         self._prepared: dict[str, NewVersion] = {}  # run -> its next version, computed unlocked
         self.round_changed: Callable[[str], None] = lambda run_id: None  # set by the HTTP layer
+        self.metrics: WorkObserver = NO_METRICS  # the operator's metrics, set by the HTTP layer
         self._heartbeats: dict[
             str, tuple[NodeStatus, float]
         ] = {}  # node -> status, seen at (unwritten)
@@ -1754,14 +1759,17 @@ class HubService:
             self.flush_downloads(s)
             s.commit()
             run_ids = run_store.active_run_ids(s)
+        self.metrics.active_runs(len(run_ids))
         self.count_live_nodes()
         self.watch_rounds()
         for run_id in run_ids:
+            started = time.perf_counter()
             try:
                 decision = self.advance_run(run_id)
             except Exception as exc:
                 self._run_failed(run_id, exc)
                 continue
+            self.metrics.round_advanced(decision, time.perf_counter() - started)
             self._failures.pop(run_id, None)
             if decision is not Decision.WAIT:
                 done.append((run_id, decision))
