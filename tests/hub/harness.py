@@ -6,6 +6,7 @@ TestClient. The round ticker thread is not started: tests call `hub.service.tick
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,11 @@ from typing import Any
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, select, text
+from typer.testing import CliRunner, Result
 
+from gridswarm import cli
 from gridswarm.hub import models as m
+from gridswarm.hub import server
 from gridswarm.hub.app import create_app
 from gridswarm.hub.server import build_service
 from gridswarm.hub.service import HubService, HubSettings
@@ -120,3 +124,14 @@ def contribution(
     update = torch.randn(numel, generator=torch.Generator().manual_seed(1)) * 1e-3
     fields = meta_fields(assignment, tokens_per_step, codec, **meta)
     return pack(make_codec(codec).encode(update), ContributionMeta(**fields).model_dump())
+
+
+def hub_cli(monkeypatch, *args: str) -> tuple[Result, list[tuple[tuple, dict]]]:
+    """`gridswarm hub ARGS` in this process, stopped before it serves: (result, serve's args).
+    The command's `logging.basicConfig` is skipped: in process it would hang a handler on the
+    runner's captured stream on the root logger, for every later test in this worker."""
+    served: list[tuple[tuple, dict]] = []
+    monkeypatch.setattr(server, "serve", lambda *a, **kw: served.append((a, kw)))
+    monkeypatch.setattr(logging, "basicConfig", lambda **_: None)  # leave pytest's logging
+    result = CliRunner().invoke(cli.app, ["hub", "--db", "sqlite:///unused.db", *args])
+    return result, served

@@ -23,7 +23,7 @@ from gridswarm.identity import Identity
 from gridswarm.node.client import HubClient
 from gridswarm.protocol import API
 from tests.conftest import tiny_run, wait_for
-from tests.hub.harness import Hub
+from tests.hub.harness import Hub, hub_cli
 from tests.hub.test_dashboard import NO_AUDITS, upload
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -245,17 +245,9 @@ def test_a_real_nodes_round_shows_up_in_a_live_hubs_metrics(make_swarm):
 
 @pytest.mark.parametrize(("flag", "served"), [([], True), (["--no-metrics"], False)])
 def test_the_hub_command_passes_no_metrics_to_the_server(tmp_path, monkeypatch, flag, served):
-    from typer.testing import CliRunner
-
-    import gridswarm.hub.server as server
-    from gridswarm.cli import app
-
-    calls: list[dict] = []
-    monkeypatch.setattr(server, "serve", lambda *args, **kwargs: calls.append(kwargs))
-    db = f"sqlite:///{tmp_path}/hub.db"
-    result = CliRunner().invoke(app, ["hub", "--db", db, "--blobs", str(tmp_path), *flag])
+    result, calls = hub_cli(monkeypatch, "--blobs", str(tmp_path), *flag)
     assert result.exit_code == 0, result.output
-    assert [c["metrics"] for c in calls] == [served]
+    assert [kwargs["metrics"] for _, kwargs in calls] == [served]
 
 
 def test_blob_totals_are_counted_once_whichever_sampler_reads_first():

@@ -5,7 +5,6 @@ in-process hub (real app, SQLite, signatures) with a fake clock; clients at chos
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from pathlib import Path
 
@@ -15,11 +14,8 @@ import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
-from typer.testing import CliRunner
 
-from gridswarm import cli
 from gridswarm.hub import models as m
-from gridswarm.hub import server
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.registration import RegistrationPolicy, client_network
 from gridswarm.hub.server import build_service, proxy_options
@@ -33,7 +29,7 @@ from gridswarm.train.params import pack
 from gridswarm.trust.policy import may_select
 from gridswarm.trust.reputation import Reputation, selection_weight
 from tests.conftest import tiny_run, wait_for
-from tests.hub.harness import Hub, meta_fields
+from tests.hub.harness import Hub, hub_cli, meta_fields
 
 REGISTER = f"{API}/nodes/register"
 BODY = {"probe_tokens_per_s": 1e5, "probe_numel": 1000}
@@ -235,15 +231,6 @@ def test_worked_nodes_rank_before_never_worked_ones():
 
 
 # ---------------------------------------------------------------- the operator's side
-
-
-def hub_cli(monkeypatch, *args: str):
-    """`gridswarm hub ARGS` in this process, stopped before it serves: (result, serve's args)."""
-    served: list[tuple[tuple, dict]] = []
-    monkeypatch.setattr(server, "serve", lambda *a, **kw: served.append((a, kw)))
-    monkeypatch.setattr(logging, "basicConfig", lambda **_: None)  # leave pytest's logging
-    result = CliRunner().invoke(cli.app, ["hub", "--db", "sqlite:///unused.db", *args])
-    return result, served
 
 
 def one_error_line(result) -> str:
