@@ -330,8 +330,9 @@ class Refusal(StrEnum):
     UNREADABLE_SETTINGS = "unreadable_settings"
     OVER_MEMORY = "over_memory"  # 422: the run's estimated memory exceeds the hub's budget
     QUOTA = "quota"  # 429: this identity has too many runs (active or this hour), or its
-    # pushed datasets would exceed its byte quota (--max-dataset-mb-per-identity)
-    STORAGE_FULL = "storage_full"  # 413: pushed datasets would exceed the hub's --max-dataset-mb
+    # pushed datasets and weights would exceed its byte quota (--max-dataset-mb-per-identity)
+    # 413: pushed datasets and weights would exceed the hub's --max-dataset-mb
+    STORAGE_FULL = "storage_full"
     RATE_LIMITED = "rate_limited"  # 429: too many requests from this key; see Retry-After
     # 429: too many new node identities from this network this hour, or too many live ones
     # that have not worked yet (hub/registration.py); see Retry-After
@@ -356,6 +357,15 @@ class DatasetOfferResponse(_Msg):
     )
     missing_bytes: int = Field(ge=0, le=1 << 62)
     dataset: Annotated[str, Field(pattern=r"^manifest:[0-9a-f]{64}$")] | None = None
+
+
+class WeightsAck(_Msg):
+    """Pushed weights were checked and stored (POST /v1/weights): the name a run's
+    `model.init_weights` uses, and what the vector holds."""
+
+    weights: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+    numel: int = Field(gt=0, le=1 << 62)
+    bytes: int = Field(ge=0, le=1 << 62)
 
 
 class DatasetBlobAck(_Msg):

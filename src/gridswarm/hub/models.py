@@ -430,3 +430,18 @@ class PushedBlob(Base):
     eos_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # tokenizers
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class PushedWeights(Base):
+    """Model weights a sponsor pushed to start runs from (`gridswarm run create --init-from`,
+    hub/weights.py): the blob (a safetensors file of one flat fp32 vector, every value finite)
+    by its sha256, who pushed it, its length, and the bytes it counts against that identity's
+    quota and the hub's cap (shared with pushed datasets). A run's `model.init_weights` may name
+    only a row of its own sponsor, never any other blob."""
+
+    __tablename__ = "pushed_weights"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sponsor_key: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    numel: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)

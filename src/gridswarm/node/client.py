@@ -50,6 +50,7 @@ from gridswarm.protocol import (
     RegisterResponse,
     RunCreateResponse,
     RunStateRequest,
+    WeightsAck,
 )
 
 log = logging.getLogger("gridswarm.node")
@@ -537,6 +538,12 @@ class HubClient:
         """Upload one tokenizer or shard of an offered dataset."""
         response = self.request("POST", f"{API}/datasets/{manifest}/blobs/{digest}", data)
         return DatasetBlobAck.model_validate_json(response.content)
+
+    def push_weights(self, data: bytes) -> WeightsAck:
+        """Push model weights (a safetensors file of one flat fp32 vector `theta`) to start
+        runs from; the answer's `weights` is the name `model.init_weights` uses."""
+        response = self.request("POST", f"{API}/weights", data)
+        return WeightsAck.model_validate_json(response.content)
 
     def runs(self) -> list[dict]:
         return self.request("GET", f"{API}/runs", signed=False).json()

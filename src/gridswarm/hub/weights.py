@@ -1,0 +1,242 @@
+"""Model weights pushed by their sponsors, to start runs from (`gridswarm run create RUN.toml
+--init-from DIR`; the sponsor's side: `gridswarm/initfrom.py`).
+
+Every run used to start from the random init its config's seed gives. A sponsor who has a
+model instead turns it, on its own machine, into the hub's flat fp32 vector (the layout of a
+version blob, `train/params.py`) and pushes it:
+
+1. `POST /v1/weights`, body = a safetensors file holding exactly one tensor, `theta`: 1-D
+   float32, every value finite. Before the body is read the hub knows its size from
+   Content-Length: 413 above the hub's upload limit, 413 `storage_full` when it would take the
+   hub's pushes past `--max-dataset-mb`. Then the signature and the sponsor rule (the
+   `--sponsors` list, 403 `not_sponsor`, as for datasets and runs), the content (422), and this
+   identity's quota (429 `quota`; pushed weights and pushed datasets share the quota and the
+   cap, `store/datasets.offered_bytes`). Only then is the blob stored, by its sha256, with a
+   `models.PushedWeights` row naming it and who pushed it. Pushing the same bytes again is free.
+   The answer names it: `sha256:<hex>`.
+2. The run's config names it: `model.init_weights = "sha256:<hex>"`. `create_run` refuses (422
+   `invalid_config`) a name no row of this sponsor's names (so a crafted config can never make a
+   contribution's or any other blob version 0), and a vector whose length is not the model's,
+   before the vector is read; then version 0 is that vector (re-packed with the run's metadata,
+   as a version blob always is) and its held-out loss is computed as for a random start.
+
+Nodes need nothing new: they download version 0 as always. The pushed blob itself is never
+served (`GET /v1/blobs` serves published versions and datasets only).
+A refusal stores neither a blob nor a row.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import IntegrityError
+
+from gridswarm.blobs import BlobError
+from gridswarm.config import INIT_WEIGHTS_PREFIX, RunConfig
+from gridswarm.hub import models as m
+from gridswarm.hub.errors import HubError
+from gridswarm.hub.limits import check_dataset_quota, check_sponsor
+from gridswarm.hub.openapi import openapi_body
+from gridswarm.hub.store import datasets as dataset_store
+from gridswarm.hub.store import weights as store
+from gridswarm.identity import VerifiedRequest
+from gridswarm.protocol import API, Refusal, WeightsAck
+from gridswarm.train.params import BlobFormatError, unpack
+
+if TYPE_CHECKING:
+    from gridswarm.hub.service import HubService
+
+WHAT = "these weights"  # in quota messages
+VECTOR = "theta"  # the one tensor of a pushed weights blob (as in a version blob)
+
+
+def check_weights_blob(data: bytes) -> torch.Tensor:
+    """The flat fp32 vector in `data`; ValueError unless it is a safetensors file (read by the
+    safetensors library, which checks the header's bounds) of exactly one 1-D float32 tensor
+    named `theta` with at least one value, every value finite."""
+    try:
+        tensors, _ = unpack(data)
+    except BlobFormatError as exc:
+        raise ValueError(str(exc)) from exc
+    if list(tensors) != [VECTOR]:
+        names = ", ".join(sorted(tensors)[:4]) or "none"
+        raise ValueError(f"weights must hold exactly one tensor '{VECTOR}', not: {names}")
+    theta = tensors[VECTOR]
+    if theta.dtype != torch.float32 or theta.dim() != 1 or theta.numel() == 0:
+        raise ValueError(
+            f"'{VECTOR}' must be a non-empty 1-D float32 vector, not {theta.dtype} "
+            f"of shape {tuple(theta.shape)}"
+        )
+    finite = torch.isfinite(theta)
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"'{VECTOR}' holds a value that is not finite (at index {first})")
+    return theta
+
+
+def weights_digest(cfg: RunConfig) -> str | None:
+    """The sha256 `model.init_weights` names, or None for a random start."""
+    name = cfg.model.init_weights
+    return None if name is None else name.removeprefix(INIT_WEIGHTS_PREFIX)
+
+
+def pushed_numel(service: HubService, sponsor_key: bytes, cfg: RunConfig) -> int | None:
+    """The length of the vector `cfg.model.init_weights` names (None: no name): 422
+    `invalid_config` unless this sponsor pushed it (never any other blob)."""
+    digest = weights_digest(cfg)
+    if digest is None:
+        return None
+    with service.sessions() as s:
+        row = store.pushed_weights(s, digest, sponsor_key.hex())
+        numel = None if row is None else int(row.numel)
+    if numel is None:
+        raise HubError(
+            422,
+            f"model.init_weights: no weights sha256:{digest} were pushed by this identity "
+            f"(POST {API}/weights first: gridswarm run create --init-from DIR)",
+            Refusal.INVALID_CONFIG,
+        )
+    return numel
+
+
+def check_numel(cfg: RunConfig, pushed: int, model_numel: int) -> None:
+    """422 `invalid_config` when the pushed vector is not as long as the run's model."""
+    if pushed != model_numel:
+        raise HubError(
+            422,
+            f"model.init_weights: the pushed vector has {pushed:,} values, the run's model "
+            f"({cfg.model.kind} {cfg.model.architecture or ''}) has {model_numel:,} parameters",
+            Refusal.INVALID_CONFIG,
+        )
+
+
+def load_pushed(service: HubService, cfg: RunConfig, numel: int) -> torch.Tensor:
+    """The pushed vector `cfg.model.init_weights` names (its row checked by `pushed_numel`),
+    checked again as on upload (the store may have lost or changed it: 422 / 503)."""
+    digest = weights_digest(cfg)
+    assert digest is not None
+    try:
+        data = service.blobs.get(digest)
+    except (BlobError, OSError) as exc:
+        raise HubError(503, f"cannot read weights {digest}: {exc}", Refusal.UNAVAILABLE) from exc
+    try:
+        theta = check_weights_blob(data)
+    except ValueError as exc:
+        raise HubError(422, f"model.init_weights: {exc}", Refusal.INVALID_CONFIG) from exc
+    check_numel(cfg, theta.numel(), numel)
+    return theta
+
+
+class HubWeights:
+    """Checked, quota-bounded storage of pushed weights (see the module docstring)."""
+
+    def __init__(self, service: HubService) -> None:
+        self.service = service
+        # the quota check, the blob write and the row it admits are one step in this process
+        # (replicas sharing a database may each admit one push at the same time: the quota is
+        # then exceeded by at most one push per replica)
+        self._admit = threading.Lock()
+
+    def check_room(self, declared_bytes: int | None) -> None:
+        """413 `storage_full` before the body is read when `declared_bytes` (Content-Length)
+        would take the hub's pushes past its cap (the identity's quota is checked once the
+        signature says whose it is)."""
+        if declared_bytes is None:
+            return
+        settings = self.service.settings
+        with self.service.sessions() as s:
+            _, hub_bytes = dataset_store.offered_bytes(s, "")
+        check_dataset_quota(0, hub_bytes, declared_bytes, 1 << 62, settings.max_dataset_bytes, WHAT)
+
+    def store(self, sponsor_key: bytes, body: bytes, body_sha256: str) -> WeightsAck:
+        """Check pushed weights (422), charge them to the identity (429 / 413) and store them
+        with their row; the same bytes pushed again by the same identity are free. A refusal
+        stores nothing."""
+        try:
+            numel = check_weights_blob(body).numel()
+        except ValueError as exc:
+            raise HubError(422, f"malformed weights: {exc}") from exc
+        key, digest = sponsor_key.hex(), body_sha256
+        ack = WeightsAck(weights=f"{INIT_WEIGHTS_PREFIX}{digest}", numel=numel, bytes=len(body))
+        settings = self.service.settings
+        with self._admit:
+            with self.service.sessions() as s:
+                if store.pushed_weights(s, digest, key) is not None and self.service.blobs.has(
+                    digest
+                ):
+                    return ack
+                identity_bytes, hub_bytes = dataset_store.offered_bytes(s, key)
+            check_dataset_quota(
+                identity_bytes,
+                hub_bytes,
+                len(body),
+                settings.max_dataset_bytes_per_identity,
+                settings.max_dataset_bytes,
+                WHAT,
+            )
+            existed = self.service.blobs.has(digest)
+            try:
+                self.service.blobs.put(body, expected_digest=digest, known_sha256=digest)
+            except (BlobError, OSError) as exc:
+                raise HubError(
+                    503, f"cannot store weights {digest}: {exc}", Refusal.UNAVAILABLE
+                ) from exc
+            try:
+                with self.service.sessions() as s:
+                    if store.pushed_weights(s, digest, key) is None:
+                        row = m.PushedWeights(
+                            sha256=digest,
+                            sponsor_key=key,
+                            numel=numel,
+                            bytes=len(body),
+                            created_at=self.service.clock(),
+                        )
+                        store.add_pushed_weights(s, row)
+                        try:
+                            s.commit()
+                        except IntegrityError:  # the same push, by another replica
+                            s.rollback()
+            except Exception:
+                if not existed:
+                    self.service.blobs.delete(digest)
+                raise
+        return ack
+
+
+def add_weights_routes(
+    app: FastAPI,
+    service: HubService,
+    signed: Callable[..., Awaitable[tuple[VerifiedRequest, bytes]]],
+    max_upload_bytes: int,
+) -> None:
+    """The signed weights push endpoint, POST /v1/weights (see the module docstring)."""
+    weights = HubWeights(service)
+
+    def sponsor(verified: VerifiedRequest) -> None:
+        """Who may push: who may create runs (before the request's nonce is stored)."""
+        check_sponsor(service.settings.sponsors, verified.public_key)
+
+    @app.post(f"{API}/weights", openapi_extra=openapi_body(binary=True))
+    async def push_weights(request: Request) -> WeightsAck:
+        """Body: a safetensors file of one 1-D float32 tensor `theta`, every value finite (a
+        model as the hub's flat vector: `gridswarm run create --init-from DIR` makes it). Its
+        size is checked from Content-Length before the body is read (413 over the upload
+        limit, 413 `storage_full` over the hub's cap); then the sponsor rule (403), the
+        content (422) and the identity's quota (429 `quota`). The answer's `weights` is the
+        name a run's `model.init_weights` uses."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and len(declared) <= 20:
+            if int(declared) > max_upload_bytes:
+                raise HubError(
+                    413, f"request body of {declared} bytes exceeds the {max_upload_bytes} limit"
+                )
+            await run_in_threadpool(weights.check_room, int(declared))
+        verified, body = await signed(request, max_upload_bytes, admit=sponsor)
+        return await run_in_threadpool(
+            weights.store, verified.public_key, body, verified.body_sha256
+        )
