@@ -326,6 +326,13 @@ def prepare_init(run_toml: Path, folder: Path, fetch: Fetch | None = None) -> In
             )
     if vocab is None:
         raise InitFromError(f"cannot tell the vocabulary of {cfg.data.dataset!r} here")
+    positions = [cfg.model.hf_config.get(k) for k in ("n_positions", "max_position_embeddings")]
+    positions = [p for p in positions if isinstance(p, int) and not isinstance(p, bool)]
+    if model["kind"] == "hf" and positions and cfg.train.seq_len > positions[0]:
+        raise InitFromError(
+            f"train.seq_len {cfg.train.seq_len} exceeds the {positions[0]} positions of the "
+            f"model in {folder}"
+        )
     try:
         built = build_model(cfg.model, cfg.train.seq_len, cfg.seed, vocab)
     except ValueError as exc:
