@@ -25,7 +25,7 @@ from gridswarm.ledger.ops import fund_claim, payout_address_claim
 from gridswarm.privacy.live import SECAGG_CODEC
 from gridswarm.protocol import API, Refusal
 from gridswarm.train.codecs import make_codec
-from gridswarm.train.params import pack
+from gridswarm.train.params import pack, pack_vector, unpack_vector
 from tests.conftest import tiny_run
 from tests.examples import examples
 from tests.hub.harness import Hub, meta_fields
@@ -116,6 +116,12 @@ class World:
         r = self.hub.post(self.sponsor, f"{API}/datasets", self.dataset_offer)
         assert r.status_code == 200, r.text
         self.dataset_manifest = r.json()["manifest"]
+        # pushed weights (hub/weights.py) that a run's model.init_weights may name
+        start = torch.randn(self.numel, generator=torch.Generator().manual_seed(3)) * 0.02
+        self.weights_blob = pack_vector(start)
+        r = self.hub.post(self.sponsor, f"{API}/weights", self.weights_blob)
+        assert r.status_code == 200, r.text
+        self.weights = r.json()["weights"]
 
     def advertisement(self, a) -> dict[str, Any]:
         keys = [base64.b64encode(os.urandom(32)).decode() for _ in range(2)]
@@ -344,6 +350,45 @@ def test_fuzz_dataset_blobs(world: World, data: st.DataObject) -> None:
     manifest = data.draw(st.sampled_from([w.dataset_manifest, "0" * 64, "x"]), label="manifest")
     digest = data.draw(st.sampled_from([sha256_hex(w.shard), sha256_hex(body), "1" * 64, "..."]))
     check(w, w.sponsor, f"{API}/datasets/{manifest}/blobs/{digest}", body)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_weights(world: World, data: st.DataObject) -> None:
+    """Pushed weights, damaged, with a hostile value, or whole; and runs whose
+    `model.init_weights` names pushed weights, another blob, nothing, or junk."""
+    from gridswarm.blobs import sha256_hex
+
+    w = world
+    how = data.draw(st.sampled_from(["bytes", "value", "whole", "config"]), label="mutate")
+    if how == "config":
+        name = data.draw(
+            st.sampled_from(
+                [
+                    w.weights,
+                    f"sha256:{w.dataset_manifest}",
+                    f"sha256:{sha256_hex(w.weights_blob[:-1])}",
+                    "sha256:" + "0" * 64,
+                    "sha256:",
+                    w.weights.upper(),
+                ]
+            ),
+            label="init_weights",
+        )
+        config = {**w.config, "model": {**w.config["model"], "init_weights": name}}
+        body = data.draw(mutated_json({"config": config}) | st.just(json.dumps({"config": config})))
+        check(w, w.sponsor, f"{API}/runs", body.encode() if isinstance(body, str) else body)
+        return
+    if how == "bytes":
+        body = data.draw(mutated_bytes(w.weights_blob), label="blob")
+    elif how == "value":
+        theta = unpack_vector(w.weights_blob).clone()
+        at = data.draw(st.integers(0, theta.numel() - 1), label="at")
+        theta[at] = data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e38]))
+        body = pack_vector(theta)
+    else:
+        body = w.weights_blob
+    check(w, w.sponsor, f"{API}/weights", body)
 
 
 @FUZZ
