@@ -6,7 +6,8 @@ or a folder `gridswarm run export` wrote. Nothing is downloaded. Here, on the sp
 
 1. the run's model is set from DIR's `config.json`: `model.kind = "hf"`, `architecture` = its
    `model_type`, `hf_config` = its fields (bookkeeping fields and `vocab_size`, which a run
-   takes from its dataset, left out). A gridswarm export of the built-in GPT (its
+   takes from its dataset, left out; dropout probabilities set to 0, since the hub audits
+   contributions by replaying them bit for bit). A gridswarm export of the built-in GPT (its
    `gridswarm.json` says `kind = "gpt"`) becomes the built-in GPT again. RUN.toml may leave
    `[model]` out; a field it names must agree with DIR (one line naming the first that does
    not);
@@ -107,7 +108,22 @@ def model_of_folder(folder: Path) -> dict[str, Any]:
     if not isinstance(model_type, str) or not model_type:
         raise InitFromError(f"{folder / CONFIG_FILE} names no model_type")
     fields = {k: v for k, v in hf.items() if k not in DROPPED_FIELDS and not k.startswith("_")}
-    return {"kind": "hf", "architecture": model_type, "hf_config": fields}
+    return {"kind": "hf", "architecture": model_type, "hf_config": without_dropout(fields)}
+
+
+def is_dropout(name: str, value: object) -> bool:
+    """A config field that is a dropout probability above 0 (`resid_pdrop`, `attention_dropout`,
+    `hidden_dropout_prob`, ...)."""
+    named = "dropout" in name or name.endswith("pdrop")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return named and number and value > 0
+
+
+def without_dropout(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` with every dropout probability 0: local training must replay bit for bit
+    (train/local.py; the hub audits contributions by replaying them), and a checkpoint's
+    config usually carries its pretraining dropout (GPT-2's 0.1)."""
+    return {k: 0.0 if is_dropout(k, v) else v for k, v in fields.items()}
 
 
 def merge_model(run: dict[str, Any], model: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -309,6 +325,10 @@ def prepare_init(run_toml: Path, folder: Path, fetch: Fetch | None = None) -> In
     settings = merge_model(run, model, folder)
     cfg = parse_run_config(settings)
     checked = []
+    raw = read_json(folder / CONFIG_FILE, "config.json")
+    zeroed = sorted(k for k, v in raw.items() if is_dropout(k, v))
+    if model["kind"] == "hf" and zeroed:
+        checked.append(f"dropout set to 0 (training must replay exactly): {', '.join(zeroed)}")
     vocab, how = dataset_vocab(cfg, fetch)
     checked.append(how)
     if vocab is None and model["kind"] == "hf":
