@@ -330,6 +330,7 @@ def prepare_init(run_toml: Path, folder: Path, fetch: Fetch | None = None) -> In
     if model["kind"] == "hf" and zeroed:
         checked.append(f"dropout set to 0 (training must replay exactly): {', '.join(zeroed)}")
     vocab, how = dataset_vocab(cfg, fetch)
+    known = vocab  # the dataset's own vocabulary, when it could be read here
     checked.append(how)
     if vocab is None and model["kind"] == "hf":
         hf_vocab = read_json(folder / CONFIG_FILE, "config.json").get("vocab_size")
@@ -366,5 +367,5 @@ def prepare_init(run_toml: Path, folder: Path, fetch: Fetch | None = None) -> In
         f"{len(tensors)} tensors loaded strictly into {cfg.model.kind} "
         f"{cfg.model.architecture or ''} ({theta.numel():,} parameters)".replace("  ", " ")
     )
-    checked.append(check_tokenizer(folder, cfg, vocab, fetch))
+    checked.append(check_tokenizer(folder, cfg, known, fetch))
     return InitFrom(settings, theta, checked)

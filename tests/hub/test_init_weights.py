@@ -30,6 +30,7 @@ from tests.conftest import tiny_run
 from tests.harness import train_and_pack
 from tests.hub.harness import Hub, contribution
 
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "src/gridswarm/data/tinyshakespeare.txt"
 TRAIN = {"seq_len": 32, "batch_size": 4, "inner_steps": 4, "min_inner_steps": 2}
 ROUND = {"deadline_s": 60, "quorum": 1, "min_nodes": 1}
 
@@ -335,3 +336,32 @@ def test_the_route_is_in_the_openapi_document_and_the_migration_downgrades(tmp_p
     assert [d for d in diffs if "pushed_weights" in repr(d)] == []
     alembic(engine, "downgrade", "0010_datasets")
     assert "pushed_weights" not in inspect(engine).get_table_names()
+
+
+def test_a_pushed_dataset_is_checked_through_the_hub_when_it_serves_its_manifest(
+    exported, tmp_path
+):
+    from gridswarm.blobs import BlobError
+    from gridswarm.train.dataset import MANIFEST, TOKENIZER_FILE, parse_manifest, prepare
+
+    text = tmp_path / "small.txt"
+    text.write_bytes(SHAKESPEARE.read_bytes()[:20_000])
+    prepared = tmp_path / "ds"
+    _, digest = prepare([text], "bytes", prepared, shard_tokens=4096, show_progress=False)
+    manifest = parse_manifest((prepared / MANIFEST).read_bytes())
+    files = {digest: prepared / MANIFEST, manifest.tokenizer.sha256: prepared / TOKENIZER_FILE}
+    folder = hf_folder(exported[0], tmp_path)
+    shutil.copy(prepared / TOKENIZER_FILE, folder / TOKENIZER_FILE)  # the dataset's own file
+    toml = write_toml(tmp_path / "run.toml", init_settings(data={"dataset": f"manifest:{digest}"}))
+
+    init = prepare_init(toml, folder, lambda d: files[d].read_bytes())
+    assert f"dataset manifest:{digest}: vocabulary 256" in init.checked
+    assert any("the dataset's own (sha256" in line for line in init.checked), init.checked
+
+    def not_served(d: str) -> bytes:  # no run uses the pushed dataset yet: 404
+        raise BlobError(f"blob {d}: the hub answered 404")
+
+    init = prepare_init(toml, folder, not_served)
+    assert any("manifest not readable here" in line for line in init.checked), init.checked
+    assert any("vocab_size 256: the hub checks it" in line for line in init.checked)
+    assert any("256 tokens; the dataset's tokenizer not readable" in x for x in init.checked)
