@@ -19,7 +19,7 @@ from gridswarm.blobs import sha256_hex
 from gridswarm.config import parse_run_config
 from gridswarm.export import RUN_FILE, export_theta
 from gridswarm.hub.service import HubSettings
-from gridswarm.identity import Identity
+from gridswarm.identity import HEADER_KEY, Identity
 from gridswarm.initfrom import InitFrom, InitFromError, prepare_init
 from gridswarm.protocol import API, Refusal
 from gridswarm.train.codecs import make_codec
@@ -260,6 +260,11 @@ def test_size_sponsor_quota_and_cap_refuse_before_anything_is_stored(tmp_path):
     before = state(hub)
     other_blob = pack_vector(torch.randn(1000))
     refused(hub.post(sponsor, f"{API}/weights", other_blob), 429, Refusal.QUOTA)
+    # decided from Content-Length and the key the headers name, before the body is read (and
+    # so before its signature could be checked: this one has none)
+    unsigned = {HEADER_KEY: sponsor.public_key.hex()}
+    r = hub.http.post(f"{API}/weights", content=other_blob, headers=unsigned)
+    refused(r, 429, Refusal.QUOTA)
     assert state(hub) == before
     push(hub, Identity.generate(), other_blob)  # another identity's own quota
 
@@ -270,6 +275,7 @@ def test_size_sponsor_quota_and_cap_refuse_before_anything_is_stored(tmp_path):
     before = state(hub)
     third = pack_vector(torch.randn(1000))
     refused(hub.post(Identity.generate(), f"{API}/weights", third), 413, Refusal.STORAGE_FULL)
+    refused(hub.http.post(f"{API}/weights", content=third), 413, Refusal.STORAGE_FULL)  # unread
     assert state(hub) == before
 
 

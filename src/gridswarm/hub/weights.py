@@ -8,7 +8,8 @@ version blob, `train/params.py`) and pushes it:
 1. `POST /v1/weights`, body = a safetensors file holding exactly one tensor, `theta`: 1-D
    float32, every value finite. Before the body is read the hub knows its size from
    Content-Length: 413 above the hub's upload limit, 413 `storage_full` when it would take the
-   hub's pushes past `--max-dataset-mb`. Then the signature and the sponsor rule (the
+   hub's pushes past `--max-dataset-mb`, 429 `quota` when it would take the key the request
+   names past its quota. Then the signature and the sponsor rule (the
    `--sponsors` list, 403 `not_sponsor`, as for datasets and runs), the content (422), and this
    identity's quota (429 `quota`; pushed weights and pushed datasets share the quota and the
    cap, `store/datasets.offered_bytes`). Only then is the blob stored, by its sha256, with a
@@ -27,6 +28,7 @@ A refusal stores neither a blob nor a row.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -44,13 +46,14 @@ from gridswarm.hub.limits import check_dataset_quota, check_sponsor
 from gridswarm.hub.openapi import openapi_body
 from gridswarm.hub.store import datasets as dataset_store
 from gridswarm.hub.store import weights as store
-from gridswarm.identity import VerifiedRequest
+from gridswarm.identity import HEADER_KEY, VerifiedRequest
 from gridswarm.protocol import API, Refusal, WeightsAck
 from gridswarm.train.params import BlobFormatError, unpack
 
 if TYPE_CHECKING:
     from gridswarm.hub.service import HubService
 
+KEY_PATTERN = r"[0-9a-f]{64}"  # an Ed25519 public key, hex
 WHAT = "these weights"  # in quota messages
 VECTOR = "theta"  # the one tensor of a pushed weights blob (as in a version blob)
 
@@ -142,16 +145,24 @@ class HubWeights:
         # then exceeded by at most one push per replica)
         self._admit = threading.Lock()
 
-    def check_room(self, declared_bytes: int | None) -> None:
-        """413 `storage_full` before the body is read when `declared_bytes` (Content-Length)
-        would take the hub's pushes past its cap (the identity's quota is checked once the
-        signature says whose it is)."""
-        if declared_bytes is None:
-            return
+    def check_room(self, declared_bytes: int, claimed_key: str | None) -> None:
+        """Before the body is read: 429 `quota` when `declared_bytes` (Content-Length) would
+        take the key the request claims to be signed by past its quota, 413 `storage_full`
+        when they would take the hub's pushes past its cap. The claim is not verified yet: it
+        can only get its own request refused early; the quota is checked again once the
+        signature says whose the request is."""
         settings = self.service.settings
+        key = claimed_key if claimed_key and re.fullmatch(KEY_PATTERN, claimed_key) else ""
         with self.service.sessions() as s:
-            _, hub_bytes = dataset_store.offered_bytes(s, "")
-        check_dataset_quota(0, hub_bytes, declared_bytes, 1 << 62, settings.max_dataset_bytes, WHAT)
+            identity_bytes, hub_bytes = dataset_store.offered_bytes(s, key)
+        check_dataset_quota(
+            identity_bytes if key else 0,
+            hub_bytes,
+            declared_bytes,
+            settings.max_dataset_bytes_per_identity,
+            settings.max_dataset_bytes,
+            WHAT,
+        )
 
     def store(self, sponsor_key: bytes, body: bytes, body_sha256: str) -> WeightsAck:
         """Check pushed weights (422), charge them to the identity (429 / 413) and store them
@@ -235,7 +246,8 @@ def add_weights_routes(
                 raise HubError(
                     413, f"request body of {declared} bytes exceeds the {max_upload_bytes} limit"
                 )
-            await run_in_threadpool(weights.check_room, int(declared))
+            claimed = request.headers.get(HEADER_KEY)
+            await run_in_threadpool(weights.check_room, int(declared), claimed)
         verified, body = await signed(request, max_upload_bytes, admit=sponsor)
         return await run_in_threadpool(
             weights.store, verified.public_key, body, verified.body_sha256
