@@ -556,7 +556,7 @@ def _create_from(config: Path, folder: Path, client: HubClient) -> RunCreateResp
     """`run create --init-from`: the run's model and weights from `folder`, checked here
     (initfrom.py), the weights pushed (`POST /v1/weights`), then the run created naming them."""
     from gridswarm.config import parse_run_config
-    from gridswarm.initfrom import InitFromError, prepare_init
+    from gridswarm.initfrom import InitFromError, prepare_init, push_weights
 
     try:
         init = prepare_init(config, folder, client.blob)
@@ -564,7 +564,7 @@ def _create_from(config: Path, folder: Path, client: HubClient) -> RunCreateResp
         _fail(str(exc))
     for line in init.checked:
         err_console.print(f"checked: {line}")
-    pushed = client.push_weights(init.blob())
+    pushed = push_weights(client, init.blob())
     err_console.print(f"pushed {pushed.numel:,} weights ({pushed.bytes:,} bytes): {pushed.weights}")
     settings = {**init.config, "model": {**init.config["model"], "init_weights": pushed.weights}}
     try:

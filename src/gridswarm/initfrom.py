@@ -20,8 +20,9 @@ or a folder `gridswarm run export` wrote. Nothing is downloaded. Here, on the sp
    (sha256), or else the same vocabulary (every token with the same id); at least the size
    when the dataset's tokenizer cannot be read here. What was checked is reported.
 
-The CLI then pushes the vector (`POST /v1/weights`) and creates the run with
-`model.init_weights = "sha256:<hex>"`.
+The CLI then pushes the vector (`POST /v1/weights`; above `PART_BYTES` offered in parts,
+`POST /v1/weights/offer` and `/v1/weights/{sha256}/parts/{i}`, resumable) and creates the run
+with `model.init_weights = "sha256:<hex>"`.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from gridswarm.blobs import sha256_hex
 from gridswarm.config import ConfigError, ModelConfig, RunConfig, parse_run_config
+from gridswarm.protocol import WeightsAck, WeightsOffer
 from gridswarm.train.dataset import (
     MANIFEST_PREFIX,
     MAX_TOKENIZER_BYTES,
@@ -50,12 +52,16 @@ from gridswarm.train.model import GPT, HFCausalLM, build_model
 from gridswarm.train.params import flatten, pack_vector
 from gridswarm.train.tokenizer import TOKENIZER_FILE, VOCAB_SIZE, byte_tokenizer
 
+if TYPE_CHECKING:
+    from gridswarm.node.client import HubClient
+
 CONFIG_FILE = "config.json"
 RUN_FILE = "gridswarm.json"  # written by `gridswarm run export` (export.py)
 MAX_CONFIG_BYTES = 1 << 20  # a model's config.json (a few KiB in practice)
 # config.json fields that are bookkeeping, not the architecture, or that a run sets itself
 DROPPED_FIELDS = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype"}
 DROPPED_FIELDS |= {"vocab_size"}  # the run's dataset's (hub and nodes set it: train/model.py)
+PART_BYTES = 64 << 20  # weights above this go in parts (the hub's upload limit: 256 MiB)
 HF_PREFIX = "hf."  # HFCausalLM's parameter names: "hf." + the transformers model's
 
 
@@ -369,3 +375,32 @@ def prepare_init(run_toml: Path, folder: Path, fetch: Fetch | None = None) -> In
     )
     checked.append(check_tokenizer(folder, cfg, known, fetch))
     return InitFrom(settings, theta, checked)
+
+
+def push_weights(
+    client: HubClient,
+    blob: bytes,
+    part_bytes: int = PART_BYTES,
+    on_part: Callable[[int], None] = lambda size: None,
+) -> WeightsAck:
+    """Push weights (`InitFrom.blob()`): in one request up to `part_bytes`, else offered in
+    parts of `part_bytes` and only the parts the hub lacks uploaded (`on_part(bytes)` after
+    each), so a push that was cut off and run again resumes. The hub's refusals raise
+    `HubRequestError`; InitFromError if the hub does not end with the whole."""
+    if len(blob) <= part_bytes:
+        return client.push_weights(blob)
+    parts = [blob[i : i + part_bytes] for i in range(0, len(blob), part_bytes)]
+    offer = WeightsOffer(
+        sha256=sha256_hex(blob),
+        bytes=len(blob),
+        part_bytes=part_bytes,
+        parts=[sha256_hex(p) for p in parts],
+    )
+    answer = client.offer_weights(offer)
+    for index in answer.missing:
+        client.upload_weights_part(offer.sha256, index, parts[index])
+        on_part(len(parts[index]))
+    final = client.offer_weights(offer)
+    if final.ack is None:
+        raise InitFromError(f"the hub still lacks {len(final.missing)} parts after the upload")
+    return final.ack

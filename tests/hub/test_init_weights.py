@@ -20,8 +20,8 @@ from gridswarm.config import parse_run_config
 from gridswarm.export import RUN_FILE, export_theta
 from gridswarm.hub.service import HubSettings
 from gridswarm.identity import HEADER_KEY, Identity
-from gridswarm.initfrom import InitFrom, InitFromError, prepare_init
-from gridswarm.protocol import API, Refusal
+from gridswarm.initfrom import InitFrom, InitFromError, prepare_init, push_weights
+from gridswarm.protocol import API, Refusal, WeightsAck, WeightsOffer, WeightsOfferResponse
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.dataset import dataset_tokenizer
 from gridswarm.train.params import flatten, pack, pack_vector, unpack_vector
@@ -371,3 +371,118 @@ def test_a_pushed_dataset_is_checked_through_the_hub_when_it_serves_its_manifest
     assert any("manifest not readable here" in line for line in init.checked), init.checked
     assert any("vocab_size 256: the hub checks it" in line for line in init.checked)
     assert any("256 tokens; the dataset's tokenizer not readable" in x for x in init.checked)
+
+
+class InProcessClient:
+    """`HubClient`'s weights calls over the in-process hub (for `initfrom.push_weights`)."""
+
+    def __init__(self, hub: Hub, who: Identity) -> None:
+        self.hub, self.who, self.parts_sent = hub, who, []
+
+    def push_weights(self, data: bytes) -> WeightsAck:
+        return WeightsAck.model_validate(push(self.hub, self.who, data))
+
+    def offer_weights(self, offer: WeightsOffer) -> WeightsOfferResponse:
+        r = self.hub.post(self.who, f"{API}/weights/offer", offer.model_dump_json())
+        assert r.status_code == 200, r.text
+        return WeightsOfferResponse.model_validate(r.json())
+
+    def upload_weights_part(self, sha256: str, index: int, data: bytes) -> None:
+        r = self.hub.post(self.who, f"{API}/weights/{sha256}/parts/{index}", data)
+        assert r.status_code == 200, r.text
+        self.parts_sent.append(index)
+
+
+def offer_of(blob: bytes, part_bytes: int) -> WeightsOffer:
+    parts = [blob[i : i + part_bytes] for i in range(0, len(blob), part_bytes)]
+    return WeightsOffer(
+        sha256=sha256_hex(blob),
+        bytes=len(blob),
+        part_bytes=part_bytes,
+        parts=[sha256_hex(p) for p in parts],
+    )
+
+
+def test_weights_in_parts_resume_and_start_a_run(exported, tmp_path):
+    source, theta, _ = exported
+    init = prepare_init(write_toml(tmp_path / "run.toml", init_settings()), source)
+    blob = init.blob()
+    part = len(blob) // 3 + 1  # three parts, the last one shorter
+    hub = new_hub(tmp_path / "hub")
+    sponsor = Identity.generate()
+    client = InProcessClient(hub, sponsor)
+    offer = offer_of(blob, part)
+    first = client.offer_weights(offer)
+    assert first.missing == [0, 1, 2] and first.ack is None
+    client.upload_weights_part(offer.sha256, 1, blob[part : 2 * part])  # then cut off
+    r = create_from(hub, sponsor, init, first.weights)  # not all parts in: not usable yet
+    refused(r, 422, Refusal.INVALID_CONFIG)
+    client.parts_sent.clear()
+    ack = push_weights(client, blob, part_bytes=part)  # run again: resumes
+    assert client.parts_sent == [0, 2]
+    assert ack.weights == f"sha256:{sha256_hex(blob)}" and ack.numel == theta.numel()
+    assert not hub.service.blobs.has(offer.sha256)  # kept as its parts
+    r = create_from(hub, sponsor, init, ack.weights)
+    assert r.status_code == 200, r.text
+    assert torch.equal(version(hub, r.json()["run_id"])[0], theta)
+    with hub.service.sessions() as s:
+        from gridswarm.hub.store.datasets import offered_bytes
+
+        assert offered_bytes(s, sponsor.public_key.hex()) == (len(blob), len(blob))  # once
+    assert push_weights(client, blob, part_bytes=part) == ack  # again: nothing moves
+    assert client.parts_sent == [0, 2]
+
+
+def test_parts_are_checked_against_the_offer(exported, tmp_path):
+    theta = exported[1]
+    blob = pack_vector(theta)
+    part = len(blob) // 2 + 1
+    offer = offer_of(blob, part)
+    hub = new_hub(tmp_path / "hub", max_upload_bytes=part + 10)
+    sponsor, other = Identity.generate(), Identity.generate()
+    before = state(hub)
+    path = f"{API}/weights/{offer.sha256}/parts/0"
+    refused(hub.post(sponsor, path, blob[:part]), 404, Refusal.NOT_FOUND)  # nobody offered
+    big = offer_of(blob, part + 11)
+    refused(
+        hub.post(sponsor, f"{API}/weights/offer", big.model_dump_json()), 413, Refusal.TOO_LARGE
+    )
+    miscounted = offer.model_dump() | {"parts": offer.parts[:1]}
+    r = hub.post(sponsor, f"{API}/weights/offer", json.dumps(miscounted))
+    refused(r, 422, Refusal.MALFORMED)
+    assert state(hub) == before
+    InProcessClient(hub, sponsor).offer_weights(offer)
+    before = state(hub)
+    refused(hub.post(other, path, blob[:part]), 403, Refusal.FORBIDDEN)  # not its offer
+    refused(hub.post(sponsor, path, blob[: part + 1]), 413, Refusal.TOO_LARGE)  # unread
+    flipped = bytes([blob[0] ^ 1]) + blob[1:part]
+    refused(hub.post(sponsor, path, flipped), 422, Refusal.MALFORMED)
+    refused(
+        hub.post(sponsor, f"{API}/weights/{offer.sha256}/parts/2", b"x"), 404, Refusal.NOT_FOUND
+    )
+    assert state(hub) == before
+
+    # parts that are what the offer says, but not one finite fp32 vector together
+    nan = theta.clone()
+    nan[5] = float("nan")
+    bad = pack_vector(nan)
+    client = InProcessClient(hub, sponsor)
+    bad_offer = offer_of(bad, part)
+    client.offer_weights(bad_offer)
+    for i in range(2):
+        client.upload_weights_part(bad_offer.sha256, i, bad[i * part : (i + 1) * part])
+    r = hub.post(sponsor, f"{API}/weights/offer", bad_offer.model_dump_json())
+    refused(r, 422, Refusal.MALFORMED)
+    assert "not finite (at index 5)" in r.json()["detail"]
+
+
+def test_an_offer_over_the_quota_is_refused_before_anything_is_stored(tmp_path):
+    blob = pack_vector(torch.randn(2000))
+    quota = HubSettings(max_dataset_bytes_per_identity=len(blob) - 1)
+    hub = new_hub(tmp_path / "hub", quota)
+    before = state(hub)
+    r = hub.post(
+        Identity.generate(), f"{API}/weights/offer", offer_of(blob, 1000).model_dump_json()
+    )
+    refused(r, 429, Refusal.QUOTA)
+    assert state(hub) == before

@@ -31,14 +31,15 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from gridswarm.blobs import BlobError
+from gridswarm.blobs import BlobError, sha256_hex
 from gridswarm.config import INIT_WEIGHTS_PREFIX, RunConfig
 from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
@@ -47,12 +48,25 @@ from gridswarm.hub.openapi import openapi_body
 from gridswarm.hub.store import datasets as dataset_store
 from gridswarm.hub.store import weights as store
 from gridswarm.identity import HEADER_KEY, VerifiedRequest
-from gridswarm.protocol import API, Refusal, WeightsAck
+from gridswarm.protocol import (
+    API,
+    DIGEST_PATTERN,
+    MAX_WEIGHT_PARTS,
+    Refusal,
+    WeightsAck,
+    WeightsOffer,
+    WeightsOfferResponse,
+    WeightsPartAck,
+    describe_errors,
+)
 from gridswarm.train.params import BlobFormatError, unpack
 
 if TYPE_CHECKING:
     from gridswarm.hub.service import HubService
 
+MAX_OFFER_BYTES = 80 * MAX_WEIGHT_PARTS + 4096  # an offer's JSON: its part digests and numbers
+DigestParam = Annotated[str, Path(pattern=DIGEST_PATTERN, description="a sha256 (hex)")]
+PartParam = Annotated[int, Path(ge=0, lt=MAX_WEIGHT_PARTS, description="a part's index")]
 KEY_PATTERN = r"[0-9a-f]{64}"  # an Ed25519 public key, hex
 WHAT = "these weights"  # in quota messages
 VECTOR = "theta"  # the one tensor of a pushed weights blob (as in a version blob)
@@ -96,12 +110,13 @@ def pushed_numel(service: HubService, sponsor_key: bytes, cfg: RunConfig) -> int
         return None
     with service.sessions() as s:
         row = store.pushed_weights(s, digest, sponsor_key.hex())
-        numel = None if row is None else int(row.numel)
+        numel = None if row is None or row.numel is None else int(row.numel)
     if numel is None:
         raise HubError(
             422,
-            f"model.init_weights: no weights sha256:{digest} were pushed by this identity "
-            f"(POST {API}/weights first: gridswarm run create --init-from DIR)",
+            f"model.init_weights: no weights sha256:{digest} were pushed by this identity, "
+            f"or their parts are not all in (POST {API}/weights first: gridswarm run create "
+            f"--init-from DIR)",
             Refusal.INVALID_CONFIG,
         )
     return numel
@@ -124,7 +139,14 @@ def load_pushed(service: HubService, cfg: RunConfig, numel: int) -> torch.Tensor
     digest = weights_digest(cfg)
     assert digest is not None
     try:
-        data = service.blobs.get(digest)
+        if service.blobs.has(digest):  # pushed whole
+            data = service.blobs.get(digest)
+        else:  # pushed in parts: the whole is their concatenation, checked by its sha256
+            with service.sessions() as s:
+                offer_json = store.offered_weights_json(s, digest)
+            if offer_json is None:
+                raise BlobError("neither the blob nor its parts are in the store")
+            data = assemble(service, WeightsOffer.model_validate_json(offer_json))
     except (BlobError, OSError) as exc:
         raise HubError(503, f"cannot read weights {digest}: {exc}", Refusal.UNAVAILABLE) from exc
     try:
@@ -133,6 +155,18 @@ def load_pushed(service: HubService, cfg: RunConfig, numel: int) -> torch.Tensor
         raise HubError(422, f"model.init_weights: {exc}", Refusal.INVALID_CONFIG) from exc
     check_numel(cfg, theta.numel(), numel)
     return theta
+
+
+def assemble(service: HubService, offer: WeightsOffer) -> bytes:
+    """The whole blob of weights offered in parts, from its stored parts; BlobError unless it
+    has the offer's size and sha256."""
+    data = b"".join(service.blobs.get(part) for part in offer.parts)
+    if len(data) != offer.bytes or sha256_hex(data) != offer.sha256:
+        raise BlobError(
+            f"the parts make {len(data)} bytes with sha256 {sha256_hex(data)}, not the "
+            f"offered {offer.bytes} bytes with sha256 {offer.sha256}"
+        )
+    return data
 
 
 class HubWeights:
@@ -177,19 +211,19 @@ class HubWeights:
         settings = self.service.settings
         with self._admit:
             with self.service.sessions() as s:
-                if store.pushed_weights(s, digest, key) is not None and self.service.blobs.has(
-                    digest
-                ):
+                row = store.pushed_weights(s, digest, key)
+                if row is not None and row.numel is not None and self.service.blobs.has(digest):
                     return ack
                 identity_bytes, hub_bytes = dataset_store.offered_bytes(s, key)
-            check_dataset_quota(
-                identity_bytes,
-                hub_bytes,
-                len(body),
-                settings.max_dataset_bytes_per_identity,
-                settings.max_dataset_bytes,
-                WHAT,
-            )
+            if row is None:  # a row (an offer in parts, say) was charged already
+                check_dataset_quota(
+                    identity_bytes,
+                    hub_bytes,
+                    len(body),
+                    settings.max_dataset_bytes_per_identity,
+                    settings.max_dataset_bytes,
+                    WHAT,
+                )
             existed = self.service.blobs.has(digest)
             try:
                 self.service.blobs.put(body, expected_digest=digest, known_sha256=digest)
@@ -199,24 +233,152 @@ class HubWeights:
                 ) from exc
             try:
                 with self.service.sessions() as s:
-                    if store.pushed_weights(s, digest, key) is None:
+                    row = store.pushed_weights(s, digest, key)
+                    if row is None:
                         row = m.PushedWeights(
                             sha256=digest,
                             sponsor_key=key,
                             numel=numel,
                             bytes=len(body),
                             created_at=self.service.clock(),
+                            completed_at=self.service.clock(),
                         )
                         store.add_pushed_weights(s, row)
-                        try:
-                            s.commit()
-                        except IntegrityError:  # the same push, by another replica
-                            s.rollback()
+                    elif row.numel is None:  # offered in parts, now pushed whole
+                        row.numel, row.completed_at = numel, self.service.clock()
+                    try:
+                        s.commit()
+                    except IntegrityError:  # the same push, by another replica
+                        s.rollback()
             except Exception:
                 if not existed:
                     self.service.blobs.delete(digest)
                 raise
         return ack
+
+    # ------------------------------------------------------------ in parts
+
+    def offer(self, sponsor_key: bytes, body: bytes, max_part_bytes: int) -> WeightsOfferResponse:
+        """What the hub lacks of weights offered in parts; once it lacks nothing, the whole
+        checked as a single push is (422 if it is not one finite fp32 vector) and `ack` names
+        it. The first offer by an identity is charged the whole size (429 / 413, nothing
+        stored); offering again is free and answers what is still missing (a cut-off push
+        resumes)."""
+        try:
+            offer = WeightsOffer.model_validate_json(body)
+        except ValidationError as exc:
+            raise HubError(422, f"malformed offer: {describe_errors(exc.errors())}") from exc
+        if offer.part_bytes > max_part_bytes:
+            raise HubError(
+                413, f"parts of {offer.part_bytes} bytes exceed the hub's {max_part_bytes}"
+            )
+        key, text = sponsor_key.hex(), offer.model_dump_json()
+        name = f"{INIT_WEIGHTS_PREFIX}{offer.sha256}"
+        settings = self.service.settings
+        with self._admit, self.service.sessions() as s:
+            row = store.pushed_weights(s, offer.sha256, key)
+            if row is None:
+                identity_bytes, hub_bytes = dataset_store.offered_bytes(s, key)
+                check_dataset_quota(
+                    identity_bytes,
+                    hub_bytes,
+                    offer.bytes,
+                    settings.max_dataset_bytes_per_identity,
+                    settings.max_dataset_bytes,
+                    WHAT,
+                )
+                row = m.PushedWeights(
+                    sha256=offer.sha256,
+                    sponsor_key=key,
+                    numel=None,
+                    bytes=offer.bytes,
+                    parts_json=text,
+                    created_at=self.service.clock(),
+                )
+                store.add_pushed_weights(s, row)
+                s.commit()
+            elif row.parts_json is not None and row.parts_json != text:
+                raise HubError(
+                    409,
+                    "these weights were offered in other parts: offer them as the first time",
+                    Refusal.CONFLICT,
+                )
+            if row.numel is not None:  # complete (in parts, or pushed whole before)
+                return WeightsOfferResponse(
+                    weights=name,
+                    missing=[],
+                    ack=WeightsAck(weights=name, numel=int(row.numel), bytes=int(row.bytes)),
+                )
+            received = store.received_parts(s, offer.sha256, key)
+        missing = [i for i, part in enumerate(offer.parts) if received.get(i) != part]
+        if missing:
+            return WeightsOfferResponse(weights=name, missing=missing)
+        try:
+            numel = check_weights_blob(assemble(self.service, offer)).numel()
+        except BlobError as exc:
+            raise HubError(422, f"malformed weights: {exc}") from exc
+        except ValueError as exc:
+            raise HubError(422, f"malformed weights: {exc}") from exc
+        with self.service.sessions() as s:
+            done = store.pushed_weights(s, offer.sha256, key)
+            if done is not None and done.numel is None:
+                done.numel, done.completed_at = numel, self.service.clock()
+                s.commit()
+        ack = WeightsAck(weights=name, numel=numel, bytes=offer.bytes)
+        return WeightsOfferResponse(weights=name, missing=[], ack=ack)
+
+    def part_size(self, sha256: str, index: int) -> int:
+        """The size part `index` of offered weights `sha256` must have, known before its body
+        is read (404 if no offer names it)."""
+        with self.service.sessions() as s:
+            text = store.offered_weights_json(s, sha256)
+        if text is None:
+            raise HubError(404, f"no weights {sha256} were offered in parts")
+        offer = WeightsOffer.model_validate_json(text)
+        if index >= len(offer.parts):
+            raise HubError(404, f"weights {sha256} have {len(offer.parts)} parts, not {index + 1}")
+        return offer.part_size(index)
+
+    def store_part(
+        self, sponsor_key: bytes, sha256: str, index: int, body: bytes, body_sha256: str
+    ) -> WeightsPartAck:
+        """Check one uploaded part against this identity's offer (403 without one; 422 for
+        another sha256 or size), then store it and note it. A refusal stores nothing."""
+        key = sponsor_key.hex()
+        with self.service.sessions() as s:
+            row = store.pushed_weights(s, sha256, key)
+            text = None if row is None else row.parts_json
+        if text is None:
+            raise HubError(
+                403,
+                f"this identity has not offered weights {sha256} in parts "
+                f"(POST {API}/weights/offer first)",
+                Refusal.FORBIDDEN,
+            )
+        offer = WeightsOffer.model_validate_json(text)
+        if index >= len(offer.parts):
+            raise HubError(404, f"weights {sha256} have {len(offer.parts)} parts, not {index + 1}")
+        if body_sha256 != offer.parts[index] or len(body) != offer.part_size(index):
+            raise HubError(
+                422,
+                f"part {index}: {len(body)} bytes with sha256 {body_sha256}, the offer says "
+                f"{offer.part_size(index)} bytes with sha256 {offer.parts[index]}",
+            )
+        try:
+            self.service.blobs.put(body, expected_digest=body_sha256, known_sha256=body_sha256)
+        except (BlobError, OSError) as exc:
+            raise HubError(503, f"cannot store part {index}: {exc}", Refusal.UNAVAILABLE) from exc
+        with self.service.sessions() as s:
+            if store.received_parts(s, sha256, key).get(index) is None:
+                part = m.PushedWeightPart(
+                    sha256=sha256, sponsor_key=key, idx=index, part_sha256=body_sha256
+                )
+                store.add_part(s, part)
+                try:
+                    s.commit()
+                except IntegrityError:  # the same part, uploaded twice at once
+                    s.rollback()
+        return WeightsPartAck(index=index, bytes=len(body))
 
 
 def add_weights_routes(
@@ -251,4 +413,25 @@ def add_weights_routes(
         verified, body = await signed(request, max_upload_bytes, admit=sponsor)
         return await run_in_threadpool(
             weights.store, verified.public_key, body, verified.body_sha256
+        )
+
+    @app.post(f"{API}/weights/offer", openapi_extra=openapi_body(WeightsOffer))
+    async def offer_weights(request: Request) -> WeightsOfferResponse:
+        """Offer weights too large for one request in parts: the answer lists the parts the
+        hub lacks, or, once it has them all and checked the whole, `ack` names them. The first
+        offer is charged the whole size (429 `quota`, 413 `storage_full`)."""
+        verified, body = await signed(request, MAX_OFFER_BYTES, admit=sponsor)
+        return await run_in_threadpool(weights.offer, verified.public_key, body, max_upload_bytes)
+
+    @app.post(f"{API}/weights/{{sha256}}/parts/{{index}}", openapi_extra=openapi_body(binary=True))
+    async def upload_weights_part(
+        sha256: DigestParam, index: PartParam, request: Request
+    ) -> WeightsPartAck:
+        """Body: part `index` of offered weights. Its size is known from the offer before the
+        body is read (413 above it); its sha256 and size are checked (422) before it is
+        stored."""
+        expected = await run_in_threadpool(weights.part_size, sha256, index)
+        verified, body = await signed(request, expected, admit=sponsor)
+        return await run_in_threadpool(
+            weights.store_part, verified.public_key, sha256, index, body, verified.body_sha256
         )
