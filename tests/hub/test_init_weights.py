@@ -327,6 +327,14 @@ def test_the_route_is_in_the_openapi_document_and_the_migration_downgrades(tmp_p
     assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/WeightsAck"
     )
+    offer_op = doc["paths"][f"{API}/weights/offer"]["post"]
+    schema = offer_op["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["$ref"].endswith("/WeightsOffer")
+    assert "WeightsOffer" in doc["components"]["schemas"]
+    part_op = doc["paths"][f"{API}/weights/{{sha256}}/parts/{{index}}"]["post"]
+    assert "application/octet-stream" in part_op["requestBody"]["content"]
+    for each in (offer_op, part_op):
+        assert {"401", "403", "404", "413", "422", "429"} <= set(each["responses"])
 
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext

@@ -19,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gridswarm.blobs import sha256_hex
 from gridswarm.hub.service import HubSettings
 from gridswarm.identity import Identity
 from gridswarm.ledger.ops import fund_claim, payout_address_claim
@@ -122,6 +123,23 @@ class World:
         r = self.hub.post(self.sponsor, f"{API}/weights", self.weights_blob)
         assert r.status_code == 200, r.text
         self.weights = r.json()["weights"]
+        # other weights offered in two parts, the first one uploaded
+        from gridswarm.protocol import WeightsOffer
+
+        other = pack_vector(start * 2)
+        half = len(other) // 2 + 1
+        self.weights_parts = [other[:half], other[half:]]
+        self.weights_offer = WeightsOffer(
+            sha256=sha256_hex(other),
+            bytes=len(other),
+            part_bytes=half,
+            parts=[sha256_hex(p) for p in self.weights_parts],
+        ).model_dump(mode="json")
+        r = self.hub.post(self.sponsor, f"{API}/weights/offer", self.weights_offer)
+        assert r.status_code == 200, r.text
+        part0 = f"{API}/weights/{self.weights_offer['sha256']}/parts/0"
+        r = self.hub.post(self.sponsor, part0, self.weights_parts[0])
+        assert r.status_code == 200, r.text
 
     def advertisement(self, a) -> dict[str, Any]:
         keys = [base64.b64encode(os.urandom(32)).decode() for _ in range(2)]
@@ -360,7 +378,20 @@ def test_fuzz_weights(world: World, data: st.DataObject) -> None:
     from gridswarm.blobs import sha256_hex
 
     w = world
-    how = data.draw(st.sampled_from(["bytes", "value", "whole", "config"]), label="mutate")
+    how = data.draw(
+        st.sampled_from(["bytes", "value", "whole", "config", "offer", "part"]), label="mutate"
+    )
+    if how == "offer":
+        body = data.draw(mutated_json(w.weights_offer), label="offer")
+        check(w, w.sponsor, f"{API}/weights/offer", body)
+        return
+    if how == "part":
+        index = data.draw(st.sampled_from(["0", "1", "2", "-1", "65536", "x"]), label="index")
+        digest = data.draw(st.sampled_from([w.weights_offer["sha256"], "2" * 64, "zz"]))
+        part = w.weights_parts[1] if index == "1" else w.weights_parts[0]
+        body = data.draw(mutated_bytes(part) | st.just(part), label="part")
+        check(w, w.sponsor, f"{API}/weights/{digest}/parts/{index}", body)
+        return
     if how == "config":
         name = data.draw(
             st.sampled_from(
