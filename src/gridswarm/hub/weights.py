@@ -9,20 +9,28 @@ version blob, `train/params.py`) and pushes it:
    float32, every value finite. Before the body is read the hub knows its size from
    Content-Length: 413 above the hub's upload limit, 413 `storage_full` when it would take the
    hub's pushes past `--max-dataset-mb`, 429 `quota` when it would take the key the request
-   names past its quota. Then the signature and the sponsor rule (the
-   `--sponsors` list, 403 `not_sponsor`, as for datasets and runs), the content (422), and this
-   identity's quota (429 `quota`; pushed weights and pushed datasets share the quota and the
-   cap, `store/datasets.offered_bytes`). Only then is the blob stored, by its sha256, with a
-   `models.PushedWeights` row naming it and who pushed it. Pushing the same bytes again is free.
+   names past its quota. Then the signature and the sponsor rule (the `--sponsors` list, 403
+   `not_sponsor`, as for datasets and runs), the content (422), and this identity's quota
+   (429 `quota`; pushed weights and pushed datasets share the quota and the cap,
+   `store/datasets.offered_bytes`). Only then is the blob stored, by its sha256, with a
+   `models.PushedWeights` row naming it and who pushed it. Pushing the same bytes again is
+   free.
    The answer names it: `sha256:<hex>`.
+   Weights too large for one request are offered in parts instead (`POST /v1/weights/offer`,
+   a `WeightsOffer`: charged the whole size on an identity's first offer; the answer lists the
+   missing parts), each part uploaded to `POST /v1/weights/{sha256}/parts/{index}` (its size
+   known from the offer before the body is read; its sha256 and size checked; stored and
+   noted), and the offer made again once all are in: the hub reads the parts back, checks the
+   whole as above and completes the row. A cut-off push resumes with the missing parts only.
 2. The run's config names it: `model.init_weights = "sha256:<hex>"`. `create_run` refuses (422
-   `invalid_config`) a name no row of this sponsor's names (so a crafted config can never make a
-   contribution's or any other blob version 0), and a vector whose length is not the model's,
-   before the vector is read; then version 0 is that vector (re-packed with the run's metadata,
-   as a version blob always is) and its held-out loss is computed as for a random start.
+   `invalid_config`) a name no complete row of this sponsor's names (so a crafted config can
+   never make a contribution's or any other blob version 0), and a vector whose length is not
+   the model's, before the vector is read; then version 0 is that vector (re-packed with the
+   run's metadata, as a version blob always is; joined from its parts, its sha256 checked
+   again, when it was pushed in parts) and its held-out loss is computed as for a random start.
 
-Nodes need nothing new: they download version 0 as always. The pushed blob itself is never
-served (`GET /v1/blobs` serves published versions and datasets only).
+Nodes need nothing new: they download version 0 as always. The pushed blob and its parts are
+never served (`GET /v1/blobs` serves published versions and datasets only).
 A refusal stores neither a blob nor a row.
 """
 
