@@ -76,7 +76,7 @@ MAX_OFFER_BYTES = 80 * MAX_WEIGHT_PARTS + 4096  # an offer's JSON: its part dige
 DigestParam = Annotated[str, Path(pattern=DIGEST_PATTERN, description="a sha256 (hex)")]
 PartParam = Annotated[int, Path(ge=0, lt=MAX_WEIGHT_PARTS, description="a part's index")]
 KEY_PATTERN = r"[0-9a-f]{64}"  # an Ed25519 public key, hex
-WHAT = "these weights"  # in quota messages
+WHAT = "these weights would"  # in quota messages
 VECTOR = "theta"  # the one tensor of a pushed weights blob (as in a version blob)
 
 
