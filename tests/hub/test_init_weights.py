@@ -494,3 +494,26 @@ def test_an_offer_over_the_quota_is_refused_before_anything_is_stored(tmp_path):
     )
     refused(r, 429, Refusal.QUOTA)
     assert state(hub) == before
+
+
+def test_a_wrong_length_is_refused_before_a_prepared_folder_is_imported(tmp_path):
+    from gridswarm.train.dataset import prepare
+
+    text = tmp_path / "data" / "small.txt"
+    text.parent.mkdir()
+    text.write_bytes(SHAKESPEARE.read_bytes()[:20_000])
+    folder = tmp_path / "data" / "ds"
+    prepare([text], "bytes", folder, shard_tokens=4096, show_progress=False)
+    hub = new_hub(tmp_path / "hub", HubSettings(data_roots=(tmp_path / "data",)))
+    sponsor = Identity.generate()
+    config = run_settings(data={"dataset": str(folder)})
+    numel = hub.numel(hub.create_run(Identity.generate(), run_settings()))
+    weights = push(hub, sponsor, pack_vector(torch.zeros(numel + 1)))["weights"]
+    before = state(hub)
+    config["model"] = {**config["model"], "init_weights": weights}
+    r = hub.post(sponsor, f"{API}/runs", {"config": config})
+    refused(r, 422, Refusal.INVALID_CONFIG)
+    assert f"{numel + 1:,} values" in r.json()["detail"]
+    assert state(hub) == before  # the folder's shards were not imported
+    config["model"]["init_weights"] = push(hub, sponsor, pack_vector(torch.zeros(numel)))["weights"]
+    assert hub.post(sponsor, f"{API}/runs", {"config": config}).status_code == 200

@@ -886,14 +886,15 @@ class HubService:
         run_id = uuid.uuid4().hex[:12]
         try:
             check_dataset_path(cfg.data.dataset, self.settings.data_roots, "this hub")
+            if init_numel is not None:  # counted on the meta device: before the import
+                hub_weights.check_numel(cfg, init_numel, hub_weights.model_numel(cfg, self.blobs))
             cfg = self._import_dataset(cfg)
             workload = Workload.from_config(cfg, source=BlobSource(self.blobs))
         except (OSError, ValueError) as exc:
             raise HubError(422, f"data.dataset: {exc}", Refusal.INVALID_CONFIG) from exc
         if init_numel is None:
             theta = workload.initial_theta()
-        else:  # the length first, from the row: the vector is read only when it fits
-            hub_weights.check_numel(cfg, init_numel, workload.numel)
+        else:  # the vector is read only now that its length is known to fit
             theta = hub_weights.load_pushed(self, cfg, workload.numel)
         val_loss = workload.evaluate(theta)
         weights = self.blobs.put(pack_vector(theta, {"run_id": run_id, "version": 0}))

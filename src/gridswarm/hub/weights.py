@@ -25,7 +25,7 @@ version blob, `train/params.py`) and pushes it:
 2. The run's config names it: `model.init_weights = "sha256:<hex>"`. `create_run` refuses (422
    `invalid_config`) a name no complete row of this sponsor's names (so a crafted config can
    never make a contribution's or any other blob version 0), and a vector whose length is not
-   the model's, before the vector is read; then version 0 is that vector (re-packed with the
+   the model's (counted on the meta device: before the dataset is imported or the vector read); then version 0 is that vector (re-packed with the
    run's metadata, as a version blob always is; joined from its parts, its sha256 checked
    again, when it was pushed in parts) and its held-out loss is computed as for a random start.
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path as PathLib
 from typing import TYPE_CHECKING, Annotated
 
 import torch
@@ -47,7 +48,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from gridswarm.blobs import BlobError, sha256_hex
+from gridswarm.blobs import BlobError, BlobStore, sha256_hex
 from gridswarm.config import INIT_WEIGHTS_PREFIX, RunConfig
 from gridswarm.hub import models as m
 from gridswarm.hub.errors import HubError
@@ -67,7 +68,9 @@ from gridswarm.protocol import (
     WeightsPartAck,
     describe_errors,
 )
+from gridswarm.train.dataset import DirSource, is_prepared, manifest_ref, parse_manifest
 from gridswarm.train.params import BlobFormatError, unpack
+from gridswarm.train.tokenizer import VOCAB_SIZE
 
 if TYPE_CHECKING:
     from gridswarm.hub.service import HubService
@@ -128,6 +131,28 @@ def pushed_numel(service: HubService, sponsor_key: bytes, cfg: RunConfig) -> int
             Refusal.INVALID_CONFIG,
         )
     return numel
+
+
+def model_numel(cfg: RunConfig, blobs: BlobStore) -> int:
+    """Parameters of the run's model, counted on PyTorch's meta device (shapes only, nothing
+    allocated), with its dataset's vocabulary read from the manifest without importing the
+    dataset: so a pushed vector of another length is refused before anything is stored.
+    ValueError / OSError when the dataset cannot be read."""
+    from gridswarm.train.model import build_model, count_parameters
+
+    dataset, vocab = cfg.data.dataset, VOCAB_SIZE
+    if is_prepared(dataset):
+        digest = manifest_ref(dataset)
+        if digest is not None:
+            try:
+                vocab = parse_manifest(blobs.get(digest)).vocab_size
+            except BlobError as exc:
+                raise ValueError(f"{dataset}: {exc}") from exc
+        else:  # a prepared folder under the hub's --data-root (checked before)
+            vocab = DirSource(PathLib(dataset).expanduser()).manifest.vocab_size
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.train.seq_len, cfg.seed, vocab)
+    return count_parameters(model)
 
 
 def check_numel(cfg: RunConfig, pushed: int, model_numel: int) -> None:
