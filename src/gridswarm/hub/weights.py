@@ -25,9 +25,10 @@ version blob, `train/params.py`) and pushes it:
 2. The run's config names it: `model.init_weights = "sha256:<hex>"`. `create_run` refuses (422
    `invalid_config`) a name no complete row of this sponsor's names (so a crafted config can
    never make a contribution's or any other blob version 0), and a vector whose length is not
-   the model's (counted on the meta device: before the dataset is imported or the vector read); then version 0 is that vector (re-packed with the
-   run's metadata, as a version blob always is; joined from its parts, its sha256 checked
-   again, when it was pushed in parts) and its held-out loss is computed as for a random start.
+   the model's (counted on the meta device: before the dataset is imported or the vector
+   read); then version 0 is that vector (re-packed with the run's metadata, as a version blob
+   always is; joined from its parts, its sha256 checked again, when it was pushed in parts)
+   and its held-out loss is computed as for a random start.
 
 Nodes need nothing new: they download version 0 as always. The pushed blob and its parts are
 never served (`GET /v1/blobs` serves published versions and datasets only).
