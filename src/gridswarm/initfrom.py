@@ -106,7 +106,8 @@ def model_of_folder(folder: Path) -> dict[str, Any]:
     hf = read_json(folder / CONFIG_FILE, "config.json")
     exported = folder / RUN_FILE
     if exported.is_file():
-        model = read_json(exported, RUN_FILE).get("config", {}).get("model", {})
+        config = read_json(exported, RUN_FILE).get("config")
+        model = config.get("model") if isinstance(config, dict) else None
         if isinstance(model, dict) and model.get("kind") == "gpt":
             gpt = {k: model[k] for k in ("n_layer", "n_head", "n_embd") if k in model}
             return {"kind": "gpt", **gpt}
@@ -211,7 +212,7 @@ def load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path
     aliases and buffers excepted). InitFromError naming the first mismatch."""
     prefix = HF_PREFIX if isinstance(model, HFCausalLM) else ""
     params = {n.removeprefix(prefix): p for n, p in model.named_parameters()}
-    known = {n.removeprefix(prefix) for n in model.state_dict(keep_vars=True)}
+    state = {n.removeprefix(prefix): t for n, t in model.state_dict(keep_vars=True).items()}
     for name, p in params.items():
         if name not in tensors:
             raise InitFromError(
@@ -228,12 +229,12 @@ def load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path
         if not bool(torch.isfinite(t).all()):
             raise InitFromError(f"tensor {name!r} in {folder} holds a value that is not finite")
     for name, t in tensors.items():
-        if name not in known:
+        if name not in state:
             raise InitFromError(
                 f"{folder} has tensor {name!r}, which the model built from its config lacks"
             )
         if name not in params:  # a tied alias or a buffer: the same shape at least
-            target = model.state_dict(keep_vars=True)[prefix + name]
+            target = state[name]
             if tuple(t.shape) != tuple(target.shape):
                 raise InitFromError(
                     f"tensor {name!r} has shape {tuple(t.shape)} in {folder}, the model built "
