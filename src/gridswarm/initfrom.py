@@ -339,21 +339,20 @@ def prepare_init(run_toml: Path, folder: Path, fetch: Fetch | None = None) -> In
     vocab, how = dataset_vocab(cfg, fetch)
     known = vocab  # the dataset's own vocabulary, when it could be read here
     checked.append(how)
-    if vocab is None and model["kind"] == "hf":
-        hf_vocab = read_json(folder / CONFIG_FILE, "config.json").get("vocab_size")
-        if not isinstance(hf_vocab, int) or hf_vocab <= 0:
-            raise InitFromError(f"{folder / CONFIG_FILE} names no vocab_size")
+    hf_vocab = raw.get("vocab_size")
+    if vocab is None:
+        if not isinstance(hf_vocab, int) or isinstance(hf_vocab, bool) or hf_vocab <= 0:
+            raise InitFromError(
+                f"cannot tell the vocabulary of {cfg.data.dataset!r} here, and "
+                f"{folder / CONFIG_FILE} names no vocab_size"
+            )
         vocab = hf_vocab
         checked.append(f"model built with {CONFIG_FILE}'s vocab_size {vocab}: the hub checks it")
-    elif model["kind"] == "hf":
-        hf_vocab = read_json(folder / CONFIG_FILE, "config.json").get("vocab_size")
-        if hf_vocab is not None and hf_vocab != vocab:
-            raise InitFromError(
-                f"{folder / CONFIG_FILE} has vocab_size {hf_vocab}, the run's dataset "
-                f"{cfg.data.dataset!r} a vocabulary of {vocab}"
-            )
-    if vocab is None:
-        raise InitFromError(f"cannot tell the vocabulary of {cfg.data.dataset!r} here")
+    elif hf_vocab is not None and hf_vocab != vocab:
+        raise InitFromError(
+            f"{folder / CONFIG_FILE} has vocab_size {hf_vocab}, the run's dataset "
+            f"{cfg.data.dataset!r} a vocabulary of {vocab}"
+        )
     positions = [cfg.model.hf_config.get(k) for k in ("n_positions", "max_position_embeddings")]
     positions = [p for p in positions if isinstance(p, int) and not isinstance(p, bool)]
     if model["kind"] == "hf" and positions and cfg.train.seq_len > positions[0]:
