@@ -317,6 +317,9 @@ def test_the_cli_side_names_the_first_mismatch(exported, tmp_path):
         (folder / "tokenizer.json").read_text().replace('"a":', '"a_":', 1)
     )
     fails(init_settings(), folder, "differs from the run's dataset's tokenizer")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"vocab_size": 300}))
+    fails(init_settings(), folder, "has vocab_size 300, the run's dataset 'tinyshakespeare'")
 
 
 def test_the_route_is_in_the_openapi_document_and_the_migration_downgrades(tmp_path):
