@@ -43,6 +43,8 @@ from gridswarm.ledger.cli import (
 
 if TYPE_CHECKING:
     from gridswarm.hub.epochs import EpochChain
+    from gridswarm.node.client import HubClient
+    from gridswarm.protocol import RunCreateResponse
 
 app = typer.Typer(
     help="Train language models on a swarm of machines, where energy is clean.",
@@ -536,15 +538,48 @@ def run_create(
     config: Annotated[Path, typer.Argument(help="run.toml")],
     hub_url: HubOpt = None,
     home: Annotated[Path, typer.Option(help="folder of your sponsor key")] = DEFAULT_HOME,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="start from the model in this folder (Hugging Face config.json + "
+            "*.safetensors, or a `run export` folder) instead of random weights",
+        ),
+    ] = None,
 ) -> None:
     """Start a run from a run.toml (validated here first: errors name the field)."""
-    try:
-        cfg = load_run_config(config)
-    except (ConfigError, OSError) as exc:
-        _fail(str(exc))
-    created = _client(hub_url, home).create_run(cfg.model_dump(mode="json"))
+    if init_from is not None:
+        created = _create_from(config, init_from, _client(hub_url, home))
+    else:
+        try:
+            cfg = load_run_config(config)
+        except (ConfigError, OSError) as exc:
+            _fail(str(exc))
+        created = _client(hub_url, home).create_run(cfg.model_dump(mode="json"))
     console.print(f"run [bold]{created.run_id}[/bold] created: {created.numel:,} parameters")
     print(created.run_id)
+
+
+def _create_from(config: Path, folder: Path, client: HubClient) -> RunCreateResponse:
+    """`run create --init-from`: the run's model and weights from `folder`, checked here
+    (initfrom.py), the weights pushed (`POST /v1/weights`), then the run created naming them."""
+    from gridswarm.config import parse_run_config
+    from gridswarm.initfrom import InitFromError, prepare_init, push_weights
+
+    try:
+        init = prepare_init(config, folder, client.blob)
+    except (InitFromError, ConfigError, OSError) as exc:
+        _fail(str(exc))
+    for line in init.checked:
+        err_console.print(f"checked: {line}")
+    pushed = push_weights(client, init.blob())
+    err_console.print(f"pushed {pushed.numel:,} weights ({pushed.bytes:,} bytes): {pushed.weights}")
+    settings = {**init.config, "model": {**init.config["model"], "init_weights": pushed.weights}}
+    try:
+        cfg = parse_run_config(settings)
+    except ConfigError as exc:
+        _fail(str(exc))
+    return client.create_run(cfg.model_dump(mode="json"))
 
 
 @run_app.command("status")

@@ -39,6 +39,8 @@ MAX_COUNT = 10**9  # steps, rounds, nodes, ... : no real run comes near
 MAX_TOKENS = 10**15
 MAX_SECONDS = 1e9  # ~30 years
 MAX_HF_CONFIG_KEYS = 64
+INIT_WEIGHTS_PREFIX = "sha256:"  # model.init_weights names pushed weights by their sha256
+INIT_WEIGHTS_PATTERN = r"^sha256:[0-9a-f]{64}$"
 PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 PositiveFloat = Annotated[float, Field(gt=0, le=1e9)]
@@ -66,6 +68,9 @@ class ModelConfig(_Strict):
     # For kind="hf": the transformers model_type (e.g. "llama", "gpt2") and its config fields.
     architecture: ShortText | None = None
     hf_config: dict[ShortText, Any] = Field(default_factory=dict, max_length=MAX_HF_CONFIG_KEYS)
+    # Start from weights the sponsor pushed (`gridswarm run create --init-from DIR`, hub/weights.py)
+    # instead of a random init: `sha256:<hex>` of the pushed flat fp32 vector, version 0's weights.
+    init_weights: Annotated[str, Field(pattern=INIT_WEIGHTS_PATTERN)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

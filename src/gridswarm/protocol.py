@@ -14,7 +14,7 @@ import unicodedata
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 API = "/v1"
 MAX_JSON_BYTES = 64 * 1024
@@ -330,8 +330,9 @@ class Refusal(StrEnum):
     UNREADABLE_SETTINGS = "unreadable_settings"
     OVER_MEMORY = "over_memory"  # 422: the run's estimated memory exceeds the hub's budget
     QUOTA = "quota"  # 429: this identity has too many runs (active or this hour), or its
-    # pushed datasets would exceed its byte quota (--max-dataset-mb-per-identity)
-    STORAGE_FULL = "storage_full"  # 413: pushed datasets would exceed the hub's --max-dataset-mb
+    # pushed datasets and weights would exceed its byte quota (--max-dataset-mb-per-identity)
+    # 413: pushed datasets and weights would exceed the hub's --max-dataset-mb
+    STORAGE_FULL = "storage_full"
     RATE_LIMITED = "rate_limited"  # 429: too many requests from this key; see Retry-After
     # 429: too many new node identities from this network this hour, or too many live ones
     # that have not worked yet (hub/registration.py); see Retry-After
@@ -356,6 +357,62 @@ class DatasetOfferResponse(_Msg):
     )
     missing_bytes: int = Field(ge=0, le=1 << 62)
     dataset: Annotated[str, Field(pattern=r"^manifest:[0-9a-f]{64}$")] | None = None
+
+
+class WeightsAck(_Msg):
+    """Pushed weights were checked and stored (POST /v1/weights): the name a run's
+    `model.init_weights` uses, and what the vector holds."""
+
+    weights: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+    numel: int = Field(gt=0, le=1 << 62)
+    bytes: int = Field(ge=0, le=1 << 62)
+
+
+MAX_WEIGHT_PARTS = 1 << 16  # parts of one pushed weights blob (at 64 MiB each: 4 TiB)
+
+
+class WeightsOffer(_Msg):
+    """Weights too large for one request, offered in parts (POST /v1/weights/offer): the whole
+    blob's sha256 and size, and the sha256 of each part, in order; every part but the last
+    holds `part_bytes` bytes."""
+
+    sha256: Annotated[str, Field(pattern=DIGEST_PATTERN)]
+    bytes: int = Field(gt=0, le=1 << 46)
+    part_bytes: int = Field(gt=0, le=1 << 36)
+    parts: list[Annotated[str, Field(pattern=DIGEST_PATTERN)]] = Field(
+        min_length=1, max_length=MAX_WEIGHT_PARTS
+    )
+
+    @model_validator(mode="after")
+    def _parts_cover_the_bytes(self) -> WeightsOffer:
+        needed = -(-self.bytes // self.part_bytes)
+        if len(self.parts) != needed:
+            raise ValueError(
+                f"{self.bytes} bytes in parts of {self.part_bytes} are {needed} parts, "
+                f"not {len(self.parts)}"
+            )
+        return self
+
+    def part_size(self, index: int) -> int:
+        """Bytes of part `index` (the last one holds the rest)."""
+        return min(self.part_bytes, self.bytes - index * self.part_bytes)
+
+
+class WeightsOfferResponse(_Msg):
+    """The parts the hub still lacks of offered weights (upload each to
+    /v1/weights/{sha256}/parts/{index}, then offer again), or, once it has them all and has
+    checked the whole, `ack` naming them for `model.init_weights`."""
+
+    weights: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+    missing: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_WEIGHT_PARTS)
+    ack: WeightsAck | None = None
+
+
+class WeightsPartAck(_Msg):
+    """One part of offered weights was checked and stored."""
+
+    index: int = Field(ge=0, lt=MAX_WEIGHT_PARTS)
+    bytes: int = Field(ge=0, le=1 << 36)
 
 
 class DatasetBlobAck(_Msg):

@@ -19,13 +19,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gridswarm.blobs import sha256_hex
 from gridswarm.hub.service import HubSettings
 from gridswarm.identity import Identity
 from gridswarm.ledger.ops import fund_claim, payout_address_claim
 from gridswarm.privacy.live import SECAGG_CODEC
 from gridswarm.protocol import API, Refusal
 from gridswarm.train.codecs import make_codec
-from gridswarm.train.params import pack
+from gridswarm.train.params import pack, pack_vector, unpack_vector
 from tests.conftest import tiny_run
 from tests.examples import examples
 from tests.hub.harness import Hub, meta_fields
@@ -116,6 +117,29 @@ class World:
         r = self.hub.post(self.sponsor, f"{API}/datasets", self.dataset_offer)
         assert r.status_code == 200, r.text
         self.dataset_manifest = r.json()["manifest"]
+        # pushed weights (hub/weights.py) that a run's model.init_weights may name
+        start = torch.randn(self.numel, generator=torch.Generator().manual_seed(3)) * 0.02
+        self.weights_blob = pack_vector(start)
+        r = self.hub.post(self.sponsor, f"{API}/weights", self.weights_blob)
+        assert r.status_code == 200, r.text
+        self.weights = r.json()["weights"]
+        # other weights offered in two parts, the first one uploaded
+        from gridswarm.protocol import WeightsOffer
+
+        other = pack_vector(start * 2)
+        half = len(other) // 2 + 1
+        self.weights_parts = [other[:half], other[half:]]
+        self.weights_offer = WeightsOffer(
+            sha256=sha256_hex(other),
+            bytes=len(other),
+            part_bytes=half,
+            parts=[sha256_hex(p) for p in self.weights_parts],
+        ).model_dump(mode="json")
+        r = self.hub.post(self.sponsor, f"{API}/weights/offer", self.weights_offer)
+        assert r.status_code == 200, r.text
+        part0 = f"{API}/weights/{self.weights_offer['sha256']}/parts/0"
+        r = self.hub.post(self.sponsor, part0, self.weights_parts[0])
+        assert r.status_code == 200, r.text
 
     def advertisement(self, a) -> dict[str, Any]:
         keys = [base64.b64encode(os.urandom(32)).decode() for _ in range(2)]
@@ -344,6 +368,58 @@ def test_fuzz_dataset_blobs(world: World, data: st.DataObject) -> None:
     manifest = data.draw(st.sampled_from([w.dataset_manifest, "0" * 64, "x"]), label="manifest")
     digest = data.draw(st.sampled_from([sha256_hex(w.shard), sha256_hex(body), "1" * 64, "..."]))
     check(w, w.sponsor, f"{API}/datasets/{manifest}/blobs/{digest}", body)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_weights(world: World, data: st.DataObject) -> None:
+    """Pushed weights, damaged, with a hostile value, or whole; and runs whose
+    `model.init_weights` names pushed weights, another blob, nothing, or junk."""
+    from gridswarm.blobs import sha256_hex
+
+    w = world
+    how = data.draw(
+        st.sampled_from(["bytes", "value", "whole", "config", "offer", "part"]), label="mutate"
+    )
+    if how == "offer":
+        body = data.draw(mutated_json(w.weights_offer), label="offer")
+        check(w, w.sponsor, f"{API}/weights/offer", body)
+        return
+    if how == "part":
+        index = data.draw(st.sampled_from(["0", "1", "2", "-1", "65536", "x"]), label="index")
+        digest = data.draw(st.sampled_from([w.weights_offer["sha256"], "2" * 64, "zz"]))
+        part = w.weights_parts[1] if index == "1" else w.weights_parts[0]
+        body = data.draw(mutated_bytes(part) | st.just(part), label="part")
+        check(w, w.sponsor, f"{API}/weights/{digest}/parts/{index}", body)
+        return
+    if how == "config":
+        name = data.draw(
+            st.sampled_from(
+                [
+                    w.weights,
+                    f"sha256:{w.dataset_manifest}",
+                    f"sha256:{sha256_hex(w.weights_blob[:-1])}",
+                    "sha256:" + "0" * 64,
+                    "sha256:",
+                    w.weights.upper(),
+                ]
+            ),
+            label="init_weights",
+        )
+        config = {**w.config, "model": {**w.config["model"], "init_weights": name}}
+        body = data.draw(mutated_json({"config": config}) | st.just(json.dumps({"config": config})))
+        check(w, w.sponsor, f"{API}/runs", body.encode() if isinstance(body, str) else body)
+        return
+    if how == "bytes":
+        body = data.draw(mutated_bytes(w.weights_blob), label="blob")
+    elif how == "value":
+        theta = unpack_vector(w.weights_blob).clone()
+        at = data.draw(st.integers(0, theta.numel() - 1), label="at")
+        theta[at] = data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e38]))
+        body = pack_vector(theta)
+    else:
+        body = w.weights_blob
+    check(w, w.sponsor, f"{API}/weights", body)
 
 
 @FUZZ

@@ -47,6 +47,7 @@ from gridswarm.hub.openapi import (
 from gridswarm.hub.privacy import add_privacy_routes
 from gridswarm.hub.service import BlobRedirect, BlobSpan, HubService, Registration, Upload
 from gridswarm.hub.trust import add_trust_routes
+from gridswarm.hub.weights import add_weights_routes
 from gridswarm.identity import HEADER_SIGNATURE, VerifiedRequest
 from gridswarm.protocol import (
     API,
@@ -503,6 +504,7 @@ def create_app(
 
     add_privacy_routes(app, service, signed, max_upload_bytes)  # /v1/runs/{id}/secagg/...
     add_dataset_routes(app, service, signed, max_upload_bytes)  # /v1/datasets: sponsors push
+    add_weights_routes(app, service, signed, max_upload_bytes)  # /v1/weights: runs start from
     add_trust_routes(app, service, signed, public_read)  # /v1/ledger, /v1/runs/{id}/fund, balances
     add_dashboard_routes(app, service, public_read)  # HTML pages: / and /runs/{id} (read-only)
 

@@ -217,23 +217,26 @@ def check_dataset_quota(
     new_bytes: int,
     max_identity_bytes: int,
     max_hub_bytes: int,
+    what: str = "this dataset would",
 ) -> None:
-    """Refuse a pushed dataset (`gridswarm data push`) whose `new_bytes` would take this identity
-    past `max_identity_bytes` (429 `quota`) or the hub's pushed datasets past `max_hub_bytes`
-    (413 `storage_full`); `identity_bytes`, `hub_bytes`: what was already allowed."""
+    """Refuse a pushed dataset (`gridswarm data push`) or pushed weights (`run create
+    --init-from`), `what`, whose `new_bytes` would take this identity past `max_identity_bytes`
+    (429 `quota`) or the hub's pushes past `max_hub_bytes` (413 `storage_full`);
+    `identity_bytes`, `hub_bytes`: what was already allowed (datasets and weights together)."""
     mib = 1 << 20
     if identity_bytes + new_bytes > max_identity_bytes:
         raise HubError(
             429,
-            f"quota: this dataset needs {new_bytes / mib:.1f} MiB and this identity has pushed "
-            f"{identity_bytes / mib:.1f} of its {max_identity_bytes / mib:.1f} MiB",
+            f"quota: {what} take {new_bytes / mib:.1f} MiB and this identity has pushed "
+            f"{identity_bytes / mib:.1f} of its {max_identity_bytes / mib:.1f} MiB "
+            f"(hub --max-dataset-mb-per-identity)",
             Refusal.QUOTA,
         )
     if hub_bytes + new_bytes > max_hub_bytes:
         raise HubError(
             413,
-            f"this dataset needs {new_bytes / mib:.1f} MiB and the hub holds "
+            f"{what} take {new_bytes / mib:.1f} MiB and the hub holds "
             f"{hub_bytes / mib:.1f} of its {max_hub_bytes / mib:.1f} MiB for pushed datasets "
-            f"(--max-dataset-mb)",
+            f"and weights (--max-dataset-mb)",
             Refusal.STORAGE_FULL,
         )

@@ -430,3 +430,33 @@ class PushedBlob(Base):
     eos_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # tokenizers
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class PushedWeights(Base):
+    """Model weights a sponsor pushed to start runs from (`gridswarm run create --init-from`,
+    hub/weights.py): a safetensors file of one flat fp32 vector, every value finite, named by
+    its sha256; who pushed it, its length, and the bytes it counts against that identity's
+    quota and the hub's cap (shared with pushed datasets). Pushed in one request, the blob is
+    stored whole; offered in parts (`parts_json`: the `WeightsOffer`), its parts are stored
+    and `numel` and `completed_at` are set once they all arrived and the whole was checked.
+    A run's `model.init_weights` may name only a complete row of its own sponsor."""
+
+    __tablename__ = "pushed_weights"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sponsor_key: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    numel: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    parts_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class PushedWeightPart(Base):
+    """A part of offered weights (`PushedWeights.parts_json`) that this identity uploaded and
+    the hub checked (its sha256 and size) and stored."""
+
+    __tablename__ = "pushed_weight_parts"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)  # the whole blob's
+    sponsor_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    part_sha256: Mapped[str] = mapped_column(String(64))

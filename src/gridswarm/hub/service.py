@@ -41,6 +41,7 @@ from gridswarm.hub import energy as hub_energy
 from gridswarm.hub import engine as round_engine
 from gridswarm.hub import models as m
 from gridswarm.hub import reports
+from gridswarm.hub import weights as hub_weights
 from gridswarm.hub.acceptance import AssignmentFacts, ClaimFacts, ClaimRules, UploadRefused
 from gridswarm.hub.datasets import HubDatasets
 from gridswarm.hub.engine import (
@@ -885,14 +886,21 @@ class HubService:
             raise HubError(422, str(exc), Refusal.OVER_MEMORY) from exc
         except ValueError as exc:
             raise HubError(422, str(exc), Refusal.INVALID_CONFIG) from exc
+        # pushed weights to start from (hub/weights.py): this sponsor's, or 422, before any work
+        init_numel = hub_weights.pushed_numel(self, sponsor_key, cfg)
         run_id = uuid.uuid4().hex[:12]
         try:
             check_dataset_path(cfg.data.dataset, self.settings.data_roots, "this hub")
+            if init_numel is not None:  # counted on the meta device: before the import
+                hub_weights.check_numel(cfg, init_numel, hub_weights.model_numel(cfg, self.blobs))
             cfg = self._import_dataset(cfg)
             workload = Workload.from_config(cfg, source=BlobSource(self.blobs))
         except (OSError, ValueError) as exc:
             raise HubError(422, f"data.dataset: {exc}", Refusal.INVALID_CONFIG) from exc
-        theta = workload.initial_theta()
+        if init_numel is None:
+            theta = workload.initial_theta()
+        else:  # the vector is read only now that its length is known to fit
+            theta = hub_weights.load_pushed(self, cfg, workload.numel)
         val_loss = workload.evaluate(theta)
         weights = self.blobs.put(pack_vector(theta, {"run_id": run_id, "version": 0}))
         now = self.clock()

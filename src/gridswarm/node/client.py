@@ -50,6 +50,10 @@ from gridswarm.protocol import (
     RegisterResponse,
     RunCreateResponse,
     RunStateRequest,
+    WeightsAck,
+    WeightsOffer,
+    WeightsOfferResponse,
+    WeightsPartAck,
 )
 
 log = logging.getLogger("gridswarm.node")
@@ -537,6 +541,22 @@ class HubClient:
         """Upload one tokenizer or shard of an offered dataset."""
         response = self.request("POST", f"{API}/datasets/{manifest}/blobs/{digest}", data)
         return DatasetBlobAck.model_validate_json(response.content)
+
+    def push_weights(self, data: bytes) -> WeightsAck:
+        """Push model weights (a safetensors file of one flat fp32 vector `theta`) to start
+        runs from; the answer's `weights` is the name `model.init_weights` uses."""
+        response = self.request("POST", f"{API}/weights", data)
+        return WeightsAck.model_validate_json(response.content)
+
+    def offer_weights(self, offer: WeightsOffer) -> WeightsOfferResponse:
+        """Offer weights in parts: the parts the hub lacks, or `ack` once it has them all."""
+        response = self.request("POST", f"{API}/weights/offer", offer.model_dump_json().encode())
+        return WeightsOfferResponse.model_validate_json(response.content)
+
+    def upload_weights_part(self, sha256: str, index: int, data: bytes) -> WeightsPartAck:
+        """Upload part `index` of offered weights."""
+        response = self.request("POST", f"{API}/weights/{sha256}/parts/{index}", data)
+        return WeightsPartAck.model_validate_json(response.content)
 
     def runs(self) -> list[dict]:
         return self.request("GET", f"{API}/runs", signed=False).json()

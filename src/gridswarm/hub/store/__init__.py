@@ -14,8 +14,8 @@ and every decision:
   reads;
 - `trust`, `privacy`: reputations, audit seeds, screening and settlement; DP rounds, SecAgg
   sessions and stage messages;
-- `registration`, `datasets`, `upload_facts`, `reports`: the bounds on new identities, pushed
-  datasets, an upload batch's facts, a run's report rows.
+- `registration`, `datasets`, `weights`, `upload_facts`, `reports`: the bounds on new
+  identities, pushed datasets, pushed weights, an upload batch's facts, a run's report rows.
 
 The ledger's chain keeps its own store (`ledger/log.py`): it is a component of its own, used
 by the hub through `Ledger`.

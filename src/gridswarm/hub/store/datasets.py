@@ -1,5 +1,6 @@
 """The rows of pushed datasets (`hub/datasets.py`): sponsors' offers (`models.PushedDataset`)
-and the blobs the hub checked on upload (`models.PushedBlob`). Reads and adds on the caller's
+and the blobs the hub checked on upload (`models.PushedBlob`), and the bytes all pushes count
+against the quota (pushed weights' too). Reads and adds on the caller's
 session; the caller commits (or rolls back on a concurrent insert)."""
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ def add_pushed_dataset(s: Session, row: m.PushedDataset) -> None:
 
 
 def offered_bytes(s: Session, sponsor_key: str) -> tuple[int, int]:
-    """(bytes this identity's offers were allowed, bytes all offers were allowed): two sums."""
-    total = func.coalesce(func.sum(m.PushedDataset.bytes), 0)
-    identity = s.scalar(select(total).where(m.PushedDataset.sponsor_key == sponsor_key))
-    return int(identity or 0), int(s.scalar(select(total)) or 0)
+    """(bytes this identity's pushes were allowed, bytes all pushes were allowed): pushed
+    datasets' offers and pushed weights (hub/weights.py) share one quota and one cap."""
+    identity, everyone = 0, 0
+    for table in (m.PushedDataset, m.PushedWeights):
+        total = func.coalesce(func.sum(table.bytes), 0)
+        identity += int(s.scalar(select(total).where(table.sponsor_key == sponsor_key)) or 0)
+        everyone += int(s.scalar(select(total)) or 0)
+    return identity, everyone
 
 
 def pushed_blobs(s: Session, digests: list[str]) -> Iterator[m.PushedBlob]:
