@@ -23,6 +23,10 @@ def test_defaults_make_a_valid_run():
         ({"train": {"batch_sise": 4}}, "train.batch_sise"),
         ({"budget": {"rounds": None, "tokens": None}}, "budget"),
         ({"model": {"kind": "hf"}}, "architecture"),
+        (
+            {"model": {"kind": "hf", "architecture": "gpt2", "hf_config": {"attn_pdrop": 0.1}}},
+            "attn_pdrop",
+        ),
     ],
 )
 def test_invalid_settings_name_the_field(data, field):
@@ -40,3 +44,24 @@ def test_bad_toml_is_reported(tmp_path):
     bad.write_text("[train\nseq_len = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_run_config(bad)
+
+
+def test_a_transformers_model_trains_without_dropout_whatever_its_defaults():
+    """GPT-2's config defaults to dropout 0.1 in three places; dropout draws random masks, so a
+    node's training could not be replayed by an audit. The run's model has none (an explicit
+    non-zero dropout is refused above)."""
+    from gridswarm.config import is_dropout_field
+    from gridswarm.train.model import build_model
+
+    cfg = parse_run_config(
+        {
+            "model": {
+                "kind": "hf",
+                "architecture": "gpt2",
+                "hf_config": {"n_layer": 1, "n_embd": 32, "n_head": 2},
+            }
+        }
+    )
+    config = build_model(cfg.model, seq_len=16, seed=0).hf.config
+    assert {k: v for k, v in config.to_dict().items() if is_dropout_field(k, v)} == {}
+    assert config.resid_pdrop == config.attn_pdrop == config.embd_pdrop == 0.0

@@ -39,6 +39,18 @@ MAX_COUNT = 10**9  # steps, rounds, nodes, ... : no real run comes near
 MAX_TOKENS = 10**15
 MAX_SECONDS = 1e9  # ~30 years
 MAX_HF_CONFIG_KEYS = 64
+
+
+def is_dropout_field(name: str, value: object) -> bool:
+    """A transformers config field that is a dropout probability above 0 (`resid_pdrop`,
+    `attention_dropout`, `hidden_dropout_prob`, ...). Runs train without dropout: the hub audits
+    a contribution by replaying its training bit for bit (train/local.py), and dropout draws
+    random masks."""
+    named = "dropout" in name or name.endswith("pdrop")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return named and number and value > 0
+
+
 INIT_WEIGHTS_PREFIX = "sha256:"  # model.init_weights names pushed weights by their sha256
 INIT_WEIGHTS_PATTERN = r"^sha256:[0-9a-f]{64}$"
 PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
@@ -78,6 +90,12 @@ class ModelConfig(_Strict):
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.kind == "hf" and not self.architecture:
             raise ValueError("architecture is required when kind = 'hf' (e.g. 'llama', 'gpt2')")
+        dropout = sorted(k for k, v in self.hf_config.items() if is_dropout_field(k, v))
+        if dropout:
+            raise ValueError(
+                f"hf_config {', '.join(dropout)}: dropout must be 0 (audits replay a node's "
+                "training bit for bit; the architecture's default dropout is set to 0 too)"
+            )
         return self
 
 

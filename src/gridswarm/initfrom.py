@@ -38,7 +38,13 @@ import torch
 import torch.nn as nn
 
 from gridswarm.blobs import sha256_hex
-from gridswarm.config import ConfigError, ModelConfig, RunConfig, parse_run_config
+from gridswarm.config import (
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    is_dropout_field,
+    parse_run_config,
+)
 from gridswarm.protocol import WeightsAck, WeightsOffer
 from gridswarm.train.dataset import (
     MANIFEST_PREFIX,
@@ -118,19 +124,11 @@ def model_of_folder(folder: Path) -> dict[str, Any]:
     return {"kind": "hf", "architecture": model_type, "hf_config": without_dropout(fields)}
 
 
-def is_dropout(name: str, value: object) -> bool:
-    """A config field that is a dropout probability above 0 (`resid_pdrop`, `attention_dropout`,
-    `hidden_dropout_prob`, ...)."""
-    named = "dropout" in name or name.endswith("pdrop")
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return named and number and value > 0
-
-
 def without_dropout(fields: dict[str, Any]) -> dict[str, Any]:
     """`fields` with every dropout probability 0: local training must replay bit for bit
     (train/local.py; the hub audits contributions by replaying them), and a checkpoint's
     config usually carries its pretraining dropout (GPT-2's 0.1)."""
-    return {k: 0.0 if is_dropout(k, v) else v for k, v in fields.items()}
+    return {k: 0.0 if is_dropout_field(k, v) else v for k, v in fields.items()}
 
 
 def merge_model(run: dict[str, Any], model: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -333,7 +331,7 @@ def prepare_init(run_toml: Path, folder: Path, fetch: Fetch | None = None) -> In
     cfg = parse_run_config(settings)
     checked = []
     raw = read_json(folder / CONFIG_FILE, "config.json")
-    zeroed = sorted(k for k, v in raw.items() if is_dropout(k, v))
+    zeroed = sorted(k for k, v in raw.items() if is_dropout_field(k, v))
     if model["kind"] == "hf" and zeroed:
         checked.append(f"dropout set to 0 (training must replay exactly): {', '.join(zeroed)}")
     vocab, how = dataset_vocab(cfg, fetch)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gridswarm.config import ModelConfig
+from gridswarm.config import ModelConfig, is_dropout_field
 from gridswarm.train.tokenizer import VOCAB_SIZE
 
 
@@ -113,7 +113,8 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
 
 def hf_config(cfg: ModelConfig, seq_len: int, vocab_size: int = VOCAB_SIZE):
     """The transformers config for `cfg`: the run's vocabulary and context length, the user's
-    fields."""
+    fields, and no dropout (`config.is_dropout_field`: a node's training must replay bit for bit,
+    and an architecture's defaults may carry some)."""
     from transformers import AutoConfig
 
     fields = {**cfg.hf_config, "vocab_size": vocab_size}
@@ -121,9 +122,13 @@ def hf_config(cfg: ModelConfig, seq_len: int, vocab_size: int = VOCAB_SIZE):
     if cfg.architecture == "gpt2":
         fields.setdefault("n_positions", fields.pop("max_position_embeddings"))
     try:
-        return AutoConfig.for_model(cfg.architecture, **fields)
+        config = AutoConfig.for_model(cfg.architecture, **fields)
     except (KeyError, ValueError) as exc:
         raise ValueError(f"model.architecture {cfg.architecture!r}: {exc}") from exc
+    for name, value in config.to_dict().items():  # the architecture's defaults (GPT-2's 0.1)
+        if is_dropout_field(name, value):
+            setattr(config, name, 0.0)
+    return config
 
 
 def build_model(
