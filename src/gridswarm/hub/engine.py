@@ -720,7 +720,8 @@ def _left(snap: RoundSnapshot, ev: Left) -> Step:
 
 def _tick(snap: RoundSnapshot, rules: RoundRules, now_s: float) -> Step:
     if snap.run.status != RunState.ACTIVE or snap.screening is not None:
-        return Step(snap, (), Decision.WAIT)  # a run on hold, or a close under way
+        # a run on hold, or a close under way: only an event changes it
+        return Step(snap, (), Decision.WAIT, wake_at=math.inf)
     effects: list[Effect] = []
     lost = lost_assignments(snap.round_state(), rules, now_s)
     if lost:
