@@ -141,3 +141,25 @@ def test_the_periodic_full_tick_advances_a_quiet_run(tmp_path: Path) -> None:
         hub.tick()
     assert advanced == [run_id]  # once, at 2 s
     hub.engine.dispose()
+
+
+def test_prescreening_runs_after_an_upload_until_it_finds_nothing(tmp_path: Path) -> None:
+    hub, clock, run_id, nodes, _ = start(tmp_path, quorum=2)
+    examined: list[int] = []
+    prescreen = hub.trust.prescreen
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        examined.append(prescreen(*args, **kwargs))
+        return examined[-1]
+
+    hub.trust.prescreen = counted  # type: ignore[method-assign]
+    for _ in range(3):
+        clock.advance(TICK_S)
+        hub.tick()
+    assert examined == [0]  # once at the start (nothing known), then not while nothing comes
+    contribute(hub, run_id, *nodes[0])
+    for _ in range(4):
+        clock.advance(TICK_S)
+        hub.tick()
+    assert examined == [0, 1, 0]  # the upload's verdict, then one look that finds nothing
+    hub.engine.dispose()

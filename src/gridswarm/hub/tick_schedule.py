@@ -57,7 +57,10 @@ class TickSchedule:
     # ------------------------------------------------------------------ events
 
     def mark(self, *run_ids: str) -> None:
-        """An event changed these runs' rounds (or may have): their next tick advances them."""
+        """An event changed these runs' rounds (or may have): their next tick advances them,
+        and pre-screening runs (an upload may have come). No runs: nothing changed."""
+        if not run_ids:
+            return
         with self._lock:
             for run_id in run_ids:
                 self._marks[run_id] = self._marks.get(run_id, 0) + 1
