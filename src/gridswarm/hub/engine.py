@@ -516,8 +516,9 @@ class Step:
     refused: UploadRefused | None = None
     unmask: bool = False  # a SecAggProgress: unmask the sum now, then step what it gave
     # a Tick's step: the earliest time (unix s) at which a Tick on the same snapshot, with no
-    # event between, could decide otherwise (`tick_wake_at`); None for other events
-    wake_at: float | None = None
+    # event between, could decide otherwise (`tick_wake_at`); None for other events. Derived
+    # from the rest, so left out of a step's equality (what the step decided)
+    wake_at: float | None = field(default=None, compare=False)
 
 
 class IllegalEvent(RuntimeError):
