@@ -1782,6 +1782,7 @@ class HubService:
             run_ids = run_store.active_run_ids(s)
         self.count_live_nodes()
         self.watch_rounds()
+        now = self.clock()  # pre-screening may have taken a while
         liveness_s = self.liveness_s(now)
         self.ticks.retain(run_ids)
         for run_id in run_ids:
