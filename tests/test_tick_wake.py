@@ -180,9 +180,7 @@ def test_the_deadline_and_its_grace_are_wake_ups() -> None:
     st.floats(0.0, 4e9, allow_nan=False),
     st.floats(1e-3, 1e5, allow_nan=False),
 )
-def test_silence_is_found_at_the_first_float_past_it(
-    seen: float, liveness_s: float
-) -> None:
+def test_silence_is_found_at_the_first_float_past_it(seen: float, liveness_s: float) -> None:
     rules = RoundRules(quorum=1, min_nodes=1, max_nodes=1, deadline_s=1.0, liveness_s=liveness_s)
     node = (AssignmentState("a", AssignmentStatus.ASSIGNED, seen),)
     state = RoundState(RoundStatus.OPEN, None, node)
