@@ -13,6 +13,7 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
+from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
 from gridswarm.hub.rounds import Decision
 from gridswarm.hub.server import build_service
@@ -20,8 +21,10 @@ from gridswarm.hub.service import HubService
 from gridswarm.identity import Identity
 from gridswarm.ledger.log import LedgerEntryRow
 from gridswarm.protocol import RegisterRequest
+from gridswarm.train.codecs import make_codec
+from gridswarm.train.workload import Workload
 from tests.conftest import tiny_run, wait_for
-from tests.harness import contribute
+from tests.harness import contribute, train_and_pack
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # a PostgreSQL server: the full suite
 
@@ -161,3 +164,44 @@ def test_a_hung_lease_holder_loses_the_lease(replicas):
     assert took and other.lease.terms == 1
     assert not hung.lease.held()  # its session was ended: no lease, and it does not take it back
     assert hung.lease.conn is None
+
+
+def test_an_upload_to_another_replica_closes_the_round_at_the_lease_holders_next_tick(replicas):
+    """The lease holder's ticker skips a run nothing changed (hub/tick_schedule.py); an upload
+    taken by another replica is seen by its `RoundWatch` and closes the round at its next
+    tick, with no periodic full tick to fall back on."""
+    torch.set_num_threads(1)
+    holder, other = replicas(2)
+    wait_for(lambda: holder.lease.held(), 30, "the first replica to take the free lease")
+    holder.ticks.full_tick_s = 1e9  # marks and wake-ups only
+    advanced: list[str] = []
+    advance = holder.advance_run
+
+    def logged(run_id: str) -> Decision:
+        advanced.append(run_id)
+        return advance(run_id)
+
+    holder.advance_run = logged  # type: ignore[method-assign]
+    cfg = tiny_run(round={"deadline_s": 300, "quorum": 2, "min_nodes": 2, "max_nodes": 2})
+    run_id = holder.create_run(Identity.generate().public_key, cfg).run_id
+    numel = holder.run_status(run_id)["numel"]
+    nodes = []
+    for i, hub in enumerate((holder, other)):
+        ident = Identity.generate()
+        request = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=numel, name=f"n{i}")
+        nodes.append((ident, hub.register(ident.public_key, request)))
+    contribute(holder, run_id, *nodes[0])
+    ident, node_id = nodes[1]
+    answer = other.request_assignment(run_id, node_id)  # through the other replica
+    assert answer.status == "assigned" and answer.assignment is not None
+    assert holder.tick() == []  # both places taken, one submitted: it waits
+    advanced.clear()
+    for _ in range(3):
+        assert holder.tick() == []
+    assert advanced == []  # nothing changed it: not read
+    workload = Workload.from_config(RunConfig.model_validate(answer.assignment.config))
+    codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
+    body = train_and_pack(other, run_id, ident, node_id, answer.assignment, workload, codec)
+    other.submit(run_id, node_id, body)  # all in, on the other replica
+    assert holder.tick() == [(run_id, Decision.CLOSE)]
+    assert holder.run_status(run_id)["version"] == 1

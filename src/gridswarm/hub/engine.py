@@ -55,6 +55,7 @@ that does not follow the round's base) is a bug in the caller, never a client's 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -72,6 +73,7 @@ from gridswarm.hub.acceptance import (
 )
 from gridswarm.hub.lifecycle import HOLDING, RunState
 from gridswarm.hub.rounds import (
+    ARRIVING_GRACE_S,
     AssignmentState,
     Decision,
     RoundRules,
@@ -124,6 +126,9 @@ class RoundSnapshot:
     screening: Screening | None = None  # set by a CLOSE `Screened`: the round is to publish
     # a `secagg` round's session stage (share | mask | unmask | done), None otherwise
     secagg_stage: str | None = None
+    # a summary: the earliest last-seen time (unix s) of the nodes of all its outstanding
+    # assignments, listed or not (when the first of them can go silent); None if not read
+    outstanding_seen_at: float | None = None
 
     def round_state(self) -> RoundState:
         """The view `hub/rounds.py`'s rules take."""
@@ -510,6 +515,10 @@ class Step:
     wait: AskWait | None = None
     refused: UploadRefused | None = None
     unmask: bool = False  # a SecAggProgress: unmask the sum now, then step what it gave
+    # a Tick's step: the earliest time (unix s) at which a Tick on the same snapshot, with no
+    # event between, could decide otherwise (`tick_wake_at`); None for other events. Derived
+    # from the rest, so left out of a step's equality (what the step decided)
+    wake_at: float | None = field(default=None, compare=False)
 
 
 class IllegalEvent(RuntimeError):
@@ -712,7 +721,8 @@ def _left(snap: RoundSnapshot, ev: Left) -> Step:
 
 def _tick(snap: RoundSnapshot, rules: RoundRules, now_s: float) -> Step:
     if snap.run.status != RunState.ACTIVE or snap.screening is not None:
-        return Step(snap, (), Decision.WAIT)  # a run on hold, or a close under way
+        # a run on hold, or a close under way: only an event changes it
+        return Step(snap, (), Decision.WAIT, wake_at=math.inf)
     effects: list[Effect] = []
     lost = lost_assignments(snap.round_state(), rules, now_s)
     if lost:
@@ -747,7 +757,64 @@ def _tick(snap: RoundSnapshot, rules: RoundRules, now_s: float) -> Step:
             secagg_stage="share",
         )
         decision = Decision.WAIT
-    return Step(snap, tuple(effects), decision)
+    if effects or decision is not Decision.WAIT:
+        return Step(snap, tuple(effects), decision, wake_at=now_s)
+    return Step(snap, (), decision, wake_at=tick_wake_at(snap, rules, now_s))
+
+
+def tick_wake_at(snap: RoundSnapshot, rules: RoundRules, now_s: float) -> float:
+    """When a `Tick` on `snap` (one that does nothing at `now_s`) could next decide otherwise
+    with no event between: the earliest of the round's deadline (or, with uploads still
+    arriving, the end of their grace), and the moment the first outstanding node's silence
+    passes `liveness_s`; `math.inf` if only an event can change it (a run on hold, a close
+    under way, a pending round). A Tick at any time before it decides what it decides at
+    `now_s` (property-tested); at it, it may decide otherwise. The hub's ticker skips a run
+    until then unless an event changed its round (`hub/tick_schedule.py`).
+
+    A summary that counts outstanding assignments it does not list (nodes heard from within
+    `liveness_s`) needs `outstanding_seen_at`, the earliest of their nodes' last-seen times,
+    to tell when the first goes silent; without it the answer is `now_s` (tick again)."""
+    if snap.run.status != RunState.ACTIVE or snap.screening is not None:
+        return math.inf
+    times = [
+        _silent_at(a.node_last_seen_at, rules.liveness_s)
+        for a in snap.assignments
+        if a.status == AssignmentStatus.ASSIGNED
+    ]
+    if snap.outstanding is not None and snap.outstanding > len(times):
+        if snap.outstanding_seen_at is None:
+            return now_s  # an outstanding node the summary does not show: when is unknown
+        times.append(_silent_at(snap.outstanding_seen_at, rules.liveness_s))
+    if snap.status == RoundStatus.OPEN and snap.deadline_at is not None:
+        # `rounds.decide`: at the deadline, or once its grace ends while uploads arrive
+        if snap.arriving or now_s >= snap.deadline_at:
+            times.append(snap.deadline_at + ARRIVING_GRACE_S)
+        else:
+            times.append(snap.deadline_at)
+    return min(times, default=math.inf)
+
+
+def _silent_at(last_seen_s: float, liveness_s: float) -> float:
+    """The first clock reading at which `rounds.lost_assignments` (now - last_seen >
+    liveness_s, in floating point) finds a node last seen at `last_seen_s` lost: found by
+    stepping an ulp at a time around last_seen + liveness (a few steps at most), so that a
+    tick at any earlier reading finds it alive. Bounded: past 64 steps it answers an earlier
+    time (an early tick does nothing)."""
+    if not (math.isfinite(last_seen_s) and math.isfinite(liveness_s)):
+        return -math.inf if math.isinf(last_seen_s) and last_seen_s < 0 else math.inf
+    alive = last_seen_s + liveness_s  # the latest reading still alive, once adjusted
+    for _ in range(64):
+        if alive - last_seen_s <= liveness_s:
+            break
+        alive = math.nextafter(alive, -math.inf)
+    else:
+        return alive
+    for _ in range(64):
+        later = math.nextafter(alive, math.inf)
+        if later - last_seen_s > liveness_s:
+            return later
+        alive = later
+    return alive
 
 
 # -------------------------------------------------------------------------------------- secagg

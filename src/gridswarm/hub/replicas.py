@@ -111,9 +111,10 @@ class TickerLease:
 
 
 class RoundWatch:
-    """Per active run, a signature of what a waiting long-poll's answer depends on (run state,
-    round, its status and attempt, places taken, live nodes); `changed` returns the runs whose
-    signature moved since the last call. Two queries, whatever the number of nodes."""
+    """Per active run, a signature of what a waiting long-poll's answer and the round ticker's
+    decision depend on (run state, round, its status and attempt, places taken and submitted,
+    live nodes); `changed` returns the runs whose signature moved since the last call (the
+    ticker advances them: hub/tick_schedule.py). Three queries, whatever the number of nodes."""
 
     def __init__(self) -> None:
         self.seen: dict[str, tuple] = {}
@@ -125,7 +126,7 @@ class RoundWatch:
         now = {}
         for run_id, *state in rows:
             pending = state[3] == RoundStatus.PENDING
-            now[run_id] = (*state, seats.get(run_id, 0), live if pending else None)
+            now[run_id] = (*state, seats.get(run_id, (0, 0)), live if pending else None)
         moved = [r for r, sig in now.items() if self.seen.get(r) not in (None, sig)]
         moved += [r for r in self.seen if r not in now]  # ended, or no longer listed
         self.seen = now

@@ -96,6 +96,7 @@ from gridswarm.hub.store import versions as version_store
 from gridswarm.hub.store.locks import lock_run, lock_runs
 from gridswarm.hub.store.reports import read_run_rows
 from gridswarm.hub.store.rounds import apply_effects, read_snapshot, row_snapshot, run_snapshot
+from gridswarm.hub.tick_schedule import TickSchedule
 from gridswarm.hub.trust import HubTrust
 from gridswarm.hub.upload_facts import EnergyWindow, UploadFacts
 from gridswarm.identity import (
@@ -387,10 +388,11 @@ class ArrivingUploads:
     arrived by then, so that work that reached the hub in time is not refused as stale because
     the hub's own queue held it. Each replica knows its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, decided: Callable[[str], None] = lambda run_id: None) -> None:
         self._lock = threading.Lock()
         self._at: dict[str, dict[int, float]] = {}
         self._next = 0
+        self._decided = decided  # called with the run's id as each upload is decided
 
     @contextmanager
     def receiving(self, run_id: str, now: float) -> Iterator[None]:
@@ -406,6 +408,7 @@ class ArrivingUploads:
                 del pending[token]
                 if not pending:
                     del self._at[run_id]
+            self._decided(run_id)  # a round at its deadline may have waited for it
 
     def by(self, run_id: str, deadline_at: float | None) -> int:
         """How many of `run_id`'s uploads in flight arrived by `deadline_at`."""
@@ -530,7 +533,9 @@ class HubService:
         # uploads decoded and checked at once, outside the lock (each holds a decoded update)
         self._checking = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
         self.nonces = NonceBook(engine, self.settings.max_skew_s)
-        self.arriving = ArrivingUploads()  # uploads received, not yet decided (round deadlines)
+        # which runs the ticker advances: marked by events, woken by the round engine
+        self.ticks = TickSchedule()
+        self.arriving = ArrivingUploads(self.ticks.mark)  # uploads received, not yet decided
         # caches that keep request handling independent of the swarm's size (rebuilt on restart)
         self._achieved: dict[tuple[str, str], float | None] = {}  # (run, node) -> tokens/s
         self._run_constants: dict[str, RunConstants] = {}  # run id -> its immutable facts
@@ -701,7 +706,7 @@ class HubService:
         ids = [node_id_from_public_key(r.public_key) for r in registrations]
         answers: list[str | HubError] = []
         with self.lock, self.sessions() as s:
-            self._lock_runs_of(s, ids)  # releasing their work changes those runs
+            runs = self._lock_runs_of(s, ids)  # releasing their work changes those runs
             # held here: the session's identity map keeps rows only while they are referred to
             known = {n.id: n for n in node_store.nodes_by_id(s, ids)}
             for node_id, r in zip(ids, registrations, strict=True):
@@ -727,6 +732,7 @@ class HubService:
                 answers.append(node_id)
             self._release_assignments(s, [a for a in answers if isinstance(a, str)])
             s.commit()
+        self.ticks.mark(*runs)
         return answers
 
     def _wake_pending_runs(
@@ -813,6 +819,7 @@ class HubService:
             self._node(s, node_id).status = NodeStatus.LEFT
             released = self._release_assignments(s, [node_id])
             s.commit()
+        self.ticks.mark(*runs)
         for run_id in runs:  # places freed: waiting long-polls ask again
             self.round_changed(run_id)
         return released
@@ -1077,6 +1084,7 @@ class HubService:
                 raise HubError(422, f"{event} is not a sponsor's event")
             changed = self._apply_event(s, run, event, reason or f"{event} by the sponsor")
             s.commit()
+        self.ticks.mark(run_id)
         self.round_changed(run_id)  # its long-polls learn the new state at once
         return changed
 
@@ -1147,6 +1155,7 @@ class HubService:
                 )
                 self._apply_event(s, run, RunEvent.STALL, reason)
             s.commit()
+            self.ticks.mark(run_id)
             return {"run_status": run.status, "failures": failures}
 
     # ---------------------------------------------------------------- assignments
@@ -1319,6 +1328,7 @@ class HubService:
             return self._waiting(decided.wait)
         # the writes of an assignment (hub/store/rounds.py), the round's audit seed with them
         applied = apply_effects(s, run, rnd, decided.effects)
+        self.ticks.mark(run.id)  # under the lock the ticker reads the round under
         if any(isinstance(e, OpenRound) for e in decided.effects):
             self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
             log.info(
@@ -1660,6 +1670,7 @@ class HubService:
         written. The caller holds the service lock, `run` locked, in its transaction `s`.
         `energy_window`: the run's newest contributions for a batch of uploads, read once
         (hub/upload_facts.py); None: the energy facts are queried for this upload alone."""
+        self.ticks.mark(run.id)  # under the lock the ticker reads the round under
         rnd = run_store.round_row(s, run.id, run.round)
         snap = row_snapshot(run, rnd)
         place = AssignmentFacts(
@@ -1744,6 +1755,13 @@ class HubService:
         With several replicas on one database every replica writes its heartbeat notes and wakes
         its long-polls for changes the others made (`watch_rounds`), and only the one holding
         the ticker lease (hub/replicas.py) screens and advances rounds.
+
+        A run is advanced only when it is due (hub/tick_schedule.py): an event changed it (in
+        this process, or in another replica: `watch_rounds`), the round engine's wake-up for
+        its round has come (`Step.wake_at`: its deadline, a node's silence passing the
+        liveness window), or `FULL_TICK_S` passed; pre-screening runs only after an event
+        (an upload) or while it still finds contributions to examine. The other runs' tick
+        would decide nothing: it is skipped (bench/results/hub_tick_skip.md).
         """
         terms = self.lease.terms
         if not self.lease.held():
@@ -1757,10 +1775,18 @@ class HubService:
         if self.lease.terms != terms:  # taken over: what another replica ticked is in the db
             self.trust.forget_cached()
             self._failures.clear()
-        try:
-            self.trust.prescreen(self.workload)  # audit uploads as they arrive, outside the lock
-        except Exception:
-            log.exception("prescreening contributions failed; the rounds go on")
+            self.ticks.forget()
+        now = self.clock()
+        screen_marks = self.ticks.screening_due(now)
+        if screen_marks is not None:  # an upload came, or a verdict may still be pending
+            try:  # audit uploads as they arrive, outside the lock
+                examined = self.trust.prescreen(self.workload)
+            except Exception:
+                log.exception("prescreening contributions failed; the rounds go on")
+                examined = -1  # due again
+            self.ticks.screened(screen_marks, examined, now)
+            if examined > 0:
+                self.ticks.mark_all()  # verdicts written: the rounds' counts may have moved
         done = []
         with self.sessions() as s:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
@@ -1770,7 +1796,13 @@ class HubService:
         self.metrics.active_runs(len(run_ids))
         self.count_live_nodes()
         self.watch_rounds()
+        now = self.clock()  # pre-screening may have taken a while
+        liveness_s = self.liveness_s(now)
+        self.ticks.retain(run_ids)
         for run_id in run_ids:
+            if not self.ticks.due(run_id, now, liveness_s):
+                continue  # nothing changed it, and nothing can on the clock alone yet
+            marks = self.ticks.begin(run_id)  # before its round is read
             started = time.perf_counter()
             try:
                 decision = self.advance_run(run_id)
@@ -1778,6 +1810,7 @@ class HubService:
                 self._run_failed(run_id, exc)
                 continue
             self.metrics.round_advanced(decision, time.perf_counter() - started)
+            self.ticks.end(run_id, marks, now, liveness_s)
             self._failures.pop(run_id, None)
             if decision is not Decision.WAIT:
                 done.append((run_id, decision))
@@ -1814,6 +1847,7 @@ class HubService:
         except Exception:
             log.exception("watching the rounds of other replicas failed")
             return
+        self.ticks.mark(*moved)  # another replica changed them: advance them here
         for run_id in moved:
             for key in [k for k in self._achieved if k[0] == run_id]:
                 self._achieved.pop(key, None)
@@ -1870,6 +1904,8 @@ class HubService:
             if snapshot.status == RoundStatus.SECAGG:  # one opened now waits for its answers
                 stepped = self.privacy.advance_secagg(s, run, rnd, after, rules, now)
                 decision, after = stepped.decision, stepped.snapshot
+            elif tick.wake_at is not None:  # (SecAgg stages have clocks of their own: due)
+                self.ticks.wake(run_id, tick.wake_at)  # nothing changes before, bar an event
             if decision is Decision.CLOSE:
                 decision = self._close(s, run, rnd, after, rules, now)
             else:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from gridswarm.hub import models as m
 from gridswarm.hub.lifecycle import NOT_ENDED, RunState
-from gridswarm.hub.states import HOLDS_PLACE
+from gridswarm.hub.states import HOLDS_PLACE, AssignmentStatus
 
 TICKER_LOCK_KEY = 0x67726964_7469636B & 0x7FFFFFFFFFFFFFFF  # "gridtick": the ticker lease
 MIGRATION_LOCK_KEY = 0x67726964_6D696772  # "gridmigr": replicas starting at once migrate in turn
@@ -92,17 +92,24 @@ def open_round_states(s: Session) -> Sequence[Row]:
     ).all()
 
 
-def places_taken(s: Session) -> dict[str, int]:
-    """Per active run, the assignments of its current round that hold a place (assigned or
-    submitted): one grouped count."""
-    return dict(
-        s.execute(
-            select(m.Assignment.run_id, func.count())
-            .join(
-                m.Run,
-                (m.Run.id == m.Assignment.run_id) & (m.Run.round == m.Assignment.round),
-            )
-            .where(m.Run.status == RunState.ACTIVE, m.Assignment.status.in_(sorted(HOLDS_PLACE)))
-            .group_by(m.Assignment.run_id)
-        ).all()
-    )
+def places_taken(s: Session) -> dict[str, tuple[int, int]]:
+    """Per active run, the assignments of its current round that hold a place: (assigned,
+    submitted), one grouped count (an upload moves one from the first to the second)."""
+    rows = s.execute(
+        select(m.Assignment.run_id, m.Assignment.status, func.count())
+        .join(
+            m.Run,
+            (m.Run.id == m.Assignment.run_id) & (m.Run.round == m.Assignment.round),
+        )
+        .where(m.Run.status == RunState.ACTIVE, m.Assignment.status.in_(sorted(HOLDS_PLACE)))
+        .group_by(m.Assignment.run_id, m.Assignment.status)
+    ).all()
+    places: dict[str, tuple[int, int]] = {}
+    for run_id, status, count in rows:
+        assigned, submitted = places.get(run_id, (0, 0))
+        if status == AssignmentStatus.SUBMITTED:
+            submitted += count
+        else:
+            assigned += count
+        places[run_id] = (assigned, submitted)
+    return places

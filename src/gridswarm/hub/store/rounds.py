@@ -347,7 +347,8 @@ def read_snapshot(
     With `silent_before` (now - liveness_s: what the hub's ticker passes) a summary: the
     assignments are counted by status in SQL, and only the outstanding ones of nodes not heard
     from since then are read (the only ones a tick may find lost), so a tick of a 10,000-node
-    round reads a few rows, not 10,000 (twice a tick, four ticks a second)."""
+    round reads a few rows, not 10,000; and the earliest last-seen time of all its outstanding
+    assignments' nodes (`outstanding_seen_at`: when the ticker must look again)."""
     rnd = s.get(m.Round, (run.id, run.round))
     of_round = (m.Assignment.run_id == run.id, m.Assignment.round == run.round)
     query = (
@@ -356,6 +357,7 @@ def read_snapshot(
         .where(*of_round)
     )
     outstanding = submitted = None
+    outstanding_seen_at: float | None = None
     if silent_before is not None:
         counts = dict(
             s.execute(
@@ -370,6 +372,14 @@ def read_snapshot(
             m.Assignment.status == AssignmentStatus.ASSIGNED,
             m.Node.last_seen_at < silent_before,
         )
+        if outstanding:  # when the first of them can go silent (the ticker's next wake-up)
+            seen_at = s.scalar(
+                select(func.min(m.Node.last_seen_at))
+                .select_from(m.Assignment)
+                .join(m.Node, m.Node.id == m.Assignment.node_id)
+                .where(*of_round, m.Assignment.status == AssignmentStatus.ASSIGNED)
+            )
+            outstanding_seen_at = None if seen_at is None else max(seen_at, heard_since)
     rows = s.execute(query).all()
     accepted = s.scalar(
         select(func.count()).where(
@@ -404,5 +414,6 @@ def read_snapshot(
         submitted=submitted,
         accepted=int(accepted or 0),
         secagg_stage=None if sess is None else sess.stage,
+        outstanding_seen_at=outstanding_seen_at,
     )
     return rnd, snapshot
