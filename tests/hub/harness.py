@@ -17,6 +17,7 @@ from sqlalchemy import inspect, select, text
 from typer.testing import CliRunner, Result
 
 from gridswarm import cli
+from gridswarm.config import parse_run_config
 from gridswarm.hub import models as m
 from gridswarm.hub import server
 from gridswarm.hub.app import create_app
@@ -25,8 +26,10 @@ from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.identity import Identity, sign_request
 from gridswarm.protocol import API, Assignment, ContributionMeta
 from gridswarm.train.codecs import make_codec
+from gridswarm.train.dataset import BlobSource
 from gridswarm.train.params import pack
-from tests.harness import FakeClock
+from gridswarm.train.workload import Workload
+from tests.harness import FakeClock, train_and_pack
 
 
 class Hub:
@@ -135,3 +138,22 @@ def hub_cli(monkeypatch, *args: str) -> tuple[Result, list[tuple[tuple, dict]]]:
     monkeypatch.setattr(logging, "basicConfig", lambda **_: None)  # leave pytest's logging
     result = CliRunner().invoke(cli.app, ["hub", "--db", "sqlite:///unused.db", *args])
     return result, served
+
+
+def train_round(hub: Hub, run_id: str, source: BlobSource | None = None) -> dict:
+    """One new node trains the run's open round for real (its data read through `source`, a
+    node's blob source, when given) and uploads; the hub closes the round at its next tick.
+    The run's status after."""
+    cfg = parse_run_config(hub.get(f"{API}/runs/{run_id}").json()["config"])
+    workload = Workload.from_config(cfg, source=source)
+    node = Identity.generate()
+    node_id = hub.register(node)
+    assignment = hub.assignment(node, run_id)
+    assert assignment is not None
+    codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
+    body = train_and_pack(hub.service, run_id, node, node_id, assignment, workload, codec)
+    r = hub.post(node, f"{API}/runs/{run_id}/contributions", body)
+    assert r.status_code == 200, r.text
+    hub.clock.advance(1.0)
+    hub.service.tick()
+    return hub.get(f"{API}/runs/{run_id}").json()

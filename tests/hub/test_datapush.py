@@ -15,12 +15,10 @@ import pytest
 import torch
 
 from gridswarm.blobs import LocalBlobStore, sha256_hex
-from gridswarm.config import parse_run_config
 from gridswarm.hub.datasets import MAX_OFFER_BYTES
 from gridswarm.hub.service import HubSettings
 from gridswarm.identity import Identity
 from gridswarm.protocol import API, Refusal
-from gridswarm.train.codecs import make_codec
 from gridswarm.train.dataset import (
     MANIFEST,
     TOKENIZER_FILE,
@@ -29,10 +27,8 @@ from gridswarm.train.dataset import (
     parse_manifest,
     prepare,
 )
-from gridswarm.train.workload import Workload
 from tests.conftest import tiny_run
-from tests.harness import train_and_pack
-from tests.hub.harness import Hub
+from tests.hub.harness import Hub, train_round
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "src/gridswarm/data/tinyshakespeare.txt"
 MIB = 1 << 20
@@ -133,20 +129,7 @@ def test_push_then_a_run_on_it_trains_a_round_from_the_shards_a_node_fetched(pre
         assert r.status_code == 200, r.text
         return r.content
 
-    cfg = parse_run_config(hub.get(f"{API}/runs/{run_id}").json()["config"])
-    node_store = LocalBlobStore(tmp_path / "node")
-    workload = Workload.from_config(cfg, source=BlobSource(node_store, fetch))
-    node = Identity.generate()
-    node_id = hub.register(node)
-    assignment = hub.assignment(node, run_id)
-    assert assignment is not None
-    codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
-    body = train_and_pack(hub.service, run_id, node, node_id, assignment, workload, codec)
-    r = hub.post(node, f"{API}/runs/{run_id}/contributions", body)
-    assert r.status_code == 200, r.text
-    hub.clock.advance(1.0)
-    hub.service.tick()
-    status = hub.get(f"{API}/runs/{run_id}").json()
+    status = train_round(hub, run_id, BlobSource(LocalBlobStore(tmp_path / "node"), fetch))
     assert status["version"] == 1 and status["status"] == "finished", status
     manifest = parse_manifest((folder / MANIFEST).read_bytes())
     train_shards = {s.sha256 for s in manifest.train}

@@ -22,13 +22,10 @@ from gridswarm.hub.service import HubSettings
 from gridswarm.identity import HEADER_KEY, Identity
 from gridswarm.initfrom import InitFrom, InitFromError, prepare_init, push_weights
 from gridswarm.protocol import API, Refusal, WeightsAck, WeightsOffer, WeightsOfferResponse
-from gridswarm.train.codecs import make_codec
 from gridswarm.train.dataset import dataset_tokenizer
 from gridswarm.train.params import flatten, pack, pack_vector, unpack_vector
-from gridswarm.train.workload import Workload
 from tests.conftest import tiny_run
-from tests.harness import train_and_pack
-from tests.hub.harness import Hub, contribution
+from tests.hub.harness import Hub, contribution, train_round
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "src/gridswarm/data/tinyshakespeare.txt"
 TRAIN = {"seq_len": 32, "batch_size": 4, "inner_steps": 4, "min_inner_steps": 2}
@@ -75,23 +72,6 @@ def refused(r, status: int, reason: Refusal) -> None:
 
 def state(hub: Hub) -> tuple[dict, int]:
     return hub.snapshot(), hub.blob_bytes()
-
-
-def train_round(hub: Hub, run_id: str) -> dict:
-    """One node trains the open round for real; the hub closes it. The run's status after."""
-    cfg = parse_run_config(hub.get(f"{API}/runs/{run_id}").json()["config"])
-    workload = Workload.from_config(cfg)
-    node = Identity.generate()
-    node_id = hub.register(node)
-    a = hub.assignment(node, run_id)
-    assert a is not None
-    codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
-    body = train_and_pack(hub.service, run_id, node, node_id, a, workload, codec)
-    r = hub.post(node, f"{API}/runs/{run_id}/contributions", body)
-    assert r.status_code == 200, r.text
-    hub.clock.advance(1.0)
-    hub.service.tick()
-    return hub.get(f"{API}/runs/{run_id}").json()
 
 
 def version(hub: Hub, run_id: str) -> tuple[torch.Tensor, float]:
