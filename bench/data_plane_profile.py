@@ -163,9 +163,9 @@ BUCKETS = (
         None,
     ),
     (
-        "download: HubService.blob_download (checks, download row)",
-        "service.py",
-        "blob_download",
+        "download: Downloads.download (checks, download row)",
+        "downloads.py",
+        "download",
         None,
     ),
     ("download: read_span (the range's bytes from the file)", "blobs.py", "read_span", None),

@@ -283,6 +283,6 @@ def test_live_run_on_a_prepared_dataset(make_swarm, shakespeare_bpe, tmp_path):
     assert served == source.path(val_shard).read_bytes()
     swarm.stop()  # a fresh hub (as after a restart) rebuilds what it serves from its runs
     fresh = HubService(make_engine(swarm.db_url), LocalBlobStore(swarm.workdir / "blobs"))
-    assert fresh.blob_span(val_shard, None, None).path.read_bytes() == served
+    assert fresh.downloads.span(val_shard, None, None).path.read_bytes() == served
     with pytest.raises(HubError, match="not a published"):
-        fresh.blob_span("0" * 64, None, None)
+        fresh.downloads.span("0" * 64, None, None)

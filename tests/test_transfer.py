@@ -32,7 +32,7 @@ def hub(in_process_hub):
 
 def _bytes_counted(service, digest: str) -> int:
     with Session(service.sessions.kw["bind"]) as s:
-        service.flush_downloads(s)  # counted in memory, written by the ticker
+        service.downloads.flush(s)  # counted in memory, written by the ticker
         s.commit()
         total = s.scalar(select(func.sum(m.Download.bytes_down)).where(m.Download.blob == digest))
     return int(total or 0)

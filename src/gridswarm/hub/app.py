@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gridswarm.blobs import read_span
 from gridswarm.hub.dashboard import add_dashboard_routes
 from gridswarm.hub.datasets import add_dataset_routes
+from gridswarm.hub.downloads import BlobRedirect, BlobSpan
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.lifecycle import RunEvent
 from gridswarm.hub.metrics import CONTENT_TYPE, HubMetrics, HubState, RequestMetrics
@@ -45,7 +46,7 @@ from gridswarm.hub.openapi import (
     openapi_body,
 )
 from gridswarm.hub.privacy import add_privacy_routes
-from gridswarm.hub.service import BlobRedirect, BlobSpan, HubService, Registration, Upload
+from gridswarm.hub.service import HubService, Registration, Upload
 from gridswarm.hub.trust import add_trust_routes
 from gridswarm.hub.weights import add_weights_routes
 from gridswarm.identity import HEADER_SIGNATURE, VerifiedRequest
@@ -260,7 +261,7 @@ def create_app(
                         locked_limiter[0].statistics().tasks_waiting if locked_limiter else 0
                     ),
                 },
-                blobs=service.blob_counters.snapshot(),
+                blobs=service.downloads.counters.snapshot(),
             )
         )
 
@@ -354,7 +355,7 @@ def create_app(
     async def healthz() -> dict:
         """Up, and what the blob route did (`served`: downloads the hub answered with bytes,
         `served_bytes`, `redirected`: downloads sent to presigned object-store URLs)."""
-        return {"ok": True, "blobs": service.blob_counters.snapshot()}
+        return {"ok": True, "blobs": service.downloads.counters.snapshot()}
 
     if observed is not None:
 
@@ -519,7 +520,7 @@ def create_app(
 
         def download(node_id: str | None) -> tuple[BlobSpan | BlobRedirect, bytes | None]:
             """The answer, with its bytes read here when they are a range or a small blob."""
-            answer = service.blob_download(digest, node_id, range_header)
+            answer = service.downloads.download(digest, node_id, range_header)
             inline = isinstance(answer, BlobSpan) and (
                 answer.partial or answer.size <= INLINE_BLOB_BYTES
             )

@@ -27,14 +27,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gridswarm.blobs import (
-    BlobError,
-    FileBlobStore,
-    PresigningStore,
-    RangeError,
-    byte_range,
-    sha256_hex,
-)
+from gridswarm.blobs import FileBlobStore, sha256_hex
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
@@ -44,6 +37,7 @@ from gridswarm.hub import reports
 from gridswarm.hub import weights as hub_weights
 from gridswarm.hub.acceptance import AssignmentFacts, ClaimFacts, ClaimRules, UploadRefused
 from gridswarm.hub.datasets import HubDatasets
+from gridswarm.hub.downloads import PRESIGN_EXPIRY_S, Downloads
 from gridswarm.hub.engine import (
     Arrived,
     Asked,
@@ -149,47 +143,6 @@ log = logging.getLogger("gridswarm.hub")
 Item = TypeVar("Item")  # what one request of a batch carries (`decided_alone`)
 Answer = TypeVar("Answer")
 DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
-
-
-MAX_RANGE_BYTES = 64 << 20  # the most one ranged blob read serves
-MAX_PUBLISHED_CACHED = 100_000  # published blob digests remembered (`_servable`)
-PRESIGN_EXPIRY_S = 300  # a presigned download URL is short-lived: each range asks the hub anew
-
-
-@dataclass(frozen=True)
-class BlobSpan:
-    """The bytes of a blob one download gets: `length` bytes from `start` of `size`."""
-
-    path: Path
-    start: int
-    length: int
-    size: int
-    partial: bool
-
-
-@dataclass(frozen=True)
-class BlobRedirect:
-    """A blob download answered by a redirect to `url` (a presigned object-store GET)."""
-
-    url: str
-
-
-class BlobCounters:
-    """What the blob route did since the hub started (shown by /healthz): downloads the hub
-    served itself (and their bytes) and downloads it redirected to the object store."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.counts = {"served": 0, "served_bytes": 0, "redirected": 0}
-
-    def add(self, **counts: int) -> None:
-        with self._lock:
-            for key, n in counts.items():
-                self.counts[key] += n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.counts)
 
 
 @dataclass(frozen=True)
@@ -496,17 +449,6 @@ class NonceBook:
         return stored
 
 
-def requested_span(range_header: str | None, size: int, max_bytes: int) -> tuple[int, int]:
-    """(start, length) of a blob download: the whole blob, or the Range asked for (416 if it
-    is malformed, unsatisfiable or longer than `max_bytes`)."""
-    if range_header is None:
-        return 0, size
-    try:
-        return byte_range(range_header, size, max_bytes)
-    except RangeError as exc:
-        raise HubError(416, str(exc), Refusal.MALFORMED) from exc
-
-
 def closes_outside_lock(run: m.Run) -> bool:
     """Whether a due close of `run`'s round may be computed outside the lock
     (`HubService._prepare_close`): not for DP and SecAgg runs, which write their accounting while
@@ -550,8 +492,6 @@ class HubService:
         self._heartbeats: dict[
             str, tuple[NodeStatus, float]
         ] = {}  # node -> status, seen at (unwritten)
-        self._published: dict[str, str] = {}  # digest of a published version's blob -> run
-        self._downloads: list[dict] = []  # counted downloads, unwritten (`flush_downloads`)
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
         # node -> when its last signed request was authenticated (unwritten): any request is a
         # sign of life, so a working node need not send heartbeats beside it (hub/pacing.py)
@@ -569,8 +509,6 @@ class HubService:
             self.settings.registration, self.sessions, self.liveness_s, clock
         )
         self._workloads: dict[str, Workload] = {}
-        self._verified_blobs: set[str] = set()  # blobs whose bytes were hashed since the start
-        self.blob_counters = BlobCounters()
         self._failures: dict[str, int] = {}  # run id -> consecutive failed ticks
         # silence is measured from here at the earliest: a hub outage is not the nodes' fault
         self.started_at = clock()
@@ -580,6 +518,15 @@ class HubService:
         # for changes the others made
         self.lease = TickerLease(engine)
         self.watch = None if is_sqlite(engine) else RoundWatch()
+        # blob downloads: what may be served or redirected to, and their counts (hub/downloads.py)
+        self.downloads = Downloads(
+            blobs,
+            self.sessions,
+            clock,
+            self._is_dataset_blob,
+            self.settings.presign_downloads,
+            self.settings.presign_expiry_s,
+        )
         self.datasets = HubDatasets(self)  # datasets pushed by sponsors (hub/datasets.py)
         self.privacy = HubPrivacy(self)  # DP accounting and SecAgg stages (hub/privacy.py)
         # ledger, audits, usefulness, reputation, rewards (hub/trust.py); `identity` is the hub's
@@ -1767,7 +1714,7 @@ class HubService:
         if not self.lease.held():
             with self.sessions() as s:
                 self.flush_heartbeats(s)  # the lease holder decides with every replica's notes
-                self.flush_downloads(s)
+                self.downloads.flush(s)
                 s.commit()
             self.count_live_nodes()
             self.watch_rounds()
@@ -1790,7 +1737,7 @@ class HubService:
         done = []
         with self.sessions() as s:
             self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
-            self.flush_downloads(s)
+            self.downloads.flush(s)
             s.commit()
             run_ids = run_store.active_run_ids(s)
         self.metrics.active_runs(len(run_ids))
@@ -2075,101 +2022,6 @@ class HubService:
 
     # ---------------------------------------------------------------- reads
 
-    @property
-    def presigns(self) -> bool:
-        """Whether blob downloads are redirected to presigned object-store URLs: the blob store
-        can presign (S3) and the operator did not turn it off (`--no-presign`)."""
-        return self.settings.presign_downloads and isinstance(self.blobs, PresigningStore)
-
-    def _servable(self, digest: str) -> str | None:
-        """The run whose published version's weights or delta `digest` is, None for a dataset
-        blob of a run; 404 for anything else (contributions, SecAgg shares and unknown digests
-        are never served or redirected to). A published version is never withdrawn, so its
-        digests are remembered: a round's thousands of delta downloads ask the database once."""
-        run_id = self._published.get(digest)
-        if run_id is not None:
-            return run_id
-        with self.sessions() as s:
-            version = version_store.version_with_blob(s, digest)
-            if version is None and not self._is_dataset_blob(s, digest):
-                raise HubError(
-                    404, f"blob {digest} is not a published model version, delta or dataset blob"
-                )
-        if version is None:
-            return None
-        if len(self._published) >= MAX_PUBLISHED_CACHED:
-            self._published.clear()
-        self._published[digest] = version.run_id
-        return version.run_id
-
-    def _count_download(
-        self, run_id: str | None, node_id: str | None, nbytes: int, digest: str
-    ) -> None:
-        """Signed reads of versions and deltas (of run `run_id`) count in the node's
-        `bytes_down`."""
-        if node_id is None or run_id is None:
-            return
-        row = {
-            "run_id": run_id,
-            "node_id": node_id,
-            "blob": digest,
-            "bytes_down": nbytes,
-            "created_at": self.clock(),
-        }
-        with self._notes_lock:
-            self._downloads.append(row)
-
-    def flush_downloads(self, s: Session) -> None:
-        """Write the counted downloads into the transaction `s` (one executemany INSERT). A
-        download is a statistic, not something acknowledged: counting it in memory and writing
-        the counts with the ticker (every TICK_S) keeps a burst of downloads (every node of a
-        round, woken by one batch of answers) from queueing one commit each on the database's
-        write lock. A hub killed loses the counts of its last tick."""
-        with self._notes_lock:
-            rows, self._downloads = self._downloads, []
-        if rows:
-            version_store.insert_downloads(s, rows)
-
-    def blob_download(
-        self, digest: str, node_id: str | None, range_header: str | None
-    ) -> BlobSpan | BlobRedirect:
-        """What one download of a blob gets: a short-lived presigned object-store URL to
-        redirect to (`presigns`), else the bytes to serve (`blob_span`). The same publication
-        check either way; a malformed or out-of-blob `Range` is refused (416) before a redirect
-        too, and a redirected range counts in `bytes_down` as the length the range asks for."""
-        store = self.blobs
-        if not (self.presigns and isinstance(store, PresigningStore)):
-            return self.blob_span(digest, node_id, range_header)
-        run_id = self._servable(digest)
-        try:
-            size = store.size(digest)
-            url = store.presigned_get_url(digest, expires_s=self.settings.presign_expiry_s)
-        except BlobError as exc:
-            raise HubError(500, str(exc), Refusal.UNAVAILABLE) from exc
-        _, length = requested_span(range_header, size, size)
-        self._count_download(run_id, node_id, length, digest)
-        self.blob_counters.add(redirected=1)
-        return BlobRedirect(url)
-
-    def blob_span(self, digest: str, node_id: str | None, range_header: str | None) -> BlobSpan:
-        """Where to read a published model version or delta, or a blob of a run's dataset
-        (contributions are never served): the whole blob, or one `Range` of it (at most
-        MAX_RANGE_BYTES). Each blob's hash is checked on disk before its first byte is served
-        (an S3 hub reads it through its local cache, `blobcache.CachedS3Store`).
-        Signed reads of versions and deltas are counted per node; dataset downloads are data,
-        not synchronisation: not in `bytes_down`."""
-        run_id = self._servable(digest)
-        try:
-            path = self.blobs.checked_path(digest, verify=digest not in self._verified_blobs)
-        except BlobError as exc:
-            raise HubError(500, str(exc), Refusal.UNAVAILABLE) from exc
-        self._verified_blobs.add(digest)
-        size = path.stat().st_size
-        start, length = requested_span(range_header, size, MAX_RANGE_BYTES)
-        self._count_download(run_id, node_id, length, digest)
-        self.blob_counters.add(served=1, served_bytes=length)
-        return BlobSpan(path, start, length, size, partial=range_header is not None)
-
     def latest_version(self, run_id: str) -> dict:
         with self.sessions() as s:
             run = self._run(s, run_id)
@@ -2205,9 +2057,9 @@ class HubService:
     def run_status(self, run_id: str) -> dict:
         """Everything a dashboard or summary shows about one run (hub/reports.py), with its
         energy, trust and privacy sections."""
-        if self._downloads:  # this process's counted downloads, so its figures include them
+        if self.downloads.pending:  # this process's counted downloads: its figures include them
             with self.sessions() as s:
-                self.flush_downloads(s)
+                self.downloads.flush(s)
                 s.commit()
         with self.sessions() as s:
             rows = read_run_rows(s, self._run(s, run_id))
