@@ -174,8 +174,8 @@ BUCKETS = (
     ("ticker: HubService.tick (round state, pre-screening, the close)", "service.py", "tick", None),
     (
         "  the close: new version (aggregate, outer step, blobs, eval)",
-        "service.py",
-        "_new_version",
+        "closing.py",
+        "compute_version",
         None,
     ),
 )

@@ -11,7 +11,7 @@ submit what the attack harness (gridswarm.train.attacks) builds from the honest 
 same round (omniscient, as in the papers) or train on garbage data, every update goes through the
 up-codec as an upload does, and the hub's own close path applies it: the aggregator built from the
 hub's registry (`make_aggregator`, as `hub.service` does), then `outer_update` (Nesterov outer
-step, down-codec with error feedback), the function `hub.service._new_version` calls.
+step, down-codec with error feedback), the function `hub.closing.compute_version` calls.
 
 The setting is the one the ALIE and IPM papers attack, SGD-like rather than DiLoCo-like: many
 nodes (20), a few inner steps (H = 2) on single-sequence batches with no inner warm-up, non-IID

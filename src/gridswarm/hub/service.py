@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +36,7 @@ from gridswarm.hub import models as m
 from gridswarm.hub import reports
 from gridswarm.hub import weights as hub_weights
 from gridswarm.hub.acceptance import AssignmentFacts, ClaimFacts, ClaimRules, UploadRefused
+from gridswarm.hub.closing import NewVersion, close_inputs, compute_version, version_key
 from gridswarm.hub.datasets import HubDatasets
 from gridswarm.hub.downloads import PRESIGN_EXPIRY_S, Downloads
 from gridswarm.hub.engine import (
@@ -114,7 +115,7 @@ from gridswarm.protocol import (
     RunCreateResponse,
     describe_errors,
 )
-from gridswarm.train.aggregate import EncodedRows, make_aggregator
+from gridswarm.train.aggregate import make_aggregator
 from gridswarm.train.codecs import NonFinitePayload, check_payload, make_codec
 from gridswarm.train.dataset import (
     MANIFEST_PREFIX,
@@ -127,8 +128,7 @@ from gridswarm.train.dataset import (
     parse_manifest,
 )
 from gridswarm.train.memory import OverBudget, check_memory
-from gridswarm.train.outer import outer_update_
-from gridswarm.train.params import BlobFormatError, pack, pack_vector, unpack, unpack_vector
+from gridswarm.train.params import BlobFormatError, pack_vector, unpack
 from gridswarm.train.workload import Workload
 from gridswarm.trust.claims import is_zero_update, update_sha256
 
@@ -189,23 +189,6 @@ class HubSettings:
     max_dataset_bytes_per_identity: int = DEFAULT_MAX_DATASET_MB_PER_IDENTITY << 20
     # post reward epochs on chain on the hub's own clock (`--epoch-every-s`, hub/epochs.py)
     epochs: EpochChain | None = None
-
-
-@dataclass(frozen=True)
-class NewVersion:
-    """What a close publishes (its blobs already stored), and what it was computed from."""
-
-    key: tuple
-    number: int
-    weights_blob: str
-    delta_blob: str
-    momentum_blob: str
-    error_feedback_blob: str
-    val_loss: float
-
-    def columns(self) -> dict[str, object]:
-        """The `versions` columns it fills."""
-        return {k: v for k, v in asdict(self).items() if k != "key"}
 
 
 AskAnswer = tuple[AssignmentResponse, float | None] | HubError
@@ -1900,67 +1883,23 @@ class HubService:
         now: float,
     ) -> NewVersion:
         """The version a close publishes from `contributions` (blobs written before any row
-        names them); taken from `_prepare_close` when it computed the same round from the same
-        contributions, else computed here."""
-        key = (run.id, rnd.number, rnd.attempt, base.number, tuple(c.id for c in contributions))
+        names them): taken from `_prepare_close` when it computed the same round from the same
+        contributions (`closing.version_key`), else computed here (`closing.compute_version`)."""
+        key = version_key(run, rnd, base, contributions)
         prepared = self._prepared.pop(run.id, None)
         if prepared is not None and prepared.key == key:
             self._prepared[run.id] = prepared  # kept until the close commits (or is redone)
             return prepared
-        uploads = weights = None  # under SecAgg only the recovered sum exists
         fragment = self.fragment(run, rnd.number)  # Streaming DiLoCo: this round's slice only
-        numel = run.numel if fragment is None else fragment[1] - fragment[0]
-        if not cfg.privacy.secagg:
-            # the payloads, decoded as the aggregation needs them (a block of columns at a time
-            # for the mean, median and trimmed mean: train/aggregate.py `EncodedRows`)
-            codec = make_codec(cfg.comm.codec, cfg.comm.block_size)
-            payloads = [unpack(self.blobs.get(c.id))[0] for c in contributions]
-            uploads = EncodedRows(codec, payloads, numel)
-            weights = torch.tensor([float(c.tokens) for c in contributions])
-        # plain aggregator, DP-FedAvg (clip + noise + accounting) or the SecAgg sum: hub/privacy.py
-        pseudo_gradient = self.privacy.aggregate(
-            s, run, rnd, cfg, contributions, uploads, weights, now
-        )
-        del uploads  # the round's uploads, not needed past the aggregate
-        theta = unpack_vector(self.blobs.get(base.weights_blob))
-        momentum = unpack_vector(self.blobs.get(base.momentum_blob)) if base.momentum_blob else None
-        residual = (
-            unpack_vector(self.blobs.get(base.error_feedback_blob))
-            if base.error_feedback_blob
-            else None
-        )
-        # in place on the vectors just read: the step adds a few pieces, not a few models
-        out = outer_update_(
-            theta,
-            pseudo_gradient,
-            momentum,
-            residual,
-            lr=cfg.train.outer_lr,
-            mu=cfg.train.outer_momentum,
-            codec_down=cfg.comm.codec_down,
-            block_size=cfg.comm.block_size,
-            fragment=fragment,
-        )
-        del theta, momentum, residual, pseudo_gradient  # the outer step's inputs, before packing
-        theta_new, encoded = out.theta, out.delta
-        number = rnd.base_version + 1
-        delta_meta: dict[str, object] = {
-            "codec": cfg.comm.codec_down,
-            "numel": run.numel,
-            "to": number,
-        }
-        if fragment is not None:
-            delta_meta["fragment"] = list(fragment)  # the delta holds this slice only
-        new = NewVersion(
-            key=key,
-            number=number,
-            weights_blob=self.blobs.put(
-                pack_vector(theta_new, {"run_id": run.id, "version": number})
+        new = compute_version(
+            close_inputs(key, run, rnd, cfg, base, contributions, fragment),
+            # plain aggregator, DP-FedAvg (its accounting written in `s`) or the SecAgg sum
+            lambda uploads, weights: self.privacy.aggregate(
+                s, run, rnd, cfg, contributions, uploads, weights, now
             ),
-            delta_blob=self.blobs.put(pack(encoded, delta_meta)),
-            momentum_blob=self.blobs.put(pack_vector(out.momentum)),
-            error_feedback_blob=self.blobs.put(pack_vector(out.residual)),
-            val_loss=self.workload(run.id, run.config_json).evaluate(theta_new),
+            lambda theta: self.workload(run.id, run.config_json).evaluate(theta),
+            self.blobs.get,
+            self.blobs.put,
         )
         if not (cfg.privacy.secagg or cfg.privacy.dp):
             self._prepared[run.id] = new
