@@ -41,7 +41,9 @@ def one(
     cfg = tiny_run(round=rounds | {"max_newcomer_share": share})
     run_id = service.create_run(Identity.generate().public_key, cfg).run_id
     request = RegisterRequest(probe_tokens_per_s=1e5, probe_numel=1000)
-    ids = [service.register(Identity.generate().public_key, request) for _ in range(nodes)]
+    ids = [
+        service.membership.register(Identity.generate().public_key, request) for _ in range(nodes)
+    ]
     t0 = time.perf_counter()
     answers = service.assignments_or_wait(run_id, ids)
     batch_ms = (time.perf_counter() - t0) * 1e3 / nodes

@@ -192,7 +192,9 @@ def run_golden(
         request = RegisterRequest(
             probe_tokens_per_s=speed, probe_numel=workload.numel, name=f"node{i}"
         )
-        nodes.append(HarnessNode(ident, service.register(ident.public_key, request), speed))
+        nodes.append(
+            HarnessNode(ident, service.membership.register(ident.public_key, request), speed)
+        )
     codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
     for _ in range(max_steps):
         if service.run_status(run_id)["status"] != "active":

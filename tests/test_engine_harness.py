@@ -155,7 +155,7 @@ def uploaded_round(
     run_id = service.create_run(Identity.generate().public_key, config).run_id
     numel = service.run_status(run_id)["numel"]
     node_ids = [
-        service.register(
+        service.membership.register(
             Identity.generate().public_key,
             RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}"),
         )
@@ -230,7 +230,7 @@ def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
     ids = []
     for i in range(3):
         request = RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}")
-        ids.append(service.register(Identity.generate().public_key, request))
+        ids.append(service.membership.register(Identity.generate().public_key, request))
     honest, harmful, late = ids
     jobs = {n: service.request_assignment(run_id, n).assignment for n in (honest, harmful)}
     assert service.request_assignment(run_id, late).status == "wait"  # the round is full
@@ -388,7 +388,7 @@ def test_a_lost_nodes_place_wakes_the_nodes_waiting_for_work(tmp_path: Path):
     run_id = service.create_run(Identity.generate().public_key, config).run_id
     numel = service.run_status(run_id)["numel"]
     a, b, c = (
-        service.register(
+        service.membership.register(
             Identity.generate().public_key,
             RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=name),
         )
@@ -399,9 +399,9 @@ def test_a_lost_nodes_place_wakes_the_nodes_waiting_for_work(tmp_path: Path):
     woken: list[str] = []
     changed = service.round_changed
     service.round_changed = lambda run: woken.append(run) or changed(run)
-    clock.advance(service.liveness_s() + 1)  # a falls silent; b and c do not
+    clock.advance(service.membership.liveness_s() + 1)  # a falls silent; b and c do not
     for node in (b, c):
-        service.heartbeat(node, NodeStatus.TRAINING if node == b else NodeStatus.IDLE)
+        service.membership.heartbeat(node, NodeStatus.TRAINING if node == b else NodeStatus.IDLE)
     service.tick()
     (rnd,) = service.run_status(run_id)["rounds"]
     assert rnd["status"] == "open" and rnd["assignments"] == {"assigned": 1, "missed": 1}
@@ -419,7 +419,7 @@ def test_a_dp_run_reaching_its_epsilon_budget_finishes_with_the_reason(tmp_path:
     config = tiny_run(privacy={"dp": dp}, trust=NO_AUDITS, budget={"rounds": 5})
     run_id = service.create_run(Identity.generate().public_key, config).run_id
     numel = service.run_status(run_id)["numel"]
-    node = service.register(
+    node = service.membership.register(
         Identity.generate().public_key, RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel)
     )
     for i in range(10):  # bounded: the budget allows two rounds

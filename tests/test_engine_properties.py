@@ -65,7 +65,7 @@ class RoundEngine(RuleBasedStateMachine):
         for i in range(N_NODES):
             ident = Identity.from_seed(hashlib.sha256(f"property node {i}".encode()).digest())
             req = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=self.numel)
-            self.nodes.append((ident, self.hub.register(ident.public_key, req)))
+            self.nodes.append((ident, self.hub.membership.register(ident.public_key, req)))
         self.assignments: dict[int, object] = {}
         self.bodies: dict[int, bytes] = {}  # each node's last upload, for repeats
         self.acked: list[str] = []
@@ -131,11 +131,11 @@ class RoundEngine(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, N_NODES - 1))
     def heartbeat(self, i: int) -> None:
-        self.hub.heartbeat(self.nodes[i][1], "training")
+        self.hub.membership.heartbeat(self.nodes[i][1], "training")
 
     @rule(i=st.integers(0, N_NODES - 1))
     def leave(self, i: int) -> None:
-        self.hub.leave(self.nodes[i][1])
+        self.hub.membership.leave(self.nodes[i][1])
         self.assignments.pop(i, None)
 
     @rule(seconds=st.sampled_from([0.5, 3.0, 25.0, 70.0]))

@@ -83,7 +83,7 @@ def test_any_signed_request_of_a_node_is_a_sign_of_life(tmp_path: Path) -> None:
     service = build_service(f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs")
     service.clock = service.trust.clock = clock
     identity = Identity.generate()
-    node_id = service.register(
+    node_id = service.membership.register(
         identity.public_key, RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1000)
     )
     registered_at = clock.t
@@ -97,7 +97,7 @@ def test_any_signed_request_of_a_node_is_a_sign_of_life(tmp_path: Path) -> None:
         assert node.status == NodeStatus.IDLE  # a sign of life does not change the status
     # a heartbeat and a later request in one batch: the later time, the heartbeat's status
     clock.t += 1.0
-    service.heartbeat(node_id, NodeStatus.TRAINING)
+    service.membership.heartbeat(node_id, NodeStatus.TRAINING)
     clock.t += 1.0
     service.authenticate(sign_request(identity, "GET", path, b""), "GET", path, b"")
     service.tick()
@@ -107,7 +107,7 @@ def test_any_signed_request_of_a_node_is_a_sign_of_life(tmp_path: Path) -> None:
     # a sponsor's key (not a node) is noted nowhere
     sponsor = Identity.generate()
     service.authenticate(sign_request(sponsor, "GET", path, b""), "GET", path, b"")
-    assert not service._seen
+    assert not service.membership._seen
 
 
 def test_the_hub_tells_the_interval_and_the_node_client_obeys_it(tmp_path: Path) -> None:
@@ -119,7 +119,7 @@ def test_the_hub_tells_the_interval_and_the_node_client_obeys_it(tmp_path: Path)
         assert client.heartbeat_s is None  # until told: a beat every 3 s, whatever else
         client.register(RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1000))
         assert client.heartbeat_s == HEARTBEAT_MIN_S  # one live node: the minimum
-        service.pacing.set_live(2_000, service.clock())  # as the ticker would count
+        service.membership.pacing.set_live(2_000, service.clock())  # as the ticker would count
         client.heartbeat(NodeStatus.IDLE)
         assert client.heartbeat_s == 20.0
         assert service.run_status(run.run_id)["liveness_s"] == 60.0  # 3 intervals
@@ -137,7 +137,7 @@ def test_the_hub_tells_the_interval_and_the_node_client_obeys_it(tmp_path: Path)
         # asked, never longer than the hub takes): the asks are paced like the heartbeats
         assert client.long_poll_s(10.0) == 20.0
         assert client.long_poll_s(30.0) == 30.0
-        service.pacing.set_live(1_000_000, service.clock())
+        service.membership.pacing.set_live(1_000_000, service.clock())
         client.heartbeat(NodeStatus.IDLE)
         assert client.long_poll_s(10.0) == MAX_LONG_POLL_S == HEARTBEAT_MAX_S
         r = http.post(
@@ -187,7 +187,7 @@ def test_a_long_poll_waiting_for_live_nodes_wakes_when_a_silent_node_beats_again
         with service.sessions() as s:  # B fell silent long ago
             s.get(Node, b_id).last_seen_at = time.time() - 3600
             s.commit()
-        service.pacing.set_live(1, time.time())  # what the ticker counted meanwhile
+        service.membership.pacing.set_live(1, time.time())  # what the ticker counted meanwhile
         started = time.monotonic()
         assert post(a, path, params={"wait_s": 1}).json()["status"] == "wait"
         assert len(asked) == 1, "a long-poll nothing woke asked again"
@@ -199,7 +199,9 @@ def test_a_long_poll_waiting_for_live_nodes_wakes_when_a_silent_node_beats_again
         )
         poll.start()
         time.sleep(0.5)
-        service.heartbeat(b_id, NodeStatus.IDLE)  # B is back: no request signals the round
+        service.membership.heartbeat(
+            b_id, NodeStatus.IDLE
+        )  # B is back: no request signals the round
         poll.join(timeout=30)
         assert answers and answers[0]["status"] == "assigned"
         assert asked[-1] - asked[0] < 9.0  # woken by the count (<= 5 s): no 10 s timer, no wait end

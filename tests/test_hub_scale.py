@@ -40,7 +40,7 @@ def hub(tmp_path: Path, clock=time.time) -> HubService:
 
 def register(service: HubService, probe_tokens_per_s: float = 1e6) -> str:
     key = Identity.generate().public_key
-    return service.register(
+    return service.membership.register(
         key, RegisterRequest(probe_tokens_per_s=probe_tokens_per_s, probe_numel=1000)
     )
 
@@ -108,7 +108,10 @@ def test_heartbeats_cost_no_transaction_and_reach_the_database_in_one_batch(
     service = hub(tmp_path, clock)
     nodes = [register(service) for _ in range(20)]
     clock.t += 5
-    assert statements_of(service, lambda: [service.heartbeat(n, "training") for n in nodes]) == 0
+    assert (
+        statements_of(service, lambda: [service.membership.heartbeat(n, "training") for n in nodes])
+        == 0
+    )
     # one UPDATE for all 20, no run to advance; and (every 5 s) the live count for heartbeat
     # pacing, with the pending runs it may wake
     assert statements_of(service, service.tick) <= 6
@@ -116,10 +119,10 @@ def test_heartbeats_cost_no_transaction_and_reach_the_database_in_one_batch(
         seen = {n.id: (n.status, n.last_seen_at) for n in s.scalars(select(Node))}
     assert all(seen[n] == ("training", clock.t) for n in nodes)
     clock.t += 1
-    service.heartbeat(nodes[0], "idle")
+    service.membership.heartbeat(nodes[0], "idle")
     assert statements_of(service, service.tick) <= 4  # no count due: as before
     with pytest.raises(HubError) as refused:
-        service.heartbeat("0" * 16, "idle")
+        service.membership.heartbeat("0" * 16, "idle")
     assert refused.value.status == 403
 
 
@@ -310,7 +313,7 @@ def test_an_upload_batch_reads_what_all_its_uploads_are_judged_on_once(tmp_path:
     service = hub(tmp_path, clock)
     request = RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1000)
     keys = [Identity.from_seed(f"s{i}".encode()).public_key for i in range(8)]
-    nodes = [service.register(key, request) for key in keys]
+    nodes = [service.membership.register(key, request) for key in keys]
     settings = tiny_run(round={"max_nodes": 1000, "deadline_s": 60})
     run = service.create_run(b"\x01" * 32, settings)
     work = [a[0].assignment for a in service.assignments_or_wait(run.run_id, nodes)]

@@ -72,7 +72,7 @@ def hub(tmp_path: Path) -> tuple[HubService, Clock]:
 def register(service: HubService, name: str) -> str:
     ident = Identity.from_seed(name.encode())
     req = RegisterRequest(probe_tokens_per_s=5_000.0, probe_numel=100_000, name=name)
-    return service.register(ident.public_key, req)
+    return service.membership.register(ident.public_key, req)
 
 
 def lifecycle_entries(service: HubService) -> list[dict]:

@@ -181,7 +181,7 @@ def test_a_cosine_run_replays_bit_exactly_and_ignoring_the_schedule_fails_the_au
     for i, (speed, workload) in enumerate([(4000.0, honest), (2000.0, honest), (4000.0, constant)]):
         who = Identity.generate()
         request = RegisterRequest(probe_tokens_per_s=speed, probe_numel=honest.numel, name=f"n{i}")
-        nodes.append((who, service.register(who.public_key, request), speed, workload))
+        nodes.append((who, service.membership.register(who.public_key, request), speed, workload))
     excluded: set[str] = set()
     for _ in range(200):
         if service.run_status(run_id)["status"] != "active":

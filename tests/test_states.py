@@ -104,7 +104,7 @@ def test_a_heartbeat_reports_a_node_status_but_never_sets_left(tmp_path: Path):
     assert r.status_code == 422 and r.json()["reason"] == Refusal.MALFORMED, r.text
     assert hub.post(node, f"{API}/nodes/heartbeat", {"status": "paused"}).status_code == 200
     with hub.service.sessions() as s:
-        hub.service.flush_heartbeats(s)
+        hub.service.membership.flush_heartbeats(s)
         s.commit()
         row = s.get(m.Node, node.node_id)
         assert row.status is NodeStatus.PAUSED

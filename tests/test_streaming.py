@@ -251,7 +251,7 @@ def test_fragments_run_in_process_syncs_one_fragment_per_round(tmp_path: Path):
         ident = Identity.from_seed(hashlib.sha256(f"streaming node {i}".encode()).digest())
         workload = Workload.from_config(cfg)
         request = RegisterRequest(probe_tokens_per_s=2000.0, probe_numel=workload.numel)
-        node_id = service.register(ident.public_key, request)
+        node_id = service.membership.register(ident.public_key, request)
         state = LocalState(workload, workload.initial_theta(), -5)
         nodes.append((ident, node_id, workload, state))
     fragments = nodes[0][2].fragments

@@ -18,9 +18,10 @@ from sqlalchemy import select
 from gridswarm.hub import models as m
 from gridswarm.hub.app import MAX_ASK_BATCH, RunBatcher
 from gridswarm.hub.errors import HubError
+from gridswarm.hub.membership import Registration
 from gridswarm.hub.registration import RegistrationPolicy
 from gridswarm.hub.server import build_service
-from gridswarm.hub.service import HubService, HubSettings, Registration
+from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.hub.states import AssignmentStatus
 from gridswarm.identity import Identity
 from gridswarm.protocol import (
@@ -46,7 +47,9 @@ def hub(folder: Path, speeds: list[float], round_: dict) -> tuple[HubService, st
     nodes = []
     for i, speed in enumerate(speeds):
         req = RegisterRequest(probe_tokens_per_s=speed, probe_numel=100_000, name=f"n{i}")
-        nodes.append(service.register(Identity.from_seed(f"n{i}".encode()).public_key, req))
+        nodes.append(
+            service.membership.register(Identity.from_seed(f"n{i}".encode()).public_key, req)
+        )
     return service, run_id, nodes
 
 
@@ -275,10 +278,12 @@ def test_a_batch_of_registrations_refuses_in_place_and_releases_work_of_nodes_ba
     restarted) keeps its id and its outstanding assignment is released at once; the same key
     twice in one batch is one node."""
     service, run_id, nodes = hub(tmp_path, [5_000.0] * 2, {"min_nodes": 1, "max_nodes": 2})
-    service.registration.policy = RegistrationPolicy(max_new_nodes=3)  # n0, n1 never worked
+    service.membership.registration.policy = RegistrationPolicy(
+        max_new_nodes=3
+    )  # n0, n1 never worked
     work = service.assignments_or_wait(run_id, nodes[:1])
     assert work[0][0].status == "assigned"
-    answers = service.register_many(
+    answers = service.membership.register_many(
         [registration("n0"), registration("new-a"), registration("new-a"), registration("new-b")]
     )
     again, new_a, new_a_twice, refused = answers
@@ -295,15 +300,15 @@ def test_a_registration_that_fails_fails_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service, _, _ = hub(tmp_path, [], {"min_nodes": 1, "max_nodes": 2})
-    check = service.registration.check
+    check = service.membership.registration.check
 
     def broken_for_b(s, public_key_hex, network, known, now_s):
         if public_key_hex == Identity.from_seed(b"b").public_key.hex():
             raise RuntimeError("a bug in one registration's decision")
         return check(s, public_key_hex, network, known, now_s)
 
-    monkeypatch.setattr(service.registration, "check", broken_for_b)
-    a, b, c = service.register_many([registration(x) for x in "abc"])
+    monkeypatch.setattr(service.membership.registration, "check", broken_for_b)
+    a, b, c = service.membership.register_many([registration(x) for x in "abc"])
     assert isinstance(b, HubError) and b.status == 500
     with service.sessions() as s:
         assert set(s.scalars(select(m.Node.id))) == {a, c}
@@ -319,13 +324,13 @@ def test_the_batcher_gathers_registrations_that_arrive_together(tmp_path: Path) 
 
     service = build_service(f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs", HubSettings())
     batches: list[int] = []
-    register_many = service.register_many
+    register_many = service.membership.register_many
 
     def counted(batch):
         batches.append(len(batch))
         return register_many(batch)
 
-    service.register_many = counted
+    service.membership.register_many = counted
     app = create_app(service)
     ids = [Identity.from_seed(f"k{i}".encode()) for i in range(40)]
 

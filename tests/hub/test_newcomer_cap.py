@@ -42,7 +42,7 @@ def register(service: HubService, n: int) -> list[str]:
     ids = []
     for _ in range(n):
         request = RegisterRequest(probe_tokens_per_s=1e5, probe_numel=1000)
-        ids.append(service.register(Identity.generate().public_key, request))
+        ids.append(service.membership.register(Identity.generate().public_key, request))
     return ids
 
 
@@ -125,7 +125,7 @@ def test_a_flood_of_new_keys_holds_at_most_the_newcomer_share(
     # round 2: the two newcomers of round 1 have worked now; two new ones may join them
     clock.advance(16)  # past the pending round's grace for worked nodes
     for node_id in [*worked, *flood]:
-        service.heartbeat(node_id, NodeStatus.IDLE)
+        service.membership.heartbeat(node_id, NodeStatus.IDLE)
     service.tick()  # writes the heartbeats
     got = answers(service, run_id, [*flood, *worked])  # newcomers first: one opens the round
     by_node = dict(zip([*flood, *worked], got, strict=True))

@@ -58,7 +58,7 @@ def test_three_replicas_race_to_close_one_round_and_exactly_one_publishes(replic
     for i, hub in enumerate(hubs[:2]):  # each node registers with, and works through, its replica
         ident = Identity.generate()
         request = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=numel, name=f"n{i}")
-        nodes.append((hub, ident, hub.register(ident.public_key, request)))
+        nodes.append((hub, ident, hub.membership.register(ident.public_key, request)))
     for hub, ident, node_id in nodes:
         contribute(hub, run_id, ident, node_id)
 
@@ -189,7 +189,7 @@ def test_an_upload_to_another_replica_closes_the_round_at_the_lease_holders_next
     for i, hub in enumerate((holder, other)):
         ident = Identity.generate()
         request = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=numel, name=f"n{i}")
-        nodes.append((ident, hub.register(ident.public_key, request)))
+        nodes.append((ident, hub.membership.register(ident.public_key, request)))
     contribute(holder, run_id, *nodes[0])
     ident, node_id = nodes[1]
     answer = other.request_assignment(run_id, node_id)  # through the other replica

@@ -66,7 +66,7 @@ def hub(tmp_path: Path):
     for i in range(3):
         ident = Identity.from_seed(hashlib.sha256(f"store node {i}".encode()).digest())
         req = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=numel)
-        nodes.append(service.register(ident.public_key, req))
+        nodes.append(service.membership.register(ident.public_key, req))
     for node_id in nodes:
         assert service.request_assignment(run_id, node_id).status == "assigned"
     return service, clock, run_id, nodes
@@ -113,7 +113,7 @@ def test_a_lost_node_is_missed_in_the_ticks_own_commit(hub):
     service, clock, run_id, nodes = hub
     clock.advance(25.0)  # past liveness_s (20 s): the third node never sent a heartbeat
     for node_id in nodes[:2]:
-        service.heartbeat(node_id, "training")
+        service.membership.heartbeat(node_id, "training")
     service.tick()  # flushes the heartbeats, then ticks the engine
     statuses = assignment_statuses(service, run_id)
     assert statuses[nodes[2]] is AssignmentStatus.MISSED
@@ -171,7 +171,7 @@ def test_a_round_at_its_deadline_waits_for_an_upload_the_hub_received_in_time(hu
         deadline_at = s.get(m.Round, (run_id, 0)).deadline_at
     clock.advance(deadline_at - 1.0 - clock())
     for node_id in nodes:
-        service.heartbeat(node_id, "training")
+        service.membership.heartbeat(node_id, "training")
     with service.arriving.receiving(run_id, clock()):
         clock.advance(2.0)
         assert service.tick() == []  # waits: the upload is still being decided
@@ -263,7 +263,7 @@ def test_a_leave_releases_outstanding_work_in_every_run_without_a_round(hub):
         nodes[2]: AssignmentStatus.ASSIGNED,
     }
     # the hub's own leave goes the same way, and frees the place for another ask
-    assert service.leave(nodes[2]) == 1
+    assert service.membership.leave(nodes[2]) == 1
     assert assignment_statuses(service, run_id)[nodes[2]] is AssignmentStatus.RELEASED
 
 

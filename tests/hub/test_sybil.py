@@ -303,14 +303,14 @@ def test_bounds_on_postgresql(pg_database, tmp_path):
     req = RegisterRequest(probe_tokens_per_s=1e5, probe_numel=1000)
     keys = [Identity.generate().public_key for _ in range(4)]
     for key in keys[:2]:
-        service.register(key, req, "198.51.100.1")
+        service.membership.register(key, req, "198.51.100.1")
     with pytest.raises(HubError) as refused_net:
-        service.registration.precheck(keys[2], "198.51.100.2")
+        service.membership.registration.precheck(keys[2], "198.51.100.2")
     assert refused_net.value.reason == Refusal.REGISTRATION_LIMITED
-    service.register(keys[0], req, "198.51.100.3")  # known: never refused
-    service.register(keys[2], req, "2001:db8::1")
+    service.membership.register(keys[0], req, "198.51.100.3")  # known: never refused
+    service.membership.register(keys[2], req, "2001:db8::1")
     with pytest.raises(HubError) as refused_cap:
-        service.register(keys[3], req, "192.0.2.1")
+        service.membership.register(keys[3], req, "192.0.2.1")
     assert "3 live node identities" in refused_cap.value.detail
     with service.sessions() as s:
         assert new_nodes_live(s, 0.0) == 3

@@ -54,7 +54,7 @@ def test_ticks_read_the_round_once_and_a_due_close_is_prepared_outside_the_lock(
     for i in range(2):
         ident = Identity.generate()
         request = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=numel, name=f"n{i}")
-        nodes.append((ident, hub.register(ident.public_key, request)))
+        nodes.append((ident, hub.membership.register(ident.public_key, request)))
 
     contribute(hub, run_id, *nodes[0])
     for _ in range(3):  # one of two places submitted: nothing to close, nothing prepared

@@ -48,7 +48,7 @@ def start(
     for i in range(2):
         ident = Identity.generate()
         request = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=numel, name=f"n{i}")
-        nodes.append((ident, hub.register(ident.public_key, request)))
+        nodes.append((ident, hub.membership.register(ident.public_key, request)))
     return hub, clock, run_id, nodes, advanced
 
 
@@ -73,11 +73,13 @@ def test_a_silent_node_is_lost_at_the_first_tick_past_its_liveness_window(tmp_pa
         assert hub.request_assignment(run_id, node_id).status == "assigned"
     hub.tick()
     silent_since = last_seen(hub, silent)
-    liveness_s = hub.liveness_s()
+    liveness_s = hub.membership.liveness_s()
     ticks, lost_at = 0, None
     while lost_at is None and ticks < MAX_TICKS:
         clock.advance(TICK_S)
-        hub.heartbeat(talker, NodeStatus.TRAINING)  # no event of the round: it changes nothing
+        hub.membership.heartbeat(
+            talker, NodeStatus.TRAINING
+        )  # no event of the round: it changes nothing
         hub.tick()
         ticks += 1
         if assignment_status(hub, run_id, silent) == AssignmentStatus.MISSED:
@@ -101,7 +103,7 @@ def test_a_deadline_closes_the_round_at_the_first_tick_past_it(tmp_path: Path) -
     ticks, closed_at = 0, None
     while closed_at is None and ticks < MAX_TICKS:
         clock.advance(TICK_S)
-        hub.heartbeat(waiting, NodeStatus.TRAINING)  # alive: only the deadline closes it
+        hub.membership.heartbeat(waiting, NodeStatus.TRAINING)  # alive: only the deadline closes it
         if (run_id, Decision.CLOSE) in hub.tick():
             closed_at = clock()
         ticks += 1

@@ -41,7 +41,9 @@ def hub(folder: Path) -> tuple[HubService, str, list[str]]:
     nodes = []
     for i in range(3):
         req = RegisterRequest(probe_tokens_per_s=5_000.0, probe_numel=100_000, name=f"n{i}")
-        nodes.append(service.register(Identity.from_seed(f"n{i}".encode()).public_key, req))
+        nodes.append(
+            service.membership.register(Identity.from_seed(f"n{i}".encode()).public_key, req)
+        )
     return service, run_id, nodes
 
 

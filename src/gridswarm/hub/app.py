@@ -37,6 +37,7 @@ from gridswarm.hub.datasets import add_dataset_routes
 from gridswarm.hub.downloads import BlobRedirect, BlobSpan
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.lifecycle import RunEvent
+from gridswarm.hub.membership import Registration
 from gridswarm.hub.metrics import CONTENT_TYPE, HubMetrics, HubState, RequestMetrics
 from gridswarm.hub.openapi import (
     ERROR_RESPONSES,
@@ -46,7 +47,7 @@ from gridswarm.hub.openapi import (
     openapi_body,
 )
 from gridswarm.hub.privacy import add_privacy_routes
-from gridswarm.hub.service import HubService, Registration, Upload
+from gridswarm.hub.service import HubService, Upload
 from gridswarm.hub.trust import add_trust_routes
 from gridswarm.hub.weights import add_weights_routes
 from gridswarm.identity import HEADER_SIGNATURE, VerifiedRequest
@@ -139,7 +140,7 @@ class RunBatcher(Generic[Item, R]):
     """Gathers the requests of each run that arrive while one batch of them is decided, and has
     the service decide them together: asks for work (`HubService.assignments_or_wait`) and
     checked uploads (`HubService.store_uploads`); and, under one key for the whole hub, node
-    registrations (`HubService.register_many`).
+    registrations (`Membership.register_many`).
 
     The first request of a quiet run is decided at once, alone: none waits for company. Under
     load, each decision takes every request that queued during the previous one (at most
@@ -239,7 +240,7 @@ def create_app(
         MAX_UPLOAD_BATCH,
     )
     registrations: RunBatcher[Registration, str] = RunBatcher(
-        lambda _, batch: under_lock(service.register_many, batch), MAX_REGISTER_BATCH
+        lambda _, batch: under_lock(service.membership.register_many, batch), MAX_REGISTER_BATCH
     )
 
     def sample_state() -> None:
@@ -249,8 +250,8 @@ def create_app(
         reads = public_limiter[0].statistics() if public_limiter else None
         observed.sample(
             HubState(
-                live_nodes=service.pacing.live_nodes,
-                heartbeat_interval_s=service.pacing.interval_s(),
+                live_nodes=service.membership.pacing.live_nodes,
+                heartbeat_interval_s=service.membership.pacing.interval_s(),
                 public_reads_waiting=reads.tasks_waiting if reads else 0,
                 public_reads_running=reads.borrowed_tokens if reads else 0,
                 queued={
@@ -379,13 +380,15 @@ def create_app(
         verified, body = await signed(
             request,
             MAX_JSON_BYTES,
-            lambda v: service.registration.precheck(v.public_key, address),
+            lambda v: service.membership.registration.precheck(v.public_key, address),
         )
         req = parse(RegisterRequest, body)
         node_id = await registrations.ask(
             REGISTRATIONS, Registration(verified.public_key, req, address)
         )
-        return RegisterResponse(node_id=node_id, heartbeat_s=service.heartbeat_interval_s())
+        return RegisterResponse(
+            node_id=node_id, heartbeat_s=service.membership.heartbeat_interval_s()
+        )
 
     @app.post(f"{API}/nodes/heartbeat", openapi_extra=openapi_body(HeartbeatRequest))
     async def heartbeat(request: Request) -> HeartbeatResponse:
@@ -395,24 +398,24 @@ def create_app(
         an answer from the hub."""
         verified, body = await signed(request, MAX_JSON_BYTES)
         req = parse(HeartbeatRequest, body or b"{}")
-        if service.knows(verified.node_id):  # a note in memory: no thread needed
-            service.heartbeat(verified.node_id, req.status)
+        if service.membership.knows(verified.node_id):  # a note in memory: no thread needed
+            service.membership.heartbeat(verified.node_id, req.status)
         else:  # once per node and process: its row is looked up
-            await run_in_threadpool(service.heartbeat, verified.node_id, req.status)
-        return HeartbeatResponse(heartbeat_s=service.heartbeat_interval_s())
+            await run_in_threadpool(service.membership.heartbeat, verified.node_id, req.status)
+        return HeartbeatResponse(heartbeat_s=service.membership.heartbeat_interval_s())
 
     @app.post(f"{API}/nodes/energy", openapi_extra=openapi_body(EnergyReport))
     async def energy(request: Request) -> dict:
         """A node's energy state and forecast (hub/energy.py plans with it)."""
         verified, body = await signed(request, MAX_JSON_BYTES)
         report = parse(EnergyReport, body)
-        await run_in_threadpool(service.report_energy, verified.node_id, report)
+        await run_in_threadpool(service.membership.report_energy, verified.node_id, report)
         return {"ok": True}
 
     @app.post(f"{API}/nodes/leave", openapi_extra=openapi_body(Empty, required=False))
     async def leave(request: Request) -> dict:
         verified, _ = await signed(request, MAX_JSON_BYTES)
-        released = await under_lock(service.leave, verified.node_id)
+        released = await under_lock(service.membership.leave, verified.node_id)
         return {"released_assignments": released}
 
     @app.post(f"{API}/runs", openapi_extra=openapi_body(RunCreateRequest))
@@ -476,10 +479,11 @@ def create_app(
             while not changed.is_set() and loop.time() < ask_at:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        changed.wait(), min(ask_at - loop.time(), service.liveness_s() / 2)
+                        changed.wait(),
+                        min(ask_at - loop.time(), service.membership.liveness_s() / 2),
                     )
                 if not changed.is_set():  # still connected, so alive (a note, no lock)
-                    service.heartbeat(verified.node_id, NodeStatus.IDLE)
+                    service.membership.heartbeat(verified.node_id, NodeStatus.IDLE)
             if recheck_s is None and not changed.is_set():
                 # only a change of the round could alter the answer, and none came: the same
                 # answer, without asking (and queueing for the lock) once more at the end

@@ -378,7 +378,7 @@ class HubPrivacy:
     ) -> StageProgress:
         expected = self._expected(s, run, sess.round, sess.stage, config)
         answered = frozenset(secagg_messages(s, run.id, sess.round, ANSWERS[sess.stage]))
-        liveness = self.svc.liveness_s(now)
+        liveness = self.svc.membership.liveness_s(now)
         lost = frozenset(
             n.id
             for n in nodes_by_id(s, sorted(expected - answered))
@@ -472,7 +472,7 @@ class HubPrivacy:
             carbon = svc._carbon(run_row(s, run_id), node_row(s, node_id), meta)
         with svc.lock, svc.sessions() as s:
             run = svc._run(s, run_id, lock=True)  # replicas: one decision per run at a time
-            node = svc._node(s, node_id)
+            node = svc.membership.node(s, node_id)
             cfg = run.settings()
             if cfg.privacy.secagg is None:
                 raise HubError(409, f"run {run_id} does not use secure aggregation")
@@ -511,7 +511,7 @@ class HubPrivacy:
         """What the node must do now for its SecAgg contribution (the node polls this)."""
         svc = self.svc
         with svc.lock, svc.sessions() as s:
-            svc._node(s, node_id)
+            svc.membership.node(s, node_id)
             run = svc._run(s, run_id)
             a = self._assignment(s, run_id, node_id, assignment_id)
             contribution = assignment_contribution(s, a.id)
@@ -581,7 +581,7 @@ class HubPrivacy:
         svc = self.svc
         with svc.lock, svc.sessions() as s:
             run = svc._run(s, run_id, lock=True)  # replicas: one decision per run at a time
-            svc._node(s, node_id)
+            svc.membership.node(s, node_id)
             sess = secagg_session(s, run_id, round_number)
             if (
                 sess is None

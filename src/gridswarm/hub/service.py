@@ -19,7 +19,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -44,20 +44,18 @@ from gridswarm.hub.engine import (
     Asked,
     AskWait,
     ContributionRow,
-    Left,
     OpenRound,
     PlanRules,
     RoundSnapshot,
     SeatFacts,
     WorkFacts,
-    left_effects,
     place_refusal,
     round_wait,
     run_wait,
     seat_refusal,
 )
 from gridswarm.hub.epochs import EpochChain, EpochPoster
-from gridswarm.hub.errors import HubError, UnreadableSettings
+from gridswarm.hub.errors import HubError, UnreadableSettings, decided_alone
 from gridswarm.hub.lifecycle import (
     FINAL,
     SPONSOR_EVENTS,
@@ -75,10 +73,11 @@ from gridswarm.hub.limits import (
     check_run_quota,
     check_sponsor,
 )
+from gridswarm.hub.membership import Membership
 from gridswarm.hub.metrics import NO_METRICS, WorkObserver
-from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S, HeartbeatPacing
+from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
-from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, client_network
+from gridswarm.hub.registration import RegistrationPolicy
 from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite
 from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.scheduler import speed_from_probe, update_speed
@@ -88,7 +87,7 @@ from gridswarm.hub.store import nodes as node_store
 from gridswarm.hub.store import nonces as nonce_store
 from gridswarm.hub.store import runs as run_store
 from gridswarm.hub.store import versions as version_store
-from gridswarm.hub.store.locks import lock_run, lock_runs
+from gridswarm.hub.store.locks import lock_run
 from gridswarm.hub.store.reports import read_run_rows
 from gridswarm.hub.store.rounds import apply_effects, read_snapshot, row_snapshot, run_snapshot
 from gridswarm.hub.tick_schedule import TickSchedule
@@ -98,7 +97,6 @@ from gridswarm.identity import (
     AuthError,
     Identity,
     VerifiedRequest,
-    node_id_from_public_key,
     verify_request,
 )
 from gridswarm.privacy.live import SECAGG_CODEC
@@ -107,11 +105,9 @@ from gridswarm.protocol import (
     AssignmentResponse,
     ContributionAck,
     ContributionMeta,
-    EnergyReport,
     FailureReport,
     NodeStatus,
     Refusal,
-    RegisterRequest,
     RunCreateResponse,
     describe_errors,
 )
@@ -140,8 +136,6 @@ FORECAST_TTL_S = 60.0  # the hub's own carbon forecasts are fetched again after 
 DATASET_RESCAN_S = 1.0  # an unknown digest rescans the runs' datasets at most this often
 RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
-Item = TypeVar("Item")  # what one request of a batch carries (`decided_alone`)
-Answer = TypeVar("Answer")
 DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
 
 
@@ -288,34 +282,7 @@ MAX_VERSION_BLOBS = 4096  # versions whose blobs are kept; past it the cache sta
 MAX_RUN_CONSTANTS = 4096  # runs whose RunConstants are kept; past it the cache starts again
 
 
-@dataclass(frozen=True)
-class Registration:
-    """One node's registration request, its signature verified (`HubService.register_many`)."""
-
-    public_key: bytes
-    request: RegisterRequest
-    peer: str | None  # the client's address (the bounds on new identities count by network)
-
-
 """One upload decided: its acknowledgement, or its refusal."""
-
-
-def decided_alone(
-    scope: str, what: str, items: list[Item], decide: Callable[[list[Item]], list[Answer]]
-) -> list[Answer | HubError]:
-    """A batch (of `scope`: "run ID", or "hub" for registrations) whose decision failed for a
-    reason that is not a refusal (a bug), decided again one item at a time (`decide([item])`),
-    so that each failure stays with its own item: a failing item's answer is its HubError, or
-    a 500. Called while that failure is handled (it is logged with its traceback)."""
-    log.exception("%s: %d %s decided one by one", scope, len(items), what)
-    answers: list[Answer | HubError] = []
-    for item in items:
-        try:
-            answers.extend(decide([item]))
-        except Exception as exc:  # this item's failure, not the others'
-            log.exception("%s: one of the %s failed alone", scope, what)
-            answers.append(exc if isinstance(exc, HubError) else HubError(500, "internal error"))
-    return answers
 
 
 class ArrivingUploads:
@@ -472,24 +439,22 @@ class HubService:
         self._prepared: dict[str, NewVersion] = {}  # run -> its next version, computed unlocked
         self.round_changed: Callable[[str], None] = lambda run_id: None  # set by the HTTP layer
         self.metrics: WorkObserver = NO_METRICS  # the operator's metrics, set by the HTTP layer
-        self._heartbeats: dict[
-            str, tuple[NodeStatus, float]
-        ] = {}  # node -> status, seen at (unwritten)
-        self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
-        # node -> when its last signed request was authenticated (unwritten): any request is a
-        # sign of life, so a working node need not send heartbeats beside it (hub/pacing.py)
-        self._seen: dict[str, float] = {}
-        self._notes_lock = threading.Lock()  # a note never lands in a batch being written
-        self.pacing = HeartbeatPacing(
-            self.settings.liveness_s, self.settings.heartbeat_budget_per_s
+        # registration, liveness notes, heartbeat pacing, departures (hub/membership.py)
+        self.membership = Membership(
+            self.sessions,
+            clock,
+            self.lock,
+            self.ticks,
+            self.settings.registration,
+            self.settings.liveness_s,
+            self.settings.heartbeat_budget_per_s,
+            self._raise_fastest,
+            lambda run_id: self.round_changed(run_id),
         )
         self.rate_limiter = RateLimiter(
             self.settings.requests_per_s,
             self.settings.request_burst,
             processes=self.settings.replica_count * self.settings.workers,
-        )
-        self.registration = RegistrationGate(
-            self.settings.registration, self.sessions, self.liveness_s, clock
         )
         self._workloads: dict[str, Workload] = {}
         self._failures: dict[str, int] = {}  # run id -> consecutive failed ticks
@@ -552,222 +517,8 @@ class HubService:
             self.nonces.consume(verified.nonce, verified.public_key.hex(), now)
         except AuthError as exc:
             raise HubError(exc.status, exc.detail, Refusal.REPLAYED_REQUEST) from exc
-        if verified.node_id in self._known_nodes:  # a sign of life: noted, flushed in batches
-            with self._notes_lock:
-                self._seen[verified.node_id] = now
+        self.membership.note_seen(verified.node_id, now)
         return verified
-
-    # ---------------------------------------------------------------- liveness
-
-    def liveness_s(self, now: float | None = None) -> float:
-        """How long a node may be silent before it is lost: `settings.liveness_s`, longer while
-        heartbeats are paced above their minimum interval (hub/pacing.py)."""
-        return self.pacing.liveness_s(self.clock() if now is None else now)
-
-    def heartbeat_interval_s(self) -> float:
-        """The heartbeat interval to tell a node now (registration and heartbeat answers)."""
-        return self.pacing.advertise(self.clock())
-
-    def count_live_nodes(self) -> None:
-        """Recount the live nodes, at most every COUNT_EVERY_S (the ticker calls it: one indexed
-        count, never on a request's path): for the heartbeat interval, and to wake the
-        long-polls of pending rounds whose `min_nodes` the count has just reached (nodes
-        become live again by heartbeat too, which no request signals), so those long-polls
-        need not ask again on a timer."""
-        now = self.clock()
-        if not self.pacing.count_due(now):
-            return
-        with self.sessions() as s:
-            live = node_store.count_live_nodes(s, self._live_cutoff(now))
-        before = self.pacing.live_nodes
-        self.pacing.set_live(live or 0, now)
-        if (live or 0) > before:
-            self._wake_pending_runs(now, live or 0, crossed_from=before)
-
-    def _node(self, s: Session, node_id: str) -> m.Node:
-        node = node_store.node_row(s, node_id)
-        if node is None:
-            raise HubError(403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED)
-        with self._notes_lock:  # its row is written here: an older note must not undo it
-            self._seen.pop(node_id, None)
-        node.last_seen_at = self.clock()
-        return node
-
-    # ---------------------------------------------------------------- nodes
-
-    def register(self, public_key: bytes, req: RegisterRequest, peer: str | None = None) -> str:
-        """Register (or re-register: same key, same node) a node; raises its refusal
-        (`register_many` with this one registration)."""
-        answer = self.register_many([Registration(public_key, req, peer)])[0]
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
-
-    def register_many(self, registrations: list[Registration]) -> list[str | HubError]:
-        """Register (or re-register: same key, same node) nodes, in one transaction under one
-        lock with one commit: each answer the node's id, or its refusal in its place (a refusal
-        writes nothing of its own). A node registers when its process starts, so work it was
-        assigned before is gone: its outstanding assignments are released at once and their
-        rounds need not wait for the deadline. `peer`: the client's address, for the bounds on
-        new identities (hub/registration.py). The HTTP layer gathers the registrations that
-        arrive while one batch is decided (`RunBatcher`): 10,000 nodes starting at once are a
-        few hundred commits, not 10,000."""
-        try:
-            answers = self._register_batch(registrations)
-        except Exception:
-            if len(registrations) == 1:
-                raise
-            answers = decided_alone(
-                "hub", "registrations", registrations, lambda one: self._register_batch(one)
-            )
-        registered = [a for a in answers if isinstance(a, str)]
-        for node_id, r in zip(answers, registrations, strict=True):
-            if isinstance(node_id, str):
-                self._known_nodes.add(node_id)
-                self._raise_fastest(
-                    None, None, r.request.probe_tokens_per_s * r.request.probe_numel
-                )
-        if registered:
-            self._wake_pending_runs(self.clock())
-        return answers
-
-    def _register_batch(self, registrations: list[Registration]) -> list[str | HubError]:
-        now = self.clock()
-        ids = [node_id_from_public_key(r.public_key) for r in registrations]
-        answers: list[str | HubError] = []
-        with self.lock, self.sessions() as s:
-            runs = self._lock_runs_of(s, ids)  # releasing their work changes those runs
-            # held here: the session's identity map keeps rows only while they are referred to
-            known = {n.id: n for n in node_store.nodes_by_id(s, ids)}
-            for node_id, r in zip(ids, registrations, strict=True):
-                node = known.get(node_id)
-                network = client_network(r.peer)
-                try:  # reads only: a refusal leaves nothing of its own to undo
-                    self.registration.check(s, r.public_key.hex(), network, node is not None, now)
-                except HubError as refusal:
-                    answers.append(refusal)
-                    continue
-                if node is None:
-                    node = known[node_id] = node_store.add_node(
-                        s, node_id, r.public_key.hex(), now, network
-                    )
-                req = r.request
-                node.name = req.name
-                node.hardware_json = req.hardware.model_dump_json()
-                node.region = req.region
-                node.probe_rate = req.probe_tokens_per_s * req.probe_numel
-                node.max_threads = req.max_threads
-                node.last_seen_at = now
-                node.status = NodeStatus.IDLE
-                answers.append(node_id)
-            self._release_assignments(s, [a for a in answers if isinstance(a, str)])
-            s.commit()
-        self.ticks.mark(*runs)
-        return answers
-
-    def _wake_pending_runs(
-        self, now: float, live: int | None = None, crossed_from: int | None = None
-    ) -> None:
-        """Signal the runs whose pending round now has its `min_nodes` live nodes (`live`, or
-        counted here); with `crossed_from` (the previous count) only those it was below, so
-        a round kept pending for another reason is not woken again at every count."""
-        with self.sessions() as s:
-            pending = run_store.pending_round_runs(s)
-            if not pending:
-                return
-            if live is None:
-                live = node_store.count_live_nodes(s, self._live_cutoff(now))
-        for run_id, config_json in pending:
-            try:
-                min_nodes = m.stored_settings(run_id, config_json).round.min_nodes
-            except UnreadableSettings:
-                continue  # the ticker stalls it
-            if live >= min_nodes and (crossed_from is None or crossed_from < min_nodes):
-                self.round_changed(run_id)
-
-    def knows(self, node_id: str) -> bool:
-        """Whether `node_id` is known registered in this process (its heartbeat needs no query)."""
-        return node_id in self._known_nodes
-
-    def heartbeat(self, node_id: str, status: NodeStatus) -> None:
-        """Note that a node is alive; no lock, no transaction of its own. Liveness is soft state:
-        the notes are written in one UPDATE per batch (`flush_heartbeats`) by the ticker and at
-        the start of every transaction that reads liveness, so heartbeats never queue behind
-        round work and cost no commit (no fsync) each."""
-        if node_id not in self._known_nodes:
-            with self.sessions() as s:
-                if node_store.node_row(s, node_id) is None:
-                    raise HubError(403, f"node {node_id} is not registered")
-            self._known_nodes.add(node_id)
-        with self._notes_lock:
-            self._heartbeats[node_id] = (status, self.clock())
-
-    def _forget_notes(self, node_id: str) -> None:
-        """Drop `node_id`'s unwritten liveness notes: the caller writes its row itself."""
-        with self._notes_lock:
-            self._heartbeats.pop(node_id, None)
-            self._seen.pop(node_id, None)
-
-    def flush_heartbeats(self, s: Session) -> None:
-        """Write the pending heartbeats and signs of life into the transaction `s` (at most two
-        executemany UPDATEs: with a status, and the time alone)."""
-        if not self._heartbeats and not self._seen:
-            return
-        with self._notes_lock:
-            pending, self._heartbeats = self._heartbeats, {}
-            seen, self._seen = self._seen, {}
-        for node_id, at in seen.items():  # a later request than the heartbeat: its time
-            if node_id in pending and pending[node_id][1] < at:
-                pending[node_id] = (pending[node_id][0], at)
-        # in id order: two replicas' batches never wait for each other in a cycle
-        if pending:
-            beats = [(node_id, status, at) for node_id, (status, at) in sorted(pending.items())]
-            node_store.write_heartbeats(s, beats)
-        times = sorted((n, at) for n, at in seen.items() if n not in pending)
-        if times:
-            node_store.mark_seen(s, times)
-
-    def report_energy(self, node_id: str, report: EnergyReport) -> None:
-        """Store a node's energy report (hub/energy.py reads it when planning); a node whose own
-        policy refuses to run now is 'paused' until its next report says otherwise."""
-        with self.sessions() as s:
-            node = self._node(s, node_id)
-            received = {**report.model_dump(mode="json"), "received_at": self.clock()}
-            node.energy_json = json.dumps(received)
-            node.region = report.region or node.region
-            if not report.available:
-                node.status = NodeStatus.PAUSED
-            elif node.status == NodeStatus.PAUSED:
-                node.status = NodeStatus.IDLE
-            s.commit()
-
-    def leave(self, node_id: str) -> int:
-        """A node leaves: its outstanding assignments are released so rounds need not wait."""
-        with self.lock, self.sessions() as s:
-            runs = self._lock_runs_of(s, [node_id])  # run rows first, then node rows
-            self.flush_heartbeats(s)
-            self._node(s, node_id).status = NodeStatus.LEFT
-            released = self._release_assignments(s, [node_id])
-            s.commit()
-        self.ticks.mark(*runs)
-        for run_id in runs:  # places freed: waiting long-polls ask again
-            self.round_changed(run_id)
-        return released
-
-    @staticmethod
-    def _lock_runs_of(s: Session, node_ids: list[str]) -> set[str]:
-        """Lock the runs in which `node_ids` hold outstanding work (before releasing it)."""
-        runs = contribution_store.runs_with_outstanding(s, node_ids)
-        lock_runs(s, runs)
-        return runs
-
-    @staticmethod
-    def _release_assignments(s: Session, node_ids: list[str]) -> int:
-        """The nodes left (or registered their keys again): the round engine's `Left` releases
-        their outstanding assignments in every run, written in the caller's transaction (which
-        holds those runs' locks: `_lock_runs_of`). Returns how many were released."""
-        effects = left_effects(Left(tuple(node_ids)))
-        return apply_effects(s, None, None, effects).released
 
     # ---------------------------------------------------------------- runs
 
@@ -901,7 +652,7 @@ class HubService:
         """The run, locked, and one of `node_id`'s assignments in it (404 / 403 otherwise); the
         node noted alive."""
         run = self._run(s, run_id, lock=True)
-        self._node(s, node_id)
+        self.membership.node(s, node_id)
         return run, self._node_assignment(s, run_id, node_id, assignment_id)[1]
 
     @staticmethod
@@ -936,7 +687,7 @@ class HubService:
             r.min_nodes,
             r.max_nodes,
             r.deadline_s,
-            self.liveness_s(),
+            self.membership.liveness_s(),
             secagg_stage_timeout_s=None if sa is None else sa.stage_timeout_s,
         )
 
@@ -969,20 +720,13 @@ class HubService:
         achieved = self._achieved_speed(s, run.id, node_id)
         return achieved if achieved is not None else speed_from_probe(probe_rate, run.numel)
 
-    def _live_cutoff(self, now: float) -> float:
-        return now - self.liveness_s(now)
-
-    def _live_nodes(self, s: Session, now: float):
-        """Nodes heard from within liveness_s that have not left (one indexed query)."""
-        return node_store.live_nodes(s, self._live_cutoff(now))
-
     def _fastest_live(self, s: Session, run: m.Run, now: float) -> float | None:
         """The fastest live node's tokens/s on this run: recomputed from one query of the live
         nodes at most every LIVE_VIEW_S, raised at once when a node registers or contributes
         faster (a stale maximum for up to LIVE_VIEW_S only shortens slow nodes' plans less)."""
         view = self._live_view.get(run.id)
         if view is None or now - view[0] > LIVE_VIEW_S or now < view[0]:
-            rows = node_store.live_node_probes(s, self._live_cutoff(now))
+            rows = node_store.live_node_probes(s, self.membership.live_cutoff(now))
             self._load_achieved_speeds(s, run.id, [node_id for node_id, _ in rows])
             speeds = [self._speed(s, run, node_id, probe) for node_id, probe in rows]
             view = (now, max(speeds, default=None), run.numel)
@@ -1148,7 +892,7 @@ class HubService:
         s.autoflush = False
         run = self._run(s, run_id, lock=True)  # replicas decide one batch at a time
         nodes = {n.id: n for n in node_store.nodes_by_id(s, node_ids)}
-        cutoff = self._live_cutoff(now)
+        cutoff = self.membership.live_cutoff(now)
         answers: dict[str, AskAnswer] = {}
         for node_id in node_ids:
             if node_id not in nodes:
@@ -1156,11 +900,7 @@ class HubService:
                     403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED
                 )
         asking = [nodes[n] for n in node_ids if n in nodes]
-        # a wait answer writes nothing (no fsync): noted, flushed with the heartbeats
-        with self._notes_lock:
-            for node in asking:
-                self._heartbeats[node.id] = (NodeStatus.IDLE, now)
-        self._known_nodes.update(node.id for node in asking)  # later requests: signs of life
+        self.membership.note_asking(asking, now)  # later requests: signs of life
         # the round engine decides each ask (hub/engine.py `Asked`); what is the same for the
         # whole batch (the run not active, the round's SecAgg running) is asked once, before
         # the round's row and counts are read
@@ -1214,7 +954,8 @@ class HubService:
                 # the node asks again while its work is outstanding: the answer that gave it
                 # was lost (a replica, or the hub, died after the commit). The same work
                 # again, so the round need not wait for its deadline.
-                self._forget_notes(node.id)  # its row is written: no older note may undo it
+                # its row is written: no older note may undo it
+                self.membership.forget_notes(node.id)
                 node.last_seen_at, node.status = now, NodeStatus.TRAINING
                 log.info("run %s round %d: assignment sent again to %s", run.id, run.round, node.id)
                 return self._assigned(s, run, held), None
@@ -1234,7 +975,7 @@ class HubService:
                 taken = contribution_store.place_holders(s, seats.run_id, seats.round_number)
                 return [
                     n.id
-                    for n in self._live_nodes(s, now)
+                    for n in self.membership.live_nodes(s, now)
                     if n.id not in taken and n.id not in seats.seated
                 ]
 
@@ -1270,7 +1011,7 @@ class HubService:
             )
         row = applied.assignments[0]
         seats.take(node.id)
-        self._forget_notes(node.id)
+        self.membership.forget_notes(node.id)
         node.last_seen_at, node.status = now, NodeStatus.TRAINING
         return self._assigned(s, run, row), None
 
@@ -1332,7 +1073,9 @@ class HubService:
         """This node's work share under the run's energy policy (decided in hub/energy.py) over
         the live nodes not busy with another run. `agnostic` needs only the node itself."""
         green = cfg.energy.policy != "agnostic"
-        members = {n.id: n for n in (self._live_nodes(s, now) if green else [])} | {node.id: node}
+        members = {n.id: n for n in (self.membership.live_nodes(s, now) if green else [])} | {
+            node.id: node
+        }
         self._load_achieved_speeds(s, run.id, list(members))
         nodes = []
         for n in members.values():
@@ -1696,10 +1439,11 @@ class HubService:
         terms = self.lease.terms
         if not self.lease.held():
             with self.sessions() as s:
-                self.flush_heartbeats(s)  # the lease holder decides with every replica's notes
+                # the lease holder decides with every replica's notes
+                self.membership.flush_heartbeats(s)
                 self.downloads.flush(s)
                 s.commit()
-            self.count_live_nodes()
+            self.membership.count_live_nodes()
             self.watch_rounds()
             return []
         if self.lease.terms != terms:  # taken over: what another replica ticked is in the db
@@ -1719,15 +1463,16 @@ class HubService:
                 self.ticks.mark_all()  # verdicts written: the rounds' counts may have moved
         done = []
         with self.sessions() as s:
-            self.flush_heartbeats(s)  # who is lost is decided on every heartbeat received
+            # who is lost is decided on every heartbeat received
+            self.membership.flush_heartbeats(s)
             self.downloads.flush(s)
             s.commit()
             run_ids = run_store.active_run_ids(s)
         self.metrics.active_runs(len(run_ids))
-        self.count_live_nodes()
+        self.membership.count_live_nodes()
         self.watch_rounds()
         now = self.clock()  # pre-screening may have taken a while
-        liveness_s = self.liveness_s(now)
+        liveness_s = self.membership.liveness_s(now)
         self.ticks.retain(run_ids)
         for run_id in run_ids:
             if not self.ticks.due(run_id, now, liveness_s):
@@ -1773,7 +1518,7 @@ class HubService:
             return
         try:
             with self.sessions() as s:
-                moved = self.watch.changed(s, self._live_cutoff(self.clock()))
+                moved = self.watch.changed(s, self.membership.live_cutoff(self.clock()))
         except Exception:
             log.exception("watching the rounds of other replicas failed")
             return
@@ -2003,7 +1748,9 @@ class HubService:
         with self.sessions() as s:
             rows = read_run_rows(s, self._run(s, run_id))
         now = self.clock()
-        return reports.run_status_json(rows, now, self.liveness_s(now)) | self._policy_status(rows)
+        return reports.run_status_json(
+            rows, now, self.membership.liveness_s(now)
+        ) | self._policy_status(rows)
 
     def _policy_status(self, rows: reports.RunRows) -> dict:
         """The energy, trust and privacy sections of `run_status`; a run whose stored settings
