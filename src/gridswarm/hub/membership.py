@@ -8,9 +8,11 @@ memory and written in batches (`flush_heartbeats`); a node is live if heard from
 `liveness_s`, which heartbeat pacing (hub/pacing.py) lengthens for a large swarm
 (`count_live_nodes` recounts them for it).
 
-`HubService` builds one `Membership`, which owns the liveness notes, the set of node ids known
-registered in this process, the heartbeat pacing and the registration gate. It shares the
-service's:
+`HubService` builds one `Membership` and hands it the heartbeat pacing and the registration
+gate (whose live window is the pacing's), which it then owns with the liveness notes and the
+set of node ids known registered in this process. It shares the service's:
+- clock (`clock`: the service's, called through it, so a clock the tests put on the service
+  is this one's too);
 - lock (`lock`): registering and leaving release assignments, which change rounds that the
   ticker and the asks decide under that lock;
 - tick schedule (`ticks`): the runs whose work was released are marked for the ticker;
@@ -32,7 +34,7 @@ from gridswarm.hub import models as m
 from gridswarm.hub.engine import Left, left_effects
 from gridswarm.hub.errors import HubError, UnreadableSettings, decided_alone
 from gridswarm.hub.pacing import HeartbeatPacing
-from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy, client_network
+from gridswarm.hub.registration import RegistrationGate, client_network
 from gridswarm.hub.store import contributions as contribution_store
 from gridswarm.hub.store import nodes as node_store
 from gridswarm.hub.store import runs as run_store
@@ -62,9 +64,8 @@ class Membership:
         clock: Callable[[], float],
         lock: threading.RLock,
         ticks: TickSchedule,
-        registration: RegistrationPolicy,
-        liveness_s: float,
-        heartbeat_budget_per_s: float,
+        pacing: HeartbeatPacing,
+        registration: RegistrationGate,
         raise_fastest: Callable[[str | None, float | None, float], None],
         round_changed: Callable[[str], None],
     ) -> None:
@@ -82,9 +83,9 @@ class Membership:
         # sign of life, so a working node need not send heartbeats beside it (hub/pacing.py)
         self._seen: dict[str, float] = {}
         self._notes_lock = threading.Lock()  # a note never lands in a batch being written
-        self.pacing = HeartbeatPacing(liveness_s, heartbeat_budget_per_s)
+        self.pacing = pacing  # the heartbeat interval and the liveness window (hub/pacing.py)
         # who may register node identities (hub/registration.py): invites, or bounds on new ones
-        self.registration = RegistrationGate(registration, sessions, self.liveness_s, clock)
+        self.registration = registration
 
     def note_seen(self, node_id: str, now: float) -> None:
         """A signed request of `node_id` was authenticated at `now`: if the node is known

@@ -75,9 +75,9 @@ from gridswarm.hub.limits import (
 )
 from gridswarm.hub.membership import Membership
 from gridswarm.hub.metrics import NO_METRICS, WorkObserver
-from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S
+from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S, HeartbeatPacing
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
-from gridswarm.hub.registration import RegistrationPolicy
+from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy
 from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite
 from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.scheduler import speed_from_probe, update_speed
@@ -439,15 +439,15 @@ class HubService:
         self._prepared: dict[str, NewVersion] = {}  # run -> its next version, computed unlocked
         self.round_changed: Callable[[str], None] = lambda run_id: None  # set by the HTTP layer
         self.metrics: WorkObserver = NO_METRICS  # the operator's metrics, set by the HTTP layer
+        pacing = HeartbeatPacing(self.settings.liveness_s, self.settings.heartbeat_budget_per_s)
         # registration, liveness notes, heartbeat pacing, departures (hub/membership.py)
         self.membership = Membership(
             self.sessions,
-            clock,
+            lambda: self.clock(),
             self.lock,
             self.ticks,
-            self.settings.registration,
-            self.settings.liveness_s,
-            self.settings.heartbeat_budget_per_s,
+            pacing,
+            RegistrationGate(self.settings.registration, self.sessions, pacing.liveness_s, clock),
             self._raise_fastest,
             lambda run_id: self.round_changed(run_id),
         )
