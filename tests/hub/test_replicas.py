@@ -112,7 +112,9 @@ def test_replicas_racing_a_flood_of_new_keys_keep_the_newcomer_cap(replicas):
     cfg = tiny_run(round=rounds | {"max_newcomer_share": 0.25})
     run_id = hubs[0].create_run(Identity.generate().public_key, cfg).run_id
     request = RegisterRequest(probe_tokens_per_s=1e5, probe_numel=1000)
-    ids = [hubs[i % 2].register(Identity.generate().public_key, request) for i in range(16)]
+    ids = [
+        hubs[i % 2].membership.register(Identity.generate().public_key, request) for i in range(16)
+    ]
     batches = [(hubs[i % 2], ids[i : i + 2]) for i in range(0, 16, 2)]
     barrier = threading.Barrier(len(batches))
     answers: list = []
