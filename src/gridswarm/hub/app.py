@@ -46,8 +46,9 @@ from gridswarm.hub.openapi import (
     openapi_body,
 )
 from gridswarm.hub.privacy import add_privacy_routes
-from gridswarm.hub.service import HubService, Registration, Upload
+from gridswarm.hub.service import HubService, Registration
 from gridswarm.hub.trust import add_trust_routes
+from gridswarm.hub.uploads import Upload
 from gridswarm.hub.weights import add_weights_routes
 from gridswarm.identity import HEADER_SIGNATURE, VerifiedRequest
 from gridswarm.protocol import (
@@ -235,7 +236,7 @@ def create_app(
         MAX_ASK_BATCH,
     )
     uploads: RunBatcher[Upload, ContributionAck] = RunBatcher(
-        lambda run_id, checked: under_lock(service.store_uploads, run_id, checked),
+        lambda run_id, checked: under_lock(service.uploads.store_uploads, run_id, checked),
         MAX_UPLOAD_BATCH,
     )
     registrations: RunBatcher[Registration, str] = RunBatcher(
@@ -495,7 +496,9 @@ def create_app(
             checked = await signed_then(
                 request,
                 max_upload_bytes,
-                lambda v, body: service.check_upload(run_id, v.node_id, body, v.body_sha256),
+                lambda v, body: service.uploads.check_upload(
+                    run_id, v.node_id, body, v.body_sha256
+                ),
                 limiter=locked(),
             )
             ack = await uploads.ask(run_id, checked)

@@ -3,16 +3,24 @@
 Every refusal anywhere in the hub (service, trust, privacy, authentication, limits) raises
 `HubError`; `hub/app.py` turns it into `{"detail": ..., "reason": ...}` (`protocol.Problem`) in
 one handler. Code that needs to know why (the ledger's false-claim record, the node's duplicate
-check) reads `reason`, never the message.
+check) reads `reason`, never the message. `decided_alone` keeps a batch's failure (a bug, not a
+refusal) with the one item that caused it: registrations, asks and uploads use it.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from pydantic import ValidationError
 
 from gridswarm.protocol import Refusal, describe_errors
 
 MAX_DETAIL_CHARS = 2000
+log = logging.getLogger("gridswarm.hub")
+Item = TypeVar("Item")  # what one request of a batch carries (`decided_alone`)
+Answer = TypeVar("Answer")
 DEFAULT_REASONS = {
     400: Refusal.MALFORMED,
     401: Refusal.UNAUTHENTICATED,
@@ -61,3 +69,21 @@ class UnreadableSettings(HubError):
             f"({describe_errors(exc.errors())})",
             Refusal.UNREADABLE_SETTINGS,
         )
+
+
+def decided_alone(
+    scope: str, what: str, items: list[Item], decide: Callable[[list[Item]], list[Answer]]
+) -> list[Answer | HubError]:
+    """A batch (of `scope`: "run ID", or "hub" for registrations) whose decision failed for a
+    reason that is not a refusal (a bug), decided again one item at a time (`decide([item])`),
+    so that each failure stays with its own item: a failing item's answer is its HubError, or
+    a 500. Called while that failure is handled (it is logged with its traceback)."""
+    log.exception("%s: %d %s decided one by one", scope, len(items), what)
+    answers: list[Answer | HubError] = []
+    for item in items:
+        try:
+            answers.extend(decide([item]))
+        except Exception as exc:  # this item's failure, not the others'
+            log.exception("%s: one of the %s failed alone", scope, what)
+            answers.append(exc if isinstance(exc, HubError) else HubError(500, "internal error"))
+    return answers
