@@ -1,5 +1,5 @@
 """Requests decided in batches (`RunBatcher`): asks for work (`HubService.assignments_or_wait`)
-answer exactly as the same asks one by one would; uploads (`HubService.store_uploads`) are
+answer exactly as the same asks one by one would; uploads (`Uploads.store_uploads`) are
 stored or refused each as alone, a refusal (even one that commits a strike) or a failure stays
 with its request; the HTTP layer gathers the requests that arrive while a decision runs."""
 

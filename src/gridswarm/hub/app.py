@@ -139,7 +139,7 @@ class RoundSignals:
 class RunBatcher(Generic[Item, R]):
     """Gathers the requests of each run that arrive while one batch of them is decided, and has
     the service decide them together: asks for work (`HubService.assignments_or_wait`) and
-    checked uploads (`HubService.store_uploads`); and, under one key for the whole hub, node
+    checked uploads (`Uploads.store_uploads`); and, under one key for the whole hub, node
     registrations (`HubService.register_many`).
 
     The first request of a quiet run is decided at once, alone: none waits for company. Under
