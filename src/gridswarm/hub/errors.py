@@ -3,8 +3,7 @@
 Every refusal anywhere in the hub (service, trust, privacy, authentication, limits) raises
 `HubError`; `hub/app.py` turns it into `{"detail": ..., "reason": ...}` (`protocol.Problem`) in
 one handler. Code that needs to know why (the ledger's false-claim record, the node's duplicate
-check) reads `reason`, never the message. `decided_alone` keeps a batch's failure (a bug, not a
-refusal) with the one item that caused it: registrations, asks and uploads use it.
+check) reads `reason`, never the message.
 """
 
 from __future__ import annotations

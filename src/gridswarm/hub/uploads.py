@@ -12,7 +12,7 @@ process has received and not yet decided (a round at its deadline waits for them
 `HubService` builds one `Uploads` (`service.uploads`); `hub/app.py` calls `check_upload` and
 `store_uploads`, `HubPrivacy.advertise` calls `accept_upload`. It shares the service's state
 rather than copying it, read through `svc` at each call, so the service stays its single owner
-(tests and replicas set some of it, the clock for one, after the service is built): the service
+(tests set some of it, the clock for one, after the service is built): the service
 lock (every decision under the hub's one lock), its session factory, engine, blob store and
 clock, the tick schedule (an upload marks its run), the trust object (screen, ledger, strikes),
 the run and node reads (`_run`, `_node_assignment`), the run-constants cache and update sizes
