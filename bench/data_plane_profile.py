@@ -151,11 +151,11 @@ def main() -> None:
 # (label, file suffix, function, caller or None): cumulative seconds of these over all the hub's
 # threads (with a caller: only what they cost when that function called them)
 BUCKETS = (
-    ("upload: HubService.submit (checks, digests, blob write, rows)", "service.py", "submit", None),
+    ("upload: Uploads.submit (checks, digests, blob write, rows)", "uploads.py", "submit", None),
     ("  its blob write + fsync (LocalBlobStore.put)", "blobs.py", "put", "submit"),
     ("  its update digest (claims.update_sha256)", "claims.py", "update_sha256", "submit"),
     ("  its unpack (safetensors load: one copy)", "params.py", "unpack", "submit"),
-    ("  its rows, under the lock (_store_contribution)", "service.py", "_store_contribution", None),
+    ("  its rows, under the lock (_store_contribution)", "uploads.py", "_store_contribution", None),
     (
         "signatures (HubService.authenticate: sha256, Ed25519, nonce)",
         "service.py",

@@ -169,7 +169,7 @@ def contribute(hub: HubService, run_id: str, identity: Identity, node_id: str) -
     workload = Workload.from_config(RunConfig.model_validate(answer.assignment.config))
     codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
     body = train_and_pack(hub, run_id, identity, node_id, answer.assignment, workload, codec)
-    hub.submit(run_id, node_id, body)
+    hub.uploads.submit(run_id, node_id, body)
 
 
 def run_golden(
@@ -213,7 +213,7 @@ def run_golden(
                 codec,
                 speed_tokens_per_s=node.speed_tokens_per_s,
             )
-            service.submit(run_id, node.node_id, body)
+            service.uploads.submit(run_id, node.node_id, body)
         clock.advance(1.0)
         service.tick()
     status = service.run_status(run_id)

@@ -14,12 +14,12 @@ def test_each_stack_goes_to_the_first_part_it_matches(tmp_path: Path):
     raw.write_text(
         "thread (1): MainThread;run (asyncio/runners.py:118) 5\n"
         "thread (2): AnyIO worker thread;WorkerThread.run (x.py:1);"
-        "HubService.check_upload (service.py:1);unpack (params.py:58) 3\n"
+        "Uploads.check_upload (uploads.py:1);unpack (params.py:58) 3\n"
         "thread (2): AnyIO worker thread;WorkerThread.run (x.py:1);"
-        "HubService._store_batch (service.py:1);HubService._store_in_savepoint (service.py:2);"
-        "HubService._store_contribution (service.py:3);apply_effects (round_store.py:4) 2\n"
+        "Uploads._store_batch (uploads.py:1);Uploads._store_in_savepoint (uploads.py:2);"
+        "Uploads._store_contribution (uploads.py:3);apply_effects (round_store.py:4) 2\n"
         "thread (3): round-ticker;create_app.<locals>.ticker (app.py:1);"
-        "HubService._store_contribution (service.py:3) 1\n"
+        "Uploads._store_contribution (uploads.py:3) 1\n"
         "thread (4): other;somewhere (y.py:1) 1\n"
     )
     counts, total = profile.parts(raw)

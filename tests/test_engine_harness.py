@@ -83,7 +83,7 @@ def upload(service: HubService, run_id: str, node_id: str, a: Assignment, update
     """Submit `update` for `a` with honest claims, through the service."""
     codec = make_codec("int8")
     meta = ContributionMeta(**meta_fields(a, TOKENS_PER_STEP))
-    service.submit(run_id, node_id, pack(codec.encode(update), meta.model_dump()))
+    service.uploads.submit(run_id, node_id, pack(codec.encode(update), meta.model_dump()))
 
 
 # ------------------------------------------------------------------------- one acceptance path

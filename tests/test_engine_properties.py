@@ -122,7 +122,7 @@ class RoundEngine(RuleBasedStateMachine):
 
     def _submit(self, i: int) -> None:
         try:
-            ack = self.hub.submit(self.run_id, self.nodes[i][1], self.bodies[i])
+            ack = self.hub.uploads.submit(self.run_id, self.nodes[i][1], self.bodies[i])
         except HubError as exc:  # every refusal: stale, duplicate, replayed update...
             assert 400 <= exc.status < 500, exc.detail
             return

@@ -321,7 +321,7 @@ def test_an_upload_batch_reads_what_all_its_uploads_are_judged_on_once(tmp_path:
     checked: list = []
 
     def check(node_id: str, upload: bytes) -> None:
-        checked.append(service.check_upload(run.run_id, node_id, upload))
+        checked.append(service.uploads.check_upload(run.run_id, node_id, upload))
 
     costs = [
         statements_of(service, lambda n=n, b=b: check(n, b))
@@ -336,7 +336,7 @@ def test_an_upload_batch_reads_what_all_its_uploads_are_judged_on_once(tmp_path:
 
     event.listen(engine, "before_cursor_execute", note)
     try:
-        answers = service.store_uploads(run.run_id, checked)
+        answers = service.uploads.store_uploads(run.run_id, checked)
     finally:
         event.remove(engine, "before_cursor_execute", note)
     assert all(a.accepted for a in answers)

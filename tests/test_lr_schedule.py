@@ -197,7 +197,7 @@ def test_a_cosine_run_replays_bit_exactly_and_ignoring_the_schedule_fails_the_au
                 body = train_and_pack(
                     service, run_id, who, node_id, answer.assignment, workload, codec, speed
                 )
-                service.submit(run_id, node_id, body)
+                service.uploads.submit(run_id, node_id, body)
         clock.advance(1.0)
         service.tick()
     status = service.run_status(run_id)

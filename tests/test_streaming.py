@@ -274,13 +274,13 @@ def test_fragments_run_in_process_syncs_one_fragment_per_round(tmp_path: Path):
                     loss_mean=1.0, train_time_s=1.0, threads=1,
                 )  # fmt: skip
                 with pytest.raises(HubError) as caught:
-                    service.submit(
+                    service.uploads.submit(
                         run_id, node_id, pack(codec.encode(theta * 0), meta.model_dump())
                     )
                 assert caught.value.status == 400
                 refused = True
             body = _upload(service, run_id, ident, node_id, a, state, workload)
-            service.submit(run_id, node_id, body)
+            service.uploads.submit(run_id, node_id, body)
         clock.advance(1.0)
         service.tick()
     status = service.run_status(run_id)

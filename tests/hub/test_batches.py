@@ -1,5 +1,5 @@
 """Requests decided in batches (`RunBatcher`): asks for work (`HubService.assignments_or_wait`)
-answer exactly as the same asks one by one would; uploads (`HubService.store_uploads`) are
+answer exactly as the same asks one by one would; uploads (`Uploads.store_uploads`) are
 stored or refused each as alone, a refusal (even one that commits a strike) or a failure stays
 with its request; the HTTP layer gathers the requests that arrive while a decision runs."""
 
@@ -217,10 +217,10 @@ def test_a_batch_of_uploads_stores_each_as_alone_and_refuses_in_place(tmp_path: 
     ]
     senders = [nodes[0], nodes[1], nodes[2], nodes[3], nodes[0]]
     checked = [
-        service.check_upload(run_id, sender, body)
+        service.uploads.check_upload(run_id, sender, body)
         for sender, body in zip(senders, [*bodies, bodies[0]], strict=True)  # n0's twice
     ]
-    answers = service.store_uploads(run_id, checked)
+    answers = service.uploads.store_uploads(run_id, checked)
     assert [a.status if isinstance(a, HubError) else "ack" for a in answers] == [
         "ack",
         400,
@@ -245,18 +245,18 @@ def test_an_upload_that_fails_fails_alone_and_the_others_are_stored(
     service, run_id, nodes = hub(tmp_path, [5_000.0] * 3, {"min_nodes": 1, "max_nodes": 3})
     work = [a[0].assignment for a in service.assignments_or_wait(run_id, nodes)]
     checked = [
-        service.check_upload(run_id, node, upload_body(service, run_id, f"n{i}", a))
+        service.uploads.check_upload(run_id, node, upload_body(service, run_id, f"n{i}", a))
         for i, (node, a) in enumerate(zip(nodes, work, strict=True))
     ]
-    store = service._store_contribution
+    store = service.uploads._store_contribution
 
     def broken_for_n1(s, run_id, upload, facts):
         if upload.node_id == nodes[1]:
             raise RuntimeError("a bug in one upload's decision")
         return store(s, run_id, upload, facts)
 
-    monkeypatch.setattr(service, "_store_contribution", broken_for_n1)
-    first, failed, third = service.store_uploads(run_id, checked)
+    monkeypatch.setattr(service.uploads, "_store_contribution", broken_for_n1)
+    first, failed, third = service.uploads.store_uploads(run_id, checked)
     assert isinstance(failed, HubError) and failed.status == 500
     assert first.accepted and third.accepted
     with service.sessions() as s:

@@ -332,7 +332,7 @@ def test_uploads_are_checked_side_by_side_outside_the_lock(hub, monkeypatch):
         node, run_id, a = assigned(hub)
         uploads.append((run_id, node.node_id, contribution(a, hub.numel(run_id), TOKENS_PER_STEP)))
     barrier, seen = threading.Barrier(2, timeout=30), threading.local()
-    check = hub.service._check_payload
+    check = hub.service.uploads._check_payload
 
     def meeting(cfg, tensors, numel):
         if not getattr(seen, "met", False):  # the first check of each upload, not the recheck
@@ -340,16 +340,16 @@ def test_uploads_are_checked_side_by_side_outside_the_lock(hub, monkeypatch):
             barrier.wait()
         check(cfg, tensors, numel)
 
-    monkeypatch.setattr(hub.service, "_check_payload", meeting)
+    monkeypatch.setattr(hub.service.uploads, "_check_payload", meeting)
     with ThreadPoolExecutor(2) as pool:
-        acks = list(pool.map(lambda u: hub.service.submit(*u), uploads))
+        acks = list(pool.map(lambda u: hub.service.uploads.submit(*u), uploads))
     assert all(ack.accepted for ack in acks)
 
 
 def test_a_retried_upload_keeps_the_stored_blob(hub):
     node, run_id, a = assigned(hub)
     body = contribution(a, hub.numel(run_id), TOKENS_PER_STEP)
-    ack = hub.service.submit(run_id, node.node_id, body)
+    ack = hub.service.uploads.submit(run_id, node.node_id, body)
     r = hub.post(node, f"{API}/runs/{run_id}/contributions", body)  # the ack was lost: again
     refused(r, 409, Refusal.DUPLICATE)
     assert hub.service.blobs.get(ack.contribution_id) == body  # the refusal removed nothing

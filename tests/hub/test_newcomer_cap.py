@@ -60,7 +60,7 @@ def upload(service: HubService, run_id: str, node_id: str, a: Assignment) -> Non
     numel = service.run_status(run_id)["numel"]
     update = torch.randn(numel, generator=torch.Generator().manual_seed(int(a.id[:8], 16))) * 1e-3
     meta = ContributionMeta(**meta_fields(a, TOKENS_PER_STEP)).model_dump()
-    service.submit(run_id, node_id, pack(make_codec("int8").encode(update), meta))
+    service.uploads.submit(run_id, node_id, pack(make_codec("int8").encode(update), meta))
 
 
 def assigned(responses: list[AssignmentResponse]) -> list[bool]:

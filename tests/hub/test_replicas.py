@@ -204,6 +204,6 @@ def test_an_upload_to_another_replica_closes_the_round_at_the_lease_holders_next
     workload = Workload.from_config(RunConfig.model_validate(answer.assignment.config))
     codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
     body = train_and_pack(other, run_id, ident, node_id, answer.assignment, workload, codec)
-    other.submit(run_id, node_id, body)  # all in, on the other replica
+    other.uploads.submit(run_id, node_id, body)  # all in, on the other replica
     assert holder.tick() == [(run_id, Decision.CLOSE)]
     assert holder.run_status(run_id)["version"] == 1

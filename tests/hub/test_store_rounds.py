@@ -396,7 +396,7 @@ def test_an_upload_with_a_signed_claim_stores_its_digest_and_ledger_seq_in_its_r
     tensors = make_codec("int8").encode(torch.full((numel,), 1e-3))
     meta = claims(ids[nodes[0]], "int8").model_dump()
     meta["claim"] = sign_contribution(ident, run_id, 0, tensors, meta)
-    ack = service.submit(run_id, nodes[0], pack(tensors, meta))
+    ack = service.uploads.submit(run_id, nodes[0], pack(tensors, meta))
     with service.sessions() as s:
         row = s.get(m.Contribution, ack.contribution_id)
         assert row.update_sha256 == update_sha256(tensors)
@@ -407,7 +407,7 @@ def test_an_upload_with_a_signed_claim_stores_its_digest_and_ledger_seq_in_its_r
     # node 1 sends node 0's claim with its own upload: refused, nothing of it stored
     other = claims(ids[nodes[1]], "int8").model_dump() | {"claim": meta["claim"]}
     with pytest.raises(HubError) as refused:
-        service.submit(run_id, nodes[1], pack(tensors, other))
+        service.uploads.submit(run_id, nodes[1], pack(tensors, other))
     assert refused.value.reason == Refusal.BAD_CLAIM
     assert assignment_statuses(service, run_id)[nodes[1]] is AssignmentStatus.ASSIGNED
     with service.sessions() as s:

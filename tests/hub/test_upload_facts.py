@@ -96,12 +96,12 @@ def test_a_batch_refuses_its_one_replay_alone_and_judges_energy_as_one_by_one(
         work = [a[0].assignment for a in service.assignments_or_wait(run_id, nodes)]
         assert [a.round for a in work] == [round_number] * 3
         checked = [
-            service.check_upload(
+            service.uploads.check_upload(
                 run_id, node, body(service, run_id, f"n{i}", a, seeds[i], 1.0 + i + round_number)
             )
             for i, (node, a) in enumerate(zip(nodes, work, strict=True))
         ]
-        answers = service.store_uploads(run_id, checked)
+        answers = service.uploads.store_uploads(run_id, checked)
         if round_number == 0:
             assert all(a.accepted for a in answers)
             service.tick()

@@ -1,11 +1,11 @@
 """Whether the hub accepts an upload: one pure decision for every way a contribution arrives.
 
-A plain upload (`HubService.submit`) and a SecAgg advertisement (`HubPrivacy.advertise`) are the
+A plain upload (`Uploads.submit`) and a SecAgg advertisement (`HubPrivacy.advertise`) are the
 same thing to the round engine: a node's claim of work done for one of its assignments. Both go
 through `check_upload` (`check_place`, then `check_claims`), so neither path can skip a check the
 other applies (a SecAgg upload used to skip the energy floor and the false-claim record). The
 round engine composes them (hub/engine.py `Arrived`: `place_refusal`, then `check_claims`); the
-hub reads the facts from its rows (`HubService.accept_upload`); a refusal becomes a `HubError`
+hub reads the facts from its rows (`Uploads.accept_upload`); a refusal becomes a `HubError`
 with its typed reason, and one with `strike` set also goes on the ledger (a verdict, a strike,
 a forfeit: `HubTrust.refuse_upload`).
 

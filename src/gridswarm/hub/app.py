@@ -47,8 +47,9 @@ from gridswarm.hub.openapi import (
     openapi_body,
 )
 from gridswarm.hub.privacy import add_privacy_routes
-from gridswarm.hub.service import HubService, Upload
+from gridswarm.hub.service import HubService
 from gridswarm.hub.trust import add_trust_routes
+from gridswarm.hub.uploads import Upload
 from gridswarm.hub.weights import add_weights_routes
 from gridswarm.identity import HEADER_SIGNATURE, VerifiedRequest
 from gridswarm.protocol import (
@@ -139,7 +140,7 @@ class RoundSignals:
 class RunBatcher(Generic[Item, R]):
     """Gathers the requests of each run that arrive while one batch of them is decided, and has
     the service decide them together: asks for work (`HubService.assignments_or_wait`) and
-    checked uploads (`HubService.store_uploads`); and, under one key for the whole hub, node
+    checked uploads (`Uploads.store_uploads`); and, under one key for the whole hub, node
     registrations (`Membership.register_many`).
 
     The first request of a quiet run is decided at once, alone: none waits for company. Under
@@ -236,7 +237,7 @@ def create_app(
         MAX_ASK_BATCH,
     )
     uploads: RunBatcher[Upload, ContributionAck] = RunBatcher(
-        lambda run_id, checked: under_lock(service.store_uploads, run_id, checked),
+        lambda run_id, checked: under_lock(service.uploads.store_uploads, run_id, checked),
         MAX_UPLOAD_BATCH,
     )
     registrations: RunBatcher[Registration, str] = RunBatcher(
@@ -499,7 +500,9 @@ def create_app(
             checked = await signed_then(
                 request,
                 max_upload_bytes,
-                lambda v, body: service.check_upload(run_id, v.node_id, body, v.body_sha256),
+                lambda v, body: service.uploads.check_upload(
+                    run_id, v.node_id, body, v.body_sha256
+                ),
                 limiter=locked(),
             )
             ack = await uploads.ask(run_id, checked)

@@ -33,12 +33,13 @@ its own clock.
 The engine composes the rules of `hub/rounds.py` (`may_take_seat`, `lost_assignments`,
 `decide`, `decide_after_screening`, `budget_reason`), `hub/secagg_stages.py` (`decide_stage`),
 `hub/scheduler.py` and `hub/acceptance.py`; it holds no SQL, no model and no I/O, so the hub
-(`HubService._decide_ask`, `_store_contribution`, `Membership.leave`, `_advance` / `_close`, and
-`HubPrivacy.advertise` / `advance_secagg`, which apply the effects with `hub/store/rounds.py`
-in the transaction that read the facts) and the simulator (`sim/swarm.py`, on a virtual clock,
-without SecAgg) take the same decisions. The heavy work between the events
-(screening, aggregation, the outer step, settlement, SecAgg's crypto: its session config, the
-stage messages and the unmask) stays with the hub: an event reports what it found.
+(`HubService._decide_ask`, `Uploads._store_contribution`, `Membership.leave`, `_advance` /
+`_close`, and `HubPrivacy.advertise` / `advance_secagg`, which apply the effects with
+`hub/store/rounds.py` in the transaction that read the facts) and the simulator
+(`sim/swarm.py`, on a virtual clock, without SecAgg) take the same decisions. The heavy work
+between the events (screening, aggregation, the outer step, settlement, SecAgg's crypto: its
+session config, the stage messages and the unmask) stays with the hub: an event reports what
+it found.
 
 Facts that need SQL or another component (the trust admission verdict, the energy policy's
 work share, the nodes' speeds, the seat counts, an upload's claim rules and energy figures) are

@@ -75,9 +75,8 @@ class Membership:
         self.ticks = ticks
         self.raise_fastest = raise_fastest
         self.round_changed = round_changed
-        self._heartbeats: dict[
-            str, tuple[NodeStatus, float]
-        ] = {}  # node -> status, seen at (unwritten)
+        # node -> status, seen at (unwritten)
+        self._heartbeats: dict[str, tuple[NodeStatus, float]] = {}
         self._known_nodes: set[str] = set()  # registered node ids (heartbeats check it)
         # node -> when its last signed request was authenticated (unwritten): any request is a
         # sign of life, so a working node need not send heartbeats beside it (hub/pacing.py)

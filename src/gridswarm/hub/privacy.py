@@ -481,7 +481,7 @@ class HubPrivacy:
             # false claims and the energy floor, with strikes on the ledger
             digest = hashlib.sha256(body).hexdigest()
             row = ContributionRow(digest, meta.model_dump(), len(body), carbon)
-            _cfg, rnd, accepted = svc.accept_upload(s, run, node, a, meta, row, secagg=True)
+            _cfg, rnd, accepted = svc.uploads.accept_upload(s, run, node, a, meta, row, secagg=True)
             seen = secagg_messages(s, run_id, a.round, "advertise")
             known = {k for b in seen.values() for k in self._keys_of(b)}
             if known & set(keys):

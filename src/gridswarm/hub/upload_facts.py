@@ -1,8 +1,8 @@
 """What a batch of uploads reads once, not once per upload.
 
-`HubService.store_uploads` decides a run's uploads in one transaction under the run's lock
-(`RunBatcher` gathers them). Two of the facts each upload is judged on are the same query for
-every upload of the batch:
+`Uploads.store_uploads` (hub/uploads.py) decides a run's uploads in one transaction under the
+run's lock (`RunBatcher` gathers them). Two of the facts each upload is judged on are the same
+query for every upload of the batch:
 
 - `EnergyWindow`: the run's newest contributions, from which the energy floor's fastest other
   node (`HubTrust.energy_facts`: the fastest tokens/s among the newest `ENERGY_WINDOW`
