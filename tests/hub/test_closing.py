@@ -1,7 +1,8 @@
 """The close's numerical part (`hub/closing.compute_version`) on in-memory blobs: it reads the
 uploads, then aggregates, and only then reads the base version (never the model and every
 upload at once), stores the four blobs and evaluates last; its weights are the outer step of the
-aggregate; under SecAgg it reads no upload, and a fragment's delta says which slice it holds."""
+aggregate; under SecAgg it reads no upload, and a fragment's delta says which slice it holds;
+the aggregation's privacy record rides on the new version."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import torch
 
 from gridswarm.config import RunConfig, SecAggSettings, parse_run_config
+from gridswarm.hub.aggregation import Aggregated, PrivacyRecord
 from gridswarm.hub.closing import CloseInputs, compute_version
 from gridswarm.train.aggregate import EncodedRows, make_aggregator
 from gridswarm.train.codecs import make_codec
@@ -73,12 +75,12 @@ def test_reads_uploads_then_aggregates_then_reads_the_base_and_steps() -> None:
     aggregator = make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)
     aggregated: list[torch.Tensor] = []
 
-    def aggregate(uploads: EncodedRows | None, weights: torch.Tensor | None) -> torch.Tensor:
+    def aggregate(uploads: EncodedRows | None, weights: torch.Tensor | None) -> Aggregated:
         log.append("aggregate")
         assert uploads is not None and weights is not None and len(uploads) == 2
         assert weights.tolist() == [100.0, 300.0]
         aggregated.append(uploads.aggregate(aggregator, weights))
-        return aggregated[0].clone()
+        return Aggregated(aggregated[0].clone(), PrivacyRecord())
 
     def evaluate(theta: torch.Tensor) -> float:
         log.append("evaluate")
@@ -130,12 +132,16 @@ def test_secagg_reads_no_upload_and_a_fragment_is_named_in_its_delta() -> None:
     given = inputs(cfg, blobs, fragment)
     seen: list[tuple[object, object]] = []
 
-    def aggregate(uploads: EncodedRows | None, weights: torch.Tensor | None) -> torch.Tensor:
+    record = PrivacyRecord(dp_nodes=2, secagg_aggregate_blob="ab" * 32)
+
+    def aggregate(uploads: EncodedRows | None, weights: torch.Tensor | None) -> Aggregated:
         seen.append((uploads, weights))
-        return torch.ones(fragment[1] - fragment[0])  # the recovered sum, here a stand-in
+        # the recovered sum, here a stand-in
+        return Aggregated(torch.ones(fragment[1] - fragment[0]), record)
 
     new = compute_version(given, aggregate, lambda theta: 0.0, blobs.read, blobs.put)
     assert seen == [(None, None)]
+    assert new.privacy == record  # for the close's transaction to write
     assert "read upload" not in log
     _, delta_meta = unpack(blobs.data[new.delta_blob])
     assert delta_meta == {

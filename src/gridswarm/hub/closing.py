@@ -7,8 +7,10 @@ pseudo-gradient, take the outer Nesterov step with the down-codec and its error 
 held-out data. It touches no database and holds no lock: what it reads and writes goes through
 the functions it is given (the blob store's get and put, the run's aggregation and evaluation),
 so `HubService` can run it outside its lock (`_prepare_close`) or under it (`_close`), and the
-aggregation can be the plain aggregator, DP-FedAvg (whose accounting `hub/privacy.py` writes in
-the close's transaction) or the SecAgg sum (no upload is read: `uploads` is None).
+aggregation (`hub/aggregation.py` `aggregate_round`, pure) can be the plain aggregator,
+DP-FedAvg or the SecAgg sum (no upload is read: `uploads` is None); what it records for privacy
+(`PrivacyRecord`: the DP round's accounting facts) rides on the `NewVersion`, for the close's
+transaction to write.
 
 `CloseInputs` is everything else it needs, read by the service from the run, its round and the
 base version; `NewVersion` is what it publishes (its blobs already stored) and the key it was
@@ -24,14 +26,15 @@ import torch
 
 from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
+from gridswarm.hub.aggregation import Aggregated, PrivacyRecord
 from gridswarm.train.aggregate import EncodedRows
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.outer import outer_update_
 from gridswarm.train.params import pack, pack_vector, unpack, unpack_vector
 
-Aggregate = Callable[[EncodedRows | None, torch.Tensor | None], torch.Tensor]
-"""The round's pseudo-gradient from its decoded uploads and their token weights (both None
-under SecAgg): `HubPrivacy.aggregate` bound to the close's session, run and round."""
+Aggregate = Callable[[EncodedRows | None, torch.Tensor | None], Aggregated]
+"""The round's pseudo-gradient and privacy record from its decoded uploads and their token
+weights (both None under SecAgg): `aggregation.aggregate_round` bound to the run's settings."""
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,11 @@ class NewVersion:
     momentum_blob: str
     error_feedback_blob: str
     val_loss: float
+    privacy: PrivacyRecord  # what the close writes for privacy (`HubPrivacy.record_close`)
 
     def columns(self) -> dict[str, object]:
         """The `versions` columns it fills."""
-        return {k: v for k, v in asdict(self).items() if k != "key"}
+        return {k: v for k, v in asdict(self).items() if k not in ("key", "privacy")}
 
 
 @dataclass(frozen=True)
@@ -129,9 +133,10 @@ def compute_version(
         payloads = [unpack(read(digest))[0] for digest, _ in inputs.uploads]
         uploads = EncodedRows(codec, payloads, numel)
         weights = torch.tensor([float(tokens) for _, tokens in inputs.uploads])
-    # plain aggregator, DP-FedAvg (clip + noise + accounting) or the SecAgg sum: hub/privacy.py
-    pseudo_gradient = aggregate(uploads, weights)
-    del uploads  # the round's uploads, not needed past the aggregate
+    # plain aggregator, DP-FedAvg (clip + noise) or the SecAgg sum: hub/aggregation.py
+    aggregated = aggregate(uploads, weights)
+    pseudo_gradient, record = aggregated.pseudo_gradient, aggregated.record
+    del uploads, aggregated  # the round's uploads, not needed past the aggregate
     theta = unpack_vector(read(inputs.base_weights_blob))
     momentum = unpack_vector(read(inputs.base_momentum_blob)) if inputs.base_momentum_blob else None
     residual = (
@@ -169,4 +174,5 @@ def compute_version(
         momentum_blob=write(pack_vector(out.momentum)),
         error_feedback_blob=write(pack_vector(out.residual)),
         val_loss=evaluate(theta_new),
+        privacy=record,
     )

@@ -1,14 +1,11 @@
 """The hub's side of privacy in live rounds: DP-FedAvg aggregation and accounting, and the
 stages of secure aggregation (SecAgg+) over the pull-based HTTP API.
 
-Aggregation (`HubPrivacy.aggregate`, called from `HubService._close`):
-- no privacy settings: the run's aggregator, as before;
-- DP, central noise, no SecAgg: clip each decoded pseudo-gradient to C, add N(0, (zC)^2) to the
-  sum, divide by the number of contributions (`dp_fedavg`);
-- SecAgg: only the sum of the survivors' masked vectors exists; it is divided by their total
-  token weight (no DP) or by the round's participant count (DP; plus central noise if asked).
-After a DP round the Opacus accountant's epsilon is stored per round; the run finishes before a
-round that would take epsilon past its budget (`stop_reason`).
+Aggregation is the pure `hub/aggregation.py` (`aggregate_round`: the run's aggregator,
+DP-FedAvg, or the SecAgg sum, whose session this module reads for it: `secagg_sum`); the close
+then writes what it recorded (`record_close`): after a DP round the Opacus accountant's epsilon
+is stored per round, and the run finishes before a round that would take epsilon past its
+budget (`stop_reason`).
 
 SecAgg stages of one round (the hub never dials a node; nodes poll `task`):
 
@@ -43,7 +40,6 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
@@ -53,6 +49,7 @@ from gridswarm.blobs import provisional, sha256_hex
 from gridswarm.config import RunConfig
 from gridswarm.hub import engine as round_engine
 from gridswarm.hub import models as m
+from gridswarm.hub.aggregation import PrivacyRecord, SecAggSum
 from gridswarm.hub.engine import ContributionRow, RoundSnapshot
 from gridswarm.hub.errors import HubError
 from gridswarm.hub.openapi import RoundParam, RunIdParam, WaitParam, openapi_body
@@ -82,15 +79,11 @@ from gridswarm.hub.store.rounds import apply_effects
 from gridswarm.hub.store.runs import round_row, run_row
 from gridswarm.privacy.dp import (
     can_run_round,
-    clip_updates,
-    dp_fedavg,
     epsilon_spent,
-    gaussian_noise,
 )
 from gridswarm.privacy.live import (
     clip_range,
     session_name,
-    sum_denominator,
 )
 from gridswarm.privacy.secagg import (
     KEY_BYTES,
@@ -119,8 +112,7 @@ from gridswarm.protocol import (
     SecAggTaskRequest,
     describe_errors,
 )
-from gridswarm.train.aggregate import EncodedRows, make_aggregator
-from gridswarm.train.params import pack_vector, unpack_vector
+from gridswarm.train.params import pack_vector
 
 if TYPE_CHECKING:
     from gridswarm.hub.service import HubService
@@ -186,32 +178,34 @@ class HubPrivacy:
 
     # ------------------------------------------------------------ aggregation and accounting
 
-    def aggregate(
+    def secagg_sum(self, s: Session, run: m.Run, rnd: m.Round) -> SecAggSum | None:
+        """What `aggregation.aggregate_round` reads of a SecAgg round's session (its recovered
+        sum and participant count); None for a run without SecAgg."""
+        if not run.settings().privacy.secagg:
+            return None
+        sess = secagg_session(s, run.id, rnd.number)
+        if sess is None or sess.sum_blob is None:
+            raise RuntimeError(f"round {rnd.number} of run {run.id} has no recovered SecAgg sum")
+        config = decode_message(sess.config_json.encode())
+        return SecAggSum(sess.sum_blob, len(config.node_ids))
+
+    def record_close(
         self,
         s: Session,
         run: m.Run,
         rnd: m.Round,
         cfg: RunConfig,
-        contributions: list[m.Contribution],
-        uploads: EncodedRows | None,
-        weights: torch.Tensor | None,
+        record: PrivacyRecord,
         now: float,
-    ) -> torch.Tensor:
-        """The round's pseudo-gradient (replaces the plain aggregator call in `_close`): the
-        run's aggregator over the uploads (by blocks of columns where that gives the same
-        bits, `EncodedRows.aggregate`), DP-FedAvg over their stacked rows, or the SecAgg sum
-        (`uploads` None: the hub never sees one node's update)."""
-        dp = cfg.privacy.dp
-        if cfg.privacy.secagg:
-            return self._secagg_aggregate(s, run, rnd, cfg, contributions, now)
-        if dp is None:
-            aggregator = make_aggregator(cfg.round.aggregator, **cfg.round.aggregator_options)
-            return uploads.aggregate(aggregator, weights)
-        updates = uploads.stacked()  # clipping needs each whole row's norm
-        _, norms = clip_updates(updates, dp.clip_norm)
-        result = dp_fedavg(updates, dp.clip_norm, dp.noise_multiplier, len(updates))
-        self._account(s, run, rnd, cfg, len(updates), int((norms > dp.clip_norm).sum()), now)
-        return result
+    ) -> None:
+        """Write, in the transaction of the close that publishes `rnd`'s version, what its
+        aggregation (`aggregation.aggregate_round`) recorded: the DP round's accounting and the
+        SecAgg session's aggregate blob."""
+        if record.dp_nodes is not None:
+            self._account(s, run, rnd, cfg, record.dp_nodes, record.dp_clipped, now)
+        if record.secagg_aggregate_blob is not None:
+            sess = secagg_session(s, run.id, rnd.number)
+            sess.aggregate_blob = record.secagg_aggregate_blob
 
     def _account(
         self,
@@ -417,30 +411,6 @@ class HubPrivacy:
     @staticmethod
     def _round_of(config: SecAggConfig) -> int:
         return int(config.session.split("/")[1])
-
-    def _secagg_aggregate(
-        self,
-        s: Session,
-        run: m.Run,
-        rnd: m.Round,
-        cfg: RunConfig,
-        contributions: list[m.Contribution],
-        now: float,
-    ) -> torch.Tensor:
-        sess = secagg_session(s, run.id, rnd.number)
-        if sess is None or sess.sum_blob is None:
-            raise RuntimeError(f"round {rnd.number} of run {run.id} has no recovered SecAgg sum")
-        total = unpack_vector(self.svc.blobs.get(sess.sum_blob))
-        config = decode_message(sess.config_json.encode())
-        n_nodes = len(config.node_ids)
-        dp = cfg.privacy.dp
-        if dp is not None and dp.noise == "central":
-            total = total + gaussian_noise(total.shape[0], dp.noise_multiplier * dp.clip_norm)
-        result = total / sum_denominator(cfg, [c.tokens for c in contributions], n_nodes)
-        if dp is not None:
-            self._account(s, run, rnd, cfg, len(contributions), None, now)
-        sess.aggregate_blob = self.svc.blobs.put(pack_vector(result, {"secagg": "aggregate"}))
-        return result
 
     # ------------------------------------------------------------ SecAgg: node requests
 

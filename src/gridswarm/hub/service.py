@@ -31,6 +31,7 @@ from gridswarm.hub import engine as round_engine
 from gridswarm.hub import models as m
 from gridswarm.hub import reports
 from gridswarm.hub import weights as hub_weights
+from gridswarm.hub.aggregation import aggregate_round
 from gridswarm.hub.closing import NewVersion, close_inputs, compute_version, version_key
 from gridswarm.hub.datasets import HubDatasets
 from gridswarm.hub.downloads import PRESIGN_EXPIRY_S, Downloads
@@ -330,10 +331,11 @@ class NonceBook:
 
 def closes_outside_lock(run: m.Run) -> bool:
     """Whether a due close of `run`'s round may be computed outside the lock
-    (`HubService._prepare_close`): not for DP and SecAgg runs, which write their accounting while
-    they aggregate and so close under the lock."""
-    privacy = run.settings().privacy
-    return not (privacy.secagg or privacy.dp)
+    (`HubService._prepare_close`): not for SecAgg runs, whose round reaches its close through
+    the stages' unmask under the lock (`HubPrivacy.advance_secagg`). DP runs may: their
+    aggregation is pure (`hub/aggregation.py`) and its accounting is written by the close that
+    commits (`HubPrivacy.record_close`)."""
+    return not run.settings().privacy.secagg
 
 
 class HubService:
@@ -1305,17 +1307,19 @@ class HubService:
             self._prepared[run.id] = prepared  # kept until the close commits (or is redone)
             return prepared
         fragment = self.fragment(run, rnd.number)  # Streaming DiLoCo: this round's slice only
+        tokens = [c.tokens for c in contributions]
+        secagg = self.privacy.secagg_sum(s, run, rnd)  # the recovered sum, under SecAgg
         new = compute_version(
             close_inputs(key, run, rnd, cfg, base, contributions, fragment),
-            # plain aggregator, DP-FedAvg (its accounting written in `s`) or the SecAgg sum
-            lambda uploads, weights: self.privacy.aggregate(
-                s, run, rnd, cfg, contributions, uploads, weights, now
+            # plain aggregator, DP-FedAvg or the SecAgg sum (pure: hub/aggregation.py)
+            lambda uploads, weights: aggregate_round(
+                cfg, tokens, uploads, weights, secagg, self.blobs.get, self.blobs.put
             ),
             lambda theta: self.workload(run.id, run.config_json).evaluate(theta),
             self.blobs.get,
             self.blobs.put,
         )
-        if not (cfg.privacy.secagg or cfg.privacy.dp):
+        if not cfg.privacy.secagg:
             self._prepared[run.id] = new
         return new
 
@@ -1350,6 +1354,8 @@ class HubService:
             run_id=run.id, tokens_total=tokens_total, created_at=now, **new.columns()
         )
         version_store.add_version(s, version)
+        # the DP round's accounting and the SecAgg aggregate, with the version that used them
+        self.privacy.record_close(s, run, rnd, cfg, new.privacy, now)
         self.trust.settle_round(s, run, rnd, cfg, version)  # verdicts, rewards, reputation
         # the epsilon budget: would one more round pass it (DP accounting, hub/privacy.py)
         privacy_stop = self.privacy.stop_reason(s, run, cfg)
