@@ -1269,8 +1269,8 @@ class HubService:
         (decode, aggregate, outer step, down-codec, blobs fsynced, held-out loss) so that `_close`,
         under the lock, only checks that the round is still the one computed and writes rows.
         Reads only; a round that changed meanwhile (a late upload, a rejection by screening) is
-        simply computed again under the lock. DP and SecAgg runs write their accounting while
-        aggregating, so they are closed under the lock as before."""
+        simply computed again under the lock. SecAgg runs are closed under the lock
+        (`closes_outside_lock`)."""
         now = self.clock()
         with self.sessions() as s:
             run = run_store.run_row(s, run_id)
