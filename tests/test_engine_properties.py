@@ -78,7 +78,7 @@ class RoundEngine(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, N_NODES - 1))
     def ask_for_work(self, i: int) -> None:
-        answer = self.hub.request_assignment(self.run_id, self.nodes[i][1])
+        answer = self.hub.asks.request_assignment(self.run_id, self.nodes[i][1])
         if answer.status == "assigned":
             self.assignments[i] = answer.assignment
 

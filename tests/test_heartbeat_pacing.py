@@ -170,8 +170,8 @@ def test_a_long_poll_waiting_for_live_nodes_wakes_when_a_silent_node_beats_again
     service = build_service(f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs")
     run = service.create_run(b"\x01" * 32, tiny_run(round={"min_nodes": 2, "max_nodes": 2}))
     asked = []
-    ask = service.assignments_or_wait
-    service.assignments_or_wait = lambda *a: asked.append(time.monotonic()) or ask(*a)
+    ask = service.asks.assignments_or_wait
+    service.asks.assignments_or_wait = lambda *a: asked.append(time.monotonic()) or ask(*a)
     a, b = Identity.generate(), Identity.generate()
     body = RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1000).model_dump_json().encode()
     path = f"{API}/runs/{run.run_id}/assignment"

@@ -261,7 +261,7 @@ def test_fragments_run_in_process_syncs_one_fragment_per_round(tmp_path: Path):
         if service.run_status(run_id)["status"] != "active":
             break
         for ident, node_id, workload, state in nodes:
-            answer = service.request_assignment(run_id, node_id)
+            answer = service.asks.request_assignment(run_id, node_id)
             if answer.status != "assigned":
                 continue
             a = answer.assignment

@@ -49,7 +49,7 @@ def register(service: HubService, n: int) -> list[str]:
 def answers(service: HubService, run_id: str, node_ids: list[str]) -> list[AssignmentResponse]:
     """The hub's answers to `node_ids` asking for work, decided in one batch in that order."""
     out = []
-    for answer in service.assignments_or_wait(run_id, node_ids):
+    for answer in service.asks.assignments_or_wait(run_id, node_ids):
         assert not isinstance(answer, HubError), answer
         out.append(answer[0])
     return out
@@ -91,7 +91,7 @@ def test_a_flood_of_new_keys_holds_at_most_the_newcomer_share(
 
     # a hub where nobody has worked yet: newcomers alone open and close round 0, two of them
     first = register(service, 3)
-    got = [service.request_assignment(run_id, n) for n in first]
+    got = [service.asks.request_assignment(run_id, n) for n in first]
     assert assigned(got) == [True, True, False]
     assert got[2].status == "wait" and capped(caplog, first) == {first[2]}
     assert "(2 of 2," in caplog.text
@@ -114,7 +114,7 @@ def test_a_flood_of_new_keys_holds_at_most_the_newcomer_share(
     assert capped(caplog, flood) == set(flood) - set(placed)  # each waits for the cap
     # asked again one at a time (the round's places as stored): still no third newcomer
     waiting = [n for n in flood if n not in placed]
-    assert not any(assigned([service.request_assignment(run_id, n) for n in waiting]))
+    assert not any(assigned([service.asks.request_assignment(run_id, n) for n in waiting]))
     for node_id, answer in zip(worked, [got[0], got[-1]], strict=True):
         upload(service, run_id, node_id, answer.assignment)
     for node_id, a in placed.items():

@@ -123,7 +123,7 @@ def test_replicas_racing_a_flood_of_new_keys_keep_the_newcomer_cap(replicas):
     def ask(hub: HubService, node_ids: list[str]) -> None:
         try:
             barrier.wait(timeout=30)
-            answers.extend(hub.assignments_or_wait(run_id, node_ids))
+            answers.extend(hub.asks.assignments_or_wait(run_id, node_ids))
         except BaseException as exc:  # reported by the assertion below
             errors.append(exc)
 
@@ -194,7 +194,7 @@ def test_an_upload_to_another_replica_closes_the_round_at_the_lease_holders_next
         nodes.append((ident, hub.membership.register(ident.public_key, request)))
     contribute(holder, run_id, *nodes[0])
     ident, node_id = nodes[1]
-    answer = other.request_assignment(run_id, node_id)  # through the other replica
+    answer = other.asks.request_assignment(run_id, node_id)  # through the other replica
     assert answer.status == "assigned" and answer.assignment is not None
     assert holder.tick() == []  # both places taken, one submitted: it waits
     advanced.clear()

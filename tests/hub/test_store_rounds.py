@@ -68,7 +68,7 @@ def hub(tmp_path: Path):
         req = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=numel)
         nodes.append(service.membership.register(ident.public_key, req))
     for node_id in nodes:
-        assert service.request_assignment(run_id, node_id).status == "assigned"
+        assert service.asks.request_assignment(run_id, node_id).status == "assigned"
     return service, clock, run_id, nodes
 
 

@@ -70,7 +70,7 @@ def test_a_silent_node_is_lost_at_the_first_tick_past_its_liveness_window(tmp_pa
     hub, clock, run_id, nodes, advanced = start(tmp_path, quorum=2)
     (_, talker), (_, silent) = nodes
     for _, node_id in nodes:
-        assert hub.request_assignment(run_id, node_id).status == "assigned"
+        assert hub.asks.request_assignment(run_id, node_id).status == "assigned"
     hub.tick()
     silent_since = last_seen(hub, silent)
     liveness_s = hub.membership.liveness_s()
@@ -97,7 +97,7 @@ def test_a_deadline_closes_the_round_at_the_first_tick_past_it(tmp_path: Path) -
     hub, clock, run_id, nodes, advanced = start(tmp_path, quorum=1)
     (ident, uploader), (_, waiting) = nodes
     contribute(hub, run_id, ident, uploader)  # one of two places in: the quorum, not all-in
-    assert hub.request_assignment(run_id, waiting).status == "assigned"
+    assert hub.asks.request_assignment(run_id, waiting).status == "assigned"
     with hub.sessions() as s:
         deadline_at = s.get(m.Round, (run_id, 0)).deadline_at
     ticks, closed_at = 0, None
