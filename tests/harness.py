@@ -215,7 +215,7 @@ def run_golden(
             )
             service.uploads.submit(run_id, node.node_id, body)
         clock.advance(1.0)
-        service.tick()
+        service.ticker.tick()
     status = service.run_status(run_id)
     versions = _version_hashes(service, run_id)
     return {

@@ -239,7 +239,7 @@ def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
     if not prescreened:  # the close screens what pre-screening has not reached yet
         monkeypatch.setattr(service.trust, "prescreen", lambda workload_for: 0)
     clock.advance(1.0)
-    decisions = dict(service.tick())
+    decisions = dict(service.ticker.tick())
     # pre-screened: the round never looked closable; else the close found too few and re-planned
     assert decisions == ({} if prescreened else {run_id: Decision.REPLAN})
 
@@ -257,7 +257,7 @@ def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
     assert a is not None and a.round == 0
     upload(service, run_id, late, a, fake_update(numel, 3))
     clock.advance(1.0)
-    service.tick()
+    service.ticker.tick()
     status = service.run_status(run_id)
     assert status["status"] == "finished" and status["version"] == 1
     assert status["status_reason"] == "budget.rounds reached: 1 of 1 rounds"
@@ -311,7 +311,7 @@ def keep_alive_and_pass_liveness(hub: Hub, alive: list[SecAggContributor]) -> No
     for c in alive:
         r = hub.post(c.client.who, f"{API}/nodes/heartbeat", {"status": "training"})
         assert r.status_code == 200, r.text
-    hub.service.tick()
+    hub.service.ticker.tick()
 
 
 def test_a_masked_participant_that_vanishes_is_still_in_the_recovered_sum(tmp_path: Path):
@@ -402,7 +402,7 @@ def test_a_lost_nodes_place_wakes_the_nodes_waiting_for_work(tmp_path: Path):
     clock.advance(service.membership.liveness_s() + 1)  # a falls silent; b and c do not
     for node in (b, c):
         service.membership.heartbeat(node, NodeStatus.TRAINING if node == b else NodeStatus.IDLE)
-    service.tick()
+    service.ticker.tick()
     (rnd,) = service.run_status(run_id)["rounds"]
     assert rnd["status"] == "open" and rnd["assignments"] == {"assigned": 1, "missed": 1}
     assert woken == [run_id]  # the round waits on (no close, no re-plan), but a place is free
@@ -428,7 +428,7 @@ def test_a_dp_run_reaching_its_epsilon_budget_finishes_with_the_reason(tmp_path:
             break
         upload(service, run_id, node, answer.assignment, fake_update(numel, i))
         clock.advance(1.0)
-        service.tick()
+        service.ticker.tick()
 
     status = service.run_status(run_id)
     # eps(2 rounds) = 7.08 <= 8 < eps(3 rounds) = 9.01 at z = 1, q = 1, delta = 1e-5

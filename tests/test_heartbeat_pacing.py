@@ -90,7 +90,7 @@ def test_any_signed_request_of_a_node_is_a_sign_of_life(tmp_path: Path) -> None:
     clock.t += 15.0  # within the signature's clock skew
     path = f"{API}/blobs/{'0' * 64}"
     service.authenticate(sign_request(identity, "GET", path, b""), "GET", path, b"")
-    service.tick()  # the notes are written in a batch
+    service.ticker.tick()  # the notes are written in a batch
     with service.sessions() as s:
         node = s.get(Node, node_id)
         assert node.last_seen_at == clock.t > registered_at
@@ -100,7 +100,7 @@ def test_any_signed_request_of_a_node_is_a_sign_of_life(tmp_path: Path) -> None:
     service.membership.heartbeat(node_id, NodeStatus.TRAINING)
     clock.t += 1.0
     service.authenticate(sign_request(identity, "GET", path, b""), "GET", path, b"")
-    service.tick()
+    service.ticker.tick()
     with service.sessions() as s:
         node = s.get(Node, node_id)
         assert (node.status, node.last_seen_at) == (NodeStatus.TRAINING, clock.t)

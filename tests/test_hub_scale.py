@@ -115,13 +115,13 @@ def test_heartbeats_cost_no_transaction_and_reach_the_database_in_one_batch(
     )
     # one UPDATE for all 20, no run to advance; and (every 5 s) the live count for heartbeat
     # pacing, with the pending runs it may wake
-    assert statements_of(service, service.tick) <= 6
+    assert statements_of(service, service.ticker.tick) <= 6
     with service.sessions() as s:
         seen = {n.id: (n.status, n.last_seen_at) for n in s.scalars(select(Node))}
     assert all(seen[n] == ("training", clock.t) for n in nodes)
     clock.t += 1
     service.membership.heartbeat(nodes[0], "idle")
-    assert statements_of(service, service.tick) <= 4  # no count due: as before
+    assert statements_of(service, service.ticker.tick) <= 4  # no count due: as before
     with pytest.raises(HubError) as refused:
         service.membership.heartbeat("0" * 16, "idle")
     assert refused.value.status == 403
@@ -222,7 +222,7 @@ def test_a_node_waiting_in_a_long_poll_stays_live(tmp_path: Path) -> None:
         poll.start()
         time.sleep(2.5)  # mid-wait: asked once, 2.5 liveness periods ago
         ticked_at = time.time()
-        service.tick()  # writes the liveness notes
+        service.ticker.tick()  # writes the liveness notes
         with service.sessions() as s:
             seen = s.get(Node, a.node_id).last_seen_at
         poll.join(timeout=10)

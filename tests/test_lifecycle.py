@@ -120,7 +120,7 @@ def test_pause_holds_the_run_and_resume_continues_where_it_was(hub) -> None:
     held = service.asks.request_assignment(run_id, node)
     assert held.status == "wait" and "paused" in held.reason
     clock.now += 3600  # far past the round's deadline: the pause does not eat it
-    assert service.tick() == []  # a held run does not advance
+    assert service.ticker.tick() == []  # a held run does not advance
     service.change_run_state(run_id, sponsor.public_key, E.RESUME)
     again = service.asks.request_assignment(run_id, node).assignment
     assert (again.round, again.base_version) == (first.round, first.base_version)

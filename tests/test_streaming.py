@@ -282,7 +282,7 @@ def test_fragments_run_in_process_syncs_one_fragment_per_round(tmp_path: Path):
             body = _upload(service, run_id, ident, node_id, a, state, workload)
             service.uploads.submit(run_id, node_id, body)
         clock.advance(1.0)
-        service.tick()
+        service.ticker.tick()
     status = service.run_status(run_id)
     assert status["status"] == "finished" and status["version"] == 6
     assert status["val_loss"][-1] < status["val_loss"][0] - 0.3

@@ -97,7 +97,7 @@ def test_a_flood_of_new_keys_holds_at_most_the_newcomer_share(
     assert "(2 of 2," in caplog.text
     for node_id, answer in zip(first[:2], got[:2], strict=True):
         upload(service, run_id, node_id, answer.assignment)
-    service.tick()
+    service.ticker.tick()
     assert service.run_status(run_id)["version"] == 1
     worked = first[:2]  # the third never took a place: still a newcomer
 
@@ -119,14 +119,14 @@ def test_a_flood_of_new_keys_holds_at_most_the_newcomer_share(
         upload(service, run_id, node_id, answer.assignment)
     for node_id, a in placed.items():
         upload(service, run_id, node_id, a)
-    service.tick()
+    service.ticker.tick()
     assert service.run_status(run_id)["version"] == 2
 
     # round 2: the two newcomers of round 1 have worked now; two new ones may join them
     clock.advance(16)  # past the pending round's grace for worked nodes
     for node_id in [*worked, *flood]:
         service.membership.heartbeat(node_id, NodeStatus.IDLE)
-    service.tick()  # writes the heartbeats
+    service.ticker.tick()  # writes the heartbeats
     got = answers(service, run_id, [*flood, *worked])  # newcomers first: one opens the round
     by_node = dict(zip([*flood, *worked], got, strict=True))
     assert all(by_node[n].status == "assigned" for n in [*placed, *worked])  # 4 worked nodes

@@ -104,7 +104,7 @@ def test_a_batch_refuses_its_one_replay_alone_and_judges_energy_as_one_by_one(
         answers = service.uploads.store_uploads(run_id, checked)
         if round_number == 0:
             assert all(a.accepted for a in answers)
-            service.tick()
+            service.ticker.tick()
     first, replayed, third = answers
     assert first.accepted and third.accepted
     assert isinstance(replayed, HubError) and replayed.reason == Refusal.REPLAYED_UPDATE

@@ -271,7 +271,7 @@ def create_app(
         while not stop.wait(TICK_S):
             started = time.perf_counter()
             try:
-                service.tick()  # isolates each run's failure itself (HubService.tick)
+                service.ticker.tick()  # isolates each run's failure itself (Ticker.tick)
             except Exception:
                 log.exception("round tick failed")
             if observed is not None:

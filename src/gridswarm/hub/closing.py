@@ -6,11 +6,12 @@ pseudo-gradient, take the outer Nesterov step with the down-codec and its error 
 (`train/outer.outer_update_`), pack the four new blobs and evaluate the new weights on the
 held-out data. It touches no database and holds no lock: what it reads and writes goes through
 the functions it is given (the blob store's get and put, the run's aggregation and evaluation),
-so `HubService` can run it outside its lock (`_prepare_close`) or under it (`_close`), and the
-aggregation can be the plain aggregator, DP-FedAvg (whose accounting `hub/privacy.py` writes in
-the close's transaction) or the SecAgg sum (no upload is read: `uploads` is None).
+so the ticker (hub/ticker.py) can run it outside the hub's lock (`_prepare_close`) or under it
+(`_close`), and the aggregation can be the plain aggregator, DP-FedAvg (whose accounting
+`hub/privacy.py` writes in the close's transaction) or the SecAgg sum (no upload is read:
+`uploads` is None).
 
-`CloseInputs` is everything else it needs, read by the service from the run, its round and the
+`CloseInputs` is everything else it needs, read by the ticker from the run, its round and the
 base version; `NewVersion` is what it publishes (its blobs already stored) and the key it was
 computed from, which decides whether a version computed outside the lock may be taken under it.
 """

@@ -1,7 +1,7 @@
 """The hub's side of privacy in live rounds: DP-FedAvg aggregation and accounting, and the
 stages of secure aggregation (SecAgg+) over the pull-based HTTP API.
 
-Aggregation (`HubPrivacy.aggregate`, called from `HubService._close`):
+Aggregation (`HubPrivacy.aggregate`, called from `Ticker._close`, hub/ticker.py):
 - no privacy settings: the run's aggregator, as before;
 - DP, central noise, no SecAgg: clip each decoded pseudo-gradient to C, add N(0, (zC)^2) to the
   sum, divide by the number of contributions (`dp_fedavg`);
@@ -499,7 +499,7 @@ class HubPrivacy:
             )
             s.commit()
         with svc.lock:  # the last contribution opens the SecAgg stages now
-            svc._advance(run_id)
+            svc.ticker._advance(run_id)
         return {"contribution_id": digest, "accepted": True, "bytes_up": len(body)}
 
     @staticmethod
@@ -613,7 +613,7 @@ class HubPrivacy:
                     contribution.bytes_up += len(body)
                 s.commit()
         with svc.lock:  # the last answer moves the stage on now, not at the next tick
-            svc._advance(run_id)
+            svc.ticker._advance(run_id)
         return {"ok": True, "stage": stage, "bytes": len(body)}
 
     def _validate(
