@@ -171,7 +171,7 @@ BUCKETS = (
     ("download: read_span (the range's bytes from the file)", "blobs.py", "read_span", None),
     ("HTTP: uvicorn's request handling (ASGI app, routes)", "httptools_impl.py", "run_asgi", None),
     ("HTTP: body chunks arriving (uvicorn on_body)", "httptools_impl.py", "on_body", None),
-    ("ticker: HubService.tick (round state, pre-screening, the close)", "service.py", "tick", None),
+    ("ticker: Ticker.tick (round state, pre-screening, the close)", "ticker.py", "tick", None),
     (
         "  the close: new version (aggregate, outer step, blobs, eval)",
         "closing.py",

@@ -2,7 +2,7 @@
 
 The real hub service in-process (tests/harness.py `new_service`: SQLite, a fake clock), N
 never-worked nodes registered, one run of `max_nodes` = N, and all N asks decided in one batch
-(`HubService.assignments_or_wait`, one transaction, as the HTTP layer gathers them), then up
+(`Asks.assignments_or_wait`, one transaction, as the HTTP layer gathers them), then up
 to `--singles` of the nodes left waiting ask again one at a time (each its own transaction,
 reading the stored counts). Three runs: no cap (share 1.0, the default: every node gets a
 place), the cap (`--share`, which fills within the batch, its places unflushed), and no cap
@@ -45,14 +45,14 @@ def one(
         service.membership.register(Identity.generate().public_key, request) for _ in range(nodes)
     ]
     t0 = time.perf_counter()
-    answers = service.assignments_or_wait(run_id, ids)
+    answers = service.asks.assignments_or_wait(run_id, ids)
     batch_ms = (time.perf_counter() - t0) * 1e3 / nodes
     given = sum(a[0].status == "assigned" for a in answers)
     waiting = [n for n, a in zip(ids, answers, strict=True) if a[0].status != "assigned"]
     waiting = waiting[:singles]
     t0 = time.perf_counter()
     for node_id in waiting:
-        service.request_assignment(run_id, node_id)
+        service.asks.request_assignment(run_id, node_id)
     single_ms = (time.perf_counter() - t0) * 1e3 / max(len(waiting), 1)
     service.engine.dispose()
     return batch_ms, single_ms if waiting else float("nan"), given

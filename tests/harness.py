@@ -164,7 +164,7 @@ def train_and_pack(
 
 def contribute(hub: HubService, run_id: str, identity: Identity, node_id: str) -> None:
     """Ask `hub` for work as `node_id`, train it for real and upload it to `hub`."""
-    answer = hub.request_assignment(run_id, node_id)
+    answer = hub.asks.request_assignment(run_id, node_id)
     assert answer.status == "assigned", answer
     workload = Workload.from_config(RunConfig.model_validate(answer.assignment.config))
     codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
@@ -200,7 +200,7 @@ def run_golden(
         if service.run_status(run_id)["status"] != "active":
             break
         for node in nodes:
-            answer = service.request_assignment(run_id, node.node_id)
+            answer = service.asks.request_assignment(run_id, node.node_id)
             if answer.status != "assigned":
                 continue
             body = train_and_pack(
@@ -215,7 +215,7 @@ def run_golden(
             )
             service.uploads.submit(run_id, node.node_id, body)
         clock.advance(1.0)
-        service.tick()
+        service.ticker.tick()
     status = service.run_status(run_id)
     versions = _version_hashes(service, run_id)
     return {

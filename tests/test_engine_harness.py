@@ -161,7 +161,7 @@ def uploaded_round(
         )
         for i in range(nodes)
     ]
-    jobs = [service.request_assignment(run_id, node).assignment for node in node_ids]
+    jobs = [service.asks.request_assignment(run_id, node).assignment for node in node_ids]
     for i, (node, job) in enumerate(zip(node_ids, jobs, strict=True)):
         upload(service, run_id, node, job, fake_update(numel, i) * scale)
     return service, run_id, node_ids
@@ -232,14 +232,14 @@ def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
         request = RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}")
         ids.append(service.membership.register(Identity.generate().public_key, request))
     honest, harmful, late = ids
-    jobs = {n: service.request_assignment(run_id, n).assignment for n in (honest, harmful)}
-    assert service.request_assignment(run_id, late).status == "wait"  # the round is full
+    jobs = {n: service.asks.request_assignment(run_id, n).assignment for n in (honest, harmful)}
+    assert service.asks.request_assignment(run_id, late).status == "wait"  # the round is full
     upload(service, run_id, honest, jobs[honest], fake_update(numel, 1))
     upload(service, run_id, harmful, jobs[harmful], fake_update(numel, 2, scale=5.0))
     if not prescreened:  # the close screens what pre-screening has not reached yet
         monkeypatch.setattr(service.trust, "prescreen", lambda workload_for: 0)
     clock.advance(1.0)
-    decisions = dict(service.tick())
+    decisions = dict(service.ticker.tick())
     # pre-screened: the round never looked closable; else the close found too few and re-planned
     assert decisions == ({} if prescreened else {run_id: Decision.REPLAN})
 
@@ -253,11 +253,11 @@ def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
     assert verdict["node"] == harmful and "harmful" in verdict["reason"]
 
     # the accepted contribution is kept; the freed place goes to another node, then it closes
-    a = service.request_assignment(run_id, late).assignment
+    a = service.asks.request_assignment(run_id, late).assignment
     assert a is not None and a.round == 0
     upload(service, run_id, late, a, fake_update(numel, 3))
     clock.advance(1.0)
-    service.tick()
+    service.ticker.tick()
     status = service.run_status(run_id)
     assert status["status"] == "finished" and status["version"] == 1
     assert status["status_reason"] == "budget.rounds reached: 1 of 1 rounds"
@@ -311,7 +311,7 @@ def keep_alive_and_pass_liveness(hub: Hub, alive: list[SecAggContributor]) -> No
     for c in alive:
         r = hub.post(c.client.who, f"{API}/nodes/heartbeat", {"status": "training"})
         assert r.status_code == 200, r.text
-    hub.service.tick()
+    hub.service.ticker.tick()
 
 
 def test_a_masked_participant_that_vanishes_is_still_in_the_recovered_sum(tmp_path: Path):
@@ -394,19 +394,19 @@ def test_a_lost_nodes_place_wakes_the_nodes_waiting_for_work(tmp_path: Path):
         )
         for name in "abc"
     )
-    assert [service.request_assignment(run_id, n).status for n in (a, b)] == ["assigned"] * 2
-    assert service.request_assignment(run_id, c).status == "wait"  # full
+    assert [service.asks.request_assignment(run_id, n).status for n in (a, b)] == ["assigned"] * 2
+    assert service.asks.request_assignment(run_id, c).status == "wait"  # full
     woken: list[str] = []
     changed = service.round_changed
     service.round_changed = lambda run: woken.append(run) or changed(run)
     clock.advance(service.membership.liveness_s() + 1)  # a falls silent; b and c do not
     for node in (b, c):
         service.membership.heartbeat(node, NodeStatus.TRAINING if node == b else NodeStatus.IDLE)
-    service.tick()
+    service.ticker.tick()
     (rnd,) = service.run_status(run_id)["rounds"]
     assert rnd["status"] == "open" and rnd["assignments"] == {"assigned": 1, "missed": 1}
     assert woken == [run_id]  # the round waits on (no close, no re-plan), but a place is free
-    assert service.request_assignment(run_id, c).status == "assigned"  # a's place
+    assert service.asks.request_assignment(run_id, c).status == "assigned"  # a's place
 
 
 # ------------------------------------------------------------------------- DP budget
@@ -423,12 +423,12 @@ def test_a_dp_run_reaching_its_epsilon_budget_finishes_with_the_reason(tmp_path:
         Identity.generate().public_key, RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel)
     )
     for i in range(10):  # bounded: the budget allows two rounds
-        answer = service.request_assignment(run_id, node)
+        answer = service.asks.request_assignment(run_id, node)
         if answer.status != "assigned":
             break
         upload(service, run_id, node, answer.assignment, fake_update(numel, i))
         clock.advance(1.0)
-        service.tick()
+        service.ticker.tick()
 
     status = service.run_status(run_id)
     # eps(2 rounds) = 7.08 <= 8 < eps(3 rounds) = 9.01 at z = 1, q = 1, delta = 1e-5
@@ -437,5 +437,5 @@ def test_a_dp_run_reaching_its_epsilon_budget_finishes_with_the_reason(tmp_path:
     p = status["privacy"]
     assert p["stop_reason"] == status["status_reason"]
     assert p["epsilon"] == pytest.approx(epsilon_for(1.0, 1.0, 2, 1e-5)) and p["epsilon"] <= 8.0
-    answer = service.request_assignment(run_id, node)  # a finished run hands out no more work
+    answer = service.asks.request_assignment(run_id, node)  # a finished run hands out no more work
     assert answer.status == "finished" and "epsilon budget" in answer.reason

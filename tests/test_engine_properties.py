@@ -78,7 +78,7 @@ class RoundEngine(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, N_NODES - 1))
     def ask_for_work(self, i: int) -> None:
-        answer = self.hub.request_assignment(self.run_id, self.nodes[i][1])
+        answer = self.hub.asks.request_assignment(self.run_id, self.nodes[i][1])
         if answer.status == "assigned":
             self.assignments[i] = answer.assignment
 
@@ -141,7 +141,7 @@ class RoundEngine(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([0.5, 3.0, 25.0, 70.0]))
     def time_passes(self, seconds: float) -> None:
         self.clock.advance(seconds)
-        self.hub.tick()
+        self.hub.ticker.tick()
 
     @invariant()
     def acknowledged_contributions_are_stored_once_and_counted_once(self) -> None:

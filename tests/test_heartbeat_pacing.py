@@ -90,7 +90,7 @@ def test_any_signed_request_of_a_node_is_a_sign_of_life(tmp_path: Path) -> None:
     clock.t += 15.0  # within the signature's clock skew
     path = f"{API}/blobs/{'0' * 64}"
     service.authenticate(sign_request(identity, "GET", path, b""), "GET", path, b"")
-    service.tick()  # the notes are written in a batch
+    service.ticker.tick()  # the notes are written in a batch
     with service.sessions() as s:
         node = s.get(Node, node_id)
         assert node.last_seen_at == clock.t > registered_at
@@ -100,7 +100,7 @@ def test_any_signed_request_of_a_node_is_a_sign_of_life(tmp_path: Path) -> None:
     service.membership.heartbeat(node_id, NodeStatus.TRAINING)
     clock.t += 1.0
     service.authenticate(sign_request(identity, "GET", path, b""), "GET", path, b"")
-    service.tick()
+    service.ticker.tick()
     with service.sessions() as s:
         node = s.get(Node, node_id)
         assert (node.status, node.last_seen_at) == (NodeStatus.TRAINING, clock.t)
@@ -170,8 +170,8 @@ def test_a_long_poll_waiting_for_live_nodes_wakes_when_a_silent_node_beats_again
     service = build_service(f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs")
     run = service.create_run(b"\x01" * 32, tiny_run(round={"min_nodes": 2, "max_nodes": 2}))
     asked = []
-    ask = service.assignments_or_wait
-    service.assignments_or_wait = lambda *a: asked.append(time.monotonic()) or ask(*a)
+    ask = service.asks.assignments_or_wait
+    service.asks.assignments_or_wait = lambda *a: asked.append(time.monotonic()) or ask(*a)
     a, b = Identity.generate(), Identity.generate()
     body = RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1000).model_dump_json().encode()
     path = f"{API}/runs/{run.run_id}/assignment"

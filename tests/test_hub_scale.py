@@ -14,10 +14,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select
 
 from gridswarm.hub.app import create_app
+from gridswarm.hub.asks import SPEED_WINDOW
 from gridswarm.hub.models import Assignment, Contribution, Node, Nonce, Run
 from gridswarm.hub.scheduler import update_speed
 from gridswarm.hub.server import build_service
-from gridswarm.hub.service import SPEED_WINDOW, HubError, HubService, HubSettings
+from gridswarm.hub.service import HubError, HubService, HubSettings
 from gridswarm.identity import Identity, sign_request
 from gridswarm.protocol import API, RegisterRequest
 from tests.conftest import tiny_run
@@ -68,10 +69,10 @@ def test_asking_for_work_does_not_grow_with_the_swarm(tmp_path: Path, swarm: int
     service = hub(tmp_path, clock)
     nodes = [register(service) for _ in range(swarm)]
     run = service.create_run(b"\x01" * 32, tiny_run(round={"max_nodes": 1000, "deadline_s": 60}))
-    assert service.request_assignment(run.run_id, nodes[0]).status == "assigned"  # warm caches
+    assert service.asks.request_assignment(run.run_id, nodes[0]).status == "assigned"  # warm caches
     answer = []
     cost = statements_of(
-        service, lambda: answer.append(service.request_assignment(run.run_id, nodes[1]))
+        service, lambda: answer.append(service.asks.request_assignment(run.run_id, nodes[1]))
     )
     assert answer[0].status == "assigned"
     # 10 today (12 before an assignment's version blobs were kept in memory)
@@ -79,7 +80,7 @@ def test_asking_for_work_does_not_grow_with_the_swarm(tmp_path: Path, swarm: int
     # the one holding a place asks again (its answer was lost): the same work, at no more cost
     repeated = []
     again = statements_of(
-        service, lambda: repeated.append(service.request_assignment(run.run_id, nodes[1]))
+        service, lambda: repeated.append(service.asks.request_assignment(run.run_id, nodes[1]))
     )
     assert repeated[0].assignment.id == answer[0].assignment.id
     assert again <= cost
@@ -93,12 +94,12 @@ def test_fastest_node_sets_the_pace_and_a_faster_newcomer_raises_it(tmp_path: Pa
         b"\x01" * 32,
         tiny_run(round={"max_nodes": 10, "deadline_s": 600}, train={"inner_steps": 40}),
     )
-    first = service.request_assignment(run.run_id, slow).assignment
+    first = service.asks.request_assignment(run.run_id, slow).assignment
     assert first.inner_steps == 40  # alone, it is the fastest
     fast = register(service, probe_tokens_per_s=4e6)  # 4x faster: the cached pace rises at once
-    assert service.request_assignment(run.run_id, fast).assignment.inner_steps == 40
+    assert service.asks.request_assignment(run.run_id, fast).assignment.inner_steps == 40
     slower = register(service, probe_tokens_per_s=1e6)
-    assert service.request_assignment(run.run_id, slower).assignment.inner_steps == 10
+    assert service.asks.request_assignment(run.run_id, slower).assignment.inner_steps == 10
 
 
 def test_heartbeats_cost_no_transaction_and_reach_the_database_in_one_batch(
@@ -114,13 +115,13 @@ def test_heartbeats_cost_no_transaction_and_reach_the_database_in_one_batch(
     )
     # one UPDATE for all 20, no run to advance; and (every 5 s) the live count for heartbeat
     # pacing, with the pending runs it may wake
-    assert statements_of(service, service.tick) <= 6
+    assert statements_of(service, service.ticker.tick) <= 6
     with service.sessions() as s:
         seen = {n.id: (n.status, n.last_seen_at) for n in s.scalars(select(Node))}
     assert all(seen[n] == ("training", clock.t) for n in nodes)
     clock.t += 1
     service.membership.heartbeat(nodes[0], "idle")
-    assert statements_of(service, service.tick) <= 4  # no count due: as before
+    assert statements_of(service, service.ticker.tick) <= 4  # no count due: as before
     with pytest.raises(HubError) as refused:
         service.membership.heartbeat("0" * 16, "idle")
     assert refused.value.status == 403
@@ -137,8 +138,8 @@ def test_long_poll_wakes_when_the_round_can_start_and_sleeps_otherwise(tmp_path:
         b"\x01" * 32, tiny_run(round={"min_nodes": 2, "max_nodes": 2, "deadline_s": 60})
     )
     asked = []
-    ask = service.assignments_or_wait
-    service.assignments_or_wait = lambda *a: asked.append(time.monotonic()) or ask(*a)
+    ask = service.asks.assignments_or_wait
+    service.asks.assignments_or_wait = lambda *a: asked.append(time.monotonic()) or ask(*a)
     a, b = Identity.generate(), Identity.generate()
     register_body = RegisterRequest(probe_tokens_per_s=1e6, probe_numel=1000).model_dump_json()
     with TestClient(create_app(service)) as client:
@@ -221,7 +222,7 @@ def test_a_node_waiting_in_a_long_poll_stays_live(tmp_path: Path) -> None:
         poll.start()
         time.sleep(2.5)  # mid-wait: asked once, 2.5 liveness periods ago
         ticked_at = time.time()
-        service.tick()  # writes the liveness notes
+        service.ticker.tick()  # writes the liveness notes
         with service.sessions() as s:
             seen = s.get(Node, a.node_id).last_seen_at
         poll.join(timeout=10)
@@ -285,20 +286,20 @@ def test_fastest_live_node_reads_every_speed_in_one_query_with_the_same_averages
             tokens, train_time_s = 1000 * (1 + i + 3 * rnd), 1.0 + 0.5 * ((i + rnd) % 3)
             one_by_one[node_id] = update_speed(one_by_one[node_id], tokens, train_time_s)
     with service.sessions() as s:
-        service._achieved.clear()
+        service.asks._achieved.clear()
         cost = statements_of(
-            service, lambda: service._load_achieved_speeds(s, run.run_id, nodes + nodes[:3])
+            service, lambda: service.asks._load_achieved_speeds(s, run.run_id, nodes + nodes[:3])
         )
-        batched = {n: service._achieved[(run.run_id, n)] for n in nodes}
+        batched = {n: service.asks._achieved[(run.run_id, n)] for n in nodes}
     assert cost == 1
     assert batched == one_by_one
     assert sum(v is None for v in batched.values()) == 10 + 4  # no contribution yet: none
     # the refresh of the fastest live node costs the same for 40 live nodes as for 4
     with service.sessions() as s:
         run_row = s.get(Run, run.run_id)
-        service._achieved.clear()
-        service._live_view.clear()
-        many = statements_of(service, lambda: service._fastest_live(s, run_row, clock.t))
+        service.asks._achieved.clear()
+        service.asks._live_view.clear()
+        many = statements_of(service, lambda: service.asks._fastest_live(s, run_row, clock.t))
     assert many <= 3, f"{many} statements to find the fastest of {len(nodes)} live nodes"
 
 
@@ -316,7 +317,7 @@ def test_an_upload_batch_reads_what_all_its_uploads_are_judged_on_once(tmp_path:
     nodes = [service.membership.register(key, request) for key in keys]
     settings = tiny_run(round={"max_nodes": 1000, "deadline_s": 60})
     run = service.create_run(b"\x01" * 32, settings)
-    work = [a[0].assignment for a in service.assignments_or_wait(run.run_id, nodes)]
+    work = [a[0].assignment for a in service.asks.assignments_or_wait(run.run_id, nodes)]
     bodies = [body(service, run.run_id, f"s{i}", a, i, 1.0) for i, a in enumerate(work)]
     checked: list = []
 

@@ -86,7 +86,7 @@ def test_stop_releases_work_records_why_and_leaves_the_escrow_to_the_sponsor(hub
     claim = fund_claim(sponsor, 1000, run_id=run_id).to_dict()
     service.trust.fund(run_id, sponsor.public_key, claim)
     node = register(service, "n0")
-    answer = service.request_assignment(run_id, node)
+    answer = service.asks.request_assignment(run_id, node)
     assert answer.status == "assigned"
 
     with pytest.raises(HubError) as refused:  # only the sponsor may stop it
@@ -102,7 +102,7 @@ def test_stop_releases_work_records_why_and_leaves_the_escrow_to_the_sponsor(hub
     status = service.run_status(run_id)
     assert status["status"] == "stopped" and status["status_reason"] == "budget cut"
     assert status["trust"]["escrow_units"] == 1000  # nothing paid out of it after the stop
-    after = service.request_assignment(run_id, node)  # the node is told at its next request
+    after = service.asks.request_assignment(run_id, node)  # the node is told at its next request
     assert after.status == "finished" and "stopped: budget cut" in after.reason
     with pytest.raises(HubError) as again:
         service.change_run_state(run_id, sponsor.public_key, E.RESUME)
@@ -115,14 +115,14 @@ def test_pause_holds_the_run_and_resume_continues_where_it_was(hub) -> None:
     sponsor = Identity.from_seed(b"sponsor")
     run_id = service.create_run(sponsor.public_key, tiny_run()).run_id
     node = register(service, "n0")
-    first = service.request_assignment(run_id, node).assignment
+    first = service.asks.request_assignment(run_id, node).assignment
     service.change_run_state(run_id, sponsor.public_key, E.PAUSE)
-    held = service.request_assignment(run_id, node)
+    held = service.asks.request_assignment(run_id, node)
     assert held.status == "wait" and "paused" in held.reason
     clock.now += 3600  # far past the round's deadline: the pause does not eat it
-    assert service.tick() == []  # a held run does not advance
+    assert service.ticker.tick() == []  # a held run does not advance
     service.change_run_state(run_id, sponsor.public_key, E.RESUME)
-    again = service.request_assignment(run_id, node).assignment
+    again = service.asks.request_assignment(run_id, node).assignment
     assert (again.round, again.base_version) == (first.round, first.base_version)
     assert again.deadline_at > clock.now
     assert [e["to"] for e in lifecycle_entries(service)] == ["paused", "active"]
@@ -134,7 +134,7 @@ def test_failures_mark_the_run_stalled_with_the_reason(hub) -> None:
     run_id = service.create_run(sponsor.public_key, tiny_run()).run_id
     node = register(service, "n0")
     for i in range(STALL_AFTER_FAILURES):
-        a = service.request_assignment(run_id, node).assignment
+        a = service.asks.request_assignment(run_id, node).assignment
         assert a is not None, f"failure {i}: the run should still hand out work"
         clock.now += 1
         report = FailureReport(assignment_id=a.id, reason="FileNotFoundError: no dataset here")
@@ -146,14 +146,14 @@ def test_failures_mark_the_run_stalled_with_the_reason(hub) -> None:
     (row,) = status["nodes"]
     assert row["failures"] == STALL_AFTER_FAILURES and row["state"] == "live"
     assert row["last_failure"] == "FileNotFoundError: no dataset here"
-    assert service.request_assignment(run_id, node).status == "wait"
+    assert service.asks.request_assignment(run_id, node).status == "wait"
     with service.sessions() as s:
         assert {a.status for a in s.query(m.Assignment)} == {"failed"}
     # resuming starts the count again: one more failure does not stall it at once
     service.change_run_state(run_id, sponsor.public_key, E.RESUME, "dataset copied")
     assert service.run_status(run_id)["status_reason"] is None
     clock.now += 1
-    a = service.request_assignment(run_id, node).assignment
+    a = service.asks.request_assignment(run_id, node).assignment
     report = FailureReport(assignment_id=a.id, reason="still missing")
     assert service.report_failure(run_id, node, report)["run_status"] == "active"
     other = register(service, "n1")
@@ -167,9 +167,9 @@ def test_one_broken_node_does_not_stall_a_run_others_train(hub) -> None:
     sponsor = Identity.from_seed(b"sponsor")
     run_id = service.create_run(sponsor.public_key, tiny_run(round={"max_nodes": 2})).run_id
     healthy, broken = register(service, "healthy"), register(service, "broken")
-    assert service.request_assignment(run_id, healthy).status == "assigned"
+    assert service.asks.request_assignment(run_id, healthy).status == "assigned"
     for _ in range(STALL_AFTER_FAILURES + 2):
-        a = service.request_assignment(run_id, broken).assignment
+        a = service.asks.request_assignment(run_id, broken).assignment
         clock.now += 1
         report = FailureReport(assignment_id=a.id, reason="MemoryError: model does not fit")
         assert service.report_failure(run_id, broken, report)["run_status"] == "active"

@@ -188,7 +188,7 @@ def test_a_cosine_run_replays_bit_exactly_and_ignoring_the_schedule_fails_the_au
             break
         for who, node_id, speed, workload in nodes:
             try:
-                answer = service.request_assignment(run_id, node_id)
+                answer = service.asks.request_assignment(run_id, node_id)
             except HubError as exc:  # caught by an audit: reputation 0, no more work
                 assert workload is constant and exc.reason == Refusal.EXCLUDED
                 excluded.add(node_id)
@@ -199,7 +199,7 @@ def test_a_cosine_run_replays_bit_exactly_and_ignoring_the_schedule_fails_the_au
                 )
                 service.uploads.submit(run_id, node_id, body)
         clock.advance(1.0)
-        service.tick()
+        service.ticker.tick()
     status = service.run_status(run_id)
     assert status["status"] == "finished" and status["version"] == 5
     with service.sessions() as s:

@@ -261,7 +261,7 @@ def test_fragments_run_in_process_syncs_one_fragment_per_round(tmp_path: Path):
         if service.run_status(run_id)["status"] != "active":
             break
         for ident, node_id, workload, state in nodes:
-            answer = service.request_assignment(run_id, node_id)
+            answer = service.asks.request_assignment(run_id, node_id)
             if answer.status != "assigned":
                 continue
             a = answer.assignment
@@ -282,7 +282,7 @@ def test_fragments_run_in_process_syncs_one_fragment_per_round(tmp_path: Path):
             body = _upload(service, run_id, ident, node_id, a, state, workload)
             service.uploads.submit(run_id, node_id, body)
         clock.advance(1.0)
-        service.tick()
+        service.ticker.tick()
     status = service.run_status(run_id)
     assert status["status"] == "finished" and status["version"] == 6
     assert status["val_loss"][-1] < status["val_loss"][0] - 0.3

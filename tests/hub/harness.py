@@ -1,6 +1,6 @@
 """An in-process hub for fast tests: the real app, service, SQLite database and blob store in a
 temp folder, a clock the test moves, and real Ed25519-signed requests through FastAPI's
-TestClient. The round ticker thread is not started: tests call `hub.service.tick()`.
+TestClient. The round ticker thread is not started: tests call `hub.service.ticker.tick()`.
 """
 
 from __future__ import annotations
@@ -155,5 +155,5 @@ def train_round(hub: Hub, run_id: str, source: BlobSource | None = None) -> dict
     r = hub.post(node, f"{API}/runs/{run_id}/contributions", body)
     assert r.status_code == 200, r.text
     hub.clock.advance(1.0)
-    hub.service.tick()
+    hub.service.ticker.tick()
     return hub.get(f"{API}/runs/{run_id}").json()

@@ -1,4 +1,4 @@
-"""Requests decided in batches (`RunBatcher`): asks for work (`HubService.assignments_or_wait`)
+"""Requests decided in batches (`RunBatcher`): asks for work (`Asks.assignments_or_wait`)
 answer exactly as the same asks one by one would; uploads (`Uploads.store_uploads`) are
 stored or refused each as alone, a refusal (even one that commits a strike) or a failure stays
 with its request; the HTTP layer gathers the requests that arrive while a decision runs."""
@@ -95,10 +95,10 @@ def test_a_batch_answers_as_the_same_asks_one_by_one(
         one_by_one = []
         for node_id in asks:
             try:
-                one_by_one.append(alone.assignment_or_wait(run_a, node_id))
+                one_by_one.append(alone.asks.assignment_or_wait(run_a, node_id))
             except HubError as refusal:
                 one_by_one.append(refusal)
-        batched = together.assignments_or_wait(run_b, asks)
+        batched = together.asks.assignments_or_wait(run_b, asks)
         assert [outcome(a) for a in batched] == [outcome(a) for a in one_by_one]
         assert rows(together, run_b) == rows(alone, run_a)
         given = {
@@ -111,15 +111,15 @@ def test_an_ask_that_fails_fails_alone_and_the_others_are_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service, run_id, nodes = hub(tmp_path, [5_000.0] * 3, {"min_nodes": 1, "max_nodes": 3})
-    decide = service._decide_ask
+    decide = service.asks._decide_ask
 
     def broken_for_n1(s, run, rnd, seats, node, cutoff, now):
         if node.id == nodes[1]:
             raise RuntimeError("a bug in one node's decision")
         return decide(s, run, rnd, seats, node, cutoff, now)
 
-    monkeypatch.setattr(service, "_decide_ask", broken_for_n1)
-    first, failed, third = service.assignments_or_wait(run_id, nodes)
+    monkeypatch.setattr(service.asks, "_decide_ask", broken_for_n1)
+    first, failed, third = service.asks.assignments_or_wait(run_id, nodes)
     assert isinstance(failed, HubError) and failed.status == 500
     assert first[0].status == third[0].status == "assigned"
     assert {r[0] for r in rows(service, run_id)} == {nodes[0], nodes[2]}
@@ -127,7 +127,7 @@ def test_an_ask_that_fails_fails_alone_and_the_others_are_stored(
 
 def test_a_full_round_is_full_within_one_batch(tmp_path: Path) -> None:
     service, run_id, nodes = hub(tmp_path, [5_000.0] * 5, {"min_nodes": 2, "max_nodes": 3})
-    answers = service.assignments_or_wait(run_id, nodes)
+    answers = service.asks.assignments_or_wait(run_id, nodes)
     assert [a[0].status for a in answers] == ["assigned"] * 3 + ["wait"] * 2
     assert len({a[0].assignment.deadline_at for a in answers[:3]}) == 1  # one opening
     assert len(rows(service, run_id)) == 3
@@ -208,7 +208,7 @@ def upload_body(
 
 def test_a_batch_of_uploads_stores_each_as_alone_and_refuses_in_place(tmp_path: Path) -> None:
     service, run_id, nodes = hub(tmp_path, [5_000.0] * 4, {"min_nodes": 1, "max_nodes": 4})
-    work = [a[0].assignment for a in service.assignments_or_wait(run_id, nodes)]
+    work = [a[0].assignment for a in service.asks.assignments_or_wait(run_id, nodes)]
     bodies = [
         upload_body(service, run_id, "n0", work[0]),
         upload_body(service, run_id, "n1", work[1], extra_tokens=1),  # false claim: a strike
@@ -243,7 +243,7 @@ def test_an_upload_that_fails_fails_alone_and_the_others_are_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service, run_id, nodes = hub(tmp_path, [5_000.0] * 3, {"min_nodes": 1, "max_nodes": 3})
-    work = [a[0].assignment for a in service.assignments_or_wait(run_id, nodes)]
+    work = [a[0].assignment for a in service.asks.assignments_or_wait(run_id, nodes)]
     checked = [
         service.uploads.check_upload(run_id, node, upload_body(service, run_id, f"n{i}", a))
         for i, (node, a) in enumerate(zip(nodes, work, strict=True))
@@ -281,7 +281,7 @@ def test_a_batch_of_registrations_refuses_in_place_and_releases_work_of_nodes_ba
     service.membership.registration.policy = RegistrationPolicy(
         max_new_nodes=3
     )  # n0, n1 never worked
-    work = service.assignments_or_wait(run_id, nodes[:1])
+    work = service.asks.assignments_or_wait(run_id, nodes[:1])
     assert work[0][0].status == "assigned"
     answers = service.membership.register_many(
         [registration("n0"), registration("new-a"), registration("new-a"), registration("new-b")]

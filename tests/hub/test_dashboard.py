@@ -53,7 +53,7 @@ def run_with_rounds(hub: Hub, rounds: int, name: str = "tiny") -> tuple[str, Ide
         a = hub.assignment(node, run_id)
         assert a is not None and a.round == number
         upload(hub, node, run_id, a, seed=number)
-        hub.service.tick()
+        hub.service.ticker.tick()
     return run_id, node
 
 

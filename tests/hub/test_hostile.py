@@ -380,7 +380,7 @@ def test_one_bad_run_never_stops_the_others(hub):
     a = hub.assignment(node, good)
     body = contribution(a, hub.numel(good), TOKENS_PER_STEP)
     assert hub.post(node, f"{API}/runs/{good}/contributions", body).status_code == 200
-    hub.service.tick()
+    hub.service.ticker.tick()
     assert hub.run_row(good).version == 1
     late = contribution(in_bad, hub.numel(good), TOKENS_PER_STEP)
     blob_bytes = hub.blob_bytes()
@@ -410,7 +410,7 @@ def test_one_bad_run_never_stops_the_others(hub):
 def test_a_run_failing_once_is_not_stopped(hub, monkeypatch):
     run_id = hub.create_run(Identity.generate(), run_config())
     calls = []
-    real = hub.service._advance
+    real = hub.service.ticker._advance
 
     def flaky(rid):
         calls.append(rid)
@@ -418,9 +418,9 @@ def test_a_run_failing_once_is_not_stopped(hub, monkeypatch):
             raise OperationalError("SELECT", {}, Exception("database is locked"))
         return real(rid)
 
-    monkeypatch.setattr(hub.service, "_advance", flaky)
-    hub.service.tick()
-    hub.service.tick()
+    monkeypatch.setattr(hub.service.ticker, "_advance", flaky)
+    hub.service.ticker.tick()
+    hub.service.ticker.tick()
     assert hub.run_row(run_id).status == "active"
 
 
@@ -437,14 +437,14 @@ def test_hub_outage_longer_than_liveness_loses_no_node(tmp_path):
     second = Hub(tmp_path)  # restarted on the same database and blobs
     second.clock.now_s = first.clock.now_s
     second.service.started_at = second.clock()
-    second.service.tick()
+    second.service.ticker.tick()
     body = contribution(a, second.numel(run_id), TOKENS_PER_STEP)
     r = second.post(node, f"{API}/runs/{run_id}/contributions", body)
     assert r.status_code == 200, r.text
     second.clock.advance(21)  # still silent after the restart: now it is lost
     node2 = Identity.generate()
     second.register(node2)
-    second.service.tick()
+    second.service.ticker.tick()
     assert second.run_row(run_id).version == 1
 
 
@@ -461,10 +461,10 @@ def test_re_registering_releases_the_old_assignment(hub):
         contribution(b, hub.numel(run_id), TOKENS_PER_STEP),
     )
     assert r.status_code == 200
-    hub.service.tick()
+    hub.service.ticker.tick()
     assert hub.run_row(run_id).version == 0  # waits for node a
     hub.register(a_node)  # node a's process restarted with the same key
-    hub.service.tick()
+    hub.service.ticker.tick()
     assert hub.run_row(run_id).version == 1  # closed now, not at the 30 s deadline
     late = contribution(old, hub.numel(run_id), TOKENS_PER_STEP)
     refused(hub.post(a_node, f"{API}/runs/{run_id}/contributions", late), 409, Refusal.STALE)

@@ -120,7 +120,7 @@ def test_a_closed_round_and_its_contribution_are_counted(hub):
     a = hub.assignment(node, run_id)
     assert a is not None
     upload(hub, node, run_id, a, seed=1)
-    hub.service.tick()
+    hub.service.ticker.tick()
     after = scrape(hub)
     assert value(after, "gridswarm_contributions_accepted_total") == 1
     assert value(after, "gridswarm_rounds_closed_total") == 1

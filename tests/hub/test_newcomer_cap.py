@@ -49,7 +49,7 @@ def register(service: HubService, n: int) -> list[str]:
 def answers(service: HubService, run_id: str, node_ids: list[str]) -> list[AssignmentResponse]:
     """The hub's answers to `node_ids` asking for work, decided in one batch in that order."""
     out = []
-    for answer in service.assignments_or_wait(run_id, node_ids):
+    for answer in service.asks.assignments_or_wait(run_id, node_ids):
         assert not isinstance(answer, HubError), answer
         out.append(answer[0])
     return out
@@ -91,13 +91,13 @@ def test_a_flood_of_new_keys_holds_at_most_the_newcomer_share(
 
     # a hub where nobody has worked yet: newcomers alone open and close round 0, two of them
     first = register(service, 3)
-    got = [service.request_assignment(run_id, n) for n in first]
+    got = [service.asks.request_assignment(run_id, n) for n in first]
     assert assigned(got) == [True, True, False]
     assert got[2].status == "wait" and capped(caplog, first) == {first[2]}
     assert "(2 of 2," in caplog.text
     for node_id, answer in zip(first[:2], got[:2], strict=True):
         upload(service, run_id, node_id, answer.assignment)
-    service.tick()
+    service.ticker.tick()
     assert service.run_status(run_id)["version"] == 1
     worked = first[:2]  # the third never took a place: still a newcomer
 
@@ -114,19 +114,19 @@ def test_a_flood_of_new_keys_holds_at_most_the_newcomer_share(
     assert capped(caplog, flood) == set(flood) - set(placed)  # each waits for the cap
     # asked again one at a time (the round's places as stored): still no third newcomer
     waiting = [n for n in flood if n not in placed]
-    assert not any(assigned([service.request_assignment(run_id, n) for n in waiting]))
+    assert not any(assigned([service.asks.request_assignment(run_id, n) for n in waiting]))
     for node_id, answer in zip(worked, [got[0], got[-1]], strict=True):
         upload(service, run_id, node_id, answer.assignment)
     for node_id, a in placed.items():
         upload(service, run_id, node_id, a)
-    service.tick()
+    service.ticker.tick()
     assert service.run_status(run_id)["version"] == 2
 
     # round 2: the two newcomers of round 1 have worked now; two new ones may join them
     clock.advance(16)  # past the pending round's grace for worked nodes
     for node_id in [*worked, *flood]:
         service.membership.heartbeat(node_id, NodeStatus.IDLE)
-    service.tick()  # writes the heartbeats
+    service.ticker.tick()  # writes the heartbeats
     got = answers(service, run_id, [*flood, *worked])  # newcomers first: one opens the round
     by_node = dict(zip([*flood, *worked], got, strict=True))
     assert all(by_node[n].status == "assigned" for n in [*placed, *worked])  # 4 worked nodes

@@ -43,7 +43,7 @@ def replicas(pg_database: str, tmp_path: Path) -> Iterator[Callable[[int], list[
 
     yield make
     for hub in made:
-        hub.lease.release()
+        hub.ticker.lease.release()
         hub.engine.dispose()
 
 
@@ -69,7 +69,7 @@ def test_three_replicas_race_to_close_one_round_and_exactly_one_publishes(replic
     def race(hub: HubService) -> None:
         try:
             barrier.wait(timeout=30)
-            decisions.append(hub.advance_run(run_id))
+            decisions.append(hub.ticker.advance_run(run_id))
         except BaseException as exc:  # reported by the assertion below
             errors.append(exc)
 
@@ -100,7 +100,7 @@ def test_three_replicas_race_to_close_one_round_and_exactly_one_publishes(replic
     assert [(c["round"], c["version"]) for c in closes] == [(0, 1)]  # one close on the ledger
     assert hubs[1].trust.verify()["ok"] is True
     for hub in hubs:  # no replica counted a failed advance (a lost race would be one)
-        assert hub._failures == {}
+        assert hub.ticker._failures == {}
 
 
 def test_replicas_racing_a_flood_of_new_keys_keep_the_newcomer_cap(replicas):
@@ -123,7 +123,7 @@ def test_replicas_racing_a_flood_of_new_keys_keep_the_newcomer_cap(replicas):
     def ask(hub: HubService, node_ids: list[str]) -> None:
         try:
             barrier.wait(timeout=30)
-            answers.extend(hub.assignments_or_wait(run_id, node_ids))
+            answers.extend(hub.asks.assignments_or_wait(run_id, node_ids))
         except BaseException as exc:  # reported by the assertion below
             errors.append(exc)
 
@@ -145,12 +145,12 @@ def test_one_replica_holds_the_ticker_lease_and_another_takes_it_over(replicas):
     ended, a moment after the client closed it (an earlier test's lease, or `release()` here):
     so the lease is taken at a later try, as the ticker does, not necessarily at the first."""
     hubs = replicas(2)
-    wait_for(lambda: hubs[0].lease.held(), 30, "the first replica to take the free lease")
-    assert not hubs[1].lease.held()
-    assert hubs[0].lease.held() and not hubs[1].lease.held()  # asked again: unchanged
-    hubs[0].lease.release()  # as when its process dies: the connection and the lock go
-    wait_for(lambda: hubs[1].lease.held(), 30, "the other replica to take the lease over")
-    assert not hubs[0].lease.held()
+    wait_for(lambda: hubs[0].ticker.lease.held(), 30, "the first replica to take the free lease")
+    assert not hubs[1].ticker.lease.held()
+    assert hubs[0].ticker.lease.held() and not hubs[1].ticker.lease.held()  # asked again: unchanged
+    hubs[0].ticker.lease.release()  # as when its process dies: the connection and the lock go
+    wait_for(lambda: hubs[1].ticker.lease.held(), 30, "the other replica to take the lease over")
+    assert not hubs[0].ticker.lease.held()
 
 
 def test_a_hung_lease_holder_loses_the_lease(replicas):
@@ -158,14 +158,14 @@ def test_a_hung_lease_holder_loses_the_lease(replicas):
     its lease connection has been silent for `stale_after_s`, another replica ends its session
     and takes the lease; the hung one finds out when it wakes."""
     hung, other = replicas(2)
-    assert hung.lease.held() and not other.lease.held()
-    other.lease.stale_after_s = 0.5
-    assert not other.lease.held()  # silent for less than that: left alone
+    assert hung.ticker.lease.held() and not other.ticker.lease.held()
+    other.ticker.lease.stale_after_s = 0.5
+    assert not other.ticker.lease.held()  # silent for less than that: left alone
     time.sleep(0.8)  # `hung` does not tick: its lease connection says nothing
-    took = wait_for(lambda: other.lease.held(), 30, "the lease to move")
-    assert took and other.lease.terms == 1
-    assert not hung.lease.held()  # its session was ended: no lease, and it does not take it back
-    assert hung.lease.conn is None
+    took = wait_for(lambda: other.ticker.lease.held(), 30, "the lease to move")
+    assert took and other.ticker.lease.terms == 1
+    assert not hung.ticker.lease.held()  # its session was ended: no lease, not taken back
+    assert hung.ticker.lease.conn is None
 
 
 def test_an_upload_to_another_replica_closes_the_round_at_the_lease_holders_next_tick(replicas):
@@ -174,16 +174,16 @@ def test_an_upload_to_another_replica_closes_the_round_at_the_lease_holders_next
     tick, with no periodic full tick to fall back on."""
     torch.set_num_threads(1)
     holder, other = replicas(2)
-    wait_for(lambda: holder.lease.held(), 30, "the first replica to take the free lease")
+    wait_for(lambda: holder.ticker.lease.held(), 30, "the first replica to take the free lease")
     holder.ticks.full_tick_s = 1e9  # marks and wake-ups only
     advanced: list[str] = []
-    advance = holder.advance_run
+    advance = holder.ticker.advance_run
 
     def logged(run_id: str) -> Decision:
         advanced.append(run_id)
         return advance(run_id)
 
-    holder.advance_run = logged  # type: ignore[method-assign]
+    holder.ticker.advance_run = logged  # type: ignore[method-assign]
     cfg = tiny_run(round={"deadline_s": 300, "quorum": 2, "min_nodes": 2, "max_nodes": 2})
     run_id = holder.create_run(Identity.generate().public_key, cfg).run_id
     numel = holder.run_status(run_id)["numel"]
@@ -194,16 +194,16 @@ def test_an_upload_to_another_replica_closes_the_round_at_the_lease_holders_next
         nodes.append((ident, hub.membership.register(ident.public_key, request)))
     contribute(holder, run_id, *nodes[0])
     ident, node_id = nodes[1]
-    answer = other.request_assignment(run_id, node_id)  # through the other replica
+    answer = other.asks.request_assignment(run_id, node_id)  # through the other replica
     assert answer.status == "assigned" and answer.assignment is not None
-    assert holder.tick() == []  # both places taken, one submitted: it waits
+    assert holder.ticker.tick() == []  # both places taken, one submitted: it waits
     advanced.clear()
     for _ in range(3):
-        assert holder.tick() == []
+        assert holder.ticker.tick() == []
     assert advanced == []  # nothing changed it: not read
     workload = Workload.from_config(RunConfig.model_validate(answer.assignment.config))
     codec = make_codec(workload.cfg.comm.codec, workload.cfg.comm.block_size)
     body = train_and_pack(other, run_id, ident, node_id, answer.assignment, workload, codec)
     other.uploads.submit(run_id, node_id, body)  # all in, on the other replica
-    assert holder.tick() == [(run_id, Decision.CLOSE)]
+    assert holder.ticker.tick() == [(run_id, Decision.CLOSE)]
     assert holder.run_status(run_id)["version"] == 1

@@ -112,7 +112,7 @@ class World:
         for who, body in zip(self.secagg_nodes, self.advertisements, strict=True):
             r = self.hub.post(who, f"{API}/runs/{self.secagg_run}/secagg/advertise", body)
             assert r.status_code == 200, r.text
-        self.hub.service.tick()  # the round moves to its SecAgg share stage
+        self.hub.service.ticker.tick()  # the round moves to its SecAgg share stage
         self.dataset_offer, self.shard = small_dataset_offer()
         r = self.hub.post(self.sponsor, f"{API}/datasets", self.dataset_offer)
         assert r.status_code == 200, r.text
@@ -353,7 +353,7 @@ def test_fuzz_contribution_blobs(world: World, data: st.DataObject) -> None:
         body = data.draw(mutated_bytes(pack(tensors, meta)), label="blob")
     r = check(w, w.node, f"{API}/runs/{w.run_id}/contributions", body)
     if r.status_code == 200:  # a harmless mutation was accepted: give the node new work
-        w.hub.service.tick()
+        w.hub.service.ticker.tick()
         w.assignment = w.hub.assignment(w.node, w.run_id) or w.assignment
 
 

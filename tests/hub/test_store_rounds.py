@@ -68,7 +68,7 @@ def hub(tmp_path: Path):
         req = RegisterRequest(probe_tokens_per_s=1000.0, probe_numel=numel)
         nodes.append(service.membership.register(ident.public_key, req))
     for node_id in nodes:
-        assert service.request_assignment(run_id, node_id).status == "assigned"
+        assert service.asks.request_assignment(run_id, node_id).status == "assigned"
     return service, clock, run_id, nodes
 
 
@@ -114,12 +114,12 @@ def test_a_lost_node_is_missed_in_the_ticks_own_commit(hub):
     clock.advance(25.0)  # past liveness_s (20 s): the third node never sent a heartbeat
     for node_id in nodes[:2]:
         service.membership.heartbeat(node_id, "training")
-    service.tick()  # flushes the heartbeats, then ticks the engine
+    service.ticker.tick()  # flushes the heartbeats, then ticks the engine
     statuses = assignment_statuses(service, run_id)
     assert statuses[nodes[2]] is AssignmentStatus.MISSED
     assert [statuses[n] for n in nodes[:2]] == [AssignmentStatus.ASSIGNED] * 2
     # nothing else happened to the round: it waits for the other two
-    assert service.advance_run(run_id) is Decision.WAIT
+    assert service.ticker.advance_run(run_id) is Decision.WAIT
     assert service.run_status(run_id)["version"] == 0
 
 
@@ -174,10 +174,10 @@ def test_a_round_at_its_deadline_waits_for_an_upload_the_hub_received_in_time(hu
         service.membership.heartbeat(node_id, "training")
     with service.arriving.receiving(run_id, clock()):
         clock.advance(2.0)
-        assert service.tick() == []  # waits: the upload is still being decided
+        assert service.ticker.tick() == []  # waits: the upload is still being decided
         with service.sessions() as s:
             assert s.get(m.Round, (run_id, 0)).status is RoundStatus.OPEN
-    assert service.tick() == [(run_id, Decision.REPLAN)]  # decided (here: never stored)
+    assert service.ticker.tick() == [(run_id, Decision.REPLAN)]  # decided (here: never stored)
 
 
 def test_an_ask_s_effects_open_the_round_and_write_the_assignment(hub):

@@ -147,7 +147,7 @@ def work_one_round(hub: Hub, run_id: str, nodes: list[Identity]) -> None:
         r = hub.post(who, f"{API}/runs/{run_id}/contributions", body)
         assert r.status_code == 200, r.text
     version = hub.run_row(run_id).version
-    hub.service.tick()
+    hub.service.ticker.tick()
     assert hub.run_row(run_id).version == version + 1
 
 
@@ -195,7 +195,7 @@ def test_never_worked_keys_cannot_take_places_from_worked_nodes(tmp_path):
     hub.clock.advance(16)
     for who in [*honest, *sybils]:
         assert hub.post(who, f"{API}/nodes/heartbeat", {}).status_code == 200
-    hub.service.tick()  # writes the heartbeats
+    hub.service.ticker.tick()  # writes the heartbeats
     assert hub.assignment(sybils[0], run_id) is not None
     assert all(hub.assignment(who, run_id) is None for who in sybils[1:])
     assert hub.assignment(honest[1], run_id) is not None

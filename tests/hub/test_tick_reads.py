@@ -1,6 +1,6 @@
-"""The ticker's round advance (`HubService.advance_run`) on a real SQLite hub: a tick that finds
-nothing to close reads the round once, under the lock (no `_prepare_close` read beside it), and
-a tick at a due close still computes the new version outside the lock and publishes it."""
+"""The ticker's round advance (`Ticker.advance_run`, hub/ticker.py) on a real SQLite hub: a tick
+that finds nothing to close reads the round once, under the lock (no `_prepare_close` read beside
+it), and a tick at a due close still computes the new version outside the lock and publishes it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def test_ticks_read_the_round_once_and_a_due_close_is_prepared_outside_the_lock(
     hub = build_service(f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs", home=tmp_path)
     calls: list[str] = []  # the advance's steps, in order
     in_advance = [False]  # inside `_advance`: under the service lock (an RLock)
-    advance, prepare, new_version = hub._advance, hub._prepare_close, hub._new_version
+    ticker = hub.ticker
+    advance, prepare, new_version = ticker._advance, ticker._prepare_close, ticker._new_version
 
     def advancing(*args, **kwargs):  # type: ignore[no-untyped-def]
         in_advance[0] = True
@@ -39,14 +40,14 @@ def test_ticks_read_the_round_once_and_a_due_close_is_prepared_outside_the_lock(
         prepare(run_id)
 
     def versioning(s, run, *args):  # type: ignore[no-untyped-def]
-        before = hub._prepared.get(run.id)
+        before = ticker._prepared.get(run.id)
         new = new_version(s, run, *args)
         where = "locked" if in_advance[0] else "unlocked"
         calls.append(f"version {where}" + (" (prepared)" if new is before else ""))
         return new
 
-    hub._advance, hub._prepare_close = advancing, preparing  # type: ignore[method-assign]
-    hub._new_version = versioning  # type: ignore[method-assign]
+    ticker._advance, ticker._prepare_close = advancing, preparing  # type: ignore[method-assign]
+    ticker._new_version = versioning  # type: ignore[method-assign]
     cfg = tiny_run(round={"deadline_s": 120, "quorum": 2, "min_nodes": 2, "max_nodes": 2})
     run_id = hub.create_run(Identity.generate().public_key, cfg).run_id
     numel = hub.run_status(run_id)["numel"]
@@ -58,17 +59,17 @@ def test_ticks_read_the_round_once_and_a_due_close_is_prepared_outside_the_lock(
 
     contribute(hub, run_id, *nodes[0])
     for _ in range(3):  # one of two places submitted: nothing to close, nothing prepared
-        assert hub.advance_run(run_id) is Decision.WAIT
+        assert ticker.advance_run(run_id) is Decision.WAIT
     assert calls == []
 
     contribute(hub, run_id, *nodes[1])
-    assert hub.advance_run(run_id) is Decision.CLOSE
+    assert ticker.advance_run(run_id) is Decision.CLOSE
     # computed once, outside the lock, and taken by the close under it
     assert calls == ["prepare", "version unlocked", "version locked (prepared)"]
     with hub.sessions() as s:
         versions = s.scalars(select(m.Version.number).where(m.Version.run_id == run_id)).all()
         assert sorted(versions) == [0, 1]
         assert s.get(m.Run, run_id).version == 1  # the next round, on the new version
-    assert hub.advance_run(run_id) is Decision.WAIT  # the next round: nothing due
+    assert ticker.advance_run(run_id) is Decision.WAIT  # the next round: nothing due
     assert len(calls) == 3
     hub.engine.dispose()

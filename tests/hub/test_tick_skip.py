@@ -34,13 +34,13 @@ def start(
     hub = new_service(tmp_path, clock)
     hub.ticks.full_tick_s = 1e9  # no periodic full tick: marks and wake-ups only
     advanced: list[str] = []
-    advance = hub.advance_run
+    advance = hub.ticker.advance_run
 
     def logged(run_id: str) -> Decision:
         advanced.append(run_id)
         return advance(run_id)
 
-    hub.advance_run = logged  # type: ignore[method-assign]
+    hub.ticker.advance_run = logged  # type: ignore[method-assign]
     cfg = tiny_run(round={"deadline_s": 60, "min_nodes": 1, "max_nodes": 2, **round_settings})
     run_id = hub.create_run(Identity.generate().public_key, cfg).run_id
     numel = hub.run_status(run_id)["numel"]
@@ -70,8 +70,8 @@ def test_a_silent_node_is_lost_at_the_first_tick_past_its_liveness_window(tmp_pa
     hub, clock, run_id, nodes, advanced = start(tmp_path, quorum=2)
     (_, talker), (_, silent) = nodes
     for _, node_id in nodes:
-        assert hub.request_assignment(run_id, node_id).status == "assigned"
-    hub.tick()
+        assert hub.asks.request_assignment(run_id, node_id).status == "assigned"
+    hub.ticker.tick()
     silent_since = last_seen(hub, silent)
     liveness_s = hub.membership.liveness_s()
     ticks, lost_at = 0, None
@@ -80,7 +80,7 @@ def test_a_silent_node_is_lost_at_the_first_tick_past_its_liveness_window(tmp_pa
         hub.membership.heartbeat(
             talker, NodeStatus.TRAINING
         )  # no event of the round: it changes nothing
-        hub.tick()
+        hub.ticker.tick()
         ticks += 1
         if assignment_status(hub, run_id, silent) == AssignmentStatus.MISSED:
             lost_at = clock()
@@ -97,14 +97,14 @@ def test_a_deadline_closes_the_round_at_the_first_tick_past_it(tmp_path: Path) -
     hub, clock, run_id, nodes, advanced = start(tmp_path, quorum=1)
     (ident, uploader), (_, waiting) = nodes
     contribute(hub, run_id, ident, uploader)  # one of two places in: the quorum, not all-in
-    assert hub.request_assignment(run_id, waiting).status == "assigned"
+    assert hub.asks.request_assignment(run_id, waiting).status == "assigned"
     with hub.sessions() as s:
         deadline_at = s.get(m.Round, (run_id, 0)).deadline_at
     ticks, closed_at = 0, None
     while closed_at is None and ticks < MAX_TICKS:
         clock.advance(TICK_S)
         hub.membership.heartbeat(waiting, NodeStatus.TRAINING)  # alive: only the deadline closes it
-        if (run_id, Decision.CLOSE) in hub.tick():
+        if (run_id, Decision.CLOSE) in hub.ticker.tick():
             closed_at = clock()
         ticks += 1
     assert closed_at is not None, "the round never closed"
@@ -119,15 +119,15 @@ def test_an_upload_advances_its_run_at_the_next_tick(tmp_path: Path) -> None:
     run no event touched is not read at all."""
     hub, clock, run_id, nodes, advanced = start(tmp_path, quorum=2)
     contribute(hub, run_id, *nodes[0])
-    hub.tick()
+    hub.ticker.tick()
     advanced.clear()
     for _ in range(8):  # nothing happens: nothing is read
         clock.advance(TICK_S)
-        assert hub.tick() == []
+        assert hub.ticker.tick() == []
     assert advanced == []
     contribute(hub, run_id, *nodes[1])
     clock.advance(TICK_S)
-    assert hub.tick() == [(run_id, Decision.CLOSE)]
+    assert hub.ticker.tick() == [(run_id, Decision.CLOSE)]
     assert hub.run_status(run_id)["version"] == 1
     hub.engine.dispose()
 
@@ -136,11 +136,11 @@ def test_the_periodic_full_tick_advances_a_quiet_run(tmp_path: Path) -> None:
     hub, clock, run_id, nodes, advanced = start(tmp_path, quorum=2)
     hub.ticks.full_tick_s = 2.0
     contribute(hub, run_id, *nodes[0])
-    hub.tick()
+    hub.ticker.tick()
     advanced.clear()
     for _ in range(int(2.0 / TICK_S)):
         clock.advance(TICK_S)
-        hub.tick()
+        hub.ticker.tick()
     assert advanced == [run_id]  # once, at 2 s
     hub.engine.dispose()
 
@@ -157,11 +157,11 @@ def test_prescreening_runs_after_an_upload_until_it_finds_nothing(tmp_path: Path
     hub.trust.prescreen = counted  # type: ignore[method-assign]
     for _ in range(3):
         clock.advance(TICK_S)
-        hub.tick()
+        hub.ticker.tick()
     assert examined == [0]  # once at the start (nothing known), then not while nothing comes
     contribute(hub, run_id, *nodes[0])
     for _ in range(4):
         clock.advance(TICK_S)
-        hub.tick()
+        hub.ticker.tick()
     assert examined == [0, 1, 0]  # the upload's verdict, then one look that finds nothing
     hub.engine.dispose()

@@ -93,7 +93,7 @@ def test_a_batch_refuses_its_one_replay_alone_and_judges_energy_as_one_by_one(
 
     monkeypatch.setattr(service.trust, "energy_facts", compared)
     for round_number, seeds in ((0, [10, 11, 12]), (1, [20, 11, 22])):
-        work = [a[0].assignment for a in service.assignments_or_wait(run_id, nodes)]
+        work = [a[0].assignment for a in service.asks.assignments_or_wait(run_id, nodes)]
         assert [a.round for a in work] == [round_number] * 3
         checked = [
             service.uploads.check_upload(
@@ -104,7 +104,7 @@ def test_a_batch_refuses_its_one_replay_alone_and_judges_energy_as_one_by_one(
         answers = service.uploads.store_uploads(run_id, checked)
         if round_number == 0:
             assert all(a.accepted for a in answers)
-            service.tick()
+            service.ticker.tick()
     first, replayed, third = answers
     assert first.accepted and third.accepted
     assert isinstance(replayed, HubError) and replayed.reason == Refusal.REPLAYED_UPDATE

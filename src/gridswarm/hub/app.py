@@ -139,7 +139,7 @@ class RoundSignals:
 
 class RunBatcher(Generic[Item, R]):
     """Gathers the requests of each run that arrive while one batch of them is decided, and has
-    the service decide them together: asks for work (`HubService.assignments_or_wait`) and
+    the service decide them together: asks for work (`Asks.assignments_or_wait`) and
     checked uploads (`Uploads.store_uploads`); and, under one key for the whole hub, node
     registrations (`Membership.register_many`).
 
@@ -233,7 +233,7 @@ def create_app(
         return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
     asks: RunBatcher[str, tuple[AssignmentResponse, float | None]] = RunBatcher(
-        lambda run_id, node_ids: under_lock(service.assignments_or_wait, run_id, node_ids),
+        lambda run_id, node_ids: under_lock(service.asks.assignments_or_wait, run_id, node_ids),
         MAX_ASK_BATCH,
     )
     uploads: RunBatcher[Upload, ContributionAck] = RunBatcher(
@@ -271,7 +271,7 @@ def create_app(
         while not stop.wait(TICK_S):
             started = time.perf_counter()
             try:
-                service.tick()  # isolates each run's failure itself (HubService.tick)
+                service.ticker.tick()  # isolates each run's failure itself (Ticker.tick)
             except Exception:
                 log.exception("round tick failed")
             if observed is not None:

@@ -6,13 +6,13 @@ pseudo-gradient, take the outer Nesterov step with the down-codec and its error 
 (`train/outer.outer_update_`), pack the four new blobs and evaluate the new weights on the
 held-out data. It touches no database and holds no lock: what it reads and writes goes through
 the functions it is given (the blob store's get and put, the run's aggregation and evaluation),
-so `HubService` can run it outside its lock (`_prepare_close`) or under it (`_close`), and the
-aggregation (`hub/aggregation.py` `aggregate_round`, pure) can be the plain aggregator,
-DP-FedAvg or the SecAgg sum (no upload is read: `uploads` is None); what it records for privacy
-(`PrivacyRecord`: the DP round's accounting facts) rides on the `NewVersion`, for the close's
-transaction to write.
+so the ticker (hub/ticker.py) can run it outside the hub's lock (`_prepare_close`) or under it
+(`_close`), and the aggregation (`hub/aggregation.py` `aggregate_round`, pure) can be the plain
+aggregator, DP-FedAvg or the SecAgg sum (no upload is read: `uploads` is None); what it records
+for privacy (`PrivacyRecord`: the DP round's accounting facts) rides on the `NewVersion`, for
+the close's transaction to write.
 
-`CloseInputs` is everything else it needs, read by the service from the run, its round and the
+`CloseInputs` is everything else it needs, read by the ticker from the run, its round and the
 base version; `NewVersion` is what it publishes (its blobs already stored) and the key it was
 computed from, which decides whether a version computed outside the lock may be taken under it.
 """

@@ -33,7 +33,7 @@ its own clock.
 The engine composes the rules of `hub/rounds.py` (`may_take_seat`, `lost_assignments`,
 `decide`, `decide_after_screening`, `budget_reason`), `hub/secagg_stages.py` (`decide_stage`),
 `hub/scheduler.py` and `hub/acceptance.py`; it holds no SQL, no model and no I/O, so the hub
-(`HubService._decide_ask`, `Uploads._store_contribution`, `Membership.leave`, `_advance` /
+(`Asks._decide_ask`, `Uploads._store_contribution`, `Membership.leave`, `_advance` /
 `_close`, and `HubPrivacy.advertise` / `advance_secagg`, which apply the effects with
 `hub/store/rounds.py` in the transaction that read the facts) and the simulator
 (`sim/swarm.py`, on a virtual clock, without SecAgg) take the same decisions. The heavy work
@@ -160,7 +160,7 @@ class EventKind(StrEnum):
 
 @dataclass(frozen=True)
 class SeatFacts:
-    """The round's places as the caller counts them (the hub: `service.Seats`, kept current
+    """The round's places as the caller counts them (the hub: `asks.Seats`, kept current
     through a batch of asks): whether the asking node holds one (assigned or submitted), how
     many are taken, and how many nodes are live, the asking one included."""
 

@@ -16,9 +16,10 @@ set of node ids known registered in this process. It shares the service's:
 - lock (`lock`): registering and leaving release assignments, which change rounds that the
   ticker and the asks decide under that lock;
 - tick schedule (`ticks`): the runs whose work was released are marked for the ticker;
-- cache of the fastest live node's speed (`raise_fastest`: the asks' state, raised when a node
-  registers faster) and the HTTP layer's long-poll wake-up (`round_changed`, which the HTTP
-  layer sets on the service after it is built: called through the service, never copied).
+- cache of the fastest live node's speed (`raise_fastest`: the asks' state, hub/asks.py, raised
+  when a node registers faster) and the HTTP layer's long-poll wake-up (`round_changed`, which
+  the HTTP layer sets on the service after it is built: called through the service, never
+  copied).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 stages of secure aggregation (SecAgg+) over the pull-based HTTP API.
 
 Aggregation is the pure `hub/aggregation.py` (`aggregate_round`: the run's aggregator,
-DP-FedAvg, or the SecAgg sum, whose session this module reads for it: `secagg_sum`); the close
-then writes what it recorded (`record_close`): after a DP round the Opacus accountant's epsilon
-is stored per round, and the run finishes before a round that would take epsilon past its
-budget (`stop_reason`).
+DP-FedAvg, or the SecAgg sum, whose session this module reads for it: `secagg_sum`), called
+from `Ticker._close` (hub/ticker.py); the close then writes what it recorded (`record_close`):
+after a DP round the Opacus accountant's epsilon is stored per round, and the run finishes
+before a round that would take epsilon past its budget (`stop_reason`).
 
 SecAgg stages of one round (the hub never dials a node; nodes poll `task`):
 
@@ -469,7 +469,7 @@ class HubPrivacy:
             )
             s.commit()
         with svc.lock:  # the last contribution opens the SecAgg stages now
-            svc._advance(run_id)
+            svc.ticker._advance(run_id)
         return {"contribution_id": digest, "accepted": True, "bytes_up": len(body)}
 
     @staticmethod
@@ -583,7 +583,7 @@ class HubPrivacy:
                     contribution.bytes_up += len(body)
                 s.commit()
         with svc.lock:  # the last answer moves the stage on now, not at the next tick
-            svc._advance(run_id)
+            svc.ticker._advance(run_id)
         return {"ok": True, "stage": stage, "bytes": len(body)}
 
     def _validate(

@@ -3,21 +3,18 @@
 Each public method is one transaction: it reads state, asks the pure logic (`rounds`, `scheduler`,
 the aggregator, the outer optimizer) what to do, writes blobs first and the database last, and only
 then returns. A crash at any point leaves either the old state or the new one, never half of each;
-after a restart `tick` simply continues from what the database says.
+after a restart the ticker (hub/ticker.py) simply continues from what the database says.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
@@ -27,28 +24,15 @@ from gridswarm.blobs import FileBlobStore
 from gridswarm.config import ConfigError, RunConfig, parse_run_config
 from gridswarm.energy.signals import SignalProvider
 from gridswarm.hub import energy as hub_energy
-from gridswarm.hub import engine as round_engine
 from gridswarm.hub import models as m
 from gridswarm.hub import reports
 from gridswarm.hub import weights as hub_weights
-from gridswarm.hub.aggregation import aggregate_round
-from gridswarm.hub.closing import NewVersion, close_inputs, compute_version, version_key
+from gridswarm.hub.asks import Asks
 from gridswarm.hub.datasets import HubDatasets
 from gridswarm.hub.downloads import PRESIGN_EXPIRY_S, Downloads
-from gridswarm.hub.engine import (
-    Asked,
-    AskWait,
-    OpenRound,
-    PlanRules,
-    RoundSnapshot,
-    SeatFacts,
-    WorkFacts,
-    round_wait,
-    run_wait,
-    seat_refusal,
-)
+from gridswarm.hub.engine import RoundSnapshot
 from gridswarm.hub.epochs import EpochChain, EpochPoster
-from gridswarm.hub.errors import HubError, UnreadableSettings, decided_alone
+from gridswarm.hub.errors import HubError, UnreadableSettings
 from gridswarm.hub.lifecycle import (
     FINAL,
     SPONSOR_EVENTS,
@@ -72,8 +56,7 @@ from gridswarm.hub.pacing import DEFAULT_BUDGET_PER_S, HeartbeatPacing
 from gridswarm.hub.privacy import HubPrivacy, check_new_run
 from gridswarm.hub.registration import RegistrationGate, RegistrationPolicy
 from gridswarm.hub.replicas import RoundWatch, TickerLease, is_sqlite
-from gridswarm.hub.rounds import Decision, RoundRules
-from gridswarm.hub.scheduler import speed_from_probe, update_speed
+from gridswarm.hub.rounds import RoundRules
 from gridswarm.hub.states import AssignmentStatus, RoundStatus
 from gridswarm.hub.store import contributions as contribution_store
 from gridswarm.hub.store import nodes as node_store
@@ -82,8 +65,9 @@ from gridswarm.hub.store import runs as run_store
 from gridswarm.hub.store import versions as version_store
 from gridswarm.hub.store.locks import lock_run
 from gridswarm.hub.store.reports import read_run_rows
-from gridswarm.hub.store.rounds import apply_effects, read_snapshot, row_snapshot, run_snapshot
+from gridswarm.hub.store.rounds import read_snapshot
 from gridswarm.hub.tick_schedule import TickSchedule
+from gridswarm.hub.ticker import Ticker
 from gridswarm.hub.trust import HubTrust
 from gridswarm.hub.uploads import ArrivingUploads, Uploads
 from gridswarm.identity import (
@@ -93,11 +77,8 @@ from gridswarm.identity import (
     verify_request,
 )
 from gridswarm.protocol import (
-    Assignment,
-    AssignmentResponse,
     ContributionMeta,
     FailureReport,
-    NodeStatus,
     Refusal,
     RunCreateResponse,
 )
@@ -117,12 +98,7 @@ from gridswarm.train.params import pack_vector
 from gridswarm.train.workload import Workload
 
 MAX_SKEW_S = 120.0
-LIVE_VIEW_S = 1.0  # the fastest live node's speed is recomputed at most this often (clock s)
-SPEED_WINDOW = 5  # a node's achieved speed: moving average over its last this many contributions
-SPEED_BATCH = 500  # node ids per batched speed read (well under SQLite's bound-parameter limit)
-FORECAST_TTL_S = 60.0  # the hub's own carbon forecasts are fetched again after this
 DATASET_RESCAN_S = 1.0  # an unknown digest rescans the runs' datasets at most this often
-RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
 DEFAULT_MAX_RUN_MEMORY_MB = 4096.0
 
@@ -173,51 +149,6 @@ class HubSettings:
     epochs: EpochChain | None = None
 
 
-AskAnswer = tuple[AssignmentResponse, float | None] | HubError
-"""One ask for work decided: the answer and when asking again could differ, or its refusal."""
-
-
-@dataclass
-class Seats:
-    """The counts one batch of asks for work decides on (`HubService.assignments_or_wait`),
-    read once and kept current as the batch's asks take places: the round's places taken, the
-    live nodes, which asking nodes hold a place, and (read when first needed) the live nodes
-    with a place."""
-
-    run_id: str
-    round_number: int  # the run's current round, whose places these are
-    active: int  # places taken (assigned or submitted)
-    live: int  # live nodes, the asking ones included once they asked
-    seated: set[str]  # asking nodes that hold a place, and those given one in this batch
-    live_asking: set[str] = field(default_factory=set)  # asking nodes live only by asking
-    cutoff: float = 0.0
-    _live_with_seat: int | None = None
-    _taken_in_batch: int = 0
-
-    @classmethod
-    def read(cls, s: Session, run: m.Run, node_ids: list[str], cutoff: float) -> Seats:
-        """The counts of `run`'s current round for a batch of asks by `node_ids` (three
-        indexed queries; nodes heard from since `cutoff` are live)."""
-        seated = contribution_store.seated_nodes(s, run.id, run.round, node_ids)
-        active = contribution_store.count_places_taken(s, run.id, run.round)
-        live = node_store.count_live_nodes(s, cutoff)
-        return cls(run.id, run.round, active, live, seated, cutoff=cutoff)
-
-    def live_with_seat(self, s: Session) -> int:
-        """Live nodes holding a place (one count, read when an ask first needs it)."""
-        if self._live_with_seat is None:
-            self._live_with_seat = contribution_store.count_live_with_place(
-                s, self.run_id, self.round_number, self.cutoff
-            )
-        return self._live_with_seat + self._taken_in_batch
-
-    def take(self, node_id: str) -> None:
-        """`node_id` (live: it asked) was given a place in this batch."""
-        self.active += 1
-        self.seated.add(node_id)
-        self._taken_in_batch += 1
-
-
 @dataclass(frozen=True)
 class RunConstants:
     """What of a run never changes once it is created (its settings, its model's size): kept
@@ -232,22 +163,6 @@ class RunConstants:
         return m.stored_settings(self.id, self.config_json)
 
 
-@lru_cache(maxsize=256)
-def config_echo(config_json: str) -> dict[str, Any]:
-    """A run's settings as an assignment echoes them to the node, decoded once per run (a
-    run's settings never change): shared by every answer, read only."""
-    return json.loads(config_json)
-
-
-@dataclass(frozen=True)
-class VersionBlobs:
-    """What of a version's row an assignment names (`HubService._version_blobs`)."""
-
-    weights_blob: str
-    delta_blob: str | None
-
-
-MAX_VERSION_BLOBS = 4096  # versions whose blobs are kept; past it the cache starts again
 MAX_RUN_CONSTANTS = 4096  # runs whose RunConstants are kept; past it the cache starts again
 
 
@@ -329,15 +244,6 @@ class NonceBook:
         return stored
 
 
-def closes_outside_lock(run: m.Run) -> bool:
-    """Whether a due close of `run`'s round may be computed outside the lock
-    (`HubService._prepare_close`): not for SecAgg runs, whose round reaches its close through
-    the stages' unmask under the lock (`HubPrivacy.advance_secagg`). DP runs may: their
-    aggregation is pure (`hub/aggregation.py`) and its accounting is written by the close that
-    commits (`HubPrivacy.record_close`)."""
-    return not run.settings().privacy.secagg
-
-
 class HubService:
     def __init__(
         self,
@@ -358,14 +264,7 @@ class HubService:
         self.ticks = TickSchedule()
         self.arriving = ArrivingUploads(self.ticks.mark)  # uploads received, not yet decided
         # caches that keep request handling independent of the swarm's size (rebuilt on restart)
-        self._achieved: dict[tuple[str, str], float | None] = {}  # (run, node) -> tokens/s
         self._run_constants: dict[str, RunConstants] = {}  # run id -> its immutable facts
-        self._versions: dict[tuple[str, int], VersionBlobs] = {}  # (run, number) -> its blobs
-        self._live_view: dict[
-            str, tuple[float, float | None, int]
-        ] = {}  # run -> at, fastest, numel
-        self._forecasts: dict[tuple[str, float], tuple[float, list | None]] = {}
-        self._prepared: dict[str, NewVersion] = {}  # run -> its next version, computed unlocked
         self.round_changed: Callable[[str], None] = lambda run_id: None  # set by the HTTP layer
         self.metrics: WorkObserver = NO_METRICS  # the operator's metrics, set by the HTTP layer
         pacing = HeartbeatPacing(self.settings.liveness_s, self.settings.heartbeat_budget_per_s)
@@ -377,7 +276,9 @@ class HubService:
             self.ticks,
             pacing,
             RegistrationGate(self.settings.registration, self.sessions, pacing.liveness_s, clock),
-            self._raise_fastest,
+            # the asks' cache of the fastest live node's speed (`self.asks`, built below: it needs
+            # the trust)
+            lambda run_id, speed, probe_rate: self.asks.raise_fastest(run_id, speed, probe_rate),
             lambda run_id: self.round_changed(run_id),
         )
         self.rate_limiter = RateLimiter(
@@ -386,15 +287,10 @@ class HubService:
             processes=self.settings.replica_count * self.settings.workers,
         )
         self._workloads: dict[str, Workload] = {}
-        self._failures: dict[str, int] = {}  # run id -> consecutive failed ticks
         # silence is measured from here at the earliest: a hub outage is not the nodes' fault
         self.started_at = clock()
         self._dataset_blobs: set[str] = set()
         self._dataset_blobs_loaded_at: float | None = None  # monotonic s of the last scan
-        # replicas (hub/replicas.py): one runs the round ticker; each wakes its own long-polls
-        # for changes the others made
-        self.lease = TickerLease(engine)
-        self.watch = None if is_sqlite(engine) else RoundWatch()
         # blob downloads: what may be served or redirected to, and their counts (hub/downloads.py)
         self.downloads = Downloads(
             blobs,
@@ -417,10 +313,47 @@ class HubService:
             sponsors=self.settings.sponsors,
             node_invites=self.settings.registration.invites,
         )
+        # the ask path: batches of asks decided under the lock, the nodes' speeds (hub/asks.py)
+        self.asks = Asks(
+            self.sessions,
+            lambda: self.clock(),
+            self.lock,
+            self.ticks,
+            self.membership,
+            self.trust,
+            self.settings.signals,
+            lambda s, run_id: self._run(s, run_id, lock=True),
+            self._rules,
+        )
         # the upload path: checks before the lock, decisions and rows under it (hub/uploads.py)
         self.uploads = Uploads(self)
         chain = self.settings.epochs  # the lease holder posts reward epochs (hub/epochs.py)
-        self.epochs = None if chain is None else EpochPoster(chain, self.trust.ledger, clock)
+        # the round ticker: advances and closes the runs' rounds (hub/ticker.py); of replicas
+        # (hub/replicas.py) one holds its lease, each wakes its own long-polls for changes the
+        # others made
+        self.ticker = Ticker(
+            sessions=self.sessions,
+            blobs=blobs,
+            lock=self.lock,
+            clock=lambda: self.clock(),
+            ticks=self.ticks,
+            membership=self.membership,
+            downloads=self.downloads,
+            trust=self.trust,
+            privacy=self.privacy,
+            lease=TickerLease(engine),
+            watch=None if is_sqlite(engine) else RoundWatch(),
+            epochs=None if chain is None else EpochPoster(chain, self.trust.ledger, clock),
+            locked_run=lambda s, run_id: self._run(s, run_id, lock=True),
+            read_round=self._snapshot,
+            apply_event=self._apply_event,
+            workload=self.workload,
+            forget_workload=lambda run_id: self._workloads.pop(run_id, None),
+            fragment=self.fragment,
+            forget_speeds=self.asks.forget_speeds,
+            metrics=lambda: self.metrics,
+            round_changed=lambda run_id: self.round_changed(run_id),
+        )
 
     # ---------------------------------------------------------------- authentication
 
@@ -622,57 +555,6 @@ class HubService:
             secagg_stage_timeout_s=None if sa is None else sa.stage_timeout_s,
         )
 
-    def _achieved_speed(self, s: Session, run_id: str, node_id: str) -> float | None:
-        """Moving average of the tokens/s `node_id` achieved in this run (its last SPEED_WINDOW
-        contributions), None before its first; cached, and refreshed when it contributes."""
-        self._load_achieved_speeds(s, run_id, [node_id])
-        return self._achieved[(run_id, node_id)]
-
-    def _load_achieved_speeds(self, s: Session, run_id: str, node_ids: list[str]) -> None:
-        """Fill the achieved-speed cache for those of `node_ids` not in it, in one query per
-        SPEED_BATCH nodes (each node's last SPEED_WINDOW contributions, ranked by a window
-        function) instead of one query per node, at a cost that does not grow by one round
-        trip per live node.
-        (Recomputing the fastest live node used to send one query per live node, under the
-        run's lock: at 1,000 nodes, 570 to 1,570 queries a second, holding every replica's
-        assignments behind it; bench/results/hub_load_replicas.md.)"""
-        missing = [n for n in dict.fromkeys(node_ids) if (run_id, n) not in self._achieved]
-        for start in range(0, len(missing), SPEED_BATCH):
-            batch = missing[start : start + SPEED_BATCH]
-            rows = contribution_store.recent_speeds(s, run_id, batch, SPEED_WINDOW)
-            speeds: dict[str, float | None] = dict.fromkeys(batch)
-            for node_id, tokens, train_time_s in rows:
-                speeds[node_id] = update_speed(speeds[node_id], tokens, train_time_s)
-            for node_id, speed in speeds.items():
-                self._achieved[(run_id, node_id)] = speed
-
-    def _speed(self, s: Session, run: m.Run, node_id: str, probe_rate: float) -> float:
-        """Tokens/s of a node on this run's model: probe first, then achieved speed."""
-        achieved = self._achieved_speed(s, run.id, node_id)
-        return achieved if achieved is not None else speed_from_probe(probe_rate, run.numel)
-
-    def _fastest_live(self, s: Session, run: m.Run, now: float) -> float | None:
-        """The fastest live node's tokens/s on this run: recomputed from one query of the live
-        nodes at most every LIVE_VIEW_S, raised at once when a node registers or contributes
-        faster (a stale maximum for up to LIVE_VIEW_S only shortens slow nodes' plans less)."""
-        view = self._live_view.get(run.id)
-        if view is None or now - view[0] > LIVE_VIEW_S or now < view[0]:
-            rows = node_store.live_node_probes(s, self.membership.live_cutoff(now))
-            self._load_achieved_speeds(s, run.id, [node_id for node_id, _ in rows])
-            speeds = [self._speed(s, run, node_id, probe) for node_id, probe in rows]
-            view = (now, max(speeds, default=None), run.numel)
-            self._live_view[run.id] = view
-        return view[1]
-
-    def _raise_fastest(self, run_id: str | None, speed: float | None, probe_rate: float) -> None:
-        """A node registered (`run_id` None: every run, speed from its probe) or contributed:
-        raise the cached fastest speed if it is now faster."""
-        for run, (at, fastest, numel) in list(self._live_view.items()):
-            if run_id is None or run == run_id:
-                new = speed if speed is not None else speed_from_probe(probe_rate, numel)
-                if fastest is None or new > fastest:
-                    self._live_view[run] = (at, new, numel)
-
     # ---------------------------------------------------------------- lifecycle
 
     def change_run_state(
@@ -763,273 +645,7 @@ class HubService:
             self.ticks.mark(run_id)
             return {"run_status": run.status, "failures": failures}
 
-    # ---------------------------------------------------------------- assignments
-
-    def request_assignment(self, run_id: str, node_id: str) -> AssignmentResponse:
-        return self.assignment_or_wait(run_id, node_id)[0]
-
-    def assignment_or_wait(
-        self, run_id: str, node_id: str
-    ) -> tuple[AssignmentResponse, float | None]:
-        """Work for `node_id`, or why not, and when asking again could answer differently (see
-        `assignments_or_wait`, which decides it); raises the node's HubError."""
-        answer = self.assignments_or_wait(run_id, [node_id])[0]
-        if isinstance(answer, HubError):
-            raise answer
-        return answer
-
-    def assignments_or_wait(self, run_id: str, node_ids: list[str]) -> list[AskAnswer]:
-        """Work for each of `node_ids` (in that order), or why not, and when asking again could
-        answer differently: None when only a change of the run's round can (a close, a replan,
-        a node leaving, enough nodes live: `round_changed` fires), else after that many seconds.
-        A long-poll sleeps until then instead of asking again and again. A node's refusal (not
-        registered, excluded) is its HubError in its place; the others are answered.
-
-        The asks are decided together, one after the other as if they came in this order, in
-        one transaction: one lock, one read of the round's counts, one commit for all (the HTTP
-        layer gathers the asks that arrive while a decision runs, `RunBatcher`). A round's
-        thousands of asks then cost a few commits, not one each. Reads counts and the asking
-        nodes' own rows, never all the round's rows or all the live nodes, so the cost per ask
-        does not grow with the swarm (agnostic runs). Should deciding fail for a reason that is
-        not a refusal (a bug), each ask is decided again on its own, so it fails only its own."""
-        unique = list(dict.fromkeys(node_ids))
-        now = self.clock()
-        if self.settings.signals:
-            self._prefetch_forecasts(run_id, now)
-        try:
-            with self.lock, self.sessions() as s:
-                answers = self._decide_asks(s, run_id, unique, now)
-                s.commit()
-        except HubError:
-            raise  # the run's own refusal (404): every ask's answer
-        except Exception:
-            if len(unique) == 1:
-                raise
-            alone = decided_alone(
-                f"run {run_id}",
-                "asks for work",
-                unique,
-                lambda one: self.assignments_or_wait(run_id, one),
-            )
-            answers = dict(zip(unique, alone, strict=True))
-        return [answers[node_id] for node_id in node_ids]
-
-    def _decide_asks(
-        self, s: Session, run_id: str, node_ids: list[str], now: float
-    ) -> dict[str, AskAnswer]:
-        """The decisions of `assignments_or_wait`, in the caller's transaction (not committed).
-        Reads first, writes at the end of each ask: on SQLite a write takes the database's one
-        write lock until commit, and the nonces and heartbeats of other requests wait for it."""
-        s.autoflush = False
-        run = self._run(s, run_id, lock=True)  # replicas decide one batch at a time
-        nodes = {n.id: n for n in node_store.nodes_by_id(s, node_ids)}
-        cutoff = self.membership.live_cutoff(now)
-        answers: dict[str, AskAnswer] = {}
-        for node_id in node_ids:
-            if node_id not in nodes:
-                answers[node_id] = HubError(
-                    403, f"node {node_id} is not registered", Refusal.NOT_REGISTERED
-                )
-        asking = [nodes[n] for n in node_ids if n in nodes]
-        self.membership.note_asking(asking, now)  # later requests: signs of life
-        # the round engine decides each ask (hub/engine.py `Asked`); what is the same for the
-        # whole batch (the run not active, the round's SecAgg running) is asked once, before
-        # the round's row and counts are read
-        run_snap = run_snapshot(run)
-        waiting = run_wait(run_snap)
-        if waiting is None:
-            rnd = run_store.round_row(s, run.id, run.round)
-            waiting = round_wait(row_snapshot(run, rnd, run_snap))
-        if waiting is not None:
-            answer = self._waiting(waiting)
-            return answers | {node.id: answer for node in asking}
-        seats = Seats.read(s, run, [node.id for node in asking], cutoff)
-        for node in asking:
-            try:
-                answers[node.id] = self._decide_ask(s, run, rnd, seats, node, cutoff, now)
-            except HubError as refusal:  # raised before that ask wrote anything
-                answers[node.id] = refusal
-        return answers
-
-    @staticmethod
-    def _waiting(waiting: AskWait) -> tuple[AssignmentResponse, float | None]:
-        """The answer of an ask the round engine gives no work, and when asking again could
-        answer otherwise."""
-        response = AssignmentResponse(
-            status="finished" if waiting.finished else "wait",
-            retry_after_s=waiting.retry_after_s,
-            reason=waiting.reason,
-        )
-        return response, waiting.changes_after_s
-
-    def _decide_ask(
-        self,
-        s: Session,
-        run: m.Run,
-        rnd: m.Round,
-        seats: Seats,
-        node: m.Node,
-        cutoff: float,
-        now: float,
-    ) -> tuple[AssignmentResponse, float | None]:
-        """One node's ask in a batch: its answer, with the batch's counts (`seats`) kept
-        current as places are taken. The round engine decides (`Asked`) on the facts gathered
-        here, each only once the cheaper checks before it let the node in: the seat rule, then
-        the trust admission, then the node's speed and the energy policy's share. Raises
-        HubError only before it writes anything."""
-        cfg = run.settings()
-        rules = self._rules(cfg)
-        if node.id in seats.seated:
-            held = contribution_store.held_assignment(s, run.id, run.round, node.id)
-            if held is not None:
-                # the node asks again while its work is outstanding: the answer that gave it
-                # was lost (a replica, or the hub, died after the commit). The same work
-                # again, so the round need not wait for its deadline.
-                # its row is written: no older note may undo it
-                self.membership.forget_notes(node.id)
-                node.last_seen_at, node.status = now, NodeStatus.TRAINING
-                log.info("run %s round %d: assignment sent again to %s", run.id, run.round, node.id)
-                return self._assigned(s, run, held), None
-        was_live = node.status != NodeStatus.LEFT and node.last_seen_at >= cutoff
-        if not was_live and node.id not in seats.live_asking:  # live now, by asking
-            seats.live += 1
-            seats.live_asking.add(node.id)
-        snap = row_snapshot(run, rnd)  # the round as the batch's asks so far left it
-        seat = SeatFacts(node.id in seats.seated, seats.active, seats.live)
-        plan_rules = PlanRules(
-            cfg.tokens_per_step, cfg.train.inner_steps, cfg.train.min_inner_steps
-        )
-        admission = seat_refusal(snap, rules, seat)
-        if admission is None:  # reputation: cheaters excluded (403), reputed nodes first
-
-            def competitor_ids() -> list[str]:
-                taken = contribution_store.place_holders(s, seats.run_id, seats.round_number)
-                return [
-                    n.id
-                    for n in self.membership.live_nodes(s, now)
-                    if n.id not in taken and n.id not in seats.seated
-                ]
-
-            admission = self.trust.admission(
-                s,
-                node.id,
-                rnd,
-                cfg.round.max_nodes - seats.active,
-                seats.live - seats.live_with_seat(s) - 1,  # the others without a place
-                competitor_ids,
-            )
-        work_facts = None
-        if admission is None:  # a place for it: how much work, at what speed
-            speed = self._speed(s, run, node.id, node.probe_rate)
-            fastest = self._fastest_live(s, run, now)
-            work = self._energy_work(s, run, cfg, node, speed, now)
-            work_facts = WorkFacts(speed, fastest, work.share, work.window_s, work.retry_after_s)
-        asked = Asked(node.id, seat, plan_rules, admission, work_facts)
-        decided = round_engine.step(snap, rules, asked, now)
-        if decided.wait is not None:
-            return self._waiting(decided.wait)
-        # the writes of an assignment (hub/store/rounds.py), the round's audit seed with them
-        applied = apply_effects(s, run, rnd, decided.effects)
-        self.ticks.mark(run.id)  # under the lock the ticker reads the round under
-        if any(isinstance(e, OpenRound) for e in decided.effects):
-            self.trust.open_round(s, run, rnd)  # audit seed committed on the ledger
-            log.info(
-                "run %s round %d open (attempt %d, deadline %.0f s)",
-                run.id,
-                rnd.number,
-                rnd.attempt,
-                rnd.deadline_at - now,
-            )
-        row = applied.assignments[0]
-        seats.take(node.id)
-        self.membership.forget_notes(node.id)
-        node.last_seen_at, node.status = now, NodeStatus.TRAINING
-        return self._assigned(s, run, row), None
-
-    def _assigned(self, s: Session, run: m.Run, row: m.Assignment) -> AssignmentResponse:
-        """The answer that gives a node its assignment `row` (the versions it starts from)."""
-        version = self._version_blobs(s, run.id, row.base_version)
-        previous = self._version_blobs(s, run.id, row.base_version - 1)
-        return AssignmentResponse(
-            status=AssignmentStatus.ASSIGNED,
-            assignment=Assignment(
-                id=row.id,
-                run_id=run.id,
-                round=row.round,
-                attempt=row.attempt,
-                base_version=row.base_version,
-                weights_blob=version.weights_blob,
-                previous_version_blob=previous.weights_blob if previous else None,
-                delta_blob=version.delta_blob,
-                inner_steps=row.inner_steps,
-                deadline_at=row.deadline_at,
-                config=config_echo(run.config_json),
-            ),
-        )
-
-    def _version_blobs(self, s: Session, run_id: str, number: int) -> VersionBlobs | None:
-        """The blobs of version `number` of a run (None if there is none), read from its row
-        once per process: a version's row is written once, when its round closes, and never
-        changed, so every ask of a round need not read the same two rows again."""
-        key = (run_id, number)
-        blobs = self._versions.get(key)
-        if blobs is None and number >= 0:
-            row = version_store.version_row(s, run_id, number)
-            if row is None:
-                return None  # not (yet) there: not remembered
-            blobs = VersionBlobs(row.weights_blob, row.delta_blob)
-            if len(self._versions) >= MAX_VERSION_BLOBS:
-                self._versions.clear()
-            self._versions[key] = blobs
-        return blobs
-
-    def _prefetch_forecasts(self, run_id: str, now: float) -> None:
-        """Fetch the hub's own intensity forecasts (`--signals`, possibly over HTTP) that a green
-        run plans with and that are older than FORECAST_TTL_S: before the lock, never under it."""
-        with self.sessions() as s:
-            run = run_store.run_row(s, run_id)
-            cfg = run.settings() if run else None
-        if cfg is None or cfg.energy.policy == "agnostic":
-            return
-        horizon_s = cfg.energy.forecast_horizon_s
-        for region, provider in self.settings.signals.items():
-            fetched = self._forecasts.get((region, horizon_s))
-            if fetched is None or not 0 <= now - fetched[0] <= FORECAST_TTL_S:
-                forecast = hub_energy.signal_forecast(provider, now, horizon_s)
-                self._forecasts[(region, horizon_s)] = (now, forecast)
-
-    def _energy_work(
-        self, s: Session, run: m.Run, cfg: RunConfig, node: m.Node, speed: float, now: float
-    ) -> hub_energy.WorkDecision:
-        """This node's work share under the run's energy policy (decided in hub/energy.py) over
-        the live nodes not busy with another run. `agnostic` needs only the node itself."""
-        green = cfg.energy.policy != "agnostic"
-        members = {n.id: n for n in (self.membership.live_nodes(s, now) if green else [])} | {
-            node.id: node
-        }
-        self._load_achieved_speeds(s, run.id, list(members))
-        nodes = []
-        for n in members.values():
-            report = hub_energy.parse_report(n.energy_json)
-            if n.id != node.id and report and report.get("run_id") not in (None, run.id):
-                continue
-            fetched = self._forecasts.get((n.region or "", cfg.energy.forecast_horizon_s))
-            forecast = fetched[1] if green and fetched else None  # fetched before the lock
-            n_speed = speed if n.id == node.id else self._speed(s, run, n.id, n.probe_rate)
-            nodes.append(hub_energy.LiveNode(n.id, n_speed, n.region, report, forecast))
-        remaining, deadline = hub_energy.run_targets(cfg, run.created_at, run.tokens_total)
-        compute_s, wall_s = hub_energy.round_timing(cfg, max(n.tokens_per_s for n in nodes))
-        return hub_energy.decide_work(
-            cfg.energy,
-            node.id,
-            nodes,
-            now,
-            tokens_remaining=remaining,
-            deadline_at_s=deadline,
-            compute_s=compute_s,
-            wall_s=wall_s,
-            quorum=cfg.round.quorum,
-        )
+    # ---------------------------------------------------------------- carbon
 
     def _carbon(self, run: m.Run | None, node: m.Node | None, meta: ContributionMeta) -> dict:
         """Carbon columns of a contribution: the hub's own signal for the node's region over the
@@ -1085,299 +701,6 @@ class HubService:
         round syncs, or the whole model."""
         fragment = self.fragment(run, round_number)
         return run.numel if fragment is None else fragment[1] - fragment[0]
-
-    # ---------------------------------------------------------------- rounds
-
-    def tick(self) -> list[tuple[str, Decision]]:
-        """Advance every active run's round as the clock and submissions dictate.
-
-        Runs are isolated: an exception in one run's advance is logged (once) and the others go
-        on; after `RUN_FAILURES_TO_STOP` failures in a row (a transient database error passes)
-        the run is marked `stalled` with the error as its reason (`run_status` shows it; the
-        sponsor may resume it).
-
-        With several replicas on one database every replica writes its heartbeat notes and wakes
-        its long-polls for changes the others made (`watch_rounds`), and only the one holding
-        the ticker lease (hub/replicas.py) screens and advances rounds.
-
-        A run is advanced only when it is due (hub/tick_schedule.py): an event changed it (in
-        this process, or in another replica: `watch_rounds`), the round engine's wake-up for
-        its round has come (`Step.wake_at`: its deadline, a node's silence passing the
-        liveness window), or `FULL_TICK_S` passed; pre-screening runs only after an event
-        (an upload) or while it still finds contributions to examine. The other runs' tick
-        would decide nothing: it is skipped (bench/results/hub_tick_skip.md).
-        """
-        terms = self.lease.terms
-        if not self.lease.held():
-            with self.sessions() as s:
-                # the lease holder decides with every replica's notes
-                self.membership.flush_heartbeats(s)
-                self.downloads.flush(s)
-                s.commit()
-            self.membership.count_live_nodes()
-            self.watch_rounds()
-            return []
-        if self.lease.terms != terms:  # taken over: what another replica ticked is in the db
-            self.trust.forget_cached()
-            self._failures.clear()
-            self.ticks.forget()
-        now = self.clock()
-        screen_marks = self.ticks.screening_due(now)
-        if screen_marks is not None:  # an upload came, or a verdict may still be pending
-            try:  # audit uploads as they arrive, outside the lock
-                examined = self.trust.prescreen(self.workload)
-            except Exception:
-                log.exception("prescreening contributions failed; the rounds go on")
-                examined = -1  # due again
-            self.ticks.screened(screen_marks, examined, now)
-            if examined > 0:
-                self.ticks.mark_all()  # verdicts written: the rounds' counts may have moved
-        done = []
-        with self.sessions() as s:
-            # who is lost is decided on every heartbeat received
-            self.membership.flush_heartbeats(s)
-            self.downloads.flush(s)
-            s.commit()
-            run_ids = run_store.active_run_ids(s)
-        self.metrics.active_runs(len(run_ids))
-        self.membership.count_live_nodes()
-        self.watch_rounds()
-        now = self.clock()  # pre-screening may have taken a while
-        liveness_s = self.membership.liveness_s(now)
-        self.ticks.retain(run_ids)
-        for run_id in run_ids:
-            if not self.ticks.due(run_id, now, liveness_s):
-                continue  # nothing changed it, and nothing can on the clock alone yet
-            marks = self.ticks.begin(run_id)  # before its round is read
-            started = time.perf_counter()
-            try:
-                decision = self.advance_run(run_id)
-            except Exception as exc:
-                self._run_failed(run_id, exc)
-                continue
-            self.metrics.round_advanced(decision, time.perf_counter() - started)
-            self.ticks.end(run_id, marks, now, liveness_s)
-            self._failures.pop(run_id, None)
-            if decision is not Decision.WAIT:
-                done.append((run_id, decision))
-        if self.epochs is not None:
-            self.epochs.maybe_post()  # when due; the chain's failures are its own (logged)
-        return done
-
-    def advance_run(self, run_id: str) -> Decision:
-        """Advance one run's round now: the heavy part of a due close computed outside any lock,
-        then the decision taken and committed under the run's row lock. Safe to call from several
-        replicas at once: one closes the round, the others find it closed and wait.
-
-        Most ticks find nothing to close: the round is read once, under the lock, and a close
-        found due there is rolled back and redone as before (`_prepare_close`, then `_advance`).
-        (Reading the round first in `_prepare_close` on every tick as well cost a quarter of
-        the ticker's CPU: bench/results/hub_round_cpu.md.)"""
-        with self.lock:
-            decision = self._advance(run_id, defer_close=True)
-        if decision is not None:
-            return decision
-        self._prepare_close(run_id)
-        with self.lock:
-            return self._advance(run_id)
-
-    def watch_rounds(self) -> None:
-        """Replicas only: wake this process's long-polls of the runs whose round, state or
-        places another replica changed, and forget the cached speeds of their nodes (another
-        replica took their contributions)."""
-        if self.watch is None:
-            return
-        try:
-            with self.sessions() as s:
-                moved = self.watch.changed(s, self.membership.live_cutoff(self.clock()))
-        except Exception:
-            log.exception("watching the rounds of other replicas failed")
-            return
-        self.ticks.mark(*moved)  # another replica changed them: advance them here
-        for run_id in moved:
-            for key in [k for k in self._achieved if k[0] == run_id]:
-                self._achieved.pop(key, None)
-            self.round_changed(run_id)
-
-    def _run_failed(self, run_id: str, exc: Exception) -> None:
-        """Count a failure of `run_id`'s advance; stall the run once it keeps failing."""
-        count = self._failures[run_id] = self._failures.get(run_id, 0) + 1
-        if count == 1:
-            log.exception("run %s: advancing its round failed", run_id)
-        if count < RUN_FAILURES_TO_STOP and not isinstance(exc, UnreadableSettings):
-            return  # possibly transient (a locked database); stored settings that do not
-            # validate never will
-        error = f"the hub could not advance its round: {type(exc).__name__}: {exc}"[:2000]
-        with self.lock, self.sessions() as s:
-            run = lock_run(s, run_id)
-            if run is not None and run.status == RunState.ACTIVE:
-                self._apply_event(s, run, RunEvent.STALL, error)
-                s.commit()
-        self._failures.pop(run_id, None)
-        self._workloads.pop(run_id, None)
-
-    def _advance(self, run_id: str, defer_close: bool = False) -> Decision | None:
-        """One `Tick` of the round engine for the run, its effects applied and committed under
-        the run's row lock; a round due to close is screened and published (`_close`). In a
-        SecAgg run the tick opens the round's secure aggregation instead (`OpenSecAgg`, with the
-        session's config computed here by `HubPrivacy.session_config`), and a round already
-        in it moves through its stages (`HubPrivacy.advance_secagg`: a `SecAggProgress` step,
-        the unmask where it says so), answering CLOSE once the sum is recovered.
-        `defer_close`: a close that `_prepare_close` could compute outside the lock (neither DP
-        nor SecAgg) is not done here: nothing is written and the answer is None."""
-        now = self.clock()
-        with self.sessions() as s:
-            # the run's row stays locked until the decision commits: a replica that closed this
-            # round first makes the others read the next round here, and they do nothing
-            run = self._run(s, run_id, lock=True)
-            if run.status != RunState.ACTIVE:  # paused or stopped since `tick` listed it
-                return Decision.WAIT
-            rnd, snapshot, rules = self._snapshot(s, run)
-            tick = round_engine.step(snapshot, rules, round_engine.Tick(), now)
-            if defer_close and tick.decision is Decision.CLOSE and closes_outside_lock(run):
-                s.rollback()
-                return None
-            opens = any(isinstance(e, round_engine.OpenSecAgg) for e in tick.effects)
-            config = self.privacy.session_config(s, run, rnd) if opens else None
-            # lost nodes missed; a re-plan; a SecAgg session opened
-            apply_effects(s, run, rnd, tick.effects, secagg_config=config)
-            decision, after = tick.decision, tick.snapshot
-            # a round that changed wakes the nodes waiting for work: a close or re-plan, and
-            # also lost nodes' places freed in a round that waits on (MarkMissed)
-            changed = decision is not Decision.WAIT or any(
-                isinstance(e, round_engine.MarkMissed) for e in tick.effects
-            )
-            if snapshot.status == RoundStatus.SECAGG:  # one opened now waits for its answers
-                stepped = self.privacy.advance_secagg(s, run, rnd, after, rules, now)
-                decision, after = stepped.decision, stepped.snapshot
-            elif tick.wake_at is not None:  # (SecAgg stages have clocks of their own: due)
-                self.ticks.wake(run_id, tick.wake_at)  # nothing changes before, bar an event
-            if decision is Decision.CLOSE:
-                decision = self._close(s, run, rnd, after, rules, now)
-            else:
-                s.commit()
-        if changed or decision is not Decision.WAIT:
-            self.round_changed(run_id)  # long-polls waiting for this run ask again
-        return decision
-
-    @staticmethod
-    def _accepted(s: Session, run_id: str, round_number: int) -> list[m.Contribution]:
-        return contribution_store.accepted_contributions(s, run_id, round_number)
-
-    def _prepare_close(self, run_id: str) -> None:
-        """Outside the lock: if the run's round is due to close, compute its new version now
-        (decode, aggregate, outer step, down-codec, blobs fsynced, held-out loss) so that `_close`,
-        under the lock, only checks that the round is still the one computed and writes rows.
-        Reads only; a round that changed meanwhile (a late upload, a rejection by screening) is
-        simply computed again under the lock. SecAgg runs are closed under the lock
-        (`closes_outside_lock`)."""
-        now = self.clock()
-        with self.sessions() as s:
-            run = run_store.run_row(s, run_id)
-            if run is None or run.status != RunState.ACTIVE:
-                return
-            if not closes_outside_lock(run):
-                return
-            rnd, snapshot, rules = self._snapshot(s, run)
-            due = round_engine.step(snapshot, rules, round_engine.Tick(), now).decision
-            if due is not Decision.CLOSE:
-                return
-            contributions = self._accepted(s, run.id, rnd.number)
-            if contributions:
-                base = version_store.version_row(s, run.id, rnd.base_version)
-                self._new_version(s, run, rnd, run.settings(), base, contributions, now)
-            s.rollback()
-
-    def _new_version(
-        self,
-        s: Session,
-        run: m.Run,
-        rnd: m.Round,
-        cfg: RunConfig,
-        base: m.Version,
-        contributions: list[m.Contribution],
-        now: float,
-    ) -> NewVersion:
-        """The version a close publishes from `contributions` (blobs written before any row
-        names them): taken from `_prepare_close` when it computed the same round from the same
-        contributions (`closing.version_key`), else computed here (`closing.compute_version`)."""
-        key = version_key(run, rnd, base, contributions)
-        prepared = self._prepared.pop(run.id, None)
-        if prepared is not None and prepared.key == key:
-            self._prepared[run.id] = prepared  # kept until the close commits (or is redone)
-            return prepared
-        fragment = self.fragment(run, rnd.number)  # Streaming DiLoCo: this round's slice only
-        tokens = [c.tokens for c in contributions]
-        secagg = self.privacy.secagg_sum(s, run, rnd)  # the recovered sum, under SecAgg
-        new = compute_version(
-            close_inputs(key, run, rnd, cfg, base, contributions, fragment),
-            # plain aggregator, DP-FedAvg or the SecAgg sum (pure: hub/aggregation.py)
-            lambda uploads, weights: aggregate_round(
-                cfg, tokens, uploads, weights, secagg, self.blobs.get, self.blobs.put
-            ),
-            lambda theta: self.workload(run.id, run.config_json).evaluate(theta),
-            self.blobs.get,
-            self.blobs.put,
-        )
-        if not cfg.privacy.secagg:
-            self._prepared[run.id] = new
-        return new
-
-    def _close(
-        self,
-        s: Session,
-        run: m.Run,
-        rnd: m.Round,
-        snapshot: RoundSnapshot,
-        rules: RoundRules,
-        now: float,
-    ) -> Decision:
-        """A round due to close: screen its contributions (`Screened`: a re-plan if audits left
-        fewer than the quorum), aggregate them, step the outer optimizer and store the new
-        version, settle, then `Published`: the round closes and the run goes on or finishes.
-        Commits; answers CLOSE or REPLAN."""
-        cfg = run.settings()
-        workload = self.workload(run.id, run.config_json)
-        base = version_store.version_row(s, run.id, rnd.base_version)
-        # replay audits + usefulness first: rejected contributions are not aggregated (trust.py)
-        screening = self.trust.screen_round(s, run, rnd, cfg, workload, base)
-        screened = round_engine.step(snapshot, rules, round_engine.Screened(screening), now)
-        if screened.decision is Decision.REPLAN:  # audits left fewer than the quorum
-            apply_effects(s, run, rnd, screened.effects)
-            s.commit()
-            return Decision.REPLAN
-        contributions = self._accepted(s, run.id, rnd.number)
-        new = self._new_version(s, run, rnd, cfg, base, contributions, now)
-        tokens = sum(c.tokens for c in contributions)
-        tokens_total = run.tokens_total + tokens
-        version = m.Version(
-            run_id=run.id, tokens_total=tokens_total, created_at=now, **new.columns()
-        )
-        version_store.add_version(s, version)
-        # the DP round's accounting and the SecAgg aggregate, with the version that used them
-        self.privacy.record_close(s, run, rnd, cfg, new.privacy, now)
-        self.trust.settle_round(s, run, rnd, cfg, version)  # verdicts, rewards, reputation
-        # the epsilon budget: would one more round pass it (DP accounting, hub/privacy.py)
-        privacy_stop = self.privacy.stop_reason(s, run, cfg)
-        event = round_engine.Published(new.number, tokens_total, privacy_stop)
-        published = round_engine.step(screened.snapshot, rules, event, now)
-        apply_effects(s, run, rnd, published.effects)
-        log.info(
-            "run %s round %d closed (%s): %d contributions from %s, %d tokens, "
-            "val loss %.4f -> %.4f",
-            run.id,
-            rnd.number,
-            rnd.close_reason,
-            len(contributions),
-            ", ".join(sorted({c.node_id for c in contributions})) or "-",
-            tokens,
-            base.val_loss,
-            version.val_loss,
-        )
-        if run.status == RunState.FINISHED:
-            log.info("run %s finished at version %d: %s", run.id, new.number, run.status_reason)
-        s.commit()
-        return Decision.CLOSE
 
     # ---------------------------------------------------------------- reads
 

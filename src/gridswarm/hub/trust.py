@@ -338,7 +338,7 @@ class HubTrust:
         Cheap first: nothing is read while fewer places are taken than newcomers may hold
         (always so with the default share 1.0), nor for a node that has worked. Otherwise one
         count of the round's stored places held by never-worked nodes, plus those this
-        transaction gave and has not flushed (a batch of asks, hub/service.py
+        transaction gave and has not flushed (a batch of asks, hub/asks.py
         `_decide_asks`, writes its assignments at commit). Within one transaction of asks the
         count only grows (asks take places, never free them), so once the newcomer places are
         full the later newcomers of the batch wait without a read (`Session.info`)."""

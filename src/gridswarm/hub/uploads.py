@@ -16,9 +16,9 @@ rather than copying it, read through `svc` at each call, so the service stays it
 lock (every decision under the hub's one lock), its session factory, engine, blob store and
 clock, the tick schedule (an upload marks its run), the trust object (screen, ledger, strikes),
 the run and node reads (`_run`, `_node_assignment`), the run-constants cache and update sizes
-(`run_constants`, `_update_numel`), the carbon columns (`_carbon_columns`) and the achieved-speed
-cache (`_achieved`, `_load_achieved_speeds`, `_raise_fastest`), which asks read too. Its own state
-is only `_checking`, the bound on uploads decoded at once.
+(`run_constants`, `_update_numel`), the carbon columns (`_carbon_columns`) and the asks' cache of
+the nodes' speeds (`asks.contributed`: a stored upload changes its node's achieved speed, which
+the asks plan with). Its own state is only `_checking`, the bound on uploads decoded at once.
 """
 
 from __future__ import annotations
@@ -254,11 +254,7 @@ class Uploads:
                 for u, answer in zip(uploads, answers, strict=True)
                 if isinstance(answer, ContributionAck)
             ]
-            for node_id in acked:
-                self.svc._achieved.pop((run_id, node_id), None)
-            self.svc._load_achieved_speeds(s, run_id, acked)
-            for node_id in acked:
-                self.svc._raise_fastest(run_id, self.svc._achieved[(run_id, node_id)], 0.0)
+            self.svc.asks.contributed(s, run_id, acked)
         return answers
 
     def _store_in_savepoint(
