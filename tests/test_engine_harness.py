@@ -6,7 +6,8 @@
   closed on too few, whether the rejection came from pre-screening or from the close itself;
 - a SecAgg participant that vanishes after masking: the round recovers without it (its input is
   in the sum), and with more than t such dropouts it fails cleanly (nothing published);
-- a DP run that reaches its epsilon budget finishes with the reason.
+- a DP run that reaches its epsilon budget finishes with the reason; its closes are computed
+  outside the hub's lock (the aggregation is pure) and each published round is accounted once.
 
 The hub is the real service (and, for the HTTP paths, the real app through FastAPI's TestClient
 with real signatures) on SQLite in a temporary folder (tests/harness.py, tests/hub/harness.py).
@@ -22,6 +23,7 @@ import torch
 from sqlalchemy import select
 
 from gridswarm.hub import models as m
+from gridswarm.hub import ticker as hub_ticker
 from gridswarm.hub.rounds import Decision
 from gridswarm.hub.service import HubService, HubSettings
 from gridswarm.identity import Identity
@@ -439,3 +441,44 @@ def test_a_dp_run_reaching_its_epsilon_budget_finishes_with_the_reason(tmp_path:
     assert p["epsilon"] == pytest.approx(epsilon_for(1.0, 1.0, 2, 1e-5)) and p["epsilon"] <= 8.0
     answer = service.asks.request_assignment(run_id, node)  # a finished run hands out no more work
     assert answer.status == "finished" and "epsilon budget" in answer.reason
+
+
+def test_a_dp_runs_close_is_computed_outside_the_lock_and_accounted_once_per_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    clock = FakeClock()
+    service = new_service(tmp_path, clock)
+    aggregated_under_lock: list[bool] = []
+    aggregate_round = hub_ticker.aggregate_round
+
+    def spy(*args: Any, **kwargs: Any):
+        aggregated_under_lock.append(service.lock._is_owned())  # this thread holds it?
+        return aggregate_round(*args, **kwargs)
+
+    monkeypatch.setattr(hub_ticker, "aggregate_round", spy)
+    dp = {"clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-5, "epsilon_budget": 100.0}
+    config = tiny_run(privacy={"dp": dp}, trust=NO_AUDITS, budget={"rounds": 3})
+    run_id = service.create_run(Identity.generate().public_key, config).run_id
+    numel = service.run_status(run_id)["numel"]
+    node = service.membership.register(
+        Identity.generate().public_key, RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel)
+    )
+    for i in range(6):  # bounded: three rounds
+        answer = service.asks.request_assignment(run_id, node)
+        if answer.status != "assigned":
+            break
+        upload(service, run_id, node, answer.assignment, fake_update(numel, i))
+        clock.advance(1.0)
+        service.ticker.tick()
+
+    status = service.run_status(run_id)
+    assert status["status"] == "finished" and status["version"] == 3
+    assert aggregated_under_lock == [False] * 3  # one computation per close, none under the lock
+    with service.sessions() as s:
+        rows = s.execute(
+            select(m.PrivacyRound.round, m.PrivacyRound.nodes).where(
+                m.PrivacyRound.run_id == run_id
+            )
+        )
+        assert sorted(rows) == [(0, 1), (1, 1), (2, 1)]  # the published rounds, one node each
+    assert status["privacy"]["epsilon"] == pytest.approx(epsilon_for(1.0, 1.0, 3, 1e-5))
