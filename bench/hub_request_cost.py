@@ -227,6 +227,8 @@ def main() -> None:
         "load_average": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
         "results": {},
     }
+    if args.out is not None:  # before the measurement, not after it
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         sides = []
         if args.baseline_src is not None or args.baseline_hub_arg:
