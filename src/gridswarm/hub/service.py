@@ -326,7 +326,22 @@ class HubService:
             self._rules,
         )
         # the upload path: checks before the lock, decisions and rows under it (hub/uploads.py)
-        self.uploads = Uploads(self)
+        self.uploads = Uploads(
+            sessions=self.sessions,
+            engine=engine,
+            blobs=blobs,
+            lock=self.lock,
+            clock=lambda: self.clock(),
+            ticks=self.ticks,
+            trust=self.trust,
+            locked_run=lambda s, run_id: self._run(s, run_id, lock=True),
+            node_assignment=self._node_assignment,
+            cached_constants=lambda run_id: self._run_constants.get(run_id),
+            run_constants=self.run_constants,
+            update_numel=self._update_numel,
+            carbon_columns=self._carbon_columns,
+            contributed=self.asks.contributed,
+        )
         chain = self.settings.epochs  # the lease holder posts reward epochs (hub/epochs.py)
         # the round ticker: advances and closes the runs' rounds (hub/ticker.py); of replicas
         # (hub/replicas.py) one holds its lease, each wakes its own long-polls for changes the

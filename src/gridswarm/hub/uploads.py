@@ -10,15 +10,24 @@ upload's blob is removed again unless a row names it. `ArrivingUploads` counts t
 process has received and not yet decided (a round at its deadline waits for them).
 
 `HubService` builds one `Uploads` (`service.uploads`); `hub/app.py` calls `check_upload` and
-`store_uploads`, `HubPrivacy.advertise` calls `accept_upload`. It shares the service's state
-rather than copying it, read through `svc` at each call, so the service stays its single owner
-(tests set some of it, the clock for one, after the service is built): the service
-lock (every decision under the hub's one lock), its session factory, engine, blob store and
-clock, the tick schedule (an upload marks its run), the trust object (screen, ledger, strikes),
-the run and node reads (`_run`, `_node_assignment`), the run-constants cache and update sizes
-(`run_constants`, `_update_numel`), the carbon columns (`_carbon_columns`) and the asks' cache of
-the nodes' speeds (`asks.contributed`: a stored upload changes its node's achieved speed, which
-the asks plan with). Its own state is only `_checking`, the bound on uploads decoded at once.
+`store_uploads`, `HubPrivacy.advertise` calls `accept_upload`. Its own state is only
+`_checking`, the bound on uploads decoded at once. It is handed, not copied, what it shares with
+the service, which stays its single owner:
+- the session factory, the engine (the facts read before the lock, on a plain pooled
+  connection), the blob store and the lock (every decision under the hub's one lock, the one
+  the asks and the ticker decide under);
+- the clock (the service's, called through it, so a clock the tests put on the service is this
+  one's too) and the tick schedule (an upload marks its run);
+- the trust object (the screen, the ledger, strikes);
+- the run and node reads the requests share: the run's row, locked (`HubService._run`), and a
+  node's assignment in it (`HubService._node_assignment`);
+- the service's cache of the runs' immutable facts (`cached_constants`, read without a session;
+  `run_constants`, which fills it, on a miss) and an upload's size for its round
+  (`HubService._update_numel`: the Streaming DiLoCo fragment, from the service's workloads);
+- the carbon columns (`HubService._carbon_columns`: the hub's own signals, which SecAgg
+  advertisements use too, through the service);
+- the asks' cache of the nodes' speeds (`contributed`: a stored upload changes its node's
+  achieved speed, which the asks plan with).
 """
 
 from __future__ import annotations
@@ -57,7 +66,13 @@ from gridswarm.train.params import BlobFormatError, unpack
 from gridswarm.trust.claims import is_zero_update, update_sha256
 
 if TYPE_CHECKING:
-    from gridswarm.hub.service import HubService
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import sessionmaker
+
+    from gridswarm.blobs import FileBlobStore
+    from gridswarm.hub.service import RunConstants
+    from gridswarm.hub.tick_schedule import TickSchedule
+    from gridswarm.hub.trust import HubTrust
 
 
 @dataclass(frozen=True)
@@ -117,11 +132,41 @@ class ArrivingUploads:
 
 
 class Uploads:
-    """The upload path over the service's state (`svc`; what it shares and why: the module's
-    docstring)."""
+    """The upload path over the state it is handed (see the module's docstring for the state it
+    owns and the state it shares with `HubService`)."""
 
-    def __init__(self, service: HubService) -> None:
-        self.svc = service
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        engine: Engine,
+        blobs: FileBlobStore,
+        lock: threading.RLock,
+        clock: Callable[[], float],
+        ticks: TickSchedule,
+        trust: HubTrust,
+        locked_run: Callable[[Session, str], m.Run],
+        node_assignment: Callable[[Session, str, str, str], tuple[m.Node, m.Assignment]],
+        cached_constants: Callable[[str], RunConstants | None],
+        run_constants: Callable[[Session, str], RunConstants],
+        update_numel: Callable[[m.Run | RunConstants, int], int],
+        carbon_columns: Callable[[RunConfig | None, str | None, ContributionMeta], dict],
+        contributed: Callable[[Session, str, list[str]], None],
+    ) -> None:
+        self.sessions = sessions
+        self.engine = engine
+        self.blobs = blobs
+        self.lock = lock
+        self.clock = clock
+        self.ticks = ticks
+        self.trust = trust
+        self.locked_run = locked_run  # the run's row, locked until the transaction ends (404)
+        self.node_assignment = node_assignment  # a node's row and its assignment (403 / 404)
+        self.cached_constants = cached_constants  # a run's immutable facts if cached, else None
+        self.run_constants = run_constants  # a run's immutable facts, cached on a miss (404)
+        self.update_numel = update_numel  # an upload's values for a round: fragment or model
+        self.carbon_columns = carbon_columns  # an upload's carbon columns (hub/energy.py)
+        self.contributed = contributed  # the asks' cache: the nodes' achieved speeds re-read
         # uploads decoded and checked at once, outside the lock (each holds a decoded update)
         self._checking = threading.BoundedSemaphore(max(2, os.cpu_count() or 1))
 
@@ -158,29 +203,29 @@ class Uploads:
             # settings, sizes and rounds never change: no lock; one query on a plain pooled
             # connection (no ORM session): the run's state, the node's region, the
             # assignment's round
-            with self.svc.engine.connect() as conn:
+            with self.engine.connect() as conn:
                 status, region, round_number = contribution_store.upload_facts(
                     conn, run_id, node_id, meta.assignment_id
                 )
             if status is None:
                 raise HubError(404, f"run {run_id} not found")
-            run = self.svc._run_constants.get(run_id)
+            run = self.cached_constants(run_id)
             if run is None:  # once per run and process
-                with self.svc.sessions() as s:
-                    run = self.svc.run_constants(s, run_id)
+                with self.sessions() as s:
+                    run = self.run_constants(s, run_id)
             cfg = run.settings()
-            numel = None if round_number is None else self.svc._update_numel(run, round_number)
+            numel = None if round_number is None else self.update_numel(run, round_number)
             checked = numel is not None and meta.codec == cfg.comm.codec  # else refused later
             if checked:
                 self._check_payload(cfg, tensors, numel)
             update_digest, zero = update_sha256(tensors), is_zero_update(tensors)
             digest = body_sha256 or sha256_hex(body)
         # may ask a signal provider: no semaphore held
-        carbon = self.svc._carbon_columns(cfg if status == RunState.ACTIVE else None, region, meta)
+        carbon = self.carbon_columns(cfg if status == RunState.ACTIVE else None, region, meta)
         # the write waits on the disk, not on a core: outside the semaphore, so the fsyncs of
         # the uploads in flight (at most LOCKED_THREADS, hub/app.py) overlap
-        stored_before = self.svc.blobs.has(digest)
-        self.svc.blobs.put(body, known_sha256=digest)  # fsynced before any row names it
+        stored_before = self.blobs.has(digest)
+        self.blobs.put(body, known_sha256=digest)  # fsynced before any row names it
         return Upload(
             node_id,
             meta,
@@ -227,13 +272,13 @@ class Uploads:
                 self._drop_unless_named(run_id, upload.digest)
 
     def _store_batch(self, run_id: str, uploads: list[Upload]) -> list[UploadAnswer]:
-        with self.svc.lock, self.svc.sessions() as s:
-            run = self.svc._run(s, run_id, lock=True)  # 404 for all; replicas: one batch at a time
+        with self.lock, self.sessions() as s:
+            run = self.locked_run(s, run_id)  # 404 for all; replicas: one batch at a time
             # the uploading nodes are alive: written first, so that on SQLite the transaction
             # (and the database's write lock) begins here and the savepoints below nest in it
             # (a SAVEPOINT that begins a pysqlite transaction commits on its release)
             node_ids = sorted({u.node_id for u in uploads})
-            node_store.touch_nodes(s, node_ids, self.svc.clock())
+            node_store.touch_nodes(s, node_ids, self.clock())
             # the batch's round, nodes and assignments in three queries, not three per upload
             # (held here: the session's identity map keeps rows only while they are referred to)
             assignment_ids = sorted({u.meta.assignment_id for u in uploads})
@@ -254,7 +299,7 @@ class Uploads:
                 for u, answer in zip(uploads, answers, strict=True)
                 if isinstance(answer, ContributionAck)
             ]
-            self.svc.asks.contributed(s, run_id, acked)
+            self.contributed(s, run_id, acked)
         return answers
 
     def _store_in_savepoint(
@@ -288,7 +333,7 @@ class Uploads:
         before the lock could not decode it (its assignment was not found there); otherwise
         None, and nothing is decoded again. `facts`: the batch's facts read once."""
         node_id, meta = upload.node_id, upload.meta
-        node, assignment = self.svc._node_assignment(s, run.id, node_id, meta.assignment_id)
+        node, assignment = self.node_assignment(s, run.id, node_id, meta.assignment_id)
         claims = meta.model_dump()
         # the checks every upload passes, SecAgg ones too (the round engine's `Arrived`)
         row = ContributionRow(upload.digest, claims, len(upload.body), upload.carbon)
@@ -296,16 +341,14 @@ class Uploads:
             s, run, node, assignment, meta, row, energy_window=facts.energy
         )
         if upload.unchecked is not None:  # past acceptance: its codec is the run's
-            self._check_payload(
-                cfg, upload.unchecked, self.svc._update_numel(run, assignment.round)
-            )
+            self._check_payload(cfg, upload.unchecked, self.update_numel(run, assignment.round))
         # the node's signed claim over the update, no replayed update (hub/trust.py)
-        screened = self.svc.trust.screen_submission(
+        screened = self.trust.screen_submission(
             s, run, cfg, node, assignment, claims, *upload.update, replays=facts.replays(s)
         )
-        if not self.svc.blobs.has(upload.digest):  # a failed identical upload removed it meanwhile
-            self.svc.blobs.put(upload.body, known_sha256=upload.digest)
-        trusted = self.svc.trust.record_submission(s, screened)  # the claim on the ledger
+        if not self.blobs.has(upload.digest):  # a failed identical upload removed it meanwhile
+            self.blobs.put(upload.body, known_sha256=upload.digest)
+        trusted = self.trust.record_submission(s, screened)  # the claim on the ledger
         # the row (with the update's digest and the claim's seq), and `submitted`: the last
         # writes of the savepoint (store.rounds writes them at once, in Core)
         applied = apply_effects(s, run, rnd, accepted.effects, contribution_columns=trusted)
@@ -336,7 +379,7 @@ class Uploads:
         written. The caller holds the service lock, `run` locked, in its transaction `s`.
         `energy_window`: the run's newest contributions for a batch of uploads, read once
         (hub/upload_facts.py); None: the energy facts are queried for this upload alone."""
-        self.svc.ticks.mark(run.id)  # under the lock the ticker reads the round under
+        self.ticks.mark(run.id)  # under the lock the ticker reads the round under
         rnd = run_store.round_row(s, run.id, run.round)
         snap = row_snapshot(run, rnd)
         place = AssignmentFacts(
@@ -352,25 +395,25 @@ class Uploads:
                 energy_min_fraction=cfg.trust.energy_min_fraction,
             )
             window = energy_window(s) if energy_window is not None else None
-            energy = self.svc.trust.energy_facts(s, run, node, window)
+            energy = self.trust.energy_facts(s, run, node, window)
         arrived = Arrived(assignment.id, node.id, place, ClaimFacts.of(meta), row, rules, energy)
-        decided = round_engine.arrival(snap, arrived, self.svc.clock())
+        decided = round_engine.arrival(snap, arrived, self.clock())
         if decided.refused is None and cfg is not None and rnd is not None:
             return cfg, rnd, decided  # (accepted: the round is there and the settings read)
         if decided.effects:  # MarkLate: the round moved on without this assignment
             apply_effects(s, run, rnd, decided.effects)
             s.commit()
         refused = decided.refused or UploadRefused(409, Refusal.STALE, "stale: no round")
-        self.svc.trust.refuse_upload(s, run, cfg, node.id, assignment, refused)
+        self.trust.refuse_upload(s, run, cfg, node.id, assignment, refused)
 
     def _drop_unless_named(self, run_id: str, digest: str) -> None:
         """Remove the blob of a refused or failed upload unless a contribution row names it;
         under the run's lock, so an identical upload's commit (which puts the blob back if it
         is missing) and this removal never interleave."""
-        with self.svc.lock, self.svc.sessions() as s:
+        with self.lock, self.sessions() as s:
             lock_run(s, run_id)
             if contribution_store.contribution_row(s, digest) is None:
-                self.svc.blobs.delete(digest)
+                self.blobs.delete(digest)
 
     @staticmethod
     def _check_payload(cfg: RunConfig, tensors: dict[str, torch.Tensor], numel: int) -> None:
