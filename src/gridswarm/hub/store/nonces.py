@@ -1,5 +1,5 @@
 """The `nonces` table: nonces of accepted signed requests (a second use is a replay), written by
-`service.NonceBook`'s group commit on a bare connection (no ORM on this path, which every
+`hub/nonces.py` `NonceBook`'s group commit on a bare connection (no ORM on this path, which every
 signed request takes).
 
 Plain functions over the caller's `Connection`: none commits; `NonceBook` commits each batch,
