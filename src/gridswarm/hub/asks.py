@@ -15,7 +15,7 @@ of the ask path: the version blobs an assignment names, the hub's own carbon for
 speed, and the fastest live node's, cached for LIVE_VIEW_S). Those speeds are changed from
 outside too: registration raises the fastest (`raise_fastest`, handed to `Membership`), a
 stored upload re-reads its node's achieved speed (`contributed`, called by `Uploads`), and a
-round that another replica moved drops its run's (`forget_speeds`, called by the service).
+round that another replica moved drops its run's (`forget_speeds`, called by the ticker).
 
 It is handed, not copied, what it shares with the service: the session factory; the clock
 (the service's, called through it, so a clock the tests put on the service is this one's
