@@ -5,7 +5,9 @@
 - a round whose contributions audits/screening reject below its quorum is re-planned, not
   closed on too few, whether the rejection came from pre-screening or from the close itself;
 - a SecAgg participant that vanishes after masking: the round recovers without it (its input is
-  in the sum), and with more than t such dropouts it fails cleanly (nothing published);
+  in the sum), and with more than t such dropouts it fails cleanly (nothing published); a
+  SecAgg round's unmask and close are computed outside the hub's lock (not in the request of
+  the last answer), and an unmask whose answers changed meanwhile is computed again under it;
 - a DP run that reaches its epsilon budget finishes with the reason; its closes are computed
   outside the hub's lock (the aggregation is pure) and each published round is accounted once.
 
@@ -23,6 +25,7 @@ import torch
 from sqlalchemy import select
 
 from gridswarm.hub import models as m
+from gridswarm.hub import secagg_unmask
 from gridswarm.hub import ticker as hub_ticker
 from gridswarm.hub.rounds import Decision
 from gridswarm.hub.service import HubService, HubSettings
@@ -272,10 +275,12 @@ def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
 # ------------------------------------------------------------------------- SecAgg dropouts
 
 
-def secagg_round(tmp_path: Path, vanish: int) -> tuple[Hub, str, list, list[torch.Tensor]]:
-    """Four nodes train (fake updates) and follow SecAgg; `vanish` of them stop after sending
-    their masked input and fall silent. Returns after the others have nothing left to do."""
-    hub = Hub(tmp_path, HubSettings(liveness_s=LIVENESS_S))
+def secagg_round(hub: Hub | Path, vanish: int) -> tuple[Hub, str, list, list[torch.Tensor]]:
+    """Four nodes train (fake updates) and follow SecAgg on `hub` (a new one in a folder);
+    `vanish` of them stop after sending their masked input and fall silent. Returns after the
+    others have nothing left to do."""
+    if isinstance(hub, Path):
+        hub = Hub(hub, HubSettings(liveness_s=LIVENESS_S))
     config = tiny_run(
         privacy=SECAGG, round={"deadline_s": 60, "quorum": 4, "min_nodes": 4}, budget={"rounds": 1}
     )
@@ -375,6 +380,87 @@ def test_more_than_t_vanished_after_masking_fail_the_round_cleanly(tmp_path: Pat
         task = c.poll(wait_s=0)
         assert task["stage"] == "aborted" and "max_dropouts" in task["reason"]
     assert svc.trust.verify()["ok"]
+
+
+def spy_on_the_lock(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> tuple[list[bool], list[bool]]:
+    """Record, for each SecAgg unmask (`secagg_unmask.unmask_sum`) and each aggregation of a
+    close (`aggregate_round` as the ticker calls it), whether the hub's lock was held."""
+    unmasked_under_lock: list[bool] = []
+    aggregated_under_lock: list[bool] = []
+    unmask_sum, aggregate_round = secagg_unmask.unmask_sum, hub_ticker.aggregate_round
+
+    def unmasking(*args: Any, **kwargs: Any):
+        unmasked_under_lock.append(hub.service.lock._is_owned())  # this thread holds it?
+        return unmask_sum(*args, **kwargs)
+
+    def aggregating(*args: Any, **kwargs: Any):
+        aggregated_under_lock.append(hub.service.lock._is_owned())
+        return aggregate_round(*args, **kwargs)
+
+    monkeypatch.setattr(secagg_unmask, "unmask_sum", unmasking)
+    monkeypatch.setattr(hub_ticker, "aggregate_round", aggregating)
+    return unmasked_under_lock, aggregated_under_lock
+
+
+def test_a_secagg_rounds_unmask_and_close_are_computed_outside_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    hub = Hub(tmp_path, HubSettings(liveness_s=LIVENESS_S))
+    unmasked_under_lock, aggregated_under_lock = spy_on_the_lock(hub, monkeypatch)
+    _, run_id, contributors, updates = secagg_round(hub, vanish=0)
+    # the last unmask answer leaves the unmask to the ticker: no crypto in the request
+    assert all("unmask" in c.stages for c in contributors)
+    assert unmasked_under_lock == []
+    status = hub.get(f"{API}/runs/{run_id}").json()
+    assert status["version"] == 0 and status["rounds"][0]["status"] == "secagg"
+
+    hub.service.ticker.tick()
+
+    status = hub.get(f"{API}/runs/{run_id}").json()
+    assert status["status"] == "finished" and status["version"] == 1
+    # one unmask and one aggregation, both beside the requests, and the close took them
+    assert unmasked_under_lock == [False] and aggregated_under_lock == [False]
+    svc = hub.service
+    (sess,) = rows(svc, m.SecAggSession)
+    assert (sess.stage, sess.survivors, sess.dropped) == ("done", 4, 0)
+    aggregate = unpack_vector(svc.blobs.get(sess.aggregate_blob))
+    tokens = torch.tensor([float(c.meta.tokens) for c in contributors])
+    expected = (tokens[:, None] * torch.stack(updates)).sum(0) / tokens.sum()
+    assert float((aggregate - expected).abs().max()) < 1e-6
+
+
+def test_a_prepared_unmask_that_no_longer_matches_is_computed_again_under_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The unmask is computed outside the lock from three answers; the fourth comes before the
+    close takes it, so the close unmasks again, under the lock, from all four."""
+    hub = Hub(tmp_path, HubSettings(liveness_s=LIVENESS_S))
+    unmasked_under_lock, aggregated_under_lock = spy_on_the_lock(hub, monkeypatch)
+    _, run_id, contributors, _ = secagg_round(hub, vanish=1)
+    late, others = contributors[0], contributors[1:]
+    ticker = hub.service.ticker
+    prepare_unmask = ticker._prepare_unmask
+
+    def a_late_answer_meanwhile(run: str, outcome: Any) -> None:
+        prepare_unmask(run, outcome)
+        task = late.poll(wait_s=0)
+        assert task["stage"] == "unmask"
+        late.answer(task)  # the request leaves the unmask to the ticker: still in secagg
+        assert hub.get(f"{API}/runs/{run_id}").json()["rounds"][0]["status"] == "secagg"
+
+    monkeypatch.setattr(ticker, "_prepare_unmask", a_late_answer_meanwhile)
+    keep_alive_and_pass_liveness(hub, others)
+
+    status = hub.get(f"{API}/runs/{run_id}").json()
+    assert status["status"] == "finished" and status["version"] == 1
+    assert unmasked_under_lock == [False, True]  # prepared from 3 answers, redone from 4
+    # the same survivors give the same sum: the version computed from it outside the lock holds
+    assert aggregated_under_lock == [False]
+    svc = hub.service
+    unmasked = {x.node_id for x in rows(svc, m.SecAggMessage, m.SecAggMessage.stage == "unmask")}
+    assert unmasked == {c.node_id for c in contributors}
+    (sess,) = rows(svc, m.SecAggSession)
+    assert (sess.stage, sess.survivors, sess.dropped) == ("done", 4, 0)
 
 
 # ------------------------------------------------------------------------- waking waiting nodes

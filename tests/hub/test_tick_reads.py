@@ -39,9 +39,9 @@ def test_ticks_read_the_round_once_and_a_due_close_is_prepared_outside_the_lock(
         calls.append("prepare")
         prepare(run_id)
 
-    def versioning(s, run, *args):  # type: ignore[no-untyped-def]
+    def versioning(run, *args):  # type: ignore[no-untyped-def]
         before = ticker._prepared.get(run.id)
-        new = new_version(s, run, *args)
+        new = new_version(run, *args)
         where = "locked" if in_advance[0] else "unlocked"
         calls.append(f"version {where}" + (" (prepared)" if new is before else ""))
         return new

@@ -1,7 +1,7 @@
 """A round's pseudo-gradient from its accepted uploads: the plain aggregator, DP-FedAvg, or the
 SecAgg sum. A pure decider: settings, uploads and the SecAgg sum in; the pseudo-gradient and what
 the close must record out (`Aggregated`). It holds no session and takes no lock, so a close can
-compute it beside the requests (`HubService._prepare_close`) and write its record afterwards,
+compute it beside the requests (`Ticker._prepare_close`) and write its record afterwards,
 under the lock, in the transaction that publishes the version (`HubPrivacy.record_close`).
 
 - no privacy settings: the run's aggregator (registry, `train/aggregate.py`), by blocks of

@@ -26,7 +26,7 @@ import torch
 
 from gridswarm.config import RunConfig
 from gridswarm.hub import models as m
-from gridswarm.hub.aggregation import Aggregated, PrivacyRecord
+from gridswarm.hub.aggregation import Aggregated, PrivacyRecord, SecAggSum
 from gridswarm.train.aggregate import EncodedRows
 from gridswarm.train.codecs import make_codec
 from gridswarm.train.outer import outer_update_
@@ -59,12 +59,12 @@ class NewVersion:
 class CloseInputs:
     """What one close computes its new version from, besides the blobs it reads.
 
-    `key`: the round, attempt, base version and accepted contributions it is computed from
-    (`version_key`); `model_numel`: the whole flat model's values; `fragment`: the [start, end)
-    the round syncs (Streaming DiLoCo) or None for the whole vector; `number`: the new version's;
-    `uploads`: (blob digest, tokens) of each accepted contribution, in the aggregation's order;
-    `base_*_blob`: the base version's blobs (momentum and error feedback None before the first
-    outer step)."""
+    `key`: the round, attempt, base version and accepted contributions it is computed from, and
+    the SecAgg sum (`version_key`); `model_numel`: the whole flat model's values; `fragment`: the
+    [start, end) the round syncs (Streaming DiLoCo) or None for the whole vector; `number`: the
+    new version's; `uploads`: (blob digest, tokens) of each accepted contribution, in the
+    aggregation's order; `base_*_blob`: the base version's blobs (momentum and error feedback
+    None before the first outer step)."""
 
     key: tuple
     run_id: str
@@ -79,11 +79,23 @@ class CloseInputs:
 
 
 def version_key(
-    run: m.Run, rnd: m.Round, base: m.Version, contributions: list[m.Contribution]
+    run: m.Run,
+    rnd: m.Round,
+    base: m.Version,
+    contributions: list[m.Contribution],
+    secagg: SecAggSum | None,
 ) -> tuple:
-    """What a new version is computed from: a version computed outside the lock is taken under
-    it only when this is the same there."""
-    return (run.id, rnd.number, rnd.attempt, base.number, tuple(c.id for c in contributions))
+    """What a new version is computed from (under SecAgg the recovered sum's blob too): a
+    version computed outside the lock is taken under it only when this is the same there."""
+    sum_blob = None if secagg is None else secagg.sum_blob
+    return (
+        run.id,
+        rnd.number,
+        rnd.attempt,
+        base.number,
+        tuple(c.id for c in contributions),
+        sum_blob,
+    )
 
 
 def close_inputs(

@@ -24,7 +24,9 @@ keys), with the reason kept in the session row. The decisions are the round engi
 (`hub/engine.py`: a Tick opens the session, `SecAggProgress` composes the pure
 `secagg_stages.decide_stage`, `SecAggRecovered` / `SecAggFailed` end it) and their row writes
 `hub/store/rounds.py`'s; this module gathers the facts (`_progress`), computes the session's
-config (`session_config`), unmasks the sum, and keeps the stage messages and blobs. Its
+config (`session_config`), reads the unmask's inputs (`unmask_inputs`; the unmask itself is the
+pure `hub/secagg_unmask.py`, which the ticker computes outside the lock: `advance_secagg` takes
+its outcome while it still matches the round), and keeps the stage messages and blobs. Its
 statements (the accountant's rounds, the sessions, the stage messages) are
 `hub/store/privacy.py`'s.
 """
@@ -55,6 +57,12 @@ from gridswarm.hub.errors import HubError
 from gridswarm.hub.openapi import RoundParam, RunIdParam, WaitParam, openapi_body
 from gridswarm.hub.rounds import Decision, RoundRules
 from gridswarm.hub.secagg_stages import StageProgress
+from gridswarm.hub.secagg_unmask import (
+    UnmaskInputs,
+    UnmaskOutcome,
+    unmask_key,
+    unmask_outcome,
+)
 from gridswarm.hub.states import (
     NOT_IN_SUM,
     RoundStatus,
@@ -90,7 +98,6 @@ from gridswarm.privacy.secagg import (
     SHARE_BYTES,
     AdvertiseKeys,
     KeyBroadcast,
-    MaskedInput,
     SecAggConfig,
     SecAggError,
     SecAggServer,
@@ -112,7 +119,6 @@ from gridswarm.protocol import (
     SecAggTaskRequest,
     describe_errors,
 )
-from gridswarm.train.params import pack_vector
 
 if TYPE_CHECKING:
     from gridswarm.hub.service import HubService
@@ -330,33 +336,99 @@ class HubPrivacy:
         snapshot: RoundSnapshot,
         rules: RoundRules,
         now: float,
-    ) -> round_engine.Step:
+        prepared: UnmaskOutcome | None = None,
+        defer_unmask: bool = False,
+    ) -> round_engine.Step | None:
         """One move of a `secagg` round's stages, applied in `s` (not committed): read where
         the stage stands (`SecAggProgress`), step the round engine and apply its effects
-        (the next stage, or the failure); where the step says so, unmask the sum (the heavy
-        crypto, here) and step what that gave: `SecAggRecovered` (the sum's blob stored here;
-        CLOSE: the service closes the round) or `SecAggFailed`. A failure's stage messages
-        are deleted here (the message table is this module's)."""
+        (the next stage, or the failure); where the step says so, take the unmask's outcome
+        and step what it gave: `SecAggRecovered` (the sum's blob named on the session; CLOSE:
+        the caller closes the round) or `SecAggFailed`. A failure's stage messages are
+        deleted here (the message table is this module's).
+
+        The unmask (hub/secagg_unmask.py) is `prepared` when the ticker computed it outside
+        the lock from what is still the round's (`UnmaskOutcome.key`); else, with
+        `defer_unmask`, nothing is applied and the answer is None (the caller rolls back and
+        computes it outside the lock first), and without it the unmask is computed here."""
         sess = secagg_session(s, run.id, rnd.number)
         config = decode_message(sess.config_json.encode())
-        progress = round_engine.SecAggProgress(self._progress(s, run, sess, config, now))
-        stepped = round_engine.step(snapshot, rules, progress, now)
-        result = None
+        stepped = self._stage_step(s, run, sess, config, snapshot, rules, now)
+        outcome = None
         if stepped.unmask:
-            try:
-                result = self._unmask(s, run, config)
-            except SecAggError as exc:
-                event: round_engine.Event = round_engine.SecAggFailed(str(exc))
-            else:
-                event = round_engine.SecAggRecovered(result.survivors, result.dropped)
+            answers = secagg_messages(s, run.id, sess.round, "unmask")
+            key = unmask_key(run.id, sess.round, sess.attempt, answers)
+            if prepared is not None and prepared.key == key:
+                outcome = prepared
+            elif defer_unmask:
+                return None
+            else:  # what a prepared unmask read has changed (a late answer): computed here
+                inputs = self._unmask_inputs(s, run, sess, config, answers)
+                outcome = unmask_outcome(inputs, self.svc.blobs.get, self.svc.blobs.put)
+            event: round_engine.Event = (
+                round_engine.SecAggFailed(outcome.error)
+                if outcome.error is not None
+                else round_engine.SecAggRecovered(outcome.survivors, outcome.dropped)
+            )
             stepped = round_engine.step(snapshot, rules, event, now)
         apply_effects(s, run, rnd, stepped.effects)
-        if result is not None and stepped.decision is Decision.CLOSE:
-            sess.sum_blob = self.svc.blobs.put(pack_vector(result.total, {"secagg": "sum"}))
+        if outcome is not None and stepped.decision is Decision.CLOSE:
+            sess.sum_blob = outcome.sum_blob
         if any(isinstance(e, round_engine.FailSecAgg) for e in stepped.effects):
             delete_secagg_messages(s, run.id, rnd.number)
         flush_stage(s)
         return stepped
+
+    def unmask_inputs(
+        self,
+        s: Session,
+        run: m.Run,
+        rnd: m.Round,
+        snapshot: RoundSnapshot,
+        rules: RoundRules,
+        now: float,
+    ) -> UnmaskInputs | None:
+        """Reads only: what the unmask of a `secagg` round is computed from, when its stage's
+        step says to unmask now (None otherwise), for the ticker to compute it outside the
+        lock (`secagg_unmask.unmask_outcome`)."""
+        sess = secagg_session(s, run.id, rnd.number)
+        config = decode_message(sess.config_json.encode())
+        if not self._stage_step(s, run, sess, config, snapshot, rules, now).unmask:
+            return None
+        answers = secagg_messages(s, run.id, sess.round, "unmask")
+        return self._unmask_inputs(s, run, sess, config, answers)
+
+    def _stage_step(
+        self,
+        s: Session,
+        run: m.Run,
+        sess: m.SecAggSession,
+        config: SecAggConfig,
+        snapshot: RoundSnapshot,
+        rules: RoundRules,
+        now: float,
+    ) -> round_engine.Step:
+        """The round engine's step on where the session's stage stands (`SecAggProgress`)."""
+        progress = round_engine.SecAggProgress(self._progress(s, run, sess, config, now))
+        return round_engine.step(snapshot, rules, progress, now)
+
+    @staticmethod
+    def _unmask_inputs(
+        s: Session,
+        run: m.Run,
+        sess: m.SecAggSession,
+        config: SecAggConfig,
+        answers: dict[str, str],
+    ) -> UnmaskInputs:
+        """The session's stored stage messages for the unmask (`answers`: its unmask answers,
+        already read)."""
+        return UnmaskInputs(
+            key=unmask_key(run.id, sess.round, sess.attempt, answers),
+            config=config,
+            advertise=secagg_messages(s, run.id, sess.round, "advertise"),
+            shares=secagg_messages(s, run.id, sess.round, "share"),
+            masked=secagg_messages(s, run.id, sess.round, "masked"),
+            unmask=answers,
+        )
 
     def _expected(
         self, s: Session, run: m.Run, round_number: int, stage: str, config: SecAggConfig
@@ -387,30 +459,6 @@ class HubPrivacy:
             lost=lost,
             deadline_at=sess.stage_deadline_at,
         )
-
-    def _server_through_shares(
-        self, s: Session, run_id: str, round_number: int, config: SecAggConfig
-    ) -> SecAggServer:
-        server = SecAggServer(config)
-        adv = secagg_messages(s, run_id, round_number, "advertise")
-        server.collect_keys(decode_message(adv[n].encode()) for n in config.node_ids if n in adv)
-        shares = secagg_messages(s, run_id, round_number, "share")
-        server.collect_shares(decode_message(b.encode()) for b in shares.values())
-        return server
-
-    def _unmask(self, s: Session, run: m.Run, config: SecAggConfig):
-        """Replay the stored messages through `SecAggServer` and remove every mask."""
-        server = self._server_through_shares(s, run.id, self._round_of(config), config)
-        masked = secagg_messages(s, run.id, self._round_of(config), "masked")
-        server.collect_masked(
-            MaskedInput(nid, self.svc.blobs.get(digest)) for nid, digest in masked.items()
-        )
-        unmask = secagg_messages(s, run.id, self._round_of(config), "unmask")
-        return server.collect_unmask(decode_message(b.encode()) for b in unmask.values())
-
-    @staticmethod
-    def _round_of(config: SecAggConfig) -> int:
-        return int(config.session.split("/")[1])
 
     # ------------------------------------------------------------ SecAgg: node requests
 
@@ -468,9 +516,19 @@ class HubPrivacy:
                 now,
             )
             s.commit()
-        with svc.lock:  # the last contribution opens the SecAgg stages now
-            svc.ticker._advance(run_id)
+        self._move_on(run_id)  # the last contribution opens the SecAgg stages now
         return {"contribution_id": digest, "accepted": True, "bytes_up": len(body)}
+
+    def _move_on(self, run_id: str) -> None:
+        """After a node's message: advance the run's round at once (its SecAgg stages opened,
+        the next stage), but not the unmask, the heavy part: that run is marked for the
+        ticker, which computes the unmask outside the lock (`Ticker.advance_run`) at its next
+        tick (`TICK_S`)."""
+        svc = self.svc
+        with svc.lock:
+            moved = svc.ticker._advance(run_id, defer_close=True)
+        if moved is None:  # an unmask (or a close) is due: nothing was written
+            svc.ticks.mark(run_id)
 
     @staticmethod
     def _keys_of(body: str) -> tuple[bytes, bytes]:
@@ -582,8 +640,7 @@ class HubPrivacy:
                 if contribution is not None:
                     contribution.bytes_up += len(body)
                 s.commit()
-        with svc.lock:  # the last answer moves the stage on now, not at the next tick
-            svc.ticker._advance(run_id)
+        self._move_on(run_id)  # the last answer moves the stage on now, not at the next tick
         return {"ok": True, "stage": stage, "bytes": len(body)}
 
     def _validate(

@@ -6,16 +6,18 @@ call: it writes the liveness notes and download counts, recounts the live nodes,
 process's long-polls for changes other replicas made (`watch_rounds`) and, on the replica
 holding the ticker lease only, pre-screens uploads and advances each run that is due
 (hub/tick_schedule.py) through `advance_run`. A run's advance is one `Tick` of the round engine
-under the run's row lock (`_advance`); a close due there is computed outside the lock first
-when the run allows it (`_prepare_close`, `closes_outside_lock`: not SecAgg) and
-published under it (`_close`). A run whose advance keeps failing is stalled (`_run_failed`,
-`RUN_FAILURES_TO_STOP`). hub/privacy.py calls `_advance` too, when a SecAgg stage's last
-answer arrives, so the stage moves on at once rather than at the next tick.
+under the run's row lock (`_advance`); a close due there, and a SecAgg round's unmask with
+the close it leads to, are computed outside the lock first (`_prepare_close`) and published
+under it (`_close`, `HubPrivacy.advance_secagg`). A run whose advance keeps failing is stalled
+(`_run_failed`, `RUN_FAILURES_TO_STOP`). hub/privacy.py calls `_advance` too, when a SecAgg
+stage's last answer arrives, so the stage moves on at once rather than at the next tick; an
+unmask due then is left to the ticker (the run marked).
 
 `HubService` builds one `Ticker` (`service.ticker`) and hands it the ticker lease, the round
 watch and the epoch poster (hub/replicas.py, hub/epochs.py), which only the ticker uses and so
-owns, with the consecutive failures of each run and the versions computed outside the lock
-(`_prepared`, until their close commits). It shares the service's:
+owns, with the consecutive failures of each run and the versions and SecAgg unmasks computed
+outside the lock (`_prepared`, `_unmasked`: each keyed by what it was computed from, taken
+under the lock only when that still matches). It shares the service's:
 - database sessions, blob store, lock and clock (`clock`: the service's, called through it, so
   a clock the tests put on the service is this one's too): every decision is taken under the
   hub's one lock, the one the asks and uploads decide under;
@@ -45,12 +47,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from gridswarm.config import RunConfig
 from gridswarm.hub import engine as round_engine
 from gridswarm.hub import models as m
-from gridswarm.hub.aggregation import aggregate_round
+from gridswarm.hub.aggregation import SecAggSum, aggregate_round
 from gridswarm.hub.closing import NewVersion, close_inputs, compute_version, version_key
 from gridswarm.hub.engine import RoundSnapshot
 from gridswarm.hub.errors import UnreadableSettings
 from gridswarm.hub.lifecycle import RunEvent, RunState
 from gridswarm.hub.rounds import Decision, RoundRules
+from gridswarm.hub.secagg_unmask import UnmaskOutcome, unmask_outcome
 from gridswarm.hub.states import RoundStatus
 from gridswarm.hub.store import contributions as contribution_store
 from gridswarm.hub.store import runs as run_store
@@ -72,15 +75,6 @@ if TYPE_CHECKING:
 
 RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
-
-
-def closes_outside_lock(run: m.Run) -> bool:
-    """Whether a due close of `run`'s round may be computed outside the lock
-    (`Ticker._prepare_close`): not for SecAgg runs, whose round reaches its close through the
-    stages' unmask under the lock (`HubPrivacy.advance_secagg`). DP runs may: their aggregation
-    is pure (`hub/aggregation.py`) and its accounting is written by the close that commits
-    (`HubPrivacy.record_close`)."""
-    return not run.settings().privacy.secagg
 
 
 class Ticker:
@@ -137,6 +131,7 @@ class Ticker:
         self.round_changed = round_changed
         self._failures: dict[str, int] = {}  # run id -> consecutive failed ticks
         self._prepared: dict[str, NewVersion] = {}  # run -> its next version, computed unlocked
+        self._unmasked: dict[str, UnmaskOutcome] = {}  # run -> its SecAgg unmask, likewise
 
     def tick(self) -> list[tuple[str, Decision]]:
         """Advance every active run's round as the clock and submissions dictate.
@@ -215,12 +210,15 @@ class Ticker:
         return done
 
     def advance_run(self, run_id: str) -> Decision:
-        """Advance one run's round now: the heavy part of a due close computed outside any lock,
-        then the decision taken and committed under the run's row lock. Safe to call from several
-        replicas at once: one closes the round, the others find it closed and wait.
+        """Advance one run's round now: the heavy part of a due close (and of a SecAgg round's
+        unmask) computed outside any lock, then the decision taken and committed under the
+        run's row lock. Safe to call from several replicas at once: one closes the round, the
+        others find it closed and wait.
 
-        Most ticks find nothing to close: the round is read once, under the lock, and a close
-        found due there is rolled back and redone as before (`_prepare_close`, then `_advance`).
+        Most ticks find nothing to close or unmask: the round is read once, under the lock, and
+        a close or unmask found due there is rolled back and redone as before
+        (`_prepare_close`, then `_advance`, which computes under the lock only what changed
+        meanwhile).
         (Reading the round first in `_prepare_close` on every tick as well cost a quarter of
         the ticker's CPU: bench/results/hub_round_cpu.md.)"""
         with self.lock:
@@ -271,9 +269,10 @@ class Ticker:
         SecAgg run the tick opens the round's secure aggregation instead (`OpenSecAgg`, with the
         session's config computed here by `HubPrivacy.session_config`), and a round already
         in it moves through its stages (`HubPrivacy.advance_secagg`: a `SecAggProgress` step,
-        the unmask where it says so), answering CLOSE once the sum is recovered.
-        `defer_close`: a close that `_prepare_close` could compute outside the lock (not
-        SecAgg) is not done here: nothing is written and the answer is None."""
+        the unmask where it says so, prepared by `_prepare_close` when it still matches),
+        answering CLOSE once the sum is recovered. `defer_close`: a close, or an unmask not
+        prepared from what is still the round's, is not done here: nothing is written and the
+        answer is None (`_prepare_close` computes it outside the lock)."""
         now = self.clock()
         with self.sessions() as s:
             # the run's row stays locked until the decision commits: a replica that closed this
@@ -283,7 +282,7 @@ class Ticker:
                 return Decision.WAIT
             rnd, snapshot, rules = self.read_round(s, run)
             tick = round_engine.step(snapshot, rules, round_engine.Tick(), now)
-            if defer_close and tick.decision is Decision.CLOSE and closes_outside_lock(run):
+            if defer_close and tick.decision is Decision.CLOSE:
                 s.rollback()
                 return None
             opens = any(isinstance(e, round_engine.OpenSecAgg) for e in tick.effects)
@@ -297,7 +296,13 @@ class Ticker:
                 isinstance(e, round_engine.MarkMissed) for e in tick.effects
             )
             if snapshot.status == RoundStatus.SECAGG:  # one opened now waits for its answers
-                stepped = self.privacy.advance_secagg(s, run, rnd, after, rules, now)
+                prepared = self._unmasked.get(run_id)
+                stepped = self.privacy.advance_secagg(
+                    s, run, rnd, after, rules, now, prepared, defer_unmask=defer_close
+                )
+                if stepped is None:  # its unmask is due: computed outside the lock first
+                    s.rollback()
+                    return None
                 decision, after = stepped.decision, stepped.snapshot
             elif tick.wake_at is not None:  # (SecAgg stages have clocks of their own: due)
                 self.ticks.wake(run_id, tick.wake_at)  # nothing changes before, bar an event
@@ -318,47 +323,75 @@ class Ticker:
         """Outside the lock: if the run's round is due to close, compute its new version now
         (decode, aggregate, outer step, down-codec, blobs fsynced, held-out loss) so that `_close`,
         under the lock, only checks that the round is still the one computed and writes rows.
-        Reads only; a round that changed meanwhile (a late upload, a rejection by screening) is
-        simply computed again under the lock. SecAgg runs are closed under the lock
-        (`closes_outside_lock`)."""
+        A SecAgg round whose stage says unmask has its unmask computed first (`_prepare_unmask`)
+        and, if that recovered the sum, the version from it. Reads only; a round that changed
+        meanwhile (a late upload or unmask answer, a rejection by screening) is simply computed
+        again under the lock."""
         now = self.clock()
         with self.sessions() as s:
             run = run_store.run_row(s, run_id)
             if run is None or run.status != RunState.ACTIVE:
                 return
-            if not closes_outside_lock(run):
-                return
             rnd, snapshot, rules = self.read_round(s, run)
-            due = round_engine.step(snapshot, rules, round_engine.Tick(), now).decision
-            if due is not Decision.CLOSE:
+            tick = round_engine.step(snapshot, rules, round_engine.Tick(), now)
+            if snapshot.status != RoundStatus.SECAGG:
+                if tick.decision is Decision.CLOSE:
+                    contributions = self._accepted(s, run.id, rnd.number)
+                    if contributions:
+                        base = version_store.version_row(s, run.id, rnd.base_version)
+                        self._new_version(run, rnd, run.settings(), base, contributions, None)
+                s.rollback()
                 return
-            contributions = self._accepted(s, run.id, rnd.number)
+            inputs = self.privacy.unmask_inputs(s, run, rnd, tick.snapshot, rules, now)
+            s.rollback()  # the unmask holds no session
+        if inputs is not None:  # the stage says unmask: no session, no lock
+            self._prepare_unmask(run_id, unmask_outcome(inputs, self.blobs.get, self.blobs.put))
+
+    def _prepare_unmask(self, run_id: str, outcome: UnmaskOutcome) -> None:
+        """Keep a SecAgg unmask computed outside the lock (its sum's blob already stored) for
+        `HubPrivacy.advance_secagg`, and, if it recovered the sum, compute the version the
+        close will publish from it: the contributions it keeps are the survivors' (the others
+        are dropped by `FinishSecAgg`). Reads only; a round that moved on is left alone."""
+        self._unmasked[run_id] = outcome
+        if outcome.sum_blob is None:  # a failure: decided and written under the lock
+            return
+        with self.sessions() as s:
+            run = run_store.run_row(s, run_id)
+            if run is None or run.status != RunState.ACTIVE:
+                return
+            rnd = run_store.round_row(s, run.id, run.round)
+            if rnd is None or (run.id, rnd.number, rnd.attempt) != outcome.key[:3]:
+                return
+            survivors = set(outcome.survivors)
+            contributions = [
+                c for c in self._accepted(s, run.id, rnd.number) if c.node_id in survivors
+            ]
             if contributions:
                 base = version_store.version_row(s, run.id, rnd.base_version)
-                self._new_version(s, run, rnd, run.settings(), base, contributions, now)
+                secagg = SecAggSum(outcome.sum_blob, outcome.participants)
+                self._new_version(run, rnd, run.settings(), base, contributions, secagg)
             s.rollback()
 
     def _new_version(
         self,
-        s: Session,
         run: m.Run,
         rnd: m.Round,
         cfg: RunConfig,
         base: m.Version,
         contributions: list[m.Contribution],
-        now: float,
+        secagg: SecAggSum | None,
     ) -> NewVersion:
-        """The version a close publishes from `contributions` (blobs written before any row
-        names them): taken from `_prepare_close` when it computed the same round from the same
-        contributions (`closing.version_key`), else computed here (`closing.compute_version`)."""
-        key = version_key(run, rnd, base, contributions)
+        """The version a close publishes from `contributions` (and, under SecAgg, the recovered
+        `secagg` sum; blobs written before any row names them): taken from `_prepare_close`
+        when it computed the same round from the same contributions and sum
+        (`closing.version_key`), else computed here (`closing.compute_version`)."""
+        key = version_key(run, rnd, base, contributions, secagg)
         prepared = self._prepared.pop(run.id, None)
         if prepared is not None and prepared.key == key:
             self._prepared[run.id] = prepared  # kept until the close commits (or is redone)
             return prepared
         fragment = self.fragment(run, rnd.number)  # Streaming DiLoCo: this round's slice only
         tokens = [c.tokens for c in contributions]
-        secagg = self.privacy.secagg_sum(s, run, rnd)  # the recovered sum, under SecAgg
         new = compute_version(
             close_inputs(key, run, rnd, cfg, base, contributions, fragment),
             # plain aggregator, DP-FedAvg or the SecAgg sum (pure: hub/aggregation.py)
@@ -369,8 +402,7 @@ class Ticker:
             self.blobs.get,
             self.blobs.put,
         )
-        if not cfg.privacy.secagg:
-            self._prepared[run.id] = new
+        self._prepared[run.id] = new
         return new
 
     def _close(
@@ -397,7 +429,8 @@ class Ticker:
             s.commit()
             return Decision.REPLAN
         contributions = self._accepted(s, run.id, rnd.number)
-        new = self._new_version(s, run, rnd, cfg, base, contributions, now)
+        secagg = self.privacy.secagg_sum(s, run, rnd)  # the recovered sum, under SecAgg
+        new = self._new_version(run, rnd, cfg, base, contributions, secagg)
         tokens = sum(c.tokens for c in contributions)
         tokens_total = run.tokens_total + tokens
         version = m.Version(
