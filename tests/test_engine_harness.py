@@ -4,6 +4,7 @@
   refused with the same typed reason as a plain one, and both are strikes on the ledger;
 - a round whose contributions audits/screening reject below its quorum is re-planned, not
   closed on too few, whether the rejection came from pre-screening or from the close itself;
+  a due close first has pre-screening audit, outside the lock, what it had not reached;
 - a SecAgg participant that vanishes after masking: the round recovers without it (its input is
   in the sum), and with more than t such dropouts it fails cleanly (nothing published); a
   SecAgg round's unmask and close are computed outside the hub's lock (not in the request of
@@ -270,6 +271,45 @@ def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
     assert v1.tokens_total == by_node[honest].tokens + a.inner_steps * TOKENS_PER_STEP
     stored = assert_statuses_typed(service.engine)  # every status written is typed
     assert {"rejected", "submitted"} <= stored["assignments"]
+
+
+def test_a_due_close_audits_what_prescreening_has_not_reached_outside_the_lock(tmp_path: Path):
+    clock = FakeClock()
+    service = new_service(tmp_path, clock)
+    config = tiny_run(
+        round={"deadline_s": 60, "quorum": 2, "min_nodes": 2, "max_nodes": 2},
+        trust=NO_AUDITS | {"usefulness": True, "harm_tolerance_nats": 0.5},
+        budget={"rounds": 1},
+    )
+    run_id = service.create_run(Identity.generate().public_key, config).run_id
+    numel = service.run_status(run_id)["numel"]
+    honest, harmful = (
+        service.membership.register(
+            Identity.generate().public_key,
+            RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}"),
+        )
+        for i in range(2)
+    )
+    jobs = {n: service.asks.request_assignment(run_id, n).assignment for n in (honest, harmful)}
+    upload(service, run_id, honest, jobs[honest], fake_update(numel, 1))
+    upload(service, run_id, harmful, jobs[harmful], fake_update(numel, 2, scale=5.0))
+    examined_under_lock: list[bool] = []
+    examine = service.trust._examine
+
+    def spy(*args: Any, **kwargs: Any):
+        examined_under_lock.append(service.lock._is_owned())  # this thread holds it?
+        return examine(*args, **kwargs)
+
+    service.trust._examine = spy
+    clock.advance(1.0)
+    # the round is all in and due, and no tick has pre-screened it: the close itself must
+    # as when pre-screened in a tick: the rejection frees a place, and the round waits on
+    assert service.ticker.advance_run(run_id) is Decision.WAIT
+    assert examined_under_lock == [False, False]  # both examined, neither under the lock
+    status = service.run_status(run_id)
+    assert status["version"] == 0 and status["rounds"][0]["attempts"] == 1
+    by_node = {c.node_id: c.status for c in rows(service, m.Contribution)}
+    assert by_node == {honest: "accepted", harmful: "rejected"}
 
 
 # ------------------------------------------------------------------------- SecAgg dropouts

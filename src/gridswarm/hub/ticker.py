@@ -60,6 +60,7 @@ from gridswarm.hub.store import runs as run_store
 from gridswarm.hub.store import versions as version_store
 from gridswarm.hub.store.locks import lock_run
 from gridswarm.hub.store.rounds import apply_effects
+from gridswarm.hub.store.trust import unaudited_in_round
 
 if TYPE_CHECKING:
     from gridswarm.blobs import FileBlobStore
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
     from gridswarm.hub.trust import HubTrust
     from gridswarm.train.workload import Workload
 
+CLOSE_PRESCREEN_S = 30.0  # a due close waits at most this long for pre-screening (ticker only)
 RUN_FAILURES_TO_STOP = 3  # consecutive failed ticks of one run before it is stalled
 log = logging.getLogger("gridswarm.hub")
 
@@ -336,6 +338,8 @@ class Ticker:
             tick = round_engine.step(snapshot, rules, round_engine.Tick(), now)
             if snapshot.status != RoundStatus.SECAGG:
                 if tick.decision is Decision.CLOSE:
+                    s.rollback()  # the round's rows are read again after its pre-screening
+                    self._prescreen_round(run.id, rnd.number)
                     contributions = self._accepted(s, run.id, rnd.number)
                     if contributions:
                         base = version_store.version_row(s, run.id, rnd.base_version)
@@ -346,6 +350,25 @@ class Ticker:
             s.rollback()  # the unmask holds no session
         if inputs is not None:  # the stage says unmask: no session, no lock
             self._prepare_unmask(run_id, unmask_outcome(inputs, self.blobs.get, self.blobs.put))
+
+    def _prescreen_round(self, run_id: str, number: int) -> None:
+        """Before a due close is computed: audit and score, outside the lock, what of the round
+        pre-screening has not reached yet (`HubTrust.prescreen`, a batch at a time), so that the
+        close's screening under the lock (`HubTrust.screen_round`) has no replay left to run
+        while every request waits. Only the ticker thread waits here, at most
+        CLOSE_PRESCREEN_S; what is left then, fails, or is forced (identical updates from
+        several nodes) is screened under the lock as before."""
+        started = time.monotonic()
+        while time.monotonic() - started < CLOSE_PRESCREEN_S:
+            with self.sessions() as s:
+                if not unaudited_in_round(s, run_id, number):
+                    return
+            try:
+                if self.trust.prescreen(self.workload) <= 0:
+                    return  # nothing it can examine: left to the close
+            except Exception:
+                log.exception("run %s: pre-screening before its close failed", run_id)
+                return
 
     def _prepare_unmask(self, run_id: str, outcome: UnmaskOutcome) -> None:
         """Keep a SecAgg unmask computed outside the lock (its sum's blob already stored) for

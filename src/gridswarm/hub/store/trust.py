@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import Row, ScalarResult, select
+from sqlalchemy import Row, ScalarResult, func, select
 from sqlalchemy.orm import Session
 
 from gridswarm.config import RunConfig
@@ -125,6 +125,21 @@ def unaudited_contributions(s: Session, limit: int) -> Sequence[m.Contribution]:
         .order_by(m.Contribution.created_at)
         .limit(limit)
     ).all()
+
+
+def unaudited_in_round(s: Session, run_id: str, number: int) -> int:
+    """How many of the round's accepted contributions are not yet audited (a due close waits,
+    outside the lock, for `HubTrust.prescreen` to reach them: `Ticker._prescreen_round`)."""
+    return s.scalar(
+        select(func.count())
+        .select_from(m.Contribution)
+        .where(
+            m.Contribution.run_id == run_id,
+            m.Contribution.round == number,
+            m.Contribution.status == ContributionStatus.ACCEPTED,
+            m.Contribution.audited.is_(None),
+        )
+    )
 
 
 def contributions_by_id(s: Session, ids: list[str]) -> ScalarResult[m.Contribution]:
