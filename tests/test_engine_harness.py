@@ -220,10 +220,11 @@ def test_a_prescreening_verdict_that_cannot_be_written_fails_alone(
     assert audited == {nodes[0]: False, nodes[1]: None, nodes[2]: False}
 
 
-@pytest.mark.parametrize("prescreened", [False, True], ids=["screened-at-close", "prescreened"])
-def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prescreened: bool
-):
+def harmful_round(tmp_path: Path) -> tuple[HubService, FakeClock, str, int, list[str]]:
+    """A run whose one round has two places (quorum 2), taken by an honest node and a harmful
+    one (an update that raises the held-out loss past the harm tolerance), both uploaded; a
+    third registered node finds the round full. Returns the service, clock, run, model size
+    and the three nodes (honest, harmful, late)."""
     clock = FakeClock()
     service = new_service(tmp_path, clock)
     config = tiny_run(
@@ -242,6 +243,14 @@ def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
     assert service.asks.request_assignment(run_id, late).status == "wait"  # the round is full
     upload(service, run_id, honest, jobs[honest], fake_update(numel, 1))
     upload(service, run_id, harmful, jobs[harmful], fake_update(numel, 2, scale=5.0))
+    return service, clock, run_id, numel, ids
+
+
+@pytest.mark.parametrize("prescreened", [False, True], ids=["screened-at-close", "prescreened"])
+def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prescreened: bool
+):
+    service, clock, run_id, numel, (honest, harmful, late) = harmful_round(tmp_path)
     if not prescreened:  # the close screens what pre-screening has not reached yet
         monkeypatch.setattr(service.trust, "prescreen", lambda workload_for: 0)
     clock.advance(1.0)
@@ -274,25 +283,7 @@ def test_an_audit_rejection_that_breaks_the_quorum_replans_the_round(
 
 
 def test_a_due_close_audits_what_prescreening_has_not_reached_outside_the_lock(tmp_path: Path):
-    clock = FakeClock()
-    service = new_service(tmp_path, clock)
-    config = tiny_run(
-        round={"deadline_s": 60, "quorum": 2, "min_nodes": 2, "max_nodes": 2},
-        trust=NO_AUDITS | {"usefulness": True, "harm_tolerance_nats": 0.5},
-        budget={"rounds": 1},
-    )
-    run_id = service.create_run(Identity.generate().public_key, config).run_id
-    numel = service.run_status(run_id)["numel"]
-    honest, harmful = (
-        service.membership.register(
-            Identity.generate().public_key,
-            RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel, name=f"n{i}"),
-        )
-        for i in range(2)
-    )
-    jobs = {n: service.asks.request_assignment(run_id, n).assignment for n in (honest, harmful)}
-    upload(service, run_id, honest, jobs[honest], fake_update(numel, 1))
-    upload(service, run_id, harmful, jobs[harmful], fake_update(numel, 2, scale=5.0))
+    service, clock, run_id, _, (honest, harmful, _) = harmful_round(tmp_path)
     examined_under_lock: list[bool] = []
     examine = service.trust._examine
 
