@@ -531,24 +531,34 @@ def test_a_lost_nodes_place_wakes_the_nodes_waiting_for_work(tmp_path: Path):
 # ------------------------------------------------------------------------- DP budget
 
 
-def test_a_dp_run_reaching_its_epsilon_budget_finishes_with_the_reason(tmp_path: Path):
-    clock = FakeClock()
-    service = new_service(tmp_path, clock)
-    dp = {"clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-5, "epsilon_budget": 8.0}
-    config = tiny_run(privacy={"dp": dp}, trust=NO_AUDITS, budget={"rounds": 5})
+def dp_run(service: HubService, epsilon_budget: float, rounds: int) -> tuple[str, str]:
+    """A DP run (z = 1, C = 0.5, delta = 1e-5) of at most `rounds` rounds, trained by one node
+    through the service (an upload, then a tick, each clock second) until it hands out no more
+    work; returns the run and the node."""
+    dp = {"clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-5}
+    config = tiny_run(
+        privacy={"dp": dp | {"epsilon_budget": epsilon_budget}},
+        trust=NO_AUDITS,
+        budget={"rounds": rounds},
+    )
     run_id = service.create_run(Identity.generate().public_key, config).run_id
     numel = service.run_status(run_id)["numel"]
     node = service.membership.register(
         Identity.generate().public_key, RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel)
     )
-    for i in range(10):  # bounded: the budget allows two rounds
+    for i in range(2 * rounds):  # bounded
         answer = service.asks.request_assignment(run_id, node)
         if answer.status != "assigned":
             break
         upload(service, run_id, node, answer.assignment, fake_update(numel, i))
-        clock.advance(1.0)
+        service.clock.advance(1.0)
         service.ticker.tick()
+    return run_id, node
 
+
+def test_a_dp_run_reaching_its_epsilon_budget_finishes_with_the_reason(tmp_path: Path):
+    service = new_service(tmp_path, FakeClock())
+    run_id, node = dp_run(service, epsilon_budget=8.0, rounds=5)  # the budget allows two
     status = service.run_status(run_id)
     # eps(2 rounds) = 7.08 <= 8 < eps(3 rounds) = 9.01 at z = 1, q = 1, delta = 1e-5
     assert status["status"] == "finished" and status["version"] == 2
@@ -563,8 +573,7 @@ def test_a_dp_run_reaching_its_epsilon_budget_finishes_with_the_reason(tmp_path:
 def test_a_dp_runs_close_is_computed_outside_the_lock_and_accounted_once_per_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    clock = FakeClock()
-    service = new_service(tmp_path, clock)
+    service = new_service(tmp_path, FakeClock())
     aggregated_under_lock: list[bool] = []
     aggregate_round = hub_ticker.aggregate_round
 
@@ -573,21 +582,7 @@ def test_a_dp_runs_close_is_computed_outside_the_lock_and_accounted_once_per_rou
         return aggregate_round(*args, **kwargs)
 
     monkeypatch.setattr(hub_ticker, "aggregate_round", spy)
-    dp = {"clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-5, "epsilon_budget": 100.0}
-    config = tiny_run(privacy={"dp": dp}, trust=NO_AUDITS, budget={"rounds": 3})
-    run_id = service.create_run(Identity.generate().public_key, config).run_id
-    numel = service.run_status(run_id)["numel"]
-    node = service.membership.register(
-        Identity.generate().public_key, RegisterRequest(probe_tokens_per_s=1e4, probe_numel=numel)
-    )
-    for i in range(6):  # bounded: three rounds
-        answer = service.asks.request_assignment(run_id, node)
-        if answer.status != "assigned":
-            break
-        upload(service, run_id, node, answer.assignment, fake_update(numel, i))
-        clock.advance(1.0)
-        service.ticker.tick()
-
+    run_id, _ = dp_run(service, epsilon_budget=100.0, rounds=3)
     status = service.run_status(run_id)
     assert status["status"] == "finished" and status["version"] == 3
     assert aggregated_under_lock == [False] * 3  # one computation per close, none under the lock
