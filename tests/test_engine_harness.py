@@ -593,4 +593,7 @@ def test_a_dp_runs_close_is_computed_outside_the_lock_and_accounted_once_per_rou
             )
         )
         assert sorted(rows) == [(0, 1), (1, 1), (2, 1)]  # the published rounds, one node each
+    assert run_id in service.ticker._prepared  # the last close's version, computed unlocked
+    service.ticker.tick()
+    assert run_id not in service.ticker._prepared  # dropped once the run is no longer active
     assert status["privacy"]["epsilon"] == pytest.approx(epsilon_for(1.0, 1.0, 3, 1e-5))
