@@ -30,6 +30,8 @@ from gridswarm.trust.settlement import ContributionFacts, RoundFacts, Settlement
 
 # ------------------------------------------------------------------ reputation
 
+REPUTATION_BATCH = 500  # node ids per reputation read (well under SQLite's bound-parameter limit)
+
 
 def reputation_of(row: m.NodeReputation | None) -> Reputation:
     """A node's reputation as its row holds it (a node without a row: a fresh reputation)."""
@@ -65,13 +67,39 @@ def read_reputation(s: Session, node_id: str) -> Reputation:
 def write_reputation(s: Session, node_id: str, rep: Reputation, updated_at: float) -> None:
     """Store `rep` as the node's reputation (a new row for a node without one), written at
     the caller's flush or commit."""
-    row = s.get(m.NodeReputation, node_id)
+    _set_reputation(s, s.get(m.NodeReputation, node_id), node_id, rep, updated_at)
+
+
+def write_reputations(
+    s: Session, steps: Sequence[tuple[str, Reputation]], clock: Callable[[], float]
+) -> None:
+    """`write_reputation` for each (node, reputation) step in order (a node's last step is
+    what stays), each stamped by `clock`: the nodes' rows read in one query per
+    REPUTATION_BATCH nodes and none flushed before the caller's flush. (One `get` per node,
+    each flushing the row added before it, cost a round's close ~0.5 ms per new node under the
+    hub's lock: 5 s for 10,000 newcomers.)"""
+    node_ids = list(dict.fromkeys(node_id for node_id, _ in steps))
+    rows: dict[str, m.NodeReputation | None] = dict.fromkeys(node_ids)
+    with s.no_autoflush:
+        for start in range(0, len(node_ids), REPUTATION_BATCH):
+            batch = node_ids[start : start + REPUTATION_BATCH]
+            query = select(m.NodeReputation).where(m.NodeReputation.node_id.in_(batch))
+            rows.update((r.node_id, r) for r in s.scalars(query))
+        for node_id, rep in steps:
+            rows[node_id] = _set_reputation(s, rows[node_id], node_id, rep, clock())
+
+
+def _set_reputation(
+    s: Session, row: m.NodeReputation | None, node_id: str, rep: Reputation, updated_at: float
+) -> m.NodeReputation:
+    """`rep` set on the node's reputation row (`row`, or a new one added to `s`)."""
     if row is None:
         row = m.NodeReputation(node_id=node_id)
         s.add(row)
     for key, value in asdict(rep).items():
         setattr(row, key, value)
     row.updated_at = updated_at
+    return row
 
 
 # ------------------------------------------------------------------ audit seeds
@@ -244,6 +272,5 @@ def apply_settlement(
     for update in settlement.contributions:
         c = by_id[update.id]
         c.usefulness, c.reward_units = update.usefulness, update.reward_units
-    for step in settlement.reputations:
-        write_reputation(s, step.node_id, step.after, clock())
+    write_reputations(s, [(step.node_id, step.after) for step in settlement.reputations], clock)
     seed_row.revealed_at = clock()
