@@ -526,7 +526,7 @@ class HubPrivacy:
         tick (`TICK_S`)."""
         svc = self.svc
         with svc.lock:
-            moved = svc.ticker._advance(run_id, defer_close=True)
+            moved = svc.ticker.advance(run_id, defer_close=True)
         if moved is None:  # an unmask (or a close) is due: nothing was written
             svc.ticks.mark(run_id)
 
