@@ -410,15 +410,15 @@ def test_one_bad_run_never_stops_the_others(hub):
 def test_a_run_failing_once_is_not_stopped(hub, monkeypatch):
     run_id = hub.create_run(Identity.generate(), run_config())
     calls = []
-    real = hub.service.ticker._advance
+    real = hub.service.ticker.advance
 
-    def flaky(rid):
+    def flaky(rid, **kwargs):
         calls.append(rid)
         if len(calls) == 1:
             raise OperationalError("SELECT", {}, Exception("database is locked"))
-        return real(rid)
+        return real(rid, **kwargs)
 
-    monkeypatch.setattr(hub.service.ticker, "_advance", flaky)
+    monkeypatch.setattr(hub.service.ticker, "advance", flaky)
     hub.service.ticker.tick()
     hub.service.ticker.tick()
     assert hub.run_row(run_id).status == "active"

@@ -24,9 +24,9 @@ def test_ticks_read_the_round_once_and_a_due_close_is_prepared_outside_the_lock(
     torch.set_num_threads(1)
     hub = build_service(f"sqlite:///{tmp_path / 'hub.db'}", tmp_path / "blobs", home=tmp_path)
     calls: list[str] = []  # the advance's steps, in order
-    in_advance = [False]  # inside `_advance`: under the service lock (an RLock)
+    in_advance = [False]  # inside `advance`: under the service lock (an RLock)
     ticker = hub.ticker
-    advance, prepare, new_version = ticker._advance, ticker._prepare_close, ticker._new_version
+    advance, prepare, new_version = ticker.advance, ticker._prepare_close, ticker._new_version
 
     def advancing(*args, **kwargs):  # type: ignore[no-untyped-def]
         in_advance[0] = True
@@ -46,7 +46,7 @@ def test_ticks_read_the_round_once_and_a_due_close_is_prepared_outside_the_lock(
         calls.append(f"version {where}" + (" (prepared)" if new is before else ""))
         return new
 
-    ticker._advance, ticker._prepare_close = advancing, preparing  # type: ignore[method-assign]
+    ticker.advance, ticker._prepare_close = advancing, preparing  # type: ignore[method-assign]
     ticker._new_version = versioning  # type: ignore[method-assign]
     cfg = tiny_run(round={"deadline_s": 120, "quorum": 2, "min_nodes": 2, "max_nodes": 2})
     run_id = hub.create_run(Identity.generate().public_key, cfg).run_id

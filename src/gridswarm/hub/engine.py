@@ -33,7 +33,7 @@ its own clock.
 The engine composes the rules of `hub/rounds.py` (`may_take_seat`, `lost_assignments`,
 `decide`, `decide_after_screening`, `budget_reason`), `hub/secagg_stages.py` (`decide_stage`),
 `hub/scheduler.py` and `hub/acceptance.py`; it holds no SQL, no model and no I/O, so the hub
-(`Asks._decide_ask`, `Uploads._store_contribution`, `Membership.leave`, `_advance` /
+(`Asks._decide_ask`, `Uploads._store_contribution`, `Membership.leave`, `Ticker.advance` /
 `_close`, and `HubPrivacy.advertise` / `advance_secagg`, which apply the effects with
 `hub/store/rounds.py` in the transaction that read the facts) and the simulator
 (`sim/swarm.py`, on a virtual clock, without SecAgg) take the same decisions. The heavy work

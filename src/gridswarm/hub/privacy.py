@@ -29,6 +29,27 @@ pure `hub/secagg_unmask.py`, which the ticker computes outside the lock: `advanc
 its outcome while it still matches the round), and keeps the stage messages and blobs. Its
 statements (the accountant's rounds, the sessions, the stage messages) are
 `hub/store/privacy.py`'s.
+
+`HubService` builds one `HubPrivacy` (`service.privacy`), after its `Uploads` and before its
+`Ticker`, which is handed it; `add_privacy_routes` serves its node requests. Its own state is
+only the SecAgg stage messages computed for the current session (`_broadcasts`,
+`_deliveries`). It is handed, not copied, what it shares with the service, which stays its
+single owner:
+- the session factory, the blob store (masked inputs, the unmask's reads and the sum) and the
+  lock (every decision under the hub's one lock, the one the asks, uploads and ticker decide
+  under);
+- the clock (the service's, called through it, so a clock the tests put on the service is this
+  one's too) and the tick schedule (a stage whose unmask is due marks its run);
+- membership (a node noted alive by its requests, and the live window that says which nodes
+  a stage lost);
+- the run reads the requests share: the run's row, and its row locked (`HubService._run`);
+- the carbon columns of a contribution (`HubService._carbon`: an advertisement is accounted as
+  any upload);
+- the upload path's acceptance (`Uploads.accept_upload`: an advertisement is accepted or
+  refused exactly as a plain upload);
+- the ticker's advance of a run (`Ticker.advance` with `defer_close`: a stage's last answer
+  moves the stage on at once), called through the service, since the ticker is built after
+  this module and is handed it.
 """
 
 from __future__ import annotations
@@ -37,6 +58,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Annotated, Any
@@ -112,6 +134,7 @@ from gridswarm.privacy.secagg import (
 from gridswarm.protocol import (
     API,
     MAX_JSON_BYTES,
+    ContributionMeta,
     NodeStatus,
     Refusal,
     SecAggAdvertisement,
@@ -121,7 +144,12 @@ from gridswarm.protocol import (
 )
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import sessionmaker
+
+    from gridswarm.blobs import FileBlobStore
+    from gridswarm.hub.membership import Membership
     from gridswarm.hub.service import HubService
+    from gridswarm.hub.tick_schedule import TickSchedule
     from gridswarm.identity import VerifiedRequest
 
 # Session stage -> the message stage nodes post during it.
@@ -175,10 +203,35 @@ def check_new_run(cfg: RunConfig) -> None:
 
 
 class HubPrivacy:
-    """DP aggregation/accounting and SecAgg stages over the service's database and blobs."""
+    """DP aggregation/accounting and SecAgg stages over the state it is handed (see the
+    module's docstring for the state it owns and the state it shares with `HubService`)."""
 
-    def __init__(self, service: HubService) -> None:
-        self.svc = service
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        blobs: FileBlobStore,
+        lock: threading.RLock,
+        clock: Callable[[], float],
+        ticks: TickSchedule,
+        membership: Membership,
+        read_run: Callable[[Session, str], m.Run],
+        locked_run: Callable[[Session, str], m.Run],
+        carbon: Callable[[m.Run | None, m.Node | None, ContributionMeta], dict],
+        accept_upload: Callable[..., tuple[RunConfig, m.Round, round_engine.Step]],
+        advance_deferred: Callable[[str], Decision | None],
+    ) -> None:
+        self.sessions = sessions
+        self.blobs = blobs
+        self.lock = lock
+        self.clock = clock
+        self.ticks = ticks
+        self.membership = membership
+        self.read_run = read_run
+        self.locked_run = locked_run
+        self.carbon = carbon
+        self.accept_upload = accept_upload  # `Uploads.accept_upload`
+        self.advance_deferred = advance_deferred  # `Ticker.advance(run_id, defer_close=True)`
         self._broadcasts: dict[tuple[str, int, int], dict[str, KeyBroadcast]] = {}
         self._deliveries: dict[tuple[str, int, int], dict[str, ShareDelivery]] = {}
 
@@ -265,7 +318,7 @@ class HubPrivacy:
 
     def run_status(self, run_id: str) -> dict:
         """`{"privacy": {...}}` for `HubService.run_status`, or {} for a run without privacy."""
-        with self.svc.sessions() as s:
+        with self.sessions() as s:
             run = run_row(s, run_id)
             if run is None:
                 return {}
@@ -363,7 +416,7 @@ class HubPrivacy:
                 return None
             else:  # what a prepared unmask read has changed (a late answer): computed here
                 inputs = self._unmask_inputs(s, run, sess, config, answers)
-                outcome = unmask_outcome(inputs, self.svc.blobs.get, self.svc.blobs.put)
+                outcome = unmask_outcome(inputs, self.blobs.get, self.blobs.put)
             event: round_engine.Event = (
                 round_engine.SecAggFailed(outcome.error)
                 if outcome.error is not None
@@ -444,7 +497,7 @@ class HubPrivacy:
     ) -> StageProgress:
         expected = self._expected(s, run, sess.round, sess.stage, config)
         answered = frozenset(secagg_messages(s, run.id, sess.round, ANSWERS[sess.stage]))
-        liveness = self.svc.membership.liveness_s(now)
+        liveness = self.membership.liveness_s(now)
         lost = frozenset(
             n.id
             for n in nodes_by_id(s, sorted(expected - answered))
@@ -485,12 +538,11 @@ class HubPrivacy:
             raise HubError(422, f"malformed SecAgg advertisement: {exc}") from exc
         if any(len(k) != KEY_BYTES for k in keys) or keys[0] == keys[1]:
             raise HubError(422, "public keys must be two distinct 32-byte X25519 keys")
-        svc = self.svc
-        with svc.sessions() as s:  # energy accounting, as for any contribution (no lock)
-            carbon = svc._carbon(run_row(s, run_id), node_row(s, node_id), meta)
-        with svc.lock, svc.sessions() as s:
-            run = svc._run(s, run_id, lock=True)  # replicas: one decision per run at a time
-            node = svc.membership.node(s, node_id)
+        with self.sessions() as s:  # energy accounting, as for any contribution (no lock)
+            carbon = self.carbon(run_row(s, run_id), node_row(s, node_id), meta)
+        with self.lock, self.sessions() as s:
+            run = self.locked_run(s, run_id)  # replicas: one decision per run at a time
+            node = self.membership.node(s, node_id)
             cfg = run.settings()
             if cfg.privacy.secagg is None:
                 raise HubError(409, f"run {run_id} does not use secure aggregation")
@@ -499,12 +551,12 @@ class HubPrivacy:
             # false claims and the energy floor, with strikes on the ledger
             digest = hashlib.sha256(body).hexdigest()
             row = ContributionRow(digest, meta.model_dump(), len(body), carbon)
-            _cfg, rnd, accepted = svc.uploads.accept_upload(s, run, node, a, meta, row, secagg=True)
+            _cfg, rnd, accepted = self.accept_upload(s, run, node, a, meta, row, secagg=True)
             seen = secagg_messages(s, run_id, a.round, "advertise")
             known = {k for b in seen.values() for k in self._keys_of(b)}
             if known & set(keys):
                 raise HubError(409, "public keys already used in this round")
-            now = svc.clock()
+            now = self.clock()
             apply_effects(s, run, rnd, accepted.effects)  # the row, and `submitted`
             add_secagg_message(
                 s,
@@ -524,11 +576,10 @@ class HubPrivacy:
         the next stage), but not the unmask, the heavy part: that run is marked for the
         ticker, which computes the unmask outside the lock (`Ticker.advance_run`) at its next
         tick (`TICK_S`)."""
-        svc = self.svc
-        with svc.lock:
-            moved = svc.ticker._advance(run_id, defer_close=True)
+        with self.lock:
+            moved = self.advance_deferred(run_id)
         if moved is None:  # an unmask (or a close) is due: nothing was written
-            svc.ticks.mark(run_id)
+            self.ticks.mark(run_id)
 
     @staticmethod
     def _keys_of(body: str) -> tuple[bytes, bytes]:
@@ -537,10 +588,9 @@ class HubPrivacy:
 
     def task(self, run_id: str, node_id: str, assignment_id: str) -> dict:
         """What the node must do now for its SecAgg contribution (the node polls this)."""
-        svc = self.svc
-        with svc.lock, svc.sessions() as s:
-            svc.membership.node(s, node_id)
-            run = svc._run(s, run_id)
+        with self.lock, self.sessions() as s:
+            self.membership.node(s, node_id)
+            run = self.read_run(s, run_id)
             a = self._assignment(s, run_id, node_id, assignment_id)
             contribution = assignment_contribution(s, a.id)
             sess = secagg_session(s, run_id, a.round)
@@ -606,10 +656,9 @@ class HubPrivacy:
         self, run_id: str, node_id: str, round_number: int, attempt: int, stage: str, body: bytes
     ) -> dict:
         """Store one node's answer to the current stage after checking it fits the round."""
-        svc = self.svc
-        with svc.lock, svc.sessions() as s:
-            run = svc._run(s, run_id, lock=True)  # replicas: one decision per run at a time
-            svc.membership.node(s, node_id)
+        with self.lock, self.sessions() as s:
+            run = self.locked_run(s, run_id)  # replicas: one decision per run at a time
+            self.membership.node(s, node_id)
             sess = secagg_session(s, run_id, round_number)
             if (
                 sess is None
@@ -634,8 +683,8 @@ class HubPrivacy:
             except (TypeError, AttributeError, ValueError) as exc:  # fields of the wrong type
                 raise HubError(422, f"malformed SecAgg {stage} message: {exc!r}"[:500]) from exc
             # a masked input is stored as a blob, removed again if the commit fails
-            with provisional(svc.blobs, body) if stage == "masked" else nullcontext():
-                add_secagg_message(s, run_id, round_number, stage, node_id, stored, svc.clock())
+            with provisional(self.blobs, body) if stage == "masked" else nullcontext():
+                add_secagg_message(s, run_id, round_number, stage, node_id, stored, self.clock())
                 contribution = accepted_contribution(s, run_id, round_number, node_id)
                 if contribution is not None:
                     contribution.bytes_up += len(body)

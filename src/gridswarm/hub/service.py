@@ -222,7 +222,6 @@ class HubService:
             self.settings.presign_expiry_s,
         )
         self.datasets = HubDatasets(self)  # datasets pushed by sponsors (hub/datasets.py)
-        self.privacy = HubPrivacy(self)  # DP accounting and SecAgg stages (hub/privacy.py)
         # ledger, audits, usefulness, reputation, rewards (hub/trust.py); `identity` is the hub's
         # persistent signing key (server.py loads it), a throwaway one only for in-memory use
         self.trust = HubTrust(
@@ -262,6 +261,23 @@ class HubService:
             update_numel=self._update_numel,
             carbon_columns=self._carbon_columns,
             contributed=self.asks.contributed,
+        )
+        # DP accounting and SecAgg stages (hub/privacy.py): built after the uploads, whose
+        # acceptance a SecAgg advertisement goes through, and before the ticker, which is handed
+        # it; a stage's last answer advances the run through the ticker, called through the
+        # service
+        self.privacy = HubPrivacy(
+            sessions=self.sessions,
+            blobs=blobs,
+            lock=self.lock,
+            clock=lambda: self.clock(),
+            ticks=self.ticks,
+            membership=self.membership,
+            read_run=lambda s, run_id: self._run(s, run_id),
+            locked_run=lambda s, run_id: self._run(s, run_id, lock=True),
+            carbon=self._carbon,
+            accept_upload=self.uploads.accept_upload,
+            advance_deferred=lambda run_id: self.ticker.advance(run_id, defer_close=True),
         )
         chain = self.settings.epochs  # the lease holder posts reward epochs (hub/epochs.py)
         # the round ticker: advances and closes the runs' rounds (hub/ticker.py); of replicas

@@ -6,10 +6,10 @@ call: it writes the liveness notes and download counts, recounts the live nodes,
 process's long-polls for changes other replicas made (`watch_rounds`) and, on the replica
 holding the ticker lease only, pre-screens uploads and advances each run that is due
 (hub/tick_schedule.py) through `advance_run`. A run's advance is one `Tick` of the round engine
-under the run's row lock (`_advance`); a close due there, and a SecAgg round's unmask with
+under the run's row lock (`advance`); a close due there, and a SecAgg round's unmask with
 the close it leads to, are computed outside the lock first (`_prepare_close`) and published
 under it (`_close`, `HubPrivacy.advance_secagg`). A run whose advance keeps failing is stalled
-(`_run_failed`, `RUN_FAILURES_TO_STOP`). hub/privacy.py calls `_advance` too, when a SecAgg
+(`_run_failed`, `RUN_FAILURES_TO_STOP`). hub/privacy.py calls `advance` too, when a SecAgg
 stage's last answer arrives, so the stage moves on at once rather than at the next tick; an
 unmask due then is left to the ticker (the run marked).
 
@@ -222,17 +222,17 @@ class Ticker:
 
         Most ticks find nothing to close or unmask: the round is read once, under the lock, and
         a close or unmask found due there is rolled back and redone as before
-        (`_prepare_close`, then `_advance`, which computes under the lock only what changed
+        (`_prepare_close`, then `advance`, which computes under the lock only what changed
         meanwhile).
         (Reading the round first in `_prepare_close` on every tick as well cost a quarter of
         the ticker's CPU: bench/results/hub_round_cpu.md.)"""
         with self.lock:
-            decision = self._advance(run_id, defer_close=True)
+            decision = self.advance(run_id, defer_close=True)
         if decision is not None:
             return decision
         self._prepare_close(run_id)
         with self.lock:
-            return self._advance(run_id)
+            return self.advance(run_id)
 
     def watch_rounds(self) -> None:
         """Replicas only: wake this process's long-polls of the runs whose round, state or
@@ -268,7 +268,7 @@ class Ticker:
         self._failures.pop(run_id, None)
         self.forget_workload(run_id)
 
-    def _advance(self, run_id: str, defer_close: bool = False) -> Decision | None:
+    def advance(self, run_id: str, defer_close: bool = False) -> Decision | None:
         """One `Tick` of the round engine for the run, its effects applied and committed under
         the run's row lock; a round due to close is screened and published (`_close`). In a
         SecAgg run the tick opens the round's secure aggregation instead (`OpenSecAgg`, with the
@@ -277,7 +277,11 @@ class Ticker:
         the unmask where it says so, prepared by `_prepare_close` when it still matches),
         answering CLOSE once the sum is recovered. `defer_close`: a close, or an unmask not
         prepared from what is still the round's, is not done here: nothing is written and the
-        answer is None (`_prepare_close` computes it outside the lock)."""
+        answer is None (`_prepare_close` computes it outside the lock).
+
+        Called under the hub's lock by `advance_run` and by `HubPrivacy._move_on` (with
+        `defer_close`: a SecAgg stage's last answer moves the stage on at once, its unmask left
+        to the ticker), hence public."""
         now = self.clock()
         with self.sessions() as s:
             # the run's row stays locked until the decision commits: a replica that closed this
