@@ -25,7 +25,7 @@ contribution columns, reputation rows, the seed's reveal time; then the ledger i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from gridswarm.config import RunConfig
@@ -141,7 +141,7 @@ class Settlement:
 def reputation_payload(rep: Reputation) -> dict[str, Any]:
     """A reputation as it goes on the ledger: floats rounded to `LEDGER_DECIMALS` places."""
     return {
-        k: round(v, LEDGER_DECIMALS) if isinstance(v, float) else v for k, v in asdict(rep).items()
+        k: round(v, LEDGER_DECIMALS) if isinstance(v, float) else v for k, v in vars(rep).items()
     }
 
 

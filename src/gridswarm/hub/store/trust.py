@@ -14,7 +14,6 @@ Rows by primary key and the reads the service shares (`assignments_by_id`,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import Row, ScalarResult, func, select
@@ -96,7 +95,7 @@ def _set_reputation(
     if row is None:
         row = m.NodeReputation(node_id=node_id)
         s.add(row)
-    for key, value in asdict(rep).items():
+    for key, value in vars(rep).items():  # its scalar fields (asdict deep-copies: ~3x slower)
         setattr(row, key, value)
     row.updated_at = updated_at
     return row
