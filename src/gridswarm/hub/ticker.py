@@ -192,8 +192,9 @@ class Ticker:
         now = self.clock()  # pre-screening may have taken a while
         liveness_s = self.membership.liveness_s(now)
         self.ticks.retain(run_ids)
+        active = set(run_ids)
         for prepared in (self._prepared, self._unmasked):  # of runs no longer active: dropped
-            for run_id in prepared.keys() - set(run_ids):
+            for run_id in prepared.keys() - active:
                 del prepared[run_id]
         for run_id in run_ids:
             if not self.ticks.due(run_id, now, liveness_s):
